@@ -1,0 +1,8 @@
+"""equiproj: exact non-equivariant energy of linear layers and its gradient (Berndt & Stühmer, 2026)."""
+
+from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, Octahedral
+from .rep import Irrep, Rep
+
+__version__ = "0.1.0"
+from .energy import energies, eq_energy, noneq_energy, project
+from . import reference

@@ -1,0 +1,186 @@
+"""The exact non-equivariant / equivariant energies and the projection (math.md §2-3).
+
+Public functions take a weight ``W`` of shape ``[..., rep_out.dim, rep_in.dim]`` (leading
+dims are a batch: one energy per matrix) and the two representations:
+
+* ``noneq_energy(W, rep_in, rep_out)`` -> ``E_perp = ||W - P W||^2``, shape ``[...]``
+* ``eq_energy(W, rep_in, rep_out)``    -> ``E_G = ||P W||^2``
+* ``energies(W, rep_in, rep_out)``     -> ``(E_perp, E_G)`` from one pass
+* ``project(W, rep_in, rep_out)``      -> ``P(W)`` (``complement=True``: ``W - P(W)``)
+
+All are differentiable (``dE_perp/dW = 2 (W - P W)``). Energies are computed in residual
+form in the irrep basis (never as ``||W||^2 - ||P W||^2``), in float32 for half-precision
+inputs and float64 for float64 inputs, and returned in that accumulation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import BlockPlan, block_plan
+from .rep import Irrep, Rep
+
+__all__ = ["noneq_energy", "eq_energy", "energies", "project", "validate"]
+
+
+def validate(W, rep_in: Rep, rep_out: Rep) -> BlockPlan:
+    """Check the arguments and return the plan; raises ``TypeError``/``ValueError`` naming the problem."""
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    if not W.is_floating_point():
+        raise TypeError(f"W must be a floating-point tensor, got {W.dtype}")
+    for name, r in (("rep_in", rep_in), ("rep_out", rep_out)):
+        if not isinstance(r, Rep):
+            raise TypeError(f"{name} must be an equiproj Rep, got {type(r).__name__}")
+    if rep_in.group != rep_out.group:
+        raise ValueError(f"rep_in acts by {rep_in.group} but rep_out by {rep_out.group}: they must be the same group")
+    if W.dim() < 2 or tuple(W.shape[-2:]) != (rep_out.dim, rep_in.dim):
+        raise ValueError(f"W must have shape [..., rep_out.dim, rep_in.dim] = [..., {rep_out.dim}, {rep_in.dim}], "
+                         f"got {tuple(W.shape)}")
+    return block_plan(rep_in, rep_out)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _apply_side(X: torch.Tensor, Qs, fields, dim: int, transpose: bool) -> torch.Tensor:
+    """Multiply each field block of the last axis of X by its Q (``x @ Q``, or ``x @ Q^T``)."""
+    if all(Q is None for Q in Qs):
+        return X
+    parts = []
+    for f, Q in zip(fields, Qs):
+        blk = X[..., f.offset : f.offset + f.copies * f.dim]
+        if Q is not None:
+            shp = blk.shape
+            blk = (blk.reshape(shp[:-1] + (f.copies, f.dim)) @ (Q.T if transpose else Q)).reshape(shp)
+        parts.append(blk)
+    return torch.cat(parts, dim=-1)
+
+
+def to_spectral(W: torch.Tensor, plan: BlockPlan, t: dict) -> torch.Tensor:
+    """``W_hat = Q_out^T W Q_in`` (structured, block-wise)."""
+    if t["perm_out"] is not None:
+        W = W.index_select(-2, t["perm_out"])
+    if t["perm_in"] is not None:
+        W = W.index_select(-1, t["perm_in"])
+    W = _apply_side(W, t["Q_in"], plan.inp.fields, plan.inp.dim, transpose=False)
+    W = _apply_side(W.transpose(-1, -2), t["Q_out"], plan.out.fields, plan.out.dim, transpose=False)
+    return W.transpose(-1, -2)
+
+
+def from_spectral(X: torch.Tensor, plan: BlockPlan, t: dict) -> torch.Tensor:
+    """Inverse of :func:`to_spectral`: ``Q_out X Q_in^T`` back in user coordinates."""
+    X = _apply_side(X, t["Q_in"], plan.inp.fields, plan.inp.dim, transpose=True)
+    X = _apply_side(X.transpose(-1, -2), t["Q_out"], plan.out.fields, plan.out.dim, transpose=True).transpose(-1, -2)
+    if t["perm_out"] is not None:
+        X = X.index_select(-2, torch.argsort(t["perm_out"]))
+    if t["perm_in"] is not None:
+        X = X.index_select(-1, torch.argsort(t["perm_in"]))
+    return X
+
+
+def spectral_projection(Wh: torch.Tensor, plan: BlockPlan, t: dict) -> torch.Tensor:
+    """``P(W_hat)`` in the irrep basis: the commutant projection of each same-type block, 0 elsewhere."""
+    PWh = torch.zeros_like(Wh)
+    for s in plan.shared:
+        ro, ri, C = t["rows_out"][s], t["rows_in"][s], t["bases"][s]
+        io, ii = ro.reshape(-1), ri.reshape(-1)
+        B = Wh[..., io[:, None], ii]  # [..., M d, N d]
+        B = B.reshape(B.shape[:-2] + (ro.shape[0], s.dim, ri.shape[0], s.dim))
+        coef = torch.einsum("...iajb,sab->...ijs", B, C)
+        PB = torch.einsum("...ijs,sab->...iajb", coef, C).reshape(B.shape[:-4] + (io.numel(), ii.numel()))
+        # index_put indexes leading dims: move the matrix dims first
+        PWh = PWh.movedim((-2, -1), (0, 1)).index_put((io[:, None], ii), PB.movedim((-2, -1), (0, 1)))
+        PWh = PWh.movedim((0, 1), (-2, -1))
+    return PWh
+
+
+def _spectral_parts(W, rep_in, rep_out):
+    plan = validate(W, rep_in, rep_out)
+    t = plan.tensors(W.device, compute_dtype(W.dtype))
+    Wh = to_spectral(W.to(compute_dtype(W.dtype)), plan, t)
+    return plan, t, Wh, spectral_projection(Wh, plan, t)
+
+
+def _check_finite(*xs):
+    if torch.compiler.is_compiling():
+        return
+    for x in xs:
+        if x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
+            raise ValueError("the energy is not finite: W contains NaN or Inf")
+
+
+def _breakdown(R: torch.Tensor, plan: BlockPlan, t: dict, same_type_only: bool) -> dict:
+    """Energy per (irrep_out, irrep_in) block type of ``R`` (a spectral-basis tensor)."""
+    oh_o = torch.nn.functional.one_hot(t["type_out"], len(plan.out.types)).to(R.dtype)
+    oh_i = torch.nn.functional.one_hot(t["type_in"], len(plan.inp.types)).to(R.dtype)
+    E = oh_o.T @ R.square() @ oh_i  # [..., K_out, K_in]
+    out = {}
+    for a, so in enumerate(plan.out.types):
+        for b, si in enumerate(plan.inp.types):
+            if not same_type_only or so == si:
+                out[(so, si)] = E[..., a, b]
+    return out
+
+
+def energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E_perp, E_G)`` of ``W`` ``[..., m, n]``, each ``[...]``, from one pass.
+
+    Example::
+
+        >>> G = equiproj.SO3()
+        >>> r = equiproj.Rep.parse(G, "4x0 + 2x1")
+        >>> e_perp, e_g = equiproj.energies(torch.randn(10, 10), r, r)
+    """
+    if backend == "reference":
+        from . import reference
+
+        W64 = W.to(torch.float64)
+        validate(W, rep_in, rep_out)
+        PW = reference.project(W64, rep_in, rep_out)
+        return (W64 - PW).square().sum((-2, -1)), PW.square().sum((-2, -1))
+    _check_backend(backend)
+    plan, t, Wh, PWh = _spectral_parts(W, rep_in, rep_out)
+    e_perp = (Wh - PWh).square().sum((-2, -1))
+    e_g = PWh.square().sum((-2, -1))
+    _check_finite(e_perp, e_g)
+    return e_perp, e_g
+
+
+def _check_backend(backend):
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"unknown backend {backend!r}: expected 'auto', 'torch' or 'reference'")
+
+
+def noneq_energy(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, breakdown: bool = False, backend: str = "auto"):
+    """``E_perp = ||W - P(W)||^2``: ``[..., m, n] -> [...]``.
+
+    With ``breakdown=True`` returns ``{(irrep_out, irrep_in): [...]}``, the energy of each block
+    type in the irrep basis (where the layer breaks the symmetry); the values sum to E_perp.
+    """
+    if not breakdown:
+        return energies(W, rep_in, rep_out, backend=backend)[0]
+    _check_backend(backend)
+    plan, t, Wh, PWh = _spectral_parts(W, rep_in, rep_out)
+    return _breakdown(Wh - PWh, plan, t, same_type_only=False)
+
+
+def eq_energy(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, breakdown: bool = False, backend: str = "auto"):
+    """``E_G = ||P(W)||^2``: ``[..., m, n] -> [...]``; ``breakdown=True``: per (irrep, irrep) block type."""
+    if not breakdown:
+        return energies(W, rep_in, rep_out, backend=backend)[1]
+    _check_backend(backend)
+    plan, t, Wh, PWh = _spectral_parts(W, rep_in, rep_out)
+    return _breakdown(PWh, plan, t, same_type_only=True)
+
+
+def project(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, complement: bool = False) -> torch.Tensor:
+    """``P(W)``, the nearest equivariant map (Frobenius), ``[..., m, n] -> [..., m, n]`` in W's dtype.
+
+    ``complement=True`` returns ``W - P(W)``, computed in residual form (accurate when W is
+    nearly equivariant).
+    """
+    plan, t, Wh, PWh = _spectral_parts(W, rep_in, rep_out)
+    X = Wh - PWh if complement else PWh
+    return from_spectral(X, plan, t).to(W.dtype)

@@ -1,0 +1,159 @@
+"""The block plan of a (rep_in, rep_out) pair (math.md §7): what every backend executes.
+
+A plan holds, for each side, the permutation to the structured layout and the fields (offset,
+copies, dim, small orthogonal Q); the irrep type of every spectral coordinate; and, per irrep
+type shared by both sides, the spectral coordinates of each copy and the cached orthonormal
+basis ``C [r, d, d]`` of its commutant. In the irrep basis a weight splits into d_out x d_in
+blocks; a block between copies of the same type psi has equivariant part
+``sum_s <C_s, B> C_s``, every other block is entirely non-equivariant.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from .rep import Irrep, Rep
+
+__all__ = ["SidePlan", "BlockPlan", "block_plan"]
+
+
+@dataclass
+class FieldBlock:
+    """``copies`` consecutive copies of a field of dimension ``dim`` starting at ``offset``
+    (structured coordinates); ``Q`` is ``None`` when the field is already in the irrep basis."""
+
+    offset: int
+    copies: int
+    dim: int
+    Q: torch.Tensor | None
+    slots: tuple[Irrep, ...]
+
+
+@dataclass
+class SidePlan:
+    dim: int
+    perm: torch.Tensor | None  # structured coordinate i holds user coordinate perm[i]
+    fields: list[FieldBlock]
+    types: list[Irrep]  # distinct irreps on this side
+    coord_type: torch.Tensor  # [dim] index into ``types`` of each spectral coordinate
+    rows: dict[Irrep, torch.Tensor]  # irrep -> [copies, d] spectral coordinates of each copy
+
+    @staticmethod
+    def build(rep: Rep) -> "SidePlan":
+        fields, types, coord_type, rows = [], [], [], {}
+        o = 0
+        for c, f in rep.segments:
+            fields.append(FieldBlock(o, c, f.dim, f.Q, f.slots))
+            for u in range(c):
+                so = o + u * f.dim
+                for s in f.slots:
+                    if s not in rows:
+                        rows[s] = []
+                        types.append(s)
+                    rows[s].append(torch.arange(so, so + s.dim))
+                    coord_type += [types.index(s)] * s.dim
+                    so += s.dim
+            o += c * f.dim
+        return SidePlan(rep.dim, rep.perm, fields, types, torch.tensor(coord_type, dtype=torch.long),
+                        {s: torch.stack(r) for s, r in rows.items()})
+
+
+@dataclass
+class FieldPair:
+    """All tiles between copies of one output field and copies of one input field.
+
+    Tile ``(u, v)`` is ``W_struct[out_offset + u*d_out : ... + d_out, in_offset + v*d_in : ... + d_in]``
+    for ``u < out_copies``, ``v < in_copies``. ``basis`` ``[r, d_out, d_in]`` (float64, user
+    coordinates of the field) is an orthonormal basis of the equivariant maps between the two
+    fields: the projection of a tile T is ``sum_k <A_k, T> A_k`` and its residual
+    ``T - sum_k <A_k, T> A_k``. ``r = 0``: every tile is entirely non-equivariant.
+    """
+
+    out_offset: int
+    in_offset: int
+    out_copies: int
+    in_copies: int
+    d_out: int
+    d_in: int
+    basis: torch.Tensor
+
+
+def _field_pair_basis(fo: FieldBlock, fi: FieldBlock, bases: dict) -> torch.Tensor:
+    """``A = Q_out[:, slot a] C_s Q_in[:, slot b]^T`` over same-type slot pairs (a, b) and s."""
+    Qo = torch.eye(fo.dim, dtype=torch.float64) if fo.Q is None else fo.Q
+    Qi = torch.eye(fi.dim, dtype=torch.float64) if fi.Q is None else fi.Q
+    out, oo = [], 0
+    for so in fo.slots:
+        oi = 0
+        for si in fi.slots:
+            if so == si:
+                for C in bases[so]:
+                    out.append(Qo[:, oo : oo + so.dim] @ C @ Qi[:, oi : oi + si.dim].T)
+            oi += si.dim
+        oo += so.dim
+    return torch.stack(out) if out else torch.zeros(0, fo.dim, fi.dim, dtype=torch.float64)
+
+
+@dataclass
+class BlockPlan:
+    rep_in: Rep
+    rep_out: Rep
+    inp: SidePlan
+    out: SidePlan
+    shared: list[Irrep]  # irrep types present on both sides
+    bases: dict[Irrep, torch.Tensor]  # commutant basis [r, d, d] per shared type
+    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @functools.cached_property
+    def field_pairs(self) -> list[FieldPair]:
+        """The plan in field-pair form (what the fused kernels execute), row-major over fields."""
+        pairs = []
+        for fo in self.out.fields:
+            for fi in self.inp.fields:
+                pairs.append(FieldPair(fo.offset, fi.offset, fo.copies, fi.copies, fo.dim, fi.dim,
+                                       _field_pair_basis(fo, fi, self.bases)))
+        return pairs
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out.dim, self.inp.dim)
+
+    @property
+    def disjoint(self) -> bool:
+        """True when the two reps share no irrep: every equivariant map is zero."""
+        return not self.shared
+
+    def tensors(self, device, dtype) -> dict:
+        """Device/dtype copies of the plan's tensors (cached)."""
+        key = (torch.device(device), dtype)
+        if key not in self._device_cache:
+            def mv(t, dt=dtype):
+                return None if t is None else t.to(device=device, dtype=dt)
+
+            self._device_cache[key] = {
+                "perm_out": mv(self.out.perm, torch.long),
+                "perm_in": mv(self.inp.perm, torch.long),
+                "Q_out": [mv(f.Q) for f in self.out.fields],
+                "Q_in": [mv(f.Q) for f in self.inp.fields],
+                "rows_out": {s: mv(self.out.rows[s], torch.long) for s in self.shared},
+                "rows_in": {s: mv(self.inp.rows[s], torch.long) for s in self.shared},
+                "bases": {s: mv(self.bases[s]) for s in self.shared},
+                "type_out": mv(self.out.coord_type, torch.long),
+                "type_in": mv(self.inp.coord_type, torch.long),
+            }
+        return self._device_cache[key]
+
+
+@functools.lru_cache(maxsize=256)
+def block_plan(rep_in: Rep, rep_out: Rep) -> BlockPlan:
+    """The (cached) plan for maps from ``rep_in`` to ``rep_out``."""
+    if not isinstance(rep_in, Rep) or not isinstance(rep_out, Rep):
+        raise TypeError("rep_in and rep_out must be equiproj Rep objects")
+    if rep_in.group != rep_out.group:
+        raise ValueError(f"rep_in acts by {rep_in.group} but rep_out by {rep_out.group}")
+    inp, out = SidePlan.build(rep_in), SidePlan.build(rep_out)
+    shared = [s for s in out.types if s in inp.rows]
+    return BlockPlan(rep_in, rep_out, inp, out, shared, {s: s.endomorphism_basis for s in shared})

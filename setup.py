@@ -1,0 +1,45 @@
+"""Build: the pure-Python package, plus the C++ CPU extension ``equiproj._C`` from ``csrc/``
+when torch is importable at build time (use ``pip install --no-build-isolation -e .``).
+Set ``EQUIPROJ_NO_EXT=1`` to skip the extension; the library then falls back to pure torch."""
+
+import glob
+import os
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+sources = sorted(glob.glob("csrc/*.cpp"))
+if sources and os.environ.get("EQUIPROJ_NO_EXT") != "1":
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # isolated build without torch: pure-Python install
+        pass
+    else:
+        ext_modules = [
+            CppExtension(
+                "equiproj._C",
+                sources,
+                extra_compile_args=["-O3", "-g0", "-fopenmp", "-std=c++17"],
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+setup(
+    name="equiproj",
+    version="0.1.0",
+    description="Exact projection-based equivariance regularisation for PyTorch",
+    python_requires=">=3.11",
+    packages=["equiproj", "equiproj.kernels"],
+    package_dir={"equiproj.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy", "scipy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "triton"],
+        "triton": ["triton"],
+        "e3nn": ["e3nn"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["equiproj = equiproj.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
