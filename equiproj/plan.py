@@ -17,7 +17,7 @@ import torch
 
 from .rep import Irrep, Rep
 
-__all__ = ["SidePlan", "BlockPlan", "block_plan"]
+__all__ = ["SidePlan", "BlockPlan", "FieldPair", "PackedPlan", "PACKED_COLUMNS", "block_plan"]
 
 
 @dataclass
@@ -97,6 +97,33 @@ def _field_pair_basis(fo: FieldBlock, fi: FieldBlock, bases: dict) -> torch.Tens
     return torch.stack(out) if out else torch.zeros(0, fo.dim, fi.dim, dtype=torch.float64)
 
 
+PACKED_COLUMNS = ("out_offset", "in_offset", "out_copies", "in_copies", "d_out", "d_in", "r", "basis_offset")
+
+
+@dataclass
+class PackedPlan:
+    """The field-pair plan as plain tensors, for the fused kernels (C++, Triton).
+
+    * ``meta`` ``[P, 8]`` int64, one row per field pair, columns ``PACKED_COLUMNS``:
+      offsets are in structured coordinates; ``basis_offset`` indexes ``basis``.
+    * ``basis`` ``[sum_p r_p d_out_p d_in_p]``: each pair's ``[r, d_out, d_in]`` basis, row-major.
+    * ``perm_out`` ``[m]`` / ``perm_in`` ``[n]`` int64: structured coordinate i is user row/column
+      ``perm[i]`` (identity when the rep has no permutation; ``identity_perm`` says so).
+    """
+
+    m: int
+    n: int
+    meta: torch.Tensor
+    basis: torch.Tensor
+    perm_out: torch.Tensor
+    perm_in: torch.Tensor
+    identity_perm: bool
+
+    def to(self, device, dtype) -> "PackedPlan":
+        return PackedPlan(self.m, self.n, self.meta.to(device), self.basis.to(device=device, dtype=dtype),
+                          self.perm_out.to(device), self.perm_in.to(device), self.identity_perm)
+
+
 @dataclass
 class BlockPlan:
     rep_in: Rep
@@ -116,6 +143,30 @@ class BlockPlan:
                 pairs.append(FieldPair(fo.offset, fi.offset, fo.copies, fi.copies, fo.dim, fi.dim,
                                        _field_pair_basis(fo, fi, self.bases)))
         return pairs
+
+    @functools.cached_property
+    def packed_cpu(self) -> PackedPlan:
+        rows, chunks, bo = [], [], 0
+        for fp in self.field_pairs:
+            r = fp.basis.shape[0]
+            rows.append([fp.out_offset, fp.in_offset, fp.out_copies, fp.in_copies, fp.d_out, fp.d_in, r, bo])
+            chunks.append(fp.basis.reshape(-1))
+            bo += fp.basis.numel()
+        m, n = self.shape
+        return PackedPlan(
+            m, n, torch.tensor(rows, dtype=torch.long).reshape(-1, len(PACKED_COLUMNS)),
+            torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64),
+            self.out.perm if self.out.perm is not None else torch.arange(m),
+            self.inp.perm if self.inp.perm is not None else torch.arange(n),
+            self.out.perm is None and self.inp.perm is None,
+        )
+
+    def packed(self, device, dtype) -> PackedPlan:
+        """:class:`PackedPlan` on ``device`` with the basis in ``dtype`` (cached)."""
+        key = ("packed", torch.device(device), dtype)
+        if key not in self._device_cache:
+            self._device_cache[key] = self.packed_cpu.to(device, dtype)
+        return self._device_cache[key]
 
     @property
     def shape(self) -> tuple[int, int]:
