@@ -4,5 +4,5 @@ from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, O
 from .rep import Irrep, Rep
 
 __version__ = "0.1.0"
-from .energy import energies, eq_energy, noneq_energy, project
+from .energy import energies, energies_many, eq_energy, noneq_energy, project
 from . import reference

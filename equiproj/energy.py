@@ -20,7 +20,7 @@ import torch
 from .plan import BlockPlan, block_plan
 from .rep import Irrep, Rep
 
-__all__ = ["noneq_energy", "eq_energy", "energies", "project", "validate"]
+__all__ = ["noneq_energy", "eq_energy", "energies", "energies_many", "project", "validate"]
 
 
 def validate(W, rep_in: Rep, rep_out: Rep) -> BlockPlan:
@@ -184,3 +184,22 @@ def project(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, complement: bool = Fa
     plan, t, Wh, PWh = _spectral_parts(W, rep_in, rep_out)
     X = Wh - PWh if complement else PWh
     return from_spectral(X, plan, t).to(W.dtype)
+
+
+def energies_many(weights, reps, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies of many layers at once (all declared layers of a model).
+
+    Args:
+        weights: sequence of L weights, the i-th of shape ``[rep_out_i.dim, rep_in_i.dim]``.
+        reps: sequence of L pairs ``(rep_in_i, rep_out_i)``.
+    Returns:
+        ``(E_perp, E_G)``, each ``[L]`` float32 (float64 if every weight is float64), differentiable.
+    """
+    weights, reps = list(weights), list(reps)
+    if len(weights) != len(reps):
+        raise ValueError(f"got {len(weights)} weights but {len(reps)} rep pairs")
+    if not weights:
+        raise ValueError("energies_many needs at least one layer")
+    dt = torch.float64 if all(w.dtype == torch.float64 for w in weights) else torch.float32
+    parts = [energies(w, ri, ro, backend=backend) for w, (ri, ro) in zip(weights, reps)]
+    return torch.stack([p[0].to(dt) for p in parts]), torch.stack([p[1].to(dt) for p in parts])
