@@ -35,6 +35,8 @@ def check_representation(group, fn: Callable, dim: int, what: str = "fn") -> Non
     R1, R2, R12 = fn(g1), fn(g2), fn(g1 @ g2)
     eye = torch.eye(dim, dtype=torch.float64)
     for R in (R1, R2, R12):
+        if R.shape != (len(g1), dim, dim):
+            raise ValueError(f"{what} must map elements [n, dG, dG] to [n, {dim}, {dim}]; got shape {tuple(R.shape)} for n = {len(g1)}")
         if not torch.isfinite(R).all():
             raise ValueError(f"{what} returned NaN or Inf")
     orth = (R1.transpose(-1, -2) @ R1 - eye).abs().amax()

@@ -1,0 +1,203 @@
+"""The spectral energies and projection against the float64 spatial reference (math.md §2-4).
+
+Tolerances (relative, unless stated):
+  float64 random W:                      1e-10
+  float64 nearly equivariant (1e-12):    1e-3 on E_perp
+  float32 nearly equivariant (1e-7):     1e-3 on E_perp (vs the reference on the same float32 W)
+  float32 / float16 / bfloat16 random W: 1e-5 (accumulation is float32; the reference sees the rounded W)
+"""
+
+import pytest
+import torch
+
+import equiproj as ep
+from equiproj import reference
+from equiproj.verify import mixed_reps, nearly_equivariant, random_orthogonal
+
+GROUPS = [ep.Cyclic(5), ep.Cyclic(8), ep.Dihedral(4), ep.Dihedral(6), ep.SO2(), ep.O2(), ep.SO3(), ep.O3(),
+          ep.Octahedral(), ep.FullOctahedral()]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKEND = "torch"  # the pure-torch spectral path; the fused backends have their own tests
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
+    return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+@pytest.mark.parametrize("G", GROUPS, ids=str)
+def test_spectral_equals_reference(G, gen):
+    ri, ro = mixed_reps(G, gen)
+    W = torch.randn(3, ro.dim, ri.dim, dtype=torch.float64, generator=gen)
+    e_perp, e_g = ep.energies(W, ri, ro, backend=BACKEND)
+    assert e_perp.shape == (3,) and e_perp.dtype == torch.float64
+    PW = reference.project(W, ri, ro)
+    assert rel(e_perp, (W - PW).square().sum((-2, -1))) < 1e-10
+    assert rel(e_g, PW.square().sum((-2, -1))) < 1e-10
+    torch.testing.assert_close(ep.project(W, ri, ro), PW, atol=1e-12 * float(W.abs().max()), rtol=0)
+    # Pythagoras
+    assert rel(e_perp + e_g, W.square().sum((-2, -1))) < 1e-12
+    # orbit identity: ∫ ||rho_out W - W rho_in||^2 = 2 E_perp
+    assert rel(reference.orbit_defect(W, ri, ro), 2 * e_perp) < 1e-10
+
+
+@pytest.mark.parametrize("G", GROUPS, ids=str)
+def test_projection_properties(G, gen):
+    ri, ro = mixed_reps(G, gen)
+    X, Y = (torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen) for _ in range(2))
+    PX, PY = ep.project(X, ri, ro), ep.project(Y, ri, ro)
+    torch.testing.assert_close(ep.project(PX, ri, ro), PX, atol=1e-12, rtol=0)  # idempotent
+    assert abs(float((PX * Y).sum() - (X * PY).sum())) < 1e-11 * float(X.norm() * Y.norm())  # self-adjoint
+    g = G.sample(5, generator=gen)
+    torch.testing.assert_close(ro.matrix(g) @ PX, PX @ ri.matrix(g), atol=1e-11, rtol=0)  # equivariant
+    torch.testing.assert_close(ep.project(X, ri, ro, complement=True) + PX, X, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("G", GROUPS, ids=str)
+def test_equivariant_maps_have_zero_energy(G, gen):
+    """Maps made equivariant by averaging over the group (element sum / exact quadrature),
+    independently of the spectral code, have E_perp = 0 to rounding."""
+    ri, ro = mixed_reps(G, gen)
+    X = torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen)
+    if G.is_finite:
+        g = G.elements()
+        W = (ro.matrix(g) @ X @ ri.matrix(g).transpose(-1, -2)).mean(0)
+    else:
+        W = reference.project(X, ri, ro)
+    e_perp, e_g = ep.energies(W, ri, ro, backend=BACKEND)
+    assert float(e_perp) < 1e-25 * float(W.square().sum())
+    assert rel(e_g, W.square().sum()) < 1e-12
+
+
+@pytest.mark.parametrize("G", GROUPS, ids=str)
+def test_nearly_equivariant_weights(G, gen):
+    ri, ro = mixed_reps(G, gen)
+    X = torch.randn(2, ro.dim, ri.dim, dtype=torch.float64, generator=gen)
+    W64 = nearly_equivariant(X, ri, ro, 1e-12, gen)
+    ratio = reference.noneq_energy(W64, ri, ro) / W64.square().sum((-2, -1))
+    assert float(ratio.max()) < 1e-11  # the test input is what it claims to be
+    assert rel(ep.noneq_energy(W64, ri, ro, backend=BACKEND), reference.noneq_energy(W64, ri, ro)) < 1e-3
+    W32 = nearly_equivariant(X, ri, ro, 1e-7, gen).float()
+    ref32 = reference.noneq_energy(W32.double(), ri, ro)
+    assert float((ref32 / W32.double().square().sum((-2, -1))).max()) < 1e-6
+    assert rel(ep.noneq_energy(W32, ri, ro, backend=BACKEND).double(), ref32) < 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_dtypes(dtype, device, gen):
+    G = ep.O3()
+    ri, ro = mixed_reps(G, gen)
+    W = torch.randn(2, ro.dim, ri.dim, generator=gen).to(dtype)
+    e_perp, e_g = ep.energies(W.to(device), ri, ro, backend=BACKEND)
+    assert e_perp.dtype == torch.float32 and e_perp.device.type == device
+    assert rel(e_perp.cpu().double(), reference.noneq_energy(W.double(), ri, ro)) < 1e-5
+    assert rel(e_g.cpu().double(), reference.eq_energy(W.double(), ri, ro)) < 1e-5
+    assert ep.project(W.to(device), ri, ro).dtype == dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_odd_noncontiguous_and_batched(device, gen):
+    G = ep.SO2()
+    ri = ep.Rep.parse(G, "3x0 + 1 + 2x3") @ ep.Rep.parse(G, "0 + 2")  # permuted layout
+    ro = ep.Rep.parse(G, "1 + 0 + 5")
+    base = torch.randn(ri.dim + 3, 2, ro.dim + 1, 3, dtype=torch.float64, generator=gen)
+    W = base[1:-2, 1, :-1, :].permute(2, 1, 0)  # [3, m, n], non-contiguous strides
+    assert not W.is_contiguous() and W.shape == (3, ro.dim, ri.dim)
+    got = ep.noneq_energy(W.to(device), ri, ro, backend=BACKEND).cpu()
+    assert rel(got, reference.noneq_energy(W, ri, ro)) < 1e-10
+    W4 = torch.randn(2, 3, ro.dim, ri.dim, dtype=torch.float64, generator=gen)
+    got4 = ep.eq_energy(W4.to(device), ri, ro, backend=BACKEND).cpu()
+    assert got4.shape == (2, 3)
+    assert rel(got4, reference.eq_energy(W4, ri, ro)) < 1e-10
+
+
+def test_gradients(gen):
+    G = ep.Cyclic(6)
+    ri, ro = ep.Rep.parse(G, "0 + 2x1 + 3"), G.regular().change_basis(random_orthogonal(6, gen))
+    W = torch.randn(2, ro.dim, ri.dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    for fn in (ep.noneq_energy, ep.eq_energy):
+        assert torch.autograd.gradcheck(lambda w: fn(w, ri, ro, backend=BACKEND), (W,))
+    assert torch.autograd.gradcheck(lambda w: ep.project(w, ri, ro), (W,))
+    (gp,) = torch.autograd.grad(ep.noneq_energy(W, ri, ro, backend=BACKEND).sum(), W)
+    PW = reference.project(W.detach(), ri, ro)
+    torch.testing.assert_close(gp, 2 * (W.detach() - PW), atol=1e-12, rtol=0)
+    (gg,) = torch.autograd.grad(ep.eq_energy(W, ri, ro, backend=BACKEND).sum(), W)
+    torch.testing.assert_close(gg, 2 * PW, atol=1e-12, rtol=0)
+
+
+def test_breakdown(gen):
+    G = ep.O3()
+    ri, ro = mixed_reps(G, gen)
+    W = torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen)
+    bp = ep.noneq_energy(W, ri, ro, breakdown=True)
+    bg = ep.eq_energy(W, ri, ro, breakdown=True)
+    assert set(bp) == {(a, b) for a, _ in ro.irreps for b, _ in ri.irreps}
+    assert all(a == b for a, b in bg)
+    assert rel(sum(bp.values()), reference.noneq_energy(W, ri, ro)) < 1e-10
+    assert rel(sum(bg.values()), reference.eq_energy(W, ri, ro)) < 1e-10
+    # a block between different irreps is entirely non-equivariant: its energy is that of W_hat's block
+    Qo, Qi = ro.change_of_basis, ri.change_of_basis
+    Wh = Qo.T @ W @ Qi
+    (a, ma), (b, mb) = ro.irreps[0], ri.irreps[1]
+    assert a != b
+    oo = sum(i.dim * m for i, m in ro.irreps[:0])
+    oi = sum(i.dim * m for i, m in ri.irreps[:1])
+    blk = Wh[oo : oo + a.dim * ma, oi : oi + b.dim * mb]
+    assert rel(bp[(a, b)], blk.square().sum()) < 1e-10
+
+
+def test_worst_case_defect_bound(gen):
+    """||W - PW|| <= max_g ||rho_out W - W rho_in|| <= 2 ||W - PW||  (math.md §2; exact max for a finite group)."""
+    G = ep.FullOctahedral()
+    ri, ro = mixed_reps(G, gen)
+    W = torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen)
+    g = G.elements()
+    sup = (ro.matrix(g) @ W - W @ ri.matrix(g)).square().sum((-2, -1)).sqrt().max()
+    res = ep.noneq_energy(W, ri, ro).sqrt()
+    assert res <= sup * (1 + 1e-12) and sup <= 2 * res * (1 + 1e-12)
+
+
+def test_disjoint_reps():
+    G = ep.SO3()
+    ri, ro = ep.Rep.parse(G, "2x0 + 2"), ep.Rep.parse(G, "3x1")
+    W = torch.randn(ro.dim, ri.dim, dtype=torch.float64)
+    e_perp, e_g = ep.energies(W, ri, ro)
+    assert float(e_g) == 0.0 and rel(e_perp, W.square().sum()) < 1e-14
+
+
+def test_energies_many():
+    G = ep.SO3()
+    pairs = [(ep.Rep.parse(G, "2x0 + 1"), ep.Rep.parse(G, "0 + 2x1")), (ep.Rep.parse(G, "1 + 2"), ep.Rep.parse(G, "3x2"))]
+    Ws = [torch.randn(ro.dim, ri.dim, dtype=torch.float64, requires_grad=True) for ri, ro in pairs]
+    ep_, eg = ep.energies_many(Ws, pairs)
+    assert ep_.shape == (2,)
+    for i, (W, (ri, ro)) in enumerate(zip(Ws, pairs)):
+        assert rel(ep_[i], reference.noneq_energy(W.detach(), ri, ro)) < 1e-10
+        assert rel(eg[i], reference.eq_energy(W.detach(), ri, ro)) < 1e-10
+    with pytest.raises(ValueError, match="2 weights but 1"):
+        ep.energies_many(Ws, pairs[:1])
+
+
+def test_bad_input():
+    G = ep.SO3()
+    r = ep.Rep.parse(G, "0 + 1")
+    with pytest.raises(ValueError, match=r"\[\.\.\., 4, 4\]"):
+        ep.noneq_energy(torch.randn(4, 5), r, r)
+    with pytest.raises(ValueError, match="same group"):
+        ep.noneq_energy(torch.randn(4, 4), r, ep.Rep.parse(ep.O3(), "0e + 1o"))
+    with pytest.raises(TypeError, match="floating"):
+        ep.noneq_energy(torch.ones(4, 4, dtype=torch.long), r, r)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ep.noneq_energy([[0.0] * 4] * 4, r, r)
+    with pytest.raises(TypeError, match="Rep"):
+        ep.noneq_energy(torch.randn(4, 4), "0 + 1", r)
+    W = torch.randn(4, 4)
+    W[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ep.noneq_energy(W, r, r)
