@@ -91,6 +91,10 @@ class Rep:
         return isinstance(other, Rep) and self._key() == other._key()
 
     def __hash__(self):
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:  # reps are immutable; plans are cached by rep, so hash once
         return hash(self._key())
 
     def __repr__(self):
