@@ -1,0 +1,55 @@
+"""Argument checks shared by :func:`fused_energies` and :func:`torch_fused_energies`."""
+
+from __future__ import annotations
+
+import torch
+
+from equiproj.plan import PACKED_COLUMNS, PackedPlan
+
+__all__ = ["check_inputs", "KERNEL_DTYPES"]
+
+#: weight dtypes the Triton kernel handles (energies accumulate in float32 for all of them)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_inputs(weights, plans, c_perp, c_g, *, allow_float64: bool):
+    """Validate ``(weights, plans, c_perp, c_g)``; returns them as lists / tensors.
+
+    Raises ``TypeError`` / ``ValueError`` naming the offending layer and argument.
+    """
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a list of tensors, got {type(weights).__name__}")
+    if isinstance(plans, PackedPlan) or not isinstance(plans, (list, tuple)):
+        raise TypeError(f"plans must be a list of PackedPlan, got {type(plans).__name__}")
+    weights, plans = list(weights), list(plans)
+    if len(weights) != len(plans):
+        raise ValueError(f"got {len(weights)} weights but {len(plans)} plans")
+    allowed = KERNEL_DTYPES + ((torch.float64,) if allow_float64 else ())
+    for i, (W, P) in enumerate(zip(weights, plans)):
+        if not isinstance(W, torch.Tensor):
+            raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(W).__name__}")
+        if not isinstance(P, PackedPlan):
+            raise TypeError(f"plans[{i}] must be an equiproj.plan.PackedPlan, got {type(P).__name__}")
+        if W.dtype == torch.float64 and not allow_float64:
+            raise ValueError(f"weights[{i}] is float64: the Triton kernel accumulates in float32 and does not take "
+                             "float64 weights; use torch_fused_energies or the reference path for them")
+        if W.dtype not in allowed:
+            raise TypeError(f"weights[{i}] has dtype {W.dtype}; expected one of {[str(d) for d in allowed]}")
+        if W.dim() < 2 or tuple(W.shape[-2:]) != (P.m, P.n):
+            raise ValueError(f"weights[{i}] must have shape [..., {P.m}, {P.n}] to match plans[{i}], "
+                             f"got {tuple(W.shape)}")
+        if P.meta.dim() != 2 or P.meta.shape[1] != len(PACKED_COLUMNS):
+            raise ValueError(f"plans[{i}].meta must have shape [P, {len(PACKED_COLUMNS)}], got {tuple(P.meta.shape)}")
+        if P.basis.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"plans[{i}].basis is {P.basis.dtype}; a half-precision basis loses the projection's "
+                             "accuracy: use block_plan(...).packed(device, torch.float32)")
+    if (c_perp is None) != (c_g is None):
+        raise ValueError("give both c_perp and c_g (to get gradients) or neither")
+    if c_perp is not None:
+        for name, c in (("c_perp", c_perp), ("c_g", c_g)):
+            if not isinstance(c, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor of shape [{len(weights)}], got {type(c).__name__}")
+            if not c.is_floating_point() or tuple(c.shape) != (len(weights),):
+                raise ValueError(f"{name} must be a floating-point tensor of shape [{len(weights)}], "
+                                 f"got {c.dtype} {tuple(c.shape)}")
+    return weights, plans, c_perp, c_g

@@ -1,0 +1,268 @@
+"""Host-side schedule of the fused energy kernel: the task table over all layers.
+
+A *task* is one program of the kernel: a block of ``BU x BV`` tiles of one field pair of one
+weight matrix (one batch element of one layer). Tasks are grouped into *tile classes* that share
+the compile-time shape of a tile: (weight dtype, d_out, d_in, identity permutation, unit column
+stride). The kernel is launched once per class, whatever the number of layers, so a model costs
+``#classes + 1`` launches (the +1 is the fixed-order reduction of the per-task partial sums).
+
+Every task owns one *slot* of the partial-sum buffer; the slots of one matrix are contiguous, so
+the reduction sums a contiguous range per matrix in a fixed order (deterministic, no atomics).
+
+Nothing here needs Triton: it is plain integer bookkeeping, tested on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from equiproj.plan import PackedPlan
+
+__all__ = ["TASK_COLUMNS", "LAYER_COLUMNS", "TileClass", "Schedule", "build_schedule", "tile_shape",
+           "MAX_TILE_ELEMENTS"]
+
+#: int64 columns of a row of the task table
+TASK_COLUMNS = ("layer", "row0", "col0", "nu", "nv", "r", "basis_offset", "kind", "w_offset", "g_offset", "slot")
+#: int64 columns of the per-layer table
+LAYER_COLUMNS = ("stride_row", "stride_col", "grad_row_stride", "perm_out_offset", "perm_in_offset")
+
+#: kind: 0 = general basis (loop over r, r = 0 means no basis work), 1 = A = I/sqrt(d) (real-type, r = 1)
+KIND_GENERAL, KIND_SCALED_IDENTITY = 0, 1
+
+#: largest padded tile ``pow2(d_out) * pow2(d_in)`` the kernel takes (it holds a tile in registers)
+MAX_TILE_ELEMENTS = 128 * 128
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def _tuning() -> tuple[int, int]:
+    """(padded elements per task, warps per program); env overrides for tuning runs."""
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    # under the interpreter every program costs milliseconds: few, large tasks
+    elems = int(os.environ.get("EQUIPROJ_TRITON_TILE", 16384 if interp else 4096))
+    warps = int(os.environ.get("EQUIPROJ_TRITON_WARPS", 4))
+    return elems, warps
+
+
+def tile_shape(d_out: int, d_in: int, max_out_copies: int, max_in_copies: int,
+               target_elems: int, num_warps: int) -> tuple[int, int]:
+    """``(BU, BV)``: copies per task along rows / columns, powers of two.
+
+    Columns first: a row of a task (``BV * d_in`` contiguous weights for the identity
+    permutation) spans ``32 * num_warps`` padded columns where the field pair allows, so that
+    the lanes of a warp read consecutive weights and a tile's reduction over its rows stays in
+    registers; then rows up to ``target_elems`` padded elements, then columns again if the
+    field pair has few output copies.
+    """
+    dop, dip = _pow2(d_out), _pow2(d_in)
+    bv = min(_pow2(max_in_copies), max(1, 32 * num_warps // dip))
+    bu = min(_pow2(max_out_copies), max(1, target_elems // (dop * bv * dip)))
+    bv = max(bv, min(_pow2(max_in_copies), max(1, target_elems // (bu * dop * dip))))
+    return bu, bv
+
+
+@dataclass
+class TileClass:
+    """One kernel launch: ``count`` tasks from row ``start`` of the task table, same tile shape."""
+
+    dtype: torch.dtype
+    d_out: int
+    d_in: int
+    identity_perm: bool
+    unit_col_stride: bool
+    small_offsets: bool  # every within-matrix offset fits int32
+    bu: int
+    bv: int
+    num_warps: int
+    start: int = 0
+    count: int = 0
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        return _pow2(self.d_out), _pow2(self.d_in)
+
+    @property
+    def elements(self) -> int:
+        dop, dip = self.padded
+        return self.bu * dop * self.bv * dip
+
+
+@dataclass
+class Schedule:
+    """Device tables for one list of (weight layout, plan) pairs; reused while the layouts repeat."""
+
+    tasks: torch.Tensor  # [T, len(TASK_COLUMNS)] int64, rows grouped by class
+    classes: list[TileClass]
+    layers: torch.Tensor  # [L, len(LAYER_COLUMNS)] int64
+    basis: torch.Tensor  # float32, all plans' bases concatenated
+    perms: torch.Tensor  # int64, all plans' perm_out / perm_in concatenated
+    slot_start: torch.Tensor  # [M + 1] int64: matrix k owns slots slot_start[k] : slot_start[k+1]
+    n_slots: int
+    n_matrices: int
+    matrix_offset: list[int]  # first matrix of each layer (matrices are layer-major, batch row-major)
+    batch_shapes: list[tuple[int, ...]]
+    grad_dtypes: list[torch.dtype]  # distinct weight dtypes, one gradient buffer each
+    grad_offset: list[int]  # per layer: element offset of its gradient in its dtype's buffer
+    grad_numel: dict = field(default_factory=dict)  # dtype -> elements of that gradient buffer
+    plans: list = field(default_factory=list)  # keeps the plans alive (cache keys use their ids)
+
+
+def _batch_offsets(shape, strides) -> np.ndarray:
+    """Element offsets of the matrices of a ``[..., m, n]`` tensor, in row-major batch order."""
+    off = np.zeros(1, dtype=np.int64)
+    for size, stride in zip(shape[:-2], strides[:-2]):
+        off = (off[:, None] + np.arange(size, dtype=np.int64)[None, :] * stride).reshape(-1)
+    return off
+
+
+def _max_offset(shape, strides) -> int:
+    """Largest element offset of one matrix ``[m, n]`` (the last two dims) from its first element."""
+    return (shape[-2] - 1) * strides[-2] + (shape[-1] - 1) * strides[-1]
+
+
+def _is_scaled_identity(A: torch.Tensor) -> bool:
+    r, do, di = A.shape
+    if r != 1 or do != di:
+        return False
+    eye = torch.eye(do, dtype=torch.float64) / math.sqrt(do)
+    return bool((A[0].double() - eye).abs().max() < 1e-6)
+
+
+def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device: torch.device,
+                   target: tuple[int, int] | None = None) -> Schedule:
+    """The task table for these weights' layouts (shapes, strides, dtypes) and plans.
+
+    ``target``: (padded elements per task, warps per program); default from :func:`_tuning`.
+    """
+    target_elems, num_warps = target or _tuning()
+    metas = [P.meta.cpu().numpy().astype(np.int64) for P in plans]
+    bases_cpu = [P.basis.cpu() for P in plans]
+
+    # pass 1: tile classes, and the largest copy counts within each
+    # within one matrix: weight offsets (its strides) and gradient offsets (contiguous) fit int32
+    small = [max(_max_offset(W.shape, W.stride()), W.shape[-2] * W.shape[-1]) < 2**31 for W in weights]
+
+    def class_key(i, row):
+        W = weights[i]
+        return (W.dtype, int(row[4]), int(row[5]), bool(plans[i].identity_perm), W.stride(-1) == 1, small[i])
+
+    maxima: dict = {}
+    for i, meta in enumerate(metas):
+        for row in meta:
+            k = class_key(i, row)
+            mo, mi = maxima.get(k, (0, 0))
+            maxima[k] = (max(mo, int(row[2])), max(mi, int(row[3])))
+    classes = {}
+    for k, (mo, mi) in maxima.items():
+        dt, do, di, ident, unit, sm = k
+        if _pow2(do) * _pow2(di) > MAX_TILE_ELEMENTS:
+            raise ValueError(f"a field pair of dimensions {do} x {di} exceeds the kernel's tile limit "
+                             f"(padded {MAX_TILE_ELEMENTS} elements); use the torch path for such layers")
+        bu, bv = tile_shape(do, di, mo, mi, target_elems, num_warps)
+        classes[k] = TileClass(dt, do, di, ident, unit, sm, bu, bv, num_warps)
+
+    # shared tables: bases (float32), permutations, per-layer strides
+    basis_chunks, perm_chunks, layer_rows = [], [], []
+    basis_base, perm_base = [], 0
+    bo = 0
+    for i, P in enumerate(plans):
+        basis_base.append(bo)
+        basis_chunks.append(bases_cpu[i].to(torch.float32))
+        bo += bases_cpu[i].numel()
+        W = weights[i]
+        po_off, pi_off = perm_base, perm_base + P.m
+        perm_chunks += [P.perm_out.cpu(), P.perm_in.cpu()]
+        perm_base += P.m + P.n
+        layer_rows.append([W.stride(-2), W.stride(-1), P.n, po_off, pi_off])
+
+    # gradients: one contiguous buffer per weight dtype, each layer's gradient a contiguous block
+    grad_dtypes: list[torch.dtype] = []
+    grad_numel: dict = {}
+    grad_offset = []
+    for W in weights:
+        if W.dtype not in grad_numel:
+            grad_dtypes.append(W.dtype)
+            grad_numel[W.dtype] = 0
+        grad_offset.append(grad_numel[W.dtype])
+        grad_numel[W.dtype] += W.numel()
+
+    # pass 2: tasks. Slots: matrix-major, then field pair, then (u block, v block).
+    per_class: dict = {k: [] for k in classes}
+    slot_start, matrix_offset, batch_shapes = [0], [], []
+    n_slots = n_mats = 0
+    for i, (W, P, meta) in enumerate(zip(weights, plans, metas)):
+        batch_shapes.append(tuple(W.shape[:-2]))
+        matrix_offset.append(n_mats)
+        w_off = _batch_offsets(W.shape, W.stride())
+        nb = len(w_off)
+        g_off = grad_offset[i] + np.arange(nb, dtype=np.int64) * (P.m * P.n)
+        # tasks of one matrix, then replicated over the batch
+        local = 0
+        pieces = []
+        for row in meta:
+            oo, io, co, ci, do, di, r, pbo = (int(x) for x in row)
+            k = class_key(i, row)
+            tc = classes[k]
+            nub, nvb = -(-co // tc.bu), -(-ci // tc.bv)
+            ub = np.repeat(np.arange(nub, dtype=np.int64), nvb)
+            vb = np.tile(np.arange(nvb, dtype=np.int64), nub)
+            A = bases_cpu[i][pbo : pbo + r * do * di].reshape(r, do, di)
+            kind = KIND_SCALED_IDENTITY if _is_scaled_identity(A) else KIND_GENERAL
+            cnt = nub * nvb
+            t = np.empty((cnt, len(TASK_COLUMNS)), dtype=np.int64)
+            t[:, 0] = i
+            t[:, 1] = oo + ub * tc.bu * do
+            t[:, 2] = io + vb * tc.bv * di
+            t[:, 3] = np.minimum(tc.bu, co - ub * tc.bu)
+            t[:, 4] = np.minimum(tc.bv, ci - vb * tc.bv)
+            t[:, 5] = r
+            t[:, 6] = basis_base[i] + pbo
+            t[:, 7] = kind
+            t[:, 10] = local + np.arange(cnt, dtype=np.int64)
+            local += cnt
+            pieces.append((k, t))
+        per_matrix = local
+        for k, t in pieces:
+            rep = np.repeat(t[None], nb, axis=0)  # [nb, cnt, C]
+            rep[:, :, 8] = w_off[:, None]
+            rep[:, :, 9] = g_off[:, None]
+            rep[:, :, 10] += (n_slots + np.arange(nb, dtype=np.int64) * per_matrix)[:, None]
+            per_class[k].append(rep.reshape(-1, len(TASK_COLUMNS)))
+        slot_start += list(n_slots + per_matrix * np.arange(1, nb + 1))
+        n_slots += per_matrix * nb
+        n_mats += nb
+
+    rows, start = [], 0
+    for k, tc in classes.items():
+        t = np.concatenate(per_class[k]) if per_class[k] else np.zeros((0, len(TASK_COLUMNS)), np.int64)
+        tc.start, tc.count = start, len(t)
+        start += len(t)
+        rows.append(t)
+    tasks = np.concatenate(rows) if rows else np.zeros((0, len(TASK_COLUMNS)), np.int64)
+
+    def dev(x, dtype=torch.int64):
+        return torch.as_tensor(x, dtype=dtype).to(device)
+
+    return Schedule(
+        tasks=dev(tasks).contiguous(),
+        classes=[tc for tc in classes.values() if tc.count],
+        layers=dev(np.array(layer_rows, dtype=np.int64).reshape(-1, len(LAYER_COLUMNS))),
+        basis=dev(torch.cat(basis_chunks) if basis_chunks else torch.zeros(0), torch.float32),
+        perms=dev(torch.cat(perm_chunks) if perm_chunks else torch.zeros(0, dtype=torch.long)),
+        slot_start=dev(np.array(slot_start, dtype=np.int64)),
+        n_slots=n_slots,
+        n_matrices=n_mats,
+        matrix_offset=matrix_offset,
+        batch_shapes=batch_shapes,
+        grad_dtypes=grad_dtypes,
+        grad_offset=grad_offset,
+        grad_numel=grad_numel,
+        plans=list(plans),
+    )

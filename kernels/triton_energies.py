@@ -1,0 +1,255 @@
+"""Fused Triton kernel: E_perp, E_G and the penalty gradient of many layers in one pass over W.
+
+Per tile ``T`` (``d_out x d_in``, one copy of an output field by one copy of an input field, in
+structured coordinates) with the field pair's orthonormal basis ``A [r, d_out, d_in]``:
+
+    coef_k = <A_k, T>,   R = T - sum_k coef_k A_k,   e_perp += ||R||^2,   e_g += sum_k coef_k^2
+    grad   = 2 c_perp R + 2 c_g (T - R)            (written back in user coordinates)
+
+One program handles ``BU x BV`` tiles of one field pair (a task of :mod:`.schedule`): it loads
+the ``[BU, d_out, BV, d_in]`` block (rows through ``perm_out``, columns through ``perm_in``; for
+the identity permutation a block row is ``BV * d_in`` contiguous weights), projects every tile
+in registers, writes the gradient block and two float32 partial sums. Tile dims are padded to
+powers of two with masks. A second small kernel sums each matrix's partials in a fixed order.
+
+Weights of different layers are reached through a table of int64 addresses cast to pointers,
+so one launch serves every layer whose field pairs share a tile class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from .inputs import check_inputs
+from .schedule import LAYER_COLUMNS, TASK_COLUMNS, Schedule, build_schedule
+
+__all__ = ["fused_energies"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _energy_tiles_kernel(
+    task_ptr, task_start, addr_ptr, layer_ptr, basis_ptr, perm_ptr, c_perp_ptr, c_g_ptr,
+    w_dtype_ptr, grad_ptr, part_ptr, n_slots,
+    DO: tl.constexpr, DI: tl.constexpr, DOP: tl.constexpr, DIP: tl.constexpr,
+    BU: tl.constexpr, BV: tl.constexpr, IDENTITY_PERM: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
+    SMALL_OFFSETS: tl.constexpr, WITH_GRAD: tl.constexpr, NT: tl.constexpr, NL: tl.constexpr,
+):
+    task = task_ptr + (task_start + tl.program_id(0)).to(tl.int64) * NT
+    layer = tl.load(task + 0)
+    row0 = tl.load(task + 1)
+    col0 = tl.load(task + 2)
+    nu = tl.load(task + 3)
+    nv = tl.load(task + 4)
+    r = tl.load(task + 5)
+    basis_off = tl.load(task + 6)
+    kind = tl.load(task + 7)
+    w_off = tl.load(task + 8)
+    g_off = tl.load(task + 9)
+    slot = tl.load(task + 10)
+    lay = layer_ptr + layer * NL
+    stride_row = tl.load(lay + 0)
+    stride_col = tl.load(lay + 1)
+    grad_row_stride = tl.load(lay + 2)
+    w_ptr = tl.load(addr_ptr + layer).to(w_dtype_ptr.dtype)  # int64 address -> pointer to W's dtype
+
+    u = tl.arange(0, BU)
+    a = tl.arange(0, DOP)
+    v = tl.arange(0, BV)
+    b = tl.arange(0, DIP)
+    # structured row / column of each (copy, component); [BU, DOP] and [BV, DIP]
+    srow = row0 + u[:, None] * DO + a[None, :]
+    scol = col0 + v[:, None] * DI + b[None, :]
+    rmask = (u[:, None] < nu) & (a[None, :] < DO)
+    cmask = (v[:, None] < nv) & (b[None, :] < DI)
+    if IDENTITY_PERM:
+        urow = srow
+        ucol = scol
+    else:
+        urow = tl.load(perm_ptr + tl.load(lay + 3) + srow, mask=rmask, other=0)
+        ucol = tl.load(perm_ptr + tl.load(lay + 4) + scol, mask=cmask, other=0)
+    if UNIT_COL_STRIDE:
+        col_off = ucol
+    else:
+        col_off = ucol * stride_col
+    row_off = urow * stride_row
+    if SMALL_OFFSETS:  # within-matrix offsets fit int32: half the registers per element
+        row_off = row_off.to(tl.int32)
+        col_off = col_off.to(tl.int32)
+    mask = rmask[:, :, None, None] & cmask[None, None, :, :]
+    offs = row_off[:, :, None, None] + col_off[None, None, :, :]
+    x = tl.load(w_ptr + w_off + offs, mask=mask, other=0.0).to(tl.float32)  # [BU, DOP, BV, DIP]
+
+    # projection onto the field pair's equivariant maps, tile by tile
+    proj = tl.zeros([BU, DOP, BV, DIP], dtype=tl.float32)
+    eg = tl.zeros([BU, BV], dtype=tl.float32)
+    amask = (a[:, None] < DO) & (b[None, :] < DI)
+    if kind == 1:
+        # A = I / sqrt(d): coef = trace / sqrt(d), projection = (trace / d) I
+        diag = (a[:, None] == b[None, :]) & amask
+        tr = tl.sum(tl.sum(tl.where(diag[None, :, None, :], x, 0.0), axis=3), axis=1)  # [BU, BV]
+        proj = tl.where(diag[None, :, None, :], (tr / DO)[:, None, :, None], 0.0)
+        eg = tr * tr / DO
+    else:
+        # r = 0 (no equivariant maps between the fields): no basis work, R = T
+        for k in range(r):
+            A = tl.load(basis_ptr + basis_off + k * (DO * DI) + a[:, None] * DI + b[None, :], mask=amask, other=0.0)
+            A4 = A[None, :, None, :]
+            coef = tl.sum(tl.sum(x * A4, axis=3), axis=1)  # [BU, BV]
+            proj += coef[:, None, :, None] * A4
+            eg += coef * coef
+    res = x - proj
+    tl.store(part_ptr + slot, tl.sum(res * res))
+    tl.store(part_ptr + n_slots + slot, tl.sum(eg))
+
+    if WITH_GRAD:
+        cp2 = 2.0 * tl.load(c_perp_ptr + layer)
+        cg2 = 2.0 * tl.load(c_g_ptr + layer)
+        grad = cp2 * res + cg2 * proj
+        grow = urow * grad_row_stride
+        gcol = ucol
+        if SMALL_OFFSETS:
+            grow = grow.to(tl.int32)
+            gcol = gcol.to(tl.int32)
+        goffs = grow[:, :, None, None] + gcol[None, None, :, :]
+        tl.store(grad_ptr + g_off + goffs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _segment_sum_kernel(part_ptr, start_ptr, out_ptr, n_slots, n_matrices, BLOCK: tl.constexpr):
+    """out[0, k] / out[1, k] = sum of matrix k's partials, in a fixed order."""
+    k = tl.program_id(0)
+    s = tl.load(start_ptr + k)
+    e = tl.load(start_ptr + k + 1)
+    acc_perp = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(s, e, BLOCK):
+        idx = j + tl.arange(0, BLOCK)
+        m = idx < e
+        acc_perp += tl.load(part_ptr + idx, mask=m, other=0.0)
+        acc_g += tl.load(part_ptr + n_slots + idx, mask=m, other=0.0)
+    tl.store(out_ptr + k, tl.sum(acc_perp))
+    tl.store(out_ptr + n_matrices + k, tl.sum(acc_g))
+
+
+_SCHEDULES: "OrderedDict[tuple, tuple[Schedule, dict]]" = OrderedDict()
+_SCHEDULE_CACHE_SIZE = 32
+
+
+def _schedule(weights, plans, device) -> tuple[Schedule, dict]:
+    """Cached schedule for these layouts and plans, plus its cache of address tables."""
+    key = (device,) + tuple((id(P), W.dtype, tuple(W.shape), W.stride()) for W, P in zip(weights, plans))
+    hit = _SCHEDULES.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0].plans, plans)):
+        _SCHEDULES.move_to_end(key)
+        return hit
+    entry = (build_schedule(weights, plans, device), OrderedDict())
+    _SCHEDULES[key] = entry
+    if len(_SCHEDULES) > _SCHEDULE_CACHE_SIZE:
+        _SCHEDULES.popitem(last=False)
+    return entry
+
+
+def _addresses(weights, cache: dict, device) -> torch.Tensor:
+    """int64 device table of the weights' data pointers; cached, since parameters keep their storage."""
+    ptrs = tuple(W.data_ptr() for W in weights)
+    t = cache.get(ptrs)
+    if t is None:
+        t = torch.tensor(ptrs, dtype=torch.int64).to(device)
+        cache[ptrs] = t
+        if len(cache) > 8:
+            cache.popitem(last=False)
+    return t
+
+
+def _new_buffer(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocation of the outputs every element of which the kernel writes (tests poison it)."""
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+def fused_energies(weights, plans, c_perp=None, c_g=None):
+    """Energies and penalty gradients of many layers, with a number of launches independent of L.
+
+    Args:
+        weights: L CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``), the i-th
+            ``[..., m_i, n_i]`` (any strides; leading dims are a batch), float16 / bfloat16 /
+            float32; all on one device. float64 raises ``ValueError`` (route it elsewhere).
+        plans: L :class:`~equiproj.plan.PackedPlan` from ``block_plan(rep_in, rep_out).packed(device,
+            torch.float32)`` (a float64 basis is accepted too and used in float32).
+        c_perp, c_g: ``[L]`` coefficients (any device; on the weights' device avoids a copy), or
+            both ``None`` for energies only.
+    Returns:
+        ``(e_perp, e_g, grads)``: lists of L float32 tensors ``[...]`` (one energy per matrix),
+        and ``grads[i] = 2 c_perp_i (W_i - P W_i) + 2 c_g_i P W_i``, contiguous ``[..., m_i, n_i]``
+        in W_i's dtype, or ``None``. Results are detached from autograd. Bitwise deterministic
+        for the same inputs on the same device.
+
+    Launches: one per tile class (distinct (dtype, d_out, d_in, permuted?, unit column stride?)
+    among all field pairs) plus one reduction; the task tables are built once per layout and
+    cached.
+    """
+    weights, plans, c_perp, c_g = check_inputs(weights, plans, c_perp, c_g, allow_float64=False)
+    if not weights:
+        return [], [], ([] if c_perp is not None else None)
+    device = weights[0].device
+    for i, W in enumerate(weights):
+        if W.device != device:
+            raise ValueError(f"all weights must be on one device: weights[0] is on {device}, weights[{i}] on {W.device}")
+    if device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"fused_energies runs on CUDA tensors (got {device}); set TRITON_INTERPRET=1 before "
+                         "importing equiproj.kernels to run it on the CPU, or use torch_fused_energies")
+    want_grad = c_perp is not None
+    sched, addr_cache = _schedule(weights, plans, device)
+    addresses = _addresses(weights, addr_cache, device)
+
+    partials = _new_buffer(2 * sched.n_slots, torch.float32, device)
+    out = _new_buffer(2 * sched.n_matrices, torch.float32, device)
+    grad_bufs = {dt: _new_buffer(n, dt, device) for dt, n in sched.grad_numel.items()} if want_grad else {}
+    if want_grad:
+        c_perp = c_perp.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+        c_g = c_g.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+    else:
+        c_perp = c_g = partials  # never read
+
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        w_of_dtype = {W.dtype: W for W in weights}
+        for tc in sched.classes:
+            dop, dip = tc.padded
+            w_ref = w_of_dtype[tc.dtype]
+            _energy_tiles_kernel[(tc.count,)](
+                sched.tasks, tc.start, addresses, sched.layers, sched.basis, sched.perms, c_perp, c_g,
+                w_ref, grad_bufs.get(tc.dtype, w_ref), partials, sched.n_slots,
+                DO=tc.d_out, DI=tc.d_in, DOP=dop, DIP=dip, BU=tc.bu, BV=tc.bv,
+                IDENTITY_PERM=tc.identity_perm, UNIT_COL_STRIDE=tc.unit_col_stride,
+                SMALL_OFFSETS=tc.small_offsets, WITH_GRAD=want_grad,
+                NT=len(TASK_COLUMNS), NL=len(LAYER_COLUMNS), num_warps=tc.num_warps,
+            )
+        if sched.n_matrices:
+            _segment_sum_kernel[(sched.n_matrices,)](
+                partials, sched.slot_start, out, sched.n_slots, sched.n_matrices, BLOCK=256 if not _INTERPRET else 1024,
+            )
+
+    e_perp, e_g, grads = [], [], []
+    for i, W in enumerate(weights):
+        k0, shape = sched.matrix_offset[i], sched.batch_shapes[i]
+        nb = _numel(shape)
+        e_perp.append(out[k0 : k0 + nb].view(shape))
+        e_g.append(out[sched.n_matrices + k0 : sched.n_matrices + k0 + nb].view(shape))
+        if want_grad:
+            o = sched.grad_offset[i]
+            grads.append(grad_bufs[W.dtype][o : o + W.numel()].view(W.shape))
+    return e_perp, e_g, (grads if want_grad else None)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
