@@ -403,3 +403,43 @@ def test_errors():
         sp.energies(torch.ones(3, 3, 3, 3, dtype=torch.long), r, r)
     with pytest.raises(ValueError, match="which"):
         sp.project(torch.randn(3, 3, 3, 3), r, r, which="both")
+
+
+# ---------------------------------------------------------------------------------------
+# Integration with equiproj.nn (declare -> ProjectionPenalty -> project_ -> report)
+# ---------------------------------------------------------------------------------------
+def test_nn_declare_penalty_project_report():
+    enn = pytest.importorskip("equiproj.nn")
+    P = ep.Rep.parse
+    cases = [
+        (torch.nn.Conv2d(3, 5, 5, padding=2), P(ep.SO2(), "0 + 1"), P(ep.SO2(), "1 + 2 + 0"), rot(None, math.pi / 2)),
+        (torch.nn.Conv2d(8, 8, 3, padding=1), ep.Cyclic(8).regular(), ep.Cyclic(8).regular(), rot(None, -math.pi / 2)),
+        (torch.nn.Conv3d(4, 8, 3, padding=1), P(ep.SO3(), "0 + 1"), P(ep.SO3(), "1 + 2"), rot((1, 0, 0), math.pi / 2)),
+        (torch.nn.Conv3d(4, 4, 3, padding=1), P(ep.O3(), "0e + 1o"), P(ep.O3(), "1o + 0e"), -rot((0, 0, 1), math.pi / 2)),
+    ]
+    gen = torch.Generator().manual_seed(9)
+    for conv, ri, ro, g in cases:
+        conv = conv.double()
+        enn.declare(conv, ri, ro)
+        model = torch.nn.Sequential(conv)
+        s = conv.weight.dim() - 2
+        sp = default_kernel_space(ri.group, conv.kernel_size[0], s)
+        # the penalty is the kernel-space energy (plus the bias's exact energy)
+        e_perp, _ = sp.energies(conv.weight.detach(), ri, ro)
+        e_bias = ep.noneq_energy(conv.bias.detach()[:, None], ri.group.trivial(), ro)
+        pen = enn.ProjectionPenalty(model, lambda_perp=1.0)()
+        assert rel(pen.detach(), e_perp + e_bias) < 1e-10
+        pen.backward()
+        grad_ref = 2 * sp.project(conv.weight.detach(), ri, ro, which="non_equivariant")
+        torch.testing.assert_close(conv.weight.grad, grad_ref, atol=1e-10, rtol=0)
+        row = enn.report(model).rows[0]
+        assert row["case"] == "kernel_space" and rel(torch.tensor(row["e_perp"], dtype=torch.float64), e_perp + e_bias) < 1e-10
+        assert "steerable" in row["description"]
+        enn.project_(model)
+        row = enn.report(model).rows[0]
+        assert row["rel_perp"] < 1e-24
+        # the projected layer commutes with the 90° rotation (exact on the grid)
+        x = torch.randn(1, ri.dim, *(7,) * s, dtype=torch.float64, generator=gen)
+        with torch.no_grad():
+            y, y_ref = model(grid.act(x, g, ri)), grid.act(model(x), g, ro)
+        assert float((y - y_ref).norm() / y_ref.norm()) < 1e-12
