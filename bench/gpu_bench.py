@@ -71,13 +71,14 @@ CASES = [
     ("SO3 l<=2", "1,3,5", lambda n: _so3(" + ".join(f"{_copies(n, 9)}x{l}" for l in range(3)))),
     ("SO2 k=1..4 (complex)", "2", lambda n: Rep.parse(equiproj.SO2(), " + ".join(f"{_copies(n, 8)}x{k}" for k in range(1, 5)))),
     ("C8 regular (r=8)", "8", lambda n: _copies(n, 8) * equiproj.Cyclic(8).regular()),
+    ("SO2 1x(0+1) permuted", "2,4", lambda n: Rep.parse(equiproj.SO2(), f"{_copies(n, 6)}x1") @ Rep.parse(equiproj.SO2(), "0 + 1")),
     ("SO3 l=7", "15", lambda n: _so3(f"{_copies(n, 15)}x7")),
     ("D8 regular (r=16)", "16", lambda n: _copies(n, 16) * equiproj.Dihedral(8).regular()),
     ("SO3 l=15", "31", lambda n: _so3(f"{_copies(n, 31)}x15")),
     ("C32 regular (r=32)", "32", lambda n: _copies(n, 32) * equiproj.Cyclic(32).regular()),
 ]
 SMALL_FIELDS = {"scalars", "SO3 l=1", "SO3 l<=2", "SO2 k=1..4 (complex)", "C8 regular (r=8)", "SO3 l=7",
-                "D8 regular (r=16)"}
+                "D8 regular (r=16)"}  # these run at every size; the others at the first size only
 
 
 def _bench(fn, device, graph=False):

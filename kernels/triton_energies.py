@@ -60,47 +60,55 @@ def _energy_tiles_kernel(
     grad_row_stride = tl.load(lay + 2)
     w_ptr = tl.load(addr_ptr + layer).to(w_dtype_ptr.dtype)  # int64 address -> pointer to W's dtype
 
-    u = tl.arange(0, BU)
-    a = tl.arange(0, DOP)
-    v = tl.arange(0, BV)
-    b = tl.arange(0, DIP)
-    # structured row / column of each (copy, component); [BU, DOP] and [BV, DIP]
-    srow = row0 + u[:, None] * DO + a[None, :]
-    scol = col0 + v[:, None] * DI + b[None, :]
-    rmask = (u[:, None] < nu) & (a[None, :] < DO)
-    cmask = (v[:, None] < nv) & (b[None, :] < DI)
+    # the block as a 2D [rows, columns] tensor for the memory accesses (lanes along the columns,
+    # which are contiguous in memory), reshaped to [BU, DOP, BV, DIP] tiles for the projection
+    RP: tl.constexpr = BU * DOP
+    CP: tl.constexpr = BV * DIP
+    i = tl.arange(0, RP)
+    j = tl.arange(0, CP)
+    u = i // DOP
+    a = i % DOP
+    v = j // DIP
+    b = j % DIP
+    srow = row0 + u * DO + a  # structured row / column of each (copy, component)
+    scol = col0 + v * DI + b
+    rmask = (u < nu) & (a < DO)
+    cmask = (v < nv) & (b < DI)
     if IDENTITY_PERM:
         urow = srow
         ucol = scol
     else:
         urow = tl.load(perm_ptr + tl.load(lay + 3) + srow, mask=rmask, other=0)
         ucol = tl.load(perm_ptr + tl.load(lay + 4) + scol, mask=cmask, other=0)
+    row_off = urow * stride_row
     if UNIT_COL_STRIDE:
         col_off = ucol
     else:
         col_off = ucol * stride_col
-    row_off = urow * stride_row
     if SMALL_OFFSETS:  # within-matrix offsets fit int32: half the registers per element
         row_off = row_off.to(tl.int32)
         col_off = col_off.to(tl.int32)
-    mask = rmask[:, :, None, None] & cmask[None, None, :, :]
-    offs = row_off[:, :, None, None] + col_off[None, None, :, :]
-    x = tl.load(w_ptr + w_off + offs, mask=mask, other=0.0).to(tl.float32)  # [BU, DOP, BV, DIP]
+    mask = rmask[:, None] & cmask[None, :]
+    x2 = tl.load(w_ptr + w_off + row_off[:, None] + col_off[None, :], mask=mask, other=0.0)
+    x = tl.reshape(x2.to(tl.float32), [BU, DOP, BV, DIP])
 
-    # projection onto the field pair's equivariant maps, tile by tile
+    # projection onto the field pair's equivariant maps, tile by tile; the [DOP, DIP] tensors
+    # (basis, diagonal) are built 2D and broadcast, so that the block keeps its layout
+    a2 = tl.arange(0, DOP)[:, None]
+    b2 = tl.arange(0, DIP)[None, :]
+    in_tile = (a2 < DO) & (b2 < DI)
     proj = tl.zeros([BU, DOP, BV, DIP], dtype=tl.float32)
     eg = tl.zeros([BU, BV], dtype=tl.float32)
-    amask = (a[:, None] < DO) & (b[None, :] < DI)
     if kind == 1:
         # A = I / sqrt(d): coef = trace / sqrt(d), projection = (trace / d) I
-        diag = (a[:, None] == b[None, :]) & amask
-        tr = tl.sum(tl.sum(tl.where(diag[None, :, None, :], x, 0.0), axis=3), axis=1)  # [BU, BV]
-        proj = tl.where(diag[None, :, None, :], (tr / DO)[:, None, :, None], 0.0)
-        eg = tr * tr / DO
+        diag = ((a2 == b2) & in_tile)[None, :, None, :]
+        tr = tl.sum(tl.sum(tl.where(diag, x, 0.0), axis=3), axis=1)  # [BU, BV]
+        proj = tl.where(diag, (tr * (1.0 / DO))[:, None, :, None], 0.0)
+        eg = tr * tr * (1.0 / DO)
     else:
         # r = 0 (no equivariant maps between the fields): no basis work, R = T
         for k in range(r):
-            A = tl.load(basis_ptr + basis_off + k * (DO * DI) + a[:, None] * DI + b[None, :], mask=amask, other=0.0)
+            A = tl.load(basis_ptr + basis_off + k * (DO * DI) + a2 * DI + b2, mask=in_tile, other=0.0)
             A4 = A[None, :, None, :]
             coef = tl.sum(tl.sum(x * A4, axis=3), axis=1)  # [BU, BV]
             proj += coef[:, None, :, None] * A4
@@ -112,14 +120,13 @@ def _energy_tiles_kernel(
     if WITH_GRAD:
         cp2 = 2.0 * tl.load(c_perp_ptr + layer)
         cg2 = 2.0 * tl.load(c_g_ptr + layer)
-        grad = cp2 * res + cg2 * proj
+        grad = tl.reshape(cp2 * res + cg2 * proj, [RP, CP])
         grow = urow * grad_row_stride
         gcol = ucol
         if SMALL_OFFSETS:
             grow = grow.to(tl.int32)
             gcol = gcol.to(tl.int32)
-        goffs = grow[:, :, None, None] + gcol[None, None, :, :]
-        tl.store(grad_ptr + g_off + goffs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + g_off + grow[:, None] + gcol[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
