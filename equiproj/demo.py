@@ -31,10 +31,9 @@ machine: the step count of the "equal wall-clock" sample-based run, computed fro
 times of the two penalties measured in the same run (printed with the table). The PNGs need
 matplotlib (``pip install matplotlib``); without it the tables and CSVs are still written.
 
-The symmetry declarations below (``Declared``) use the core API (``energies_many``,
-``project``) directly: a conv kernel ``[c_out, c_in, k, k]`` is the matrix
-``[c_out, c_in*k*k]`` with input representation ``rep_in ⊗ rho_pix`` (math.md §5), the bias an
-extra column acted on trivially.
+The models are plain ``nn.Linear`` / ``nn.Conv2d`` stacks with symmetry declarations
+(:func:`equiproj.nn.declare`); the penalty is :class:`equiproj.nn.ProjectionPenalty`, the strict
+regime :func:`equiproj.nn.project_` after every optimiser step.
 """
 
 from __future__ import annotations
@@ -52,12 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .energy import energies_many, project
-from .groups import SO2, Cyclic, Dihedral, Group
+from . import nn as eqnn
+from .groups import SO2, Cyclic
 from .rep import Rep
 
 __all__ = [
-    "Declared", "layer_energies", "project_layers_",
     "so2_hidden_rep", "FourierSiLU", "SO2Classifier", "so2_wedge", "so2_wavey_rings", "train_so2", "so2_accuracy",
     "so2_invariance_error", "SO2Config", "run_so2",
     "SmokeParams", "SmokeSolver", "simulate_smoke", "rotate_fields", "c4_matrix", "C4SmokeNet", "SmokeScales",
@@ -67,79 +65,11 @@ __all__ = [
 ]
 
 
-# =============================================================================================
-# Symmetry declarations of plain torch layers
-# =============================================================================================
-
-@functools.lru_cache(maxsize=None)
-def kernel_grid_rep(group: Group, k: int) -> Rep:
-    """The permutation rep of ``group`` (C4 or D4) on the pixels of a ``k x k`` kernel, row-major.
-
-    Pixel ``(row a, col b)`` sits at the point ``(x, y) = (b - k//2, a - k//2)``; ``g`` sends it to
-    the pixel at ``g (x, y)``. :func:`rotate_fields` uses the same coordinates for images.
-    """
-    if not (isinstance(group, (Cyclic, Dihedral)) and group.N == 4):
-        raise ValueError(f"exact grid action on square kernels needs Cyclic(4) or Dihedral(4), got {group}")
-    if k < 1 or k % 2 == 0:
-        raise ValueError(f"kernel size must be odd to have a centre pixel, got {k}")
-    r = k // 2
-    rows, cols = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
-    points = torch.stack([cols.reshape(-1) - r, rows.reshape(-1) - r], 1).to(torch.float64)
-    return Rep.permutation(group, points=points, name=f"grid{k}x{k}")
-
-
-class Declared:
-    """How a group acts on one ``nn.Linear`` or ``nn.Conv2d``: its weight, flattened to
-    ``[c_out, c_in*k*k]`` and with the bias as a last column, is a map ``rep_in_full -> rep_out``.
-
-    ``rep_in``/``rep_out`` act on the channels; for a conv, ``rep_in_full = (rep_in ⊗ grid) (+ trivial)``.
-    """
-
-    def __init__(self, module: nn.Module, rep_in: Rep, rep_out: Rep):
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"can declare nn.Linear or nn.Conv2d, got {type(module).__name__}")
-        if rep_in.group != rep_out.group:
-            raise ValueError(f"rep_in acts by {rep_in.group}, rep_out by {rep_out.group}")
-        w = module.weight
-        if w.shape[0] != rep_out.dim or w.shape[1] != rep_in.dim:
-            raise ValueError(f"{type(module).__name__} weight {tuple(w.shape)} does not match rep_out.dim = "
-                             f"{rep_out.dim}, rep_in.dim = {rep_in.dim}")
-        full = rep_in
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            if kh != kw or module.groups != 1 or module.dilation != (1, 1):
-                raise ValueError("declared convolutions must have square kernels, groups=1, dilation=1")
-            full = rep_in @ kernel_grid_rep(rep_in.group, kh)
-        if module.bias is not None:
-            full = full + rep_in.group.trivial()
-        self.module, self.rep_in, self.rep_out, self.rep_in_full = module, rep_in, rep_out, full
-
-    def matrix(self) -> torch.Tensor:
-        """``[rep_out.dim, rep_in_full.dim]``, differentiable w.r.t. the module's parameters."""
-        W = self.module.weight.reshape(self.module.weight.shape[0], -1)
-        if self.module.bias is not None:
-            W = torch.cat([W, self.module.bias[:, None]], 1)
-        return W
-
-    @torch.no_grad()
-    def assign_(self, M: torch.Tensor) -> None:
-        w = self.module.weight
-        n = w[0].numel()
-        w.copy_(M[:, :n].reshape(w.shape))
-        if self.module.bias is not None:
-            self.module.bias.copy_(M[:, n])
-
-
-def layer_energies(layers: list[Declared]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(E_perp, E_G)``, each ``[len(layers)]``, differentiable (one ``energies_many`` call)."""
-    return energies_many([d.matrix() for d in layers], [(d.rep_in_full, d.rep_out) for d in layers])
-
-
 @torch.no_grad()
-def project_layers_(layers: list[Declared]) -> None:
-    """Replace every declared weight by its equivariant part (in place)."""
-    for d in layers:
-        d.assign_(project(d.matrix(), d.rep_in_full, d.rep_out))
+def relative_noneq_energy(model: nn.Module) -> float:
+    """``sum E_perp / sum ||W||^2`` over the declared layers (biases included)."""
+    e_perp, e_g = eqnn.ProjectionPenalty(model, 1.0).energies()
+    return float(e_perp.sum() / (e_perp.sum() + e_g.sum()))
 
 
 def _seed_all(seed: int) -> torch.Generator:
@@ -205,7 +135,7 @@ class FourierSiLU(nn.Module):
 class SO2Classifier(nn.Module):
     """``x [..., 2] -> logit [...]``: Linear(std -> H), FourierSiLU, Linear(H -> H), FourierSiLU,
     Linear(H -> trivial), with ``H = channels x (0..max_freq)``. Plain ``nn.Linear`` layers with
-    SO(2) declarations in ``self.declared``: equivariant only as far as training makes them."""
+    SO(2) declarations (:func:`equiproj.nn.declare`): equivariant only as far as training makes them."""
 
     def __init__(self, channels: int = 4, max_freq: int = 4, samples: int = 32):
         super().__init__()
@@ -213,8 +143,9 @@ class SO2Classifier(nn.Module):
         H = so2_hidden_rep(channels, max_freq)
         self.lin1, self.lin2, self.readout = nn.Linear(2, H.dim), nn.Linear(H.dim, H.dim), nn.Linear(H.dim, 1)
         self.act = FourierSiLU(channels, max_freq, samples)
-        self.declared = [Declared(self.lin1, G.standard(), H), Declared(self.lin2, H, H),
-                         Declared(self.readout, H, G.trivial())]
+        eqnn.declare(self.lin1, G.standard(), H)
+        eqnn.declare(self.lin2, H, H)
+        eqnn.declare(self.readout, H, G.trivial())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.readout(self.act(self.lin2(self.act(self.lin1(x))))).squeeze(-1)
@@ -256,19 +187,19 @@ def train_so2(model: SO2Classifier, x: torch.Tensor, y: torch.Tensor, *, lambda_
     """Full-batch Adam on BCE + ``lambda_perp sum E_perp + lambda_G sum E_G``; ``strict``: project
     every declared layer after every step. Returns the training time in seconds."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    penalty = eqnn.ProjectionPenalty(model, lambda_perp, lambda_G) if (lambda_perp or lambda_G) else None
     t0 = time.perf_counter()
     if strict:
-        project_layers_(model.declared)
+        eqnn.project_(model)
     for _ in range(steps):
         loss = F.binary_cross_entropy_with_logits(model(x), y)
-        if lambda_perp or lambda_G:
-            e_perp, e_g = layer_energies(model.declared)
-            loss = loss + lambda_perp * e_perp.sum() + lambda_G * e_g.sum()
+        if penalty is not None:
+            loss = loss + penalty()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if strict:
-            project_layers_(model.declared)
+            eqnn.project_(model)
     return time.perf_counter() - t0
 
 
@@ -337,13 +268,11 @@ def run_so2(cfg: SO2Config, seed: int = 0, out: str | None = None, log=print) ->
                 secs = train_so2(model, x_tr, y_tr, lambda_perp=lp, lambda_G=lg, steps=cfg.steps, lr=cfg.lr,
                                  strict=strict)
                 rot_gen = torch.Generator().manual_seed(seed + 7)
-                with torch.no_grad():
-                    e_perp, e_g = layer_energies(model.declared)
                 row = dict(dataset=label, sigma="" if sigma is None else sigma, regime="strict" if strict else "penalty",
                            lambda_G=lg, lambda_perp=lp, seed=1000 * seed + r,
                            test_acc=so2_accuracy(model, x_te, y_te),
                            inv_err=so2_invariance_error(model, x_te, rot_gen),
-                           rel_E_perp=float(e_perp.sum() / (e_perp.sum() + e_g.sum())), train_s=secs)
+                           rel_E_perp=relative_noneq_energy(model), train_s=secs)
                 rows.append(row)
                 if r == 0 and (sigma is None or sigma == cfg.boundary_sigma):
                     if strict or (lg == 0 and lp in (0.0, strong)):
@@ -537,7 +466,7 @@ class C4SmokeNet(nn.Module):
     """``[B, 6, N, N] -> [B, 3, N, N]``: ``layers`` circular-padded convolutions with ReLU, hidden
     channels ``hidden_fields`` copies of the regular representation of C4 (a pointwise ReLU commutes
     with it), input channels scalar/scalar/vector/vector, output scalar/vector. Every conv is a
-    plain ``nn.Conv2d`` with a C4 declaration in ``self.declared``."""
+    plain ``nn.Conv2d`` declared C4-equivariant with the exact grid action on its kernel."""
 
     def __init__(self, hidden_fields: int = 4, layers: int = 4, kernel: int = 3):
         super().__init__()
@@ -548,7 +477,8 @@ class C4SmokeNet(nn.Module):
         reps += [hidden_fields * G.regular()] * (layers - 1) + [G.trivial() + G.standard()]
         self.convs = nn.ModuleList(nn.Conv2d(a.dim, b.dim, kernel, padding=kernel // 2, padding_mode="circular")
                                    for a, b in zip(reps[:-1], reps[1:]))
-        self.declared = [Declared(c, a, b) for c, a, b in zip(self.convs, reps[:-1], reps[1:])]
+        for conv, a, b in zip(self.convs, reps[:-1], reps[1:]):
+            eqnn.declare(conv, a, b, kernel_space="grid")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv in self.convs[:-1]:
@@ -609,12 +539,13 @@ SMOKE_REGIMES = {
 
 def _smoke_step_fn(model: C4SmokeNet, regime: str, lam: float, lr: float, generator: torch.Generator):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    penalty = eqnn.ProjectionPenalty(model, lam) if regime == "projection" else None
 
     def step(x, y):
         pred = model(x)
         loss = F.mse_loss(pred, y)
-        if regime == "projection":
-            loss = loss + lam * layer_energies(model.declared)[0].sum()
+        if penalty is not None:
+            loss = loss + penalty()
         elif regime in ("data_time", "data_steps"):
             k = int(torch.randint(1, 4, (1,), generator=generator))
             loss = loss + lam * F.mse_loss(model(rotate_fields(x, k, SMOKE_IN_VECTORS)),
@@ -623,7 +554,7 @@ def _smoke_step_fn(model: C4SmokeNet, regime: str, lam: float, lr: float, genera
         loss.backward()
         opt.step()
         if regime == "strict":
-            project_layers_(model.declared)
+            eqnn.project_(model)
 
     return step
 
@@ -637,7 +568,7 @@ def train_smoke(model: C4SmokeNet, X: torch.Tensor, Y: torch.Tensor, *, regime: 
     step = _smoke_step_fn(model, regime, lam, lr, generator)
     t0 = time.perf_counter()
     if regime == "strict":
-        project_layers_(model.declared)
+        eqnn.project_(model)
     order = torch.empty(0, dtype=torch.long)
     for _ in range(steps):
         if len(order) < batch:
@@ -800,13 +731,11 @@ def run_smoke(cfg: SmokeConfig, seed: int = 0, out: str | None = None, log=print
             n = equal_time_steps if regime == "data_time" else steps
             model, secs = _fit_one(cfg, regime, lam.get(regime, 0.0), n, 1000 * seed + r, X, Y)
             rmse, pred = smoke_rollout(model, test, sc, cfg.horizon)
-            with torch.no_grad():
-                e_perp, e_g = layer_energies(model.declared)
             rows.append(dict(regime=regime, lam=lam.get(regime, 0.0), seed=1000 * seed + r, steps=n,
                              epochs=n / steps_per_epoch, train_s=secs, epoch_s=secs * steps_per_epoch / n,
                              rollout_rmse=float(rmse.mean()), final_rmse=float(rmse[-1]),
                              equiv_err=smoke_equivariance_error(model, X_test),
-                             rel_E_perp=float(e_perp.sum() / (e_perp.sum() + e_g.sum()))))
+                             rel_E_perp=relative_noneq_energy(model)))
             curves.setdefault(regime, []).append(rmse)
             if r == 0:
                 snapshots[regime] = pred[0, -1, 0]
