@@ -614,7 +614,8 @@ class ProjectionPenalty:
         return total
 
     def __repr__(self):
-        return f"ProjectionPenalty({len(self.layers)} layers, norm={self.norm!r}: {', '.join(self.names)})"
+        layers = ", ".join(f"{n or '(model)'} [{d.case}]" for n, _, d in self.layers)
+        return f"ProjectionPenalty({len(self.layers)} layers, norm={self.norm!r}: {layers})"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def test_nearly_equivariant_weights(kind, seed):
     got = pen.energies()[0]
     for i, (layer, ri, ro, ks) in enumerate(layers):
         e_p = ref_energies(layer, ri, ro, ks)[0]
-        ratio = float(e_p / sum(p.square().sum() for p in layer.parameters()))
+        ratio = float(e_p.detach() / sum(p.detach().square().sum() for p in layer.parameters()))
         assert 1e-15 < ratio < 1e-10
         assert rel(got[i], e_p) < 1e-3
 
@@ -371,7 +371,7 @@ def test_kernel_space_protocol(seed):
     assert rows[0]["case"] == "kernel_space" and rows[0]["defect_upper"] is None and "tap-wise" in str(report(model))
     project_(model)
     assert ("project", "equivariant") in space.calls
-    assert float(pen.energies()[0].max()) < 1e-26
+    assert float(pen.energies()[0].detach().max()) < 1e-26
 
 
 def test_kernel_space_unavailable_is_a_clear_error(monkeypatch):
@@ -640,6 +640,24 @@ def test_torch_compile(seed):
     assert rel(value, eager) < 1e-5
     for p, g in zip(model.parameters(), g_eager):
         torch.testing.assert_close(p.grad, g, atol=1e-5 * float(g.abs().max()), rtol=1e-4)
+
+
+def test_wrapped_models_keep_layer_names(seed):
+    model, *_ = c4_cnn()
+    wrapped = torch.compile(model)  # compiles lazily: nothing is compiled here
+    pen = ProjectionPenalty(wrapped, {"0": 1.0, "2": 0.5, "6": 0.1})
+    assert pen.names == ["0", "2", "6"] and "[grid]" in repr(pen)
+    assert rel(pen(), ProjectionPenalty(model, {"0": 1.0, "2": 0.5, "6": 0.1})()) < 1e-15
+
+
+def test_overhead_example_runs():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import penalty_overhead
+    finally:
+        sys.path.pop(0)
+    r = penalty_overhead.measure(batch=2, size=5, copies=1, repeats=1)
+    assert r["ratio"] > 0 and r["params"] > 0
 
 
 def test_quickstart_example_runs(capsys):
