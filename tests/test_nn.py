@@ -664,3 +664,25 @@ def test_quickstart_example_runs(capsys):
     runpy.run_path(os.path.join(ROOT, "examples", "quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "E_perp" in out and "exact grid action" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the lead's GPU check runs it)")
+def test_cuda_matches_cpu(seed):
+    cpu, layers, sample, *_ = c4_cnn(torch.float32)
+    gpu = copy.deepcopy(cpu).cuda()
+    pen_c, pen_g = ProjectionPenalty(cpu, 0.3, 0.05), ProjectionPenalty(gpu, 0.3, 0.05)
+    v_c, v_g = pen_c(), pen_g()
+    assert v_g.device.type == "cuda" and rel(v_g.cpu(), v_c) < 1e-5
+    v_c.backward()
+    v_g.backward()
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, atol=1e-5 * float(p.grad.abs().max()), rtol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert rel(pen_g(), v_g) < 1e-6
+    project_(gpu)
+    assert float(pen_g.energies()[0].detach().max()) < 1e-10
+    x = sample(2).cuda()
+    with torch.no_grad():
+        y = gpu(x)
+        for g in ep.Cyclic(4).elements():
+            torch.testing.assert_close(gpu(grid.act(x, g)), y @ layers[2][2].matrix(g).float().cuda().T, atol=1e-5, rtol=0)
