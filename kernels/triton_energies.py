@@ -33,6 +33,13 @@ __all__ = ["fused_energies"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Triton assigns the lanes of a warp along the dimension of a load's pointer tensor with the
+# largest known contiguity. With a permutation both dimensions have contiguity 1 (gathered
+# indices), and the tie goes to the first dimension up to triton 3.7 (seen on 3.6) but to the
+# last one in 3.8: the block is then loaded as [columns, rows] so the lanes still run along
+# the columns (adjacent in memory in runs). Only speed depends on this, never results.
+_COLS_FIRST_ON_TIE = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8)
+
 
 @triton.jit
 def _energy_tiles_kernel(
@@ -40,7 +47,7 @@ def _energy_tiles_kernel(
     w_dtype_ptr, grad_ptr, part_ptr, n_slots,
     DO: tl.constexpr, DI: tl.constexpr, DOP: tl.constexpr, DIP: tl.constexpr,
     BU: tl.constexpr, BV: tl.constexpr, IDENTITY_PERM: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-    SMALL_OFFSETS: tl.constexpr, WITH_GRAD: tl.constexpr, NT: tl.constexpr, NL: tl.constexpr,
+    SMALL_OFFSETS: tl.constexpr, COLS_FIRST: tl.constexpr, WITH_GRAD: tl.constexpr, NT: tl.constexpr, NL: tl.constexpr,
 ):
     task = task_ptr + (task_start + tl.program_id(0)).to(tl.int64) * NT
     layer = tl.load(task + 0)
@@ -89,7 +96,10 @@ def _energy_tiles_kernel(
         row_off = row_off.to(tl.int32)
         col_off = col_off.to(tl.int32)
     mask = rmask[:, None] & cmask[None, :]
-    x2 = tl.load(w_ptr + w_off + row_off[:, None] + col_off[None, :], mask=mask, other=0.0)
+    if COLS_FIRST:  # see _COLS_FIRST_ON_TIE
+        x2 = tl.trans(tl.load(w_ptr + w_off + col_off[:, None] + row_off[None, :], mask=tl.trans(mask), other=0.0))
+    else:
+        x2 = tl.load(w_ptr + w_off + row_off[:, None] + col_off[None, :], mask=mask, other=0.0)
     x = tl.reshape(x2.to(tl.float32), [BU, DOP, BV, DIP])
 
     # projection onto the field pair's equivariant maps, tile by tile; the [DOP, DIP] tensors
@@ -126,7 +136,11 @@ def _energy_tiles_kernel(
         if SMALL_OFFSETS:
             grow = grow.to(tl.int32)
             gcol = gcol.to(tl.int32)
-        tl.store(grad_ptr + g_off + grow[:, None] + gcol[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        grad = grad.to(grad_ptr.dtype.element_ty)
+        if COLS_FIRST:
+            tl.store(grad_ptr + g_off + gcol[:, None] + grow[None, :], tl.trans(grad), mask=tl.trans(mask))
+        else:
+            tl.store(grad_ptr + g_off + grow[:, None] + gcol[None, :], grad, mask=mask)
 
 
 @triton.jit
@@ -235,7 +249,8 @@ def fused_energies(weights, plans, c_perp=None, c_g=None):
                 w_ref, grad_bufs.get(tc.dtype, w_ref), partials, sched.n_slots,
                 DO=tc.d_out, DI=tc.d_in, DOP=dop, DIP=dip, BU=tc.bu, BV=tc.bv,
                 IDENTITY_PERM=tc.identity_perm, UNIT_COL_STRIDE=tc.unit_col_stride,
-                SMALL_OFFSETS=tc.small_offsets, WITH_GRAD=want_grad,
+                SMALL_OFFSETS=tc.small_offsets, COLS_FIRST=not tc.identity_perm and _COLS_FIRST_ON_TIE,
+                WITH_GRAD=want_grad,
                 NT=len(TASK_COLUMNS), NL=len(LAYER_COLUMNS), num_warps=tc.num_warps,
             )
         if sched.n_matrices:

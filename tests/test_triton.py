@@ -154,6 +154,24 @@ def test_kernel_half_precision(case, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("cols_first", [False, True])
+def test_kernel_permuted_block_orientation(monkeypatch, cols_first):
+    """Permuted layers may be loaded as [columns, rows] (a speed choice per triton version):
+    both orientations give the same results."""
+    from equiproj.kernels import triton_energies
+
+    monkeypatch.setattr(triton_energies, "_COLS_FIRST_ON_TIE", cols_first)
+    gen = _gen(11)
+    ri, ro = _so2_permuted()
+    W = torch.randn(ro.dim, ri.dim, generator=gen).to(DEVICE)
+    (ep,), (eg,), (g,) = fused_energies([W], [_plan(ri, ro)], torch.tensor([0.9]), torch.tensor([0.6]))
+    rp, rg, rgrad = _reference(W, ri, ro, 0.9, 0.6)
+    _check_energy(ep, rp, W, "E_perp")
+    _check_energy(eg, rg, W, "E_G")
+    _check_grad(g, rgrad, W, 0.9, 0.6, "grad")
+
+
+@needs_kernel
 def test_kernel_batched_noncontiguous():
     """Leading batch dims with odd strides, and a column stride != 1."""
     gen = _gen(3)
