@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Iterable, Sequence
 
@@ -526,7 +527,7 @@ def layer_energies(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _lambdas(value, names: list[str], what: str) -> list[float]:
     def num(v, where):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{what}{where} must be a finite number >= 0, got {v!r}")
         return float(v)
 
