@@ -13,7 +13,7 @@ from equiproj import translation as tr
 
 
 def rel(a, b):
-    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
+    a, b = (x.detach().double() if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64) for x in (a, b))
     return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
 
 
