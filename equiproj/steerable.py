@@ -452,23 +452,30 @@ class SteerableKernelSpace:
 
 
 class _OutOfBand(torch.autograd.Function):
-    """``(||K - K B B^T||^2 [...], A0 = K B)`` from ``K [..., m, n, P]``, with a one-GEMM backward:
-    ``dK = 2 g_E (K - A0 B^T) + g_A0 B^T`` (the A0-path of the first term vanishes: the residual is
-    orthogonal to B), so no N-sized tensor is kept for backward."""
+    """``(||K - K B B^T||^2 [...], A0 = K B)`` from ``K [..., m, n, P]``: two GEMMs forward (the
+    residual ``K - A0 B^T`` is formed by one ``addmm``), one backward:
+    ``dK = 2 g_E (K - A0 B^T) + g_A0 B^T = 2 g_E K + (g_A0 - 2 g_E A0) B^T``. No N-sized tensor
+    is kept for backward (K is the caller's)."""
 
     @staticmethod
     def forward(ctx, K, B):
-        A0 = K @ B
-        outside = (K - A0 @ B.T).square().sum((-3, -2, -1))
+        batch, P = K.shape[:-3], K.shape[-1]
+        K2 = K.reshape(-1, P)
+        A0 = K2 @ B
+        R = torch.addmm(K2, A0, B.T, alpha=-1.0).reshape(batch + (-1,))
+        outside = torch.linalg.vecdot(R, R)
         ctx.save_for_backward(K, A0, B)
-        return outside, A0
+        return outside, A0.reshape(K.shape[:-1] + (B.shape[1],))
 
     @staticmethod
     def backward(ctx, g_out, g_A0):
         K, A0, B = ctx.saved_tensors
-        g2 = (2 * g_out)[..., None, None, None]
-        inner = -g2 * A0 if g_A0 is None else g_A0 - g2 * A0
-        return g2 * K + inner @ B.T, None
+        P = K.shape[-1]
+        g2 = 2 * g_out  # [...]: one factor per kernel, broadcast over its rows (no .item(): no device sync)
+        rows = g2.reshape(g2.shape + (1, 1)).expand(g2.shape + (K.shape[-3] * K.shape[-2], 1)).reshape(-1, 1)
+        inner = -rows * A0 if g_A0 is None else g_A0.reshape(A0.shape) - rows * A0
+        dK = (inner @ B.T).addcmul_(K.reshape(-1, P), rows)
+        return dK.reshape(K.shape), None
 
 
 def _coefficient_layout(space: SteerableKernelSpace, rep_in: Rep) -> tuple[Rep, torch.Tensor | None]:
@@ -570,7 +577,7 @@ class DenseKernelBasis:
         m, n, D = rep_out.dim, rep_in.dim, space.dim
         B = space.basis_on(device or "cpu", dtype)
         kernels = H.to(device=device, dtype=dtype).reshape(-1, m, n, D) @ B.T  # [D', m, n, P]
-        Q, _ = torch.linalg.qr(kernels.reshape(len(H), -1).T)  # [N, D']
+        Q, _ = torch.linalg.qr(kernels.reshape(len(H), m * n * space.num_pixels).T)  # [N, D']
         self.Q = Q
         self.build_seconds = time.perf_counter() - t0
         self.nbytes = Q.numel() * Q.element_size()

@@ -172,6 +172,19 @@ def test_equivariant_and_nearly_equivariant_kernels(G, rin, rout, k, dense_cache
         assert rel(e_perp, dense.energies(K + eps * noise)[0]) < 1e-5
 
 
+def test_no_equivariant_kernels():
+    """Reps whose coefficient maps share no irrep: everything is non-equivariant, in both implementations."""
+    G = ep.SO3()
+    ri, ro = ep.Rep.parse(G, "0"), ep.Rep.parse(G, "2")
+    sp = default_kernel_space(G, 1)  # a 1x1 kernel: only degree 0 in the kernel space
+    W = torch.randn(2, ro.dim, ri.dim, 1, 1, 1, dtype=torch.float64)
+    e_perp, e_g = sp.energies(W, ri, ro)
+    for dense in (DenseKernelBasis(sp, ri, ro), DenseKernelBasis(sp, ri, ro, method="hom")):
+        assert dense.Q.shape == (5, 0)
+        assert rel(e_perp, dense.energies(W)[0]) < 1e-12
+    assert rel(e_perp, W.square().sum((1, 2, 3, 4, 5))) < 1e-12 and float(e_g.abs().max()) == 0
+
+
 def test_gradients_float32_batched_noncontiguous():
     G = ep.SO3()
     ri, ro = layer(G, "0 + 1", "1 + 2")
