@@ -5,4 +5,4 @@ from .rep import Irrep, Rep
 
 __version__ = "0.1.0"
 from .energy import energies, energies_many, eq_energy, noneq_energy, project
-from . import reference
+from . import grid, nn, reference, translation
