@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import equiproj as ep
 from equiproj import grid
 from equiproj.clebsch_gordan import clebsch_gordan, irrep_product
-from equiproj.steerable import DenseKernelBasis, SteerableKernelSpace, default_kernel_space, kernel_energies_many
+from equiproj.steerable import (DenseKernelBasis, SteerableKernelSpace, default_kernel_space, kernel_energies_many,
+                                smooth_equivariance_error)
 from equiproj.verify import random_orthogonal
 
 
@@ -306,6 +307,8 @@ def test_projected_conv_equivariance_for_other_angles_is_bounded(G, rin, rout, k
     gs = G.sample(6, generator=gen)
     err = _smooth_equivariance_error(sp, ri, ro, sp.project(K, ri, ro), gs)
     assert err < 5e-2
+    lib = smooth_equivariance_error(sp, sp.project(K, ri, ro), ri, ro, gs, generator=torch.Generator().manual_seed(0))
+    assert lib < 5e-2 and abs(math.log(lib / err)) < math.log(3)  # the library's diagnostic agrees
     assert _smooth_equivariance_error(sp, ri, ro, K, gs) > 0.2  # a random kernel is far from equivariant
 
 
@@ -396,6 +399,9 @@ def test_errors():
         default_kernel_space(ep.SO3(), 4)
     with pytest.raises(ValueError, match="kernel_size"):
         default_kernel_space(ep.SO2(), 0)
+    with pytest.raises(ValueError, match="cubic"):
+        default_kernel_space(ep.SO3(), (3, 3, 5), 3)
+    assert default_kernel_space(ep.SO3(), (3, 3, 3), 3).kernel_size == 3
     with pytest.raises(TypeError, match="Group"):
         SteerableKernelSpace("SO2", 3)
     with pytest.raises(ValueError, match="linearly dependent|does not fit|vanishes"):
