@@ -162,15 +162,15 @@ def _harmonic_rep(group: Group, h: int) -> Rep:
     if isinstance(group, SO2):
         return group.irrep(h)
     if isinstance(group, O2):
-        return group.irrep((0, 0) if h == 0 else (1, h))
+        return group.irrep((1, h))
     if isinstance(group, SO3):
         return group.irrep(h)
     if isinstance(group, O3):
         return group.irrep((h, (-1) ** h))
-    if isinstance(group, Cyclic) and (h == 0 or 2 * h < group.N):
+    if isinstance(group, Cyclic) and 2 * h < group.N:
         return group.irrep(h)  # the same matrices R(h theta)
-    if isinstance(group, Dihedral) and (h == 0 or 2 * h < group.N):
-        return group.irrep((0, 0) if h == 0 else (1, h))
+    if isinstance(group, Dihedral) and 2 * h < group.N:
+        return group.irrep((1, h))
     if isinstance(group, Octahedral) and h == 1:  # D_1(R) = R: the defining action
         return group.standard()
     # finite subgroups: restriction of the ambient harmonic rep, decomposed numerically
@@ -259,10 +259,8 @@ class SteerableKernelSpace:
                           for j in range(len(self.rings)) if self.max_frequency[j] >= h]
         self.band_limit = max(self.max_frequency)
         self.num_pixels = k**spatial_dims
-        self.basis, self._hdims = self._build_basis()
+        self.basis = self._build_basis()
         self.dim = self.basis.shape[1]
-        if self.dim > self.num_pixels:  # _build_basis would have failed; kept as a guard
-            raise ValueError("kernel space larger than the grid")
         self.rep = sum(n * _harmonic_rep(group, h) for h, n in self._ring_counts())
         self._cache: dict = {}
 
@@ -319,7 +317,7 @@ class SteerableKernelSpace:
     def _build_basis(self):
         x = grid_points((self.kernel_size,) * self.spatial_dims)
         r = x.norm(dim=-1)
-        cols, hdims = [], []
+        cols = []
         for h, j in self.harmonics:
             prof = torch.exp(-((r - self.rings[j]) ** 2) / (2 * self.sigma[j] ** 2))
             blk = prof[:, None] * self._harmonic_values(h, x, r)
@@ -328,7 +326,6 @@ class SteerableKernelSpace:
                 raise ValueError(f"kernel space: the harmonic of frequency/degree {h} on the ring of radius "
                                  f"{self.rings[j]} (sigma {self.sigma[j]}) vanishes on the {self.kernel_size}-pixel grid")
             cols.append(blk / norm)
-            hdims.append(blk.shape[1])
         Phi = torch.cat(cols, 1)
         if Phi.shape[1] > Phi.shape[0]:
             raise ValueError(f"kernel space of {Phi.shape[1]} functions does not fit a grid of {Phi.shape[0]} pixels: "
@@ -338,8 +335,7 @@ class SteerableKernelSpace:
             raise ValueError(f"the sampled harmonics are (nearly) linearly dependent on the {self.kernel_size}-pixel grid "
                              f"(Gram condition number {float(lam[-1] / lam[0].clamp_min(1e-300)):.1e}): lower "
                              "max_frequency, widen sigma or use fewer rings")
-        B = Phi @ (V * lam.rsqrt()) @ V.T  # Löwdin: the isometry closest to Phi
-        return B, hdims
+        return Phi @ (V * lam.rsqrt()) @ V.T  # Löwdin: the isometry closest to Phi
 
     # ---- helpers ----------------------------------------------------------------------------
     def __repr__(self):
@@ -353,6 +349,7 @@ class SteerableKernelSpace:
                 f"non-equivariant): {self.group}, k={self.kernel_size}, rings {self.rings}, max {what} "
                 f"{self.max_frequency}, sigma {self.sigma}, {self.dim} of {self.num_pixels} dims")
 
+    @torch.compiler.disable  # cached host-side state: never traced (dynamo would rebuild it inside the graph)
     def basis_on(self, device, dtype) -> torch.Tensor:
         """``B`` ``[k^s, D]`` on ``device`` in ``dtype`` (cached)."""
         key = ("B", torch.device(device), dtype)
@@ -360,6 +357,7 @@ class SteerableKernelSpace:
             self._cache[key] = self.basis.to(device=device, dtype=dtype)
         return self._cache[key]
 
+    @torch.compiler.disable
     def _layout(self, rep_in: Rep, device=None, inverse: bool = False) -> tuple[Rep, torch.Tensor | None]:
         """(coefficient rep, column map) for ``rep_in``, cached: column ``j`` of the coefficient layout is
         Kronecker column ``map[j]`` (``inverse=True``: the other way); ``None`` when it is the identity."""
