@@ -59,7 +59,7 @@ __all__ = [
     "so2_hidden_rep", "FourierSiLU", "SO2Classifier", "so2_wedge", "so2_wavey_rings", "train_so2", "so2_accuracy",
     "so2_invariance_error", "SO2Config", "run_so2",
     "SmokeParams", "SmokeSolver", "simulate_smoke", "rotate_fields", "c4_matrix", "C4SmokeNet", "SmokeScales",
-    "smoke_pairs", "train_smoke", "smoke_rollout", "smoke_equivariance_error", "smoke_data_asymmetry", "SmokeConfig",
+    "smoke_pairs", "smoke_data_penalty", "train_smoke", "smoke_rollout", "smoke_equivariance_error", "smoke_data_asymmetry", "SmokeConfig",
     "run_smoke", "format_so2_table", "format_smoke_table",
     "add_arguments", "run", "main",
 ]
@@ -542,6 +542,14 @@ SMOKE_REGIMES = {
 }
 
 
+def smoke_data_penalty(model: nn.Module, x: torch.Tensor, fx: torch.Tensor, k: int) -> torch.Tensor:
+    """The data-level sample-based penalty for one rotation ``k`` (drawn from the three non-identity
+    elements: the identity contributes exactly 0): ``mean ||f(g x) - g f(x)||^2`` per output entry,
+    one extra forward (and backward) pass. Equals :func:`equiproj.baselines.sampled_data_penalty`
+    with that element, divided by the number of output entries per example."""
+    return F.mse_loss(model(rotate_fields(x, k, SMOKE_IN_VECTORS)), rotate_fields(fx, k, SMOKE_OUT_VECTORS))
+
+
 def _smoke_step_fn(model: C4SmokeNet, regime: str, lam: float, lr: float, generator: torch.Generator):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     penalty = eqnn.ProjectionPenalty(model, lam) if regime == "projection" else None
@@ -553,8 +561,7 @@ def _smoke_step_fn(model: C4SmokeNet, regime: str, lam: float, lr: float, genera
             loss = loss + penalty()
         elif regime in ("data_time", "data_steps"):
             k = int(torch.randint(1, 4, (1,), generator=generator))
-            loss = loss + lam * F.mse_loss(model(rotate_fields(x, k, SMOKE_IN_VECTORS)),
-                                           rotate_fields(pred, k, SMOKE_OUT_VECTORS))
+            loss = loss + lam * smoke_data_penalty(model, x, pred, k)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

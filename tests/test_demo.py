@@ -107,6 +107,22 @@ def test_c4_net_projected_is_equivariant_and_energy_is_zero():
     assert demo.relative_noneq_energy(net) < 1e-10
 
 
+def test_data_penalty_matches_the_library_baseline():
+    from equiproj.baselines import sampled_data_penalty
+
+    torch.manual_seed(2)
+    net = C4SmokeNet(hidden_fields=1, layers=2, kernel=3)
+    x = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(6))
+    G = Cyclic(4)
+    rin, rout = G.trivial() + G.trivial() + G.standard() + G.standard(), G.trivial() + G.standard()
+    fx = net(x)
+    for k in (1, 2, 3):
+        ours = demo.smoke_data_penalty(net, x, fx, k)
+        lib = sampled_data_penalty(net, x, G, act_in=lambda g, t: grid.act(t, g, rin),
+                                   act_out=lambda g, t: grid.act(t, g, rout), fx=fx, elements=c4_matrix(k)[None])
+        assert torch.allclose(ours * fx[0].numel(), lib, rtol=1e-5)
+
+
 def test_smoke_solver_symmetry_is_broken_only_by_the_wind():
     gen = torch.Generator().manual_seed(0)
     p = SmokeParams(grid=16, wind=0.0)
