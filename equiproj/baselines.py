@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable
@@ -61,53 +62,11 @@ _CHUNK_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------------------
-# Structured action of a Rep on one tensor axis
+# Helpers
 # ---------------------------------------------------------------------------------------
 def _field_matrices(rep: Rep, g: torch.Tensor, dtype, device) -> list[torch.Tensor]:
     """``[K, d_f, d_f]`` per segment of ``rep`` (the small field matrices), in ``dtype`` on ``device``."""
     return [f.matrix(g).to(device=device, dtype=dtype) for _, f in rep.segments]
-
-
-def _apply(X: torch.Tensor, rep: Rep, mats: list[torch.Tensor], axis: int, transpose: bool, batched: bool) -> torch.Tensor:
-    """``rho(g_k)`` (or its transpose) applied to axis ``axis`` of ``X``, for each of the ``K`` samples.
-
-    ``Y[k]_axis[a] = sum_b rho(g_k)[a, b] X_axis[b]``, computed field by field (cost
-    ``O(numel * d_field)``, never a dense ``dim x dim`` matrix unless the rep is one dense field).
-    ``batched=False``: ``X`` has no sample axis and the result gains a leading ``[K]`` axis;
-    ``batched=True``: ``X`` already has it (``X[k]`` is acted on by ``g_k``). ``axis`` is negative
-    (counted from the end), so it names the same axis either way.
-    """
-    if axis >= 0:
-        raise ValueError("axis must be negative")
-    post = math.prod(X.shape[X.dim() + axis + 1 :])
-    if post < 32 and axis != -1:  # few trailing elements: act on a contiguous last axis instead
-        return _apply(X.movedim(axis, -1), rep, mats, -1, transpose, batched).movedim(-1, axis)
-    K = mats[0].shape[0] if mats else 1
-    lead = X.shape[1 : X.dim() + axis] if batched else X.shape[: X.dim() + axis]
-    pre = math.prod(lead)
-    # X as [S, pre, dim, post] (S = K if batched else 1)
-    Xv = X.reshape((K if batched else 1, pre, X.shape[axis], post))
-    if rep.perm is not None:  # structured coordinate i holds user coordinate perm[i]
-        Xv = Xv.index_select(2, rep.perm.to(X.device))
-    parts, o = [], 0
-    for (c, f), F in zip(rep.segments, mats):
-        d = f.dim
-        blk = Xv[:, :, o : o + c * d].reshape(Xv.shape[0], pre, c, d, post)
-        Ft = F if transpose else F.transpose(-1, -2)  # Ft[b, a] multiplies X[b] into Y[a]
-        if post == 1:
-            if batched:
-                y = (blk.reshape(K, pre * c, d) @ Ft).reshape(K, pre, c, d)
-            else:  # one GEMM for all samples: [pre c, d] @ [d, K d]
-                y = (blk.reshape(pre * c, d) @ Ft.permute(1, 0, 2).reshape(d, K * d)).reshape(pre, c, K, d).permute(2, 0, 1, 3)
-            parts.append(y.reshape(K, pre, c * d, 1))
-        else:  # Y[k, p, c, :, q] = F[k] @ X[p, c, :, q]
-            y = Ft.transpose(-1, -2).reshape(K, 1, 1, d, d) @ blk
-            parts.append(y.reshape(K, pre, c * d, post))
-        o += c * d
-    Y = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
-    if rep.perm is not None:
-        Y = Y.index_select(2, rep._inverse_perm.to(Y.device))
-    return Y.reshape((K,) + tuple(lead) + (X.shape[axis],) + tuple(X.shape[X.dim() + axis + 1 :]))
 
 
 def _check_rep_pair(rep_in, rep_out):
@@ -161,13 +120,39 @@ def orbit_defects(W: torch.Tensor, rep_in: Rep, rep_out: Rep, elements: torch.Te
                          f"got {tuple(W.shape)}")
     g = _elements(rep_in.group, None, elements, None)
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
-    Wc = W.to(dt)
-    out = []
-    for s in _chunks(len(g), 4 * Wc.numel() * Wc.element_size()):
-        left = _apply(Wc, rep_out, _field_matrices(rep_out, g[s], dt, W.device), -2, False, False)
-        right = _apply(Wc, rep_in, _field_matrices(rep_in, g[s], dt, W.device), -1, True, False)
-        out.append((left - right).square().sum((-2, -1)))
-    return torch.cat(out)
+    X = W.to(dt)
+    if rep_out.perm is not None:  # to the structured layout: segments of field copies on both sides
+        X = X.index_select(-2, rep_out.perm.to(X.device))
+    if rep_in.perm is not None:
+        X = X.index_select(-1, rep_in.perm.to(X.device))
+    batch = X.shape[:-2]
+    X = X.reshape((math.prod(batch),) + X.shape[-2:])
+    out = [_tile_defects(X, rep_in, rep_out, g[s]) for s in _chunks(len(g), 4 * X.numel() * X.element_size())]
+    return torch.cat(out).reshape((len(g),) + batch)
+
+
+def _tile_defects(X: torch.Tensor, rep_in: Rep, rep_out: Rep, g: torch.Tensor) -> torch.Tensor:
+    """``[K, B]`` defects of ``X [B, m, n]`` (structured layout), tile by tile (output segment x input
+    segment): ``D[k] = F_out(g_k) T - T F_in(g_k)`` on the ``d_out x d_in`` field tiles ``T``, two GEMMs
+    per tile for all K samples, no dense ``dim x dim`` matrix, no concatenation."""
+    B, K = X.shape[0], len(g)
+    Fo = _field_matrices(rep_out, g, X.dtype, X.device)
+    Fi = _field_matrices(rep_in, g, X.dtype, X.device)
+    total = X.new_zeros(K, B)
+    oo = 0
+    for (co, fo), A in zip(rep_out.segments, Fo):
+        do, oi = fo.dim, 0
+        for (ci, fi), C in zip(rep_in.segments, Fi):
+            di = fi.dim
+            T = X[:, oo : oo + co * do, oi : oi + ci * di].reshape(B, co, do, ci, di)
+            # L[k, a, (b, u, v, c)] = sum_z A[k, a, z] T[b, u, z, v, c]
+            L = (A.reshape(K * do, do) @ T.permute(2, 0, 1, 3, 4).reshape(do, -1)).reshape(K, do, B, co, ci, di)
+            # R[(b, u, a, v), (k, c)] = sum_z T[b, u, a, v, z] C[k, z, c]
+            R = (T.reshape(-1, di) @ C.permute(1, 0, 2).reshape(di, K * di)).reshape(B, co, do, ci, K, di)
+            total = total + (L - R.permute(4, 2, 0, 1, 3, 5)).square().sum((1, 3, 4, 5))
+            oi += ci * di
+        oo += co * do
+    return total
 
 
 def sampled_operator_penalty(W: torch.Tensor, rep_in: Rep, rep_out: Rep, num_samples: int = 16, *,
@@ -194,56 +179,53 @@ def conv_orbit_defects(weight: torch.Tensor, rep_in: Rep, rep_out: Rep, elements
     * ``kernel_space=None``: the exact grid action (math.md §5), ``(g·K)(x) = rho_out(g) K(g^-1 x)
       rho_in(g)^T``, with the grid convention of :mod:`equiproj.grid`; the group must map the
       kernel grid onto itself (C4/D4 on square kernels, O/O_h on cubic kernels). The defect is
-      ``||g·K - K||^2``, whose Haar average is ``2 E_perp`` of the grid case.
+      ``||g·K - K||^2``, whose Haar average is ``2 E_perp`` of the grid case. (Computed as the
+      linear case: the kernel flattened to ``[c_out, c_in * k^s]`` with input rep
+      ``rep_in @ grid.kernel_rep(G, k)``.)
     * ``kernel_space=space`` (a :class:`equiproj.steerable.SteerableKernelSpace`): G acts on
-      the kernel's coefficients ``A = K B`` (``B = space.basis``); the part of K outside the space
+      the kernel's coefficients ``A = space.coefficients(K)``; the part of K outside the space
       is non-equivariant and enters exactly: the defect is
-      ``||rho_out(g) A - A (rho_in ⊗ sigma)(g)||^2 + 2 ||K - A B^T||^2``, whose Haar average is
-      ``2 E_perp`` as defined by the kernel space.
+      ``||rho_out(g) A - A rho_coef(g)||^2 + 2 ||K - space.kernel(A)||^2`` (``rho_coef =
+      space.coefficient_rep(rep_in)``), whose Haar average is ``2 E_perp`` as the kernel space
+      defines it.
     """
     _float(weight, "weight")
     _check_rep_pair(rep_in, rep_out)
     G = rep_in.group
     g = _elements(G, None, elements, None)
-    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     if kernel_space is None:
         from .grid import kernel_rep
 
         s = G.ambient_dim
         if weight.dim() < 2 + s:
             raise ValueError(f"weight must have shape [..., c_out, c_in, {', '.join(['k'] * s)}], got {tuple(weight.shape)}")
+        _check_channels(weight, s, rep_in, rep_out)
         shape = tuple(weight.shape[-s:])
-        pix = kernel_rep(G, shape)  # ValueError when the group has no exact action on this grid
-        K = weight.to(dt).flatten(-s)  # [..., c_out, c_in, P]
-        extra = None
-    else:
-        for attr in ("basis", "rep", "spatial_dims"):
-            if not hasattr(kernel_space, attr):
-                raise TypeError(f"kernel_space must be a steerable kernel space (with .{attr}), got {type(kernel_space).__name__}")
-        if kernel_space.rep.group != G:
-            raise ValueError(f"kernel_space is for {kernel_space.rep.group} but the reps act by {G}")
-        s = kernel_space.spatial_dims
-        if weight.dim() < 2 + s:
-            raise ValueError(f"weight must have shape [..., c_out, c_in, {', '.join(['k'] * s)}], got {tuple(weight.shape)}")
-        B = kernel_space.basis.to(device=weight.device, dtype=dt)
-        Kfull = weight.to(dt).flatten(-s)
-        if Kfull.shape[-1] != B.shape[0]:
-            raise ValueError(f"kernel has {Kfull.shape[-1]} pixels but the kernel space lives on {B.shape[0]}")
-        K = Kfull @ B  # coefficients [..., c_out, c_in, D]
-        extra = 2 * (Kfull - K @ B.T).square().sum((-3, -2, -1))
-        pix = kernel_space.rep
-    if tuple(K.shape[-3:-1]) != (rep_out.dim, rep_in.dim):
+        rin = _grid_input_rep(rep_in, kernel_rep(G, shape))  # ValueError when G does not act on this grid
+        return orbit_defects(weight.flatten(-s - 1), rin, rep_out, g)
+    for attr in ("coefficients", "coefficient_rep", "kernel", "spatial_dims", "group"):
+        if not hasattr(kernel_space, attr):
+            raise TypeError(f"kernel_space must be a steerable kernel space (with .{attr}), got {type(kernel_space).__name__}")
+    if kernel_space.group != G:
+        raise ValueError(f"kernel_space is for {kernel_space.group} but the reps act by {G}")
+    s = kernel_space.spatial_dims
+    if weight.dim() < 2 + s:
+        raise ValueError(f"weight must have shape [..., c_out, c_in, {', '.join(['k'] * s)}], got {tuple(weight.shape)}")
+    _check_channels(weight, s, rep_in, rep_out)
+    A = kernel_space.coefficients(weight, rep_in, rep_out)  # [..., c_out, c_in * D], compute dtype
+    outside = (weight.to(A.dtype) - kernel_space.kernel(A, rep_in)).square().flatten(-2 - s).sum(-1)
+    return orbit_defects(A, kernel_space.coefficient_rep(rep_in), rep_out, g) + 2 * outside
+
+
+def _check_channels(weight, s, rep_in, rep_out):
+    if tuple(weight.shape[-2 - s : -s]) != (rep_out.dim, rep_in.dim):
         raise ValueError(f"weight must have c_out = rep_out.dim = {rep_out.dim} and c_in = rep_in.dim = {rep_in.dim}, "
                          f"got {tuple(weight.shape)}")
-    out = []
-    for sl in _chunks(len(g), 5 * K.numel() * K.element_size()):
-        gs = g[sl]
-        left = _apply(K, rep_out, _field_matrices(rep_out, gs, dt, K.device), -3, False, False)
-        right = _apply(K, rep_in, _field_matrices(rep_in, gs, dt, K.device), -2, True, False)
-        right = _apply(right, pix, _field_matrices(pix, gs, dt, K.device), -1, True, True)
-        out.append((left - right).square().sum((-3, -2, -1)))
-    d = torch.cat(out)
-    return d if extra is None else d + extra
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_input_rep(rep_in: Rep, pixel_rep: Rep) -> Rep:
+    return rep_in @ pixel_rep
 
 
 def sampled_conv_penalty(weight: torch.Tensor, rep_in: Rep, rep_out: Rep, num_samples: int = 16, *,

@@ -66,6 +66,7 @@ class Settings:
     warmup: int = 2
     draws: int = 1024  # draws of the orbit defect for the variance (fewer if a draw is slow)
     draws_budget_s: float = 6.0  # cap on the time spent drawing
+    min_draws: int = 16
     confirm_repeats: int = 20  # repeated K-sample estimates confirming K (0: never)
     confirm_budget_s: float = 4.0
     sampled_budget_s: float = 4.0  # time at K is measured directly if one estimate fits this
@@ -80,7 +81,7 @@ class Settings:
     @classmethod
     def for_mode(cls, mode: str, **kw) -> "Settings":
         if mode == "quick":
-            base = dict(budget_s=0.3, min_repeats=3, max_repeats=20, warmup=1, draws=256, draws_budget_s=2.0,
+            base = dict(budget_s=0.3, min_repeats=3, max_repeats=20, warmup=1, draws=256, draws_budget_s=2.0, min_draws=8,
                         confirm_repeats=0, sampled_budget_s=1.0, dense_max_bytes=512 * 2**20, compile_layers=(),
                         o3_conv_copies=(2,), overhead_batch=128, verify_groups=False)
         elif mode == "full":
@@ -369,10 +370,10 @@ def measure(fn: Callable[[], object], settings: Settings, device: str = "cpu", m
     """Median, quartiles and count of the wall time of ``fn()`` after ``settings.warmup`` warm-up calls;
     repeats until ``settings.budget_s`` is spent (at least ``min_repeats``, at most ``max_repeats``)."""
     t0 = time.perf_counter()
-    for _ in range(max(1, settings.warmup)):
+    for _ in range(settings.warmup):
         fn()
         _sync(device)
-    per_call = (time.perf_counter() - t0) / max(1, settings.warmup)
+    per_call = (time.perf_counter() - t0) / settings.warmup if settings.warmup else 0.0
     lo = settings.min_repeats if min_repeats is None else min_repeats
     if per_call > settings.budget_s:
         lo = min(lo, 3)
@@ -558,7 +559,7 @@ def _time_sampled(layer, W, base, settings: Settings, gen: torch.Generator) -> l
     draws = [layer.defects(Wd, G.sample(8, generator=gen))]
     _sync(dev)
     per_draw = (time.perf_counter() - t0) / 8
-    n = int(min(settings.draws, max(16, settings.draws_budget_s / max(per_draw, 1e-9))))
+    n = int(min(settings.draws, max(settings.min_draws, settings.draws_budget_s / max(per_draw, 1e-9))))
     done = 8
     t0 = time.perf_counter()
     while done < n:
@@ -578,7 +579,7 @@ def _time_sampled(layer, W, base, settings: Settings, gen: torch.Generator) -> l
     if layer.kind == "conv":
         note.append("in-band kernel")
     one_block = None
-    if layer.kind == "linear" and settings.mode != "quick":
+    if layer.kind == "linear" and settings.mode != "quick" and settings.draws_budget_s / per_draw >= 64:
         Wb = layer.one_block(Wd)
         exact_b = float(2 * layer.energies(Wb.double(), "torch")[0])
         if exact_b > 0:
@@ -603,9 +604,9 @@ def _time_sampled(layer, W, base, settings: Settings, gen: torch.Generator) -> l
     else:  # time two chunk sizes and extrapolate linearly (fixed cost + per-sample cost)
         k2 = max(2, min(K, int(settings.sampled_budget_s / (3 * per_draw))))
         k1 = max(1, k2 // 2)
-        quick = Settings(**{**settings.__dict__, "warmup": 1})
+        quick = Settings(**{**settings.__dict__, "warmup": 1, "budget_s": 0.0})
         s1 = measure(lambda: step(k1), quick, dev, min_repeats=2)
-        s2 = measure(lambda: step(k2), quick, dev, min_repeats=2)
+        s2 = measure(lambda: step(k2), Settings(**{**quick.__dict__, "warmup": 0}), dev, min_repeats=2)
         slope = max((s2["median_s"] - s1["median_s"]) / (k2 - k1), 0.5 * s2["median_s"] / k2)
         scale = (s2["median_s"] + slope * (K - k2)) / s2["median_s"]
         st = {key: v * scale for key, v in s2.items() if key.endswith("_s")}
