@@ -87,7 +87,7 @@ class Settings:
         elif mode == "full":
             base = dict(budget_s=3.0, min_repeats=7, max_repeats=100, warmup=3, draws=4096, draws_budget_s=60.0,
                         confirm_repeats=100, confirm_budget_s=60.0, sampled_budget_s=30.0,
-                        dense_max_bytes=8 * 2**30, compile_layers=("mlp", "c8conv", "o3conv"),
+                        dense_max_bytes=3 * 2**30, compile_layers=("mlp", "c8conv", "o3conv"),
                         o3_conv_copies=(2, 4, 8))
         elif mode == "default":
             base = {}
@@ -185,6 +185,25 @@ class LinearLayer:
             oo += co * fo.dim
 
 
+class _forced_backend:
+    """Context: ``$EQUIPROJ_BACKEND = backend`` (restored on exit)."""
+
+    VAR = "EQUIPROJ_BACKEND"
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __enter__(self):
+        self.old = os.environ.get(self.VAR)
+        os.environ[self.VAR] = self.backend
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.VAR, None)
+        else:
+            os.environ[self.VAR] = self.old
+
+
 class SteerableConvLayer:
     """A conv kernel ``[c_out, c_in, k, ..., k]`` in a band-limited steerable kernel space (issue 6)."""
 
@@ -222,11 +241,10 @@ class SteerableConvLayer:
         return K, A, outside
 
     def energies(self, W: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel-space energies (as ``SteerableKernelSpace.energies``) with the coefficient energies
-        computed by ``backend``."""
-        K, A, outside = self._parts(W)
-        e_perp, e_g = energies(A, self.crep, self.rep_out, backend=backend)
-        return e_perp + outside.to(e_perp.dtype), e_g
+        """``SteerableKernelSpace.energies`` (what a user calls), its coefficient energies run by
+        ``backend`` (forced through ``$EQUIPROJ_BACKEND``, which ``backend="auto"`` reads per call)."""
+        with _forced_backend(backend):
+            return self.space.energies(W, self.rep_in, self.rep_out)
 
     def reference(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K, A, outside = self._parts(W.detach().cpu().double())
