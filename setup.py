@@ -19,7 +19,11 @@ if sources and os.environ.get("EQUIPROJ_NO_EXT") != "1":
             CppExtension(
                 "equiproj._C",
                 sources,
-                extra_compile_args=["-O3", "-g0", "-fopenmp", "-std=c++17"],
+                depends=sorted(glob.glob("csrc/*.h")),
+                # -ffp-contract=off: multiply-adds are fused only where the kernels say so (V4 fmadd),
+                # so a result never depends on how the compiler versioned a loop; -fopenmp:
+                # at::parallel_for's OpenMP region in the extension (serial without it)
+                extra_compile_args=["-O3", "-g0", "-fopenmp", "-std=c++20", "-ffp-contract=off"],
                 extra_link_args=["-fopenmp"],
             )
         ]

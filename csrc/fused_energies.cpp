@@ -1,0 +1,414 @@
+// CPU kernel of the fused penalty op: E_perp, E_G (and on request the gradient) of many
+// weights in one pass over each, executing the packed field-pair plan (equiproj/plan.py).
+//
+//   W_struct[i, j] = W[perm_out[i], perm_in[j]]; per field pair and tile (u, v):
+//   T = W_struct[out_offset + u d_out : +d_out, in_offset + v d_in : +d_in]
+//   coef_k = <A_k, T>,  R = T - sum_k coef_k A_k,  E_perp += ||R||^2,  E_G += sum_k coef_k^2
+//   grad = 2 c_perp R + 2 c_g (T - R)   (user coordinates, W's dtype)
+//
+// Work item = one row block (one copy of one output field of one matrix): its d_out rows are
+// processed against every input field, so reads and writes stream along rows. Items run in
+// parallel (at::parallel_for); each writes its own partial sums, which are then added in item
+// order: the result does not depend on the thread count and uses no atomics.
+// Tiles are computed in float64 whatever the weight dtype (exact residual form, so nearly
+// equivariant fp32 weights keep their digits); the energies are returned in float32 for
+// fp16/bf16/fp32 weights and float64 for float64 weights.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "plan_types.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define EQUIPROJ_X86 1
+#include <immintrin.h>
+#endif
+
+namespace equiproj_cpu {
+
+static_assert(kMaxSmall == 5, "tile_kernels.h dispatches 1..5");
+
+namespace base {
+#include "simd4.h"
+#include "tile_kernels.h"
+}  // namespace base
+
+#ifdef EQUIPROJ_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define EQUIPROJ_AVX2 1
+namespace avx2 {
+#include "simd4.h"
+#include "tile_kernels.h"
+}  // namespace avx2
+#undef EQUIPROJ_AVX2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+using at::Tensor;
+constexpr int64_t kMetaCols = 8;
+
+struct Kernels {
+  void (*f32)(const Pair&, int64_t, const float* const*, float* const*, acc_t, acc_t, acc_t*, acc_t*, acc_t&, acc_t&);
+  void (*f64)(const Pair&, int64_t, const double* const*, double* const*, acc_t, acc_t, acc_t*, acc_t*, acc_t&,
+              acc_t&);
+  const char* isa;
+};
+
+Kernels select_kernels() {
+#ifdef EQUIPROJ_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return {&avx2::run_pair_float, &avx2::run_pair_double, "avx2"};
+#endif
+  return {&base::run_pair_float, &base::run_pair_double, "baseline"};
+}
+
+const Kernels& kernels() {
+  static const Kernels k = select_kernels();
+  return k;
+}
+
+template <typename X>
+inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, Scratch& s,
+                     acc_t& ep, acc_t& eg) {
+  if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) {  // kSmall runs generic_pair on the baseline ISA
+    s.coef.resize(std::max<int64_t>(p.ci * p.r, 1));
+    s.row.resize(std::max<int64_t>(p.di, 1));
+  }
+  if constexpr (std::is_same<X, float>::value)
+    kernels().f32(p, dout, x, g, cp2, cg2, s.coef.data(), s.row.data(), ep, eg);
+  else
+    kernels().f64(p, dout, x, g, cp2, cg2, s.coef.data(), s.row.data(), ep, eg);
+}
+
+// ---- one row block of one matrix -------------------------------------------------------------------
+
+// float32/float64 rows without a column permutation or stride are used in place; anything else
+// (half types, permuted or strided columns) is staged through float64 buffers.
+template <typename scalar_t>
+void process_item(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scratch& s, acc_t* part) {
+  constexpr bool kNative = std::is_same<scalar_t, float>::value || std::is_same<scalar_t, double>::value;
+  using X = typename std::conditional<kNative, scalar_t, acc_t>::type;
+  const int64_t d = G.d_out;
+  const scalar_t* base = static_cast<const scalar_t*>(L.data) + L.batch_off[b];
+  scalar_t* gbase = L.grad ? static_cast<scalar_t*>(L.grad) + b * L.m * L.n : nullptr;
+  const bool want_grad = gbase != nullptr;
+  const acc_t cp2 = want_grad ? L.cp2[b] : 0, cg2 = want_grad ? L.cg2[b] : 0;
+  const bool direct = kNative && L.sn == 1 && L.perm_in == nullptr;
+  s.urow.resize(d);
+  for (int64_t a = 0; a < d; ++a) {
+    const int64_t i = G.out_off + u * d + a;
+    s.urow[a] = L.perm_out ? L.perm_out[i] : i;
+  }
+  acc_t ep = 0, eg = 0;
+  if (direct) {
+    std::vector<const X*>& xr = s.rows_in(static_cast<X*>(nullptr));
+    std::vector<X*>& gr = s.rows_out(static_cast<X*>(nullptr));
+    xr.resize(d);
+    gr.resize(d);
+    for (const Pair& p : G.pairs) {
+      for (int64_t a = 0; a < d; ++a) {
+        xr[a] = reinterpret_cast<const X*>(base + s.urow[a] * L.sm + p.in_off);
+        if (want_grad) gr[a] = reinterpret_cast<X*>(gbase + s.urow[a] * L.n + p.in_off);
+      }
+      run_pair<X>(p, d, xr.data(), want_grad ? gr.data() : nullptr, cp2, cg2, s, ep, eg);
+    }
+  } else {
+    std::vector<const acc_t*>& xr = s.rows_in(static_cast<acc_t*>(nullptr));
+    std::vector<acc_t*>& gr = s.rows_out(static_cast<acc_t*>(nullptr));
+    xr.resize(d);
+    gr.resize(d);
+    for (const Pair& p : G.pairs) {
+      const int64_t span = p.ci * p.di;
+      s.x.resize(d * span);
+      if (want_grad) s.g.resize(d * span);
+      for (int64_t a = 0; a < d; ++a) {
+        const scalar_t* src = base + s.urow[a] * L.sm;
+        acc_t* dst = s.x.data() + a * span;
+        if (L.perm_in) {
+          const int64_t* pi = L.perm_in + p.in_off;
+          for (int64_t j = 0; j < span; ++j) dst[j] = static_cast<acc_t>(src[pi[j] * L.sn]);
+        } else {
+          const scalar_t* sr = src + p.in_off * L.sn;
+          for (int64_t j = 0; j < span; ++j) dst[j] = static_cast<acc_t>(sr[j * L.sn]);
+        }
+        xr[a] = dst;
+        gr[a] = want_grad ? s.g.data() + a * span : nullptr;
+      }
+      run_pair<acc_t>(p, d, xr.data(), want_grad ? gr.data() : nullptr, cp2, cg2, s, ep, eg);
+      if (!want_grad) continue;
+      for (int64_t a = 0; a < d; ++a) {
+        scalar_t* dst = gbase + s.urow[a] * L.n;
+        const acc_t* src = gr[a];
+        if (L.perm_in) {
+          const int64_t* pi = L.perm_in + p.in_off;
+          for (int64_t j = 0; j < span; ++j) dst[pi[j]] = static_cast<scalar_t>(src[j]);
+        } else {
+          scalar_t* dr = dst + p.in_off;
+          for (int64_t j = 0; j < span; ++j) dr[j] = static_cast<scalar_t>(src[j]);
+        }
+      }
+    }
+  }
+  part[0] = ep;
+  part[1] = eg;
+}
+
+// ---- host-side preparation and checks --------------------------------------------------------------
+
+const int64_t* checked_perm(const Tensor& perm, int64_t size, const char* name, int64_t layer,
+                            std::vector<Tensor>& keep) {
+  TORCH_CHECK_TYPE(perm.device().is_cpu() && perm.scalar_type() == at::kLong && perm.dim() == 1, "fused_energies: layer ",
+                   layer, ": ", name, " must be a 1-d CPU int64 tensor, got ", perm.scalar_type(), " ", perm.sizes(),
+                   " on ", perm.device());
+  TORCH_CHECK_VALUE(perm.numel() == size, "fused_energies: layer ", layer, ": ", name, " has ", perm.numel(),
+                    " entries but W has ", size, name[5] == 'o' ? " rows" : " columns");
+  Tensor p = perm.contiguous();
+  keep.push_back(p);
+  const int64_t* d = p.data_ptr<int64_t>();
+  std::vector<char> seen(size, 0);
+  bool identity = true;
+  for (int64_t i = 0; i < size; ++i) {
+    TORCH_CHECK_VALUE(d[i] >= 0 && d[i] < size && !seen[d[i]], "fused_energies: layer ", layer, ": ", name,
+                " is not a permutation of 0..", size - 1);
+    seen[d[i]] = 1;
+    identity = identity && d[i] == i;
+  }
+  return identity ? nullptr : d;
+}
+
+bool is_scaled_identity(const acc_t* A, int64_t d) {
+  const acc_t s = acc_t(1) / std::sqrt(acc_t(d));
+  const acc_t sign = A[0] < 0 ? -1 : 1;
+  for (int64_t a = 0; a < d; ++a)
+    for (int64_t b = 0; b < d; ++b)
+      if (std::abs(A[a * d + b] - (a == b ? sign * s : acc_t(0))) > 1e-12) return false;
+  return true;
+}
+
+void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64_t layer) {
+  TORCH_CHECK_TYPE(meta_in.device().is_cpu() && meta_in.scalar_type() == at::kLong && meta_in.dim() == 2 &&
+                  meta_in.size(1) == kMetaCols,
+              "fused_energies: layer ", layer, ": meta must be a CPU int64 tensor of shape [P, 8], got ",
+              meta_in.scalar_type(), " ", meta_in.sizes(), " on ", meta_in.device());
+  TORCH_CHECK_TYPE(basis_in.device().is_cpu() && basis_in.is_floating_point() && basis_in.dim() == 1,
+              "fused_energies: layer ", layer, ": basis must be a 1-d floating CPU tensor");
+  Tensor meta = meta_in.contiguous();
+  Tensor basis = basis_in.to(at::kDouble).contiguous();
+  L.basis.assign(basis.data_ptr<double>(), basis.data_ptr<double>() + basis.numel());
+  const int64_t P = meta.size(0), nb = basis.numel();
+  const int64_t* M = meta.data_ptr<int64_t>();
+  // group the pairs by output field; each output field's pairs must tile [0, n) and the
+  // output fields must tile [0, m), so that every entry of W (and of the gradient) is visited once
+  std::vector<int64_t> order(P);
+  for (int64_t p = 0; p < P; ++p) order[p] = p;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return M[a * kMetaCols] != M[b * kMetaCols] ? M[a * kMetaCols] < M[b * kMetaCols]
+                                                 : M[a * kMetaCols + 1] < M[b * kMetaCols + 1];
+  });
+  int64_t row_end = 0;
+  for (int64_t q = 0; q < P; ++q) {
+    const int64_t* R = M + order[q] * kMetaCols;
+    const int64_t oo = R[0], io = R[1], co = R[2], ci = R[3], dout = R[4], din = R[5], r = R[6], bo = R[7];
+    TORCH_CHECK_VALUE(co >= 0 && ci >= 0 && dout >= 1 && din >= 1 && r >= 0 && bo >= 0 && bo + r * dout * din <= nb,
+                "fused_energies: layer ", layer, ": malformed plan row ", order[q]);
+    if (L.groups.empty() || L.groups.back().out_off != oo) {
+      TORCH_CHECK_VALUE(oo == row_end, "fused_energies: layer ", layer, ": the plan's output fields do not tile the rows");
+      L.groups.push_back(OutGroup{oo, co, dout, {}});
+      row_end = oo + co * dout;
+    } else {
+      TORCH_CHECK_VALUE(L.groups.back().co == co && L.groups.back().d_out == dout, "fused_energies: layer ", layer,
+                  ": inconsistent output field at offset ", oo);
+    }
+    auto& G = L.groups.back();
+    const int64_t expect_in = G.pairs.empty() ? 0 : G.pairs.back().in_off + G.pairs.back().ci * G.pairs.back().di;
+    TORCH_CHECK_VALUE(io == expect_in, "fused_energies: layer ", layer, ": the plan's field pairs do not tile the columns");
+    const acc_t* A = L.basis.data() + bo;
+    Kind kind = r == 0                                                            ? Kind::kZero
+                : (r == 1 && dout == din && is_scaled_identity(A, dout))          ? Kind::kIdentity
+                : (dout <= kMaxSmall && din <= kMaxSmall)                         ? Kind::kSmall
+                                                                                  : Kind::kGeneric;
+    G.pairs.push_back(Pair{io, ci, din, r, kind, A, nullptr});  // L.basis is not resized after this point
+    if (kind == Kind::kGeneric || kind == Kind::kSmall) {
+      // transposed copy; its offset is stored until basis_t stops growing
+      G.pairs.back().At = reinterpret_cast<const acc_t*>(static_cast<intptr_t>(L.basis_t.size()));
+      for (int64_t a = 0; a < dout; ++a)
+        for (int64_t b = 0; b < din; ++b)
+          for (int64_t k = 0; k < r; ++k) L.basis_t.push_back(A[(k * dout + a) * din + b]);
+    }
+  }
+  TORCH_CHECK_VALUE(row_end == L.m, "fused_energies: layer ", layer, ": the plan covers ", row_end, " rows, W has ", L.m);
+  for (auto& G : L.groups) {
+    const int64_t end = G.pairs.empty() ? 0 : G.pairs.back().in_off + G.pairs.back().ci * G.pairs.back().di;
+    TORCH_CHECK_VALUE(end == L.n, "fused_energies: layer ", layer, ": the plan's field pairs cover ", end,
+                " columns, W has ", L.n);
+    for (auto& p : G.pairs)
+      if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) p.At = L.basis_t.data() + reinterpret_cast<intptr_t>(p.At);
+  }
+  L.group_start.assign(1, 0);
+  for (auto& G : L.groups) L.group_start.push_back(L.group_start.back() + G.co);
+  L.blocks = L.group_start.back();
+}
+
+std::vector<double> coefficients(const Tensor& c, int64_t batch, const char* name, int64_t layer) {
+  TORCH_CHECK_VALUE(c.numel() == batch, "fused_energies: layer ", layer, ": ", name, " has ", c.numel(),
+              " entries, expected one per matrix (", batch, ")");
+  Tensor h = c.detach().to(at::kCPU, at::kDouble).contiguous();
+  std::vector<double> out(h.data_ptr<double>(), h.data_ptr<double>() + batch);
+  for (auto& v : out) v *= 2;
+  return out;
+}
+
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_energies(
+    at::TensorList weights, at::TensorList meta, at::TensorList basis, at::TensorList perm_out,
+    at::TensorList perm_in, at::TensorList c_perp, at::TensorList c_g) {
+  const int64_t nl = weights.size();
+  TORCH_CHECK_VALUE(meta.size() == weights.size() && basis.size() == weights.size() && perm_out.size() == weights.size() &&
+                  perm_in.size() == weights.size(),
+              "fused_energies: got ", nl, " weights but ", meta.size(), " meta, ", basis.size(), " basis, ",
+              perm_out.size(), " perm_out, ", perm_in.size(), " perm_in tensors");
+  const bool want_grad = !c_perp.empty();
+  TORCH_CHECK_VALUE(c_perp.size() == c_g.size() && (!want_grad || (int64_t)c_perp.size() == nl),
+              "fused_energies: c_perp and c_g must both be empty or both have one tensor per weight");
+  std::vector<Layer> layers(nl);
+  std::vector<Tensor> keep, e_perp, e_g, grads;
+  for (int64_t i = 0; i < nl; ++i) {
+    const Tensor& W = weights[i];
+    Layer& L = layers[i];
+    const auto st = W.scalar_type();
+    TORCH_CHECK_VALUE(W.device().is_cpu(), "fused_energies: layer ", i, ": W must be a CPU tensor, got ", W.device());
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                "fused_energies: layer ", i, ": W must be float16, bfloat16, float32 or float64, got ", st);
+    TORCH_CHECK_VALUE(W.dim() >= 2, "fused_energies: layer ", i, ": W must have shape [..., m, n], got ", W.sizes());
+    L.m = W.size(-2);
+    L.n = W.size(-1);
+    L.sm = W.stride(-2);
+    L.sn = W.stride(-1);
+    L.batch = 1;
+    for (int64_t k = 0; k + 2 < W.dim(); ++k) L.batch *= W.size(k);
+    L.data = W.data_ptr();
+    L.batch_off.resize(L.batch);
+    // element offsets of the matrices, leading dims in row-major order
+    for (int64_t b = 0; b < L.batch; ++b) {
+      int64_t rem = b, off = 0;
+      for (int64_t k = W.dim() - 3; k >= 0; --k) {
+        off += (rem % W.size(k)) * W.stride(k);
+        rem /= W.size(k);
+      }
+      L.batch_off[b] = off;
+    }
+    L.perm_out = checked_perm(perm_out[i], L.m, "perm_out", i, keep);
+    L.perm_in = checked_perm(perm_in[i], L.n, "perm_in", i, keep);
+    build_groups(L, meta[i], basis[i], i);
+    auto batch_shape = W.sizes().slice(0, W.dim() - 2);
+    const auto acc_type = st == at::kDouble ? at::kDouble : at::kFloat;
+    e_perp.push_back(at::empty(batch_shape, W.options().dtype(acc_type)));
+    e_g.push_back(at::empty(batch_shape, W.options().dtype(acc_type)));
+    if (want_grad) {
+      L.cp2 = coefficients(c_perp[i], L.batch, "c_perp", i);
+      L.cg2 = coefficients(c_g[i], L.batch, "c_g", i);
+      grads.push_back(at::empty(W.sizes(), W.options().memory_format(at::MemoryFormat::Contiguous)));
+      L.grad = grads.back().data_ptr();
+    }
+    switch (st) {
+      case at::kFloat: L.fn = &process_item<float>; break;
+      case at::kDouble: L.fn = &process_item<double>; break;
+      case at::kHalf: L.fn = &process_item<c10::Half>; break;
+      default: L.fn = &process_item<c10::BFloat16>; break;
+    }
+  }
+  // items: (layer, matrix, row block), layer-major
+  std::vector<int64_t> layer_start(nl + 1, 0);
+  int64_t work = 0;
+  for (int64_t i = 0; i < nl; ++i) {
+    layer_start[i + 1] = layer_start[i] + layers[i].batch * layers[i].blocks;
+    work += layers[i].batch * layers[i].m * layers[i].n;
+  }
+  const int64_t items = layer_start[nl];
+  std::vector<acc_t> part(2 * items, 0);
+  if (items > 0) {
+    const int64_t per_item = std::max<int64_t>(1, work / items);
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / per_item);
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+      Scratch s;
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t i = std::upper_bound(layer_start.begin(), layer_start.end(), it) - layer_start.begin() - 1;
+        const Layer& L = layers[i];
+        const int64_t local = it - layer_start[i];
+        const int64_t b = local / L.blocks, blk = local % L.blocks;
+        const int64_t g = std::upper_bound(L.group_start.begin(), L.group_start.end(), blk) - L.group_start.begin() - 1;
+        L.fn(L, b, L.groups[g], blk - L.group_start[g], s, part.data() + 2 * it);
+      }
+    });
+  }
+  for (int64_t i = 0; i < nl; ++i) {
+    const Layer& L = layers[i];
+    Tensor ep = e_perp[i], eg = e_g[i];
+    for (int64_t b = 0; b < L.batch; ++b) {
+      acc_t sp = 0, sg = 0;
+      const acc_t* pp = part.data() + 2 * (layer_start[i] + b * L.blocks);
+      for (int64_t k = 0; k < L.blocks; ++k) {
+        sp += pp[2 * k];
+        sg += pp[2 * k + 1];
+      }
+      if (ep.scalar_type() == at::kDouble) {
+        ep.data_ptr<double>()[b] = sp;
+        eg.data_ptr<double>()[b] = sg;
+      } else {
+        ep.data_ptr<float>()[b] = static_cast<float>(sp);
+        eg.data_ptr<float>()[b] = static_cast<float>(sg);
+      }
+    }
+  }
+  return {e_perp, e_g, grads};
+}
+
+int64_t num_threads() { return at::get_num_threads(); }
+
+// How many threads at::parallel_for actually uses in this extension: the distinct thread ids seen
+// over `items` busy single-item chunks. 1 when the extension is built without OpenMP (the
+// parallel_for template then runs serially, silently).
+int64_t parallel_threads(int64_t items) {
+  std::vector<int64_t> tid(std::max<int64_t>(items, 1), -1);
+  at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      volatile double x = 0;
+      for (int k = 0; k < 200000; ++k) x = x + 1.0;  // keep each chunk busy long enough to spread
+      tid[i] = at::get_thread_num();
+    }
+  });
+  std::sort(tid.begin(), tid.end());
+  return std::unique(tid.begin(), tid.end()) - tid.begin();
+}
+
+std::string isa() { return kernels().isa; }
+
+}  // namespace
+
+TORCH_LIBRARY(equiproj_cpu, m) {
+  m.def(
+      "fused_energies(Tensor[] weights, Tensor[] meta, Tensor[] basis, Tensor[] perm_out, Tensor[] perm_in, "
+      "Tensor[] c_perp, Tensor[] c_g) -> (Tensor[], Tensor[], Tensor[])");
+  m.def("num_threads() -> int", &num_threads);
+  m.def("isa() -> str", &isa);
+  m.def("parallel_threads(int items) -> int", &parallel_threads);
+}
+
+TORCH_LIBRARY_IMPL(equiproj_cpu, CPU, m) { m.impl("fused_energies", &fused_energies); }
+
+}  // namespace equiproj_cpu

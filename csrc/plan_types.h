@@ -1,0 +1,66 @@
+// Host-side form of a packed plan (equiproj/plan.py, PackedPlan) and per-thread scratch, shared
+// by the host code (fused_energies.cpp) and the tile kernels (tile_kernels.h).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace equiproj_cpu {
+
+using acc_t = double;  // tile arithmetic and partial sums, whatever the weight dtype
+
+enum class Kind {
+  kZero,      // r = 0: the whole tile is non-equivariant (sum of squares)
+  kIdentity,  // r = 1, A = +-I/sqrt(d): coef^2 = tr^2/d, R = T - (tr/d) I
+  kSmall,     // any basis, d_out, d_in <= kMaxSmall (compile-time tile shape for square 2..5)
+  kGeneric,   // any basis, runtime tile shape
+};
+
+constexpr int kMaxSmall = 5;
+
+struct Pair {
+  int64_t in_off, ci, di, r;
+  Kind kind;
+  const acc_t* A;   // [r, d_out, d_in]
+  const acc_t* At;  // [d_out, d_in, r] (kGeneric and kSmall)
+};
+
+// All pairs of one output field, in column order; they tile [0, n).
+struct OutGroup {
+  int64_t out_off, co, d_out;
+  std::vector<Pair> pairs;
+};
+
+struct Scratch {
+  std::vector<acc_t> x, g, coef, row;  // float64 staging rows; generic-kernel temporaries
+  std::vector<int64_t> urow;           // user row of each row of the block
+  std::vector<const float*> xf;
+  std::vector<float*> gf;
+  std::vector<const double*> xd;
+  std::vector<double*> gd;
+  std::vector<const float*>& rows_in(float*) { return xf; }
+  std::vector<const double*>& rows_in(double*) { return xd; }
+  std::vector<float*>& rows_out(float*) { return gf; }
+  std::vector<double*>& rows_out(double*) { return gd; }
+};
+
+struct Layer;
+// Processes row block u of output group G of matrix b; writes (E_perp, E_G) partials to part.
+using ItemFn = void (*)(const Layer&, int64_t b, const OutGroup& G, int64_t u, Scratch&, acc_t* part);
+
+struct Layer {
+  const void* data = nullptr;
+  void* grad = nullptr;               // contiguous [batch, m, n] or null
+  int64_t m = 0, n = 0, sm = 0, sn = 0, batch = 0;
+  std::vector<int64_t> batch_off;     // element offset of each matrix in data
+  const int64_t* perm_out = nullptr;  // null: identity
+  const int64_t* perm_in = nullptr;
+  std::vector<acc_t> basis, basis_t;
+  std::vector<OutGroup> groups;
+  std::vector<int64_t> group_start;   // prefix sums of copies over groups
+  int64_t blocks = 0;                 // row blocks per matrix
+  std::vector<acc_t> cp2, cg2;        // 2 c_perp, 2 c_g per matrix (empty: no gradient)
+  ItemFn fn = nullptr;
+};
+
+}  // namespace equiproj_cpu

@@ -1,0 +1,341 @@
+// Tile kernels: one field pair against one row block. Included twice by fused_energies.cpp, once
+// for the baseline ISA and once under `#pragma GCC target("avx2,fma")` (chosen at run time), after
+// simd4.h; so this file has no include guard, includes nothing and instantiates no standard-library
+// function templates (an instantiation made under the pragma could be shared with baseline code).
+//
+// x[a] (a < d_out): row a of the row block from the pair's first column, ci*di entries of type X
+// (float or double: weight rows read in place, or float64 staging rows); g[a]: the gradient rows
+// (g == nullptr: no gradient). Arithmetic in float64. Every reduction has a fixed order, with
+// several independent accumulators so that it is not bound by the add latency.
+
+// One tile at column offset o (runtime shape, any basis): used for the tiles left over by the
+// four-tile vector loops.
+template <typename X>
+inline void tile_scalar(const X* const* x, X* const* g, int64_t o, int64_t dout, int64_t di, int64_t r,
+                        const acc_t* A, acc_t cp2, acc_t cg2, acc_t& sp, acc_t& sg) {
+  acc_t coef[64];  // r <= 64 on this path (callers have d_out, d_in <= 5: r <= 25)
+  for (int64_t k = 0; k < r; ++k) {
+    acc_t c = 0;
+    for (int64_t a = 0; a < dout; ++a)
+      for (int64_t b = 0; b < di; ++b) c += A[(k * dout + a) * di + b] * acc_t(x[a][o + b]);
+    coef[k] = c;
+    sg += c * c;
+  }
+  for (int64_t a = 0; a < dout; ++a)
+    for (int64_t b = 0; b < di; ++b) {
+      const acc_t t = x[a][o + b];
+      acc_t rv = t;
+      for (int64_t k = 0; k < r; ++k) rv -= coef[k] * A[(k * dout + a) * di + b];
+      sp += rv * rv;
+      if (g) g[a][o + b] = static_cast<X>(cg2 * t + (cp2 - cg2) * rv);
+    }
+}
+
+// ---- r = 0: sum of squares ------------------------------------------------------------------------
+
+template <typename X>
+inline void zero_rows(const X* const* x, X* const* g, int64_t rows, int64_t span, acc_t scale, acc_t& e) {
+  const V4 sc = splat(scale);
+  for (int64_t a = 0; a < rows; ++a) {
+    const X* xa = x[a];
+    X* ga = g ? g[a] : nullptr;
+    V4 s0 = zero4(), s1 = zero4(), s2 = zero4(), s3 = zero4();
+    int64_t j = 0;
+    if (ga) {
+      for (; j + 16 <= span; j += 16) {
+        const V4 v0 = load4(xa + j), v1 = load4(xa + j + 4), v2 = load4(xa + j + 8), v3 = load4(xa + j + 12);
+        s0 = fmadd(v0, v0, s0);
+        s1 = fmadd(v1, v1, s1);
+        s2 = fmadd(v2, v2, s2);
+        s3 = fmadd(v3, v3, s3);
+        store4(ga + j, v0 * sc);
+        store4(ga + j + 4, v1 * sc);
+        store4(ga + j + 8, v2 * sc);
+        store4(ga + j + 12, v3 * sc);
+      }
+    } else {
+      for (; j + 16 <= span; j += 16) {
+        const V4 v0 = load4(xa + j), v1 = load4(xa + j + 4), v2 = load4(xa + j + 8), v3 = load4(xa + j + 12);
+        s0 = fmadd(v0, v0, s0);
+        s1 = fmadd(v1, v1, s1);
+        s2 = fmadd(v2, v2, s2);
+        s3 = fmadd(v3, v3, s3);
+      }
+    }
+    acc_t tail = 0;
+    for (; j < span; ++j) {
+      const acc_t v = xa[j];
+      tail += v * v;
+      if (ga) ga[j] = static_cast<X>(scale * v);
+    }
+    e += hsum((s0 + s1) + (s2 + s3)) + tail;
+  }
+}
+
+// ---- r = 1, A = +-I/sqrt(D): coef^2 = tr(T)^2 / D, R = T - (tr T / D) I ----------------------------
+
+// Off-diagonal part of row A of the D-row tiles: sum of x[j]^2 over j % D != A as exact masked
+// squares (never a difference of sums), vectorised along the row; with g, g[j] = cp2 x[j] for
+// every j (the diagonal entries are overwritten afterwards).
+template <int D, int A, typename X>
+inline acc_t masked_row(const X* xa, X* ga, int64_t span, acc_t cp2) {
+  V4 mask[D];
+  for (int i = 0; i < D; ++i)
+    mask[i] = make4((4 * i) % D != A, (4 * i + 1) % D != A, (4 * i + 2) % D != A, (4 * i + 3) % D != A);
+  const V4 sc = splat(cp2);
+  V4 s[4] = {zero4(), zero4(), zero4(), zero4()};
+  constexpr int L = 4 * D;  // whole periods of the mask, whole vectors
+  int64_t j = 0;
+  if (ga) {
+    for (; j + L <= span; j += L)
+#pragma GCC unroll 8
+      for (int i = 0; i < D; ++i) {
+        const V4 v = load4(xa + j + 4 * i), w = v * mask[i];
+        s[i & 3] = fmadd(w, w, s[i & 3]);
+        store4(ga + j + 4 * i, v * sc);
+      }
+  } else {
+    for (; j + L <= span; j += L)
+#pragma GCC unroll 8
+      for (int i = 0; i < D; ++i) {
+        const V4 w = load4(xa + j + 4 * i) * mask[i];
+        s[i & 3] = fmadd(w, w, s[i & 3]);
+      }
+  }
+  acc_t tail = 0;
+  for (; j < span; ++j) {  // j % D is the tile column: the loop above advanced by whole periods
+    const acc_t v = xa[j];
+    if (j % D != A) tail += v * v;
+    if (ga) ga[j] = static_cast<X>(cp2 * v);
+  }
+  return hsum((s[0] + s[1]) + (s[2] + s[3])) + tail;
+}
+
+template <int D, typename X, int... A>
+inline acc_t masked_rows(const X* const* x, X* const* g, int64_t span, acc_t cp2, std::integer_sequence<int, A...>) {
+  return (acc_t(0) + ... + masked_row<D, A, X>(x[A], g ? g[A] : nullptr, span, cp2));
+}
+
+// Off-diagonal entries row-wise (masked_row), then, four tiles at a time, the traces, the diagonal
+// residuals and their gradient entries cp2 x_aa - (cp2 - cg2) mean.
+template <int D, typename X>
+void identity_pair(const X* const* x, X* const* g, int64_t ci, acc_t cp2, acc_t cg2, acc_t& ep, acc_t& eg) {
+  if (D == 1) {  // 1x1 tiles are entirely equivariant
+    zero_rows<X>(x, g, 1, ci, cg2, eg);
+    return;
+  }
+  const acc_t off = masked_rows<D, X>(x, g, ci * D, cp2, std::make_integer_sequence<int, D>{});
+  const acc_t dc = cp2 - cg2;
+  const V4 inv = splat(acc_t(1) / D), vcp = splat(cp2), vdc = splat(dc);
+  V4 sd[D], sg = zero4();
+  for (int a = 0; a < D; ++a) sd[a] = zero4();
+  int64_t v = 0;
+  for (; v + 4 <= ci; v += 4) {
+    V4 t[D], tr = zero4();
+    for (int a = 0; a < D; ++a) {
+      t[a] = gather4(x[a] + v * D + a, D);
+      tr = tr + t[a];
+    }
+    const V4 mean = tr * inv;
+    sg = fmadd(tr, mean, sg);
+    for (int a = 0; a < D; ++a) {
+      const V4 rv = t[a] - mean;
+      sd[a] = fmadd(rv, rv, sd[a]);
+      if (g) scatter4(g[a] + v * D + a, D, fnmadd(vdc, mean, vcp * t[a]));
+    }
+  }
+  acc_t sp_tail = 0, sg_tail = 0;
+  for (; v < ci; ++v) {
+    const int64_t o = v * D;
+    acc_t t[D], tr = 0;
+    for (int a = 0; a < D; ++a) {
+      t[a] = x[a][o + a];
+      tr += t[a];
+    }
+    const acc_t mean = tr / D;
+    sg_tail += tr * mean;
+    for (int a = 0; a < D; ++a) {
+      sp_tail += (t[a] - mean) * (t[a] - mean);
+      if (g) g[a][o + a] = static_cast<X>(cp2 * t[a] - dc * mean);
+    }
+  }
+  V4 sds = zero4();
+  for (int a = 0; a < D; ++a) sds = sds + sd[a];
+  ep += off + hsum(sds) + sp_tail;
+  eg += hsum(sg) + sg_tail;
+}
+
+// Runtime d (> 5): tile by tile.
+template <typename X>
+void identity_pair_rt(const X* const* x, X* const* g, int64_t d, int64_t ci, acc_t cp2, acc_t cg2, acc_t& ep,
+                      acc_t& eg) {
+  const acc_t dc = cp2 - cg2, inv_d = acc_t(1) / acc_t(d);
+  acc_t sp = 0, sg = 0;
+  for (int64_t v = 0; v < ci; ++v) {
+    const int64_t o = v * d;
+    acc_t tr = 0;
+    for (int64_t a = 0; a < d; ++a) tr += x[a][o + a];
+    const acc_t mean = tr * inv_d;
+    sg += tr * mean;
+    for (int64_t a = 0; a < d; ++a) {
+      const X* xa = x[a] + o;
+      acc_t s = 0;
+      for (int64_t b = 0; b < d; ++b) {
+        const acc_t rv = b == a ? xa[b] - mean : acc_t(xa[b]);
+        s += rv * rv;
+      }
+      sp += s;
+      if (g) {
+        X* ga = g[a] + o;
+        for (int64_t b = 0; b < d; ++b) {
+          const acc_t rv = b == a ? xa[b] - mean : acc_t(xa[b]);
+          ga[b] = static_cast<X>(cg2 * xa[b] + dc * rv);
+        }
+      }
+    }
+  }
+  ep += sp;
+  eg += sg;
+}
+
+// ---- any basis, square D x D tiles, four tiles per vector -----------------------------------------
+
+template <int D, typename X>
+void small_pair(const X* const* x, X* const* g, int64_t ci, int64_t r, const acc_t* A, acc_t cp2, acc_t cg2,
+                acc_t& ep, acc_t& eg) {
+  constexpr int E = D * D;
+  const V4 vcg = splat(cg2), vdc = splat(cp2 - cg2);
+  V4 sp[4] = {zero4(), zero4(), zero4(), zero4()}, sg[2] = {zero4(), zero4()};
+  int64_t v = 0;
+  for (; v + 4 <= ci; v += 4) {
+    V4 t[E], rv[E];
+    for (int a = 0; a < D; ++a)
+      for (int b = 0; b < D; ++b) rv[a * D + b] = t[a * D + b] = gather4(x[a] + v * D + b, D);
+    for (int64_t k = 0; k < r; ++k) {
+      const acc_t* Ak = A + k * E;
+      V4 c0 = splat(Ak[0]) * t[0], c1 = zero4();
+      for (int e = 1; e < E; ++e) {
+        if (e & 1)
+          c1 = fmadd(splat(Ak[e]), t[e], c1);
+        else
+          c0 = fmadd(splat(Ak[e]), t[e], c0);
+      }
+      const V4 c = c0 + c1;
+      sg[k & 1] = fmadd(c, c, sg[k & 1]);
+      for (int e = 0; e < E; ++e) rv[e] = fnmadd(c, splat(Ak[e]), rv[e]);
+    }
+    for (int a = 0; a < D; ++a)
+      for (int b = 0; b < D; ++b) {
+        const int e = a * D + b;
+        sp[e & 3] = fmadd(rv[e], rv[e], sp[e & 3]);
+        if (g) scatter4(g[a] + v * D + b, D, fmadd(vcg, t[e], vdc * rv[e]));
+      }
+  }
+  acc_t sp_tail = 0, sg_tail = 0;
+  for (; v < ci; ++v) tile_scalar<X>(x, g, v * D, D, D, r, A, cp2, cg2, sp_tail, sg_tail);
+  ep += hsum((sp[0] + sp[1]) + (sp[2] + sp[3])) + sp_tail;
+  eg += hsum(sg[0] + sg[1]) + sg_tail;
+}
+
+// ---- any basis, runtime tile shape ----------------------------------------------------------------
+// For the ci tiles of the row block: coef[v, :] = sum_a X_a[v] At_a (vectorised over k), then
+// R_a[v] = X_a[v] - coef[v, :] A[:, a] (vectorised along the tile row). coef: ci*r, row: di scratch.
+
+template <typename X>
+void generic_pair(const X* const* x, X* const* g, int64_t dout, int64_t di, int64_t ci, int64_t r, const acc_t* A,
+                  const acc_t* At, acc_t cp2, acc_t cg2, acc_t* coef, acc_t* rv, acc_t& ep, acc_t& eg) {
+  const acc_t dc = cp2 - cg2;
+  const int64_t r4 = r - r % 4, d4 = di - di % 4;
+  for (int64_t j = 0; j < ci * r; ++j) coef[j] = 0;
+  for (int64_t a = 0; a < dout; ++a)
+    for (int64_t v = 0; v < ci; ++v) {
+      const X* xa = x[a] + v * di;
+      acc_t* cv = coef + v * r;
+      for (int64_t b = 0; b < di; ++b) {
+        const acc_t xb = xa[b];
+        const V4 xv = splat(xb);
+        const acc_t* Atab = At + (a * di + b) * r;
+        for (int64_t k = 0; k < r4; k += 4) store4(cv + k, fmadd(xv, load4(Atab + k), load4(cv + k)));
+        for (int64_t k = r4; k < r; ++k) cv[k] += xb * Atab[k];
+      }
+    }
+  V4 sg4 = zero4(), sp4 = zero4();
+  acc_t sg = 0, sp = 0;
+  for (int64_t j = 0; j + 4 <= ci * r; j += 4) {
+    const V4 c = load4(coef + j);
+    sg4 = fmadd(c, c, sg4);
+  }
+  for (int64_t j = ci * r - (ci * r) % 4; j < ci * r; ++j) sg += coef[j] * coef[j];
+  const V4 vcg = splat(cg2), vdc = splat(dc);
+  for (int64_t a = 0; a < dout; ++a)
+    for (int64_t v = 0; v < ci; ++v) {
+      const X* xa = x[a] + v * di;
+      const acc_t* cv = coef + v * r;
+      for (int64_t b = 0; b < d4; b += 4) store4(rv + b, load4(xa + b));
+      for (int64_t b = d4; b < di; ++b) rv[b] = xa[b];
+      for (int64_t k = 0; k < r; ++k) {
+        const acc_t* Aka = A + (k * dout + a) * di;
+        const acc_t c = cv[k];
+        const V4 cvk = splat(c);
+        for (int64_t b = 0; b < d4; b += 4) store4(rv + b, fnmadd(cvk, load4(Aka + b), load4(rv + b)));
+        for (int64_t b = d4; b < di; ++b) rv[b] -= c * Aka[b];
+      }
+      for (int64_t b = 0; b < d4; b += 4) {
+        const V4 q = load4(rv + b);
+        sp4 = fmadd(q, q, sp4);
+        if (g) store4(g[a] + v * di + b, fmadd(vcg, load4(xa + b), vdc * q));
+      }
+      for (int64_t b = d4; b < di; ++b) {
+        sp += rv[b] * rv[b];
+        if (g) g[a][v * di + b] = static_cast<X>(cg2 * xa[b] + dc * rv[b]);
+      }
+    }
+  ep += hsum(sp4) + sp;
+  eg += hsum(sg4) + sg;
+}
+
+// ---- dispatch -------------------------------------------------------------------------------------
+
+// coef: ci*r scratch, row: di scratch (kSmall and kGeneric).
+template <typename X>
+void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* coef,
+              acc_t* row, acc_t& ep, acc_t& eg) {
+  switch (p.kind) {
+    case Kind::kZero:
+      zero_rows<X>(x, g, dout, p.ci * p.di, cp2, ep);
+      return;
+    case Kind::kIdentity:
+      switch (dout) {
+        case 1: identity_pair<1, X>(x, g, p.ci, cp2, cg2, ep, eg); return;
+        case 2: identity_pair<2, X>(x, g, p.ci, cp2, cg2, ep, eg); return;
+        case 3: identity_pair<3, X>(x, g, p.ci, cp2, cg2, ep, eg); return;
+        case 4: identity_pair<4, X>(x, g, p.ci, cp2, cg2, ep, eg); return;
+        case 5: identity_pair<5, X>(x, g, p.ci, cp2, cg2, ep, eg); return;
+        default: identity_pair_rt<X>(x, g, dout, p.ci, cp2, cg2, ep, eg); return;
+      }
+    case Kind::kSmall:
+#ifdef EQUIPROJ_AVX2
+      if (dout == p.di) switch (dout) {
+          case 2: small_pair<2, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg); return;
+          case 3: small_pair<3, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg); return;
+          case 4: small_pair<4, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg); return;
+          case 5: small_pair<5, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg); return;
+          default: break;
+        }
+#endif
+      [[fallthrough]];
+    case Kind::kGeneric:
+      generic_pair<X>(x, g, dout, p.di, p.ci, p.r, p.A, p.At, cp2, cg2, coef, row, ep, eg);
+      return;
+  }
+}
+
+void run_pair_float(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2, acc_t cg2,
+                    acc_t* coef, acc_t* row, acc_t& ep, acc_t& eg) {
+  run_pair<float>(p, dout, x, g, cp2, cg2, coef, row, ep, eg);
+}
+
+void run_pair_double(const Pair& p, int64_t dout, const double* const* x, double* const* g, acc_t cp2, acc_t cg2,
+                     acc_t* coef, acc_t* row, acc_t& ep, acc_t& eg) {
+  run_pair<double>(p, dout, x, g, cp2, cg2, coef, row, ep, eg);
+}
