@@ -78,3 +78,12 @@ def test_missing_feature_rows_are_reported():
               "reason": "needs equiproj.steerable (issue 6)"}], "floor": None, "overhead": None, "seconds": 1.0}
     out = bench.format_report(result)
     assert "n/a (needs equiproj.steerable (issue 6))" in out
+
+
+def test_suite_without_steerable(monkeypatch):
+    """Without equiproj.steerable the conv rows become 'n/a (needs ...)' entries; the linear rows stay."""
+    monkeypatch.setitem(sys.modules, "equiproj.steerable", None)
+    rows = bench.suite(bench.Settings.for_mode("quick"))
+    missing = [r for r in rows if isinstance(r, tuple)]
+    assert {r[0] for r in missing} == {"c8conv", "o3conv"} and all("steerable" in r[2] for r in missing)
+    assert {r.key for r in rows if not isinstance(r, tuple)} == {"mlp", "large"}
