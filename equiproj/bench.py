@@ -504,6 +504,17 @@ def verify_layer(layer, backends: list[str], settings: Settings, gen: torch.Gene
             rows.append(row)
     for r in rows:
         r["verified_shape"] = list(L.shape)
+    if L is not layer:  # full size: float32 against the float64 torch path (itself verified above)
+        Wf = torch.randn(layer.shape, generator=gen).to(dev)
+        rp32, rg32 = (e.cpu() for e in layer.energies(Wf.double(), "torch"))
+        for b in backends:
+            try:
+                ep, eg = layer.energies(Wf, b)
+                rows.append({"method": f"{b} (vs torch float64)", "dtype": "float32", "verified_shape": list(layer.shape),
+                             "rel_err_perp": _rel(ep.detach().cpu(), rp32), "rel_err_G": _rel(eg.detach().cpu(), rg32)})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"method": f"{b} (vs torch float64)", "dtype": "float32", "verified_shape": list(layer.shape),
+                             "error": f"{type(e).__name__}: {e}"[:120]})
     # the dense projector (float64), on a layer small enough for a float64 basis
     Ld = layer.dense_check_layer()
     Wd = W64 if Ld is L else torch.randn((2,) + Ld.shape, dtype=torch.float64, generator=gen)
@@ -517,6 +528,29 @@ def verify_layer(layer, backends: list[str], settings: Settings, gen: torch.Gene
         rows.append({"method": "dense", "dtype": "float64", "error": str(e), "verified_shape": list(Ld.shape)})
     for r in rows:
         r["layer"] = layer.key
+    return rows
+
+
+def verify_many(layers, backends: list[str], settings: Settings, gen: torch.Generator) -> list[dict]:
+    """``energies_many`` (the multi-layer entry point) on all linear suite layers at once (their
+    verification sizes), float32, against the per-layer float64 reference."""
+    if not layers:
+        return []
+    Ls = [L.verification_layer() for L in layers]
+    Ws = [torch.randn(L.shape, generator=gen) for L in Ls]
+    refs = [L.reference(W) for L, W in zip(Ls, Ws)]
+    rp, rg = torch.stack([r[0] for r in refs]), torch.stack([r[1] for r in refs])
+    rows = []
+    for b in backends:
+        try:
+            ep, eg = energies_many([W.to(settings.device) for W in Ws], [(L.rep_in, L.rep_out) for L in Ls], backend=b)
+            rows.append({"method": b, "dtype": "float32", "rel_err_perp": _rel(ep.detach().cpu(), rp),
+                         "rel_err_G": _rel(eg.detach().cpu(), rg)})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"method": b, "dtype": "float32", "error": f"{type(e).__name__}: {e}"[:120]})
+    for r in rows:
+        r["layer"] = "energies_many(" + ", ".join(L.key for L in layers) + ")"
+        r["verified_shape"] = [len(Ls)]
     return rows
 
 
@@ -800,6 +834,7 @@ def run_suite(settings: Settings, progress: bool = True) -> dict:
     for L in real:
         bar.step(f"verify {L.key}")
         result["verification"] += verify_layer(L, ["torch"] + fused, settings, gen)
+    result["verification"] += verify_many([L for L in real if L.kind == "linear"], ["torch"] + fused, settings, gen)
     if settings.verify_groups:
         from .verify import verify_groups
 
