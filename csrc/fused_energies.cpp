@@ -45,16 +45,25 @@ namespace base {
 #include "tile_kernels.h"
 }  // namespace base
 
+// The same kernels compiled for AVX2+FMA, used when the CPU has them (select_kernels).
 #ifdef EQUIPROJ_X86
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 #define EQUIPROJ_AVX2 1
 namespace avx2 {
 #include "simd4.h"
 #include "tile_kernels.h"
 }  // namespace avx2
 #undef EQUIPROJ_AVX2
+#ifdef __clang__
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 #endif
 
 namespace {

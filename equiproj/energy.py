@@ -11,12 +11,19 @@ dims are a batch: one energy per matrix) and the two representations:
 All are differentiable (``dE_perp/dW = 2 (W - P W)``). Energies are computed in residual
 form in the irrep basis (never as ``||W||^2 - ||P W||^2``), in float32 for half-precision
 inputs and float64 for float64 inputs, and returned in that accumulation dtype.
+
+``backend=`` (see :mod:`equiproj.ops`): ``"auto"`` (default; ``$EQUIPROJ_BACKEND`` overrides it)
+runs the fused op ``equiproj::fused_energies`` where its kernel exists (C++ on CPU, Triton on CUDA)
+and the pure-torch spectral path below otherwise; ``"cpp"``, ``"triton"``, ``"torch"`` and
+``"reference"`` (the float64 spatial reference) force one. ``breakdown=True`` and ``project``
+always use the pure-torch path.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import ops
 from .plan import BlockPlan, block_plan
 from .rep import Irrep, Rep
 
@@ -25,6 +32,12 @@ __all__ = ["noneq_energy", "eq_energy", "energies", "energies_many", "project", 
 
 def validate(W, rep_in: Rep, rep_out: Rep) -> BlockPlan:
     """Check the arguments and return the plan; raises ``TypeError``/``ValueError`` naming the problem."""
+    check_arguments(W, rep_in, rep_out)
+    return block_plan(rep_in, rep_out)
+
+
+def check_arguments(W, rep_in: Rep, rep_out: Rep) -> None:
+    """The checks of :func:`validate`, without building the plan (traceable by dynamo)."""
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
     if not W.is_floating_point():
@@ -37,7 +50,6 @@ def validate(W, rep_in: Rep, rep_out: Rep) -> BlockPlan:
     if W.dim() < 2 or tuple(W.shape[-2:]) != (rep_out.dim, rep_in.dim):
         raise ValueError(f"W must have shape [..., rep_out.dim, rep_in.dim] = [..., {rep_out.dim}, {rep_in.dim}], "
                          f"got {tuple(W.shape)}")
-    return block_plan(rep_in, rep_out)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -133,24 +145,38 @@ def energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto
         >>> r = equiproj.Rep.parse(G, "4x0 + 2x1")
         >>> e_perp, e_g = equiproj.energies(torch.randn(10, 10), r, r)
     """
+    check_arguments(W, rep_in, rep_out)
+    backend = ops.backend_for(backend, W)
     if backend == "reference":
-        from . import reference
-
-        W64 = W.to(torch.float64)
-        validate(W, rep_in, rep_out)
-        PW = reference.project(W64, rep_in, rep_out)
-        return (W64 - PW).square().sum((-2, -1)), PW.square().sum((-2, -1))
-    _check_backend(backend)
-    plan, t, Wh, PWh = _spectral_parts(W, rep_in, rep_out)
-    e_perp = (Wh - PWh).square().sum((-2, -1))
-    e_g = PWh.square().sum((-2, -1))
+        return _reference_energies(W, rep_in, rep_out)
+    if backend in ("cpp", "triton"):
+        (e_perp,), (e_g,) = ops.fused_energies([W], [ops.plan_for(rep_in, rep_out, W.device)])
+    else:
+        e_perp, e_g = _torch_energies(W, rep_in, rep_out)
     _check_finite(e_perp, e_g)
     return e_perp, e_g
 
 
+def _reference_energies(W, rep_in, rep_out):
+    from . import reference
+
+    W64 = W.to(torch.float64)
+    PW = reference.project(W64, rep_in, rep_out)
+    return (W64 - PW).square().sum((-2, -1)), PW.square().sum((-2, -1))
+
+
+def _torch_energies(W, rep_in, rep_out):
+    """The pure-torch spectral path (``backend="torch"``)."""
+    plan, t, Wh, PWh = _spectral_parts(W, rep_in, rep_out)
+    return (Wh - PWh).square().sum((-2, -1)), PWh.square().sum((-2, -1))
+
+
 def _check_backend(backend):
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"unknown backend {backend!r}: expected 'auto', 'torch' or 'reference'")
+    """Breakdowns come from the pure-torch path whatever the backend; the reference has none."""
+    if not isinstance(backend, str) or backend not in ops.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {ops.BACKENDS}")
+    if backend == "reference":
+        raise ValueError("breakdown=True is computed by the spectral path; backend='reference' has no breakdown")
 
 
 def noneq_energy(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, breakdown: bool = False, backend: str = "auto"):
@@ -190,16 +216,42 @@ def energies_many(weights, reps, *, backend: str = "auto") -> tuple[torch.Tensor
     """Energies of many layers at once (all declared layers of a model).
 
     Args:
-        weights: sequence of L weights, the i-th of shape ``[rep_out_i.dim, rep_in_i.dim]``.
+        weights: sequence of L weights, the i-th of shape ``[rep_out_i.dim, rep_in_i.dim]``
+            (leading batch dims are allowed if every weight has the same ones).
         reps: sequence of L pairs ``(rep_in_i, rep_out_i)``.
     Returns:
         ``(E_perp, E_G)``, each ``[L]`` float32 (float64 if every weight is float64), differentiable.
+
+    The layers that the fused op takes (see ``backend``) go through one call of
+    ``equiproj::fused_energies`` per device: a constant number of kernel launches for any L; its
+    backward is one more call. The others run the pure-torch path layer by layer.
     """
     weights, reps = list(weights), list(reps)
     if len(weights) != len(reps):
         raise ValueError(f"got {len(weights)} weights but {len(reps)} rep pairs")
     if not weights:
         raise ValueError("energies_many needs at least one layer")
+    chosen = []
+    for i, (w, pair) in enumerate(zip(weights, reps)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"reps[{i}] must be a pair (rep_in, rep_out), got {type(pair).__name__}")
+        check_arguments(w, pair[0], pair[1])
+        chosen.append(ops.backend_for(backend, w))
+    parts: list = [None] * len(weights)
+    fused: dict = {}  # device -> layer indices
+    for i, b in enumerate(chosen):
+        if b in ("cpp", "triton"):
+            fused.setdefault(weights[i].device, []).append(i)
+        elif b == "reference":
+            parts[i] = _reference_energies(weights[i], *reps[i])
+        else:
+            parts[i] = _torch_energies(weights[i], *reps[i])
+    for dev, idx in fused.items():
+        eps, egs = ops.fused_energies([weights[i] for i in idx], [ops.plan_for(*reps[i], dev) for i in idx])
+        for i, e_p, e_g in zip(idx, eps, egs):
+            parts[i] = (e_p, e_g)
     dt = torch.float64 if all(w.dtype == torch.float64 for w in weights) else torch.float32
-    parts = [energies(w, ri, ro, backend=backend) for w, (ri, ro) in zip(weights, reps)]
-    return torch.stack([p[0].to(dt) for p in parts]), torch.stack([p[1].to(dt) for p in parts])
+    e_perp = torch.stack([p[0].to(dt) for p in parts])
+    e_g = torch.stack([p[1].to(dt) for p in parts])
+    _check_finite(e_perp, e_g)
+    return e_perp, e_g

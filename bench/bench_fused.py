@@ -1,0 +1,204 @@
+"""pytest-benchmark: the fused CPU op (C++ extension ``equiproj._C``) against the memory floor and
+the pure-torch path, forward + backward of ``E_perp + 0.5 E_G``.
+
+The floor, first. Forward + backward of the penalty must read W at least once and write dW once:
+``2 * W.numel() * W.element_size()`` bytes. One read-and-write pass over W moves exactly that, so
+the floor is the time of ``torch.mul(W, 2)`` (reads W, writes a freshly allocated tensor, as the
+backward writes a fresh dW), measured in the same run. The fused op moves 1.5 such passes: the
+forward reads W, the backward (the op again, with the incoming gradients as coefficients) reads W
+and writes dW. ``torch.mul(W, 2, out=buf)`` (no allocation) is also timed, since on some machines
+first-touching the fresh output costs as much as the copy itself.
+
+Targets (issue 3), field dims <= 5 (scalars, vectors, l <= 2), e.g. 4096 x 4096 float32:
+fused forward+backward <= 3x ``torch.mul(W, 2)`` and >= 5x faster than the pure-torch path; and a
+table of how the ratio grows with the field dimension up to 64 (regular reps of C_N: a dense
+N x N basis with r = N per tile, the generic kernel; SO(3) single-l fields: the A = I/sqrt(d) path).
+
+Run ``python bench/bench_fused.py [--size 4096] [--threads 1 2] [--quick]`` for the table (ratios
+from one run; absolute times depend on the machine). CI runs this file with
+``--benchmark-disable`` as a test: tiny shapes, every path once, fused checked against torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pytest
+import torch
+
+import equiproj
+from equiproj import ops
+
+C_G = 0.5  # weight of E_G in the benchmarked objective
+
+
+# ---- cases -----------------------------------------------------------------------------------
+def _fill(G, body: str, d: int, n: int) -> equiproj.Rep:
+    """``body`` repeated to about n coordinates (copies of a d-dim field), padded with scalars."""
+    copies = max(1, n // d)
+    rep = equiproj.Rep.parse(G, body.format(c=copies)) if isinstance(body, str) else copies * body
+    pad = n - rep.dim
+    return rep + equiproj.Rep.parse(G, f"{pad}x0") if pad > 0 else rep
+
+
+def make_rep(case: str, n: int) -> equiproj.Rep:
+    """The rep of a benchmark case with dimension about n (same rep on both sides of W)."""
+    so3 = equiproj.SO3()
+    if case == "SO(3) 0+1+2":
+        c = max(1, n // 9)
+        rep = equiproj.Rep.parse(so3, f"{c}x0 + {c}x1 + {c}x2")
+        return rep + equiproj.Rep.parse(so3, f"{n - rep.dim}x0") if n > rep.dim else rep
+    if case == "SO(3) l=1 (vectors)":
+        return _fill(so3, "{c}x1", 3, n)
+    if case == "SO(3) l=2":
+        return _fill(so3, "{c}x2", 5, n)
+    if case == "SO(2) freq 1 (complex type)":
+        return _fill(equiproj.SO2(), "{c}x1", 2, n)
+    if case.startswith("SO(3) l="):
+        l = int(case.split("=")[1])
+        return _fill(so3, f"{{c}}x{l}", 2 * l + 1, n)
+    if case.startswith("C_") and case.endswith(" regular"):
+        N = int(case[2:].split()[0])
+        return _fill(equiproj.Cyclic(N), equiproj.Cyclic(N).regular(), N, n)
+    raise ValueError(case)
+
+
+FIELD_CASES = ["SO(3) 0+1+2", "SO(3) l=1 (vectors)", "SO(3) l=2", "SO(2) freq 1 (complex type)"]
+GROWTH_CASES = ["C_4 regular", "C_8 regular", "C_16 regular", "C_32 regular", "C_64 regular",
+                "SO(3) l=3", "SO(3) l=7", "SO(3) l=15"]
+FIELD_DIM = {"SO(3) 0+1+2": "1,3,5", "SO(3) l=1 (vectors)": "3", "SO(3) l=2": "5", "SO(2) freq 1 (complex type)": "2"}
+
+
+def field_dim(case: str) -> str:
+    if case in FIELD_DIM:
+        return FIELD_DIM[case]
+    if case.startswith("C_"):
+        return case[2:].split()[0]
+    return str(2 * int(case.split("=")[1]) + 1)
+
+
+# ---- timed steps -----------------------------------------------------------------------------
+def fwd_bwd(W: torch.Tensor, rep, backend: str) -> torch.Tensor:
+    W.grad = None
+    ep, eg = equiproj.energies(W, rep, rep, backend=backend)
+    (ep + C_G * eg).backward()
+    return W.grad
+
+
+def forward(W: torch.Tensor, rep, backend: str):
+    with torch.no_grad():
+        return equiproj.energies(W, rep, rep, backend=backend)
+
+
+def timeit(fn, repeat: int = 5, min_time: float = 0.3) -> float:
+    """Best wall time of ``repeat`` runs (at least ``min_time`` seconds in total), after a warm-up."""
+    fn()
+    best, spent, k = float("inf"), 0.0, 0
+    while k < repeat or spent < min_time:
+        t = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t
+        best, spent, k = min(best, dt), spent + dt, k + 1
+        if k >= 50:
+            break
+    return best
+
+
+def measure(case: str, n: int, threads: int, with_torch: bool = True, dtype=torch.float32) -> dict:
+    rep = make_rep(case, n)
+    torch.set_num_threads(threads)
+    W = torch.randn(rep.dim, rep.dim, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    out = torch.empty_like(W)
+    fwd_bwd(W, rep, "cpp")  # builds and caches the plan
+    row = {
+        "case": case, "d": field_dim(case), "shape": tuple(W.shape), "threads": threads,
+        "mul": timeit(lambda: torch.mul(W.detach(), 2)),
+        "mul_out": timeit(lambda: torch.mul(W.detach(), 2, out=out)),
+        "fused_fwd": timeit(lambda: forward(W, rep, "cpp")),
+        "fused": timeit(lambda: fwd_bwd(W, rep, "cpp")),
+    }
+    if with_torch:
+        row["torch"] = timeit(lambda: fwd_bwd(W, rep, "torch"), repeat=2, min_time=0.0)
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| case | field dim | W | threads | mul ms | fused fwd+bwd ms | x mul | x mul(out=) | fwd ms "
+            "| torch fwd+bwd ms | speedup vs torch |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        tor = r.get("torch")
+        tor_ms = "-" if tor is None else f"{tor * 1e3:.0f}"
+        speedup = "-" if tor is None else f"{tor / r['fused']:.1f}x"
+        lines.append(
+            f"| {r['case']} | {r['d']} | {r['shape'][0]}x{r['shape'][1]} | {r['threads']} | {r['mul'] * 1e3:.1f} "
+            f"| {r['fused'] * 1e3:.1f} | {r['fused'] / r['mul']:.2f} | {r['fused'] / r['mul_out']:.2f} "
+            f"| {r['fused_fwd'] * 1e3:.1f} | {tor_ms} | {speedup} |")
+    return "\n".join(lines)
+
+
+# ---- pytest-benchmark (CI: --benchmark-disable runs each once on tiny shapes) -------------------
+needs_cpp = pytest.mark.skipif(not ops.cpp_available(), reason="the C++ extension equiproj._C is not built")
+
+
+@pytest.fixture(scope="module", params=FIELD_CASES + ["C_16 regular"])
+def layer(request):
+    full = not request.config.getoption("benchmark_disable", False)
+    rep = make_rep(request.param, 4096 if full else 40)
+    W = torch.randn(rep.dim, rep.dim, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    expected = fwd_bwd(W, rep, "torch").clone()
+    return rep, W, expected
+
+
+def _floor(W) -> float:
+    return timeit(lambda: torch.mul(W.detach(), 2), repeat=3, min_time=0.0)
+
+
+@pytest.mark.benchmark(group="fused-cpu")
+def test_floor_mul(benchmark, layer):
+    rep, W, _ = layer
+    out = benchmark(torch.mul, W.detach(), 2)
+    assert out.shape == W.shape
+
+
+@needs_cpp
+@pytest.mark.benchmark(group="fused-cpu")
+def test_fused_fwd_bwd(benchmark, layer):
+    rep, W, expected = layer
+    g = benchmark(fwd_bwd, W, rep, "cpp")
+    torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5)
+    if not benchmark.disabled:
+        benchmark.extra_info["x_mul"] = benchmark.stats.stats.min / _floor(W)
+
+
+@pytest.mark.benchmark(group="fused-cpu")
+def test_torch_fwd_bwd(benchmark, layer):
+    rep, W, expected = layer
+    g = benchmark.pedantic(fwd_bwd, (W, rep, "torch"), rounds=1 if benchmark.disabled else 3)
+    torch.testing.assert_close(g, expected)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=4096, help="about n: W is n x n float32")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--quick", action="store_true", help="skip the pure-torch path for the growth table")
+    args = p.parse_args(argv)
+    if not ops.cpp_available():
+        raise SystemExit(ops._cpp_missing())
+    print(f"isa: {torch.ops.equiproj_cpu.isa()}, torch {torch.__version__}")
+    rows = []
+    for threads in args.threads:
+        for case in FIELD_CASES:
+            rows.append(measure(case, args.size, threads))
+            print(format_table(rows[-1:]).split("\n")[-1], flush=True)
+    for case in GROWTH_CASES:
+        rows.append(measure(case, args.size, args.threads[-1], with_torch=not args.quick))
+        print(format_table(rows[-1:]).split("\n")[-1], flush=True)
+    print()
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

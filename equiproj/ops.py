@@ -1,0 +1,446 @@
+"""The fused penalty op: E_perp, E_G (and the penalty gradient) of many layers in one pass over each.
+
+``torch.ops.equiproj.fused_energies`` is a ``torch.library.custom_op`` over plain tensors: the
+weights ``W_i`` ``[..., m_i, n_i]`` (any strides; leading dims are a batch) and the packed block
+plan of each (:class:`~equiproj.plan.PackedPlan`: ``meta``, ``basis``, ``perm_out``, ``perm_in``),
+plus optional coefficients. Its device kernels execute the same computation (plan.py, math.md §7):
+
+* CPU: the C++ extension ``equiproj._C`` (``csrc/``, ``torch.ops.equiproj_cpu.fused_energies``),
+  all of fp16/bf16/fp32/fp64, tiles in float64, parallel over row blocks;
+* CUDA: the Triton kernels of :mod:`equiproj.kernels` for fp16/bf16/fp32;
+* anything else (float64 on CUDA, triton or the extension missing): the kernels' pure-torch twin.
+
+Energies are float32 for fp16/bf16/fp32 weights and float64 for float64 weights, one per matrix,
+with a fixed reduction order (bitwise reproducible on one device).
+
+Autograd: the forward computes energies only. The backward runs the op once more with the
+incoming gradients as coefficients, ``dW = 2 g_perp (W - P W) + 2 g_G P W``: one pass that reads
+W and writes dW, for any incoming gradients (also per matrix of a batch). Double backward is not
+supported (use ``backend="torch"``).
+
+Backends of the public functions (:func:`equiproj.energies` & co., ``backend=``):
+``"auto"`` (the default; ``EQUIPROJ_BACKEND`` overrides it), ``"cpp"``, ``"triton"`` (this op),
+``"torch"`` (the pure-torch spectral path of :mod:`equiproj.energy`), ``"reference"`` (the float64
+spatial-domain reference). ``"auto"`` takes this op where its fast kernel exists for the device
+and dtype and otherwise falls back to ``"torch"``, warning once when the fallback is due to a
+missing build or package.
+
+Example::
+
+    >>> G = equiproj.SO3(); r = equiproj.Rep.parse(G, "4x0 + 2x1")
+    >>> W = torch.randn(10, 10, requires_grad=True)
+    >>> (e_perp,), (e_g,) = fused_energies([W], [packed_plan(block_plan(r, r), W.device)])
+    >>> e_perp.backward()  # W.grad = 2 (W - P W)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import warnings
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from .plan import BlockPlan, PackedPlan, block_plan
+
+__all__ = ["BACKENDS", "ENV_VAR", "fused_energies", "packed_plan", "plan_for", "resolve_backend", "cpp_available",
+           "triton_available", "cpp_num_threads"]
+
+BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
+ENV_VAR = "EQUIPROJ_BACKEND"
+
+# ---------------------------------------------------------------------------------------------
+# what is available
+# ---------------------------------------------------------------------------------------------
+_lock = threading.Lock()
+_cpp_state: dict = {}
+_triton_state: dict = {}
+_warned: set = set()
+
+
+def cpp_available() -> bool:
+    """Whether the C++ extension ``equiproj._C`` is built and loaded (loads it on first call)."""
+    if "ok" not in _cpp_state:
+        with _lock:
+            if "ok" not in _cpp_state:
+                try:
+                    spec = importlib.util.find_spec("equiproj._C")
+                    if spec is None or not spec.origin:
+                        raise ImportError("equiproj._C is not built")
+                    if not hasattr(torch.ops.equiproj_cpu, "fused_energies"):
+                        torch.ops.load_library(spec.origin)
+                    _cpp_state["reason"] = None
+                    _cpp_state["ok"] = True
+                except Exception as e:  # noqa: BLE001 - any load failure means: no extension
+                    _cpp_state["reason"] = f"{type(e).__name__}: {e}"
+                    _cpp_state["ok"] = False
+    return _cpp_state["ok"]
+
+
+def cpp_num_threads() -> int:
+    """The thread count the C++ kernels run with (``at::get_num_threads()`` seen from inside the extension)."""
+    if not cpp_available():
+        raise RuntimeError(_cpp_missing())
+    return int(torch.ops.equiproj_cpu.num_threads())
+
+
+def _cpp_missing() -> str:
+    return (f"the C++ extension equiproj._C is not available ({_cpp_state.get('reason')}); build it with "
+            "`pip install --no-build-isolation -e .` in the equiproj checkout (needs a C++17 compiler and torch "
+            "installed first)")
+
+
+def _kernels():
+    """:mod:`equiproj.kernels` (imports triton when installed), or None."""
+    if "mod" not in _triton_state:
+        with _lock:
+            if "mod" not in _triton_state:
+                try:
+                    from . import kernels  # noqa: PLC0415 - triton import is slow: only when needed
+                except Exception as e:  # noqa: BLE001
+                    _triton_state["reason"] = f"{type(e).__name__}: {e}"
+                    _triton_state["mod"] = None
+                else:
+                    _triton_state["mod"] = kernels
+                    _triton_state["reason"] = None if kernels.HAS_TRITON else "triton is not installed"
+    return _triton_state["mod"]
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run here (triton importable and a CUDA device present)."""
+    k = _kernels()
+    return k is not None and k.HAS_TRITON and torch.cuda.is_available()
+
+
+def _triton_missing() -> str:
+    _kernels()
+    why = _triton_state.get("reason") or ("no CUDA device" if not torch.cuda.is_available() else "unknown")
+    return f"the Triton kernels are not available ({why}); install them with `pip install triton` on a CUDA machine"
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key in _warned or torch.compiler.is_compiling():
+        return
+    _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend selection
+# ---------------------------------------------------------------------------------------------
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs for weights on ``device`` with ``dtype``: one of ``"cpp"``, ``"triton"``,
+    ``"torch"``, ``"reference"``.
+
+    ``"auto"`` is replaced by ``$EQUIPROJ_BACKEND`` when that is set, else by the fast kernel of the
+    device (``"cpp"`` on CPU, ``"triton"`` on CUDA for fp16/bf16/fp32) or ``"torch"`` (warning once
+    when the extension or triton is missing). ``"triton"`` with float64 weights runs ``"torch"``.
+    Raises ``ValueError`` for an unknown name or a kernel asked for on the wrong device, and
+    ``RuntimeError`` when an explicitly requested kernel is not available.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    forced = False
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"${ENV_VAR}={env!r} is not a backend: expected one of {BACKENDS}")
+            backend, forced = env, True
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cpu":
+            if cpp_available():
+                return "cpp"
+            _warn_once("cpp", f"equiproj: using the pure-torch path on CPU because {_cpp_missing()}")
+            return "torch"
+        if device.type == "cuda":
+            if dtype == torch.float64:
+                return "torch"
+            if triton_available():
+                return "triton"
+            _warn_once("triton", f"equiproj: using the pure-torch path on CUDA because {_triton_missing()}")
+            return "torch"
+        return "torch"
+    where = f" (from ${ENV_VAR})" if forced else ""
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp'{where} runs on CPU tensors, got a tensor on {device}")
+        if not cpp_available():
+            raise RuntimeError(_cpp_missing())
+    elif backend == "triton":
+        if device.type != "cuda":
+            raise ValueError(f"backend='triton'{where} runs on CUDA tensors, got a tensor on {device}")
+        if not triton_available():
+            raise RuntimeError(_triton_missing())
+        if dtype == torch.float64:  # the kernels accumulate in float32: float64 keeps its precision
+            return "torch"
+    return backend
+
+
+def packed_plan(plan: BlockPlan, device) -> PackedPlan:
+    """The plan's packed tensors for the op on ``device`` (cached by the plan): a float64 basis on
+    the CPU (the C++ tiles are float64), float32 elsewhere (what the Triton kernels read)."""
+    device = torch.device(device)
+    return plan.packed(device, torch.float64 if device.type == "cpu" else torch.float32)
+
+
+# Inside torch.compile the plan is looked up, never traced: dynamo would re-trace its construction
+# (decompositions, SVDs) into the graph. `assume_constant_result` runs the lookup eagerly at trace
+# time and bakes in an integer key; the plan is an attribute of this holder under that key (an
+# attribute, not a dict entry: dynamo reads a new attribute afresh, whereas it would keep the dict
+# as it was when first seen in the frame). Its tensors become graph inputs.
+class _CompiledPlans:
+    pass
+
+
+_COMPILED_PLANS = _CompiledPlans()
+
+
+@torch.compiler.assume_constant_result
+def _compiled_plan_key(rep_in, rep_out, device: str) -> int:
+    P = packed_plan(block_plan(rep_in, rep_out), torch.device(device))
+    setattr(_COMPILED_PLANS, f"plan_{id(P)}", P)  # holds P: the key stays valid
+    _remember([P])
+    return id(P)
+
+
+@torch.compiler.assume_constant_result
+def _compiled_backend(backend: str, device: str, dtype: str) -> str:
+    return resolve_backend(backend, torch.device(device), getattr(torch, dtype.removeprefix("torch.")))
+
+
+def plan_for(rep_in, rep_out, device) -> PackedPlan:
+    """The packed plan of ``(rep_in, rep_out)`` for the op on ``device``; also inside
+    ``torch.compile(fullgraph=True)``, where it is looked up at trace time."""
+    if torch.compiler.is_compiling():
+        key = _compiled_plan_key(rep_in, rep_out, str(device))
+        return getattr(_COMPILED_PLANS, f"plan_{key}")
+    return packed_plan(block_plan(rep_in, rep_out), device)
+
+
+def backend_for(backend: str, W: Tensor) -> str:
+    """:func:`resolve_backend` for ``W``; inside ``torch.compile`` it is decided at trace time."""
+    if torch.compiler.is_compiling():
+        return _compiled_backend(backend, str(W.device), str(W.dtype))
+    return resolve_backend(backend, W.device, W.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom op
+# ---------------------------------------------------------------------------------------------
+# The Triton side caches its schedules per PackedPlan object: remember which plan each meta tensor
+# came from, so that the CUDA kernel gets the caller's plan objects back.
+_PLANS_BY_META: "OrderedDict[int, PackedPlan]" = OrderedDict()
+_PLANS_CACHE_SIZE = 4096
+
+
+def _remember(plans) -> None:
+    for P in plans:
+        key = id(P.meta)
+        if _PLANS_BY_META.get(key) is not P:
+            _PLANS_BY_META[key] = P  # holding P keeps P.meta alive, so its id is not reused
+            if len(_PLANS_BY_META) > _PLANS_CACHE_SIZE:
+                _PLANS_BY_META.popitem(last=False)
+
+
+def _plans_from_tensors(weights, meta, basis, perm_out, perm_in) -> list[PackedPlan]:
+    plans = []
+    for W, mt, b, po, pi in zip(weights, meta, basis, perm_out, perm_in):
+        P = _PLANS_BY_META.get(id(mt))
+        if P is None or P.meta is not mt or P.basis is not b or P.perm_out is not po or P.perm_in is not pi:
+            m, n = W.shape[-2], W.shape[-1]
+            ident = bool(torch.equal(po.cpu(), torch.arange(m)) and torch.equal(pi.cpu(), torch.arange(n)))
+            P = PackedPlan(m, n, mt, b, po, pi, ident)
+        plans.append(P)
+    return plans
+
+
+def _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g) -> None:
+    L = len(weights)
+    if not (len(meta) == len(basis) == len(perm_out) == len(perm_in) == L):
+        raise ValueError(f"fused_energies: got {L} weights but {len(meta)} meta, {len(basis)} basis, "
+                         f"{len(perm_out)} perm_out, {len(perm_in)} perm_in tensors")
+    if len(c_perp) != len(c_g) or (c_perp and len(c_perp) != L):
+        raise ValueError("fused_energies: c_perp and c_g must both be empty or both hold one tensor per weight")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
+    """The pure-torch twin (equiproj.kernels.torch_fused_energies), per matrix coefficients."""
+    from .kernels import torch_fused_energies  # noqa: PLC0415
+
+    plans = _plans_from_tensors(weights, meta, basis, perm_out, perm_in)
+    flat_w, flat_p, flat_cp, flat_cg, counts = _flatten_batches(weights, plans, c_perp, c_g)
+    ep, eg, gr = torch_fused_energies(flat_w, flat_p, flat_cp, flat_cg)
+    return _unflatten(weights, counts, ep, eg, gr)
+
+
+def _flatten_batches(weights, plans, c_perp, c_g):
+    """Per-matrix coefficients in the ``[L]`` contract of equiproj.kernels: a batched weight with
+    gradients becomes one entry per matrix (views), each with its own coefficient."""
+    want_grad = bool(c_perp)
+    if not want_grad:
+        return list(weights), list(plans), None, None, None
+    flat_w, flat_p, cps, cgs, counts = [], [], [], [], []
+    for W, P, cp, cg in zip(weights, plans, c_perp, c_g):
+        if W.dim() == 2:
+            flat_w.append(W)
+            flat_p.append(P)
+            counts.append(0)
+        else:
+            mats = W.reshape((-1,) + W.shape[-2:]) if W.numel() else W.new_empty((0,) + W.shape[-2:])
+            # reshape copies only when the batch dims cannot be merged; either way rows are views or copies of W
+            flat_w.extend(mats.unbind(0))
+            flat_p.extend([P] * mats.shape[0])
+            counts.append(mats.shape[0])
+        cps.append(cp.reshape(-1))
+        cgs.append(cg.reshape(-1))
+    dev = weights[0].device
+    cat = lambda cs: torch.cat(cs).to(device=dev, dtype=torch.float32) if cs else torch.zeros(0, device=dev)  # noqa: E731
+    return flat_w, flat_p, cat(cps), cat(cgs), counts
+
+
+def _unflatten(weights, counts, ep, eg, gr):
+    if counts is None:
+        return list(ep), list(eg), []
+    out_p, out_g, out_gr, k = [], [], [], 0
+    for W, c in zip(weights, counts):
+        if W.dim() == 2:
+            out_p.append(ep[k])
+            out_g.append(eg[k])
+            out_gr.append(gr[k])
+            k += 1
+        else:
+            batch = W.shape[:-2]
+            dt = _acc_dtype(W.dtype)
+            if c:
+                out_p.append(torch.stack(ep[k : k + c]).reshape(batch))
+                out_g.append(torch.stack(eg[k : k + c]).reshape(batch))
+                out_gr.append(torch.stack(gr[k : k + c]).reshape(W.shape))
+            else:
+                out_p.append(W.new_zeros(batch, dtype=dt))
+                out_g.append(W.new_zeros(batch, dtype=dt))
+                out_gr.append(torch.zeros_like(W, memory_format=torch.contiguous_format))
+            k += c
+    return out_p, out_g, out_gr
+
+
+@torch.library.custom_op("equiproj::fused_energies", mutates_args=())
+def _fused_energies_op(weights: list[Tensor], meta: list[Tensor], basis: list[Tensor], perm_out: list[Tensor],
+                       perm_in: list[Tensor], c_perp: list[Tensor], c_g: list[Tensor]
+                       ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """``(e_perp, e_g, grads)`` of ``weights`` under their packed plans (one tensor of each kind per
+    weight). ``c_perp``/``c_g``: empty (no gradients; ``grads`` is empty) or one tensor per weight
+    with one coefficient per matrix (shape ``W.shape[:-2]``); then
+    ``grads[i] = 2 c_perp_i (W_i - P W_i) + 2 c_g_i P W_i`` (contiguous, W_i's dtype).
+    Default implementation (devices without a kernel): the pure-torch twin."""
+    _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+
+
+@_fused_energies_op.register_kernel("cpu")
+def _fused_energies_cpu(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
+    _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    if not cpp_available():
+        return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    ep, eg, gr = torch.ops.equiproj_cpu.fused_energies(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    return list(ep), list(eg), list(gr)
+
+
+@_fused_energies_op.register_kernel("cuda")
+def _fused_energies_cuda(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
+    _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    k = _kernels()
+    if (k is None or not k.HAS_TRITON or any(W.dtype == torch.float64 for W in weights)):
+        return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    plans = _plans_from_tensors(weights, meta, basis, perm_out, perm_in)
+    if not all(k.supports(P) for P in plans):  # fields wider than the kernel's largest tile
+        return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    flat_w, flat_p, cp, cg, counts = _flatten_batches(weights, plans, c_perp, c_g)
+    ep, eg, gr = k.fused_energies(flat_w, flat_p, cp, cg)
+    return _unflatten(weights, counts, ep, eg, gr)
+
+
+@_fused_energies_op.register_fake
+def _fused_energies_fake(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
+    _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    ep = [W.new_empty(W.shape[:-2], dtype=_acc_dtype(W.dtype)) for W in weights]
+    eg = [W.new_empty(W.shape[:-2], dtype=_acc_dtype(W.dtype)) for W in weights]
+    gr = [W.new_empty(W.shape) for W in weights] if c_perp else []
+    return ep, eg, gr
+
+
+def _setup_context(ctx, inputs, output):
+    weights, meta, basis, perm_out, perm_in, c_perp, c_g = inputs
+    ctx.num_layers = len(weights)
+    ctx.num_coefficients = len(c_perp)
+    ctx.save_for_backward(*weights, *meta, *basis, *perm_out, *perm_in)
+    if output[2]:
+        ctx.mark_non_differentiable(*output[2])
+
+
+def _backward(ctx, grad_e_perp, grad_e_g, grad_grads):
+    """``dW_i = 2 g_perp_i (W_i - P W_i) + 2 g_G_i P W_i``: the op with the incoming gradients as
+    coefficients (unused outputs arrive as zeros)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("equiproj::fused_energies does not support double backward (create_graph=True); "
+                           "use backend='torch' for higher derivatives")
+    L, nc = ctx.num_layers, ctx.num_coefficients
+    saved = ctx.saved_tensors
+    weights, meta, basis, perm_out, perm_in = (list(saved[k * L : (k + 1) * L]) for k in range(5))
+
+    def coefficients(grads):
+        return [g if g is not None else W.new_zeros(W.shape[:-2], dtype=_acc_dtype(W.dtype))
+                for g, W in zip(grads, weights)]
+
+    _, _, dW = _fused_energies_op(weights, meta, basis, perm_out, perm_in, coefficients(grad_e_perp),
+                                  coefficients(grad_e_g))
+    none = [None] * L
+    return list(dW), none, none, none, none, [None] * nc, [None] * nc
+
+
+_fused_energies_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# the differentiable entry point
+# ---------------------------------------------------------------------------------------------
+def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
+    """``(E_perp, E_G)`` of many weights through ``equiproj::fused_energies``, differentiable.
+
+    Args:
+        weights: L tensors, the i-th ``[..., m_i, n_i]`` (any strides), all on one device.
+        plans: L :class:`~equiproj.plan.PackedPlan` (from :func:`packed_plan`), the i-th for W_i.
+    Returns:
+        two lists of L tensors ``[...]`` (float32, or float64 for float64 weights). The op is
+        called once for all layers (a constant number of kernel launches).
+    """
+    weights, plans = list(weights), list(plans)
+    if len(weights) != len(plans):
+        raise ValueError(f"got {len(weights)} weights but {len(plans)} plans")
+    if not weights:
+        return [], []
+    dev = weights[0].device
+    for i, (W, P) in enumerate(zip(weights, plans)):
+        if not isinstance(W, torch.Tensor):
+            raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(W).__name__}")
+        if not isinstance(P, PackedPlan):
+            raise TypeError(f"plans[{i}] must be a PackedPlan, got {type(P).__name__}")
+        if W.device != dev:
+            raise ValueError(f"all weights must be on one device: weights[0] is on {dev}, weights[{i}] on {W.device}")
+        if W.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"weights[{i}] has dtype {W.dtype}; expected float16, bfloat16, float32 or float64")
+        if W.dim() < 2 or tuple(W.shape[-2:]) != (P.m, P.n):
+            raise ValueError(f"weights[{i}] must have shape [..., {P.m}, {P.n}], got {tuple(W.shape)}")
+    if not torch.compiler.is_compiling():
+        _remember(plans)
+    ep, eg, _ = _fused_energies_op(weights, [P.meta for P in plans], [P.basis for P in plans],
+                                   [P.perm_out for P in plans], [P.perm_in for P in plans], [], [])
+    return list(ep), list(eg)

@@ -1,0 +1,343 @@
+"""The fused penalty op ``equiproj::fused_energies`` (equiproj/ops.py) and the backends of the public
+functions, against the float64 spatial-domain reference (``equiproj.reference``).
+
+Tolerances:
+* energies of the fused CPU op (C++, float64 tiles): relative 1e-10 (float64 W), 1e-6 (float32:
+  the output is rounded to float32); the pure-torch twin (float32 arithmetic): 1e-4 relative on
+  random float32 weights.
+* fused gradients vs autograd of the reference, float32 W: elementwise
+  ``2^-23 |g_ref| + 1e-12 max|W|`` (float64 arithmetic, one final rounding).
+* gradcheck (float64): torch's defaults (eps 1e-6, atol 1e-5, rtol 1e-3).
+The C++ kernel itself (all dtypes, layouts, kernel paths) is tested in test_cpp.py.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import equiproj
+import equiproj.verify as verify
+from equiproj import ops, reference
+from equiproj.plan import block_plan
+from equiproj.rep import Rep
+
+needs_cpp = pytest.mark.skipif(not ops.cpp_available(), reason="the C++ extension equiproj._C is not built")
+
+
+def _gen():
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+def _so2_permuted(gen):
+    G = equiproj.SO2()  # complex-type irreps; a tensor product of sums (a permutation)
+    return Rep.parse(G, "0 + 1") @ Rep.parse(G, "1 + 2"), Rep.parse(G, "2x0 + 3x1 + 2")
+
+
+def _so3_fields(gen):
+    G = equiproj.SO3()
+    return Rep.parse(G, "3x0 + 2x1 + 2"), Rep.parse(G, "2x0 + 1 + 3x2")
+
+
+def _dense(gen):
+    G = equiproj.Cyclic(5)  # a dense change of basis
+    a = G.regular() + G.standard()
+    return a.change_basis(verify.random_orthogonal(a.dim, gen)), Rep.parse(G, "2x0 + 1 + 2")
+
+
+CASES = {"so2_permuted": _so2_permuted, "so3_fields": _so3_fields, "dense": _dense}
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
+    return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
+
+
+def _ref_energies(W, ri, ro):
+    W64 = W.detach().double()
+    PW = reference.project(W64, ri, ro)
+    return (W64 - PW).square().sum((-2, -1)), PW.square().sum((-2, -1))
+
+
+class CountOps(TorchDispatchMode):
+    """Counts calls of ``equiproj::fused_energies`` (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.equiproj.fused_energies.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+# ---- backend selection ---------------------------------------------------------------------
+@needs_cpp
+def test_auto_takes_cpp_on_cpu_and_env_overrides(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpp"
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float64) == "cpp"
+    monkeypatch.setenv(ops.ENV_VAR, "torch")
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert ops.resolve_backend("cpp", torch.device("cpu"), torch.float32) == "cpp"  # explicit wins
+    monkeypatch.setenv(ops.ENV_VAR, "reference")
+    ri, ro = _so3_fields(None)
+    W = torch.randn(ro.dim, ri.dim)
+    assert equiproj.energies(W, ri, ro)[0].dtype == torch.float64  # the reference returns float64
+    monkeypatch.setenv(ops.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="EQUIPROJ_BACKEND"):
+        equiproj.energies(W, ri, ro)
+    monkeypatch.setenv(ops.ENV_VAR, "triton")
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        equiproj.energies(W, ri, ro)
+
+
+def test_bad_backend_and_device():
+    ri, ro = _so3_fields(None)
+    W = torch.randn(ro.dim, ri.dim)
+    with pytest.raises(ValueError, match="unknown backend"):
+        equiproj.energies(W, ri, ro, backend="gpu")
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        equiproj.noneq_energy(W, ri, ro, backend="triton")
+    with pytest.raises(ValueError, match="no breakdown"):
+        equiproj.noneq_energy(W, ri, ro, breakdown=True, backend="reference")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="runs on CPU tensors"):
+            equiproj.energies(W.cuda(), ri, ro, backend="cpp")
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    """Without the extension, "auto" runs the pure-torch path and warns once how to build it;
+    "cpp" raises; the op's CPU kernel runs the pure-torch twin."""
+    monkeypatch.setattr(ops, "_cpp_state", {"ok": False, "reason": "ImportError: simulated"})
+    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    gen = _gen()
+    ri, ro = _so2_permuted(gen)
+    W = torch.randn(ro.dim, ri.dim, generator=gen)
+    with pytest.warns(RuntimeWarning, match="pip install --no-build-isolation -e"):
+        e1 = equiproj.energies(W, ri, ro)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e2 = equiproj.energies(W, ri, ro)  # no second warning
+    t = equiproj.energies(W, ri, ro, backend="torch")
+    assert torch.equal(e1[0], t[0]) and torch.equal(e2[1], t[1])
+    with pytest.raises(RuntimeError, match="not available"):
+        equiproj.energies(W, ri, ro, backend="cpp")
+    rp, rg = _ref_energies(W, ri, ro)
+    P = ops.packed_plan(block_plan(ri, ro), "cpu")
+    (ep,), (eg,) = ops.fused_energies([W], [P])  # the op's CPU kernel: the twin
+    assert rel(ep, rp) < 1e-4 and rel(eg, rg) < 1e-4
+
+
+# ---- public functions through the op ---------------------------------------------------------
+@needs_cpp
+@pytest.mark.parametrize("case", list(CASES))
+def test_public_functions_all_backends(case):
+    gen = _gen()
+    ri, ro = CASES[case](gen)
+    W = torch.randn(2, ro.dim, ri.dim, dtype=torch.float64, generator=gen)
+    rp, rg = _ref_energies(W, ri, ro)
+    for backend in ("auto", "cpp", "torch", "reference"):
+        ep, eg = equiproj.energies(W, ri, ro, backend=backend)
+        assert ep.shape == (2,) and rel(ep, rp) < 1e-10 and rel(eg, rg) < 1e-10, backend
+        assert rel(equiproj.noneq_energy(W, ri, ro, backend=backend), rp) < 1e-10
+        assert rel(equiproj.eq_energy(W, ri, ro, backend=backend), rg) < 1e-10
+    W32 = W.float().transpose(-1, -2).contiguous().transpose(-1, -2)
+    rp32, rg32 = _ref_energies(W32, ri, ro)
+    ep, eg = equiproj.energies(W32, ri, ro, backend="cpp")
+    assert ep.dtype == torch.float32 and rel(ep, rp32) < 1e-6 and rel(eg, rg32) < 1e-6
+
+
+@needs_cpp
+def test_nearly_equivariant_float32():
+    gen = _gen()
+    ri, ro = _so2_permuted(gen)
+    W = verify.nearly_equivariant(torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen), ri, ro, 1e-10,
+                                  gen).float()
+    rp, _ = _ref_energies(W, ri, ro)
+    assert float(rp / W.double().square().sum()) < 1e-8
+    assert rel(equiproj.noneq_energy(W, ri, ro, backend="cpp"), rp) < 1e-6
+
+
+@needs_cpp
+def test_energies_many_is_one_op_call_and_matches_reference():
+    gen = _gen()
+    layers = []
+    for k in range(6):
+        ri, ro = CASES[list(CASES)[k % 3]](gen)
+        dt = (torch.float32, torch.float64, torch.bfloat16)[k % 3]
+        layers.append((torch.randn(ro.dim, ri.dim, generator=gen).to(dt).requires_grad_(), (ri, ro)))
+    weights, reps = [w for w, _ in layers], [r for _, r in layers]
+    with CountOps() as count:
+        ep, eg = equiproj.energies_many(weights, reps)
+        assert count.calls == 1  # all layers: one op call
+        (2.0 * ep.sum() + 0.5 * eg.sum()).backward()
+        assert count.calls == 2  # the backward: one more
+    assert ep.shape == eg.shape == (6,) and ep.dtype == torch.float32
+    for i, (W, (ri, ro)) in enumerate(layers):
+        rp, rg = _ref_energies(W, ri, ro)
+        assert rel(ep[i], rp) < 1e-6 and rel(eg[i], rg) < 1e-6
+        W64 = W.detach().double().requires_grad_()
+        (2.0 * reference.noneq_energy(W64, ri, ro) + 0.5 * reference.eq_energy(W64, ri, ro)).backward()
+        tol = {torch.float32: 2.0**-22, torch.float64: 1e-12, torch.bfloat16: 2.0**-6}[W.dtype]  # f64: the reference's rounding
+        assert float((W.grad.double() - W64.grad).abs().max() / W64.grad.abs().max()) < tol
+
+
+@needs_cpp
+def test_fused_gradients_equal_reference_autograd_float32():
+    gen = _gen()
+    ri, ro = _so3_fields(gen)
+    W = torch.randn(3, ro.dim, ri.dim, generator=gen).requires_grad_()
+    ep, eg = equiproj.energies(W, ri, ro, backend="cpp")
+    gp, gg = torch.randn(3, generator=gen), torch.randn(3, generator=gen)  # per-matrix incoming gradients
+    ((gp * ep).sum() + (gg * eg).sum()).backward()
+    W64 = W.detach().double().requires_grad_()
+    ((gp.double() * reference.noneq_energy(W64, ri, ro)).sum() + (gg.double() * reference.eq_energy(W64, ri, ro)).sum()).backward()
+    bound = 2.0**-23 * W64.grad.abs() + 1e-12 * W64.detach().abs().max()
+    assert bool(((W.grad.double() - W64.grad).abs() <= bound).all())
+    # only E_perp used: the unused output's gradient counts as zero
+    W.grad = None
+    equiproj.noneq_energy(W, ri, ro, backend="cpp").sum().backward()
+    PW = reference.project(W64.detach(), ri, ro)
+    assert float((W.grad.double() - 2 * (W64.detach() - PW)).abs().max()) < 1e-5
+
+
+@needs_cpp
+def test_gradcheck_through_the_op():
+    gen = _gen()
+    for case in ("so2_permuted", "dense"):
+        ri, ro = CASES[case](gen)
+        W = torch.randn(2, ro.dim, ri.dim, dtype=torch.float64, generator=gen, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda w: equiproj.energies(w, ri, ro, backend="cpp"), (W,))
+    ri, ro = _so3_fields(gen)
+    A = torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    B = torch.randn(ri.dim, ro.dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: equiproj.energies_many([a, b], [(ri, ro), (ro, ri)]), (A, B))
+
+
+@needs_cpp
+def test_double_backward_is_refused():
+    ri, ro = _so3_fields(None)
+    W = torch.randn(ro.dim, ri.dim, dtype=torch.float64, requires_grad=True)
+    e = equiproj.noneq_energy(W, ri, ro, backend="cpp")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(e, W, create_graph=True)
+
+
+def test_opcheck():
+    """Schema, fake (meta) implementation, autograd registration, and dispatch of the op; also
+    with the extension missing (the twin) where it is built."""
+    gen = _gen()
+    ri, ro = _so2_permuted(gen)
+    P = ops.packed_plan(block_plan(ri, ro), "cpu")
+    ri2, ro2 = _so3_fields(gen)
+    P2 = ops.packed_plan(block_plan(ri2, ro2), "cpu")
+    W1 = torch.randn(2, ro.dim, ri.dim, generator=gen, requires_grad=True)
+    W2 = torch.randn(ro2.dim, ri2.dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    args = lambda c: ([W1, W2], [P.meta, P2.meta], [P.basis, P2.basis], [P.perm_out, P2.perm_out],  # noqa: E731
+                      [P.perm_in, P2.perm_in], *c)
+    torch.library.opcheck(torch.ops.equiproj.fused_energies, args(([], [])))
+    c = ([torch.rand(2), torch.rand(())], [torch.rand(2), torch.rand((), dtype=torch.float64)])
+    # with coefficients (the backward's form): the gradient outputs are not differentiable
+    torch.library.opcheck(torch.ops.equiproj.fused_energies, args(c),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_twin_with_per_matrix_coefficients_matches_reference():
+    """The op's default implementation (the pure-torch twin of equiproj.kernels, also the CUDA
+    fallback) with batched weights and per-matrix coefficients: each matrix becomes its own entry."""
+    gen = _gen()
+    ri, ro = _so2_permuted(gen)
+    P = ops.packed_plan(block_plan(ri, ro), "cpu")
+    W = torch.randn(3, 2, ro.dim, ri.dim, generator=gen)
+    cp, cg = torch.rand(3, 2, generator=gen), torch.rand(3, 2, generator=gen)
+    (ep,), (eg,), (g,) = ops._twin([W], [P.meta], [P.basis], [P.perm_out], [P.perm_in], [cp], [cg])
+    W64 = W.double()
+    PW = reference.project(W64, ri, ro)
+    assert rel(ep, (W64 - PW).square().sum((-2, -1))) < 1e-4 and rel(eg, PW.square().sum((-2, -1))) < 1e-4
+    g_ref = 2 * cp.double()[..., None, None] * (W64 - PW) + 2 * cg.double()[..., None, None] * PW
+    assert g.shape == W.shape and float((g.double() - g_ref).abs().max()) < 1e-4 * float(g_ref.abs().max())
+
+
+@needs_cpp
+def test_deterministic():
+    gen = _gen()
+    ri, ro = _so3_fields(gen)
+    W = torch.randn(4, ro.dim, ri.dim, generator=gen, requires_grad=True)
+    a = equiproj.energies(W, ri, ro)
+    a[0].sum().backward()
+    ga = W.grad.clone()
+    W.grad = None
+    b = equiproj.energies(W, ri, ro)
+    b[0].sum().backward()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(ga, W.grad)
+
+
+def test_bad_inputs():
+    ri, ro = _so3_fields(None)
+    W = torch.randn(ro.dim, ri.dim)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        equiproj.energies(W.numpy(), ri, ro)
+    with pytest.raises(TypeError, match="floating-point"):
+        equiproj.energies(W.long(), ri, ro)
+    with pytest.raises(ValueError, match="shape"):
+        equiproj.energies(W.T, ri, ro)
+    with pytest.raises(ValueError, match="NaN"):
+        equiproj.energies(torch.full_like(W, float("nan")), ri, ro)
+    with pytest.raises(ValueError, match="rep pairs"):
+        equiproj.energies_many([W, W], [(ri, ro)])
+    with pytest.raises(TypeError, match="pair"):
+        equiproj.energies_many([W], [ri])
+    P = ops.packed_plan(block_plan(ri, ro), "cpu")
+    with pytest.raises(TypeError, match="PackedPlan"):
+        ops.fused_energies([W], [block_plan(ri, ro)])
+    with pytest.raises(ValueError, match="shape"):
+        ops.fused_energies([W[:, :-1]], [P])
+    with pytest.raises(TypeError, match="dtype"):
+        ops.fused_energies([W.to(torch.complex64)], [P])
+
+
+# ---- torch.compile -----------------------------------------------------------------------------
+@needs_cpp
+def test_torch_compile_fullgraph_training_step():
+    """Model loss + the penalty of all layers (energies_many) in one fullgraph compiled function;
+    the plans are looked up at trace time, the op stays one node. Equal to eager, two SGD steps."""
+    torch._dynamo.reset()
+    gen = _gen()
+    G = equiproj.SO3()
+    ri, rh = Rep.parse(G, "3x0 + 2x1"), Rep.parse(G, "2x0 + 2x1 + 2")
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = torch.nn.Sequential(torch.nn.Linear(ri.dim, rh.dim), torch.nn.Tanh(), torch.nn.Linear(rh.dim, ri.dim))
+    eager = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, ri.dim, generator=gen)
+
+    def loss_fn(x):
+        out = model(x).square().mean()
+        ep, eg = equiproj.energies_many([model[0].weight, model[2].weight], [(ri, rh), (rh, ri)])
+        return out + 0.5 * ep.sum() + 0.01 * eg.sum()
+
+    def train(fn, steps=2):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = fn(x)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    c_losses, c_params = train(compiled)
+    with torch.no_grad():
+        for p, e in zip(model.parameters(), eager):
+            p.copy_(e)
+    e_losses, e_params = train(loss_fn)
+    for a, b in zip(c_losses + c_params, e_losses + e_params):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
