@@ -65,7 +65,7 @@ class Settings:
     max_repeats: int = 50
     warmup: int = 2
     draws: int = 1024  # draws of the orbit defect for the variance (fewer if a draw is slow)
-    draws_budget_s: float = 6.0  # cap on the time spent drawing
+    draws_budget_s: float = 5.0  # cap on the time spent drawing (per layer, and again for the field blocks)
     min_draws: int = 16
     confirm_repeats: int = 20  # repeated K-sample estimates confirming K (0: never)
     confirm_budget_s: float = 4.0
