@@ -394,9 +394,14 @@ def available_backends(device: str) -> dict[str, str | None]:
             err = _rel(e.detach(), ref)
             out[b] = None if err < 1e-4 else f"wrong result (rel err {err:.1e})"
         except Exception as e:  # noqa: BLE001 - any failure means "not available here"
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            out[b] = f"not available ({type(e).__name__}: {msg[:80]})"
+            out[b] = f"not available ({_error_text(e)})"
     return out
+
+
+def _error_text(e: Exception, limit: int = 400) -> str:
+    """``Type: message`` on one line (what went wrong, for the report)."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:limit]}{'...' if len(msg) > limit else ''}"
 
 
 def _missing_reason(backend: str) -> str | None:
@@ -500,7 +505,7 @@ def verify_layer(layer, backends: list[str], settings: Settings, gen: torch.Gene
                 if dt == torch.float32:
                     row["rel_err_near"] = _rel(L.energies(Wn.to(dev), b)[0].detach().cpu(), rn)
             except Exception as e:  # noqa: BLE001
-                row = {"method": b, "dtype": str(dt).replace("torch.", ""), "error": f"{type(e).__name__}: {e}"[:120]}
+                row = {"method": b, "dtype": str(dt).replace("torch.", ""), "error": _error_text(e, 200)}
             rows.append(row)
     for r in rows:
         r["verified_shape"] = list(L.shape)
@@ -514,7 +519,7 @@ def verify_layer(layer, backends: list[str], settings: Settings, gen: torch.Gene
                              "rel_err_perp": _rel(ep.detach().cpu(), rp32), "rel_err_G": _rel(eg.detach().cpu(), rg32)})
             except Exception as e:  # noqa: BLE001
                 rows.append({"method": f"{b} (vs torch float64)", "dtype": "float32", "verified_shape": list(layer.shape),
-                             "error": f"{type(e).__name__}: {e}"[:120]})
+                             "error": _error_text(e, 200)})
     # the dense projector (float64), on a layer small enough for a float64 basis
     Ld = layer.dense_check_layer()
     Wd = W64 if Ld is L else torch.randn((2,) + Ld.shape, dtype=torch.float64, generator=gen)
@@ -547,7 +552,7 @@ def verify_many(layers, backends: list[str], settings: Settings, gen: torch.Gene
             rows.append({"method": b, "dtype": "float32", "rel_err_perp": _rel(ep.detach().cpu(), rp),
                          "rel_err_G": _rel(eg.detach().cpu(), rg)})
         except Exception as e:  # noqa: BLE001
-            rows.append({"method": b, "dtype": "float32", "error": f"{type(e).__name__}: {e}"[:120]})
+            rows.append({"method": b, "dtype": "float32", "error": _error_text(e, 200)})
     for r in rows:
         r["layer"] = "energies_many(" + ", ".join(L.key for L in layers) + ")"
         r["verified_shape"] = [len(Ls)]
@@ -585,7 +590,7 @@ def time_layer(layer, fused: list[str], settings: Settings, gen: torch.Generator
             add(f"fused[{b}]" if b != "torch" else "torch (spectral)",
                 measure(_grad_step(lambda X, b=b: layer.energies(X, b)[0], W), settings, dev), backend=b)
         except Exception as e:  # noqa: BLE001
-            add(f"fused[{b}]" if b != "torch" else "torch (spectral)", note=f"failed: {type(e).__name__}: {e}"[:120])
+            add(f"fused[{b}]" if b != "torch" else "torch (spectral)", note=f"failed: {_error_text(e, 200)}")
 
     progress.step(f"{layer.key}: torch.compile")
     if layer.key.split(":")[0] in settings.compile_layers:
@@ -600,7 +605,7 @@ def time_layer(layer, fused: list[str], settings: Settings, gen: torch.Generator
             what = "" if layer.kind == "linear" else "coefficient energies compiled, kernel-space split eager; "
             add("torch.compile", measure(step, settings, dev), note=f"{what}compile + first call {compile_s:.1f} s")
         except Exception as e:  # noqa: BLE001
-            add("torch.compile", note=f"failed: {type(e).__name__}: {str(e)[:80]}")
+            add("torch.compile", note=f"failed: {_error_text(e, 200)}")
     else:
         add("torch.compile", note="skipped in this mode (compiles for minutes on a CPU); see --full")
 
