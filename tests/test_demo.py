@@ -107,6 +107,23 @@ def test_c4_net_projected_is_equivariant_and_energy_is_zero():
     assert demo.relative_noneq_energy(net) < 1e-10
 
 
+def test_shrink_noneq_scales_the_non_equivariant_part():
+    torch.manual_seed(3)
+    net = C4SmokeNet(hidden_fields=1, layers=2, kernel=3)
+    pen = eqnn.ProjectionPenalty(net, 1.0)
+    with torch.no_grad():
+        e_perp, e_g = pen.energies()
+        demo.shrink_noneq_(net, 0.0)
+        assert torch.allclose(pen.energies()[0], e_perp)
+        demo.shrink_noneq_(net, 0.5)  # W - P W halves, P W stays
+        p2, g2 = pen.energies()
+        assert torch.allclose(p2, 0.25 * e_perp, rtol=1e-4) and torch.allclose(g2, e_g, rtol=1e-4)
+        demo.shrink_noneq_(net, 1.0)
+        assert float(pen.energies()[0].max()) < 1e-10
+    with pytest.raises(ValueError, match="eta"):
+        demo.shrink_noneq_(net, 1.5)
+
+
 def test_data_penalty_matches_the_library_baseline():
     from equiproj.baselines import sampled_data_penalty
 
