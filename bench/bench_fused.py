@@ -14,14 +14,19 @@ fused forward+backward <= 3x ``torch.mul(W, 2)`` and >= 5x faster than the pure-
 table of how the ratio grows with the field dimension up to 64 (regular reps of C_N: a dense
 N x N basis with r = N per tile, the generic kernel; SO(3) single-l fields: the A = I/sqrt(d) path).
 
-Run ``python bench/bench_fused.py [--size 4096] [--threads 1 2] [--quick]`` for the table (ratios
-from one run; absolute times depend on the machine). CI runs this file with
+Run ``python bench/bench_fused.py [--size 4096] [--threads 1 2] [--cases fields|growth|all]
+[--no-torch]`` for the table: the baseline and the op are timed in turn, round after round, and the
+best of each is kept (ratios from one run; absolute times depend on the machine). Whether the fresh
+64 MiB outputs page-fault (glibc returns them to the OS) dominates both ``torch.mul(W, 2)`` and the
+backward on some machines: ``THP_MEM_ALLOC_ENABLE=1`` (torch's transparent-huge-page allocation)
+removes most of that cost, and the header line says which regime a table was taken in. CI runs this file with
 ``--benchmark-disable`` as a test: tiny shapes, every path once, fused checked against torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import pytest
@@ -105,19 +110,32 @@ def timeit(fn, repeat: int = 5, min_time: float = 0.3) -> float:
     return best
 
 
+def interleaved(fns: dict, rounds: int = 7) -> dict:
+    """Best wall time of each function over ``rounds`` rounds that run them in turn, so that the
+    baseline and the op see the same machine state (a shared machine's load, the allocator's)."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def measure(case: str, n: int, threads: int, with_torch: bool = True, dtype=torch.float32) -> dict:
     rep = make_rep(case, n)
     torch.set_num_threads(threads)
     W = torch.randn(rep.dim, rep.dim, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
     out = torch.empty_like(W)
-    fwd_bwd(W, rep, "cpp")  # builds and caches the plan
-    row = {
-        "case": case, "d": field_dim(case), "shape": tuple(W.shape), "threads": threads,
-        "mul": timeit(lambda: torch.mul(W.detach(), 2)),
-        "mul_out": timeit(lambda: torch.mul(W.detach(), 2, out=out)),
-        "fused_fwd": timeit(lambda: forward(W, rep, "cpp")),
-        "fused": timeit(lambda: fwd_bwd(W, rep, "cpp")),
-    }
+    row = {"case": case, "d": field_dim(case), "shape": tuple(W.shape), "threads": threads}
+    row.update(interleaved({
+        "mul": lambda: torch.mul(W.detach(), 2),
+        "mul_out": lambda: torch.mul(W.detach(), 2, out=out),
+        "fused_fwd": lambda: forward(W, rep, "cpp"),
+        "fused": lambda: fwd_bwd(W, rep, "cpp"),
+    }))
     if with_torch:
         row["torch"] = timeit(lambda: fwd_bwd(W, rep, "torch"), repeat=2, min_time=0.0)
     return row
@@ -183,18 +201,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=4096, help="about n: W is n x n float32")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--quick", action="store_true", help="skip the pure-torch path for the growth table")
+    p.add_argument("--cases", choices=["fields", "growth", "all"], default="all",
+                   help="field dims <= 5 (every thread count), the growth table (last thread count), or both")
+    p.add_argument("--no-torch", action="store_true", help="skip the (slow) pure-torch path")
     args = p.parse_args(argv)
     if not ops.cpp_available():
         raise SystemExit(ops._cpp_missing())
-    print(f"isa: {torch.ops.equiproj_cpu.isa()}, torch {torch.__version__}")
+    print(f"isa: {torch.ops.equiproj_cpu.isa()}, torch {torch.__version__}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}")
+    runs = []
+    if args.cases in ("fields", "all"):
+        runs += [(case, t) for t in args.threads for case in FIELD_CASES]
+    if args.cases in ("growth", "all"):
+        runs += [(case, args.threads[-1]) for case in GROWTH_CASES]
     rows = []
-    for threads in args.threads:
-        for case in FIELD_CASES:
-            rows.append(measure(case, args.size, threads))
-            print(format_table(rows[-1:]).split("\n")[-1], flush=True)
-    for case in GROWTH_CASES:
-        rows.append(measure(case, args.size, args.threads[-1], with_torch=not args.quick))
+    for case, threads in runs:
+        rows.append(measure(case, args.size, threads, with_torch=not args.no_torch))
         print(format_table(rows[-1:]).split("\n")[-1], flush=True)
     print()
     print(format_table(rows))

@@ -72,9 +72,8 @@ using at::Tensor;
 constexpr int64_t kMetaCols = 8;
 
 struct Kernels {
-  void (*f32)(const Pair&, int64_t, const float* const*, float* const*, acc_t, acc_t, acc_t*, acc_t*, acc_t&, acc_t&);
-  void (*f64)(const Pair&, int64_t, const double* const*, double* const*, acc_t, acc_t, acc_t*, acc_t*, acc_t&,
-              acc_t&);
+  void (*f32)(const Pair&, int64_t, const float* const*, float* const*, acc_t, acc_t, acc_t*, acc_t&, acc_t&);
+  void (*f64)(const Pair&, int64_t, const double* const*, double* const*, acc_t, acc_t, acc_t*, acc_t&, acc_t&);
   const char* isa;
 };
 
@@ -95,14 +94,12 @@ const Kernels& kernels() {
 template <typename X>
 inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, Scratch& s,
                      acc_t& ep, acc_t& eg) {
-  if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) {  // kSmall runs generic_pair on the baseline ISA
-    s.coef.resize(std::max<int64_t>(p.ci * p.r, 1));
-    s.row.resize(std::max<int64_t>(p.di, 1));
-  }
+  if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall)  // kSmall runs generic_pair on the baseline ISA
+    s.coef.resize(std::max<int64_t>(p.ci * ((p.r + 3) / 4 * 4), 4));
   if constexpr (std::is_same<X, float>::value)
-    kernels().f32(p, dout, x, g, cp2, cg2, s.coef.data(), s.row.data(), ep, eg);
+    kernels().f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
   else
-    kernels().f64(p, dout, x, g, cp2, cg2, s.coef.data(), s.row.data(), ep, eg);
+    kernels().f64(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
 }
 
 // ---- one row block of one matrix -------------------------------------------------------------------
@@ -256,9 +253,10 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
     if (kind == Kind::kGeneric || kind == Kind::kSmall) {
       // transposed copy; its offset is stored until basis_t stops growing
       G.pairs.back().At = reinterpret_cast<const acc_t*>(static_cast<intptr_t>(L.basis_t.size()));
+      const int64_t rp = (r + 3) / 4 * 4;  // zero-padded to whole vectors (tile_kernels.h, padded_rank)
       for (int64_t a = 0; a < dout; ++a)
         for (int64_t b = 0; b < din; ++b)
-          for (int64_t k = 0; k < r; ++k) L.basis_t.push_back(A[(k * dout + a) * din + b]);
+          for (int64_t k = 0; k < rp; ++k) L.basis_t.push_back(k < r ? A[(k * dout + a) * din + b] : 0.0);
     }
   }
   TORCH_CHECK_VALUE(row_end == L.m, "fused_energies: layer ", layer, ": the plan covers ", row_end, " rows, W has ", L.m);

@@ -22,7 +22,7 @@ struct Pair {
   int64_t in_off, ci, di, r;
   Kind kind;
   const acc_t* A;   // [r, d_out, d_in]
-  const acc_t* At;  // [d_out, d_in, r] (kGeneric and kSmall)
+  const acc_t* At;  // [d_out, d_in, r rounded up to 4] (kGeneric and kSmall), zero-padded
 };
 
 // All pairs of one output field, in column order; they tile [0, n).
@@ -32,7 +32,7 @@ struct OutGroup {
 };
 
 struct Scratch {
-  std::vector<acc_t> x, g, coef, row;  // float64 staging rows; generic-kernel temporaries
+  std::vector<acc_t> x, g, coef;  // float64 staging rows; generic-kernel coefficients
   std::vector<int64_t> urow;           // user row of each row of the block
   std::vector<const float*> xf;
   std::vector<float*> gf;

@@ -238,68 +238,116 @@ void small_pair(const X* const* x, X* const* g, int64_t ci, int64_t r, const acc
 }
 
 // ---- any basis, runtime tile shape ----------------------------------------------------------------
-// For the ci tiles of the row block: coef[v, :] = sum_a X_a[v] At_a (vectorised over k), then
-// R_a[v] = X_a[v] - coef[v, :] A[:, a] (vectorised along the tile row). coef: ci*r, row: di scratch.
+// Two small matrix products per row block, register-blocked over four tiles:
+//   coef[v, k] = sum_e X[v, e] At[e, k]          (e = a d_in + b runs over the tile's entries)
+//   R[v, e]    = X[v, e] - sum_k coef[v, k] A[k, e]
+// At: the basis as [d_out d_in, rp] (rp = r rounded up to 4, zero-padded); coef: ci * rp scratch.
 
-template <typename X>
-void generic_pair(const X* const* x, X* const* g, int64_t dout, int64_t di, int64_t ci, int64_t r, const acc_t* A,
-                  const acc_t* At, acc_t cp2, acc_t cg2, acc_t* coef, acc_t* rv, acc_t& ep, acc_t& eg) {
-  const acc_t dc = cp2 - cg2;
-  const int64_t r4 = r - r % 4, d4 = di - di % 4;
-  for (int64_t j = 0; j < ci * r; ++j) coef[j] = 0;
-  for (int64_t a = 0; a < dout; ++a)
-    for (int64_t v = 0; v < ci; ++v) {
-      const X* xa = x[a] + v * di;
-      acc_t* cv = coef + v * r;
-      for (int64_t b = 0; b < di; ++b) {
-        const acc_t xb = xa[b];
-        const V4 xv = splat(xb);
-        const acc_t* Atab = At + (a * di + b) * r;
-        for (int64_t k = 0; k < r4; k += 4) store4(cv + k, fmadd(xv, load4(Atab + k), load4(cv + k)));
-        for (int64_t k = r4; k < r; ++k) cv[k] += xb * Atab[k];
+constexpr int64_t padded_rank(int64_t r) { return (r + 3) / 4 * 4; }
+
+// coef for Q tiles starting at v0, columns k0 .. k0 + 4 NK.
+template <int Q, int NK, typename X>
+inline void coef_block(const X* const* x, int64_t dout, int64_t di, int64_t v0, int64_t k0, int64_t rp,
+                       const acc_t* At, acc_t* coef) {
+  V4 acc[Q][NK];
+  for (int q = 0; q < Q; ++q)
+    for (int j = 0; j < NK; ++j) acc[q][j] = zero4();
+  for (int64_t a = 0; a < dout; ++a) {
+    const X* xr = x[a] + v0 * di;
+    const acc_t* Ata = At + a * di * rp + k0;
+    for (int64_t b = 0; b < di; ++b) {
+      V4 at[NK];
+      for (int j = 0; j < NK; ++j) at[j] = load4(Ata + b * rp + 4 * j);
+      for (int q = 0; q < Q; ++q) {
+        const V4 xv = splat(acc_t(xr[q * di + b]));
+        for (int j = 0; j < NK; ++j) acc[q][j] = fmadd(xv, at[j], acc[q][j]);
       }
     }
-  V4 sg4 = zero4(), sp4 = zero4();
-  acc_t sg = 0, sp = 0;
-  for (int64_t j = 0; j + 4 <= ci * r; j += 4) {
+  }
+  for (int q = 0; q < Q; ++q)
+    for (int j = 0; j < NK; ++j) store4(coef + (v0 + q) * rp + k0 + 4 * j, acc[q][j]);
+}
+
+// Residual and gradient of Q tiles starting at v0, tile row a, columns b0 .. b0 + 4 NB.
+template <int Q, int NB, typename X>
+inline void residual_block(const X* const* x, X* const* g, int64_t dout, int64_t di, int64_t v0, int64_t a,
+                           int64_t b0, int64_t r, int64_t rp, const acc_t* A, const acc_t* coef, V4 vcg, V4 vdc,
+                           V4* sp) {
+  V4 t[Q][NB], rv[Q][NB];
+  for (int q = 0; q < Q; ++q)
+    for (int j = 0; j < NB; ++j) rv[q][j] = t[q][j] = load4(x[a] + (v0 + q) * di + b0 + 4 * j);
+  const acc_t* Aa = A + a * di + b0;
+  for (int64_t k = 0; k < r; ++k) {
+    V4 av[NB];
+    for (int j = 0; j < NB; ++j) av[j] = load4(Aa + k * dout * di + 4 * j);
+    for (int q = 0; q < Q; ++q) {
+      const V4 c = splat(coef[(v0 + q) * rp + k]);
+      for (int j = 0; j < NB; ++j) rv[q][j] = fnmadd(c, av[j], rv[q][j]);
+    }
+  }
+  for (int q = 0; q < Q; ++q)
+    for (int j = 0; j < NB; ++j) {
+      sp[j] = fmadd(rv[q][j], rv[q][j], sp[j]);
+      if (g) store4(g[a] + (v0 + q) * di + b0 + 4 * j, fmadd(vcg, t[q][j], vdc * rv[q][j]));
+    }
+}
+
+// Loop order: a block of the basis (At columns k0 .. k0 + 8, or A[:, a, b0 .. b0 + 8]) is applied to
+// every tile of the row block before the next block, so that it stays in cache for large fields.
+template <typename X>
+void generic_pair(const X* const* x, X* const* g, int64_t dout, int64_t di, int64_t ci, int64_t r, const acc_t* A,
+                  const acc_t* At, acc_t cp2, acc_t cg2, acc_t* coef, acc_t& ep, acc_t& eg) {
+  const int64_t rp = padded_rank(r), c4 = ci - ci % 4;
+  for (int64_t k0 = 0; k0 < rp; k0 += 8) {
+    if (k0 + 8 <= rp) {
+      for (int64_t v = 0; v < c4; v += 4) coef_block<4, 2, X>(x, dout, di, v, k0, rp, At, coef);
+      for (int64_t v = c4; v < ci; ++v) coef_block<1, 2, X>(x, dout, di, v, k0, rp, At, coef);
+    } else {
+      for (int64_t v = 0; v < c4; v += 4) coef_block<4, 1, X>(x, dout, di, v, k0, rp, At, coef);
+      for (int64_t v = c4; v < ci; ++v) coef_block<1, 1, X>(x, dout, di, v, k0, rp, At, coef);
+    }
+  }
+  V4 sg4 = zero4();
+  for (int64_t j = 0; j < ci * rp; j += 4) {  // the padding columns are zero
     const V4 c = load4(coef + j);
     sg4 = fmadd(c, c, sg4);
   }
-  for (int64_t j = ci * r - (ci * r) % 4; j < ci * r; ++j) sg += coef[j] * coef[j];
-  const V4 vcg = splat(cg2), vdc = splat(dc);
-  for (int64_t a = 0; a < dout; ++a)
-    for (int64_t v = 0; v < ci; ++v) {
-      const X* xa = x[a] + v * di;
-      const acc_t* cv = coef + v * r;
-      for (int64_t b = 0; b < d4; b += 4) store4(rv + b, load4(xa + b));
-      for (int64_t b = d4; b < di; ++b) rv[b] = xa[b];
-      for (int64_t k = 0; k < r; ++k) {
-        const acc_t* Aka = A + (k * dout + a) * di;
-        const acc_t c = cv[k];
-        const V4 cvk = splat(c);
-        for (int64_t b = 0; b < d4; b += 4) store4(rv + b, fnmadd(cvk, load4(Aka + b), load4(rv + b)));
-        for (int64_t b = d4; b < di; ++b) rv[b] -= c * Aka[b];
-      }
-      for (int64_t b = 0; b < d4; b += 4) {
-        const V4 q = load4(rv + b);
-        sp4 = fmadd(q, q, sp4);
-        if (g) store4(g[a] + v * di + b, fmadd(vcg, load4(xa + b), vdc * q));
-      }
-      for (int64_t b = d4; b < di; ++b) {
-        sp += rv[b] * rv[b];
-        if (g) g[a][v * di + b] = static_cast<X>(cg2 * xa[b] + dc * rv[b]);
+  const V4 vcg = splat(cg2), vdc = splat(cp2 - cg2);
+  V4 sp[3] = {zero4(), zero4(), zero4()};
+  acc_t sp_tail = 0;
+  const int64_t d4 = di - di % 4;
+  for (int64_t a = 0; a < dout; ++a) {
+    for (int64_t b0 = 0; b0 < d4; b0 += 8) {
+      if (b0 + 8 <= d4) {
+        for (int64_t v = 0; v < c4; v += 4)
+          residual_block<4, 2, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp);
+        for (int64_t v = c4; v < ci; ++v) residual_block<1, 2, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp);
+      } else {
+        for (int64_t v = 0; v < c4; v += 4)
+          residual_block<4, 1, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp + 2);
+        for (int64_t v = c4; v < ci; ++v)
+          residual_block<1, 1, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp + 2);
       }
     }
-  ep += hsum(sp4) + sp;
-  eg += hsum(sg4) + sg;
+    for (int64_t b = d4; b < di; ++b)  // columns past the last whole vector
+      for (int64_t v = 0; v < ci; ++v) {
+        const acc_t t = x[a][v * di + b];
+        acc_t rv = t;
+        for (int64_t k = 0; k < r; ++k) rv -= coef[v * rp + k] * A[(k * dout + a) * di + b];
+        sp_tail += rv * rv;
+        if (g) g[a][v * di + b] = static_cast<X>(cg2 * t + (cp2 - cg2) * rv);
+      }
+  }
+  ep += hsum((sp[0] + sp[1]) + sp[2]) + sp_tail;
+  eg += hsum(sg4);
 }
 
 // ---- dispatch -------------------------------------------------------------------------------------
 
-// coef: ci*r scratch, row: di scratch (kSmall and kGeneric).
+// coef: ci * padded_rank(r) scratch (kSmall and kGeneric).
 template <typename X>
 void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* coef,
-              acc_t* row, acc_t& ep, acc_t& eg) {
+              acc_t& ep, acc_t& eg) {
   switch (p.kind) {
     case Kind::kZero:
       zero_rows<X>(x, g, dout, p.ci * p.di, cp2, ep);
@@ -325,17 +373,17 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
 #endif
       [[fallthrough]];
     case Kind::kGeneric:
-      generic_pair<X>(x, g, dout, p.di, p.ci, p.r, p.A, p.At, cp2, cg2, coef, row, ep, eg);
+      generic_pair<X>(x, g, dout, p.di, p.ci, p.r, p.A, p.At, cp2, cg2, coef, ep, eg);
       return;
   }
 }
 
 void run_pair_float(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2, acc_t cg2,
-                    acc_t* coef, acc_t* row, acc_t& ep, acc_t& eg) {
-  run_pair<float>(p, dout, x, g, cp2, cg2, coef, row, ep, eg);
+                    acc_t* coef, acc_t& ep, acc_t& eg) {
+  run_pair<float>(p, dout, x, g, cp2, cg2, coef, ep, eg);
 }
 
 void run_pair_double(const Pair& p, int64_t dout, const double* const* x, double* const* g, acc_t cp2, acc_t cg2,
-                     acc_t* coef, acc_t* row, acc_t& ep, acc_t& eg) {
-  run_pair<double>(p, dout, x, g, cp2, cg2, coef, row, ep, eg);
+                     acc_t* coef, acc_t& ep, acc_t& eg) {
+  run_pair<double>(p, dout, x, g, cp2, cg2, coef, ep, eg);
 }

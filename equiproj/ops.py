@@ -259,6 +259,20 @@ def _plans_from_tensors(weights, meta, basis, perm_out, perm_in) -> list[PackedP
     return plans
 
 
+_SUPPORTED: "OrderedDict[int, tuple[PackedPlan, bool]]" = OrderedDict()
+
+
+def _triton_supports(k, P: PackedPlan) -> bool:
+    """``equiproj.kernels.supports(P)``, cached per plan (it reads the plan's meta on the host)."""
+    hit = _SUPPORTED.get(id(P))
+    if hit is None or hit[0] is not P:
+        hit = (P, bool(k.supports(P)))
+        _SUPPORTED[id(P)] = hit  # holding P keeps its id from being reused
+        if len(_SUPPORTED) > _PLANS_CACHE_SIZE:
+            _SUPPORTED.popitem(last=False)
+    return hit[1]
+
+
 def _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g) -> None:
     L = len(weights)
     if not (len(meta) == len(basis) == len(perm_out) == len(perm_in) == L):
@@ -361,7 +375,7 @@ def _fused_energies_cuda(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
     if (k is None or not k.HAS_TRITON or any(W.dtype == torch.float64 for W in weights)):
         return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
     plans = _plans_from_tensors(weights, meta, basis, perm_out, perm_in)
-    if not all(k.supports(P) for P in plans):  # fields wider than the kernel's largest tile
+    if not all(_triton_supports(k, P) for P in plans):  # fields wider than the kernel's largest tile
         return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
     flat_w, flat_p, cp, cg, counts = _flatten_batches(weights, plans, c_perp, c_g)
     ep, eg, gr = k.fused_energies(flat_w, flat_p, cp, cg)

@@ -303,6 +303,42 @@ def test_bad_inputs():
         ops.fused_energies([W.to(torch.complex64)], [P])
 
 
+# ---- the CUDA kernel registration (Triton) --------------------------------------------------------
+def _triton_runs():
+    k = ops._kernels()
+    return k is not None and k.HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@needs_cpp
+@pytest.mark.skipif(not _triton_runs(), reason="needs triton and a GPU, or TRITON_INTERPRET=1")
+def test_cuda_registration_matches_cpp():
+    """The op's CUDA kernel (equiproj.kernels.fused_energies behind the op: plan objects passed
+    back, batched weights split per matrix for per-matrix coefficients) equals the C++ kernel.
+    With a GPU through the public functions; without one, the registered function itself runs the
+    Triton kernel in the interpreter on CPU tensors (small shapes)."""
+    gen = _gen()
+    ri, ro = _so2_permuted(gen)
+    W = torch.randn(2, ro.dim, ri.dim, generator=gen)
+    W2 = torch.randn(ro.dim, ri.dim, generator=gen)
+    cp, cg = [torch.rand(2, generator=gen), torch.rand((), generator=gen)], [torch.rand(2, generator=gen), torch.rand(())]
+    P = ops.packed_plan(block_plan(ri, ro), "cpu")
+    want = torch.ops.equiproj.fused_energies([W, W2], [P.meta] * 2, [P.basis] * 2, [P.perm_out] * 2,
+                                             [P.perm_in] * 2, cp, cg)
+    if torch.cuda.is_available():
+        Wc = W.cuda().requires_grad_()
+        ep, eg = equiproj.energies(Wc, ri, ro, backend="triton")
+        ((cp[0].cuda() * ep).sum() + (cg[0].cuda() * eg).sum()).backward()
+        got = ([ep.cpu()], [eg.cpu()], [Wc.grad.cpu()])
+        want = ([want[0][0]], [want[1][0]], [want[2][0]])
+    else:
+        Pt = block_plan(ri, ro).packed("cpu", torch.float32)  # what the Triton kernel reads
+        ops._remember([Pt])
+        got = ops._fused_energies_cuda([W, W2], [Pt.meta] * 2, [Pt.basis] * 2, [Pt.perm_out] * 2, [Pt.perm_in] * 2,
+                                       cp, cg)
+    for a, b in zip(sum(got, []), sum(want, [])):  # float32 kernel arithmetic
+        assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+
 # ---- torch.compile -----------------------------------------------------------------------------
 @needs_cpp
 def test_torch_compile_fullgraph_training_step():
