@@ -13,6 +13,11 @@
 // Tiles are computed in float64 whatever the weight dtype (exact residual form, so nearly
 // equivariant fp32 weights keep their digits); the energies are returned in float32 for
 // fp16/bf16/fp32 weights and float64 for float64 weights.
+//
+// Each field pair is classified once per call (plan_types.h, Kind): r = 0 (sum of squares),
+// A = +-I/sqrt(d) (trace form), small square tiles, or the generic kernel (two register-blocked
+// products with the basis). The kernels (tile_kernels.h) are compiled twice, for the baseline
+// x86-64 ISA and for AVX2+FMA, and chosen at run time (isa(), set_isa() for tests).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +27,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <string>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -77,18 +84,30 @@ struct Kernels {
   const char* isa;
 };
 
-Kernels select_kernels() {
+constexpr Kernels kBaseline{&base::run_pair_float, &base::run_pair_double, "baseline"};
+
+bool has_avx2() {
 #ifdef EQUIPROJ_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {&avx2::run_pair_float, &avx2::run_pair_double, "avx2"};
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
 #endif
-  return {&base::run_pair_float, &base::run_pair_double, "baseline"};
 }
 
+Kernels best_kernels() {
+#ifdef EQUIPROJ_X86
+  if (has_avx2()) return {&avx2::run_pair_float, &avx2::run_pair_double, "avx2"};
+#endif
+  return kBaseline;
+}
+
+std::atomic<const Kernels*> g_kernels{nullptr};
+
 const Kernels& kernels() {
-  static const Kernels k = select_kernels();
-  return k;
+  static const Kernels best = best_kernels();
+  const Kernels* k = g_kernels.load(std::memory_order_acquire);
+  return k ? *k : best;
 }
 
 template <typename X>
@@ -405,6 +424,16 @@ int64_t parallel_threads(int64_t items) {
 
 std::string isa() { return kernels().isa; }
 
+// Test hook: run the baseline kernels ("baseline") or the best for this CPU ("best"); returns the
+// previous choice. Not for use while another call is running.
+std::string set_isa(const std::string& which) {
+  TORCH_CHECK_VALUE(which == "baseline" || which == "best", "set_isa: expected 'baseline' or 'best', got '", which,
+                    "'");
+  const std::string previous = kernels().isa;
+  g_kernels.store(which == "baseline" ? &kBaseline : nullptr, std::memory_order_release);
+  return previous;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(equiproj_cpu, m) {
@@ -413,6 +442,7 @@ TORCH_LIBRARY(equiproj_cpu, m) {
       "Tensor[] c_perp, Tensor[] c_g) -> (Tensor[], Tensor[], Tensor[])");
   m.def("num_threads() -> int", &num_threads);
   m.def("isa() -> str", &isa);
+  m.def("set_isa(str which) -> str", &set_isa);
   m.def("parallel_threads(int items) -> int", &parallel_threads);
 }
 

@@ -162,6 +162,24 @@ def test_nearly_equivariant(case, dtype):
     _check(W, ep, eg, g, ri, ro, cp, cg, f"{case} {dtype} nearly equivariant", near=True)
 
 
+@pytest.mark.parametrize("case", ["so3_fields", "so2_complex", "small_general", "dense_basis"])
+def test_baseline_isa_matches_reference(case):
+    """The kernels compiled for the baseline x86-64 ISA (used on CPUs without AVX2+FMA)."""
+    gen = _gen()
+    ri, ro = CASES[case](gen)
+    P = _plan(ri, ro)
+    previous = torch.ops.equiproj_cpu.set_isa("baseline")
+    try:
+        assert torch.ops.equiproj_cpu.isa() == "baseline"
+        for dtype in (torch.float32, torch.float64):
+            W = torch.randn(2, ro.dim, ri.dim, generator=gen, dtype=torch.float64).to(dtype)
+            cp, cg = torch.rand(2, generator=gen), torch.rand(2, generator=gen)
+            (ep,), (eg,), (g,) = cpp([W], [P], [cp], [cg])
+            _check(W, ep, eg, g, ri, ro, cp, cg, f"{case} {dtype} baseline ISA")
+    finally:
+        torch.ops.equiproj_cpu.set_isa("best" if previous != "baseline" else "baseline")
+
+
 def test_many_layers_in_one_call_equal_single_calls():
     """One call over layers of mixed dtypes, batches and permutations returns bitwise what the
     single-layer calls return (each matrix's sum runs over its own row blocks in a fixed order)."""

@@ -347,7 +347,7 @@ def test_torch_compile_fullgraph_training_step():
     torch._dynamo.reset()
     gen = _gen()
     G = equiproj.SO3()
-    ri, rh = Rep.parse(G, "3x0 + 2x1"), Rep.parse(G, "2x0 + 2x1 + 2")
+    ri, rh, r0 = Rep.parse(G, "3x0 + 2x1"), Rep.parse(G, "2x0 + 2x1 + 2"), Rep.parse(G, "0")
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     model = torch.nn.Sequential(torch.nn.Linear(ri.dim, rh.dim), torch.nn.Tanh(), torch.nn.Linear(rh.dim, ri.dim))
     eager = [p.detach().clone() for p in model.parameters()]
@@ -356,7 +356,8 @@ def test_torch_compile_fullgraph_training_step():
     def loss_fn(x):
         out = model(x).square().mean()
         ep, eg = equiproj.energies_many([model[0].weight, model[2].weight], [(ri, rh), (rh, ri)])
-        return out + 0.5 * ep.sum() + 0.01 * eg.sum()
+        bias = equiproj.noneq_energy(model[0].bias[:, None], r0, rh)  # the single-layer entry point
+        return out + 0.5 * ep.sum() + 0.01 * eg.sum() + 0.1 * bias
 
     def train(fn, steps=2):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
