@@ -27,10 +27,14 @@ missing build or package.
 
 Example::
 
+    >>> from equiproj.plan import block_plan
     >>> G = equiproj.SO3(); r = equiproj.Rep.parse(G, "4x0 + 2x1")
     >>> W = torch.randn(10, 10, requires_grad=True)
     >>> (e_perp,), (e_g,) = fused_energies([W], [packed_plan(block_plan(r, r), W.device)])
     >>> e_perp.backward()  # W.grad = 2 (W - P W)
+
+Under ``torch.compile`` (also ``fullgraph=True``) the public functions look the plan and the backend
+up when the code is traced (:func:`plan_for`, :func:`backend_for`); the op is one graph node.
 """
 
 from __future__ import annotations
