@@ -108,9 +108,6 @@ class Schedule:
     n_matrices: int
     matrix_offset: list[int]  # first matrix of each layer (matrices are layer-major, batch row-major)
     batch_shapes: list[tuple[int, ...]]
-    grad_dtypes: list[torch.dtype]  # distinct weight dtypes, one gradient buffer each
-    grad_offset: list[int]  # per layer: element offset of its gradient in its dtype's buffer
-    grad_numel: dict = field(default_factory=dict)  # dtype -> elements of that gradient buffer
     plans: list = field(default_factory=list)  # keeps the plans alive (cache keys use their ids)
 
 
@@ -182,17 +179,6 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
         perm_base += P.m + P.n
         layer_rows.append([W.stride(-2), W.stride(-1), P.n, po_off, pi_off])
 
-    # gradients: one contiguous buffer per weight dtype, each layer's gradient a contiguous block
-    grad_dtypes: list[torch.dtype] = []
-    grad_numel: dict = {}
-    grad_offset = []
-    for W in weights:
-        if W.dtype not in grad_numel:
-            grad_dtypes.append(W.dtype)
-            grad_numel[W.dtype] = 0
-        grad_offset.append(grad_numel[W.dtype])
-        grad_numel[W.dtype] += W.numel()
-
     # pass 2: tasks. Slots: matrix-major, then field pair, then (u block, v block).
     per_class: dict = {k: [] for k in classes}
     slot_start, matrix_offset, batch_shapes = [0], [], []
@@ -202,7 +188,8 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
         matrix_offset.append(n_mats)
         w_off = _batch_offsets(W.shape, W.stride())
         nb = len(w_off)
-        g_off = grad_offset[i] + np.arange(nb, dtype=np.int64) * (P.m * P.n)
+        # each layer's gradient is its own contiguous tensor (outputs of a custom op may not share storage)
+        g_off = np.arange(nb, dtype=np.int64) * (P.m * P.n)
         # tasks of one matrix, then replicated over the batch
         local = 0
         pieces = []
@@ -261,8 +248,5 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
         n_matrices=n_mats,
         matrix_offset=matrix_offset,
         batch_shapes=batch_shapes,
-        grad_dtypes=grad_dtypes,
-        grad_offset=grad_offset,
-        grad_numel=grad_numel,
         plans=list(plans),
     )

@@ -44,7 +44,7 @@ _COLS_FIRST_ON_TIE = tuple(int(p) for p in triton.__version__.split(".")[:2]) < 
 @triton.jit
 def _energy_tiles_kernel(
     task_ptr, task_start, addr_ptr, layer_ptr, basis_ptr, perm_ptr, c_perp_ptr, c_g_ptr,
-    w_dtype_ptr, grad_ptr, part_ptr, n_slots,
+    w_dtype_ptr, grad_addr_ptr, part_ptr, n_slots,
     DO: tl.constexpr, DI: tl.constexpr, DOP: tl.constexpr, DIP: tl.constexpr,
     BU: tl.constexpr, BV: tl.constexpr, IDENTITY_PERM: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
     SMALL_OFFSETS: tl.constexpr, COLS_FIRST: tl.constexpr, WITH_GRAD: tl.constexpr, NT: tl.constexpr, NL: tl.constexpr,
@@ -136,7 +136,8 @@ def _energy_tiles_kernel(
         if SMALL_OFFSETS:
             grow = grow.to(tl.int32)
             gcol = gcol.to(tl.int32)
-        grad = grad.to(grad_ptr.dtype.element_ty)
+        grad = grad.to(w_dtype_ptr.dtype.element_ty)
+        grad_ptr = tl.load(grad_addr_ptr + layer).to(w_dtype_ptr.dtype)  # the layer's own gradient tensor
         if COLS_FIRST:
             tl.store(grad_ptr + g_off + gcol[:, None] + grow[None, :], tl.trans(grad), mask=tl.trans(mask))
         else:
@@ -144,8 +145,9 @@ def _energy_tiles_kernel(
 
 
 @triton.jit
-def _segment_sum_kernel(part_ptr, start_ptr, out_ptr, n_slots, n_matrices, BLOCK: tl.constexpr):
-    """out[0, k] / out[1, k] = sum of matrix k's partials, in a fixed order."""
+def _segment_sum_kernel(part_ptr, start_ptr, out_addr_ptr, n_slots, n_matrices, BLOCK: tl.constexpr):
+    """E_perp / E_G of matrix k = the sum of its partials in a fixed order, stored at the float32
+    addresses ``out_addr[k]`` / ``out_addr[n_matrices + k]`` (each layer's own output tensors)."""
     k = tl.program_id(0)
     s = tl.load(start_ptr + k)
     e = tl.load(start_ptr + k + 1)
@@ -156,8 +158,8 @@ def _segment_sum_kernel(part_ptr, start_ptr, out_ptr, n_slots, n_matrices, BLOCK
         m = idx < e
         acc_perp += tl.load(part_ptr + idx, mask=m, other=0.0)
         acc_g += tl.load(part_ptr + n_slots + idx, mask=m, other=0.0)
-    tl.store(out_ptr + k, tl.sum(acc_perp))
-    tl.store(out_ptr + n_matrices + k, tl.sum(acc_g))
+    tl.store(tl.load(out_addr_ptr + k).to(part_ptr.dtype), tl.sum(acc_perp))
+    tl.store(tl.load(out_addr_ptr + n_matrices + k).to(part_ptr.dtype), tl.sum(acc_g))
 
 
 _SCHEDULES: "OrderedDict[tuple, tuple[Schedule, dict]]" = OrderedDict()
@@ -180,7 +182,11 @@ def _schedule(weights, plans, device) -> tuple[Schedule, dict]:
 
 def _addresses(weights, cache: dict, device) -> torch.Tensor:
     """int64 device table of the weights' data pointers; cached, since parameters keep their storage."""
-    ptrs = tuple(W.data_ptr() for W in weights)
+    return _address_table(tuple(W.data_ptr() for W in weights), cache, device)
+
+
+def _address_table(ptrs: tuple, cache: dict, device) -> torch.Tensor:
+    """int64 device tensor of ``ptrs`` (cached by value: the allocator often hands out the same blocks)."""
     t = cache.get(ptrs)
     if t is None:
         t = torch.tensor(ptrs, dtype=torch.int64).to(device)
@@ -231,8 +237,13 @@ def fused_energies(weights, plans, c_perp=None, c_g=None):
     addresses = _addresses(weights, addr_cache, device)
 
     partials = _new_buffer(2 * sched.n_slots, torch.float32, device)
-    out = _new_buffer(2 * sched.n_matrices, torch.float32, device)
-    grad_bufs = {dt: _new_buffer(n, dt, device) for dt, n in sched.grad_numel.items()} if want_grad else {}
+    # every output is a tensor of its own: the outputs of a custom op may not share storage
+    e_perp = [_new_buffer(_numel(s), torch.float32, device).view(s) for s in sched.batch_shapes]
+    e_g = [_new_buffer(_numel(s), torch.float32, device).view(s) for s in sched.batch_shapes]
+    grads = [_new_buffer(W.numel(), W.dtype, device).view(W.shape) for W in weights] if want_grad else []
+    out_addresses = _address_table(tuple(
+        e.data_ptr() + 4 * j for es in (e_perp, e_g) for e in es for j in range(e.numel())), addr_cache, device)
+    grad_addresses = _address_table(tuple(g.data_ptr() for g in grads), addr_cache, device) if want_grad else addresses
     if want_grad:
         c_perp = c_perp.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
         c_g = c_g.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
@@ -246,7 +257,7 @@ def fused_energies(weights, plans, c_perp=None, c_g=None):
             w_ref = w_of_dtype[tc.dtype]
             _energy_tiles_kernel[(tc.count,)](
                 sched.tasks, tc.start, addresses, sched.layers, sched.basis, sched.perms, c_perp, c_g,
-                w_ref, grad_bufs.get(tc.dtype, w_ref), partials, sched.n_slots,
+                w_ref, grad_addresses, partials, sched.n_slots,
                 DO=tc.d_out, DI=tc.d_in, DOP=dop, DIP=dip, BU=tc.bu, BV=tc.bv,
                 IDENTITY_PERM=tc.identity_perm, UNIT_COL_STRIDE=tc.unit_col_stride,
                 SMALL_OFFSETS=tc.small_offsets, COLS_FIRST=not tc.identity_perm and _COLS_FIRST_ON_TIE,
@@ -255,18 +266,9 @@ def fused_energies(weights, plans, c_perp=None, c_g=None):
             )
         if sched.n_matrices:
             _segment_sum_kernel[(sched.n_matrices,)](
-                partials, sched.slot_start, out, sched.n_slots, sched.n_matrices, BLOCK=256 if not _INTERPRET else 1024,
+                partials, sched.slot_start, out_addresses, sched.n_slots, sched.n_matrices,
+                BLOCK=256 if not _INTERPRET else 1024,
             )
-
-    e_perp, e_g, grads = [], [], []
-    for i, W in enumerate(weights):
-        k0, shape = sched.matrix_offset[i], sched.batch_shapes[i]
-        nb = _numel(shape)
-        e_perp.append(out[k0 : k0 + nb].view(shape))
-        e_g.append(out[sched.n_matrices + k0 : sched.n_matrices + k0 + nb].view(shape))
-        if want_grad:
-            o = sched.grad_offset[i]
-            grads.append(grad_bufs[W.dtype][o : o + W.numel()].view(W.shape))
     return e_perp, e_g, (grads if want_grad else None)
 
 

@@ -335,6 +335,10 @@ def test_cuda_registration_matches_cpp():
         ops._remember([Pt])
         got = ops._fused_energies_cuda([W, W2], [Pt.meta] * 2, [Pt.basis] * 2, [Pt.perm_out] * 2, [Pt.perm_in] * 2,
                                        cp, cg)
+        # what the dispatcher enforces for a registered kernel: no output shares storage with an
+        # input or another output (seen failing on an H200 before the kernels allocated outputs apart)
+        inputs = [W, W2, Pt.meta, Pt.basis, Pt.perm_out, Pt.perm_in, *cp, *cg]
+        torch._library.utils.check_aliasing_constraint("equiproj::fused_energies", inputs, got)
     for a, b in zip(sum(got, []), sum(want, [])):  # float32 kernel arithmetic
         assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
 
