@@ -24,16 +24,17 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .plan import BlockPlan, block_plan
+from .plan import BlockPlan, plan_for
 from .rep import Irrep, Rep
 
 __all__ = ["noneq_energy", "eq_energy", "energies", "energies_many", "project", "validate"]
 
 
 def validate(W, rep_in: Rep, rep_out: Rep) -> BlockPlan:
-    """Check the arguments and return the plan; raises ``TypeError``/``ValueError`` naming the problem."""
+    """Check the arguments and return the plan (with its tensors for W's device and compute dtype
+    ready; also under ``torch.compile``); raises ``TypeError``/``ValueError`` naming the problem."""
     check_arguments(W, rep_in, rep_out)
-    return block_plan(rep_in, rep_out)
+    return plan_for(rep_in, rep_out, W.device, compute_dtype(W.dtype))
 
 
 def check_arguments(W, rep_in: Rep, rep_out: Rep) -> None:
@@ -95,11 +96,11 @@ def from_spectral(X: torch.Tensor, plan: BlockPlan, t: dict) -> torch.Tensor:
 def spectral_projection(Wh: torch.Tensor, plan: BlockPlan, t: dict) -> torch.Tensor:
     """``P(W_hat)`` in the irrep basis: the commutant projection of each same-type block, 0 elsewhere."""
     PWh = torch.zeros_like(Wh)
-    for s in plan.shared:
-        ro, ri, C = t["rows_out"][s], t["rows_in"][s], t["bases"][s]
+    for ro, ri, C in t["shared"]:
+        d = C.shape[-1]
         io, ii = ro.reshape(-1), ri.reshape(-1)
         B = Wh[..., io[:, None], ii]  # [..., M d, N d]
-        B = B.reshape(B.shape[:-2] + (ro.shape[0], s.dim, ri.shape[0], s.dim))
+        B = B.reshape(B.shape[:-2] + (ro.shape[0], d, ri.shape[0], d))
         coef = torch.einsum("...iajb,sab->...ijs", B, C)
         PB = torch.einsum("...ijs,sab->...iajb", coef, C).reshape(B.shape[:-4] + (io.numel(), ii.numel()))
         # index_put indexes leading dims: move the matrix dims first

@@ -17,7 +17,7 @@ import torch
 
 from .rep import Irrep, Rep
 
-__all__ = ["SidePlan", "BlockPlan", "FieldPair", "PackedPlan", "PACKED_COLUMNS", "block_plan"]
+__all__ = ["SidePlan", "BlockPlan", "FieldPair", "PackedPlan", "PACKED_COLUMNS", "block_plan", "plan_for"]
 
 
 @dataclass
@@ -189,9 +189,9 @@ class BlockPlan:
                 "perm_in": mv(self.inp.perm, torch.long),
                 "Q_out": [mv(f.Q) for f in self.out.fields],
                 "Q_in": [mv(f.Q) for f in self.inp.fields],
-                "rows_out": {s: mv(self.out.rows[s], torch.long) for s in self.shared},
-                "rows_in": {s: mv(self.inp.rows[s], torch.long) for s in self.shared},
-                "bases": {s: mv(self.bases[s]) for s in self.shared},
+                # aligned with self.shared (lists, not dicts keyed by irreps: dynamo traces these)
+                "shared": [(mv(self.out.rows[s], torch.long), mv(self.inp.rows[s], torch.long), mv(self.bases[s]))
+                           for s in self.shared],
                 "type_out": mv(self.out.coord_type, torch.long),
                 "type_in": mv(self.inp.coord_type, torch.long),
             }
@@ -208,3 +208,32 @@ def block_plan(rep_in: Rep, rep_out: Rep) -> BlockPlan:
     inp, out = SidePlan.build(rep_in), SidePlan.build(rep_out)
     shared = [s for s in out.types if s in inp.rows]
     return BlockPlan(rep_in, rep_out, inp, out, shared, {s: s.endomorphism_basis for s in shared})
+
+
+# Under torch.compile the plan is looked up, never traced: dynamo ignores lru_cache and would
+# re-run the construction (decompositions, SVDs) inside the trace, where dict lookups keyed by
+# irreps go wrong. `assume_constant_result` runs the lookup eagerly at trace time (also filling
+# the device tensors) and bakes in an integer key; the plan is an attribute of this holder.
+class _TracedPlans:
+    pass
+
+
+_TRACED_PLANS = _TracedPlans()
+
+
+@torch.compiler.assume_constant_result
+def _traced_plan_key(rep_in: Rep, rep_out: Rep, device: str, dtype: str) -> int:
+    plan = block_plan(rep_in, rep_out)
+    plan.tensors(torch.device(device), getattr(torch, dtype.removeprefix("torch.")))
+    setattr(_TRACED_PLANS, f"plan_{id(plan)}", plan)  # holds the plan: the key stays valid
+    return id(plan)
+
+
+def plan_for(rep_in: Rep, rep_out: Rep, device, dtype) -> BlockPlan:
+    """:func:`block_plan`, also inside ``torch.compile(fullgraph=True)``, with the plan's tensors
+    for ``device``/``dtype`` ready (``plan.tensors(device, dtype)`` is then a cache hit)."""
+    if torch.compiler.is_compiling():
+        return getattr(_TRACED_PLANS, f"plan_{_traced_plan_key(rep_in, rep_out, str(device), str(dtype))}")
+    plan = block_plan(rep_in, rep_out)
+    plan.tensors(device, dtype)
+    return plan
