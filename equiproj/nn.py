@@ -508,10 +508,10 @@ def _per_layer(layers, index_cache: dict | None = None) -> tuple[torch.Tensor, t
 def _per_layer_opaque(layers, index_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_per_layer` with AMP off, run eagerly even inside ``torch.compile``.
 
-    Why opaque: dynamo ignores ``functools.lru_cache``, so tracing the energy code re-traces
-    the plan construction (decompositions, SVDs) into the graph, which takes minutes and, with
-    the current pure-torch path, gave wrong energies (E_G = 0). As an eager call (one graph
-    break) the penalty costs what it costs outside compile, and the rest of the step compiles."""
+    Why opaque: ``energies_many`` itself traces (plans are looked up at trace time, the fused op
+    is one graph node), but the other cases here (kernel spaces, translations, FSDP2 gathers,
+    the index cache) are not verified under dynamo. As an eager call (one graph break) the
+    penalty costs what it costs outside compile, and the rest of the step compiles."""
     with _no_autocast(layers[0][1].weight.device):
         return _per_layer(layers, index_cache)
 
