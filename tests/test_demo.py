@@ -127,10 +127,10 @@ def test_shrink_noneq_scales_the_non_equivariant_part():
 def test_project_init_keeps_the_norms():
     torch.manual_seed(4)
     net = C4SmokeNet(hidden_fields=2, layers=3, kernel=3)
-    norms = [float(c.weight.norm()) for c in net.convs]
+    norms = [float(c.weight.detach().norm()) for c in net.convs]
     demo.project_init_(net)
     assert demo.relative_noneq_energy(net) < 1e-10
-    assert [float(c.weight.norm()) for c in net.convs] == pytest.approx(norms, rel=1e-5)
+    assert [float(c.weight.detach().norm()) for c in net.convs] == pytest.approx(norms, rel=1e-5)
 
 
 def test_data_penalty_matches_the_library_baseline():
