@@ -20,9 +20,9 @@ All products of degrees <= 3 take about 0.3 s together.
 Results live in ``functools.lru_cache`` (memory only: nothing is written to or read from disk)
 and are verified against ``a.matrix(g) ⊗ b.matrix(g)`` at random elements before being cached.
 
-``tensor_field(fa, fb)`` builds the :class:`~equiproj.rep.Field` of ``fa ⊗ fb`` from these
-blocks (as :mod:`equiproj.rep` does), and ``clebsch_gordan(l1, l2, l3)`` returns the SO(3)
-coefficients as a ``[2 l1 + 1, 2 l2 + 1, 2 l3 + 1]`` tensor.
+Tensor products of reps (``a @ b``, :func:`equiproj.rep.tensor_field`) are built from these
+blocks; ``clebsch_gordan(l1, l2, l3)`` returns the SO(3) coefficients as a
+``[2 l1 + 1, 2 l2 + 1, 2 l3 + 1]`` tensor.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import math
 
 import torch
 
-from .decompose import block_diag_irreps
+from .decompose import block_diag_irreps, isometric_intertwiners
 from .groups import O2, O3, SO2, SO3, Group
-from .rep import Field, Irrep
+from .rep import Irrep
 
-__all__ = ["irrep_product", "tensor_field", "clebsch_gordan"]
+__all__ = ["irrep_product", "clebsch_gordan"]
 
 
 def _null_space(A: torch.Tensor, what: str) -> torch.Tensor:
@@ -50,29 +50,6 @@ def _null_space(A: torch.Tensor, what: str) -> torch.Tensor:
         raise RuntimeError(f"{what}: null space not separated from the spectrum (smallest non-zero singular value "
                            f"{float(rest.min()):.1e})")
     return Vh[null]
-
-
-def _isometric_intertwiners(basis: torch.Tensor, m: int, d: int) -> torch.Tensor:
-    """From a basis ``[m r, n, d]`` of Hom(psi, rho) pick ``m`` intertwiners with ``T_i^T T_j = delta_ij I``.
-
-    ``T_i^T T_j`` commutes with psi, so subtracting ``S (S^T T)`` keeps T an intertwiner for all
-    three irrep types; the largest remaining candidate is normalised each round."""
-    cands = list(basis)
-    out: list[torch.Tensor] = []
-    while len(out) < m:
-        best, best_a, best_i = None, 0.0, -1
-        for i, T in enumerate(cands):
-            for S in out:
-                T = T - S @ (S.T @ T)
-            cands[i] = T
-            a = float((T * T).sum()) / d
-            if a > best_a:
-                best, best_a, best_i = T, a, i
-        if best is None or best_a < 1e-10:
-            raise RuntimeError("intertwiner space is degenerate")
-        out.append(best / best_a**0.5)
-        cands.pop(best_i)
-    return torch.cat(out, dim=-1)
 
 
 def _kron_matrices(a: Irrep, b: Irrep, g: torch.Tensor) -> torch.Tensor:
@@ -218,7 +195,7 @@ def irrep_product(a: Irrep, b: Irrep) -> tuple[tuple[Irrep, ...], torch.Tensor]:
         if len(fixed) % r:
             raise RuntimeError(f"{a} ⊗ {b}: intertwiner space to {psi} has dimension {len(fixed)}, not a multiple of {r}")
         m = len(fixed) // r
-        cols.append(_isometric_intertwiners(fixed.reshape(-1, n, d), m, d))
+        cols.append(isometric_intertwiners(fixed.reshape(-1, n, d), m, d))
         slots += [psi] * m
         total += m * d
     if total != n:
@@ -231,38 +208,6 @@ def irrep_product(a: Irrep, b: Irrep) -> tuple[tuple[Irrep, ...], torch.Tensor]:
     if not err < 1e-9:
         raise RuntimeError(f"{a} ⊗ {b}: decomposition inaccurate (error {float(err):.1e})")
     return tuple(slots), Q
-
-
-@functools.lru_cache(maxsize=None)
-def tensor_field(fa: Field, fb: Field) -> Field:
-    """The field of ``fa ⊗ fb`` (Kronecker order), decomposed with :func:`irrep_product` per slot pair.
-
-    Its key differs from :mod:`equiproj.rep`'s tensor fields (the two decompositions may pick
-    different bases of repeated irreps, and plans are cached by key)."""
-    if fa.group != fb.group:
-        raise ValueError(f"fields of different groups: {fa.group} and {fb.group}")
-
-    def matrix_fn(g):
-        A, B = fa.matrix(g), fb.matrix(g)
-        return torch.einsum("...ij,...kl->...ikjl", A, B).reshape(g.shape[:-2] + (fa.dim * fb.dim,) * 2)
-
-    D = fa.dim * fb.dim
-    Qk = torch.zeros(D, D, dtype=torch.float64)
-    slots, col, oa = [], 0, 0
-    for sa in fa.slots:
-        ob = 0
-        for sb in fb.slots:
-            sub_slots, C = irrep_product(sa, sb)
-            rows = ((oa + torch.arange(sa.dim))[:, None] * fb.dim + ob + torch.arange(sb.dim)).reshape(-1)
-            Qk[rows, col : col + C.shape[1]] = C
-            slots += sub_slots
-            col += C.shape[1]
-            ob += sb.dim
-        oa += sa.dim
-    Qa = torch.eye(fa.dim, dtype=torch.float64) if fa.Q is None else fa.Q
-    Qb = torch.eye(fb.dim, dtype=torch.float64) if fb.Q is None else fb.Q
-    return Field(fa.group, slots, torch.kron(Qa, Qb) @ Qk, matrix_fn, name=f"({fa.name}⊗{fb.name})",
-                 key=("cg_tensor", fa, fb))
 
 
 def clebsch_gordan(l1: int, l2: int, l3: int) -> torch.Tensor:

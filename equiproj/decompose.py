@@ -24,7 +24,7 @@ import torch
 
 from .reference import haar_quadrature
 
-__all__ = ["decompose", "check_representation"]
+__all__ = ["decompose", "check_representation", "isometric_intertwiners", "block_diag_irreps"]
 
 
 def check_representation(group, fn: Callable, dim: int, what: str = "fn") -> None:
@@ -47,8 +47,10 @@ def check_representation(group, fn: Callable, dim: int, what: str = "fn") -> Non
         raise ValueError(f"{what} is not a homomorphism: max |rho(g h) - rho(g) rho(h)| = {float(hom):.2e}")
 
 
-def _commutant_gram_schmidt(basis: torch.Tensor, m: int, d: int) -> torch.Tensor:
-    """From a basis ``[m r, k, d]`` of Hom(psi, rho_V) pick m intertwiners with ``T_i^T T_j = delta_ij I``."""
+def isometric_intertwiners(basis: torch.Tensor, m: int, d: int) -> torch.Tensor:
+    """From a basis ``[m r, k, d]`` of Hom(psi, rho_V) pick m intertwiners with ``T_i^T T_j = delta_ij I``
+    (``[k, m d]``). ``T_i^T T_j`` commutes with psi, so subtracting ``S (S^T T)`` keeps T an
+    intertwiner for all three irrep types; the largest remaining candidate is normalised each round."""
     cands = list(basis)
     isos: list[torch.Tensor] = []
     while len(isos) < m:
@@ -101,7 +103,7 @@ def decompose(group, fn: Callable, dim: int, band_limit: int | None = None, seed
         T = torch.einsum("p,pab,nbc,pdc->nad", w, RV, X, Psi)
         _, _, Vh = torch.linalg.svd(T.reshape(len(X), k * d), full_matrices=False)
         basis = Vh[: m * r].reshape(m * r, k, d)
-        cols.append(V @ _commutant_gram_schmidt(basis, m, d))
+        cols.append(V @ isometric_intertwiners(basis, m, d))
         slots += [psi] * m
         total += k
     if total != dim:

@@ -213,7 +213,7 @@ class Rep:
         for ca, fa in self.segments:
             ob = 0
             for cb, fb in other.segments:
-                f = _tensor_field(fa, fb)
+                f = tensor_field(fa, fb)
                 segs.append((ca * cb, f))
                 # structured coords (u, v, alpha, beta) -> user (a, b) -> a * dim_b + b
                 u = torch.arange(ca)[:, None, None, None]
@@ -413,18 +413,11 @@ def _endomorphism_basis(irrep: Irrep) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _irrep_product(a: Irrep, b: Irrep):
-    """Decomposition of ``a ⊗ b`` (Clebsch-Gordan): (slots, Q), cached per pair."""
+def tensor_field(fa: Field, fb: Field) -> Field:
+    """The field of ``fa ⊗ fb`` (Kronecker order), decomposed per slot pair with the cached
+    Clebsch-Gordan blocks of :func:`equiproj.clebsch_gordan.irrep_product`."""
+    from .clebsch_gordan import irrep_product  # imports this module
 
-    def fn(g):
-        A, B = a.matrix(g, check=False), b.matrix(g, check=False)
-        return torch.einsum("...ij,...kl->...ikjl", A, B).reshape(g.shape[:-2] + (a.dim * b.dim,) * 2)
-
-    return decompose(a.group, fn, a.dim * b.dim, band_limit=a.band + b.band)
-
-
-@functools.lru_cache(maxsize=None)
-def _tensor_field(fa: Field, fb: Field) -> Field:
     group = fa.group
 
     def matrix_fn(g):
@@ -438,7 +431,7 @@ def _tensor_field(fa: Field, fb: Field) -> Field:
     for sa in fa.slots:
         ob = 0
         for sb in fb.slots:
-            sub_slots, C = _irrep_product(sa, sb)
+            sub_slots, C = irrep_product(sa, sb)
             rows = ((oa + torch.arange(sa.dim))[:, None] * fb.dim + ob + torch.arange(sb.dim)).reshape(-1)
             Qk[rows, col : col + C.shape[1]] = C
             slots += sub_slots

@@ -121,7 +121,7 @@ from .groups import O2, O3, SO2, SO3, Cyclic, Dihedral, FullOctahedral, Group, O
 from .plan import block_plan
 from .rep import Rep
 from .so3 import spherical_harmonics
-from .clebsch_gordan import tensor_field
+from .rep import tensor_field
 
 __all__ = [
     "SteerableKernelSpace",
