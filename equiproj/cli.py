@@ -1,4 +1,4 @@
-"""Command line: ``equiproj {bench,verify,info}`` (also ``python -m equiproj``)."""
+"""Command line: ``equiproj {bench,verify,demo,info}`` (also ``python -m equiproj``)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,13 @@ def _info(args) -> int:
     return 0
 
 
+def _demo_arguments(p) -> None:
+    from . import demo  # its arguments live with it; run() is called with them
+
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="equiproj", description="Exact projection-based equivariance energies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--dense-max-gib", type=float, default=None, help="largest dense basis to build (GiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_bench)
+    p = sub.add_parser("demo", help="the paper's experiments at laptop scale: SO(2) toy and C4 smoke CNN "
+                                    "(under 5 minutes on a CPU; --full for the issue's sizes)")
+    _demo_arguments(p)
     p = sub.add_parser("info", help="versions and available backends")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)
