@@ -7,6 +7,8 @@ dims are a batch: one energy per matrix) and the two representations:
 * ``eq_energy(W, rep_in, rep_out)``    -> ``E_G = ||P W||^2``
 * ``energies(W, rep_in, rep_out)``     -> ``(E_perp, E_G)`` from one pass
 * ``project(W, rep_in, rep_out)``      -> ``P(W)`` (``complement=True``: ``W - P(W)``)
+* ``energies_and_grad(W, rep_in, rep_out, lambda_perp=, lambda_G=)`` -> ``(E_perp, E_G, grad)``,
+  the penalty's gradient computed in the same pass (no autograd graph)
 
 All are differentiable (``dE_perp/dW = 2 (W - P W)``). Energies are computed in residual
 form in the irrep basis (never as ``||W||^2 - ||P W||^2``), in float32 for half-precision
@@ -29,7 +31,8 @@ from . import ops
 from .plan import BlockPlan, plan_for
 from .rep import Irrep, Rep
 
-__all__ = ["noneq_energy", "eq_energy", "energies", "energies_many", "project", "validate"]
+__all__ = ["noneq_energy", "eq_energy", "energies", "energies_many", "energies_and_grad", "energies_and_grads_many",
+           "project", "validate"]
 
 
 def validate(W, rep_in: Rep, rep_out: Rep) -> BlockPlan:
@@ -122,8 +125,8 @@ def _check_finite(*xs):
     """Raise for NaN/Inf energies on the CPU (on CUDA this would cost a synchronisation)."""
     if torch.compiler.is_compiling() or xs[0].device.type != "cpu":
         return
-    # energies are >= 0, so their sum is finite iff every one is: one small reduction
-    if not math.isfinite(float(sum(x.detach().sum() for x in xs))):
+    # energies are >= 0, so their sum is finite iff every one is
+    if not all(math.isfinite(float(x.detach() if x.dim() == 0 else x.detach().sum())) for x in xs):
         raise ValueError("the energy is not finite: W contains NaN or Inf")
 
 
@@ -216,6 +219,101 @@ def project(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, complement: bool = Fa
     return from_spectral(X, plan, t).to(W.dtype)
 
 
+def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp=1.0, lambda_G=0.0,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(E_perp, E_G, grad)`` in one pass over ``W`` ``[..., m, n]``, without an autograd graph.
+
+    ``grad`` ``[..., m, n]`` (W's dtype) is the gradient of ``lambda_perp * E_perp + lambda_G * E_G``:
+    ``2 lambda_perp (W - P W) + 2 lambda_G P W``. The lambdas are numbers or tensors broadcastable
+    to ``W.shape[:-2]``. With the fused op (``"cpp"``, ``"triton"``) this reads W once and writes
+    ``grad`` once; ``energies(W, ...)`` followed by ``backward()`` reads W twice, because its forward
+    cannot know the incoming gradient. Use it to add a penalty's gradient by hand
+    (:meth:`equiproj.nn.ProjectionPenalty.backward` does this for a model).
+
+    Example::
+
+        >>> G = equiproj.SO3(); r = equiproj.Rep.parse(G, "4x0 + 2x1")
+        >>> W = torch.randn(10, 10)
+        >>> e_perp, e_g, grad = equiproj.energies_and_grad(W, r, r, lambda_perp=1e-2)
+    """
+    (e_perp,), (e_g,), (grad,) = energies_and_grads_many([W], [(rep_in, rep_out)], lambda_perp=[lambda_perp],
+                                                         lambda_G=[lambda_G], backend=backend, stack=False)
+    return e_perp, e_g, grad
+
+
+def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: str = "auto", stack: bool = True):
+    """:func:`energies_and_grad` of many layers, the fused ones in one kernel call per device.
+
+    Args:
+        weights: L weights ``[..., m_i, n_i]`` (as in :func:`energies_many`).
+        reps: L pairs ``(rep_in_i, rep_out_i)``.
+        lambda_perp, lambda_G: L coefficients each (numbers, or tensors broadcastable to the
+            batch shape of their weight).
+    Returns:
+        ``(E_perp, E_G, grads)``: ``[L]`` each (float32; float64 if every weight is float64; with
+        ``stack=False`` two lists of per-weight energies ``[...]``) and L gradients shaped like
+        the weights.
+    """
+    weights, reps = list(weights), list(reps)
+    lambda_perp, lambda_G = list(lambda_perp), list(lambda_G)
+    if not (len(weights) == len(reps) == len(lambda_perp) == len(lambda_G)):
+        raise ValueError(f"got {len(weights)} weights, {len(reps)} rep pairs, {len(lambda_perp)} lambda_perp "
+                         f"and {len(lambda_G)} lambda_G: need one of each per layer")
+    if not weights:
+        raise ValueError("energies_and_grads_many needs at least one layer")
+    chosen = _check_many(weights, reps, backend)
+    parts: list = [None] * len(weights)
+    fused: dict = {}
+    cps = [ops._coefficient(c, w, f"lambda_perp[{i}]") for i, (c, w) in enumerate(zip(lambda_perp, weights))]
+    cgs = [ops._coefficient(c, w, f"lambda_G[{i}]") for i, (c, w) in enumerate(zip(lambda_G, weights))]
+    for i, b in enumerate(chosen):
+        if b in ("cpp", "triton"):
+            fused.setdefault(weights[i].device, []).append(i)
+        else:
+            parts[i] = _unfused_energies_and_grad(weights[i], *reps[i], cps[i], cgs[i], reference=b == "reference")
+    for dev, idx in fused.items():
+        eps, egs, grads = ops.fused_energies_and_grads(
+            [weights[i] for i in idx], [ops.plan_for(*reps[i], dev) for i in idx],
+            [cps[i] for i in idx], [cgs[i] for i in idx])
+        for i, e_p, e_g, g in zip(idx, eps, egs, grads):
+            parts[i] = (e_p, e_g, g)
+    e_perp, e_g, grads = (list(x) for x in zip(*parts))
+    _check_finite(*e_perp, *e_g)
+    if not stack:
+        return e_perp, e_g, grads
+    dt = torch.float64 if all(w.dtype == torch.float64 for w in weights) else torch.float32
+    return torch.stack([e.to(dt) for e in e_perp]), torch.stack([e.to(dt) for e in e_g]), grads
+
+
+def _check_many(weights, reps, backend) -> list[str]:
+    """Check each (weight, rep pair) and return the backend each one takes."""
+    chosen = []
+    for i, (w, pair) in enumerate(zip(weights, reps)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"reps[{i}] must be a pair (rep_in, rep_out), got {type(pair).__name__}")
+        check_arguments(w, pair[0], pair[1])
+        chosen.append(ops.backend_for(backend, w))
+    return chosen
+
+
+def _unfused_energies_and_grad(W, rep_in, rep_out, c_perp, c_g, reference: bool):
+    """The ``"torch"`` / ``"reference"`` backends of :func:`energies_and_grads_many`."""
+    with torch.no_grad():
+        if reference:
+            from . import reference as ref
+
+            W64 = W.to(torch.float64)
+            PW = ref.project(W64, rep_in, rep_out)
+            R = W64 - PW
+        else:
+            plan, t, Wh, PWh = _spectral_parts(W, rep_in, rep_out)
+            R, PW = from_spectral(Wh - PWh, plan, t), from_spectral(PWh, plan, t)
+        e_perp, e_g = R.square().sum((-2, -1)), PW.square().sum((-2, -1))
+        c_perp, c_g = (c.to(R.dtype)[..., None, None] for c in (c_perp, c_g))
+        grad = (2 * c_perp * R + 2 * c_g * PW).to(W.dtype)
+    return e_perp, e_g, grad
+
+
 def energies_many(weights, reps, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Energies of many layers at once (all declared layers of a model).
 
@@ -235,12 +333,7 @@ def energies_many(weights, reps, *, backend: str = "auto") -> tuple[torch.Tensor
         raise ValueError(f"got {len(weights)} weights but {len(reps)} rep pairs")
     if not weights:
         raise ValueError("energies_many needs at least one layer")
-    chosen = []
-    for i, (w, pair) in enumerate(zip(weights, reps)):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise TypeError(f"reps[{i}] must be a pair (rep_in, rep_out), got {type(pair).__name__}")
-        check_arguments(w, pair[0], pair[1])
-        chosen.append(ops.backend_for(backend, w))
+    chosen = _check_many(weights, reps, backend)
     parts: list = [None] * len(weights)
     fused: dict = {}  # device -> layer indices
     for i, b in enumerate(chosen):

@@ -61,7 +61,7 @@ from torch.nn.modules.conv import _ConvNd
 from . import grid as _grid
 from . import translation as _translation
 from .energy import energies as _energies
-from .energy import energies_many, noneq_energy
+from .energy import energies_and_grads_many, energies_many, noneq_energy
 from .energy import project as _project
 from .rep import Rep
 
@@ -550,6 +550,25 @@ def _lambdas(value, names: list[str], what: str) -> list[float]:
     return [num(value, "")] * len(names)
 
 
+def _weighted_sum(e_perp, e_g, lambda_perp, lambda_G, norm: str, use_g: bool) -> torch.Tensor:
+    """``sum lambda_perp * E_perp + lambda_G * E_G`` (of ``sqrt(E)`` for ``norm="unsquared"``)."""
+    if norm == "unsquared":
+        e_perp, e_g = _safe_sqrt(e_perp), _safe_sqrt(e_g)
+    total = (lambda_perp * e_perp).sum()
+    return total + (lambda_G * e_g).sum() if use_g else total
+
+
+def _accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """``param.grad += grad`` as autograd would (a fresh ``.grad`` when there is none)."""
+    if not param.requires_grad:
+        return
+    grad = grad.reshape(param.shape).to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
 def _safe_sqrt(e: torch.Tensor) -> torch.Tensor:
     # the subgradient 0 at E = 0 (an exactly equivariant layer) instead of inf * 0 = NaN
     return torch.sqrt(e.clamp_min(torch.finfo(e.dtype).tiny))
@@ -607,12 +626,73 @@ class ProjectionPenalty:
     def __call__(self) -> torch.Tensor:
         e_perp, e_g = self.energies()
         lp, lg = self._lambda_tensors(e_perp.device, e_perp.dtype)
-        if self.norm == "unsquared":
-            e_perp, e_g = _safe_sqrt(e_perp), _safe_sqrt(e_g)
-        total = (lp * e_perp).sum()
-        if any(self.lambda_G):
-            total = total + (lg * e_g).sum()
-        return total
+        return _weighted_sum(e_perp, e_g, lp, lg, self.norm, any(self.lambda_G))
+
+    def backward(self) -> torch.Tensor:
+        """Add the penalty's gradient to the ``.grad`` of the declared weights (and biases) and
+        return the penalty's value (a detached scalar), without building an autograd graph.
+
+        Matrix-form layers (``"linear"``, ``"grid"``, ``"pointwise"``, ``"channels"``) and biases
+        take :func:`equiproj.energies_and_grads_many`: with the fused op, one kernel call reads each
+        weight once and writes ``lambda_perp dE_perp + lambda_G dE_G`` once (the autograd route
+        ``penalty().backward()`` reads each weight twice: its forward cannot know the incoming
+        gradient). Kernel-space layers take their space's ``energies_and_grad``. Translations,
+        FSDP2-sharded parameters, kernel spaces without ``energies_and_grad`` and
+        ``norm="unsquared"`` go through autograd. The gradients are the same either way (tested).
+        Parameters with ``requires_grad=False`` get none.
+
+        Call it before ``loss.backward()``: a parameter without a ``.grad`` takes the penalty's
+        gradient as its ``.grad`` (no copy), and autograd adds the task gradient to it in place.
+        Example::
+
+            optimizer.zero_grad()
+            penalty.backward()
+            criterion(model(x), y).backward()
+            optimizer.step()
+        """
+        matrix, slow, terms = [], [], []
+        weights, reps, params, lp, lg = [], [], [], [], []
+        with _no_autocast(self.layers[0][1].weight.device):
+            for i, (name, m, d) in enumerate(self.layers):
+                space = d.kernel_space if d.case == "kernel_space" else None
+                if (self.norm != "squared" or _is_dtensor(m.weight) or _is_dtensor(getattr(m, "bias", None))
+                        or not (d.case in _MATRIX_CASES or hasattr(space, "energies_and_grad"))):
+                    slow.append(i)
+                    continue
+                w = _weight(name, m, d).detach()
+                if space is not None:
+                    ep, eg, g = space.energies_and_grad(w, d.rep_in, d.rep_out, lambda_perp=self.lambda_perp[i],
+                                                        lambda_G=self.lambda_G[i])
+                    _accumulate_grad(m.weight, g)
+                    terms.append(self.lambda_perp[i] * ep.double() + self.lambda_G[i] * eg.double())
+                else:
+                    weights.append(w.reshape(w.shape[0], -1))
+                    reps.append((d.weight_rep_in, d.rep_out))
+                    params.append(m.weight)
+                b = _bias(m, d)
+                if b is not None:
+                    weights.append(b.detach()[:, None])
+                    reps.append((d.bias_rep_in, d.rep_out))
+                    params.append(m.bias)
+                lp.extend([self.lambda_perp[i]] * (len(params) - len(lp)))
+                lg.extend([self.lambda_G[i]] * (len(params) - len(lg)))
+            if weights:
+                ep, eg, grads = energies_and_grads_many(weights, reps, lambda_perp=lp, lambda_G=lg)
+                for p, g in zip(params, grads):
+                    _accumulate_grad(p, g)
+                dev = ep.device
+                terms.append((ep.double() * torch.tensor(lp, dtype=torch.float64, device=dev)).sum()
+                             + (eg.double() * torch.tensor(lg, dtype=torch.float64, device=dev)).sum())
+        if slow:
+            e_perp, e_g = _per_layer_opaque([self.layers[i] for i in slow])
+            lps, lgs = ([lam[i] for i in slow] for lam in (self.lambda_perp, self.lambda_G))
+            value = _weighted_sum(e_perp, e_g, *(torch.tensor(x, dtype=e_perp.dtype, device=e_perp.device)
+                                                 for x in (lps, lgs)), self.norm, any(lgs))
+            if value.requires_grad:
+                value.backward()
+            terms.append(value.detach().double())
+        dt = torch.float64 if all(m.weight.dtype == torch.float64 for _, m, _ in self.layers) else torch.float32
+        return sum(t.to(terms[0].device) for t in terms).to(dt)
 
     def __repr__(self):
         layers = ", ".join(f"{n or '(model)'} [{d.case}]" for n, _, d in self.layers)

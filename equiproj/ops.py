@@ -16,7 +16,11 @@ with a fixed reduction order (bitwise reproducible on one device).
 Autograd: the forward computes energies only. The backward runs the op once more with the
 incoming gradients as coefficients, ``dW = 2 g_perp (W - P W) + 2 g_G P W``: one pass that reads
 W and writes dW, for any incoming gradients (also per matrix of a batch). Double backward is not
-supported (use ``backend="torch"``).
+supported (use ``backend="torch"``). When the coefficients are known up front (a penalty's
+lambdas), :func:`fused_energies_and_grads` runs the op once with them: energies and gradients
+from one read of W and one write of dW, no autograd graph (``equiproj.energies_and_grad``,
+``ProjectionPenalty.backward``). Writing ``W - P W`` in an autograd forward instead would cost a
+scaling pass in backward: four passes instead of three.
 
 Backends of the public functions (:func:`equiproj.energies` & co., ``backend=``):
 ``"auto"`` (the default; ``EQUIPROJ_BACKEND`` overrides it), ``"cpp"``, ``"triton"`` (this op),
@@ -39,7 +43,9 @@ up when the code is traced (:func:`plan_for`, :func:`backend_for`); the op is on
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import math
 import os
 import threading
 import warnings
@@ -50,7 +56,7 @@ from torch import Tensor
 
 from .plan import BlockPlan, PackedPlan, block_plan
 
-__all__ = ["BACKENDS", "ENV_VAR", "fused_energies", "packed_plan", "plan_for", "resolve_backend", "cpp_available",
+__all__ = ["BACKENDS", "ENV_VAR", "fused_energies", "fused_energies_and_grads", "packed_plan", "plan_for", "resolve_backend", "cpp_available",
            "triton_available", "cpp_num_threads"]
 
 BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
@@ -321,7 +327,8 @@ def _flatten_batches(weights, plans, c_perp, c_g):
         cps.append(cp.reshape(-1))
         cgs.append(cg.reshape(-1))
     dev = weights[0].device
-    cat = lambda cs: torch.cat(cs).to(device=dev, dtype=torch.float32) if cs else torch.zeros(0, device=dev)  # noqa: E731
+    cdt = torch.float64 if any(W.dtype == torch.float64 for W in weights) else torch.float32
+    cat = lambda cs: torch.cat(cs).to(device=dev, dtype=cdt) if cs else torch.zeros(0, device=dev)  # noqa: E731
     return flat_w, flat_p, cat(cps), cat(cgs), counts
 
 
@@ -433,22 +440,11 @@ _fused_energies_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # the differentiable entry point
 # ---------------------------------------------------------------------------------------------
-def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
-    """``(E_perp, E_G)`` of many weights through ``equiproj::fused_energies``, differentiable.
-
-    Args:
-        weights: L tensors, the i-th ``[..., m_i, n_i]`` (any strides), all on one device.
-        plans: L :class:`~equiproj.plan.PackedPlan` (from :func:`packed_plan`), the i-th for W_i.
-    Returns:
-        two lists of L tensors ``[...]`` (float32, or float64 for float64 weights). The op is
-        called once for all layers (a constant number of kernel launches).
-    """
-    weights, plans = list(weights), list(plans)
+def _check_weights(weights: list, plans: list) -> torch.device:
+    """Validate (weights, plans) for the op; returns their common device (None if there are none)."""
     if len(weights) != len(plans):
         raise ValueError(f"got {len(weights)} weights but {len(plans)} plans")
-    if not weights:
-        return [], []
-    dev = weights[0].device
+    dev = weights[0].device if weights else None
     for i, (W, P) in enumerate(zip(weights, plans)):
         if not isinstance(W, torch.Tensor):
             raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(W).__name__}")
@@ -460,6 +456,23 @@ def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
             raise TypeError(f"weights[{i}] has dtype {W.dtype}; expected float16, bfloat16, float32 or float64")
         if W.dim() < 2 or tuple(W.shape[-2:]) != (P.m, P.n):
             raise ValueError(f"weights[{i}] must have shape [..., {P.m}, {P.n}], got {tuple(W.shape)}")
+    return dev
+
+
+def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
+    """``(E_perp, E_G)`` of many weights through ``equiproj::fused_energies``, differentiable.
+
+    Args:
+        weights: L tensors, the i-th ``[..., m_i, n_i]`` (any strides), all on one device.
+        plans: L :class:`~equiproj.plan.PackedPlan` (from :func:`packed_plan`), the i-th for W_i.
+    Returns:
+        two lists of L tensors ``[...]`` (float32, or float64 for float64 weights). The op is
+        called once for all layers (a constant number of kernel launches).
+    """
+    weights, plans = list(weights), list(plans)
+    dev = _check_weights(weights, plans)
+    if not weights:
+        return [], []
     if torch.compiler.is_compiling():  # the registered op: one graph node with fake impl and autograd
         ep, eg, _ = _fused_energies_op(weights, [P.meta for P in plans], [P.basis for P in plans],
                                        [P.perm_out for P in plans], [P.perm_in for P in plans], [], [])
@@ -468,6 +481,66 @@ def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
     L = len(weights)
     out = _EagerFusedEnergies.apply(_eager_kernel(dev), plans, *weights)
     return list(out[:L]), list(out[L:])
+
+
+def fused_energies_and_grads(weights, plans, c_perp, c_g) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """``(E_perp, E_G, grads)`` of many weights from one kernel call, without an autograd graph:
+    ``grads[i] = 2 c_perp_i (W_i - P W_i) + 2 c_g_i P W_i``, the gradient of
+    ``sum_i c_perp_i E_perp_i + c_g_i E_G_i``.
+
+    Each weight is read once and its gradient written once. The differentiable
+    :func:`fused_energies` reads each weight twice (forward, then backward): its forward cannot
+    know the incoming gradient, and writing ``W - P W`` there would cost a scaling pass later.
+
+    Args:
+        weights, plans: as in :func:`fused_energies` (weights are not differentiated through).
+        c_perp, c_g: L coefficients, each a number or a tensor broadcastable to ``W_i.shape[:-2]``.
+    Returns:
+        two lists of L energies ``[...]`` (float32, or float64 for float64 weights) and L gradients
+        (``W_i``'s shape and dtype, contiguous).
+    """
+    weights, plans = list(weights), list(plans)
+    dev = _check_weights(weights, plans)
+    c_perp, c_g = list(c_perp), list(c_g)
+    if len(c_perp) != len(weights) or len(c_g) != len(weights):
+        raise ValueError(f"need one c_perp and one c_g per weight: got {len(weights)} weights, "
+                         f"{len(c_perp)} c_perp, {len(c_g)} c_g")
+    if not weights:
+        return [], [], []
+    weights = [W.detach() for W in weights]
+    cps = [_coefficient(c, W, f"c_perp[{i}]") for i, (c, W) in enumerate(zip(c_perp, weights))]
+    cgs = [_coefficient(c, W, f"c_g[{i}]") for i, (c, W) in enumerate(zip(c_g, weights))]
+    args = (weights, [P.meta for P in plans], [P.basis for P in plans], [P.perm_out for P in plans],
+            [P.perm_in for P in plans], cps, cgs)
+    with torch.no_grad():
+        if torch.compiler.is_compiling():
+            ep, eg, gr = _fused_energies_op(*args)
+        else:
+            _remember(plans)
+            ep, eg, gr = _eager_kernel(dev)(*args)
+    return list(ep), list(eg), list(gr)
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _coefficient(c, W: Tensor, name: str) -> Tensor:
+    """``c`` as a tensor of shape ``W.shape[:-2]`` in the accumulation dtype, on W's device."""
+    if isinstance(c, bool) or not isinstance(c, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(c).__name__}")
+    if not isinstance(c, Tensor):
+        if not math.isfinite(c):
+            raise ValueError(f"{name} must be finite, got {c!r}")
+        if W.dim() == 2:  # the common case: a scalar tensor, cached (building one costs ~10 µs)
+            return _scalar(float(c), _acc_dtype(W.dtype), W.device)
+    t = torch.as_tensor(c, dtype=_acc_dtype(W.dtype), device=W.device)
+    try:
+        return t.expand(W.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, not broadcastable to the batch shape "
+                         f"{tuple(W.shape[:-2])} of its weight") from None
 
 
 def _eager_kernel(device: torch.device):

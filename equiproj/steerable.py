@@ -113,7 +113,9 @@ from typing import Sequence
 
 import torch
 
+from . import ops as _ops
 from .energy import energies as _linear_energies
+from .energy import energies_and_grad as _linear_energies_and_grad
 from .energy import energies_many as _linear_energies_many
 from .energy import project as _linear_project
 from .grid import grid_points
@@ -441,6 +443,30 @@ class SteerableKernelSpace:
         float64 for float64 weights); differentiable. ``rep_out`` acts on ``c_out``, ``rep_in`` on ``c_in``."""
         p = self.energy_parts(weight, rep_in, rep_out)
         return p["outside"] + p["coefficients"], p["equivariant"]
+
+    def energies_and_grad(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp=1.0, lambda_G=0.0
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(E_perp, E_G, grad)`` of conv weights without an autograd graph (see
+        :func:`equiproj.energies_and_grad`): ``grad`` (weight's shape and dtype) is the gradient of
+        ``lambda_perp * E_perp + lambda_G * E_G``; the lambdas are numbers or tensors broadcastable
+        to the batch shape ``weight.shape[:-2-s]``. Two thin GEMMs forward (coefficients, out-of-band
+        residual), the coefficient energies and gradient in one fused pass, one GEMM back:
+        ``grad = 2 lambda_perp (K - A0 B^T) + dA B^T``."""
+        with torch.no_grad():
+            K, B = self._pixels(weight.detach(), rep_in, rep_out)
+            rows, P = K.shape[:-1], K.shape[-1]
+            K2 = K.reshape(-1, P)
+            A0 = K2 @ B
+            R = torch.addmm(K2, A0, B.T, alpha=-1.0)  # out of band, in residual form
+            A = self._to_layout(A0.reshape(rows + (B.shape[1],)), rep_in)
+            cp = _ops._coefficient(lambda_perp, A, "lambda_perp")
+            e_perp, e_g, dA = _linear_energies_and_grad(A, self.coefficient_rep(rep_in), rep_out, lambda_perp=cp,
+                                                        lambda_G=lambda_G)
+            R = R.reshape(rows + (P,))
+            outside = R.square().sum((-3, -2, -1))
+            R.mul_((2 * cp).to(R.dtype)[..., None, None, None])
+            grad = torch.addmm(R.reshape(-1, P), self._from_layout(dA, rep_in).reshape(-1, B.shape[1]).to(R.dtype), B.T)
+        return e_perp + outside.to(e_perp.dtype), e_g, grad.reshape(weight.shape).to(weight.dtype)
 
     def project(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, which: str = "equivariant") -> torch.Tensor:
         """``P(K)`` (``which="equivariant"``) or ``K - P(K)`` (``"non_equivariant"``, in residual form),

@@ -177,6 +177,60 @@ def test_gradients_equal_autograd_of_reference(kind, seed):
     torch.testing.assert_close(layer.weight.grad, 2 * (W - PW), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_penalty_backward_equals_autograd_of_reference(kind, dtype, seed):
+    """``penalty.backward()`` (one fused pass per weight, no graph) adds the reference gradient to
+    existing ``.grad``s, returns the penalty, and leaves frozen parameters alone."""
+    model, layers, *_ = MODELS[kind](dtype)
+    names = [n for n, _, _ in declared_layers(model)]
+    pen = ProjectionPenalty(model, lambda_perp={names[0]: 0.7, "default": 0.2}, lambda_G=0.05)
+    frozen = layers[-1][0].bias
+    frozen.requires_grad_(False)
+    pre = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        p.grad = pre[n].clone() if n in pre else None
+    value = pen.backward()
+    assert value.dtype == dtype and value.dim() == 0 and not value.requires_grad
+    got = {n: p.grad for n, p in model.named_parameters()}
+    assert frozen.grad is None
+    model.zero_grad(set_to_none=True)
+    total = sum((0.7 if i == 0 else 0.2) * e_p + 0.05 * e_g
+                for i, (e_p, e_g) in enumerate(ref_energies(l, ri, ro, ks) for l, ri, ro, ks in layers))
+    total.backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel(value, total) < tol
+    for n, p in model.named_parameters():
+        if n in pre:
+            expect = pre[n].double() + p.grad
+            torch.testing.assert_close(got[n].double(), expect, atol=tol * float(expect.abs().max()), rtol=tol)
+            assert got[n].dtype == dtype
+
+
+def test_penalty_backward_mixed_cases_and_unsquared(seed):
+    """Kernel-space layers (their own one-pass route), a kernel space without one and
+    norm='unsquared' (autograd): the same gradients and value as ``penalty().backward()``."""
+    G, ri, ro, conv = so2_conv()
+    declare(conv, ri, ro)  # SO(2): the steerable kernel space
+    tapwise = nn.Conv2d(ro.dim, ro.dim, 3, padding=1).double()
+    declare(tapwise, ro, ro, kernel_space=TapwiseSpace())  # no energies_and_grad: autograd
+    lin = declare(nn.Linear(ro.dim, ri.dim).double(), ro, ri)
+    model = nn.Sequential(conv, tapwise, nn.Flatten())
+    model.add_module("lin", lin)
+    assert [d.case for _, _, d in declared_layers(model)] == ["kernel_space", "kernel_space", "linear"]
+    for norm in ("squared", "unsquared"):
+        pen = ProjectionPenalty(model, lambda_perp=0.4, lambda_G=0.1, norm=norm)
+        model.zero_grad(set_to_none=True)
+        expect_value = pen()
+        expect_value.backward()
+        expect = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        value = pen.backward()
+        assert rel(value, expect_value) < 1e-12
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expect[n], atol=1e-12 * float(expect[n].abs().max()), rtol=1e-12)
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_project_makes_outputs_equivariant(kind, seed):
     model, layers, sample, t_in, t_out, G = MODELS[kind](torch.float64)

@@ -210,6 +210,72 @@ def test_fused_gradients_equal_reference_autograd_float32():
     assert float((W.grad.double() - 2 * (W64.detach() - PW)).abs().max()) < 1e-5
 
 
+def _ref_penalty_grad(W, ri, ro, lp, lg):
+    """Energies and autograd gradient of ``sum lp E_perp + lg E_G`` through the float64 reference."""
+    W64 = W.detach().double().requires_grad_()
+    ep, eg = reference.noneq_energy(W64, ri, ro), reference.eq_energy(W64, ri, ro)
+    (torch.as_tensor(lp, dtype=torch.float64) * ep + torch.as_tensor(lg, dtype=torch.float64) * eg).sum().backward()
+    return ep.detach(), eg.detach(), W64.grad
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", ["cpp", "torch", "reference"])
+def test_energies_and_grad_matches_reference_autograd(backend, case):
+    """One pass, no graph: energies and the penalty's gradient; batched W with per-matrix lambdas,
+    non-contiguous, float64 / float32 / bfloat16, nearly equivariant."""
+    if backend == "cpp" and not ops.cpp_available():
+        pytest.skip("the C++ extension equiproj._C is not built")
+    gen = _gen()
+    ri, ro = CASES[case](gen)
+    base = torch.randn(3, ri.dim, ro.dim, dtype=torch.float64, generator=gen)
+    lp, lg = torch.rand(3, generator=gen, dtype=torch.float64), 0.25
+    for dt, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        W = base.to(dt).transpose(-1, -2)  # non-contiguous
+        ep, eg, g = equiproj.energies_and_grad(W, ri, ro, lambda_perp=lp, lambda_G=lg, backend=backend)
+        rp, rg, rgrad = _ref_penalty_grad(W, ri, ro, lp, lg)
+        assert ep.shape == eg.shape == (3,) and g.shape == W.shape and g.dtype == dt and not g.requires_grad
+        assert rel(ep, rp) < tol and rel(eg, rg) < tol, (backend, dt)
+        assert float((g.double() - rgrad).abs().max() / rgrad.abs().max()) < tol, (backend, dt)
+    # nearly equivariant (E_perp / ||W||^2 ~ 1e-10): relative accuracy of E_perp and of W - P W
+    W = verify.nearly_equivariant(base[0].T.contiguous(), ri, ro, 1e-10, gen)
+    ep, _, g = equiproj.energies_and_grad(W, ri, ro, backend=backend)  # lambda_perp=1, lambda_G=0
+    rp, _, rgrad = _ref_penalty_grad(W, ri, ro, 1.0, 0.0)
+    assert float(rp / W.square().sum()) < 1e-8
+    assert rel(ep, rp) < 1e-6 and float((g - rgrad).abs().max() / rgrad.abs().max()) < 1e-6
+
+
+@needs_cpp
+def test_energies_and_grads_many_is_one_op_call():
+    gen = _gen()
+    layers = [(torch.randn(ro.dim, ri.dim, generator=gen), (ri, ro)) for ri, ro in (f(gen) for f in CASES.values())]
+    weights, reps = [w for w, _ in layers], [r for _, r in layers]
+    lp, lg = [0.5, 1.0, 2.0], [0.0, 0.1, 0.0]
+    with CountOps() as count:
+        ep, eg, grads = equiproj.energies_and_grads_many(weights, reps, lambda_perp=lp, lambda_G=lg)
+    assert count.calls == 1 and ep.shape == eg.shape == (3,)
+    for i, (W, (ri, ro)) in enumerate(layers):
+        rp, rg, rgrad = _ref_penalty_grad(W, ri, ro, lp[i], lg[i])
+        assert rel(ep[i], rp) < 1e-6 and rel(eg[i], rg) < 1e-6
+        assert float((grads[i].double() - rgrad).abs().max() / rgrad.abs().max()) < 1e-6
+
+
+def test_energies_and_grad_bad_inputs():
+    ri, ro = _so3_fields(None)
+    W = torch.randn(2, ro.dim, ri.dim)
+    with pytest.raises(ValueError, match="lambda_perp.*finite"):
+        equiproj.energies_and_grad(W, ri, ro, lambda_perp=float("nan"))
+    with pytest.raises(ValueError, match="broadcastable"):
+        equiproj.energies_and_grad(W, ri, ro, lambda_perp=torch.ones(3))
+    with pytest.raises(TypeError, match="lambda_G.*number or a tensor"):
+        equiproj.energies_and_grad(W, ri, ro, lambda_G="0.1")
+    with pytest.raises(ValueError, match="one of each per layer"):
+        equiproj.energies_and_grads_many([W], [(ri, ro)], lambda_perp=[1.0, 2.0], lambda_G=[0.0])
+    with pytest.raises(ValueError, match="shape"):
+        equiproj.energies_and_grad(W.transpose(-1, -2), ri, ro)
+    with pytest.raises(ValueError, match="not finite"):
+        equiproj.energies_and_grad(torch.full((ro.dim, ri.dim), float("nan")), ri, ro)
+
+
 @needs_cpp
 def test_gradcheck_through_the_op():
     gen = _gen()
@@ -331,6 +397,9 @@ def test_cuda_registration_matches_cpp():
         ep, eg = equiproj.energies(Wc, ri, ro, backend="triton")
         ((cp[0].cuda() * ep).sum() + (cg[0].cuda() * eg).sum()).backward()
         got = ([ep.cpu()], [eg.cpu()], [Wc.grad.cpu()])
+        one_pass = equiproj.energies_and_grad(W.cuda(), ri, ro, lambda_perp=cp[0].cuda(), lambda_G=cg[0].cuda(),
+                                              backend="triton")
+        torch.testing.assert_close(one_pass[2].cpu(), got[2][0], rtol=1e-5, atol=1e-6)
         want = ([want[0][0]], [want[1][0]], [want[2][0]])
     else:
         Pt = block_plan(ri, ro).packed("cpu", torch.float32)  # what the Triton kernel reads

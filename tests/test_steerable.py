@@ -173,6 +173,34 @@ def test_equivariant_and_nearly_equivariant_kernels(G, rin, rout, k, dense_cache
         assert rel(e_perp, dense.energies(K + eps * noise)[0]) < 1e-5
 
 
+@pytest.mark.parametrize("G,rin,rout,k", CASES[::2], ids=lambda v: str(v).replace(" ", ""))
+def test_energies_and_grad_matches_dense_reference(G, rin, rout, k, dense_cache):
+    """One pass, no graph: energies and ``lambda_perp dE_perp + lambda_G dE_G`` against the dense
+    basis (gradient 2 lambda_perp (K - QQ^T K) + 2 lambda_G QQ^T K); batched with per-kernel lambdas,
+    non-contiguous, float32; nearly equivariant."""
+    sp, ri, ro, dense = _dense(dense_cache, G, rin, rout, k)
+    gen = torch.Generator().manual_seed(4)
+    s = sp.spatial_dims
+    W = torch.randn(ri.dim, ro.dim, 3, *(k,) * s, dtype=torch.float64, generator=gen).movedim(2, 0).transpose(1, 2)
+    lp, lg = torch.rand(3, dtype=torch.float64, generator=gen), 0.3
+    rp, rg = dense.energies(W)
+    P = dense.project(W)
+    want = 2 * lp.reshape((3,) + (1,) * (2 + s)) * (W - P) + 2 * lg * P
+    for dt, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
+        e_perp, e_g, grad = sp.energies_and_grad(W.to(dt), ri, ro, lambda_perp=lp, lambda_G=lg)
+        assert grad.shape == W.shape and grad.dtype == dt and not grad.requires_grad
+        assert rel(e_perp.double(), rp) < tol and rel(e_g.double(), rg) < tol
+        assert float((grad.double() - want).abs().max() / want.abs().max()) < tol
+    # nearly equivariant (E_perp / ||K||^2 = 1e-10): relative accuracy of E_perp and of K - P K
+    c = torch.randn(dense.Q.shape[1], dtype=torch.float64, generator=gen)
+    K = (dense.Q @ c).reshape(ro.dim, ri.dim, *(k,) * s)
+    N = sp.project(torch.randn(K.shape, dtype=torch.float64, generator=gen), ri, ro, which="non_equivariant")
+    K = K + (1e-10 * K.square().sum() / N.square().sum()).sqrt() * N
+    e_perp, _, grad = sp.energies_and_grad(K, ri, ro)
+    R = K - dense.project(K)
+    assert rel(e_perp, R.square().sum()) < 1e-6 and float((grad - 2 * R).abs().max() / R.abs().max()) < 1e-5
+
+
 def test_no_equivariant_kernels():
     """Reps whose coefficient maps share no irrep: everything is non-equivariant, in both implementations."""
     G = ep.SO3()
