@@ -25,7 +25,7 @@ seeds.
 
 Run::
 
-    equiproj demo [--full] [--seed N] [--out DIR] [--only so2|smoke]
+    equiproj demo [--full] [--seed N] [--out DIR] [--only so2|smoke|voxels]
     python -m equiproj.demo [same options]
 
 Everything is seeded (data, initialisation, batches, rotations). One number depends on the
@@ -947,7 +947,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true", help="the sizes of the issue (3 seeds, full grids): about 85 min on 2 cores")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation, batches (default 0)")
     parser.add_argument("--out", default="equiproj-demo", help="output directory for tables, CSVs, PNGs")
-    parser.add_argument("--only", choices=("so2", "smoke"), help="run one experiment only")
+    parser.add_argument("--only", choices=("so2", "smoke", "voxels"), help="run one experiment only")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
     return parser
 
@@ -978,6 +978,15 @@ def run(args: argparse.Namespace) -> int:
         result = run_smoke(cfg, args.seed, args.out, log)
         print(format_smoke_table(result))
         print(f"\n(experiment 2: {time.perf_counter() - t:.0f} s)")
+    if args.only in (None, "voxels"):
+        from .demo_voxels import VoxelConfig, format_voxels_table, run_voxels
+
+        log("experiment 3: O(3) voxel shapes")
+        cfg = VoxelConfig.full() if args.full else VoxelConfig.demo()
+        t = time.perf_counter()
+        result = run_voxels(cfg, args.seed, args.out, log)
+        print("\n" + format_voxels_table(result))
+        print(f"\n(experiment 3: {time.perf_counter() - t:.0f} s)")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; outputs in {args.out}")
     return 0
 

@@ -236,12 +236,19 @@ def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp
         >>> W = torch.randn(10, 10)
         >>> e_perp, e_g, grad = equiproj.energies_and_grad(W, r, r, lambda_perp=1e-2)
     """
-    (e_perp,), (e_g,), (grad,) = energies_and_grads_many([W], [(rep_in, rep_out)], lambda_perp=[lambda_perp],
-                                                         lambda_G=[lambda_G], backend=backend, stack=False)
+    check_arguments(W, rep_in, rep_out)
+    backend = ops.backend_for(backend, W)
+    cp, cg = ops._coefficient(lambda_perp, W, "lambda_perp"), ops._coefficient(lambda_G, W, "lambda_G")
+    if backend in ("cpp", "triton"):
+        (e_perp,), (e_g,), (grad,) = ops.fused_energies_and_grads([W], [ops.plan_for(rep_in, rep_out, W.device)],
+                                                                  [cp], [cg])
+    else:
+        e_perp, e_g, grad = _unfused_energies_and_grad(W, rep_in, rep_out, cp, cg, reference=backend == "reference")
+    _check_finite(e_perp, e_g)
     return e_perp, e_g, grad
 
 
-def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: str = "auto", stack: bool = True):
+def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: str = "auto"):
     """:func:`energies_and_grad` of many layers, the fused ones in one kernel call per device.
 
     Args:
@@ -250,9 +257,8 @@ def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: st
         lambda_perp, lambda_G: L coefficients each (numbers, or tensors broadcastable to the
             batch shape of their weight).
     Returns:
-        ``(E_perp, E_G, grads)``: ``[L]`` each (float32; float64 if every weight is float64; with
-        ``stack=False`` two lists of per-weight energies ``[...]``) and L gradients shaped like
-        the weights.
+        ``(E_perp, E_G, grads)``: ``[L]`` each (float32; float64 if every weight is float64) and L
+        gradients shaped like the weights.
     """
     weights, reps = list(weights), list(reps)
     lambda_perp, lambda_G = list(lambda_perp), list(lambda_G)
@@ -277,12 +283,11 @@ def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: st
             [cps[i] for i in idx], [cgs[i] for i in idx])
         for i, e_p, e_g, g in zip(idx, eps, egs, grads):
             parts[i] = (e_p, e_g, g)
-    e_perp, e_g, grads = (list(x) for x in zip(*parts))
-    _check_finite(*e_perp, *e_g)
-    if not stack:
-        return e_perp, e_g, grads
     dt = torch.float64 if all(w.dtype == torch.float64 for w in weights) else torch.float32
-    return torch.stack([e.to(dt) for e in e_perp]), torch.stack([e.to(dt) for e in e_g]), grads
+    e_perp = torch.stack([p[0].to(dt) for p in parts])
+    e_g = torch.stack([p[1].to(dt) for p in parts])
+    _check_finite(e_perp, e_g)
+    return e_perp, e_g, [p[2] for p in parts]
 
 
 def _check_many(weights, reps, backend) -> list[str]:

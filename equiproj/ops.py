@@ -528,6 +528,9 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 def _coefficient(c, W: Tensor, name: str) -> Tensor:
     """``c`` as a tensor of shape ``W.shape[:-2]`` in the accumulation dtype, on W's device."""
+    if (isinstance(c, Tensor) and c.shape == W.shape[:-2] and c.dtype == _acc_dtype(W.dtype)
+            and c.device == W.device):
+        return c
     if isinstance(c, bool) or not isinstance(c, (int, float, Tensor)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(c).__name__}")
     if not isinstance(c, Tensor):
