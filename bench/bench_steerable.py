@@ -8,9 +8,8 @@ Methods (each computes E_perp and E_G of every layer and the gradient of sum E_p
   dispatched) + ``backward``;
 * ``per_pair``: one small pixel-space basis ``[R, d_out, d_in k^s]`` per field-pair type, a
   projection per field pair with ``einsum`` and autograd (what a user would write in torch);
-* ``structured + C++ op``: the same, with the coefficient energies run directly by the C++ fused
-  op of ``csrc/`` when it is built (energies and gradient in one pass; what ``equiproj.energies``
-  runs once the op is dispatched behind it);
+* ``one pass``: :meth:`SteerableKernelSpace.energies_and_grad` (the same computation, the gradient
+  formed in the forward pass from the known weights 1 and ``C_G``, no autograd graph);
 * ``dense``: the paper's approach, the ``[N, D']`` orthonormal basis of equivariant kernels
   (:class:`~equiproj.steerable.DenseKernelBasis`, QR) and ``Q Q^T w`` with autograd. Its build
   time and memory are reported; where the basis exceeds ``EQUIPROJ_BENCH_DENSE_MIB`` (default
@@ -70,51 +69,20 @@ def structured(layers):
     return e_perp, e_g
 
 
-def _load_cpp_op():
-    """The C++ fused op (``torch.ops.equiproj_cpu.fused_energies``, csrc/) if it is built, else None."""
-    import glob
-
-    try:
-        for path in glob.glob(os.path.join(os.path.dirname(equiproj.__file__), "_C*.so")):
-            torch.ops.load_library(path)
-        return torch.ops.equiproj_cpu.fused_energies
-    except (OSError, RuntimeError, AttributeError):
-        return None
-
-
-CPP_OP = _load_cpp_op()
-
-
-class _CppCoefficientEnergy(torch.autograd.Function):
-    """The coefficient energies through the C++ fused op directly (energies and gradient in one pass)."""
-
-    @staticmethod
-    def forward(ctx, A, plan):
-        one, cg = torch.ones(1), torch.full((1,), C_G)
-        e_perp, e_g, grads = CPP_OP([A], [plan.meta], [plan.basis], [plan.perm_out], [plan.perm_in], [one], [cg])
-        ctx.save_for_backward(grads[0])
-        return e_perp[0] + C_G * e_g[0]
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return grad * g, None
-
-
-def structured_cpp(layers):
-    """``structured`` with the coefficient energies run by the C++ fused op (what ``equiproj.energies``
-    dispatches to once the op is wired in); returns the objective only (E_perp + C_G E_G per layer)."""
-    from equiproj.plan import block_plan
-    from equiproj.steerable import _OutOfBand
-
-    out = []
+def one_pass(layers):
+    """``SteerableKernelSpace.energies_and_grad`` per layer: the energies and the gradient of
+    ``E_perp + C_G E_G`` without an autograd graph (the coefficient energies and their gradient
+    from one call of the fused op); sets ``w.grad``."""
+    eps, egs = [], []
     for w, sp, ri, ro in layers:
-        K, B = sp._pixels(w, ri, ro)
-        e_out, A0 = _OutOfBand.apply(K, B)
-        plan = block_plan(sp.coefficient_rep(ri), ro).packed("cpu", torch.float32)
-        out.append(e_out + _CppCoefficientEnergy.apply(sp._to_layout(A0, ri), plan))
-    objective = torch.stack(out)
-    return objective, torch.zeros_like(objective)
+        e_perp, e_g, grad = sp.energies_and_grad(w, ri, ro, lambda_G=C_G)
+        w.grad = grad
+        eps.append(e_perp)
+        egs.append(e_g)
+    return torch.stack(eps), torch.stack(egs)
+
+
+one_pass.sets_grad = True
 
 
 class PerPair:
@@ -180,11 +148,12 @@ class Dense:
 
 def step(method, layers):
     """Energy + gradient: returns (E_perp [L], E_G [L]) detached; gradients land in the weights.
-    (``structured_cpp`` returns the objective as its E_perp and zeros as E_G.)"""
+    (``one_pass`` sets them itself.)"""
     for w, *_ in layers:
         w.grad = None
     e_perp, e_g = method(layers)
-    (e_perp.sum() + C_G * e_g.sum()).backward()
+    if not getattr(method, "sets_grad", False):
+        (e_perp.sum() + C_G * e_g.sum()).backward()
     return e_perp.detach(), e_g.detach()
 
 
@@ -242,11 +211,13 @@ def test_structured(benchmark, small_stack):
 
 
 @pytest.mark.benchmark(group="steerable")
-@pytest.mark.skipif(CPP_OP is None, reason="the C++ extension (csrc/) is not built")
-def test_structured_cpp(benchmark, small_stack):
+def test_one_pass(benchmark, small_stack):
     layers, reference = small_stack
-    objective, _ = benchmark(step, structured_cpp, layers)
-    torch.testing.assert_close(objective, reference[0] + C_G * reference[1], rtol=1e-4, atol=1e-7)
+    _check(benchmark(step, one_pass, layers), reference)
+    grads = [w.grad.clone() for w, *_ in layers]
+    step(structured, layers)
+    for g, (w, *_) in zip(grads, layers):
+        torch.testing.assert_close(g, w.grad, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.benchmark(group="steerable")
@@ -279,21 +250,21 @@ def _row(label, layers, with_dense=True):
     first = time.perf_counter() - t0
     t_struct = timeit(lambda: step(structured, layers))
     mem = saved_bytes(structured, layers)
-    t_cpp = timeit(lambda: step(structured_cpp, layers)) if CPP_OP is not None else None
+    t_one = timeit(lambda: step(one_pass, layers))
     pp = PerPair(layers)
     t_pp = timeit(lambda: step(pp, layers))
     t_rw = timeit(lambda: [w.detach().mul(2) for w, *_ in layers])
     dense = Dense(layers) if with_dense else None
     if dense is not None and dense.fits:
         t_dense = timeit(lambda: step(dense, layers), repeat=3, min_time=0.0)
-        best = t_struct if t_cpp is None else min(t_struct, t_cpp)
+        best = min(t_struct, t_one)
         dense_cols = (f"{dense.nbytes / 2**20:.0f} MiB", f"{dense.build_seconds:.2f} s", f"{t_dense * 1e3:.1f} ms",
                       f"{t_dense / best:.0f}x")
     else:
         nbytes = dense.nbytes if dense is not None else sum(N * D * 4 for N, D in Dense(layers, limit=0).sizes)
         dense_cols = (f"{nbytes / 2**30:.1f} GiB (not built)", "-", "-", "-")
-    cpp = "-" if t_cpp is None else f"{t_cpp * 1e3:.2f} ({t_pp / t_cpp:.1f}x)"
-    return (f"| {label} | {weight_bytes / 2**20:.2f} | {t_struct * 1e3:.2f} | {cpp} | {mem / weight_bytes:.2f} | "
+    one = f"{t_one * 1e3:.2f} ({t_pp / t_one:.1f}x)"
+    return (f"| {label} | {weight_bytes / 2**20:.2f} | {t_struct * 1e3:.2f} | {one} | {mem / weight_bytes:.2f} | "
             f"{first:.2f} | {t_pp * 1e3:.2f} | {t_pp / t_struct:.2f}x | {t_rw * 1e3:.3f} | " + " | ".join(dense_cols) + " |")
 
 
@@ -306,7 +277,7 @@ def main(argv=None):
     cs, ks = ((2, 6), (3, 5)) if args.quick else ((2, 6, 16), (3, 5, 7))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, energy + gradient; "
           f"dense basis built up to {DENSE_LIMIT / 2**20:.0f} MiB", file=sys.stderr)
-    print("| layer | weight MiB | structured ms | structured + C++ op ms (per-pair/it) | saved/weight | first call s "
+    print("| layer | weight MiB | structured ms | one pass ms (per-pair/it) | saved/weight | first call s "
           "| per-pair ms | per-pair/structured | read+write ms | dense basis | dense build | dense ms | dense/structured |")
     print("|" + "---|" * 13)
     for c in cs:
