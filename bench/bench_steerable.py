@@ -8,8 +8,8 @@ Methods (each computes E_perp and E_G of every layer and the gradient of sum E_p
   dispatched) + ``backward``;
 * ``per_pair``: one small pixel-space basis ``[R, d_out, d_in k^s]`` per field-pair type, a
   projection per field pair with ``einsum`` and autograd (what a user would write in torch);
-* ``one pass``: :meth:`SteerableKernelSpace.energies_and_grad` (the same computation, the gradient
-  formed in the forward pass from the known weights 1 and ``C_G``, no autograd graph);
+* ``one pass``: :func:`~equiproj.steerable.kernel_energies_and_grads_many` (the same computation,
+  the gradient formed in the forward pass from the known weights 1 and ``C_G``, no autograd graph);
 * ``dense``: the paper's approach, the ``[N, D']`` orthonormal basis of equivariant kernels
   (:class:`~equiproj.steerable.DenseKernelBasis`, QR) and ``Q Q^T w`` with autograd. Its build
   time and memory are reported; where the basis exceeds ``EQUIPROJ_BENCH_DENSE_MIB`` (default
@@ -36,7 +36,8 @@ import pytest
 import torch
 
 import equiproj
-from equiproj.steerable import DenseKernelBasis, default_kernel_space, kernel_energies_many
+from equiproj.steerable import (DenseKernelBasis, default_kernel_space, kernel_energies_and_grads_many,
+                                kernel_energies_many)
 
 DENSE_LIMIT = int(os.environ.get("EQUIPROJ_BENCH_DENSE_MIB", "256")) * 2**20
 C_G = 0.5  # weight of E_G in the benchmarked objective
@@ -70,16 +71,16 @@ def structured(layers):
 
 
 def one_pass(layers):
-    """``SteerableKernelSpace.energies_and_grad`` per layer: the energies and the gradient of
-    ``E_perp + C_G E_G`` without an autograd graph (the coefficient energies and their gradient
-    from one call of the fused op); sets ``w.grad``."""
-    eps, egs = [], []
-    for w, sp, ri, ro in layers:
-        e_perp, e_g, grad = sp.energies_and_grad(w, ri, ro, lambda_G=C_G)
-        w.grad = grad
-        eps.append(e_perp)
-        egs.append(e_g)
-    return torch.stack(eps), torch.stack(egs)
+    """:func:`kernel_energies_and_grads_many`: the energies and the gradient of ``E_perp + C_G E_G``
+    without an autograd graph (the coefficient energies and gradients of all layers from one call
+    of the fused op); sets ``w.grad``."""
+    L = len(layers)
+    e_perp, e_g, grads = kernel_energies_and_grads_many([w for w, *_ in layers], [sp for _, sp, *_ in layers],
+                                                        [(ri, ro) for *_, ri, ro in layers],
+                                                        lambda_perp=[1.0] * L, lambda_G=[C_G] * L)
+    for (w, *_), g in zip(layers, grads):
+        w.grad = g
+    return e_perp, e_g
 
 
 one_pass.sets_grad = True

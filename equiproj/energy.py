@@ -238,7 +238,7 @@ def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp
     """
     check_arguments(W, rep_in, rep_out)
     backend = ops.backend_for(backend, W)
-    cp, cg = ops._coefficient(lambda_perp, W, "lambda_perp"), ops._coefficient(lambda_G, W, "lambda_G")
+    cp, cg = ops.as_coefficient(lambda_perp, W, "lambda_perp"), ops.as_coefficient(lambda_G, W, "lambda_G")
     if backend in ("cpp", "triton"):
         (e_perp,), (e_g,), (grad,) = ops.fused_energies_and_grads([W], [ops.plan_for(rep_in, rep_out, W.device)],
                                                                   [cp], [cg])
@@ -270,8 +270,8 @@ def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: st
     chosen = _check_many(weights, reps, backend)
     parts: list = [None] * len(weights)
     fused: dict = {}
-    cps = [ops._coefficient(c, w, f"lambda_perp[{i}]") for i, (c, w) in enumerate(zip(lambda_perp, weights))]
-    cgs = [ops._coefficient(c, w, f"lambda_G[{i}]") for i, (c, w) in enumerate(zip(lambda_G, weights))]
+    cps = [ops.as_coefficient(c, w, f"lambda_perp[{i}]") for i, (c, w) in enumerate(zip(lambda_perp, weights))]
+    cgs = [ops.as_coefficient(c, w, f"lambda_G[{i}]") for i, (c, w) in enumerate(zip(lambda_G, weights))]
     for i, b in enumerate(chosen):
         if b in ("cpp", "triton"):
             fused.setdefault(weights[i].device, []).append(i)

@@ -176,7 +176,7 @@ def _default_kernel_space(group, kernel_size: tuple[int, ...]):
     hint = ("(exact grid actions: subgroups of D4 on square 2-D kernels, Octahedral/FullOctahedral on cubic 3-D "
             "kernels, any group on 1x1 kernels; kernel_space='channels' if G acts on the channels only)")
     try:
-        steerable = importlib.import_module(".steerable", __package__)
+        steerable = _steerable()
     except ImportError as e:
         raise NoKernelSpaceError(f"{what}: equiproj.steerable is not available ({e}) {hint}") from e
     fn = getattr(steerable, "default_kernel_space", None)
@@ -550,6 +550,19 @@ def _lambdas(value, names: list[str], what: str) -> list[float]:
     return [num(value, "")] * len(names)
 
 
+def _steerable():
+    return importlib.import_module(".steerable", __package__)
+
+
+def _is_steerable_space(space) -> bool:
+    """Whether ``space`` is a :class:`equiproj.steerable.SteerableKernelSpace` (other kernel-space
+    objects implement only the protocol: energies, project, coefficients)."""
+    try:
+        return isinstance(space, _steerable().SteerableKernelSpace)
+    except ImportError:
+        return False
+
+
 def _weighted_sum(e_perp, e_g, lambda_perp, lambda_G, norm: str, use_g: bool) -> torch.Tensor:
     """``sum lambda_perp * E_perp + lambda_G * E_G`` (of ``sqrt(E)`` for ``norm="unsquared"``)."""
     if norm == "unsquared":
@@ -636,8 +649,9 @@ class ProjectionPenalty:
         take :func:`equiproj.energies_and_grads_many`: with the fused op, one kernel call reads each
         weight once and writes ``lambda_perp dE_perp + lambda_G dE_G`` once (the autograd route
         ``penalty().backward()`` reads each weight twice: its forward cannot know the incoming
-        gradient). Kernel-space layers take their space's ``energies_and_grad``. Translations,
-        FSDP2-sharded parameters, kernel spaces without ``energies_and_grad`` and
+        gradient). Layers on a :class:`~equiproj.steerable.SteerableKernelSpace` take
+        :func:`~equiproj.steerable.kernel_energies_and_grads_many` (one more fused call for all of
+        them). Translations, FSDP2-sharded parameters, other kernel-space objects and
         ``norm="unsquared"`` go through autograd. The gradients are the same either way (tested).
         Parameters with ``requires_grad=False`` get none.
 
@@ -650,39 +664,48 @@ class ProjectionPenalty:
             criterion(model(x), y).backward()
             optimizer.step()
         """
-        matrix, slow, terms = [], [], []
-        weights, reps, params, lp, lg = [], [], [], [], []
+        slow, terms = [], []
+        mats, mat_reps, mat_params, mat_lp, mat_lg = [], [], [], [], []  # matrix-form weights and biases
+        convs, conv_spaces, conv_reps, conv_params, conv_lp, conv_lg = [], [], [], [], [], []  # kernel spaces
         with _no_autocast(self.layers[0][1].weight.device):
             for i, (name, m, d) in enumerate(self.layers):
-                space = d.kernel_space if d.case == "kernel_space" else None
+                steerable = d.case == "kernel_space" and _is_steerable_space(d.kernel_space)
                 if (self.norm != "squared" or _is_dtensor(m.weight) or _is_dtensor(getattr(m, "bias", None))
-                        or not (d.case in _MATRIX_CASES or hasattr(space, "energies_and_grad"))):
+                        or not (d.case in _MATRIX_CASES or steerable)):
                     slow.append(i)
                     continue
                 w = _weight(name, m, d).detach()
-                if space is not None:
-                    ep, eg, g = space.energies_and_grad(w, d.rep_in, d.rep_out, lambda_perp=self.lambda_perp[i],
-                                                        lambda_G=self.lambda_G[i])
-                    _accumulate_grad(m.weight, g)
-                    terms.append(self.lambda_perp[i] * ep.double() + self.lambda_G[i] * eg.double())
+                if steerable:
+                    convs.append(w)
+                    conv_spaces.append(d.kernel_space)
+                    conv_reps.append((d.rep_in, d.rep_out))
+                    conv_params.append(m.weight)
+                    conv_lp.append(self.lambda_perp[i])
+                    conv_lg.append(self.lambda_G[i])
                 else:
-                    weights.append(w.reshape(w.shape[0], -1))
-                    reps.append((d.weight_rep_in, d.rep_out))
-                    params.append(m.weight)
+                    mats.append(w.reshape(w.shape[0], -1))
+                    mat_reps.append((d.weight_rep_in, d.rep_out))
+                    mat_params.append(m.weight)
                 b = _bias(m, d)
                 if b is not None:
-                    weights.append(b.detach()[:, None])
-                    reps.append((d.bias_rep_in, d.rep_out))
-                    params.append(m.bias)
-                lp.extend([self.lambda_perp[i]] * (len(params) - len(lp)))
-                lg.extend([self.lambda_G[i]] * (len(params) - len(lg)))
-            if weights:
-                ep, eg, grads = energies_and_grads_many(weights, reps, lambda_perp=lp, lambda_G=lg)
+                    mats.append(b.detach()[:, None])
+                    mat_reps.append((d.bias_rep_in, d.rep_out))
+                    mat_params.append(m.bias)
+                mat_lp.extend([self.lambda_perp[i]] * (len(mat_params) - len(mat_lp)))
+                mat_lg.extend([self.lambda_G[i]] * (len(mat_params) - len(mat_lg)))
+            for ws, params, lp, lg, compute in (
+                    (mats, mat_params, mat_lp, mat_lg,
+                     lambda: energies_and_grads_many(mats, mat_reps, lambda_perp=mat_lp, lambda_G=mat_lg)),
+                    (convs, conv_params, conv_lp, conv_lg,
+                     lambda: _steerable().kernel_energies_and_grads_many(convs, conv_spaces, conv_reps,
+                                                                         lambda_perp=conv_lp, lambda_G=conv_lg))):
+                if not ws:
+                    continue
+                ep, eg, grads = compute()
                 for p, g in zip(params, grads):
                     _accumulate_grad(p, g)
-                dev = ep.device
-                terms.append((ep.double() * torch.tensor(lp, dtype=torch.float64, device=dev)).sum()
-                             + (eg.double() * torch.tensor(lg, dtype=torch.float64, device=dev)).sum())
+                lam = lambda x: torch.tensor(x, dtype=torch.float64, device=ep.device)  # noqa: E731
+                terms.append((ep.double() * lam(lp)).sum() + (eg.double() * lam(lg)).sum())
         if slow:
             e_perp, e_g = _per_layer_opaque([self.layers[i] for i in slow])
             lps, lgs = ([lam[i] for i in slow] for lam in (self.lambda_perp, self.lambda_G))

@@ -56,8 +56,8 @@ from torch import Tensor
 
 from .plan import BlockPlan, PackedPlan, block_plan
 
-__all__ = ["BACKENDS", "ENV_VAR", "fused_energies", "fused_energies_and_grads", "packed_plan", "plan_for", "resolve_backend", "cpp_available",
-           "triton_available", "cpp_num_threads"]
+__all__ = ["BACKENDS", "ENV_VAR", "fused_energies", "fused_energies_and_grads", "packed_plan", "plan_for",
+           "resolve_backend", "cpp_available", "triton_available", "cpp_num_threads"]
 
 BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
 ENV_VAR = "EQUIPROJ_BACKEND"
@@ -508,8 +508,8 @@ def fused_energies_and_grads(weights, plans, c_perp, c_g) -> tuple[list[Tensor],
     if not weights:
         return [], [], []
     weights = [W.detach() for W in weights]
-    cps = [_coefficient(c, W, f"c_perp[{i}]") for i, (c, W) in enumerate(zip(c_perp, weights))]
-    cgs = [_coefficient(c, W, f"c_g[{i}]") for i, (c, W) in enumerate(zip(c_g, weights))]
+    cps = [as_coefficient(c, W, f"c_perp[{i}]") for i, (c, W) in enumerate(zip(c_perp, weights))]
+    cgs = [as_coefficient(c, W, f"c_g[{i}]") for i, (c, W) in enumerate(zip(c_g, weights))]
     args = (weights, [P.meta for P in plans], [P.basis for P in plans], [P.perm_out for P in plans],
             [P.perm_in for P in plans], cps, cgs)
     with torch.no_grad():
@@ -526,7 +526,7 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-def _coefficient(c, W: Tensor, name: str) -> Tensor:
+def as_coefficient(c, W: Tensor, name: str) -> Tensor:
     """``c`` as a tensor of shape ``W.shape[:-2]`` in the accumulation dtype, on W's device."""
     if (isinstance(c, Tensor) and c.shape == W.shape[:-2] and c.dtype == _acc_dtype(W.dtype)
             and c.device == W.device):

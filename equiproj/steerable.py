@@ -116,6 +116,7 @@ import torch
 from . import ops as _ops
 from .energy import energies as _linear_energies
 from .energy import energies_and_grad as _linear_energies_and_grad
+from .energy import energies_and_grads_many as _linear_energies_and_grads_many
 from .energy import energies_many as _linear_energies_many
 from .energy import project as _linear_project
 from .grid import grid_points
@@ -452,21 +453,10 @@ class SteerableKernelSpace:
         to the batch shape ``weight.shape[:-2-s]``. Two thin GEMMs forward (coefficients, out-of-band
         residual), the coefficient energies and gradient in one fused pass, one GEMM back:
         ``grad = 2 lambda_perp (K - A0 B^T) + dA B^T``."""
-        with torch.no_grad():
-            K, B = self._pixels(weight.detach(), rep_in, rep_out)
-            rows, P = K.shape[:-1], K.shape[-1]
-            K2 = K.reshape(-1, P)
-            A0 = K2 @ B
-            R = torch.addmm(K2, A0, B.T, alpha=-1.0)  # out of band, in residual form
-            A = self._to_layout(A0.reshape(rows + (B.shape[1],)), rep_in)
-            cp = _ops._coefficient(lambda_perp, A, "lambda_perp")
-            e_perp, e_g, dA = _linear_energies_and_grad(A, self.coefficient_rep(rep_in), rep_out, lambda_perp=cp,
-                                                        lambda_G=lambda_G)
-            R = R.reshape(rows + (P,))
-            outside = R.square().sum((-3, -2, -1))
-            R.mul_((2 * cp).to(R.dtype)[..., None, None, None])
-            grad = torch.addmm(R.reshape(-1, P), self._from_layout(dA, rep_in).reshape(-1, B.shape[1]).to(R.dtype), B.T)
-        return e_perp + outside.to(e_perp.dtype), e_g, grad.reshape(weight.shape).to(weight.dtype)
+        split = _InBandSplit(self, weight, rep_in, rep_out, lambda_perp)
+        e_perp, e_g, dA = _linear_energies_and_grad(split.A, self.coefficient_rep(rep_in), rep_out,
+                                                    lambda_perp=split.c_perp, lambda_G=lambda_G)
+        return e_perp + split.outside.to(e_perp.dtype), e_g, split.grad(dA)
 
     def project(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, which: str = "equivariant") -> torch.Tensor:
         """``P(K)`` (``which="equivariant"``) or ``K - P(K)`` (``"non_equivariant"``, in residual form),
@@ -495,6 +485,33 @@ class SteerableKernelSpace:
         A0 = K @ B
         out = (Ro @ A0.flatten(-2) @ Ri.T).unflatten(-1, A0.shape[-2:]) @ B.T
         return out.unflatten(-1, (self.kernel_size,) * self.spatial_dims)
+
+
+class _InBandSplit:
+    """A kernel ``K`` split for the one-pass route (no autograd graph): the in-band coefficients
+    ``A`` (the coefficient rep's layout), the out-of-band energy ``||K - A0 B^T||^2`` (residual form)
+    and, once the coefficient gradient ``dA`` is known, ``dK = 2 c_perp (K - A0 B^T) + dA B^T``."""
+
+    def __init__(self, space: SteerableKernelSpace, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, lambda_perp):
+        self.space, self.rep_in, self.weight = space, rep_in, weight
+        with torch.no_grad():
+            K, self.B = space._pixels(weight.detach(), rep_in, rep_out)
+            rows, P = K.shape[:-1], K.shape[-1]
+            K2 = K.reshape(-1, P)
+            A0 = K2 @ self.B
+            self.R = torch.addmm(K2, A0, self.B.T, alpha=-1.0).reshape(rows + (P,))
+            self.A = space._to_layout(A0.reshape(rows + (self.B.shape[1],)), rep_in)
+            self.outside = self.R.square().sum((-3, -2, -1))
+        self.c_perp = _ops.as_coefficient(lambda_perp, self.A, "lambda_perp")
+
+    def grad(self, dA: torch.Tensor) -> torch.Tensor:
+        """``dK`` (the weight's shape and dtype) from the coefficient gradient ``dA``; consumes the residual."""
+        with torch.no_grad():
+            B, R = self.B, self.R
+            R.mul_((2 * self.c_perp).to(R.dtype)[..., None, None, None])
+            dA0 = self.space._from_layout(dA, self.rep_in).reshape(-1, B.shape[1]).to(R.dtype)
+            dK = torch.addmm(R.reshape(-1, R.shape[-1]), dA0, B.T)
+        return dK.reshape(self.weight.shape).to(self.weight.dtype)
 
 
 class _OutOfBand(torch.autograd.Function):
@@ -587,6 +604,30 @@ def kernel_energies_many(weights, spaces, reps) -> tuple[torch.Tensor, torch.Ten
         creps.append((sp.coefficient_rep(ri), ro))
     e_perp, e_g = _linear_energies_many(coefs, creps)
     return e_perp + torch.stack(outside).to(e_perp.dtype), e_g
+
+
+def kernel_energies_and_grads_many(weights, spaces, reps, *, lambda_perp, lambda_G):
+    """:meth:`SteerableKernelSpace.energies_and_grad` of many conv layers, the coefficient energies
+    and gradients of all of them from one :func:`equiproj.energies_and_grads_many` call.
+
+    Returns ``(E_perp [L], E_G [L], grads)``; ``grads[i]`` has ``weights[i]``'s shape and dtype.
+    Arguments as in :func:`kernel_energies_many`, plus one ``lambda_perp`` and ``lambda_G`` per layer.
+    """
+    weights, spaces, reps = list(weights), list(spaces), list(reps)
+    lambda_perp, lambda_G = list(lambda_perp), list(lambda_G)
+    if not (len(weights) == len(spaces) == len(reps) == len(lambda_perp) == len(lambda_G)) or not weights:
+        raise ValueError(f"need the same non-zero number of weights, spaces, rep pairs, lambda_perp and lambda_G, "
+                         f"got {len(weights)}, {len(spaces)}, {len(reps)}, {len(lambda_perp)}, {len(lambda_G)}")
+    splits = []
+    for w, sp, (ri, ro), lp in zip(weights, spaces, reps, lambda_perp):
+        if not isinstance(sp, SteerableKernelSpace):
+            raise TypeError(f"spaces must be SteerableKernelSpace objects, got {type(sp).__name__}")
+        splits.append(_InBandSplit(sp, w, ri, ro, lp))
+    e_perp, e_g, dAs = _linear_energies_and_grads_many(
+        [s.A for s in splits], [(sp.coefficient_rep(ri), ro) for sp, (ri, ro) in zip(spaces, reps)],
+        lambda_perp=[s.c_perp for s in splits], lambda_G=lambda_G)
+    outside = torch.stack([s.outside for s in splits])
+    return e_perp + outside.to(e_perp.dtype), e_g, [s.grad(dA) for s, dA in zip(splits, dAs)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def test_penalty_backward_mixed_cases_and_unsquared(seed):
     G, ri, ro, conv = so2_conv()
     declare(conv, ri, ro)  # SO(2): the steerable kernel space
     tapwise = nn.Conv2d(ro.dim, ro.dim, 3, padding=1).double()
-    declare(tapwise, ro, ro, kernel_space=TapwiseSpace())  # no energies_and_grad: autograd
+    declare(tapwise, ro, ro, kernel_space=TapwiseSpace())  # a protocol-only kernel space: autograd
     lin = declare(nn.Linear(ro.dim, ri.dim).double(), ro, ri)
     model = nn.Sequential(conv, tapwise, nn.Flatten())
     model.add_module("lin", lin)

@@ -201,6 +201,37 @@ def test_energies_and_grad_matches_dense_reference(G, rin, rout, k, dense_cache)
     assert rel(e_perp, R.square().sum()) < 1e-6 and float((grad - 2 * R).abs().max() / R.abs().max()) < 1e-5
 
 
+def test_kernel_energies_and_grads_many_is_one_fused_call(monkeypatch):
+    """Several conv layers (different groups, 2-D and 3-D): one call of the one-pass op for all
+    coefficient matrices, the same results as layer by layer."""
+    from equiproj import ops
+    from equiproj.steerable import kernel_energies_and_grads_many
+
+    gen = torch.Generator().manual_seed(5)
+    specs = [(ep.SO3(), "0 + 1", "1 + 2", 3), (ep.SO2(), "2x0 + 1", "1 + 2", 5), (ep.Cyclic(8), "regular", "0 + 1", 3)]
+    weights, spaces, reps = [], [], []
+    for G, rin, rout, k in specs:
+        ri, ro = layer(G, rin, rout)
+        sp = default_kernel_space(G, k)
+        weights.append(torch.randn(ro.dim, ri.dim, *(k,) * sp.spatial_dims, dtype=torch.float64, generator=gen))
+        spaces.append(sp)
+        reps.append((ri, ro))
+    lp, lg = [0.5, 1.0, 2.0], [0.1, 0.0, 0.3]
+    calls = []
+    real = ops.fused_energies_and_grads
+    monkeypatch.setattr(ops, "fused_energies_and_grads", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    e_perp, e_g, grads = kernel_energies_and_grads_many(weights, spaces, reps, lambda_perp=lp, lambda_G=lg)
+    assert len(calls) == (1 if ops.cpp_available() else 0) and e_perp.shape == e_g.shape == (3,)
+    for i, (w, sp, (ri, ro)) in enumerate(zip(weights, spaces, reps)):
+        wr = w.clone().requires_grad_()
+        a, b = sp.energies(wr, ri, ro)
+        (lp[i] * a + lg[i] * b).backward()
+        assert rel(e_perp[i], a.detach()) < 1e-12 and rel(e_g[i], b.detach()) < 1e-12
+        torch.testing.assert_close(grads[i], wr.grad, rtol=1e-12, atol=1e-12 * float(wr.grad.abs().max()))
+    with pytest.raises(ValueError, match="same non-zero number"):
+        kernel_energies_and_grads_many(weights, spaces, reps, lambda_perp=lp[:2], lambda_G=lg)
+
+
 def test_no_equivariant_kernels():
     """Reps whose coefficient maps share no irrep: everything is non-equivariant, in both implementations."""
     G = ep.SO3()
