@@ -152,6 +152,12 @@ def test_tiny_run_has_every_regime_and_column(tmp_path):
         assert column in table
     for name in ("voxels_results.csv", "voxels_table.md"):
         assert (tmp_path / name).exists()
+    # seeded: a second run gives the same numbers (timings and the equal-time step count aside)
+    again = run_voxels(cfg, seed=0, out=None, log=lambda m: None)["rows"]
+    for r, s in zip(rows, again):
+        if r["regime"] != "data_time":
+            for key in ("test_acc", "cube_inv_err", "smooth_inv_err", "rel_E_perp"):
+                assert r[key] == s[key], (r["regime"], key)
 
 
 def test_demo_only_voxels_dispatch(tmp_path, monkeypatch, capsys):
