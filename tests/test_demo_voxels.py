@@ -90,7 +90,7 @@ def test_projected_model_is_invariant_under_the_48_cube_symmetries():
     assert worst(model) < 1e-12
     # a projected model has no data-level penalty either; an unprojected one has
     g = elements[7]
-    assert float(voxel_data_penalty(model, x, model(x), g)) < 1e-20
+    assert float(voxel_data_penalty(model, x, model(x), g).detach()) < 1e-20
 
 
 def test_data_penalty_is_the_logit_defect():
