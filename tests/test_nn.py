@@ -711,7 +711,7 @@ def test_overhead_example_runs():
     finally:
         sys.path.pop(0)
     r = penalty_overhead.measure(batch=2, size=5, copies=1, repeats=1)
-    assert r["ratio"] > 0 and r["params"] > 0
+    assert r["ratio"] > 0 and r["ratio_one_pass"] > 0 and r["params"] > 0
 
 
 def test_quickstart_example_runs(capsys):
