@@ -387,8 +387,8 @@ class VoxelConfig:
     lr: float = 3e-3
     epochs: int = 20
     seeds: int = 3
-    lambda_perp: float = 0.1  # used when no sweep is run
-    lambda_data: float = 1.0
+    lambda_perp: float = 1e-4  # used when no sweep is run: the full run's validation choices
+    lambda_data: float = 0.1
     eta_decoupled: float = 0.5
     sweep_perp: tuple = ()  # validation sweep (seed 0) before the seeded runs
     sweep_data: tuple = ()
