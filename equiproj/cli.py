@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--dense-max-gib", type=float, default=None, help="largest dense basis to build (GiB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_bench)
-    p = sub.add_parser("demo", help="the paper's experiments at laptop scale: SO(2) toy and C4 smoke CNN "
-                                    "(under 5 minutes on a CPU; --full for the issue's sizes)")
+    p = sub.add_parser("demo", help="the paper's experiments at laptop scale: SO(2) toy, C4 smoke CNN and O(3) "
+                                    "voxel CNN (under 5 minutes on a CPU; --full for the issue's sizes)")
     _demo_arguments(p)
     p = sub.add_parser("info", help="versions and available backends")
     p.set_defaults(func=_info)

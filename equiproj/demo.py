@@ -23,6 +23,9 @@ step (``shrink_noneq_``, like AdamW's weight decay). Metrics:
 rollout RMSE on held-out trajectories, equivariance error, time per epoch, mean +- std over
 seeds.
 
+Experiment 3, ``voxels``: O(3)-declared 3-D CNN on voxel shapes whose label depends weakly on
+orientation; the same regimes (:mod:`equiproj.demo_voxels`).
+
 Run::
 
     equiproj demo [--full] [--seed N] [--out DIR] [--only so2|smoke|voxels]
@@ -944,7 +947,7 @@ def plot_smoke(curves: dict, snapshots: dict, path: str, log=print) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``equiproj demo`` options (``--full``, ``--seed``, ``--out``, ``--only``)."""
-    parser.add_argument("--full", action="store_true", help="the sizes of the issue (3 seeds, full grids): about 85 min on 2 cores")
+    parser.add_argument("--full", action="store_true", help="the sizes of the issue (3 seeds, full grids): about 100 min on 2 cores")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation, batches (default 0)")
     parser.add_argument("--out", default="equiproj-demo", help="output directory for tables, CSVs, PNGs")
     parser.add_argument("--only", choices=("so2", "smoke", "voxels"), help="run one experiment only")
