@@ -64,7 +64,8 @@ __all__ = [
     "so2_hidden_rep", "FourierSiLU", "SO2Classifier", "so2_wedge", "so2_wavey_rings", "train_so2", "so2_accuracy",
     "so2_invariance_error", "SO2Config", "run_so2",
     "SmokeParams", "SmokeSolver", "simulate_smoke", "rotate_fields", "c4_matrix", "C4SmokeNet", "SmokeScales",
-    "smoke_pairs", "smoke_data_penalty", "shrink_noneq_", "project_init_", "train_smoke", "smoke_rollout", "smoke_equivariance_error", "smoke_data_asymmetry", "SmokeConfig",
+    "smoke_pairs", "smoke_data_penalty", "shrink_noneq_", "project_init_", "regime_step", "run_steps",
+    "interleaved_step_times", "train_smoke", "smoke_rollout", "smoke_equivariance_error", "smoke_data_asymmetry", "SmokeConfig",
     "run_smoke", "format_so2_table", "format_smoke_table",
     "add_arguments", "run", "main",
 ]
@@ -573,18 +574,22 @@ def smoke_data_penalty(model: nn.Module, x: torch.Tensor, fx: torch.Tensor, k: i
     return F.mse_loss(model(rotate_fields(x, k, SMOKE_IN_VECTORS)), rotate_fields(fx, k, SMOKE_OUT_VECTORS))
 
 
-def _smoke_step_fn(model: C4SmokeNet, regime: str, lam: float, lr: float, generator: torch.Generator):
+def regime_step(model: nn.Module, regime: str, lam: float, lr: float, task_loss, data_penalty):
+    """One training step ``step(x, y)`` of a regime: Adam on ``task_loss(model(x), y)`` plus the
+    regime's penalty: ``"projection"`` adds ``ProjectionPenalty(model, lam)()``; ``"data_time"`` /
+    ``"data_steps"`` add ``lam * data_penalty(model, x, model(x))`` (one sampled group element, one
+    extra forward and backward); ``"strict"`` projects after the step, ``"decoupled"`` shrinks the
+    non-equivariant part by ``lam`` (:func:`shrink_noneq_`)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     penalty = eqnn.ProjectionPenalty(model, lam) if regime == "projection" else None
 
     def step(x, y):
         pred = model(x)
-        loss = F.mse_loss(pred, y)
+        loss = task_loss(pred, y)
         if penalty is not None:
             loss = loss + penalty()
         elif regime in ("data_time", "data_steps"):
-            k = int(torch.randint(1, 4, (1,), generator=generator))
-            loss = loss + lam * smoke_data_penalty(model, x, pred, k)
+            loss = loss + lam * data_penalty(model, x, pred)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -594,6 +599,44 @@ def _smoke_step_fn(model: C4SmokeNet, regime: str, lam: float, lr: float, genera
             shrink_noneq_(model, lam)
 
     return step
+
+
+def run_steps(step, model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, strict: bool, steps: int, batch: int,
+              generator: torch.Generator) -> float:
+    """``step(x, y)`` on ``steps`` mini-batches (epochs of a seeded permutation of ``X``, ``Y``);
+    a strict model starts from :func:`project_init_`. Returns the training time in seconds."""
+    t0 = time.perf_counter()
+    if strict:
+        project_init_(model)
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(order) < batch:
+            order = torch.cat([order, torch.randperm(len(X), generator=generator)])
+        idx, order = order[:batch], order[batch:]
+        step(X[idx], Y[idx])
+    return time.perf_counter() - t0
+
+
+def interleaved_step_times(steps: dict, X: torch.Tensor, Y: torch.Tensor, *, batch: int, repeats: int,
+                           generator: torch.Generator) -> dict:
+    """Median seconds per call of each ``steps[name](x, y)`` on random batches, measured interleaved
+    (after one warm-up call each) so that a change of machine load affects all of them alike."""
+    times = {r: [] for r in steps}
+    for rep in range(repeats + 1):
+        for r, step in steps.items():
+            idx = torch.randint(len(X), (batch,), generator=generator)
+            t0 = time.perf_counter()
+            step(X[idx], Y[idx])
+            if rep:
+                times[r].append(time.perf_counter() - t0)
+    return {r: float(torch.tensor(t).median()) for r, t in times.items()}
+
+
+def _smoke_step_fn(model: C4SmokeNet, regime: str, lam: float, lr: float, generator: torch.Generator):
+    def data_penalty(model, x, pred):
+        return smoke_data_penalty(model, x, pred, int(torch.randint(1, 4, (1,), generator=generator)))
+
+    return regime_step(model, regime, lam, lr, F.mse_loss, data_penalty)
 
 
 @torch.no_grad()
@@ -617,16 +660,7 @@ def train_smoke(model: C4SmokeNet, X: torch.Tensor, Y: torch.Tensor, *, regime: 
     if regime not in SMOKE_REGIMES:
         raise ValueError(f"unknown regime {regime!r}; expected one of {list(SMOKE_REGIMES)}")
     step = _smoke_step_fn(model, regime, lam, lr, generator)
-    t0 = time.perf_counter()
-    if regime == "strict":
-        project_init_(model)
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch:
-            order = torch.cat([order, torch.randperm(len(X), generator=generator)])
-        idx, order = order[:batch], order[batch:]
-        step(X[idx], Y[idx])
-    return time.perf_counter() - t0
+    return run_steps(step, model, X, Y, strict=regime == "strict", steps=steps, batch=batch, generator=generator)
 
 
 def measure_step_times(make_model, X, Y, regimes, *, lams: dict, batch: int, lr: float, repeats: int = 4) -> dict:
@@ -634,15 +668,7 @@ def measure_step_times(make_model, X, Y, regimes, *, lams: dict, batch: int, lr:
     step each) so that a change of machine load affects all regimes alike."""
     gen = torch.Generator().manual_seed(0)
     steps = {r: _smoke_step_fn(make_model(), r, lams.get(r, 0.0), lr, gen) for r in regimes}
-    times = {r: [] for r in regimes}
-    for rep in range(repeats + 1):
-        for r in regimes:
-            idx = torch.randint(len(X), (batch,), generator=gen)
-            t0 = time.perf_counter()
-            steps[r](X[idx], Y[idx])
-            if rep:
-                times[r].append(time.perf_counter() - t0)
-    return {r: float(torch.tensor(t).median()) for r, t in times.items()}
+    return interleaved_step_times(steps, X, Y, batch=batch, repeats=repeats, generator=gen)
 
 
 @torch.no_grad()

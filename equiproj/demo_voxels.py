@@ -265,66 +265,37 @@ def voxel_data_penalty(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, 
 
 
 def _step_fn(model: nn.Module, regime: str, lam: float, lr: float, generator: torch.Generator):
-    from .demo import shrink_noneq_
+    from .demo import regime_step
 
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    penalty = eqnn.ProjectionPenalty(model, lam) if regime == "projection" else None
     elements = _non_identity(cube_symmetries())
 
-    def step(x, y):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        if penalty is not None:
-            loss = loss + penalty()
-        elif regime in ("data_time", "data_steps"):
-            g = elements[int(torch.randint(len(elements), (1,), generator=generator))]
-            loss = loss + lam * voxel_data_penalty(model, x, logits, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if regime == "strict":
-            eqnn.project_(model)
-        elif regime == "decoupled":
-            shrink_noneq_(model, lam)
+    def data_penalty(model, x, logits):
+        g = elements[int(torch.randint(len(elements), (1,), generator=generator))]
+        return voxel_data_penalty(model, x, logits, g)
 
-    return step
+    return regime_step(model, regime, lam, lr, F.cross_entropy, data_penalty)
 
 
 def train_voxels(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, regime: str, lam: float, steps: int,
                  batch: int, lr: float, generator: torch.Generator) -> float:
     """Adam on the cross-entropy (+ the regime's penalty) for ``steps`` mini-batches (epochs of a
     seeded permutation); ``X [n, 1, N, N, N]``, ``Y [n]``. Returns the training time in seconds."""
-    from .demo import project_init_
+    from .demo import run_steps
 
     if regime not in VOXEL_REGIMES:
         raise ValueError(f"unknown regime {regime!r}; expected one of {list(VOXEL_REGIMES)}")
     step = _step_fn(model, regime, lam, lr, generator)
-    t0 = time.perf_counter()
-    if regime == "strict":
-        project_init_(model)
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch:
-            order = torch.cat([order, torch.randperm(len(X), generator=generator)])
-        idx, order = order[:batch], order[batch:]
-        step(X[idx], Y[idx])
-    return time.perf_counter() - t0
+    return run_steps(step, model, X, Y, strict=regime == "strict", steps=steps, batch=batch, generator=generator)
 
 
 def measure_step_times(make_model, X, Y, regimes, *, lams: dict, batch: int, lr: float, repeats: int = 6) -> dict:
     """Median seconds per training step of each regime, measured interleaved (after one warm-up
     step each) so that a change of machine load affects all regimes alike."""
+    from .demo import interleaved_step_times
+
     gen = torch.Generator().manual_seed(0)
     steps = {r: _step_fn(make_model(), r, lams.get(r, 0.0), lr, gen) for r in regimes}
-    times = {r: [] for r in regimes}
-    for rep in range(repeats + 1):
-        for r in regimes:
-            idx = torch.randint(len(X), (batch,), generator=gen)
-            t0 = time.perf_counter()
-            steps[r](X[idx], Y[idx])
-            if rep:
-                times[r].append(time.perf_counter() - t0)
-    return {r: float(torch.tensor(t).median()) for r, t in times.items()}
+    return interleaved_step_times(steps, X, Y, batch=batch, repeats=repeats, generator=gen)
 
 
 # =============================================================================================
