@@ -240,8 +240,7 @@ def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp
     backend = ops.backend_for(backend, W)
     cp, cg = ops.as_coefficient(lambda_perp, W, "lambda_perp"), ops.as_coefficient(lambda_G, W, "lambda_G")
     if backend in ("cpp", "triton"):
-        (e_perp,), (e_g,), (grad,) = ops.fused_energies_and_grads([W], [ops.plan_for(rep_in, rep_out, W.device)],
-                                                                  [cp], [cg])
+        e_perp, e_g, grad = ops.fused_energies_and_grad(W, ops.plan_for(rep_in, rep_out, W.device), cp, cg)
     else:
         e_perp, e_g, grad = _unfused_energies_and_grad(W, rep_in, rep_out, cp, cg, reference=backend == "reference")
     _check_finite(e_perp, e_g)

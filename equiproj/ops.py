@@ -56,7 +56,8 @@ from torch import Tensor
 
 from .plan import BlockPlan, PackedPlan, block_plan
 
-__all__ = ["BACKENDS", "ENV_VAR", "fused_energies", "fused_energies_and_grads", "packed_plan", "plan_for",
+__all__ = ["BACKENDS", "ENV_VAR", "fused_energies", "fused_energies_and_grads", "fused_energies_and_grad",
+           "packed_plan", "plan_for",
            "resolve_backend", "cpp_available", "triton_available", "cpp_num_threads"]
 
 BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
@@ -519,6 +520,19 @@ def fused_energies_and_grads(weights, plans, c_perp, c_g) -> tuple[list[Tensor],
             _remember(plans)
             ep, eg, gr = _eager_kernel(dev)(*args)
     return list(ep), list(eg), list(gr)
+
+
+def fused_energies_and_grad(W: Tensor, plan: PackedPlan, c_perp: Tensor, c_g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`fused_energies_and_grads` of one weight whose arguments the caller has checked
+    (``W`` matches ``plan``; ``c_perp``, ``c_g`` from :func:`as_coefficient`): the per-call cost of
+    a small layer is mostly Python, so the list plumbing is skipped."""
+    if torch.compiler.is_compiling():
+        (ep,), (eg,), (gr,) = fused_energies_and_grads([W], [plan], [c_perp], [c_g])
+        return ep, eg, gr
+    _remember((plan,))
+    ep, eg, gr = _eager_kernel(W.device)([W.detach()], [plan.meta], [plan.basis], [plan.perm_out], [plan.perm_in],
+                                         [c_perp], [c_g])
+    return ep[0], eg[0], gr[0]
 
 
 @functools.lru_cache(maxsize=256)
