@@ -704,8 +704,8 @@ class ProjectionPenalty:
                 ep, eg, grads = compute()
                 for p, g in zip(params, grads):
                     _accumulate_grad(p, g)
-                lam = lambda x: torch.tensor(x, dtype=torch.float64, device=ep.device)  # noqa: E731
-                terms.append((ep.double() * lam(lp)).sum() + (eg.double() * lam(lg)).sum())
+                as64 = lambda x: torch.tensor(x, dtype=torch.float64, device=ep.device)  # noqa: E731
+                terms.append((ep.double() * as64(lp)).sum() + (eg.double() * as64(lg)).sum())
         if slow:
             e_perp, e_g = _per_layer_opaque([self.layers[i] for i in slow])
             lps, lgs = ([lam[i] for i in slow] for lam in (self.lambda_perp, self.lambda_G))
