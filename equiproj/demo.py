@@ -67,7 +67,7 @@ __all__ = [
     "smoke_pairs", "smoke_data_penalty", "shrink_noneq_", "project_init_", "regime_step", "run_steps",
     "interleaved_step_times", "train_smoke", "smoke_rollout", "smoke_equivariance_error", "smoke_data_asymmetry", "SmokeConfig",
     "run_smoke", "format_so2_table", "format_smoke_table",
-    "add_arguments", "run", "main",
+    "validation_sweep", "EXPERIMENTS", "script_main", "add_arguments", "run", "main",
 ]
 
 
@@ -758,6 +758,29 @@ class SmokeConfig:
                    horizon=3, hidden_fields=1, layers=2, batch=4, epochs=1, seeds=1)
 
 
+def validation_sweep(cfg, lam: dict, fit, score, *, key: str, higher_is_better: bool, describe, log) -> list[dict]:
+    """Choose the lambdas on validation data (seed 0 models): for each regime with a sweep in ``cfg``
+    (``sweep_perp``, ``sweep_data``, ``sweep_decoupled``), ``fit(regime, value) -> (model, seconds)``
+    at every value, keep the best ``score(model)`` in ``lam`` (the data-level choice also sets
+    ``"data_time"``). Returns one row per fit (``key`` holds the score)."""
+    sweep = []
+    for regime, values in (("projection", cfg.sweep_perp), ("data_steps", cfg.sweep_data),
+                           ("decoupled", cfg.sweep_decoupled)):
+        best = None
+        for value in values:
+            model, secs = fit(regime, value)
+            score_value = score(model)
+            sweep.append({"regime": regime, "lam": value, key: score_value, "train_s": secs})
+            log(f"  sweep {regime} lambda={value:g}: {describe(score_value)}")
+            if best is None or (score_value > best[0] if higher_is_better else score_value < best[0]):
+                best = (score_value, value)
+        if best is not None:
+            lam[regime] = best[1]
+            if regime == "data_steps":
+                lam["data_time"] = best[1]
+    return sweep
+
+
 def _fit_one(cfg: SmokeConfig, regime: str, lam: float, steps: int, seed: int, X, Y) -> tuple[C4SmokeNet, float]:
     gen = _seed_all(seed)
     model = C4SmokeNet(cfg.hidden_fields, cfg.layers, cfg.kernel)
@@ -786,21 +809,10 @@ def run_smoke(cfg: SmokeConfig, seed: int = 0, out: str | None = None, log=print
 
     lam = {"projection": cfg.lambda_perp, "data_time": cfg.lambda_data, "data_steps": cfg.lambda_data,
            "decoupled": cfg.eta_decoupled}
-    sweep = []
-    for regime, grid in (("projection", cfg.sweep_perp), ("data_steps", cfg.sweep_data),
-                         ("decoupled", cfg.sweep_decoupled)):
-        best = None
-        for value in grid:
-            model, secs = _fit_one(cfg, regime, value, steps, 1000 * seed, X, Y)
-            rmse = float(smoke_rollout(model, val, sc, cfg.horizon)[0].mean())
-            sweep.append(dict(regime=regime, lam=value, val_rollout_rmse=rmse, train_s=secs))
-            log(f"  sweep {regime} lambda={value:g}: validation rollout RMSE {rmse:.4f}")
-            if best is None or rmse < best[0]:
-                best = (rmse, value)
-        if best is not None:
-            lam[regime] = best[1]
-            if regime == "data_steps":
-                lam["data_time"] = best[1]
+    sweep = validation_sweep(
+        cfg, lam, lambda regime, value: _fit_one(cfg, regime, value, steps, 1000 * seed, X, Y),
+        lambda model: float(smoke_rollout(model, val, sc, cfg.horizon)[0].mean()), key="val_rollout_rmse",
+        higher_is_better=False, describe=lambda rmse: f"validation rollout RMSE {rmse:.4f}", log=log)
 
     make = lambda: C4SmokeNet(cfg.hidden_fields, cfg.layers, cfg.kernel)  # noqa: E731
     step_s = measure_step_times(make, X, Y, ("projection", "data_steps"), lams=lam, batch=cfg.batch, lr=cfg.lr)
@@ -971,12 +983,55 @@ def plot_smoke(curves: dict, snapshots: dict, path: str, log=print) -> None:
 # Command line
 # =============================================================================================
 
+EXPERIMENTS = {"so2": "SO(2) toy", "smoke": "smoke plume, C4", "voxels": "O(3) voxel shapes"}
+
+
+def _experiment(name: str):
+    """``(config class, run function, table formatter)`` of experiment ``name``."""
+    if name == "so2":
+        return SO2Config, run_so2, format_so2_table
+    if name == "smoke":
+        return SmokeConfig, run_smoke, format_smoke_table
+    from .demo_voxels import VoxelConfig, format_voxels_table, run_voxels
+
+    return VoxelConfig, run_voxels, format_voxels_table
+
+
+def script_main(argv, name: str, description: str, param: str | None = None, param_help: str = "") -> int:
+    """The entry point of the ``experiments/`` script of experiment ``name``: ``--full``, ``--seed``,
+    ``--out``, ``--threads`` and, with ``param``, ``--<param>`` overriding ``config.params.<param>``
+    (outputs tagged ``_<param><value>``). Prints the table, then the time and config."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    if param:
+        p.add_argument(f"--{param}", type=float, help=f"{param_help} (default: the config's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config_cls, run_fn, format_fn = _experiment(name)
+    cfg = config_cls.full() if args.full else config_cls.demo()
+    value = getattr(args, param) if param else None
+    kw = {}
+    if value is not None:
+        cfg = replace(cfg, params=replace(cfg.params, **{param: value}))
+        kw["tag"] = f"_{param}{value:g}"
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    result = run_fn(cfg, args.seed, args.out, log=lambda m: print(m, file=sys.stderr, flush=True), **kw)
+    print(format_fn(result))
+    print(f"\n({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads; config {cfg})")
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``equiproj demo`` options (``--full``, ``--seed``, ``--out``, ``--only``)."""
     parser.add_argument("--full", action="store_true", help="the sizes of the issue (3 seeds, full grids): about 100 min on 2 cores")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation, batches (default 0)")
     parser.add_argument("--out", default="equiproj-demo", help="output directory for tables, CSVs, PNGs")
-    parser.add_argument("--only", choices=("so2", "smoke", "voxels"), help="run one experiment only")
+    parser.add_argument("--only", choices=tuple(EXPERIMENTS), help="run one experiment only")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
     return parser
 
@@ -993,29 +1048,15 @@ def run(args: argparse.Namespace) -> int:
         f.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    if args.only in (None, "so2"):
-        log("experiment 1: SO(2) toy")
-        cfg = SO2Config.full() if args.full else SO2Config.demo()
+    for number, (name, title) in enumerate(EXPERIMENTS.items(), 1):
+        if args.only not in (None, name):
+            continue
+        config_cls, run_fn, format_fn = _experiment(name)
+        log(f"experiment {number}: {title}")
         t = time.perf_counter()
-        rows = run_so2(cfg, args.seed, args.out, log)
-        print(format_so2_table(rows))
-        print(f"\n(experiment 1: {time.perf_counter() - t:.0f} s)\n")
-    if args.only in (None, "smoke"):
-        log("experiment 2: smoke plume, C4")
-        cfg = SmokeConfig.full() if args.full else SmokeConfig.demo()
-        t = time.perf_counter()
-        result = run_smoke(cfg, args.seed, args.out, log)
-        print(format_smoke_table(result))
-        print(f"\n(experiment 2: {time.perf_counter() - t:.0f} s)")
-    if args.only in (None, "voxels"):
-        from .demo_voxels import VoxelConfig, format_voxels_table, run_voxels
-
-        log("experiment 3: O(3) voxel shapes")
-        cfg = VoxelConfig.full() if args.full else VoxelConfig.demo()
-        t = time.perf_counter()
-        result = run_voxels(cfg, args.seed, args.out, log)
-        print("\n" + format_voxels_table(result))
-        print(f"\n(experiment 3: {time.perf_counter() - t:.0f} s)")
+        result = run_fn(config_cls.full() if args.full else config_cls.demo(), args.seed, args.out, log)
+        print(format_fn(result))
+        print(f"\n(experiment {number}: {time.perf_counter() - t:.0f} s)\n")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; outputs in {args.out}")
     return 0
 

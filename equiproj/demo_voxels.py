@@ -403,7 +403,7 @@ def run_voxels(cfg: VoxelConfig, seed: int = 0, out: str | None = None, log=prin
     """Run experiment 3. Returns ``{"rows": [...], "sweep": [...], "info": {...}, "lambdas": {...}}``
     (one row per (regime, seed)) and writes ``voxels{tag}_results.csv``, ``voxels{tag}_table.md``
     (and ``voxels{tag}_sweep.csv``) to ``out``."""
-    from .demo import _write_csv, relative_noneq_energy
+    from .demo import _write_csv, relative_noneq_energy, validation_sweep
 
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(30_000 + seed)
@@ -420,21 +420,10 @@ def run_voxels(cfg: VoxelConfig, seed: int = 0, out: str | None = None, log=prin
 
     lam = {"projection": cfg.lambda_perp, "data_time": cfg.lambda_data, "data_steps": cfg.lambda_data,
            "decoupled": cfg.eta_decoupled}
-    sweep = []
-    for regime, values in (("projection", cfg.sweep_perp), ("data_steps", cfg.sweep_data),
-                           ("decoupled", cfg.sweep_decoupled)):
-        best = None
-        for value in values:
-            model, secs = _fit(cfg, regime, value, steps, 1000 * seed, X, Y)
-            acc = voxel_accuracy(model, val["x"], val["y"])
-            sweep.append(dict(regime=regime, lam=value, val_acc=acc, train_s=secs))
-            log(f"  sweep {regime} lambda={value:g}: validation accuracy {100 * acc:.1f}%")
-            if best is None or acc > best[0]:
-                best = (acc, value)
-        if best is not None:
-            lam[regime] = best[1]
-            if regime == "data_steps":
-                lam["data_time"] = best[1]
+    sweep = validation_sweep(
+        cfg, lam, lambda regime, value: _fit(cfg, regime, value, steps, 1000 * seed, X, Y),
+        lambda model: voxel_accuracy(model, val["x"], val["y"]), key="val_acc", higher_is_better=True,
+        describe=lambda acc: f"validation accuracy {100 * acc:.1f}%", log=log)
 
     step_s = measure_step_times(cfg.model, X, Y, ("projection", "data_steps", "none"), lams=lam, batch=cfg.batch,
                                 lr=cfg.lr)
