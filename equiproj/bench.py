@@ -797,23 +797,18 @@ def time_overhead(settings: Settings, fused: list[str], gen: torch.Generator, pr
 
     def projection():
         loss = torch.nn.functional.mse_loss(model(x), y)
-        try:
-            e = energies_many(weights, reps, backend=backend)[0]
-        except (ValueError, TypeError):
-            e = energies_many(weights, reps)[0]
+        e = energies_many(weights, reps, backend=backend)[0]
         return torch.autograd.grad(loss + lam * e.sum(), params)
+
+    weight_index = [next(i for i, p in enumerate(params) if p is w) for w in weights]
 
     def projection_one_pass():  # what ProjectionPenalty.backward() does: the penalty's gradient added in one pass
         loss = torch.nn.functional.mse_loss(model(x), y)
         grads = torch.autograd.grad(loss, params)
-        try:
-            _, _, pen = energies_and_grads_many(weights, reps, lambda_perp=[lam] * len(weights),
-                                                lambda_G=[0.0] * len(weights), backend=backend)
-        except (ValueError, TypeError):
-            _, _, pen = energies_and_grads_many(weights, reps, lambda_perp=[lam] * len(weights),
-                                                lambda_G=[0.0] * len(weights))
-        for g, d in zip((g for p, g in zip(params, grads) if any(p is w for w in weights)), pen):
-            g.add_(d)
+        _, _, pen = energies_and_grads_many(weights, reps, lambda_perp=[lam] * len(weights),
+                                            lambda_G=[0.0] * len(weights), backend=backend)
+        for i, d in zip(weight_index, pen):
+            grads[i].add_(d)
         return grads
 
     def data():
