@@ -5,7 +5,7 @@ Set ``EQUIPROJ_NO_EXT=1`` to skip the extension; the library then falls back to 
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules, cmdclass = [], {}
 sources = sorted(glob.glob("csrc/*.cpp"))
@@ -34,7 +34,7 @@ setup(
     version="0.1.0",
     description="Exact projection-based equivariance regularisation for PyTorch",
     python_requires=">=3.11",
-    packages=["equiproj", "equiproj.kernels"],
+    packages=find_packages(include=["equiproj", "equiproj.*"]) + ["equiproj.kernels"],
     package_dir={"equiproj.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "scipy"],
     extras_require={

@@ -18,7 +18,8 @@ import math
 import pytest
 import torch
 
-from equiproj import baselines, bench
+from equiproj import baselines
+from equiproj.cli import _bench as bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SETTINGS = bench.Settings.for_mode("default", device=DEVICE)

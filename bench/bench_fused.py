@@ -222,7 +222,7 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true", help="skip the (slow) pure-torch path")
     args = p.parse_args(argv)
     if not ops.cpp_available():
-        raise SystemExit(ops._cpp_missing())
+        raise SystemExit(ops._availability.cpp_missing())
     print(f"isa: {torch.ops.equiproj_cpu.isa()}, torch {torch.__version__}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}")
     runs = []

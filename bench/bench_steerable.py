@@ -36,7 +36,7 @@ import pytest
 import torch
 
 import equiproj
-from equiproj.steerable import (DenseKernelBasis, default_kernel_space, kernel_energies_and_grads_many,
+from equiproj.kernel_spaces import (DenseKernelBasis, default_kernel_space, kernel_energies_and_grads_many,
                                 kernel_energies_many)
 
 DENSE_LIMIT = int(os.environ.get("EQUIPROJ_BENCH_DENSE_MIB", "256")) * 2**20

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from equiproj import bench
+from equiproj.cli import _bench as bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SETTINGS = bench.Settings.for_mode("default", device=DEVICE)

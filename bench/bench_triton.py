@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import equiproj
-from equiproj.plan import block_plan
+from equiproj._plan import block_plan
 from equiproj.kernels import HAS_TRITON, fused_energies, torch_fused_energies
 
 CUDA = torch.cuda.is_available()

@@ -33,8 +33,8 @@ if DRY:
 import torch  # noqa: E402
 
 import equiproj  # noqa: E402
-from equiproj.plan import block_plan  # noqa: E402
-from equiproj.rep import Rep  # noqa: E402
+from equiproj._plan import block_plan  # noqa: E402
+from equiproj.groups import Rep  # noqa: E402
 
 
 def _import_kernels():

@@ -1,5 +1,5 @@
 // CPU kernel of the fused penalty op: E_perp, E_G (and on request the gradient) of many
-// weights in one pass over each, executing the packed field-pair plan (equiproj/plan.py).
+// weights in one pass over each, executing the packed field-pair plan (equiproj/_plan.py).
 //
 //   W_struct[i, j] = W[perm_out[i], perm_in[j]]; per field pair and tile (u, v):
 //   T = W_struct[out_offset + u d_out : +d_out, in_offset + v d_in : +d_in]
@@ -31,11 +31,13 @@
 #include <string>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "plan_columns.h"
 #include "plan_types.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -76,7 +78,6 @@ namespace avx2 {
 namespace {
 
 using at::Tensor;
-constexpr int64_t kMetaCols = 8;
 
 struct Kernels {
   void (*f32)(const Pair&, int64_t, const float* const*, float* const*, acc_t, acc_t, acc_t*, acc_t&, acc_t&);
@@ -228,8 +229,8 @@ bool is_scaled_identity(const acc_t* A, int64_t d) {
 
 void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64_t layer) {
   TORCH_CHECK_TYPE(meta_in.device().is_cpu() && meta_in.scalar_type() == at::kLong && meta_in.dim() == 2 &&
-                  meta_in.size(1) == kMetaCols,
-              "fused_energies: layer ", layer, ": meta must be a CPU int64 tensor of shape [P, 8], got ",
+                  meta_in.size(1) == kPlanColumns,
+              "fused_energies: layer ", layer, ": meta must be a CPU int64 tensor of shape [P, ", kPlanColumns, "], got ",
               meta_in.scalar_type(), " ", meta_in.sizes(), " on ", meta_in.device());
   TORCH_CHECK_TYPE(basis_in.device().is_cpu() && basis_in.is_floating_point() && basis_in.dim() == 1,
               "fused_energies: layer ", layer, ": basis must be a 1-d floating CPU tensor");
@@ -243,13 +244,15 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
   std::vector<int64_t> order(P);
   for (int64_t p = 0; p < P; ++p) order[p] = p;
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return M[a * kMetaCols] != M[b * kMetaCols] ? M[a * kMetaCols] < M[b * kMetaCols]
-                                                 : M[a * kMetaCols + 1] < M[b * kMetaCols + 1];
+    const int64_t* A = M + a * kPlanColumns;
+    const int64_t* B = M + b * kPlanColumns;
+    return A[kOutOffset] != B[kOutOffset] ? A[kOutOffset] < B[kOutOffset] : A[kInOffset] < B[kInOffset];
   });
   int64_t row_end = 0;
   for (int64_t q = 0; q < P; ++q) {
-    const int64_t* R = M + order[q] * kMetaCols;
-    const int64_t oo = R[0], io = R[1], co = R[2], ci = R[3], dout = R[4], din = R[5], r = R[6], bo = R[7];
+    const int64_t* R = M + order[q] * kPlanColumns;
+    const int64_t oo = R[kOutOffset], io = R[kInOffset], co = R[kOutCopies], ci = R[kInCopies], dout = R[kDOut],
+                  din = R[kDIn], r = R[kRank], bo = R[kBasisOffset];
     TORCH_CHECK_VALUE(co >= 0 && ci >= 0 && dout >= 1 && din >= 1 && r >= 0 && bo >= 0 && bo + r * dout * din <= nb,
                 "fused_energies: layer ", layer, ": malformed plan row ", order[q]);
     if (L.groups.empty() || L.groups.back().out_off != oo) {
@@ -406,6 +409,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
 
 int64_t num_threads() { return at::get_num_threads(); }
 
+std::vector<std::string> plan_columns() { return {std::begin(kPlanColumnNames), std::end(kPlanColumnNames)}; }
+
 // How many threads at::parallel_for actually uses in this extension: the distinct thread ids seen
 // over `items` busy single-item chunks. 1 when the extension is built without OpenMP (the
 // parallel_for template then runs serially, silently).
@@ -441,6 +446,7 @@ TORCH_LIBRARY(equiproj_cpu, m) {
       "fused_energies(Tensor[] weights, Tensor[] meta, Tensor[] basis, Tensor[] perm_out, Tensor[] perm_in, "
       "Tensor[] c_perp, Tensor[] c_g) -> (Tensor[], Tensor[], Tensor[])");
   m.def("num_threads() -> int", &num_threads);
+  m.def("plan_columns() -> str[]", &plan_columns);
   m.def("isa() -> str", &isa);
   m.def("set_isa(str which) -> str", &set_isa);
   m.def("parallel_threads(int items) -> int", &parallel_threads);

@@ -1,4 +1,4 @@
-// Host-side form of a packed plan (equiproj/plan.py, PackedPlan) and per-thread scratch, shared
+// Host-side form of a packed plan (equiproj/_plan.py, PackedPlan) and per-thread scratch, shared
 // by the host code (fused_energies.cpp) and the tile kernels (tile_kernels.h).
 #pragma once
 

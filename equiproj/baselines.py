@@ -9,7 +9,7 @@ Everything here is differentiable with respect to the weight / the model's param
   ``[c_out, c_in, *k]``, :func:`conv_orbit_defects` / :func:`sampled_conv_penalty` use the exact
   grid action (C4/D4 on square kernels, O/O_h on cubic kernels: a pixel permutation,
   :func:`equiproj.grid.kernel_rep`) or, with ``kernel_space=``, the action of a steerable
-  kernel space on the kernel's coefficients (:mod:`equiproj.steerable`).
+  kernel space on the kernel's coefficients (:mod:`equiproj.kernel_spaces`).
   :func:`samples_for_relative_error` turns a set of draws into the ``K`` needed for a given
   relative error.
 * **Data-level sample-based penalty** (the usual augmentation loss):
@@ -18,7 +18,7 @@ Everything here is differentiable with respect to the weight / the model's param
 * **Dense projector**: :class:`DenseProjector`, an orthonormal basis ``Q [m n, D]`` of the
   equivariant subspace of ``vec(W)`` and ``E_perp = ||w - Q Q^T w||^2`` (the approach of
   EMLP-style libraries), with its build time and memory. (For steerable conv kernels the
-  dense basis is :class:`equiproj.steerable.DenseKernelBasis`.)
+  dense basis is :class:`equiproj.kernel_spaces.DenseKernelBasis`.)
 * **Pure-torch spectral path and ``torch.compile`` of it**: :func:`torch_energies`,
   :func:`compiled_energies` (what a user could write without the fused op).
 
@@ -40,9 +40,12 @@ from typing import Callable
 
 import torch
 
-from .energy import energies as _energies
-from .groups import Group
-from .rep import Rep
+from ._energy import check_arguments
+from ._energy import energies as _energies
+from ._plan import plan_for
+from .grid import kernel_rep
+from .groups import Group, Rep, check_rep_pair
+from .kernels import torch_fused_energies
 
 __all__ = [
     "orbit_defects",
@@ -67,14 +70,6 @@ _CHUNK_BYTES = 256 * 2**20
 def _field_matrices(rep: Rep, g: torch.Tensor, dtype, device) -> list[torch.Tensor]:
     """``[K, d_f, d_f]`` per segment of ``rep`` (the small field matrices), in ``dtype`` on ``device``."""
     return [f.matrix(g).to(device=device, dtype=dtype) for _, f in rep.segments]
-
-
-def _check_rep_pair(rep_in, rep_out):
-    for name, r in (("rep_in", rep_in), ("rep_out", rep_out)):
-        if not isinstance(r, Rep):
-            raise TypeError(f"{name} must be an equiproj Rep, got {type(r).__name__}")
-    if rep_in.group != rep_out.group:
-        raise ValueError(f"rep_in acts by {rep_in.group} but rep_out by {rep_out.group}: they must be the same group")
 
 
 def _elements(group: Group, num_samples, elements, generator) -> torch.Tensor:
@@ -114,7 +109,7 @@ def orbit_defects(W: torch.Tensor, rep_in: Rep, rep_out: Rep, elements: torch.Te
         average is ``2 E_perp(W)`` (math.md §2).
     """
     _float(W, "W")
-    _check_rep_pair(rep_in, rep_out)
+    check_rep_pair(rep_in, rep_out)
     if W.dim() < 2 or tuple(W.shape[-2:]) != (rep_out.dim, rep_in.dim):
         raise ValueError(f"W must have shape [..., rep_out.dim, rep_in.dim] = [..., {rep_out.dim}, {rep_in.dim}], "
                          f"got {tuple(W.shape)}")
@@ -164,7 +159,7 @@ def sampled_operator_penalty(W: torch.Tensor, rep_in: Rep, rep_out: Rep, num_sam
     ``[K, d, d]`` to fix the group elements (e.g. ``G.elements()`` of a finite group gives the
     exact value ``2 E_perp``).
     """
-    _check_rep_pair(rep_in, rep_out)
+    check_rep_pair(rep_in, rep_out)
     g = _elements(rep_in.group, num_samples, elements, generator)
     return orbit_defects(W, rep_in, rep_out, g).mean(0)
 
@@ -182,7 +177,7 @@ def conv_orbit_defects(weight: torch.Tensor, rep_in: Rep, rep_out: Rep, elements
       ``||g·K - K||^2``, whose Haar average is ``2 E_perp`` of the grid case. (Computed as the
       linear case: the kernel flattened to ``[c_out, c_in * k^s]`` with input rep
       ``rep_in @ grid.kernel_rep(G, k)``.)
-    * ``kernel_space=space`` (a :class:`equiproj.steerable.SteerableKernelSpace`): G acts on
+    * ``kernel_space=space`` (a :class:`equiproj.kernel_spaces.SteerableKernelSpace`): G acts on
       the kernel's coefficients ``A = space.coefficients(K)``; the part of K outside the space
       is non-equivariant and enters exactly: the defect is
       ``||rho_out(g) A - A rho_coef(g)||^2 + 2 ||K - space.kernel(A)||^2`` (``rho_coef =
@@ -190,12 +185,10 @@ def conv_orbit_defects(weight: torch.Tensor, rep_in: Rep, rep_out: Rep, elements
       defines it.
     """
     _float(weight, "weight")
-    _check_rep_pair(rep_in, rep_out)
+    check_rep_pair(rep_in, rep_out)
     G = rep_in.group
     g = _elements(G, None, elements, None)
     if kernel_space is None:
-        from .grid import kernel_rep
-
         s = G.ambient_dim
         if weight.dim() < 2 + s:
             raise ValueError(f"weight must have shape [..., c_out, c_in, {', '.join(['k'] * s)}], got {tuple(weight.shape)}")
@@ -233,7 +226,7 @@ def sampled_conv_penalty(weight: torch.Tensor, rep_in: Rep, rep_out: Rep, num_sa
                          elements: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of :func:`conv_orbit_defects` over ``K = num_samples`` Haar-random elements: an unbiased
     estimator of ``2 E_perp`` of a conv kernel ``[..., c_out, c_in, k, ..., k] -> [...]``."""
-    _check_rep_pair(rep_in, rep_out)
+    check_rep_pair(rep_in, rep_out)
     g = _elements(rep_in.group, num_samples, elements, generator)
     return conv_orbit_defects(weight, rep_in, rep_out, g, kernel_space=kernel_space).mean(0)
 
@@ -338,7 +331,7 @@ class DenseProjector:
 
     def __init__(self, rep_in: Rep, rep_out: Rep, *, method: str = "auto", dtype: torch.dtype = torch.float32,
                  device=None, max_bytes: int | None = None):
-        _check_rep_pair(rep_in, rep_out)
+        check_rep_pair(rep_in, rep_out)
         if method not in ("auto", "nullspace", "irreps"):
             raise ValueError(f"method must be 'auto', 'nullspace' or 'irreps', got {method!r}")
         self.rep_in, self.rep_out = rep_in, rep_out
@@ -429,11 +422,13 @@ class DenseProjector:
         c = w @ self.Q
         return (w - c @ self.Q.T).square().sum(-1), c.square().sum(-1)
 
-    def project(self, W: torch.Tensor, complement: bool = False) -> torch.Tensor:
+    def project(self, W: torch.Tensor, which: str = "equivariant") -> torch.Tensor:
         """``P(W)`` (or ``W - P(W)``), same shape as ``W``, in ``Q``'s dtype."""
         w = self._flat(W)
         p = (w @ self.Q) @ self.Q.T
-        return (w - p if complement else p).reshape(W.shape)
+        if which not in ("equivariant", "non_equivariant"):
+            raise ValueError(f"which must be 'equivariant' or 'non_equivariant', got {which!r}")
+        return (w - p if which == "non_equivariant" else p).reshape(W.shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,27 +442,23 @@ def torch_energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep) -> tuple[torch.Te
 def compiled_energies(rep_in: Rep, rep_out: Rep, **compile_kwargs) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``torch.compile`` of :func:`torch_energies` for one (rep_in, rep_out) pair: ``W -> (E_perp, E_G)``.
 
-    The arguments are checked and the plan and its device tensors are looked up eagerly; only the
-    tensor code (change of basis, commutant projection, reductions) is compiled. (Tracing the plan
-    construction itself under dynamo gives wrong plans in torch 2.13.) The first call for a new
+    The arguments are checked and the plan is looked up eagerly; only the tensor code (the
+    pure-torch twin's tile projections and reductions) is compiled. The first call for a new
     shape, dtype or device compiles (seconds to minutes on a CPU); ``compile_kwargs`` go to
     ``torch.compile``.
     """
-    _check_rep_pair(rep_in, rep_out)
-    from .energy import compute_dtype, spectral_projection, to_spectral, validate
-
-    plan = validate(torch.zeros(rep_out.dim, rep_in.dim), rep_in, rep_out)
-
-    def inner(W, t):
-        Wh = to_spectral(W, plan, t)
-        PWh = spectral_projection(Wh, plan, t)
-        return (Wh - PWh).square().sum((-2, -1)), PWh.square().sum((-2, -1))
-
-    compiled = torch.compile(inner, **compile_kwargs)
+    check_rep_pair(rep_in, rep_out)
+    compiled: dict = {}
 
     def fn(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        validate(W, rep_in, rep_out)
-        dt = compute_dtype(W.dtype)
-        return compiled(W.to(dt), plan.tensors(W.device, dt))
+        check_arguments(W, rep_in, rep_out)
+        P = plan_for(rep_in, rep_out, W.device, torch.float64)
+        if W.device not in compiled:
+            def inner(X):
+                (e_perp,), (e_g,), _ = torch_fused_energies([X], [P])
+                return e_perp, e_g
+
+            compiled[W.device] = torch.compile(inner, **compile_kwargs)
+        return compiled[W.device](W)
 
     return fn

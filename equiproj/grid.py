@@ -33,8 +33,7 @@ from typing import Sequence
 
 import torch
 
-from .groups import Group
-from .rep import Rep
+from .groups import Group, Rep
 
 __all__ = ["grid_points", "has_grid_action", "grid_permutation", "kernel_rep", "act"]
 

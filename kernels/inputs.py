@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from equiproj.plan import PACKED_COLUMNS, PackedPlan
+from equiproj._plan import PackedPlan, PlanColumn
 
 __all__ = ["check_inputs", "KERNEL_DTYPES"]
 
@@ -29,7 +29,7 @@ def check_inputs(weights, plans, c_perp, c_g, *, allow_float64: bool):
         if not isinstance(W, torch.Tensor):
             raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(W).__name__}")
         if not isinstance(P, PackedPlan):
-            raise TypeError(f"plans[{i}] must be an equiproj.plan.PackedPlan, got {type(P).__name__}")
+            raise TypeError(f"plans[{i}] must be a PackedPlan, got {type(P).__name__}")
         if W.dtype == torch.float64 and not allow_float64:
             raise ValueError(f"weights[{i}] is float64: the Triton kernel accumulates in float32 and does not take "
                              "float64 weights; use torch_fused_energies or the reference path for them")
@@ -38,11 +38,11 @@ def check_inputs(weights, plans, c_perp, c_g, *, allow_float64: bool):
         if W.dim() < 2 or tuple(W.shape[-2:]) != (P.m, P.n):
             raise ValueError(f"weights[{i}] must have shape [..., {P.m}, {P.n}] to match plans[{i}], "
                              f"got {tuple(W.shape)}")
-        if P.meta.dim() != 2 or P.meta.shape[1] != len(PACKED_COLUMNS):
-            raise ValueError(f"plans[{i}].meta must have shape [P, {len(PACKED_COLUMNS)}], got {tuple(P.meta.shape)}")
+        if P.meta.dim() != 2 or P.meta.shape[1] != len(PlanColumn):
+            raise ValueError(f"plans[{i}].meta must have shape [P, {len(PlanColumn)}], got {tuple(P.meta.shape)}")
         if P.basis.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"plans[{i}].basis is {P.basis.dtype}; a half-precision basis loses the projection's "
-                             "accuracy: use block_plan(...).packed(device, torch.float32)")
+                             "accuracy: use equiproj._plan.plan_for(rep_in, rep_out, device)")
     if (c_perp is None) != (c_g is None):
         raise ValueError("give both c_perp and c_g (to get gradients) or neither")
     if c_perp is not None:

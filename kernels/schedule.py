@@ -14,6 +14,7 @@ Nothing here needs Triton: it is plain integer bookkeeping, tested on its own.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,18 +22,43 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from equiproj.plan import PackedPlan
+from equiproj._plan import PackedPlan, PlanColumn
 
-__all__ = ["TASK_COLUMNS", "LAYER_COLUMNS", "TileClass", "Schedule", "build_schedule", "tile_shape",
+__all__ = ["TaskColumn", "LayerColumn", "TileKind", "TileClass", "Schedule", "build_schedule", "tile_shape",
            "MAX_TILE_ELEMENTS"]
 
-#: int64 columns of a row of the task table
-TASK_COLUMNS = ("layer", "row0", "col0", "nu", "nv", "r", "basis_offset", "kind", "w_offset", "g_offset", "slot")
-#: int64 columns of the per-layer table
-LAYER_COLUMNS = ("stride_row", "stride_col", "grad_row_stride", "perm_out_offset", "perm_in_offset")
 
-#: kind: 0 = general basis (loop over r, r = 0 means no basis work), 1 = A = I/sqrt(d) (real-type, r = 1)
-KIND_GENERAL, KIND_SCALED_IDENTITY = 0, 1
+class TaskColumn(enum.IntEnum):
+    """int64 columns of a row of the task table (one row per program of the kernel)."""
+
+    LAYER = 0  # index into the per-layer table
+    ROW0 = 1  # first structured row of the task's block
+    COL0 = 2  # first structured column
+    NU = 3  # copies of the output field in the block (<= BU)
+    NV = 4  # copies of the input field (<= BV)
+    RANK = 5  # r: basis matrices of the field pair
+    BASIS_OFFSET = 6  # into the schedule's concatenated bases
+    KIND = 7  # a TileKind
+    W_OFFSET = 8  # element offset of the task's matrix in the weight
+    G_OFFSET = 9  # element offset of the matrix in the gradient
+    SLOT = 10  # the task's slot in the partial-sum buffer
+
+
+class LayerColumn(enum.IntEnum):
+    """int64 columns of the per-layer table."""
+
+    STRIDE_ROW = 0
+    STRIDE_COL = 1
+    GRAD_ROW_STRIDE = 2
+    PERM_OUT_OFFSET = 3  # into the schedule's concatenated permutations
+    PERM_IN_OFFSET = 4
+
+
+class TileKind(enum.IntEnum):
+    """How a task projects its tiles."""
+
+    GENERAL = 0  # loop over the r basis matrices (r = 0: no basis work, the tile is all residual)
+    SCALED_IDENTITY = 1  # r = 1 and A = I/sqrt(d) (real type): the trace is all it takes
 
 #: largest padded tile ``pow2(d_out) * pow2(d_in)`` the kernel takes (it holds a tile in registers)
 MAX_TILE_ELEMENTS = 128 * 128
@@ -98,9 +124,9 @@ class TileClass:
 class Schedule:
     """Device tables for one list of (weight layout, plan) pairs; reused while the layouts repeat."""
 
-    tasks: torch.Tensor  # [T, len(TASK_COLUMNS)] int64, rows grouped by class
+    tasks: torch.Tensor  # [T, len(TaskColumn)] int64, rows grouped by class
     classes: list[TileClass]
-    layers: torch.Tensor  # [L, len(LAYER_COLUMNS)] int64
+    layers: torch.Tensor  # [L, len(LayerColumn)] int64
     basis: torch.Tensor  # float32, all plans' bases concatenated
     perms: torch.Tensor  # int64, all plans' perm_out / perm_in concatenated
     slot_start: torch.Tensor  # [M + 1] int64: matrix k owns slots slot_start[k] : slot_start[k+1]
@@ -148,14 +174,15 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
 
     def class_key(i, row):
         W = weights[i]
-        return (W.dtype, int(row[4]), int(row[5]), bool(plans[i].identity_perm), W.stride(-1) == 1, small[i])
+        return (W.dtype, int(row[PlanColumn.D_OUT]), int(row[PlanColumn.D_IN]), bool(plans[i].identity_perm),
+                W.stride(-1) == 1, small[i])
 
     maxima: dict = {}
     for i, meta in enumerate(metas):
         for row in meta:
             k = class_key(i, row)
             mo, mi = maxima.get(k, (0, 0))
-            maxima[k] = (max(mo, int(row[2])), max(mi, int(row[3])))
+            maxima[k] = (max(mo, int(row[PlanColumn.OUT_COPIES])), max(mi, int(row[PlanColumn.IN_COPIES])))
     classes = {}
     for k, (mo, mi) in maxima.items():
         dt, do, di, ident, unit, sm = k
@@ -177,7 +204,11 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
         po_off, pi_off = perm_base, perm_base + P.m
         perm_chunks += [P.perm_out.cpu(), P.perm_in.cpu()]
         perm_base += P.m + P.n
-        layer_rows.append([W.stride(-2), W.stride(-1), P.n, po_off, pi_off])
+        lrow = [0] * len(LayerColumn)
+        lrow[LayerColumn.STRIDE_ROW], lrow[LayerColumn.STRIDE_COL] = W.stride(-2), W.stride(-1)
+        lrow[LayerColumn.GRAD_ROW_STRIDE] = P.n
+        lrow[LayerColumn.PERM_OUT_OFFSET], lrow[LayerColumn.PERM_IN_OFFSET] = po_off, pi_off
+        layer_rows.append(lrow)
 
     # pass 2: tasks. Slots: matrix-major, then field pair, then (u block, v block).
     per_class: dict = {k: [] for k in classes}
@@ -194,45 +225,48 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
         local = 0
         pieces = []
         for row in meta:
-            oo, io, co, ci, do, di, r, pbo = (int(x) for x in row)
+            C = PlanColumn
+            oo, io, co, ci = int(row[C.OUT_OFFSET]), int(row[C.IN_OFFSET]), int(row[C.OUT_COPIES]), int(row[C.IN_COPIES])
+            do, di, r, pbo = int(row[C.D_OUT]), int(row[C.D_IN]), int(row[C.RANK]), int(row[C.BASIS_OFFSET])
             k = class_key(i, row)
             tc = classes[k]
             nub, nvb = -(-co // tc.bu), -(-ci // tc.bv)
             ub = np.repeat(np.arange(nub, dtype=np.int64), nvb)
             vb = np.tile(np.arange(nvb, dtype=np.int64), nub)
             A = bases_cpu[i][pbo : pbo + r * do * di].reshape(r, do, di)
-            kind = KIND_SCALED_IDENTITY if _is_scaled_identity(A) else KIND_GENERAL
+            kind = TileKind.SCALED_IDENTITY if _is_scaled_identity(A) else TileKind.GENERAL
             cnt = nub * nvb
-            t = np.empty((cnt, len(TASK_COLUMNS)), dtype=np.int64)
-            t[:, 0] = i
-            t[:, 1] = oo + ub * tc.bu * do
-            t[:, 2] = io + vb * tc.bv * di
-            t[:, 3] = np.minimum(tc.bu, co - ub * tc.bu)
-            t[:, 4] = np.minimum(tc.bv, ci - vb * tc.bv)
-            t[:, 5] = r
-            t[:, 6] = basis_base[i] + pbo
-            t[:, 7] = kind
-            t[:, 10] = local + np.arange(cnt, dtype=np.int64)
+            T = TaskColumn
+            t = np.empty((cnt, len(TaskColumn)), dtype=np.int64)
+            t[:, T.LAYER] = i
+            t[:, T.ROW0] = oo + ub * tc.bu * do
+            t[:, T.COL0] = io + vb * tc.bv * di
+            t[:, T.NU] = np.minimum(tc.bu, co - ub * tc.bu)
+            t[:, T.NV] = np.minimum(tc.bv, ci - vb * tc.bv)
+            t[:, T.RANK] = r
+            t[:, T.BASIS_OFFSET] = basis_base[i] + pbo
+            t[:, T.KIND] = kind
+            t[:, T.SLOT] = local + np.arange(cnt, dtype=np.int64)
             local += cnt
             pieces.append((k, t))
         per_matrix = local
         for k, t in pieces:
             rep = np.repeat(t[None], nb, axis=0)  # [nb, cnt, C]
-            rep[:, :, 8] = w_off[:, None]
-            rep[:, :, 9] = g_off[:, None]
-            rep[:, :, 10] += (n_slots + np.arange(nb, dtype=np.int64) * per_matrix)[:, None]
-            per_class[k].append(rep.reshape(-1, len(TASK_COLUMNS)))
+            rep[:, :, TaskColumn.W_OFFSET] = w_off[:, None]
+            rep[:, :, TaskColumn.G_OFFSET] = g_off[:, None]
+            rep[:, :, TaskColumn.SLOT] += (n_slots + np.arange(nb, dtype=np.int64) * per_matrix)[:, None]
+            per_class[k].append(rep.reshape(-1, len(TaskColumn)))
         slot_start += list(n_slots + per_matrix * np.arange(1, nb + 1))
         n_slots += per_matrix * nb
         n_mats += nb
 
     rows, start = [], 0
     for k, tc in classes.items():
-        t = np.concatenate(per_class[k]) if per_class[k] else np.zeros((0, len(TASK_COLUMNS)), np.int64)
+        t = np.concatenate(per_class[k]) if per_class[k] else np.zeros((0, len(TaskColumn)), np.int64)
         tc.start, tc.count = start, len(t)
         start += len(t)
         rows.append(t)
-    tasks = np.concatenate(rows) if rows else np.zeros((0, len(TASK_COLUMNS)), np.int64)
+    tasks = np.concatenate(rows) if rows else np.zeros((0, len(TaskColumn)), np.int64)
 
     def dev(x, dtype=torch.int64):
         return torch.as_tensor(x, dtype=dtype).to(device)
@@ -240,7 +274,7 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
     return Schedule(
         tasks=dev(tasks).contiguous(),
         classes=[tc for tc in classes.values() if tc.count],
-        layers=dev(np.array(layer_rows, dtype=np.int64).reshape(-1, len(LAYER_COLUMNS))),
+        layers=dev(np.array(layer_rows, dtype=np.int64).reshape(-1, len(LayerColumn))),
         basis=dev(torch.cat(basis_chunks) if basis_chunks else torch.zeros(0), torch.float32),
         perms=dev(torch.cat(perm_chunks) if perm_chunks else torch.zeros(0, dtype=torch.long)),
         slot_start=dev(np.array(slot_start, dtype=np.int64)),

@@ -1,45 +1,59 @@
-"""Pure-torch twin of the fused Triton kernel: the same contract on any device.
+"""Pure-torch twin of the fused kernels: the same contract on any device, and the library's ``"torch"`` backend.
 
-It executes a :class:`~equiproj.plan.PackedPlan` tile by tile with batched einsums (one group
-of torch ops per field pair), so it is a readable statement of what the kernel computes, the
-kernel tests' second oracle, and a fallback where Triton is absent.
+It executes a :class:`~equiproj._plan.PackedPlan` field pair by field pair with batched einsums,
+so it is a readable statement of what the C++ and Triton kernels compute, their tests' second
+oracle, and the path that runs where no kernel does (float64 on CUDA, other devices, a missing
+build). Per field pair, with the pair's orthonormal basis ``A [r, d_out, d_in]`` and each tile
+``T`` (one copy of the output field by one copy of the input field, structured coordinates)::
+
+    coef_k = <A_k, T>        R = T - sum_k coef_k A_k        E_perp += ||R||^2        E_G += ||coef||^2
+
+Unlike the kernels it is plain differentiable torch: energies-only calls keep the autograd graph
+(double backward works), and :func:`torch_project` returns ``P(W)`` or ``W - P(W)`` with gradients.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
-from equiproj.plan import PackedPlan
+from equiproj._plan import PackedPlan
 
 from .inputs import check_inputs
 
-__all__ = ["torch_fused_energies"]
-
-_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_CACHE_SIZE = 256
+__all__ = ["torch_fused_energies", "torch_project"]
 
 
-def _plan_parts(P: PackedPlan, device, dtype):
-    """(meta rows, perm_out, perm_in, inverse perms, bases per pair) on ``device``, cached per plan."""
-    key = (id(P), torch.device(device), dtype)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] is P:
-        _CACHE.move_to_end(key)
-        return hit[1]
-    meta = P.meta.cpu().tolist()
-    basis = P.basis.to(device=device, dtype=dtype)
-    bases = [basis[bo : bo + r * do * di].reshape(r, do, di) for (_, _, _, _, do, di, r, bo) in meta]
-    perms = None
-    if not P.identity_perm:
-        po, pi = P.perm_out.to(device), P.perm_in.to(device)
-        perms = (po, pi, torch.argsort(po), torch.argsort(pi))
-    parts = (meta, perms, bases)
-    _CACHE[key] = (P, parts)  # holding P keeps id(P) from being reused while cached
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return parts
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pairs(X: torch.Tensor, P: PackedPlan):
+    """``(rows, cols, T, coef, PT)`` per field pair of the structured weight ``X [..., m, n]``:
+    the tiles ``T [..., co, do, ci, di]``, their coefficients ``[..., co, ci, r]`` and projection
+    (``None`` for r = 0: the whole tile is non-equivariant)."""
+    batch = X.shape[:-2]
+    for p, A in zip(P.rows(), P.pair_bases(X.device, X.dtype)):
+        rows = slice(p.out_offset, p.out_offset + p.out_copies * p.d_out)
+        cols = slice(p.in_offset, p.in_offset + p.in_copies * p.d_in)
+        T = X[..., rows, cols].reshape(batch + (p.out_copies, p.d_out, p.in_copies, p.d_in))
+        if p.rank:
+            coef = torch.einsum("...uavb,kab->...uvk", T, A)
+            yield rows, cols, T, coef, torch.einsum("...uvk,kab->...uavb", coef, A)
+        else:
+            yield rows, cols, T, None, None
+
+
+def _structured(W: torch.Tensor, P: PackedPlan, cd: torch.dtype) -> torch.Tensor:
+    X = W.to(cd)
+    perms = P.permutations(W.device)
+    if perms is not None:
+        X = X.index_select(-2, perms[0]).index_select(-1, perms[1])
+    return X
+
+
+def _to_user(X: torch.Tensor, P: PackedPlan) -> torch.Tensor:
+    perms = P.permutations(X.device)
+    return X if perms is None else X.index_select(-2, perms[2]).index_select(-1, perms[3])
 
 
 def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
@@ -48,14 +62,15 @@ def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
     Args:
         weights: L tensors, the i-th ``[..., m_i, n_i]`` (any strides; leading dims are a batch),
             float16 / bfloat16 / float32 (energies in float32) or float64 (energies in float64).
-        plans: L :class:`~equiproj.plan.PackedPlan` (basis float32 or float64), the i-th for
+        plans: L :class:`~equiproj._plan.PackedPlan` (basis float32 or float64), the i-th for
             ``W_i``'s (rep_in, rep_out).
         c_perp, c_g: ``[L]`` coefficients of the penalty ``sum_i c_perp_i E_perp_i + c_g_i E_G_i``,
             or both ``None`` for no gradients.
     Returns:
         ``(e_perp, e_g, grads)``: lists of L tensors ``[...]`` (energy per matrix), and
         ``grads[i] = 2 c_perp_i (W_i - P W_i) + 2 c_g_i P W_i`` ``[..., m_i, n_i]`` in W_i's dtype
-        (``None`` without coefficients). Results are detached from autograd.
+        (``None`` without coefficients). Without coefficients the energies are differentiable
+        (the autograd graph of the einsums); with them everything is detached.
 
     Example::
 
@@ -67,11 +82,8 @@ def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
     want_grad = c_perp is not None
     e_perp, e_g, grads = [], [], []
     for i, (W, P) in enumerate(zip(weights, plans)):
-        cd = torch.float64 if W.dtype == torch.float64 else torch.float32
-        meta, perms, bases = _plan_parts(P, W.device, cd)
-        X = W.detach().to(cd)
-        if perms is not None:  # structured coordinates
-            X = X.index_select(-2, perms[0]).index_select(-1, perms[1])
+        cd = _compute_dtype(W.dtype)
+        X = _structured(W.detach() if want_grad else W, P, cd)
         batch = X.shape[:-2]
         ep = torch.zeros(batch, dtype=cd, device=W.device)
         eg = torch.zeros(batch, dtype=cd, device=W.device)
@@ -79,24 +91,40 @@ def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
             cp2 = 2 * c_perp[i].to(device=W.device, dtype=cd)
             cg2 = 2 * c_g[i].to(device=W.device, dtype=cd)
             Gs = torch.empty_like(X)
-        for (oo, io, co, ci, do, di, r, _), A in zip(meta, bases):
-            rows, cols = slice(oo, oo + co * do), slice(io, io + ci * di)
-            T = X[..., rows, cols].reshape(batch + (co, do, ci, di))
-            if r:
-                coef = torch.einsum("...uavb,kab->...uvk", T, A)
-                PT = torch.einsum("...uvk,kab->...uavb", coef, A)
-                R = T - PT
-                eg = eg + coef.square().sum((-3, -2, -1))
-            else:
-                PT, R = None, T
+        for rows, cols, T, coef, PT in _pairs(X, P):
+            R = T if PT is None else T - PT
             ep = ep + R.square().sum((-4, -3, -2, -1))
+            if coef is not None:
+                eg = eg + coef.square().sum((-3, -2, -1))
             if want_grad:
                 g = cp2 * R if PT is None else cp2 * R + cg2 * PT
-                Gs[..., rows, cols] = g.reshape(batch + (co * do, ci * di))
+                Gs[..., rows, cols] = g.reshape(batch + (rows.stop - rows.start, cols.stop - cols.start))
         e_perp.append(ep)
         e_g.append(eg)
         if want_grad:
-            if perms is not None:  # back to user coordinates
-                Gs = Gs.index_select(-2, perms[2]).index_select(-1, perms[3])
-            grads.append(Gs.to(W.dtype))
+            grads.append(_to_user(Gs, P).to(W.dtype))
     return e_perp, e_g, (grads if want_grad else None)
+
+
+def torch_project(W: torch.Tensor, plan: PackedPlan, which: str = "equivariant") -> torch.Tensor:
+    """``P(W)`` (``which="equivariant"``) or ``W - P(W)`` (``"non_equivariant"``, in residual form),
+    ``[..., m, n]`` in the compute dtype (float32, float64 for float64 weights); differentiable."""
+    if which not in ("equivariant", "non_equivariant"):
+        raise ValueError(f"which must be 'equivariant' or 'non_equivariant', got {which!r}")
+    X = _structured(W, plan, _compute_dtype(W.dtype))
+    batch = X.shape[:-2]
+    blocks = []
+    for rows, cols, T, coef, PT in _pairs(X, plan):
+        if which == "equivariant":
+            out = torch.zeros_like(T) if PT is None else PT
+        else:
+            out = T if PT is None else T - PT
+        blocks.append((rows, cols, out.reshape(batch + (rows.stop - rows.start, cols.stop - cols.start))))
+    # the field pairs tile the matrix: assemble row by row (differentiable, no in-place writes)
+    by_row: dict = {}
+    for rows, cols, out in blocks:
+        by_row.setdefault((rows.start, rows.stop), []).append((cols.start, out))
+    row_blocks = [torch.cat([o for _, o in sorted(parts, key=lambda t: t[0])], dim=-1)
+                  for _, parts in sorted(by_row.items())]
+    Y = torch.cat(row_blocks, dim=-2) if row_blocks else X.new_zeros(X.shape)
+    return _to_user(Y, plan)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .inputs import check_inputs
-from .schedule import LAYER_COLUMNS, TASK_COLUMNS, Schedule, build_schedule
+from .schedule import LayerColumn, Schedule, TaskColumn, TileKind, build_schedule
 
 __all__ = ["fused_energies"]
 
@@ -40,6 +40,25 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # the columns (adjacent in memory in runs). Only speed depends on this, never results.
 _COLS_FIRST_ON_TIE = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8)
 
+# The columns of the schedule's tables (schedule.py), as compile-time constants of the kernel.
+_T_LAYER = tl.constexpr(int(TaskColumn.LAYER))
+_T_ROW0 = tl.constexpr(int(TaskColumn.ROW0))
+_T_COL0 = tl.constexpr(int(TaskColumn.COL0))
+_T_NU = tl.constexpr(int(TaskColumn.NU))
+_T_NV = tl.constexpr(int(TaskColumn.NV))
+_T_RANK = tl.constexpr(int(TaskColumn.RANK))
+_T_BASIS_OFFSET = tl.constexpr(int(TaskColumn.BASIS_OFFSET))
+_T_KIND = tl.constexpr(int(TaskColumn.KIND))
+_T_W_OFFSET = tl.constexpr(int(TaskColumn.W_OFFSET))
+_T_G_OFFSET = tl.constexpr(int(TaskColumn.G_OFFSET))
+_T_SLOT = tl.constexpr(int(TaskColumn.SLOT))
+_L_STRIDE_ROW = tl.constexpr(int(LayerColumn.STRIDE_ROW))
+_L_STRIDE_COL = tl.constexpr(int(LayerColumn.STRIDE_COL))
+_L_GRAD_ROW_STRIDE = tl.constexpr(int(LayerColumn.GRAD_ROW_STRIDE))
+_L_PERM_OUT_OFFSET = tl.constexpr(int(LayerColumn.PERM_OUT_OFFSET))
+_L_PERM_IN_OFFSET = tl.constexpr(int(LayerColumn.PERM_IN_OFFSET))
+_SCALED_IDENTITY = tl.constexpr(int(TileKind.SCALED_IDENTITY))
+
 
 @triton.jit
 def _energy_tiles_kernel(
@@ -50,21 +69,21 @@ def _energy_tiles_kernel(
     SMALL_OFFSETS: tl.constexpr, COLS_FIRST: tl.constexpr, WITH_GRAD: tl.constexpr, NT: tl.constexpr, NL: tl.constexpr,
 ):
     task = task_ptr + (task_start + tl.program_id(0)).to(tl.int64) * NT
-    layer = tl.load(task + 0)
-    row0 = tl.load(task + 1)
-    col0 = tl.load(task + 2)
-    nu = tl.load(task + 3)
-    nv = tl.load(task + 4)
-    r = tl.load(task + 5)
-    basis_off = tl.load(task + 6)
-    kind = tl.load(task + 7)
-    w_off = tl.load(task + 8)
-    g_off = tl.load(task + 9)
-    slot = tl.load(task + 10)
+    layer = tl.load(task + _T_LAYER)
+    row0 = tl.load(task + _T_ROW0)
+    col0 = tl.load(task + _T_COL0)
+    nu = tl.load(task + _T_NU)
+    nv = tl.load(task + _T_NV)
+    r = tl.load(task + _T_RANK)
+    basis_off = tl.load(task + _T_BASIS_OFFSET)
+    kind = tl.load(task + _T_KIND)
+    w_off = tl.load(task + _T_W_OFFSET)
+    g_off = tl.load(task + _T_G_OFFSET)
+    slot = tl.load(task + _T_SLOT)
     lay = layer_ptr + layer * NL
-    stride_row = tl.load(lay + 0)
-    stride_col = tl.load(lay + 1)
-    grad_row_stride = tl.load(lay + 2)
+    stride_row = tl.load(lay + _L_STRIDE_ROW)
+    stride_col = tl.load(lay + _L_STRIDE_COL)
+    grad_row_stride = tl.load(lay + _L_GRAD_ROW_STRIDE)
     w_ptr = tl.load(addr_ptr + layer).to(w_dtype_ptr.dtype)  # int64 address -> pointer to W's dtype
 
     # the block as a 2D [rows, columns] tensor for the memory accesses (lanes along the columns,
@@ -85,8 +104,8 @@ def _energy_tiles_kernel(
         urow = srow
         ucol = scol
     else:
-        urow = tl.load(perm_ptr + tl.load(lay + 3) + srow, mask=rmask, other=0)
-        ucol = tl.load(perm_ptr + tl.load(lay + 4) + scol, mask=cmask, other=0)
+        urow = tl.load(perm_ptr + tl.load(lay + _L_PERM_OUT_OFFSET) + srow, mask=rmask, other=0)
+        ucol = tl.load(perm_ptr + tl.load(lay + _L_PERM_IN_OFFSET) + scol, mask=cmask, other=0)
     row_off = urow * stride_row
     if UNIT_COL_STRIDE:
         col_off = ucol
@@ -109,7 +128,7 @@ def _energy_tiles_kernel(
     in_tile = (a2 < DO) & (b2 < DI)
     proj = tl.zeros([BU, DOP, BV, DIP], dtype=tl.float32)
     eg = tl.zeros([BU, BV], dtype=tl.float32)
-    if kind == 1:
+    if kind == _SCALED_IDENTITY:
         # A = I / sqrt(d): coef = trace / sqrt(d), projection = (trace / d) I
         diag = ((a2 == b2) & in_tile)[None, :, None, :]
         tr = tl.sum(tl.sum(tl.where(diag, x, 0.0), axis=3), axis=1)  # [BU, BV]
@@ -262,7 +281,7 @@ def fused_energies(weights, plans, c_perp=None, c_g=None):
                 IDENTITY_PERM=tc.identity_perm, UNIT_COL_STRIDE=tc.unit_col_stride,
                 SMALL_OFFSETS=tc.small_offsets, COLS_FIRST=not tc.identity_perm and _COLS_FIRST_ON_TIE,
                 WITH_GRAD=want_grad,
-                NT=len(TASK_COLUMNS), NL=len(LAYER_COLUMNS), num_warps=tc.num_warps,
+                NT=len(TaskColumn), NL=len(LayerColumn), num_warps=tc.num_warps,
             )
         if sched.n_matrices:
             _segment_sum_kernel[(sched.n_matrices,)](

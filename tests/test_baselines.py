@@ -21,7 +21,7 @@ from equiproj.baselines import (
 )
 from equiproj.grid import act as grid_act
 from equiproj.grid import kernel_rep
-from equiproj.verify import all_groups, mixed_reps, nearly_equivariant
+from equiproj.testing import all_groups, mixed_reps, nearly_equivariant
 
 
 def _gen(seed=0):
@@ -193,7 +193,7 @@ def test_conv_defects_exact_grid(G, k, s_in, s_out):
     (O3(), 3, "0e + 1o + 2e", "0e + 1o"),
 ], ids=["SO2", "C8", "O3"])
 def test_conv_defects_kernel_space(G, s, s_in, s_out):
-    from equiproj.steerable import default_kernel_space
+    from equiproj.kernel_spaces import default_kernel_space
 
     gen = _gen(8)
     ri, ro = Rep.parse(G, s_in), Rep.parse(G, s_out)
@@ -214,7 +214,7 @@ def test_conv_defects_kernel_space(G, s, s_in, s_out):
 
 
 def test_conv_penalty_errors():
-    from equiproj.steerable import default_kernel_space
+    from equiproj.kernel_spaces import default_kernel_space
 
     C8 = Cyclic(8)
     r = C8.regular()
@@ -294,7 +294,7 @@ def test_dense_projector_matches_reference(G, method):
     torch.testing.assert_close(ep, reference.noneq_energy(W, ri, ro), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(eg, reference.eq_energy(W, ri, ro), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(d.project(W), reference.project(W, ri, ro), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(d.project(W, complement=True), W - reference.project(W, ri, ro), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d.project(W, which="non_equivariant"), W - reference.project(W, ri, ro), rtol=1e-10, atol=1e-12)
     # nearly equivariant weights keep relative accuracy (residual form)
     Wn = nearly_equivariant(W[0], ri, ro, 1e-12, gen)
     assert abs(float(d.energies(Wn)[0] / reference.noneq_energy(Wn, ri, ro)) - 1) < 1e-3
@@ -307,7 +307,7 @@ def test_dense_projector_float32_gradient_and_errors():
     assert d.Q.dtype == torch.float32 and d.method == "nullspace"
     W = torch.randn(r.dim, r.dim, requires_grad=True)
     (g,) = torch.autograd.grad(d.energies(W)[0], W)
-    torch.testing.assert_close(g, 2 * equiproj.project(W.detach(), r, r, complement=True), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g, 2 * equiproj.project(W.detach(), r, r, which="non_equivariant"), rtol=1e-4, atol=1e-5)
     with pytest.raises(MemoryError, match="GiB"):
         DenseProjector(r, r, max_bytes=16)
     with pytest.raises(ValueError, match="method"):

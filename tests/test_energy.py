@@ -12,22 +12,13 @@ import torch
 
 import equiproj as ep
 from equiproj import reference
-from equiproj.verify import mixed_reps, nearly_equivariant, random_orthogonal
+from equiproj.testing import mixed_reps, nearly_equivariant, random_orthogonal
+from equiproj.testing import relative_error as rel
 
 GROUPS = [ep.Cyclic(5), ep.Cyclic(8), ep.Dihedral(4), ep.Dihedral(6), ep.SO2(), ep.O2(), ep.SO3(), ep.O3(),
           ep.Octahedral(), ep.FullOctahedral()]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKEND = "torch"  # the pure-torch spectral path; the fused backends have their own tests
-
-
-def rel(a, b):
-    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
-    return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
 
 
 @pytest.mark.parametrize("G", GROUPS, ids=str)
@@ -55,7 +46,7 @@ def test_projection_properties(G, gen):
     assert abs(float((PX * Y).sum() - (X * PY).sum())) < 1e-11 * float(X.norm() * Y.norm())  # self-adjoint
     g = G.sample(5, generator=gen)
     torch.testing.assert_close(ro.matrix(g) @ PX, PX @ ri.matrix(g), atol=1e-11, rtol=0)  # equivariant
-    torch.testing.assert_close(ep.project(X, ri, ro, complement=True) + PX, X, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ep.project(X, ri, ro, which="non_equivariant") + PX, X, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("G", GROUPS, ids=str)
@@ -135,8 +126,8 @@ def test_breakdown(gen):
     G = ep.O3()
     ri, ro = mixed_reps(G, gen)
     W = torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen)
-    bp = ep.noneq_energy(W, ri, ro, breakdown=True)
-    bg = ep.eq_energy(W, ri, ro, breakdown=True)
+    bp = ep.energy_breakdown(W, ri, ro)
+    bg = ep.energy_breakdown(W, ri, ro, which="equivariant")
     assert set(bp) == {(a, b) for a, _ in ro.irreps for b, _ in ri.irreps}
     assert all(a == b for a, b in bg)
     assert rel(sum(bp.values()), reference.noneq_energy(W, ri, ro)) < 1e-10
@@ -150,6 +141,27 @@ def test_breakdown(gen):
     oi = sum(i.dim * m for i, m in ri.irreps[:1])
     blk = Wh[oo : oo + a.dim * ma, oi : oi + b.dim * mb]
     assert rel(bp[(a, b)], blk.square().sum()) < 1e-10
+
+
+def test_deprecated_spellings_still_work(gen):
+    """``breakdown=True`` and ``complement=`` (the spellings before ``energy_breakdown`` and ``which=``)
+    give the same results, with a DeprecationWarning."""
+    G = ep.SO3()
+    ri, ro = mixed_reps(G, gen)
+    W = torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen)
+    with pytest.warns(DeprecationWarning, match="energy_breakdown"):
+        old = ep.noneq_energy(W, ri, ro, breakdown=True)
+    assert {k: float(v) for k, v in old.items()} == {k: float(v) for k, v in ep.energy_breakdown(W, ri, ro).items()}
+    with pytest.warns(DeprecationWarning, match="energy_breakdown"):
+        old = ep.eq_energy(W, ri, ro, breakdown=True)
+    assert old.keys() == ep.energy_breakdown(W, ri, ro, which="equivariant").keys()
+    with pytest.warns(DeprecationWarning, match="which="):
+        assert torch.equal(ep.project(W, ri, ro, complement=True), ep.project(W, ri, ro, which="non_equivariant"))
+    with pytest.warns(DeprecationWarning, match="equiproj.groups"):
+        import equiproj.rep  # noqa: F401
+    from equiproj.rep import Rep
+
+    assert Rep is ep.Rep
 
 
 def test_worst_case_defect_bound(gen):

@@ -10,16 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from equiproj import translation as tr
-
-
-def rel(a, b):
-    a, b = (x.detach().double() if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64) for x in (a, b))
-    return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
+from equiproj.testing import relative_error as rel
 
 
 def shift_average(M, grid):

@@ -1,0 +1,281 @@
+"""The energy functions: the exact non-equivariant / equivariant energies and the projection.
+
+Every function takes a weight ``W`` of shape ``[..., rep_out.dim, rep_in.dim]`` (leading dims
+are a batch: one energy per matrix) and the two representations:
+
+* ``noneq_energy(W, rep_in, rep_out)`` -> ``E_perp = ||W - P W||^2``, shape ``[...]``
+* ``eq_energy(W, rep_in, rep_out)``    -> ``E_G = ||P W||^2``
+* ``energies(W, rep_in, rep_out)``     -> ``(E_perp, E_G)`` from one pass
+* ``energies_and_grad(W, rep_in, rep_out, lambda_perp=, lambda_G=)`` -> ``(E_perp, E_G, grad)``,
+  the penalty's gradient from the same pass (no autograd graph)
+* ``energies_many`` / ``energies_and_grads_many``: many layers, one call per backend and device
+* ``project(W, rep_in, rep_out, which=)`` -> ``P(W)`` or ``W - P(W)``
+* ``energy_breakdown(W, rep_in, rep_out, which=)`` -> the energy per (irrep_out, irrep_in) block type
+
+The energies are differentiable (``dE_perp/dW = 2 (W - P W)``), computed in residual form (never
+as ``||W||^2 - ||P W||^2``), in float32 for half-precision and float32 inputs and in float64 for
+float64 inputs, and returned in that accumulation dtype. ``backend=`` chooses who computes them
+(:mod:`equiproj.ops`: ``"auto"``, ``"cpp"``, ``"triton"``, ``"torch"``, ``"reference"``).
+The mathematics is in ``docs/math.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from . import ops
+from ._plan import BlockPlan, block_plan, plan_for
+from .groups import Rep, check_rep_pair
+from .kernels import torch_project
+
+__all__ = ["noneq_energy", "eq_energy", "energies", "energies_many", "energies_and_grad", "energies_and_grads_many",
+           "project", "energy_breakdown", "check_arguments"]
+
+_WHICH = ("equivariant", "non_equivariant")
+
+
+def check_arguments(W, rep_in: Rep, rep_out: Rep) -> None:
+    """Raise ``TypeError`` / ``ValueError`` naming the problem unless ``W`` ``[..., m, n]`` is a
+    floating-point tensor of the shape of a map from ``rep_in`` to ``rep_out``."""
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    if not W.is_floating_point():
+        raise TypeError(f"W must be a floating-point tensor, got {W.dtype}")
+    check_rep_pair(rep_in, rep_out)
+    if W.dim() < 2 or tuple(W.shape[-2:]) != (rep_out.dim, rep_in.dim):
+        raise ValueError(f"W must have shape [..., rep_out.dim, rep_in.dim] = [..., {rep_out.dim}, {rep_in.dim}], "
+                         f"got {tuple(W.shape)}")
+
+
+def _check_which(which: str) -> None:
+    if which not in _WHICH:
+        raise ValueError(f"which must be 'equivariant' or 'non_equivariant', got {which!r}")
+
+
+def _check_finite(*xs):
+    """Raise for NaN/Inf energies on the CPU (on CUDA this would cost a synchronisation)."""
+    if torch.compiler.is_compiling() or xs[0].device.type != "cpu":
+        return
+    # energies are >= 0, so their sum is finite iff every one is
+    if not all(math.isfinite(float(x.detach() if x.dim() == 0 else x.detach().sum())) for x in xs):
+        raise ValueError("the energy is not finite: W contains NaN or Inf")
+
+
+def energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E_perp, E_G)`` of ``W`` ``[..., m, n]``, each ``[...]``, from one pass.
+
+    Example::
+
+        >>> G = equiproj.SO3()
+        >>> r = equiproj.Rep.parse(G, "4x0 + 2x1")
+        >>> e_perp, e_g = equiproj.energies(torch.randn(10, 10), r, r)
+    """
+    check_arguments(W, rep_in, rep_out)
+    (e_perp,), (e_g,) = ops.backend_for(backend, W).energies([W], [(rep_in, rep_out)])
+    _check_finite(e_perp, e_g)
+    return e_perp, e_g
+
+
+def noneq_energy(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, breakdown: bool = False, backend: str = "auto"):
+    """``E_perp = ||W - P(W)||^2``: ``[..., m, n] -> [...]``.
+
+    (``breakdown=True`` is the deprecated spelling of :func:`energy_breakdown`.)
+    """
+    if breakdown:
+        return _deprecated_breakdown("noneq_energy", W, rep_in, rep_out, "non_equivariant", backend)
+    return energies(W, rep_in, rep_out, backend=backend)[0]
+
+
+def eq_energy(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, breakdown: bool = False, backend: str = "auto"):
+    """``E_G = ||P(W)||^2``: ``[..., m, n] -> [...]``.
+
+    (``breakdown=True`` is the deprecated spelling of :func:`energy_breakdown`.)
+    """
+    if breakdown:
+        return _deprecated_breakdown("eq_energy", W, rep_in, rep_out, "equivariant", backend)
+    return energies(W, rep_in, rep_out, backend=backend)[1]
+
+
+def _deprecated_breakdown(fn, W, rep_in, rep_out, which, backend):
+    warnings.warn(f"{fn}(..., breakdown=True) is deprecated: use equiproj.energy_breakdown(W, rep_in, rep_out, "
+                  f"which={which!r})", DeprecationWarning, stacklevel=3)
+    if not isinstance(backend, str) or backend not in ops.BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {ops.BACKEND_NAMES}")
+    if backend == "reference":
+        raise ValueError("the breakdown is computed in the irrep basis; backend='reference' has no breakdown")
+    return energy_breakdown(W, rep_in, rep_out, which=which)
+
+
+def project(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str = "equivariant",
+            complement: bool | None = None) -> torch.Tensor:
+    """``P(W)``, the nearest equivariant map (Frobenius), ``[..., m, n] -> [..., m, n]`` in W's dtype;
+    ``which="non_equivariant"`` returns ``W - P(W)``, computed in residual form (accurate when W is
+    nearly equivariant). Differentiable. (``complement=True`` is the deprecated spelling of
+    ``which="non_equivariant"``.)"""
+    if complement is not None:
+        warnings.warn("project(..., complement=...) is deprecated: use which='non_equivariant' (or 'equivariant')",
+                      DeprecationWarning, stacklevel=2)
+        which = "non_equivariant" if complement else "equivariant"
+    _check_which(which)
+    check_arguments(W, rep_in, rep_out)
+    return torch_project(W, plan_for(rep_in, rep_out, W.device, torch.float64), which).to(W.dtype)
+
+
+def energy_breakdown(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str = "non_equivariant"
+                     ) -> dict[tuple, torch.Tensor]:
+    """Where a layer breaks the symmetry: ``{(irrep_out, irrep_in): energy [...]}``, the energy of
+    ``W - P(W)`` (``which="non_equivariant"``, every pair of irrep types) or of ``P(W)``
+    (``"equivariant"``, pairs of the same type) in each block type of the irrep basis. The values
+    sum to ``E_perp`` (or ``E_G``).
+
+    Example::
+
+        >>> G = equiproj.O3(); r = equiproj.Rep.parse(G, "2x0e + 1o")
+        >>> parts = equiproj.energy_breakdown(torch.randn(5, 5), r, r)
+        >>> sorted(f"{a}<-{b}" for a, b in parts)[:2]
+        ['0e<-0e', '0e<-1o']
+    """
+    _check_which(which)
+    X = project(W, rep_in, rep_out, which=which)
+    X = X.to(ops.accumulation_dtype(W.dtype))
+    plan = block_plan(rep_in, rep_out)
+    E = _energy_by_type(_to_irrep_basis(X, plan), plan)
+    return {(so, si): E[..., a, b] for a, so in enumerate(plan.out.types) for b, si in enumerate(plan.inp.types)
+            if which == "non_equivariant" or so == si}
+
+
+def _apply_fields(X: torch.Tensor, side) -> torch.Tensor:
+    """``X`` (last axis in structured coordinates of ``side``) times each field's Q, block by block."""
+    if all(f.Q is None for f in side.fields):
+        return X
+    parts = []
+    for f in side.fields:
+        blk = X[..., f.offset : f.offset + f.copies * f.dim]
+        if f.Q is not None:
+            shp = blk.shape
+            blk = (blk.reshape(shp[:-1] + (f.copies, f.dim)) @ f.Q.to(X)).reshape(shp)
+        parts.append(blk)
+    return torch.cat(parts, dim=-1)
+
+
+def _to_irrep_basis(X: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """``Q_out^T X Q_in`` (structured, block by block): the weight in the irrep basis of both sides."""
+    if plan.out.perm is not None:
+        X = X.index_select(-2, plan.out.perm.to(X.device))
+    if plan.inp.perm is not None:
+        X = X.index_select(-1, plan.inp.perm.to(X.device))
+    X = _apply_fields(X, plan.inp)
+    return _apply_fields(X.transpose(-1, -2), plan.out).transpose(-1, -2)
+
+
+def _energy_by_type(Xh: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """``[..., K_out, K_in]``: the energy of ``Xh`` in each (irrep_out, irrep_in) block type."""
+    oh_o = torch.nn.functional.one_hot(plan.out.coord_type.to(Xh.device), len(plan.out.types)).to(Xh.dtype)
+    oh_i = torch.nn.functional.one_hot(plan.inp.coord_type.to(Xh.device), len(plan.inp.types)).to(Xh.dtype)
+    return oh_o.T @ Xh.square() @ oh_i
+
+
+def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp=1.0, lambda_G=0.0,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(E_perp, E_G, grad)`` in one pass over ``W`` ``[..., m, n]``, without an autograd graph.
+
+    ``grad`` ``[..., m, n]`` (W's dtype) is the gradient of ``lambda_perp * E_perp + lambda_G * E_G``:
+    ``2 lambda_perp (W - P W) + 2 lambda_G P W``. The lambdas are numbers or tensors broadcastable
+    to ``W.shape[:-2]``. With the fused op (``"cpp"``, ``"triton"``) this reads W once and writes
+    ``grad`` once; ``energies(W, ...)`` followed by ``backward()`` reads W twice, because its forward
+    cannot know the incoming gradient. Use it to add a penalty's gradient by hand
+    (:meth:`equiproj.nn.ProjectionPenalty.backward` does this for a model).
+
+    Example::
+
+        >>> G = equiproj.SO3(); r = equiproj.Rep.parse(G, "4x0 + 2x1")
+        >>> W = torch.randn(10, 10)
+        >>> e_perp, e_g, grad = equiproj.energies_and_grad(W, r, r, lambda_perp=1e-2)
+    """
+    check_arguments(W, rep_in, rep_out)
+    b = ops.backend_for(backend, W)
+    cp, cg = ops.as_coefficient(lambda_perp, W, "lambda_perp"), ops.as_coefficient(lambda_G, W, "lambda_G")
+    (e_perp,), (e_g,), (grad,) = b.energies_and_grads([W], [(rep_in, rep_out)], [cp], [cg])
+    _check_finite(e_perp, e_g)
+    return e_perp, e_g, grad
+
+
+def _check_many(weights, reps) -> None:
+    for i, (w, pair) in enumerate(zip(weights, reps)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"reps[{i}] must be a pair (rep_in, rep_out), got {type(pair).__name__}")
+        check_arguments(w, pair[0], pair[1])
+
+
+def _run_grouped(weights, reps, backend: str, call) -> list[tuple]:
+    """``call(backend_object, indices)`` once per (backend, device) group; the results per layer, in order."""
+    parts: list = [None] * len(weights)
+    for (name, _), idx in ops.group_by_backend(weights, backend).items():
+        out = call(ops.BACKENDS[name], idx)
+        for j, i in enumerate(idx):
+            parts[i] = tuple(o[j] for o in out)
+    return parts
+
+
+def _stack_energies(weights, parts):
+    dt = torch.float64 if all(w.dtype == torch.float64 for w in weights) else torch.float32
+    e_perp = torch.stack([p[0].to(dt) for p in parts])
+    e_g = torch.stack([p[1].to(dt) for p in parts])
+    _check_finite(e_perp, e_g)
+    return e_perp, e_g
+
+
+def energies_many(weights, reps, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies of many layers at once (all declared layers of a model).
+
+    Args:
+        weights: sequence of L weights, the i-th of shape ``[rep_out_i.dim, rep_in_i.dim]``
+            (leading batch dims are allowed if every weight has the same ones).
+        reps: sequence of L pairs ``(rep_in_i, rep_out_i)``.
+    Returns:
+        ``(E_perp, E_G)``, each ``[L]`` float32 (float64 if every weight is float64), differentiable.
+
+    The layers of one backend and device go through one call: for the fused op one call of
+    ``equiproj::fused_energies`` (a constant number of kernel launches for any L); its backward
+    is one more call.
+    """
+    weights, reps = list(weights), list(reps)
+    if len(weights) != len(reps):
+        raise ValueError(f"got {len(weights)} weights but {len(reps)} rep pairs")
+    if not weights:
+        raise ValueError("energies_many needs at least one layer")
+    _check_many(weights, reps)
+    parts = _run_grouped(weights, reps, backend,
+                         lambda b, idx: b.energies([weights[i] for i in idx], [reps[i] for i in idx]))
+    return _stack_energies(weights, parts)
+
+
+def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: str = "auto"):
+    """:func:`energies_and_grad` of many layers, one call per backend and device.
+
+    Args:
+        weights: L weights ``[..., m_i, n_i]`` (as in :func:`energies_many`).
+        reps: L pairs ``(rep_in_i, rep_out_i)``.
+        lambda_perp, lambda_G: L coefficients each (numbers, or tensors broadcastable to the
+            batch shape of their weight).
+    Returns:
+        ``(E_perp, E_G, grads)``: ``[L]`` each (float32; float64 if every weight is float64) and L
+        gradients shaped like the weights.
+    """
+    weights, reps = list(weights), list(reps)
+    lambda_perp, lambda_G = list(lambda_perp), list(lambda_G)
+    if not (len(weights) == len(reps) == len(lambda_perp) == len(lambda_G)):
+        raise ValueError(f"got {len(weights)} weights, {len(reps)} rep pairs, {len(lambda_perp)} lambda_perp "
+                         f"and {len(lambda_G)} lambda_G: need one of each per layer")
+    if not weights:
+        raise ValueError("energies_and_grads_many needs at least one layer")
+    _check_many(weights, reps)
+    cps = [ops.as_coefficient(c, w, f"lambda_perp[{i}]") for i, (c, w) in enumerate(zip(lambda_perp, weights))]
+    cgs = [ops.as_coefficient(c, w, f"lambda_G[{i}]") for i, (c, w) in enumerate(zip(lambda_G, weights))]
+    parts = _run_grouped(weights, reps, backend, lambda b, idx: b.energies_and_grads(
+        [weights[i] for i in idx], [reps[i] for i in idx], [cps[i] for i in idx], [cgs[i] for i in idx]))
+    e_perp, e_g = _stack_energies(weights, parts)
+    return e_perp, e_g, [p[2] for p in parts]

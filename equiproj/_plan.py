@@ -1,0 +1,289 @@
+"""The block plan of a (rep_in, rep_out) pair: what every backend executes (``docs/math.md``, "One mechanism").
+
+A plan holds, for each side, the permutation to the structured layout and the fields (offset,
+copies, dim, small orthogonal Q); the irrep type of every spectral coordinate; and, per irrep
+type shared by both sides, the spectral coordinates of each copy and the cached orthonormal
+basis ``C [r, d, d]`` of its commutant. In the irrep basis a weight splits into d_out x d_in
+blocks; a block between copies of the same type psi has equivariant part
+``sum_s <C_s, B> C_s``, every other block is entirely non-equivariant.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from .groups import Irrep, Rep
+
+__all__ = ["SidePlan", "BlockPlan", "FieldPair", "PackedPlan", "PlanColumn", "PlanRow", "block_plan", "plan_for"]
+
+
+@dataclass
+class FieldBlock:
+    """``copies`` consecutive copies of a field of dimension ``dim`` starting at ``offset``
+    (structured coordinates); ``Q`` is ``None`` when the field is already in the irrep basis."""
+
+    offset: int
+    copies: int
+    dim: int
+    Q: torch.Tensor | None
+    slots: tuple[Irrep, ...]
+
+
+@dataclass
+class SidePlan:
+    dim: int
+    perm: torch.Tensor | None  # structured coordinate i holds user coordinate perm[i]
+    fields: list[FieldBlock]
+    types: list[Irrep]  # distinct irreps on this side
+    coord_type: torch.Tensor  # [dim] index into ``types`` of each spectral coordinate
+    rows: dict[Irrep, torch.Tensor]  # irrep -> [copies, d] spectral coordinates of each copy
+
+    @staticmethod
+    def build(rep: Rep) -> "SidePlan":
+        fields, types, coord_type, rows = [], [], [], {}
+        o = 0
+        for c, f in rep.segments:
+            fields.append(FieldBlock(o, c, f.dim, f.Q, f.slots))
+            for u in range(c):
+                so = o + u * f.dim
+                for s in f.slots:
+                    if s not in rows:
+                        rows[s] = []
+                        types.append(s)
+                    rows[s].append(torch.arange(so, so + s.dim))
+                    coord_type += [types.index(s)] * s.dim
+                    so += s.dim
+            o += c * f.dim
+        return SidePlan(rep.dim, rep.perm, fields, types, torch.tensor(coord_type, dtype=torch.long),
+                        {s: torch.stack(r) for s, r in rows.items()})
+
+
+@dataclass
+class FieldPair:
+    """All tiles between copies of one output field and copies of one input field.
+
+    Tile ``(u, v)`` is ``W_struct[out_offset + u*d_out : ... + d_out, in_offset + v*d_in : ... + d_in]``
+    for ``u < out_copies``, ``v < in_copies``. ``basis`` ``[r, d_out, d_in]`` (float64, user
+    coordinates of the field) is an orthonormal basis of the equivariant maps between the two
+    fields: the projection of a tile T is ``sum_k <A_k, T> A_k`` and its residual
+    ``T - sum_k <A_k, T> A_k``. ``r = 0``: every tile is entirely non-equivariant.
+    """
+
+    out_offset: int
+    in_offset: int
+    out_copies: int
+    in_copies: int
+    d_out: int
+    d_in: int
+    basis: torch.Tensor
+
+
+def _field_pair_basis(fo: FieldBlock, fi: FieldBlock, bases: dict) -> torch.Tensor:
+    """``A = Q_out[:, slot a] C_s Q_in[:, slot b]^T`` over same-type slot pairs (a, b) and s."""
+    Qo = torch.eye(fo.dim, dtype=torch.float64) if fo.Q is None else fo.Q
+    Qi = torch.eye(fi.dim, dtype=torch.float64) if fi.Q is None else fi.Q
+    out, oo = [], 0
+    for so in fo.slots:
+        oi = 0
+        for si in fi.slots:
+            if so == si:
+                for C in bases[so]:
+                    out.append(Qo[:, oo : oo + so.dim] @ C @ Qi[:, oi : oi + si.dim].T)
+            oi += si.dim
+        oo += so.dim
+    return torch.stack(out) if out else torch.zeros(0, fo.dim, fi.dim, dtype=torch.float64)
+
+
+class PlanColumn(enum.IntEnum):
+    """The int64 columns of a row of :attr:`PackedPlan.meta` (one row per field pair).
+
+    ``csrc/plan_columns.h`` mirrors this enum for the C++ kernels (checked when the extension
+    loads, and by the tests); the Triton schedule reads rows through it."""
+
+    OUT_OFFSET = 0  # first structured row of the output field's copies
+    IN_OFFSET = 1  # first structured column of the input field's copies
+    OUT_COPIES = 2
+    IN_COPIES = 3
+    D_OUT = 4  # dimension of the output field
+    D_IN = 5
+    RANK = 6  # r: number of basis matrices (0: the whole tile is non-equivariant)
+    BASIS_OFFSET = 7  # where the pair's [r, d_out, d_in] basis starts in PackedPlan.basis
+
+
+class PlanRow(NamedTuple):
+    """One row of :attr:`PackedPlan.meta` as Python ints, fields in :class:`PlanColumn` order (what
+    host code and traced code read: plain ints, no enum lookups)."""
+
+    out_offset: int
+    in_offset: int
+    out_copies: int
+    in_copies: int
+    d_out: int
+    d_in: int
+    rank: int
+    basis_offset: int
+
+
+assert PlanRow._fields == tuple(c.name.lower() for c in PlanColumn), "PlanRow mirrors PlanColumn"
+
+
+@dataclass
+class PackedPlan:
+    """The field-pair plan as plain tensors, what every backend executes.
+
+    * ``meta`` ``[P, len(PlanColumn)]`` int64, one row per field pair, columns :class:`PlanColumn`;
+      offsets are in structured coordinates.
+    * ``basis`` ``[sum_p r_p d_out_p d_in_p]``: each pair's ``[r, d_out, d_in]`` orthonormal basis,
+      row-major.
+    * ``perm_out`` ``[m]`` / ``perm_in`` ``[n]`` int64: structured coordinate i is user row/column
+      ``perm[i]`` (identity when the rep has no permutation; ``identity_perm`` says so).
+    """
+
+    m: int
+    n: int
+    meta: torch.Tensor
+    basis: torch.Tensor
+    perm_out: torch.Tensor
+    perm_in: torch.Tensor
+    identity_perm: bool
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def to(self, device, dtype) -> "PackedPlan":
+        return PackedPlan(self.m, self.n, self.meta.to(device), self.basis.to(device=device, dtype=dtype),
+                          self.perm_out.to(device), self.perm_in.to(device), self.identity_perm)
+
+    def rows(self) -> list[PlanRow]:
+        """``meta`` as Python ints (cached): one :class:`PlanRow` per field pair."""
+        if "rows" not in self._cache:
+            self._cache["rows"] = [PlanRow(*r) for r in self.meta.cpu().tolist()]
+        return self._cache["rows"]
+
+    def pair_bases(self, device, dtype) -> list[torch.Tensor]:
+        """Each field pair's basis ``[r, d_out, d_in]`` on ``device`` in ``dtype`` (cached)."""
+        key = ("bases", torch.device(device), dtype)
+        if key not in self._cache:
+            basis = self.basis.to(device=device, dtype=dtype)
+            self._cache[key] = [basis[r.basis_offset : r.basis_offset + r.rank * r.d_out * r.d_in]
+                                .reshape(r.rank, r.d_out, r.d_in) for r in self.rows()]
+        return self._cache[key]
+
+    def permutations(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(perm_out, perm_in, inverse perm_out, inverse perm_in)`` on ``device`` (cached), or ``None``
+        for the identity."""
+        if self.identity_perm:
+            return None
+        key = ("perms", torch.device(device))
+        if key not in self._cache:
+            po, pi = self.perm_out.to(device), self.perm_in.to(device)
+            self._cache[key] = (po, pi, torch.argsort(po), torch.argsort(pi))
+        return self._cache[key]
+
+
+@dataclass
+class BlockPlan:
+    rep_in: Rep
+    rep_out: Rep
+    inp: SidePlan
+    out: SidePlan
+    shared: list[Irrep]  # irrep types present on both sides
+    bases: dict[Irrep, torch.Tensor]  # commutant basis [r, d, d] per shared type
+    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @functools.cached_property
+    def field_pairs(self) -> list[FieldPair]:
+        """The plan in field-pair form (what the fused kernels execute), row-major over fields."""
+        pairs = []
+        for fo in self.out.fields:
+            for fi in self.inp.fields:
+                pairs.append(FieldPair(fo.offset, fi.offset, fo.copies, fi.copies, fo.dim, fi.dim,
+                                       _field_pair_basis(fo, fi, self.bases)))
+        return pairs
+
+    @functools.cached_property
+    def packed_cpu(self) -> PackedPlan:
+        rows, chunks, bo = [], [], 0
+        for fp in self.field_pairs:
+            r = fp.basis.shape[0]
+            rows.append([fp.out_offset, fp.in_offset, fp.out_copies, fp.in_copies, fp.d_out, fp.d_in, r, bo])
+            assert len(rows[-1]) == len(PlanColumn)
+            chunks.append(fp.basis.reshape(-1))
+            bo += fp.basis.numel()
+        m, n = self.shape
+        return PackedPlan(
+            m, n, torch.tensor(rows, dtype=torch.long).reshape(-1, len(PlanColumn)),
+            torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64),
+            self.out.perm if self.out.perm is not None else torch.arange(m),
+            self.inp.perm if self.inp.perm is not None else torch.arange(n),
+            self.out.perm is None and self.inp.perm is None,
+        )
+
+    def packed(self, device, dtype) -> PackedPlan:
+        """:class:`PackedPlan` on ``device`` with the basis in ``dtype`` (cached)."""
+        key = ("packed", torch.device(device), dtype)
+        if key not in self._device_cache:
+            self._device_cache[key] = self.packed_cpu.to(device, dtype)
+        return self._device_cache[key]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out.dim, self.inp.dim)
+
+    @property
+    def disjoint(self) -> bool:
+        """True when the two reps share no irrep: every equivariant map is zero."""
+        return not self.shared
+
+
+@functools.lru_cache(maxsize=256)
+def block_plan(rep_in: Rep, rep_out: Rep) -> BlockPlan:
+    """The (cached) plan for maps from ``rep_in`` to ``rep_out``."""
+    if not isinstance(rep_in, Rep) or not isinstance(rep_out, Rep):
+        raise TypeError("rep_in and rep_out must be equiproj Rep objects")
+    if rep_in.group != rep_out.group:
+        raise ValueError(f"rep_in acts by {rep_in.group} but rep_out by {rep_out.group}")
+    inp, out = SidePlan.build(rep_in), SidePlan.build(rep_out)
+    shared = [s for s in out.types if s in inp.rows]
+    return BlockPlan(rep_in, rep_out, inp, out, shared, {s: s.endomorphism_basis for s in shared})
+
+
+def packed_plan(rep_in: Rep, rep_out: Rep, device, dtype: torch.dtype | None = None) -> PackedPlan:
+    """The packed plan of ``(rep_in, rep_out)`` on ``device`` (cached by the block plan), its basis in
+    ``dtype``; by default what the fused kernels read: float64 on the CPU (the C++ tiles are
+    float64), float32 elsewhere (the Triton kernels)."""
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+    return block_plan(rep_in, rep_out).packed(device, dtype)
+
+
+# Under torch.compile the plan is looked up, never traced: dynamo ignores lru_cache and would
+# re-run the construction (decompositions, SVDs) inside the trace, where dict lookups keyed by
+# irreps go wrong. `assume_constant_result` runs the lookup eagerly at trace time and bakes in an
+# integer key; the plan is an attribute of this holder under that key (an attribute, not a dict
+# entry: dynamo reads a new attribute afresh, whereas it would keep a dict as it was when first
+# seen in the frame). Its tensors become graph inputs.
+class _TracedPlans:
+    pass
+
+
+_TRACED_PLANS = _TracedPlans()
+
+
+@torch.compiler.assume_constant_result
+def _traced_plan_key(rep_in: Rep, rep_out: Rep, device: str, dtype: str) -> int:
+    P = packed_plan(rep_in, rep_out, torch.device(device), None if dtype == "None" else getattr(torch, dtype[6:]))
+    setattr(_TRACED_PLANS, f"plan_{id(P)}", P)  # holds P: the key stays valid
+    return id(P)
+
+
+def plan_for(rep_in: Rep, rep_out: Rep, device, dtype: torch.dtype | None = None) -> PackedPlan:
+    """:func:`packed_plan`, also inside ``torch.compile(fullgraph=True)``, where the plan is looked up
+    when the code is traced."""
+    if torch.compiler.is_compiling():
+        return getattr(_TRACED_PLANS, f"plan_{_traced_plan_key(rep_in, rep_out, str(device), str(dtype))}")
+    return packed_plan(rep_in, rep_out, device, dtype)

@@ -1,0 +1,134 @@
+"""Numerical decomposition of a real orthogonal representation into the group's own irreps.
+
+Given ``rho`` (as a function of group elements), find an orthogonal ``Q`` with
+``rho(g) = Q (⊕_s psi_s(g)) Q^T`` where each ``psi_s`` is *exactly* one of ``G.irreps()``
+(the same matrices, not merely an equivalent irrep). Steps, per irrep ``psi`` (dim d,
+commutant dimension r):
+
+1. the isotypic projector ``(d / r) ∫ tr psi(g) rho(g) dg`` (exact quadrature) gives the
+   subspace V carrying all copies of psi;
+2. twirling random matrices ``∫ rho_V(g) X psi(g)^T dg`` spans ``Hom_G(psi, rho_V)``
+   (dimension m r for m copies);
+3. a Gram-Schmidt over the commutant (``T_j -= T_i (T_i^T T_j)``, valid for real, complex and
+   quaternionic type alike because ``T_i^T T_j`` lies in End(psi)) extracts m isometric
+   intertwiners, whose columns become columns of Q.
+
+The result is verified against ``rho`` at random elements before it is returned.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["decompose", "check_representation", "isometric_intertwiners", "block_diag_irreps"]
+
+
+def check_representation(group, fn: Callable, dim: int, what: str = "fn") -> None:
+    """Raise ``ValueError`` unless ``fn`` is an orthogonal homomorphism on random elements."""
+    gen = torch.Generator().manual_seed(1234)
+    g1 = group.sample(6, generator=gen)
+    g2 = group.sample(6, generator=gen)
+    R1, R2, R12 = fn(g1), fn(g2), fn(g1 @ g2)
+    eye = torch.eye(dim, dtype=torch.float64)
+    for R in (R1, R2, R12):
+        if R.shape != (len(g1), dim, dim):
+            raise ValueError(f"{what} must map elements [n, dG, dG] to [n, {dim}, {dim}]; got shape {tuple(R.shape)} for n = {len(g1)}")
+        if not torch.isfinite(R).all():
+            raise ValueError(f"{what} returned NaN or Inf")
+    orth = (R1.transpose(-1, -2) @ R1 - eye).abs().amax()
+    if not orth < 1e-6:
+        raise ValueError(f"{what} is not orthogonal: max |rho(g)^T rho(g) - I| = {float(orth):.2e}")
+    hom = (R12 - R1 @ R2).abs().amax()
+    if not hom < 1e-6:
+        raise ValueError(f"{what} is not a homomorphism: max |rho(g h) - rho(g) rho(h)| = {float(hom):.2e}")
+
+
+def isometric_intertwiners(basis: torch.Tensor, m: int, d: int) -> torch.Tensor:
+    """From a basis ``[m r, k, d]`` of Hom(psi, rho_V) pick m intertwiners with ``T_i^T T_j = delta_ij I``
+    (``[k, m d]``). ``T_i^T T_j`` commutes with psi, so subtracting ``S (S^T T)`` keeps T an
+    intertwiner for all three irrep types; the largest remaining candidate is normalised each round."""
+    cands = list(basis)
+    isos: list[torch.Tensor] = []
+    while len(isos) < m:
+        best, best_a, best_i = None, 0.0, -1
+        for i, T in enumerate(cands):
+            for S in isos:
+                T = T - S @ (S.T @ T)
+            cands[i] = T
+            a = float(torch.trace(T.T @ T)) / d
+            if a > best_a:
+                best, best_a, best_i = T, a, i
+        if best is None or best_a < 1e-10:
+            raise ValueError("numerical decomposition failed: intertwiner space is degenerate")
+        isos.append(best / best_a**0.5)
+        cands.pop(best_i)
+    return torch.cat(isos, dim=-1)
+
+
+def decompose(group, fn: Callable, dim: int, band_limit: int | None = None, seed: int = 0):
+    """Decompose ``fn`` (``[..., dG, dG] -> [..., dim, dim]``) into irreps.
+
+    Returns ``(slots, Q)``: the irreps in the order of Q's column blocks, and ``Q`` ``[dim, dim]``
+    float64. ``band_limit`` bounds the frequencies of a continuous group's irreps that may occur
+    (required for continuous groups). Raises ``ValueError`` if ``fn`` does not decompose.
+    """
+    finite = group.is_finite
+    if not finite and band_limit is None:
+        raise ValueError(f"decomposing a representation of {group} needs a band_limit")
+    g, w = group.haar_quadrature(2 * (band_limit or 0))
+    R = fn(g).to(torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    cols, slots, total = [], [], 0
+    for psi in group.irreps(None if finite else band_limit):
+        d, r = psi.dim, psi.endomorphism_basis.shape[0]
+        Psi = psi.matrix(g, check=False)
+        chi = Psi.diagonal(dim1=-2, dim2=-1).sum(-1)
+        P = (d / r) * torch.einsum("p,p,pij->ij", w, chi, R)
+        k_float = float(torch.trace(P))
+        k = round(k_float)
+        if k == 0:
+            continue
+        if abs(k - k_float) > 1e-6 or k % d:
+            raise ValueError(f"not a representation of {group} within band limit {band_limit} "
+                             f"(isotypic dimension of {psi} is {k_float:.4f})")
+        evals, evecs = torch.linalg.eigh((P + P.T) / 2)
+        V = evecs[:, -k:]
+        RV = V.T @ R @ V
+        m = k // d
+        X = torch.randn(m * r + 4, k, d, generator=gen, dtype=torch.float64)
+        T = torch.einsum("p,pab,nbc,pdc->nad", w, RV, X, Psi)
+        _, _, Vh = torch.linalg.svd(T.reshape(len(X), k * d), full_matrices=False)
+        basis = Vh[: m * r].reshape(m * r, k, d)
+        cols.append(V @ isometric_intertwiners(basis, m, d))
+        slots += [psi] * m
+        total += k
+    if total != dim:
+        raise ValueError(f"representation of dimension {dim} does not decompose into irreps of {group}"
+                         + (f" up to band limit {band_limit}" if not finite else "") + f" (found {total} dims)")
+    Q = torch.cat(cols, dim=-1)
+    # snap to the nearest orthogonal matrix (removes rounding from the Gram-Schmidt)
+    U, _, Vh = torch.linalg.svd(Q)
+    Q = U @ Vh
+    _verify(group, fn, slots, Q)
+    return slots, Q
+
+
+def block_diag_irreps(slots, g: torch.Tensor) -> torch.Tensor:
+    """``⊕_s psi_s(g)``: ``[..., D, D]`` for the irreps ``slots`` at elements ``g``."""
+    D = sum(s.dim for s in slots)
+    out = torch.zeros(g.shape[:-2] + (D, D), dtype=torch.float64, device=g.device)
+    o = 0
+    for s in slots:
+        out[..., o : o + s.dim, o : o + s.dim] = s.matrix(g, check=False)
+        o += s.dim
+    return out
+
+
+def _verify(group, fn, slots, Q):
+    g = group.sample(8, generator=torch.Generator().manual_seed(99))
+    err = (fn(g).to(torch.float64) - Q @ block_diag_irreps(slots, g) @ Q.T).abs().amax()
+    if not err < 1e-8:
+        raise ValueError(f"numerical decomposition into irreps of {group} is inaccurate (error {float(err):.1e}); "
+                         "is the band_limit too small?")

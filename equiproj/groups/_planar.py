@@ -1,0 +1,252 @@
+"""The planar groups: C_N, D_N, SO(2), O(2) (subgroups of O(2), elements ``[..., 2, 2]``).
+
+Elements are ``R(theta) F^s`` with ``F = diag(1, -1)``. Irreps:
+
+* rotations (``Cyclic(N)``, ``SO2()``): frequency ``k`` (``"3"``), 0..N//2 for C_N; k = 0 and
+  k = N/2 are 1-dim of real type, every other k is the 2-dim rotation ``R(k theta)``, of complex type;
+* with reflections (``Dihedral(N)``, ``O2()``): ``(j, k)`` (``"(1,2)"``): (0,0) trivial, (1,0)
+  the determinant, (1,k) 2-dim ``R(k theta) F^s`` for 0 < k (< N/2), and for even N the 1-dim
+  (0,N/2), (1,N/2); all of real type.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ._group import Group
+
+__all__ = ["Cyclic", "Dihedral", "SO2", "O2"]
+
+_F = torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
+
+
+def rot2(theta: torch.Tensor) -> torch.Tensor:
+    """``R(theta)`` ``[..., 2, 2]``: rotation by ``theta`` (counter-clockwise in (x, y))."""
+    c, s = torch.cos(theta), torch.sin(theta)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def _check_degree(degree) -> int:
+    degree = int(degree)
+    if degree < 0:
+        raise ValueError(f"degree must be >= 0, got {degree}")
+    return degree
+
+
+def _angle_and_det(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g = R(theta) F^s``: returns (theta, s) with s in {0, 1}."""
+    det = g[..., 0, 0] * g[..., 1, 1] - g[..., 0, 1] * g[..., 1, 0]
+    return torch.atan2(g[..., 1, 0], g[..., 0, 0]), (det < 0).to(torch.float64)
+
+
+class _Planar(Group):
+    ambient_dim = 2
+    reflections = False
+    N: int | None = None  # None: continuous
+
+    def _key(self):
+        return (type(self).__name__, self.N)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.N})" if self.N is not None else f"{type(self).__name__}()"
+
+    @property
+    def order(self):
+        return None if self.N is None else self.N * (2 if self.reflections else 1)
+
+    def elements(self):
+        if self.N is None:
+            return super().elements()
+        r = rot2(2 * math.pi * torch.arange(self.N, dtype=torch.float64) / self.N)
+        return torch.cat([r, r @ _F]) if self.reflections else r
+
+    def sample(self, n, generator=None):
+        if self.N is not None:
+            return super().sample(n, generator)
+        g = rot2(2 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64))
+        if self.reflections:
+            flip = torch.rand(n, generator=generator) < 0.5
+            g = torch.where(flip[:, None, None], g @ _F, g)
+        return g
+
+    def generators(self):
+        if self.N is not None:
+            gens = [rot2(torch.tensor(2 * math.pi / self.N, dtype=torch.float64))]
+        else:  # angles that are irrational multiples of pi generate a dense subgroup
+            gens = [rot2(torch.tensor(a, dtype=torch.float64)) for a in (1.0, math.sqrt(2.0))]
+        if self.reflections:
+            gens.append(_F)
+        return torch.stack(gens)
+
+    def index(self, g):
+        theta, s = _angle_and_det(g)
+        j = torch.round(theta * self.N / (2 * math.pi)).long() % self.N
+        idx = j + self.N * s.long()
+        # verify: index() must not silently round a non-member
+        if g.numel() and not (self.elements().to(g.device)[idx] - g).abs().amax() < 1e-6:
+            raise ValueError(f"matrices are not elements of {self}")
+        return idx
+
+    def haar_quadrature(self, degree):
+        if self.N is not None:
+            return super().haar_quadrature(degree)
+        degree = _check_degree(degree)
+        # trapezoid rule with M points integrates e^{ik theta} exactly for |k| < M
+        M = degree + 1
+        g = rot2(2 * math.pi * torch.arange(M, dtype=torch.float64) / M)
+        w = torch.full((M,), 1.0 / M, dtype=torch.float64)
+        if self.reflections:
+            g, w = torch.cat([g, g @ _F]), torch.cat([w, w]) / 2
+        return g, w
+
+    def product_may_contain(self, psi, a, b):
+        if self.N is not None:  # frequencies add modulo N and fold at N/2: no shortcut
+            return True
+        return psi.band in (abs(a.band - b.band), a.band + b.band)
+
+    def _ambient_harmonic_matrix(self, h):
+        ambient = O2()
+        return lambda g: ambient.irrep_matrix((1, h), g)
+
+    def _contains(self, g):
+        theta, s = _angle_and_det(g)
+        if not self.reflections and bool((s > 0).any()):
+            return False
+        if self.N is None:
+            return True
+        x = theta * self.N / (2 * math.pi)
+        return bool(((x - torch.round(x)).abs() < 1e-6).all())
+
+
+class _PlanarRotations(_Planar):
+    """Irreps by frequency k: 1-dim for k = 0 (and k = N/2), else 2-dim of complex type."""
+
+    def standard_irrep_id(self):
+        return 1 if self.N is None or self.N >= 3 else None
+
+    def irrep_ids(self, band_limit):
+        top = self.N // 2 if self.N is not None else band_limit
+        if band_limit is not None:
+            top = min(top, band_limit)
+        return list(range(top + 1))
+
+    def canonical_irrep_id(self, id):
+        if isinstance(id, bool) or not isinstance(id, (int, np.integer)):
+            raise TypeError(f"irrep id for {self} is an int frequency, got {id!r}")
+        id = int(id)
+        top = self.N // 2 if self.N is not None else None
+        if id < 0 or (top is not None and id > top):
+            raise ValueError(f"unknown irrep id {id} for {self}: frequencies are 0..{top if top is not None else 'inf'}")
+        return id
+
+    def _harmonic_irrep_id(self, h):
+        return h if self.N is None or 2 * h < self.N else None  # the same matrices R(h theta)
+
+    def _is_1d(self, k):
+        return k == 0 or (self.N is not None and 2 * k == self.N)
+
+    def irrep_dim(self, k):
+        return 1 if self._is_1d(k) else 2
+
+    def irrep_type(self, k):
+        return "real" if self._is_1d(k) else "complex"
+
+    def irrep_band(self, k):
+        return k
+
+    def irrep_matrix(self, k, g):
+        theta, _ = _angle_and_det(g)
+        if self._is_1d(k):
+            return torch.cos(k * theta)[..., None, None]
+        return rot2(k * theta)
+
+
+class Cyclic(_PlanarRotations):
+    """C_N: rotations of the plane by multiples of 2 pi / N."""
+
+    def __init__(self, N: int):
+        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
+            raise ValueError(f"Cyclic(N) needs an integer N >= 1, got {N!r}")
+        self.N = int(N)
+
+
+class SO2(_PlanarRotations):
+    """SO(2): all rotations of the plane."""
+
+
+class _PlanarReflections(_Planar):
+    """Irreps (j, k): (0,0) trivial, (1,0) det, (1,k) 2-dim; even N adds (0,N/2), (1,N/2)."""
+
+    reflections = True
+    trivial_id = (0, 0)
+
+    def standard_irrep_id(self):
+        return (1, 1) if self.N is None or self.N >= 3 else None
+
+    def irrep_ids(self, band_limit):
+        top = self.N // 2 if self.N is not None else band_limit
+        if band_limit is not None:
+            top = min(top, band_limit)
+        ids = [(0, 0), (1, 0)]
+        for k in range(1, top + 1):
+            if self.N is not None and 2 * k == self.N:
+                ids += [(0, k), (1, k)]
+            else:
+                ids.append((1, k))
+        return ids
+
+    def canonical_irrep_id(self, id):
+        if not (isinstance(id, tuple) and len(id) == 2 and all(isinstance(v, (int, np.integer)) for v in id)):
+            raise TypeError(f"irrep id for {self} is a pair (j, k) of ints, got {id!r}")
+        id = (int(id[0]), int(id[1]))
+        if id[1] < 0 or id not in set(self.irrep_ids(id[1])):
+            raise ValueError(f"unknown irrep id {id} for {self}")
+        return id
+
+    def parse_irrep_id(self, s):
+        t = s.strip("()[] ").split(",")
+        try:
+            return (int(t[0]), int(t[1])) if len(t) == 2 else None
+        except ValueError:
+            pass
+        raise ValueError(f"malformed irrep {s!r} for {self}: expected '(j,k)'")
+
+    def irrep_name(self, id):
+        return f"({id[0]},{id[1]})"
+
+    def _harmonic_irrep_id(self, h):
+        return (1, h) if self.N is None or 2 * h < self.N else None
+
+    def irrep_dim(self, id):
+        j, k = id
+        return 1 if k == 0 or (self.N is not None and 2 * k == self.N) else 2
+
+    def irrep_band(self, id):
+        return id[1]
+
+    def irrep_matrix(self, id, g):
+        j, k = id
+        theta, s = _angle_and_det(g)
+        if self.irrep_dim(id) == 1:
+            sign = 1 - 2 * s if j == 1 else torch.ones_like(s)
+            return (torch.cos(k * theta) * sign)[..., None, None]
+        r = rot2(k * theta)
+        return torch.where(s[..., None, None] > 0, r @ _F, r)
+
+
+class Dihedral(_PlanarReflections):
+    """D_N: the N rotations and N reflections of the regular N-gon (order 2N)."""
+
+    def __init__(self, N: int):
+        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
+            raise ValueError(f"Dihedral(N) needs an integer N >= 1, got {N!r}")
+        self.N = int(N)
+
+
+class O2(_PlanarReflections):
+    """O(2): all rotations and reflections of the plane."""
+
+

@@ -1,0 +1,348 @@
+"""The spatial groups: SO(3), O(3) and the symmetries of the cube (elements ``[..., 3, 3]``).
+
+Irreps:
+
+* ``SO3()``: degree ``l >= 0`` (``"2"``; e3nn's ``"2e"`` is accepted too), real Wigner D in the
+  basis of :mod:`equiproj.groups._so3` (e3nn's);
+* ``O3()``: ``(l, p)``, p = +-1, e3nn strings ``"2e"`` (p = +1), ``"1o"`` (p = -1); an element
+  ``g = s R`` (``s = det g``) acts by ``p^[s<0] D_l(R)``;
+* ``Octahedral()``: ``"A1" "A2" "E" "T1" "T2"``, T1 the defining 3-D action;
+* ``FullOctahedral()``: the same with ``"g"``/``"u"`` (even/odd under the inversion ``-I``),
+  ``"T1u"`` the defining 3-D action.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import numpy as np
+import torch
+
+from ._clebsch_gordan import irrep_product
+from ._group import Group
+from ._so3 import wigner_D
+
+__all__ = ["SO3", "O3", "Octahedral", "FullOctahedral", "euler_zyz", "clebsch_gordan"]
+
+
+def _axis_rotation(axis, angle: float) -> torch.Tensor:
+    a = torch.tensor(axis, dtype=torch.float64)
+    a = a / a.norm()
+    K = torch.tensor([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]], dtype=torch.float64)
+    return torch.eye(3, dtype=torch.float64) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K
+
+
+def euler_zyz(alpha: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``R_z(alpha) R_y(beta) R_z(gamma)`` ``[..., 3, 3]``."""
+    def rz(t):
+        c, s, o, z = torch.cos(t), torch.sin(t), torch.ones_like(t), torch.zeros_like(t)
+        return torch.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(t.shape + (3, 3))
+
+    c, s, o, z = torch.cos(beta), torch.sin(beta), torch.ones_like(beta), torch.zeros_like(beta)
+    ry = torch.stack([c, z, s, z, o, z, -s, z, c], -1).reshape(beta.shape + (3, 3))
+    return rz(alpha) @ ry @ rz(gamma)
+
+
+def _so3_quadrature(degree) -> tuple[torch.Tensor, torch.Tensor]:
+    """Product rule in Euler angles, exact for matrix coefficients of degree <= ``degree``:
+    ``D^l_{mn} = e^{-i m alpha} d^l_{mn}(beta) e^{-i n gamma}``; the alpha/gamma sums kill
+    m, n != 0, and ``d^l_{00}(beta) = P_l(cos beta)`` is integrated exactly by Gauss-Legendre."""
+    degree = int(degree)
+    if degree < 0:
+        raise ValueError(f"degree must be >= 0, got {degree}")
+    M = degree + 1
+    x, wx = np.polynomial.legendre.leggauss(degree // 2 + 1)
+    ang = 2 * math.pi * torch.arange(M, dtype=torch.float64) / M
+    beta = torch.arccos(torch.from_numpy(x))
+    a, b, c = torch.meshgrid(ang, beta, ang, indexing="ij")
+    g = euler_zyz(a.reshape(-1), b.reshape(-1), c.reshape(-1))
+    w = (torch.ones(M, 1, 1, dtype=torch.float64) * torch.from_numpy(wx / 2)[None, :, None] / M**2).expand(M, len(x), M).reshape(-1)
+    return g, w
+
+
+# A rotation about the harmonics' polar axis y by an angle that is an irrational multiple of pi:
+# its Wigner D matrices are block diagonal with blocks of size <= 2.
+_TORUS = torch.tensor([[math.cos(1.0), 0.0, math.sin(1.0)], [0.0, 1.0, 0.0], [-math.sin(1.0), 0.0, math.cos(1.0)]],
+                      dtype=torch.float64)
+
+
+def _haar_so3(n, generator):
+    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+    q = q / q.norm(dim=-1, keepdim=True)
+    w, x, y, z = q.unbind(-1)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+            2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+            2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+        ],
+        -1,
+    ).reshape(n, 3, 3)
+
+
+def _det3(g):
+    return torch.linalg.det(g)
+
+
+class SO3(Group):
+    """SO(3): all rotations of 3-space. Irreps by degree ``l`` (real Wigner D, e3nn's basis)."""
+
+    ambient_dim = 3
+
+    def standard_irrep_id(self):
+        return 1
+
+    def sample(self, n, generator=None):
+        return _haar_so3(n, generator)
+
+    def generators(self):
+        # rotations by irrational angles about two skew axes generate a dense subgroup
+        return torch.stack([_axis_rotation((1.0, 0.3, -0.2), 1.0), _axis_rotation((-0.4, 1.0, 0.7), math.sqrt(2.0))])
+
+    def _contains(self, g):
+        return bool((_det3(g) > 0).all())
+
+    def haar_quadrature(self, degree):
+        return _so3_quadrature(degree)
+
+    def torus_element(self):
+        return _TORUS.clone()
+
+    def product_may_contain(self, psi, a, b):
+        return abs(a.band - b.band) <= psi.band <= a.band + b.band
+
+    def _harmonic_irrep_id(self, h):
+        return h
+
+    def irrep_ids(self, band_limit):
+        return list(range(band_limit + 1))
+
+    def canonical_irrep_id(self, id):
+        if isinstance(id, bool) or not isinstance(id, (int, np.integer)) or id < 0:
+            raise ValueError(f"unknown irrep id {id!r} for {self}: degrees are ints l >= 0")
+        return int(id)
+
+    def parse_irrep_id(self, s):
+        if s.endswith("e"):  # e3nn's spelling '2e'
+            s = s[:-1]
+        return super().parse_irrep_id(s)
+
+    def irrep_dim(self, l):
+        return 2 * l + 1
+
+    def irrep_band(self, l):
+        return l
+
+    def irrep_matrix(self, l, g):
+        return wigner_D(l, g)
+
+
+class O3(Group):
+    """O(3) = SO(3) x {+-I}. Irreps ``(l, p)``, e3nn strings ``"1o"``, ``"2e"``."""
+
+    ambient_dim = 3
+    trivial_id = (0, 1)
+
+    def standard_irrep_id(self):
+        return (1, -1)
+
+    def sample(self, n, generator=None):
+        g = _haar_so3(n, generator)
+        s = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).to(torch.float64)
+        return g * s[:, None, None]
+
+    def generators(self):
+        return torch.cat([SO3().generators(), -torch.eye(3, dtype=torch.float64)[None]])
+
+    def haar_quadrature(self, degree):
+        g, w = _so3_quadrature(degree)
+        return torch.cat([g, -g]), torch.cat([w, w]) / 2
+
+    def torus_element(self):
+        return _TORUS.clone()
+
+    def product_may_contain(self, psi, a, b):
+        return psi.id[1] == a.id[1] * b.id[1] and abs(a.band - b.band) <= psi.band <= a.band + b.band
+
+    def _harmonic_irrep_id(self, h):
+        return (h, (-1) ** h)
+
+    def irrep_ids(self, band_limit):
+        return [(l, p) for l in range(band_limit + 1) for p in (1, -1)]
+
+    def canonical_irrep_id(self, id):
+        if not (isinstance(id, tuple) and len(id) == 2) or id[1] not in (1, -1) or not isinstance(id[0], (int, np.integer)) or id[0] < 0:
+            raise ValueError(f"unknown irrep id {id!r} for {self}: ids are (l, p) with l >= 0, p = +1 or -1")
+        return (int(id[0]), int(id[1]))
+
+    def parse_irrep_id(self, s):
+        if len(s) >= 2 and s[-1] in "eo" and s[:-1].isdigit():
+            return (int(s[:-1]), 1 if s[-1] == "e" else -1)
+        raise ValueError(f"malformed irrep {s!r} for {self}: expected e3nn style like '1o' or '2e'")
+
+    def irrep_name(self, id):
+        return f"{id[0]}{'e' if id[1] == 1 else 'o'}"
+
+    def irrep_dim(self, id):
+        return 2 * id[0] + 1
+
+    def irrep_band(self, id):
+        return id[0]
+
+    def irrep_matrix(self, id, g):
+        l, p = id
+        s = torch.sign(_det3(g))
+        D = wigner_D(l, g * s[..., None, None])
+        return D * torch.where(s < 0, float(p), 1.0)[..., None, None]
+
+
+def _signed_permutations(det_sign: int | None) -> torch.Tensor:
+    mats = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            m = torch.zeros(3, 3, dtype=torch.float64)
+            for i, j in enumerate(perm):
+                m[i, j] = signs[i]
+            if det_sign is None or round(float(torch.linalg.det(m))) == det_sign:
+                mats.append(m)
+    return torch.stack(mats)
+
+
+# Basis of the 2-dim irrep E: the sum-zero plane of R^3 (S_3 permuting the axes)
+_E_BASIS = torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]], dtype=torch.float64).T / torch.tensor(
+    [math.sqrt(2.0), math.sqrt(6.0)], dtype=torch.float64
+)
+
+
+def _octahedral_irrep(name: str, R: torch.Tensor) -> torch.Tensor:
+    """Irreps of the rotation group O of the cube, evaluated at rotations ``R`` (signed permutations)."""
+    perm = R.abs()
+    # sign of the axis permutation = det of |R|
+    sgn = torch.linalg.det(perm).round()
+    if name == "A1":
+        return torch.ones_like(sgn)[..., None, None]
+    if name == "A2":
+        return sgn[..., None, None]
+    if name == "E":
+        B = _E_BASIS.to(R.device)
+        return B.T @ perm @ B
+    if name == "T1":
+        return R
+    if name == "T2":
+        return R * sgn[..., None, None]
+    raise ValueError(name)
+
+
+class Octahedral(Group):
+    """O: the 24 rotations of the cube (signed permutation matrices, det +1).
+
+    Irreps ``"A1"`` (trivial), ``"A2"`` (sign of the permutation of the axes), ``"E"``
+    (2-dim: S_3 permuting the axes, on the plane x+y+z = 0 with basis
+    ``(1,-1,0)/sqrt2, (1,1,-2)/sqrt6``), ``"T1"`` (the rotation itself), ``"T2"`` (= A2 x T1).
+    """
+
+    ambient_dim = 3
+    trivial_id = "A1"
+    _names = ("A1", "A2", "E", "T1", "T2")
+    _dims = {"A1": 1, "A2": 1, "E": 2, "T1": 3, "T2": 3}
+
+    @property
+    def order(self):
+        return 24
+
+    @functools.cached_property
+    def _elements(self):
+        return _signed_permutations(1)
+
+    def elements(self):
+        return self._elements.clone()
+
+    def generators(self):
+        return torch.stack([_axis_rotation((0, 0, 1), math.pi / 2).round(), _axis_rotation((1, 1, 1), 2 * math.pi / 3).round()])
+
+    def _contains(self, g):
+        return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all() and (_det3(g) > 0).all())
+
+    def irrep_ids(self, band_limit):
+        return list(self._names)
+
+    def canonical_irrep_id(self, id):
+        if id not in self._names:
+            raise ValueError(f"unknown irrep id {id!r} for {self}: ids are {', '.join(self._names)}")
+        return id
+
+    def parse_irrep_id(self, s):
+        return s
+
+    def standard_irrep_id(self):
+        return "T1" if self.trivial_id == "A1" else "T1u"
+
+    def irrep_dim(self, id):
+        return self._dims[id]
+
+    def _harmonic_irrep_id(self, h):
+        return self.standard_irrep_id() if h == 1 else None  # D_1(R) = R: the defining action
+
+    def _ambient_harmonic_matrix(self, h):
+        ambient = O3()
+        return lambda g: ambient.irrep_matrix((h, (-1) ** h), g)
+
+    def irrep_matrix(self, id, g):
+        return _octahedral_irrep(id, g)
+
+
+class FullOctahedral(Octahedral):
+    """O_h = O x {+-I}: the 48 symmetries of the cube (all signed permutation matrices).
+
+    Irreps are those of O with a parity suffix: ``"A1g"`` ... ``"T2u"``; ``g`` is even and
+    ``u`` odd under the inversion ``-I``. ``"T1u"`` is the defining 3-D action.
+    """
+
+    trivial_id = "A1g"
+    _names = tuple(n + p for p in "gu" for n in Octahedral._names)
+    _dims = {n + p: d for p in "gu" for n, d in Octahedral._dims.items()}
+
+    @property
+    def order(self):
+        return 48
+
+    @functools.cached_property
+    def _elements(self):
+        return _signed_permutations(None)
+
+    def generators(self):
+        return torch.cat([super().generators(), -torch.eye(3, dtype=torch.float64)[None]])
+
+    def _contains(self, g):
+        return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all())
+
+    def irrep_matrix(self, id, g):
+        s = torch.sign(_det3(g))
+        out = _octahedral_irrep(id[:-1], g * s[..., None, None])
+        if id[-1] == "u":
+            out = out * s[..., None, None]
+        return out
+
+
+def clebsch_gordan(l1: int, l2: int, l3: int) -> torch.Tensor:
+    """Real SO(3) Clebsch-Gordan coefficients ``C [2l1+1, 2l2+1, 2l3+1]`` in the basis of the SO(3) irreps.
+
+    ``sum_ij C[i, j, k] x_i y_j`` is the degree-``l3`` part of ``x ⊗ y``; ``||C||^2 = 2 l3 + 1``
+    and ``D1(R) ⊗ D2(R)`` maps C's columns like ``D3(R)``. Zero unless ``|l1 - l2| <= l3 <= l1 + l2``.
+    """
+    for v in (l1, l2, l3):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"degrees must be ints >= 0, got {(l1, l2, l3)}")
+    G = SO3()
+    d1, d2, d3 = 2 * l1 + 1, 2 * l2 + 1, 2 * l3 + 1
+    if not abs(l1 - l2) <= l3 <= l1 + l2:
+        return torch.zeros(d1, d2, d3, dtype=torch.float64)
+    slots, Q = irrep_product(G.irrep(l1), G.irrep(l2))
+    o = 0
+    for s in slots:
+        if s.id == l3:
+            return Q[:, o : o + d3].reshape(d1, d2, d3).clone()
+        o += s.dim
+    raise RuntimeError(f"{l3} missing from {l1} ⊗ {l2}")
