@@ -10,7 +10,7 @@ coefficients) reads W and writes dW. ``equiproj.energies_and_grad`` (the weights
 up front) moves exactly one: it reads W once and writes dW once. ``torch.mul(W, 2, out=buf)`` (no allocation) is also timed, since on some machines
 first-touching the fresh output costs as much as the copy itself.
 
-Targets (issue 3), field dims <= 5 (scalars, vectors, l <= 2), e.g. 4096 x 4096 float32:
+Targets, field dims <= 5 (scalars, vectors, l <= 2), e.g. 4096 x 4096 float32:
 fused forward+backward <= 3x ``torch.mul(W, 2)`` and >= 5x faster than the pure-torch path; and a
 table of how the ratio grows with the field dimension up to 64 (regular reps of C_N: a dense
 N x N basis with r = N per tile, the generic kernel; SO(3) single-l fields: the A = I/sqrt(d) path).

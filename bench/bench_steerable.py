@@ -1,17 +1,17 @@
-"""Steerable conv kernels (issue 6): the structured energy against the dense-basis baseline and a
+"""Steerable conv kernels: the structured energy against the dense-basis baseline and a
 plain per-field-pair torch computation, energy + gradient, float32, same run.
 
 Methods (each computes E_perp and E_G of every layer and the gradient of sum E_perp + 0.5 E_G):
 
-* ``structured``: :func:`equiproj.steerable.kernel_energies_many` (K B, out-of-band residual,
+* ``structured``: :func:`equiproj.kernel_spaces.kernel_energies_many` (K B, out-of-band residual,
   coefficient energies through ``equiproj.energies_many``, hence the fused op where it is
   dispatched) + ``backward``;
 * ``per_pair``: one small pixel-space basis ``[R, d_out, d_in k^s]`` per field-pair type, a
   projection per field pair with ``einsum`` and autograd (what a user would write in torch);
-* ``one pass``: :func:`~equiproj.steerable.kernel_energies_and_grads_many` (the same computation,
+* ``one pass``: :func:`~equiproj.kernel_spaces.kernel_energies_and_grads_many` (the same computation,
   the gradient formed in the forward pass from the known weights 1 and ``C_G``, no autograd graph);
 * ``dense``: the paper's approach, the ``[N, D']`` orthonormal basis of equivariant kernels
-  (:class:`~equiproj.steerable.DenseKernelBasis`, QR) and ``Q Q^T w`` with autograd. Its build
+  (:class:`~equiproj.kernel_spaces.DenseKernelBasis`, QR) and ``Q Q^T w`` with autograd. Its build
   time and memory are reported; where the basis exceeds ``EQUIPROJ_BENCH_DENSE_MIB`` (default
   256 MiB) only its size is given.
 

@@ -7,7 +7,7 @@
 # 1. prints the card and versions;
 # 2. makes `equiproj` (with `equiproj.kernels` = kernels/) importable without building the C++
 #    extension: an editable pip install without dependencies, else a mirror under /tmp;
-# 3. runs the CUDA tests (tests/test_triton.py, and tests/test_ops.py if present), continuing
+# 3. runs the CUDA tests (tests/ops/test_triton.py, tests/ops/test_ops.py, tests/nn/test_nn.py), continuing
 #    whatever they report;
 # 4. prints the benchmark table (bench/gpu_bench.py) LAST.
 # Extra arguments go to bench/gpu_bench.py (e.g. --sizes 64,256,1024).
@@ -37,8 +37,7 @@ cd "$RUN_DIR" || exit 1
 $PY -c "import equiproj.kernels as k; print('equiproj.kernels from', k.__file__, '| triton kernel:', k.HAS_TRITON)"
 
 echo "== CUDA tests"
-TESTS=tests/test_triton.py
-[ -f tests/test_ops.py ] && TESTS="$TESTS tests/test_ops.py"
+TESTS="tests/ops/test_triton.py tests/ops/test_ops.py tests/nn/test_nn.py"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
 timeout 150 $PY -m pytest $TESTS -q -p no:cacheprovider $XDIST -o addopts="" -ra 2>&1 | tail -25

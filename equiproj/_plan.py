@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .groups import Irrep, Rep
+from .groups import Irrep, Rep, check_rep_pair
 
 __all__ = ["SidePlan", "BlockPlan", "FieldPair", "PackedPlan", "PlanColumn", "PlanRow", "block_plan", "plan_for"]
 
@@ -242,10 +242,7 @@ class BlockPlan:
 @functools.lru_cache(maxsize=256)
 def block_plan(rep_in: Rep, rep_out: Rep) -> BlockPlan:
     """The (cached) plan for maps from ``rep_in`` to ``rep_out``."""
-    if not isinstance(rep_in, Rep) or not isinstance(rep_out, Rep):
-        raise TypeError("rep_in and rep_out must be equiproj Rep objects")
-    if rep_in.group != rep_out.group:
-        raise ValueError(f"rep_in acts by {rep_in.group} but rep_out by {rep_out.group}")
+    check_rep_pair(rep_in, rep_out)
     inp, out = SidePlan.build(rep_in), SidePlan.build(rep_out)
     shared = [s for s in out.types if s in inp.rows]
     return BlockPlan(rep_in, rep_out, inp, out, shared, {s: s.endomorphism_basis for s in shared})

@@ -46,6 +46,7 @@ from ._plan import plan_for
 from .grid import kernel_rep
 from .groups import Group, Rep, check_rep_pair
 from .kernels import torch_fused_energies
+from .kernels.inputs import accumulation_dtype
 
 __all__ = [
     "orbit_defects",
@@ -114,7 +115,7 @@ def orbit_defects(W: torch.Tensor, rep_in: Rep, rep_out: Rep, elements: torch.Te
         raise ValueError(f"W must have shape [..., rep_out.dim, rep_in.dim] = [..., {rep_out.dim}, {rep_in.dim}], "
                          f"got {tuple(W.shape)}")
     g = _elements(rep_in.group, None, elements, None)
-    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    dt = accumulation_dtype(W.dtype)
     X = W.to(dt)
     if rep_out.perm is not None:  # to the structured layout: segments of field copies on both sides
         X = X.index_select(-2, rep_out.perm.to(X.device))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .groups import check_rep_pair
+
 __all__ = ["haar_quadrature", "project", "energies", "noneq_energy", "eq_energy", "orbit_defect"]
 
 
@@ -25,8 +27,7 @@ def haar_quadrature(group, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check(W, rep_in, rep_out):
-    if rep_in.group != rep_out.group:
-        raise ValueError(f"rep_in acts by {rep_in.group} but rep_out by {rep_out.group}")
+    check_rep_pair(rep_in, rep_out)
     if W.dim() < 2 or W.shape[-2:] != (rep_out.dim, rep_in.dim):
         raise ValueError(f"W must have shape [..., {rep_out.dim}, {rep_in.dim}], got {tuple(W.shape)}")
     return W.to(torch.float64)

@@ -32,12 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.inputs import accumulation_dtype
+
 __all__ = ["energies", "project", "dense_energies", "dense_project", "LocallyConnected1d", "LocallyConnected2d",
            "is_locally_connected"]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_compact(weight, spatial_dims: int, name="weight"):
@@ -66,7 +64,7 @@ def energies(weight: torch.Tensor, spatial_dims: int, position_dim: int = 2) -> 
     axes = tuple(range(position_dim, position_dim + spatial_dims))
     if axes[-1] >= weight.dim():
         raise ValueError(f"weight of shape {tuple(weight.shape)} has no position axes {axes}")
-    w = weight.to(_acc(weight.dtype))
+    w = weight.to(accumulation_dtype(weight.dtype))
     mean = w.mean(axes, keepdim=True)
     n = math.prod(weight.shape[a] for a in axes)
     return (w - mean).square().sum(), mean.square().sum() * n
@@ -77,7 +75,7 @@ def project(weight: torch.Tensor, spatial_dims: int, which: str = "equivariant",
     _check_compact(weight, spatial_dims)
     _check_which(which)
     axes = tuple(range(position_dim, position_dim + spatial_dims))
-    w = weight.to(_acc(weight.dtype))
+    w = weight.to(accumulation_dtype(weight.dtype))
     mean = w.mean(axes, keepdim=True).expand_as(w)
     return (mean if which == "equivariant" else w - mean).to(weight.dtype)
 
@@ -118,7 +116,7 @@ def dense_energies(M: torch.Tensor, grid: Sequence[int]) -> tuple[torch.Tensor, 
     diagonal energy. Exact; differentiable; float32 (float64 for float64 input).
     """
     grid = _check_dense(M, grid)
-    Mh = _dense_dft(M.to(_acc(M.dtype)), grid)
+    Mh = _dense_dft(M.to(accumulation_dtype(M.dtype)), grid)
     P = Mh.shape[-1]
     E = Mh.real.square() + Mh.imag.square()
     diag = torch.eye(P, dtype=torch.bool, device=M.device)
@@ -132,7 +130,7 @@ def dense_project(M: torch.Tensor, grid: Sequence[int], which: str = "equivarian
     grid = _check_dense(M, grid)
     _check_which(which)
     s = len(grid)
-    Mh = _dense_dft(M.to(_acc(M.dtype)), grid)
+    Mh = _dense_dft(M.to(accumulation_dtype(M.dtype)), grid)
     P = Mh.shape[-1]
     diag = torch.eye(P, dtype=torch.bool, device=M.device)
     Mh = Mh * diag if which == "equivariant" else Mh.masked_fill(diag, 0.0)

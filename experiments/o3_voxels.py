@@ -5,12 +5,12 @@ strictly projected (and, in the full run, the projection energy as a decoupled s
     python experiments/o3_voxels.py [--full] [--seed N] [--out DIR] [--threads N] [--breaking B]
 
 Without ``--full``: the short version of ``equiproj demo``. The code lives in
-``equiproj.demo_voxels`` (``VoxelConfig``, ``run_voxels``) so that ``equiproj demo`` runs it too.
+``equiproj.cli`` (``VoxelConfig``, ``run_voxels``) so that ``equiproj demo`` runs it too.
 """
 
 import sys
 
-from equiproj.demo import script_main
+from equiproj.cli._demo import script_main
 
 
 def main(argv=None) -> int:

@@ -4,12 +4,12 @@ sample-based penalty (equal wall-clock time and equal steps), strictly projected
     python experiments/smoke_c4.py [--full] [--seed N] [--out DIR] [--threads N] [--wind W]
 
 Without ``--full``: the short version of ``equiproj demo``. The code lives in
-``equiproj.demo`` (``SmokeConfig``, ``run_smoke``) so that ``equiproj demo`` runs it too.
+``equiproj.cli`` (``SmokeConfig``, ``run_smoke``) so that ``equiproj demo`` runs it too.
 """
 
 import sys
 
-from equiproj.demo import script_main
+from equiproj.cli._demo import script_main
 
 
 def main(argv=None) -> int:

@@ -3,12 +3,12 @@
     python experiments/so2_toy.py [--full] [--seed N] [--out DIR] [--threads N]
 
 Without ``--full``: the reduced grid of ``equiproj demo``. The code lives in
-``equiproj.demo`` (``SO2Config``, ``run_so2``) so that ``equiproj demo`` runs it too.
+``equiproj.cli`` (``SO2Config``, ``run_so2``) so that ``equiproj demo`` runs it too.
 """
 
 import sys
 
-from equiproj.demo import script_main
+from equiproj.cli._demo import script_main
 
 
 def main(argv=None) -> int:

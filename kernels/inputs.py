@@ -6,10 +6,16 @@ import torch
 
 from equiproj._plan import PackedPlan, PlanColumn
 
-__all__ = ["check_inputs", "KERNEL_DTYPES"]
+__all__ = ["check_inputs", "KERNEL_DTYPES", "accumulation_dtype"]
 
 #: weight dtypes the Triton kernel handles (energies accumulate in float32 for all of them)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype energies are computed and returned in, for weights of ``dtype``: float64 for float64,
+    float32 for everything else (half precision and float32 alike)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_inputs(weights, plans, c_perp, c_g, *, allow_float64: bool):

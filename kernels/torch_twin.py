@@ -18,13 +18,9 @@ import torch
 
 from equiproj._plan import PackedPlan
 
-from .inputs import check_inputs
+from .inputs import accumulation_dtype, check_inputs
 
 __all__ = ["torch_fused_energies", "torch_project"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pairs(X: torch.Tensor, P: PackedPlan):
@@ -82,7 +78,7 @@ def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
     want_grad = c_perp is not None
     e_perp, e_g, grads = [], [], []
     for i, (W, P) in enumerate(zip(weights, plans)):
-        cd = _compute_dtype(W.dtype)
+        cd = accumulation_dtype(W.dtype)
         X = _structured(W.detach() if want_grad else W, P, cd)
         batch = X.shape[:-2]
         ep = torch.zeros(batch, dtype=cd, device=W.device)
@@ -111,7 +107,7 @@ def torch_project(W: torch.Tensor, plan: PackedPlan, which: str = "equivariant")
     ``[..., m, n]`` in the compute dtype (float32, float64 for float64 weights); differentiable."""
     if which not in ("equivariant", "non_equivariant"):
         raise ValueError(f"which must be 'equivariant' or 'non_equivariant', got {which!r}")
-    X = _structured(W, plan, _compute_dtype(W.dtype))
+    X = _structured(W, plan, accumulation_dtype(W.dtype))
     batch = X.shape[:-2]
     blocks = []
     for rows, cols, T, coef, PT in _pairs(X, plan):

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.utils.benchmark import Timer
 
 from .. import baselines, ops, reference
 from .._energy import energies, energies_and_grad, energies_and_grads_many, energies_many, project
@@ -411,8 +412,11 @@ def _sync(device):
 
 
 def measure(fn: Callable[[], object], settings: Settings, device: str = "cpu", min_repeats: int | None = None) -> dict:
-    """Median, quartiles and count of the wall time of ``fn()`` after ``settings.warmup`` warm-up calls;
-    repeats until ``settings.budget_s`` is spent (at least ``min_repeats``, at most ``max_repeats``)."""
+    """Median, quartiles and count of the wall time of one ``fn()`` call, by ``torch.utils.benchmark.Timer``
+    (which synchronises CUDA): ``settings.warmup`` warm-up calls, then ``blocked_autorange`` for
+    ``settings.budget_s`` (each measurement is the mean of one block of calls), topped up with single
+    calls to at least ``min_repeats`` measurements (fewer for calls slower than the budget)."""
+    timer = Timer(stmt="fn()", globals={"fn": fn})
     t0 = time.perf_counter()
     for _ in range(settings.warmup):
         fn()
@@ -421,13 +425,10 @@ def measure(fn: Callable[[], object], settings: Settings, device: str = "cpu", m
     lo = settings.min_repeats if min_repeats is None else min_repeats
     if per_call > settings.budget_s:
         lo = min(lo, 3)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < settings.max_repeats and (len(times) < lo or time.perf_counter() - start < settings.budget_s):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
+    times = list(timer.blocked_autorange(min_run_time=settings.budget_s).times) if per_call <= settings.budget_s else []
+    while len(times) < lo:
+        times += timer.timeit(1).times
+    times = times[: max(lo, settings.max_repeats)]
     ts = torch.tensor(sorted(times), dtype=torch.float64)
     return {"median_s": float(ts.median()), "q1_s": float(torch.quantile(ts, 0.25)),
             "q3_s": float(torch.quantile(ts, 0.75)), "min_s": float(ts[0]), "repeats": len(times)}

@@ -268,11 +268,9 @@ class SteerableKernelSpace:
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         if not weight.is_floating_point():
             raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-        for name, r in (("rep_in", rep_in), ("rep_out", rep_out)):
-            if not isinstance(r, Rep):
-                raise TypeError(f"{name} must be an equiproj Rep, got {type(r).__name__}")
-            if r.group != self.group:
-                raise ValueError(f"{name} acts by {r.group} but this kernel space is for {self.group}")
+        check_rep_pair(rep_in, rep_out)
+        if rep_in.group != self.group:
+            raise ValueError(f"the reps act by {rep_in.group} but this kernel space is for {self.group}")
         s, k = self.spatial_dims, self.kernel_size
         want = (rep_out.dim, rep_in.dim) + (k,) * s
         if weight.dim() < 2 + s or tuple(weight.shape[-2 - s:]) != want:
@@ -283,7 +281,7 @@ class SteerableKernelSpace:
     def _pixels(self, weight, rep_in, rep_out):
         """(K ``[..., m, n, P]`` in the compute dtype, B in that dtype)."""
         m, n = self._check(weight, rep_in, rep_out)
-        dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dt = _ops.accumulation_dtype(weight.dtype)
         K = weight.to(dt).reshape(weight.shape[: -2 - self.spatial_dims] + (m, n, self.num_pixels))
         return K, self.basis_on(weight.device, dt)
 

@@ -44,15 +44,11 @@ import torch
 from torch import Tensor
 
 from .._plan import PackedPlan
+from ..kernels.inputs import accumulation_dtype
 from ._availability import cpp_available, triton_kernels
 
 __all__ = ["fused_energies", "fused_energies_and_grads", "fused_energies_and_grad", "as_coefficient",
            "accumulation_dtype", "run_twin"]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype energies (and the kernels' sums) are computed in: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +355,7 @@ def as_coefficient(c, W: Tensor, name: str) -> Tensor:
     if not isinstance(c, Tensor):
         if not math.isfinite(c):
             raise ValueError(f"{name} must be finite, got {c!r}")
-        if W.dim() == 2:  # the common case: a scalar tensor, cached (building one costs ~10 µs)
+        if W.dim() == 2:  # the common case: a cached scalar tensor (building one costs as much as a small kernel)
             return _scalar(float(c), accumulation_dtype(W.dtype), W.device)
     t = torch.as_tensor(c, dtype=accumulation_dtype(W.dtype), device=W.device)
     try:
@@ -381,8 +377,8 @@ def _eager_kernel(device: torch.device):
 class _EagerFusedEnergies(torch.autograd.Function):
     """Eager twin of the registered op's autograd: the same kernels and the same backward
     (one more kernel call with the incoming gradients as coefficients), without the custom op's
-    Python dispatch and pytree wrapping, which cost ~0.7 ms per forward+backward on a small
-    layer (a 40 µs kernel). ``torch.compile`` and ``opcheck`` use the registered op."""
+    Python dispatch and pytree wrapping, which cost many times the kernel on a small layer
+    (``kernels/NOTES.md``). ``torch.compile`` and ``opcheck`` use the registered op."""
 
     @staticmethod
     def forward(ctx, kernel, plans, *weights):
