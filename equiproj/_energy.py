@@ -16,7 +16,7 @@ The energies are differentiable (``dE_perp/dW = 2 (W - P W)``), computed in resi
 as ``||W||^2 - ||P W||^2``), in float32 for half-precision and float32 inputs and in float64 for
 float64 inputs, and returned in that accumulation dtype. ``backend=`` chooses who computes them
 (:mod:`equiproj.ops`: ``"auto"``, ``"cpp"``, ``"triton"``, ``"torch"``, ``"reference"``).
-The mathematics is in ``docs/math.md``.
+The mathematics is in docs/math.md §2-3.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The block plan of a (rep_in, rep_out) pair: what every backend executes (``docs/math.md``, "One mechanism").
+"""The block plan of a (rep_in, rep_out) pair: what every backend executes (docs/math.md §4).
 
 A plan holds, for each side, the permutation to the structured layout and the fields (offset,
 copies, dim, small orthogonal Q); the irrep type of every spectral coordinate; and, per irrep

@@ -2,7 +2,7 @@
 
 Everything here is differentiable with respect to the weight / the model's parameters.
 
-* **Operator-level sample-based penalty** (math.md §2): the mean over ``K`` Haar-random ``g`` of
+* **Operator-level sample-based penalty** (docs/math.md §2): the mean over ``K`` Haar-random ``g`` of
   ``||rho_out(g) W - W rho_in(g)||^2``, an unbiased estimator of ``2 E_perp`` whose relative
   error shrinks only like ``1/sqrt(K)``: :func:`orbit_defects` (one value per ``g``) and
   :func:`sampled_operator_penalty` (their mean). For conv kernels
@@ -107,7 +107,7 @@ def orbit_defects(W: torch.Tensor, rep_in: Rep, rep_out: Rep, elements: torch.Te
         elements: ``[K, d, d]`` group elements.
     Returns:
         ``[K, ...]`` in W's dtype (float32 for half precision), differentiable. Its Haar
-        average is ``2 E_perp(W)`` (math.md §2).
+        average is ``2 E_perp(W)`` (docs/math.md §2).
     """
     _float(W, "W")
     check_rep_pair(rep_in, rep_out)
@@ -172,7 +172,7 @@ def conv_orbit_defects(weight: torch.Tensor, rep_in: Rep, rep_out: Rep, elements
                        kernel_space=None) -> torch.Tensor:
     """Per-element orbit defects of a conv kernel ``weight [..., c_out, c_in, k, ..., k]``: ``[K, ...]``.
 
-    * ``kernel_space=None``: the exact grid action (math.md §5), ``(g·K)(x) = rho_out(g) K(g^-1 x)
+    * ``kernel_space=None``: the exact grid action (docs/math.md §6), ``(g·K)(x) = rho_out(g) K(g^-1 x)
       rho_in(g)^T``, with the grid convention of :mod:`equiproj.grid`; the group must map the
       kernel grid onto itself (C4/D4 on square kernels, O/O_h on cubic kernels). The defect is
       ``||g·K - K||^2``, whose Haar average is ``2 E_perp`` of the grid case. (Computed as the

@@ -20,7 +20,7 @@ acting on these coordinates, see :mod:`equiproj.groups`) acts on a signal by
 
 A convolution kernel ``K [c_out, c_in, *k]`` flattened to ``W [c_out, c_in * prod(k)]``
 (``K.reshape(c_out, -1)``) is a linear map with input representation ``rep_in @ kernel_rep(G,
-k)`` (math.md §5; the Kronecker order matches the flatten order). The group acts exactly on a
+k)`` (docs/math.md §6; the Kronecker order matches the flatten order). The group acts exactly on a
 grid when it maps the grid points onto themselves: subgroups of D4 on square grids (any size),
 ``Octahedral`` / ``FullOctahedral`` on cubic grids; a 1-point grid (a 1x1 kernel) for every group.
 """
@@ -96,7 +96,7 @@ def kernel_rep(group: Group, shape: tuple[int, ...]) -> Rep:
     ``rho_pix(g) e_i = e_j`` where ``g x_i = x_j`` (points in the flatten order of
     :func:`grid_points`). Built orbit by orbit: each orbit is a small permutation field (a free
     orbit is the regular representation), orbits with the same action share one field, so that
-    ``rep_in @ kernel_rep(...)`` stays field-structured (math.md §7) instead of one dense
+    ``rep_in @ kernel_rep(...)`` stays field-structured (docs/math.md §4) instead of one dense
     ``prod(shape)``-dimensional field. Raises ``ValueError`` if the group does not act on the grid.
     """
     shape = _shape(shape)

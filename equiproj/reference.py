@@ -1,4 +1,4 @@
-"""Spatial-domain reference: the projection as an exact average over the group (``docs/math.md``).
+"""Spatial-domain reference: the projection as an exact average over the group (docs/math.md §5).
 
     P(W) = ∫_G rho_out(g)^T W rho_in(g) dg
 
@@ -71,7 +71,7 @@ def eq_energy(W, rep_in, rep_out, degree=None) -> torch.Tensor:
 
 
 def orbit_defect(W, rep_in, rep_out, degree=None) -> torch.Tensor:
-    """∫_G ||rho_out(g) W - W rho_in(g)||^2 dg in float64 (equals 2 E_perp: the orbit identity of ``docs/math.md``)."""
+    """∫_G ||rho_out(g) W - W rho_in(g)||^2 dg in float64 (equals 2 E_perp: the orbit identity of docs/math.md §2)."""
     W = _check(W, rep_in, rep_out)
     Ro, Ri, w = _points(rep_in, rep_out, degree)
     Ro, Ri, w = Ro.to(W.device), Ri.to(W.device), w.to(W.device)

@@ -1,4 +1,4 @@
-"""Translations of a periodic grid Z_N^s (s = 1, 2) and locally connected layers (math.md §5).
+"""Translations of a periodic grid Z_N^s (s = 1, 2) and locally connected layers (docs/math.md §7).
 
 A locally connected layer has one kernel per output position. On a periodic grid it is
 translation equivariant iff it is a convolution: the same kernel at every position. The

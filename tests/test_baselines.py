@@ -181,7 +181,7 @@ def test_conv_defects_exact_grid(G, k, s_in, s_out):
         gK = torch.einsum(f"ab,...bc{spatial},dc->...ad{spatial}", ro.matrix(x), grid_act(K, x), ri.matrix(x))
         ref.append((gK - K).square().flatten(-2 - s).sum(-1))
     torch.testing.assert_close(d, torch.stack(ref), rtol=1e-12, atol=1e-12)
-    # the average over all elements is 2 E_perp of the flattened kernel (math.md §5)
+    # the average over all elements is 2 E_perp of the flattened kernel (docs/math.md §2, §6)
     full = sampled_conv_penalty(K, ri, ro, elements=G.elements())
     e = reference.noneq_energy(K.flatten(-s - 1), ri @ kernel_rep(G, k), ro)
     torch.testing.assert_close(full, 2 * e, rtol=1e-10, atol=0)

@@ -1,4 +1,4 @@
-"""The spectral energies and projection against the float64 spatial reference (math.md §2-4).
+"""The spectral energies and projection against the float64 spatial reference (docs/math.md §2-5).
 
 Tolerances (relative, unless stated):
   float64 random W:                      1e-10
@@ -165,7 +165,7 @@ def test_deprecated_spellings_still_work(gen):
 
 
 def test_worst_case_defect_bound(gen):
-    """||W - PW|| <= max_g ||rho_out W - W rho_in|| <= 2 ||W - PW||  (math.md §2; exact max for a finite group)."""
+    """||W - PW|| <= max_g ||rho_out W - W rho_in|| <= 2 ||W - PW||  (docs/math.md §2; exact max for a finite group)."""
     G = ep.FullOctahedral()
     ri, ro = mixed_reps(G, gen)
     W = torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen)

@@ -1,4 +1,4 @@
-"""Translations of periodic grids and locally connected layers (equiproj.translation, math.md §5).
+"""Translations of periodic grids and locally connected layers (equiproj.translation, docs/math.md §7).
 
 Reference: the float64 average over all cyclic shifts, ``P(M) = mean_t S_t^T M S_t``, computed
 with ``torch.roll`` (no Fourier transform). Tolerances: float64 1e-10 relative on energies

@@ -21,7 +21,7 @@ group                irrep id                    string form (``Rep.parse``) / n
 2-D elements are ``R(theta) F^s`` with ``F = diag(1, -1)``; the 2-dim irrep of frequency k
 maps it to ``R(k theta) F^s``. SO(3) irreps act on real spherical harmonics in e3nn's basis
 (:func:`spherical_harmonics`, :func:`wigner_D`). O(3) elements ``g = s R`` (``s = det g``) act by
-``p^[s<0] D_l(R)``. The conventions are collected in ``docs/math.md``.
+``p^[s<0] D_l(R)``. The conventions are collected in docs/math.md §8.
 
 Example::
 

@@ -1,7 +1,7 @@
 """Representations: ``Irrep`` and ``Rep``.
 
 A ``Rep`` is a real orthogonal representation in the user's coordinates (the coordinates of
-a layer's weight). It is stored with its structure (docs/math.md, "Spectral computation"):
+a layer's weight). It is stored with its structure (docs/math.md §4):
 
     rho(g) = Pi^T [ ⊕_segments I_c ⊗ rho_f(g) ] Pi,    rho_f(g) = Q_f (⊕_slots psi(g)) Q_f^T
 

@@ -3,7 +3,7 @@
 A rotation other than the grid's own symmetries has no exact action on an arbitrary ``k x k``
 (``k x k x k``) kernel. A :class:`SteerableKernelSpace` fixes a subspace ``S`` of kernel space
 on which the group acts exactly and orthogonally, and counts the part of a kernel outside ``S``
-as non-equivariant (``docs/math.md``, "Kernel spaces", has the definitions and the comparison
+as non-equivariant (docs/math.md §6 has the definitions and the comparison
 with the exact grid action).
 
 * ``S`` is spanned by radial profile x angular harmonic functions sampled on the grid

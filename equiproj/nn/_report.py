@@ -16,7 +16,7 @@ class Report:
     ``case``, ``description``, ``group``, ``rep_in``, ``rep_out`` (strings), ``weight_shape``,
     ``norm_sq`` (||W||^2 + ||b||^2), ``e_perp``, ``e_g``, ``e_perp_bias`` (part of ``e_perp``),
     ``rel_perp`` (E_perp / norm_sq), ``defect_lower`` = sqrt(E_perp) and ``defect_upper`` =
-    2 sqrt(E_perp) (``docs/math.md``: sqrt(E_perp) <= sup_g ||rho_out(g) W - W rho_in(g)||_F <= 2 sqrt(E_perp),
+    2 sqrt(E_perp) (docs/math.md §2: sqrt(E_perp) <= sup_g ||rho_out(g) W - W rho_in(g)||_F <= 2 sqrt(E_perp),
     for the layer's full action, kernel grid included; ``None`` for kernel-space layers, where G
     does not act on the whole kernel), ``shares_no_irrep`` (rep_in and rep_out share no irrep, so the
     equivariant part is forced to 0; ``None`` where not applicable), ``breakdown`` (``None``, or a
@@ -63,7 +63,7 @@ class Report:
                     if e["e_perp"] > 0:
                         share = e["e_perp"] / r["e_perp"] if r["e_perp"] > 0 else 0.0
                         lines.append(f"    {e['irrep_out']} <- {e['irrep_in']}: E_perp {e['e_perp']:.3e} ({share:.1%})")
-        lines.append("defect bound: sup_g ||rho_out(g) W - W rho_in(g)||_F <= 2 sqrt(E_perp) (docs/math.md)")
+        lines.append("defect bound: sup_g ||rho_out(g) W - W rho_in(g)||_F <= 2 sqrt(E_perp) (docs/math.md §2)")
         return "\n".join(lines)
 
 

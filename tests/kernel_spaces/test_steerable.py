@@ -1,4 +1,4 @@
-"""Steerable kernel spaces (math.md §5): the structured energy against the dense-basis reference,
+"""Steerable kernel spaces (docs/math.md §6): the structured energy against the dense-basis reference,
 the exact action of the grid's symmetries, equivariance of projected convolutions, the
 comparison with the exact grid energy, Clebsch-Gordan blocks, errors.
 

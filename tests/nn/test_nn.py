@@ -1,4 +1,4 @@
-"""equiproj.nn: declared layers, the model-level penalty, hard projection, reports (math.md §2, §5).
+"""equiproj.nn: declared layers, the model-level penalty, hard projection, reports (docs/math.md §2, §6).
 
 References, all float64 and independent of the code under test:
   * linear layers: ``equiproj.reference`` (exact average over the group);
