@@ -1,10 +1,10 @@
 """pytest-benchmark: the exact energy + gradient on the layers of the ``equiproj bench`` suite.
 
-Cases (the suite of :mod:`equiproj.bench`): the O(3) MLP layer 64x0e+32x1o+16x2e, the C8-regular
+Cases (the suite of ``equiproj bench``): the O(3) MLP layer 64x0e+32x1o+16x2e, the C8-regular
 2-D conv (32 fields, k=5, steerable), the O(3) 3-D conv of l <= 2 fields (k=5, steerable), the
 linear 4096 x 4096 layer with 1024x0e+1024x1o, and a read+write pass over the same bytes (the
 bandwidth floor). Methods: the pure-torch spectral path and every fused backend that answers on
-this device (``equiproj.bench.available_backends``).
+this device (``equiproj.cli._bench.available_backends``).
 
 ``pytest bench/ --benchmark-only`` times the full-size layers for regression tracking. With
 ``--benchmark-disable`` (CI) each case runs once, at the reduced size that ``equiproj bench``

@@ -9,7 +9,7 @@ What the default suite measures (``run_suite``; ``--quick`` is smaller, ``--full
    out-of-band energy), on random float32 and float64 weights and on nearly equivariant float32
    weights (E_perp / ||W||^2 ~ 1e-7); the dense projector and the sample-based penalty are
    checked too. Large layers are verified at a reduced multiplicity with the same fields. Then
-   the per-group table of :mod:`equiproj.verify`.
+   the per-group table of ``equiproj verify``.
 2. Timing of energy + gradient (``E_perp`` and ``dE_perp/dW``) per layer and method, with
    warm-up and repeats (median, interquartile spread), float32:
    fused backends, the pure-torch spectral path, ``torch.compile`` of it, the dense projector
@@ -22,8 +22,7 @@ What the default suite measures (``run_suite``; ``--quick`` is smaller, ``--full
 3. The per-step overhead of the data-level sample-based penalty (one augmented copy) next to
    that of the projection penalty, for the same small O(3) MLP.
 
-Layers appear once the features they need exist (the steerable conv rows need
-:mod:`equiproj.steerable`; fused rows need a fused backend that answers on this device).
+Fused rows appear for the fused backends that answer on this device.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Experiments: ``so2`` (:mod:`._so2`), ``smoke`` (:mod:`._smoke`), ``voxels`` (:mo
 Run::
 
     equiproj demo [--full] [--seed N] [--out DIR] [--only so2|smoke|voxels]
-    python -m equiproj.demo [same options]
+    python -m equiproj demo [same options]
 
 Everything is seeded (data, initialisation, batches, rotations). One number depends on the
 machine: the step count of the "equal wall-clock" sample-based run, computed from the step

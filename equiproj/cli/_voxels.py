@@ -20,7 +20,7 @@ about 91 % and only a non-invariant one can do better.
 Model (:class:`O3VoxelNet`): three plain ``nn.Conv3d`` (kernel 5, then 3, 3) declared with
 :func:`equiproj.nn.declare` on O(3) reps (``0e`` input; hidden ``s x 0e + v x 1o + t x 2e`` plus
 one gate scalar per non-scalar field; scalar output): the kernel-space case, band-limited
-steerable kernels of :func:`equiproj.steerable.default_kernel_space`. Gated nonlinearity (SiLU on
+steerable kernels of :func:`equiproj.kernel_spaces.default_kernel_space`. Gated nonlinearity (SiLU on
 scalars, ``sigmoid(gate)`` times each vector / l=2 field: exactly equivariant), a 2x average pool
 after the first layer, global average pooling of the output scalars, a linear classifier on
 these invariants. Zero padding and the even-sized pooling keep the whole network exactly
