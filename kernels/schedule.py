@@ -88,10 +88,16 @@ def tile_shape(d_out: int, d_in: int, max_out_copies: int, max_in_copies: int,
     field pair has few output copies.
     """
     dop, dip = _pow2(d_out), _pow2(d_in)
-    bv = min(_pow2(max_in_copies), max(1, 32 * num_warps // dip))
-    bu = min(_pow2(max_out_copies), max(1, target_elems // (dop * bv * dip)))
-    bv = max(bv, min(_pow2(max_in_copies), max(1, target_elems // (bu * dop * dip))))
+    bv = min(_pow2(max_in_copies), _pow2_floor(32 * num_warps // dip))
+    bu = min(_pow2(max_out_copies), _pow2_floor(target_elems // (dop * bv * dip)))
+    bv = max(bv, min(_pow2(max_in_copies), _pow2_floor(target_elems // (bu * dop * dip))))
     return bu, bv
+
+
+def _pow2_floor(x: int) -> int:
+    """The largest power of two <= ``x`` (1 for ``x < 2``): ``tl.arange`` sizes must be powers of two
+    whatever target the environment asks for."""
+    return 1 << max(0, int(x).bit_length() - 1)
 
 
 @dataclass

@@ -353,11 +353,6 @@ def test_plain_import_loads_no_application(fresh_import):
     assert not bad, f"`import equiproj` loads applications or the Triton kernels: {bad}"
 
 
-def test_plain_import_does_not_import_triton(fresh_import):
-    _, has_triton, stack = fresh_import
-    assert not has_triton, "`import equiproj` imports triton; first import from:\n" + stack
-
-
 # ---- public namespaces ----------------------------------------------------------------------------
 def test_top_level_namespace():
     import equiproj
