@@ -75,7 +75,7 @@ def script_main(argv, name: str, description: str, param: str | None = None, par
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``equiproj demo`` options (``--full``, ``--seed``, ``--out``, ``--only``)."""
-    parser.add_argument("--full", action="store_true", help="the sizes of the issue (3 seeds, full grids): about 100 min on 2 cores")
+    parser.add_argument("--full", action="store_true", help="the full sizes (3 seeds, full grids): about 100 min on 2 cores")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation, batches (default 0)")
     parser.add_argument("--out", default="equiproj-demo", help="output directory for tables, CSVs, PNGs")
     parser.add_argument("--only", choices=tuple(EXPERIMENTS), help="run one experiment only")

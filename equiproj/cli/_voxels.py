@@ -366,7 +366,7 @@ class VoxelConfig:
 
     @classmethod
     def demo(cls) -> "VoxelConfig":
-        """The short version: 256 training shapes, 6 epochs, 1 seed, the four regimes of the issue, fixed lambdas."""
+        """The short version: 256 training shapes, 6 epochs, 1 seed, the four main regimes, fixed lambdas."""
         return cls(n_train=256, n_test=256, epochs=6, seeds=1, cube_test=32, smooth_test=128, smooth_rotations=4,
                    regimes=("none", "projection", "data_time", "strict"))
 
