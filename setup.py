@@ -38,7 +38,7 @@ setup(
     package_dir={"equiproj.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "scipy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
         "triton": ["triton"],
         "e3nn": ["e3nn"],
         "plot": ["matplotlib"],
