@@ -125,7 +125,10 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
 // ---- one row block of one matrix -------------------------------------------------------------------
 
 // float32/float64 rows without a column permutation or stride are used in place; anything else
-// (half types, permuted or strided columns) is staged through float64 buffers.
+// (half types, permuted or strided columns) is staged through float64 buffers. To accumulate
+// (out += gradient, e.g. the decoupled step W <- W - rate (W - P W) with out = W), a pair's gradient
+// rows are staged and added once the pair is computed: the output may then alias the weight, since
+// a pair only writes its own columns after it has read them.
 template <typename scalar_t>
 void process_item(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scratch& s, acc_t* part) {
   constexpr bool kNative = std::is_same<scalar_t, float>::value || std::is_same<scalar_t, double>::value;
@@ -136,6 +139,7 @@ void process_item(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scrat
   const bool want_grad = gbase != nullptr;
   const acc_t cp2 = want_grad ? L.cp2[b] : 0, cg2 = want_grad ? L.cg2[b] : 0;
   const bool direct = kNative && L.sn == 1 && L.perm_in == nullptr;
+  const bool accumulate = L.accumulate;
   s.urow.resize(d);
   for (int64_t a = 0; a < d; ++a) {
     const int64_t i = G.out_off + u * d + a;
@@ -147,12 +151,22 @@ void process_item(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scrat
     std::vector<X*>& gr = s.rows_out(static_cast<X*>(nullptr));
     xr.resize(d);
     gr.resize(d);
+    std::vector<X>& stage = s.stage(static_cast<X*>(nullptr));
     for (const Pair& p : G.pairs) {
+      const int64_t span = p.ci * p.di;
+      if (accumulate) stage.resize(d * span);
       for (int64_t a = 0; a < d; ++a) {
         xr[a] = reinterpret_cast<const X*>(base + s.urow[a] * L.sm + p.in_off);
-        if (want_grad) gr[a] = reinterpret_cast<X*>(gbase + s.urow[a] * L.n + p.in_off);
+        if (want_grad)
+          gr[a] = accumulate ? stage.data() + a * span : reinterpret_cast<X*>(gbase + s.urow[a] * L.n + p.in_off);
       }
       run_pair<X>(p, d, xr.data(), want_grad ? gr.data() : nullptr, cp2, cg2, s, ep, eg);
+      if (!accumulate) continue;
+      for (int64_t a = 0; a < d; ++a) {
+        X* dst = reinterpret_cast<X*>(gbase + s.urow[a] * L.n + p.in_off);
+        const X* src = gr[a];
+        for (int64_t j = 0; j < span; ++j) dst[j] += src[j];
+      }
     }
   } else {
     std::vector<const acc_t*>& xr = s.rows_in(static_cast<acc_t*>(nullptr));
@@ -183,10 +197,16 @@ void process_item(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scrat
         const acc_t* src = gr[a];
         if (L.perm_in) {
           const int64_t* pi = L.perm_in + p.in_off;
-          for (int64_t j = 0; j < span; ++j) dst[pi[j]] = static_cast<scalar_t>(src[j]);
+          if (accumulate)
+            for (int64_t j = 0; j < span; ++j) dst[pi[j]] = static_cast<scalar_t>(static_cast<acc_t>(dst[pi[j]]) + src[j]);
+          else
+            for (int64_t j = 0; j < span; ++j) dst[pi[j]] = static_cast<scalar_t>(src[j]);
         } else {
           scalar_t* dr = dst + p.in_off;
-          for (int64_t j = 0; j < span; ++j) dr[j] = static_cast<scalar_t>(src[j]);
+          if (accumulate)
+            for (int64_t j = 0; j < span; ++j) dr[j] = static_cast<scalar_t>(static_cast<acc_t>(dr[j]) + src[j]);
+          else
+            for (int64_t j = 0; j < span; ++j) dr[j] = static_cast<scalar_t>(src[j]);
         }
       }
     }
@@ -303,9 +323,11 @@ std::vector<double> coefficients(const Tensor& c, int64_t batch, const char* nam
   return out;
 }
 
+// outs: empty (the gradients are returned as fresh tensors) or one contiguous tensor per weight, of
+// its shape and dtype, to which the gradient is added in place (nothing is returned for them).
 std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_energies(
     at::TensorList weights, at::TensorList meta, at::TensorList basis, at::TensorList perm_out,
-    at::TensorList perm_in, at::TensorList c_perp, at::TensorList c_g) {
+    at::TensorList perm_in, at::TensorList c_perp, at::TensorList c_g, at::TensorList outs) {
   const int64_t nl = weights.size();
   TORCH_CHECK_VALUE(meta.size() == weights.size() && basis.size() == weights.size() && perm_out.size() == weights.size() &&
                   perm_in.size() == weights.size(),
@@ -314,6 +336,9 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
   const bool want_grad = !c_perp.empty();
   TORCH_CHECK_VALUE(c_perp.size() == c_g.size() && (!want_grad || (int64_t)c_perp.size() == nl),
               "fused_energies: c_perp and c_g must both be empty or both have one tensor per weight");
+  const bool accumulate = !outs.empty();
+  TORCH_CHECK_VALUE(!accumulate || (want_grad && (int64_t)outs.size() == nl),
+                    "fused_energies: outs must be empty or hold one tensor per weight (with coefficients)");
   std::vector<Layer> layers(nl);
   std::vector<Tensor> keep, e_perp, e_g, grads;
   for (int64_t i = 0; i < nl; ++i) {
@@ -351,8 +376,18 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
     if (want_grad) {
       L.cp2 = coefficients(c_perp[i], L.batch, "c_perp", i);
       L.cg2 = coefficients(c_g[i], L.batch, "c_g", i);
-      grads.push_back(at::empty(W.sizes(), W.options().memory_format(at::MemoryFormat::Contiguous)));
-      L.grad = grads.back().data_ptr();
+      if (accumulate) {
+        const Tensor& out = outs[i];
+        TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == st && out.sizes() == W.sizes() &&
+                              out.is_contiguous(),
+                          "fused_energies: layer ", i, ": outs[", i, "] must be a contiguous CPU tensor of W's shape ",
+                          W.sizes(), " and dtype ", st, ", got ", out.scalar_type(), " ", out.sizes());
+        L.grad = out.data_ptr();
+        L.accumulate = true;
+      } else {
+        grads.push_back(at::empty(W.sizes(), W.options().memory_format(at::MemoryFormat::Contiguous)));
+        L.grad = grads.back().data_ptr();
+      }
     }
     switch (st) {
       case at::kFloat: L.fn = &process_item<float>; break;
@@ -444,7 +479,7 @@ std::string set_isa(const std::string& which) {
 TORCH_LIBRARY(equiproj_cpu, m) {
   m.def(
       "fused_energies(Tensor[] weights, Tensor[] meta, Tensor[] basis, Tensor[] perm_out, Tensor[] perm_in, "
-      "Tensor[] c_perp, Tensor[] c_g) -> (Tensor[], Tensor[], Tensor[])");
+      "Tensor[] c_perp, Tensor[] c_g, Tensor(a!)[] outs) -> (Tensor[], Tensor[], Tensor[])");
   m.def("num_threads() -> int", &num_threads);
   m.def("plan_columns() -> str[]", &plan_columns);
   m.def("isa() -> str", &isa);

@@ -33,6 +33,8 @@ struct OutGroup {
 
 struct Scratch {
   std::vector<acc_t> x, g, coef;  // float64 staging rows; generic-kernel coefficients
+  std::vector<float> gf_stage;    // gradient rows of a pair before they are added to the output
+  std::vector<double> gd_stage;
   std::vector<int64_t> urow;           // user row of each row of the block
   std::vector<const float*> xf;
   std::vector<float*> gf;
@@ -42,6 +44,8 @@ struct Scratch {
   std::vector<const double*>& rows_in(double*) { return xd; }
   std::vector<float*>& rows_out(float*) { return gf; }
   std::vector<double*>& rows_out(double*) { return gd; }
+  std::vector<float>& stage(float*) { return gf_stage; }
+  std::vector<double>& stage(double*) { return gd_stage; }
 };
 
 struct Layer;
@@ -51,6 +55,7 @@ using ItemFn = void (*)(const Layer&, int64_t b, const OutGroup& G, int64_t u, S
 struct Layer {
   const void* data = nullptr;
   void* grad = nullptr;               // contiguous [batch, m, n] or null
+  bool accumulate = false;            // add the gradient to *grad (which may be the weight itself)
   int64_t m = 0, n = 0, sm = 0, sn = 0, batch = 0;
   std::vector<int64_t> batch_off;     // element offset of each matrix in data
   const int64_t* perm_out = nullptr;  // null: identity

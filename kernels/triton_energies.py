@@ -66,7 +66,8 @@ def _energy_tiles_kernel(
     w_dtype_ptr, grad_addr_ptr, part_ptr, n_slots,
     DO: tl.constexpr, DI: tl.constexpr, DOP: tl.constexpr, DIP: tl.constexpr,
     BU: tl.constexpr, BV: tl.constexpr, IDENTITY_PERM: tl.constexpr, UNIT_COL_STRIDE: tl.constexpr,
-    SMALL_OFFSETS: tl.constexpr, COLS_FIRST: tl.constexpr, WITH_GRAD: tl.constexpr, NT: tl.constexpr, NL: tl.constexpr,
+    SMALL_OFFSETS: tl.constexpr, COLS_FIRST: tl.constexpr, WITH_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+    NT: tl.constexpr, NL: tl.constexpr,
 ):
     task = task_ptr + (task_start + tl.program_id(0)).to(tl.int64) * NT
     layer = tl.load(task + _T_LAYER)
@@ -155,12 +156,17 @@ def _energy_tiles_kernel(
         if SMALL_OFFSETS:
             grow = grow.to(tl.int32)
             gcol = gcol.to(tl.int32)
-        grad = grad.to(w_dtype_ptr.dtype.element_ty)
         grad_ptr = tl.load(grad_addr_ptr + layer).to(w_dtype_ptr.dtype)  # the layer's own gradient tensor
         if COLS_FIRST:
-            tl.store(grad_ptr + g_off + gcol[:, None] + grow[None, :], tl.trans(grad), mask=tl.trans(mask))
+            g_ptrs = grad_ptr + g_off + gcol[:, None] + grow[None, :]
+            if ACCUMULATE:  # out += grad; out may be W itself: this block was loaded above, before any store
+                grad = grad + tl.trans(tl.load(g_ptrs, mask=tl.trans(mask), other=0.0).to(tl.float32))
+            tl.store(g_ptrs, tl.trans(grad.to(w_dtype_ptr.dtype.element_ty)), mask=tl.trans(mask))
         else:
-            tl.store(grad_ptr + g_off + grow[:, None] + gcol[None, :], grad, mask=mask)
+            g_ptrs = grad_ptr + g_off + grow[:, None] + gcol[None, :]
+            if ACCUMULATE:
+                grad = grad + tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_ptrs, grad.to(w_dtype_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -220,7 +226,7 @@ def _new_buffer(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(numel, dtype=dtype, device=device)
 
 
-def fused_energies(weights, plans, c_perp=None, c_g=None):
+def fused_energies(weights, plans, c_perp=None, c_g=None, outs=None):
     """Energies and penalty gradients of many layers, with a number of launches independent of L.
 
     Args:
@@ -231,6 +237,9 @@ def fused_energies(weights, plans, c_perp=None, c_g=None):
             torch.float32)`` (a float64 basis is accepted too and used in float32).
         c_perp, c_g: ``[L]`` coefficients (any device; on the weights' device avoids a copy), or
             both ``None`` for energies only.
+        outs: ``None``, or L contiguous tensors of the weights' shapes and dtypes to which the
+            gradients are added in place (``outs[i]`` may be ``weights[i]`` itself: every block is
+            loaded before it is stored); then ``grads`` is ``outs``.
     Returns:
         ``(e_perp, e_g, grads)``: lists of L float32 tensors ``[...]`` (one energy per matrix),
         and ``grads[i] = 2 c_perp_i (W_i - P W_i) + 2 c_g_i P W_i``, contiguous ``[..., m_i, n_i]``
@@ -259,7 +268,16 @@ def fused_energies(weights, plans, c_perp=None, c_g=None):
     # every output is a tensor of its own: the outputs of a custom op may not share storage
     e_perp = [_new_buffer(_numel(s), torch.float32, device).view(s) for s in sched.batch_shapes]
     e_g = [_new_buffer(_numel(s), torch.float32, device).view(s) for s in sched.batch_shapes]
-    grads = [_new_buffer(W.numel(), W.dtype, device).view(W.shape) for W in weights] if want_grad else []
+    if outs is not None:
+        if not want_grad or len(outs) != len(weights):
+            raise ValueError("outs needs coefficients and one tensor per weight")
+        for i, (o, W) in enumerate(zip(outs, weights)):
+            if o.shape != W.shape or o.dtype != W.dtype or o.device != W.device or not o.is_contiguous():
+                raise ValueError(f"outs[{i}] must be a contiguous tensor of the shape, dtype and device of "
+                                 f"weights[{i}] ({tuple(W.shape)}, {W.dtype})")
+        grads = list(outs)
+    else:
+        grads = [_new_buffer(W.numel(), W.dtype, device).view(W.shape) for W in weights] if want_grad else []
     out_addresses = _address_table(tuple(
         e.data_ptr() + 4 * j for es in (e_perp, e_g) for e in es for j in range(e.numel())), addr_cache, device)
     grad_addresses = _address_table(tuple(g.data_ptr() for g in grads), addr_cache, device) if want_grad else addresses
@@ -280,7 +298,7 @@ def fused_energies(weights, plans, c_perp=None, c_g=None):
                 DO=tc.d_out, DI=tc.d_in, DOP=dop, DIP=dip, BU=tc.bu, BV=tc.bv,
                 IDENTITY_PERM=tc.identity_perm, UNIT_COL_STRIDE=tc.unit_col_stride,
                 SMALL_OFFSETS=tc.small_offsets, COLS_FIRST=not tc.identity_perm and _COLS_FIRST_ON_TIE,
-                WITH_GRAD=want_grad,
+                WITH_GRAD=want_grad, ACCUMULATE=outs is not None,
                 NT=len(TaskColumn), NL=len(LayerColumn), num_warps=tc.num_warps,
             )
         if sched.n_matrices:

@@ -28,7 +28,7 @@ from .._energy import energies as _energies
 from .._energy import energies_and_grads_many, energies_many, energy_breakdown
 from .._energy import project as _project
 from ..groups import Rep
-from ._tensors import full
+from ._tensors import full, is_dtensor
 
 __all__ = ["Declaration", "MatrixDeclaration", "KernelSpaceDeclaration", "TranslationDeclaration", "Term"]
 
@@ -64,9 +64,9 @@ class MatrixTerm(Term):
         return energies_many([t.weight for t in terms], [(t.rep_in, t.rep_out) for t in terms])
 
     @staticmethod
-    def energies_and_grads(terms, lambda_perp, lambda_G):
+    def energies_and_grads(terms, lambda_perp, lambda_G, outs=None):
         return energies_and_grads_many([t.weight.detach() for t in terms], [(t.rep_in, t.rep_out) for t in terms],
-                                       lambda_perp=lambda_perp, lambda_G=lambda_G)
+                                       lambda_perp=lambda_perp, lambda_G=lambda_G, outs=outs)
 
 
 class KernelTerm(Term):
@@ -112,7 +112,8 @@ def _stack(parts):
 
 
 def one_pass_route(terms):
-    """The no-graph route ``(terms, lambda_perp, lambda_G) -> (E_perp, E_G, grads)`` of a batch, or ``None``."""
+    """The no-graph route of a batch, or ``None``: ``(terms, lambda_perp, lambda_G, outs) -> (E_perp, E_G,
+    grads)``, the gradients in fresh tensors (``outs=None``) or added in place to ``outs``."""
     kind = type(terms[0])
     if kind is MatrixTerm:
         return MatrixTerm.energies_and_grads
@@ -120,9 +121,26 @@ def one_pass_route(terms):
         many = KernelTerm.one_pass(terms)
         if many is None:
             return None
-        return lambda ts, lp, lg: many([t.weight.detach() for t in ts], [t.space for t in ts],
-                                       [(t.rep_in, t.rep_out) for t in ts], lambda_perp=lp, lambda_G=lg)
+
+        def route(ts, lp, lg, outs=None):
+            ep, eg, grads = many([t.weight.detach() for t in ts], [t.space for t in ts],
+                                 [(t.rep_in, t.rep_out) for t in ts], lambda_perp=lp, lambda_G=lg)
+            if outs is None:
+                return ep, eg, grads
+            for o, g in zip(outs, grads):
+                o.add_(g.to(o.dtype))
+            return ep, eg, outs
+
+        return route
     return None
+
+
+def inplace_view(term: Term, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` (the term's parameter, or its ``.grad``) viewed in the term's weight form, or ``None``
+    where that needs a copy (a write to the copy would be lost) or the dtype differs."""
+    if tensor is None or is_dtensor(tensor) or tensor.dtype != term.weight.dtype or not tensor.is_contiguous():
+        return None
+    return tensor.detach().view(term.weight.shape)
 
 
 def batches(terms_per_layer: list[list[Term]]) -> dict:

@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._declaration import batches, one_pass_route
+from ._declaration import MatrixTerm, batches, inplace_view, one_pass_route
 from ._declare import declaration, select_layers
 from ._tensors import accumulate_grad, assign, is_dtensor, no_autocast
 
@@ -163,49 +163,67 @@ class ProjectionPenalty:
         lp, lg = self._lambda_tensors(e_perp.device, e_perp.dtype)
         return _weighted_sum(e_perp, e_g, lp, lg, self.norm, any(self.lambda_G))
 
+    def _fast_and_slow(self):
+        """``(fast, terms, slow)``: the layers whose terms all have a one-pass route (their indices and
+        terms) and the others (FSDP2 shards, ``norm="unsquared"``, kinds without a route)."""
+        fast, terms, slow = [], [], []
+        for i, (name, m, d) in enumerate(self.layers):
+            if self.norm != "squared" or any(is_dtensor(p) for p in (m.weight, getattr(m, "bias", None))):
+                slow.append(i)
+                continue
+            ts = d.terms(name, m)
+            if any(one_pass_route([t]) is None for t in ts):
+                slow.append(i)
+            else:
+                fast.append(i)
+                terms.append(ts)
+        return fast, terms, slow
+
     def backward(self) -> torch.Tensor:
         """Add the penalty's gradient to the ``.grad`` of the declared weights (and biases) and
         return the penalty's value (a detached scalar), without building an autograd graph.
 
         Matrix-form layers and biases take :func:`equiproj.energies_and_grads_many`: with the fused
         op, one kernel call reads each weight once and writes ``lambda_perp dE_perp + lambda_G dE_G``
-        once (the autograd route ``penalty().backward()`` reads each weight twice: its forward
-        cannot know the incoming gradient). Kernel spaces that provide ``energies_and_grads_many``
+        once: into a fresh ``.grad`` where a parameter has none, and added in place to an existing
+        (contiguous) ``.grad`` otherwise, with no fresh buffer. The autograd route
+        ``penalty().backward()`` reads each weight twice: its forward cannot know the incoming
+        gradient. Kernel spaces that provide ``energies_and_grads_many``
         (:class:`~equiproj.kernel_spaces.SteerableKernelSpace`) take one more fused call for all of
         them. Translations, FSDP2-sharded parameters, other kernel spaces and ``norm="unsquared"``
         go through autograd. The gradients are the same either way (tested). Parameters with
         ``requires_grad=False`` get none.
 
-        Call it before ``loss.backward()``: a parameter without a ``.grad`` takes the penalty's
-        gradient as its ``.grad`` (no copy), and autograd adds the task gradient to it in place.
-        Example::
+        Called before ``loss.backward()`` (after ``optimizer.zero_grad()``, which sets ``.grad`` to
+        ``None``), a parameter takes the penalty's gradient as its ``.grad`` (no copy) and autograd
+        adds the task gradient to it in place; called after, the penalty's gradient is added to the
+        task gradient in place. Example::
 
             optimizer.zero_grad()
             penalty.backward()
             criterion(model(x), y).backward()
             optimizer.step()
         """
-        slow, fast, terms = [], [], []
         with no_autocast(self.layers[0][1].weight.device):
-            for i, (name, m, d) in enumerate(self.layers):
-                if self.norm != "squared" or any(is_dtensor(p) for p in (m.weight, getattr(m, "bias", None))):
-                    slow.append(i)
-                    continue
-                ts = d.terms(name, m)
-                if any(one_pass_route([t]) is None for t in ts):
-                    slow.append(i)
-                else:
-                    fast.append(i)
-                    terms.append(ts)
+            fast, terms, slow = self._fast_and_slow()
             values = []
             for ts, owners in batches(terms).values():
+                route = one_pass_route(ts)
                 lp = [self.lambda_perp[fast[j]] for j in owners]
                 lg = [self.lambda_G[fast[j]] for j in owners]
-                ep, eg, grads = one_pass_route(ts)(ts, lp, lg)
-                for t, g in zip(ts, grads):
-                    accumulate_grad(t.param, g)
-                as64 = lambda x: torch.tensor(x, dtype=torch.float64, device=ep.device)  # noqa: E731
-                values.append((ep.double() * as64(lp)).sum() + (eg.double() * as64(lg)).sum())
+                outs = [inplace_view(t, t.param.grad) if t.param.requires_grad else None for t in ts]
+                into = [k for k, o in enumerate(outs) if o is not None]
+                fresh = [k for k, o in enumerate(outs) if o is None]
+                for ks, add_to in ((into, [outs[k] for k in into]), (fresh, None)):
+                    if not ks:
+                        continue
+                    lps, lgs = [lp[k] for k in ks], [lg[k] for k in ks]
+                    ep, eg, grads = route([ts[k] for k in ks], lps, lgs, add_to)
+                    if add_to is None:
+                        for k, g in zip(ks, grads):
+                            accumulate_grad(ts[k].param, g)
+                    as64 = lambda x: torch.tensor(x, dtype=torch.float64, device=ep.device)  # noqa: E731
+                    values.append((ep.double() * as64(lps)).sum() + (eg.double() * as64(lgs)).sum())
         if slow:
             e_perp, e_g = _per_layer_opaque([self.layers[i] for i in slow])
             lps, lgs = ([lam[i] for i in slow] for lam in (self.lambda_perp, self.lambda_G))
@@ -218,21 +236,41 @@ class ProjectionPenalty:
         return sum(v.to(values[0].device) for v in values).to(dt)
 
     @torch.no_grad()
-    def decay_(self, rate: float) -> None:
-        """The decoupled step ``W <- W - rate (W - P W)`` on every layer of the penalty (biases included):
-        a plain gradient step of size ``rate / 2`` on ``E_perp``, taken outside the optimiser like
-        AdamW's decoupled weight decay. With Adam, the energy added to the loss is rescaled per
-        coordinate together with the task gradient; decoupled, the non-equivariant part shrinks by
-        the factor ``1 - rate`` per step whatever the task gradient's scale. Call it after
-        ``optimizer.step()``."""
-        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate <= 1.0:
-            raise ValueError(f"rate must be a number in [0, 1], got {rate!r}")
+    def decay_(self, rate: float, rate_G: float = 0.0) -> None:
+        """The decoupled step ``W <- W - rate (W - P W) - rate_G P W`` on every layer of the penalty
+        (biases included), in place: a plain gradient step of size ``rate / 2`` on ``E_perp`` (and
+        ``rate_G / 2`` on ``E_G``), taken outside the optimiser like AdamW's decoupled weight decay.
+        With Adam, an energy added to the loss is rescaled per coordinate together with the task
+        gradient; decoupled, the non-equivariant part shrinks by the factor ``1 - rate`` per step
+        whatever the task gradient's scale. Call it after ``optimizer.step()``.
+
+        Matrix-form layers take one fused pass per weight that reads W and writes it back, with no
+        copy of the parameters; FSDP2 shards are gathered, stepped and scattered back; other kinds
+        step through their projection.
+        """
+        for name, r in (("rate", rate), ("rate_G", rate_G)):
+            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {r!r}")
         with no_autocast(self.layers[0][1].weight.device):
+            stepped = set()
+            _, terms, _ = self._fast_and_slow()
+            for ts, _ in batches(terms).values():
+                if type(ts[0]) is not MatrixTerm:
+                    continue
+                views = [inplace_view(t, t.param) for t in ts]
+                ks = [k for k, v in enumerate(views) if v is not None]
+                if ks:
+                    MatrixTerm.energies_and_grads([ts[k] for k in ks], [-rate / 2] * len(ks), [-rate_G / 2] * len(ks),
+                                                  [views[k] for k in ks])
+                    stepped.update(id(ts[k].param) for k in ks)
             for name, m, d in self.layers:
-                residual, residual_b = d.projected(name, m, "non_equivariant")
-                assign(m.weight, d.weight(name, m).double() - rate * residual)
-                if residual_b is not None:
-                    assign(m.bias, d.bias(m).double() - rate * residual_b)
+                for param, part in ((m.weight, 0), (getattr(m, "bias", None) if d.include_bias else None, 1)):
+                    if param is None or id(param) in stepped:
+                        continue
+                    residual = d.projected(name, m, "non_equivariant")[part]
+                    step = rate * residual + (rate_G * d.projected(name, m, "equivariant")[part] if rate_G else 0)
+                    current = d.weight(name, m) if part == 0 else d.bias(m)
+                    assign(param, current.double() - step)
 
     def __repr__(self):
         layers = ", ".join(f"{n or '(model)'} [{d.case}]" for n, _, d in self.layers)

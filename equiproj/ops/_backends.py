@@ -32,14 +32,15 @@ ENV_VAR = "EQUIPROJ_BACKEND"
 class Backend:
     """One way of computing energies. ``energies`` is differentiable; ``energies_and_grads`` returns
     the gradient of ``sum_i c_perp_i E_perp_i + c_g_i E_G_i`` without an autograd graph (the
-    coefficients are tensors of the batch shape of their weight, from ``as_coefficient``)."""
+    coefficients are tensors of the batch shape of their weight, from ``as_coefficient``), in fresh
+    tensors or, with ``outs``, added in place to ``outs`` (which may be the weights themselves)."""
 
     name: str
 
     def energies(self, weights, pairs):
         raise NotImplementedError
 
-    def energies_and_grads(self, weights, pairs, c_perp, c_g):
+    def energies_and_grads(self, weights, pairs, c_perp, c_g, outs=None):
         raise NotImplementedError
 
 
@@ -53,12 +54,12 @@ class FusedBackend(Backend):
         dev = weights[0].device
         return fused_energies(weights, [plan_for(ri, ro, dev) for ri, ro in pairs])
 
-    def energies_and_grads(self, weights, pairs, c_perp, c_g):
+    def energies_and_grads(self, weights, pairs, c_perp, c_g, outs=None):
         dev = weights[0].device
-        if len(weights) == 1:  # a small layer's cost is mostly Python: skip the list plumbing
+        if len(weights) == 1 and outs is None:  # a small layer's cost is mostly Python: skip the list plumbing
             ep, eg, gr = fused_energies_and_grad(weights[0], plan_for(*pairs[0], dev), c_perp[0], c_g[0])
             return [ep], [eg], [gr]
-        return fused_energies_and_grads(weights, [plan_for(ri, ro, dev) for ri, ro in pairs], c_perp, c_g)
+        return fused_energies_and_grads(weights, [plan_for(ri, ro, dev) for ri, ro in pairs], c_perp, c_g, outs)
 
 
 class TorchBackend(Backend):
@@ -75,9 +76,10 @@ class TorchBackend(Backend):
         ep, eg, _ = run_twin(weights, self._plans(weights, pairs), [], [])
         return ep, eg
 
-    def energies_and_grads(self, weights, pairs, c_perp, c_g):
+    def energies_and_grads(self, weights, pairs, c_perp, c_g, outs=None):
         with torch.no_grad():
-            return run_twin(weights, self._plans(weights, pairs), c_perp, c_g)
+            ep, eg, grads = run_twin(weights, self._plans(weights, pairs), c_perp, c_g)
+            return ep, eg, _added(grads, outs)
 
 
 class ReferenceBackend(Backend):
@@ -89,7 +91,7 @@ class ReferenceBackend(Backend):
         out = [reference.energies(W.to(torch.float64), ri, ro) for W, (ri, ro) in zip(weights, pairs)]
         return [e[0] for e in out], [e[1] for e in out]
 
-    def energies_and_grads(self, weights, pairs, c_perp, c_g):
+    def energies_and_grads(self, weights, pairs, c_perp, c_g, outs=None):
         eps, egs, grads = [], [], []
         with torch.no_grad():
             for W, (ri, ro), cp, cg in zip(weights, pairs, c_perp, c_g):
@@ -100,7 +102,16 @@ class ReferenceBackend(Backend):
                 egs.append(PW.square().sum((-2, -1)))
                 cp, cg = (c.to(torch.float64)[..., None, None] for c in (cp, cg))
                 grads.append((2 * cp * R + 2 * cg * PW).to(W.dtype))
-        return eps, egs, grads
+        return eps, egs, _added(grads, outs)
+
+
+def _added(grads, outs):
+    """``grads``, or ``outs`` after adding ``grads`` to them in place."""
+    if outs is None:
+        return grads
+    for o, g in zip(outs, grads):
+        o.add_(g.to(o.dtype))
+    return list(outs)
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (FusedBackend("cpp"), FusedBackend("triton"), TorchBackend(),

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .._plan import PackedPlan
-from ..kernels.inputs import accumulation_dtype
+from ..kernels.inputs import accumulation_dtype, autocast_off
 from ._availability import cpp_available, triton_kernels
 
 __all__ = ["fused_energies", "fused_energies_and_grads", "fused_energies_and_grad", "as_coefficient",
@@ -107,9 +107,10 @@ def run_twin(weights, plans, c_perp, c_g):
     or one tensor per weight with one coefficient per matrix (``W.shape[:-2]``)."""
     from ..kernels.torch_twin import torch_fused_energies  # noqa: PLC0415 - equiproj.kernels imports _plan only
 
-    flat_w, flat_p, flat_cp, flat_cg, counts = _flatten_batches(weights, plans, c_perp, c_g)
-    ep, eg, gr = torch_fused_energies(flat_w, flat_p, flat_cp, flat_cg)
-    return _unflatten(weights, counts, ep, eg, gr)
+    with autocast_off(weights[0].device if weights else "cpu"):  # the twin's dtypes; stacking mixed half dtypes
+        flat_w, flat_p, flat_cp, flat_cg, counts = _flatten_batches(weights, plans, c_perp, c_g)
+        ep, eg, gr = torch_fused_energies(flat_w, flat_p, flat_cp, flat_cg)
+        return _unflatten(weights, counts, ep, eg, gr)
 
 
 def _flatten_batches(weights, plans, c_perp, c_g):
@@ -139,6 +140,7 @@ def _flatten_batches(weights, plans, c_perp, c_g):
 
 
 def _unflatten(weights, counts, ep, eg, gr):
+    """The per-matrix results of :func:`_flatten_batches` back per weight (``gr=None``: energies only)."""
     if counts is None:
         return list(ep), list(eg), []
     out_p, out_g, out_gr, k = [], [], [], 0
@@ -146,7 +148,8 @@ def _unflatten(weights, counts, ep, eg, gr):
         if W.dim() == 2:
             out_p.append(ep[k])
             out_g.append(eg[k])
-            out_gr.append(gr[k])
+            if gr is not None:
+                out_gr.append(gr[k])
             k += 1
         else:
             batch = W.shape[:-2]
@@ -154,11 +157,13 @@ def _unflatten(weights, counts, ep, eg, gr):
             if c:
                 out_p.append(torch.stack(ep[k : k + c]).reshape(batch))
                 out_g.append(torch.stack(eg[k : k + c]).reshape(batch))
-                out_gr.append(torch.stack(gr[k : k + c]).reshape(W.shape))
+                if gr is not None:
+                    out_gr.append(torch.stack(gr[k : k + c]).reshape(W.shape))
             else:
                 out_p.append(W.new_zeros(batch, dtype=dt))
                 out_g.append(W.new_zeros(batch, dtype=dt))
-                out_gr.append(torch.zeros_like(W, memory_format=torch.contiguous_format))
+                if gr is not None:
+                    out_gr.append(torch.zeros_like(W, memory_format=torch.contiguous_format))
             k += c
     return out_p, out_g, out_gr
 
@@ -181,7 +186,7 @@ def _fused_energies_cpu(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
     _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
     if not cpp_available():
         return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
-    ep, eg, gr = torch.ops.equiproj_cpu.fused_energies(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    ep, eg, gr = torch.ops.equiproj_cpu.fused_energies(weights, meta, basis, perm_out, perm_in, c_perp, c_g, [])
     return list(ep), list(eg), list(gr)
 
 
@@ -194,9 +199,74 @@ def _fused_energies_cuda(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
     plans = _plans_from_tensors(weights, meta, basis, perm_out, perm_in)
     if not all(_triton_supports(k, P) for P in plans):  # fields wider than the kernel's largest tile
         return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    with autocast_off("cuda"):  # an autocast region of the caller would refuse to stack mixed half dtypes
+        flat_w, flat_p, cp, cg, counts = _flatten_batches(weights, plans, c_perp, c_g)
+        ep, eg, gr = k.fused_energies(flat_w, flat_p, cp, cg)
+        return _unflatten(weights, counts, ep, eg, gr)
+
+
+@torch.library.custom_op("equiproj::fused_energies_accumulate", mutates_args=("outs",))
+def _fused_accumulate_op(weights: list[Tensor], meta: list[Tensor], basis: list[Tensor], perm_out: list[Tensor],
+                         perm_in: list[Tensor], c_perp: list[Tensor], c_g: list[Tensor], outs: list[Tensor]
+                         ) -> tuple[list[Tensor], list[Tensor]]:
+    """``(e_perp, e_g)`` as :func:`_fused_energies_op`, and ``outs[i] += 2 c_perp_i (W_i - P W_i) + 2 c_g_i P W_i``
+    in place, no fresh buffer (``outs[i]`` of W_i's shape and dtype; it may be ``W_i`` itself: each
+    tile is read before it is written). Default implementation: the pure-torch twin."""
+    _check_accumulate_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
+    return _twin_accumulate(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
+
+
+@_fused_accumulate_op.register_kernel("cpu")
+def _fused_accumulate_cpu(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs):
+    _check_accumulate_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
+    if not cpp_available() or not all(o.is_contiguous() and o.dtype == W.dtype for o, W in zip(outs, weights)):
+        return _twin_accumulate(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
+    ep, eg, _ = torch.ops.equiproj_cpu.fused_energies(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
+    return list(ep), list(eg)
+
+
+@_fused_accumulate_op.register_kernel("cuda")
+def _fused_accumulate_cuda(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs):
+    _check_accumulate_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
+    k = triton_kernels()
+    plans = _plans_from_tensors(weights, meta, basis, perm_out, perm_in)
+    if (k is None or not k.HAS_TRITON or any(W.dtype == torch.float64 for W in weights)
+            or not all(_triton_supports(k, P) for P in plans)
+            or not all(o.is_contiguous() and o.dtype == W.dtype for o, W in zip(outs, weights))):
+        return _twin_accumulate(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
     flat_w, flat_p, cp, cg, counts = _flatten_batches(weights, plans, c_perp, c_g)
-    ep, eg, gr = k.fused_energies(flat_w, flat_p, cp, cg)
-    return _unflatten(weights, counts, ep, eg, gr)
+    flat_o = []  # the same per-matrix views as _flatten_batches makes of the weights
+    for o, W in zip(outs, weights):
+        flat_o += [o] if W.dim() == 2 else list(o.reshape((-1,) + W.shape[-2:]).unbind(0))
+    ep, eg, _ = k.fused_energies(flat_w, flat_p, cp, cg, outs=flat_o)
+    out_p, out_g, _ = _unflatten(weights, counts, ep, eg, None)
+    return out_p, out_g
+
+
+@_fused_accumulate_op.register_fake
+def _fused_accumulate_fake(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs):
+    _check_accumulate_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
+    ep = [W.new_empty(W.shape[:-2], dtype=accumulation_dtype(W.dtype)) for W in weights]
+    eg = [W.new_empty(W.shape[:-2], dtype=accumulation_dtype(W.dtype)) for W in weights]
+    return ep, eg
+
+
+def _check_accumulate_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs) -> None:
+    _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    if len(outs) != len(weights) or len(c_perp) != len(weights):
+        raise ValueError("fused_energies_accumulate: need one coefficient pair and one output per weight")
+    for i, (o, W) in enumerate(zip(outs, weights)):
+        if o.shape != W.shape or o.device != W.device:
+            raise ValueError(f"outs[{i}] must have the shape {tuple(W.shape)} and device of its weight, got "
+                             f"{tuple(o.shape)} on {o.device}")
+
+
+def _twin_accumulate(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs):
+    """The accumulating contract through the pure-torch twin (a fresh gradient, then added)."""
+    ep, eg, gr = _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+    for o, g in zip(outs, gr):
+        o.add_(g.to(o.dtype))
+    return ep, eg
 
 
 @_fused_energies_op.register_fake
@@ -289,7 +359,7 @@ def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
     return list(out[:L]), list(out[L:])
 
 
-def fused_energies_and_grads(weights, plans, c_perp, c_g) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+def fused_energies_and_grads(weights, plans, c_perp, c_g, outs=None) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """``(E_perp, E_G, grads)`` of many weights from one kernel call, without an autograd graph:
     ``grads[i] = 2 c_perp_i (W_i - P W_i) + 2 c_g_i P W_i``, the gradient of
     ``sum_i c_perp_i E_perp_i + c_g_i E_G_i``.
@@ -301,9 +371,14 @@ def fused_energies_and_grads(weights, plans, c_perp, c_g) -> tuple[list[Tensor],
     Args:
         weights, plans: as in :func:`fused_energies` (weights are not differentiated through).
         c_perp, c_g: L coefficients, each a number or a tensor broadcastable to ``W_i.shape[:-2]``.
+        outs: ``None``, or L tensors (``W_i``'s shape and dtype) to which the gradients are added in
+            place instead of being returned in fresh buffers: e.g. existing ``.grad`` tensors, or the
+            weights themselves for a decoupled step ``W <- W - rate (W - P W)``
+            (``c_perp = -rate / 2``). Contiguous outputs take the fused kernels' one pass; others
+            get a fresh gradient added.
     Returns:
         two lists of L energies ``[...]`` (float32, or float64 for float64 weights) and L gradients
-        (``W_i``'s shape and dtype, contiguous).
+        (``W_i``'s shape and dtype, contiguous; with ``outs``: ``outs`` itself).
     """
     weights, plans = list(weights), list(plans)
     dev = _check_weights(weights, plans)
@@ -319,6 +394,14 @@ def fused_energies_and_grads(weights, plans, c_perp, c_g) -> tuple[list[Tensor],
     args = (weights, [P.meta for P in plans], [P.basis for P in plans], [P.perm_out for P in plans],
             [P.perm_in for P in plans], cps, cgs)
     with torch.no_grad():
+        if outs is not None:
+            outs = list(outs)
+            if torch.compiler.is_compiling():
+                ep, eg = _fused_accumulate_op(*args, outs)
+            else:
+                _remember(plans)
+                ep, eg = _eager_accumulate_kernel(dev)(*args, outs)
+            return list(ep), list(eg), outs
         if torch.compiler.is_compiling():
             ep, eg, gr = _fused_energies_op(*args)
         else:
@@ -363,6 +446,15 @@ def as_coefficient(c, W: Tensor, name: str) -> Tensor:
     except RuntimeError:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, not broadcastable to the batch shape "
                          f"{tuple(W.shape[:-2])} of its weight") from None
+
+
+def _eager_accumulate_kernel(device: torch.device):
+    """The accumulating op's implementation for ``device``."""
+    if device.type == "cpu":
+        return _fused_accumulate_cpu
+    if device.type == "cuda":
+        return _fused_accumulate_cuda
+    return _fused_accumulate_op._init_fn
 
 
 def _eager_kernel(device: torch.device):
