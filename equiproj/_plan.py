@@ -274,6 +274,7 @@ _TRACED_PLANS = _TracedPlans()
 @torch.compiler.assume_constant_result
 def _traced_plan_key(rep_in: Rep, rep_out: Rep, device: str, dtype: str) -> int:
     P = packed_plan(rep_in, rep_out, torch.device(device), None if dtype == "None" else getattr(torch, dtype[6:]))
+    P.rows()  # the rows as Python ints, read here: in the trace, meta.tolist() would give unbacked sizes
     setattr(_TRACED_PLANS, f"plan_{id(P)}", P)  # holds P: the key stays valid
     return id(P)
 

@@ -234,3 +234,23 @@ def test_torch_compile_fullgraph_matches_eager(gen):
         (g_comp,) = torch.autograd.grad(value, W)
         assert rel(value, loss(W)) < 1e-6
         torch.testing.assert_close(g_comp, g_eager, atol=1e-6, rtol=1e-6)
+
+
+def test_torch_compile_before_any_eager_call(gen):
+    """A rep pair whose plan no eager call has used yet: the plan's rows are read when the plan is
+    looked up, not traced (tracing ``meta.tolist()`` failed with unbacked sizes)."""
+    torch._dynamo.reset()
+    G = ep.SO3()
+    ri, ro = ep.Rep.parse(G, "5x0 + 3x1 + 3"), ep.Rep.parse(G, "2x0 + 4x1 + 2x3")
+    ri = ri.change_basis(random_orthogonal(ri.dim, gen))
+    W = torch.randn(ro.dim, ri.dim, generator=gen, requires_grad=True)
+
+    def loss(w):
+        e_perp, e_g = ep.energies(w, ri, ro, backend=BACKEND)
+        return e_perp + 0.5 * e_g
+
+    value = torch.compile(loss, backend="aot_eager", fullgraph=True)(W)  # first: nothing cached eagerly
+    (g_comp,) = torch.autograd.grad(value, W)
+    (g_eager,) = torch.autograd.grad(loss(W), W)
+    assert rel(value, loss(W)) < 1e-6
+    torch.testing.assert_close(g_comp, g_eager, atol=1e-6, rtol=1e-6)
