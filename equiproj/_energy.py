@@ -30,11 +30,16 @@ from . import ops
 from ._plan import BlockPlan, block_plan, plan_for
 from .groups import Rep, check_rep_pair
 from .kernels import torch_project
+from .kernels.inputs import autocast_off
 
 __all__ = ["noneq_energy", "eq_energy", "energies", "energies_many", "energies_and_grad", "energies_and_grads_many",
            "project", "energy_breakdown", "check_arguments"]
 
 _WHICH = ("equivariant", "non_equivariant")
+
+#: the weight dtypes every backend computes with (energies in float32, float64 for float64 weights);
+#: float8 and other floating dtypes are refused rather than converted, so that no backend decides alone
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_arguments(W, rep_in: Rep, rep_out: Rep) -> None:
@@ -44,6 +49,9 @@ def check_arguments(W, rep_in: Rep, rep_out: Rep) -> None:
         raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
     if not W.is_floating_point():
         raise TypeError(f"W must be a floating-point tensor, got {W.dtype}")
+    if W.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"W has dtype {W.dtype}; the energies take float16, bfloat16, float32 or float64 weights "
+                        f"(every backend alike): convert it, e.g. W.float()")
     check_rep_pair(rep_in, rep_out)
     if W.dim() < 2 or tuple(W.shape[-2:]) != (rep_out.dim, rep_in.dim):
         raise ValueError(f"W must have shape [..., rep_out.dim, rep_in.dim] = [..., {rep_out.dim}, {rep_in.dim}], "
@@ -55,13 +63,23 @@ def _check_which(which: str) -> None:
         raise ValueError(f"which must be 'equivariant' or 'non_equivariant', got {which!r}")
 
 
-def _check_finite(*xs):
-    """Raise for NaN/Inf energies on the CPU (on CUDA this would cost a synchronisation)."""
+def _check_finite(weights, *xs):
+    """Raise for NaN/Inf energies on the CPU (on CUDA this would cost a synchronisation), saying
+    whether the weights hold NaN/Inf or the energy overflowed its dtype from finite weights."""
     if torch.compiler.is_compiling() or xs[0].device.type != "cpu":
         return
-    # energies are >= 0, so their sum is finite iff every one is
-    if not all(math.isfinite(float(x.detach() if x.dim() == 0 else x.detach().sum())) for x in xs):
-        raise ValueError("the energy is not finite: W contains NaN or Inf")
+    # energies are >= 0, so their sum is finite iff every one is (NaN or +Inf otherwise)
+    if all(math.isfinite(float(x.detach() if x.dim() == 0 else x.detach().sum())) for x in xs):
+        return
+    for i, W in enumerate(weights):
+        if not bool(torch.isfinite(W.detach()).all()):
+            which = "W" if len(weights) == 1 else f"weights[{i}]"
+            raise ValueError(f"the energy is not finite: {which} contains NaN or Inf")
+    dtype = next(x.dtype for x in xs if not bool(torch.isfinite(x.detach()).all()))
+    largest = max(float(W.detach().abs().max()) for W in weights if W.numel())
+    raise ValueError(f"the energy overflowed {str(dtype).replace('torch.', '')}: W is finite (largest |entry| "
+                     f"{largest:.3g}) but the sum of squares exceeds {torch.finfo(dtype).max:.3g}; pass W in "
+                     f"float64 (W.double(), energies in float64) or scale W down")
 
 
 def energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +93,7 @@ def energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto
     """
     check_arguments(W, rep_in, rep_out)
     (e_perp,), (e_g,) = ops.backend_for(backend, W).energies([W], [(rep_in, rep_out)])
-    _check_finite(e_perp, e_g)
+    _check_finite([W], e_perp, e_g)
     return e_perp, e_g
 
 
@@ -142,7 +160,8 @@ def energy_breakdown(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str =
     X = project(W, rep_in, rep_out, which=which)
     X = X.to(ops.accumulation_dtype(W.dtype))
     plan = block_plan(rep_in, rep_out)
-    E = _energy_by_type(_to_irrep_basis(X, plan), plan)
+    with autocast_off(W.device):  # the change to the irrep basis in the accumulation dtype under autocast too
+        E = _energy_by_type(_to_irrep_basis(X, plan), plan)
     return {(so, si): E[..., a, b] for a, so in enumerate(plan.out.types) for b, si in enumerate(plan.inp.types)
             if which == "non_equivariant" or so == si}
 
@@ -199,7 +218,7 @@ def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp
     b = ops.backend_for(backend, W)
     cp, cg = ops.as_coefficient(lambda_perp, W, "lambda_perp"), ops.as_coefficient(lambda_G, W, "lambda_G")
     (e_perp,), (e_g,), (grad,) = b.energies_and_grads([W], [(rep_in, rep_out)], [cp], [cg])
-    _check_finite(e_perp, e_g)
+    _check_finite([W], e_perp, e_g)
     return e_perp, e_g, grad
 
 
@@ -208,6 +227,13 @@ def _check_many(weights, reps) -> None:
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise TypeError(f"reps[{i}] must be a pair (rep_in, rep_out), got {type(pair).__name__}")
         check_arguments(w, pair[0], pair[1])
+    # the energies are stacked to [L, *batch]: checked before any work is done
+    batch = tuple(weights[0].shape[:-2])
+    for i, w in enumerate(weights):
+        if tuple(w.shape[:-2]) != batch:
+            raise ValueError(f"every weight needs the same batch shape (the leading dims before [m, n]), because "
+                             f"the energies are stacked per layer: weights[0] has batch shape {batch}, weights[{i}] "
+                             f"has {tuple(w.shape[:-2])}; call once per batch shape, or per layer")
 
 
 def _run_grouped(weights, reps, backend: str, call) -> list[tuple]:
@@ -224,7 +250,7 @@ def _stack_energies(weights, parts):
     dt = torch.float64 if all(w.dtype == torch.float64 for w in weights) else torch.float32
     e_perp = torch.stack([p[0].to(dt) for p in parts])
     e_g = torch.stack([p[1].to(dt) for p in parts])
-    _check_finite(e_perp, e_g)
+    _check_finite(weights, e_perp, e_g)
     return e_perp, e_g
 
 

@@ -1,12 +1,15 @@
-"""Argument checks shared by :func:`fused_energies` and :func:`torch_fused_energies`."""
+"""Argument checks shared by :func:`fused_energies` and :func:`torch_fused_energies`, and the
+numeric context of both (accumulation dtype, autocast off)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from equiproj._plan import PackedPlan, PlanColumn
 
-__all__ = ["check_inputs", "KERNEL_DTYPES", "accumulation_dtype"]
+__all__ = ["check_inputs", "KERNEL_DTYPES", "accumulation_dtype", "autocast_off"]
 
 #: weight dtypes the Triton kernel handles (energies accumulate in float32 for all of them)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -16,6 +19,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype energies are computed and returned in, for weights of ``dtype``: float64 for float64,
     float32 for everything else (half precision and float32 alike)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_off(device) -> contextlib.AbstractContextManager:
+    """A context in which ``torch.autocast`` is disabled for ``device``'s type.
+
+    The energies are computed in :func:`accumulation_dtype` whatever region the caller is in: under
+    autocast the einsums and matrix products of the projection would run in bfloat16/float16
+    (relative errors ~1e-3 instead of ~1e-7), and promoting ops (``stack``, ``cat``) refuse to mix
+    float16 and bfloat16 tensors. The result is the same as without autocast."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if torch.amp.is_autocast_available(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_inputs(weights, plans, c_perp, c_g, *, allow_float64: bool):

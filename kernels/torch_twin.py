@@ -18,7 +18,7 @@ import torch
 
 from equiproj._plan import PackedPlan
 
-from .inputs import accumulation_dtype, check_inputs
+from .inputs import accumulation_dtype, autocast_off, check_inputs
 
 __all__ = ["torch_fused_energies", "torch_project"]
 
@@ -78,27 +78,28 @@ def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
     want_grad = c_perp is not None
     e_perp, e_g, grads = [], [], []
     for i, (W, P) in enumerate(zip(weights, plans)):
-        cd = accumulation_dtype(W.dtype)
-        X = _structured(W.detach() if want_grad else W, P, cd)
-        batch = X.shape[:-2]
-        ep = torch.zeros(batch, dtype=cd, device=W.device)
-        eg = torch.zeros(batch, dtype=cd, device=W.device)
-        if want_grad:
-            cp2 = 2 * c_perp[i].to(device=W.device, dtype=cd)
-            cg2 = 2 * c_g[i].to(device=W.device, dtype=cd)
-            Gs = torch.empty_like(X)
-        for rows, cols, T, coef, PT in _pairs(X, P):
-            R = T if PT is None else T - PT
-            ep = ep + R.square().sum((-4, -3, -2, -1))
-            if coef is not None:
-                eg = eg + coef.square().sum((-3, -2, -1))
+        with autocast_off(W.device):  # the contract's dtypes inside an autocast region too
+            cd = accumulation_dtype(W.dtype)
+            X = _structured(W.detach() if want_grad else W, P, cd)
+            batch = X.shape[:-2]
+            ep = torch.zeros(batch, dtype=cd, device=W.device)
+            eg = torch.zeros(batch, dtype=cd, device=W.device)
             if want_grad:
-                g = cp2 * R if PT is None else cp2 * R + cg2 * PT
-                Gs[..., rows, cols] = g.reshape(batch + (rows.stop - rows.start, cols.stop - cols.start))
-        e_perp.append(ep)
-        e_g.append(eg)
-        if want_grad:
-            grads.append(_to_user(Gs, P).to(W.dtype))
+                cp2 = 2 * c_perp[i].to(device=W.device, dtype=cd)
+                cg2 = 2 * c_g[i].to(device=W.device, dtype=cd)
+                Gs = torch.empty_like(X)
+            for rows, cols, T, coef, PT in _pairs(X, P):
+                R = T if PT is None else T - PT
+                ep = ep + R.square().sum((-4, -3, -2, -1))
+                if coef is not None:
+                    eg = eg + coef.square().sum((-3, -2, -1))
+                if want_grad:
+                    g = cp2 * R if PT is None else cp2 * R + cg2 * PT
+                    Gs[..., rows, cols] = g.reshape(batch + (rows.stop - rows.start, cols.stop - cols.start))
+            e_perp.append(ep)
+            e_g.append(eg)
+            if want_grad:
+                grads.append(_to_user(Gs, P).to(W.dtype))
     return e_perp, e_g, (grads if want_grad else None)
 
 
@@ -107,20 +108,21 @@ def torch_project(W: torch.Tensor, plan: PackedPlan, which: str = "equivariant")
     ``[..., m, n]`` in the compute dtype (float32, float64 for float64 weights); differentiable."""
     if which not in ("equivariant", "non_equivariant"):
         raise ValueError(f"which must be 'equivariant' or 'non_equivariant', got {which!r}")
-    X = _structured(W, plan, accumulation_dtype(W.dtype))
-    batch = X.shape[:-2]
-    blocks = []
-    for rows, cols, T, coef, PT in _pairs(X, plan):
-        if which == "equivariant":
-            out = torch.zeros_like(T) if PT is None else PT
-        else:
-            out = T if PT is None else T - PT
-        blocks.append((rows, cols, out.reshape(batch + (rows.stop - rows.start, cols.stop - cols.start))))
-    # the field pairs tile the matrix: assemble row by row (differentiable, no in-place writes)
-    by_row: dict = {}
-    for rows, cols, out in blocks:
-        by_row.setdefault((rows.start, rows.stop), []).append((cols.start, out))
-    row_blocks = [torch.cat([o for _, o in sorted(parts, key=lambda t: t[0])], dim=-1)
-                  for _, parts in sorted(by_row.items())]
-    Y = torch.cat(row_blocks, dim=-2) if row_blocks else X.new_zeros(X.shape)
-    return _to_user(Y, plan)
+    with autocast_off(W.device):  # W's accumulation dtype inside an autocast region too
+        X = _structured(W, plan, accumulation_dtype(W.dtype))
+        batch = X.shape[:-2]
+        blocks = []
+        for rows, cols, T, coef, PT in _pairs(X, plan):
+            if which == "equivariant":
+                out = torch.zeros_like(T) if PT is None else PT
+            else:
+                out = T if PT is None else T - PT
+            blocks.append((rows, cols, out.reshape(batch + (rows.stop - rows.start, cols.stop - cols.start))))
+        # the field pairs tile the matrix: assemble row by row (differentiable, no in-place writes)
+        by_row: dict = {}
+        for rows, cols, out in blocks:
+            by_row.setdefault((rows.start, rows.stop), []).append((cols.start, out))
+        row_blocks = [torch.cat([o for _, o in sorted(parts, key=lambda t: t[0])], dim=-1)
+                      for _, parts in sorted(by_row.items())]
+        Y = torch.cat(row_blocks, dim=-2) if row_blocks else X.new_zeros(X.shape)
+        return _to_user(Y, plan)

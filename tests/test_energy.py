@@ -254,3 +254,71 @@ def test_torch_compile_before_any_eager_call(gen):
     (g_eager,) = torch.autograd.grad(loss(W), W)
     assert rel(value, loss(W)) < 1e-6
     torch.testing.assert_close(g_comp, g_eager, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
+def test_overflow_of_finite_weights_is_told_apart_from_nan(backend):
+    """Finite float32 weights whose energy exceeds float32 (3e19^2 > 3.4e38) get a message that says
+    so and suggests float64; weights that hold NaN/Inf are named as such."""
+    if backend == "cpp" and not ep.ops.cpp_available():
+        pytest.skip("the C++ extension equiproj._C is not built")
+    G = ep.SO3()
+    r = ep.Rep.parse(G, "2x0 + 1")
+    W = torch.full((r.dim, r.dim), 3e19)
+    assert bool(torch.isfinite(W).all())
+    with pytest.raises(ValueError, match="overflowed float32") as e:
+        ep.energies(W, r, r, backend=backend)
+    assert "float64" in str(e.value) and "NaN" not in str(e.value)
+    with pytest.raises(ValueError, match="overflowed float32"):
+        ep.energies_and_grad(W, r, r, backend=backend)
+    with pytest.raises(ValueError, match="overflowed float32"):
+        ep.energies_many([torch.zeros_like(W), W], [(r, r)] * 2, backend=backend)
+    e_perp, e_g = ep.energies(W.double(), r, r, backend=backend)  # what the message suggests
+    assert rel(e_perp + e_g, W.double().square().sum()) < 1e-12
+    W[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="W contains NaN or Inf"):
+        ep.energies(W, r, r, backend=backend)
+    with pytest.raises(ValueError, match=r"weights\[1\] contains NaN or Inf"):
+        ep.energies_many([torch.zeros_like(W), W], [(r, r)] * 2, backend=backend)
+
+
+def test_many_layers_with_different_batch_shapes_are_refused_up_front(monkeypatch):
+    """The energies of many layers are stacked per layer: different batch shapes are named before
+    any backend runs."""
+    G = ep.SO3()
+    r = ep.Rep.parse(G, "2x0 + 1")
+    Ws = [torch.randn(3, r.dim, r.dim), torch.randn(3, r.dim, r.dim), torch.randn(2, r.dim, r.dim)]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a backend ran before the arguments were checked")
+
+    monkeypatch.setattr(ep._energy, "_run_grouped", no_work)
+    with pytest.raises(ValueError, match=r"weights\[0\] has batch shape \(3,\), weights\[2\] has \(2,\)"):
+        ep.energies_many(Ws, [(r, r)] * 3)
+    with pytest.raises(ValueError, match=r"weights\[2\] has \(2,\)"):
+        ep.energies_and_grads_many(Ws, [(r, r)] * 3, lambda_perp=[1.0] * 3, lambda_G=[0.0] * 3)
+    with pytest.raises(ValueError, match=r"weights\[1\] has \(\)"):
+        ep.energies_many([Ws[0], Ws[0][0]], [(r, r)] * 2)
+
+
+FLOAT8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+          if hasattr(torch, n)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT8, ids=str)
+@pytest.mark.parametrize("backend", ["auto", "cpp", "torch", "reference"])
+def test_unsupported_float_dtypes_are_refused_by_every_backend(dtype, backend):
+    """float8 weights are refused up front, alike by every backend and function, naming the
+    supported dtypes (the kernels do not compute in float8, and a float8 gradient would lose it)."""
+    G = ep.SO3()
+    r = ep.Rep.parse(G, "2x0 + 1")
+    W = torch.randn(r.dim, r.dim).to(dtype)
+    calls = [lambda: ep.energies(W, r, r, backend=backend), lambda: ep.noneq_energy(W, r, r, backend=backend),
+             lambda: ep.eq_energy(W, r, r, backend=backend), lambda: ep.energies_and_grad(W, r, r, backend=backend),
+             lambda: ep.energies_many([W], [(r, r)], backend=backend),
+             lambda: ep.energies_and_grads_many([W], [(r, r)], lambda_perp=[1.0], lambda_G=[0.0], backend=backend),
+             lambda: ep.project(W, r, r), lambda: ep.energy_breakdown(W, r, r)]
+    for call in calls:
+        with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64") as e:
+            call()
+        assert str(dtype) in str(e.value) and "W.float()" in str(e.value)
