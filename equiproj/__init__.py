@@ -25,6 +25,7 @@ from ._energy import (energies, energies_and_grad, energies_and_grads_many, ener
                       noneq_energy, project)
 from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, Irrep, Octahedral, Rep
 from .kernel_spaces import KernelSpace, SteerableKernelSpace
+from .nn import check_equivariance, init_equivariant_
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ __all__ = [
     "project", "energy_breakdown",
     # kernel spaces
     "KernelSpace", "SteerableKernelSpace",
+    # networks
+    "check_equivariance", "init_equivariant_",
     # modules
     "nn", "grid", "translation", "kernel_spaces", "reference",
     "__version__",

@@ -43,6 +43,9 @@ shard receives its slice of the gradient. DDP needs nothing special. ``Projectio
 ``project_`` and ``report`` on FSDP2 models are collectives: call them on every rank.
 """
 
+from ._blocks import (FieldBatchNorm, FieldLayerNorm, Gate, GridPool, GroupPooling, NormActivation, NormPooling,
+                      PointwiseActivation, centred_grid)
+from ._check import EquivarianceCheck, check_equivariance
 from ._declaration import Declaration, KernelSpaceDeclaration, MatrixDeclaration, TranslationDeclaration
 from ._declare import NoKernelSpaceError, declaration, declare, declare_translations, declared_layers, undeclare
 from ._layers import ApproxEquivariantConv2d, ApproxEquivariantConv3d, ApproxEquivariantLinear
@@ -56,4 +59,6 @@ __all__ = [
     "Declaration", "MatrixDeclaration", "KernelSpaceDeclaration", "TranslationDeclaration", "NoKernelSpaceError",
     "ProjectionPenalty", "layer_energies", "project_", "init_equivariant_", "report", "Report",
     "ApproxEquivariantLinear", "ApproxEquivariantConv2d", "ApproxEquivariantConv3d",
+    "PointwiseActivation", "Gate", "NormActivation", "FieldBatchNorm", "FieldLayerNorm", "GroupPooling", "NormPooling",
+    "GridPool", "centred_grid", "check_equivariance", "EquivarianceCheck",
 ]

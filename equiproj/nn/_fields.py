@@ -1,0 +1,80 @@
+"""Where the field copies of a representation sit in a tensor's channel axis, and what each field is."""
+
+from __future__ import annotations
+
+import torch
+
+from ..groups import Rep
+
+__all__ = ["FieldLayout", "is_permutation_field", "invariant_basis", "as_rep"]
+
+
+class FieldLayout:
+    """The channels of each segment of ``rep`` (``c`` copies of one field of dimension ``d``) in user
+    coordinates: ``index[k]`` ``[c, d]`` long, and the inverse permutation to reassemble a tensor.
+
+    ``split(x)`` returns one ``[B, c, d, *rest]`` view (or gather) per segment of a ``[B, C, *rest]``
+    tensor; ``merge(parts)`` puts per-segment ``[B, c, d', *rest]`` results back into channel order
+    (``d'`` may differ from ``d`` when a block changes the field, e.g. pooling to one channel).
+    """
+
+    def __init__(self, rep: Rep):
+        self.rep = rep
+        self.fields = [f for _, f in rep.segments]
+        self.copies = [c for c, _ in rep.segments]
+        user = rep.perm if rep.perm is not None else torch.arange(rep.dim)
+        self.index, o = [], 0
+        for c, f in rep.segments:
+            self.index.append(user[o : o + c * f.dim].reshape(c, f.dim))
+            o += c * f.dim
+        self.identity = rep.perm is None
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.shape[1] != self.rep.dim:
+            raise ValueError(f"the channel axis (dim 1) of x has size {x.shape[1]}, but the rep has dimension "
+                             f"{self.rep.dim} ({self.rep!r})")
+        rest = x.shape[2:]
+        if self.identity:
+            sizes = [c * f.dim for c, f in zip(self.copies, self.fields)]
+            return [p.reshape((x.shape[0], c, f.dim) + rest)
+                    for p, c, f in zip(torch.split(x, sizes, dim=1), self.copies, self.fields)]
+        return [x.index_select(1, idx.reshape(-1).to(x.device)).reshape((x.shape[0],) + tuple(idx.shape) + rest)
+                for idx in self.index]
+
+    def merge(self, parts: list[torch.Tensor], index: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``parts[k]`` ``[B, c_k, d_k, *rest]`` into ``[B, sum c_k d_k, *rest]``: in the rep's channel order
+        (``index=None``, same field dimensions), or in the order of ``index`` (per segment ``[c_k, d_k]``)."""
+        flat = torch.cat([p.reshape((p.shape[0], -1) + p.shape[3:]) for p in parts], dim=1)
+        order = self.index if index is None else index
+        if index is None and self.identity:
+            return flat
+        position = torch.cat([i.reshape(-1) for i in order]).to(flat.device)
+        return flat.index_select(1, torch.argsort(position))
+
+
+def is_permutation_field(field, group) -> bool:
+    """Whether the group acts on the field by permutation matrices (regular, quotient, trivial fields):
+    checked at the group's generators (products of permutations are permutations)."""
+    M = field.matrix(group.generators())
+    return bool(((M.abs() < 1e-9) | ((M - 1).abs() < 1e-9)).all() and ((M.sum(-1) - 1).abs() < 1e-9).all())
+
+
+def invariant_basis(field, group) -> torch.Tensor:
+    """``[d, k]`` orthonormal basis of the vectors the group fixes in the field (its trivial isotypic part)."""
+    Q = torch.eye(field.dim, dtype=torch.float64) if field.Q is None else field.Q
+    cols, o = [], 0
+    trivial = group.trivial()
+    for s in field.slots:
+        if s == trivial:
+            cols.append(Q[:, o : o + s.dim])
+        o += s.dim
+    return torch.cat(cols, 1) if cols else torch.zeros(field.dim, 0, dtype=torch.float64)
+
+
+def as_rep(x, name: str) -> Rep:
+    """``x`` as a :class:`Rep`: a Rep itself, or an e3nn ``Irreps`` object (O(3))."""
+    if isinstance(x, Rep):
+        return x
+    if type(x).__name__ == "Irreps" and type(x).__module__.startswith("e3nn"):
+        return Rep.from_e3nn(x)
+    raise TypeError(f"{name} must be an equiproj Rep (or an e3nn Irreps), got {type(x).__name__}")
