@@ -52,12 +52,13 @@ from ._layers import ApproxEquivariantConv2d, ApproxEquivariantConv3d, ApproxEqu
 from ._penalty import ProjectionPenalty, layer_energies
 from ._project import project_
 from ._report import Report, report
-from ._training import init_equivariant_
+from ._training import constant, cosine, init_equivariant_, linear_warmup
 
 __all__ = [
     "declare", "declare_translations", "undeclare", "declaration", "declared_layers",
     "Declaration", "MatrixDeclaration", "KernelSpaceDeclaration", "TranslationDeclaration", "NoKernelSpaceError",
     "ProjectionPenalty", "layer_energies", "project_", "init_equivariant_", "report", "Report",
+    "constant", "linear_warmup", "cosine",
     "ApproxEquivariantLinear", "ApproxEquivariantConv2d", "ApproxEquivariantConv3d",
     "PointwiseActivation", "Gate", "NormActivation", "FieldBatchNorm", "FieldLayerNorm", "GroupPooling", "NormPooling",
     "GridPool", "centred_grid", "check_equivariance", "EquivarianceCheck",

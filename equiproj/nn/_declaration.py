@@ -207,6 +207,10 @@ class Declaration:
     def weight(self, name: str, module: nn.Module) -> torch.Tensor:
         """The whole weight (gathered if sharded), checked against the declared shape."""
         w = full(module.weight)
+        if w.device.type == "meta":
+            raise ValueError(f"layer {name or type(module).__name__!r} has its parameters on the meta device (shapes "
+                             "without values): materialise the model first (e.g. model.to_empty(device=...) and load "
+                             "or initialise its weights)")
         if tuple(w.shape) != self.weight_shape:
             raise ValueError(f"layer {name or type(module).__name__!r}: weight has shape {tuple(w.shape)}, but "
                              f"{self.weight_shape} when it was declared: declare it again")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -14,12 +15,15 @@ from ..groups import Rep, check_rep_pair
 from ..kernel_spaces import default_kernel_space
 from ._declaration import (Declaration, KernelSpaceDeclaration, MatrixDeclaration, StaleDeclaration,
                            TranslationDeclaration)
+from ._fields import as_rep
 from ._tensors import is_dtensor
 
 __all__ = ["declare", "declare_translations", "undeclare", "declaration", "declared_layers", "select_layers",
            "unwrap", "NoKernelSpaceError"]
 
 _ATTR = "_equiproj_declaration"
+#: counts declare / undeclare calls, so that a penalty notices a model whose declarations changed
+_epoch = [0]
 _GRID_HINT = ("(exact grid actions: subgroups of D4 on square 2-D kernels, Octahedral/FullOctahedral on cubic 3-D "
               "kernels, any group on 1x1 kernels; kernel_space='channels' if G acts on the channels only)")
 
@@ -95,7 +99,11 @@ def declare(module: nn.Module, rep_in: Rep, rep_out: Rep, *, kernel_space=None, 
         ValueError: shapes that do not match the reps, different groups, grouped convolutions.
         NoKernelSpaceError: a conv whose group has neither a grid action nor a kernel space.
 
-    Declaring again replaces the previous declaration.
+    Declaring again replaces the previous declaration. A convolution whose geometry cannot keep
+    the grid symmetry is refused (anisotropic stride, dilation or padding under a group that swaps
+    axes; asymmetric ``padding="same"``); a strided one is accepted with a warning naming the input
+    sizes for which it keeps the symmetry (``(n + 2 padding - K) % stride == 0``, see
+    :func:`equiproj.nn.centred_grid`).
 
     Example::
 
@@ -104,6 +112,7 @@ def declare(module: nn.Module, rep_in: Rep, rep_out: Rep, *, kernel_space=None, 
         >>> declaration(conv).case
         'grid'
     """
+    rep_in, rep_out = as_rep(rep_in, "rep_in"), as_rep(rep_out, "rep_out")
     check_rep_pair(rep_in, rep_out)
     if not isinstance(module, nn.Module):
         raise TypeError(f"declare needs an nn.Module, got {type(module).__name__}")
@@ -132,6 +141,7 @@ def declare(module: nn.Module, rep_in: Rep, rep_out: Rep, *, kernel_space=None, 
     else:
         raise TypeError(f"declare supports nn.Linear and nn.Conv1d/2d/3d, got {type(module).__name__}")
     module.__dict__[_ATTR] = decl
+    _epoch[0] += 1
     return module
 
 
@@ -143,6 +153,8 @@ def _conv_declaration(module, rep_in, rep_out, kernel_space, bias) -> Declaratio
     if shape != (rep_out.dim, rep_in.dim) + k:  # guards against a swapped weight
         raise ValueError(f"conv weight has shape {shape}, expected {(rep_out.dim, rep_in.dim) + k}")
     ks = _fmt_shape(k)
+    if kernel_space != "channels" and G.ambient_dim == s:
+        _check_conv_geometry(module, G, k)
     if kernel_space == "channels":
         rep_pix = math.prod(k) * G.trivial()
         return MatrixDeclaration("channels", rep_in, rep_out, rep_in @ rep_pix, shape, bias, s,
@@ -165,6 +177,39 @@ def _conv_declaration(module, rep_in, rep_out, kernel_space, bias) -> Declaratio
     return KernelSpaceDeclaration(rep_in, rep_out, kernel_space, shape, bias, s, _space_text(kernel_space))
 
 
+def _swaps_axes(group) -> bool:
+    """Whether some element of the group mixes the grid's axes (a rotation by 90 degrees, say)."""
+    g = group.generators()
+    off = g - torch.diag_embed(g.diagonal(dim1=-2, dim2=-1))
+    return bool((off.abs() > 1e-9).any())
+
+
+def _check_conv_geometry(module, group, k: tuple[int, ...]) -> None:
+    """Refuse a conv whose stride, dilation or padding can never keep the grid symmetry; warn for a
+    strided one, which keeps it only for some input sizes."""
+    name = type(module).__name__
+    stride, dilation = tuple(module.stride), tuple(module.dilation)
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding == "same" and any((d * (kk - 1)) % 2 for d, kk in zip(dilation, k)):
+            raise ValueError(f"{name}: padding='same' with an even effective kernel pads one side more than the other, "
+                             f"which moves the output off the grid's centre: {group} cannot act on it; use an odd "
+                             "kernel or explicit symmetric padding")
+        padding = tuple(d * (kk - 1) // 2 for d, kk in zip(dilation, k)) if padding == "same" else (0,) * len(k)
+    padding = tuple(padding)
+    if _swaps_axes(group) and (len(set(k)) > 1 or len(set(stride)) > 1 or len(set(dilation)) > 1
+                               or len(set(padding)) > 1):
+        raise ValueError(f"{name}(kernel_size={k}, stride={stride}, dilation={dilation}, padding={padding}) treats the "
+                         f"axes differently, but {group} maps one axis onto another: the layer cannot commute with its "
+                         "rotations; use the same kernel size, stride, dilation and padding on every axis")
+    if any(s > 1 for s in stride):
+        s, p, K = stride[0], padding[0], dilation[0] * (k[0] - 1) + 1
+        warnings.warn(f"{name}: a stride of {s} keeps the grid symmetry of {group} only for input sizes n with "
+                      f"(n + 2*{p} - {K}) % {s} == 0, i.e. n % {s} == {(K - 2 * p) % s} (the sampled positions are "
+                      "then symmetric about the grid's centre); other sizes break it (equiproj.nn.centred_grid checks "
+                      "a size)", UserWarning, stacklevel=4)
+
+
 def declare_translations(module: nn.Module, *, bias: bool = True) -> nn.Module:
     """Declare that a periodic locally connected layer (:class:`equiproj.translation.LocallyConnected1d`
     or ``2d``) should be translation equivariant, i.e. a convolution; returns ``module``.
@@ -177,12 +222,14 @@ def declare_translations(module: nn.Module, *, bias: bool = True) -> nn.Module:
     desc = (f"translations of the periodic {_fmt_shape(module.size)} grid, exact (equivariant iff a convolution "
             f"with {_fmt_shape(module.kernel_size)} kernels)")
     module.__dict__[_ATTR] = TranslationDeclaration(tuple(module.weight.shape), bias, module.spatial_dims, desc)
+    _epoch[0] += 1
     return module
 
 
 def undeclare(module: nn.Module) -> nn.Module:
     """Remove a declaration (no-op if there is none); returns ``module``."""
-    module.__dict__.pop(_ATTR, None)
+    if module.__dict__.pop(_ATTR, None) is not None:
+        _epoch[0] += 1
     return module
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._declaration import MatrixTerm, batches, inplace_view, one_pass_route
-from ._declare import declaration, select_layers
+from ._declare import _epoch, declaration, select_layers, unwrap
 from ._tensors import accumulate_grad, assign, is_dtensor, no_autocast
 
 __all__ = ["ProjectionPenalty", "layer_energies"]
@@ -73,6 +73,10 @@ def layer_energies(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _lambdas(value, names: list[str], what: str) -> list[float]:
     def num(v, where):
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():
+            v = float(v)  # a 0-dim tensor, e.g. from a schedule
+        if v is None:
+            raise TypeError(f"{what}{where} must be a number >= 0 (or a mapping from layer names to numbers), got None")
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{what}{where} must be a finite number >= 0, got {v!r}")
         return float(v)
@@ -114,16 +118,19 @@ class ProjectionPenalty:
 
     Args:
         model: the model (may be wrapped in DDP or ``torch.compile``; may be FSDP2-sharded).
-        lambda_perp, lambda_G: a number >= 0 for every layer, or a mapping from layer names (as
-            in ``model.named_modules()``, e.g. ``"features.0"``) to numbers, with an optional
-            ``"default"`` key for the layers it does not name.
+        lambda_perp, lambda_G: a number >= 0 (or a 0-dim tensor) for every layer, or a mapping from
+            layer names (as in ``model.named_modules()``, e.g. ``"features.0"``) to numbers, with an
+            optional ``"default"`` key for the layers it does not name. :meth:`set_lambdas` changes
+            them (e.g. every step, from a schedule of :mod:`equiproj.nn`).
         norm: ``"squared"`` (default, ``E``) or ``"unsquared"`` (``sqrt(E)``, the Frobenius norm;
             its gradient at an exactly equivariant layer is taken as 0).
         layers: optional subset (names or modules); each must be declared. Default: all.
 
     Calling it returns the penalty, a differentiable scalar (float32; float64 if every weight is
-    float64). The declared layers are found when the penalty is built; weights are read at each
-    call. Example::
+    float64). The penalty follows the model: weights are read at each call, and a layer declared,
+    re-declared or undeclared after the penalty was built, or a declared module swapped in for
+    another, is picked up at the next call (with ``layers`` given as module objects, a module that
+    left the model is an error). Example::
 
         penalty = ProjectionPenalty(model, lambda_perp=1e-2)
         loss = criterion(model(x), y) + penalty()
@@ -133,19 +140,51 @@ class ProjectionPenalty:
                  layers: Iterable[str | nn.Module] | None = None):
         if norm not in ("squared", "unsquared"):
             raise ValueError(f"norm must be 'squared' or 'unsquared', got {norm!r}")
+        self._model, self._layer_spec = model, layers
         self.layers = select_layers(model, layers)
         self.names = [n for n, _, _ in self.layers]
         self.norm = norm
         self._index_cache: dict = {}
+        self._epoch = _epoch[0]
+        self._lambda_spec = [None, None]
+        if lambda_perp is None:
+            raise TypeError("lambda_perp must be a number >= 0 (or a mapping from layer names to numbers), got None")
         self.set_lambdas(lambda_perp, lambda_G)
 
     def set_lambdas(self, lambda_perp=None, lambda_G=None) -> None:
-        """Change the weights (same forms as in the constructor); ``None`` keeps the current value."""
+        """Change the weights (same forms as in the constructor, numbers or 0-dim tensors); ``None``
+        keeps the current value. Cheap enough to call every step, e.g. from a schedule::
+
+            schedule = equiproj.nn.linear_warmup(1e-2, steps=1000)
+            for step in range(num_steps):
+                penalty.set_lambdas(lambda_perp=schedule(step))
+                ...
+        """
         if lambda_perp is not None:
             self.lambda_perp = _lambdas(lambda_perp, self.names, "lambda_perp")
+            self._lambda_spec[0] = lambda_perp
         if lambda_G is not None:
             self.lambda_G = _lambdas(lambda_G, self.names, "lambda_G")
+            self._lambda_spec[1] = lambda_G
         self._lambda_cache: dict = {}
+
+    @torch.compiler.disable  # host-side bookkeeping, never traced
+    def _follow_model(self) -> None:
+        """Pick up declarations made or changed since the last call, and declared modules swapped in."""
+        if self._epoch == _epoch[0]:
+            root = unwrap(self._model)
+            try:
+                if all((root.get_submodule(n) if n else root) is m for n, m, _ in self.layers):
+                    return
+            except AttributeError:
+                pass
+        self.layers = select_layers(self._model, self._layer_spec)
+        self.names = [n for n, _, _ in self.layers]
+        self._index_cache = {}
+        self._epoch = _epoch[0]
+        self.lambda_perp = _lambdas(self._lambda_spec[0], self.names, "lambda_perp")
+        self.lambda_G = _lambdas(self._lambda_spec[1], self.names, "lambda_G")
+        self._lambda_cache = {}
 
     def _lambda_tensors(self, device, dtype):
         key = (device, dtype)
@@ -156,6 +195,7 @@ class ProjectionPenalty:
 
     def energies(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E_perp, E_G)``, each ``[L]`` (one per layer of ``self.names``, bias included), differentiable."""
+        self._follow_model()
         return _per_layer_opaque(self.layers, self._index_cache)
 
     def __call__(self) -> torch.Tensor:
@@ -204,6 +244,7 @@ class ProjectionPenalty:
             criterion(model(x), y).backward()
             optimizer.step()
         """
+        self._follow_model()
         with no_autocast(self.layers[0][1].weight.device):
             fast, terms, slow = self._fast_and_slow()
             values = []
@@ -251,6 +292,7 @@ class ProjectionPenalty:
         for name, r in (("rate", rate), ("rate_G", rate_G)):
             if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {r!r}")
+        self._follow_model()
         with no_autocast(self.layers[0][1].weight.device):
             stepped = set()
             _, terms, _ = self._fast_and_slow()

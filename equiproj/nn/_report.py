@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
-from ._declare import select_layers
+from ._declare import declaration, select_layers, unwrap
 
 __all__ = ["Report", "report"]
 
@@ -20,19 +21,23 @@ class Report:
     for the layer's full action, kernel grid included; ``None`` for kernel-space layers, where G
     does not act on the whole kernel), ``shares_no_irrep`` (rep_in and rep_out share no irrep, so the
     equivariant part is forced to 0; ``None`` where not applicable), ``breakdown`` (``None``, or a
-    list of ``{"irrep_out", "irrep_in", "e_perp"}`` sorted by energy, when requested). ``str(report)``
-    is a text table; :meth:`as_dict` a plain nested dict.
+    list of ``{"irrep_out", "irrep_in", "e_perp"}`` sorted by energy, when requested). ``undeclared``
+    lists the model's ``nn.Linear`` / ``nn.Conv*`` layers that are not declared (``name``, ``module``,
+    ``weight_shape``): no symmetry is asked of them. ``str(report)`` is a text table; :meth:`as_dict` a
+    plain nested dict.
     """
 
-    def __init__(self, rows: list[dict]):
+    def __init__(self, rows: list[dict], undeclared: list[dict] | None = None):
         self.rows = rows
+        self.undeclared = undeclared or []
 
     def as_dict(self) -> dict:
         tot_n = sum(r["norm_sq"] for r in self.rows)
         tot_p = sum(r["e_perp"] for r in self.rows)
         return {"layers": [dict(r) for r in self.rows],
                 "total": {"norm_sq": tot_n, "e_perp": tot_p, "e_g": sum(r["e_g"] for r in self.rows),
-                          "rel_perp": tot_p / tot_n if tot_n > 0 else 0.0}}
+                          "rel_perp": tot_p / tot_n if tot_n > 0 else 0.0},
+                "undeclared": [dict(u) for u in self.undeclared]}
 
     def __len__(self):
         return len(self.rows)
@@ -63,6 +68,8 @@ class Report:
                     if e["e_perp"] > 0:
                         share = e["e_perp"] / r["e_perp"] if r["e_perp"] > 0 else 0.0
                         lines.append(f"    {e['irrep_out']} <- {e['irrep_in']}: E_perp {e['e_perp']:.3e} ({share:.1%})")
+        for u in self.undeclared:
+            lines.append(f"{u['name']}: {u['module']} {u['weight_shape']} is not declared: no symmetry is asked of it")
         lines.append("defect bound: sup_g ||rho_out(g) W - W rho_in(g)||_F <= 2 sqrt(E_perp) (docs/math.md §2)")
         return "\n".join(lines)
 
@@ -72,4 +79,9 @@ def report(model: nn.Module, breakdown: bool = False, layers=None) -> Report:
 
     ``breakdown=True`` adds, for matrix-form layers, E_perp per (irrep_out, irrep_in) block type
     in the irrep basis of the layer's full action (where the layer breaks the symmetry)."""
-    return Report([d.report_row(name, m, breakdown) for name, m, d in select_layers(model, layers)])
+    rows = [d.report_row(name, m, breakdown) for name, m, d in select_layers(model, layers)]
+    undeclared = [] if layers is not None else [
+        {"name": name, "module": type(m).__name__, "weight_shape": tuple(m.weight.shape)}
+        for name, m in unwrap(model).named_modules()
+        if isinstance(m, (nn.Linear, _ConvNd)) and declaration(m) is None]
+    return Report(rows, undeclared)

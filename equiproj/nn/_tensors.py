@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -54,5 +56,7 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
 
 
 def no_autocast(device: torch.device):
-    """Energies keep their precision under AMP: autocast off for the device."""
+    """Energies keep their precision under AMP: autocast off for the device (where it has autocast)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
