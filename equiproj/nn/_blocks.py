@@ -173,8 +173,8 @@ class _FieldNorm(nn.Module):
         self.eps = eps
         self._layout = FieldLayout(rep)
         self._bases = [invariant_basis(f, rep.group) for f in self._layout.fields]  # [d, k] float64
-        for k, U in enumerate(self._bases):
-            self.register_buffer(f"_invariant_{k}", (U @ U.T).to(torch.get_default_dtype()), persistent=False)
+        self._projectors = [U @ U.T for U in self._bases]
+        self._cache: dict = {}
         n = sum(self._layout.copies)
         k_inv = sum(c * U.shape[1] for c, U in zip(self._layout.copies, self._bases))
         self.weight = nn.Parameter(torch.ones(n)) if affine else None
@@ -183,8 +183,15 @@ class _FieldNorm(nn.Module):
     def _invariant_mean(self, k, part, dims):
         """The mean of ``part`` ``[B, c, d, *rest]`` over ``dims``, projected on the invariant subspace."""
         mean = part.mean(dim=dims, keepdim=True)
-        P = getattr(self, f"_invariant_{k}").to(part.dtype)
-        return (mean.movedim(2, -1) @ P).movedim(-1, 2)
+        return (mean.movedim(2, -1) @ self._constant(self._projectors, k, part)).movedim(-1, 2)
+
+    def _constant(self, tensors, k, like):
+        """``tensors[k]`` (a float64 master copy) on ``like``'s device in its dtype, cached: converting the
+        projectors from the parameters' dtype would keep a float32 rounding in a float64 model."""
+        key = (id(tensors), k, like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = tensors[k].to(device=like.device, dtype=like.dtype)
+        return self._cache[key]
 
     def _affine(self, parts):
         if self.weight is None:
@@ -194,7 +201,8 @@ class _FieldNorm(nn.Module):
             tail = (1,) * (part.dim() - 3)
             y = part * self.weight[o : o + c].reshape((1, c, 1) + tail).to(part.dtype)
             if U.shape[1]:
-                b = self.bias[ob : ob + c * U.shape[1]].reshape(c, U.shape[1]).to(part.dtype) @ U.T.to(part.dtype)
+                b = self.bias[ob : ob + c * U.shape[1]].reshape(c, U.shape[1]).to(part.dtype) @ self._constant(
+                    self._bases, len(out), part).T
                 y = y + b.reshape((1, c, U.shape[0]) + tail)
                 ob += c * U.shape[1]
             out.append(y)
