@@ -3,9 +3,10 @@
     python tests/fuzz/summarize_fuzz_report.py path [--all]
 
 First the examples and seconds per test, then per backend and weight dtype the largest relative
-error of the energies (random weights; nearly equivariant weights' E_perp separately), of the
-gradients (normwise) and of the projection, and the largest error / tolerance of any check
-(<= 1 passes). ``--all`` lists every (quantity, backend, dtype, regime) row.
+error of the energies, of the gradients (normwise) and of the projection for random weights, of
+E_perp for nearly equivariant weights (E_perp / ||W||^2 = 1e-4, 1e-8), and the largest
+error / tolerance of any check, all regimes (<= 1 passes). ``--all`` lists every (quantity,
+backend, dtype, regime) row, the exactly equivariant regime and the errors of quantities ~0 too.
 """
 
 import json
@@ -14,10 +15,15 @@ from collections import defaultdict
 
 
 def _group(quantity: str, regime: str) -> str | None:
+    """The column of a row: random weights by quantity, nearly equivariant E_perp, or none (only err/tol)."""
     if "/" in quantity:  # errors of quantities ~0, relative to ||W|| (not a relative error)
         return None
+    if regime == "near" and quantity.endswith("E_perp"):
+        return "E_perp near-equivariant"
+    if regime != "random":
+        return None
     if quantity.endswith(("E_perp", "E_G")):
-        return "E_perp near-equivariant" if regime == "near" and quantity.endswith("E_perp") else "energies"
+        return "energies"
     return "projection" if quantity.startswith("project") else "gradients"
 
 

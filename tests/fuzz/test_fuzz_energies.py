@@ -21,9 +21,9 @@ import time
 
 import pytest
 import torch
-from fuzz_draws import FLOAT_DTYPES, examples, layer_cases, materialize
+from fuzz_draws import FLOAT_DTYPES, LayerCase, examples, layer_cases, materialize
 from fuzz_oracle import RECORD, cached_projector, check_energy, check_matrix
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import equiproj
@@ -230,9 +230,16 @@ def test_triton_kernel(cases, with_grad):
 
 
 # ---- the autograd contract ------------------------------------------------------------------------
+_NO_EQUIVARIANT_MAPS = LayerCase(group=("so2",), rep_in=("irreps", ((0, 1),), "parse"), rep_out=("irreps", ((1, 1),), "parse"),
+                                 batch=(), layout="contiguous", dtype=torch.float64, scale_exp=0, regime="random",
+                                 ratio=0.0, seed=0, lambda_perp=1.0, lambda_G=0.0)
+
+
 @settings(max_examples=examples(0.25))
 @given(case=layer_cases(dtypes=(torch.float64, torch.float32)),
        backend=st.sampled_from(("cpp", "torch", "reference")), which=st.sampled_from(("equivariant", "non_equivariant")))
+@example(case=_NO_EQUIVARIANT_MAPS, backend="torch", which="equivariant")  # E_G = 0 and P(W) = 0 identically
+@example(case=_NO_EQUIVARIANT_MAPS, backend="cpp", which="equivariant")
 def test_autograd_graph(case, backend, which):
     """For a W that requires grad, the energies of every backend and the projection are part of the autograd
     graph (also when one of them is identically zero, e.g. reps without equivariant maps between them), and
