@@ -64,7 +64,7 @@ from ..groups import O3, FullOctahedral, Rep
 from ._training import (interleaved_step_times, mean_std, regime_step, relative_noneq_energy, run_steps, seed_all,
                         validation_sweep, write_csv)
 
-__all__ = ["VOXEL_CLASSES", "VoxelParams", "voxel_shapes", "render_shapes", "VoxelGate", "O3VoxelNet",
+__all__ = ["VOXEL_CLASSES", "VoxelParams", "voxel_shapes", "render_shapes", "O3VoxelNet",
            "cube_symmetries", "voxel_data_penalty", "train_voxels", "measure_step_times", "voxel_accuracy", "cube_invariance_error",
            "smooth_invariance_error", "VoxelConfig", "run_voxels", "format_voxels_table", "VOXEL_REGIMES"]
 
@@ -185,24 +185,6 @@ def render_shapes(data: dict, grid: int, rotation: torch.Tensor | None = None) -
 # Model
 # =============================================================================================
 
-class VoxelGate(nn.Module):
-    """Gated nonlinearity on ``[B, scalars + gated + sum(field dims), *spatial]``: the first
-    ``scalars`` channels go through SiLU, the next ``gated`` channels are gates (scalars) consumed
-    here, and field ``j`` (of dimension ``dims[j]``) is multiplied by ``sigmoid(gate_j)``. Output
-    ``[B, scalars + sum(dims), *spatial]``. Exactly equivariant for any orthogonal action on the
-    fields: the gates are invariant and multiply whole fields."""
-
-    def __init__(self, scalars: int, dims: list[int]):
-        super().__init__()
-        self.scalars, self.gated = scalars, len(dims)
-        self.register_buffer("expand", torch.repeat_interleave(torch.arange(len(dims)), torch.tensor(dims, dtype=torch.long)))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        s, g = self.scalars, self.gated
-        gates = torch.sigmoid(h[:, s : s + g]).index_select(1, self.expand)
-        return torch.cat([F.silu(h[:, :s]), h[:, s + g :] * gates], 1)
-
-
 class O3VoxelNet(nn.Module):
     """``[B, 1, N, N, N] -> logits [B, classes]`` (N even): Conv3d(k=5) -> gate -> avg-pool 2 ->
     Conv3d(k=3) -> gate -> Conv3d(k=3) to ``out_scalars x 0e`` -> SiLU -> global mean -> Linear.
@@ -225,7 +207,9 @@ class O3VoxelNet(nn.Module):
         self.convs = nn.ModuleList(nn.Conv3d(a.dim, b.dim, k, padding=k // 2) for a, b, k in reps)
         for conv, (a, b, _) in zip(self.convs, reps):
             eqnn.declare(conv, a, b)
-        self.gate = VoxelGate(scalars, dims)
+        if not fields:
+            raise ValueError("O3VoxelNet needs vector or tensor fields (vectors + tensors > 0)")
+        self.gate = eqnn.Gate(Rep.parse(G, f"{scalars}x0e"), Rep.parse(G, f"{len(dims)}x0e"), Rep.parse(G, fields))
         self.classifier = nn.Linear(out_scalars, classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import equiproj.nn as eqnn
 from equiproj import O3, grid
 from equiproj.cli import _demo as demo
 from equiproj.cli import _voxels as dv
-from equiproj.cli._voxels import (VOXEL_REGIMES, O3VoxelNet, VoxelConfig, VoxelGate, VoxelParams, cube_invariance_error,
+from equiproj.cli._voxels import (VOXEL_REGIMES, O3VoxelNet, VoxelConfig, VoxelParams, cube_invariance_error,
                                   cube_symmetries, format_voxels_table, render_shapes, run_voxels,
                                   smooth_invariance_error, voxel_data_penalty, voxel_shapes)
 
@@ -65,7 +65,7 @@ def test_gate_is_equivariant_for_any_rotation():
     scalars, dims = 3, [3, 3, 5]  # 3 scalars, then 3 gates, then 2 vectors and one l = 2 field
     gated_rep = (scalars + len(dims)) * G.trivial() + 2 * G.irrep("1o") + G.irrep("2e")
     out_rep = scalars * G.trivial() + 2 * G.irrep("1o") + G.irrep("2e")
-    gate = VoxelGate(scalars, dims).double()
+    gate = eqnn.Gate(scalars * G.trivial(), len(dims) * G.trivial(), 2 * G.irrep("1o") + G.irrep("2e")).double()
     h = torch.randn(2, gated_rep.dim, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     g = G.sample(1, generator=torch.Generator().manual_seed(2))[0]
     Din, Dout = gated_rep.matrix(g), out_rep.matrix(g)
