@@ -28,6 +28,7 @@ from dataclasses import replace
 
 import torch
 
+from . import _args
 from ._smoke import SmokeConfig, format_smoke_table, run_smoke
 from ._so2 import SO2Config, format_so2_table, run_so2
 from ._voxels import VoxelConfig, format_voxels_table, run_voxels
@@ -50,9 +51,9 @@ def script_main(argv, name: str, description: str, param: str | None = None, par
     (outputs tagged ``_<param><value>``). Prints the table, then the time and config."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--full", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=_args.seed, default=0)
+    p.add_argument("--out", type=_args.output_dir, default="experiments/results")
+    p.add_argument("--threads", type=_args.positive_int, help="torch threads (default: torch's choice)")
     if param:
         p.add_argument(f"--{param}", type=float, help=f"{param_help} (default: the config's)")
     args = p.parse_args(argv)
@@ -76,10 +77,12 @@ def script_main(argv, name: str, description: str, param: str | None = None, par
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``equiproj demo`` options (``--full``, ``--seed``, ``--out``, ``--only``)."""
     parser.add_argument("--full", action="store_true", help="the full sizes (3 seeds, full grids): about 100 min on 2 cores")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation, batches (default 0)")
-    parser.add_argument("--out", default="equiproj-demo", help="output directory for tables, CSVs, PNGs")
+    parser.add_argument("--seed", type=_args.seed, default=0, help="seed of data, initialisation, batches (default 0)")
+    parser.add_argument("--out", type=_args.output_dir, default="equiproj-demo",
+                        help="output directory for tables, CSVs, PNGs (created if missing)")
     parser.add_argument("--only", choices=tuple(EXPERIMENTS), help="run one experiment only")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--threads", type=_args.positive_int,
+                        help="torch threads, >= 1 (default: torch's choice; 1 is faster on a busy machine)")
     return parser
 
 
