@@ -16,6 +16,10 @@ The energies are differentiable (``dE_perp/dW = 2 (W - P W)``), computed in resi
 as ``||W||^2 - ||P W||^2``), in float32 for half-precision and float32 inputs and in float64 for
 float64 inputs, and returned in that accumulation dtype. ``backend=`` chooses who computes them
 (:mod:`equiproj.ops`: ``"auto"``, ``"cpp"``, ``"triton"``, ``"torch"``, ``"reference"``).
+Inside a ``torch.autocast`` region every function computes what it computes outside it (autocast is
+switched off for its arithmetic); with ``backend="torch"``, ``project`` and ``energy_breakdown``,
+call ``backward()`` outside the region (see :mod:`equiproj.kernels.torch_twin`). Weights are
+float16, bfloat16, float32 or float64; other dtypes (float8) are refused.
 The mathematics is in docs/math.md §2-3.
 """
 

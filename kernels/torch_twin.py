@@ -10,6 +10,12 @@ build). Per field pair, with the pair's orthonormal basis ``A [r, d_out, d_in]``
 
 Unlike the kernels it is plain differentiable torch: energies-only calls keep the autograd graph
 (double backward works), and :func:`torch_project` returns ``P(W)`` or ``W - P(W)`` with gradients.
+Both run with autocast off for their device, so a ``torch.autocast`` region around the call changes
+nothing. Their backward is that autograd graph, which runs in the dtypes of the forward when
+``backward()`` is called outside the region (as torch recommends); a backward inside the region,
+or one compiled under it (torch's ``backward_pass_autocast="same_as_forward"``), is lowered to
+the region's dtype (relative errors 1e-3 to 1e-2 in bfloat16). The fused kernels' backward is the kernel
+itself and has no such caveat.
 """
 
 from __future__ import annotations
