@@ -105,3 +105,16 @@ def test_so3_voxel_cnn_with_gated_irrep_fields(seed):
     result = check_equivariance(model, G.trivial(), NormPooling(gate.rep_out).rep_out, torch.randn(2, 1, 7, 7, 7))
     assert result.elements_kind == "grid subgroup" and len(result.per_element) == 24
     assert result.max_rel_error <= 1e-5, str(result)
+
+
+def test_tutorial_example_runs(capsys):
+    """examples/equivariant_network.py (the tutorial of docs/tutorial.md), tiny, both training modes."""
+    import os
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    example = runpy.run_path(os.path.join(root, "examples", "equivariant_network.py"))
+    for mode in ("decay", "penalty"):
+        result = example["main"](["--tiny", "--mode", mode])
+        assert result["after"] <= 1e-5 and 0.0 <= result["accuracy"] <= 1.0
+    assert "equivariance error before project_" in capsys.readouterr().out
