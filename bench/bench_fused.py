@@ -97,6 +97,16 @@ def one_pass(W: torch.Tensor, rep, backend: str) -> torch.Tensor:
     return equiproj.energies_and_grad(W.detach(), rep, rep, lambda_G=C_G, backend=backend)[2]
 
 
+def into_grad(W: torch.Tensor, grad: torch.Tensor, rep, backend: str) -> torch.Tensor:
+    """The same gradient added in place to an existing gradient buffer (no fresh output)."""
+    return equiproj.energies_and_grad(W.detach(), rep, rep, lambda_G=C_G, backend=backend, out=grad)[2]
+
+
+def decay_in_place(W: torch.Tensor, rep, backend: str, rate: float = 1e-3) -> torch.Tensor:
+    """The decoupled step ``W <- W - rate (W - P W)``, in place: one read and one write of W."""
+    return equiproj.energies_and_grad(W, rep, rep, lambda_perp=-rate / 2, backend=backend, out=W)[2]
+
+
 def forward(W: torch.Tensor, rep, backend: str):
     with torch.no_grad():
         return equiproj.energies(W, rep, rep, backend=backend)
@@ -135,6 +145,8 @@ def measure(case: str, n: int, threads: int, with_torch: bool = True, dtype=torc
     torch.set_num_threads(threads)
     W = torch.randn(rep.dim, rep.dim, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
     out = torch.empty_like(W)
+    grad = torch.zeros_like(W)
+    W_decay = W.detach().clone()
     row = {"case": case, "d": field_dim(case), "shape": tuple(W.shape), "threads": threads}
     row.update(interleaved({
         "mul": lambda: torch.mul(W.detach(), 2),
@@ -142,6 +154,8 @@ def measure(case: str, n: int, threads: int, with_torch: bool = True, dtype=torc
         "fused_fwd": lambda: forward(W, rep, "cpp"),
         "fused": lambda: fwd_bwd(W, rep, "cpp"),
         "one_pass": lambda: one_pass(W, rep, "cpp"),
+        "into_grad": lambda: into_grad(W, grad, rep, "cpp"),
+        "decay": lambda: decay_in_place(W_decay, rep, "cpp"),
     }))
     if with_torch:
         row["torch"] = timeit(lambda: fwd_bwd(W, rep, "torch"), repeat=2, min_time=0.0)
@@ -149,18 +163,20 @@ def measure(case: str, n: int, threads: int, with_torch: bool = True, dtype=torc
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| case | field dim | W | threads | mul ms | fused fwd+bwd ms | x mul | x mul(out=) | fwd ms "
-            "| one pass ms | x mul | torch fwd+bwd ms | speedup vs torch |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| case | field dim | W | threads | mul ms | mul(out=) ms | fused fwd+bwd ms | x mul | x mul(out=) | fwd ms "
+            "| one pass ms | x mul | into .grad ms | x mul(out=) | decay in place ms | x mul(out=) "
+            "| torch fwd+bwd ms | speedup vs torch |")
+    lines = [head, "|" + "---|" * 18]
     for r in rows:
         tor = r.get("torch")
         tor_ms = "-" if tor is None else f"{tor * 1e3:.0f}"
         speedup = "-" if tor is None else f"{tor / r['fused']:.1f}x"
         lines.append(
             f"| {r['case']} | {r['d']} | {r['shape'][0]}x{r['shape'][1]} | {r['threads']} | {r['mul'] * 1e3:.1f} "
-            f"| {r['fused'] * 1e3:.1f} | {r['fused'] / r['mul']:.2f} | {r['fused'] / r['mul_out']:.2f} "
-            f"| {r['fused_fwd'] * 1e3:.1f} | {r['one_pass'] * 1e3:.1f} | {r['one_pass'] / r['mul']:.2f} "
-            f"| {tor_ms} | {speedup} |")
+            f"| {r['mul_out'] * 1e3:.1f} | {r['fused'] * 1e3:.1f} | {r['fused'] / r['mul']:.2f} "
+            f"| {r['fused'] / r['mul_out']:.2f} | {r['fused_fwd'] * 1e3:.1f} | {r['one_pass'] * 1e3:.1f} "
+            f"| {r['one_pass'] / r['mul']:.2f} | {r['into_grad'] * 1e3:.1f} | {r['into_grad'] / r['mul_out']:.2f} "
+            f"| {r['decay'] * 1e3:.1f} | {r['decay'] / r['mul_out']:.2f} | {tor_ms} | {speedup} |")
     return "\n".join(lines)
 
 
@@ -204,6 +220,20 @@ def test_fused_one_pass(benchmark, layer):
     rep, W, expected = layer
     g = benchmark(one_pass, W, rep, "cpp")
     torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_cpp
+@pytest.mark.benchmark(group="fused-cpu")
+def test_fused_into_grad_and_decay(benchmark, layer):
+    rep, W, expected = layer
+    grad = torch.ones_like(W)
+    g = benchmark(into_grad, W, grad, rep, "cpp")
+    calls = 1 if benchmark.disabled else benchmark.stats.stats.rounds * benchmark.stats.stats.iterations + 1
+    torch.testing.assert_close(g, 1 + calls * expected, rtol=1e-4, atol=1e-4 * calls)
+    Wd = W.detach().clone()
+    decay_in_place(Wd, rep, "cpp", rate=0.5)  # W - (W - P W) / 2 = W - expected_perp / 4 (expected = 2 R + 2 C_G P W)
+    R = equiproj.project(W.detach(), rep, rep, which="non_equivariant")
+    torch.testing.assert_close(Wd, W.detach() - 0.5 * R, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.benchmark(group="fused-cpu")
