@@ -8,8 +8,9 @@ Everything here is differentiable with respect to the weight / the model's param
   :func:`sampled_operator_penalty` (their mean). For conv kernels
   ``[c_out, c_in, *k]``, :func:`conv_orbit_defects` / :func:`sampled_conv_penalty` use the exact
   grid action (C4/D4 on square kernels, O/O_h on cubic kernels: a pixel permutation,
-  :func:`equiproj.grid.kernel_rep`) or, with ``kernel_space=``, the action of a steerable
-  kernel space on the kernel's coefficients (:mod:`equiproj.kernel_spaces`).
+  :func:`equiproj.grid.kernel_rep`) or, with ``kernel_space=``, the orthogonal action of a
+  steerable kernel space on the kernel's orthonormal band coefficients, whose fixed points are the
+  space's equivariant kernels (:mod:`equiproj.kernel_spaces`).
   :func:`samples_for_relative_error` turns a set of draws into the ``K`` needed for a given
   relative error.
 * **Data-level sample-based penalty** (the usual augmentation loss):
@@ -178,12 +179,13 @@ def conv_orbit_defects(weight: torch.Tensor, rep_in: Rep, rep_out: Rep, elements
       ``||g·K - K||^2``, whose Haar average is ``2 E_perp`` of the grid case. (Computed as the
       linear case: the kernel flattened to ``[c_out, c_in * k^s]`` with input rep
       ``rep_in @ grid.kernel_rep(G, k)``.)
-    * ``kernel_space=space`` (a :class:`equiproj.kernel_spaces.SteerableKernelSpace`): G acts on
-      the kernel's coefficients ``A = space.coefficients(K)``; the part of K outside the space
+    * ``kernel_space=space`` (a :class:`equiproj.kernel_spaces.SteerableKernelSpace`): G acts
+      orthogonally on the kernel's band coefficients ``A = space.coefficients(K, rep_in, rep_out)``,
+      with exactly the space's equivariant kernels as fixed points; the part of K outside the band
       is non-equivariant and enters exactly: the defect is
-      ``||rho_out(g) A - A rho_coef(g)||^2 + 2 ||K - space.kernel(A)||^2`` (``rho_coef =
-      space.coefficient_rep(rep_in)``), whose Haar average is ``2 E_perp`` as the kernel space
-      defines it.
+      ``||rho_out(g) A - A rho_coef(g)||^2 + 2 ||K - space.kernel(A, rep_in, rep_out)||^2``
+      (``rho_coef = space.coefficient_rep(rep_in)``), whose Haar average is ``2 E_perp`` as the
+      kernel space defines it.
     """
     _float(weight, "weight")
     check_rep_pair(rep_in, rep_out)
@@ -207,7 +209,7 @@ def conv_orbit_defects(weight: torch.Tensor, rep_in: Rep, rep_out: Rep, elements
         raise ValueError(f"weight must have shape [..., c_out, c_in, {', '.join(['k'] * s)}], got {tuple(weight.shape)}")
     _check_channels(weight, s, rep_in, rep_out)
     A = kernel_space.coefficients(weight, rep_in, rep_out)  # [..., c_out, c_in * D], compute dtype
-    outside = (weight.to(A.dtype) - kernel_space.kernel(A, rep_in)).square().flatten(-2 - s).sum(-1)
+    outside = (weight.to(A.dtype) - kernel_space.kernel(A, rep_in, rep_out)).square().flatten(-2 - s).sum(-1)
     return orbit_defects(A, kernel_space.coefficient_rep(rep_in), rep_out, g) + 2 * outside
 
 

@@ -189,27 +189,10 @@ def _field_blocks(M: torch.Tensor, rep_in: Rep, rep_out: Rep):
         oo += co * fo.dim
 
 
-class _forced_backend:
-    """Context: ``$EQUIPROJ_BACKEND = backend`` (restored on exit)."""
-
-    VAR = "EQUIPROJ_BACKEND"
-
-    def __init__(self, backend: str):
-        self.backend = backend
-
-    def __enter__(self):
-        self.old = os.environ.get(self.VAR)
-        os.environ[self.VAR] = self.backend
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop(self.VAR, None)
-        else:
-            os.environ[self.VAR] = self.old
-
-
 class SteerableConvLayer:
-    """A conv kernel ``[c_out, c_in, k, ..., k]`` in a band-limited steerable kernel space."""
+    """A conv kernel ``[c_out, c_in, k, ..., k]`` in a band-limited steerable kernel space (its
+    reference: the group quadrature on the space's orthonormal band coefficients, plus the
+    out-of-band energy, a route independent of the pixel-tile plan the fused backends run)."""
 
     kind = "conv"
 
@@ -236,19 +219,16 @@ class SteerableConvLayer:
         """(K ``[..., m, n, P]``, A ``[..., m, n D]`` in the coefficient rep's layout, out-of-band energy)."""
         A = self.space.coefficients(W, self.rep_in, self.rep_out)
         K = W.to(A.dtype)
-        outside = (K - self.space.kernel(A, self.rep_in)).square().flatten(-2 - self.spatial_dims).sum(-1)
+        outside = (K - self.space.kernel(A, self.rep_in, self.rep_out)).square().flatten(-2 - self.spatial_dims).sum(-1)
         return K, A, outside
 
     def energies(self, W: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``SteerableKernelSpace.energies`` (what a user calls), its coefficient energies run by
-        ``backend`` (forced through ``$EQUIPROJ_BACKEND``, which ``backend="auto"`` reads per call)."""
-        with _forced_backend(backend):
-            return self.space.energies(W, self.rep_in, self.rep_out)
+        """``SteerableKernelSpace.energies`` (what a user calls), run by ``backend``."""
+        return self.space.energies(W, self.rep_in, self.rep_out, backend=backend)
 
     def energies_and_grad(self, W: torch.Tensor, backend: str):
         """``SteerableKernelSpace.energies_and_grad``: one pass, no autograd graph."""
-        with _forced_backend(backend):
-            return self.space.energies_and_grad(W, self.rep_in, self.rep_out)
+        return self.space.energies_and_grad(W, self.rep_in, self.rep_out, backend=backend)
 
     def reference(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K, A, outside = self._parts(W.detach().cpu().double())
@@ -258,10 +238,10 @@ class SteerableConvLayer:
     def nearly_equivariant(self, W: torch.Tensor, ratio: float, gen) -> torch.Tensor:
         ri, ro, sp = self.rep_in, self.rep_out, self.space
         K, A, _ = self._parts(W.detach().cpu().double())
-        Keq = sp.kernel(reference.project(A, self.crep, ro), ri)
+        Keq = sp.kernel(reference.project(A, self.crep, ro), ri, ro)
         N = torch.randn(K.shape, dtype=torch.float64, generator=gen)
         NA = sp.coefficients(N, ri, ro)
-        Nperp = N - sp.kernel(reference.project(NA, self.crep, ro), ri)
+        Nperp = N - sp.kernel(reference.project(NA, self.crep, ro), ri, ro)
         scale = (ratio * Keq.square().sum() / Nperp.square().sum()).sqrt()
         return Keq + scale * Nperp
 
@@ -270,7 +250,7 @@ class SteerableConvLayer:
         fields (output field x (input field ⊗ harmonic)), float64, CPU."""
         A = self.space.coefficients(W.detach().cpu().double(), self.rep_in, self.rep_out)
         for label, N in _field_blocks(A, self.crep, self.rep_out):
-            yield label, self.space.kernel(N, self.rep_in)
+            yield label, self.space.kernel(N, self.rep_in, self.rep_out)
 
     def compiled(self):
         """The kernel-space split (eager) plus ``torch.compile`` of the coefficient energies."""
@@ -286,7 +266,8 @@ class SteerableConvLayer:
     def in_band(self, W: torch.Tensor) -> torch.Tensor:
         """The part of ``W`` inside the kernel space (``K B B^T``), same dtype."""
         with torch.no_grad():
-            return self.space.kernel(self.space.coefficients(W, self.rep_in, self.rep_out), self.rep_in).to(W.dtype)
+            A = self.space.coefficients(W, self.rep_in, self.rep_out)
+            return self.space.kernel(A, self.rep_in, self.rep_out).to(W.dtype)
 
     def defects(self, W: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return baselines.conv_orbit_defects(W, self.rep_in, self.rep_out, g, kernel_space=self.space)

@@ -2,10 +2,12 @@
 
 * :class:`KernelSpace`: the protocol a kernel space implements (``energies``, ``project``,
   ``describe``); :func:`equiproj.nn.declare` accepts any such object as ``kernel_space=``.
-* :class:`SteerableKernelSpace` / :func:`default_kernel_space`: the band-limited steerable spaces
-  for C_N, D_N, SO(2), O(2) on 2-D kernels and SO(3), O(3), O, O_h on 3-D kernels;
+* :class:`SteerableKernelSpace` / :func:`default_kernel_space`: the span of the sampled band-limited
+  equivariant kernels (what escnn's R2Conv/R3Conv parametrise) for C_N, D_N, SO(2), O(2) on 2-D
+  kernels and SO(3), O(3), O, O_h on 3-D kernels, projected onto in the pixel inner product;
   :func:`kernel_energies_many` / :func:`kernel_energies_and_grads_many` do many layers in one call.
-* :class:`DenseKernelBasis`: the dense reference ``Q Q^T w`` (small layers, tests and benchmarks).
+* :class:`DenseKernelBasis`: the dense reference ``Q Q^T w`` of that span (small layers, tests and
+  benchmarks).
 * :func:`smooth_equivariance_error`: how equivariant a kernel is at angles off the grid.
 
 The exact actions on the grid itself (C4/D4 on square kernels, O/O_h on cubic ones) are in

@@ -1,8 +1,8 @@
-"""Dense references for kernel spaces: an orthonormal basis of all equivariant kernels, ``Q Q^T w``.
+"""Dense reference for steerable kernel spaces: an orthonormal basis of V, ``Q Q^T w``.
 
-The approach of the paper's 3-D code and the benchmark's baseline; also the tests' independent
-reference (``method="nullspace"`` uses only ``rep.matrix``). Memory grows like
-``(c_out c_in k^s)^2``: for small layers only.
+The approach of the paper's 3-D code (escnn's basis of a layer, orthonormalised by QR) and the
+benchmark's baseline; also the tests' independent reference (``method="nullspace"`` uses only
+``rep.matrix``). Memory grows like ``(c_out c_in k^s)^2``: for small layers only.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ __all__ = ["DenseKernelBasis"]
 
 
 class DenseKernelBasis:
-    """The dense approach: an orthonormal basis ``Q`` ``[N, D']`` of the equivariant kernels in ``S``.
+    """The dense approach: an orthonormal basis ``Q`` ``[N, D']`` of ``V = span{h Phi^T}``, the sampled
+    equivariant kernels of a :class:`~equiproj.kernel_spaces.SteerableKernelSpace`.
 
     ``N = c_out * c_in * k^s`` (the flattened weight), ``D' = dim Hom_G(rho_in ⊗ sigma, rho_out)``.
     Energies are ``E_perp = ||w - Q Q^T w||^2`` (residual form) and ``E_G = ||Q^T w||^2``.
@@ -32,7 +33,8 @@ class DenseKernelBasis:
             ``rep.matrix``; independent of the irrep decomposition; float64, coefficient
             dimension ``c_out * c_in * D`` at most 6000); ``"hom"``: the equivariant maps from
             the block plan (irreps, Clebsch-Gordan), fast to build for the benchmark.
-            Either way the kernels ``A B^T`` are stacked into ``[N, D']`` and orthonormalised by QR.
+            Either way the kernels ``h Phi^T`` (``Phi`` the sampled functions, ``space.sampled``) are
+            stacked into ``[N, D']`` and orthonormalised by QR.
         dtype, device: of ``Q`` (float64 on the CPU by default).
 
     Attributes: ``Q``, ``build_seconds``, ``nbytes``.
@@ -48,10 +50,9 @@ class DenseKernelBasis:
         t0 = time.perf_counter()
         H = self._nullspace() if method == "nullspace" else self._hom()  # [D', m, n*D] float64
         m, n, D = rep_out.dim, rep_in.dim, space.dim
-        B = space.basis_on(device or "cpu", dtype)
-        kernels = H.to(device=device, dtype=dtype).reshape(-1, m, n, D) @ B.T  # [D', m, n, P]
+        kernels = H.reshape(-1, m, n, D) @ space.sampled.T  # [D', m, n, P], float64
         Q, _ = torch.linalg.qr(kernels.reshape(len(H), m * n * space.num_pixels).T)  # [N, D']
-        self.Q = Q
+        self.Q = Q.to(device=device, dtype=dtype)
         self.build_seconds = time.perf_counter() - t0
         self.nbytes = Q.numel() * Q.element_size()
 

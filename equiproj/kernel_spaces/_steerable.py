@@ -1,30 +1,31 @@
-"""Band-limited steerable kernel spaces: rotations that do not map the kernel grid onto itself.
+"""Steerable kernel spaces: rotations that do not map the kernel grid onto itself (docs/math.md §6).
 
 A rotation other than the grid's own symmetries has no exact action on an arbitrary ``k x k``
-(``k x k x k``) kernel. A :class:`SteerableKernelSpace` fixes a subspace ``S`` of kernel space
-on which the group acts exactly and orthogonally, and counts the part of a kernel outside ``S``
-as non-equivariant (docs/math.md §6 has the definitions and the comparison
-with the exact grid action).
+(``k x k x k``) kernel. A :class:`SteerableKernelSpace` calls a kernel equivariant when it is the
+pixel sampling of a continuous equivariant kernel of a band-limited family, the kernels escnn's
+``R2Conv``/``R3Conv`` parametrise:
 
-* ``S`` is spanned by radial profile x angular harmonic functions sampled on the grid
-  (2-D: Gaussian rings times ``(cos k theta, sin k theta)``; 3-D: Gaussian shells times the
-  real spherical harmonics of :mod:`equiproj.groups`), orthonormalised symmetrically:
-  ``B = Phi (Phi^T Phi)^(-1/2)`` ``[k^s, D]``. The group acts on the coefficients ``A = K B``
-  by ``rho_out(g) A (rho_in(g) ⊗ sigma(g))^T``, with ``sigma`` the group's action on the
-  harmonics (``group.harmonic_rep``).
-* A kernel is equivariant iff it lies in ``S`` and its coefficients are equivariant:
-  ``E_perp(K) = ||K - K B B^T||^2 + E_perp(A; rho_in ⊗ sigma, rho_out)``,
-  ``E_G(K) = E_G(A; rho_in ⊗ sigma, rho_out)``. The coefficient energies go through
-  :func:`equiproj.energies` (the fused op), field pair by field pair and harmonic by harmonic,
-  with the Clebsch-Gordan blocks of the group; no ``N x D`` basis is ever formed.
+* ``Phi [k^s, D]``: radial profile x angular harmonic functions sampled on the grid (2-D: Gaussian
+  rings times ``(cos h theta, sin h theta)``; 3-D: Gaussian shells times the real spherical
+  harmonics of :mod:`equiproj.groups`). Their span is the band ``S``; ``sigma``
+  (``group.harmonic_rep``) is the group's action on their coefficients.
+* ``V = span{h Phi^T : h in Hom_G(rho_in ⊗ sigma, rho_out)}``, the sampled equivariant kernels, and
+  ``P`` the orthogonal projection onto ``V`` in the pixel (Frobenius) inner product:
+  ``E_perp(K) = ||K - P K||^2``, ``E_G(K) = ||P K||^2``. Everything outside the band counts as
+  non-equivariant.
+* Computation (:mod:`equiproj.kernel_spaces._pixel_plan`): per field-pair type an orthonormal basis
+  of V's part in one tile, and the library's fused op on the weight viewed as ``[c_out, c_in k^s]``:
+  one pass over W for the energies, one for energies and gradient; nothing but the weight is kept
+  for backward (fields with a change of basis may first be rotated into their irreps, when cheaper).
 * Defaults (those of escnn's ``R2Conv``/``R3Conv``): rings at radii ``0, 1, ..., (k-1)/2``; width
-  0.6 (0.4 on the outermost ring, 0.005 at radius 0); maximum frequency/degree
-  ``min(2 r, (k-1)/2 - r + 2)`` on the ring of radius ``r`` (0 at the centre).
+  0.6 (0.4 on the outermost ring, 0.005 at radius 0); maximum frequency on the ring of radius ``r``
+  (``R = (k-1)/2``): 2-D ``min(2 r, 2 if r = R else 2 r - ((r + 1) mod 2))``, 3-D
+  ``min(2 r, R - r + 2)``; 0 at the centre.
 
-For the grid's own symmetries the action on ``S`` equals moving the kernel's pixels, so a
-projected conv is exactly equivariant under them; at other angles it is equivariant up to the
-grid's anisotropy (measured by :func:`smooth_equivariance_error`; the committed numbers are in
-``bench/results/steerable_equivariance.md``).
+For the grid's own symmetries ``Phi^T Phi`` commutes with ``sigma``, V is invariant under moving
+the kernel's pixels and a kernel of V gives a conv that commutes exactly with those symmetries; at
+other angles sampled kernels are equivariant up to the grid's anisotropy (measured by
+:func:`smooth_equivariance_error`; committed numbers in ``bench/results/steerable_equivariance.md``).
 """
 
 from __future__ import annotations
@@ -36,14 +37,13 @@ from typing import Sequence
 import torch
 
 from .. import ops as _ops
-from .._energy import energies as _linear_energies
-from .._energy import energies_and_grad as _linear_energies_and_grad
-from .._energy import energies_and_grads_many as _linear_energies_and_grads_many
-from .._energy import energies_many as _linear_energies_many
-from .._energy import project as _linear_project
+from .. import reference as _reference
 from ..grid import grid_points
 from ..groups import Group, Rep, check_rep_pair, spherical_harmonics
 from ..groups._rep import tensor_field
+from ..kernels import torch_project
+from ._aligned import rotate_tiles
+from ._pixel_plan import PixelPlan, packed_on, pixel_plan
 
 __all__ = ["SteerableKernelSpace", "default_kernel_space", "kernel_energies_many", "kernel_energies_and_grads_many"]
 
@@ -55,7 +55,7 @@ def _check_int(v, name, lo):
 
 
 # ---------------------------------------------------------------------------------------
-# The kernel space
+# Defaults (escnn's R2Conv / R3Conv)
 # ---------------------------------------------------------------------------------------
 def _default_rings(kernel_size: int) -> tuple[float, ...]:
     return tuple(float(r) for r in range((kernel_size - 1) // 2 + 1))
@@ -67,15 +67,22 @@ def _default_sigma(rings) -> tuple[float, ...]:
     return tuple(0.005 if r == 0 else s for r, s in zip(rings, out))
 
 
-def _default_max_frequency(rings, kernel_size) -> tuple[int, ...]:
+def _default_max_frequency(rings, kernel_size, spatial_dims) -> tuple[int, ...]:
     R = (kernel_size - 1) // 2
-    return tuple(0 if r == 0 else int(math.floor(min(2 * r, R - r + 2) + 1e-9)) for r in rings)
+    out = []
+    for r in rings:
+        if r == 0:
+            out.append(0)
+        elif spatial_dims == 2:  # escnn's 2-D rule (_manual_fco1 of R2Conv)
+            out.append(int(math.floor(min(2 * r, 2 if r == R else 2 * r - (r + 1) % 2) + 1e-9)))
+        else:  # escnn's 3-D rule ('default1' of R3Conv)
+            out.append(int(math.floor(min(2 * r, R - r + 2) + 1e-9)))
+    return tuple(out)
 
 
 class SteerableKernelSpace:
-    """An orthonormal, band-limited subspace ``S`` of ``k^s`` kernels on which ``group`` acts exactly.
-
-    See the module docstring for the definition, the energies and what "equivariant" means.
+    """The sampled equivariant kernels of a band-limited family: ``V = span{h Phi^T}`` (see the module
+    docstring), projected onto in the pixel inner product.
 
     Args:
         group: a subgroup of O(2) (``SO2, O2, Cyclic, Dihedral``; 2-D kernels) or of O(3)
@@ -86,14 +93,15 @@ class SteerableKernelSpace:
         sigma: profile widths, a float or one per ring (default 0.6, 0.4 on the last ring,
             0.005 at radius 0).
         max_frequency: highest frequency (2-D) or degree (3-D) per ring, an int (the same on
-            every ring of radius > 0) or one per ring (default ``min(2 r, (k-1)/2 - r + 2)``).
+            every ring of radius > 0) or one per ring (default: escnn's rule, module docstring).
 
     Attributes:
         group, kernel_size, spatial_dims, rings, sigma, max_frequency (tuples, one per ring),
         band_limit (largest frequency/degree), harmonics (``[(h, ring_index)]`` in coefficient
-        order), dim (``D``), num_pixels (``k^s``), basis (``B`` ``[k^s, D]`` float64,
-        orthonormal columns), rep (``sigma``: the :class:`Rep` of ``group`` on the coefficients),
-        exact_grid_action (``False``: the steerable case, not an exact grid action).
+        order), dim (``D``), num_pixels (``k^s``), sampled (``Phi`` ``[k^s, D]`` float64, each
+        (ring, harmonic) block normalised, not orthonormal), basis (``B`` ``[k^s, D]`` float64: the
+        orthonormal basis of the band closest to ``Phi``, ``Phi (Phi^T Phi)^(-1/2)``), rep (``sigma``:
+        the :class:`Rep` of ``group`` on the coefficients), exact_grid_action (``False``).
 
     Example::
 
@@ -102,7 +110,7 @@ class SteerableKernelSpace:
         >>> r_in, r_out = Rep.parse(G, "2x0 + 1"), Rep.parse(G, "1 + 2")
         >>> K = torch.randn(r_out.dim, r_in.dim, 5, 5)
         >>> e_perp, e_g = space.energies(K, r_in, r_out)
-        >>> K_eq = space.project(K, r_in, r_out)          # equivariant part
+        >>> K_eq = space.project(K, r_in, r_out)          # nearest sampled equivariant kernel
     """
 
     exact_grid_action = False
@@ -143,10 +151,9 @@ class SteerableKernelSpace:
                           for j in range(len(self.rings)) if self.max_frequency[j] >= h]
         self.band_limit = max(self.max_frequency)
         self.num_pixels = k**spatial_dims
-        self.basis = self._build_basis()
+        self.sampled, self.basis = self._build_sampled()
         self.dim = self.basis.shape[1]
         self.rep = sum(n * group.harmonic_rep(h) for h, n in self._ring_counts())
-        self._cache: dict = {}
 
     # ---- construction ---------------------------------------------------------------------
     def _parameters(self, rings, sigma, max_frequency):
@@ -168,7 +175,7 @@ class SteerableKernelSpace:
         if len(sigma) != len(rings) or any(not s > 0 for s in sigma):
             raise ValueError(f"sigma must be a positive float or one positive width per ring ({len(rings)}), got {sigma}")
         if max_frequency is None:
-            mf = _default_max_frequency(rings, k)
+            mf = _default_max_frequency(rings, k, self.spatial_dims)
         elif isinstance(max_frequency, int) and not isinstance(max_frequency, bool):
             mf = tuple(0 if r == 0 else max_frequency for r in rings)
         else:
@@ -198,7 +205,8 @@ class SteerableKernelSpace:
             vals = spherical_harmonics(h, u)
         return torch.where(centre[:, None], 0.0, vals)
 
-    def _build_basis(self):
+    def _build_sampled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``Phi``, ``B = Phi (Phi^T Phi)^(-1/2)``), both ``[k^s, D]`` float64."""
         x = grid_points((self.kernel_size,) * self.spatial_dims)
         r = x.norm(dim=-1)
         cols = []
@@ -214,12 +222,12 @@ class SteerableKernelSpace:
         if Phi.shape[1] > Phi.shape[0]:
             raise ValueError(f"kernel space of {Phi.shape[1]} functions does not fit a grid of {Phi.shape[0]} pixels: "
                              "lower max_frequency or use fewer rings")
-        lam, V = torch.linalg.eigh(Phi.T @ Phi)
+        lam, U = torch.linalg.eigh(Phi.T @ Phi)
         if not lam[0] > 1e-8 * lam[-1]:
             raise ValueError(f"the sampled harmonics are (nearly) linearly dependent on the {self.kernel_size}-pixel grid "
                              f"(Gram condition number {float(lam[-1] / lam[0].clamp_min(1e-300)):.1e}): lower "
                              "max_frequency, widen sigma or use fewer rings")
-        return Phi @ (V * lam.rsqrt()) @ V.T  # Löwdin: the isometry closest to Phi
+        return Phi, Phi @ (U * lam.rsqrt()) @ U.T
 
     # ---- helpers ----------------------------------------------------------------------------
     def __repr__(self):
@@ -229,39 +237,34 @@ class SteerableKernelSpace:
     def describe(self) -> str:
         """One line for reports: which kind of kernel space this is, and its band limit."""
         what = "frequency" if self.spatial_dims == 2 else "degree"
-        return (f"steerable kernel space (band-limited, G acts on the coefficients; out-of-band part counts as "
-                f"non-equivariant): {self.group}, k={self.kernel_size}, rings {self.rings}, max {what} "
-                f"{self.max_frequency}, sigma {self.sigma}, {self.dim} of {self.num_pixels} dims")
+        return (f"steerable kernel space (span of the sampled band-limited equivariant kernels, pixel inner product; "
+                f"the out-of-band part counts as non-equivariant): {self.group}, k={self.kernel_size}, rings "
+                f"{self.rings}, max {what} {self.max_frequency}, sigma {self.sigma}, band {self.dim} of "
+                f"{self.num_pixels} dims")
 
-    @torch.compiler.disable  # cached host-side state: never traced (dynamo would rebuild it inside the graph)
     def basis_on(self, device, dtype) -> torch.Tensor:
         """``B`` ``[k^s, D]`` on ``device`` in ``dtype`` (cached)."""
-        key = ("B", torch.device(device), dtype)
-        if key not in self._cache:
-            self._cache[key] = self.basis.to(device=device, dtype=dtype)
-        return self._cache[key]
+        return _tensor_on(self, "basis", torch.device(device), dtype)
 
-    @torch.compiler.disable
     def _layout(self, rep_in: Rep, device=None, inverse: bool = False) -> tuple[Rep, torch.Tensor | None]:
         """(coefficient rep, column map) for ``rep_in``, cached: column ``j`` of the coefficient layout is
         Kronecker column ``map[j]`` (``inverse=True``: the other way); ``None`` when it is the identity."""
-        key = ("layout", rep_in)
-        if key not in self._cache:
-            self._cache[key] = _coefficient_layout(self, rep_in)
-        crep, colmap = self._cache[key]
+        crep, colmap = _coefficient_layout(self, rep_in)
         if colmap is None:
             return crep, None
-        dkey = ("colmap", rep_in, torch.device(device or "cpu"), inverse)
-        if dkey not in self._cache:
-            self._cache[dkey] = (torch.argsort(colmap) if inverse else colmap).to(device or "cpu")
-        return crep, self._cache[dkey]
+        return crep, _colmap_on(self, rep_in, torch.device(device or "cpu"), inverse)
 
     def coefficient_rep(self, rep_in: Rep) -> Rep:
-        """The input rep ``rho_in ⊗ sigma`` of the coefficient matrix returned by :meth:`coefficients`
-        (cached). Its fields are ``f ⊗ sigma_h`` for each input field ``f`` and harmonic ``h``; the
-        rings are copies, so ``equiproj.energies`` works per field pair and harmonic, with the
-        Clebsch-Gordan / frequency-addition blocks of :mod:`equiproj.clebsch_gordan`."""
+        """The input rep ``rho_in ⊗ sigma`` of the coefficient matrices (:meth:`coefficients`), cached.
+        Its fields are ``f ⊗ sigma_h`` for each input field ``f`` and harmonic ``h`` (the rings are
+        copies), with the Clebsch-Gordan / frequency-addition blocks of :mod:`equiproj.groups`."""
         return self._layout(rep_in)[0]
+
+    def plan(self, rep_in: Rep, rep_out: Rep) -> PixelPlan:
+        """The packed plan of pixel tiles the energies run on (cached; ``plan.layout``,
+        ``plan.flops_per_weight``, ``plan.basis_bytes`` describe it)."""
+        check_rep_pair(rep_in, rep_out)
+        return _plan(self, rep_in, rep_out)
 
     def _check(self, weight, rep_in, rep_out) -> tuple[int, int]:
         if not isinstance(weight, torch.Tensor):
@@ -278,12 +281,82 @@ class SteerableKernelSpace:
                              f"[..., {', '.join(map(str, want))}], got {tuple(weight.shape)}")
         return rep_out.dim, rep_in.dim
 
-    def _pixels(self, weight, rep_in, rep_out):
-        """(K ``[..., m, n, P]`` in the compute dtype, B in that dtype)."""
+    def _pixels(self, weight, rep_in, rep_out, dtype=None) -> torch.Tensor:
+        """``K [..., m, n, P]`` (a view where possible) in ``dtype`` (default: the weight's)."""
         m, n = self._check(weight, rep_in, rep_out)
-        dt = _ops.accumulation_dtype(weight.dtype)
-        K = weight.to(dt).reshape(weight.shape[: -2 - self.spatial_dims] + (m, n, self.num_pixels))
-        return K, self.basis_on(weight.device, dt)
+        K = weight if dtype is None else weight.to(dtype)
+        return K.reshape(weight.shape[: -2 - self.spatial_dims] + (m, n, self.num_pixels))
+
+    def _batch(self, weight) -> tuple[int, ...]:
+        return tuple(weight.shape[: -2 - self.spatial_dims])
+
+    # ---- the public protocol ----------------------------------------------------------------
+    def energies(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E_perp, E_G)`` of conv weights ``[..., c_out, c_in, k, ..., k]``, each ``[...]`` (float32, or
+        float64 for float64 weights); differentiable (the fused op's backward is one more pass).
+        ``rep_out`` acts on ``c_out``, ``rep_in`` on ``c_in``; ``backend`` as in :func:`equiproj.energies`."""
+        self._check(weight, rep_in, rep_out)
+        (e_perp,), (e_g,) = _energies_grouped([weight], [self], [(rep_in, rep_out)], backend)
+        return e_perp, e_g
+
+    def energies_and_grad(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp=1.0, lambda_G=0.0,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(E_perp, E_G, grad)`` of conv weights without an autograd graph (see
+        :func:`equiproj.energies_and_grad`): ``grad`` (weight's shape and dtype) is the gradient of
+        ``lambda_perp * E_perp + lambda_G * E_G``; the lambdas are numbers or tensors broadcastable
+        to the batch shape ``weight.shape[:-2-s]``. With the fused op: one pass that reads W once and
+        writes the gradient once."""
+        self._check(weight, rep_in, rep_out)
+        (e_perp,), (e_g,), (grad,) = _energies_and_grads_grouped([weight], [self], [(rep_in, rep_out)],
+                                                                 [lambda_perp], [lambda_G], backend)
+        return e_perp, e_g, grad
+
+    def project(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, which: str = "equivariant") -> torch.Tensor:
+        """``P(K)`` (``which="equivariant"``) or ``K - P(K)`` (``"non_equivariant"``, in residual form),
+        same shape and dtype as ``weight``; differentiable."""
+        if which not in ("equivariant", "non_equivariant"):
+            raise ValueError(f"which must be 'equivariant' or 'non_equivariant', got {which!r}")
+        K = self._pixels(weight, rep_in, rep_out, _ops.accumulation_dtype(weight.dtype))
+        plan = self.plan(rep_in, rep_out)
+        X = torch_project(plan.to_plan_coordinates(K), packed_on(plan, K.device, torch.float64), which)
+        return plan.from_plan_coordinates(X).reshape(weight.shape).to(weight.dtype)
+
+    def energy_parts(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep) -> dict:
+        """The terms of E_perp and E_G, each ``[...]``, differentiable: ``"outside"`` = ``||K - K B B^T||^2``
+        (out of band), ``"in_band"`` = ``||K B B^T - P K||^2`` (the band's non-equivariant part; V lies in
+        the band), ``"equivariant"`` = E_G."""
+        K = self._pixels(weight, rep_in, rep_out, _ops.accumulation_dtype(weight.dtype))
+        B = self.basis_on(K.device, K.dtype)
+        K_band = (K @ B) @ B.T
+        outside = (K - K_band).square().sum((-3, -2, -1))
+        in_band, e_g = self.energies(K_band.reshape(weight.shape), rep_in, rep_out)
+        return {"outside": outside, "in_band": in_band, "equivariant": e_g}
+
+    # ---- coordinates of the band with an orthogonal action (for orbit estimators) -----------
+    def coefficients(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep) -> torch.Tensor:
+        """``[..., c_out, c_in * D]``: orthonormal coordinates of the in-band part ``K B B^T`` in which
+        ``G`` acts orthogonally as a linear map from :meth:`coefficient_rep` to ``rep_out``, with fixed
+        points exactly V: ``K`` is equivariant iff it lies in the band and these coefficients are
+        equivariant, and ``||coefficients||^2 = ||K B B^T||^2``. They are ``R^T (K B)`` with ``R`` the
+        direct rotation (per field pair) from the coefficient maps equivariant in ``B``'s coordinates to
+        V (:mod:`equiproj.kernel_spaces._aligned`; ``R = I`` where ``Phi^T Phi`` commutes with ``sigma``).
+        This action is what makes an orbit estimator unbiased for ``2 E_perp``
+        (:func:`equiproj.baselines.conv_orbit_defects`); off the grid it is not :meth:`act`. Differentiable;
+        compute dtype (float32, float64 for float64 weights)."""
+        K = self._pixels(weight, rep_in, rep_out, _ops.accumulation_dtype(weight.dtype))
+        a = K @ self.basis_on(K.device, K.dtype)
+        return self._to_layout(rotate_tiles(self, a, rep_in, rep_out, inverse=False), rep_in)
+
+    def kernel(self, coefficients: torch.Tensor, rep_in: Rep, rep_out: Rep) -> torch.Tensor:
+        """Inverse of :meth:`coefficients`: ``[..., c_out, c_in * D] -> [..., c_out, c_in, k, ..., k]`` (in the band)."""
+        if (not isinstance(coefficients, torch.Tensor) or coefficients.shape[-1] != rep_in.dim * self.dim
+                or coefficients.dim() < 2 or coefficients.shape[-2] != rep_out.dim):
+            raise ValueError(f"coefficients must be a tensor [..., {rep_out.dim}, {rep_in.dim * self.dim}] "
+                             "(c_out, c_in * D)")
+        a = rotate_tiles(self, self._from_layout(coefficients, rep_in), rep_in, rep_out, inverse=True)
+        K = a @ self.basis_on(a.device, a.dtype).T
+        return K.unflatten(-1, (self.kernel_size,) * self.spatial_dims)
 
     def _to_layout(self, A0: torch.Tensor, rep_in: Rep) -> torch.Tensor:
         """``[..., m, n, D]`` (Kronecker order) -> ``[..., m, n * D]`` in the coefficient rep's layout."""
@@ -296,130 +369,40 @@ class SteerableKernelSpace:
         _, inv = self._layout(rep_in, A.device, inverse=True)
         return (A if inv is None else A.index_select(-1, inv)).unflatten(-1, (-1, self.dim))
 
-    # ---- the public protocol ----------------------------------------------------------------
-    def coefficients(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep) -> torch.Tensor:
-        """``[..., c_out, c_in * D]``: ``K B`` as a linear map from :meth:`coefficient_rep` to ``rep_out``."""
-        K, B = self._pixels(weight, rep_in, rep_out)
-        return self._to_layout(K @ B, rep_in)
-
-    def kernel(self, coefficients: torch.Tensor, rep_in: Rep) -> torch.Tensor:
-        """Inverse of :meth:`coefficients`: ``[..., c_out, c_in * D] -> [..., c_out, c_in, k, ..., k]`` (in S)."""
-        if not isinstance(coefficients, torch.Tensor) or coefficients.shape[-1] != rep_in.dim * self.dim:
-            raise ValueError(f"coefficients must be a tensor [..., c_out, {rep_in.dim * self.dim}] (c_in * D)")
-        A0 = self._from_layout(coefficients, rep_in)
-        K = A0 @ self.basis_on(A0.device, A0.dtype).T
-        return K.unflatten(-1, (self.kernel_size,) * self.spatial_dims)
-
-    def energy_parts(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep) -> dict:
-        """The terms of E_perp and E_G, each ``[...]``: ``"outside"`` = ||K - K B B^T||^2 (out of band),
-        ``"coefficients"`` = E_perp of the coefficients, ``"equivariant"`` = E_G. Differentiable."""
-        K, B = self._pixels(weight, rep_in, rep_out)
-        outside, A0 = _OutOfBand.apply(K, B)
-        e_perp, e_g = _linear_energies(self._to_layout(A0, rep_in), self.coefficient_rep(rep_in), rep_out)
-        return {"outside": outside, "coefficients": e_perp, "equivariant": e_g}
-
-    def energies(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(E_perp, E_G)`` of conv weights ``[..., c_out, c_in, k, ..., k]``, each ``[...]`` (float32, or
-        float64 for float64 weights); differentiable. ``rep_out`` acts on ``c_out``, ``rep_in`` on ``c_in``."""
-        p = self.energy_parts(weight, rep_in, rep_out)
-        return p["outside"] + p["coefficients"], p["equivariant"]
-
-    def energies_and_grad(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp=1.0, lambda_G=0.0
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(E_perp, E_G, grad)`` of conv weights without an autograd graph (see
-        :func:`equiproj.energies_and_grad`): ``grad`` (weight's shape and dtype) is the gradient of
-        ``lambda_perp * E_perp + lambda_G * E_G``; the lambdas are numbers or tensors broadcastable
-        to the batch shape ``weight.shape[:-2-s]``. Two thin GEMMs forward (coefficients, out-of-band
-        residual), the coefficient energies and gradient in one fused pass, one GEMM back:
-        ``grad = 2 lambda_perp (K - A0 B^T) + dA B^T``."""
-        split = _InBandSplit(self, weight, rep_in, rep_out, lambda_perp)
-        e_perp, e_g, dA = _linear_energies_and_grad(split.A, self.coefficient_rep(rep_in), rep_out,
-                                                    lambda_perp=split.c_perp, lambda_G=lambda_G)
-        return e_perp + split.outside.to(e_perp.dtype), e_g, split.grad(dA)
-
-    def project(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, which: str = "equivariant") -> torch.Tensor:
-        """``P(K)`` (``which="equivariant"``) or ``K - P(K)`` (``"non_equivariant"``, in residual form),
-        same shape and dtype as ``weight``."""
-        if which not in ("equivariant", "non_equivariant"):
-            raise ValueError(f"which must be 'equivariant' or 'non_equivariant', got {which!r}")
-        K, B = self._pixels(weight, rep_in, rep_out)
-        A0 = K @ B
-        coef = _linear_project(self._to_layout(A0, rep_in), self.coefficient_rep(rep_in), rep_out,
-                               which=which)
-        out = self._from_layout(coef, rep_in) @ B.T
-        if which == "non_equivariant":
-            out = out + (K - A0 @ B.T)
-        return out.reshape(weight.shape).to(weight.dtype)
-
     def act(self, g: torch.Tensor, weight: torch.Tensor, rep_in: Rep, rep_out: Rep) -> torch.Tensor:
-        """The action of one element ``g`` on the in-band part of a kernel:
-        ``rho_out(g) A (rho_in(g) ⊗ sigma(g))^T B^T`` (``[..., c_out, c_in, k, ..., k]``, compute dtype).
-        For the grid's own symmetries this equals moving the kernel's pixels (tested)."""
-        K, B = self._pixels(weight, rep_in, rep_out)
+        """The action of one element ``g`` on the in-band part of a kernel by moving the band-limited
+        interpolant: ``K_S = c Phi^T`` (``c`` the least-squares coefficients) goes to
+        ``rho_out(g) c (rho_in(g) ⊗ sigma(g))^T Phi^T`` (``[..., c_out, c_in, k, ..., k]``, compute dtype).
+        For the grid's own symmetries this is moving the kernel's pixels (tested), and V is its set of
+        fixed points; at other angles it is not orthogonal in the pixel inner product."""
+        K = self._pixels(weight, rep_in, rep_out, _ops.accumulation_dtype(weight.dtype))
         g = self.group.check_elements(g)
         if g.shape != (self.spatial_dims,) * 2:
             raise ValueError(f"g must be one element [{self.spatial_dims}, {self.spatial_dims}], got {tuple(g.shape)}")
+        Phi = self.sampled.to(K)
+        c = torch.linalg.lstsq(Phi, K.reshape(-1, K.shape[-1]).T).solution.T.reshape(K.shape[:-1] + (self.dim,))
         Ro = rep_out.matrix(g).to(K)
         Ri = torch.kron(rep_in.matrix(g), self.rep.matrix(g)).to(K)
-        A0 = K @ B
-        out = (Ro @ A0.flatten(-2) @ Ri.T).unflatten(-1, A0.shape[-2:]) @ B.T
+        out = (Ro @ c.flatten(-2) @ Ri.T).unflatten(-1, c.shape[-2:]) @ Phi.T
         return out.unflatten(-1, (self.kernel_size,) * self.spatial_dims)
 
 
-class _InBandSplit:
-    """A kernel ``K`` split for the one-pass route (no autograd graph): the in-band coefficients
-    ``A`` (the coefficient rep's layout), the out-of-band energy ``||K - A0 B^T||^2`` (residual form)
-    and, once the coefficient gradient ``dA`` is known, ``dK = 2 c_perp (K - A0 B^T) + dA B^T``."""
-
-    def __init__(self, space: SteerableKernelSpace, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, lambda_perp):
-        self.space, self.rep_in, self.weight = space, rep_in, weight
-        with torch.no_grad():
-            K, self.B = space._pixels(weight.detach(), rep_in, rep_out)
-            rows, P = K.shape[:-1], K.shape[-1]
-            K2 = K.reshape(-1, P)
-            A0 = K2 @ self.B
-            self.R = torch.addmm(K2, A0, self.B.T, alpha=-1.0).reshape(rows + (P,))
-            self.A = space._to_layout(A0.reshape(rows + (self.B.shape[1],)), rep_in)
-            self.outside = self.R.square().sum((-3, -2, -1))
-        self.c_perp = _ops.as_coefficient(lambda_perp, self.A, "lambda_perp")
-
-    def grad(self, dA: torch.Tensor) -> torch.Tensor:
-        """``dK`` (the weight's shape and dtype) from the coefficient gradient ``dA``; consumes the residual."""
-        with torch.no_grad():
-            B, R = self.B, self.R
-            R.mul_((2 * self.c_perp).to(R.dtype)[..., None, None, None])
-            dA0 = self.space._from_layout(dA, self.rep_in).reshape(-1, B.shape[1]).to(R.dtype)
-            dK = torch.addmm(R.reshape(-1, R.shape[-1]), dA0, B.T)
-        return dK.reshape(self.weight.shape).to(self.weight.dtype)
+# ---------------------------------------------------------------------------------------
+# Cached per-space state (bounded caches, looked up eagerly even inside torch.compile)
+# ---------------------------------------------------------------------------------------
+@torch.compiler.disable
+@functools.lru_cache(maxsize=256)
+def _tensor_on(space: SteerableKernelSpace, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return getattr(space, name).to(device=device, dtype=dtype)
 
 
-class _OutOfBand(torch.autograd.Function):
-    """``(||K - K B B^T||^2 [...], A0 = K B)`` from ``K [..., m, n, P]``: two GEMMs forward (the
-    residual ``K - A0 B^T`` is formed by one ``addmm``), one backward:
-    ``dK = 2 g_E (K - A0 B^T) + g_A0 B^T = 2 g_E K + (g_A0 - 2 g_E A0) B^T``. No N-sized tensor
-    is kept for backward (K is the caller's)."""
-
-    @staticmethod
-    def forward(ctx, K, B):
-        batch, P = K.shape[:-3], K.shape[-1]
-        K2 = K.reshape(-1, P)
-        A0 = K2 @ B
-        R = torch.addmm(K2, A0, B.T, alpha=-1.0).reshape(batch + (-1,))
-        outside = torch.linalg.vecdot(R, R)
-        ctx.save_for_backward(K, A0, B)
-        return outside, A0.reshape(K.shape[:-1] + (B.shape[1],))
-
-    @staticmethod
-    def backward(ctx, g_out, g_A0):
-        K, A0, B = ctx.saved_tensors
-        P = K.shape[-1]
-        g2 = 2 * g_out  # [...]: one factor per kernel, broadcast over its rows (no .item(): no device sync)
-        rows = g2.reshape(g2.shape + (1, 1)).expand(g2.shape + (K.shape[-3] * K.shape[-2], 1)).reshape(-1, 1)
-        inner = -rows * A0 if g_A0 is None else g_A0.reshape(A0.shape) - rows * A0
-        dK = (inner @ B.T).addcmul_(K.reshape(-1, P), rows)
-        return dK.reshape(K.shape), None
+@torch.compiler.disable
+@functools.lru_cache(maxsize=256)
+def _plan(space: SteerableKernelSpace, rep_in: Rep, rep_out: Rep) -> PixelPlan:
+    return pixel_plan(space, rep_in, rep_out)
 
 
+@functools.lru_cache(maxsize=256)
 def _coefficient_layout(space: SteerableKernelSpace, rep_in: Rep) -> tuple[Rep, torch.Tensor | None]:
     """The coefficient rep (segments ``c * n_h`` copies of ``f ⊗ sigma_h``, harmonic-major, no
     permutation) and the map from its columns to the Kronecker columns ``i * D + d``."""
@@ -449,6 +432,13 @@ def _coefficient_layout(space: SteerableKernelSpace, rep_in: Rep) -> tuple[Rep, 
     return Rep(group, segments, name=None), colmap
 
 
+@torch.compiler.disable
+@functools.lru_cache(maxsize=256)
+def _colmap_on(space: SteerableKernelSpace, rep_in: Rep, device: torch.device, inverse: bool) -> torch.Tensor:
+    _, colmap = _coefficient_layout(space, rep_in)
+    return (torch.argsort(colmap) if inverse else colmap).to(device)
+
+
 @functools.lru_cache(maxsize=256)
 def default_kernel_space(group: Group, kernel_size: int, spatial_dims: int | None = None) -> SteerableKernelSpace:
     """The steerable kernel space with the documented defaults (cached: one object per arguments).
@@ -459,52 +449,128 @@ def default_kernel_space(group: Group, kernel_size: int, spatial_dims: int | Non
     return SteerableKernelSpace(group, kernel_size, spatial_dims)
 
 
-def kernel_energies_many(weights, spaces, reps) -> tuple[torch.Tensor, torch.Tensor]:
-    """Energies of many steerable conv layers at once: ``(E_perp [L], E_G [L])``.
+# ---------------------------------------------------------------------------------------
+# Many layers: one fused call per backend and device
+# ---------------------------------------------------------------------------------------
+def _check_finite(*xs):
+    """Raise for NaN/Inf energies on the CPU (on CUDA this would cost a synchronisation)."""
+    if torch.compiler.is_compiling() or xs[0].device.type != "cpu":
+        return
+    if not all(math.isfinite(float(x.detach().sum())) for x in xs):
+        raise ValueError("the energy is not finite: the weight contains NaN or Inf")
 
-    ``weights[i]`` ``[c_out, c_in, k, ..., k]``, ``spaces[i]`` a :class:`SteerableKernelSpace`,
-    ``reps[i] = (rep_in, rep_out)``. The coefficient energies go through one
-    :func:`equiproj.energies_many` call (the multi-layer fused op where available).
-    """
+
+def _plan_inputs(weights, spaces, reps, idx):
+    """(plans, weights in the plan coordinates ``[..., m, n P]``, compute dtype) of the layers ``idx``."""
+    plans, Xs = [], []
+    for i in idx:
+        sp, (ri, ro), w = spaces[i], reps[i], weights[i]
+        plan = sp.plan(ri, ro)
+        plans.append(plan)
+        Xs.append(plan.to_plan_coordinates(sp._pixels(w, ri, ro)))
+    return plans, Xs
+
+
+def _reference_parts(w, sp, ri, ro):
+    """(K, P K, E_perp, E_G) in float64 by the group quadrature of :mod:`equiproj.reference` on the
+    orthonormal coefficients (plus the out-of-band part): an independent route for ``backend="reference"``."""
+    K = w.detach().to(torch.float64)
+    A = sp.coefficients(K, ri, ro)
+    PA = _reference.project(A, sp.coefficient_rep(ri), ro)
+    PK = sp.kernel(PA, ri, ro).reshape(K.shape)
+    return K, PK, (K - PK).square().flatten(-2 - sp.spatial_dims).sum(-1), PA.square().sum((-2, -1))
+
+
+def _energies_grouped(weights, spaces, reps, backend):
+    out_p, out_g = [None] * len(weights), [None] * len(weights)
+    for (name, dev), idx in _ops.group_by_backend(weights, backend).items():
+        if name == "reference":
+            for i in idx:
+                _, _, out_p[i], out_g[i] = _reference_parts(weights[i], spaces[i], *reps[i])
+            continue
+        plans, Xs = _plan_inputs(weights, spaces, reps, idx)
+        if name == "torch":
+            ep, eg, _ = _ops.run_twin(Xs, [packed_on(p, dev, torch.float64) for p in plans], [], [])
+        else:
+            dt = torch.float64 if dev.type == "cpu" else torch.float32
+            ep, eg = _ops.fused_energies(Xs, [packed_on(p, dev, dt) for p in plans])
+        for j, i in enumerate(idx):
+            out_p[i], out_g[i] = ep[j], eg[j]
+    _check_finite(*out_p, *out_g)
+    return out_p, out_g
+
+
+def _energies_and_grads_grouped(weights, spaces, reps, lambda_perp, lambda_G, backend):
+    L = len(weights)
+    out_p, out_g, grads = [None] * L, [None] * L, [None] * L
+    for (name, dev), idx in _ops.group_by_backend(weights, backend).items():
+        if name == "reference":
+            for i in idx:
+                w, sp = weights[i], spaces[i]
+                K, PK, out_p[i], out_g[i] = _reference_parts(w, sp, *reps[i])
+                b = (..., None, None) + (None,) * sp.spatial_dims
+                cp = torch.as_tensor(lambda_perp[i], dtype=torch.float64)[b]
+                cg = torch.as_tensor(lambda_G[i], dtype=torch.float64)[b]
+                grads[i] = (2 * cp * (K - PK) + 2 * cg * PK).to(w.dtype).expand(w.shape).contiguous()
+            continue
+        with torch.no_grad():
+            plans, Xs = _plan_inputs([w.detach() for w in weights], spaces, reps, idx)
+        cps = [_ops.as_coefficient(lambda_perp[i], X, f"lambda_perp[{i}]") for i, X in zip(idx, Xs)]
+        cgs = [_ops.as_coefficient(lambda_G[i], X, f"lambda_G[{i}]") for i, X in zip(idx, Xs)]
+        if name == "torch":
+            with torch.no_grad():
+                ep, eg, gr = _ops.run_twin(Xs, [packed_on(p, dev, torch.float64) for p in plans], cps, cgs)
+        else:
+            dt = torch.float64 if dev.type == "cpu" else torch.float32
+            ep, eg, gr = _ops.fused_energies_and_grads(Xs, [packed_on(p, dev, dt) for p in plans], cps, cgs)
+        for j, i in enumerate(idx):
+            out_p[i], out_g[i] = ep[j], eg[j]
+            with torch.no_grad():
+                grads[i] = plans[j].from_plan_coordinates(gr[j]).reshape(weights[i].shape).to(weights[i].dtype)
+    _check_finite(*out_p, *out_g)
+    return out_p, out_g, grads
+
+
+def _check_many(weights, spaces, reps, *more):
     weights, spaces, reps = list(weights), list(spaces), list(reps)
-    if not (len(weights) == len(spaces) == len(reps)) or not weights:
-        raise ValueError(f"need the same non-zero number of weights, spaces and rep pairs, got "
-                         f"{len(weights)}, {len(spaces)}, {len(reps)}")
-    outside, coefs, creps = [], [], []
-    for w, sp, (ri, ro) in zip(weights, spaces, reps):
+    more = [list(m) for m in more]
+    if len({len(weights), len(spaces), len(reps), *(len(m) for m in more)}) != 1 or not weights:
+        what = "weights, spaces, rep pairs" + (", lambda_perp and lambda_G" if more else "")
+        raise ValueError(f"need the same non-zero number of {what}, got "
+                         f"{', '.join(str(len(x)) for x in (weights, spaces, reps, *more))}")
+    for w, sp, pair in zip(weights, spaces, reps):
         if not isinstance(sp, SteerableKernelSpace):
             raise TypeError(f"spaces must be SteerableKernelSpace objects, got {type(sp).__name__}")
-        K, B = sp._pixels(w, ri, ro)
-        if K.dim() != 3:
+        sp._check(w, *pair)
+        if w.dim() != 2 + sp.spatial_dims:
             raise ValueError("kernel_energies_many takes unbatched weights [c_out, c_in, k, ..., k]")
-        e_out, A0 = _OutOfBand.apply(K, B)
-        outside.append(e_out)
-        coefs.append(sp._to_layout(A0, ri))
-        creps.append((sp.coefficient_rep(ri), ro))
-    e_perp, e_g = _linear_energies_many(coefs, creps)
-    return e_perp + torch.stack(outside).to(e_perp.dtype), e_g
+    return (weights, spaces, reps, *more)
 
 
-def kernel_energies_and_grads_many(weights, spaces, reps, *, lambda_perp, lambda_G):
-    """:meth:`SteerableKernelSpace.energies_and_grad` of many conv layers, the coefficient energies
-    and gradients of all of them from one :func:`equiproj.energies_and_grads_many` call.
+def _stack(parts, weights):
+    dt = torch.float64 if all(w.dtype == torch.float64 for w in weights) else torch.float32
+    return torch.stack([p.to(dt) for p in parts])
+
+
+def kernel_energies_many(weights, spaces, reps, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies of many steerable conv layers at once: ``(E_perp [L], E_G [L])``, differentiable.
+
+    ``weights[i]`` ``[c_out, c_in, k, ..., k]``, ``spaces[i]`` a :class:`SteerableKernelSpace`,
+    ``reps[i] = (rep_in, rep_out)``. The layers of one backend and device go through one call of
+    the fused op (and its backward through one more).
+    """
+    weights, spaces, reps = _check_many(weights, spaces, reps)
+    e_perp, e_g = _energies_grouped(weights, spaces, reps, backend)
+    return _stack(e_perp, weights), _stack(e_g, weights)
+
+
+def kernel_energies_and_grads_many(weights, spaces, reps, *, lambda_perp, lambda_G, backend: str = "auto"):
+    """:meth:`SteerableKernelSpace.energies_and_grad` of many conv layers: the energies and gradients of
+    all layers of one backend and device from one call of the fused op, no autograd graph.
 
     Returns ``(E_perp [L], E_G [L], grads)``; ``grads[i]`` has ``weights[i]``'s shape and dtype.
     Arguments as in :func:`kernel_energies_many`, plus one ``lambda_perp`` and ``lambda_G`` per layer.
     """
-    weights, spaces, reps = list(weights), list(spaces), list(reps)
-    lambda_perp, lambda_G = list(lambda_perp), list(lambda_G)
-    if not (len(weights) == len(spaces) == len(reps) == len(lambda_perp) == len(lambda_G)) or not weights:
-        raise ValueError(f"need the same non-zero number of weights, spaces, rep pairs, lambda_perp and lambda_G, "
-                         f"got {len(weights)}, {len(spaces)}, {len(reps)}, {len(lambda_perp)}, {len(lambda_G)}")
-    splits = []
-    for w, sp, (ri, ro), lp in zip(weights, spaces, reps, lambda_perp):
-        if not isinstance(sp, SteerableKernelSpace):
-            raise TypeError(f"spaces must be SteerableKernelSpace objects, got {type(sp).__name__}")
-        splits.append(_InBandSplit(sp, w, ri, ro, lp))
-    e_perp, e_g, dAs = _linear_energies_and_grads_many(
-        [s.A for s in splits], [(sp.coefficient_rep(ri), ro) for sp, (ri, ro) in zip(spaces, reps)],
-        lambda_perp=[s.c_perp for s in splits], lambda_G=lambda_G)
-    outside = torch.stack([s.outside for s in splits])
-    return e_perp + outside.to(e_perp.dtype), e_g, [s.grad(dA) for s, dA in zip(splits, dAs)]
-
+    weights, spaces, reps, lambda_perp, lambda_G = _check_many(weights, spaces, reps, lambda_perp, lambda_G)
+    e_perp, e_g, grads = _energies_and_grads_grouped(weights, spaces, reps, lambda_perp, lambda_G, backend)
+    return _stack(e_perp, weights), _stack(e_g, weights), grads

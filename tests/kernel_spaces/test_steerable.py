@@ -1,9 +1,11 @@
-"""Steerable kernel spaces (docs/math.md §6): the structured energy against the dense-basis reference,
-the exact action of the grid's symmetries, equivariance of projected convolutions, the
-comparison with the exact grid energy, Clebsch-Gordan blocks, errors.
+"""Steerable kernel spaces (docs/math.md §6): the structured energy against the dense-basis reference
+of V (the span of the sampled equivariant kernels), every backend and both plan layouts, the
+exact action of the grid's symmetries, equivariance of projected convolutions, the comparison
+with the exact grid energy, the orthonormal band coefficients, Clebsch-Gordan blocks, errors.
 
 Tolerances:
-  structured vs dense null-space reference (float64):      1e-9 relative (observed ~1e-14)
+  structured vs dense null-space reference (float64):      1e-9 relative (observed ~1e-14);
+                                                             1e-12 in the backend/layout sweep
   B^T B = I, grid symmetries rho_pix(g) B = B sigma(g):     1e-12 absolute
   equivariant kernels: E_perp / ||K||^2                      < 1e-24
   nearly equivariant (E_perp / ||K||^2 = 1e-10), float64:    1e-6 relative on E_perp
@@ -14,6 +16,7 @@ Tolerances:
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ from equiproj import grid
 from equiproj.groups import clebsch_gordan, irrep_product
 from equiproj.kernel_spaces import (DenseKernelBasis, SteerableKernelSpace, default_kernel_space, kernel_energies_many,
                                 smooth_equivariance_error)
+from equiproj.kernel_spaces._pixel_plan import PixelPlan
 from equiproj.testing import random_orthogonal
 from equiproj.testing import relative_error as rel
 
@@ -55,12 +59,23 @@ def test_basis_is_orthonormal_with_documented_defaults(G, dims):
         sp = default_kernel_space(G, k)
         assert sp.dim == D == sp.rep.dim and sp.num_pixels == k**sp.spatial_dims
         torch.testing.assert_close(sp.basis.T @ sp.basis, torch.eye(D, dtype=torch.float64), atol=1e-12, rtol=0)
+        # the orthonormal basis spans the sampled functions
+        torch.testing.assert_close(sp.basis @ (sp.basis.T @ sp.sampled), sp.sampled, atol=1e-12, rtol=0)
         assert sp.rings == tuple(float(r) for r in range((k - 1) // 2 + 1))
         assert not sp.exact_grid_action and "steerable" in sp.describe()
     sp = default_kernel_space(G, 5)
     assert sp.sigma == (0.005, 0.6, 0.4) and sp.max_frequency == (0, 2, 2) and sp.band_limit == 2
     assert default_kernel_space(G, 5) is sp  # cached
     assert default_kernel_space(G, 7).max_frequency == (0, 2, 3, 2)
+
+
+def test_default_frequency_cutoffs_are_escnns():
+    """escnn's R2Conv rule in 2-D (differs from the 3-D one from k = 9 on), R3Conv's in 3-D."""
+    assert SteerableKernelSpace(ep.SO2(), 9).max_frequency == (0, 2, 3, 6, 2)
+    assert SteerableKernelSpace(ep.SO2(), 11).max_frequency == (0, 2, 3, 6, 7, 2)
+    assert SteerableKernelSpace(ep.SO3(), 9).max_frequency == (0, 2, 4, 3, 2)
+    for k in (3, 5, 7):
+        assert SteerableKernelSpace(ep.O2(), k).max_frequency == SteerableKernelSpace(ep.O3(), k).max_frequency
 
 
 def test_custom_parameters():
@@ -88,10 +103,11 @@ def test_grid_symmetries_act_as_the_kernel_space_action(G, k, els):
         sigma = grid.grid_permutation(g, shape)  # g x_i = x_sigma[i]
         # (rho_pix(g) B)[sigma[i]] = B[i] and rho_pix(g) B = B sigma(g)
         torch.testing.assert_close((sp.basis @ sp.rep.matrix(g))[sigma], sp.basis, atol=1e-12, rtol=0)
+        torch.testing.assert_close((sp.sampled @ sp.rep.matrix(g))[sigma], sp.sampled, atol=1e-12, rtol=0)
     # on kernels with channels: act() equals moving the pixels (grid.act) of the in-band part
     ri, ro = layer(G, "standard + trivial", "standard")
     K = torch.randn(ro.dim, ri.dim, *shape, dtype=torch.float64)
-    K_in = sp.kernel(sp.coefficients(K, ri, ro), ri)
+    K_in = ((K.reshape(ro.dim, ri.dim, -1) @ sp.basis) @ sp.basis.T).reshape(K.shape)
     g = els[1]
     moved = grid.act(K_in.reshape(-1, *shape), g).reshape(K.shape)
     moved = torch.einsum("ab,bc...,dc->ad...", ro.matrix(g), moved, ri.matrix(g))
@@ -162,7 +178,7 @@ def test_equivariant_and_nearly_equivariant_kernels(G, rin, rout, k, dense_cache
     # K + noise orthogonal to the equivariant kernels, E_perp / ||K||^2 = 1e-10: in-band and out-of-band noise
     N = torch.randn(K.shape, dtype=torch.float64, generator=gen)
     N_out = sp.project(N, ri, ro, which="non_equivariant")
-    N_band = N_out - (N_out - sp.kernel(sp.coefficients(N_out, ri, ro), ri))  # in-band, non-equivariant part
+    N_band = sp.kernel(sp.coefficients(N_out, ri, ro), ri, ro)  # in-band, non-equivariant part
     for noise in (N_out, N_band):
         eps = (1e-10 * norm2 / noise.square().sum()).sqrt()
         e_perp, _ = sp.energies(K + eps * noise, ri, ro)
@@ -215,8 +231,8 @@ def test_kernel_energies_and_grads_many_is_one_fused_call(monkeypatch):
         reps.append((ri, ro))
     lp, lg = [0.5, 1.0, 2.0], [0.1, 0.0, 0.3]
     calls = []
-    real = ops._backends.fused_energies_and_grads
-    monkeypatch.setattr(ops._backends, "fused_energies_and_grads", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = ops.fused_energies_and_grads
+    monkeypatch.setattr(ops, "fused_energies_and_grads", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     e_perp, e_g, grads = kernel_energies_and_grads_many(weights, spaces, reps, lambda_perp=lp, lambda_G=lg)
     assert len(calls) == (1 if ops.cpp_available() else 0) and e_perp.shape == e_g.shape == (3,)
     for i, (w, sp, (ri, ro)) in enumerate(zip(weights, spaces, reps)):
@@ -227,6 +243,175 @@ def test_kernel_energies_and_grads_many_is_one_fused_call(monkeypatch):
         torch.testing.assert_close(grads[i], wr.grad, rtol=1e-12, atol=1e-12 * float(wr.grad.abs().max()))
     with pytest.raises(ValueError, match="same non-zero number"):
         kernel_energies_and_grads_many(weights, spaces, reps, lambda_perp=lp[:2], lambda_G=lg)
+
+
+# ---------------------------------------------------------------------------------------
+# Every backend and both plan layouts against the dense reference of V
+# ---------------------------------------------------------------------------------------
+LAYOUT_CASES = [CASES[1], CASES[5], CASES[7], CASES[10], CASES[12], CASES[13]]
+
+
+def _sweep_weights(dense, sp, ri, ro, gen):
+    """``[4, m, n, k, ...]`` float64, non-contiguous: three random kernels and a nearly equivariant one
+    (``E_perp / ||K||^2 = 1e-10``), with the exact ``E_perp`` of the last."""
+    shape = (ro.dim, ri.dim) + (sp.kernel_size,) * sp.spatial_dims
+    K = (dense.Q @ torch.randn(dense.Q.shape[1], dtype=torch.float64, generator=gen)).reshape(shape)
+    N = dense.project(torch.randn(shape, dtype=torch.float64, generator=gen), which="non_equivariant")
+    N = N * (1e-10 * K.square().sum() / N.square().sum()).sqrt()
+    W = torch.cat([torch.randn((3,) + shape, dtype=torch.float64, generator=gen), (K + N)[None]])
+    W = W.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not W.is_contiguous()
+    return W, N.square().sum()
+
+
+def _plan_backends():
+    out = [("cpp", torch.float64), ("torch", torch.float64)]
+    from equiproj.kernels import HAS_TRITON
+    if HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        out.append(("triton", torch.float32))
+    return out
+
+
+def _run_plan(backend, X, packed, c_perp=None, c_g=None):
+    """(E_perp, E_G, grad or None) of ``X [..., m, n P]`` under ``packed`` by one backend."""
+    if backend == "cpp":
+        if c_perp is None:
+            (e_perp,), (e_g,) = ep.ops.fused_energies([X], [packed])
+            return e_perp, e_g, None
+        (e_perp,), (e_g,), (g,) = ep.ops.fused_energies_and_grads([X], [packed], [c_perp], [c_g])
+        return e_perp, e_g, g
+    if backend == "torch":
+        cp = [] if c_perp is None else [torch.full(X.shape[:-2], c_perp, dtype=X.dtype)]
+        cg = [] if c_g is None else [torch.full(X.shape[:-2], c_g, dtype=X.dtype)]
+        (e_perp,), (e_g,), g = ep.ops.run_twin([X], [packed], cp, cg)
+        return e_perp, e_g, (g[0] if g else None)
+    from equiproj.kernels import fused_energies as triton_fused  # the Triton kernel (interpreter on CPU)
+
+    mats = X.reshape((-1,) + X.shape[-2:]).unbind(0)
+    plans = [packed.to(X.device, torch.float32)] * len(mats)
+    if c_perp is None:
+        e_perp, e_g, _ = triton_fused(list(mats), plans, None, None)
+        return torch.stack(e_perp).reshape(X.shape[:-2]), torch.stack(e_g).reshape(X.shape[:-2]), None
+    cps, cgs = torch.full((len(mats),), c_perp), torch.full((len(mats),), c_g)
+    e_perp, e_g, g = triton_fused(list(mats), plans, cps, cgs)
+    return (torch.stack(e_perp).reshape(X.shape[:-2]), torch.stack(e_g).reshape(X.shape[:-2]),
+            torch.stack(g).reshape(X.shape))
+
+
+@pytest.mark.parametrize("layout", ["fields", "irreps"])
+@pytest.mark.parametrize("G,rin,rout,k", LAYOUT_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_every_backend_and_layout_matches_dense_reference(G, rin, rout, k, layout, dense_cache, gen):
+    """The pixel-tile plan (both layouts) run by the C++ kernel, the torch twin and the Triton kernel
+    (interpreter on CPU; float32) against ``Q Q^T w``: energies of batched non-contiguous float64
+    weights to 1e-12, a nearly equivariant kernel's E_perp to 1e-9 of itself, the penalty gradient."""
+    sp, ri, ro, dense = _dense(dense_cache, G, rin, rout, k)
+    plan = PixelPlan(sp, ri, ro, layout)
+    W, near = _sweep_weights(dense, sp, ri, ro, gen)
+    rp, rg = dense.energies(W)
+    PW = dense.project(W)
+    cp, cg = 0.7, 0.2
+    want = 2 * cp * (W - PW) + 2 * cg * PW
+    for backend, dt in _plan_backends():
+        if backend == "triton" and (W[0].numel() > 30000 or not ep.kernels.supports(plan.packed)):
+            continue  # the interpreter runs small shapes only
+        Wd = W.to(dt)
+        X = plan.to_plan_coordinates(Wd.reshape(W.shape[:3] + (-1,)))
+        tol = 1e-12 if dt == torch.float64 else 1e-5
+        e_perp, e_g, _ = _run_plan(backend, X, plan.packed)
+        assert rel(e_perp[:3].double(), rp[:3]) < tol and rel(e_g.double(), rg) < tol, backend
+        if dt == torch.float64:  # nearly equivariant: relative to E_perp itself (the dense one is no better)
+            assert rel(e_perp[-1], near) < 1e-9 and rel(rp[-1], near) < 1e-9, backend
+        e_perp, e_g, g = _run_plan(backend, X, plan.packed, cp, cg)
+        grad = plan.from_plan_coordinates(g).reshape(W.shape)
+        assert rel(e_perp[:3].double(), rp[:3]) < tol and float((grad.double() - want).abs().max() / want.abs().max()) < tol
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "reference"])
+@pytest.mark.parametrize("G,rin,rout,k", LAYOUT_CASES[:4], ids=lambda v: str(v).replace(" ", ""))
+def test_public_energies_every_backend(G, rin, rout, k, backend, dense_cache, gen):
+    """``energies`` / ``energies_and_grad`` / ``project`` with ``backend=`` against the dense reference
+    (float64; the reference backend is the group quadrature on the orthonormal band coefficients)."""
+    sp, ri, ro, dense = _dense(dense_cache, G, rin, rout, k)
+    W, near = _sweep_weights(dense, sp, ri, ro, gen)
+    rp, rg = dense.energies(W)
+    e_perp, e_g = sp.energies(W, ri, ro, backend=backend)
+    assert rel(e_perp[:3], rp[:3]) < 1e-12 and rel(e_g, rg) < 1e-12 and rel(e_perp[-1], near) < 1e-9
+    lp = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+    e_perp, e_g, grad = sp.energies_and_grad(W, ri, ro, lambda_perp=lp, lambda_G=0.25, backend=backend)
+    PW = dense.project(W)
+    want = 2 * lp.reshape((4,) + (1,) * (W.dim() - 1)) * (W - PW) + 0.5 * PW
+    assert rel(e_perp[:3], rp[:3]) < 1e-12 and float((grad - want).abs().max() / want.abs().max()) < 1e-12
+    R = sp.project(W, ri, ro, which="non_equivariant")
+    assert float((R - (W - PW)).abs().max() / (W - PW).abs().max()) < 1e-12
+    assert rel(R[-1].square().sum(), near) < 1e-9
+
+
+def test_layout_choice_and_memory_kept_for_backward():
+    """Fields with a change of basis and many basis matrices per field pair run in the irreps layout,
+    irreps fields in the field layout; backward keeps nothing but the weight (field layout) or one
+    copy of it (irreps layout)."""
+    C8, O3 = ep.Cyclic(8), ep.O3()
+    reg = 4 * C8.regular()
+    r3 = ep.Rep.parse(O3, "2x0e + 2x1o + 2x2e")
+    sp2, sp3 = default_kernel_space(C8, 5), default_kernel_space(O3, 5)
+    p2, p3 = sp2.plan(reg, reg), sp3.plan(r3, r3)
+    assert p2.layout == "irreps" and p3.layout == "fields"
+    assert p2.flops_per_weight < 0.5 * PixelPlan(sp2, reg, reg, "fields").flops_per_weight
+    for sp, rep, k_extra in ((sp2, reg, 1.0), (sp3, r3, 0.0)):
+        W = torch.randn(rep.dim, rep.dim, *(5,) * sp.spatial_dims, requires_grad=True)
+        saved = {}
+
+        def pack(t):
+            if t.is_floating_point() and t.data_ptr() != W.data_ptr():
+                saved[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            e_perp, e_g = sp.energies(W, rep, rep)
+        (e_perp + e_g).backward()
+        assert sum(saved.values()) <= k_extra * W.numel() * W.element_size()
+        torch.testing.assert_close(W.grad, 2 * W.detach(), rtol=1e-5, atol=1e-5)  # d(E_perp + E_G) = 2 W
+
+
+@pytest.mark.parametrize("G,rin,rout,k", [
+    (ep.Cyclic(4), "regular", "0 + 1", 5), (ep.Dihedral(4), "regular + (1,0)", "regular", 3),
+    (ep.Octahedral(), "T1 + A1", "E + T2", 3), (ep.FullOctahedral(), "T1u + A1g", "T1u + A2u", 3),
+], ids=str)
+def test_exact_grid_groups_keep_the_coefficient_definition(G, rin, rout, k, gen):
+    """Where every element maps the grid onto itself, ``Phi^T Phi`` commutes with ``sigma``: V is the
+    set of kernels with equivariant coefficients in the orthonormal basis ``B`` (the definition of the
+    coefficient route), and the orthonormal band coefficients are ``K B`` themselves."""
+    ri, ro = layer(G, rin, rout)
+    sp = SteerableKernelSpace(G, k)
+    W = torch.randn((2, ro.dim, ri.dim) + (k,) * sp.spatial_dims, dtype=torch.float64, generator=gen)
+    K = W.reshape(2, ro.dim, ri.dim, -1)
+    A = sp._to_layout(K @ sp.basis, ri)
+    crep = sp.coefficient_rep(ri)
+    c_perp, c_g = ep.energies(A, crep, ro)
+    outside = (K - (K @ sp.basis) @ sp.basis.T).square().sum((1, 2, 3))
+    e_perp, e_g = sp.energies(W, ri, ro)
+    assert rel(e_perp, c_perp + outside) < 1e-12 and rel(e_g, c_g) < 1e-12
+    torch.testing.assert_close(sp.coefficients(W, ri, ro), A, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("G,rin,rout,k", [CASES[1], CASES[5], CASES[9], CASES[12]], ids=lambda v: str(v).replace(" ", ""))
+def test_orthonormal_band_coefficients(G, rin, rout, k, gen):
+    """``coefficients`` is an isometry of the band (``kernel`` its inverse), G acts on it orthogonally,
+    and its equivariant part is V: the quadrature energies of the coefficients plus the out-of-band
+    energy are the kernel space's energies."""
+    ri, ro = layer(G, rin, rout)
+    sp = SteerableKernelSpace(G, k)
+    W = torch.randn((2, ro.dim, ri.dim) + (k,) * sp.spatial_dims, dtype=torch.float64, generator=gen)
+    K = W.reshape(2, ro.dim, ri.dim, -1)
+    band = (K @ sp.basis) @ sp.basis.T
+    A = sp.coefficients(W, ri, ro)
+    assert rel(A.square().sum((1, 2)), band.square().sum((1, 2, 3))) < 1e-12
+    torch.testing.assert_close(sp.kernel(A, ri, ro).reshape(K.shape), band, atol=1e-12, rtol=0)
+    c_perp, c_g = ep.reference.energies(A, sp.coefficient_rep(ri), ro)
+    e_perp, e_g = sp.energies(W, ri, ro)
+    assert rel(c_perp + (K - band).square().sum((1, 2, 3)), e_perp) < 1e-10 and rel(c_g, e_g) < 1e-10
+    # not the coefficients in B themselves (Phi^T Phi does not commute with sigma off the grid)
+    assert float((A - sp._to_layout(K @ sp.basis, ri)).abs().max()) > 1e-3
 
 
 def test_no_equivariant_kernels():
@@ -280,7 +465,8 @@ def test_projection_properties_and_many_layers():
     e_perp, e_g = sp.energies(P, ri, ro)
     assert float(e_perp) < 1e-24 and rel(e_g, P.square().sum()) < 1e-12
     parts = sp.energy_parts(W, ri, ro)
-    assert rel(parts["outside"], (W - sp.kernel(sp.coefficients(W, ri, ro), ri)).square().sum()) < 1e-12
+    assert rel(parts["outside"], (W - sp.kernel(sp.coefficients(W, ri, ro), ri, ro)).square().sum()) < 1e-12
+    assert rel(parts["outside"] + parts["in_band"], sp.energies(W, ri, ro)[0]) < 1e-12
     assert W.dtype == sp.project(W.float(), ri, ro).double().dtype
     # many layers in one call
     G3 = ep.O3()
@@ -385,7 +571,7 @@ def test_steerable_energy_vs_exact_grid_energy(G, rin, rout, k):
     lin = lambda X: X.reshape(X.shape[0], ro.dim, -1)  # noqa: E731  Kronecker order (channel, pixel)
     e_perp, e_g = sp.energies(W, ri, ro)
     grid_perp, grid_g = ep.energies(lin(W), ri @ pix, ro)
-    out_of_band = W - sp.kernel(sp.coefficients(W, ri, ro), ri)
+    out_of_band = W - sp.kernel(sp.coefficients(W, ri, ro), ri, ro)
     _, grid_g_out = ep.energies(lin(out_of_band), ri @ pix, ro)
     assert rel(e_perp, grid_perp + grid_g_out) < 1e-10
     assert rel(e_g, grid_g - grid_g_out) < 1e-10
