@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import torch
@@ -120,8 +121,6 @@ def points(spec, kind: str) -> torch.Tensor:
         N = spec[1]
         t = 2 * math.pi * (torch.arange(N, dtype=torch.float64) + (0.5 if kind == "midpoints" else 0.0)) / N
         return torch.stack([torch.cos(t), torch.sin(t)], -1)
-    import itertools
-
     if kind == "faces":
         P = [v for i in range(3) for s in (1.0, -1.0) for v in [[s if j == i else 0.0 for j in range(3)]]]
     elif kind == "vertices":
@@ -414,7 +413,8 @@ def materialize(case: LayerCase, projector_for) -> Layer:
             N = torch.randn(shape, dtype=torch.float64, generator=gen)
             N = N - P(N)
             if float(N.square().sum()) > 1e-20 * float(X.square().sum()):
-                s = (case.ratio * PX.square().sum((-2, -1), keepdim=True) / N.square().sum((-2, -1), keepdim=True)).sqrt()
+                norms = PX.square().sum((-2, -1), keepdim=True), N.square().sum((-2, -1), keepdim=True)
+                s = (case.ratio * norms[0] / norms[1]).sqrt()
                 X = PX + s * N
             else:  # every map is equivariant: nothing to be near to
                 X, regime = PX, "equivariant"

@@ -33,7 +33,9 @@ computes in, ``||W||`` the Frobenius norm of one matrix):
 * gradients and projections (elementwise): ``rtol_out |g_ref| + 2 (|c_perp| + |c_g|) C_GRAD eps ||W||
   + subnormal spacing``, with ``rtol_out`` 1e-9 / 1e-5 for float64 / float32 results and one
   unit in the last place for float16 (2^-10) / bfloat16 (2^-7) results (the gradient is rounded
-  once to the weight dtype; bfloat16 via float32 may truncate).
+  once to the weight dtype; bfloat16 via float32 may truncate). The expected gradients use the
+  lambdas as the library takes them (``ops.as_coefficient``: float32 unless W is float64), since
+  the two terms of ``2 c_perp R + 2 c_g P W`` can cancel at an element.
 
 ``eps`` per backend: ``"cpp"`` computes every tile in float64 whatever the weight dtype
 (2^-52); ``"torch"`` and ``project`` in the accumulation dtype (float64 for float64 weights,

@@ -55,7 +55,8 @@ def main(argv):
         cells = [f"{row[c]:24.2e}" if c in row else f"{'-':>24s}" for c in cols + ["error/tolerance"]]
         print(f"{backend:10s} {dtype:24s} " + " ".join(cells))
     if "--all" in argv:
-        print(f"\n{'quantity':40s} {'backend':10s} {'dtype':24s} {'regime':12s} {'max rel':>10s} {'err/tol':>10s} {'checks':>7s}")
+        print(f"\n{'quantity':40s} {'backend':10s} {'dtype':24s} {'regime':12s} {'max rel':>10s} {'err/tol':>10s} "
+              f"{'checks':>7s}")
         for e in report["errors"]:
             print(f"{e['quantity']:40s} {e['backend']:10s} {e['dtype']:24s} {e['regime']:12s} "
                   f"{e['max_relative_error']:10.2e} {e['max_error_over_tolerance']:10.2e} {e['checks']:7d}")
