@@ -335,6 +335,17 @@ class Rep:
             reps.append(mult * r)
         return sum(reps)
 
+    @classmethod
+    def from_escnn(cls, field_type) -> "Rep":
+        """The rep of an escnn ``FieldType`` in equiproj's conventions (docs/interop.md): the escnn
+        element with base-space action ``A`` is ``g = S A S`` (``S = diag(1, -1)`` or ``diag(1, -1, -1)``)
+        and ``rep.matrix(g)`` equals ``field_type.representation`` at that element (checked on
+        conversion); one field per escnn field, with its irreps and change of basis. Needs escnn;
+        SO(2), O(2), C_N, D_N, SO(3) and O(3)."""
+        from ._escnn import rep_from_escnn  # noqa: PLC0415 - the optional dependency, on use
+
+        return rep_from_escnn(field_type)
+
 
 def check_rep_pair(rep_in, rep_out) -> None:
     """Raise ``TypeError`` unless both are :class:`Rep`, ``ValueError`` unless they are of one group."""

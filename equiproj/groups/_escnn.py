@@ -1,0 +1,216 @@
+"""escnn field types as equiproj reps (optional: escnn is imported by these functions only).
+
+The conventions (docs/interop.md; checked against escnn 1.0.11 element by element):
+
+* points: escnn's sampling point of filter entry ``[..., i_y, i_x]`` (``[..., i_z, i_y, i_x]``) is
+  ``S x`` with ``x`` equiproj's centred coordinates of that entry (:func:`equiproj.grid.grid_points`)
+  and ``S = diag(1, -1)`` (``diag(1, -1, -1)``): the same tensor, no reordering.
+* elements: the escnn element with base-space action ``A_e`` (``gspace.basespace_action(g)``) is the
+  equiproj element ``g = S A_e S``.
+* irreps: ``psi(g) = M psi_escnn(g_e) M^T`` with ``M = psi^{O(d)}(S C_e)``, the ambient O(2) irrep
+  ``(1, k)`` or Wigner D matrix of the rotation ``+-S C_e`` (``C_e = gspace.basespace_action.change_of_basis``);
+  escnn's ``(k,)`` of SO(2)/C_N is equiproj's ``k``, ``(j, k)`` of O(2)/D_N is ``(j, k)`` (for D_N's
+  1-dim ``(j, N/2)``: ``(j + N/2 mod 2, N/2)`` with escnn's default reflection axis), ``(l,)`` of SO(3)
+  is ``l``, ``(j, l)`` of O(3) is ``(l, (-1)^j)``. Every map is verified on test elements (escnn's
+  own matrices) when escnn objects are converted.
+* fields: an escnn representation with irreps ``psi_i`` and change of basis ``Q_e`` is one equiproj
+  :class:`Field` with slots ``psi_i`` (escnn's order) and ``Q = Q_e blockdiag(M_i^T)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ._group import Group
+from ._planar import O2, SO2, Cyclic, Dihedral
+from ._rep import Field, Irrep, Rep
+from ._so3 import wigner_D
+from ._spatial import O3, SO3
+
+__all__ = ["rep_from_escnn", "rep_from_escnn_fields", "group_from_escnn", "element_from_escnn", "escnn_irrep_map"]
+
+#: escnn group classes equiproj has (by class name), and how to build the equiproj group
+_GROUPS = {
+    "SO2": lambda G: SO2(),
+    "O2": lambda G: O2(),
+    "CyclicGroup": lambda G: Cyclic(int(G.rotation_order)),
+    "DihedralGroup": lambda G: Dihedral(int(G.rotation_order)),
+    "SO3": lambda G: SO3(),
+    "O3": lambda G: O3(),
+}
+_TOL = 1e-8
+
+
+def _S(d: int) -> torch.Tensor:
+    return torch.diag(torch.tensor([1.0] + [-1.0] * (d - 1), dtype=torch.float64))
+
+
+def group_from_escnn(escnn_group) -> Group:
+    """The equiproj group of an escnn group (SO(2), O(2), C_N, D_N, SO(3), O(3))."""
+    name = type(escnn_group).__name__
+    if name not in _GROUPS:
+        raise NotImplementedError(f"escnn's {name} ({getattr(escnn_group, 'name', '?')}) has no equiproj counterpart "
+                                  f"here: supported are {', '.join(_GROUPS)}")
+    return _GROUPS[name](escnn_group)
+
+
+def element_from_escnn(gspace, g) -> torch.Tensor:
+    """The equiproj element ``S A_e S`` ``[d, d]`` float64 of an escnn element ``g`` of ``gspace.fibergroup``."""
+    A = torch.as_tensor(gspace.basespace_action(g), dtype=torch.float64)
+    S = _S(A.shape[0])
+    return S @ A @ S
+
+
+def _candidate_ids(G: Group, escnn_id: tuple) -> list:
+    eid = tuple(int(v) for v in escnn_id)
+    if isinstance(G, (SO2, Cyclic, SO3)):
+        return [eid[0]]
+    if isinstance(G, (O2, Dihedral)):
+        j, k = eid
+        if isinstance(G, Dihedral) and 2 * k == G.N:
+            return [((j + k) % 2, k), (1 - (j + k) % 2, k)]
+        return [(j, k)]
+    if isinstance(G, O3):
+        j, l = eid
+        return [(l, (-1) ** j)]
+    raise NotImplementedError(f"no escnn irrep map for {G}")
+
+
+def _rule_matrix(irrep: Irrep, P: torch.Tensor) -> torch.Tensor:
+    """``M = psi^{O(d)}(P)`` for ``P = S C_e`` (1 for 1-dim irreps)."""
+    if irrep.dim == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    if P.shape[0] == 2:
+        return O2().irrep((1, irrep.band)).matrix(P)
+    R = P if torch.linalg.det(P) > 0 else -P
+    return wigner_D(irrep.band, R)
+
+
+def _intertwiner(psi_q: torch.Tensor, psi_e: torch.Tensor) -> torch.Tensor | None:
+    """An orthogonal ``M`` with ``psi_q M = M psi_e`` on every given element, or ``None``."""
+    d = psi_q.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64)
+    A = torch.cat([torch.kron(a, eye) - torch.kron(eye, b.T.contiguous()) for a, b in zip(psi_q, psi_e)])
+    _, s, Vh = torch.linalg.svd(A)
+    null = Vh[int((s > 1e-9 * max(1.0, float(s[0]))).sum()):]
+    for v in null:
+        M = v.reshape(d, d)
+        scale = (M @ M.T).diagonal().mean()
+        if scale > 0:
+            M = M / scale.sqrt()
+            if float((M @ M.T - eye).abs().max()) < 1e-8:
+                return M
+    return None
+
+
+def escnn_irrep_map(G: Group, escnn_id, P: torch.Tensor, elements: torch.Tensor,
+                    escnn_matrices: torch.Tensor) -> tuple[Irrep, torch.Tensor]:
+    """``(psi, M)``: the equiproj irrep of an escnn irrep and the orthogonal ``M`` with
+    ``psi(g) = M psi_escnn(g_e) M^T``, chosen by the documented rule and verified on ``elements``
+    ``[E, d, d]`` (equiproj matrices of test elements) against escnn's matrices ``[E, n, n]``; a
+    numerical intertwiner where the rule does not hold (other axis conventions)."""
+    psi_e = torch.as_tensor(escnn_matrices, dtype=torch.float64)
+    for cid in _candidate_ids(G, escnn_id):
+        ir = G.irrep(cid)
+        if ir.dim != psi_e.shape[-1]:
+            continue
+        psi_q = ir.matrix(elements)
+        M = _rule_matrix(ir, P)
+        if float((psi_q @ M - M @ psi_e).abs().max()) < _TOL:
+            return ir, M
+        M = _intertwiner(psi_q, psi_e)
+        if M is not None:
+            return ir, M
+    raise ValueError(f"escnn's irrep {tuple(escnn_id)} of {G} matches no equiproj irrep on the test elements")
+
+
+def rep_from_escnn_fields(G: Group, fields, irrep_maps: dict, key=None) -> Rep:
+    """The equiproj :class:`Rep` of escnn fields given as data: ``fields`` = ``[(name, irrep ids,
+    change of basis [n, n])]`` in the field type's order, ``irrep_maps`` = ``{escnn id: (psi, M)}``
+    (from :func:`escnn_irrep_map`); ``key`` tells conventions apart in the fields' identity."""
+    segs = []
+    for name, ids, cob in fields:
+        Qe = torch.as_tensor(cob, dtype=torch.float64)
+        n = Qe.shape[0]
+        if Qe.shape != (n, n) or not float((Qe @ Qe.T - torch.eye(n, dtype=torch.float64)).abs().max()) < 1e-8:
+            raise ValueError(f"escnn field {name!r}: its change of basis is not orthogonal (equiproj needs "
+                             "orthogonal representations)")
+        slots, blocks = [], []
+        for eid in ids:
+            ir, M = irrep_maps[tuple(int(v) for v in eid)]
+            slots.append(ir)
+            blocks.append(M.T)
+        if sum(s.dim for s in slots) != n:
+            raise ValueError(f"escnn field {name!r}: irreps of total dimension {sum(s.dim for s in slots)}, size {n}")
+        Q = Qe @ torch.block_diag(*blocks)
+        fkey = ("escnn", G, key, name, tuple(tuple(int(v) for v in e) for e in ids),
+                tuple(round(float(v), 12) for v in Q.reshape(-1)))
+        segs.append((1, Field(G, slots, Q, functools.partial(_field_matrix, Q, tuple(slots)), name=name, key=fkey)))
+    return Rep(G, segs)
+
+
+def _field_matrix(Q: torch.Tensor, slots: tuple, g: torch.Tensor) -> torch.Tensor:
+    D = torch.zeros(g.shape[:-2] + (Q.shape[0], Q.shape[0]), dtype=torch.float64, device=g.device)
+    o = 0
+    for s in slots:
+        D[..., o : o + s.dim, o : o + s.dim] = s.matrix(g, check=False)
+        o += s.dim
+    Qd = Q.to(g.device)
+    return Qd @ D @ Qd.T
+
+
+def _test_elements(gspace, count: int = 24):
+    """escnn elements: escnn's testing elements (all of a finite group, up to ``count``) and random ones."""
+    import itertools
+
+    G = gspace.fibergroup
+    els = list(itertools.islice(G.testing_elements(), count))
+    return els + [G.sample() for _ in range(6)]
+
+
+@functools.lru_cache(maxsize=64)
+def _irrep_maps_cached(gspace_key, gspace, ids: tuple) -> dict:
+    G = group_from_escnn(gspace.fibergroup)
+    d = gspace.dimensionality
+    P = _S(d) @ torch.as_tensor(gspace.basespace_action.change_of_basis, dtype=torch.float64)
+    els = _test_elements(gspace)
+    gq = torch.stack([element_from_escnn(gspace, g) for g in els])
+    try:
+        G.check_elements(gq)
+    except ValueError:
+        raise NotImplementedError(
+            f"escnn's {gspace.name} maps to elements outside equiproj's {G} (for D_N: reflection axes at multiples "
+            f"of pi/N from the x axis only, e.g. gspaces.flipRot2dOnR2(N, axis=0.0); escnn's default axis pi/2 "
+            f"needs an even N)") from None
+    out = {}
+    for eid in ids:
+        psi = gspace.fibergroup.irrep(*eid)
+        out[eid] = escnn_irrep_map(G, eid, P, gq, torch.stack([torch.as_tensor(psi(g), dtype=torch.float64) for g in els]))
+    return out
+
+
+def rep_from_escnn(field_type) -> Rep:
+    """:meth:`Rep.from_escnn`: the equiproj rep of an escnn ``FieldType`` (or of one escnn
+    ``Representation`` together with a gspace: pass a FieldType)."""
+    gspace = getattr(field_type, "gspace", None)
+    reps = getattr(field_type, "representations", None)
+    if gspace is None or reps is None:
+        raise TypeError(f"Rep.from_escnn takes an escnn FieldType, got {type(field_type).__name__}")
+    G = group_from_escnn(gspace.fibergroup)
+    ids = tuple(sorted({tuple(int(v) for v in i) for r in reps for i in r.irreps}))
+    C = torch.as_tensor(gspace.basespace_action.change_of_basis, dtype=torch.float64)
+    key = (gspace.name, tuple(round(float(v), 12) for v in C.reshape(-1)))
+    maps = _irrep_maps_cached(key, gspace, ids)
+    fields = [(r.name, r.irreps, r.change_of_basis) for r in reps]
+    rep = rep_from_escnn_fields(G, fields, maps, key)
+    # the field type's own matrices at the test elements
+    els = _test_elements(gspace, 8)
+    gq = torch.stack([element_from_escnn(gspace, g) for g in els])
+    want = torch.stack([torch.as_tensor(field_type.representation(g), dtype=torch.float64) for g in els])
+    err = float((rep.matrix(gq) - want).abs().max())
+    if not err < 1e-6 * max(1.0, math.sqrt(rep.dim)):
+        raise RuntimeError(f"Rep.from_escnn: the converted rep differs from escnn's field type by {err:.1e}")
+    return rep
