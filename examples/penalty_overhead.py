@@ -1,4 +1,4 @@
-"""Overhead of ProjectionPenalty on one training step of the test CNN (tests/test_nn.py: a lifted
+"""Overhead of ProjectionPenalty on one training step of the test CNN (tests/nn/test_nn.py: a lifted
 C4 group CNN, conv 1 -> c regular fields -> c regular fields, pool, linear -> '2x0 + 1').
 
 Times a full step (forward, loss, backward, optimizer step) without the penalty, with
