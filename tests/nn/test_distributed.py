@@ -21,6 +21,7 @@ from equiproj.nn import ProjectionPenalty, declare, project_, report
 
 WORLD = 2
 LAMBDA_PERP, LAMBDA_G = 0.3, {"default": 0.0, "2": 0.05}
+RATE = 0.4  # the decoupled step taken after the penalty's step
 
 
 def build():
@@ -49,10 +50,13 @@ def step(model, penalty, x):
 
 def single_process():
     model = build()
-    value = step(model, ProjectionPenalty(model, LAMBDA_PERP, LAMBDA_G), data())
+    pen = ProjectionPenalty(model, LAMBDA_PERP, LAMBDA_G)
+    value = step(model, pen, data())
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    pen.decay_(RATE)
+    decayed = {n: p.detach().clone() for n, p in model.named_parameters()}
     project_(model)
-    return value, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return value, grads, {n: p.detach().clone() for n, p in model.named_parameters()}, decayed
 
 
 def _worker(rank, port, out_path):
@@ -68,6 +72,8 @@ def _worker(rank, port, out_path):
         pen = ProjectionPenalty(ddp, LAMBDA_PERP, LAMBDA_G)
         res["ddp_value"] = step(ddp, pen, x)
         res["ddp_grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        pen.decay_(RATE)  # every rank steps its replica alike
+        res["ddp_decayed"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         # FSDP2: every declared layer and the root sharded; parameters become DTensors
         from torch.distributed.fsdp import fully_shard
 
@@ -79,6 +85,8 @@ def _worker(rank, port, out_path):
         res["fsdp_is_dtensor"] = type(model[2].weight).__name__
         res["fsdp_value"] = step(model, pen, x)
         res["fsdp_grads"] = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+        pen.decay_(RATE)  # gathers, steps, scatters back into the shards
+        res["fsdp_decayed"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
         project_(model)  # gathers, projects, scatters back into the shards
         res["fsdp_projected"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
         res["fsdp_report_e_perp"] = [r["e_perp"] for r in report(model).rows]
@@ -110,18 +118,20 @@ def _close(a, b, tol):
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_penalty_and_gradients_equal_single_process(distributed_results, wrapper):
-    value, grads, _ = single_process()
+    value, grads, _, decayed = single_process()
     res = distributed_results
     _close(res[f"{wrapper}_value"], value, 1e-10)
     assert res[f"{wrapper}_grads"].keys() == grads.keys()
     for n, g in grads.items():
         _close(res[f"{wrapper}_grads"][n], g, 1e-9)
+    for n, p in decayed.items():  # the decoupled step on replicas and on shards
+        _close(res[f"{wrapper}_decayed"][n], p, 1e-9)
 
 
 def test_fsdp_project_and_report(distributed_results):
     res = distributed_results
     assert res["fsdp_is_dtensor"] == "DTensor"
-    _, _, projected = single_process()
+    _, _, projected, _ = single_process()
     for n, p in projected.items():
         _close(res["fsdp_projected"][n], p, 1e-12)
     assert max(res["fsdp_report_e_perp"]) < 1e-26
