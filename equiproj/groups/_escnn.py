@@ -30,16 +30,17 @@ from ._rep import Field, Irrep, Rep
 from ._so3 import wigner_D
 from ._spatial import O3, SO3
 
-__all__ = ["rep_from_escnn", "rep_from_escnn_fields", "group_from_escnn", "element_from_escnn", "escnn_irrep_map"]
+__all__ = ["rep_from_escnn", "rep_from_escnn_fields", "group_from_escnn", "group_from_escnn_name", "element_from_escnn",
+           "escnn_irrep_map"]
 
-#: escnn group classes equiproj has (by class name), and how to build the equiproj group
+#: escnn group classes equiproj has (by class name), and the equiproj group (from the rotation order N)
 _GROUPS = {
-    "SO2": lambda G: SO2(),
-    "O2": lambda G: O2(),
-    "CyclicGroup": lambda G: Cyclic(int(G.rotation_order)),
-    "DihedralGroup": lambda G: Dihedral(int(G.rotation_order)),
-    "SO3": lambda G: SO3(),
-    "O3": lambda G: O3(),
+    "SO2": lambda N: SO2(),
+    "O2": lambda N: O2(),
+    "CyclicGroup": lambda N: Cyclic(N),
+    "DihedralGroup": lambda N: Dihedral(N),
+    "SO3": lambda N: SO3(),
+    "O3": lambda N: O3(),
 }
 _TOL = 1e-8
 
@@ -48,13 +49,18 @@ def _S(d: int) -> torch.Tensor:
     return torch.diag(torch.tensor([1.0] + [-1.0] * (d - 1), dtype=torch.float64))
 
 
+def group_from_escnn_name(class_name: str, rotation_order: int | None = None) -> Group:
+    """The equiproj group of an escnn group class (``"SO2"``, ``"O2"``, ``"CyclicGroup"``,
+    ``"DihedralGroup"``, ``"SO3"``, ``"O3"``) with rotation order ``N`` for C_N / D_N."""
+    if class_name not in _GROUPS:
+        raise NotImplementedError(f"escnn's {class_name} has no equiproj counterpart here: supported are "
+                                  f"{', '.join(_GROUPS)}")
+    return _GROUPS[class_name](None if rotation_order is None else int(rotation_order))
+
+
 def group_from_escnn(escnn_group) -> Group:
     """The equiproj group of an escnn group (SO(2), O(2), C_N, D_N, SO(3), O(3))."""
-    name = type(escnn_group).__name__
-    if name not in _GROUPS:
-        raise NotImplementedError(f"escnn's {name} ({getattr(escnn_group, 'name', '?')}) has no equiproj counterpart "
-                                  f"here: supported are {', '.join(_GROUPS)}")
-    return _GROUPS[name](escnn_group)
+    return group_from_escnn_name(type(escnn_group).__name__, getattr(escnn_group, "rotation_order", None))
 
 
 def element_from_escnn(gspace, g) -> torch.Tensor:

@@ -24,9 +24,11 @@ Every declared layer is in one of these cases (``declaration(layer).case``; ``re
 ``"channels"``     ``kernel_space="channels"``: G acts on the channels only, every kernel tap
                    separately (e.g. internal symmetries, 1-D convs). Exact.
 ``"kernel_space"`` rotations that do not map the grid onto itself (C_N with N not in
-                   {1, 2, 4}, SO(2), O(2), SO(3), O(3)): a band-limited steerable kernel space
-                   (:mod:`equiproj.kernel_spaces`); the part of K outside it counts as
-                   non-equivariant. Exact within that definition, not a grid symmetry.
+                   {1, 2, 4}, SO(2), O(2), SO(3), O(3)): equivariant means a sampled
+                   band-limited equivariant kernel (the steerable kernels of escnn's R2Conv/R3Conv,
+                   :mod:`equiproj.kernel_spaces`); everything else counts as non-equivariant.
+                   Exact within that definition, not a grid symmetry. ``from_escnn`` turns escnn
+                   convolutions and models into declared plain ones.
 ``"translation"``  ``declare_translations``: a periodic locally connected layer
                    (:mod:`equiproj.translation`); equivariant iff it is a convolution. Exact.
 =================  ===========================================================================
@@ -48,6 +50,7 @@ from ._blocks import (FieldBatchNorm, FieldLayerNorm, Gate, GridPool, GroupPooli
 from ._check import EquivarianceCheck, check_equivariance
 from ._declaration import Declaration, KernelSpaceDeclaration, MatrixDeclaration, TranslationDeclaration
 from ._declare import NoKernelSpaceError, declaration, declare, declare_translations, declared_layers, undeclare
+from ._escnn import from_escnn
 from ._layers import ApproxEquivariantConv2d, ApproxEquivariantConv3d, ApproxEquivariantLinear
 from ._penalty import ProjectionPenalty, layer_energies
 from ._project import project_
@@ -61,5 +64,5 @@ __all__ = [
     "constant", "linear_warmup", "cosine",
     "ApproxEquivariantLinear", "ApproxEquivariantConv2d", "ApproxEquivariantConv3d",
     "PointwiseActivation", "Gate", "NormActivation", "FieldBatchNorm", "FieldLayerNorm", "GroupPooling", "NormPooling",
-    "GridPool", "centred_grid", "check_equivariance", "EquivarianceCheck",
+    "GridPool", "centred_grid", "check_equivariance", "EquivarianceCheck", "from_escnn",
 ]
