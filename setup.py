@@ -41,6 +41,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton"],
         "triton": ["triton"],
         "e3nn": ["e3nn"],
+        # escnn pins numpy < 2, and its dependency py3nj builds from source with a Fortran compiler
+        "escnn": ["escnn"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["equiproj = equiproj.cli:main"]},

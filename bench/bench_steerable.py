@@ -1,27 +1,34 @@
-"""Steerable conv kernels: the structured energy against the dense-basis baseline and a
-plain per-field-pair torch computation, energy + gradient, float32, same run.
+"""Steerable conv kernels: the structured energy against the dense-basis baseline (the paper's
+computation) and a plain per-field-pair torch computation, energy + gradient, float32, same run.
 
 Methods (each computes E_perp and E_G of every layer and the gradient of sum E_perp + 0.5 E_G):
 
-* ``structured``: :func:`equiproj.kernel_spaces.kernel_energies_many` (K B, out-of-band residual,
-  coefficient energies through ``equiproj.energies_many``, hence the fused op where it is
-  dispatched) + ``backward``;
+* ``structured``: :func:`equiproj.kernel_spaces.kernel_energies_many` (the pixel-tile plan of
+  each layer through the fused op, one call for all layers) + ``backward`` (one more call);
 * ``per_pair``: one small pixel-space basis ``[R, d_out, d_in k^s]`` per field-pair type, a
   projection per field pair with ``einsum`` and autograd (what a user would write in torch);
 * ``one pass``: :func:`~equiproj.kernel_spaces.kernel_energies_and_grads_many` (the same computation,
   the gradient formed in the forward pass from the known weights 1 and ``C_G``, no autograd graph);
-* ``dense``: the paper's approach, the ``[N, D']`` orthonormal basis of equivariant kernels
-  (:class:`~equiproj.kernel_spaces.DenseKernelBasis`, QR) and ``Q Q^T w`` with autograd. Its build
-  time and memory are reported; where the basis exceeds ``EQUIPROJ_BENCH_DENSE_MIB`` (default
-  256 MiB) only its size is given.
+* ``dense``: the paper's approach, the ``[N, D']`` orthonormal basis of V
+  (:class:`~equiproj.kernel_spaces.DenseKernelBasis`, QR; the span of escnn's basis of the layer)
+  and ``Q Q^T w`` with autograd. Its build time and memory are reported; where the basis exceeds
+  ``EQUIPROJ_BENCH_DENSE_MIB`` (default 256 MiB) only its size is given.
 
 ``python bench/bench_steerable.py`` prints the table: one SO(3) layer ``c x (0+1+2) -> same``
 for c in {2, 6, 16} and k in {3, 5, 7}, then the stack of the paper's 3-D experiment (9 convs:
 kernels 7, 5, 3, 3, 3, 1 and three 1x1 skips, c copies of l = 0+1+2). ``--quick`` runs a subset.
 "Memory" of the structured path is what it keeps for backward (saved tensors, the weights
-themselves excluded), from ``saved_tensors_hooks``. Timings taken on a shared machine are noisy:
-compare ratios from one run. CI runs this file with ``--benchmark-disable`` (each method once,
-checked against the others).
+themselves excluded), from ``saved_tensors_hooks``.
+
+``--paper`` prints the paper-parity table instead: the paper's penalty exactly as its code
+computes it (``Q`` from the QR of the layer's basis, ``lambda_G ||Q^T w||^2 + lambda_perp (||w||^2 -
+||Q^T w||^2)`` and its gradient by autograd, float32) against the one-pass fused computation, on
+the benchmark's 3-D layer ``c x (0e+1o+2e) -> same``, k = 5 (O(3)) for growing ``c``: time and
+memory (the basis and what is kept for backward) of both, up to the largest ``c`` whose dense basis
+fits ``--dense-gib`` (default 2 GiB), and the sizes where the dense side cannot run.
+
+Timings taken on a shared machine are noisy: compare ratios from one run. CI runs this file with
+``--benchmark-disable`` (each method once, checked against the others).
 """
 
 from __future__ import annotations
@@ -238,7 +245,16 @@ def test_dense(benchmark, small_stack):
 def test_structured_memory_is_proportional_to_the_weights():
     layers = make_layers(equiproj.SO3(), 2, (5, 3, 1))
     weight_bytes = sum(w.numel() * w.element_size() for w, *_ in layers)
-    assert saved_bytes(structured, layers) <= 2 * weight_bytes
+    assert saved_bytes(structured, layers) <= weight_bytes  # irreps fields: nothing but the weights
+
+
+def test_paper_parity_row_runs():
+    """The paper's penalty (dense Q, ||w||^2 - ||Q^T w||^2, autograd) agrees with the fused one pass, and
+    a layer whose dense basis exceeds the limit is reported as such."""
+    row = paper_parity_row(equiproj.O3(), 1, 3, 2**30)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 13 and float(cells[-1]) < 1e-4
+    assert "cannot run" in paper_parity_row(equiproj.O3(), 1, 3, 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,11 +285,112 @@ def _row(label, layers, with_dense=True):
             f"{first:.2f} | {t_pp * 1e3:.2f} | {t_pp / t_struct:.2f}x | {t_rw * 1e3:.3f} | " + " | ".join(dense_cols) + " |")
 
 
+# ---------------------------------------------------------------------------------------
+# paper parity: the dense Q Q^T w of the paper's code against the one-pass fused computation
+# ---------------------------------------------------------------------------------------
+LAMBDA_PERP, LAMBDA_G = 1.0, C_G
+
+
+class PaperPenalty:
+    """The paper's penalty as its code computes it: ``Q`` (float32) with orthonormal columns spanning
+    the layer's basis (QR), ``q = Q^T w``, ``lambda_G ||q||^2 + lambda_perp (||w||^2 - ||q||^2)``, autograd."""
+
+    def __init__(self, sp, ri, ro):
+        t0 = time.perf_counter()
+        self.Q = DenseKernelBasis(sp, ri, ro, method="hom", dtype=torch.float32).Q
+        self.build_seconds = time.perf_counter() - t0
+
+    def __call__(self, w):
+        v = w.reshape(-1)
+        q = v @ self.Q
+        g = q.square().sum()
+        return LAMBDA_G * g + LAMBDA_PERP * (v.square().sum() - g)
+
+
+def _paper_saved_bytes(fn, w, *counted) -> int:
+    """Bytes kept for backward by ``fn(w)`` (distinct floating-point tensors other than ``w`` and
+    ``counted``, which the caller counts already)."""
+    seen: dict[int, int] = {}
+    skip = {w.data_ptr()} | {t.data_ptr() for t in counted}
+
+    def pack(t):
+        if t.data_ptr() not in skip and t.is_floating_point():
+            seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(w)
+    out.backward()
+    w.grad = None
+    return sum(seen.values())
+
+
+def paper_parity_row(G, c: int, k: int, dense_limit: int) -> str:
+    (w, sp, ri, ro), = make_layers(G, c, (k,))
+    weight_bytes = w.numel() * w.element_size()
+    N, D = DenseKernelBasis.size(sp, ri, ro)
+    dense_bytes = N * D * 4
+    t0 = time.perf_counter()
+    plan = sp.plan(ri, ro)
+    plan_s = time.perf_counter() - t0
+    wd = w.detach()
+    t_one = timeit(lambda: sp.energies_and_grad(wd, ri, ro, lambda_perp=LAMBDA_PERP, lambda_G=LAMBDA_G))
+
+    def ours(x):
+        e_perp, e_g = sp.energies(x, ri, ro)
+        return LAMBDA_PERP * e_perp + LAMBDA_G * e_g
+
+    def autograd_step(fn):
+        w.grad = None
+        fn(w).backward()
+
+    t_auto = timeit(lambda: autograd_step(ours))
+    ours_mem = plan.basis_bytes + _paper_saved_bytes(ours, w)
+    cols = [f"O(3) {c}x(0e+1o+2e) k={k}", f"{weight_bytes / 2**20:.2f}", f"{N} x {D}", f"{plan_s:.3f}",
+            f"{t_one * 1e3:.2f}", f"{t_auto * 1e3:.2f}", f"{ours_mem / 2**20:.2f} ({ours_mem / weight_bytes:.2f}x W)"]
+    if dense_bytes <= dense_limit:
+        paper = PaperPenalty(sp, ri, ro)
+        # the same numbers (float32): the penalty value and its gradient
+        w.grad = None
+        paper(w).backward()
+        g_paper = w.grad.clone()
+        _, _, g_ours = sp.energies_and_grad(wd, ri, ro, lambda_perp=LAMBDA_PERP, lambda_G=LAMBDA_G)
+        grad_err = float((g_ours - g_paper).abs().max() / g_paper.abs().max())
+        t_dense = timeit(lambda: autograd_step(paper), repeat=3, min_time=0.0)
+        dense_mem = dense_bytes + _paper_saved_bytes(paper, w, paper.Q)
+        cols += [f"{paper.build_seconds:.2f}", f"{t_dense * 1e3:.1f}", f"{dense_mem / 2**20:,.0f}",
+                 f"{t_dense / t_one:,.0f}x", f"{dense_mem / ours_mem:,.0f}x", f"{grad_err:.1e}"]
+        del paper
+    else:
+        cols += ["-", f"cannot run: Q needs {dense_bytes / 2**30:,.1f} GiB", f"{dense_bytes / 2**20:,.0f} (Q alone)",
+                 "-", f"{dense_bytes / ours_mem:,.0f}x", "-"]
+    return "| " + " | ".join(cols) + " |"
+
+
+def paper_parity(dense_gib: float = 2.0, quick: bool = False) -> None:
+    limit = int(dense_gib * 2**30)
+    G = equiproj.O3()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; the paper's dense Q Q^T w up to "
+          f"{dense_gib:g} GiB", file=sys.stderr)
+    print("| layer | W MiB | dense Q [N, D'] | plan build s | one pass ms | fused autograd ms | fused memory MiB "
+          "(basis + saved) | dense build s | dense ms (autograd) | dense memory MiB (Q + saved) | dense / one pass "
+          "time | dense / fused memory | gradient rel. diff |")
+    print("|" + "---|" * 13)
+    cs = [1, 2, 4] if quick else [1, 2, 4, 6, 7, 16]
+    for c in cs:
+        print(paper_parity_row(G, c, 5, limit), flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="c in {2, 6}, k in {3, 5} and the c=2 stack only")
     ap.add_argument("--group", default="SO3", choices=["SO3", "O3"])
+    ap.add_argument("--paper", action="store_true", help="the paper-parity table (dense Q Q^T w against one pass)")
+    ap.add_argument("--dense-gib", type=float, default=2.0, help="memory limit of the dense side for --paper")
     args = ap.parse_args(argv)
+    if args.paper:
+        paper_parity(args.dense_gib, args.quick)
+        return
     G = equiproj.SO3() if args.group == "SO3" else equiproj.O3()
     cs, ks = ((2, 6), (3, 5)) if args.quick else ((2, 6, 16), (3, 5, 7))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, energy + gradient; "
