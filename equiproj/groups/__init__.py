@@ -33,6 +33,7 @@ Example::
     [('0', 4), ('1', 2)]
 """
 
+from . import _escnn  # noqa: F401 - sets Rep.from_escnn's implementation (escnn is imported only when used)
 from ._clebsch_gordan import irrep_product
 from ._group import Group
 from ._planar import O2, SO2, Cyclic, Dihedral

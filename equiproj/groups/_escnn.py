@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from . import _rep
 from ._group import Group
 from ._planar import O2, SO2, Cyclic, Dihedral
 from ._rep import Field, Irrep, Rep
@@ -220,3 +221,6 @@ def rep_from_escnn(field_type) -> Rep:
     if not err < 1e-6 * max(1.0, math.sqrt(rep.dim)):
         raise RuntimeError(f"Rep.from_escnn: the converted rep differs from escnn's field type by {err:.1e}")
     return rep
+
+
+_rep._ESCNN_CONVERTER = rep_from_escnn  # Rep.from_escnn (the group classes import _rep: it cannot import this module)

@@ -342,9 +342,14 @@ class Rep:
         and ``rep.matrix(g)`` equals ``field_type.representation`` at that element (checked on
         conversion); one field per escnn field, with its irreps and change of basis. Needs escnn;
         SO(2), O(2), C_N, D_N, SO(3) and O(3)."""
-        from ._escnn import rep_from_escnn  # noqa: PLC0415 - the optional dependency, on use
+        if _ESCNN_CONVERTER is None:
+            raise RuntimeError("Rep.from_escnn needs equiproj.groups loaded (import equiproj.groups)")
+        return _ESCNN_CONVERTER(field_type)
 
-        return rep_from_escnn(field_type)
+
+#: Rep.from_escnn's implementation, set by equiproj.groups._escnn when the package loads (it needs the
+#: group classes, which import this module; escnn itself is imported only when called)
+_ESCNN_CONVERTER = None
 
 
 def check_rep_pair(rep_in, rep_out) -> None:
