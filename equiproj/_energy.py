@@ -202,7 +202,8 @@ def _energy_by_type(Xh: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
 
 
 def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp=1.0, lambda_G=0.0,
-                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      backend: str = "auto", out: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(E_perp, E_G, grad)`` in one pass over ``W`` ``[..., m, n]``, without an autograd graph.
 
     ``grad`` ``[..., m, n]`` (W's dtype) is the gradient of ``lambda_perp * E_perp + lambda_G * E_G``:
@@ -211,6 +212,10 @@ def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp
     ``grad`` once; ``energies(W, ...)`` followed by ``backward()`` reads W twice, because its forward
     cannot know the incoming gradient. Use it to add a penalty's gradient by hand
     (:meth:`equiproj.nn.ProjectionPenalty.backward` does this for a model).
+
+    ``out``: a tensor of ``W``'s shape and dtype to which ``grad`` is added in place, with no fresh
+    buffer (an existing ``W.grad``, or ``W`` itself: ``lambda_perp = -rate / 2`` then takes the
+    decoupled step ``W <- W - rate (W - P W)``); ``out`` is then returned as ``grad``.
 
     Example::
 
@@ -221,9 +226,17 @@ def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp
     check_arguments(W, rep_in, rep_out)
     b = ops.backend_for(backend, W)
     cp, cg = ops.as_coefficient(lambda_perp, W, "lambda_perp"), ops.as_coefficient(lambda_G, W, "lambda_G")
-    (e_perp,), (e_g,), (grad,) = b.energies_and_grads([W], [(rep_in, rep_out)], [cp], [cg])
+    if out is not None:
+        _check_out(out, W, "out")
+    (e_perp,), (e_g,), (grad,) = b.energies_and_grads([W], [(rep_in, rep_out)], [cp], [cg],
+                                                      None if out is None else [out])
     _check_finite([W], e_perp, e_g)
     return e_perp, e_g, grad
+
+
+def _check_out(out, W, name: str) -> None:
+    if not isinstance(out, torch.Tensor) or out.shape != W.shape or out.dtype != W.dtype or out.device != W.device:
+        raise ValueError(f"{name} must be a tensor of W's shape {tuple(W.shape)}, dtype {W.dtype} and device {W.device}")
 
 
 def _check_many(weights, reps) -> None:
@@ -283,7 +296,7 @@ def energies_many(weights, reps, *, backend: str = "auto") -> tuple[torch.Tensor
     return _stack_energies(weights, parts)
 
 
-def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: str = "auto"):
+def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: str = "auto", outs=None):
     """:func:`energies_and_grad` of many layers, one call per backend and device.
 
     Args:
@@ -291,6 +304,8 @@ def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: st
         reps: L pairs ``(rep_in_i, rep_out_i)``.
         lambda_perp, lambda_G: L coefficients each (numbers, or tensors broadcastable to the
             batch shape of their weight).
+        outs: ``None``, or L tensors (the weights' shapes and dtypes) to which the gradients are
+            added in place (see :func:`energies_and_grad`'s ``out``).
     Returns:
         ``(E_perp, E_G, grads)``: ``[L]`` each (float32; float64 if every weight is float64) and L
         gradients shaped like the weights.
@@ -305,7 +320,14 @@ def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: st
     _check_many(weights, reps)
     cps = [ops.as_coefficient(c, w, f"lambda_perp[{i}]") for i, (c, w) in enumerate(zip(lambda_perp, weights))]
     cgs = [ops.as_coefficient(c, w, f"lambda_G[{i}]") for i, (c, w) in enumerate(zip(lambda_G, weights))]
+    if outs is not None:
+        outs = list(outs)
+        if len(outs) != len(weights):
+            raise ValueError(f"got {len(weights)} weights but {len(outs)} outs")
+        for i, (o, w) in enumerate(zip(outs, weights)):
+            _check_out(o, w, f"outs[{i}]")
     parts = _run_grouped(weights, reps, backend, lambda b, idx: b.energies_and_grads(
-        [weights[i] for i in idx], [reps[i] for i in idx], [cps[i] for i in idx], [cgs[i] for i in idx]))
+        [weights[i] for i in idx], [reps[i] for i in idx], [cps[i] for i in idx], [cgs[i] for i in idx],
+        None if outs is None else [outs[i] for i in idx]))
     e_perp, e_g = _stack_energies(weights, parts)
     return e_perp, e_g, [p[2] for p in parts]

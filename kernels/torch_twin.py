@@ -88,8 +88,9 @@ def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
             cd = accumulation_dtype(W.dtype)
             X = _structured(W.detach() if want_grad else W, P, cd)
             batch = X.shape[:-2]
-            ep = torch.zeros(batch, dtype=cd, device=W.device)
-            eg = torch.zeros(batch, dtype=cd, device=W.device)
+            # zeros that depend on X: a weight that requires grad gets a graph even where nothing adds to it
+            # (a pair of reps without equivariant maps has E_G = 0, with gradient 0)
+            ep = eg = X[..., :0, :0].sum((-2, -1))  # an empty sum: +0, NaN-free
             if want_grad:
                 cp2 = 2 * c_perp[i].to(device=W.device, dtype=cd)
                 cg2 = 2 * c_g[i].to(device=W.device, dtype=cd)
@@ -120,7 +121,7 @@ def torch_project(W: torch.Tensor, plan: PackedPlan, which: str = "equivariant")
         blocks = []
         for rows, cols, T, coef, PT in _pairs(X, plan):
             if which == "equivariant":
-                out = torch.zeros_like(T) if PT is None else PT
+                out = T.new_zeros(()).expand_as(T) + T[..., :0].sum() if PT is None else PT  # zeros on T's graph
             else:
                 out = T if PT is None else T - PT
             blocks.append((rows, cols, out.reshape(batch + (rows.stop - rows.start, cols.stop - cols.start))))
@@ -130,5 +131,5 @@ def torch_project(W: torch.Tensor, plan: PackedPlan, which: str = "equivariant")
             by_row.setdefault((rows.start, rows.stop), []).append((cols.start, out))
         row_blocks = [torch.cat([o for _, o in sorted(parts, key=lambda t: t[0])], dim=-1)
                       for _, parts in sorted(by_row.items())]
-        Y = torch.cat(row_blocks, dim=-2) if row_blocks else X.new_zeros(X.shape)
+        Y = torch.cat(row_blocks, dim=-2) if row_blocks else X * 0
         return _to_user(Y, plan)
