@@ -473,8 +473,9 @@ def _plan_inputs(weights, spaces, reps, idx):
 
 def _reference_parts(w, sp, ri, ro):
     """(K, P K, E_perp, E_G) in float64 by the group quadrature of :mod:`equiproj.reference` on the
-    orthonormal coefficients (plus the out-of-band part): an independent route for ``backend="reference"``."""
-    K = w.detach().to(torch.float64)
+    orthonormal coefficients (plus the out-of-band part): an independent route for ``backend="reference"``
+    (differentiable)."""
+    K = w.to(torch.float64)
     A = sp.coefficients(K, ri, ro)
     PA = _reference.project(A, sp.coefficient_rep(ri), ro)
     PK = sp.kernel(PA, ri, ro).reshape(K.shape)
@@ -507,7 +508,8 @@ def _energies_and_grads_grouped(weights, spaces, reps, lambda_perp, lambda_G, ba
         if name == "reference":
             for i in idx:
                 w, sp = weights[i], spaces[i]
-                K, PK, out_p[i], out_g[i] = _reference_parts(w, sp, *reps[i])
+                with torch.no_grad():
+                    K, PK, out_p[i], out_g[i] = _reference_parts(w, sp, *reps[i])
                 b = (..., None, None) + (None,) * sp.spatial_dims
                 cp = torch.as_tensor(lambda_perp[i], dtype=torch.float64)[b]
                 cg = torch.as_tensor(lambda_G[i], dtype=torch.float64)[b]

@@ -344,6 +344,9 @@ def test_public_energies_every_backend(G, rin, rout, k, backend, dense_cache, ge
     R = sp.project(W, ri, ro, which="non_equivariant")
     assert float((R - (W - PW)).abs().max() / (W - PW).abs().max()) < 1e-12
     assert rel(R[-1].square().sum(), near) < 1e-9
+    Wg = W.detach().clone().requires_grad_()  # autograd through every backend
+    sp.energies(Wg, ri, ro, backend=backend)[0].sum().backward()
+    assert float((Wg.grad - 2 * (W - PW)).abs().max() / (W - PW).abs().max()) < 1e-12
 
 
 def test_layout_choice_and_memory_kept_for_backward():
