@@ -21,6 +21,8 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -114,6 +116,20 @@ def test_escnn_kernels_in_declared_plain_convs(path, gen):
     row = ep.nn.report(conv).rows[0]
     assert row["case"] == ("grid" if ep.grid.has_grid_action(G, (k,) * s) else "kernel_space")
     assert row["rel_perp"] < 1e-10
+
+
+def test_escnn_adapters_refuse_other_objects_and_stay_optional():
+    """Clear errors for non-escnn inputs; ``import equiproj`` never imports escnn (checked in a fresh
+    interpreter, meaningful where escnn is installed)."""
+    with pytest.raises(TypeError, match="FieldType"):
+        ep.Rep.from_escnn(ep.SO2().standard())
+    with pytest.raises(TypeError, match="R2Conv or R3Conv"):
+        ep.kernel_spaces.from_escnn(torch.nn.Conv2d(2, 2, 3))
+    with pytest.raises(TypeError, match="escnn"):
+        ep.nn.from_escnn(torch.nn.Linear(2, 2))
+    probe = "import sys, equiproj, equiproj.nn, equiproj.kernel_spaces; print('escnn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
 # ---------------------------------------------------------------------------------------
