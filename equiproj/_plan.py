@@ -45,22 +45,29 @@ class SidePlan:
 
     @staticmethod
     def build(rep: Rep) -> "SidePlan":
-        fields, types, coord_type, rows = [], [], [], {}
+        """Vectorised over the copies of each segment (a count can be huge: ``Rep.parse(G, "100000x0e")``)."""
+        fields, types, coord_types, rows = [], [], [], {}
+        index: dict[Irrep, int] = {}
         o = 0
         for c, f in rep.segments:
             fields.append(FieldBlock(o, c, f.dim, f.Q, f.slots))
-            for u in range(c):
-                so = o + u * f.dim
-                for s in f.slots:
-                    if s not in rows:
-                        rows[s] = []
-                        types.append(s)
-                    rows[s].append(torch.arange(so, so + s.dim))
-                    coord_type += [types.index(s)] * s.dim
-                    so += s.dim
+            field_type, offsets = [], {}  # per coordinate of the field; slot offsets per irrep
+            so = 0
+            for s in f.slots:
+                if s not in index:
+                    index[s] = len(types)
+                    types.append(s)
+                offsets.setdefault(s, []).append(so)
+                field_type += [index[s]] * s.dim
+                so += s.dim
+            copies = o + torch.arange(c)[:, None, None] * f.dim  # [c, 1, 1]
+            for s, offs in offsets.items():  # copy-major, then slot order: [c * k, d]
+                r = copies + torch.tensor(offs)[None, :, None] + torch.arange(s.dim)[None, None, :]
+                rows.setdefault(s, []).append(r.reshape(-1, s.dim))
+            coord_types.append(torch.tensor(field_type, dtype=torch.long).repeat(c))
             o += c * f.dim
-        return SidePlan(rep.dim, rep.perm, fields, types, torch.tensor(coord_type, dtype=torch.long),
-                        {s: torch.stack(r) for s, r in rows.items()})
+        return SidePlan(rep.dim, rep.perm, fields, types, torch.cat(coord_types),
+                        {s: torch.cat(r) for s, r in rows.items()})
 
 
 @dataclass
@@ -87,16 +94,23 @@ def _field_pair_basis(fo: FieldBlock, fi: FieldBlock, bases: dict) -> torch.Tens
     """``A = Q_out[:, slot a] C_s Q_in[:, slot b]^T`` over same-type slot pairs (a, b) and s."""
     Qo = torch.eye(fo.dim, dtype=torch.float64) if fo.Q is None else fo.Q
     Qi = torch.eye(fi.dim, dtype=torch.float64) if fi.Q is None else fi.Q
-    out, oo = [], 0
+    in_slots: dict[Irrep, list[int]] = {}  # irrep -> offsets of its slots in the input field
+    oi = 0
+    for si in fi.slots:
+        in_slots.setdefault(si, []).append(oi)
+        oi += si.dim
+    pairs, oo = [], 0  # (output offset, input offset, irrep), output-slot-major
     for so in fo.slots:
-        oi = 0
-        for si in fi.slots:
-            if so == si:
-                for C in bases[so]:
-                    out.append(Qo[:, oo : oo + so.dim] @ C @ Qi[:, oi : oi + si.dim].T)
-            oi += si.dim
+        pairs += [(oo, oi, so) for oi in in_slots.get(so, ())]
         oo += so.dim
-    return torch.stack(out) if out else torch.zeros(0, fo.dim, fi.dim, dtype=torch.float64)
+    # written in place: for a large field (the regular rep of a group of order 512) the basis is ~1 GiB
+    out = torch.empty(sum(len(bases[s]) for _, _, s in pairs), fo.dim, fi.dim, dtype=torch.float64)
+    k = 0
+    for oo, oi, s in pairs:
+        r = len(bases[s])
+        torch.matmul(Qo[:, oo : oo + s.dim] @ bases[s], Qi[:, oi : oi + s.dim].T, out=out[k : k + r])
+        k += r
+    return out
 
 
 class PlanColumn(enum.IntEnum):
@@ -216,7 +230,7 @@ class BlockPlan:
         m, n = self.shape
         return PackedPlan(
             m, n, torch.tensor(rows, dtype=torch.long).reshape(-1, len(PlanColumn)),
-            torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64),
+            (torch.cat(chunks) if len(chunks) > 1 else chunks[0]) if chunks else torch.zeros(0, dtype=torch.float64),
             self.out.perm if self.out.perm is not None else torch.arange(m),
             self.inp.perm if self.inp.perm is not None else torch.arange(n),
             self.out.perm is None and self.inp.perm is None,

@@ -7,7 +7,9 @@ element sum for finite groups, the trapezoid rule in the angle for SO(2)/O(2), a
 in Euler angles (Gauss-Legendre in cos(beta), uniform in alpha and gamma) for SO(3)/O(3).
 Nothing here uses the irrep decomposition; only ``rep.matrix`` and the band limits of the reps
 (to size the quadrature). It is slow (one pair of matrix products per quadrature point) and meant
-for verification; it is also the ``"reference"`` backend of the energy functions.
+for verification; it is also the ``"reference"`` backend of the energy functions. The quadrature
+grows with the band limits (SO(3): ``(D+1)^2 (D/2+1)`` points for ``D = l_in + l_out``); above
+:data:`MAX_QUADRATURE_POINTS` points it refuses (the spectral backends have no such limit).
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import torch
 
 from .groups import check_rep_pair
 
-__all__ = ["haar_quadrature", "project", "energies", "noneq_energy", "eq_energy", "orbit_defect"]
+__all__ = ["haar_quadrature", "project", "energies", "noneq_energy", "eq_energy", "orbit_defect", "MAX_QUADRATURE_POINTS"]
+
+#: the largest Haar quadrature the reference averages over
+MAX_QUADRATURE_POINTS = 10**6
+#: quadrature points per chunk: the rep matrices of one chunk are in memory at a time
+_CHUNK = 256
 
 
 def haar_quadrature(group, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,22 +40,28 @@ def _check(W, rep_in, rep_out):
     return W.to(torch.float64)
 
 
-def _points(rep_in, rep_out, degree):
+def _chunks(rep_in, rep_out, degree, device):
+    """``(rho_out(g), rho_in(g), w)`` over the quadrature, ``_CHUNK`` points at a time."""
     if degree is None:
         degree = rep_in.band_limit + rep_out.band_limit
-    g, w = rep_in.group.haar_quadrature(degree)
-    return rep_out.matrix(g), rep_in.matrix(g), w
+    group = rep_in.group
+    size = group.haar_quadrature_size(degree)
+    if size > MAX_QUADRATURE_POINTS:
+        raise ValueError(f"the reference averages over an exact quadrature of {group} for band limit {degree}: {size:,} "
+                         f"group elements, more than its limit of {MAX_QUADRATURE_POINTS:,}; use a spectral backend "
+                         "(backend='auto', 'cpp', 'triton' or 'torch'), which is exact at any band limit")
+    g, w = group.haar_quadrature(degree)
+    for k in range(0, len(w), _CHUNK):
+        s = slice(k, k + _CHUNK)
+        yield rep_out.matrix(g[s]).to(device), rep_in.matrix(g[s]).to(device), w[s].to(device)
 
 
 def project(W: torch.Tensor, rep_in, rep_out, degree: int | None = None) -> torch.Tensor:
     """P(W) in float64, ``[..., m, n] -> [..., m, n]``, by exact quadrature over the group."""
     W = _check(W, rep_in, rep_out)
-    Ro, Ri, w = _points(rep_in, rep_out, degree)
-    Ro, Ri, w = Ro.to(W.device), Ri.to(W.device), w.to(W.device)
     out = torch.zeros_like(W)
-    for k in range(0, len(w), 256):  # chunks bound the memory to 256 copies of W
-        s = slice(k, k + 256)
-        out = out + torch.einsum("p,pai,...ab,pbj->...ij", w[s], Ro[s], W, Ri[s])
+    for Ro, Ri, w in _chunks(rep_in, rep_out, degree, W.device):  # chunks bound the memory to 256 copies of W
+        out = out + torch.einsum("p,pai,...ab,pbj->...ij", w, Ro, W, Ri)
     return out
 
 
@@ -73,7 +86,8 @@ def eq_energy(W, rep_in, rep_out, degree=None) -> torch.Tensor:
 def orbit_defect(W, rep_in, rep_out, degree=None) -> torch.Tensor:
     """∫_G ||rho_out(g) W - W rho_in(g)||^2 dg in float64 (equals 2 E_perp: the orbit identity of docs/math.md §2)."""
     W = _check(W, rep_in, rep_out)
-    Ro, Ri, w = _points(rep_in, rep_out, degree)
-    Ro, Ri, w = Ro.to(W.device), Ri.to(W.device), w.to(W.device)
-    d = torch.einsum("pai,...ij->p...aj", Ro, W) - torch.einsum("...ai,pij->p...aj", W, Ri)
-    return torch.einsum("p,p...->...", w, d.square().sum((-2, -1)))
+    out = W.new_zeros(W.shape[:-2])
+    for Ro, Ri, w in _chunks(rep_in, rep_out, degree, W.device):
+        d = torch.einsum("pai,...ij->p...aj", Ro, W) - torch.einsum("...ai,pij->p...aj", W, Ri)
+        out = out + torch.einsum("p,p...->...", w, d.square().sum((-2, -1)))
+    return out

@@ -361,3 +361,44 @@ def test_projection_of_batched_noncontiguous_weights(case, gen):
     # each matrix of the batch is projected on its own
     for b in range(2):
         torch.testing.assert_close(ours[b], torch_project(W2[b].contiguous(), P), atol=1e-13, rtol=0)
+
+
+# ---- caches: bounded, and hit by fresh but equal reps ---------------------------------------------
+def _rss_mib() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:  # tracemalloc does not see torch's allocations
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_memory_stays_flat_over_energy_calls_with_fresh_reps(gen):
+    """Fresh reps compared unequal, so every call built and cached a new plan: with
+    (2 * FullOctahedral().regular()).change_basis(Q) memory grew by 27 MB per call."""
+    G = ep.Dihedral(3)
+    Q = random_orthogonal(2 * G.order, gen)
+    W = torch.randn(2 * G.order, 2 * G.order, generator=gen)
+    rep = (2 * G.regular()).change_basis(Q)
+    ep.energies(W, rep, rep)
+    plans = block_plan.cache_info().currsize
+    before = _rss_mib()
+    for _ in range(10_000):
+        rep = (2 * G.regular()).change_basis(Q)
+        ep.energies(W, rep, rep)
+    assert _rss_mib() - before <= 50
+    assert block_plan.cache_info().currsize == plans
+
+
+def test_package_caches_are_bounded():
+    """Every functools cache of the groups, the plan and the grid has a maxsize."""
+    import functools
+    import importlib
+
+    modules = ["equiproj.groups._rep", "equiproj.groups._group", "equiproj.groups._so3", "equiproj.groups._clebsch_gordan",
+               "equiproj.groups._spatial", "equiproj.groups._planar", "equiproj._plan", "equiproj.grid"]
+    caches = []
+    for name in modules:
+        for obj in vars(importlib.import_module(name)).values():
+            if isinstance(obj, functools._lru_cache_wrapper):
+                caches.append(obj)
+                assert obj.cache_parameters()["maxsize"] is not None, f"{name}.{obj.__name__} is unbounded"
+    assert len(caches) >= 10

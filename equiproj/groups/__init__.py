@@ -12,8 +12,9 @@ group                irrep id                    string form (``Rep.parse``) / n
                                                  2-dim for 0 < k < N/2, and for even N the
                                                  1-dim (0,N/2), (1,N/2); all real type
 ``O2()``             ``(j, k)``                  (0,0), (1,0), (1,k) for k >= 1
-``SO3()``            degree ``l >= 0``           ``"2"`` (e3nn's ``"2e"`` is accepted too)
-``O3()``             ``(l, p)``, p = +-1         e3nn style ``"2e"`` (p = +1), ``"1o"`` (p = -1)
+``SO3()``            degree ``0 <= l <= L_MAX``  ``"2"`` (e3nn's ``"2e"`` is accepted too)
+``O3()``             ``(l, p)``, p = +-1         e3nn style ``"2e"`` (p = +1), ``"1o"`` (p = -1);
+                                                 ``Rep.from_e3nn(irreps)`` takes e3nn's ``Irreps``
 ``Octahedral()``     ``"A1" "A2" "E" "T1" "T2"`` T1 = the defining 3-D action
 ``FullOctahedral()`` the above + ``"g"``/``"u"`` T1u = the defining 3-D action
 ===================  ==========================  =============================================
@@ -21,7 +22,8 @@ group                irrep id                    string form (``Rep.parse``) / n
 2-D elements are ``R(theta) F^s`` with ``F = diag(1, -1)``; the 2-dim irrep of frequency k
 maps it to ``R(k theta) F^s``. SO(3) irreps act on real spherical harmonics in e3nn's basis
 (:func:`spherical_harmonics`, :func:`wigner_D`). O(3) elements ``g = s R`` (``s = det g``) act by
-``p^[s<0] D_l(R)``. The conventions are collected in docs/math.md §8.
+``p^[s<0] D_l(R)``. Degrees above :data:`L_MAX` (512) raise ``ValueError``. The conventions are
+collected in docs/math.md §8.
 
 Example::
 
@@ -38,11 +40,11 @@ from ._clebsch_gordan import irrep_product
 from ._group import Group
 from ._planar import O2, SO2, Cyclic, Dihedral
 from ._rep import Field, Irrep, Rep, check_rep_pair
-from ._so3 import sphere_quadrature, spherical_harmonics, wigner_D
+from ._so3 import L_MAX, sphere_quadrature, spherical_harmonics, wigner_D
 from ._spatial import O3, SO3, FullOctahedral, Octahedral, clebsch_gordan
 
 __all__ = [
     "Group", "Cyclic", "Dihedral", "SO2", "O2", "SO3", "O3", "Octahedral", "FullOctahedral",
     "Rep", "Irrep", "Field", "check_rep_pair",
-    "spherical_harmonics", "wigner_D", "sphere_quadrature", "clebsch_gordan", "irrep_product",
+    "spherical_harmonics", "wigner_D", "sphere_quadrature", "clebsch_gordan", "irrep_product", "L_MAX",
 ]

@@ -17,7 +17,7 @@ imposed on that much smaller subspace. Candidates that the group's selection rul
 real-basis Clebsch-Gordan coefficients of the library's harmonics (e3nn's basis, checked
 against ``e3nn.o3.wigner_3j`` up to sign in the tests), one copy of each ``|l1 - l2| <= l <= l1 + l2``.
 
-Results live in ``functools.lru_cache`` (memory only: nothing is written to or read from disk)
+Results live in a bounded ``functools.lru_cache`` (memory only: nothing is written to or read from disk)
 and are verified against ``a.matrix(g) ⊗ b.matrix(g)`` at random elements before being cached.
 
 Tensor products of reps (``a @ b``, ``tensor_field`` in ``_rep.py``) are built from these blocks;
@@ -63,7 +63,7 @@ def _blocks(M: torch.Tensor) -> list[torch.Tensor]:
     return [torch.from_numpy(np.flatnonzero(label == c)) for c in range(n)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1024)
 def _fixed_matrices(psi: Irrep) -> tuple[torch.Tensor, torch.Tensor]:
     """``psi`` at the torus element h1 ``[d, d]`` and at the remaining generators ``[h, d, d]`` (cached)."""
     h1, rest = _constraint_elements(psi.group)
@@ -131,7 +131,7 @@ def _invariants(factors_h1: list[torch.Tensor], factors_gens: list[torch.Tensor]
     return null @ U.T
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=512)
 def irrep_product(a: Irrep, b: Irrep) -> tuple[tuple[Irrep, ...], torch.Tensor]:
     """``(slots, Q)`` with ``a(g) ⊗ b(g) = Q (⊕_slots psi(g)) Q^T``; Q ``[da db, da db]`` float64 orthogonal.
 

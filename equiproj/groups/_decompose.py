@@ -22,11 +22,11 @@ from typing import Callable
 
 import torch
 
-__all__ = ["decompose", "check_representation", "isometric_intertwiners", "block_diag_irreps"]
+__all__ = ["decompose", "check_representation", "isometric_intertwiners", "block_diag_irreps", "verify_decomposition"]
 
 
-def check_representation(group, fn: Callable, dim: int, what: str = "fn") -> None:
-    """Raise ``ValueError`` unless ``fn`` is an orthogonal homomorphism on random elements."""
+def check_representation(group, fn: Callable, dim: int, what: str = "fn", tol: float = 1e-6) -> None:
+    """Raise ``ValueError`` unless ``fn`` is an orthogonal homomorphism on random elements (to ``tol``)."""
     gen = torch.Generator().manual_seed(1234)
     g1 = group.sample(6, generator=gen)
     g2 = group.sample(6, generator=gen)
@@ -38,10 +38,10 @@ def check_representation(group, fn: Callable, dim: int, what: str = "fn") -> Non
         if not torch.isfinite(R).all():
             raise ValueError(f"{what} returned NaN or Inf")
     orth = (R1.transpose(-1, -2) @ R1 - eye).abs().amax()
-    if not orth < 1e-6:
+    if not orth < tol:
         raise ValueError(f"{what} is not orthogonal: max |rho(g)^T rho(g) - I| = {float(orth):.2e}")
     hom = (R12 - R1 @ R2).abs().amax()
-    if not hom < 1e-6:
+    if not hom < tol:
         raise ValueError(f"{what} is not a homomorphism: max |rho(g h) - rho(g) rho(h)| = {float(hom):.2e}")
 
 
@@ -67,12 +67,13 @@ def isometric_intertwiners(basis: torch.Tensor, m: int, d: int) -> torch.Tensor:
     return torch.cat(isos, dim=-1)
 
 
-def decompose(group, fn: Callable, dim: int, band_limit: int | None = None, seed: int = 0):
+def decompose(group, fn: Callable, dim: int, band_limit: int | None = None, seed: int = 0, tol: float = 1e-8):
     """Decompose ``fn`` (``[..., dG, dG] -> [..., dim, dim]``) into irreps.
 
     Returns ``(slots, Q)``: the irreps in the order of Q's column blocks, and ``Q`` ``[dim, dim]``
     float64. ``band_limit`` bounds the frequencies of a continuous group's irreps that may occur
-    (required for continuous groups). Raises ``ValueError`` if ``fn`` does not decompose.
+    (required for continuous groups). ``tol``: how closely ``Q (⊕ slots) Q^T`` must reproduce
+    ``fn`` (1e-8; float32 matrices need about 1e-6). Raises ``ValueError`` if ``fn`` does not decompose.
     """
     finite = group.is_finite
     if not finite and band_limit is None:
@@ -90,7 +91,7 @@ def decompose(group, fn: Callable, dim: int, band_limit: int | None = None, seed
         k = round(k_float)
         if k == 0:
             continue
-        if abs(k - k_float) > 1e-6 or k % d:
+        if abs(k - k_float) > max(1e-6, 100 * tol) or k % d:
             raise ValueError(f"not a representation of {group} within band limit {band_limit} "
                              f"(isotypic dimension of {psi} is {k_float:.4f})")
         evals, evecs = torch.linalg.eigh((P + P.T) / 2)
@@ -111,7 +112,7 @@ def decompose(group, fn: Callable, dim: int, band_limit: int | None = None, seed
     # snap to the nearest orthogonal matrix (removes rounding from the Gram-Schmidt)
     U, _, Vh = torch.linalg.svd(Q)
     Q = U @ Vh
-    _verify(group, fn, slots, Q)
+    verify_decomposition(group, fn, slots, Q, tol, band_limit)
     return slots, Q
 
 
@@ -126,9 +127,14 @@ def block_diag_irreps(slots, g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _verify(group, fn, slots, Q):
+def verify_decomposition(group, fn, slots, Q, tol: float = 1e-8, band_limit: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``fn(g) = Q (⊕ slots(g)) Q^T`` to ``tol`` at random elements."""
     g = group.sample(8, generator=torch.Generator().manual_seed(99))
-    err = (fn(g).to(torch.float64) - Q @ block_diag_irreps(slots, g) @ Q.T).abs().amax()
-    if not err < 1e-8:
-        raise ValueError(f"numerical decomposition into irreps of {group} is inaccurate (error {float(err):.1e}); "
-                         "is the band_limit too small?")
+    err = float((fn(g).to(torch.float64) - Q @ block_diag_irreps(slots, g) @ Q.T).abs().amax())
+    if not err < tol:
+        band = (f"; or irreps of frequency above the band limit {band_limit} occur (pass a larger band_limit)"
+                if band_limit is not None and not group.is_finite else "")
+        raise ValueError(f"the decomposition into irreps of {group} reproduces fn only to {err:.1e} (needed: {tol:.0e}): "
+                         f"fn's matrices are not that accurate (matrices computed in float32 are accurate to about 1e-7: "
+                         f"return them as float32, which is decomposed at float32 precision, or compute them in float64)"
+                         f"{band}")

@@ -16,7 +16,7 @@ from typing import Hashable
 
 import torch
 
-from ._rep import Irrep, Rep
+from ._rep import GROUP_CLASSES, Irrep, Rep
 
 __all__ = ["Group"]
 
@@ -31,6 +31,11 @@ class Group:
     ambient_dim: int
     #: id of the trivial irrep
     trivial_id: Hashable = 0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):  # the public groups, by name (Rep.from_e3nn's default O3)
+            GROUP_CLASSES[cls.__name__] = cls
 
     # ---- identity -------------------------------------------------------------------------
     def _key(self) -> tuple:
@@ -113,6 +118,12 @@ class Group:
             raise TypeError(f"no Haar quadrature for {self}")
         els = self.elements()
         return els, torch.full((len(els),), 1.0 / len(els), dtype=torch.float64)
+
+    def haar_quadrature_size(self, degree: int) -> int:
+        """The number of elements of :meth:`haar_quadrature` ``(degree)``, without building them."""
+        if not self.is_finite:
+            raise TypeError(f"no Haar quadrature for {self}")
+        return self.order
 
     def torus_element(self) -> torch.Tensor | None:
         """An element whose irrep matrices are block diagonal with blocks of size <= 2 (the
@@ -199,17 +210,47 @@ class Group:
         sid = self.standard_irrep_id()
         if sid is not None:  # the defining action is itself one of the irreps
             return self.irrep(sid)
-        return Rep.from_matrices(self, lambda g: g, name="standard", band_limit=1)
+        return _standard_rep(self)
 
     def regular(self) -> Rep:
-        """The left-regular representation (finite groups): ``e_h -> e_{gh}``, ordered as ``elements()``."""
+        """The left-regular representation (finite groups): ``e_h -> e_{gh}``, ordered as ``elements()``.
+
+        Its decomposition is written down, not computed (docs/math.md §8): copy ``b`` of the irrep
+        ``psi`` (dim d, commutant dim r, ``d / r`` copies) is the column block
+        ``Q[x, a] = sqrt(d / |G|) psi(x)_{a b}`` over the elements x, the real Fourier transform on
+        the group (for C_N the real DFT: ``cos(k theta_x), sin(k theta_x)``); Schur orthogonality
+        makes Q orthogonal. One object per group (cached)."""
         if not self.is_finite:
             raise TypeError(f"{self} is continuous: it has no regular representation of finite dimension")
-        els = self.elements()
-        return Rep.permutation(self, action=lambda g: self.index(g[..., None, :, :] @ els), size=len(els), name="regular")
+        return _regular_rep(self)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)
+def _standard_rep(group: Group) -> Rep:
+    return Rep.from_matrices(group, lambda g: g, name="standard", band_limit=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _regular_rep(group: Group) -> Rep:
+    els = group.elements()
+    n = len(els)
+
+    def fn(g):  # column i has its 1 in row index(g x_i)
+        sigma = group.index(g[..., None, :, :] @ els.to(g.device))
+        return torch.nn.functional.one_hot(sigma, n).transpose(-1, -2).to(torch.float64)
+
+    slots, cols = [], []
+    for psi in group.irreps():
+        copies = psi.dim // psi.endomorphism_basis.shape[0]
+        if psi.type == "quaternionic":  # the columns b = 0..copies-1 need not be independent modulo the commutant
+            return Rep.permutation(group, action=lambda g: group.index(g[..., None, :, :] @ els), size=n, name="regular")
+        M = psi.matrix(els, check=False)  # [|G|, d, d]; copy b is column b of psi(x)
+        cols.append(M[:, :, :copies].transpose(1, 2).reshape(n, copies * psi.dim) * (psi.dim / n) ** 0.5)
+        slots += [psi] * copies
+    return Rep._from_decomposition(group, fn, slots, torch.cat(cols, dim=1), name="regular")
+
+
+@functools.lru_cache(maxsize=256)
 def _harmonic_rep(group: Group, h: int) -> Rep:
     if h == 0:
         return group.trivial()

@@ -102,6 +102,11 @@ class _Planar(Group):
             g, w = torch.cat([g, g @ _F]), torch.cat([w, w]) / 2
         return g, w
 
+    def haar_quadrature_size(self, degree):
+        if self.N is not None:
+            return super().haar_quadrature_size(degree)
+        return (_check_degree(degree) + 1) * (2 if self.reflections else 1)
+
     def product_may_contain(self, psi, a, b):
         if self.N is not None:  # frequencies add modulo N and fold at N/2: no shortcut
             return True

@@ -15,18 +15,79 @@ a layer's weight). It is stored with its structure (docs/math.md §4):
 ``rep.matrix(g)`` evaluates ``rho_f`` directly (the irrep formulas, the permutation, the
 user's function, Kronecker products), never through ``Q``; the spectral code uses ``Q``. The
 two are tested against each other.
+
+Reps are values: two reps are equal (and hash equal) when they have the same group, the same
+segments of equal fields and the same permutation. Fields are equal when they are the same irrep,
+the tensor product of equal fields, the same rep in a basis changed by an equal ``Q``, or (made by
+``from_matrices`` / ``permutation``) have the same slots and the same decomposition ``Q_f``
+(bit for bit: the decomposition is deterministic). Caches keyed by reps (the block plans) thus
+find fresh but equal reps.
+
+Multiplicities are counts: ``n * rep`` of a one-segment rep is one segment of ``n c`` copies, so
+``Rep.parse(G, "100000000x0e")`` costs nothing. What is built densely (``rep.matrix``,
+``change_of_basis``) or index by index (permutations) refuses clearly when it would be too large.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import math
 import re
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ._clebsch_gordan import irrep_product
-from ._decompose import block_diag_irreps, check_representation, decompose
+from ._decompose import block_diag_irreps, check_representation, decompose, verify_decomposition
+
+#: the most elements (float64) of a dense matrix the reps build (``rep.matrix``, ``change_of_basis``): 4 GiB
+MAX_DENSE_ELEMENTS = 2**29
+#: the longest explicit permutation of coordinates the reps build (int64): 512 MiB
+MAX_PERMUTATION = 2**26
+#: ``n * rep`` repeats the segments of a multi-segment rep up to this many segments (as ``rep + ... + rep``);
+#: beyond, it multiplies the counts and records the copy-major layout as a permutation
+_MAX_REPEATED_SEGMENTS = 64
+
+#: the group classes register here by name (they import this module, so it cannot import them)
+GROUP_CLASSES: dict[str, type] = {}
+
+
+class _TensorKey:
+    """A tensor as part of a dict key: hashed by a digest of its bytes, equal to another exactly when
+    the tensors are equal (same dtype, shape and values)."""
+
+    __slots__ = ("tensor", "_hash")
+
+    def __init__(self, t: torch.Tensor):
+        t = t.detach().cpu().contiguous()
+        self.tensor = t
+        digest = hashlib.blake2b(t.numpy().view(np.uint8).reshape(-1).data, digest_size=16).digest()
+        self._hash = hash((str(t.dtype), tuple(t.shape), digest))
+
+    def __eq__(self, other):
+        return (isinstance(other, _TensorKey) and self._hash == other._hash and self.tensor.dtype == other.tensor.dtype
+                and self.tensor.shape == other.tensor.shape and torch.equal(self.tensor, other.tensor))
+
+    def __hash__(self):
+        return self._hash
+
+
+def check_dense_size(elements: int, what: str) -> None:
+    """``ValueError`` when a dense float64 tensor of ``elements`` entries would exceed :data:`MAX_DENSE_ELEMENTS`."""
+    if elements > MAX_DENSE_ELEMENTS:
+        raise ValueError(f"{what} would be a dense float64 tensor of {elements:,} entries ({elements * 8 / 2**30:.1f} GiB), "
+                         f"more than the {MAX_DENSE_ELEMENTS:,} equiproj builds: the representation is too large to "
+                         "write out densely; the energy functions work on its structure (segments and fields) instead")
+
+
+def check_permutation_size(n: int, what: str) -> None:
+    """``ValueError`` when an explicit permutation of ``n`` coordinates exceeds :data:`MAX_PERMUTATION`."""
+    if n > MAX_PERMUTATION:
+        raise ValueError(f"{what} needs an explicit permutation of {n:,} coordinates, more than the {MAX_PERMUTATION:,} "
+                         "equiproj builds; write the rep as segments of copies without a permutation, e.g. "
+                         "Rep.parse(G, '1000000x0e + 1000000x1o') instead of 1000000 * Rep.parse(G, '0e + 1o')")
 
 __all__ = ["Rep", "Irrep", "Field", "check_rep_pair"]
 
@@ -42,16 +103,18 @@ class Field:
         self.Q = Q
         self._matrix_fn = matrix_fn
         self.name = name
-        self._key = key if key is not None else ("field", id(self))
+        # by default the field is what its decomposition says: rho_f(g) = Q (⊕ slots) Q^T
+        self._key = key if key is not None else ("field", group, self.slots, None if Q is None else _TensorKey(Q))
+        self._hash = hash(self._key)
 
     def matrix(self, g: torch.Tensor) -> torch.Tensor:
         return self._matrix_fn(g).to(torch.float64)
 
     def __eq__(self, other):
-        return isinstance(other, Field) and self._key == other._key
+        return self is other or (isinstance(other, Field) and self._hash == other._hash and self._key == other._key)
 
     def __hash__(self):
-        return hash(self._key)
+        return self._hash
 
     def __repr__(self):
         return self.name
@@ -67,17 +130,32 @@ class Rep:
 
     def __init__(self, group: Group, segments: Iterable[tuple[int, Field]], perm: torch.Tensor | None = None,
                  name: str | None = None):
+        _check_group(group)
         merged: list[tuple[int, Field]] = []
         for c, f in segments:
+            if not isinstance(f, Field) or isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+                raise TypeError(f"segments must be (count, Field) pairs, got ({c!r}, {type(f).__name__})")
+            if c < 1 or f.dim < 1:
+                raise ValueError(f"a segment needs count >= 1 and a field of dimension >= 1, got {int(c)} x {f.name} "
+                                 f"(dimension {f.dim})")
+            if f.group != group:
+                raise ValueError(f"field {f.name} is of {f.group}, not of {group}")
             if merged and merged[-1][1] == f:
-                merged[-1] = (merged[-1][0] + c, f)
+                merged[-1] = (merged[-1][0] + int(c), f)
             else:
                 merged.append((int(c), f))
+        if not merged:
+            raise ValueError(f"a Rep of {group} needs at least one field: a representation of dimension 0 acts on "
+                             "nothing (a layer without inputs or outputs has no weight to constrain)")
         self.group = group
         self.segments = tuple(merged)
         self.dim = sum(c * f.dim for c, f in self.segments)
         if perm is not None:
-            perm = torch.as_tensor(perm, dtype=torch.long)
+            perm = torch.as_tensor(perm, dtype=torch.long).cpu()
+            counts = torch.bincount(perm.clamp(0, self.dim), minlength=self.dim + 1)[: self.dim] if perm.dim() == 1 else None
+            if perm.shape != (self.dim,) or not bool((counts == 1).all()):
+                raise ValueError(f"perm must be a permutation of range({self.dim}); got a tensor of shape "
+                                 f"{tuple(perm.shape)} that is not one")
             if torch.equal(perm, torch.arange(self.dim)):
                 perm = None
         self.perm = perm
@@ -85,10 +163,16 @@ class Rep:
 
     # ---- identity -------------------------------------------------------------------------
     def _key(self):
-        return (self.group, self.segments, None if self.perm is None else tuple(self.perm.tolist()))
+        return (self.group, self.segments, None if self.perm is None else self._perm_key)
+
+    @functools.cached_property
+    def _perm_key(self) -> _TensorKey:
+        return _TensorKey(self.perm)
 
     def __eq__(self, other):
-        return isinstance(other, Rep) and self._key() == other._key()
+        if self is other:
+            return True
+        return isinstance(other, Rep) and hash(self) == hash(other) and self._key() == other._key()
 
     def __hash__(self):
         return self._hash
@@ -108,13 +192,17 @@ class Rep:
         """``rho(g)``: ``[..., dG, dG] -> [..., dim, dim]`` float64."""
         if check:
             g = self.group.check_elements(g)
+        check_dense_size(math.prod(g.shape[:-2]) * self.dim**2,
+                         f"rep.matrix of {math.prod(g.shape[:-2])} elements for a rep of dimension {self.dim}")
         out = torch.zeros(g.shape[:-2] + (self.dim, self.dim), dtype=torch.float64, device=g.device)
         o = 0
         for c, f in self.segments:
+            w = c * f.dim
+            # the c diagonal blocks of the segment at once: [..., c, d, c, d] view, diagonal over the copies
+            blocks = out[..., o : o + w, o : o + w].unflatten(-1, (c, f.dim)).unflatten(-3, (c, f.dim))
             M = f.matrix(g)
-            for _ in range(c):
-                out[..., o : o + f.dim, o : o + f.dim] = M
-                o += f.dim
+            blocks.diagonal(dim1=-4, dim2=-2).copy_(M[..., None].expand(M.shape + (c,)))
+            o += w
         if self.perm is not None:
             inv = self._inverse_perm.to(g.device)
             out = out[..., inv, :][..., :, inv]
@@ -143,14 +231,16 @@ class Rep:
     @functools.cached_property
     def _structured_basis(self) -> tuple[torch.Tensor, list["Irrep"]]:
         """(Q_struct ``[dim, dim]``, slots in column order): rho = Q_struct ⊕psi Q_struct^T."""
+        check_dense_size(self.dim**2, f"the change of basis of a rep of dimension {self.dim}")
         Q = torch.zeros(self.dim, self.dim, dtype=torch.float64)
         slots, o = [], 0
         for c, f in self.segments:
             Qf = torch.eye(f.dim, dtype=torch.float64) if f.Q is None else f.Q
-            for _ in range(c):
-                Q[o : o + f.dim, o : o + f.dim] = Qf
-                slots += f.slots
-                o += f.dim
+            w = c * f.dim
+            Q[o : o + w, o : o + w].unflatten(1, (c, f.dim)).unflatten(0, (c, f.dim)).diagonal(dim1=0, dim2=2).copy_(
+                Qf[..., None].expand(f.dim, f.dim, c))
+            slots += list(f.slots) * c
+            o += w
         if self.perm is not None:
             Q = Q[self._inverse_perm]
         return Q, slots
@@ -161,12 +251,9 @@ class Rep:
         diagonal listing, for each ``(irrep, mult)`` of ``self.irreps`` in order, ``mult`` copies."""
         Q, slots = self._structured_basis
         order = {ir: i for i, (ir, _) in enumerate(self.irreps)}
-        offsets, o = [], 0
-        for s in slots:
-            offsets.append((order[s], o, s.dim))
-            o += s.dim
-        cols = [torch.arange(o, o + d) for _, o, d in sorted(offsets, key=lambda t: t[0])]
-        return Q[:, torch.cat(cols)] if cols else Q
+        # each column's irrep, in the order of self.irreps; a stable sort keeps the copies in place
+        col_type = torch.repeat_interleave(torch.tensor([order[s] for s in slots]), torch.tensor([s.dim for s in slots]))
+        return Q[:, torch.argsort(col_type, stable=True)]
 
     # ---- algebra --------------------------------------------------------------------------
     def _same_group(self, other, op):
@@ -183,6 +270,7 @@ class Rep:
         self._same_group(other, "add")
         perm = None
         if self.perm is not None or other.perm is not None:
+            check_permutation_size(self.dim + other.dim, f"the direct sum {self!r} + {other!r}")
             perm = torch.cat([self._perm_or_arange(), other._perm_or_arange() + self.dim])
         return Rep(self.group, self.segments + other.segments, perm)
 
@@ -192,21 +280,38 @@ class Rep:
         return NotImplemented
 
     def __mul__(self, n: int) -> "Rep":
-        """``n`` copies (the direct sum ``self + ... + self``)."""
-        if isinstance(n, bool) or not isinstance(n, int):
+        """``n`` copies (the direct sum ``self + ... + self``, copy-major coordinates).
+
+        A one-segment rep ``c x f`` gives ``n c x f`` (any ``n``, at no cost). A rep of several
+        segments gives the segments repeated (exactly ``self + ... + self``) while that makes at most
+        64 segments, else each segment's count times ``n`` with a permutation to the copy-major layout."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             return NotImplemented
+        n = int(n)
         if n < 1:
             raise ValueError(f"multiplicity must be >= 1, got {n}")
-        out = self
-        for _ in range(n - 1):
-            out = out + self
-        return out
+        if n == 1:
+            return self
+        if self.perm is None and len(self.segments) == 1:
+            (c, f), = self.segments
+            return Rep(self.group, [(n * c, f)])
+        if self.perm is None and n * len(self.segments) <= _MAX_REPEATED_SEGMENTS:
+            return Rep(self.group, self.segments * n)
+        check_permutation_size(n * self.dim, f"{n} copies of {self!r}")
+        # copy t of self occupies user coordinates [t dim, (t+1) dim); segment i gathers its c_i copies of each
+        p, shift = self._perm_or_arange(), torch.arange(n)[:, None] * self.dim
+        perm, o = [], 0
+        for c, f in self.segments:
+            perm.append((shift + p[o : o + c * f.dim]).reshape(-1))
+            o += c * f.dim
+        return Rep(self.group, [(n * c, f) for c, f in self.segments], torch.cat(perm))
 
     __rmul__ = __mul__
 
     def __matmul__(self, other: "Rep") -> "Rep":
         """Tensor product; coordinate ``(i, j)`` is ``i * other.dim + j`` (Kronecker order)."""
         self._same_group(other, "tensor")
+        check_permutation_size(self.dim * other.dim, f"the tensor product {self!r} @ {other!r}")
         segs, perm = [], []
         pa, pb = self._perm_or_arange(), other._perm_or_arange()
         oa = 0
@@ -233,7 +338,7 @@ class Rep:
         Qs, slots = self._structured_basis
         inner = self
         field = Field(self.group, slots, Q @ Qs, lambda g: Q @ inner.matrix(g, check=False) @ Q.T,
-                      name=f"changed_basis({self!r})")
+                      name=f"changed_basis({self!r})", key=("change_basis", self, _TensorKey(Q)))
         return Rep(self.group, [(1, field)])
 
     # ---- constructors ---------------------------------------------------------------------
@@ -243,32 +348,59 @@ class Rep:
         """A representation from a user-supplied homomorphism ``fn(g: [..., dG, dG]) -> [..., d, d]``.
 
         It is decomposed into irreps numerically. ``band_limit`` bounds the frequencies
-        (continuous groups; searched up to 32 if not given). Raises ``ValueError`` if ``fn``
-        is not orthogonal or not a homomorphism.
+        (continuous groups; searched up to 32 (2-D) / 10 (3-D) if not given). Raises ``ValueError``
+        if ``fn`` is not orthogonal or not a homomorphism. Two reps made from the same function are
+        equal (the decomposition is deterministic).
+
+        ``fn`` may return float64 matrices (decomposed and checked to 1e-8) or float32 ones, which
+        are decomposed in float64 and checked at float32 precision; the rep is then the exact
+        representation ``Q (⊕ irreps) Q^T`` nearest to them (``rep.matrix`` returns that, in float64).
         """
         _check_group(group)
         probe = fn(group.identity()[None])
         if not isinstance(probe, torch.Tensor) or probe.dim() != 3 or probe.shape[0] != 1 or probe.shape[1] != probe.shape[2]:
             raise ValueError("fn must map [..., d_G, d_G] elements to a tensor of shape [..., d, d]")
         dim = probe.shape[-1]
+        if dim == 0:
+            raise ValueError("fn returns 0 x 0 matrices: a representation needs dimension >= 1")
+        if probe.dtype not in (torch.float64, torch.float32):
+            raise TypeError(f"fn must return float64 or float32 matrices, got {probe.dtype}: float16/bfloat16 and "
+                            "integer matrices are too coarse to decompose; return them as float64")
+        # rounding of float32 entries: |rho^T rho - I| and |rho(gh) - rho(g) rho(h)| grow like eps * dim
+        exact = probe.dtype == torch.float64
+        tol = 1e-6 if exact else max(1e-6, 16 * torch.finfo(torch.float32).eps * dim)
 
         def f64(g):
             return fn(g).to(torch.float64)
 
-        check_representation(group, f64, dim)
+        check_representation(group, f64, dim, tol=tol)
+        verify_tol = 1e-8 if exact else tol
         if group.is_finite or band_limit is not None:
-            slots, Q = decompose(group, f64, dim, band_limit)
+            slots, Q = decompose(group, f64, dim, band_limit, tol=verify_tol)
         else:
+            last = None
             for L in range(1, 33 if group.ambient_dim == 2 else 11):
                 try:
-                    slots, Q = decompose(group, f64, dim, L)
+                    slots, Q = decompose(group, f64, dim, L, tol=verify_tol)
                     break
-                except ValueError:
-                    continue
+                except ValueError as err:
+                    last = err
             else:
-                raise ValueError(f"fn does not decompose into irreps of {group} of frequency <= {L}")
+                raise ValueError(f"fn does not decompose into irreps of {group} of frequency <= {L} (at {L}: {last}); "
+                                 "pass band_limit= if higher frequencies occur") from None
         name = name or "from_matrices"
+        if not exact:  # the exact representation the float32 matrices approximate
+            def f64(g):
+                return Q.to(g.device) @ block_diag_irreps(slots, g.to(torch.float64)) @ Q.T.to(g.device)
         return cls(group, [(1, Field(group, slots, Q, f64, name))], name=name)
+
+    @classmethod
+    def _from_decomposition(cls, group: Group, fn: Callable[[torch.Tensor], torch.Tensor], slots: Sequence["Irrep"],
+                            Q: torch.Tensor, name: str) -> "Rep":
+        """The rep ``fn`` (float64 matrices) whose decomposition ``fn = Q (⊕ slots) Q^T`` is known in
+        closed form; it is checked at random elements, as a numerical one would be."""
+        verify_decomposition(group, fn, list(slots), Q, 1e-8)
+        return cls(group, [(1, Field(group, slots, Q, fn, name))], name=name)
 
     @classmethod
     def permutation(cls, group: Group, points: torch.Tensor | None = None,
@@ -280,44 +412,27 @@ class Rep:
         (``x_{sigma_g(i)} = g x_i``, e.g. the pixels of a kernel grid), or ``action(g) ->
         [..., n]`` long tensor of ``sigma_g`` and ``size = n``.
         """
-        if (points is None) == (action is None):
-            raise ValueError("give exactly one of points= or action=")
-        if points is not None:
-            pts = torch.as_tensor(points, dtype=torch.float64)
-            if pts.dim() != 2 or pts.shape[1] != group.ambient_dim:
-                raise ValueError(f"points must have shape [n, {group.ambient_dim}], got {tuple(pts.shape)}")
-            size = len(pts)
-            scale = max(float(pts.abs().max()), 1.0)
-
-            def action(g):
-                moved = torch.einsum("...ij,nj->...ni", g, pts.to(g.device))
-                dist = (moved[..., :, None, :] - pts.to(g.device)).abs().amax(-1)
-                val, idx = dist.min(-1)
-                if idx.numel() and not val.amax() < 1e-6 * scale:
-                    raise ValueError("the group does not map the points onto themselves")
-                return idx
-
-        if size is None:
-            raise ValueError("size= is required with action=")
-        n = int(size)
-
-        def fn(g):
-            sigma = action(g)
-            if sigma.shape != g.shape[:-2] + (n,):
-                raise ValueError(f"action must return shape [..., {n}], got {tuple(sigma.shape)}")
-            # column i has its 1 in row sigma(i)
-            return torch.nn.functional.one_hot(sigma, n).transpose(-1, -2).to(torch.float64)
-
+        _check_group(group)
+        fn, n = _permutation_matrices(group, points, action, size)
         return cls.from_matrices(group, fn, band_limit=0 if not group.is_finite else None,
                                  name=name or f"permutation({n})")
 
     @classmethod
-    def parse(cls, group: Group, s: str) -> "Rep":
+    def parse(cls, group: Group, s) -> "Rep":
         """Parse ``"16x0e + 8x1o"`` (O(3)), ``"4x0 + 2x1"`` (SO(2), C_N, SO(3)), ``"2x(0,0) + (1,2)"``
         (O(2), D_N), ``"A1g + 3xT1u"`` (octahedral). ``"regular"``, ``"standard"`` and ``"trivial"``
-        are accepted as terms (``"4xregular + 2x0"``)."""
+        are accepted as terms (``"4xregular + 2x0"``). An e3nn ``Irreps`` (or ``Irrep``) is accepted
+        for ``s`` too (read as its string, ``"8x0e+4x1o"``)."""
+        if not _is_group(group):
+            named = isinstance(group, str) and group in GROUP_CLASSES
+            hint = f" like equiproj.{group}()" if named else ", e.g. equiproj.O3()"
+            raise TypeError(f"group must be an equiproj Group object{hint}, got {type(group).__name__} {group!r}")
+        from ._e3nn import is_e3nn_irreps  # noqa: PLC0415 - recognises e3nn objects without importing e3nn
+
+        if is_e3nn_irreps(s):
+            s = str(s)
         if not isinstance(s, str):
-            raise TypeError(f"expected a string, got {type(s).__name__}")
+            raise TypeError(f"expected a string (or an e3nn Irreps), got {type(s).__name__}")
         terms = [t.strip() for t in s.split("+")]
         if not s.strip() or any(not t for t in terms):
             raise ValueError(f"malformed representation string {s!r}")
@@ -336,6 +451,23 @@ class Rep:
         return sum(reps)
 
     @classmethod
+    def from_e3nn(cls, irreps, group: Group | None = None) -> "Rep":
+        """The rep of an e3nn ``Irreps`` (or ``Irrep``, or its string ``"8x0e + 4x1o"``) with e3nn's
+        coordinates: ``rep.matrix(g)`` equals ``irreps.D_from_matrix(g)``.
+
+        ``group``: ``equiproj.O3()`` (default) or ``equiproj.SO3()`` (then every parity must be ``e``:
+        an odd irrep differs from an even one only under the inversion, which SO(3) does not have).
+        equiproj's SO(3)/O(3) basis is e3nn's (real spherical harmonics, polar axis y), so no change
+        of basis is involved. e3nn is imported only if ``irreps`` is an e3nn object already.
+        """
+        from ._e3nn import e3nn_irreps_string  # noqa: PLC0415 - the optional dependency's helpers, on use
+
+        if group is None:
+            group = GROUP_CLASSES["O3"]()
+        _check_group(group)
+        return cls.parse(group, e3nn_irreps_string(irreps, type(group).__name__))
+
+    @classmethod
     def from_escnn(cls, field_type) -> "Rep":
         """The rep of an escnn ``FieldType`` in equiproj's conventions (docs/interop.md): the escnn
         element with base-space action ``A`` is ``g = S A S`` (``S = diag(1, -1)`` or ``diag(1, -1, -1)``)
@@ -352,6 +484,41 @@ class Rep:
 _ESCNN_CONVERTER = None
 
 
+def _permutation_matrices(group, points, action, size) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """``(fn, n)``: the permutation matrices ``fn(g) [..., n, n]`` of the action given to :meth:`Rep.permutation`."""
+    if (points is None) == (action is None):
+        raise ValueError("give exactly one of points= or action=")
+    if points is not None:
+        pts = torch.as_tensor(points, dtype=torch.float64)
+        if pts.dim() != 2 or pts.shape[1] != group.ambient_dim:
+            raise ValueError(f"points must have shape [n, {group.ambient_dim}], got {tuple(pts.shape)}")
+        size = len(pts)
+        scale = max(float(pts.abs().max()), 1.0) if size else 1.0
+
+        def action(g):
+            moved = torch.einsum("...ij,nj->...ni", g, pts.to(g.device))
+            dist = (moved[..., :, None, :] - pts.to(g.device)).abs().amax(-1)
+            val, idx = dist.min(-1)
+            if idx.numel() and not val.amax() < 1e-6 * scale:
+                raise ValueError("the group does not map the points onto themselves")
+            return idx
+
+    if size is None:
+        raise ValueError("size= is required with action=")
+    n = int(size)
+    if n < 1:
+        raise ValueError("a permutation representation needs at least one point (size >= 1)")
+
+    def fn(g):
+        sigma = action(g)
+        if sigma.shape != g.shape[:-2] + (n,):
+            raise ValueError(f"action must return shape [..., {n}], got {tuple(sigma.shape)}")
+        # column i has its 1 in row sigma(i)
+        return torch.nn.functional.one_hot(sigma, n).transpose(-1, -2).to(torch.float64)
+
+    return fn, n
+
+
 def check_rep_pair(rep_in, rep_out) -> None:
     """Raise ``TypeError`` unless both are :class:`Rep`, ``ValueError`` unless they are of one group."""
     for name, r in (("rep_in", rep_in), ("rep_out", rep_out)):
@@ -361,10 +528,15 @@ def check_rep_pair(rep_in, rep_out) -> None:
         raise ValueError(f"rep_in acts by {rep_in.group} but rep_out by {rep_out.group}: they must be the same group")
 
 
-def _check_group(group) -> None:
+def _is_group(group) -> bool:
     # duck-typed: the group classes build their irreps from this module, so it cannot import them
-    if not (callable(getattr(group, "irreps", None)) and callable(getattr(group, "haar_quadrature", None))):
-        raise TypeError(f"group must be an equiproj Group, got {type(group).__name__}")
+    return callable(getattr(group, "irreps", None)) and callable(getattr(group, "haar_quadrature", None))
+
+
+def _check_group(group) -> None:
+    if not _is_group(group):
+        raise TypeError(f"group must be an equiproj Group object (e.g. equiproj.O3()), got {type(group).__name__} {group!r}")
+
 
 
 def _check_orthogonal(Q, dim, name):
@@ -419,22 +591,44 @@ class Irrep(Rep):
         return _endomorphism_basis(self)
 
 
-@functools.lru_cache(maxsize=None)
+_COMMUTANT_DIM = {"real": 1, "complex": 2, "quaternionic": 4}
+
+
+@functools.lru_cache(maxsize=1024)
 def _endomorphism_basis(irrep: Irrep) -> torch.Tensor:
+    """Known by the irrep's type: real ``I/sqrt(d)``; complex of dimension 2 (the rotations of C_N,
+    SO(2)) ``{I, J}/sqrt(2)`` with ``J`` the quarter turn, checked to commute; anything else numerically."""
     d = irrep.dim
-    gens = irrep.matrix(irrep.group.generators(), check=False)
-    # vec(X) with X psi(h) = psi(h) X  <=>  (psi(h) ⊗ I - I ⊗ psi(h)^T) vec(X) = 0 (row-major vec)
-    A = torch.cat([torch.kron(p, torch.eye(d, dtype=torch.float64)) - torch.kron(torch.eye(d, dtype=torch.float64), p.T.contiguous())
-                   for p in gens])
-    _, S, Vh = torch.linalg.svd(A)
-    null = Vh[(S > 1e-9 * max(1.0, float(S[0]))).sum():]
-    r = len(null)
-    expected = {"real": 1, "complex": 2, "quaternionic": 4}[irrep.type]
-    if r != expected:
-        raise RuntimeError(f"{irrep}: commutant has dimension {r}, expected {expected} for {irrep.type} type")
-    # Gram-Schmidt starting from the identity, for a canonical first element
-    basis = [torch.eye(d, dtype=torch.float64).reshape(-1) / d**0.5]
-    for v in null:
+    eye = torch.eye(d, dtype=torch.float64)
+    if irrep.type == "real":
+        return eye[None] / math.sqrt(d)
+    if irrep.type == "complex" and d == 2:
+        J = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
+        P = irrep.matrix(irrep.group.generators(), check=False)
+        err = float((P @ J - J @ P).abs().amax())
+        if err < 1e-9:
+            return torch.stack([eye, J]) / math.sqrt(2.0)
+    return numerical_endomorphism_basis(irrep)
+
+
+def numerical_endomorphism_basis(irrep: Irrep) -> torch.Tensor:
+    """The commutant by twirling: ``X -> ∫ psi(g) X psi(g)^T dg`` (exact Haar quadrature) projects
+    onto it; ``r + 2`` random X span it; Gram-Schmidt from the identity. Cost ``P d^3`` (P quadrature
+    points), no ``d^2 x d^2`` problem."""
+    d, r = irrep.dim, _COMMUTANT_DIM[irrep.type]
+    g, w = irrep.group.haar_quadrature(2 * irrep.band)
+    eye = torch.eye(d, dtype=torch.float64)
+    X = torch.randn(r + 2, d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    T = torch.zeros_like(X)
+    for k in range(0, len(w), 1024):  # chunks bound the memory to 1024 matrices psi(g)
+        P = irrep.matrix(g[k : k + 1024], check=False)
+        T += torch.einsum("p,pab,nbc,pdc->nad", w[k : k + 1024], P, X, P)
+    _, S, Vh = torch.linalg.svd(T.reshape(len(X), d * d), full_matrices=False)
+    found = int((S > 1e-9 * max(1.0, float(S[0]))).sum())
+    if found != r:
+        raise RuntimeError(f"{irrep}: commutant has dimension {found}, expected {r} for {irrep.type} type")
+    basis = [eye.reshape(-1) / math.sqrt(d)]  # Gram-Schmidt from the identity: a canonical first element
+    for v in Vh[:r]:
         for b in basis:
             v = v - (b @ v) * b
         if v.norm() > 1e-6:
@@ -442,11 +636,12 @@ def _endomorphism_basis(irrep: Irrep) -> torch.Tensor:
     return torch.stack(basis[:r]).reshape(r, d, d)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=256)
 def tensor_field(fa: Field, fb: Field) -> Field:
     """The field of ``fa ⊗ fb`` (Kronecker order), decomposed per slot pair with the cached
     Clebsch-Gordan blocks of :func:`equiproj.clebsch_gordan.irrep_product`."""
     group = fa.group
+    check_dense_size((fa.dim * fb.dim) ** 2, f"the decomposition of the tensor product of fields {fa.name} and {fb.name}")
 
     def matrix_fn(g):
         A, B = fa.matrix(g), fb.matrix(g)

@@ -2,8 +2,8 @@
 
 Irreps:
 
-* ``SO3()``: degree ``l >= 0`` (``"2"``; e3nn's ``"2e"`` is accepted too), real Wigner D in the
-  basis of :mod:`equiproj.groups._so3` (e3nn's);
+* ``SO3()``: degree ``0 <= l <= L_MAX`` (``"2"``; e3nn's ``"2e"`` is accepted too), real Wigner D in
+  the basis of :mod:`equiproj.groups._so3` (e3nn's); ``L_MAX = 512``, higher degrees raise ``ValueError``;
 * ``O3()``: ``(l, p)``, p = +-1, e3nn strings ``"2e"`` (p = +1), ``"1o"`` (p = -1); an element
   ``g = s R`` (``s = det g``) acts by ``p^[s<0] D_l(R)``;
 * ``Octahedral()``: ``"A1" "A2" "E" "T1" "T2"``, T1 the defining 3-D action;
@@ -22,7 +22,7 @@ import torch
 
 from ._clebsch_gordan import irrep_product
 from ._group import Group
-from ._so3 import wigner_D
+from ._so3 import check_degree, wigner_D
 
 __all__ = ["SO3", "O3", "Octahedral", "FullOctahedral", "euler_zyz", "clebsch_gordan"]
 
@@ -60,6 +60,13 @@ def _so3_quadrature(degree) -> tuple[torch.Tensor, torch.Tensor]:
     g = euler_zyz(a.reshape(-1), b.reshape(-1), c.reshape(-1))
     w = (torch.ones(M, 1, 1, dtype=torch.float64) * torch.from_numpy(wx / 2)[None, :, None] / M**2).expand(M, len(x), M).reshape(-1)
     return g, w
+
+
+def _so3_quadrature_size(degree) -> int:
+    degree = int(degree)
+    if degree < 0:
+        raise ValueError(f"degree must be >= 0, got {degree}")
+    return (degree + 1) ** 2 * (degree // 2 + 1)
 
 
 # A rotation about the harmonics' polar axis y by an angle that is an irrational multiple of pi:
@@ -107,6 +114,9 @@ class SO3(Group):
     def haar_quadrature(self, degree):
         return _so3_quadrature(degree)
 
+    def haar_quadrature_size(self, degree):
+        return _so3_quadrature_size(degree)
+
     def torus_element(self):
         return _TORUS.clone()
 
@@ -122,7 +132,7 @@ class SO3(Group):
     def canonical_irrep_id(self, id):
         if isinstance(id, bool) or not isinstance(id, (int, np.integer)) or id < 0:
             raise ValueError(f"unknown irrep id {id!r} for {self}: degrees are ints l >= 0")
-        return int(id)
+        return check_degree(id)
 
     def parse_irrep_id(self, s):
         if s.endswith("e"):  # e3nn's spelling '2e'
@@ -160,6 +170,9 @@ class O3(Group):
         g, w = _so3_quadrature(degree)
         return torch.cat([g, -g]), torch.cat([w, w]) / 2
 
+    def haar_quadrature_size(self, degree):
+        return 2 * _so3_quadrature_size(degree)
+
     def torus_element(self):
         return _TORUS.clone()
 
@@ -175,7 +188,7 @@ class O3(Group):
     def canonical_irrep_id(self, id):
         if not (isinstance(id, tuple) and len(id) == 2) or id[1] not in (1, -1) or not isinstance(id[0], (int, np.integer)) or id[0] < 0:
             raise ValueError(f"unknown irrep id {id!r} for {self}: ids are (l, p) with l >= 0, p = +1 or -1")
-        return (int(id[0]), int(id[1]))
+        return (check_degree(id[0]), int(id[1]))
 
     def parse_irrep_id(self, s):
         if len(s) >= 2 and s[-1] in "eo" and s[:-1].isdigit():
