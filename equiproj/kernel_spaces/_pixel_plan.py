@@ -29,6 +29,7 @@ import torch
 
 from .._plan import PackedPlan, PlanColumn, block_plan
 from ..groups import Rep
+from ..kernels.inputs import autocast_off
 
 __all__ = ["PixelPlan", "pixel_plan", "hom_basis", "pair_basis"]
 
@@ -243,7 +244,8 @@ def _apply_blocks(Y: torch.Tensor, blocks, transpose: bool) -> torch.Tensor:
         blk = Y.narrow(-2, o, c * d)
         if Q is not None:
             M = Q.to(device=Y.device, dtype=Y.dtype)
-            blk = torch.matmul(M.T if transpose else M, blk.unflatten(-2, (c, d))).flatten(-3, -2)
+            with autocast_off(Y.device):  # in Y's dtype inside an autocast region too (not bfloat16)
+                blk = torch.matmul(M.T if transpose else M, blk.unflatten(-2, (c, d))).flatten(-3, -2)
         parts.append(blk)
     Y = parts[0] if len(parts) == 1 else torch.cat(parts, -2)
     if not transpose and perm is not None:

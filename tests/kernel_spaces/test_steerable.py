@@ -728,3 +728,26 @@ def test_nn_declare_penalty_project_report():
         with torch.no_grad():
             y, y_ref = model(grid.act(x, g, ri)), grid.act(model(x), g, ro)
         assert float((y - y_ref).norm() / y_ref.norm()) < 1e-12
+
+
+@pytest.mark.parametrize("G,rin,rout,k", [(ep.Cyclic(8), "regular", "regular", 5), (ep.Dihedral(8), "regular",
+                                                                                  "regular", 3),
+                                           (ep.SO2(), "2x0 + 1", "0 + 1 + 2", 5)], ids=str)
+def test_kernel_space_under_autocast_computes_as_without(G, rin, rout, k, gen):
+    """Regular fields take the layout with a per-field change of basis: inside a bfloat16 autocast region
+    its matrix products must stay in the weight's dtype (they ran in bfloat16: errors of 5e-4)."""
+    ri, ro = ep.Rep.parse(G, rin), ep.Rep.parse(G, rout)
+    sp = default_kernel_space(G, k)
+    W = torch.randn(ro.dim, ri.dim, k, k, generator=gen).requires_grad_()
+    e, (g,) = sp.energies(W, ri, ro), None
+    (g,) = torch.autograd.grad(e[0] + 0.5 * e[1], W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ea = sp.energies(W, ri, ro)
+        _, _, g1 = sp.energies_and_grad(W, ri, ro, lambda_G=0.5)
+        P = sp.project(W, ri, ro)
+    (ga,) = torch.autograd.grad(ea[0] + 0.5 * ea[1], W)
+    for a, b in zip(ea, e):
+        assert rel(a, b) < 1e-6
+    assert float((ga - g).abs().max()) <= 1e-6 * float(g.abs().max())
+    assert float((g1 - g).abs().max()) <= 1e-6 * float(g.abs().max())
+    assert float((P - sp.project(W, ri, ro)).abs().max()) <= 1e-6 * float(P.abs().max())
