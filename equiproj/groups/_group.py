@@ -16,7 +16,7 @@ from typing import Hashable
 
 import torch
 
-from ._rep import GROUP_CLASSES, Irrep, Rep
+from ._rep import GROUP_CLASSES, Irrep, Rep, permutation_matrices, rep_from_decomposition
 
 __all__ = ["Group"]
 
@@ -215,7 +215,7 @@ class Group:
     def regular(self) -> Rep:
         """The left-regular representation (finite groups): ``e_h -> e_{gh}``, ordered as ``elements()``.
 
-        Its decomposition is written down, not computed (docs/math.md §8): copy ``b`` of the irrep
+        Its decomposition is written down, not computed (docs/math.md §4): copy ``b`` of the irrep
         ``psi`` (dim d, commutant dim r, ``d / r`` copies) is the column block
         ``Q[x, a] = sqrt(d / |G|) psi(x)_{a b}`` over the elements x, the real Fourier transform on
         the group (for C_N the real DFT: ``cos(k theta_x), sin(k theta_x)``); Schur orthogonality
@@ -235,19 +235,19 @@ def _regular_rep(group: Group) -> Rep:
     els = group.elements()
     n = len(els)
 
-    def fn(g):  # column i has its 1 in row index(g x_i)
-        sigma = group.index(g[..., None, :, :] @ els.to(g.device))
-        return torch.nn.functional.one_hot(sigma, n).transpose(-1, -2).to(torch.float64)
+    def action(g):  # e_x -> e_{g x}
+        return group.index(g[..., None, :, :] @ els.to(g.device))
 
     slots, cols = [], []
     for psi in group.irreps():
         copies = psi.dim // psi.endomorphism_basis.shape[0]
         if psi.type == "quaternionic":  # the columns b = 0..copies-1 need not be independent modulo the commutant
-            return Rep.permutation(group, action=lambda g: group.index(g[..., None, :, :] @ els), size=n, name="regular")
+            return Rep.permutation(group, action=action, size=n, name="regular")
         M = psi.matrix(els, check=False)  # [|G|, d, d]; copy b is column b of psi(x)
         cols.append(M[:, :, :copies].transpose(1, 2).reshape(n, copies * psi.dim) * (psi.dim / n) ** 0.5)
         slots += [psi] * copies
-    return Rep._from_decomposition(group, fn, slots, torch.cat(cols, dim=1), name="regular")
+    fn, _ = permutation_matrices(group, None, action, n)
+    return rep_from_decomposition(group, fn, slots, torch.cat(cols, dim=1), name="regular")
 
 
 @functools.lru_cache(maxsize=256)

@@ -395,14 +395,6 @@ class Rep:
         return cls(group, [(1, Field(group, slots, Q, f64, name))], name=name)
 
     @classmethod
-    def _from_decomposition(cls, group: Group, fn: Callable[[torch.Tensor], torch.Tensor], slots: Sequence["Irrep"],
-                            Q: torch.Tensor, name: str) -> "Rep":
-        """The rep ``fn`` (float64 matrices) whose decomposition ``fn = Q (⊕ slots) Q^T`` is known in
-        closed form; it is checked at random elements, as a numerical one would be."""
-        verify_decomposition(group, fn, list(slots), Q, 1e-8)
-        return cls(group, [(1, Field(group, slots, Q, fn, name))], name=name)
-
-    @classmethod
     def permutation(cls, group: Group, points: torch.Tensor | None = None,
                     action: Callable[[torch.Tensor], torch.Tensor] | None = None, size: int | None = None,
                     name: str | None = None) -> "Rep":
@@ -413,7 +405,7 @@ class Rep:
         [..., n]`` long tensor of ``sigma_g`` and ``size = n``.
         """
         _check_group(group)
-        fn, n = _permutation_matrices(group, points, action, size)
+        fn, n = permutation_matrices(group, points, action, size)
         return cls.from_matrices(group, fn, band_limit=0 if not group.is_finite else None,
                                  name=name or f"permutation({n})")
 
@@ -484,7 +476,15 @@ class Rep:
 _ESCNN_CONVERTER = None
 
 
-def _permutation_matrices(group, points, action, size) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+def rep_from_decomposition(group: Group, fn: Callable[[torch.Tensor], torch.Tensor], slots: Sequence["Irrep"],
+                           Q: torch.Tensor, name: str) -> Rep:
+    """The one-field rep ``fn`` (float64 matrices) whose decomposition ``fn = Q (⊕ slots) Q^T`` is known
+    in closed form; it is checked at random elements, as a numerical one would be."""
+    verify_decomposition(group, fn, list(slots), Q, 1e-8)
+    return Rep(group, [(1, Field(group, slots, Q, fn, name))], name=name)
+
+
+def permutation_matrices(group, points, action, size) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
     """``(fn, n)``: the permutation matrices ``fn(g) [..., n, n]`` of the action given to :meth:`Rep.permutation`."""
     if (points is None) == (action is None):
         raise ValueError("give exactly one of points= or action=")
