@@ -44,6 +44,8 @@ setup(
         # escnn pins numpy < 2, and its dependency py3nj builds from source with a Fortran compiler
         "escnn": ["escnn"],
         "plot": ["matplotlib"],
+        # the experiments on outside data (equiproj demo --only digits / phiflow); imported only there
+        "experiments": ["phiflow>=3.4", "scikit-learn>=1.3", "matplotlib"],
     },
     entry_points={"console_scripts": ["equiproj = equiproj.cli:main"]},
     ext_modules=ext_modules,

@@ -1,11 +1,14 @@
 """``equiproj demo``: the paper's experiments at laptop scale, with the projection penalty against
 unconstrained, sample-based and strictly equivariant training, on data whose symmetry is imperfect.
 
-Experiments: ``so2`` (:mod:`._so2`), ``smoke`` (:mod:`._smoke`), ``voxels`` (:mod:`._voxels`).
+Experiments: ``so2`` (:mod:`._so2`), ``smoke`` (:mod:`._smoke`), ``voxels`` (:mod:`._voxels`) by
+default; on data from outside the project, as options: ``digits`` (:mod:`._digits`, scikit-learn's
+handwritten digits) and ``phiflow`` (:mod:`._phiflow`, smoke plumes simulated by PhiFlow). Each of
+these two runs only where its package is installed and says how to install it otherwise.
 
 Run::
 
-    equiproj demo [--full] [--seed N] [--out DIR] [--only so2|smoke|voxels]
+    equiproj demo [--full] [--seed N] [--out DIR] [--only so2|smoke|voxels|digits|phiflow]
     python -m equiproj demo [same options]
 
 Everything is seeded (data, initialisation, batches, rotations). One number depends on the
@@ -21,6 +24,7 @@ regime :func:`equiproj.nn.project_` after every optimiser step.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -29,20 +33,36 @@ from dataclasses import replace
 import torch
 
 from . import _args
+from ._digits import SKLEARN_MISSING, DigitsConfig, format_digits_table, run_digits
+from ._phiflow import PHIFLOW_MISSING, PlumeConfig, format_phiflow_table, phiflow_available, run_phiflow
 from ._smoke import SmokeConfig, format_smoke_table, run_smoke
 from ._so2 import SO2Config, format_so2_table, run_so2
 from ._voxels import VoxelConfig, format_voxels_table, run_voxels
 
-__all__ = ["EXPERIMENTS", "script_main", "add_arguments", "run", "main"]
+__all__ = ["EXPERIMENTS", "DEFAULT_EXPERIMENTS", "script_main", "add_arguments", "run", "main"]
 
 
-EXPERIMENTS = {"so2": "SO(2) toy", "smoke": "smoke plume, C4", "voxels": "O(3) voxel shapes"}
+EXPERIMENTS = {"so2": "SO(2) toy", "smoke": "smoke plume, C4", "voxels": "O(3) voxel shapes",
+               "digits": "handwritten digits (scikit-learn), C4", "phiflow": "PhiFlow smoke plumes, C4"}
+
+DEFAULT_EXPERIMENTS = ("so2", "smoke", "voxels")  # the others with --only
+
+
+def _missing_package(name: str) -> str | None:
+    """Why experiment ``name`` cannot run here (its optional package is not installed), else ``None``."""
+    if name == "digits" and importlib.util.find_spec("sklearn") is None:
+        return SKLEARN_MISSING
+    if name == "phiflow" and not phiflow_available():
+        return PHIFLOW_MISSING
+    return None
 
 
 def _experiment(name: str):
     """``(config class, run function, table formatter)`` of experiment ``name``."""
     return {"so2": (SO2Config, run_so2, format_so2_table), "smoke": (SmokeConfig, run_smoke, format_smoke_table),
-            "voxels": (VoxelConfig, run_voxels, format_voxels_table)}[name]
+            "voxels": (VoxelConfig, run_voxels, format_voxels_table),
+            "digits": (DigitsConfig, run_digits, format_digits_table),
+            "phiflow": (PlumeConfig, run_phiflow, format_phiflow_table)}[name]
 
 
 def script_main(argv, name: str, description: str, param: str | None = None, param_help: str = "") -> int:
@@ -57,6 +77,10 @@ def script_main(argv, name: str, description: str, param: str | None = None, par
     if param:
         p.add_argument(f"--{param}", type=float, help=f"{param_help} (default: the config's)")
     args = p.parse_args(argv)
+    missing = _missing_package(name)
+    if missing:
+        print(missing)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     config_cls, run_fn, format_fn = _experiment(name)
@@ -80,7 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_args.seed, default=0, help="seed of data, initialisation, batches (default 0)")
     parser.add_argument("--out", type=_args.output_dir, default="equiproj-demo",
                         help="output directory for tables, CSVs, PNGs (created if missing)")
-    parser.add_argument("--only", choices=tuple(EXPERIMENTS), help="run one experiment only")
+    parser.add_argument("--only", choices=tuple(EXPERIMENTS),
+                        help="run one experiment only; digits (needs scikit-learn) and phiflow (needs PhiFlow) run "
+                             "only this way")
     parser.add_argument("--threads", type=_args.positive_int,
                         help="torch threads, >= 1 (default: torch's choice; 1 is faster on a busy machine)")
     return parser
@@ -99,7 +125,11 @@ def run(args: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     for number, (name, title) in enumerate(EXPERIMENTS.items(), 1):
-        if args.only not in (None, name):
+        if name != args.only and (args.only or name not in DEFAULT_EXPERIMENTS):
+            continue
+        missing = _missing_package(name)
+        if missing:
+            print(missing)
             continue
         config_cls, run_fn, format_fn = _experiment(name)
         log(f"experiment {number}: {title}")
