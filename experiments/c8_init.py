@@ -3,12 +3,14 @@
 A C8 CNN (5x5 kernels, so its convolutions are steerable: rotations by 45 degrees do not map the
 grid; hidden 4 regular fields of C8, pointwise ReLU, group pooling) classifies 17x17 images of a
 ring, a disk, a cross or a bar at random angles and positions. It is trained for a fixed budget
-with Adam and the projection penalty in the loss (lambda_perp = 0.1), from PyTorch's default
+with Adam, either with the projection penalty in the loss (``--regime penalty``, ``--lam``) or
+strictly projected (``--regime strict``: ``project_`` after every step), from PyTorch's default
 initialisation or from ``equiproj.init_equivariant_`` (every declared layer projected and rescaled
 to its previous norm), over 3 seeds; reported: test accuracy, and E_perp/||W||^2 at the start and
 the end.
 
-    python experiments/c8_init.py [--steps 300] [--seeds 3] [--out experiments/results]
+    python experiments/c8_init.py [--regime penalty|strict] [--lam 0.1] [--steps 300] [--seeds 3]
+                                  [--out experiments/results]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 import equiproj
-from equiproj.nn import GroupPooling, PointwiseActivation, ProjectionPenalty, declare, init_equivariant_
+from equiproj.nn import GroupPooling, PointwiseActivation, ProjectionPenalty, declare, init_equivariant_, project_
 
 CLASSES = 4
 
@@ -63,23 +65,27 @@ def relative_noneq(penalty: ProjectionPenalty) -> float:
     return float(e_perp.sum() / (e_perp.sum() + e_g.sum()))
 
 
-def run(init: str, seed: int, steps: int, data) -> dict:
+def run(init: str, seed: int, steps: int, data, regime: str = "penalty", lam: float = 0.1) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(100 + seed)
     (x, y), (xt, yt) = data
     model = c8_cnn()
     if init == "init_equivariant_":
         init_equivariant_(model)
-    penalty = ProjectionPenalty(model, lambda_perp=0.1)
+    penalty = ProjectionPenalty(model, lambda_perp=lam if regime == "penalty" else 0.0)
     start = relative_noneq(penalty)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     t0 = time.perf_counter()
     for _ in range(steps):
         idx = torch.randint(0, len(x), (32,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx]) + penalty()
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        if regime == "penalty":
+            loss = loss + penalty()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if regime == "strict":
+            project_(model)
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
     return {"init": init, "seed": seed, "accuracy": acc, "rel_E_perp_start": start, "rel_E_perp_end": relative_noneq(penalty),
@@ -88,14 +94,17 @@ def run(init: str, seed: int, steps: int, data) -> dict:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--regime", choices=("penalty", "strict"), default="penalty")
+    p.add_argument("--lam", type=float, default=0.1, help="lambda_perp of the penalty regime")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default=None, help="write c8_init_table.md there")
     a = p.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     data = (shapes(1024, 17, gen), shapes(512, 17, gen))
-    rows = [run(init, s, a.steps, data) for s in range(a.seeds) for init in ("default", "init_equivariant_")]
-    lines = [f"C8 CNN (5x5 steerable convs, 4 regular fields), penalty lambda_perp = 0.1 in the loss, Adam, "
+    rows = [run(init, s, a.steps, data, a.regime, a.lam) for s in range(a.seeds) for init in ("default", "init_equivariant_")]
+    how = f"penalty lambda_perp = {a.lam:g} in the loss" if a.regime == "penalty" else "strictly projected (project_ after every step)"
+    lines = [f"C8 CNN (5x5 steerable convs, 4 regular fields), {how}, Adam, "
              f"{a.steps} steps of batch 32, {a.seeds} seeds; chance = {1 / CLASSES:.2f}", "",
              "| init | test accuracy (mean ± std) | per seed | E_perp/‖W‖² at start | at end |", "|---|---|---|---|---|"]
     for init in ("default", "init_equivariant_"):
@@ -109,9 +118,10 @@ def main(argv=None) -> list[dict]:
     print(text)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "c8_init_table.md"), "w") as f:
-            f.write(text + f"\n\n(command: python experiments/c8_init.py --steps {a.steps} --seeds {a.seeds}; "
-                    f"torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
+        tag = "strict" if a.regime == "strict" else f"penalty{a.lam:g}"
+        with open(os.path.join(a.out, f"c8_init_{tag}.md"), "w") as f:
+            f.write(text + f"\n\n(command: python experiments/c8_init.py --regime {a.regime} --lam {a.lam:g} --steps "
+                    f"{a.steps} --seeds {a.seeds}; torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
     return rows
 
 
