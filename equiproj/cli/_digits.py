@@ -320,19 +320,30 @@ def plot_accuracy_vs_lambda(result: dict, path: str, log=print) -> None:
     if plt is None:
         return
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    curves = {}
     for regime in dict.fromkeys(r["regime"] for r in rows):
         lams = list(dict.fromkeys(r["lam"] for r in rows if r["regime"] == regime))
         stats = [mean_std([100 * r["test_acc"] for r in rows if r["regime"] == regime and r["lam"] == lam])
                  for lam in lams]
-        m = [s[0] for s in stats]
-        sd = [s[1] for s in stats]
+        curves[regime] = (lams, [s[0] for s in stats], [s[1] for s in stats])
+    top = max(max(m) for _, m, _ in curves.values())
+    # a collapsed run (a far too strong penalty) would squash the rest: it is drawn at the bottom edge, labelled
+    bottom = max(min(min(m) for _, m, _ in curves.values()), top - 12) - 1
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (regime, (lams, m, sd)) in enumerate(curves.items()):
         if regime in ("none", "strict"):
             line = ax.axhline(m[0], ls="--" if regime == "none" else ":", color="k" if regime == "none" else "C7",
                               label=REGIMES[regime])
             ax.axhspan(m[0] - sd[0], m[0] + sd[0], color=line.get_color(), alpha=0.1)
-        else:
-            ax.errorbar(lams, m, yerr=sd, marker="o", capsize=3, label=REGIMES[regime])
+            continue
+        shown = [max(v, bottom + 0.3) for v in m]
+        bars = ax.errorbar(lams, shown, yerr=[s if v > bottom else 0 for v, s in zip(m, sd)], marker="o", capsize=3,
+                           label=REGIMES[regime], color=f"C{i}")
+        for lam, v in zip(lams, m):
+            if v <= bottom:
+                ax.annotate(f"{v:.1f}", (lam, bottom + 0.3), textcoords="offset points", xytext=(0, 6), ha="center",
+                            fontsize=7, color=bars[0].get_color())
+    ax.set_ylim(bottom, top + 1)
     ax.set_xscale("log")
     ax.set_xlabel("λ (η for the decoupled step)")
     ax.set_ylabel("test accuracy %")
