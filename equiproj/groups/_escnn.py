@@ -27,7 +27,7 @@ import torch
 from . import _rep
 from ._group import Group
 from ._planar import O2, SO2, Cyclic, Dihedral
-from ._rep import Field, Irrep, Rep
+from ._rep import Field, Irrep, Rep, spectral_field_matrix
 from ._so3 import wigner_D
 from ._spatial import O3, SO3
 
@@ -155,18 +155,8 @@ def rep_from_escnn_fields(G: Group, fields, irrep_maps: dict, key=None) -> Rep:
         Q = Qe @ torch.block_diag(*blocks)
         fkey = ("escnn", G, key, name, tuple(tuple(int(v) for v in e) for e in ids),
                 tuple(round(float(v), 12) for v in Q.reshape(-1)))
-        segs.append((1, Field(G, slots, Q, functools.partial(_field_matrix, Q, tuple(slots)), name=name, key=fkey)))
+        segs.append((1, Field(G, slots, Q, functools.partial(spectral_field_matrix, Q, tuple(slots)), name=name, key=fkey)))
     return Rep(G, segs)
-
-
-def _field_matrix(Q: torch.Tensor, slots: tuple, g: torch.Tensor) -> torch.Tensor:
-    D = torch.zeros(g.shape[:-2] + (Q.shape[0], Q.shape[0]), dtype=torch.float64, device=g.device)
-    o = 0
-    for s in slots:
-        D[..., o : o + s.dim, o : o + s.dim] = s.matrix(g, check=False)
-        o += s.dim
-    Qd = Q.to(g.device)
-    return Qd @ D @ Qd.T
 
 
 def _test_elements(gspace, count: int = 24):

@@ -73,6 +73,9 @@ class _TensorKey:
     def __hash__(self):
         return self._hash
 
+    def __reduce__(self):  # the hash digests the bytes but hashes a str: recomputed in the new process
+        return (_TensorKey, (self.tensor,))
+
 
 def check_dense_size(elements: int, what: str) -> None:
     """``ValueError`` when a dense float64 tensor of ``elements`` entries would exceed :data:`MAX_DENSE_ELEMENTS`."""
@@ -118,6 +121,24 @@ class Field:
 
     def __repr__(self):
         return self.name
+
+    def __reduce__(self):
+        # the matrix function may be a closure or the user's function: a pickled field evaluates its
+        # decomposition instead, which is the same representation (to the decomposition's accuracy)
+        return (_unpickled_field, (self.group, self.slots, self.Q, self.name, self._key, self.dim))
+
+
+def spectral_field_matrix(Q: torch.Tensor | None, slots: tuple, g: torch.Tensor) -> torch.Tensor:
+    """``rho_f(g) = Q (⊕ slots psi(g)) Q^T`` from a field's decomposition (``Q`` ``None``: the identity)."""
+    D = block_diag_irreps(slots, g.to(torch.float64))
+    if Q is None:
+        return D
+    Qd = Q.to(g.device)
+    return Qd @ D @ Qd.T
+
+
+def _unpickled_field(group, slots, Q, name, key, dim) -> Field:
+    return Field(group, slots, Q, functools.partial(spectral_field_matrix, Q, tuple(slots)), name, key=key, dim=dim)
 
 
 class Rep:
@@ -180,6 +201,9 @@ class Rep:
     @functools.cached_property
     def _hash(self) -> int:  # reps are immutable; plans are cached by rep, so hash once
         return hash(self._key())
+
+    def __reduce__(self):  # the structure only: cached hashes and bases are rebuilt in the new process
+        return (Rep, (self.group, self.segments, self.perm, self._name))
 
     def __repr__(self):
         if self._name:
@@ -578,6 +602,9 @@ class Irrep(Rep):
     def _key(self):
         return ("irrep", self.group, self.id)
 
+    def __reduce__(self):
+        return (_group_irrep, (self.group, self.id))
+
     def __repr__(self):
         return f"Irrep({self.group}, {self.group.irrep_name(self.id)})"
 
@@ -589,6 +616,10 @@ class Irrep(Rep):
         """``[r, d, d]``: a Frobenius-orthonormal basis of End_G(psi), the matrices commuting with
         every ``psi(g)``; r = 1, 2, 4 for real, complex, quaternionic type. The first is ``I/sqrt(d)``."""
         return _endomorphism_basis(self)
+
+
+def _group_irrep(group: Group, id) -> Irrep:
+    return group.irrep(id)
 
 
 _COMMUTANT_DIM = {"real": 1, "complex": 2, "quaternionic": 4}

@@ -8,8 +8,9 @@ Three steps turn an existing training loop into a regularised one::
 
 ``declare`` attaches a declaration to an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` without touching
 its forward pass, parameters, state_dict or speed (a plain attribute, no hooks). Declarations are
-rebuilt by the code that builds the model; they are not stored in the state_dict, and a pickled
-module does not carry them (re-declare after unpickling: the penalty says so).
+not stored in the state_dict (the code that builds the model declares again before
+``load_state_dict``); a whole pickled model (``torch.save(model)``, ``torch.load(...,
+weights_only=False)``) and ``copy.deepcopy`` carry them.
 
 Every declared layer is in one of these cases (``declaration(layer).case``; ``report`` shows it):
 

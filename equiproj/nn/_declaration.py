@@ -193,15 +193,13 @@ class Declaration:
     def __repr__(self):
         return f"Declaration({self.case}, {self.rep_in!r} -> {self.rep_out!r}: {self.description})"
 
-    # declarations live in code: copies share it, pickles drop it (see StaleDeclaration)
+    # a declaration is immutable: copies share it; a pickle carries it (reps and kernel spaces pickle
+    # by structure), and a pickle written without it unpickles to a StaleDeclaration
     def __copy__(self):
         return self
 
     def __deepcopy__(self, memo):
         return self
-
-    def __reduce__(self):
-        return (StaleDeclaration, (repr(self),))
 
     # ---- the layer's tensors ------------------------------------------------------------------
     def weight(self, name: str, module: nn.Module) -> torch.Tensor:

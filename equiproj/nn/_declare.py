@@ -237,8 +237,8 @@ def declaration(module: nn.Module) -> Declaration | None:
     """The module's :class:`Declaration`, or ``None`` if it is not declared."""
     d = module.__dict__.get(_ATTR)
     if isinstance(d, StaleDeclaration):
-        raise ValueError(f"{type(module).__name__} was unpickled and its declaration ({d.text}) was not: declarations "
-                         "are rebuilt from code, not pickled; call equiproj.nn.declare on it again")
+        raise ValueError(f"{type(module).__name__} was unpickled from a file written without its declaration "
+                         f"({d.text}): call equiproj.nn.declare on it again")
     return d
 
 

@@ -191,6 +191,27 @@ def test_fresh_reps_of_the_same_construction_are_equal_and_hash_equal(gen):
     assert ep.Rep.from_matrices(G3, lambda g: G3.irrep(2).matrix(g, check=False)) != a
 
 
+def test_reps_pickle_by_structure(gen):
+    """A pickled rep (inside a pickled model) comes back equal, hash equal and with the same matrices,
+    whatever built it: irreps, regular and permutation reps, tensor products, a changed basis, and a
+    user's function (a lambda, which pickle cannot carry: the field's decomposition stands in)."""
+    import pickle
+
+    G3 = ep.SO3()
+    Q5 = random_orthogonal(5, gen)
+    D4 = ep.Dihedral(4)
+    pts = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]])
+    reps = [ep.Rep.parse(ep.O3(), "2x0e + 1o + 2e"), ep.SO2().irrep(3), ep.Cyclic(5).regular(),
+            (D4.standard() + D4.trivial()) @ D4.regular(), (2 * D4.regular()).change_basis(random_orthogonal(16, gen)),
+            ep.Rep.from_matrices(G3, lambda g: Q5 @ G3.irrep(2).matrix(g, check=False) @ Q5.T),
+            ep.Rep.permutation(ep.Cyclic(4), points=pts), ep.FullOctahedral().regular()]
+    for rep in reps:
+        back = pickle.loads(pickle.dumps(rep))
+        assert back == rep and hash(back) == hash(rep) and back is not rep
+        g = rep.group.sample(6, generator=gen)
+        torch.testing.assert_close(back.matrix(g), rep.matrix(g), atol=1e-12, rtol=0)
+
+
 def test_equal_reps_share_one_cached_plan():
     from equiproj._plan import block_plan
 

@@ -554,17 +554,60 @@ def test_state_dict_round_trip_and_pickling(seed):
     assert rel(ProjectionPenalty(m2, 1.0, 0.1)(), ProjectionPenalty(m1, 1.0, 0.1)()) < 1e-15
     # copies keep the declarations
     assert rel(ProjectionPenalty(copy.deepcopy(m1), 1.0)(), ProjectionPenalty(m1, 1.0)()) < 1e-15
-    # a pickled model does not carry them, and says so
+    # a pickled model carries them: same energies, and equal reps in a process with other str hashes
     buf = io.BytesIO()
     torch.save(m1, buf)
     m3 = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
-    with pytest.raises(ValueError, match="unpickled"):
-        ProjectionPenalty(m3, 1.0)
-    G = ep.Cyclic(4)
-    declare(m3[0], G.trivial(), 2 * G.regular())
-    declare(m3[2], 2 * G.regular(), 2 * G.regular())
-    declare(m3[6], 2 * G.regular(), ep.Rep.parse(G, "2x0 + 1"))
-    assert rel(ProjectionPenalty(m3, 1.0)(), ProjectionPenalty(m1, 1.0)()) < 1e-15
+    assert rel(ProjectionPenalty(m3, 1.0, 0.1)(), ProjectionPenalty(m1, 1.0, 0.1)()) < 1e-15
+
+
+def test_whole_model_pickle_round_trips_declarations_across_processes(tmp_path, seed):
+    """torch.save(model) / torch.load in a fresh process (another PYTHONHASHSEED): declarations of every
+    kind (grid-permutation convs, a flattened-grid Linear head, steerable kernel spaces in both layouts,
+    translations) come back; their reps equal freshly built ones, and the energies are the same."""
+    import subprocess
+
+    G8 = ep.Cyclic(8)
+    models = {"c4": c4_cnn()[0],
+              "c8_regular": nn.Sequential(declare(nn.Conv2d(3, 16, 5, padding=2), 3 * G8.trivial(), 2 * G8.regular())),
+              "c8_irreps": nn.Sequential(declare(nn.Conv2d(16, 4, 5), 2 * G8.regular(), ep.Rep.parse(G8, "2x0 + 2"))),
+              "translations": nn.Sequential(declare_translations(tr.LocallyConnected2d(2, 3, (6, 6), 3)))}
+    G4 = ep.Dihedral(4)
+    h = 2 * G4.regular()
+    models["flattened_head"] = nn.Sequential(declare(nn.Linear(h.dim * 9, 5), h @ ep.grid.kernel_rep(G4, (3, 3)),
+                                                     5 * G4.trivial()))
+    energies = {}
+    for name, m in models.items():
+        torch.save(m, tmp_path / f"{name}.pt")
+        energies[name] = float(ProjectionPenalty(m, 1.0, 0.1)().detach())
+    script = f"""
+import torch, equiproj as ep
+from equiproj.nn import ProjectionPenalty, declaration
+G4, G8 = ep.Dihedral(4), ep.Cyclic(8)
+fresh = {{"c4": ep.Cyclic(4).trivial(), "c8_regular": 3 * G8.trivial(), "c8_irreps": 2 * G8.regular(),
+         "flattened_head": 2 * G4.regular() @ ep.grid.kernel_rep(G4, (3, 3))}}
+for name, energy in {energies!r}.items():
+    m = torch.load({str(tmp_path)!r} + f"/{{name}}.pt", weights_only=False)
+    got = float(ProjectionPenalty(m, 1.0, 0.1)())
+    assert abs(got - energy) <= 1e-6 * energy, (name, got, energy)
+    if name in fresh:
+        d = declaration(m[0])
+        assert d.rep_in == fresh[name] and hash(d.rep_in) == hash(fresh[name]), name
+print("ok")
+"""
+    env = dict(os.environ, PYTHONHASHSEED=str(12345 + seed % 1000))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_model_pickled_without_declarations_says_what_to_do():
+    from equiproj.nn._declaration import StaleDeclaration
+    from equiproj.nn._declare import _ATTR
+
+    m1, *_ = c4_cnn()
+    m1[0].__dict__[_ATTR] = StaleDeclaration("Declaration(conv, ...)")
+    with pytest.raises(ValueError, match="unpickled.*declare on it again"):
+        ProjectionPenalty(m1, 1.0)
 
 
 def test_errors():
