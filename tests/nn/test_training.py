@@ -87,6 +87,35 @@ def test_decay_is_in_place_without_parameter_copies(seed):
         torch.testing.assert_close(p.detach().double().reshape(W0.shape), W0 - 0.25 * (W0 - PW), rtol=0, atol=2e-6)
 
 
+def _bytes_allocated(fn) -> int:
+    """Every byte the CPU allocator hands out while ``fn`` runs, inside C++ kernels too (the profiler's
+    memory events), freed or not: an upper bound on the step's peak memory above its inputs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+def test_decay_allocates_a_negligible_fraction_of_the_parameters(seed):
+    G = ep.Cyclic(4)
+    h = 16 * G.regular()
+    model = nn.Sequential(declare(nn.Linear(h.dim, h.dim), h, h), declare(nn.Conv2d(h.dim, h.dim, 3), h, h))
+    pen = ProjectionPenalty(model, 0.0)
+    pen.decay_(0.1)  # plans built and cached
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def copying_step():  # the step with a copy of the parameters, W <- (1 - rate) W + rate P W
+        with torch.no_grad():
+            old = [p.detach().clone() for p in model.parameters()]
+            ep.nn.project_(model)
+            for p, o in zip(model.parameters(), old):
+                p.mul_(0.1).add_(o, alpha=0.9)
+
+    assert _bytes_allocated(copying_step) >= param_bytes  # the measurement sees copies
+    assert _bytes_allocated(lambda: pen.decay_(0.1)) < 0.01 * param_bytes
+
+
 def test_decay_with_the_equivariant_term_and_kinds_without_a_fused_route(seed):
     """``rate_G`` shrinks ``P W`` too; translations and a custom kernel space step through their projection."""
     from equiproj.translation import LocallyConnected1d
