@@ -108,9 +108,10 @@ class _Planar(Group):
         return (_check_degree(degree) + 1) * (2 if self.reflections else 1)
 
     def product_may_contain(self, psi, a, b):
-        if self.N is not None:  # frequencies add modulo N and fold at N/2: no shortcut
-            return True
-        return psi.band in (abs(a.band - b.band), a.band + b.band)
+        sums = (abs(a.band - b.band), a.band + b.band)  # cos/sin products: frequencies add and subtract
+        if self.N is not None:  # ... modulo N, and k and N - k are one irrep
+            sums = tuple(min(f % self.N, -f % self.N) for f in sums)
+        return psi.band in sums
 
     def _ambient_harmonic_matrix(self, h):
         ambient = O2()
