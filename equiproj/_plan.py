@@ -90,7 +90,17 @@ class FieldPair:
     basis: torch.Tensor
 
 
-def _field_pair_basis(fo: FieldBlock, fi: FieldBlock, bases: dict) -> torch.Tensor:
+#: the most float64 entries of the field-pair bases of one plan (1 GiB: the regular rep of C_512 or D_256)
+MAX_BASIS_ELEMENTS = 2**27
+
+_TOO_LARGE = (
+    "a map between fields of dimension {d_out} and {d_in} needs a basis of {size:,} float64 entries, and a plan holds "
+    "at most {limit:,}: the kernels work field by field and suit small fields (irreps, regular reps of groups up to "
+    "order 512). Write the weight in the irrep basis instead: W_irr = rep_out.change_of_basis.T @ W @ "
+    "rep_in.change_of_basis, with the reps sum(m * irrep for irrep, m in rep.irreps) (the energies are the same)")
+
+
+def _field_pair_basis(fo: FieldBlock, fi: FieldBlock, bases: dict, room: int = MAX_BASIS_ELEMENTS) -> torch.Tensor:
     """``A = Q_out[:, slot a] C_s Q_in[:, slot b]^T`` over same-type slot pairs (a, b) and s."""
     Qo = torch.eye(fo.dim, dtype=torch.float64) if fo.Q is None else fo.Q
     Qi = torch.eye(fi.dim, dtype=torch.float64) if fi.Q is None else fi.Q
@@ -103,8 +113,12 @@ def _field_pair_basis(fo: FieldBlock, fi: FieldBlock, bases: dict) -> torch.Tens
     for so in fo.slots:
         pairs += [(oo, oi, so) for oi in in_slots.get(so, ())]
         oo += so.dim
-    # written in place: for a large field (the regular rep of a group of order 512) the basis is ~1 GiB
-    out = torch.empty(sum(len(bases[s]) for _, _, s in pairs), fo.dim, fi.dim, dtype=torch.float64)
+    rank = sum(len(bases[s]) for _, _, s in pairs)
+    if rank * fo.dim * fi.dim > room:
+        raise ValueError(_TOO_LARGE.format(size=rank * fo.dim * fi.dim, d_out=fo.dim, d_in=fi.dim,
+                                           limit=MAX_BASIS_ELEMENTS))
+    # written in place: for a large field (the regular rep of a group of order 512) the basis is 1 GiB
+    out = torch.empty(rank, fo.dim, fi.dim, dtype=torch.float64)
     k = 0
     for oo, oi, s in pairs:
         r = len(bases[s])
@@ -211,11 +225,12 @@ class BlockPlan:
     @functools.cached_property
     def field_pairs(self) -> list[FieldPair]:
         """The plan in field-pair form (what the fused kernels execute), row-major over fields."""
-        pairs = []
+        pairs, used = [], 0
         for fo in self.out.fields:
             for fi in self.inp.fields:
-                pairs.append(FieldPair(fo.offset, fi.offset, fo.copies, fi.copies, fo.dim, fi.dim,
-                                       _field_pair_basis(fo, fi, self.bases)))
+                basis = _field_pair_basis(fo, fi, self.bases, MAX_BASIS_ELEMENTS - used)
+                used += basis.numel()
+                pairs.append(FieldPair(fo.offset, fi.offset, fo.copies, fi.copies, fo.dim, fi.dim, basis))
         return pairs
 
     @functools.cached_property

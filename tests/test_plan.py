@@ -402,3 +402,25 @@ def test_package_caches_are_bounded():
                 caches.append(obj)
                 assert obj.cache_parameters()["maxsize"] is not None, f"{name}.{obj.__name__} is unbounded"
     assert len(caches) >= 10
+
+
+def test_a_plan_too_large_refuses_before_allocating_and_the_irrep_basis_recipe_works(gen, monkeypatch):
+    """A field pair whose basis exceeds the plan's limit (C_512's regular rep ⊗ its standard rep, one
+    field of dimension 1024: 16 GiB) is refused with a recipe; the recipe (the weight in the irrep
+    basis, the reps as sums of irreps) gives the same energies."""
+    import equiproj._plan as plan_module
+
+    G = ep.Cyclic(16)
+    rep = G.regular() @ G.standard()
+    W = torch.randn(rep.dim, rep.dim, dtype=F64, generator=gen)
+    expected = ep.energies(W, rep, rep)
+    monkeypatch.setattr(plan_module, "MAX_BASIS_ELEMENTS", 32**3)
+    block_plan.cache_clear()  # the plan built above would be found
+    with pytest.raises(ValueError, match="W_irr = rep_out.change_of_basis.T @ W @ rep_in.change_of_basis"):
+        ep.energies(W, rep, rep)
+    monkeypatch.undo()
+    irr = sum(m * irrep for irrep, m in rep.irreps)
+    Q = rep.change_of_basis
+    got = ep.energies(Q.T @ W @ Q, irr, irr)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
