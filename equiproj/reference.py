@@ -9,7 +9,8 @@ Nothing here uses the irrep decomposition; only ``rep.matrix`` and the band limi
 (to size the quadrature). It is slow (one pair of matrix products per quadrature point) and meant
 for verification; it is also the ``"reference"`` backend of the energy functions. The quadrature
 grows with the band limits (SO(3): ``(D+1)^2 (D/2+1)`` points for ``D = l_in + l_out``); above
-:data:`MAX_QUADRATURE_POINTS` points it refuses (the spectral backends have no such limit).
+:data:`MAX_QUADRATURE_POINTS` points, or above :data:`MAX_FLOPS` floating-point operations (a few
+seconds), it refuses (the spectral backends have no such limit).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import torch
 
 from .groups import check_rep_pair
 
-__all__ = ["haar_quadrature", "project", "energies", "noneq_energy", "eq_energy", "orbit_defect", "MAX_QUADRATURE_POINTS"]
+__all__ = ["haar_quadrature", "project", "energies", "noneq_energy", "eq_energy", "orbit_defect", "MAX_QUADRATURE_POINTS",
+           "MAX_FLOPS"]
 
 #: the largest Haar quadrature the reference averages over
 MAX_QUADRATURE_POINTS = 10**6
+#: the most floating-point operations of one call (two dense products per quadrature point and matrix)
+MAX_FLOPS = 5 * 10**10
 #: quadrature points per chunk: the rep matrices of one chunk are in memory at a time
 _CHUNK = 256
 
@@ -40,17 +44,21 @@ def _check(W, rep_in, rep_out):
     return W.to(torch.float64)
 
 
-def _chunks(rep_in, rep_out, degree, device):
-    """``(rho_out(g), rho_in(g), w)`` over the quadrature, ``_CHUNK`` points at a time."""
-    if degree is None:
-        degree = rep_in.band_limit + rep_out.band_limit
-    group = rep_in.group
+def _quadrature_size(group, degree: int) -> int:
     size = group.haar_quadrature_size(degree)
     if size > MAX_QUADRATURE_POINTS:
         raise ValueError(f"the reference averages over an exact quadrature of {group} for band limit {degree}: {size:,} "
                          f"group elements, more than its limit of {MAX_QUADRATURE_POINTS:,}; use a spectral backend "
                          "(backend='auto', 'cpp', 'triton' or 'torch'), which is exact at any band limit")
-    g, w = group.haar_quadrature(degree)
+    return size
+
+
+def _chunks(rep_in, rep_out, degree, device):
+    """``(rho_out(g), rho_in(g), w)`` over the quadrature, ``_CHUNK`` points at a time."""
+    if degree is None:
+        degree = rep_in.band_limit + rep_out.band_limit
+    _quadrature_size(rep_in.group, degree)
+    g, w = rep_in.group.haar_quadrature(degree)
     for k in range(0, len(w), _CHUNK):
         s = slice(k, k + _CHUNK)
         yield rep_out.matrix(g[s]).to(device), rep_in.matrix(g[s]).to(device), w[s].to(device)
@@ -59,6 +67,16 @@ def _chunks(rep_in, rep_out, degree, device):
 def project(W: torch.Tensor, rep_in, rep_out, degree: int | None = None) -> torch.Tensor:
     """P(W) in float64, ``[..., m, n] -> [..., m, n]``, by exact quadrature over the group."""
     W = _check(W, rep_in, rep_out)
+    if degree is None:
+        degree = rep_in.band_limit + rep_out.band_limit
+    m, n = rep_out.dim, rep_in.dim
+    size = _quadrature_size(rep_in.group, degree)
+    flops = 2 * size * W[..., 0, 0].numel() * m * n * (m + n)
+    if flops > MAX_FLOPS:
+        raise ValueError(f"the reference would average {m} x {n} matrices over {size:,} "
+                         f"group elements: {flops:.1e} floating-point operations, more than its limit of {MAX_FLOPS:.0e} "
+                         "(a few seconds); use a spectral backend (backend='auto', 'cpp', 'triton' or 'torch'), "
+                         "which is exact, or check smaller reps")
     out = torch.zeros_like(W)
     for Ro, Ri, w in _chunks(rep_in, rep_out, degree, W.device):  # chunks bound the memory to 256 copies of W
         out = out + torch.einsum("p,pai,...ab,pbj->...ij", w, Ro, W, Ri)

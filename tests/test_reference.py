@@ -30,3 +30,21 @@ def test_reference_refuses_a_huge_quadrature_clearly():
     big = ep.SO3().irrep(80)  # (2 * 80 + 1)^2 (80 + 1) > 1e6 points
     with pytest.raises(ValueError, match="spectral backend"):
         reference.energies(torch.zeros(big.dim, big.dim, dtype=torch.float64), big, big)
+
+
+def test_reference_refuses_more_work_than_its_limit_clearly(gen):
+    """C_512's regular rep: 512 elements of two dense 512 x 512 products took 15-20 s; a batch of weights
+    multiplies the work. Within the limit the reference runs."""
+    import time
+
+    G = ep.Cyclic(512)
+    r = G.regular()
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="floating-point operations.*spectral backend"):
+        reference.energies(torch.zeros(r.dim, r.dim, dtype=torch.float64), r, r)
+    assert time.perf_counter() - t0 < 5  # refused before the work (a generous bound, not a benchmark)
+    small = ep.Cyclic(8).regular()
+    W = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(reference.energies(W, small, small)[0], ep.energies(W, small, small)[0], rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="floating-point operations"):
+        reference.project(torch.zeros(1, 8, 8, dtype=torch.float64).expand(4 * 10**6, 8, 8), small, small)
