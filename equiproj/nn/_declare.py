@@ -202,12 +202,14 @@ def _check_conv_geometry(module, group, k: tuple[int, ...]) -> None:
         raise ValueError(f"{name}(kernel_size={k}, stride={stride}, dilation={dilation}, padding={padding}) treats the "
                          f"axes differently, but {group} maps one axis onto another: the layer cannot commute with its "
                          "rotations; use the same kernel size, stride, dilation and padding on every axis")
-    if any(s > 1 for s in stride):
-        s, p, K = stride[0], padding[0], dilation[0] * (k[0] - 1) + 1
-        warnings.warn(f"{name}: a stride of {s} keeps the grid symmetry of {group} only for input sizes n with "
-                      f"(n + 2*{p} - {K}) % {s} == 0, i.e. n % {s} == {(K - 2 * p) % s} (the sampled positions are "
-                      "then symmetric about the grid's centre); other sizes break it (equiproj.nn.centred_grid checks "
-                      "a size)", UserWarning, stacklevel=4)
+    conditions = dict.fromkeys(  # per strided axis (the axes agree when the group swaps them)
+        (s, p, d * (kk - 1) + 1) for s, p, d, kk in zip(stride, padding, dilation, k) if s > 1)
+    if conditions:
+        axes = "" if len(stride) == 1 or len(set(stride)) == 1 else f" on axes {[i for i, s in enumerate(stride) if s > 1]}"
+        rule = " and ".join(f"(n + 2*{p} - {K}) % {s} == 0, i.e. n % {s} == {(K - 2 * p) % s}" for s, p, K in conditions)
+        warnings.warn(f"{name}: a stride of {max(stride)}{axes} keeps the grid symmetry of {group} only for input sizes "
+                      f"n with {rule} (the sampled positions are then symmetric about the grid's centre); other sizes "
+                      "break it (equiproj.nn.centred_grid checks a size)", UserWarning, stacklevel=4)
 
 
 def declare_translations(module: nn.Module, *, bias: bool = True) -> nn.Module:

@@ -139,3 +139,14 @@ def test_report_lists_undeclared_layers(seed):
     r = report(model)
     assert [u["name"] for u in r.undeclared] == ["2", "conv"]
     assert f"2: Linear ({R.dim}, {R.dim}) is not declared" in str(r) and r.as_dict()["undeclared"][1]["module"] == "Conv1d"
+
+
+def test_the_stride_warning_names_each_strided_axis():
+    """A group that never swaps the axes takes a stride on one axis only; the warning gives that
+    axis's condition (it read the first axis, whose stride was 1)."""
+    D1 = ep.Dihedral(1)
+    with pytest.warns(UserWarning, match=r"stride of 2 on axes \[1\].*\(n \+ 2\*1 - 3\) % 2 == 0"):
+        declare(nn.Conv2d(2, 2, 3, stride=(1, 2), padding=1), D1.regular(), D1.regular())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        declare(nn.Conv2d(2, 2, 3, padding=(0, 1)), D1.regular(), D1.regular())
