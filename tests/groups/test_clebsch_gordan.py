@@ -193,3 +193,16 @@ def test_selection_rules_never_exclude_an_occurring_irrep(G):
             assert sum(m * psi.dim for psi, m in occurring.items()) == a.dim * b.dim
     if not G.is_finite or G.ambient_dim == 2:
         assert excluded > 0  # the rules do exclude something (planar groups: frequencies add modulo N)
+
+
+def test_products_above_the_decomposed_size_are_refused_clearly():
+    """SO(3) 10 ⊗ 10 took 19 s, 12 ⊗ 12 made LAPACK's SVD fail to converge; the largest accepted works."""
+    from equiproj.groups._clebsch_gordan import MAX_PRODUCT_DIM, irrep_product
+
+    G = ep.SO3()
+    with pytest.raises(ValueError, match="declare the irreps the product contains"):
+        G.irrep(8) @ G.irrep(7)
+    assert 15 * 15 == MAX_PRODUCT_DIM
+    slots, Q = irrep_product(G.irrep(7), G.irrep(7))
+    assert sorted(s.band for s in slots) == list(range(15))
+    torch.testing.assert_close(Q.T @ Q, torch.eye(225, dtype=torch.float64), atol=1e-10, rtol=0)
