@@ -35,6 +35,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ._decompose import block_diag_irreps, isometric_intertwiners
+from ._threads import one_thread
 
 __all__ = ["irrep_product", "MAX_PRODUCT_DIM"]
 
@@ -141,6 +142,7 @@ def _invariants(factors_h1: list[torch.Tensor], factors_gens: list[torch.Tensor]
 
 
 @functools.lru_cache(maxsize=512)
+@one_thread
 def irrep_product(a: Irrep, b: Irrep) -> tuple[tuple[Irrep, ...], torch.Tensor]:
     """``(slots, Q)`` with ``a(g) ⊗ b(g) = Q (⊕_slots psi(g)) Q^T``; Q ``[da db, da db]`` float64 orthogonal.
 

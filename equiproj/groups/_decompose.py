@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from ._threads import one_thread
+
 __all__ = ["decompose", "check_representation", "isometric_intertwiners", "block_diag_irreps", "verify_decomposition"]
 
 
@@ -67,6 +69,7 @@ def isometric_intertwiners(basis: torch.Tensor, m: int, d: int) -> torch.Tensor:
     return torch.cat(isos, dim=-1)
 
 
+@one_thread
 def decompose(group, fn: Callable, dim: int, band_limit: int | None = None, seed: int = 0, tol: float = 1e-8):
     """Decompose ``fn`` (``[..., dG, dG] -> [..., dim, dim]``) into irreps.
 
@@ -127,6 +130,7 @@ def block_diag_irreps(slots, g: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@one_thread
 def verify_decomposition(group, fn, slots, Q, tol: float = 1e-8, band_limit: int | None = None) -> None:
     """Raise ``ValueError`` unless ``fn(g) = Q (⊕ slots(g)) Q^T`` to ``tol`` at random elements."""
     g = group.sample(8, generator=torch.Generator().manual_seed(99))

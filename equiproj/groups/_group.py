@@ -17,6 +17,7 @@ from typing import Hashable
 import torch
 
 from ._rep import GROUP_CLASSES, Irrep, Rep, permutation_matrices, rep_from_decomposition
+from ._threads import one_thread
 
 __all__ = ["Group"]
 
@@ -222,7 +223,7 @@ class Group:
         makes Q orthogonal. One object per group (cached)."""
         if not self.is_finite:
             raise TypeError(f"{self} is continuous: it has no regular representation of finite dimension")
-        return _regular_rep(self)
+        return one_thread(_regular_rep)(self)
 
 
 @functools.lru_cache(maxsize=64)

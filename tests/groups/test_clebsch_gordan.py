@@ -206,3 +206,18 @@ def test_products_above_the_decomposed_size_are_refused_clearly():
     slots, Q = irrep_product(G.irrep(7), G.irrep(7))
     assert sorted(s.band for s in slots) == list(range(15))
     torch.testing.assert_close(Q.T @ Q, torch.eye(225, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_construction_numerics_restore_the_thread_count():
+    """Decompositions run on one intra-op thread and give the caller's count back, also on an error."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ep.SO3().irrep(3) @ ep.SO3().irrep(2)
+        ep.Cyclic(7).regular()
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            ep.Rep.from_matrices(ep.SO2(), lambda g: 2 * g)  # not orthogonal
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
