@@ -73,7 +73,9 @@ def script_main(argv, name: str, description: str, param: str | None = None, par
     p.add_argument("--full", action="store_true")
     p.add_argument("--seed", type=_args.seed, default=0)
     p.add_argument("--out", type=_args.output_dir, default="experiments/results")
-    p.add_argument("--threads", type=_args.positive_int, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=_args.positive_int, default=1,
+                   help="torch threads (default 1: the models are small, and one thread keeps its speed when other "
+                        "jobs share the cores)")
     if param:
         p.add_argument(f"--{param}", type=float, help=f"{param_help} (default: the config's)")
     args = p.parse_args(argv)
@@ -107,8 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--only", choices=tuple(EXPERIMENTS),
                         help="run one experiment only; digits (needs scikit-learn) and phiflow (needs PhiFlow) run "
                              "only this way")
-    parser.add_argument("--threads", type=_args.positive_int,
-                        help="torch threads, >= 1 (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--threads", type=_args.positive_int, default=1,
+                        help="torch threads, >= 1 (default 1: the models are small; on a quiet 2-core machine two "
+                             "threads take 40 s instead of 60 s, but with another job on one core they took 6 to over "
+                             "20 minutes, one thread 61 s)")
     return parser
 
 
