@@ -10,7 +10,7 @@ conv's output and escnn's.
 
 Needs escnn (and equiproj importable in that environment)::
 
-    /tmp/escnn_venv/bin/python bench/escnn_parity.py > bench/results/escnn_parity.md
+    python bench/escnn_parity.py > bench/results/escnn_parity.md   # in an environment with escnn
 """
 
 from __future__ import annotations
