@@ -53,20 +53,9 @@ def _quadrature_size(group, degree: int) -> int:
     return size
 
 
-def _chunks(rep_in, rep_out, degree, device):
-    """``(rho_out(g), rho_in(g), w)`` over the quadrature, ``_CHUNK`` points at a time."""
-    if degree is None:
-        degree = rep_in.band_limit + rep_out.band_limit
-    _quadrature_size(rep_in.group, degree)
-    g, w = rep_in.group.haar_quadrature(degree)
-    for k in range(0, len(w), _CHUNK):
-        s = slice(k, k + _CHUNK)
-        yield rep_out.matrix(g[s]).to(device), rep_in.matrix(g[s]).to(device), w[s].to(device)
-
-
-def project(W: torch.Tensor, rep_in, rep_out, degree: int | None = None) -> torch.Tensor:
-    """P(W) in float64, ``[..., m, n] -> [..., m, n]``, by exact quadrature over the group."""
-    W = _check(W, rep_in, rep_out)
+def _chunks(rep_in, rep_out, degree, W):
+    """``(rho_out(g), rho_in(g), w)`` over the quadrature, ``_CHUNK`` points at a time, on ``W``'s
+    device; refused above :data:`MAX_QUADRATURE_POINTS` points or :data:`MAX_FLOPS` for the batch ``W``."""
     if degree is None:
         degree = rep_in.band_limit + rep_out.band_limit
     m, n = rep_out.dim, rep_in.dim
@@ -77,8 +66,17 @@ def project(W: torch.Tensor, rep_in, rep_out, degree: int | None = None) -> torc
                          f"group elements: {flops:.1e} floating-point operations, more than its limit of {MAX_FLOPS:.0e} "
                          "(a few seconds); use a spectral backend (backend='auto', 'cpp', 'triton' or 'torch'), "
                          "which is exact, or check smaller reps")
+    g, w = rep_in.group.haar_quadrature(degree)
+    for k in range(0, len(w), _CHUNK):
+        s = slice(k, k + _CHUNK)
+        yield rep_out.matrix(g[s]).to(W.device), rep_in.matrix(g[s]).to(W.device), w[s].to(W.device)
+
+
+def project(W: torch.Tensor, rep_in, rep_out, degree: int | None = None) -> torch.Tensor:
+    """P(W) in float64, ``[..., m, n] -> [..., m, n]``, by exact quadrature over the group."""
+    W = _check(W, rep_in, rep_out)
     out = torch.zeros_like(W)
-    for Ro, Ri, w in _chunks(rep_in, rep_out, degree, W.device):  # chunks bound the memory to 256 copies of W
+    for Ro, Ri, w in _chunks(rep_in, rep_out, degree, W):  # chunks bound the memory to 256 copies of W
         out = out + torch.einsum("p,pai,...ab,pbj->...ij", w, Ro, W, Ri)
     return out
 
@@ -105,7 +103,7 @@ def orbit_defect(W, rep_in, rep_out, degree=None) -> torch.Tensor:
     """∫_G ||rho_out(g) W - W rho_in(g)||^2 dg in float64 (equals 2 E_perp: the orbit identity of docs/math.md §2)."""
     W = _check(W, rep_in, rep_out)
     out = W.new_zeros(W.shape[:-2])
-    for Ro, Ri, w in _chunks(rep_in, rep_out, degree, W.device):
+    for Ro, Ri, w in _chunks(rep_in, rep_out, degree, W):
         d = torch.einsum("pai,...ij->p...aj", Ro, W) - torch.einsum("...ai,pij->p...aj", W, Ri)
         out = out + torch.einsum("p,p...->...", w, d.square().sum((-2, -1)))
     return out
