@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
+
+# the intra-op thread count is global to the process: calls in several Python threads (or nested
+# calls) share one switch to 1, and the last to finish restores the count found by the first
+_lock = threading.Lock()
+_active = 0
+_saved = 1
 
 
 def one_thread(fn):
@@ -15,13 +22,18 @@ def one_thread(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        if threads == 1:
-            return fn(*args, **kwargs)
-        torch.set_num_threads(1)
+        global _active, _saved
+        with _lock:
+            if _active == 0:
+                _saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            _active += 1
         try:
             return fn(*args, **kwargs)
         finally:
-            torch.set_num_threads(threads)
+            with _lock:
+                _active -= 1
+                if _active == 0:
+                    torch.set_num_threads(_saved)
 
     return wrapper

@@ -219,5 +219,11 @@ def test_construction_numerics_restore_the_thread_count():
         with pytest.raises(ValueError):
             ep.Rep.from_matrices(ep.SO2(), lambda g: 2 * g)  # not orthogonal
         assert torch.get_num_threads() == 2
+        # from several Python threads at once (the count is global): the last one out restores it
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda n: ep.Cyclic(n).regular() @ ep.Cyclic(n).standard(), [9, 10, 11, 12, 13, 14]))
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
