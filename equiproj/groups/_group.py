@@ -223,7 +223,7 @@ class Group:
         makes Q orthogonal. One object per group (cached)."""
         if not self.is_finite:
             raise TypeError(f"{self} is continuous: it has no regular representation of finite dimension")
-        return one_thread(_regular_rep)(self)
+        return _regular_rep(self)
 
 
 @functools.lru_cache(maxsize=64)
@@ -232,6 +232,7 @@ def _standard_rep(group: Group) -> Rep:
 
 
 @functools.lru_cache(maxsize=64)
+@one_thread
 def _regular_rep(group: Group) -> Rep:
     els = group.elements()
     n = len(els)

@@ -414,8 +414,7 @@ class Rep:
                                  "pass band_limit= if higher frequencies occur") from None
         name = name or "from_matrices"
         if not exact:  # the exact representation the float32 matrices approximate
-            def f64(g):
-                return Q.to(g.device) @ block_diag_irreps(slots, g.to(torch.float64)) @ Q.T.to(g.device)
+            f64 = functools.partial(spectral_field_matrix, Q, tuple(slots))
         return cls(group, [(1, Field(group, slots, Q, f64, name))], name=name)
 
     @classmethod
