@@ -20,9 +20,9 @@ Example::
     True
 """
 
-from . import _deprecated, grid, kernel_spaces, nn, reference, translation
-from ._energy import (energies, energies_and_grad, energies_and_grads_many, energies_many, energy_breakdown, eq_energy,
-                      noneq_energy, project)
+from . import grid, kernel_spaces, nn, reference, translation
+from ._energy import (energies, energies_and_grad, energies_and_grads_many, energies_many, energy_breakdown,
+                      project)
 from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, Irrep, Octahedral, Rep
 from .kernel_spaces import KernelSpace, SteerableKernelSpace
 from .nn import check_equivariance, init_equivariant_
@@ -33,7 +33,7 @@ __all__ = [
     # groups and representations
     "Group", "Cyclic", "Dihedral", "SO2", "O2", "SO3", "O3", "Octahedral", "FullOctahedral", "Rep", "Irrep",
     # energies of weights
-    "energies", "noneq_energy", "eq_energy", "energies_many", "energies_and_grad", "energies_and_grads_many",
+    "energies", "energies_many", "energies_and_grad", "energies_and_grads_many",
     "project", "energy_breakdown",
     # kernel spaces
     "KernelSpace", "SteerableKernelSpace",
@@ -43,9 +43,6 @@ __all__ = [
     "nn", "grid", "translation", "kernel_spaces", "reference",
     "__version__",
 ]
-
-_deprecated.install(__name__)
-
 
 def __dir__():
     return sorted(__all__)

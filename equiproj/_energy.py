@@ -3,9 +3,8 @@
 Every function takes a weight ``W`` of shape ``[..., rep_out.dim, rep_in.dim]`` (leading dims
 are a batch: one energy per matrix) and the two representations:
 
-* ``noneq_energy(W, rep_in, rep_out)`` -> ``E_perp = ||W - P W||^2``, shape ``[...]``
-* ``eq_energy(W, rep_in, rep_out)``    -> ``E_G = ||P W||^2``
-* ``energies(W, rep_in, rep_out)``     -> ``(E_perp, E_G)`` from one pass
+* ``energies(W, rep_in, rep_out)`` -> ``(E_perp, E_G)``, ``E_perp = ||W - P W||^2`` and
+  ``E_G = ||P W||^2``, each of shape ``[...]``, from one pass (``energies(...)[0]`` alone costs the same)
 * ``energies_and_grad(W, rep_in, rep_out, lambda_perp=, lambda_G=)`` -> ``(E_perp, E_G, grad)``,
   the penalty's gradient from the same pass (no autograd graph)
 * ``energies_many`` / ``energies_and_grads_many``: many layers, one call per backend and device
@@ -26,7 +25,6 @@ The mathematics is in docs/math.md §2-3.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -36,7 +34,7 @@ from .groups import Rep, check_rep_pair
 from .kernels import torch_project
 from .kernels.inputs import autocast_off
 
-__all__ = ["noneq_energy", "eq_energy", "energies", "energies_many", "energies_and_grad", "energies_and_grads_many",
+__all__ = ["energies", "energies_many", "energies_and_grad", "energies_and_grads_many",
            "project", "energy_breakdown", "check_arguments"]
 
 _WHICH = ("equivariant", "non_equivariant")
@@ -101,46 +99,10 @@ def energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto
     return e_perp, e_g
 
 
-def noneq_energy(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, breakdown: bool = False, backend: str = "auto"):
-    """``E_perp = ||W - P(W)||^2``: ``[..., m, n] -> [...]``.
-
-    (``breakdown=True`` is the deprecated spelling of :func:`energy_breakdown`.)
-    """
-    if breakdown:
-        return _deprecated_breakdown("noneq_energy", W, rep_in, rep_out, "non_equivariant", backend)
-    return energies(W, rep_in, rep_out, backend=backend)[0]
-
-
-def eq_energy(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, breakdown: bool = False, backend: str = "auto"):
-    """``E_G = ||P(W)||^2``: ``[..., m, n] -> [...]``.
-
-    (``breakdown=True`` is the deprecated spelling of :func:`energy_breakdown`.)
-    """
-    if breakdown:
-        return _deprecated_breakdown("eq_energy", W, rep_in, rep_out, "equivariant", backend)
-    return energies(W, rep_in, rep_out, backend=backend)[1]
-
-
-def _deprecated_breakdown(fn, W, rep_in, rep_out, which, backend):
-    warnings.warn(f"{fn}(..., breakdown=True) is deprecated: use equiproj.energy_breakdown(W, rep_in, rep_out, "
-                  f"which={which!r})", DeprecationWarning, stacklevel=3)
-    if not isinstance(backend, str) or backend not in ops.BACKEND_NAMES:
-        raise ValueError(f"unknown backend {backend!r}: expected one of {ops.BACKEND_NAMES}")
-    if backend == "reference":
-        raise ValueError("the breakdown is computed in the irrep basis; backend='reference' has no breakdown")
-    return energy_breakdown(W, rep_in, rep_out, which=which)
-
-
-def project(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str = "equivariant",
-            complement: bool | None = None) -> torch.Tensor:
+def project(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str = "equivariant") -> torch.Tensor:
     """``P(W)``, the nearest equivariant map (Frobenius), ``[..., m, n] -> [..., m, n]`` in W's dtype;
     ``which="non_equivariant"`` returns ``W - P(W)``, computed in residual form (accurate when W is
-    nearly equivariant). Differentiable. (``complement=True`` is the deprecated spelling of
-    ``which="non_equivariant"``.)"""
-    if complement is not None:
-        warnings.warn("project(..., complement=...) is deprecated: use which='non_equivariant' (or 'equivariant')",
-                      DeprecationWarning, stacklevel=2)
-        which = "non_equivariant" if complement else "equivariant"
+    nearly equivariant). Differentiable."""
     _check_which(which)
     check_arguments(W, rep_in, rep_out)
     return torch_project(W, plan_for(rep_in, rep_out, W.device, torch.float64), which).to(W.dtype)

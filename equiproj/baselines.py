@@ -28,7 +28,7 @@ Example::
     >>> G = equiproj.O3()
     >>> r = equiproj.Rep.parse(G, "8x0e + 4x1o + 2x2e")
     >>> W = torch.randn(r.dim, r.dim, requires_grad=True)
-    >>> pen = sampled_operator_penalty(W, r, r, num_samples=64)  # ~ 2 * noneq_energy(W, r, r)
+    >>> pen = sampled_operator_penalty(W, r, r, num_samples=64)  # ~ 2 * E_perp = 2 * energies(W, r, r)[0]
     >>> pen.backward()
 """
 

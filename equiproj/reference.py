@@ -19,7 +19,7 @@ import torch
 
 from .groups import check_rep_pair
 
-__all__ = ["haar_quadrature", "project", "energies", "noneq_energy", "eq_energy", "orbit_defect", "MAX_QUADRATURE_POINTS",
+__all__ = ["haar_quadrature", "project", "energies", "orbit_defect", "MAX_QUADRATURE_POINTS",
            "MAX_FLOPS"]
 
 #: the largest Haar quadrature the reference averages over
@@ -86,17 +86,6 @@ def energies(W, rep_in, rep_out, degree=None) -> tuple[torch.Tensor, torch.Tenso
     W = _check(W, rep_in, rep_out)
     PW = project(W, rep_in, rep_out, degree)
     return (W - PW).square().sum((-2, -1)), PW.square().sum((-2, -1))
-
-
-def noneq_energy(W, rep_in, rep_out, degree=None) -> torch.Tensor:
-    """||W - P W||^2 in float64, ``[...]``."""
-    W = _check(W, rep_in, rep_out)
-    return (W - project(W, rep_in, rep_out, degree)).square().sum((-2, -1))
-
-
-def eq_energy(W, rep_in, rep_out, degree=None) -> torch.Tensor:
-    """||P W||^2 in float64, ``[...]``."""
-    return project(W, rep_in, rep_out, degree).square().sum((-2, -1))
 
 
 def orbit_defect(W, rep_in, rep_out, degree=None) -> torch.Tensor:

@@ -11,8 +11,7 @@ Layers (each module imports only from its own layer or lower ones; ``equiproj/__
     6  equiproj.nn.*
     7  equiproj.cli.*, equiproj.__main__ (applications)
 
-``equiproj`` itself (its ``__init__``) may import layers 1-6 but never 7, and only layer 7 may import it;
-``equiproj._deprecated`` names moved modules as strings only and imports nothing of equiproj.
+``equiproj`` itself (its ``__init__``) may import layers 1-6 but never 7, and only layer 7 may import it.
 
 The import scan is static (``ast``), so it sees every import, including those inside functions
 (deferred imports break no cycle at the level of the design), except those under ``if TYPE_CHECKING:``.
@@ -38,7 +37,6 @@ SOURCES = {ROOT / "equiproj": "equiproj", ROOT / "kernels": "equiproj.kernels"}
 COMPILED = {"equiproj._C"}
 
 ROOT_MODULE = "equiproj"
-DEPRECATED = "equiproj._deprecated"
 APPLICATION_LAYER = 7
 
 #: module prefix -> layer; a prefix ending in "." covers a subpackage (its __init__ included)
@@ -259,7 +257,7 @@ def test_no_import_cycle(package_imports):
 
 def test_every_module_has_a_layer(package_imports):
     files, _ = package_imports
-    unassigned = [m for m in files if m not in (ROOT_MODULE, DEPRECATED) and layer_of(m) is None]
+    unassigned = [m for m in files if m != ROOT_MODULE and layer_of(m) is None]
     assert not unassigned, f"modules outside the layer table of tests/test_architecture.py: {unassigned}"
 
 
@@ -269,11 +267,7 @@ def layering_violations(files, imports) -> list[str]:
         src, dst = i.importer, i.target
         if dst not in files:
             continue  # the compiled extension, or reported by test_every_import_names_an_existing_module
-        if src == DEPRECATED:
-            violations.append(f"{i}  [equiproj._deprecated may name modules only as strings]")
-        elif dst == DEPRECATED:
-            continue  # it imports nothing of equiproj: importing it creates no dependency
-        elif src == ROOT_MODULE:
+        if src == ROOT_MODULE:
             if layer_of(dst) == APPLICATION_LAYER:
                 violations.append(f"{i}  [the package root must not import the applications (layer 7)]")
         elif dst == ROOT_MODULE:
@@ -295,7 +289,7 @@ def test_layering(package_imports):
 def test_layering_rules_flag_violations():
     """The rules themselves, on synthetic imports (each of these must be reported, the others not)."""
     files = {m: (ROOT / "equiproj" / "x.py", False) for m in
-             ["equiproj", "equiproj._deprecated", "equiproj.groups._rep", "equiproj._plan", "equiproj.reference",
+             ["equiproj", "equiproj.groups._rep", "equiproj._plan", "equiproj.reference",
               "equiproj.ops._op", "equiproj.kernels.schedule", "equiproj._energy", "equiproj.grid", "equiproj.nn",
               "equiproj.nn._penalty", "equiproj.cli", "equiproj.cli._bench", "equiproj.__main__"]}
 
@@ -305,11 +299,11 @@ def test_layering_rules_flag_violations():
     bad = [imp("equiproj.groups._rep", "equiproj._plan"), imp("equiproj.reference", "equiproj.ops._op"),
            imp("equiproj.kernels.schedule", "equiproj._energy"), imp("equiproj.grid", "equiproj.nn._penalty"),
            imp("equiproj.nn", "equiproj.cli._bench"), imp("equiproj", "equiproj.cli"),
-           imp("equiproj.nn._penalty", "equiproj"), imp("equiproj._deprecated", "equiproj.groups._rep")]
+           imp("equiproj.nn._penalty", "equiproj")]
     good = [imp("equiproj._plan", "equiproj.reference"), imp("equiproj.ops._op", "equiproj.kernels.schedule"),
             imp("equiproj.kernels.schedule", "equiproj._plan"), imp("equiproj.nn", "equiproj.nn._penalty"),
             imp("equiproj.cli._bench", "equiproj"), imp("equiproj.__main__", "equiproj.cli"),
-            imp("equiproj", "equiproj.nn"), imp("equiproj", "equiproj._deprecated"),
+            imp("equiproj", "equiproj.nn"),
             imp("equiproj.cli", "equiproj._C")]
     for i in bad:
         assert len(layering_violations(files, [i])) == 1, f"not reported: {i}"

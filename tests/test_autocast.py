@@ -45,8 +45,7 @@ REGIONS = [("cpu", torch.bfloat16, ("cpp", "torch", "reference"))]
 if torch.cuda.is_available():
     REGIONS += [("cuda", dt, ("triton", "torch", "reference")) for dt in (torch.float16, torch.bfloat16)]
 
-WITH_BACKEND = ("energies", "noneq_energy", "eq_energy", "energies_many", "energies_and_grad",
-                "energies_and_grads_many")
+WITH_BACKEND = ("energies", "energies_many", "energies_and_grad", "energies_and_grads_many")
 WITHOUT_BACKEND = ("project", "project_non_equivariant", "energy_breakdown", "energy_breakdown_equivariant")
 
 
@@ -64,10 +63,6 @@ def _call(fn: str, W, ri, ro, backend) -> list[torch.Tensor]:
     """The outputs of ``fn`` as a list of tensors (the gradient-returning functions: energies and gradients)."""
     if fn == "energies":
         return list(ep.energies(W, ri, ro, backend=backend))
-    if fn == "noneq_energy":
-        return [ep.noneq_energy(W, ri, ro, backend=backend)]
-    if fn == "eq_energy":
-        return [ep.eq_energy(W, ri, ro, backend=backend)]
     if fn == "energies_many":
         return list(ep.energies_many([W, 2 * W], [(ri, ro), (ri, ro)], backend=backend))
     if fn == "energies_and_grad":

@@ -70,13 +70,13 @@ def test_nearly_equivariant_weights(G, gen):
     ri, ro = mixed_reps(G, gen)
     X = torch.randn(2, ro.dim, ri.dim, dtype=torch.float64, generator=gen)
     W64 = nearly_equivariant(X, ri, ro, 1e-12, gen)
-    ratio = reference.noneq_energy(W64, ri, ro) / W64.square().sum((-2, -1))
+    ratio = reference.energies(W64, ri, ro)[0] / W64.square().sum((-2, -1))
     assert float(ratio.max()) < 1e-11  # the test input is what it claims to be
-    assert rel(ep.noneq_energy(W64, ri, ro, backend=BACKEND), reference.noneq_energy(W64, ri, ro)) < 1e-3
+    assert rel(ep.energies(W64, ri, ro, backend=BACKEND)[0], reference.energies(W64, ri, ro)[0]) < 1e-3
     W32 = nearly_equivariant(X, ri, ro, 1e-7, gen).float()
-    ref32 = reference.noneq_energy(W32.double(), ri, ro)
+    ref32 = reference.energies(W32.double(), ri, ro)[0]
     assert float((ref32 / W32.double().square().sum((-2, -1))).max()) < 1e-6
-    assert rel(ep.noneq_energy(W32, ri, ro, backend=BACKEND).double(), ref32) < 1e-3
+    assert rel(ep.energies(W32, ri, ro, backend=BACKEND)[0].double(), ref32) < 1e-3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -87,8 +87,8 @@ def test_low_precision_dtypes(dtype, device, gen):
     W = torch.randn(2, ro.dim, ri.dim, generator=gen).to(dtype)
     e_perp, e_g = ep.energies(W.to(device), ri, ro, backend=BACKEND)
     assert e_perp.dtype == torch.float32 and e_perp.device.type == device
-    assert rel(e_perp.cpu().double(), reference.noneq_energy(W.double(), ri, ro)) < 1e-5
-    assert rel(e_g.cpu().double(), reference.eq_energy(W.double(), ri, ro)) < 1e-5
+    assert rel(e_perp.cpu().double(), reference.energies(W.double(), ri, ro)[0]) < 1e-5
+    assert rel(e_g.cpu().double(), reference.energies(W.double(), ri, ro)[1]) < 1e-5
     assert ep.project(W.to(device), ri, ro).dtype == dtype
 
 
@@ -100,25 +100,25 @@ def test_odd_noncontiguous_and_batched(device, gen):
     base = torch.randn(ri.dim + 3, 2, ro.dim + 1, 3, dtype=torch.float64, generator=gen)
     W = base[1:-2, 1, :-1, :].permute(2, 1, 0)  # [3, m, n], non-contiguous strides
     assert not W.is_contiguous() and W.shape == (3, ro.dim, ri.dim)
-    got = ep.noneq_energy(W.to(device), ri, ro, backend=BACKEND).cpu()
-    assert rel(got, reference.noneq_energy(W, ri, ro)) < 1e-10
+    got = ep.energies(W.to(device), ri, ro, backend=BACKEND)[0].cpu()
+    assert rel(got, reference.energies(W, ri, ro)[0]) < 1e-10
     W4 = torch.randn(2, 3, ro.dim, ri.dim, dtype=torch.float64, generator=gen)
-    got4 = ep.eq_energy(W4.to(device), ri, ro, backend=BACKEND).cpu()
+    got4 = ep.energies(W4.to(device), ri, ro, backend=BACKEND)[1].cpu()
     assert got4.shape == (2, 3)
-    assert rel(got4, reference.eq_energy(W4, ri, ro)) < 1e-10
+    assert rel(got4, reference.energies(W4, ri, ro)[1]) < 1e-10
 
 
 def test_gradients(gen):
     G = ep.Cyclic(6)
     ri, ro = ep.Rep.parse(G, "0 + 2x1 + 3"), G.regular().change_basis(random_orthogonal(6, gen))
     W = torch.randn(2, ro.dim, ri.dim, dtype=torch.float64, generator=gen, requires_grad=True)
-    for fn in (ep.noneq_energy, ep.eq_energy):
-        assert torch.autograd.gradcheck(lambda w: fn(w, ri, ro, backend=BACKEND), (W,))
+    for i in (0, 1):
+        assert torch.autograd.gradcheck(lambda w: ep.energies(w, ri, ro, backend=BACKEND)[i], (W,))
     assert torch.autograd.gradcheck(lambda w: ep.project(w, ri, ro), (W,))
-    (gp,) = torch.autograd.grad(ep.noneq_energy(W, ri, ro, backend=BACKEND).sum(), W)
+    (gp,) = torch.autograd.grad(ep.energies(W, ri, ro, backend=BACKEND)[0].sum(), W)
     PW = reference.project(W.detach(), ri, ro)
     torch.testing.assert_close(gp, 2 * (W.detach() - PW), atol=1e-12, rtol=0)
-    (gg,) = torch.autograd.grad(ep.eq_energy(W, ri, ro, backend=BACKEND).sum(), W)
+    (gg,) = torch.autograd.grad(ep.energies(W, ri, ro, backend=BACKEND)[1].sum(), W)
     torch.testing.assert_close(gg, 2 * PW, atol=1e-12, rtol=0)
 
 
@@ -130,8 +130,8 @@ def test_breakdown(gen):
     bg = ep.energy_breakdown(W, ri, ro, which="equivariant")
     assert set(bp) == {(a, b) for a, _ in ro.irreps for b, _ in ri.irreps}
     assert all(a == b for a, b in bg)
-    assert rel(sum(bp.values()), reference.noneq_energy(W, ri, ro)) < 1e-10
-    assert rel(sum(bg.values()), reference.eq_energy(W, ri, ro)) < 1e-10
+    assert rel(sum(bp.values()), reference.energies(W, ri, ro)[0]) < 1e-10
+    assert rel(sum(bg.values()), reference.energies(W, ri, ro)[1]) < 1e-10
     # a block between different irreps is entirely non-equivariant: its energy is that of W_hat's block
     Qo, Qi = ro.change_of_basis, ri.change_of_basis
     Wh = Qo.T @ W @ Qi
@@ -143,27 +143,6 @@ def test_breakdown(gen):
     assert rel(bp[(a, b)], blk.square().sum()) < 1e-10
 
 
-def test_deprecated_spellings_still_work(gen):
-    """``breakdown=True`` and ``complement=`` (the spellings before ``energy_breakdown`` and ``which=``)
-    give the same results, with a DeprecationWarning."""
-    G = ep.SO3()
-    ri, ro = mixed_reps(G, gen)
-    W = torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen)
-    with pytest.warns(DeprecationWarning, match="energy_breakdown"):
-        old = ep.noneq_energy(W, ri, ro, breakdown=True)
-    assert {k: float(v) for k, v in old.items()} == {k: float(v) for k, v in ep.energy_breakdown(W, ri, ro).items()}
-    with pytest.warns(DeprecationWarning, match="energy_breakdown"):
-        old = ep.eq_energy(W, ri, ro, breakdown=True)
-    assert old.keys() == ep.energy_breakdown(W, ri, ro, which="equivariant").keys()
-    with pytest.warns(DeprecationWarning, match="which="):
-        assert torch.equal(ep.project(W, ri, ro, complement=True), ep.project(W, ri, ro, which="non_equivariant"))
-    with pytest.warns(DeprecationWarning, match="equiproj.groups"):
-        import equiproj.rep  # noqa: F401
-    from equiproj.rep import Rep
-
-    assert Rep is ep.Rep
-
-
 def test_worst_case_defect_bound(gen):
     """||W - PW|| <= max_g ||rho_out W - W rho_in|| <= 2 ||W - PW||  (docs/math.md §2; exact max for a finite group)."""
     G = ep.FullOctahedral()
@@ -171,7 +150,7 @@ def test_worst_case_defect_bound(gen):
     W = torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen)
     g = G.elements()
     sup = (ro.matrix(g) @ W - W @ ri.matrix(g)).square().sum((-2, -1)).sqrt().max()
-    res = ep.noneq_energy(W, ri, ro).sqrt()
+    res = ep.energies(W, ri, ro)[0].sqrt()
     assert res <= sup * (1 + 1e-12) and sup <= 2 * res * (1 + 1e-12)
 
 
@@ -190,8 +169,8 @@ def test_energies_many():
     ep_, eg = ep.energies_many(Ws, pairs)
     assert ep_.shape == (2,)
     for i, (W, (ri, ro)) in enumerate(zip(Ws, pairs)):
-        assert rel(ep_[i], reference.noneq_energy(W.detach(), ri, ro)) < 1e-10
-        assert rel(eg[i], reference.eq_energy(W.detach(), ri, ro)) < 1e-10
+        assert rel(ep_[i], reference.energies(W.detach(), ri, ro)[0]) < 1e-10
+        assert rel(eg[i], reference.energies(W.detach(), ri, ro)[1]) < 1e-10
     with pytest.raises(ValueError, match="2 weights but 1"):
         ep.energies_many(Ws, pairs[:1])
 
@@ -200,19 +179,19 @@ def test_bad_input():
     G = ep.SO3()
     r = ep.Rep.parse(G, "0 + 1")
     with pytest.raises(ValueError, match=r"\[\.\.\., 4, 4\]"):
-        ep.noneq_energy(torch.randn(4, 5), r, r)
+        ep.energies(torch.randn(4, 5), r, r)[0]
     with pytest.raises(ValueError, match="same group"):
-        ep.noneq_energy(torch.randn(4, 4), r, ep.Rep.parse(ep.O3(), "0e + 1o"))
+        ep.energies(torch.randn(4, 4), r, ep.Rep.parse(ep.O3(), "0e + 1o"))[0]
     with pytest.raises(TypeError, match="floating"):
-        ep.noneq_energy(torch.ones(4, 4, dtype=torch.long), r, r)
+        ep.energies(torch.ones(4, 4, dtype=torch.long), r, r)[0]
     with pytest.raises(TypeError, match="torch.Tensor"):
-        ep.noneq_energy([[0.0] * 4] * 4, r, r)
+        ep.energies([[0.0] * 4] * 4, r, r)[0]
     with pytest.raises(TypeError, match="Rep"):
-        ep.noneq_energy(torch.randn(4, 4), "0 + 1", r)
+        ep.energies(torch.randn(4, 4), "0 + 1", r)[0]
     W = torch.randn(4, 4)
     W[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        ep.noneq_energy(W, r, r)
+        ep.energies(W, r, r)[0]
 
 
 def test_torch_compile_fullgraph_matches_eager(gen):
@@ -313,8 +292,8 @@ def test_unsupported_float_dtypes_are_refused_by_every_backend(dtype, backend):
     G = ep.SO3()
     r = ep.Rep.parse(G, "2x0 + 1")
     W = torch.randn(r.dim, r.dim).to(dtype)
-    calls = [lambda: ep.energies(W, r, r, backend=backend), lambda: ep.noneq_energy(W, r, r, backend=backend),
-             lambda: ep.eq_energy(W, r, r, backend=backend), lambda: ep.energies_and_grad(W, r, r, backend=backend),
+    calls = [lambda: ep.energies(W, r, r, backend=backend), lambda: ep.energies(W, r, r, backend=backend)[0],
+             lambda: ep.energies(W, r, r, backend=backend)[1], lambda: ep.energies_and_grad(W, r, r, backend=backend),
              lambda: ep.energies_many([W], [(r, r)], backend=backend),
              lambda: ep.energies_and_grads_many([W], [(r, r)], lambda_perp=[1.0], lambda_G=[0.0], backend=backend),
              lambda: ep.project(W, r, r), lambda: ep.energy_breakdown(W, r, r)]

@@ -669,7 +669,7 @@ def numerical_endomorphism_basis(irrep: Irrep) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def tensor_field(fa: Field, fb: Field) -> Field:
     """The field of ``fa ⊗ fb`` (Kronecker order), decomposed per slot pair with the cached
-    Clebsch-Gordan blocks of :func:`equiproj.clebsch_gordan.irrep_product`."""
+    Clebsch-Gordan blocks of :func:`equiproj.groups._clebsch_gordan.irrep_product`."""
     group = fa.group
     check_dense_size((fa.dim * fb.dim) ** 2, f"the decomposition of the tensor product of fields {fa.name} and {fb.name}")
 

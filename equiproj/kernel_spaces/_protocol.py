@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 
 __all__ = ["KernelSpace"]
 
 
-@runtime_checkable
 class KernelSpace(Protocol):
     """A definition of "equivariant" for conv kernels ``[..., c_out, c_in, k, ..., k]``.
 

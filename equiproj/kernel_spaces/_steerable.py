@@ -287,9 +287,6 @@ class SteerableKernelSpace:
         K = weight if dtype is None else weight.to(dtype)
         return K.reshape(weight.shape[: -2 - self.spatial_dims] + (m, n, self.num_pixels))
 
-    def _batch(self, weight) -> tuple[int, ...]:
-        return tuple(weight.shape[: -2 - self.spatial_dims])
-
     # ---- the public protocol ----------------------------------------------------------------
     def energies(self, weight: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto"
                  ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,8 +51,6 @@ def _default_kernel_space(group, kernel_size: tuple[int, ...]):
         space = default_kernel_space(group, size, s)
     except Exception as e:  # noqa: BLE001 - any failure means: no kernel space for this layer
         raise NoKernelSpaceError(f"{what}: {type(e).__name__}: {e} {_GRID_HINT}") from e
-    if space is None:
-        raise NoKernelSpaceError(f"{what}: default_kernel_space returned None {_GRID_HINT}")
     return space
 
 

@@ -711,7 +711,7 @@ def test_nn_declare_penalty_project_report():
         sp = default_kernel_space(ri.group, conv.kernel_size[0], s)
         # the penalty is the kernel-space energy (plus the bias's exact energy)
         e_perp, _ = sp.energies(conv.weight.detach(), ri, ro)
-        e_bias = ep.noneq_energy(conv.bias.detach()[:, None], ri.group.trivial(), ro)
+        e_bias = ep.energies(conv.bias.detach()[:, None], ri.group.trivial(), ro)[0]
         pen = enn.ProjectionPenalty(model, lambda_perp=1.0)()
         assert rel(pen.detach(), e_perp + e_bias) < 1e-10
         pen.backward()

@@ -97,9 +97,7 @@ def test_bad_backend_and_device():
     with pytest.raises(ValueError, match="unknown backend"):
         equiproj.energies(W, ri, ro, backend="gpu")
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
-        equiproj.noneq_energy(W, ri, ro, backend="triton")
-    with pytest.raises(ValueError, match="no breakdown"), pytest.warns(DeprecationWarning):
-        equiproj.noneq_energy(W, ri, ro, breakdown=True, backend="reference")
+        equiproj.energies(W, ri, ro, backend="triton")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="runs on CPU tensors"):
             equiproj.energies(W.cuda(), ri, ro, backend="cpp")
@@ -138,8 +136,8 @@ def test_public_functions_all_backends(case, gen):
     for backend in ("auto", "cpp", "torch", "reference"):
         ep, eg = equiproj.energies(W, ri, ro, backend=backend)
         assert ep.shape == (2,) and rel(ep, rp) < 1e-10 and rel(eg, rg) < 1e-10, backend
-        assert rel(equiproj.noneq_energy(W, ri, ro, backend=backend), rp) < 1e-10
-        assert rel(equiproj.eq_energy(W, ri, ro, backend=backend), rg) < 1e-10
+        assert rel(equiproj.energies(W, ri, ro, backend=backend)[0], rp) < 1e-10
+        assert rel(equiproj.energies(W, ri, ro, backend=backend)[1], rg) < 1e-10
     W32 = W.float().transpose(-1, -2).contiguous().transpose(-1, -2)
     rp32, rg32 = _ref_energies(W32, ri, ro)
     ep, eg = equiproj.energies(W32, ri, ro, backend="cpp")
@@ -153,7 +151,7 @@ def test_nearly_equivariant_float32(gen):
                                   gen).float()
     rp, _ = _ref_energies(W, ri, ro)
     assert float(rp / W.double().square().sum()) < 1e-8
-    assert rel(equiproj.noneq_energy(W, ri, ro, backend="cpp"), rp) < 1e-6
+    assert rel(equiproj.energies(W, ri, ro, backend="cpp")[0], rp) < 1e-6
 
 
 @needs_cpp
@@ -174,7 +172,7 @@ def test_energies_many_is_one_op_call_and_matches_reference(gen):
         rp, rg = _ref_energies(W, ri, ro)
         assert rel(ep[i], rp) < 1e-6 and rel(eg[i], rg) < 1e-6
         W64 = W.detach().double().requires_grad_()
-        (2.0 * reference.noneq_energy(W64, ri, ro) + 0.5 * reference.eq_energy(W64, ri, ro)).backward()
+        (2.0 * reference.energies(W64, ri, ro)[0] + 0.5 * reference.energies(W64, ri, ro)[1]).backward()
         tol = {torch.float32: 2.0**-22, torch.float64: 1e-12, torch.bfloat16: 2.0**-6}[W.dtype]  # f64: the reference's rounding
         assert float((W.grad.double() - W64.grad).abs().max() / W64.grad.abs().max()) < tol
 
@@ -187,12 +185,12 @@ def test_fused_gradients_equal_reference_autograd_float32(gen):
     gp, gg = torch.randn(3, generator=gen), torch.randn(3, generator=gen)  # per-matrix incoming gradients
     ((gp * ep).sum() + (gg * eg).sum()).backward()
     W64 = W.detach().double().requires_grad_()
-    ((gp.double() * reference.noneq_energy(W64, ri, ro)).sum() + (gg.double() * reference.eq_energy(W64, ri, ro)).sum()).backward()
+    ((gp.double() * reference.energies(W64, ri, ro)[0]).sum() + (gg.double() * reference.energies(W64, ri, ro)[1]).sum()).backward()
     bound = 2.0**-23 * W64.grad.abs() + 1e-12 * W64.detach().abs().max()
     assert bool(((W.grad.double() - W64.grad).abs() <= bound).all())
     # only E_perp used: the unused output's gradient counts as zero
     W.grad = None
-    equiproj.noneq_energy(W, ri, ro, backend="cpp").sum().backward()
+    equiproj.energies(W, ri, ro, backend="cpp")[0].sum().backward()
     PW = reference.project(W64.detach(), ri, ro)
     assert float((W.grad.double() - 2 * (W64.detach() - PW)).abs().max()) < 1e-5
 
@@ -200,7 +198,7 @@ def test_fused_gradients_equal_reference_autograd_float32(gen):
 def _ref_penalty_grad(W, ri, ro, lp, lg):
     """Energies and autograd gradient of ``sum lp E_perp + lg E_G`` through the float64 reference."""
     W64 = W.detach().double().requires_grad_()
-    ep, eg = reference.noneq_energy(W64, ri, ro), reference.eq_energy(W64, ri, ro)
+    ep, eg = reference.energies(W64, ri, ro)[0], reference.energies(W64, ri, ro)[1]
     (torch.as_tensor(lp, dtype=torch.float64) * ep + torch.as_tensor(lg, dtype=torch.float64) * eg).sum().backward()
     return ep.detach(), eg.detach(), W64.grad
 
@@ -277,7 +275,7 @@ def test_gradcheck_through_the_op(gen):
 def test_double_backward_is_refused():
     ri, ro = _so3_fields(None)
     W = torch.randn(ro.dim, ri.dim, dtype=torch.float64, requires_grad=True)
-    e = equiproj.noneq_energy(W, ri, ro, backend="cpp")
+    e = equiproj.energies(W, ri, ro, backend="cpp")[0]
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(e, W, create_graph=True)
 
@@ -410,7 +408,7 @@ def test_torch_compile_fullgraph_training_step(gen):
     def loss_fn(x):
         out = model(x).square().mean()
         ep, eg = equiproj.energies_many([model[0].weight, model[2].weight], [(ri, rh), (rh, ri)])
-        bias = equiproj.noneq_energy(model[0].bias[:, None], r0, rh)  # the single-layer entry point
+        bias = equiproj.energies(model[0].bias[:, None], r0, rh)[0]  # the single-layer entry point
         return out + 0.5 * ep.sum() + 0.01 * eg.sum() + 0.1 * bias
 
     def train(fn, steps=2):
