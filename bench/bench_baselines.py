@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from equiproj import baselines
-from equiproj.cli import _bench as bench
+from equiproj.cli import bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SETTINGS = bench.Settings.for_mode("default", device=DEVICE)

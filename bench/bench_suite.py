@@ -4,7 +4,7 @@ Cases (the suite of ``equiproj bench``): the O(3) MLP layer 64x0e+32x1o+16x2e, t
 2-D conv (32 fields, k=5, steerable), the O(3) 3-D conv of l <= 2 fields (k=5, steerable), the
 linear 4096 x 4096 layer with 1024x0e+1024x1o, and a read+write pass over the same bytes (the
 bandwidth floor). Methods: the pure-torch spectral path and every fused backend that answers on
-this device (``equiproj.cli._bench.available_backends``).
+this device (``equiproj.cli.bench.available_backends``).
 
 ``pytest bench/ --benchmark-only`` times the full-size layers for regression tracking. With
 ``--benchmark-disable`` (CI) each case runs once, at the reduced size that ``equiproj bench``
@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from equiproj.cli import _bench as bench
+from equiproj.cli import bench
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SETTINGS = bench.Settings.for_mode("default", device=DEVICE)

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from equiproj.cli._bench import small_model
+from equiproj.cli.bench import small_model
 from equiproj.cli._smoke import C4SmokeNet
 from equiproj.nn import ProjectionPenalty, declare
 

@@ -22,7 +22,7 @@ def _run_verify(args) -> int:
 
 
 def _run_bench(args) -> int:
-    from . import _bench as bench
+    from . import bench
 
     if args.plot:
         try:
@@ -56,7 +56,7 @@ def _run_bench(args) -> int:
     if args.plot:
         bench.write_plot(result, args.plot)
         print(f"wrote {args.plot}")
-    ok = bool(result["verification"]) and all(bench._verification_ok(r) for r in result["verification"])
+    ok = bool(result["verification"]) and all(bench.verification_ok(r) for r in result["verification"])
     return 0 if ok else 1
 
 
@@ -67,7 +67,7 @@ def _run_info(args) -> int:
 
     print(f"equiproj {equiproj.__version__}, torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
     try:
-        from ._bench import available_backends
+        from .bench import available_backends
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         for b, why in available_backends(device).items():
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                        epilog=_args.EXIT_CODES)
     p.add_argument("--seed", type=_args.seed, default=0)
     p.set_defaults(func=_run_verify)
-    from ._bench import LAYER_KEYS
+    from .bench import LAYER_KEYS
 
     p = sub.add_parser("bench", help="verification, then micro-benchmarks against sample-based and dense baselines "
                                      "(the README's main job; about 3 minutes on a 2-core CPU)",

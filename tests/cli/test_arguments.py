@@ -8,7 +8,7 @@ import os
 import pytest
 
 from equiproj.cli import _args
-from equiproj.cli import _bench as bench
+from equiproj.cli import bench
 from equiproj.cli import _demo as demo
 from equiproj.cli import main
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from equiproj.cli import _bench as bench
+from equiproj.cli import bench
 from equiproj.cli import main
 
 
@@ -43,7 +43,7 @@ def _result(mode="default", timings=None, overhead=None, verification=None):
                                        "projection": _st(1.2e-2), "projection_one_pass": _st(1.1e-2),
                                        "data_k1": _st(2.5e-2)},
               "seconds": 1.0}
-    bench._ratios(result)
+    bench.ratios(result)
     return result
 
 
@@ -62,7 +62,7 @@ def test_noisy_measurement_is_retried_then_marked(monkeypatch):
     settings = bench.Settings.for_mode("quick")
     assert settings.noise_retries >= 1
     spreads = iter([3.0, 1.5, 2.0, 9.0, 9.0])
-    monkeypatch.setattr(bench, "measure_once", lambda *a, **k: _st(1e-3, next(spreads)))
+    monkeypatch.setattr(bench._timing, "measure_once", lambda *a, **k: _st(1e-3, next(spreads)))
     st = bench.measure(lambda: None, settings)
     assert st["attempts"] == 1 + settings.noise_retries and st["noisy"]
     assert bench.relative_spread(st) == pytest.approx(1.5)  # the least spread attempt is kept
