@@ -20,12 +20,12 @@ def small_model(G: Group | None = None, seed: int = 0):
     ``(rep_in, rep_out)`` of the three Linear layers."""
     G = G or O3()
     r_in, r_out = Rep.parse(G, "16x0e+8x1o+4x2e"), Rep.parse(G, "8x0e+4x1o")
-    gate = Gate(Rep.parse(G, "64x0e"), Rep.parse(G, "48x0e"), Rep.parse(G, "32x1o+16x2e"))
-    r_h = gate.rep_out
+    gate = lambda: Gate(Rep.parse(G, "64x0e"), Rep.parse(G, "48x0e"), Rep.parse(G, "32x1o+16x2e"))  # noqa: E731
+    r_pre, r_h = gate().rep_in, gate().rep_out
     torch.manual_seed(seed)
     lin = lambda a, b: torch.nn.Linear(a.dim, b.dim, bias=False)  # noqa: E731
-    model = torch.nn.Sequential(lin(r_in, gate.rep_in), gate, lin(r_h, gate.rep_in), gate, lin(r_h, r_out))
-    reps = [(r_in, gate.rep_in), (r_h, gate.rep_in), (r_h, r_out)]
+    model = torch.nn.Sequential(lin(r_in, r_pre), gate(), lin(r_h, r_pre), gate(), lin(r_h, r_out))
+    reps = [(r_in, r_pre), (r_h, r_pre), (r_h, r_out)]
     return model, reps, r_in, r_out
 
 
