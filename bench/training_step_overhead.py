@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from equiproj.cli.bench import small_model
-from equiproj.cli._smoke import C4SmokeNet
+from equiproj.cli.experiments._smoke import C4SmokeNet
 from equiproj.nn import ProjectionPenalty, declare
 
 

@@ -6,7 +6,7 @@ strictly projected, data-level penalty at equal time, residual pathways; accurac
 
 Without ``--full``: the short version of ``equiproj demo --only digits``. Needs scikit-learn
 (``pip install scikit-learn``, or ``pip install 'equiproj[experiments]'``). The code lives in
-``equiproj.cli`` (``DigitsConfig``, ``run_digits``) so that ``equiproj demo`` runs it too.
+``equiproj.cli.experiments`` (``DigitsConfig``, ``run``) so that ``equiproj demo`` runs it too.
 """
 
 import sys

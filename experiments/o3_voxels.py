@@ -5,7 +5,7 @@ strictly projected (and, in the full run, the projection energy as a decoupled s
     python experiments/o3_voxels.py [--full] [--seed N] [--out DIR] [--threads N] [--breaking B]
 
 Without ``--full``: the short version of ``equiproj demo``. The code lives in
-``equiproj.cli`` (``VoxelConfig``, ``run_voxels``) so that ``equiproj demo`` runs it too.
+``equiproj.cli.experiments`` (``VoxelConfig``, ``run``) so that ``equiproj demo`` runs it too.
 """
 
 import sys

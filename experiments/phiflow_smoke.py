@@ -21,8 +21,8 @@ from dataclasses import replace
 import torch
 
 from equiproj.cli import _args
-from equiproj.cli._phiflow import (PHIFLOW_MISSING, PlumeConfig, format_phiflow_table, phiflow_available,
-                                   plume_dataset, run_phiflow)
+from equiproj.cli.experiments._phiflow import (PHIFLOW_MISSING, PlumeConfig, format_table, phiflow_available,
+                                               plume_dataset, run)
 
 
 def main(argv=None) -> int:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     cfg = PlumeConfig.full() if args.full else PlumeConfig.demo()
     tag = ""
     if args.asymmetry is not None:
-        cfg = replace(cfg, params=replace(cfg.params, asymmetry=args.asymmetry))
+        cfg = cfg.with_params(asymmetry=args.asymmetry)
         tag = f"_asymmetry{args.asymmetry:g}"
     if args.cache_dir:
         cfg = replace(cfg, cache_dir=args.cache_dir)
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
               f"{meta['generation_s']:.0f} s, rotated-twin difference {meta['twin_difference']:.2e}")
         return 0
     os.makedirs(args.out, exist_ok=True)
-    result = run_phiflow(cfg, args.seed, args.out, log=log, tag=tag)
-    print(format_phiflow_table(result))
+    result = run(cfg, args.seed, args.out, log, tag)
+    print(format_table(result))
     print(f"\n({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads; config {cfg})")
     return 0
 

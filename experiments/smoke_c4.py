@@ -4,7 +4,7 @@ sample-based penalty (equal wall-clock time and equal steps), strictly projected
     python experiments/smoke_c4.py [--full] [--seed N] [--out DIR] [--threads N] [--wind W]
 
 Without ``--full``: the short version of ``equiproj demo``. The code lives in
-``equiproj.cli`` (``SmokeConfig``, ``run_smoke``) so that ``equiproj demo`` runs it too.
+``equiproj.cli.experiments`` (``SmokeConfig``, ``run``) so that ``equiproj demo`` runs it too.
 """
 
 import sys

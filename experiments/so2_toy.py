@@ -3,7 +3,7 @@
     python experiments/so2_toy.py [--full] [--seed N] [--out DIR] [--threads N]
 
 Without ``--full``: the reduced grid of ``equiproj demo``. The code lives in
-``equiproj.cli`` (``SO2Config``, ``run_so2``) so that ``equiproj demo`` runs it too.
+``equiproj.cli.experiments`` (``SO2Config``, ``run``) so that ``equiproj demo`` runs it too.
 """
 
 import sys

@@ -291,18 +291,18 @@ def test_layering_rules_flag_violations():
     files = {m: (ROOT / "equiproj" / "x.py", False) for m in
              ["equiproj", "equiproj.groups._rep", "equiproj._plan", "equiproj.reference",
               "equiproj.ops._op", "equiproj.kernels.schedule", "equiproj._energy", "equiproj.grid", "equiproj.nn",
-              "equiproj.nn._penalty", "equiproj.cli", "equiproj.cli._bench", "equiproj.__main__"]}
+              "equiproj.nn._penalty", "equiproj.cli", "equiproj.cli.bench._run", "equiproj.__main__"]}
 
     def imp(a, b):
         return Import(a, b, ROOT / "equiproj" / "x.py", 1, "import")
 
     bad = [imp("equiproj.groups._rep", "equiproj._plan"), imp("equiproj.reference", "equiproj.ops._op"),
            imp("equiproj.kernels.schedule", "equiproj._energy"), imp("equiproj.grid", "equiproj.nn._penalty"),
-           imp("equiproj.nn", "equiproj.cli._bench"), imp("equiproj", "equiproj.cli"),
+           imp("equiproj.nn", "equiproj.cli.bench._run"), imp("equiproj", "equiproj.cli"),
            imp("equiproj.nn._penalty", "equiproj")]
     good = [imp("equiproj._plan", "equiproj.reference"), imp("equiproj.ops._op", "equiproj.kernels.schedule"),
             imp("equiproj.kernels.schedule", "equiproj._plan"), imp("equiproj.nn", "equiproj.nn._penalty"),
-            imp("equiproj.cli._bench", "equiproj"), imp("equiproj.__main__", "equiproj.cli"),
+            imp("equiproj.cli.bench._run", "equiproj"), imp("equiproj.__main__", "equiproj.cli"),
             imp("equiproj", "equiproj.nn"),
             imp("equiproj.cli", "equiproj._C")]
     for i in bad:

@@ -1,10 +1,10 @@
 """``equiproj demo``: the paper's experiments at laptop scale, with the projection penalty against
 unconstrained, sample-based and strictly equivariant training, on data whose symmetry is imperfect.
 
-Experiments: ``so2`` (:mod:`._so2`), ``smoke`` (:mod:`._smoke`), ``voxels`` (:mod:`._voxels`) by
-default; on data from outside the project, as options: ``digits`` (:mod:`._digits`, scikit-learn's
-handwritten digits) and ``phiflow`` (:mod:`._phiflow`, smoke plumes simulated by PhiFlow). Each of
-these two runs only where its package is installed and says how to install it otherwise.
+Experiments (:mod:`equiproj.cli.experiments`): ``so2``, ``smoke``, ``voxels`` by default; on data
+from outside the project, as options: ``digits`` (scikit-learn's handwritten digits) and ``phiflow``
+(smoke plumes simulated by PhiFlow). Each of these two runs only where its package is installed and
+says how to install it otherwise.
 
 Run::
 
@@ -28,24 +28,15 @@ import importlib.util
 import os
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
 from . import _args
-from ._digits import SKLEARN_MISSING, DigitsConfig, format_digits_table, run_digits
-from ._phiflow import PHIFLOW_MISSING, PlumeConfig, format_phiflow_table, phiflow_available, run_phiflow
-from ._smoke import SmokeConfig, format_smoke_table, run_smoke
-from ._so2 import SO2Config, format_so2_table, run_so2
-from ._voxels import VoxelConfig, format_voxels_table, run_voxels
+from .experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
+from .experiments._digits import SKLEARN_MISSING
+from .experiments._phiflow import PHIFLOW_MISSING, phiflow_available
 
 __all__ = ["EXPERIMENTS", "DEFAULT_EXPERIMENTS", "script_main", "add_arguments", "run", "main"]
-
-
-EXPERIMENTS = {"so2": "SO(2) toy", "smoke": "smoke plume, C4", "voxels": "O(3) voxel shapes",
-               "digits": "handwritten digits (scikit-learn), C4", "phiflow": "PhiFlow smoke plumes, C4"}
-
-DEFAULT_EXPERIMENTS = ("so2", "smoke", "voxels")  # the others with --only
 
 
 def _missing_package(name: str) -> str | None:
@@ -58,11 +49,8 @@ def _missing_package(name: str) -> str | None:
 
 
 def _experiment(name: str):
-    """``(config class, run function, table formatter)`` of experiment ``name``."""
-    return {"so2": (SO2Config, run_so2, format_so2_table), "smoke": (SmokeConfig, run_smoke, format_smoke_table),
-            "voxels": (VoxelConfig, run_voxels, format_voxels_table),
-            "digits": (DigitsConfig, run_digits, format_digits_table),
-            "phiflow": (PlumeConfig, run_phiflow, format_phiflow_table)}[name]
+    """The :class:`~equiproj.cli.experiments.Experiment` called ``name``."""
+    return EXPERIMENTS[name]
 
 
 def script_main(argv, name: str, description: str, param: str | None = None, param_help: str = "") -> int:
@@ -85,17 +73,17 @@ def script_main(argv, name: str, description: str, param: str | None = None, par
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    config_cls, run_fn, format_fn = _experiment(name)
-    cfg = config_cls.full() if args.full else config_cls.demo()
+    experiment = _experiment(name)
+    cfg = experiment.config.full() if args.full else experiment.config.demo()
     value = getattr(args, param) if param else None
-    kw = {}
+    tag = ""
     if value is not None:
-        cfg = replace(cfg, params=replace(cfg.params, **{param: value}))
-        kw["tag"] = f"_{param}{value:g}"
+        cfg = cfg.with_params(**{param: value})
+        tag = f"_{param}{value:g}"
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    result = run_fn(cfg, args.seed, args.out, log=lambda m: print(m, file=sys.stderr, flush=True), **kw)
-    print(format_fn(result))
+    result = experiment.run(cfg, args.seed, args.out, lambda m: print(m, file=sys.stderr, flush=True), tag)
+    print(experiment.format_table(result))
     print(f"\n({time.perf_counter() - t0:.0f} s, {torch.get_num_threads()} threads; config {cfg})")
     return 0
 
@@ -128,18 +116,19 @@ def run(args: argparse.Namespace) -> int:
         f.write(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    for number, (name, title) in enumerate(EXPERIMENTS.items(), 1):
+    for number, name in enumerate(EXPERIMENTS, 1):
         if name != args.only and (args.only or name not in DEFAULT_EXPERIMENTS):
             continue
         missing = _missing_package(name)
         if missing:
             print(missing)
             continue
-        config_cls, run_fn, format_fn = _experiment(name)
-        log(f"experiment {number}: {title}")
+        experiment = _experiment(name)
+        log(f"experiment {number}: {experiment.title}")
         t = time.perf_counter()
-        result = run_fn(config_cls.full() if args.full else config_cls.demo(), args.seed, args.out, log)
-        print(format_fn(result))
+        result = experiment.run(experiment.config.full() if args.full else experiment.config.demo(), args.seed,
+                                args.out, log, "")
+        print(experiment.format_table(result))
         print(f"\n(experiment {number}: {time.perf_counter() - t:.0f} s)\n")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; outputs in {args.out}")
     return 0

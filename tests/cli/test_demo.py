@@ -10,12 +10,12 @@ import torch
 import equiproj.nn as eqnn
 from equiproj import Cyclic, grid
 from equiproj.cli import _demo as demo
-from equiproj.cli import _smoke as smoke
-from equiproj.cli import _so2 as so2
-from equiproj.cli._smoke import (C4SmokeNet, SmokeParams, c4_matrix, rotate_fields, simulate_smoke, smoke_data_asymmetry,
+from equiproj.cli.experiments import _smoke as smoke
+from equiproj.cli.experiments import _so2 as so2
+from equiproj.cli.experiments._smoke import (C4SmokeNet, SmokeParams, c4_matrix, rotate_fields, simulate_smoke, smoke_data_asymmetry,
                                  smoke_equivariance_error)
-from equiproj.cli._so2 import FourierSiLU, SO2Classifier, so2_hidden_rep, so2_invariance_error, so2_wavey_rings, so2_wedge
-from equiproj.cli._training import relative_noneq_energy
+from equiproj.cli.experiments._so2 import FourierSiLU, SO2Classifier, so2_hidden_rep, so2_invariance_error, so2_wavey_rings, so2_wedge
+from equiproj.cli.experiments._training import relative_e_perp
 
 
 def _rot(theta):
@@ -105,10 +105,10 @@ def test_c4_net_projected_is_equivariant_and_energy_is_zero():
     assert [eqnn.declaration(c).case for c in net.convs] == ["grid"] * 3
     x = torch.randn(3, 6, 12, 12, generator=torch.Generator().manual_seed(5))
     assert smoke_equivariance_error(net, x) > 0.1
-    assert relative_noneq_energy(net) > 0.5
+    assert relative_e_perp(net) > 0.5
     eqnn.project_(net)
     assert smoke_equivariance_error(net, x) < 1e-5
-    assert relative_noneq_energy(net) < 1e-10
+    assert relative_e_perp(net) < 1e-10
 
 
 def test_data_penalty_matches_the_library_baseline():
@@ -139,12 +139,12 @@ def test_smoke_solver_symmetry_is_broken_only_by_the_wind():
 
 def test_run_so2_and_smoke_tiny(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # figures: see test_figures_are_written
-    rows = so2.run_so2(so2.SO2Config.tiny(), seed=0, out=str(tmp_path), log=lambda m: None)
+    rows = so2.run(so2.SO2Config.tiny(), seed=0, out=str(tmp_path), log=lambda m: None)["rows"]
     assert len(rows) == 2 * 3  # wedge + one rings set, (lambda_perp 0, 0.1) + strict
     assert all(0 <= r["test_acc"] <= 1 for r in rows)
     assert max(r["inv_err"] for r in rows if r["regime"] == "strict") < 1e-4
     assert "strictly invariant" in (tmp_path / "so2_table.md").read_text()
-    res = smoke.run_smoke(smoke.SmokeConfig.tiny(), seed=0, out=str(tmp_path), log=lambda m: None)
+    res = smoke.run(smoke.SmokeConfig.tiny(), seed=0, out=str(tmp_path), log=lambda m: None)
     regimes = [r["regime"] for r in res["rows"]]
     assert regimes == list(smoke.SmokeConfig.tiny().regimes)
     strict = next(r for r in res["rows"] if r["regime"] == "strict")
@@ -169,8 +169,8 @@ def test_demo_cli_is_deterministic_and_works_without_matplotlib(tmp_path, monkey
 def test_figures_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     cfg = so2.SO2Config.tiny()
-    so2.run_so2(cfg, seed=0, out=str(tmp_path), log=lambda m: None)
-    smoke.run_smoke(smoke.SmokeConfig.tiny(), seed=0, out=str(tmp_path), log=lambda m: None)
+    so2.run(cfg, seed=0, out=str(tmp_path), log=lambda m: None)
+    smoke.run(smoke.SmokeConfig.tiny(), seed=0, out=str(tmp_path), log=lambda m: None)
     for name in ("so2_decision_boundaries.png", "so2_rings_vs_sigma.png", "smoke_rollout.png"):
         assert (tmp_path / name).stat().st_size > 1000
 
@@ -203,3 +203,21 @@ def test_decoupled_step_matches_the_copying_implementation(monkeypatch):
     (w_fused, r_fused), (w_copy, r_copy) = results
     assert float((w_fused - w_copy).abs().max()) <= 1e-5 * float(w_copy.abs().max())
     torch.testing.assert_close(r_fused, r_copy, rtol=1e-4, atol=0)
+
+
+def test_every_experiment_has_the_shared_shape():
+    """One run signature ``run(cfg, seed, out, log, tag)`` and one config base for every experiment."""
+    import inspect
+
+    from equiproj.cli.experiments import EXPERIMENTS, ExperimentConfig
+
+    for name, experiment in EXPERIMENTS.items():
+        assert issubclass(experiment.config, ExperimentConfig), name
+        for preset in ("demo", "full", "tiny"):
+            assert isinstance(getattr(experiment.config, preset)(), experiment.config), (name, preset)
+        params = list(inspect.signature(experiment.run).parameters)
+        assert params == ["cfg", "seed", "out", "log", "tag"], (name, params)
+    with pytest.raises(TypeError, match="abstract"):
+        ExperimentConfig()
+    with pytest.raises(TypeError, match="no data parameters"):
+        EXPERIMENTS["so2"].config.tiny().with_params(sigma=1.0)

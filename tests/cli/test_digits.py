@@ -1,4 +1,4 @@
-"""The digits experiment (equiproj/cli/_digits.py): the data (scikit-learn's load_digits), the C4 CNN,
+"""The digits experiment (equiproj/cli/experiments/_digits.py): the data (scikit-learn's load_digits), the C4 CNN,
 the data-level penalty, a tiny run of every regime, and ``equiproj demo --only digits``."""
 
 import importlib.util
@@ -11,9 +11,9 @@ import equiproj.nn as eqnn
 from equiproj import Cyclic, grid
 from equiproj.baselines import sampled_data_penalty
 from equiproj.cli import _demo as demo
-from equiproj.cli import _digits as digits
-from equiproj.cli._relaxed import REGIMES
-from equiproj.cli._training import relative_noneq_energy
+from equiproj.cli.experiments import _digits as digits
+from equiproj.cli.experiments._relaxed import REGIMES
+from equiproj.cli.experiments._training import relative_e_perp
 
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn is not installed")
 
@@ -27,7 +27,7 @@ def test_projected_digit_net_is_invariant_and_the_plain_one_is_not(seed, gen):
     assert eqnn.check_equivariance(model, G.trivial(), 10 * G.trivial(), x).max_rel_error > 1e-2
     assert digits.digits_invariance_error(model, x) > 1e-4
     eqnn.project_(model)
-    assert relative_noneq_energy(model) < 1e-12
+    assert relative_e_perp(model) < 1e-12
     assert eqnn.check_equivariance(model, G.trivial(), 10 * G.trivial(), x).max_rel_error < 1e-5
     assert digits.digits_invariance_error(model, x) < 1e-6
 
@@ -79,7 +79,7 @@ def test_rotated_digits_follow_the_orientation_prior():
 def test_run_digits_tiny(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # figures: test_digits_figure_is_written
     cfg = digits.DigitsConfig.tiny()
-    res = digits.run_digits(cfg, seed=0, out=str(tmp_path), log=lambda m: None)
+    res = digits.run(cfg, seed=0, out=str(tmp_path), log=lambda m: None)
     n_fits = sum(len(cfg.grid.get(r, (0.0,))) for r in cfg.regimes) * cfg.seeds
     assert len(res["rows"]) == n_fits and set(res["chosen"]) == set(REGIMES)
     strict = next(r for r in res["rows"] if r["regime"] == "strict")
@@ -94,7 +94,7 @@ def test_run_digits_tiny(tmp_path, monkeypatch):
 @needs_sklearn
 def test_digits_figure_is_written(tmp_path):
     pytest.importorskip("matplotlib")
-    digits.run_digits(digits.DigitsConfig.tiny(), seed=0, out=str(tmp_path), log=lambda m: None)
+    digits.run(digits.DigitsConfig.tiny(), seed=0, out=str(tmp_path), log=lambda m: None)
     assert (tmp_path / "digits_accuracy_vs_lambda.png").stat().st_size > 1000
 
 

@@ -1,4 +1,4 @@
-"""The PhiFlow smoke-plume experiment (equiproj/cli/_phiflow.py, experiments/phiflow_smoke.py): the
+"""The PhiFlow smoke-plume experiment (equiproj/cli/experiments/_phiflow.py, experiments/phiflow_smoke.py): the
 solver's symmetry and its breaking, the cached data set, a tiny run of every regime, and what the
 demo and the script do without PhiFlow."""
 
@@ -14,9 +14,9 @@ import torch
 
 import equiproj.nn as eqnn
 from equiproj.cli import _demo as demo
-from equiproj.cli import _phiflow as phiflow
-from equiproj.cli._relaxed import REGIMES
-from equiproj.cli._smoke import SmokeScales, smoke_equivariance_error, smoke_rollout
+from equiproj.cli.experiments import _phiflow as phiflow
+from equiproj.cli.experiments._relaxed import REGIMES
+from equiproj.cli.experiments._smoke import SmokeScales, smoke_equivariance_error, smoke_rollout
 
 needs_phiflow = pytest.mark.skipif(not phiflow.phiflow_available(), reason="PhiFlow is not installed")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,8 +110,8 @@ def test_run_phiflow_tiny_learns_writes_and_reuses_the_cached_data_set(tmp_path,
         # one thread: on a 2-core machine busy with another job, two threads made these ~1000 tiny steps
         # take 80-110 s instead of 1 s (every parallel region waits for a descheduled thread)
         torch.set_num_threads(1)
-        res = phiflow.run_phiflow(cfg, seed=0, out=str(tmp_path), log=logs.append)
-        res2 = phiflow.run_phiflow(cfg, seed=0, out=None, log=logs2.append)
+        res = phiflow.run(cfg, seed=0, out=str(tmp_path), log=logs.append)
+        res2 = phiflow.run(cfg, seed=0, out=None, log=logs2.append)
     finally:
         torch.set_num_threads(threads)
     rows = {r["regime"]: r for r in res["rows"]}

@@ -1,4 +1,4 @@
-"""The residual-pathway baseline of the experiments (equiproj/cli/_relaxed.py): wrapping, the merged
+"""The residual-pathway baseline of the experiments (equiproj/cli/experiments/_relaxed.py): wrapping, the merged
 weights, and one training step of regime 'rpp'."""
 
 import pytest
@@ -8,9 +8,9 @@ from torch import nn
 
 import equiproj.nn as eqnn
 from equiproj import Cyclic
-from equiproj.cli._digits import C4DigitNet
-from equiproj.cli._relaxed import ResidualPathway, free_parameters, merged_copy, relaxed_step, residual_pathway_
-from equiproj.cli._training import relative_noneq_energy
+from equiproj.cli.experiments._digits import C4DigitNet
+from equiproj.cli.experiments._relaxed import ResidualPathway, free_parameters, merged_copy, relaxed_step, residual_pathway_
+from equiproj.cli.experiments._training import relative_e_perp
 
 
 def test_residual_pathways_start_as_the_model_and_merge_to_the_same_function(seed, gen):
@@ -45,9 +45,9 @@ def test_rpp_step_keeps_the_equivariant_branch_projected_and_penalises_the_free_
     step = relaxed_step(model, "rpp", 1e-2, 1e-2, F.cross_entropy, None)
     for _ in range(3):
         step(x, y)
-    assert relative_noneq_energy(model) < 1e-12  # the declared (equivariant) branches
+    assert relative_e_perp(model) < 1e-12  # the declared (equivariant) branches
     assert sum(float(p.detach().square().sum()) for p in free_parameters(model)) > 0
-    assert relative_noneq_energy(merged_copy(model)) > 1e-8  # the function is no longer equivariant
+    assert relative_e_perp(merged_copy(model)) > 1e-8  # the function is no longer equivariant
     # a huge L2 price keeps the free branch at zero
     model = residual_pathway_(C4DigitNet(fields=2))
     step = relaxed_step(model, "rpp", 1e6, 1e-3, F.cross_entropy, None)

@@ -1,6 +1,6 @@
 """Experiment 3 (O(3) voxel shapes): the data generator, the exact cube invariance of the projected
 model, the pieces it relies on (gate, data-level penalty, rendering vs grid action), and a tiny
-end-to-end run through ``run_voxels`` and ``equiproj demo --only voxels``."""
+end-to-end run through ``run`` and ``equiproj demo --only voxels``."""
 
 import math
 
@@ -10,9 +10,9 @@ import torch
 import equiproj.nn as eqnn
 from equiproj import O3, grid
 from equiproj.cli import _demo as demo
-from equiproj.cli import _voxels as dv
-from equiproj.cli._voxels import (VOXEL_REGIMES, O3VoxelNet, VoxelConfig, VoxelParams, cube_invariance_error,
-                                  cube_symmetries, format_voxels_table, render_shapes, run_voxels,
+from equiproj.cli.experiments import _voxels as dv
+from equiproj.cli.experiments._voxels import (VOXEL_REGIMES, O3VoxelNet, VoxelConfig, VoxelParams, cube_invariance_error,
+                                  cube_symmetries, format_table, render_shapes, run,
                                   smooth_invariance_error, voxel_data_penalty, voxel_shapes)
 
 
@@ -135,7 +135,7 @@ def test_invariance_errors_separate_projected_and_unprojected_models():
 
 def test_tiny_run_has_every_regime_and_column(tmp_path):
     cfg = VoxelConfig.tiny()
-    result = run_voxels(cfg, seed=0, out=str(tmp_path), log=lambda m: None)
+    result = run(cfg, seed=0, out=str(tmp_path), log=lambda m: None)
     rows = result["rows"]
     assert [r["regime"] for r in rows] == list(cfg.regimes)
     assert set(cfg.regimes) >= {"none", "projection", "data_time", "strict"}
@@ -147,7 +147,7 @@ def test_tiny_run_has_every_regime_and_column(tmp_path):
     assert by["none"]["rel_E_perp"] > 0.1
     steps = cfg.epochs * (cfg.n_train // cfg.batch)
     assert by["none"]["steps"] == steps and 1 <= by["data_time"]["steps"] <= steps
-    table = format_voxels_table(result)
+    table = format_table(result)
     for regime in cfg.regimes:
         assert VOXEL_REGIMES[regime] in table
     for column in ("test acc.", "invariance error, cube", "invariance error, smooth", "time/epoch", "E_perp"):
@@ -155,7 +155,7 @@ def test_tiny_run_has_every_regime_and_column(tmp_path):
     for name in ("voxels_results.csv", "voxels_table.md"):
         assert (tmp_path / name).exists()
     # seeded: a second run gives the same numbers (timings and the equal-time step count aside)
-    again = run_voxels(cfg, seed=0, out=None, log=lambda m: None)["rows"]
+    again = run(cfg, seed=0, out=None, log=lambda m: None)["rows"]
     for r, s in zip(rows, again):
         if r["regime"] != "data_time":
             for key in ("test_acc", "cube_inv_err", "smooth_inv_err", "rel_E_perp"):

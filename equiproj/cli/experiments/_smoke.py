@@ -23,14 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import nn as eqnn
-from ..groups import Cyclic, Rep
-from ._training import (interleaved_step_times, mean_std, pyplot, regime_step, relative_noneq_energy, run_steps,
+from ... import nn as eqnn
+from ...groups import Cyclic, Rep
+from ._config import ExperimentConfig
+from ._training import (interleaved_step_times, mean_std, pyplot, regime_step, relative_e_perp, run_steps,
                         seed_all, validation_sweep, write_csv)
 
 __all__ = ["SmokeParams", "SmokeSolver", "simulate_smoke", "rotate_fields", "c4_matrix", "C4SmokeNet", "SmokeScales",
            "smoke_pairs", "smoke_data_penalty", "SMOKE_REGIMES", "train_smoke", "smoke_rollout", "smoke_equivariance_error",
-           "smoke_data_asymmetry", "SmokeConfig", "run_smoke", "format_smoke_table"]
+           "smoke_data_asymmetry", "SmokeConfig", "run", "format_table"]
 
 
 @dataclass
@@ -327,7 +328,7 @@ def smoke_data_asymmetry(params: SmokeParams, data: dict, frames: int = 4) -> fl
 
 
 @dataclass
-class SmokeConfig:
+class SmokeConfig(ExperimentConfig):
     """Sizes of experiment 2 (``demo()`` / ``full()``)."""
 
     params: SmokeParams = field(default_factory=SmokeParams)
@@ -375,7 +376,7 @@ def _fit_one(cfg: SmokeConfig, regime: str, lam: float, steps: int, seed: int, X
     return model, secs
 
 
-def run_smoke(cfg: SmokeConfig, seed: int = 0, out: str | None = None, log=print, tag: str = "") -> dict:
+def run(cfg: SmokeConfig, seed: int = 0, out: str | None = None, log=print, tag: str = "") -> dict:
     """Run experiment 2. Returns ``{"rows": [...], "sweep": [...], "info": {...}, "lambdas": {...}}``
     and writes ``smoke{tag}_results.csv``, ``smoke{tag}_table.md``, ``smoke{tag}_rollout.png`` to ``out``."""
     t0 = time.perf_counter()
@@ -418,7 +419,7 @@ def run_smoke(cfg: SmokeConfig, seed: int = 0, out: str | None = None, log=print
                              epochs=n / steps_per_epoch, train_s=secs, epoch_s=secs * steps_per_epoch / n,
                              rollout_rmse=float(rmse.mean()), final_rmse=float(rmse[-1]),
                              equiv_err=smoke_equivariance_error(model, X_test),
-                             rel_E_perp=relative_noneq_energy(model)))
+                             rel_E_perp=relative_e_perp(model)))
             curves.setdefault(regime, []).append(rmse)
             if r == 0:
                 snapshots[regime] = pred[0, -1, 0]
@@ -431,12 +432,12 @@ def run_smoke(cfg: SmokeConfig, seed: int = 0, out: str | None = None, log=print
         if sweep:
             write_csv(sweep, os.path.join(out, f"smoke{tag}_sweep.csv"))
         with open(os.path.join(out, f"smoke{tag}_table.md"), "w") as f:
-            f.write(format_smoke_table(result) + "\n")
+            f.write(format_table(result) + "\n")
         plot_smoke(curves, snapshots, os.path.join(out, f"smoke{tag}_rollout.png"), log)
     return result
 
 
-def format_smoke_table(result: dict) -> str:
+def format_table(result: dict) -> str:
     rows, info = result["rows"], result["info"]
     seeds = len({r["seed"] for r in rows})
     out = [f"Experiment 2 (smoke plume, {info['grid']}x{info['grid']}, C4-declared CNN, wind {info['wind']:g}: "

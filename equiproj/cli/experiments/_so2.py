@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import nn as eqnn
-from ..groups import SO2, Rep
-from ._training import mean_std, pyplot, relative_noneq_energy, seed_all, write_csv
+from ... import nn as eqnn
+from ...groups import SO2, Rep
+from ._config import ExperimentConfig
+from ._training import mean_std, pyplot, relative_e_perp, seed_all, write_csv
 
 __all__ = ["so2_hidden_rep", "FourierSiLU", "SO2Classifier", "so2_wedge", "so2_wavey_rings", "train_so2", "so2_accuracy",
-           "so2_invariance_error", "SO2Config", "run_so2", "format_so2_table"]
+           "so2_invariance_error", "SO2Config", "run", "format_table"]
 
 
 def so2_hidden_rep(channels: int, max_freq: int) -> Rep:
@@ -167,7 +168,7 @@ def so2_invariance_error(model: nn.Module, x: torch.Tensor, generator: torch.Gen
 
 
 @dataclass
-class SO2Config:
+class SO2Config(ExperimentConfig):
     """Sizes of experiment 1 (``demo()`` / ``full()``)."""
 
     n_train: int = 1000
@@ -198,8 +199,9 @@ class SO2Config:
                    sigmas=(1.0,))
 
 
-def run_so2(cfg: SO2Config, seed: int = 0, out: str | None = None, log=print) -> list[dict]:
-    """Run experiment 1; returns one row per (dataset, regime, seed); writes CSV/markdown/PNG to ``out``."""
+def run(cfg: SO2Config, seed: int = 0, out: str | None = None, log=print, tag: str = "") -> dict:
+    """Run experiment 1; returns ``{"rows": [...]}``, one row per (dataset, regime, seed), and writes
+    ``so2{tag}_results.csv``, ``so2{tag}_table.md`` and the PNGs to ``out``."""
     datasets = [("wedge", None)] + [("rings", s) for s in cfg.sigmas]
     rows, boundary_models = [], {}
     warm = SO2Classifier(cfg.channels, cfg.max_freq, cfg.samples)  # one-time costs out of the timings
@@ -223,7 +225,7 @@ def run_so2(cfg: SO2Config, seed: int = 0, out: str | None = None, log=print) ->
                            lambda_G=lg, lambda_perp=lp, seed=1000 * seed + r,
                            test_acc=so2_accuracy(model, x_te, y_te),
                            inv_err=so2_invariance_error(model, x_te, rot_gen),
-                           rel_E_perp=relative_noneq_energy(model), train_s=secs)
+                           rel_E_perp=relative_e_perp(model), train_s=secs)
                 rows.append(row)
                 if r == 0 and (sigma is None or sigma == cfg.boundary_sigma):
                     if strict or (lg == 0 and lp in (0.0, strong)):
@@ -231,16 +233,17 @@ def run_so2(cfg: SO2Config, seed: int = 0, out: str | None = None, log=print) ->
                         boundary_models[(label, key)] = (model, x_te, y_te)
         log(f"  so2 {label}: {len(regimes) * cfg.seeds} runs done")
     if out:
-        write_csv(rows, os.path.join(out, "so2_results.csv"))
-        with open(os.path.join(out, "so2_table.md"), "w") as f:
-            f.write(format_so2_table(rows) + "\n")
-        plot_so2(rows, boundary_models, out, log)
-    return rows
+        write_csv(rows, os.path.join(out, f"so2{tag}_results.csv"))
+        with open(os.path.join(out, f"so2{tag}_table.md"), "w") as f:
+            f.write(format_table({"rows": rows}) + "\n")
+        plot_so2(rows, boundary_models, out, log, tag)
+    return {"rows": rows}
 
 
-def format_so2_table(rows: list[dict]) -> str:
+def format_table(result: dict) -> str:
     """One markdown grid per data set: rows lambda_G, columns lambda_perp, cells
     ``test accuracy % / invariance error`` (mean over seeds), plus the strictly invariant model."""
+    rows = result["rows"]
     out = ["Experiment 1 (SO(2) toy): test accuracy % / invariance error "
            "(mean over test points of max over 40 rotations of |p(Rx) - p(x)|), mean over seeds"]
     for label in dict.fromkeys(r["dataset"] for r in rows):
@@ -272,7 +275,7 @@ def format_so2_table(rows: list[dict]) -> str:
 
 
 @torch.no_grad()
-def plot_so2(rows: list[dict], models: dict, out: str, log=print) -> None:
+def plot_so2(rows: list[dict], models: dict, out: str, log=print, tag: str = "") -> None:
     plt = pyplot(log)
     if plt is None:
         return
@@ -296,7 +299,7 @@ def plot_so2(rows: list[dict], models: dict, out: str, log=print) -> None:
             ax.set_aspect("equal")
             ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
-    path = os.path.join(out, "so2_decision_boundaries.png")
+    path = os.path.join(out, f"so2{tag}_decision_boundaries.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -316,6 +319,6 @@ def plot_so2(rows: list[dict], models: dict, out: str, log=print) -> None:
         a2.set_xlabel("σ"), a2.set_ylabel("invariance error")
         fig.suptitle("wavey rings, λ_G = 0", fontsize=10)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "so2_rings_vs_sigma.png"), dpi=110)
+        fig.savefig(os.path.join(out, f"so2{tag}_rings_vs_sigma.png"), dpi=110)
         plt.close(fig)
-    log(f"  wrote {path} and so2_rings_vs_sigma.png")
+    log(f"  wrote {path} and so2{tag}_rings_vs_sigma.png")

@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from .. import nn as eqnn
+from ... import nn as eqnn
 from ._training import regime_step
 
 __all__ = ["REGIMES", "ResidualPathway", "residual_pathway_", "free_parameters", "merged_copy", "relaxed_step"]

@@ -56,17 +56,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import nn as eqnn
-from ..baselines import sampled_data_penalty
-from ..grid import act as grid_act
-from ..grid import grid_points
-from ..groups import O3, FullOctahedral, Rep
-from ._training import (interleaved_step_times, mean_std, regime_step, relative_noneq_energy, run_steps, seed_all,
+from ... import nn as eqnn
+from ...baselines import sampled_data_penalty
+from ...grid import act as grid_act
+from ...grid import grid_points
+from ...groups import O3, FullOctahedral, Rep
+from ._config import ExperimentConfig
+from ._training import (interleaved_step_times, mean_std, regime_step, relative_e_perp, run_steps, seed_all,
                         validation_sweep, write_csv)
 
 __all__ = ["VOXEL_CLASSES", "VoxelParams", "voxel_shapes", "render_shapes", "O3VoxelNet",
            "cube_symmetries", "voxel_data_penalty", "train_voxels", "measure_step_times", "voxel_accuracy", "cube_invariance_error",
-           "smooth_invariance_error", "VoxelConfig", "run_voxels", "format_voxels_table", "VOXEL_REGIMES"]
+           "smooth_invariance_error", "VoxelConfig", "run", "format_table", "VOXEL_REGIMES"]
 
 VOXEL_CLASSES = ("stick", "ring", "tetrahedron", "octahedron")
 VOXEL_REGIMES = {
@@ -322,7 +323,7 @@ def smooth_invariance_error(model: nn.Module, data: dict, grid: int, generator: 
 # =============================================================================================
 
 @dataclass
-class VoxelConfig:
+class VoxelConfig(ExperimentConfig):
     """Sizes of experiment 3 (``demo()`` / ``full()`` / ``tiny()``)."""
 
     params: VoxelParams = field(default_factory=VoxelParams)
@@ -376,7 +377,7 @@ def _fit(cfg: VoxelConfig, regime: str, lam: float, steps: int, seed: int, X, Y)
                                generator=gen)
 
 
-def run_voxels(cfg: VoxelConfig, seed: int = 0, out: str | None = None, log=print, tag: str = "") -> dict:
+def run(cfg: VoxelConfig, seed: int = 0, out: str | None = None, log=print, tag: str = "") -> dict:
     """Run experiment 3. Returns ``{"rows": [...], "sweep": [...], "info": {...}, "lambdas": {...}}``
     (one row per (regime, seed)) and writes ``voxels{tag}_results.csv``, ``voxels{tag}_table.md``
     (and ``voxels{tag}_sweep.csv``) to ``out``."""
@@ -423,7 +424,7 @@ def run_voxels(cfg: VoxelConfig, seed: int = 0, out: str | None = None, log=prin
                              cube_inv_err=cube_invariance_error(model, test["x"][: cfg.cube_test]),
                              smooth_inv_err=smooth_invariance_error(model, smooth_subset, p.grid, rot_gen,
                                                                     cfg.smooth_rotations),
-                             rel_E_perp=relative_noneq_energy(model)))
+                             rel_E_perp=relative_e_perp(model)))
             log(f"  voxels seed {1000 * seed + r} {regime}: test accuracy {100 * rows[-1]['test_acc']:.1f}%, "
                 f"{secs:.1f} s")
     info["total_s"] = time.perf_counter() - t0
@@ -433,11 +434,11 @@ def run_voxels(cfg: VoxelConfig, seed: int = 0, out: str | None = None, log=prin
         if sweep:
             write_csv(sweep, os.path.join(out, f"voxels{tag}_sweep.csv"))
         with open(os.path.join(out, f"voxels{tag}_table.md"), "w") as f:
-            f.write(format_voxels_table(result) + "\n")
+            f.write(format_table(result) + "\n")
     return result
 
 
-def format_voxels_table(result: dict) -> str:
+def format_table(result: dict) -> str:
     """Markdown table: one line per regime, mean ± std over seeds."""
     rows, info = result["rows"], result["info"]
     seeds = len({r["seed"] for r in rows})

@@ -8,14 +8,14 @@ import time
 import torch
 from torch import nn
 
-from .. import nn as eqnn
+from ... import nn as eqnn
 
-__all__ = ["relative_noneq_energy", "seed_all", "mean_std", "regime_step", "run_steps", "interleaved_step_times",
+__all__ = ["relative_e_perp", "seed_all", "mean_std", "regime_step", "run_steps", "interleaved_step_times",
            "validation_sweep", "write_csv", "pyplot"]
 
 
 @torch.no_grad()
-def relative_noneq_energy(model: nn.Module) -> float:
+def relative_e_perp(model: nn.Module) -> float:
     """``sum E_perp / sum ||W||^2`` over the declared layers (biases included)."""
     e_perp, e_g = eqnn.ProjectionPenalty(model, 1.0).energies()
     return float(e_perp.sum() / (e_perp.sum() + e_g.sum()))

@@ -41,15 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import grid as _grid
-from .. import nn as eqnn
-from ..baselines import sampled_data_penalty
-from ..groups import Cyclic
+from ... import grid as _grid
+from ... import nn as eqnn
+from ...baselines import sampled_data_penalty
+from ...groups import Cyclic
 from ._relaxed import REGIMES, merged_copy, relaxed_step, residual_pathway_
-from ._training import interleaved_step_times, mean_std, pyplot, relative_noneq_energy, run_steps, seed_all, write_csv
+from ._config import ExperimentConfig
+from ._training import interleaved_step_times, mean_std, pyplot, relative_e_perp, run_steps, seed_all, write_csv
 
 __all__ = ["DigitsParams", "load_digit_images", "rotated_digits", "C4DigitNet", "digits_data_penalty", "train_digits",
-           "digits_accuracy", "digits_invariance_error", "DigitsConfig", "run_digits", "format_digits_table",
+           "digits_accuracy", "digits_invariance_error", "DigitsConfig", "run", "format_table",
            "SKLEARN_MISSING"]
 
 SKLEARN_MISSING = "scikit-learn is not installed: pip install scikit-learn (or pip install 'equiproj[experiments]')"
@@ -163,7 +164,7 @@ def digits_invariance_error(model: nn.Module, x: torch.Tensor) -> float:
 
 
 @dataclass
-class DigitsConfig:
+class DigitsConfig(ExperimentConfig):
     """Sizes of the digits experiment (``demo()`` / ``full()`` / ``tiny()``)."""
 
     params: DigitsParams = field(default_factory=DigitsParams)
@@ -217,10 +218,10 @@ def _evaluate(model: nn.Module, data: dict, check_batch: int) -> dict:
                 test_acc_upright=digits_accuracy(model, test["x"][upright], test["y"][upright]),
                 test_acc_rotated=digits_accuracy(model, test["x"][~upright], test["y"][~upright]),
                 inv_err=digits_invariance_error(model, test["x"]), check_max_rel=float(check.max_rel_error),
-                rel_E_perp=relative_noneq_energy(merged_copy(model)))
+                rel_E_perp=relative_e_perp(merged_copy(model)))
 
 
-def run_digits(cfg: DigitsConfig, seed: int = 0, out: str | None = None, log=print, tag: str = "") -> dict:
+def run(cfg: DigitsConfig, seed: int = 0, out: str | None = None, log=print, tag: str = "") -> dict:
     """Run the digits experiment. Returns ``{"rows", "chosen", "info"}`` (one row per regime, lambda and
     seed; ``chosen`` the lambda per regime) and writes ``digits{tag}_results.csv``, ``digits{tag}_table.md``
     and ``digits{tag}_accuracy_vs_lambda.png`` (with matplotlib) to ``out``."""
@@ -273,12 +274,12 @@ def run_digits(cfg: DigitsConfig, seed: int = 0, out: str | None = None, log=pri
     if out:
         write_csv(rows, os.path.join(out, f"digits{tag}_results.csv"))
         with open(os.path.join(out, f"digits{tag}_table.md"), "w") as f:
-            f.write(format_digits_table(result) + "\n")
+            f.write(format_table(result) + "\n")
         plot_accuracy_vs_lambda(result, os.path.join(out, f"digits{tag}_accuracy_vs_lambda.png"), log)
     return result
 
 
-def format_digits_table(result: dict) -> str:
+def format_table(result: dict) -> str:
     """Markdown: one line per regime at its chosen lambda (mean ± std over seeds), then the step times."""
     rows, info, chosen = result["rows"], result["info"], result["chosen"]
     seeds = len({r["seed"] for r in rows})

@@ -47,15 +47,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import nn as eqnn
-from ..groups import Cyclic
+from ... import nn as eqnn
+from ...groups import Cyclic
 from ._relaxed import REGIMES, merged_copy, relaxed_step, residual_pathway_
 from ._smoke import (SmokeScales, c4_matrix, rotate_fields, smoke_data_penalty,
                      smoke_equivariance_error, smoke_pairs, smoke_rollout)
-from ._training import interleaved_step_times, mean_std, pyplot, relative_noneq_energy, run_steps, seed_all, write_csv
+from ._config import ExperimentConfig
+from ._training import interleaved_step_times, mean_std, pyplot, relative_e_perp, run_steps, seed_all, write_csv
 
 __all__ = ["PHIFLOW_MISSING", "phiflow_available", "PlumeParams", "simulate_plumes", "plume_twin_difference",
-           "plume_dataset", "default_cache_dir", "C4PlumeNet", "PlumeConfig", "run_phiflow", "format_phiflow_table"]
+           "plume_dataset", "default_cache_dir", "C4PlumeNet", "PlumeConfig", "run", "format_table"]
 
 PHIFLOW_MISSING = ("PhiFlow is not installed: pip install phiflow==3.4.0 (or pip install 'equiproj[experiments]'); "
                    "the phiflow experiment is skipped")
@@ -283,7 +284,7 @@ def _step_fn(model: nn.Module, regime: str, lam: float, lr: float, generator: to
 
 
 @dataclass
-class PlumeConfig:
+class PlumeConfig(ExperimentConfig):
     """Sizes of the PhiFlow experiment (``demo()`` / ``full()`` / ``tiny()``)."""
 
     params: PlumeParams = field(default_factory=PlumeParams)
@@ -341,7 +342,7 @@ def _fit(cfg: PlumeConfig, regime: str, lam: float, steps: int, seed: int, X, Y)
     return model, secs
 
 
-def run_phiflow(cfg: PlumeConfig, seed: int = 0, out: str | None = None, log=print, tag: str = "") -> dict:
+def run(cfg: PlumeConfig, seed: int = 0, out: str | None = None, log=print, tag: str = "") -> dict:
     """Run the PhiFlow experiment. Returns ``{"rows", "sweep", "info", "lambdas"}`` and writes
     ``phiflow{tag}_results.csv``, ``phiflow{tag}_table.md`` (``phiflow{tag}_sweep.csv``) and, with
     matplotlib, ``phiflow{tag}_rollout.png`` to ``out``."""
@@ -404,7 +405,7 @@ def run_phiflow(cfg: PlumeConfig, seed: int = 0, out: str | None = None, log=pri
             rows.append(dict(regime=regime, lam=lam[regime], seed=1000 * seed + r, steps=n, train_s=secs,
                              step_ms=1e3 * secs / n, rollout_rmse=float(rmse.mean()), final_rmse=float(rmse[-1]),
                              one_step_rmse=float(rmse[0]), equiv_err=smoke_equivariance_error(model, X_test),
-                             rel_E_perp=relative_noneq_energy(merged_copy(model))))
+                             rel_E_perp=relative_e_perp(merged_copy(model))))
             curves.setdefault(regime, []).append(rmse)
         log(f"  phiflow seed {1000 * seed + r}: {len(cfg.regimes)} regimes done")
     info["total_s"] = time.perf_counter() - t0
@@ -414,12 +415,12 @@ def run_phiflow(cfg: PlumeConfig, seed: int = 0, out: str | None = None, log=pri
         if sweep:
             write_csv(sweep, os.path.join(out, f"phiflow{tag}_sweep.csv"))
         with open(os.path.join(out, f"phiflow{tag}_table.md"), "w") as f:
-            f.write(format_phiflow_table(result) + "\n")
+            f.write(format_table(result) + "\n")
         plot_rollout(curves, os.path.join(out, f"phiflow{tag}_rollout.png"), info, log)
     return result
 
 
-def format_phiflow_table(result: dict) -> str:
+def format_table(result: dict) -> str:
     rows, info = result["rows"], result["info"]
     seeds = len({r["seed"] for r in rows})
     out = [f"PhiFlow smoke plumes ({info['grid']}x{info['grid']}, PhiFlow {info['versions']['phiflow']}, asymmetry "
