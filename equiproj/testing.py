@@ -13,10 +13,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 
 from . import reference
-from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Octahedral, Rep
+from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, Octahedral, Rep
 
 __all__ = ["random_orthogonal", "mixed_reps", "nearly_equivariant", "all_groups", "relative_error"]
 
@@ -28,22 +31,19 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch
     return Q * torch.sign(torch.diagonal(R))
 
 
-def mixed_reps(group, generator: torch.Generator | None = None) -> tuple[Rep, Rep]:
+def mixed_reps(group: Group, generator: torch.Generator | None = None) -> tuple[Rep, Rep]:
     """A pair (rep_in, rep_out) mixing several irreps with multiplicities, a regular or tensor-product
-    rep, and (on rep_in) a random orthogonal change of the user's basis."""
-    p = lambda s: Rep.parse(group, s)  # noqa: E731
-    if isinstance(group, SO3):
-        a, b = p("3x0 + 2x1 + 2"), p("2x0 + 1 + 2x2") + group.irrep(1) @ group.irrep(2)
-    elif isinstance(group, O3):
-        a, b = p("3x0e + 2x1o + 2e") + p("1o") @ p("1o + 2e"), p("2x0e + 1o + 2x2e + 1e + 3o")
-    elif isinstance(group, SO2):
-        a, b = p("2x0 + 2x1 + 3"), p("0 + 2x2 + 3") + p("1 + 2") @ group.irrep(1)
-    elif isinstance(group, O2):
-        a, b = p("2x(0,0) + (1,0) + 2x(1,1)"), p("(1,0) + (1,2) + 2x(1,1)") + group.standard() @ group.standard()
-    elif isinstance(group, (Cyclic, Dihedral, Octahedral)):
+    rep, and (on rep_in) a random orthogonal change of the user's basis; for any group, from its
+    hooks: a finite group gives ``regular + standard`` and ``2 trivial + standard ⊗ standard``, a
+    continuous one every irrep of degree/frequency ``<= 2`` with multiplicities ``3, 2, 1, ...`` and
+    ``2, 1, 2, ...``, the latter plus ``standard ⊗ (the last irrep)``."""
+    if group.is_finite:
         a, b = group.regular() + group.standard(), 2 * group.trivial() + group.standard() @ group.standard()
     else:
-        raise TypeError(f"no test reps for {group}")
+        irreps = group.irreps(band_limit=2)
+        a = functools.reduce(operator.add, ((3 - i % 3) * psi for i, psi in enumerate(irreps)))
+        b = functools.reduce(operator.add, ((2 - i % 2) * psi for i, psi in enumerate(irreps)))
+        b = b + group.standard() @ irreps[-1]
     return a.change_basis(random_orthogonal(a.dim, generator)), b
 
 

@@ -11,6 +11,7 @@ Group elements are orthogonal matrices ``[..., d, d]`` (d = ``ambient_dim``), fl
 
 from __future__ import annotations
 
+import abc
 import functools
 from typing import Hashable
 
@@ -22,11 +23,13 @@ from ._threads import one_thread
 __all__ = ["Group"]
 
 
-class Group:
+class Group(abc.ABC):
     """A compact group of orthogonal ``ambient_dim x ambient_dim`` matrices.
 
-    Subclasses define the irrep data (:meth:`irrep_ids`, :meth:`irrep_dim`, :meth:`irrep_matrix`, ...)
-    and the elements. Groups compare equal when they are the same group (``Cyclic(4) == Cyclic(4)``).
+    Subclasses define the irrep data (:meth:`irrep_ids`, :meth:`canonical_irrep_id`, :meth:`irrep_dim`,
+    :meth:`irrep_matrix`) and the :meth:`generators`: these are abstract, so a group that lacks one
+    cannot be instantiated. The other hooks have defaults that hold for a finite group whose irreps
+    are real; a subclass overrides those that do not hold for it. Groups compare equal when they are the same group (``Cyclic(4) == Cyclic(4)``).
     """
 
     ambient_dim: int
@@ -75,9 +78,9 @@ class Group:
         idx = torch.randint(len(els), (n,), generator=generator)
         return els[idx]
 
+    @abc.abstractmethod
     def generators(self) -> torch.Tensor:
         """``[k, d, d]`` elements that generate the group (a dense subgroup if continuous)."""
-        raise NotImplementedError
 
     def check_elements(self, g: torch.Tensor, name: str = "g") -> torch.Tensor:
         """Validate that ``g`` holds elements of this group; returns it as float64."""
@@ -152,13 +155,13 @@ class Group:
         raise ValueError(f"{self} does not act on angular harmonics")
 
     # ---- irrep data (subclass interface) ----------------------------------------------------
+    @abc.abstractmethod
     def irrep_ids(self, band_limit: int | None) -> list:
         """Ids of the irreps of frequency/degree ``<= band_limit`` (all of them for a finite group)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def canonical_irrep_id(self, id) -> Hashable:
         """``id`` validated and in its canonical form; raises for an unknown id."""
-        raise NotImplementedError
 
     def parse_irrep_id(self, s: str) -> Hashable:
         """The id written as ``s`` (the inverse of :meth:`irrep_name`)."""
@@ -167,8 +170,9 @@ class Group:
         except ValueError:
             raise ValueError(f"malformed irrep {s!r} for {self}") from None
 
+    @abc.abstractmethod
     def irrep_dim(self, id) -> int:
-        raise NotImplementedError
+        """The dimension of the irrep ``id``."""
 
     def irrep_type(self, id) -> str:
         """``"real"``, ``"complex"`` or ``"quaternionic"``: the commutant has dimension 1, 2 or 4."""
@@ -178,9 +182,9 @@ class Group:
         """Frequency or degree (0 for a finite group's irreps)."""
         return 0
 
+    @abc.abstractmethod
     def irrep_matrix(self, id, g: torch.Tensor) -> torch.Tensor:
         """The irrep's matrices at the elements ``g`` ``[..., d, d]`` (unchecked), ``[..., dim, dim]``."""
-        raise NotImplementedError
 
     def irrep_name(self, id) -> str:
         return str(id)

@@ -47,6 +47,12 @@ class _Planar(Group):
     reflections = False
     N: int | None = None  # None: continuous
 
+    def _set_order_of_rotations(self, N) -> None:
+        """``self.N = N`` for the finite groups (``Cyclic(N)``, ``Dihedral(N)``), checked: an int ``>= 1``."""
+        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
+            raise ValueError(f"{type(self).__name__}(N) needs an integer N >= 1, got {N!r}")
+        self.N = int(N)
+
     def _key(self):
         return (type(self).__name__, self.N)
 
@@ -174,9 +180,7 @@ class Cyclic(_PlanarRotations):
     """C_N: rotations of the plane by multiples of 2 pi / N."""
 
     def __init__(self, N: int):
-        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
-            raise ValueError(f"Cyclic(N) needs an integer N >= 1, got {N!r}")
-        self.N = int(N)
+        self._set_order_of_rotations(N)
 
 
 class SO2(_PlanarRotations):
@@ -247,9 +251,7 @@ class Dihedral(_PlanarReflections):
     """D_N: the N rotations and N reflections of the regular N-gon (order 2N)."""
 
     def __init__(self, N: int):
-        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
-            raise ValueError(f"Dihedral(N) needs an integer N >= 1, got {N!r}")
-        self.N = int(N)
+        self._set_order_of_rotations(N)
 
 
 class O2(_PlanarReflections):

@@ -7,6 +7,7 @@ import torch
 
 import equiproj as ep
 from equiproj.reference import haar_quadrature
+from equiproj.testing import all_groups, mixed_reps
 
 FINITE = [ep.Cyclic(1), ep.Cyclic(2), ep.Cyclic(5), ep.Cyclic(8), ep.Dihedral(1), ep.Dihedral(2), ep.Dihedral(5),
           ep.Dihedral(6), ep.Octahedral(), ep.FullOctahedral()]
@@ -206,7 +207,7 @@ def test_regular_rep_in_closed_form(G, gen):
 
 @pytest.mark.parametrize("G", ALL, ids=str)
 def test_endomorphism_basis_by_type_equals_the_numerical_commutant(G):
-    from equiproj.groups._rep import numerical_endomorphism_basis
+    from equiproj.groups._commutant import numerical_endomorphism_basis
 
     for psi in irreps_of(G):
         C, N = psi.endomorphism_basis, numerical_endomorphism_basis(psi)
@@ -216,3 +217,27 @@ def test_endomorphism_basis_by_type_equals_the_numerical_commutant(G):
         torch.testing.assert_close(torch.einsum("st,tab->sab", coeff, N), C, atol=1e-10, rtol=0)
         if psi.type == "complex":
             torch.testing.assert_close(C[1], torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64) / 2**0.5)
+
+
+def test_a_group_without_its_irrep_data_cannot_be_made():
+    """The irrep-data hooks and the generators are abstract: a group that lacks one fails at construction."""
+
+    class Incomplete(ep.Group):
+        ambient_dim = 2
+
+        def irrep_ids(self, band_limit):
+            return [0]
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
+    from equiproj.groups._rep import GROUP_CLASSES
+
+    GROUP_CLASSES.pop("Incomplete", None)
+
+
+@pytest.mark.parametrize("G", all_groups(), ids=str)
+def test_mixed_reps_of_every_group(G, gen):
+    """``testing.mixed_reps`` asks the group's hooks, so it serves every group, each rep with several fields."""
+    a, b = mixed_reps(G, gen)
+    assert a.group == G and b.group == G
+    assert len(a.irreps) >= 2 and len(b.irreps) >= 2
