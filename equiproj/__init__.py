@@ -10,6 +10,11 @@ backends) -> the energy functions -> ``kernel_spaces``, ``grid``, ``translation`
 the applications (``equiproj bench``, ``verify``, ``demo``) live in ``equiproj.cli``, which this
 package never imports.
 
+What is re-exported here: the weight-level API (groups and representations, the energy functions,
+kernel spaces) and the subpackages. Everything that takes a model (``declare``, the penalty,
+``project_``, ``init_equivariant_``, ``check_equivariance``, the network blocks) lives in
+:mod:`equiproj.nn` only.
+
 Example::
 
     >>> G = O3()
@@ -25,7 +30,6 @@ from ._energy import (energies, energies_and_grad, energies_and_grads_many, ener
                       project)
 from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, Irrep, Octahedral, Rep
 from .kernel_spaces import KernelSpace, SteerableKernelSpace
-from .nn import check_equivariance, init_equivariant_
 
 __version__ = "0.1.0"
 
@@ -37,8 +41,6 @@ __all__ = [
     "project", "energy_breakdown",
     # kernel spaces
     "KernelSpace", "SteerableKernelSpace",
-    # networks
-    "check_equivariance", "init_equivariant_",
     # modules
     "nn", "grid", "translation", "kernel_spaces", "reference",
     "__version__",

@@ -5,7 +5,7 @@ grid; hidden 4 regular fields of C8, pointwise ReLU, group pooling) classifies 1
 ring, a disk, a cross or a bar at random angles and positions. It is trained for a fixed budget
 with Adam, either with the projection penalty in the loss (``--regime penalty``, ``--lam``) or
 strictly projected (``--regime strict``: ``project_`` after every step), from PyTorch's default
-initialisation or from ``equiproj.init_equivariant_`` (every declared layer projected and rescaled
+initialisation or from ``equiproj.nn.init_equivariant_`` (every declared layer projected and rescaled
 to its previous norm), over 3 seeds; reported: test accuracy, and E_perp/||W||^2 at the start and
 the end.
 
@@ -59,7 +59,7 @@ def c8_cnn(fields: int = 4) -> nn.Sequential:
         GroupPooling(h), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(fields, CLASSES))
 
 
-def relative_noneq(penalty: ProjectionPenalty) -> float:
+def relative_e_perp(penalty: ProjectionPenalty) -> float:
     with torch.no_grad():
         e_perp, e_g = penalty.energies()
     return float(e_perp.sum() / (e_perp.sum() + e_g.sum()))
@@ -73,7 +73,7 @@ def run(init: str, seed: int, steps: int, data, regime: str = "penalty", lam: fl
     if init == "init_equivariant_":
         init_equivariant_(model)
     penalty = ProjectionPenalty(model, lambda_perp=lam if regime == "penalty" else 0.0)
-    start = relative_noneq(penalty)
+    start = relative_e_perp(penalty)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -88,7 +88,7 @@ def run(init: str, seed: int, steps: int, data, regime: str = "penalty", lam: fl
             project_(model)
     with torch.no_grad():
         acc = float((model(xt).argmax(1) == yt).float().mean())
-    return {"init": init, "seed": seed, "accuracy": acc, "rel_E_perp_start": start, "rel_E_perp_end": relative_noneq(penalty),
+    return {"init": init, "seed": seed, "accuracy": acc, "rel_E_perp_start": start, "rel_E_perp_end": relative_e_perp(penalty),
             "train_s": time.perf_counter() - t0}
 
 

@@ -411,10 +411,10 @@ def test_exact_grid_groups_keep_the_coefficient_definition(G, rin, rout, k, gen)
     K = W.reshape(2, ro.dim, ri.dim, -1)
     A = sp._to_layout(K @ sp.basis, ri)
     crep = sp.coefficient_rep(ri)
-    c_perp, c_g = ep.energies(A, crep, ro)
+    coef_perp, coef_g = ep.energies(A, crep, ro)
     outside = (K - (K @ sp.basis) @ sp.basis.T).square().sum((1, 2, 3))
     e_perp, e_g = sp.energies(W, ri, ro)
-    assert rel(e_perp, c_perp + outside) < 1e-12 and rel(e_g, c_g) < 1e-12
+    assert rel(e_perp, coef_perp + outside) < 1e-12 and rel(e_g, coef_g) < 1e-12
     torch.testing.assert_close(sp.coefficients(W, ri, ro), A, atol=1e-13, rtol=0)
 
 
@@ -431,9 +431,9 @@ def test_orthonormal_band_coefficients(G, rin, rout, k, gen):
     A = sp.coefficients(W, ri, ro)
     assert rel(A.square().sum((1, 2)), band.square().sum((1, 2, 3))) < 1e-12
     torch.testing.assert_close(sp.kernel(A, ri, ro).reshape(K.shape), band, atol=1e-12, rtol=0)
-    c_perp, c_g = ep.reference.energies(A, sp.coefficient_rep(ri), ro)
+    coef_perp, coef_g = ep.reference.energies(A, sp.coefficient_rep(ri), ro)
     e_perp, e_g = sp.energies(W, ri, ro)
-    assert rel(c_perp + (K - band).square().sum((1, 2, 3)), e_perp) < 1e-10 and rel(c_g, e_g) < 1e-10
+    assert rel(coef_perp + (K - band).square().sum((1, 2, 3)), e_perp) < 1e-10 and rel(coef_g, e_g) < 1e-10
     # not the coefficients in B themselves (Phi^T Phi does not commute with sigma off the grid)
     assert float((A - sp._to_layout(K @ sp.basis, ri)).abs().max()) > 1e-3
 

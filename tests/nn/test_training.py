@@ -19,7 +19,7 @@ def c4_net(fields: int, layers: int):
     return nn.Sequential(*convs)
 
 
-def relative_noneq(model) -> float:
+def relative_e_perp(model) -> float:
     e_perp, e_g = ProjectionPenalty(model, 1.0).energies()
     return float(e_perp.sum() / (e_perp.sum() + e_g.sum()))
 
@@ -44,11 +44,11 @@ def test_init_equivariant_keeps_the_norms(seed):
     net = c4_net(fields=2, layers=3)
     norms = [float(c.weight.detach().norm()) for c in net]
     init_equivariant_(net)
-    assert relative_noneq(net) < 1e-10
+    assert relative_e_perp(net) < 1e-10
     assert [float(c.weight.detach().norm()) for c in net] == pytest.approx(norms, rel=1e-5)
     plain = c4_net(fields=2, layers=3)
     init_equivariant_(plain, keep_norm=False)  # the bare projection keeps only the equivariant share
-    assert relative_noneq(plain) < 1e-10 and float(plain[1].weight.norm()) < 0.9 * float(net[1].weight.norm())
+    assert relative_e_perp(plain) < 1e-10 and float(plain[1].weight.norm()) < 0.9 * float(net[1].weight.norm())
 
 
 class _LargestOutput(TorchDispatchMode):

@@ -25,7 +25,7 @@ accuracy against lambda.
 
 Metrics: test accuracy (all, upright, rotated), the invariance error (mean over test images of the
 max over the three rotations of ``max_c |p_c(g x) - p_c(x)|``, p the softmax), the largest relative
-error of :func:`equiproj.check_equivariance` on the logits of a test batch, ``E_perp / ||W||^2`` of
+error of :func:`equiproj.nn.check_equivariance` on the logits of a test batch, ``E_perp / ||W||^2`` of
 the declared layers (of the merged weights for residual pathways), time per step.
 
 scikit-learn is imported only when the data are loaded (``pip install scikit-learn``).
