@@ -17,6 +17,8 @@ kernel spaces) and the subpackages. Everything that takes a model (``declare``, 
 
 Example::
 
+    >>> import torch
+    >>> from equiproj import O3, Rep, energies
     >>> G = O3()
     >>> r = Rep.parse(G, "4x0e + 2x1o")
     >>> W = torch.randn(r.dim, r.dim)

@@ -89,9 +89,12 @@ def energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto
 
     Example::
 
+        >>> import torch, equiproj
         >>> G = equiproj.SO3()
         >>> r = equiproj.Rep.parse(G, "4x0 + 2x1")
         >>> e_perp, e_g = equiproj.energies(torch.randn(10, 10), r, r)
+        >>> e_perp.shape, bool(e_perp >= 0), bool(e_g >= 0)
+        (torch.Size([]), True, True)
     """
     check_arguments(W, rep_in, rep_out)
     (e_perp,), (e_g,) = ops.backend_for(backend, W).energies([W], [(rep_in, rep_out)])
@@ -117,6 +120,7 @@ def energy_breakdown(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str =
 
     Example::
 
+        >>> import torch, equiproj
         >>> G = equiproj.O3(); r = equiproj.Rep.parse(G, "2x0e + 1o")
         >>> parts = equiproj.energy_breakdown(torch.randn(5, 5), r, r)
         >>> sorted(f"{a}<-{b}" for a, b in parts)[:2]
@@ -181,9 +185,13 @@ def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp
 
     Example::
 
+        >>> import torch, equiproj
         >>> G = equiproj.SO3(); r = equiproj.Rep.parse(G, "4x0 + 2x1")
         >>> W = torch.randn(10, 10)
         >>> e_perp, e_g, grad = equiproj.energies_and_grad(W, r, r, lambda_perp=1e-2)
+        >>> P_W = equiproj.project(W, r, r)
+        >>> torch.allclose(grad, 2e-2 * (W - P_W), atol=1e-6)
+        True
     """
     check_arguments(W, rep_in, rep_out)
     b = ops.backend_for(backend, W)

@@ -25,6 +25,8 @@ Everything here is differentiable with respect to the weight / the model's param
 
 Example::
 
+    >>> import torch, equiproj
+    >>> from equiproj.baselines import sampled_operator_penalty
     >>> G = equiproj.O3()
     >>> r = equiproj.Rep.parse(G, "8x0e + 4x1o + 2x2e")
     >>> W = torch.randn(r.dim, r.dim, requires_grad=True)

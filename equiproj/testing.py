@@ -5,6 +5,8 @@ The library's own tests and ``equiproj verify`` use them.
 
 Example::
 
+    >>> import torch, equiproj
+    >>> from equiproj.testing import mixed_reps, nearly_equivariant
     >>> gen = torch.Generator().manual_seed(0)
     >>> rep_in, rep_out = mixed_reps(equiproj.SO3(), gen)
     >>> W = torch.randn(rep_out.dim, rep_in.dim, dtype=torch.float64, generator=gen)

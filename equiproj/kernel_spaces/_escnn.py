@@ -70,9 +70,15 @@ def from_escnn(conv) -> tuple[SteerableKernelSpace, Rep, Rep]:
 
     Example::
 
+        >>> import equiproj
+        >>> from escnn import gspaces, nn as escnn_nn
+        >>> from equiproj.kernel_spaces import escnn_conv_to_torch, from_escnn
+        >>> gs = gspaces.rot2dOnR2(8)
+        >>> field_type = escnn_nn.FieldType(gs, 2 * [gs.regular_repr])
+        >>> escnn_conv = escnn_nn.R2Conv(field_type, field_type, kernel_size=5)
         >>> space, rep_in, rep_out = from_escnn(escnn_conv)
         >>> plain = escnn_conv_to_torch(escnn_conv)
-        >>> equiproj.nn.declare(plain, rep_in, rep_out, kernel_space=space)
+        >>> plain = equiproj.nn.declare(plain, rep_in, rep_out, kernel_space=space)
     """
     s = _check_conv(conv)
     rep_in, rep_out = Rep.from_escnn(conv.in_type), Rep.from_escnn(conv.out_type)

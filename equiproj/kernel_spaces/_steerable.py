@@ -105,6 +105,8 @@ class SteerableKernelSpace:
 
     Example::
 
+        >>> import torch, equiproj
+        >>> from equiproj import Rep, SteerableKernelSpace
         >>> G = equiproj.SO2()
         >>> space = SteerableKernelSpace(G, 5)
         >>> r_in, r_out = Rep.parse(G, "2x0 + 1"), Rep.parse(G, "1 + 2")

@@ -90,6 +90,9 @@ class Gate(nn.Module):
 
     Example::
 
+        >>> import torch, equiproj
+        >>> from equiproj import Rep
+        >>> from equiproj.nn import Gate
         >>> G = equiproj.O3()
         >>> gate = Gate(Rep.parse(G, "8x0e"), Rep.parse(G, "4x0e"), Rep.parse(G, "4x1o"))
         >>> gate(torch.randn(2, gate.rep_in.dim)).shape

@@ -194,8 +194,18 @@ def check_equivariance(model: nn.Module, rep_in, rep_out, x: torch.Tensor, *, el
 
     Example::
 
-        >>> result = check_equivariance(model, 3 * G.trivial(), G.trivial(), images)
-        >>> result.max_rel_error, result.first_failure
+        >>> import torch, equiproj
+        >>> from equiproj.nn import GroupPooling, check_equivariance, declare
+        >>> G = equiproj.Cyclic(4)
+        >>> model = torch.nn.Sequential(declare(torch.nn.Conv2d(3, 8, 3, padding=1), 3 * G.trivial(), 2 * G.regular()),
+        ...                             GroupPooling(2 * G.regular()))
+        >>> images = torch.randn(2, 3, 9, 9)
+        >>> result = check_equivariance(model, 3 * G.trivial(), 2 * G.trivial(), images)
+        >>> result.max_rel_error > 1e-3, result.first_failure[0]   # a random conv is not equivariant
+        (True, '0')
+        >>> model = equiproj.nn.project_(model)
+        >>> check_equivariance(model, 3 * G.trivial(), 2 * G.trivial(), images).max_rel_error < 1e-4
+        True
     """
     rep_in, rep_out = as_rep(rep_in, "rep_in"), as_rep(rep_out, "rep_out")
     check_rep_pair(rep_in, rep_out)

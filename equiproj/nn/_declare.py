@@ -105,6 +105,8 @@ def declare(module: nn.Module, rep_in: Rep, rep_out: Rep, *, kernel_space=None, 
 
     Example::
 
+        >>> import torch, equiproj
+        >>> from equiproj.nn import declaration, declare
         >>> G = equiproj.Cyclic(4)
         >>> conv = declare(torch.nn.Conv2d(1, 8, 3), G.trivial(), 2 * G.regular())
         >>> declaration(conv).case

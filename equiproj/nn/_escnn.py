@@ -32,7 +32,13 @@ def from_escnn(module, *, bias: bool = True) -> nn.Module:
 
     Example::
 
-        >>> plain = equiproj.nn.from_escnn(escnn_model)          # e.g. an escnn SequentialModule
+        >>> import equiproj
+        >>> from escnn import gspaces, nn as escnn_nn
+        >>> gs = gspaces.rot2dOnR2(8)
+        >>> field_type = escnn_nn.FieldType(gs, 2 * [gs.regular_repr])
+        >>> escnn_model = escnn_nn.SequentialModule(escnn_nn.R2Conv(field_type, field_type, kernel_size=5),
+        ...                                         escnn_nn.ReLU(field_type))
+        >>> plain = equiproj.nn.from_escnn(escnn_model)
         >>> penalty = equiproj.nn.ProjectionPenalty(plain, lambda_perp=1e-2)
     """
     if _is_escnn_conv(module):

@@ -25,7 +25,9 @@ scaling pass in backward: four passes instead of three.
 
 Example::
 
+    >>> import torch, equiproj
     >>> from equiproj._plan import plan_for
+    >>> from equiproj.ops import fused_energies
     >>> G = equiproj.SO3(); r = equiproj.Rep.parse(G, "4x0 + 2x1")
     >>> W = torch.randn(10, 10, requires_grad=True)
     >>> (e_perp,), (e_g,) = fused_energies([W], [plan_for(r, r, W.device)])
