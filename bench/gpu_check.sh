@@ -5,15 +5,14 @@
 #   bash bench/gpu_check.sh --sweep    # also time tile-size variants first (about 1 more minute)
 #
 # 1. prints the card and versions;
-# 2. makes `equiproj` (with `equiproj.kernels` = kernels/) importable without building the C++
-#    extension: an editable pip install without dependencies, else a mirror under /tmp;
+# 2. makes `equiproj` (with `equiproj.kernels` = kernels/, a mapping only setup.py knows) importable
+#    without building the C++ extension: an editable pip install without dependencies;
 # 3. runs the CUDA tests (tests/ops/test_triton.py, tests/ops/test_ops.py, tests/nn/test_nn.py), continuing
 #    whatever they report;
 # 4. prints the benchmark table (bench/gpu_bench.py) LAST.
 # Extra arguments go to bench/gpu_bench.py (e.g. --sizes 64,256,1024).
 set -u
 cd "$(dirname "$0")/.." || exit 1
-ROOT=$(pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -22,18 +21,15 @@ echo "== device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | head -3
 $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
 
-echo "== making equiproj importable (no C++ extension)"
-RUN_DIR=$ROOT
-if ! (EQUIPROJ_NO_EXT=1 timeout 120 $PY -m pip install --no-deps --no-build-isolation -e . -q >/tmp/equiproj_pip.log 2>&1 \
-      && cd / && $PY -c "import equiproj.kernels" 2>/dev/null); then
-    echo "editable install failed (see /tmp/equiproj_pip.log): using a mirror under /tmp/equiproj_mirror"
-    RUN_DIR=/tmp/equiproj_mirror
-    rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
-    cp -r equiproj tests bench conftest.py pyproject.toml "$RUN_DIR"/
-    rm -rf "$RUN_DIR/equiproj/kernels" && cp -r kernels "$RUN_DIR/equiproj/kernels"
-    export PYTHONPATH="$RUN_DIR${PYTHONPATH:+:$PYTHONPATH}"
+echo "== making equiproj importable (editable install, no C++ extension)"
+LOG=$(mktemp)
+if ! (EQUIPROJ_NO_EXT=1 timeout 120 $PY -m pip install --no-deps --no-build-isolation -e . -q >"$LOG" 2>&1 \
+      && cd / && $PY -c "import equiproj.kernels" 2>>"$LOG"); then
+    tail -20 "$LOG"
+    echo "the editable install failed (log above): the package needs it, since equiproj.kernels is the"
+    echo "top-level kernels/ folder mapped by setup.py; install setuptools and pip for $PY, or set PYTHON"
+    exit 1
 fi
-cd "$RUN_DIR" || exit 1
 $PY -c "import equiproj.kernels as k; print('equiproj.kernels from', k.__file__, '| triton kernel:', k.HAS_TRITON)"
 
 echo "== CUDA tests"

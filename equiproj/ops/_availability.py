@@ -53,7 +53,7 @@ def _check_plan_columns() -> None:
 
 def cpp_missing() -> str:
     return (f"the C++ extension equiproj._C is not available ({_cpp_state.get('reason')}); build it with "
-            "`pip install --no-build-isolation -e .` in the equiproj checkout (needs a C++17 compiler and torch "
+            "`pip install --no-build-isolation -e .` in the equiproj checkout (needs a C++20 compiler and torch "
             "installed first)")
 
 
