@@ -11,6 +11,7 @@ markdown, PNG) there, and a ``format_table(result)`` that prints it.
 * ``_digits`` — scikit-learn's handwritten digits under a non-uniform orientation prior;
 * ``_phiflow`` — smoke plumes simulated by PhiFlow.
 
+``_smoke_data``, ``_voxels_data`` and ``_phiflow_data`` generate the data of three of them;
 ``_training`` holds what they share (seeding, one step per regime, timing, validation sweeps,
 output), ``_relaxed`` the residual-pathway baseline.
 """
