@@ -396,3 +396,20 @@ def test_plan_columns_match_the_cpp_header():
     assert re.findall(r'"(\w+)"', names) == [c.name for c in PlanColumn]
     values = [int(v) for v in re.findall(r"k\w+\s*=\s*(\d+)\s*,", header.split("enum PlanColumn", 1)[1].split("};")[0])]
     assert values == list(range(len(PlanColumn) + 1))  # the columns, then kPlanColumns
+
+
+# ---- module sizes ----------------------------------------------------------------------------
+#: the most lines of a module of the library, and of one of the applications (equiproj/cli)
+MAX_LINES, MAX_CLI_LINES = 700, 400
+
+
+def test_modules_stay_readable():
+    """No module of ``equiproj/`` over 700 lines, none of ``equiproj/cli/`` over 400: a longer one is
+    split along its parts (as ``cli/bench/`` and ``cli/experiments/`` are)."""
+    long = []
+    for path in sorted((ROOT / "equiproj").rglob("*.py")):
+        limit = MAX_CLI_LINES if "cli" in path.relative_to(ROOT / "equiproj").parts else MAX_LINES
+        n = len(path.read_text().splitlines())
+        if n > limit:
+            long.append(f"{path.relative_to(ROOT)}: {n} lines (limit {limit})")
+    assert not long, "modules too long:\n" + "\n".join(long)

@@ -137,7 +137,7 @@ def test_smoke_solver_symmetry_is_broken_only_by_the_wind():
     assert smoke_data_asymmetry(p_wind, data, frames=2) > 1e-2
 
 
-def test_run_so2_and_smoke_tiny(tmp_path, monkeypatch):
+def test_so2_and_smoke_run_on_tiny_configs(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # figures: see test_figures_are_written
     rows = so2.run(so2.SO2Config.tiny(), seed=0, out=str(tmp_path), log=lambda m: None)["rows"]
     assert len(rows) == 2 * 3  # wedge + one rings set, (lambda_perp 0, 0.1) + strict

@@ -76,7 +76,7 @@ def test_rotated_digits_follow_the_orientation_prior():
 
 
 @needs_sklearn
-def test_run_digits_tiny(tmp_path, monkeypatch):
+def test_digits_run_on_the_tiny_config(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # figures: test_digits_figure_is_written
     cfg = digits.DigitsConfig.tiny()
     res = digits.run(cfg, seed=0, out=str(tmp_path), log=lambda m: None)

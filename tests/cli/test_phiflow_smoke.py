@@ -99,7 +99,7 @@ _SEEDED = ("lam", "steps", "one_step_rmse", "rollout_rmse", "final_rmse", "equiv
 
 
 @needs_phiflow
-def test_run_phiflow_tiny_learns_writes_and_reuses_the_cached_data_set(tmp_path, monkeypatch):
+def test_phiflow_run_on_the_tiny_config_learns_writes_and_reuses_the_cached_data_set(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     _pinned_step_times(monkeypatch)
     # 80 epochs of the tiny set (80 steps; measured: every regime at 0.31-0.75 of the zero-change rollout RMSE)
