@@ -38,7 +38,7 @@ def public_modules() -> list[str]:
     names = ["equiproj", "equiproj.kernels"]  # kernels/ is mapped to equiproj.kernels by setup.py
     for info in pkgutil.walk_packages(equiproj.__path__, "equiproj."):
         parts = info.name.split(".")
-        if any(p.startswith("_") for p in parts) or parts[1] == "cli":
+        if any(p.startswith("_") for p in parts) or parts[1] in ("cli", "kernels"):
             continue
         names.append(info.name)
     return [n for n in names if hasattr(importlib.import_module(n), "__all__")]
