@@ -32,7 +32,7 @@ import torch
 
 from ..groups import Rep
 from ..kernels.inputs import autocast_off
-from ._pixel_plan import _apply_blocks, _blocks, _identity_spectral, hom_basis
+from ._pixel_plan import hom_basis
 
 __all__ = ["FactorisedPlan", "factorised_plan"]
 
@@ -54,80 +54,65 @@ class FactorisedPlan:
         self.space, self.rep_in, self.rep_out = space, rep_in, rep_out
         P, D = space.num_pixels, space.dim
         M = space.sampled.T @ space.sampled
-        spec_in, spec_out = _identity_spectral(rep_in), _identity_spectral(rep_out)
-        self._in_blocks, self._out_blocks = _blocks(rep_in), _blocks(rep_out)
-        self._in_perm, self._out_perm = _moved(spec_in.perm), _moved(spec_out.perm)
-        self._rotates_in = rep_in.perm is not None or any(f.Q is not None for _, f in rep_in.segments)
-        self._rotates_out = rep_out.perm is not None or any(f.Q is not None for _, f in rep_out.segments)
+        self._in_fields, self._out_fields = _fields(rep_in), _fields(rep_out)
+        self._in_perm, self._out_perm = _moved(rep_in.perm), _moved(rep_out.perm)
         self.tiles, self._maps = [], []
-        tile_flops, oo = 0.0, 0
-        for cb, fb in spec_out.segments:
-            oi = 0
-            for ca, fa in spec_in.segments:
-                H = hom_basis(space, fa, fb)  # [r, d_out, d_in, D], Frobenius-orthonormal
-                r = H.shape[0]
-                if r:
-                    self.tiles.append((oo, cb, fb.dim, oi, ca, fa.dim, r))
-                    self._maps.append(_whitened(H, M, f"{space.group}, {fb.name} <- {fa.name}"))
-                    tile_flops += cb * ca * fb.dim * fa.dim * D * 4 * r
-                oi += ca * fa.dim
-            oo += cb * fb.dim
+        tile_flops = 0.0
+        for oo, co, fo, so in self._out_fields:
+            for oi, ci, fi, si in self._in_fields:
+                for ob, psi_b in so:
+                    for oa, psi_a in si:
+                        H = hom_basis(space, psi_a, psi_b)  # [r, d_out, d_in, D], Frobenius-orthonormal
+                        r = H.shape[0]
+                        if not r:
+                            continue
+                        self.tiles.append((oo, co, fo.dim, ob, psi_b.dim, oi, ci, fi.dim, oa, psi_a.dim, r))
+                        self._maps.append(_whitened(H, M, f"{space.group}, {psi_b.name} <- {psi_a.name}"))
+                        tile_flops += co * ci * psi_b.dim * psi_a.dim * D * 4 * r
         m, n = rep_out.dim, rep_in.dim
-        rotate = sum(2 * f.dim * c * f.dim for c, f in rep_in.segments if f.Q is not None) * m * D
-        rotate += sum(2 * f.dim * c * f.dim for c, f in rep_out.segments if f.Q is not None) * n * D
+        rotate = sum(2 * f.dim * c * f.dim for _, c, f, _ in self._in_fields if f.Q is not None) * m * D
+        rotate += sum(2 * f.dim * c * f.dim for _, c, f, _ in self._out_fields if f.Q is not None) * n * D
         # pixels -> band and back, the residual, both changes of basis forward and back, the tiles
         self.flops_per_weight = 4 * D + 2 + (2 * rotate + tile_flops) / (m * n * P)
         self.basis_bytes = 8 * sum(F.numel() for F in self._maps)
 
     def __repr__(self):
-        return (f"FactorisedPlan({len(self.tiles)} irrep-type pairs, {self.flops_per_weight:.0f} flops/weight, "
+        return (f"FactorisedPlan({len(self.tiles)} irrep tiles, {self.flops_per_weight:.0f} flops/weight, "
                 f"maps {self.basis_bytes / 1024:.0f} KiB)")
 
     def tiles_on(self, device, dtype) -> list[torch.Tensor]:
         """The maps ``F`` of :attr:`tiles` on ``device`` in ``dtype``, each ``[r, d_out, d_in, D]`` (cached)."""
         return _maps_on(self, torch.device(device), dtype)
 
-    # ---- the band coefficients ---------------------------------------------------------------
+    # ---- the band coefficients, laid out [D, B, m, n] ------------------------------------------
     def project_band(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h, E_G)``: for band coefficients ``a = K Phi`` (``[..., m, n, D]``), the coefficients ``h`` of
-        ``P K = h Phi^T`` (same shape) and ``E_G = ||P K||^2`` (``[...]``, in ``a``'s dtype)."""
+        """``(h, E_G)``: for band coefficients ``a = (K Phi)`` laid out ``[D, B, m, n]`` (``B`` the batch),
+        the coefficients ``h`` of ``P K = h Phi^T`` (same layout) and ``E_G = ||P K||^2`` (``[B]``)."""
         a_hat = self._to_irreps(a)
         h_hat = torch.zeros_like(a_hat)
-        e_g = a.new_zeros(a.shape[:-3])
-        for (oo, cb, db, oi, ca, da, r), F in zip(self.tiles, self.tiles_on(a.device, a.dtype)):
-            X = a_hat[..., oo: oo + cb * db, oi: oi + ca * da, :].unflatten(-2, (ca, da)).unflatten(-4, (cb, db))
-            c = torch.einsum("...ubvad,sbad->...uvs", X, F)
+        e_g = a.new_zeros(a.shape[1])
+        for (oo, co, do, ob, db, oi, ci, di, oa, da, r), F in zip(self.tiles, self.tiles_on(a.device, a.dtype)):
+            X = _tile(a_hat, oo, co, do, ob, db, oi, ci, di, oa, da)  # [D, B, co, db, ci, da]
+            c = torch.einsum("dwubva,sbad->wuvs", X, F)
             e_g = e_g + c.square().sum((-3, -2, -1))
-            h_hat[..., oo: oo + cb * db, oi: oi + ca * da, :] = torch.einsum(
-                "...uvs,sbad->...ubvad", c, F).flatten(-5, -4).flatten(-3, -2)
+            _tile(h_hat, oo, co, do, ob, db, oi, ci, di, oa, da).copy_(torch.einsum("wuvs,sbad->dwubva", c, F))
         return self._from_irreps(h_hat), e_g
 
     def _to_irreps(self, a: torch.Tensor) -> torch.Tensor:
-        if self._rotates_in:
-            a = _apply_blocks(a, self._in_blocks, transpose=True)
         if self._in_perm is not None:
-            a = a.index_select(-2, self._in_perm.to(a.device))
-        if self._rotates_out or self._out_perm is not None:
-            X = a.flatten(-2)
-            if self._rotates_out:
-                X = _apply_blocks(X, self._out_blocks, transpose=True)
-            if self._out_perm is not None:
-                X = X.index_select(-2, self._out_perm.to(a.device))
-            a = X.unflatten(-1, a.shape[-2:])
-        return a
+            a = a.index_select(-1, self._in_perm.to(a.device))
+        a = _rotate(a, self._in_fields, -1, transpose=True)
+        if self._out_perm is not None:
+            a = a.index_select(-2, self._out_perm.to(a.device))
+        return _rotate(a, self._out_fields, -2, transpose=True)
 
     def _from_irreps(self, h: torch.Tensor) -> torch.Tensor:
-        if self._rotates_out or self._out_perm is not None:
-            X = h.flatten(-2)
-            if self._out_perm is not None:
-                X = X.index_select(-2, torch.argsort(self._out_perm).to(h.device))
-            if self._rotates_out:
-                X = _apply_blocks(X, self._out_blocks, transpose=False)
-            h = X.unflatten(-1, h.shape[-2:])
+        h = _rotate(h, self._out_fields, -2, transpose=False)
+        if self._out_perm is not None:
+            h = h.index_select(-2, torch.argsort(self._out_perm).to(h.device))
+        h = _rotate(h, self._in_fields, -1, transpose=False)
         if self._in_perm is not None:
-            h = h.index_select(-2, torch.argsort(self._in_perm).to(h.device))
-        if self._rotates_in:
-            h = _apply_blocks(h, self._in_blocks, transpose=False)
+            h = h.index_select(-1, torch.argsort(self._in_perm).to(h.device))
         return h
 
     # ---- one pass over the weight ----------------------------------------------------------------
@@ -145,14 +130,16 @@ class FactorisedPlan:
     def _run(self, K, c_perp, c_g, out, energies):
         P, D = self.space.num_pixels, self.space.dim
         Phi = _sampled_on(self.space, K.device, K.dtype)
-        batch = K.shape[:-3]
+        batch, (m, n) = K.shape[:-3], K.shape[-3:-1]
         rows = K.reshape(-1, P)
-        h, e_g = self.project_band((rows @ Phi).view(K.shape[:-1] + (D,)))
-        h_rows = h.reshape(-1, D)
+        # [D, rows] = Phi^T K^T: the wide orientation is the faster product for a thin Phi
+        a = torch.mm(Phi.T, rows.T).view(D, -1, m, n)
+        h, e_g = self.project_band(a)
+        h_rows = h.reshape(D, -1).T  # [rows, D], a transposed view
         PhiT = Phi.T
         if c_perp is None:
             e_perp = _residual_energies(rows, h_rows, PhiT, None, None, None, K.shape)
-            return e_perp.view(batch).to(K.dtype), e_g, None
+            return e_perp.view(batch).to(K.dtype), e_g.view(batch), None
         cp = _per_row(c_perp, batch, K)
         cg = _per_row(c_g, batch, K)
         if out is not None and out.data_ptr() == K.data_ptr() and not energies and cp is None:
@@ -167,7 +154,52 @@ class FactorisedPlan:
         target = grad if out is None else out.view(-1, P)
         e_perp = _residual_energies(rows, h_rows, PhiT, target, (c_perp, c_g, cp, cg), out is None, K.shape)
         e_perp = e_perp.view(batch).to(K.dtype) if energies else None
-        return e_perp, (e_g if energies else None), (grad.view(K.shape) if out is None else out)
+        return e_perp, (e_g.view(batch) if energies else None), (grad.view(K.shape) if out is None else out)
+
+
+def _fields(rep: Rep):
+    """``[(offset, copies, field, [(slot offset, irrep field)])]`` of the segments of ``rep`` (structured order)."""
+    out, o = [], 0
+    for c, f in rep.segments:
+        slots, so = [], 0
+        for s in f.slots:
+            slots.append((so, s.segments[0][1]))
+            so += s.dim
+        out.append((o, c, f, slots))
+        o += c * f.dim
+    return out
+
+
+def _tile(X: torch.Tensor, oo, co, do, ob, db, oi, ci, di, oa, da) -> torch.Tensor:
+    """The view ``[D, B, co, db, ci, da]`` of ``X [D, B, m, n]``: slot ``ob`` of each of the ``co`` output
+    field copies at ``oo`` against slot ``oa`` of each input field copy at ``oi``."""
+    T = X[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do))
+    return T[..., ob: ob + db, :, oa: oa + da]
+
+
+def _rotate(X: torch.Tensor, fields, axis: int, transpose: bool) -> torch.Tensor:
+    """Each field along ``axis`` (-1: input channels, -2: output channels) of ``X [D, B, m, n]`` to its
+    irreps (``transpose=True``: ``Q_f^T``) or back (``Q_f``); fields without a change of basis stay."""
+    if all(f.Q is None for _, _, f, _ in fields):
+        return X
+    parts = []
+    for o, c, f, _ in fields:
+        blk = X.narrow(axis, o, c * f.dim)
+        if f.Q is not None:
+            Q = _q_on(f, X.device, X.dtype)
+            if axis == -1:  # rows x of [..., c, d] to x Q: as (Q^T X^T)^T, the orientation BLAS runs fast
+                M = Q.T if transpose else Q
+                blk = torch.mm(M, blk.reshape(-1, f.dim).T).T.reshape(blk.shape)
+            else:
+                blk = torch.matmul(Q.T if transpose else Q, blk.unflatten(-2, (c, f.dim))).flatten(-3, -2)
+        parts.append(blk)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, axis)
+
+
+@torch.compiler.disable
+@functools.lru_cache(maxsize=512)
+def _q_on(field, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return field.Q.to(device=device, dtype=dtype).contiguous()
 
 
 def _moved(perm):

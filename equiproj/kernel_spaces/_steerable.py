@@ -486,9 +486,12 @@ def _reference_parts(w, sp, ri, ro):
 
 class _FusedRoute:
     """The device's fused backend (``"cpp"``, ``"triton"``): differentiable energies through the fused op
-    on the pixel plan (nothing but the weights kept for backward); energies with gradients, and the
-    gradient added in place (the decoupled step when the outputs are the weights), through the
-    factorised transforms (:mod:`equiproj.kernel_spaces._factorised`)."""
+    on the pixel plan (nothing but the weights kept for backward). Energies with gradients, and the
+    gradient added in place (the decoupled step when the outputs are the weights): where the pixel
+    plan works on the weight itself (fields without a change of basis: a few basis kernels per
+    field pair), the fused op in one pass writing into the outputs; where it would rotate fields into
+    their irreps (regular fields), the factorised transforms
+    (:mod:`equiproj.kernel_spaces._factorised`), two passes over the weight and no copy of it."""
 
     @staticmethod
     def energies(weights, spaces, reps, dev):
@@ -498,13 +501,27 @@ class _FusedRoute:
 
     @staticmethod
     def energies_and_grads(weights, spaces, reps, lambda_perp, lambda_G, outs=None, energies=True):
-        eps, egs, grads = [], [], []
+        L = len(weights)
+        eps, egs, grads = [None] * L, [None] * L, [None] * L
+        tiles = []  # layers whose pixel plan runs on the weight itself: the fused op, in place into outs
         for i, (w, sp, (ri, ro)) in enumerate(zip(weights, spaces, reps)):
-            ep, eg, g = _factorised_one(w.detach(), sp, ri, ro, lambda_perp[i], lambda_G[i],
-                                        None if outs is None else outs[i], energies)
-            eps.append(ep)
-            egs.append(eg)
-            grads.append(g)
+            if sp.plan(ri, ro).layout == "fields" and _fused_writes_into(w, None if outs is None else outs[i]):
+                tiles.append(i)
+                continue
+            eps[i], egs[i], grads[i] = _factorised_one(w.detach(), sp, ri, ro, lambda_perp[i], lambda_G[i],
+                                                       None if outs is None else outs[i], energies)
+        if tiles:
+            with torch.no_grad():
+                plans, Xs = _plan_inputs([w.detach() for w in weights], spaces, reps, tiles)
+                dev = Xs[0].device
+                cps = [_ops.as_coefficient(lambda_perp[i], X, f"lambda_perp[{i}]") for i, X in zip(tiles, Xs)]
+                cgs = [_ops.as_coefficient(lambda_G[i], X, f"lambda_G[{i}]") for i, X in zip(tiles, Xs)]
+                dt = torch.float64 if dev.type == "cpu" else torch.float32
+                into = None if outs is None else [spaces[i]._pixels(outs[i], *reps[i]).flatten(-2) for i in tiles]
+                ep, eg, gr = _ops.fused_energies_and_grads(Xs, [packed_on(p, dev, dt) for p in plans], cps, cgs, into)
+            for j, i in enumerate(tiles):
+                eps[i], egs[i] = ep[j], eg[j]
+                grads[i] = outs[i] if outs is not None else gr[j].reshape(weights[i].shape)
         return eps, egs, grads
 
 
@@ -563,6 +580,11 @@ def _added(grads, outs):
     for o, g in zip(outs, grads):
         o.add_(g.reshape(o.shape).to(o.dtype))
     return list(outs)
+
+
+def _fused_writes_into(w, out) -> bool:
+    """Whether the fused op can take ``w`` as it is and write its gradient into ``out`` (or a fresh tensor)."""
+    return w.is_contiguous() and (out is None or (out.dtype == w.dtype and out.is_contiguous()))
 
 
 def _factorised_one(w, sp, ri, ro, lambda_perp, lambda_G, out, energies):
