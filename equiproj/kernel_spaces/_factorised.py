@@ -45,8 +45,9 @@ class FactorisedPlan:
     basis of both reps and, per pair of irrep types, the whitened equivariant coefficient maps ``F``
     (``[r, d_out * d_in * D]``, float64 on the CPU; :meth:`tiles_on` for a device and dtype).
 
-    Attributes: ``space``, ``rep_in``, ``rep_out``, ``tiles`` (``(out offset, out copies, d_out, in offset,
-    in copies, d_in, r)`` per irrep-type pair with ``r > 0``, in the grouped irreps coordinates),
+    Attributes: ``space``, ``rep_in``, ``rep_out``, ``tiles`` (``(out offset, out copies, d_out, out slot
+    offset, d_out slot, in offset, in copies, d_in, in slot offset, d_in slot, r)`` per pair of irrep
+    slots of two field segments with ``r > 0``),
     ``flops_per_weight`` (estimate, per entry of the kernel), ``basis_bytes`` (float64).
     """
 
@@ -56,10 +57,13 @@ class FactorisedPlan:
         M = space.sampled.T @ space.sampled
         self._in_fields, self._out_fields = _fields(rep_in), _fields(rep_out)
         self._in_perm, self._out_perm = _moved(rep_in.perm), _moved(rep_out.perm)
-        self.tiles, self._maps = [], []
+        self.tiles, self._maps, self._segment_pairs = [], [], []
         tile_flops = 0.0
-        for oo, co, fo, so in self._out_fields:
-            for oi, ci, fi, si in self._in_fields:
+        for seg_out in self._out_fields:
+            oo, co, fo, so = seg_out
+            for seg_in in self._in_fields:
+                oi, ci, fi, si = seg_in
+                slots = []
                 for ob, psi_b in so:
                     for oa, psi_a in si:
                         H = hom_basis(space, psi_a, psi_b)  # [r, d_out, d_in, D], Frobenius-orthonormal
@@ -68,7 +72,10 @@ class FactorisedPlan:
                             continue
                         self.tiles.append((oo, co, fo.dim, ob, psi_b.dim, oi, ci, fi.dim, oa, psi_a.dim, r))
                         self._maps.append(_whitened(H, M, f"{space.group}, {psi_b.name} <- {psi_a.name}"))
+                        slots.append((ob, psi_b.dim, oa, psi_a.dim))
                         tile_flops += co * ci * psi_b.dim * psi_a.dim * D * 4 * r
+                if slots:
+                    self._segment_pairs.append((seg_out, seg_in, slots))
         m, n = rep_out.dim, rep_in.dim
         rotate = sum(2 * f.dim * c * f.dim for _, c, f, _ in self._in_fields if f.Q is not None) * m * D
         rotate += sum(2 * f.dim * c * f.dim for _, c, f, _ in self._out_fields if f.Q is not None) * n * D
@@ -87,33 +94,46 @@ class FactorisedPlan:
     # ---- the band coefficients, laid out [D, B, m, n] ------------------------------------------
     def project_band(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, E_G)``: for band coefficients ``a = (K Phi)`` laid out ``[D, B, m, n]`` (``B`` the batch),
-        the coefficients ``h`` of ``P K = h Phi^T`` (same layout) and ``E_G = ||P K||^2`` (``[B]``)."""
-        a_hat = self._to_irreps(a)
-        h_hat = torch.zeros_like(a_hat)
-        e_g = a.new_zeros(a.shape[1])
-        for (oo, co, do, ob, db, oi, ci, di, oa, da, r), F in zip(self.tiles, self.tiles_on(a.device, a.dtype)):
-            X = _tile(a_hat, oo, co, do, ob, db, oi, ci, di, oa, da)  # [D, B, co, db, ci, da]
-            c = torch.einsum("dwubva,sbad->wuvs", X, F)
-            e_g = e_g + c.square().sum((-3, -2, -1))
-            _tile(h_hat, oo, co, do, ob, db, oi, ci, di, oa, da).copy_(torch.einsum("wuvs,sbad->dwubva", c, F))
-        return self._from_irreps(h_hat), e_g
+        the coefficients ``h`` of ``P K = h Phi^T`` (same layout) and ``E_G = ||P K||^2`` (``[B]``).
 
-    def _to_irreps(self, a: torch.Tensor) -> torch.Tensor:
+        Per pair of field segments, the block is moved once to ``[B, d_out, d_in, D, copies_out *
+        copies_in]``: there both changes of basis and every irrep tile are products with wide right
+        factors (one column per copy pair), and the block moves back once."""
         if self._in_perm is not None:
             a = a.index_select(-1, self._in_perm.to(a.device))
-        a = _rotate(a, self._in_fields, -1, transpose=True)
         if self._out_perm is not None:
             a = a.index_select(-2, self._out_perm.to(a.device))
-        return _rotate(a, self._out_fields, -2, transpose=True)
-
-    def _from_irreps(self, h: torch.Tensor) -> torch.Tensor:
-        h = _rotate(h, self._out_fields, -2, transpose=False)
+        D, B = a.shape[:2]
+        h = torch.zeros_like(a)
+        e_g = a.new_zeros(B)
+        maps = iter(self.tiles_on(a.device, a.dtype))
+        for (oo, co, fo, _), (oi, ci, fi, _), slots in self._segment_pairs:
+            do, di, X = fo.dim, fi.dim, co * ci
+            Y = a[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do))
+            Y = Y.permute(1, 3, 5, 0, 2, 4).reshape(B, do, di, D * X)  # [B, d_out, d_in, D X]
+            if fi.Q is not None:
+                Y = torch.matmul(_q_on(fi, a.device, a.dtype).T, Y)
+            if fo.Q is not None:
+                Y = torch.matmul(_q_on(fo, a.device, a.dtype).T, Y.view(B, do, di * D * X))
+            Y = Y.view(B, do, di, D, X)
+            H = torch.zeros_like(Y)
+            for ob, db, oa, da in slots:
+                F = next(maps)
+                Fm = F.view(F.shape[0], -1)
+                c = torch.matmul(Fm, Y[:, ob: ob + db, oa: oa + da].reshape(B, db * da * D, X))  # [B, r, X]
+                e_g = e_g + c.square().sum((-2, -1))
+                H[:, ob: ob + db, oa: oa + da] = torch.matmul(Fm.T, c).view(B, db, da, D, X)
+            if fo.Q is not None:
+                H = torch.matmul(_q_on(fo, a.device, a.dtype), H.view(B, do, di * D * X))
+            if fi.Q is not None:
+                H = torch.matmul(_q_on(fi, a.device, a.dtype), H.view(B, do, di, D * X))
+            h[..., oo: oo + co * do, oi: oi + ci * di] = H.view(B, do, di, D, co, ci).permute(3, 0, 4, 1, 5, 2).reshape(
+                D, B, co * do, ci * di)
         if self._out_perm is not None:
             h = h.index_select(-2, torch.argsort(self._out_perm).to(h.device))
-        h = _rotate(h, self._in_fields, -1, transpose=False)
         if self._in_perm is not None:
             h = h.index_select(-1, torch.argsort(self._in_perm).to(h.device))
-        return h
+        return h, e_g
 
     # ---- one pass over the weight ----------------------------------------------------------------
     def run(self, K: torch.Tensor, c_perp=None, c_g=None, out: torch.Tensor | None = None, energies: bool = True):
@@ -168,32 +188,6 @@ def _fields(rep: Rep):
         out.append((o, c, f, slots))
         o += c * f.dim
     return out
-
-
-def _tile(X: torch.Tensor, oo, co, do, ob, db, oi, ci, di, oa, da) -> torch.Tensor:
-    """The view ``[D, B, co, db, ci, da]`` of ``X [D, B, m, n]``: slot ``ob`` of each of the ``co`` output
-    field copies at ``oo`` against slot ``oa`` of each input field copy at ``oi``."""
-    T = X[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do))
-    return T[..., ob: ob + db, :, oa: oa + da]
-
-
-def _rotate(X: torch.Tensor, fields, axis: int, transpose: bool) -> torch.Tensor:
-    """Each field along ``axis`` (-1: input channels, -2: output channels) of ``X [D, B, m, n]`` to its
-    irreps (``transpose=True``: ``Q_f^T``) or back (``Q_f``); fields without a change of basis stay."""
-    if all(f.Q is None for _, _, f, _ in fields):
-        return X
-    parts = []
-    for o, c, f, _ in fields:
-        blk = X.narrow(axis, o, c * f.dim)
-        if f.Q is not None:
-            Q = _q_on(f, X.device, X.dtype)
-            if axis == -1:  # rows x of [..., c, d] to x Q: as (Q^T X^T)^T, the orientation BLAS runs fast
-                M = Q.T if transpose else Q
-                blk = torch.mm(M, blk.reshape(-1, f.dim).T).T.reshape(blk.shape)
-            else:
-                blk = torch.matmul(Q.T if transpose else Q, blk.unflatten(-2, (c, f.dim))).flatten(-3, -2)
-        parts.append(blk)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, axis)
 
 
 @torch.compiler.disable
