@@ -38,7 +38,8 @@ def _reps(group, kind: str, channels: int):
     ids = {"SO2": ["0", "1", "2", "3"], "O2": ["(0,0)", "(1,0)", "(1,1)", "(1,2)", "(1,3)"],
            "SO3": ["0", "1", "2"], "O3": ["0e", "1o", "2e"]}[type(group).__name__]
     one = equiproj.Rep.parse(group, " + ".join(ids))
-    return max(1, channels // one.dim) * one
+    c = max(1, channels // one.dim)
+    return equiproj.Rep.parse(group, " + ".join(f"{c}x{i}" for i in ids))  # copies of one irrep together
 
 
 #: (label, group, kernel size, field kind, channels), the rows of the table

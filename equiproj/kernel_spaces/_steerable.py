@@ -488,9 +488,9 @@ class _FusedRoute:
     """The device's fused backend (``"cpp"``, ``"triton"``): differentiable energies through the fused op
     on the pixel plan (nothing but the weights kept for backward). Energies with gradients, and the
     gradient added in place (the decoupled step when the outputs are the weights): where the pixel
-    plan works on the weight itself (fields without a change of basis: a few basis kernels per
-    field pair), the fused op in one pass writing into the outputs; where it would rotate fields into
-    their irreps (regular fields), the factorised transforms
+    plan works on the weight itself (fields without a change of basis, in their own order: a few
+    basis kernels per field pair), the fused op in one pass writing into the outputs; otherwise
+    (regular fields, reps with a permutation) the factorised transforms
     (:mod:`equiproj.kernel_spaces._factorised`), two passes over the weight and no copy of it."""
 
     @staticmethod
@@ -505,7 +505,9 @@ class _FusedRoute:
         eps, egs, grads = [None] * L, [None] * L, [None] * L
         tiles = []  # layers whose pixel plan runs on the weight itself: the fused op, in place into outs
         for i, (w, sp, (ri, ro)) in enumerate(zip(weights, spaces, reps)):
-            if sp.plan(ri, ro).layout == "fields" and _fused_writes_into(w, None if outs is None else outs[i]):
+            plan = sp.plan(ri, ro)
+            if (plan.layout == "fields" and plan.packed.identity_perm
+                    and _fused_writes_into(w, None if outs is None else outs[i])):
                 tiles.append(i)
                 continue
             eps[i], egs[i], grads[i] = _factorised_one(w.detach(), sp, ri, ro, lambda_perp[i], lambda_G[i],
