@@ -4,9 +4,10 @@
 One declared conv per row (float32, no bias), its :class:`~equiproj.nn.ProjectionPenalty`, and the
 floor, timed interleaved in the same run (``torch.utils.benchmark.Timer`` per call, rounds of all
 methods in turn, medians), on 1 and 2 intra-op threads. The route is the factorised projection
-(docs/math.md §6): pixels to the band, each field to its irreps, the whitened equivariant maps per
-irrep-type pair, back; its flops per weight come from the layer's plan
-(``equiproj.kernel_spaces._factorised.factorised_plan``).
+(docs/math.md §6) for fields with a change of basis (regular fields): pixels to the band, each field
+to its irreps, the whitened equivariant maps per irrep tile, back; the fused op on the pixel tiles
+for fields that need none (irreps fields), in place. The "route" and "flops/weight" columns say
+which, and its estimated flops per weight of the kernel.
 
 ``python bench/bench_steerable_layers.py`` prints the table (``--quick``: smaller layers, fewer
 rounds; ``--threads 1``: one thread count). On a shared machine the ratios are indications: the
@@ -66,6 +67,15 @@ def make_layer(group, k: int, kind: str, channels: int, seed: int = 0):
     return conv, rep, rep, space
 
 
+def route_of(space, rep_in, rep_out) -> tuple[str, float]:
+    """Which one-pass route the layer takes on the CPU and its flops per weight: the fused op on the pixel
+    plan where that plan runs on the weight as it is, else the factorised transforms."""
+    plan = space.plan(rep_in, rep_out)
+    if plan.layout == "fields" and plan.packed.identity_perm:
+        return "pixel tiles", plan.flops_per_weight
+    return "factorised", factorised_plan(space, rep_in, rep_out).flops_per_weight
+
+
 def measure(conv, rounds: int, number: int) -> dict:
     """Medians (seconds per call) of the floor, ``penalty.backward()`` into an existing ``.grad`` and
     ``penalty.decay_(0.01)``, interleaved."""
@@ -91,15 +101,15 @@ def measure(conv, rounds: int, number: int) -> dict:
 
 
 def table(rows, threads, rounds: int, number: int, scale: float = 1.0) -> str:
-    lines = ["| layer | weights | flops/weight | threads | floor (ms) | backward (ms) | x floor | decay_ (ms) | x floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| layer | weights | route | flops/weight | threads | floor (ms) | backward (ms) | x floor | decay_ (ms) "
+             "| x floor |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, make_group, k, kind, channels in rows:
         conv, ri, ro, space = make_layer(make_group(), k, kind, max(1, int(channels * scale)))
-        fpw = factorised_plan(space, ri, ro).flops_per_weight
+        route, fpw = route_of(space, ri, ro)
         for nt in threads:
             torch.set_num_threads(nt)
             m = measure(conv, rounds, number)
-            lines.append(f"| {label} | {conv.weight.numel() / 1e6:.2f} M | {fpw:.0f} | {nt} | {m['floor'] * 1e3:.2f} | "
+            lines.append(f"| {label} | {conv.weight.numel() / 1e6:.2f} M | {route} | {fpw:.0f} | {nt} | {m['floor'] * 1e3:.2f} | "
                          f"{m['backward'] * 1e3:.2f} | {m['backward'] / m['floor']:.1f} | {m['decay_'] * 1e3:.2f} | "
                          f"{m['decay_'] / m['floor']:.1f} |")
             print(lines[-1], flush=True)

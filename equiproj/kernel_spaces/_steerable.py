@@ -17,6 +17,10 @@ pixel sampling of a continuous equivariant kernel of a band-limited family, the 
   of V's part in one tile, and the library's fused op on the weight viewed as ``[c_out, c_in k^s]``:
   one pass over W for the energies, one for energies and gradient; nothing but the weight is kept
   for backward (fields with a change of basis may first be rotated into their irreps, when cheaper).
+  Gradients written into given tensors and the in-place decoupled step of fields with a change of
+  basis take the factorised transforms instead (:mod:`equiproj.kernel_spaces._factorised`: pixels
+  to the band, each field to its irreps, a few whitened maps per irrep pair, back), with no copy
+  of W.
 * Defaults (those of escnn's ``R2Conv``/``R3Conv``): rings at radii ``0, 1, ..., (k-1)/2``; width
   0.6 (0.4 on the outermost ring, 0.005 at radius 0); maximum frequency on the ring of radius ``r``
   (``R = (k-1)/2``): 2-D ``min(2 r, 2 if r = R else 2 r - ((r + 1) mod 2))``, 3-D
