@@ -63,19 +63,20 @@ class FactorisedPlan:
             oo, co, fo, so = seg_out
             for seg_in in self._in_fields:
                 oi, ci, fi, si = seg_in
-                slots = []
+                slots, empty_slots = [], []
                 for ob, psi_b in so:
                     for oa, psi_a in si:
                         H = hom_basis(space, psi_a, psi_b)  # [r, d_out, d_in, D], Frobenius-orthonormal
                         r = H.shape[0]
                         if not r:
+                            empty_slots.append((ob, psi_b.dim, oa, psi_a.dim))
                             continue
                         self.tiles.append((oo, co, fo.dim, ob, psi_b.dim, oi, ci, fi.dim, oa, psi_a.dim, r))
                         self._maps.append(_whitened(H, M, f"{space.group}, {psi_b.name} <- {psi_a.name}"))
                         slots.append((ob, psi_b.dim, oa, psi_a.dim))
                         tile_flops += co * ci * psi_b.dim * psi_a.dim * D * 4 * r
                 if slots:
-                    self._segment_pairs.append((seg_out, seg_in, slots))
+                    self._segment_pairs.append((seg_out, seg_in, slots, empty_slots))
         m, n = rep_out.dim, rep_in.dim
         rotate = sum(2 * f.dim * c * f.dim for _, c, f, _ in self._in_fields if f.Q is not None) * m * D
         rotate += sum(2 * f.dim * c * f.dim for _, c, f, _ in self._out_fields if f.Q is not None) * n * D
@@ -104,10 +105,11 @@ class FactorisedPlan:
         if self._out_perm is not None:
             a = a.index_select(-2, self._out_perm.to(a.device))
         D, B = a.shape[:2]
-        h = torch.zeros_like(a)
+        covered = len(self._segment_pairs) == len(self._out_fields) * len(self._in_fields)
+        h = torch.empty_like(a) if covered else torch.zeros_like(a)
         e_g = a.new_zeros(B)
         maps = iter(self.tiles_on(a.device, a.dtype))
-        for (oo, co, fo, _), (oi, ci, fi, _), slots in self._segment_pairs:
+        for (oo, co, fo, _), (oi, ci, fi, _), slots, empty_slots in self._segment_pairs:
             do, di, X = fo.dim, fi.dim, co * ci
             Y = a[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do))
             Y = Y.permute(1, 3, 5, 0, 2, 4).reshape(B, do, di, D * X)  # [B, d_out, d_in, D X]
@@ -116,7 +118,9 @@ class FactorisedPlan:
             if fo.Q is not None:
                 Y = torch.matmul(_q_on(fo, a.device, a.dtype).T, Y.view(B, do, di * D * X))
             Y = Y.view(B, do, di, D, X)
-            H = torch.zeros_like(Y)
+            H = torch.empty_like(Y)
+            for ob, db, oa, da in empty_slots:  # no equivariant map between these two irreps
+                H[:, ob: ob + db, oa: oa + da] = 0
             for ob, db, oa, da in slots:
                 F = next(maps)
                 Fm = F.view(F.shape[0], -1)
@@ -127,8 +131,8 @@ class FactorisedPlan:
                 H = torch.matmul(_q_on(fo, a.device, a.dtype), H.view(B, do, di * D * X))
             if fi.Q is not None:
                 H = torch.matmul(_q_on(fi, a.device, a.dtype), H.view(B, do, di, D * X))
-            h[..., oo: oo + co * do, oi: oi + ci * di] = H.view(B, do, di, D, co, ci).permute(3, 0, 4, 1, 5, 2).reshape(
-                D, B, co * do, ci * di)
+            h[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do)).copy_(
+                H.view(B, do, di, D, co, ci).permute(3, 0, 4, 1, 5, 2))
         if self._out_perm is not None:
             h = h.index_select(-2, torch.argsort(self._out_perm).to(h.device))
         if self._in_perm is not None:
