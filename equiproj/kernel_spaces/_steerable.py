@@ -17,6 +17,10 @@ pixel sampling of a continuous equivariant kernel of a band-limited family, the 
   of V's part in one tile, and the library's fused op on the weight viewed as ``[c_out, c_in k^s]``:
   one pass over W for the energies, one for energies and gradient; nothing but the weight is kept
   for backward (fields with a change of basis may first be rotated into their irreps, when cheaper).
+  Gradients written into given tensors and the in-place decoupled step of fields with a change of
+  basis take the factorised transforms instead (:mod:`equiproj.kernel_spaces._factorised`: pixels
+  to the band, each field to its irreps, a few whitened maps per irrep pair, back), with no copy
+  of W.
 * Defaults (those of escnn's ``R2Conv``/``R3Conv``): rings at radii ``0, 1, ..., (k-1)/2``; width
   0.6 (0.4 on the outermost ring, 0.005 at radius 0); maximum frequency on the ring of radius ``r``
   (``R = (k-1)/2``): 2-D ``min(2 r, 2 if r = R else 2 r - ((r + 1) mod 2))``, 3-D
@@ -43,6 +47,7 @@ from ..groups import Group, Rep, check_rep_pair, spherical_harmonics
 from ..groups._rep import tensor_field
 from ..kernels import torch_project
 from ._aligned import rotate_tiles
+from ._factorised import factorised_plan
 from ._pixel_plan import PixelPlan, packed_on, pixel_plan
 
 __all__ = ["SteerableKernelSpace", "default_kernel_space", "kernel_energies_many", "kernel_energies_and_grads_many"]
@@ -124,9 +129,10 @@ class SteerableKernelSpace:
         return kernel_energies_many(weights, spaces, reps)
 
     @staticmethod
-    def energies_and_grads_many(weights, spaces, reps, *, lambda_perp, lambda_G):
+    def energies_and_grads_many(weights, spaces, reps, *, lambda_perp, lambda_G, outs=None, energies=True):
         """:func:`kernel_energies_and_grads_many`."""
-        return kernel_energies_and_grads_many(weights, spaces, reps, lambda_perp=lambda_perp, lambda_G=lambda_G)
+        return kernel_energies_and_grads_many(weights, spaces, reps, lambda_perp=lambda_perp, lambda_G=lambda_G,
+                                              outs=outs, energies=energies)
 
     def __init__(self, group: Group, kernel_size: int, spatial_dims: int | None = None, *,
                  rings: Sequence[float] | None = None, sigma: float | Sequence[float] | None = None,
@@ -481,54 +487,150 @@ def _reference_parts(w, sp, ri, ro):
     return K, PK, (K - PK).square().flatten(-2 - sp.spatial_dims).sum(-1), PA.square().sum((-2, -1))
 
 
+class _FusedRoute:
+    """The device's fused backend (``"cpp"``, ``"triton"``): differentiable energies through the fused op
+    on the pixel plan (nothing but the weights kept for backward). Energies with gradients, and the
+    gradient added in place (the decoupled step when the outputs are the weights): where the pixel
+    plan works on the weight itself (fields without a change of basis, in their own order: a few
+    basis kernels per field pair), the fused op in one pass writing into the outputs; otherwise
+    (regular fields, reps with a permutation) the factorised transforms
+    (:mod:`equiproj.kernel_spaces._factorised`), two passes over the weight and no copy of it."""
+
+    @staticmethod
+    def energies(weights, spaces, reps, dev):
+        plans, Xs = _plan_inputs(weights, spaces, reps, range(len(weights)))
+        dt = torch.float64 if dev.type == "cpu" else torch.float32
+        return _ops.fused_energies(Xs, [packed_on(p, dev, dt) for p in plans])
+
+    @staticmethod
+    def energies_and_grads(weights, spaces, reps, lambda_perp, lambda_G, outs=None, energies=True):
+        L = len(weights)
+        eps, egs, grads = [None] * L, [None] * L, [None] * L
+        tiles = []  # layers whose pixel plan runs on the weight itself: the fused op, in place into outs
+        for i, (w, sp, (ri, ro)) in enumerate(zip(weights, spaces, reps)):
+            plan = sp.plan(ri, ro)
+            if (plan.layout == "fields" and plan.packed.identity_perm
+                    and _fused_writes_into(w, None if outs is None else outs[i])):
+                tiles.append(i)
+                continue
+            eps[i], egs[i], grads[i] = _factorised_one(w.detach(), sp, ri, ro, lambda_perp[i], lambda_G[i],
+                                                       None if outs is None else outs[i], energies)
+        if tiles:
+            with torch.no_grad():
+                plans, Xs = _plan_inputs([w.detach() for w in weights], spaces, reps, tiles)
+                dev = Xs[0].device
+                cps = [_ops.as_coefficient(lambda_perp[i], X, f"lambda_perp[{i}]") for i, X in zip(tiles, Xs)]
+                cgs = [_ops.as_coefficient(lambda_G[i], X, f"lambda_G[{i}]") for i, X in zip(tiles, Xs)]
+                dt = torch.float64 if dev.type == "cpu" else torch.float32
+                into = None if outs is None else [spaces[i]._pixels(outs[i], *reps[i]).flatten(-2) for i in tiles]
+                ep, eg, gr = _ops.fused_energies_and_grads(Xs, [packed_on(p, dev, dt) for p in plans], cps, cgs, into)
+            for j, i in enumerate(tiles):
+                eps[i], egs[i] = ep[j], eg[j]
+                grads[i] = outs[i] if outs is not None else gr[j].reshape(weights[i].shape)
+        return eps, egs, grads
+
+
+class _TwinRoute:
+    """``"torch"``: the kernels' pure-torch twin on the pixel plan (float64 basis)."""
+
+    @staticmethod
+    def energies(weights, spaces, reps, dev):
+        plans, Xs = _plan_inputs(weights, spaces, reps, range(len(weights)))
+        ep, eg, _ = _ops.run_twin(Xs, [packed_on(p, dev, torch.float64) for p in plans], [], [])
+        return ep, eg
+
+    @staticmethod
+    def energies_and_grads(weights, spaces, reps, lambda_perp, lambda_G, outs=None, energies=True):
+        with torch.no_grad():
+            plans, Xs = _plan_inputs([w.detach() for w in weights], spaces, reps, range(len(weights)))
+            cps = [_ops.as_coefficient(c, X, f"lambda_perp[{i}]") for i, (c, X) in enumerate(zip(lambda_perp, Xs))]
+            cgs = [_ops.as_coefficient(c, X, f"lambda_G[{i}]") for i, (c, X) in enumerate(zip(lambda_G, Xs))]
+            ep, eg, gr = _ops.run_twin(Xs, [packed_on(p, Xs[0].device, torch.float64) for p in plans], cps, cgs)
+            grads = [p.from_plan_coordinates(g).reshape(w.shape).to(w.dtype) for p, g, w in zip(plans, gr, weights)]
+        return ep, eg, _added(grads, outs)
+
+
+class _ReferenceRoute:
+    """``"reference"``: the group quadrature of :mod:`equiproj.reference` on the orthonormal band
+    coefficients (plus the out-of-band part), float64: an independent route (differentiable)."""
+
+    @staticmethod
+    def energies(weights, spaces, reps, dev):
+        parts = [_reference_parts(w, sp, *pair)[2:] for w, sp, pair in zip(weights, spaces, reps)]
+        return [p[0] for p in parts], [p[1] for p in parts]
+
+    @staticmethod
+    def energies_and_grads(weights, spaces, reps, lambda_perp, lambda_G, outs=None, energies=True):
+        eps, egs, grads = [], [], []
+        for w, sp, pair, lp, lg in zip(weights, spaces, reps, lambda_perp, lambda_G):
+            with torch.no_grad():
+                K, PK, ep, eg = _reference_parts(w.detach(), sp, *pair)
+            b = (..., None, None) + (None,) * sp.spatial_dims
+            cp = torch.as_tensor(lp, dtype=torch.float64, device=K.device)[b]
+            cg = torch.as_tensor(lg, dtype=torch.float64, device=K.device)[b]
+            eps.append(ep)
+            egs.append(eg)
+            grads.append((2 * cp * (K - PK) + 2 * cg * PK).to(w.dtype).expand(w.shape).contiguous())
+        return eps, egs, _added(grads, outs)
+
+
+_ops.register_route("steerable_kernel_space", {"cpp": _FusedRoute, "triton": _FusedRoute, "torch": _TwinRoute,
+                                               "reference": _ReferenceRoute})
+
+
+def _added(grads, outs):
+    """``grads``, or ``outs`` after adding ``grads`` to them in place (computed first: an out may be its weight)."""
+    if outs is None:
+        return grads
+    for o, g in zip(outs, grads):
+        o.add_(g.reshape(o.shape).to(o.dtype))
+    return list(outs)
+
+
+def _fused_writes_into(w, out) -> bool:
+    """Whether the fused op can take ``w`` as it is and write its gradient into ``out`` (or a fresh tensor)."""
+    return w.is_contiguous() and (out is None or (out.dtype == w.dtype and out.is_contiguous()))
+
+
+def _factorised_one(w, sp, ri, ro, lambda_perp, lambda_G, out, energies):
+    """One layer through the factorised transforms: ``(E_perp, E_G, gradient)`` with the gradient in a
+    fresh tensor, or added into ``out`` in place (written directly where ``out`` has the compute dtype
+    and is contiguous; ``out`` may be ``w`` itself)."""
+    K = sp._pixels(w, ri, ro, _ops.accumulation_dtype(w.dtype))
+    plan = factorised_plan(sp, ri, ro)
+    target = None if out is None else sp._pixels(out, ri, ro)
+    if target is not None and (target.dtype != K.dtype or not target.is_contiguous()
+                               or (target.data_ptr() == K.data_ptr() and not K.is_contiguous())):
+        ep, eg, g = plan.run(K, lambda_perp, lambda_G, None, energies)
+        out.add_(g.reshape(out.shape).to(out.dtype))
+        return ep, eg, out
+    ep, eg, g = plan.run(K, lambda_perp, lambda_G, target, energies)
+    return ep, eg, (out if out is not None else g.reshape(w.shape).to(w.dtype))
+
+
 def _energies_grouped(weights, spaces, reps, backend):
     out_p, out_g = [None] * len(weights), [None] * len(weights)
     for (name, dev), idx in _ops.group_by_backend(weights, backend).items():
-        if name == "reference":
-            for i in idx:
-                _, _, out_p[i], out_g[i] = _reference_parts(weights[i], spaces[i], *reps[i])
-            continue
-        plans, Xs = _plan_inputs(weights, spaces, reps, idx)
-        if name == "torch":
-            ep, eg, _ = _ops.run_twin(Xs, [packed_on(p, dev, torch.float64) for p in plans], [], [])
-        else:
-            dt = torch.float64 if dev.type == "cpu" else torch.float32
-            ep, eg = _ops.fused_energies(Xs, [packed_on(p, dev, dt) for p in plans])
+        route = _ops.route_for("steerable_kernel_space", name)
+        ep, eg = route.energies([weights[i] for i in idx], [spaces[i] for i in idx], [reps[i] for i in idx], dev)
         for j, i in enumerate(idx):
             out_p[i], out_g[i] = ep[j], eg[j]
     _check_finite(*out_p, *out_g)
     return out_p, out_g
 
 
-def _energies_and_grads_grouped(weights, spaces, reps, lambda_perp, lambda_G, backend):
+def _energies_and_grads_grouped(weights, spaces, reps, lambda_perp, lambda_G, backend, outs=None, energies=True):
     L = len(weights)
     out_p, out_g, grads = [None] * L, [None] * L, [None] * L
     for (name, dev), idx in _ops.group_by_backend(weights, backend).items():
-        if name == "reference":
-            for i in idx:
-                w, sp = weights[i], spaces[i]
-                with torch.no_grad():
-                    K, PK, out_p[i], out_g[i] = _reference_parts(w, sp, *reps[i])
-                b = (..., None, None) + (None,) * sp.spatial_dims
-                cp = torch.as_tensor(lambda_perp[i], dtype=torch.float64)[b]
-                cg = torch.as_tensor(lambda_G[i], dtype=torch.float64)[b]
-                grads[i] = (2 * cp * (K - PK) + 2 * cg * PK).to(w.dtype).expand(w.shape).contiguous()
-            continue
-        with torch.no_grad():
-            plans, Xs = _plan_inputs([w.detach() for w in weights], spaces, reps, idx)
-        cps = [_ops.as_coefficient(lambda_perp[i], X, f"lambda_perp[{i}]") for i, X in zip(idx, Xs)]
-        cgs = [_ops.as_coefficient(lambda_G[i], X, f"lambda_G[{i}]") for i, X in zip(idx, Xs)]
-        if name == "torch":
-            with torch.no_grad():
-                ep, eg, gr = _ops.run_twin(Xs, [packed_on(p, dev, torch.float64) for p in plans], cps, cgs)
-        else:
-            dt = torch.float64 if dev.type == "cpu" else torch.float32
-            ep, eg, gr = _ops.fused_energies_and_grads(Xs, [packed_on(p, dev, dt) for p in plans], cps, cgs)
+        route = _ops.route_for("steerable_kernel_space", name)
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        ep, eg, gr = route.energies_and_grads(pick(weights), pick(spaces), pick(reps), pick(lambda_perp),
+                                              pick(lambda_G), pick(outs), energies)
         for j, i in enumerate(idx):
-            out_p[i], out_g[i] = ep[j], eg[j]
-            with torch.no_grad():
-                grads[i] = plans[j].from_plan_coordinates(gr[j]).reshape(weights[i].shape).to(weights[i].dtype)
-    _check_finite(*out_p, *out_g)
+            out_p[i], out_g[i], grads[i] = ep[j], eg[j], gr[j]
+    if energies:
+        _check_finite(*out_p, *out_g)
     return out_p, out_g, grads
 
 
@@ -565,13 +667,29 @@ def kernel_energies_many(weights, spaces, reps, *, backend: str = "auto") -> tup
     return _stack(e_perp, weights), _stack(e_g, weights)
 
 
-def kernel_energies_and_grads_many(weights, spaces, reps, *, lambda_perp, lambda_G, backend: str = "auto"):
-    """:meth:`SteerableKernelSpace.energies_and_grad` of many conv layers: the energies and gradients of
-    all layers of one backend and device from one call of the fused op, no autograd graph.
+def kernel_energies_and_grads_many(weights, spaces, reps, *, lambda_perp, lambda_G, backend: str = "auto", outs=None,
+                                   energies: bool = True):
+    """:meth:`SteerableKernelSpace.energies_and_grad` of many conv layers, no autograd graph: with the
+    device's fused backend, each layer through the factorised transforms (pixels to the band, each
+    field to its irreps, the small projection there and back): one read of the weight for the band
+    coefficients and one pass that writes the gradient.
 
     Returns ``(E_perp [L], E_G [L], grads)``; ``grads[i]`` has ``weights[i]``'s shape and dtype.
     Arguments as in :func:`kernel_energies_many`, plus one ``lambda_perp`` and ``lambda_G`` per layer.
+    With ``outs`` (one tensor per layer, each of its weight's shape), the gradients are added to
+    them in place and ``grads`` is ``outs``; an out may be its weight itself: ``lambda = -rate / 2``
+    then takes the decoupled step ``W <- W - rate (W - P W)`` in place (for a contiguous float32 or
+    float64 weight one matrix product over W, no copy). ``energies=False`` skips the energies
+    (returned as ``None``), and with them the residual pass of that step.
     """
     weights, spaces, reps, lambda_perp, lambda_G = _check_many(weights, spaces, reps, lambda_perp, lambda_G)
-    e_perp, e_g, grads = _energies_and_grads_grouped(weights, spaces, reps, lambda_perp, lambda_G, backend)
+    if outs is not None:
+        outs = list(outs)
+        if len(outs) != len(weights) or any(not isinstance(o, torch.Tensor) or o.shape != w.shape
+                                            for o, w in zip(outs, weights)):
+            raise ValueError("outs must hold one tensor of its weight's shape per layer")
+    e_perp, e_g, grads = _energies_and_grads_grouped(weights, spaces, reps, lambda_perp, lambda_G, backend, outs,
+                                                     energies)
+    if not energies:
+        return None, None, grads
     return _stack(e_perp, weights), _stack(e_g, weights), grads

@@ -93,6 +93,17 @@ class KernelTerm(Term):
         """``type(space).energies_and_grads_many`` for these terms, or ``None``."""
         return getattr(type(terms[0].space), "energies_and_grads_many", None)
 
+    @staticmethod
+    def one_pass_(terms, lambda_perp, lambda_G, outs, energies=True):
+        """``(E_perp, E_G)`` of the terms, and ``lambda_perp dE_perp + lambda_G dE_G`` added in place to
+        ``outs`` (the ``.grad`` buffers in the terms' weight shape, or the weights themselves:
+        ``lambda = -rate / 2`` is then the decoupled step), one pass per weight; ``energies=False``
+        skips the energies (``(None, None)``). For spaces whose ``energies_and_grads_many`` takes ``outs``."""
+        ep, eg, _ = KernelTerm.one_pass(terms)([t.weight.detach() for t in terms], [t.space for t in terms],
+                                               [(t.rep_in, t.rep_out) for t in terms], lambda_perp=lambda_perp,
+                                               lambda_G=lambda_G, outs=outs, energies=energies)
+        return ep, eg
+
 
 class TranslationTerm(Term):
     """A locally connected weight (or bias) under translations of its periodic grid."""
@@ -111,9 +122,10 @@ def _stack(parts):
     return (torch.stack([p[0].reshape(()).to(dt) for p in parts]), torch.stack([p[1].reshape(()).to(dt) for p in parts]))
 
 
-def one_pass_route(terms):
+def one_pass_route(terms, energies: bool = True):
     """The no-graph route of a batch, or ``None``: ``(terms, lambda_perp, lambda_G, outs) -> (E_perp, E_G,
-    grads)``, the gradients in fresh tensors (``outs=None``) or added in place to ``outs``."""
+    grads)``, the gradients in fresh tensors (``outs=None``) or added in place to ``outs``. With
+    ``energies=False`` a route may skip the energies where it writes into ``outs``."""
     kind = type(terms[0])
     if kind is MatrixTerm:
         return MatrixTerm.energies_and_grads
@@ -123,13 +135,10 @@ def one_pass_route(terms):
             return None
 
         def route(ts, lp, lg, outs=None):
-            ep, eg, grads = many([t.weight.detach() for t in ts], [t.space for t in ts],
-                                 [(t.rep_in, t.rep_out) for t in ts], lambda_perp=lp, lambda_G=lg)
             if outs is None:
-                return ep, eg, grads
-            for o, g in zip(outs, grads):
-                o.add_(g.to(o.dtype))
-            return ep, eg, outs
+                return many([t.weight.detach() for t in ts], [t.space for t in ts],
+                            [(t.rep_in, t.rep_out) for t in ts], lambda_perp=lp, lambda_G=lg)
+            return (*KernelTerm.one_pass_(ts, lp, lg, outs, energies), outs)
 
         return route
     return None

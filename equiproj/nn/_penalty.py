@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._declaration import MatrixTerm, batches, inplace_view, one_pass_route
+from ._declaration import batches, inplace_view, one_pass_route
 from ._declare import _epoch, declaration, select_layers, unwrap
 from ._tensors import accumulate_grad, assign, is_dtensor, no_autocast
 
@@ -286,7 +286,8 @@ class ProjectionPenalty:
         whatever the task gradient's scale. Call it after ``optimizer.step()``.
 
         Matrix-form layers take one fused pass per weight that reads W and writes it back, with no
-        copy of the parameters; FSDP2 shards are gathered, stepped and scattered back; other kinds
+        copy of the parameters; steerable kernel spaces read W once for its band coefficients and
+        write it back with one matrix product (no float64 copy); FSDP2 shards are gathered, stepped and scattered back; other kinds
         step through their projection.
         """
         for name, r in (("rate", rate), ("rate_G", rate_G)):
@@ -297,13 +298,11 @@ class ProjectionPenalty:
             stepped = set()
             _, terms, _ = self._fast_and_slow()
             for ts, _ in batches(terms).values():
-                if type(ts[0]) is not MatrixTerm:
-                    continue
+                route = one_pass_route(ts, energies=False)
                 views = [inplace_view(t, t.param) for t in ts]
                 ks = [k for k, v in enumerate(views) if v is not None]
                 if ks:
-                    MatrixTerm.energies_and_grads([ts[k] for k in ks], [-rate / 2] * len(ks), [-rate_G / 2] * len(ks),
-                                                  [views[k] for k in ks])
+                    route([ts[k] for k in ks], [-rate / 2] * len(ks), [-rate_G / 2] * len(ks), [views[k] for k in ks])
                     stepped.update(id(ts[k].param) for k in ks)
             for name, m, d in self.layers:
                 for param, part in ((m.weight, 0), (getattr(m, "bias", None) if d.include_bias else None, 1)):

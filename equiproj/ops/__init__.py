@@ -4,15 +4,17 @@
   (C++ kernel on CPU, Triton on CUDA, the pure-torch twin elsewhere), differentiable or with the
   gradient from the same pass;
 * :data:`BACKENDS`, :func:`resolve_backend`, :func:`group_by_backend`: which backend computes
-  what (``backend=`` of the energy functions);
+  what (``backend=`` of the energy functions); :func:`register_route`, :func:`route_for`: how each
+  backend computes the kinds of terms of higher layers (kernel spaces);
 * :func:`cpp_available`, :func:`triton_available`, :func:`cpp_num_threads`: what is built here.
 """
 
 from ._availability import cpp_available, cpp_num_threads, triton_available
-from ._backends import BACKEND_NAMES, BACKENDS, ENV_VAR, Backend, backend_for, group_by_backend, resolve_backend
+from ._backends import (BACKEND_NAMES, BACKENDS, ENV_VAR, Backend, backend_for, group_by_backend, register_route,
+                        resolve_backend, route_for)
 from ._op import (accumulation_dtype, as_coefficient, fused_energies, fused_energies_and_grad, fused_energies_and_grads,
                   run_twin)
 
 __all__ = ["fused_energies", "fused_energies_and_grads", "fused_energies_and_grad", "as_coefficient",
            "accumulation_dtype", "run_twin", "Backend", "BACKENDS", "BACKEND_NAMES", "ENV_VAR", "resolve_backend",
-           "backend_for", "group_by_backend", "cpp_available", "cpp_num_threads", "triton_available"]
+           "backend_for", "group_by_backend", "register_route", "route_for", "cpp_available", "cpp_num_threads", "triton_available"]

@@ -24,7 +24,8 @@ from .._plan import plan_for
 from ._availability import cpp_available, cpp_missing, triton_available, triton_missing, warn_once
 from ._op import fused_energies, fused_energies_and_grad, fused_energies_and_grads, run_twin
 
-__all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "ENV_VAR", "resolve_backend", "backend_for", "group_by_backend"]
+__all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "ENV_VAR", "resolve_backend", "backend_for", "group_by_backend",
+           "register_route", "route_for"]
 
 ENV_VAR = "EQUIPROJ_BACKEND"
 
@@ -36,6 +37,9 @@ class Backend:
     tensors or, with ``outs``, added in place to ``outs`` (which may be the weights themselves)."""
 
     name: str
+    #: how this backend computes other kinds of terms, registered by the layers that define them
+    #: (:func:`register_route`): ``{kind: implementation}``
+    routes: dict
 
     def energies(self, weights, pairs):
         raise NotImplementedError
@@ -118,6 +122,29 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (FusedBackend("cpp"), FusedBa
                                                     ReferenceBackend())}
 #: what ``backend=`` accepts
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
+for _b in BACKENDS.values():
+    _b.routes = {}
+
+
+def register_route(kind: str, implementations: dict) -> None:
+    """Register how each backend computes a kind of term defined in a higher layer (a kernel space,
+    ...): ``implementations`` maps every backend name of :data:`BACKENDS` to an object of that kind's
+    interface. Registering a kind again replaces it."""
+    missing = set(BACKENDS) - set(implementations)
+    if missing or set(implementations) - set(BACKENDS):
+        raise ValueError(f"register_route({kind!r}) needs one implementation per backend {tuple(BACKENDS)}, "
+                         f"got {tuple(implementations)}")
+    for name, impl in implementations.items():
+        BACKENDS[name].routes[kind] = impl
+
+
+def route_for(kind: str, name: str):
+    """The implementation of ``kind`` registered for the backend ``name`` (a resolved name, as
+    :func:`group_by_backend` gives)."""
+    try:
+        return BACKENDS[name].routes[kind]
+    except KeyError:
+        raise LookupError(f"no route for {kind!r} terms is registered for the backend {name!r}") from None
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -1,0 +1,289 @@
+"""The projection onto a steerable kernel space by factorised transforms (docs/math.md §6).
+
+``V = (I ⊗ Phi) Hom_G(rho_in ⊗ sigma, rho_out)``. In a tile between copy ``u`` of an output field
+and copy ``v`` of an input field, an orthonormal basis of V's part is ``A_s = F_s Phi^T`` with
+``F_s`` coefficient maps (``[d_out, d_in, D]``) that are orthonormal in the band's metric
+``M = Phi^T Phi``. The projection is therefore
+
+    a = K Phi                         pixels -> band (2 D flops per weight)
+    a_hat = Q_out^T a Q_in            each field to its irreps (its own change of basis)
+    c = <F, a_hat>, h_hat = c F       per tile between irrep copies: r small (a handful)
+    h = Q_out h_hat Q_in^T            back to the fields
+    P K = h Phi^T                     band -> pixels (2 D flops per weight)
+
+and ``E_G = ||c||^2`` while ``E_perp = ||K - P K||^2`` is summed from the explicit residual (its
+residual form keeps nearly equivariant weights exact). In the irreps coordinates ``F`` is the
+equivariant coefficient maps between two irreps, whitened by ``M`` (``F = G^{-1/2} H`` with ``H`` a
+Frobenius-orthonormal basis of ``Hom(psi_in ⊗ sigma, psi_out)`` and ``G = H (I ⊗ M) H^T``, ``r x
+r``), so no dense per-field-pair basis (``[r, d_out, d_in k^s]``, ``r = 88`` for C8-regular fields at
+k = 5) is formed. Everything between the two pixel passes works on the band coefficients, ``D /
+k^s`` of the weight (0.44 at k = 5 in 2-D, 0.15 in 3-D).
+
+The last pass writes in place: ``out += 2 c_perp (K - P K) + 2 c_G P K``, which for ``out`` the weight
+itself is one matrix product ``K <- beta K + alpha h Phi^T`` over the weight (the decoupled step); for
+a gradient buffer it runs in chunks of rows whose residual stays in cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..groups import Rep
+from ..kernels.inputs import autocast_off
+from ._pixel_plan import hom_basis
+
+__all__ = ["FactorisedPlan", "factorised_plan"]
+
+#: rows of the ``[rows, k^s]`` weight per chunk of the residual pass (a few hundred KiB of float32)
+_CHUNK_ELEMENTS = 1 << 16
+
+
+class FactorisedPlan:
+    """What the factorised projection of one (space, rep_in, rep_out) needs: the per-field changes of
+    basis of both reps and, per pair of irrep types, the whitened equivariant coefficient maps ``F``
+    (``[r, d_out * d_in * D]``, float64 on the CPU; :meth:`tiles_on` for a device and dtype).
+
+    Attributes: ``space``, ``rep_in``, ``rep_out``, ``tiles`` (``(out offset, out copies, d_out, out slot
+    offset, d_out slot, in offset, in copies, d_in, in slot offset, d_in slot, r)`` per pair of irrep
+    slots of two field segments with ``r > 0``),
+    ``flops_per_weight`` (estimate, per entry of the kernel), ``basis_bytes`` (float64).
+    """
+
+    def __init__(self, space, rep_in: Rep, rep_out: Rep):
+        self.space, self.rep_in, self.rep_out = space, rep_in, rep_out
+        P, D = space.num_pixels, space.dim
+        M = space.sampled.T @ space.sampled
+        self._in_fields, self._out_fields = _fields(rep_in), _fields(rep_out)
+        self._in_perm, self._out_perm = _moved(rep_in.perm), _moved(rep_out.perm)
+        self.tiles, self._maps, self._segment_pairs = [], [], []
+        tile_flops = 0.0
+        for seg_out in self._out_fields:
+            oo, co, fo, so = seg_out
+            for seg_in in self._in_fields:
+                oi, ci, fi, si = seg_in
+                slots, empty_slots = [], []
+                for ob, psi_b in so:
+                    for oa, psi_a in si:
+                        H = hom_basis(space, psi_a, psi_b)  # [r, d_out, d_in, D], Frobenius-orthonormal
+                        r = H.shape[0]
+                        if not r:
+                            empty_slots.append((ob, psi_b.dim, oa, psi_a.dim))
+                            continue
+                        self.tiles.append((oo, co, fo.dim, ob, psi_b.dim, oi, ci, fi.dim, oa, psi_a.dim, r))
+                        self._maps.append(_whitened(H, M, f"{space.group}, {psi_b.name} <- {psi_a.name}"))
+                        slots.append((ob, psi_b.dim, oa, psi_a.dim))
+                        tile_flops += co * ci * psi_b.dim * psi_a.dim * D * 4 * r
+                if slots:
+                    self._segment_pairs.append((seg_out, seg_in, slots, empty_slots))
+        m, n = rep_out.dim, rep_in.dim
+        rotate = sum(2 * f.dim * c * f.dim for _, c, f, _ in self._in_fields if f.Q is not None) * m * D
+        rotate += sum(2 * f.dim * c * f.dim for _, c, f, _ in self._out_fields if f.Q is not None) * n * D
+        # pixels -> band and back, the residual, both changes of basis forward and back, the tiles
+        self.flops_per_weight = 4 * D + 2 + (2 * rotate + tile_flops) / (m * n * P)
+        self.basis_bytes = 8 * sum(F.numel() for F in self._maps)
+
+    def __repr__(self):
+        return (f"FactorisedPlan({len(self.tiles)} irrep tiles, {self.flops_per_weight:.0f} flops/weight, "
+                f"maps {self.basis_bytes / 1024:.0f} KiB)")
+
+    def tiles_on(self, device, dtype) -> list[torch.Tensor]:
+        """The maps ``F`` of :attr:`tiles` on ``device`` in ``dtype``, each ``[r, d_out, d_in, D]`` (cached)."""
+        return _maps_on(self, torch.device(device), dtype)
+
+    # ---- the band coefficients, laid out [D, B, m, n] ------------------------------------------
+    def project_band(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, E_G)``: for band coefficients ``a = (K Phi)`` laid out ``[D, B, m, n]`` (``B`` the batch),
+        the coefficients ``h`` of ``P K = h Phi^T`` (same layout) and ``E_G = ||P K||^2`` (``[B]``).
+
+        Per pair of field segments, the block is moved once to ``[B, d_out, d_in, D, copies_out *
+        copies_in]``: there both changes of basis and every irrep tile are products with wide right
+        factors (one column per copy pair), and the block moves back once."""
+        if self._in_perm is not None:
+            a = a.index_select(-1, self._in_perm.to(a.device))
+        if self._out_perm is not None:
+            a = a.index_select(-2, self._out_perm.to(a.device))
+        D, B = a.shape[:2]
+        covered = len(self._segment_pairs) == len(self._out_fields) * len(self._in_fields)
+        h = torch.empty_like(a) if covered else torch.zeros_like(a)
+        e_g = a.new_zeros(B)
+        maps = iter(self.tiles_on(a.device, a.dtype))
+        for (oo, co, fo, _), (oi, ci, fi, _), slots, empty_slots in self._segment_pairs:
+            do, di, X = fo.dim, fi.dim, co * ci
+            Y = a[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do))
+            Y = Y.permute(1, 3, 5, 0, 2, 4).reshape(B, do, di, D * X)  # [B, d_out, d_in, D X]
+            if fi.Q is not None:
+                Y = torch.matmul(_q_on(fi, a.device, a.dtype).T, Y)
+            if fo.Q is not None:
+                Y = torch.matmul(_q_on(fo, a.device, a.dtype).T, Y.view(B, do, di * D * X))
+            Y = Y.view(B, do, di, D, X)
+            H = torch.empty_like(Y)
+            for ob, db, oa, da in empty_slots:  # no equivariant map between these two irreps
+                H[:, ob: ob + db, oa: oa + da] = 0
+            for ob, db, oa, da in slots:
+                F = next(maps)
+                Fm = F.view(F.shape[0], -1)
+                c = torch.matmul(Fm, Y[:, ob: ob + db, oa: oa + da].reshape(B, db * da * D, X))  # [B, r, X]
+                e_g = e_g + c.square().sum((-2, -1))
+                H[:, ob: ob + db, oa: oa + da] = torch.matmul(Fm.T, c).view(B, db, da, D, X)
+            if fo.Q is not None:
+                H = torch.matmul(_q_on(fo, a.device, a.dtype), H.view(B, do, di * D * X))
+            if fi.Q is not None:
+                H = torch.matmul(_q_on(fi, a.device, a.dtype), H.view(B, do, di, D * X))
+            h[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do)).copy_(
+                H.view(B, do, di, D, co, ci).permute(3, 0, 4, 1, 5, 2))
+        if self._out_perm is not None:
+            h = h.index_select(-2, torch.argsort(self._out_perm).to(h.device))
+        if self._in_perm is not None:
+            h = h.index_select(-1, torch.argsort(self._in_perm).to(h.device))
+        return h, e_g
+
+    # ---- one pass over the weight ----------------------------------------------------------------
+    def run(self, K: torch.Tensor, c_perp=None, c_g=None, out: torch.Tensor | None = None, energies: bool = True):
+        """The energies of ``K`` (``[..., m, n, P]``, compute dtype) and, with coefficients, the penalty's
+        gradient ``2 c_perp (K - P K) + 2 c_G P K`` added to ``out`` (``[..., m, n, P]``, contiguous, K's
+        dtype; it may be ``K`` itself: then this is the decoupled step in place) or returned in a fresh
+        tensor (``out=None``). ``c_perp``, ``c_g``: numbers or tensors of the batch shape.
+
+        Returns ``(E_perp, E_G, grad or out or None)``; the energies are ``None`` with ``energies=False``
+        (the step needs no residual, and the weight is written by one matrix product)."""
+        with autocast_off(K.device):  # in K's dtype inside an autocast region too
+            return self._run(K, c_perp, c_g, out, energies)
+
+    def _run(self, K, c_perp, c_g, out, energies):
+        P, D = self.space.num_pixels, self.space.dim
+        Phi = _sampled_on(self.space, K.device, K.dtype)
+        batch, (m, n) = K.shape[:-3], K.shape[-3:-1]
+        rows = K.reshape(-1, P)
+        # [D, rows] = Phi^T K^T: the wide orientation is the faster product for a thin Phi
+        a = torch.mm(Phi.T, rows.T).view(D, -1, m, n)
+        h, e_g = self.project_band(a)
+        h_rows = h.reshape(D, -1).T  # [rows, D], a transposed view
+        PhiT = Phi.T
+        if c_perp is None:
+            e_perp = _residual_energies(rows, h_rows, PhiT, None, None, None, K.shape)
+            return e_perp.view(batch).to(K.dtype), e_g.view(batch), None
+        cp = _per_row(c_perp, batch, K)
+        cg = _per_row(c_g, batch, K)
+        if out is not None and out.data_ptr() == K.data_ptr() and not energies and cp is None:
+            # out = K + 2 c_perp (K - P K) + 2 c_G P K: one product over the weight, in place
+            rows.addmm_(h_rows, PhiT, beta=1 + 2 * c_perp, alpha=2 * (c_g - c_perp))
+            return None, None, out
+        if out is not None and out.data_ptr() == K.data_ptr():  # the residual reads K after the step would write it
+            e_perp, e_g, grad = self._run(K, c_perp, c_g, None, energies)
+            out.add_(grad)
+            return e_perp, e_g, out
+        grad = torch.empty_like(rows) if out is None else None
+        target = grad if out is None else out.view(-1, P)
+        e_perp = _residual_energies(rows, h_rows, PhiT, target, (c_perp, c_g, cp, cg), out is None, K.shape)
+        e_perp = e_perp.view(batch).to(K.dtype) if energies else None
+        return e_perp, (e_g.view(batch) if energies else None), (grad.view(K.shape) if out is None else out)
+
+
+def _fields(rep: Rep):
+    """``[(offset, copies, field, [(slot offset, irrep field)])]`` of the segments of ``rep`` (structured order)."""
+    out, o = [], 0
+    for c, f in rep.segments:
+        slots, so = [], 0
+        for s in f.slots:
+            slots.append((so, s.segments[0][1]))
+            so += s.dim
+        out.append((o, c, f, slots))
+        o += c * f.dim
+    return out
+
+
+@torch.compiler.disable
+@functools.lru_cache(maxsize=512)
+def _q_on(field, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return field.Q.to(device=device, dtype=dtype).contiguous()
+
+
+def _moved(perm):
+    """``perm``, or ``None`` where it is absent or the identity."""
+    return None if perm is None or torch.equal(perm, torch.arange(len(perm))) else perm
+
+
+def _per_row(c, batch, K):
+    """``None`` for a number (used as is); a tensor of the batch shape as ``[rows_per_batch_item]``-broadcastable
+    ``[B, 1, 1]`` in K's dtype."""
+    if not isinstance(c, torch.Tensor):
+        return None
+    return c.to(device=K.device, dtype=K.dtype).expand(batch).reshape(-1, 1, 1)
+
+
+def _residual_energies(rows, h_rows, PhiT, target, coeffs, fresh, shape):
+    """``||K - h Phi^T||^2`` per batch item (float64 sums of float rows), and with ``target`` the
+    gradient ``2 c_perp R + 2 c_G (K - R)`` written (``fresh``) or added into it, chunk by chunk."""
+    n_rows, P = rows.shape
+    per_item = shape[-3] * shape[-2]
+    items = n_rows // per_item if per_item else 0
+    e = torch.zeros(items, dtype=torch.float64, device=rows.device)
+    step = max(1, _CHUNK_ELEMENTS // P)
+    scratch = None
+    for b in range(items):
+        for s in range(b * per_item, (b + 1) * per_item, step):
+            t = min(step, (b + 1) * per_item - s)
+            K_c, h_c = rows[s: s + t], h_rows[s: s + t]
+            if target is not None and fresh:
+                R = torch.addmm(K_c, h_c, PhiT, alpha=-1, out=target[s: s + t])
+            else:
+                if scratch is None or scratch.shape[0] < t:
+                    scratch = torch.empty(step, P, dtype=rows.dtype, device=rows.device)
+                R = torch.addmm(K_c, h_c, PhiT, alpha=-1, out=scratch[:t])
+            e[b] += torch.linalg.vecdot(R.reshape(-1), R.reshape(-1)).double()
+            if target is None:
+                continue
+            c_perp, c_g, cp, cg = coeffs
+            T = target[s: s + t]
+            if fresh:  # T holds R: T = 2 c_perp R + 2 c_G (K - R)
+                if cp is None and cg is None:
+                    if c_g:
+                        T.mul_(2 * (c_perp - c_g)).add_(K_c, alpha=2 * c_g)
+                    else:
+                        T.mul_(2 * c_perp)
+                else:
+                    cpb = cp[b] if cp is not None else c_perp
+                    cgb = cg[b] if cg is not None else c_g
+                    T.mul_(2 * (cpb - cgb)).add_(K_c * (2 * cgb))
+            else:
+                if cp is None and cg is None:
+                    T.add_(R, alpha=2 * (c_perp - c_g))
+                    if c_g:
+                        T.add_(K_c, alpha=2 * c_g)
+                else:
+                    cpb = cp[b] if cp is not None else c_perp
+                    cgb = cg[b] if cg is not None else c_g
+                    T.add_(R * (2 * (cpb - cgb))).add_(K_c * (2 * cgb))
+    return e
+
+
+def _whitened(H: torch.Tensor, M: torch.Tensor, what: str) -> torch.Tensor:
+    """``G^{-1/2} H`` (``[r, d_out, d_in, D]``), orthonormal in the metric ``I ⊗ M``: its kernels ``F_s Phi^T`` are
+    an orthonormal basis of V's part in the tile."""
+    G = torch.einsum("sbad,de,tbae->st", H, M, H)
+    lam, U = torch.linalg.eigh(G)
+    if not lam[0] > 1e-10 * lam[-1]:
+        raise RuntimeError(f"{what}: the sampled equivariant kernels are linearly dependent on the grid "
+                           f"(Gram eigenvalues from {float(lam[0]):.1e} to {float(lam[-1]):.1e})")
+    W = (U * lam.rsqrt()) @ U.T
+    return torch.einsum("st,tbad->sbad", W, H).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def factorised_plan(space, rep_in: Rep, rep_out: Rep) -> FactorisedPlan:
+    """The (cached) :class:`FactorisedPlan` of a layer."""
+    return FactorisedPlan(space, rep_in, rep_out)
+
+
+@torch.compiler.disable
+@functools.lru_cache(maxsize=512)
+def _maps_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    return [F.to(device=device, dtype=dtype) for F in plan._maps]
+
+
+@torch.compiler.disable
+@functools.lru_cache(maxsize=256)
+def _sampled_on(space, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return space.sampled.to(device=device, dtype=dtype).contiguous()
