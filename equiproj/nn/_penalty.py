@@ -215,7 +215,6 @@ class ProjectionPenalty:
         lp, lg = self._lambda_tensors(e_perp.device, e_perp.dtype)
         return _weighted_sum(e_perp, e_g, lp, lg, self.norm, any(self.lambda_G))
 
-    @torch.compiler.disable
     def backward(self) -> torch.Tensor:
         """Add the penalty's gradient to the ``.grad`` of the declared weights (and biases) and
         return the penalty's value (a detached scalar), without building an autograd graph.

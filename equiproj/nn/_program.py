@@ -66,7 +66,14 @@ class TermGroup:
 
     def set_lambdas(self, lambda_perp: list[float], lambda_G: list[float]) -> None:
         self.lambda_perp, self.lambda_G = list(lambda_perp), list(lambda_G)
-        self._weights = None
+        self._weights = self._lambdas_cat = None
+
+    @property
+    def _lambdas64(self):
+        """``cat(lambda_perp, lambda_G)`` in float64 on the group's device."""
+        if self._lambdas_cat is None:
+            self._lambdas_cat = torch.cat(self.lambda_tensors(torch.float64, self.device))
+        return self._lambdas_cat
 
     def lambda_tensors(self, dtype, device):
         if self._weights is None or self._weights[0].dtype != dtype or self._weights[0].device != device:
@@ -131,8 +138,7 @@ class FusedMatrices(TermGroup):
         self._state = None
 
     def energies(self):
-        L = len(self.views)
-        return ops._op._FusedEnergies.apply(self.kernel, self.kernel, L, *self.views, *sum(self.plan_args, []))
+        return ops._op._FusedEnergies.apply(self.kernel, self.kernel, self.plan_args, *self.views)
 
     def _call(self, idx, grads, accumulate):
         """The op on the terms ``idx`` (all when ``None``); the value ``sum lambda E`` in float64."""
@@ -150,7 +156,7 @@ class FusedMatrices(TermGroup):
             ep, eg = self.kernel(w, m, b, po, pi, [], [], [], False)
         else:
             ep, eg = self.kernel(w, m, b, po, pi, cp, cg, grads, accumulate)
-        return (ep.double() * lp).sum() + (eg.double() * lg).sum()
+        return torch.dot(torch.cat((ep, eg)).double(), torch.cat((lp, lg)) if idx is not None else self._lambdas64)
 
     def _plan_backward(self, grads, trainable):
         """The calls of a backward for this state of the ``.grad`` attributes: ``[(idx, kind)]`` with
@@ -182,15 +188,30 @@ class FusedMatrices(TermGroup):
             if kind == "into":
                 v = self._call(idx, [grads[k] for k in ks] if idx is not None else grads, True)
             elif kind == "fresh":
-                bufs = [torch.empty(self.weights[k].shape, dtype=self._dtypes[k], device=self.device) for k in ks]
-                v = self._call(idx, bufs, False)
-                for k, buf in zip(ks, bufs):
-                    accumulate_grad(self.params[k], buf)
+                v = self._fresh(idx, ks, grads)
                 self._state = None  # the .grad attributes changed
             else:
                 v = self._call(idx, None, False)
             value = v if value is None else value + v
         return value
+
+    def _fresh(self, idx, ks, grads):
+        """The gradients into new buffers: one flat buffer per call when the terms share a dtype
+        (views shaped like the parameters become their ``.grad``), else one buffer each."""
+        params = self.params if idx is None else [self.params[k] for k in ks]
+        dtypes = {self._dtypes[k] for k in ks}
+        if len(dtypes) == 1:
+            flat = torch.empty(sum(self._numels[k] for k in ks), dtype=dtypes.pop(), device=self.device)
+            bufs = torch._utils._unflatten_dense_tensors(flat, params)
+        else:
+            bufs = [torch.empty(p.shape, dtype=self._dtypes[k], device=self.device) for k, p in zip(ks, params)]
+        v = self._call(idx, bufs, False)
+        for k, p, buf in zip(ks, params, bufs):
+            if grads[k] is None:
+                p.grad = buf
+            else:  # a gradient the kernel could not write into
+                accumulate_grad(p, buf)
+        return v
 
     def decay_(self, rate: float, rate_G: float) -> set:
         if not self._inplace:

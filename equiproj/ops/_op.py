@@ -319,20 +319,18 @@ class _FusedEnergies(torch.autograd.Function):
     for eager calls, the redispatch below autograd and the op itself for the registered kernel."""
 
     @staticmethod
-    def forward(ctx, forward_kernel, backward_kernel, num_layers, *tensors):
-        L = num_layers
-        weights, meta, basis, perm_out, perm_in = (list(tensors[k * L : (k + 1) * L]) for k in range(5))
-        ctx.backward_kernel, ctx.num_layers = backward_kernel, L
+    def forward(ctx, forward_kernel, backward_kernel, plan, *weights):
+        # plan: (meta, basis, perm_out, perm_in), constants of the layers, passed as they are (not
+        # saved copies, not autograd inputs)
+        ctx.backward_kernel, ctx.plan = backward_kernel, plan
         ctx.save_for_backward(*weights)
-        ctx.plan = (meta, basis, perm_out, perm_in)  # constants of the layer: kept as they are, not saved copies
-        return forward_kernel(weights, meta, basis, perm_out, perm_in, [], [], [], False)
+        return forward_kernel(list(weights), *plan, [], [], [], False)
 
     @staticmethod
     def backward(ctx, grad_e_perp, grad_e_g):
         if torch.is_grad_enabled():
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         weights, (meta, basis, perm_out, perm_in) = list(ctx.saved_tensors), ctx.plan
-        L = ctx.num_layers
 
         def coefficients(g):  # an unused output arrives as None
             if g is None:
@@ -342,7 +340,7 @@ class _FusedEnergies(torch.autograd.Function):
         dW = [torch.empty(W.shape, dtype=W.dtype, device=W.device) for W in weights]
         ctx.backward_kernel(weights, meta, basis, perm_out, perm_in, coefficients(grad_e_perp),
                             coefficients(grad_e_g), dW, False)
-        return (None, None, None, *dW, *([None] * (4 * L)))
+        return (None, None, None, *dW)
 
 
 def _autograd_kernel(keyset, weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate):
@@ -356,7 +354,7 @@ def _autograd_kernel(keyset, weights, meta, basis, perm_out, perm_in, lambda_per
         if grads:
             raise RuntimeError("equiproj::fused_energies with gradient outputs is not differentiable: call it under "
                                "torch.no_grad() or with weights that do not require grad")
-        return _FusedEnergies.apply(redispatch, _OP, len(weights), *weights, *meta, *basis, *perm_out, *perm_in)
+        return _FusedEnergies.apply(redispatch, _OP, (meta, basis, perm_out, perm_in), *weights)
     return redispatch(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate)
 
 
@@ -424,7 +422,7 @@ def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
     else:
         _remember(plans)
         kernel = device_kernel(dev)
-        ep, eg = _FusedEnergies.apply(kernel, kernel, len(weights), *weights, *sum(_plan_tensors(plans), []))
+        ep, eg = _FusedEnergies.apply(kernel, kernel, _plan_tensors(plans), *weights)
     return split_energies(weights, ep), split_energies(weights, eg)
 
 
