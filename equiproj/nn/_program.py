@@ -115,7 +115,7 @@ class FusedMatrices(TermGroup):
         self.views = [t.weight for t in terms]  # differentiable views of the parameters
         self.weights = [v.detach() for v in self.views]
         plans = [plan_for(t.rep_in, t.rep_out, device) for t in terms]
-        ops._op._remember(plans)
+        ops.remember_plans(plans)
         self.plan_args = ([P.meta for P in plans], [P.basis for P in plans], [P.perm_out for P in plans],
                           [P.perm_in for P in plans])
         self.kernel = ops.device_kernel(device)
@@ -138,7 +138,7 @@ class FusedMatrices(TermGroup):
         self._state = None
 
     def energies(self):
-        return ops._op._FusedEnergies.apply(self.kernel, self.kernel, self.plan_args, *self.views)
+        return ops.prepared_energies(self.kernel, self.plan_args, self.views)
 
     def _call(self, idx, grads, accumulate):
         """The op on the terms ``idx`` (all when ``None``); the value ``sum lambda E`` in float64."""
@@ -168,9 +168,7 @@ class FusedMatrices(TermGroup):
             elif (g is not None and not is_dtensor(g) and g.dtype == self._dtypes[k] and g.is_contiguous()
                   and g.numel() == self._numels[k]):
                 into.append(k)
-            elif g is None:
-                fresh.append(k)
-            else:  # a gradient the kernel cannot write into: fresh, then added
+            else:  # no gradient yet, or one the kernel cannot write into (a fresh one is added to it)
                 fresh.append(k)
         T = len(grads)
         return [(None if len(ks) == T else ks, kind) for ks, kind in ((into, "into"), (fresh, "fresh"),

@@ -11,8 +11,9 @@
 from ._availability import cpp_available, cpp_num_threads, triton_available
 from ._backends import BACKEND_NAMES, BACKENDS, ENV_VAR, Backend, backend_for, group_by_backend, resolve_backend
 from ._op import (accumulation_dtype, as_coefficient, device_kernel, fused_energies, fused_energies_and_grad,
-                  fused_energies_and_grads, run_twin, split_energies)
+                  fused_energies_and_grads, prepared_energies, remember_plans, run_twin, split_energies)
 
 __all__ = ["fused_energies", "fused_energies_and_grads", "fused_energies_and_grad", "as_coefficient",
-           "accumulation_dtype", "run_twin", "device_kernel", "split_energies", "Backend", "BACKENDS", "BACKEND_NAMES", "ENV_VAR", "resolve_backend",
-           "backend_for", "group_by_backend", "cpp_available", "cpp_num_threads", "triton_available"]
+           "accumulation_dtype", "run_twin", "device_kernel", "split_energies", "prepared_energies", "remember_plans",
+           "Backend", "BACKENDS", "BACKEND_NAMES", "ENV_VAR", "resolve_backend", "backend_for", "group_by_backend",
+           "cpp_available", "cpp_num_threads", "triton_available"]

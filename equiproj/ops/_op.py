@@ -64,7 +64,8 @@ from ..kernels.inputs import accumulation_dtype, autocast_off
 from ._availability import cpp_available, triton_kernels
 
 __all__ = ["fused_energies", "fused_energies_and_grads", "fused_energies_and_grad", "as_coefficient",
-           "accumulation_dtype", "energy_dtype", "split_energies", "run_twin", "device_kernel", "SCHEMA"]
+           "accumulation_dtype", "energy_dtype", "split_energies", "run_twin", "device_kernel", "prepared_energies",
+           "remember_plans", "SCHEMA"]
 
 #: the op's schema (the C++ kernel of ``csrc/fused_energies.cpp`` is registered against it)
 SCHEMA = ("fused_energies(Tensor[] weights, Tensor[] meta, Tensor[] basis, Tensor[] perm_out, Tensor[] perm_in, "
@@ -424,6 +425,18 @@ def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
         kernel = device_kernel(dev)
         ep, eg = _FusedEnergies.apply(kernel, kernel, _plan_tensors(plans), *weights)
     return split_energies(weights, ep), split_energies(weights, eg)
+
+
+def prepared_energies(kernel, plan_tensors, weights) -> tuple[Tensor, Tensor]:
+    """The flat energies ``(E_perp, E_G)`` of ``weights`` (one per matrix), differentiable, for a
+    caller that prepared everything once: ``kernel`` from :func:`device_kernel`, ``plan_tensors``
+    the lists ``(meta, basis, perm_out, perm_in)`` of plans passed to :func:`remember_plans`."""
+    return _FusedEnergies.apply(kernel, kernel, plan_tensors, *weights)
+
+
+def remember_plans(plans) -> None:
+    """Keep the plan objects of these plans' tensors (the CUDA kernel caches its schedules per plan)."""
+    _remember(plans)
 
 
 def fused_energies_and_grads(weights, plans, lambda_perp, lambda_G, outs=None
