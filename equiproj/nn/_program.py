@@ -299,11 +299,13 @@ class PenaltyProgram:
 
     def per_layer(self, parts) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E_perp [L], E_G [L])`` from the groups' energies (in order) and then the slow layers'."""
-        ep = [p[0] for p in parts]
-        eg = [p[1] for p in parts]
-        dt = torch.float64 if all(e.dtype == torch.float64 for e in ep) else torch.float32
-        ep = torch.cat([e.reshape(-1).to(dt) for e in ep])
-        eg = torch.cat([e.reshape(-1).to(dt) for e in eg])
+        if len(parts) == 1:
+            ep, eg = parts[0]
+            dt = ep.dtype
+        else:
+            dt = torch.float64 if all(p[0].dtype == torch.float64 for p in parts) else torch.float32
+            ep = torch.cat([p[0].reshape(-1).to(dt) for p in parts])
+            eg = torch.cat([p[1].reshape(-1).to(dt) for p in parts])
         if self._index is None or self._index.device != ep.device:
             owners = [o for g in self.groups for o in g.owners] + self.slow
             self._identity = owners == list(range(self.num_layers))

@@ -333,10 +333,12 @@ class _FusedEnergies(torch.autograd.Function):
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         weights, (meta, basis, perm_out, perm_in) = list(ctx.saved_tensors), ctx.plan
 
-        def coefficients(g):  # an unused output arrives as None
+        counts = [math.prod(W.shape[:-2]) for W in weights]
+
+        def coefficients(g):  # one per matrix, flat (the kernels read them so); an unused output arrives as None
             if g is None:
-                return [W.new_zeros(W.shape[:-2], dtype=accumulation_dtype(W.dtype)) for W in weights]
-            return split_energies(weights, g)
+                g = weights[0].new_zeros(sum(counts), dtype=energy_dtype(weights))
+            return list(g.split(counts))
 
         dW = [torch.empty(W.shape, dtype=W.dtype, device=W.device) for W in weights]
         ctx.backward_kernel(weights, meta, basis, perm_out, perm_in, coefficients(grad_e_perp),
