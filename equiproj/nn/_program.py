@@ -11,8 +11,10 @@ reading the ``.grad`` attributes. The other kinds (kernel spaces, translations, 
 per kind.
 
 The program holds views of the parameters. :meth:`PenaltyProgram.current` tells whether it still
-describes the model: the modules at the declared paths (each link of each path), and the storage
-of every parameter (a dtype or device change, ``model.to(...)``, replaces it). The penalty
+describes the model: the modules at the declared paths (each link of each path), the parameters
+registered in them, and the storage of every parameter (a dtype or device change,
+``model.to(...)``, replaces it). Layers whose weight is computed (a parametrization) or whose
+matrix form is a copy are read again at each call. The penalty
 rebuilds it when either changed or a layer was declared, re-declared or undeclared.
 
 A parameter used by several terms (tied weights) is written by one term per call: its first use
@@ -232,6 +234,8 @@ class PenaltyProgram:
     def __init__(self, root: torch.nn.Module, layers, backend: str = "auto"):
         self.root = root
         self.links = module_chain(root, [n for n, _, _ in layers])
+        # views made in inference mode cannot be differentiated later: such a program serves one call
+        self.reusable = not torch.is_inference_mode_enabled()
         self.device = layers[0][1].weight.device if layers else torch.device("cpu")
         self.value_dtype = (torch.float64 if all(m.weight.dtype == torch.float64 for _, m, _ in layers)
                             else torch.float32)
@@ -241,8 +245,14 @@ class PenaltyProgram:
                 continue
             with torch.enable_grad():  # the weights' views keep their graph even if built under no_grad
                 ts = d.terms(name, m)
-            if not all(_shares_storage(t.weight, t.param) for t in ts):
-                continue  # a copy (a parameter whose strides do not reshape): read again at each call
+            registered = [(m._parameters, k, m._parameters.get(k)) for k in ("weight", "bias")
+                          if k in m._parameters and m._parameters[k] is not None]
+            if (not all(any(t.param is p for _, _, p in registered) for t in ts)
+                    or not all(_shares_storage(t.weight, t.param) for t in ts)):
+                # a computed weight (a parametrization) or a copy (strides that do not reshape): read
+                # again at each call
+                continue
+            self.links.extend(registered)  # a parameter replaced by another is a change of the model
             self.fast.append(i)
             terms_per_layer.append(ts)
         fast = set(self.fast)
@@ -293,8 +303,9 @@ class PenaltyProgram:
         return [g]
 
     def current(self) -> bool:
-        """Whether the modules at the declared paths and the parameters' storage are unchanged."""
-        return (all(d.get(k) is m for d, k, m in self.links)
+        """Whether the modules at the declared paths, their parameters and the parameters' storage
+        are unchanged."""
+        return (self.reusable and all(d.get(k) is m for d, k, m in self.links)
                 and [p.data_ptr() for p in self.params] == self.storage)
 
     def per_layer(self, parts) -> tuple[torch.Tensor, torch.Tensor]:

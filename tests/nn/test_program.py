@@ -246,3 +246,25 @@ def test_non_contiguous_weights_and_gradients(gen, monkeypatch):
     pen.decay_(0.2)
     for (n, p), w in zip(model.named_parameters(), want):
         close(p.detach(), w, 1e-5, f"decay_ of {n}")
+
+
+@needs_cpp
+def test_replaced_and_parametrized_parameters(gen, monkeypatch):
+    """A parameter replaced by another after the program was built is read; a computed weight (a
+    parametrization) is read at every call."""
+    model = mixed_model(torch.float32, gen, steerable=False)
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    pen()
+    lin = model["lin1"]
+    lin.weight = nn.Parameter(torch.randn(lin.weight.shape, generator=gen))
+    close(pen(), reference_run(model, monkeypatch, "value"), 1e-5, "after a parameter was replaced")
+    torch.nn.utils.parametrizations.weight_norm(model["grid"])
+    value = pen()
+    with torch.no_grad():
+        model["grid"].parametrizations.weight.original0.mul_(1.5)  # the computed weight changes
+    ref = reference_model(model)
+    with monkeypatch.context() as mp:
+        mp.setenv(ops.ENV_VAR, "reference")
+        want = ProjectionPenalty(ref, **LAMBDAS)().detach()
+    assert float(pen()) != float(value)
+    close(pen(), want, 1e-5, "a parametrized weight")
