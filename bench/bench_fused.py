@@ -15,7 +15,17 @@ fused forward+backward <= 3x ``torch.mul(W, 2)`` and >= 5x faster than the pure-
 table of how the ratio grows with the field dimension up to 64 (regular reps of C_N: a dense
 N x N basis with r = N per tile, the generic kernel; SO(3) single-l fields: the A = I/sqrt(d) path).
 
-Run ``python bench/bench_fused.py [--size 4096] [--threads 1 2] [--cases fields|growth|all]
+Two more tables: ``--cases kinds`` measures every kind of layer (linear layers on irreps and on
+permutation fields, grid and steerable convolutions) through ``ProjectionPenalty.backward()`` into
+``.grad`` and ``decay_`` as multiples of the warm floor ``torch.mul(W, 2, out=buf)`` of the same
+tensor, on each thread count (:mod:`equiproj.cli.bench._layer_kinds`, also a part of ``equiproj bench``;
+``--full`` takes the target sizes); ``--cn N... --routes ROUTE...`` times the cost per weight of the
+one-pass gradient into ``.grad`` on C_N regular fields for each route and, with matplotlib, plots it
+against |G| = N (``--plot FILE``). A route is ``label=backend`` with optional ``,VAR=value``
+environment settings held while it runs (e.g. ``dense=cpp,SOME_SWITCH=0``), so that two routes of
+one backend can be compared.
+
+Run ``python bench/bench_fused.py [--size 4096] [--threads 1 2] [--cases fields|growth|kinds|all]
 [--no-torch]`` for the table: the baseline and the op are timed in turn, round after round, and the
 best of each is kept (ratios from one run; absolute times depend on the machine). Whether the fresh
 64 MiB outputs page-fault (glibc returns them to the OS) dominates both ``torch.mul(W, 2)`` and the
@@ -243,16 +253,116 @@ def test_torch_fwd_bwd(benchmark, layer):
     torch.testing.assert_close(g, expected)
 
 
+# ---- cost per weight against |G| for C_N regular fields, per route ----------------------------
+def parse_route(text: str) -> tuple[str, str, dict]:
+    """``label=backend[,VAR=value...]`` (or just ``backend``) -> ``(label, backend, env)``."""
+    label, _, rest = text.partition("=")
+    if not rest:
+        return text, text, {}
+    backend, *settings = rest.split(",")
+    env = dict(kv.split("=", 1) for kv in settings)
+    return label, backend, env
+
+
+def cn_cost_per_weight(ns, routes, size: int, threads: int, rounds: int = 7) -> list[dict]:
+    """For each N and route: the median time of ``energies_and_grad(..., out=grad)`` on an n x n
+    float32 weight of C_N regular fields (n about ``size``), per weight and as a multiple of the
+    warm floor ``torch.mul(W, 2, out=buf)`` timed in the same rounds."""
+    torch.set_num_threads(threads)
+    rows = []
+    for N in ns:
+        G = equiproj.Cyclic(N)
+        rep = max(1, size // N) * G.regular()
+        W = torch.randn(rep.dim, rep.dim, generator=torch.Generator().manual_seed(N))
+        grad, buf = torch.zeros_like(W), torch.empty_like(W)
+        for text in routes:
+            label, backend, env = parse_route(text)
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                times = {"floor": [], "route": []}
+                fns = {"floor": lambda: torch.mul(W, 2, out=buf), "route": lambda: into_grad(W, grad, rep, backend)}
+                for fn in fns.values():
+                    fn()
+                for _ in range(rounds):
+                    for k, fn in fns.items():
+                        t = time.perf_counter()
+                        fn()
+                        times[k].append(time.perf_counter() - t)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            floor, t = sorted(times["floor"])[rounds // 2], sorted(times["route"])[rounds // 2]
+            rows.append({"N": N, "route": label, "weights": W.numel(), "threads": threads,
+                         "ns_per_weight": 1e9 * t / W.numel(), "x_floor": t / floor})
+    return rows
+
+
+def format_cn(rows: list[dict]) -> str:
+    lines = ["| N = abs(G) | route | weights | threads | ns per weight | x floor |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['N']} | {r['route']} | {r['weights']:,} | {r['threads']} | {r['ns_per_weight']:.2f} "
+                     f"| {r['x_floor']:.1f}x |")
+    return "\n".join(lines)
+
+
+def plot_cn(rows: list[dict], path: str) -> bool:
+    """Cost per weight against |G| (log-log), one line per route; ``False`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (the table above has the same numbers)")
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for route in dict.fromkeys(r["route"] for r in rows):
+        pts = [(r["N"], r["ns_per_weight"]) for r in rows if r["route"] == route]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=route)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("|G| (C_N regular fields)")
+    ax.set_ylabel("ns per weight (gradient into .grad)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=4096, help="about n: W is n x n float32")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--cases", choices=["fields", "growth", "all"], default="all",
-                   help="field dims <= 5 (every thread count), the growth table (last thread count), or both")
+    p.add_argument("--cases", choices=["fields", "growth", "kinds", "all", "none"], default="all",
+                   help="field dims <= 5 (every thread count), the growth table (last thread count), every kind "
+                        "of layer as x floor (every thread count), all of them, or none (with --cn)")
+    p.add_argument("--full", action="store_true", help="layer kinds at the target sizes (slow), not the quick ones")
     p.add_argument("--no-torch", action="store_true", help="skip the (slow) pure-torch path")
+    p.add_argument("--cn", type=int, nargs="*", default=[], help="C_N regular fields: the N of the cost-per-weight table")
+    p.add_argument("--routes", nargs="+", default=["cpp"], help="label=backend[,VAR=value...] per route of --cn")
+    p.add_argument("--plot", default=None, help="write the --cn plot to this file (needs matplotlib)")
     args = p.parse_args(argv)
     if not ops.cpp_available():
         raise SystemExit(ops._availability.cpp_missing())
+    if args.cases in ("kinds", "all"):
+        from equiproj.cli.bench._layer_kinds import format_layer_kinds, layer_kind_rows
+
+        rows = layer_kind_rows(tuple(args.threads), quick=not args.full, progress=lambda s: print(s, flush=True))
+        print()
+        print(format_layer_kinds(rows))
+        print()
+    if args.cn:
+        cn = cn_cost_per_weight(args.cn, args.routes, args.size, args.threads[0])
+        print(format_cn(cn))
+        if args.plot:
+            plot_cn(cn, args.plot)
+    if args.cases in ("kinds", "none"):
+        return
     print(f"isa: {torch.ops.equiproj_cpu.isa()}, torch {torch.__version__}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}")
     runs = []

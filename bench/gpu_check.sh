@@ -9,7 +9,10 @@
 #    without building the C++ extension: an editable pip install without dependencies;
 # 3. runs the CUDA tests (tests/ops/test_triton.py, tests/ops/test_ops.py, tests/nn/test_nn.py), continuing
 #    whatever they report;
-# 4. prints the benchmark table (bench/gpu_bench.py) LAST.
+# 4. times every kind of layer through the penalty program on the GPU (penalty.backward() into .grad
+#    and decay_ as multiples of a warm torch.mul(W, 2, out=buf); equiproj/cli/bench/_layer_kinds.py, quick
+#    sizes) and the cost per weight of C_N regular fields per route (bench/bench_fused.py's --cn code);
+# 5. prints the benchmark table (bench/gpu_bench.py) LAST.
 # Extra arguments go to bench/gpu_bench.py (e.g. --sizes 64,256,1024).
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -33,11 +36,40 @@ fi
 $PY -c "import equiproj.kernels as k; print('equiproj.kernels from', k.__file__, '| triton kernel:', k.HAS_TRITON)"
 
 echo "== CUDA tests"
-TESTS="tests/ops/test_triton.py tests/ops/test_ops.py tests/nn/test_nn.py"
+TESTS="tests/ops/test_triton.py tests/ops/test_ops.py tests/nn/test_nn.py tests/nn/test_program.py"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
 timeout 150 $PY -m pytest $TESTS -q -p no:cacheprovider $XDIST -o addopts="" -ra 2>&1 | tail -25
 echo "tests exit status: ${PIPESTATUS[0]}"
+
+echo "== every kind of layer through the penalty program (x floor, CUDA)"
+timeout 240 $PY - <<'PYEOF' 2>&1 | tail -30 || echo "layer kinds exit status: $?"
+import sys, time, torch
+sys.path.insert(0, "bench")
+import equiproj
+from equiproj.cli.bench._layer_kinds import format_layer_kinds, layer_kind_rows
+rows = layer_kind_rows((1,), quick=True, device="cuda", rounds=15)
+print(format_layer_kinds(rows))
+# C_N regular fields, cost per weight of the gradient into .grad per route (add routes as label=backend)
+for N in (4, 16, 64, 256):
+    G = equiproj.Cyclic(N)
+    rep = max(1, 4096 // N) * G.regular()
+    W = torch.randn(rep.dim, rep.dim, device="cuda")
+    grad, buf = torch.zeros_like(W), torch.empty_like(W)
+    for route in ("triton", "torch"):
+        fns = {"floor": lambda: torch.mul(W, 2, out=buf),
+               "route": lambda: equiproj.energies_and_grad(W, rep, rep, lambda_perp=1.0, backend=route, out=grad)}
+        best = {}
+        for k, fn in fns.items():
+            fn(); torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            best[k] = (time.perf_counter() - t) / 20
+        print(f"C_{N} regular, {route}: {1e9 * best['route'] / W.numel():.3f} ns/weight, "
+              f"{best['route'] / best['floor']:.1f}x floor")
+PYEOF
 
 echo "== benchmark (table last)"
 timeout 200 $PY bench/gpu_bench.py --budget-s 120 "$@" || echo "benchmark exit status: $?"

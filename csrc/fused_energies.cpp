@@ -21,6 +21,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -324,10 +325,11 @@ std::vector<double> coefficients(const Tensor& c, int64_t batch, const char* nam
 }
 
 // outs: empty (the gradients are returned as fresh tensors) or one contiguous tensor per weight, of
-// its shape and dtype, to which the gradient is added in place (nothing is returned for them).
+// its dtype and number of elements, to which the gradient is added in place (add) or written
+// (!add); nothing is returned for them.
 std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_energies(
     at::TensorList weights, at::TensorList meta, at::TensorList basis, at::TensorList perm_out,
-    at::TensorList perm_in, at::TensorList c_perp, at::TensorList c_g, at::TensorList outs) {
+    at::TensorList perm_in, at::TensorList c_perp, at::TensorList c_g, at::TensorList outs, bool add) {
   const int64_t nl = weights.size();
   TORCH_CHECK_VALUE(meta.size() == weights.size() && basis.size() == weights.size() && perm_out.size() == weights.size() &&
                   perm_in.size() == weights.size(),
@@ -378,12 +380,13 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
       L.cg2 = coefficients(c_g[i], L.batch, "c_g", i);
       if (accumulate) {
         const Tensor& out = outs[i];
-        TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == st && out.sizes() == W.sizes() &&
+        TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == st && out.numel() == W.numel() &&
                               out.is_contiguous(),
-                          "fused_energies: layer ", i, ": outs[", i, "] must be a contiguous CPU tensor of W's shape ",
-                          W.sizes(), " and dtype ", st, ", got ", out.scalar_type(), " ", out.sizes());
+                          "fused_energies: layer ", i, ": outs[", i, "] must be a contiguous CPU tensor with the ",
+                          W.numel(), " elements of W ", W.sizes(), " and its dtype ", st, ", got ", out.scalar_type(),
+                          " ", out.sizes());
         L.grad = out.data_ptr();
-        L.accumulate = true;
+        L.accumulate = add;
       } else {
         grads.push_back(at::empty(W.sizes(), W.options().memory_format(at::MemoryFormat::Contiguous)));
         L.grad = grads.back().data_ptr();
@@ -442,6 +445,29 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
   return {e_perp, e_g, grads};
 }
 
+// The CPU implementation of equiproj::fused_energies (schema in equiproj/ops/_op.py): the energies of
+// all matrices of all weights in two flat tensors (float64 if a weight is float64, else float32);
+// the gradients (with coefficients) written or added (accumulate) into `grads`.
+std::tuple<Tensor, Tensor> fused_energies_op(at::TensorList weights, at::TensorList meta, at::TensorList basis,
+                                             at::TensorList perm_out, at::TensorList perm_in,
+                                             at::TensorList lambda_perp, at::TensorList lambda_G,
+                                             at::TensorList grads, bool accumulate) {
+  TORCH_CHECK_VALUE(lambda_perp.empty() || grads.size() == weights.size(),
+                    "fused_energies: with lambda_perp and lambda_G, grads must hold one tensor per weight");
+  TORCH_CHECK_VALUE(!lambda_perp.empty() || grads.empty(), "fused_energies: grads without lambda_perp and lambda_G");
+  auto out = fused_energies(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate);
+  bool wide = false;
+  for (const auto& W : weights) wide = wide || W.scalar_type() == at::kDouble;
+  const auto dt = wide ? at::kDouble : at::kFloat;
+  auto flat = [&](std::vector<Tensor>& parts) {
+    std::vector<Tensor> rows;
+    rows.reserve(parts.size());
+    for (auto& e : parts) rows.push_back(e.reshape({-1}).to(dt));
+    return rows.empty() ? at::empty({0}, at::TensorOptions().dtype(dt)) : at::cat(rows);
+  };
+  return {flat(std::get<0>(out)), flat(std::get<1>(out))};
+}
+
 int64_t num_threads() { return at::get_num_threads(); }
 
 std::vector<std::string> plan_columns() { return {std::begin(kPlanColumnNames), std::end(kPlanColumnNames)}; }
@@ -476,10 +502,9 @@ std::string set_isa(const std::string& which) {
 
 }  // namespace
 
+// The helpers of the extension. The op itself, equiproj::fused_energies, has one schema, declared in
+// equiproj/ops/_op.py with its fake and autograd implementations; this is its CPU implementation.
 TORCH_LIBRARY(equiproj_cpu, m) {
-  m.def(
-      "fused_energies(Tensor[] weights, Tensor[] meta, Tensor[] basis, Tensor[] perm_out, Tensor[] perm_in, "
-      "Tensor[] c_perp, Tensor[] c_g, Tensor(a!)[] outs) -> (Tensor[], Tensor[], Tensor[])");
   m.def("num_threads() -> int", &num_threads);
   m.def("plan_columns() -> str[]", &plan_columns);
   m.def("isa() -> str", &isa);
@@ -487,6 +512,6 @@ TORCH_LIBRARY(equiproj_cpu, m) {
   m.def("parallel_threads(int items) -> int", &parallel_threads);
 }
 
-TORCH_LIBRARY_IMPL(equiproj_cpu, CPU, m) { m.impl("fused_energies", &fused_energies); }
+TORCH_LIBRARY_IMPL(equiproj, CPU, m) { m.impl("fused_energies", &fused_energies_op); }
 
 }  // namespace equiproj_cpu

@@ -17,6 +17,7 @@ TranslationDeclaration ``"translation"``           :func:`equiproj.translation.e
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 
@@ -38,7 +39,14 @@ __all__ = ["Declaration", "MatrixDeclaration", "KernelSpaceDeclaration", "Transl
 # ---------------------------------------------------------------------------------------------
 class Term:
     """One tensor of the penalty: ``weight`` (the parameter in the form its energy function takes) and
-    ``param`` (where its gradient goes). Terms with the same :meth:`batch_key` are computed together."""
+    ``param`` (where its gradient goes). Terms with the same :meth:`batch_key` are computed together.
+
+    Every kind implements the same two class methods over a list of terms of one batch key:
+    :meth:`energies` (differentiable) and :meth:`one_pass` (energies and the gradient of
+    ``sum lambda_perp E_perp + lambda_G E_G`` without an autograd graph, into fresh tensors or
+    added in place to given ones: an existing ``.grad``, or the weight itself for the decoupled
+    step). The default :meth:`one_pass` differentiates :meth:`energies`; kinds with a fused
+    route override it."""
 
     def __init__(self, param: torch.Tensor, weight: torch.Tensor):
         self.param, self.weight = param, weight
@@ -46,10 +54,47 @@ class Term:
     def batch_key(self):
         return type(self)
 
-    @staticmethod
-    def energies(terms) -> tuple[torch.Tensor, torch.Tensor]:
+    def with_weight(self, weight: torch.Tensor) -> "Term":
+        """This term with another tensor (same form) as its weight."""
+        t = copy.copy(self)
+        t.weight = weight
+        return t
+
+    @classmethod
+    def energies(cls, terms) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E_perp [T], E_G [T])`` of these terms (one batch key), differentiable."""
         raise NotImplementedError
+
+    @classmethod
+    def one_pass(cls, terms, lambda_perp, lambda_G, outs=None):
+        """``(E_perp [T], E_G [T], grads)`` without an autograd graph: ``grads[k]`` is the gradient of
+        ``lambda_perp[k] E_perp[k] + lambda_G[k] E_G[k]`` in the form of ``terms[k].weight``, in a fresh
+        tensor, or added in place to ``outs[k]`` (then ``grads[k] is outs[k]``) where ``outs`` is given
+        and ``outs[k]`` is not ``None``. The weights are read before any output is written, so an
+        output may be the weight itself."""
+        leaves = [t.weight.detach().requires_grad_() for t in terms]
+        with torch.enable_grad():
+            ep, eg = cls.energies([t.with_weight(w) for t, w in zip(terms, leaves)])
+            lp = torch.tensor(list(lambda_perp), dtype=ep.dtype, device=ep.device)
+            lg = torch.tensor(list(lambda_G), dtype=eg.dtype, device=eg.device)
+            grads = torch.autograd.grad((lp * ep).sum() + (lg * eg).sum(), leaves, allow_unused=True)
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, leaves)]
+        return ep.detach(), eg.detach(), added(grads, outs)
+
+
+def added(grads, outs):
+    """``grads``, with those whose ``outs`` entry is a tensor added to it in place (and replaced by it)."""
+    if outs is None:
+        return list(grads)
+    result = []
+    with torch.no_grad():
+        for g, o in zip(grads, outs):
+            if o is None:
+                result.append(g)
+            else:
+                o.add_(g.reshape(o.shape).to(o.dtype))
+                result.append(o)
+    return result
 
 
 class MatrixTerm(Term):
@@ -59,14 +104,27 @@ class MatrixTerm(Term):
         super().__init__(param, weight)
         self.rep_in, self.rep_out = rep_in, rep_out
 
-    @staticmethod
-    def energies(terms):
+    @classmethod
+    def energies(cls, terms):
         return energies_many([t.weight for t in terms], [(t.rep_in, t.rep_out) for t in terms])
 
-    @staticmethod
-    def energies_and_grads(terms, lambda_perp, lambda_G, outs=None):
-        return energies_and_grads_many([t.weight.detach() for t in terms], [(t.rep_in, t.rep_out) for t in terms],
-                                       lambda_perp=lambda_perp, lambda_G=lambda_G, outs=outs)
+    @classmethod
+    def one_pass(cls, terms, lambda_perp, lambda_G, outs=None):
+        outs = [None] * len(terms) if outs is None else list(outs)
+        into = [k for k, o in enumerate(outs) if o is not None]
+        fresh = [k for k, o in enumerate(outs) if o is None]
+        T = len(terms)
+        ep, eg, grads = [None] * T, [None] * T, [None] * T
+        for ks, add_to in ((into, [outs[k] for k in into]), (fresh, None)):
+            if not ks:
+                continue
+            p, g, gr = energies_and_grads_many([terms[k].weight.detach() for k in ks],
+                                               [(terms[k].rep_in, terms[k].rep_out) for k in ks],
+                                               lambda_perp=[lambda_perp[k] for k in ks],
+                                               lambda_G=[lambda_G[k] for k in ks], outs=add_to)
+            for j, k in enumerate(ks):
+                ep[k], eg[k], grads[k] = p[j], g[j], gr[j]
+        return torch.stack(ep), torch.stack(eg), grads
 
 
 class KernelTerm(Term):
@@ -80,29 +138,28 @@ class KernelTerm(Term):
     def batch_key(self):
         return (KernelTerm, type(self.space))
 
-    @staticmethod
-    def energies(terms):
+    @classmethod
+    def energies(cls, terms):
         many = getattr(type(terms[0].space), "energies_many", None)
         if many is not None:
             return many([t.weight for t in terms], [t.space for t in terms], [(t.rep_in, t.rep_out) for t in terms])
         parts = [t.space.energies(t.weight, t.rep_in, t.rep_out) for t in terms]
         return _stack(parts)
 
-    @staticmethod
-    def one_pass(terms):
-        """``type(space).energies_and_grads_many`` for these terms, or ``None``."""
-        return getattr(type(terms[0].space), "energies_and_grads_many", None)
-
-    @staticmethod
-    def one_pass_(terms, lambda_perp, lambda_G, outs, energies=True):
-        """``(E_perp, E_G)`` of the terms, and ``lambda_perp dE_perp + lambda_G dE_G`` added in place to
-        ``outs`` (the ``.grad`` buffers in the terms' weight shape, or the weights themselves:
-        ``lambda = -rate / 2`` is then the decoupled step), one pass per weight; ``energies=False``
-        skips the energies (``(None, None)``). For spaces whose ``energies_and_grads_many`` takes ``outs``."""
-        ep, eg, _ = KernelTerm.one_pass(terms)([t.weight.detach() for t in terms], [t.space for t in terms],
-                                               [(t.rep_in, t.rep_out) for t in terms], lambda_perp=lambda_perp,
-                                               lambda_G=lambda_G, outs=outs, energies=energies)
-        return ep, eg
+    @classmethod
+    def one_pass(cls, terms, lambda_perp, lambda_G, outs=None):
+        many = getattr(type(terms[0].space), "energies_and_grads_many", None)
+        if many is None:  # a space without a fused route: through its differentiable energies
+            return super().one_pass(terms, lambda_perp, lambda_G, outs)
+        weights = [t.weight.detach() for t in terms]
+        spaces, reps = [t.space for t in terms], [(t.rep_in, t.rep_out) for t in terms]
+        if outs is not None and all(o is not None for o in outs):
+            # the space adds into the outputs itself (one pass; an output may be the weight)
+            ep, eg, grads = many(weights, spaces, reps, lambda_perp=list(lambda_perp), lambda_G=list(lambda_G),
+                                 outs=list(outs))
+            return ep, eg, grads
+        ep, eg, grads = many(weights, spaces, reps, lambda_perp=list(lambda_perp), lambda_G=list(lambda_G))
+        return ep, eg, added(grads, outs)
 
 
 class TranslationTerm(Term):
@@ -112,36 +169,14 @@ class TranslationTerm(Term):
         super().__init__(param, weight)
         self.spatial_dims, self.position_dim = spatial_dims, position_dim
 
-    @staticmethod
-    def energies(terms):
+    @classmethod
+    def energies(cls, terms):
         return _stack([_translation.energies(t.weight, t.spatial_dims, position_dim=t.position_dim) for t in terms])
 
 
 def _stack(parts):
     dt = torch.float64 if all(p[0].dtype == torch.float64 for p in parts) else torch.float32
     return (torch.stack([p[0].reshape(()).to(dt) for p in parts]), torch.stack([p[1].reshape(()).to(dt) for p in parts]))
-
-
-def one_pass_route(terms, energies: bool = True):
-    """The no-graph route of a batch, or ``None``: ``(terms, lambda_perp, lambda_G, outs) -> (E_perp, E_G,
-    grads)``, the gradients in fresh tensors (``outs=None``) or added in place to ``outs``. With
-    ``energies=False`` a route may skip the energies where it writes into ``outs``."""
-    kind = type(terms[0])
-    if kind is MatrixTerm:
-        return MatrixTerm.energies_and_grads
-    if kind is KernelTerm:
-        many = KernelTerm.one_pass(terms)
-        if many is None:
-            return None
-
-        def route(ts, lp, lg, outs=None):
-            if outs is None:
-                return many([t.weight.detach() for t in ts], [t.space for t in ts],
-                            [(t.rep_in, t.rep_out) for t in ts], lambda_perp=lp, lambda_G=lg)
-            return (*KernelTerm.one_pass_(ts, lp, lg, outs, energies), outs)
-
-        return route
-    return None
 
 
 def inplace_view(term: Term, tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -2,7 +2,9 @@
 
 The penalty asks each declaration for its terms and only groups them: all terms of one kind
 (matrices, kernels of one kernel-space type, translations) are computed in one call, so a model
-costs one fused call per kind, whatever its number of layers.
+costs one fused call per kind, whatever its number of layers. The grouping, the plans and the
+views it writes into are prepared once, in a :class:`~equiproj.nn._program.PenaltyProgram`, and
+prepared again when the model changes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._declaration import batches, inplace_view, one_pass_route
+from ._declaration import batches
 from ._declare import _epoch, declaration, select_layers, unwrap
-from ._tensors import accumulate_grad, assign, is_dtensor, no_autocast
+from ._program import PenaltyProgram
+from ._tensors import assign, no_autocast
 
 __all__ = ["ProjectionPenalty", "layer_energies"]
 
@@ -144,8 +147,8 @@ class ProjectionPenalty:
         self.layers = select_layers(model, layers)
         self.names = [n for n, _, _ in self.layers]
         self.norm = norm
-        self._index_cache: dict = {}
         self._epoch = _epoch[0]
+        self._program: PenaltyProgram | None = None
         self._lambda_spec = [None, None]
         if lambda_perp is None:
             raise TypeError("lambda_perp must be a number >= 0 (or a mapping from layer names to numbers), got None")
@@ -167,24 +170,28 @@ class ProjectionPenalty:
             self.lambda_G = _lambdas(lambda_G, self.names, "lambda_G")
             self._lambda_spec[1] = lambda_G
         self._lambda_cache: dict = {}
+        self._set_program_lambdas()
 
-    @torch.compiler.disable  # host-side bookkeeping, never traced
-    def _follow_model(self) -> None:
-        """Pick up declarations made or changed since the last call, and declared modules swapped in."""
-        if self._epoch == _epoch[0]:
-            root = unwrap(self._model)
-            try:
-                if all((root.get_submodule(n) if n else root) is m for n, m, _ in self.layers):
-                    return
-            except AttributeError:
-                pass
+    def _set_program_lambdas(self) -> None:
+        if self._program is not None:
+            self._program.set_lambdas(self.lambda_perp, self.lambda_G)
+
+    def _follow_model(self) -> PenaltyProgram:
+        """The program for the model as it is now: prepared again when a layer was declared,
+        re-declared or undeclared, a declared module swapped in, or a parameter's storage replaced
+        (a dtype or device change)."""
+        prog = self._program
+        if prog is not None and self._epoch == _epoch[0] and prog.root is unwrap(self._model) and prog.current():
+            return prog
         self.layers = select_layers(self._model, self._layer_spec)
         self.names = [n for n, _, _ in self.layers]
-        self._index_cache = {}
         self._epoch = _epoch[0]
         self.lambda_perp = _lambdas(self._lambda_spec[0], self.names, "lambda_perp")
         self.lambda_G = _lambdas(self._lambda_spec[1], self.names, "lambda_G")
         self._lambda_cache = {}
+        self._program = PenaltyProgram(unwrap(self._model), self.layers)
+        self._set_program_lambdas()
+        return self._program
 
     def _lambda_tensors(self, device, dtype):
         key = (device, dtype)
@@ -193,46 +200,35 @@ class ProjectionPenalty:
                                        torch.tensor(self.lambda_G, device=device, dtype=dtype))
         return self._lambda_cache[key]
 
+    @torch.compiler.disable  # host-side bookkeeping and the eager kernels; the rest of a step compiles
     def energies(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E_perp, E_G)``, each ``[L]`` (one per layer of ``self.names``, bias included), differentiable."""
-        self._follow_model()
-        return _per_layer_opaque(self.layers, self._index_cache)
+        prog = self._follow_model()
+        with no_autocast(prog.device):
+            parts = [g.energies() for g in prog.groups]
+            if prog.slow:
+                parts.append(_per_layer([self.layers[i] for i in prog.slow]))
+            return prog.per_layer(parts)
 
     def __call__(self) -> torch.Tensor:
         e_perp, e_g = self.energies()
         lp, lg = self._lambda_tensors(e_perp.device, e_perp.dtype)
         return _weighted_sum(e_perp, e_g, lp, lg, self.norm, any(self.lambda_G))
 
-    def _fast_and_slow(self):
-        """``(fast, terms, slow)``: the layers whose terms all have a one-pass route (their indices and
-        terms) and the others (FSDP2 shards, ``norm="unsquared"``, kinds without a route)."""
-        fast, terms, slow = [], [], []
-        for i, (name, m, d) in enumerate(self.layers):
-            if self.norm != "squared" or any(is_dtensor(p) for p in (m.weight, getattr(m, "bias", None))):
-                slow.append(i)
-                continue
-            ts = d.terms(name, m)
-            if any(one_pass_route([t]) is None for t in ts):
-                slow.append(i)
-            else:
-                fast.append(i)
-                terms.append(ts)
-        return fast, terms, slow
-
     def backward(self) -> torch.Tensor:
         """Add the penalty's gradient to the ``.grad`` of the declared weights (and biases) and
         return the penalty's value (a detached scalar), without building an autograd graph.
 
-        Matrix-form layers and biases take :func:`equiproj.energies_and_grads_many`: with the fused
-        op, one kernel call reads each weight once and writes ``lambda_perp dE_perp + lambda_G dE_G``
-        once: into a fresh ``.grad`` where a parameter has none, and added in place to an existing
-        (contiguous) ``.grad`` otherwise, with no fresh buffer. The autograd route
-        ``penalty().backward()`` reads each weight twice: its forward cannot know the incoming
-        gradient. Kernel spaces that provide ``energies_and_grads_many``
+        The terms of each kind take their kind's one-pass route (:meth:`Term.one_pass`): matrix-form
+        layers and biases one call of the fused op for all of them, which reads each weight once
+        and writes ``lambda_perp dE_perp + lambda_G dE_G`` once: into fresh ``.grad`` buffers where
+        the parameters have none, and added in place to existing (contiguous) ``.grad`` tensors
+        otherwise. The autograd route ``penalty().backward()`` reads each weight twice: its forward
+        cannot know the incoming gradient. Kernel spaces that provide ``energies_and_grads_many``
         (:class:`~equiproj.kernel_spaces.SteerableKernelSpace`) take one more fused call for all of
-        them. Translations, FSDP2-sharded parameters, other kernel spaces and ``norm="unsquared"``
-        go through autograd. The gradients are the same either way (tested). Parameters with
-        ``requires_grad=False`` get none.
+        them; other kinds differentiate their energies once per kind. FSDP2-sharded parameters and
+        ``norm="unsquared"`` go through autograd. The gradients are the same either way (tested).
+        Parameters with ``requires_grad=False`` get none.
 
         Called before ``loss.backward()`` (after ``optimizer.zero_grad()``, which sets ``.grad`` to
         ``None``), a parameter takes the penalty's gradient as its ``.grad`` (no copy) and autograd
@@ -244,37 +240,23 @@ class ProjectionPenalty:
             criterion(model(x), y).backward()
             optimizer.step()
         """
-        self._follow_model()
-        with no_autocast(self.layers[0][1].weight.device):
-            fast, terms, slow = self._fast_and_slow()
-            values = []
-            for ts, owners in batches(terms).values():
-                route = one_pass_route(ts)
-                lp = [self.lambda_perp[fast[j]] for j in owners]
-                lg = [self.lambda_G[fast[j]] for j in owners]
-                outs = [inplace_view(t, t.param.grad) if t.param.requires_grad else None for t in ts]
-                into = [k for k, o in enumerate(outs) if o is not None]
-                fresh = [k for k, o in enumerate(outs) if o is None]
-                for ks, add_to in ((into, [outs[k] for k in into]), (fresh, None)):
-                    if not ks:
-                        continue
-                    lps, lgs = [lp[k] for k in ks], [lg[k] for k in ks]
-                    ep, eg, grads = route([ts[k] for k in ks], lps, lgs, add_to)
-                    if add_to is None:
-                        for k, g in zip(ks, grads):
-                            accumulate_grad(ts[k].param, g)
-                    as64 = lambda x: torch.tensor(x, dtype=torch.float64, device=ep.device)  # noqa: E731
-                    values.append((ep.double() * as64(lps)).sum() + (eg.double() * as64(lgs)).sum())
-        if slow:
-            e_perp, e_g = _per_layer_opaque([self.layers[i] for i in slow])
-            lps, lgs = ([lam[i] for i in slow] for lam in (self.lambda_perp, self.lambda_G))
-            value = _weighted_sum(e_perp, e_g, *(torch.tensor(x, dtype=e_perp.dtype, device=e_perp.device)
-                                                 for x in (lps, lgs)), self.norm, any(lgs))
-            if value.requires_grad:
-                value.backward()
-            values.append(value.detach().double())
-        dt = torch.float64 if all(m.weight.dtype == torch.float64 for _, m, _ in self.layers) else torch.float32
-        return sum(v.to(values[0].device) for v in values).to(dt)
+        prog = self._follow_model()
+        values = []
+        with no_autocast(prog.device):
+            if self.norm == "squared":
+                values = [g.backward() for g in prog.groups]
+                slow = prog.slow
+            else:
+                slow = range(len(self.layers))
+            if slow:
+                e_perp, e_g = _per_layer_opaque([self.layers[i] for i in slow])
+                lps, lgs = ([lam[i] for i in slow] for lam in (self.lambda_perp, self.lambda_G))
+                value = _weighted_sum(e_perp, e_g, *(torch.tensor(x, dtype=e_perp.dtype, device=e_perp.device)
+                                                     for x in (lps, lgs)), self.norm, any(lgs))
+                if value.requires_grad:
+                    value.backward()
+                values.append(value.detach().double())
+        return sum(values[1:], values[0]).to(prog.value_dtype)
 
     @torch.no_grad()
     def decay_(self, rate: float, rate_G: float = 0.0) -> None:
@@ -285,29 +267,29 @@ class ProjectionPenalty:
         gradient; decoupled, the non-equivariant part shrinks by the factor ``1 - rate`` per step
         whatever the task gradient's scale. Call it after ``optimizer.step()``.
 
-        Matrix-form layers take one fused pass per weight that reads W and writes it back, with no
-        copy of the parameters; steerable kernel spaces read W once for its band coefficients and
-        write it back with one matrix product (no float64 copy); FSDP2 shards are gathered, stepped and scattered back; other kinds
-        step through their projection.
+        Every kind takes its one-pass route with the weights themselves as outputs: matrix-form
+        layers one fused call that reads each weight and writes it back, with no copy of the
+        parameters; kernel spaces and translations their kind's one pass. Each parameter is stepped
+        once, also when layers share it. FSDP2 shards are gathered, stepped and scattered back, and
+        parameters that cannot be written through a view (non-contiguous) step through their
+        projection.
         """
         for name, r in (("rate", rate), ("rate_G", rate_G)):
             if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {r!r}")
-        self._follow_model()
-        with no_autocast(self.layers[0][1].weight.device):
-            stepped = set()
-            _, terms, _ = self._fast_and_slow()
-            for ts, _ in batches(terms).values():
-                route = one_pass_route(ts, energies=False)
-                views = [inplace_view(t, t.param) for t in ts]
-                ks = [k for k, v in enumerate(views) if v is not None]
-                if ks:
-                    route([ts[k] for k in ks], [-rate / 2] * len(ks), [-rate_G / 2] * len(ks), [views[k] for k in ks])
-                    stepped.update(id(ts[k].param) for k in ks)
+        prog = self._follow_model()
+        with no_autocast(prog.device):
+            stepped: set = set()
+            for g in prog.groups:
+                if g.decays:
+                    stepped |= g.decay_(rate, rate_G)
+            if len(stepped) == prog.num_params and not prog.slow:
+                return
             for name, m, d in self.layers:
                 for param, part in ((m.weight, 0), (getattr(m, "bias", None) if d.include_bias else None, 1)):
                     if param is None or id(param) in stepped:
                         continue
+                    stepped.add(id(param))
                     residual = d.projected(name, m, "non_equivariant")[part]
                     step = rate * residual + (rate_G * d.projected(name, m, "equivariant")[part] if rate_G else 0)
                     current = d.weight(name, m) if part == 0 else d.bias(m)

@@ -57,6 +57,6 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
 
 def no_autocast(device: torch.device):
     """Energies keep their precision under AMP: autocast off for the device (where it has autocast)."""
-    if not torch.amp.is_autocast_available(device.type):
-        return contextlib.nullcontext()
+    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()  # nothing to turn off (entering an autocast region costs more)
     return torch.autocast(device_type=device.type, enabled=False)

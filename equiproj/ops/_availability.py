@@ -32,7 +32,7 @@ def cpp_available() -> bool:
                     spec = importlib.util.find_spec("equiproj._C")
                     if spec is None or not spec.origin:
                         raise ImportError("equiproj._C is not built")
-                    if not hasattr(torch.ops.equiproj_cpu, "fused_energies"):
+                    if not hasattr(torch.ops.equiproj_cpu, "plan_columns"):
                         torch.ops.load_library(spec.origin)
                     _check_plan_columns()
                     _cpp_state["reason"] = None

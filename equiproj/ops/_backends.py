@@ -32,7 +32,7 @@ ENV_VAR = "EQUIPROJ_BACKEND"
 
 class Backend:
     """One way of computing energies. ``energies`` is differentiable; ``energies_and_grads`` returns
-    the gradient of ``sum_i c_perp_i E_perp_i + c_g_i E_G_i`` without an autograd graph (the
+    the gradient of ``sum_i lambda_perp_i E_perp_i + lambda_G_i E_G_i`` without an autograd graph (the
     coefficients are tensors of the batch shape of their weight, from ``as_coefficient``), in fresh
     tensors or, with ``outs``, added in place to ``outs`` (which may be the weights themselves)."""
 
@@ -44,7 +44,7 @@ class Backend:
     def energies(self, weights, pairs):
         raise NotImplementedError
 
-    def energies_and_grads(self, weights, pairs, c_perp, c_g, outs=None):
+    def energies_and_grads(self, weights, pairs, lambda_perp, lambda_G, outs=None):
         raise NotImplementedError
 
 
@@ -58,12 +58,12 @@ class FusedBackend(Backend):
         dev = weights[0].device
         return fused_energies(weights, [plan_for(ri, ro, dev) for ri, ro in pairs])
 
-    def energies_and_grads(self, weights, pairs, c_perp, c_g, outs=None):
+    def energies_and_grads(self, weights, pairs, lambda_perp, lambda_G, outs=None):
         dev = weights[0].device
         if len(weights) == 1 and outs is None:  # a small layer's cost is mostly Python: skip the list plumbing
-            ep, eg, gr = fused_energies_and_grad(weights[0], plan_for(*pairs[0], dev), c_perp[0], c_g[0])
+            ep, eg, gr = fused_energies_and_grad(weights[0], plan_for(*pairs[0], dev), lambda_perp[0], lambda_G[0])
             return [ep], [eg], [gr]
-        return fused_energies_and_grads(weights, [plan_for(ri, ro, dev) for ri, ro in pairs], c_perp, c_g, outs)
+        return fused_energies_and_grads(weights, [plan_for(ri, ro, dev) for ri, ro in pairs], lambda_perp, lambda_G, outs)
 
 
 class TorchBackend(Backend):
@@ -80,9 +80,9 @@ class TorchBackend(Backend):
         ep, eg, _ = run_twin(weights, self._plans(weights, pairs), [], [])
         return ep, eg
 
-    def energies_and_grads(self, weights, pairs, c_perp, c_g, outs=None):
+    def energies_and_grads(self, weights, pairs, lambda_perp, lambda_G, outs=None):
         with torch.no_grad():
-            ep, eg, grads = run_twin(weights, self._plans(weights, pairs), c_perp, c_g)
+            ep, eg, grads = run_twin(weights, self._plans(weights, pairs), lambda_perp, lambda_G)
             return ep, eg, _added(grads, outs)
 
 
@@ -95,10 +95,10 @@ class ReferenceBackend(Backend):
         out = [reference.energies(W.to(torch.float64), ri, ro) for W, (ri, ro) in zip(weights, pairs)]
         return [e[0] for e in out], [e[1] for e in out]
 
-    def energies_and_grads(self, weights, pairs, c_perp, c_g, outs=None):
+    def energies_and_grads(self, weights, pairs, lambda_perp, lambda_G, outs=None):
         eps, egs, grads = [], [], []
         with torch.no_grad():
-            for W, (ri, ro), cp, cg in zip(weights, pairs, c_perp, c_g):
+            for W, (ri, ro), cp, cg in zip(weights, pairs, lambda_perp, lambda_G):
                 W64 = W.to(torch.float64)
                 PW = reference.project(W64, ri, ro)
                 R = W64 - PW

@@ -1,27 +1,45 @@
 """The fused penalty op: E_perp, E_G (and the penalty gradient) of many layers in one pass over each.
 
-``torch.ops.equiproj.fused_energies`` is a ``torch.library.custom_op`` over plain tensors: the
-weights ``W_i`` ``[..., m_i, n_i]`` (any strides; leading dims are a batch) and the packed plan of
-each (:class:`~equiproj._plan.PackedPlan`: ``meta``, ``basis``, ``perm_out``, ``perm_in``), plus
-optional coefficients. The schema is declared once (here); a kernel is registered per device:
+``torch.ops.equiproj.fused_energies`` has one schema, declared once (here)::
 
-* CPU: the C++ extension ``equiproj._C`` (``csrc/``, ``torch.ops.equiproj_cpu.fused_energies``),
-  all of fp16/bf16/fp32/fp64, tiles in float64, parallel over row blocks;
-* CUDA: the Triton kernels of :mod:`equiproj.kernels` for fp16/bf16/fp32;
-* anything else (float64 on CUDA, triton or the extension missing): the kernels' pure-torch twin.
+    fused_energies(Tensor[] weights, Tensor[] meta, Tensor[] basis, Tensor[] perm_out, Tensor[] perm_in,
+                   Tensor[] lambda_perp, Tensor[] lambda_G, Tensor(a!)[] grads, bool accumulate) -> (Tensor, Tensor)
 
-The fake implementation and the autograd formula are registered in Python. Energies are float32
-for fp16/bf16/fp32 weights and float64 for float64 weights, one per matrix, with a fixed
-reduction order (bitwise reproducible on one device).
+over plain tensors: the weights ``W_i`` ``[..., m_i, n_i]`` (any strides; leading dims are a batch),
+the packed plan of each (:class:`~equiproj._plan.PackedPlan`: ``meta``, ``basis``, ``perm_out``,
+``perm_in``) and optional coefficients. It returns the energies ``(e_perp, e_g)`` of every matrix
+of every weight in two flat tensors (weight by weight, each batch in row-major order; float64 if a
+weight is float64, else float32), and it writes the gradients into the tensors it is given:
 
-Autograd: the forward computes energies only. The backward runs the op once more with the
-incoming gradients as coefficients, ``dW = 2 g_perp (W - P W) + 2 g_G P W``: one pass that reads
-W and writes dW, for any incoming gradients (also per matrix of a batch). Double backward is not
-supported (use ``backend="torch"``). When the coefficients are known up front (a penalty's
-lambdas), :func:`fused_energies_and_grads` runs the op once with them: energies and gradients
-from one read of W and one write of dW, no autograd graph (``equiproj.energies_and_grad``,
-``ProjectionPenalty.backward``). Writing ``W - P W`` in an autograd forward instead would cost a
-scaling pass in backward: four passes instead of three.
+* ``lambda_perp``/``lambda_G``/``grads`` empty: energies only;
+* one coefficient tensor per weight (one value per matrix, shape ``W_i.shape[:-2]``) and one
+  contiguous tensor per weight in ``grads`` (W_i's dtype and number of elements, any shape: a
+  parameter's own ``.grad`` where ``W_i`` is its matrix view):
+  ``grads[i] (+)= 2 lambda_perp_i (W_i - P W_i) + 2 lambda_G_i P W_i``, added in place with
+  ``accumulate`` (an existing ``.grad``, or ``W_i`` itself for the decoupled step: each tile is
+  read before it is written), written otherwise (a fresh buffer).
+
+The outputs are plain tensors and the gradients go into declared mutated arguments, so the op is
+functionalized by ``torch.compile`` (a mutating op cannot return lists of tensors there).
+
+One implementation per device: CPU, the C++ kernel of ``equiproj._C`` (``csrc/``, registered for
+this op when the extension loads; all of fp16/bf16/fp32/fp64, tiles in float64, parallel over row
+blocks); CUDA, the Triton kernels of :mod:`equiproj.kernels` (fp16/bf16/fp32); the default
+(float64 on CUDA, other devices, or the extension not built): the kernels' pure-torch twin. The
+fake implementation and the autograd formula are registered once, here. Energies are float32 for
+fp16/bf16/fp32 weights and float64 for float64 weights, with a fixed reduction order (bitwise
+reproducible on one device).
+
+Autograd: the energies are differentiable in the weights. The backward runs the op once more with
+the incoming gradients as coefficients, ``dW = 2 g_perp (W - P W) + 2 g_G P W``: one pass that
+reads W and writes dW. Double backward is not supported (use ``backend="torch"``). When the
+coefficients are known up front (a penalty's lambdas), :func:`fused_energies_and_grads` runs the
+op once with them: energies and gradients from one read of W and one write of dW (or one
+read-modify-write of ``outs``), no autograd graph.
+
+Eager calls go to the device's implementation directly (:func:`device_kernel`), without the
+dispatcher's Python layers, which cost many times the kernel on a small layer; ``torch.compile``
+and ``opcheck`` see the registered op (one graph node, also with ``fullgraph=True``).
 
 Example::
 
@@ -32,8 +50,6 @@ Example::
     >>> W = torch.randn(10, 10, requires_grad=True)
     >>> (e_perp,), (e_g,) = fused_energies([W], [plan_for(r, r, W.device)])
     >>> e_perp.backward()  # W.grad = 2 (W - P W)
-
-Under ``torch.compile`` (also ``fullgraph=True``) the op is one graph node.
 """
 
 from __future__ import annotations
@@ -50,11 +66,21 @@ from ..kernels.inputs import accumulation_dtype, autocast_off
 from ._availability import cpp_available, triton_kernels
 
 __all__ = ["fused_energies", "fused_energies_and_grads", "fused_energies_and_grad", "as_coefficient",
-           "accumulation_dtype", "run_twin"]
+           "accumulation_dtype", "energy_dtype", "split_energies", "run_twin", "device_kernel", "prepared_energies",
+           "remember_plans", "SCHEMA"]
+
+#: the op's schema (the C++ kernel of ``csrc/fused_energies.cpp`` is registered against it)
+SCHEMA = ("fused_energies(Tensor[] weights, Tensor[] meta, Tensor[] basis, Tensor[] perm_out, Tensor[] perm_in, "
+          "Tensor[] lambda_perp, Tensor[] lambda_G, Tensor(a!)[] grads, bool accumulate) -> (Tensor, Tensor)")
+
+_LIB = torch.library.Library("equiproj", "FRAGMENT")  # kept alive: the registrations live as long as it
+_LIB.define(SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+_OP = torch.ops.equiproj.fused_energies.default
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 
 # ---------------------------------------------------------------------------------------------
-# the custom op
+# plan objects for the Triton side
 # ---------------------------------------------------------------------------------------------
 # The Triton side caches its schedules per PackedPlan object: remember which plan each meta tensor
 # came from, so that the CUDA kernel gets the caller's plan objects back.
@@ -90,39 +116,143 @@ def _triton_supports(k, P: PackedPlan) -> bool:
     return P._cache["triton_supports"]
 
 
-def _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g) -> None:
+# ---------------------------------------------------------------------------------------------
+# argument checks (the op's contract)
+# ---------------------------------------------------------------------------------------------
+def _check_op_args(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads) -> None:
     L = len(weights)
     if not (len(meta) == len(basis) == len(perm_out) == len(perm_in) == L):
         raise ValueError(f"fused_energies: got {L} weights but {len(meta)} meta, {len(basis)} basis, "
                          f"{len(perm_out)} perm_out, {len(perm_in)} perm_in tensors")
-    if len(c_perp) != len(c_g) or (c_perp and len(c_perp) != L):
-        raise ValueError("fused_energies: c_perp and c_g must both be empty or both hold one tensor per weight")
+    if len(lambda_perp) != len(lambda_G) or (lambda_perp and len(lambda_perp) != L):
+        raise ValueError("fused_energies: lambda_perp and lambda_G must both be empty or both hold one tensor "
+                         "per weight")
+    if len(grads) != len(lambda_perp):
+        raise ValueError("fused_energies: grads must hold one tensor per weight with lambda_perp and lambda_G, "
+                         "and be empty without them")
+    for i, (o, W) in enumerate(zip(grads, weights)):
+        if o.numel() != W.numel() or o.device != W.device or o.dtype != W.dtype or not o.is_contiguous():
+            raise ValueError(f"fused_energies: grads[{i}] must be a contiguous tensor with the {W.numel()} elements "
+                             f"of its weight {tuple(W.shape)}, its dtype {W.dtype} and device {W.device}, got "
+                             f"{tuple(o.shape)} {o.dtype} on {o.device} (contiguous: {o.is_contiguous()})")
 
 
-def _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
-    """The op's contract through the pure-torch twin."""
-    return run_twin(weights, _plans_from_tensors(weights, meta, basis, perm_out, perm_in), c_perp, c_g)
+def energy_dtype(weights) -> torch.dtype:
+    """The dtype of the op's flat energies: float64 if a weight is float64, else float32."""
+    return torch.float64 if any(W.dtype == torch.float64 for W in weights) else torch.float32
 
 
-def run_twin(weights, plans, c_perp, c_g):
-    """:func:`equiproj.kernels.torch_fused_energies` with the op's contract: ``c_perp``/``c_g`` empty
-    or one tensor per weight with one coefficient per matrix (``W.shape[:-2]``)."""
+def _flat(parts, dtype, device) -> Tensor:
+    if not parts:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.cat([e.reshape(-1).to(dtype) for e in parts])
+
+
+def split_energies(weights, flat: Tensor) -> list[Tensor]:
+    """The op's flat energies per weight: ``W_i.shape[:-2]`` in W_i's accumulation dtype."""
+    counts = [math.prod(W.shape[:-2]) for W in weights]
+    return [e.reshape(W.shape[:-2]).to(accumulation_dtype(W.dtype)) for e, W in zip(flat.split(counts), weights)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the implementations
+# ---------------------------------------------------------------------------------------------
+def run_twin(weights, plans, lambda_perp, lambda_G):
+    """:func:`equiproj.kernels.torch_fused_energies` per weight: ``(e_perp, e_g, grads)`` lists
+    (fresh gradients); ``lambda_perp``/``lambda_G`` empty or one tensor per weight with one
+    coefficient per matrix."""
     from ..kernels.torch_twin import torch_fused_energies  # noqa: PLC0415 - equiproj.kernels imports _plan only
 
     with autocast_off(weights[0].device if weights else "cpu"):  # the twin's dtypes; stacking mixed half dtypes
-        flat_w, flat_p, flat_cp, flat_cg, counts = _flatten_batches(weights, plans, c_perp, c_g)
+        flat_w, flat_p, flat_cp, flat_cg, counts = _flatten_batches(weights, plans, lambda_perp, lambda_G)
         ep, eg, gr = torch_fused_energies(flat_w, flat_p, flat_cp, flat_cg)
         return _unflatten(weights, counts, ep, eg, gr)
 
 
-def _flatten_batches(weights, plans, c_perp, c_g):
+def _write(grads, fresh, accumulate: bool) -> None:
+    with torch.no_grad():
+        for o, g in zip(grads, fresh):
+            target = o.view(g.shape)
+            target.add_(g.to(o.dtype)) if accumulate else target.copy_(g)
+
+
+def _twin_kernel(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate):
+    """The op through the pure-torch twin (gradients computed fresh, then written or added)."""
+    _check_op_args(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads)
+    ep, eg, gr = run_twin(weights, _plans_from_tensors(weights, meta, basis, perm_out, perm_in), lambda_perp, lambda_G)
+    _write(grads, gr, accumulate)
+    dt, dev = energy_dtype(weights), (weights[0].device if weights else "cpu")
+    return _flat(ep, dt, dev), _flat(eg, dt, dev)
+
+
+def _default_kernel(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate):
+    """Any device without its own kernel. On CPU this runs only before the extension is loaded:
+    loading it registers its kernel for the op, which the call then takes."""
+    if weights and weights[0].device.type == "cpu" and cpp_available() and _cpp_registered():
+        return _OP.redispatch(_CPU_KEYS, weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads,
+                              accumulate)
+    return _twin_kernel(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate)
+
+
+@functools.cache
+def _cpp_registered() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("equiproj::fused_energies", "CPU")
+
+
+def _cpu_kernel(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate):
+    """The CPU implementation: the C++ kernel registered for the op (it checks its arguments), or
+    the twin where the extension is not available."""
+    if not cpp_available() or not _cpp_registered():
+        return _twin_kernel(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate)
+    if torch._C._len_torch_dispatch_stack():  # a dispatch mode (a profiler, a counter) sees the op
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return _OP(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate)
+    return _OP.redispatch(_CPU_KEYS, weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate)
+
+
+def _cuda_kernel(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate):
+    """The CUDA implementation: the Triton kernels (fp16/bf16/fp32), else the twin."""
+    _check_op_args(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads)
+    k = triton_kernels()
+    if k is None or not k.HAS_TRITON or any(W.dtype == torch.float64 for W in weights):
+        return _twin_kernel(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate)
+    plans = _plans_from_tensors(weights, meta, basis, perm_out, perm_in)
+    if not all(_triton_supports(k, P) for P in plans):  # fields wider than the kernel's largest tile
+        return _twin_kernel(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate)
+    dt, dev = energy_dtype(weights), weights[0].device
+    with autocast_off("cuda"):  # an autocast region of the caller would refuse to stack mixed half dtypes
+        flat_w, flat_p, cp, cg, counts = _flatten_batches(weights, plans, lambda_perp, lambda_G)
+        if not grads or not accumulate:
+            ep, eg, gr = k.fused_energies(flat_w, flat_p, cp, cg)
+            ep, eg, gr = _unflatten(weights, counts, ep, eg, gr)
+            _write(grads, gr, False)
+            return _flat(ep, dt, dev), _flat(eg, dt, dev)
+        flat_o = []  # the same per-matrix views as _flatten_batches makes of the weights
+        for o, W in zip(grads, weights):
+            flat_o += [o.view(W.shape)] if W.dim() == 2 else list(o.view((-1,) + W.shape[-2:]).unbind(0))
+        ep, eg, _ = k.fused_energies(flat_w, flat_p, cp, cg, outs=flat_o)
+        ep, eg, _ = _unflatten(weights, counts, ep, eg, None)
+        return _flat(ep, dt, dev), _flat(eg, dt, dev)
+
+
+def device_kernel(device: torch.device):
+    """The op's implementation for ``device`` (what the dispatcher runs below autograd), a function
+    of the op's arguments: eager callers that have checked their arguments call it directly."""
+    if device.type == "cpu":
+        return _cpu_kernel
+    if device.type == "cuda":
+        return _cuda_kernel
+    return _twin_kernel
+
+
+def _flatten_batches(weights, plans, lambda_perp, lambda_G):
     """Per-matrix coefficients in the ``[L]`` contract of equiproj.kernels: a batched weight with
     gradients becomes one entry per matrix (views), each with its own coefficient."""
-    want_grad = bool(c_perp)
+    want_grad = bool(lambda_perp)
     if not want_grad:
         return list(weights), list(plans), None, None, None
     flat_w, flat_p, cps, cgs, counts = [], [], [], [], []
-    for W, P, cp, cg in zip(weights, plans, c_perp, c_g):
+    for W, P, cp, cg in zip(weights, plans, lambda_perp, lambda_G):
         if W.dim() == 2:
             flat_w.append(W)
             flat_p.append(P)
@@ -136,7 +266,7 @@ def _flatten_batches(weights, plans, c_perp, c_g):
         cps.append(cp.reshape(-1))
         cgs.append(cg.reshape(-1))
     dev = weights[0].device
-    cdt = torch.float64 if any(W.dtype == torch.float64 for W in weights) else torch.float32
+    cdt = energy_dtype(weights)
     cat = lambda cs: torch.cat(cs).to(device=dev, dtype=cdt) if cs else torch.zeros(0, device=dev)  # noqa: E731
     return flat_w, flat_p, cat(cps), cat(cgs), counts
 
@@ -170,153 +300,89 @@ def _unflatten(weights, counts, ep, eg, gr):
     return out_p, out_g, out_gr
 
 
-@torch.library.custom_op("equiproj::fused_energies", mutates_args=())
-def _fused_energies_op(weights: list[Tensor], meta: list[Tensor], basis: list[Tensor], perm_out: list[Tensor],
-                       perm_in: list[Tensor], c_perp: list[Tensor], c_g: list[Tensor]
-                       ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """``(e_perp, e_g, grads)`` of ``weights`` under their packed plans (one tensor of each kind per
-    weight). ``c_perp``/``c_g``: empty (no gradients; ``grads`` is empty) or one tensor per weight
-    with one coefficient per matrix (shape ``W.shape[:-2]``); then
-    ``grads[i] = 2 c_perp_i (W_i - P W_i) + 2 c_g_i P W_i`` (contiguous, W_i's dtype).
-    Default implementation (devices without a kernel): the pure-torch twin."""
-    _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
-    return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
+def _fake_kernel(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate):
+    _check_op_args(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads)
+    total = sum(math.prod(W.shape[:-2]) for W in weights)
+    like = weights[0] if weights else torch.empty(0)
+    dt = energy_dtype(weights)
+    return like.new_empty((total,), dtype=dt), like.new_empty((total,), dtype=dt)
 
 
-@_fused_energies_op.register_kernel("cpu")
-def _fused_energies_cpu(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
-    _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
-    if not cpp_available():
-        return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
-    ep, eg, gr = torch.ops.equiproj_cpu.fused_energies(weights, meta, basis, perm_out, perm_in, c_perp, c_g, [])
-    return list(ep), list(eg), list(gr)
-
-
-@_fused_energies_op.register_kernel("cuda")
-def _fused_energies_cuda(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
-    _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
-    k = triton_kernels()
-    if (k is None or not k.HAS_TRITON or any(W.dtype == torch.float64 for W in weights)):
-        return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
-    plans = _plans_from_tensors(weights, meta, basis, perm_out, perm_in)
-    if not all(_triton_supports(k, P) for P in plans):  # fields wider than the kernel's largest tile
-        return _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
-    with autocast_off("cuda"):  # an autocast region of the caller would refuse to stack mixed half dtypes
-        flat_w, flat_p, cp, cg, counts = _flatten_batches(weights, plans, c_perp, c_g)
-        ep, eg, gr = k.fused_energies(flat_w, flat_p, cp, cg)
-        return _unflatten(weights, counts, ep, eg, gr)
-
-
-@torch.library.custom_op("equiproj::fused_energies_accumulate", mutates_args=("outs",))
-def _fused_accumulate_op(weights: list[Tensor], meta: list[Tensor], basis: list[Tensor], perm_out: list[Tensor],
-                         perm_in: list[Tensor], c_perp: list[Tensor], c_g: list[Tensor], outs: list[Tensor]
-                         ) -> tuple[list[Tensor], list[Tensor]]:
-    """``(e_perp, e_g)`` as :func:`_fused_energies_op`, and ``outs[i] += 2 c_perp_i (W_i - P W_i) + 2 c_g_i P W_i``
-    in place, no fresh buffer (``outs[i]`` of W_i's shape and dtype; it may be ``W_i`` itself: each
-    tile is read before it is written). Default implementation: the pure-torch twin."""
-    _check_accumulate_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
-    return _twin_accumulate(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
-
-
-@_fused_accumulate_op.register_kernel("cpu")
-def _fused_accumulate_cpu(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs):
-    _check_accumulate_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
-    if not cpp_available() or not all(o.is_contiguous() and o.dtype == W.dtype for o, W in zip(outs, weights)):
-        return _twin_accumulate(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
-    ep, eg, _ = torch.ops.equiproj_cpu.fused_energies(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
-    return list(ep), list(eg)
-
-
-@_fused_accumulate_op.register_kernel("cuda")
-def _fused_accumulate_cuda(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs):
-    _check_accumulate_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
-    k = triton_kernels()
-    plans = _plans_from_tensors(weights, meta, basis, perm_out, perm_in)
-    if (k is None or not k.HAS_TRITON or any(W.dtype == torch.float64 for W in weights)
-            or not all(_triton_supports(k, P) for P in plans)
-            or not all(o.is_contiguous() and o.dtype == W.dtype for o, W in zip(outs, weights))):
-        return _twin_accumulate(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
-    flat_w, flat_p, cp, cg, counts = _flatten_batches(weights, plans, c_perp, c_g)
-    flat_o = []  # the same per-matrix views as _flatten_batches makes of the weights
-    for o, W in zip(outs, weights):
-        flat_o += [o] if W.dim() == 2 else list(o.reshape((-1,) + W.shape[-2:]).unbind(0))
-    ep, eg, _ = k.fused_energies(flat_w, flat_p, cp, cg, outs=flat_o)
-    out_p, out_g, _ = _unflatten(weights, counts, ep, eg, None)
-    return out_p, out_g
-
-
-@_fused_accumulate_op.register_fake
-def _fused_accumulate_fake(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs):
-    _check_accumulate_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs)
-    ep = [W.new_empty(W.shape[:-2], dtype=accumulation_dtype(W.dtype)) for W in weights]
-    eg = [W.new_empty(W.shape[:-2], dtype=accumulation_dtype(W.dtype)) for W in weights]
-    return ep, eg
-
-
-def _check_accumulate_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs) -> None:
-    _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
-    if len(outs) != len(weights) or len(c_perp) != len(weights):
-        raise ValueError("fused_energies_accumulate: need one coefficient pair and one output per weight")
-    for i, (o, W) in enumerate(zip(outs, weights)):
-        if o.shape != W.shape or o.device != W.device:
-            raise ValueError(f"outs[{i}] must have the shape {tuple(W.shape)} and device of its weight, got "
-                             f"{tuple(o.shape)} on {o.device}")
-
-
-def _twin_accumulate(weights, meta, basis, perm_out, perm_in, c_perp, c_g, outs):
-    """The accumulating contract through the pure-torch twin (a fresh gradient, then added)."""
-    ep, eg, gr = _twin(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
-    for o, g in zip(outs, gr):
-        o.add_(g.to(o.dtype))
-    return ep, eg
-
-
-@_fused_energies_op.register_fake
-def _fused_energies_fake(weights, meta, basis, perm_out, perm_in, c_perp, c_g):
-    _check_op_args(weights, meta, basis, perm_out, perm_in, c_perp, c_g)
-    ep = [W.new_empty(W.shape[:-2], dtype=accumulation_dtype(W.dtype)) for W in weights]
-    eg = [W.new_empty(W.shape[:-2], dtype=accumulation_dtype(W.dtype)) for W in weights]
-    gr = [W.new_empty(W.shape) for W in weights] if c_perp else []
-    return ep, eg, gr
-
-
-def _setup_context(ctx, inputs, output):
-    weights, meta, basis, perm_out, perm_in, c_perp, c_g = inputs
-    ctx.num_layers = len(weights)
-    ctx.num_coefficients = len(c_perp)
-    ctx.save_for_backward(*weights, *meta, *basis, *perm_out, *perm_in)
-    if output[2]:
-        ctx.mark_non_differentiable(*output[2])
-
-
+# ---------------------------------------------------------------------------------------------
+# autograd (registered once; the eager entry point uses the same Function)
+# ---------------------------------------------------------------------------------------------
 _NO_DOUBLE_BACKWARD = ("equiproj::fused_energies does not support double backward (create_graph=True); "
                        "use backend='torch' for higher derivatives")
 
 
-def _backward(ctx, grad_e_perp, grad_e_g, grad_grads):
-    """``dW_i = 2 g_perp_i (W_i - P W_i) + 2 g_G_i P W_i``: the op with the incoming gradients as
-    coefficients (unused outputs arrive as zeros)."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(_NO_DOUBLE_BACKWARD)
-    L, nc = ctx.num_layers, ctx.num_coefficients
-    saved = ctx.saved_tensors
-    weights, meta, basis, perm_out, perm_in = (list(saved[k * L : (k + 1) * L]) for k in range(5))
+class _FusedEnergies(torch.autograd.Function):
+    """The flat energies of ``weights`` (differentiable in them); the backward is
+    ``backward_kernel`` with the incoming gradients as coefficients, written into fresh buffers.
+    ``forward_kernel`` and ``backward_kernel`` have the op's signature: the device implementation
+    for eager calls, the redispatch below autograd and the op itself for the registered kernel."""
 
-    def coefficients(grads):
-        return [g if g is not None else W.new_zeros(W.shape[:-2], dtype=accumulation_dtype(W.dtype))
-                for g, W in zip(grads, weights)]
+    @staticmethod
+    def forward(ctx, forward_kernel, backward_kernel, plan, *weights):
+        # plan: (meta, basis, perm_out, perm_in), constants of the layers, passed as they are (not
+        # saved copies, not autograd inputs)
+        ctx.backward_kernel, ctx.plan = backward_kernel, plan
+        ctx.save_for_backward(*weights)
+        return forward_kernel(list(weights), *plan, [], [], [], False)
 
-    _, _, dW = _fused_energies_op(weights, meta, basis, perm_out, perm_in, coefficients(grad_e_perp),
-                                  coefficients(grad_e_g))
-    none = [None] * L
-    return list(dW), none, none, none, none, [None] * nc, [None] * nc
+    @staticmethod
+    def backward(ctx, grad_e_perp, grad_e_g):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        weights, (meta, basis, perm_out, perm_in) = list(ctx.saved_tensors), ctx.plan
+
+        counts = [math.prod(W.shape[:-2]) for W in weights]
+
+        def coefficients(g):  # one per matrix, flat (the kernels read them so); an unused output arrives as None
+            if g is None:
+                g = weights[0].new_zeros(sum(counts), dtype=energy_dtype(weights))
+            return list(g.split(counts))
+
+        dW = [torch.empty(W.shape, dtype=W.dtype, device=W.device) for W in weights]
+        ctx.backward_kernel(weights, meta, basis, perm_out, perm_in, coefficients(grad_e_perp),
+                            coefficients(grad_e_g), dW, False)
+        return (None, None, None, *dW)
 
 
-_fused_energies_op.register_autograd(_backward, setup_context=_setup_context)
+def _autograd_kernel(keyset, weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate):
+    below = keyset & torch._C._after_autograd_keyset
+
+    def redispatch(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _OP.redispatch(below, *args)
+
+    if torch.is_grad_enabled() and any(W.requires_grad for W in weights):
+        if grads:
+            raise RuntimeError("equiproj::fused_energies with gradient outputs is not differentiable: call it under "
+                               "torch.no_grad() or with weights that do not require grad")
+        return _FusedEnergies.apply(redispatch, _OP, (meta, basis, perm_out, perm_in), *weights)
+    return redispatch(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate)
+
+
+def _inplace_or_view_kernel(keyset, weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads,
+                            accumulate):
+    below = keyset & torch._C._after_ADInplaceOrView_keyset
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        result = _OP.redispatch(below, weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads,
+                                accumulate)
+    if grads:
+        torch.autograd.graph.increment_version(list(grads))
+    return result
+
+
+_LIB.impl("fused_energies", _default_kernel, "CompositeExplicitAutograd")
+_LIB.impl("fused_energies", _cuda_kernel, "CUDA")
+_LIB.impl("fused_energies", _autograd_kernel, "Autograd", with_keyset=True)
+_LIB.impl("fused_energies", _inplace_or_view_kernel, "ADInplaceOrView", with_keyset=True)
+torch.library.register_fake("equiproj::fused_energies", _fake_kernel, lib=_LIB)
 
 
 # ---------------------------------------------------------------------------------------------
-# the differentiable entry point
+# the entry points
 # ---------------------------------------------------------------------------------------------
 def _check_weights(weights: list, plans: list) -> torch.device:
     """Validate (weights, plans) for the op; returns their common device (None if there are none)."""
@@ -337,6 +403,11 @@ def _check_weights(weights: list, plans: list) -> torch.device:
     return dev
 
 
+def _plan_tensors(plans):
+    return ([P.meta for P in plans], [P.basis for P in plans], [P.perm_out for P in plans],
+            [P.perm_in for P in plans])
+
+
 def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
     """``(E_perp, E_G)`` of many weights through ``equiproj::fused_energies``, differentiable.
 
@@ -352,19 +423,31 @@ def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
     if not weights:
         return [], []
     if torch.compiler.is_compiling():  # the registered op: one graph node with fake impl and autograd
-        ep, eg, _ = _fused_energies_op(weights, [P.meta for P in plans], [P.basis for P in plans],
-                                       [P.perm_out for P in plans], [P.perm_in for P in plans], [], [])
-        return list(ep), list(eg)
+        ep, eg = _OP(weights, *_plan_tensors(plans), [], [], [], False)
+    else:
+        _remember(plans)
+        kernel = device_kernel(dev)
+        ep, eg = _FusedEnergies.apply(kernel, kernel, _plan_tensors(plans), *weights)
+    return split_energies(weights, ep), split_energies(weights, eg)
+
+
+def prepared_energies(kernel, plan_tensors, weights) -> tuple[Tensor, Tensor]:
+    """The flat energies ``(E_perp, E_G)`` of ``weights`` (one per matrix), differentiable, for a
+    caller that prepared everything once: ``kernel`` from :func:`device_kernel`, ``plan_tensors``
+    the lists ``(meta, basis, perm_out, perm_in)`` of plans passed to :func:`remember_plans`."""
+    return _FusedEnergies.apply(kernel, kernel, plan_tensors, *weights)
+
+
+def remember_plans(plans) -> None:
+    """Keep the plan objects of these plans' tensors (the CUDA kernel caches its schedules per plan)."""
     _remember(plans)
-    L = len(weights)
-    out = _EagerFusedEnergies.apply(_eager_kernel(dev), plans, *weights)
-    return list(out[:L]), list(out[L:])
 
 
-def fused_energies_and_grads(weights, plans, c_perp, c_g, outs=None) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+def fused_energies_and_grads(weights, plans, lambda_perp, lambda_G, outs=None
+                             ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """``(E_perp, E_G, grads)`` of many weights from one kernel call, without an autograd graph:
-    ``grads[i] = 2 c_perp_i (W_i - P W_i) + 2 c_g_i P W_i``, the gradient of
-    ``sum_i c_perp_i E_perp_i + c_g_i E_G_i``.
+    ``grads[i] = 2 lambda_perp_i (W_i - P W_i) + 2 lambda_G_i P W_i``, the gradient of
+    ``sum_i lambda_perp_i E_perp_i + lambda_G_i E_G_i``.
 
     Each weight is read once and its gradient written once. The differentiable
     :func:`fused_energies` reads each weight twice (forward, then backward): its forward cannot
@@ -372,57 +455,68 @@ def fused_energies_and_grads(weights, plans, c_perp, c_g, outs=None) -> tuple[li
 
     Args:
         weights, plans: as in :func:`fused_energies` (weights are not differentiated through).
-        c_perp, c_g: L coefficients, each a number or a tensor broadcastable to ``W_i.shape[:-2]``.
-        outs: ``None``, or L tensors (``W_i``'s shape and dtype) to which the gradients are added in
-            place instead of being returned in fresh buffers: e.g. existing ``.grad`` tensors, or the
+        lambda_perp, lambda_G: L coefficients, each a number or a tensor broadcastable to ``W_i.shape[:-2]``.
+        outs: ``None``, or L tensors (``W_i``'s shape) to which the gradients are added in place
+            instead of being returned in fresh buffers: e.g. existing ``.grad`` tensors, or the
             weights themselves for a decoupled step ``W <- W - rate (W - P W)``
-            (``c_perp = -rate / 2``). Contiguous outputs take the fused kernels' one pass; others
-            get a fresh gradient added.
+            (``lambda_perp = -rate / 2``). Contiguous outputs of the weight's dtype take the op's
+            one pass; others get a fresh gradient added.
     Returns:
         two lists of L energies ``[...]`` (float32, or float64 for float64 weights) and L gradients
         (``W_i``'s shape and dtype, contiguous; with ``outs``: ``outs`` itself).
     """
     weights, plans = list(weights), list(plans)
     dev = _check_weights(weights, plans)
-    c_perp, c_g = list(c_perp), list(c_g)
-    if len(c_perp) != len(weights) or len(c_g) != len(weights):
-        raise ValueError(f"need one c_perp and one c_g per weight: got {len(weights)} weights, "
-                         f"{len(c_perp)} c_perp, {len(c_g)} c_g")
+    lambda_perp, lambda_G = list(lambda_perp), list(lambda_G)
+    if len(lambda_perp) != len(weights) or len(lambda_G) != len(weights):
+        raise ValueError(f"need one lambda_perp and one lambda_G per weight: got {len(weights)} weights, "
+                         f"{len(lambda_perp)} lambda_perp, {len(lambda_G)} lambda_G")
     if not weights:
         return [], [], []
     weights = [W.detach() for W in weights]
-    cps = [as_coefficient(c, W, f"c_perp[{i}]") for i, (c, W) in enumerate(zip(c_perp, weights))]
-    cgs = [as_coefficient(c, W, f"c_g[{i}]") for i, (c, W) in enumerate(zip(c_g, weights))]
-    args = (weights, [P.meta for P in plans], [P.basis for P in plans], [P.perm_out for P in plans],
-            [P.perm_in for P in plans], cps, cgs)
+    cps = [as_coefficient(c, W, f"lambda_perp[{i}]") for i, (c, W) in enumerate(zip(lambda_perp, weights))]
+    cgs = [as_coefficient(c, W, f"lambda_G[{i}]") for i, (c, W) in enumerate(zip(lambda_G, weights))]
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        _remember(plans)
+    call = _OP if compiling else device_kernel(dev)
     with torch.no_grad():
-        if outs is not None:
-            outs = list(outs)
-            if torch.compiler.is_compiling():
-                ep, eg = _fused_accumulate_op(*args, outs)
-            else:
-                _remember(plans)
-                ep, eg = _eager_accumulate_kernel(dev)(*args, outs)
-            return list(ep), list(eg), outs
-        if torch.compiler.is_compiling():
-            ep, eg, gr = _fused_energies_op(*args)
-        else:
-            _remember(plans)
-            ep, eg, gr = _eager_kernel(dev)(*args)
-    return list(ep), list(eg), list(gr)
+        if outs is None:
+            grads = [torch.empty(W.shape, dtype=W.dtype, device=W.device) for W in weights]
+            ep, eg = call(weights, *_plan_tensors(plans), cps, cgs, grads, False)
+            return split_energies(weights, ep), split_energies(weights, eg), grads
+        outs = list(outs)
+        if len(outs) != len(weights):
+            raise ValueError(f"need one output per weight: got {len(weights)} weights and {len(outs)} outs")
+        for i, (o, W) in enumerate(zip(outs, weights)):
+            if not isinstance(o, Tensor) or o.shape != W.shape or o.device != W.device:
+                raise ValueError(f"outs[{i}] must have the shape {tuple(W.shape)} and device of its weight, got "
+                                 f"{tuple(getattr(o, 'shape', ()))} on {getattr(o, 'device', None)}")
+        if all(o.is_contiguous() and o.dtype == W.dtype for o, W in zip(outs, weights)):
+            ep, eg = call(weights, *_plan_tensors(plans), cps, cgs, outs, True)
+        else:  # outputs the kernels cannot write into: a fresh gradient, added
+            grads = [torch.empty(W.shape, dtype=W.dtype, device=W.device) for W in weights]
+            ep, eg = call(weights, *_plan_tensors(plans), cps, cgs, grads, False)
+            for o, g in zip(outs, grads):
+                o.add_(g.to(o.dtype))
+        return split_energies(weights, ep), split_energies(weights, eg), outs
 
 
-def fused_energies_and_grad(W: Tensor, plan: PackedPlan, c_perp: Tensor, c_g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def fused_energies_and_grad(W: Tensor, plan: PackedPlan, lambda_perp: Tensor, lambda_G: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`fused_energies_and_grads` of one weight whose arguments the caller has checked
-    (``W`` matches ``plan``; ``c_perp``, ``c_g`` from :func:`as_coefficient`): the per-call cost of
-    a small layer is mostly Python, so the list plumbing is skipped."""
+    (``W`` matches ``plan``; ``lambda_perp``, ``lambda_G`` from :func:`as_coefficient`): the per-call
+    cost of a small layer is mostly Python, so the list plumbing is skipped."""
     if torch.compiler.is_compiling():
-        (ep,), (eg,), (gr,) = fused_energies_and_grads([W], [plan], [c_perp], [c_g])
+        (ep,), (eg,), (gr,) = fused_energies_and_grads([W], [plan], [lambda_perp], [lambda_G])
         return ep, eg, gr
     _remember((plan,))
-    ep, eg, gr = _eager_kernel(W.device)([W.detach()], [plan.meta], [plan.basis], [plan.perm_out], [plan.perm_in],
-                                         [c_perp], [c_g])
-    return ep[0], eg[0], gr[0]
+    W = W.detach()
+    grad = torch.empty(W.shape, dtype=W.dtype, device=W.device)
+    ep, eg = device_kernel(W.device)([W], [plan.meta], [plan.basis], [plan.perm_out], [plan.perm_in], [lambda_perp],
+                                     [lambda_G], [grad], False)
+    batch = W.shape[:-2]
+    return ep.reshape(batch), eg.reshape(batch), grad
 
 
 @functools.lru_cache(maxsize=256)
@@ -448,52 +542,3 @@ def as_coefficient(c, W: Tensor, name: str) -> Tensor:
     except RuntimeError:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, not broadcastable to the batch shape "
                          f"{tuple(W.shape[:-2])} of its weight") from None
-
-
-def _eager_accumulate_kernel(device: torch.device):
-    """The accumulating op's implementation for ``device``."""
-    if device.type == "cpu":
-        return _fused_accumulate_cpu
-    if device.type == "cuda":
-        return _fused_accumulate_cuda
-    return _fused_accumulate_op._init_fn
-
-
-def _eager_kernel(device: torch.device):
-    """The op's implementation for ``device`` (what the dispatcher would run)."""
-    if device.type == "cpu":
-        return _fused_energies_cpu
-    if device.type == "cuda":
-        return _fused_energies_cuda
-    return _fused_energies_op._init_fn  # the default (pure-torch twin)
-
-
-class _EagerFusedEnergies(torch.autograd.Function):
-    """Eager twin of the registered op's autograd: the same kernels and the same backward
-    (one more kernel call with the incoming gradients as coefficients), without the custom op's
-    Python dispatch and pytree wrapping, which cost many times the kernel on a small layer
-    (``kernels/NOTES.md``). ``torch.compile`` and ``opcheck`` use the registered op."""
-
-    @staticmethod
-    def forward(ctx, kernel, plans, *weights):
-        ctx.kernel, ctx.plans = kernel, plans
-        ctx.save_for_backward(*weights)
-        ep, eg, _ = kernel(list(weights), [P.meta for P in plans], [P.basis for P in plans],
-                           [P.perm_out for P in plans], [P.perm_in for P in plans], [], [])
-        return (*ep, *eg)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(_NO_DOUBLE_BACKWARD)
-        weights, plans = ctx.saved_tensors, ctx.plans
-        L = len(weights)
-
-        def coefficients(gs):
-            return [g if g is not None else W.new_zeros(W.shape[:-2], dtype=accumulation_dtype(W.dtype))
-                    for g, W in zip(gs, weights)]
-
-        _, _, dW = ctx.kernel(list(weights), [P.meta for P in plans], [P.basis for P in plans],
-                              [P.perm_out for P in plans], [P.perm_in for P in plans],
-                              coefficients(grads[:L]), coefficients(grads[L:]))
-        return (None, None, *dW)

@@ -1,4 +1,4 @@
-"""The C++ CPU kernel (``csrc/``, ``torch.ops.equiproj_cpu.fused_energies``) against the float64
+"""The C++ CPU kernel (``csrc/``, ``torch.ops.equiproj.fused_energies`` on CPU) against the float64
 spatial-domain reference (``equiproj.reference``), on fresh random inputs.
 
 The kernel computes every tile in float64 whatever the weight dtype, so the reference sees
@@ -81,9 +81,15 @@ def _plan(ri, ro):
 
 
 def cpp(weights, plans, c_perp=(), c_g=()):
-    P = plans
-    return torch.ops.equiproj_cpu.fused_energies(list(weights), [p.meta for p in P], [p.basis for p in P],
-                                                 [p.perm_out for p in P], [p.perm_in for p in P], list(c_perp), list(c_g), [])
+    """The op on CPU, its results per weight: ``(e_perp, e_g, grads)`` (fresh gradients written)."""
+    P, weights = plans, list(weights)
+    grads = [torch.empty(W.shape, dtype=W.dtype) for W in weights] if len(c_perp) else []
+    if len(c_perp) and len(c_perp) != len(weights):
+        grads = grads[: len(c_perp)]
+    ep, eg = torch.ops.equiproj.fused_energies(weights, [p.meta for p in P], [p.basis for p in P],
+                                               [p.perm_out for p in P], [p.perm_in for p in P], list(c_perp),
+                                               list(c_g), grads, False)
+    return ops.split_energies(weights, ep), ops.split_energies(weights, eg), grads
 
 
 def _reference(W, ri, ro, cp, cg):
@@ -243,28 +249,28 @@ def test_bad_inputs():
     P = _plan(ri, ro)
     W = torch.randn(ro.dim, ri.dim)
     with pytest.raises(ValueError, match="weights but"):
-        torch.ops.equiproj_cpu.fused_energies([W], [P.meta], [], [P.perm_out], [P.perm_in], [], [], [])
+        torch.ops.equiproj.fused_energies([W], [P.meta], [], [P.perm_out], [P.perm_in], [], [], [], False)
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         cpp([W.int()], [P])
     with pytest.raises(ValueError, match="rows"):
         cpp([W[:-1]], [P])
     with pytest.raises(ValueError, match="not a permutation"):
-        torch.ops.equiproj_cpu.fused_energies([W], [P.meta], [P.basis], [torch.zeros_like(P.perm_out)], [P.perm_in],
-                                              [], [], [])
+        torch.ops.equiproj.fused_energies([W], [P.meta], [P.basis], [torch.zeros_like(P.perm_out)], [P.perm_in],
+                                              [], [], [], False)
     with pytest.raises(ValueError, match="perm_in has"):
-        torch.ops.equiproj_cpu.fused_energies([W], [P.meta], [P.basis], [P.perm_out], [P.perm_in[:-1]], [], [], [])
+        torch.ops.equiproj.fused_energies([W], [P.meta], [P.basis], [P.perm_out], [P.perm_in[:-1]], [], [], [], False)
     with pytest.raises(TypeError, match="perm_in must be a 1-d CPU int64"):
-        torch.ops.equiproj_cpu.fused_energies([W], [P.meta], [P.basis], [P.perm_out], [P.perm_in.int()], [], [], [])
+        torch.ops.equiproj.fused_energies([W], [P.meta], [P.basis], [P.perm_out], [P.perm_in.int()], [], [], [], False)
     with pytest.raises(TypeError, match="meta must be"):
-        torch.ops.equiproj_cpu.fused_energies([W], [P.meta[:, :7]], [P.basis], [P.perm_out], [P.perm_in], [], [], [])
+        torch.ops.equiproj.fused_energies([W], [P.meta[:, :7]], [P.basis], [P.perm_out], [P.perm_in], [], [], [], False)
     bad = P.meta.clone()
     bad[0, 1] += 1  # the first pair no longer starts at column 0
     with pytest.raises(ValueError, match="tile the columns"):
-        torch.ops.equiproj_cpu.fused_energies([W], [bad], [P.basis], [P.perm_out], [P.perm_in], [], [], [])
+        torch.ops.equiproj.fused_energies([W], [bad], [P.basis], [P.perm_out], [P.perm_in], [], [], [], False)
     bad = P.meta.clone()
     bad[:, 7] += P.basis.numel()  # basis offsets past the end
     with pytest.raises(ValueError, match="malformed plan row"):
-        torch.ops.equiproj_cpu.fused_energies([W], [bad], [P.basis], [P.perm_out], [P.perm_in], [], [], [])
+        torch.ops.equiproj.fused_energies([W], [bad], [P.basis], [P.perm_out], [P.perm_in], [], [], [], False)
     with pytest.raises(ValueError, match="one per matrix"):
         cpp([W], [P], [torch.ones(2)], [torch.ones(2)])
     with pytest.raises(ValueError, match="both be empty"):

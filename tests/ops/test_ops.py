@@ -56,16 +56,15 @@ def _ref_energies(W, ri, ro):
 
 
 class CountOps(TorchDispatchMode):
-    """Counts calls of the fused op (forward and backward): ``equiproj::fused_energies`` (the
-    registered op, under torch.compile) or its CPU kernel ``equiproj_cpu::fused_energies``, which
-    eager calls reach directly."""
+    """Counts calls of the fused op ``equiproj::fused_energies`` (forward and backward), eager or
+    under torch.compile."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.equiproj.fused_energies.default, torch.ops.equiproj_cpu.fused_energies.default):
+        if func is torch.ops.equiproj.fused_energies.default:
             self.calls += 1
         return func(*args, **(kwargs or {}))
 
@@ -291,11 +290,14 @@ def test_opcheck(gen):
     W2 = torch.randn(ro2.dim, ri2.dim, dtype=torch.float64, generator=gen, requires_grad=True)
     args = lambda c: ([W1, W2], [P.meta, P2.meta], [P.basis, P2.basis], [P.perm_out, P2.perm_out],  # noqa: E731
                       [P.perm_in, P2.perm_in], *c)
-    torch.library.opcheck(torch.ops.equiproj.fused_energies, args(([], [])))
+    torch.library.opcheck(torch.ops.equiproj.fused_energies, args(([], [], [], False)))
     c = ([torch.rand(2), torch.rand(())], [torch.rand(2), torch.rand((), dtype=torch.float64)])
-    # with coefficients (the backward's form): the gradient outputs are not differentiable
-    torch.library.opcheck(torch.ops.equiproj.fused_energies, args(c),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    # with coefficients (the backward's form): gradients written into, or added to, given tensors
+    with torch.no_grad():
+        for accumulate in (False, True):
+            grads = [torch.randn(W1.shape), torch.randn(W2.shape, dtype=torch.float64)]
+            torch.library.opcheck(torch.ops.equiproj.fused_energies, args((*c, grads, accumulate)),
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def test_twin_with_per_matrix_coefficients_matches_reference(gen):
@@ -305,7 +307,9 @@ def test_twin_with_per_matrix_coefficients_matches_reference(gen):
     P = plan_for(ri, ro, "cpu")
     W = torch.randn(3, 2, ro.dim, ri.dim, generator=gen)
     cp, cg = torch.rand(3, 2, generator=gen), torch.rand(3, 2, generator=gen)
-    (ep,), (eg,), (g,) = ops._op._twin([W], [P.meta], [P.basis], [P.perm_out], [P.perm_in], [cp], [cg])
+    g = torch.empty_like(W)
+    ep, eg = ops._op._twin_kernel([W], [P.meta], [P.basis], [P.perm_out], [P.perm_in], [cp], [cg], [g], False)
+    ep, eg = ep.reshape(3, 2), eg.reshape(3, 2)
     W64 = W.double()
     PW = reference.project(W64, ri, ro)
     assert rel(ep, (W64 - PW).square().sum((-2, -1))) < 1e-4 and rel(eg, PW.square().sum((-2, -1))) < 1e-4
@@ -368,8 +372,10 @@ def test_cuda_registration_matches_cpp(gen):
     W2 = torch.randn(ro.dim, ri.dim, generator=gen)
     cp, cg = [torch.rand(2, generator=gen), torch.rand((), generator=gen)], [torch.rand(2, generator=gen), torch.rand(())]
     P = plan_for(ri, ro, "cpu")
-    want = torch.ops.equiproj.fused_energies([W, W2], [P.meta] * 2, [P.basis] * 2, [P.perm_out] * 2,
-                                             [P.perm_in] * 2, cp, cg)
+    grads = [torch.empty_like(W), torch.empty_like(W2)]
+    ep_w, eg_w = torch.ops.equiproj.fused_energies([W, W2], [P.meta] * 2, [P.basis] * 2, [P.perm_out] * 2,
+                                                   [P.perm_in] * 2, cp, cg, grads, False)
+    want = (ops.split_energies([W, W2], ep_w), ops.split_energies([W, W2], eg_w), grads)
     if torch.cuda.is_available():
         Wc = W.cuda().requires_grad_()
         ep, eg = equiproj.energies(Wc, ri, ro, backend="triton")
@@ -382,12 +388,14 @@ def test_cuda_registration_matches_cpp(gen):
     else:
         Pt = block_plan(ri, ro).packed("cpu", torch.float32)  # what the Triton kernel reads
         ops._op._remember([Pt])
-        got = ops._op._fused_energies_cuda([W, W2], [Pt.meta] * 2, [Pt.basis] * 2, [Pt.perm_out] * 2, [Pt.perm_in] * 2,
-                                       cp, cg)
+        got_grads = [torch.empty_like(W), torch.empty_like(W2)]
+        ep_g, eg_g = ops._op._cuda_kernel([W, W2], [Pt.meta] * 2, [Pt.basis] * 2, [Pt.perm_out] * 2, [Pt.perm_in] * 2,
+                                          cp, cg, got_grads, False)
+        got = (ops.split_energies([W, W2], ep_g), ops.split_energies([W, W2], eg_g), got_grads)
         # what the dispatcher enforces for a registered kernel: no output shares storage with an
-        # input or another output (seen failing on an H200 before the kernels allocated outputs apart)
-        inputs = [W, W2, Pt.meta, Pt.basis, Pt.perm_out, Pt.perm_in, *cp, *cg]
-        torch._library.utils.check_aliasing_constraint("equiproj::fused_energies", inputs, got)
+        # input (seen failing on an H200 before the kernels allocated outputs apart)
+        inputs = [W, W2, Pt.meta, Pt.basis, Pt.perm_out, Pt.perm_in, *cp, *cg, *got_grads]
+        torch._library.utils.check_aliasing_constraint("equiproj::fused_energies", inputs, (ep_g, eg_g))
     for a, b in zip(sum(got, []), sum(want, [])):  # float32 kernel arithmetic
         assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
 

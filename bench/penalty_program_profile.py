@@ -1,0 +1,96 @@
+"""The Python cost of a penalty call beyond its kernels, on a model of many small layers.
+
+A model of ``--layers`` declared ``nn.Linear`` layers (O(3) fields ``4x0e + 2x1o + 2e``, 15 x 15,
+with bias: two terms per layer) is so small that a penalty call is almost all host-side work. For
+``penalty.backward()`` (into existing ``.grad``s and into fresh ones), ``penalty.decay_`` and
+``penalty()``, the median time of the call is compared with the median time of the op call it
+issues, made directly with the same prepared arguments (the kernel alone); the difference is the
+Python cost of the call. Times are the calling thread's CPU time (``time.thread_time_ns``), run
+with one intra-op thread, so that other jobs on a shared machine disturb them less. ``--profile`` prints the cProfile of the backward call as well.
+
+    python bench/penalty_program_profile.py [--layers 50] [--threads 1] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import equiproj as ep
+from equiproj.nn import ProjectionPenalty, declare
+
+
+def model(layers: int) -> nn.Module:
+    r = ep.Rep.parse(ep.O3(), "4x0e + 2x1o + 2e")
+    return nn.Sequential(*[declare(nn.Linear(r.dim, r.dim), r, r) for _ in range(layers)])
+
+
+def median_us(fn, repeats: int = 400) -> float:
+    """Median CPU time of this thread per call (with one intra-op thread, the kernel runs on it too):
+    other processes on the cores stretch wall-clock times, much less the thread's own CPU time."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.thread_time_ns()
+        fn()
+        times.append(time.thread_time_ns() - t)
+    return statistics.median(times) / 1e3
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--profile", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    m = model(a.layers)
+    pen = ProjectionPenalty(m, lambda_perp=1e-2)
+    for p_ in m.parameters():
+        p_.grad = torch.zeros_like(p_)
+    pen.backward()  # the program is built
+    (g,) = pen._program.groups
+    grads = [q.grad for q in g.params]
+    kernel = lambda: g.kernel(g.weights, *g.plan_args, *g._coefs, grads, True)  # noqa: E731
+    energies_only = lambda: g.kernel(g.weights, *g.plan_args, [], [], [], False)  # noqa: E731
+    rows = []
+    rows.append(("penalty.backward() into existing .grad", median_us(pen.backward), median_us(kernel)))
+
+    def fresh():
+        for q in m.parameters():
+            q.grad = None
+        pen.backward()
+
+    def clear():
+        for q in m.parameters():
+            q.grad = None
+
+    rows.append(("penalty.backward() into fresh .grad (incl. clearing .grad)", median_us(fresh),
+                 median_us(lambda: (clear(), kernel()))))
+    rows.append(("penalty.decay_(1e-3)", median_us(lambda: pen.decay_(1e-3)), median_us(kernel)))
+    with torch.no_grad():
+        rows.append(("penalty() (no_grad)", median_us(pen), median_us(energies_only)))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {a.layers} layers "
+          f"({2 * a.layers} terms), medians of the thread's CPU time per call")
+    print("\n| call | call µs | kernel alone µs | Python beyond the kernel µs |")
+    print("|---|---|---|---|")
+    for name, call, kern in rows:
+        print(f"| {name} | {call:.1f} | {kern:.1f} | {call - kern:.1f} |")
+    if a.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            pen.backward()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+
+
+if __name__ == "__main__":
+    main()

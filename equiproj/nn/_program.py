@@ -1,0 +1,332 @@
+"""The penalty program: a model's terms prepared once, then one call per kind of term per step.
+
+:class:`PenaltyProgram` is built from the declared layers of a model (their terms, grouped by
+kind). Matrix terms that run on a fused kernel (``"cpp"``, ``"triton"``) are prepared as a
+:class:`FusedMatrices` group: the weights' matrix views, the packed plans, the device's kernel and
+the coefficient tensors are made once, and ``penalty()``, ``penalty.backward()`` and
+``penalty.decay_()`` each issue one call of ``equiproj::fused_energies`` for all of them, writing
+into the parameters' ``.grad`` or the parameters themselves, with no Python per layer beyond
+reading the ``.grad`` attributes. The other kinds (kernel spaces, translations, matrices on the
+``"torch"`` or ``"reference"`` backend) take one :meth:`Term.one_pass` or :meth:`Term.energies` call
+per kind.
+
+The program holds views of the parameters. :meth:`PenaltyProgram.current` tells whether it still
+describes the model: the modules at the declared paths (each link of each path), the parameters
+registered in them, and the storage of every parameter (a dtype or device change,
+``model.to(...)``, replaces it). Layers whose weight is computed (a parametrization) or whose
+matrix form is a copy are read again at each call. The penalty
+rebuilds it when either changed or a layer was declared, re-declared or undeclared.
+
+A parameter used by several terms (tied weights) is written by one term per call: its first use
+goes with the others, each later use in a group of its own (the gradients add up, and a
+decoupled step is taken once per parameter).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from .. import ops
+from .._plan import plan_for
+from ._declaration import MatrixTerm, Term, batches, inplace_view
+from ._tensors import accumulate_grad, is_dtensor
+
+__all__ = ["PenaltyProgram", "FusedMatrices", "TermGroup", "module_chain"]
+
+_FUSED = ("cpp", "triton")
+
+
+def module_chain(root: torch.nn.Module, names) -> list[tuple[dict, str, torch.nn.Module]]:
+    """``(parent._modules, key, child)`` for every link of every path in ``names`` (once each): the
+    modules at those paths are unchanged while every ``parent._modules[key] is child``."""
+    links, seen = [], set()
+    for name in names:
+        m = root
+        for key in name.split(".") if name else ():
+            child = m._modules[key]
+            if (id(m), key) not in seen:
+                seen.add((id(m), key))
+                links.append((m._modules, key, child))
+            m = child
+    return links
+
+
+def _shares_storage(weight: torch.Tensor, param: torch.Tensor) -> bool:
+    return weight.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+
+
+class TermGroup:
+    """Terms of one kind, computed through their kind's :meth:`Term.energies` and :meth:`Term.one_pass`."""
+
+    def __init__(self, terms: list[Term], owners: list[int]):
+        self.terms, self.owners = terms, owners
+        self.kind = type(terms[0])
+        self.params = [t.param for t in terms]
+        self.set_lambdas([0.0] * len(terms), [0.0] * len(terms))
+
+    def set_lambdas(self, lambda_perp: list[float], lambda_G: list[float]) -> None:
+        self.lambda_perp, self.lambda_G = list(lambda_perp), list(lambda_G)
+        self._weights = self._lambdas_cat = None
+
+    @property
+    def _lambdas64(self):
+        """``cat(lambda_perp, lambda_G)`` in float64 on the group's device."""
+        if self._lambdas_cat is None:
+            self._lambdas_cat = torch.cat(self.lambda_tensors(torch.float64, self.device))
+        return self._lambdas_cat
+
+    def lambda_tensors(self, dtype, device):
+        if self._weights is None or self._weights[0].dtype != dtype or self._weights[0].device != device:
+            self._weights = (torch.tensor(self.lambda_perp, dtype=dtype, device=device),
+                             torch.tensor(self.lambda_G, dtype=dtype, device=device))
+        return self._weights
+
+    def energies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kind.energies(self.terms)
+
+    def backward(self) -> torch.Tensor:
+        """Add ``lambda_perp dE_perp + lambda_G dE_G`` to the parameters' gradients; the penalty's value."""
+        trainable = [k for k, t in enumerate(self.terms) if t.param.requires_grad]
+        outs = [None] * len(self.terms)
+        for k in trainable:
+            outs[k] = inplace_view(self.terms[k], self.terms[k].param.grad)
+        ep, eg, grads = self.kind.one_pass(self.terms, self.lambda_perp, self.lambda_G, outs)
+        for k in trainable:
+            if outs[k] is None:
+                accumulate_grad(self.terms[k].param, grads[k])
+        lp, lg = self.lambda_tensors(torch.float64, ep.device)
+        return (ep.double() * lp).sum() + (eg.double() * lg).sum()
+
+    def decay_(self, rate: float, rate_G: float) -> set:
+        """The decoupled step on the terms whose parameter can be written in place; their parameter ids."""
+        views = [inplace_view(t, t.param) for t in self.terms]
+        ks = [k for k, v in enumerate(views) if v is not None]
+        if ks:
+            self.kind.one_pass([self.terms[k] for k in ks], [-rate / 2] * len(ks), [-rate_G / 2] * len(ks),
+                               [views[k] for k in ks])
+        return {id(self.terms[k].param) for k in ks}
+
+
+class FusedMatrices(TermGroup):
+    """Matrix terms on one device whose backend is a fused kernel, prepared for one op call each:
+    the weights' matrix views (differentiable and detached), the packed plans, the kernel."""
+
+    def __init__(self, terms: list[MatrixTerm], owners: list[int], device: torch.device):
+        self.views = [t.weight for t in terms]  # differentiable views of the parameters
+        self.weights = [v.detach() for v in self.views]
+        plans = [plan_for(t.rep_in, t.rep_out, device) for t in terms]
+        ops.remember_plans(plans)
+        self.plan_args = ([P.meta for P in plans], [P.basis for P in plans], [P.perm_out for P in plans],
+                          [P.perm_in for P in plans])
+        self.kernel = ops.device_kernel(device)
+        self.device = device
+        # a parameter's .grad may be written directly when its dtype is the weight's and it is contiguous
+        self._dtypes = [w.dtype for w in self.weights]
+        self._numels = [w.numel() for w in self.weights]
+        self._state = None  # (grads, requires_grad) of the last backward, and its calls
+        self._decay_coefs: dict = {}
+        super().__init__(terms, owners)
+        # whether each parameter can be stepped in place through its matrix view
+        self._inplace = all(not is_dtensor(p) and p.is_contiguous() and p.dtype == w.dtype
+                            for p, w in zip(self.params, self.weights))
+        self._param_ids = frozenset(id(p) for p in self.params)
+
+    def set_lambdas(self, lambda_perp, lambda_G) -> None:
+        super().set_lambdas(lambda_perp, lambda_G)
+        self._coefs = ([ops.as_coefficient(c, w, "lambda_perp") for c, w in zip(lambda_perp, self.weights)],
+                       [ops.as_coefficient(c, w, "lambda_G") for c, w in zip(lambda_G, self.weights)])
+        self._state = None
+
+    def energies(self):
+        return ops.prepared_energies(self.kernel, self.plan_args, self.views)
+
+    def _call(self, idx, grads, accumulate):
+        """The op on the terms ``idx`` (all when ``None``); the value ``sum lambda E`` in float64."""
+        if idx is None:
+            w, (m, b, po, pi), (cp, cg) = self.weights, self.plan_args, self._coefs
+            lp, lg = self.lambda_tensors(torch.float64, self.device)
+        else:
+            pick = lambda xs: [xs[k] for k in idx]  # noqa: E731
+            w, m, b, po, pi = pick(self.weights), *(pick(x) for x in self.plan_args)
+            cp, cg = pick(self._coefs[0]), pick(self._coefs[1])
+            lp, lg = self.lambda_tensors(torch.float64, self.device)
+            sel = torch.tensor(idx, device=self.device)
+            lp, lg = lp[sel], lg[sel]
+        if grads is None:  # energies only (frozen parameters)
+            ep, eg = self.kernel(w, m, b, po, pi, [], [], [], False)
+        else:
+            ep, eg = self.kernel(w, m, b, po, pi, cp, cg, grads, accumulate)
+        return torch.dot(torch.cat((ep, eg)).double(), torch.cat((lp, lg)) if idx is not None else self._lambdas64)
+
+    def _plan_backward(self, grads, trainable):
+        """The calls of a backward for this state of the ``.grad`` attributes: ``[(idx, kind)]`` with
+        kind ``"into"`` (add to the existing .grad), ``"fresh"`` (write new buffers) or ``"frozen"``."""
+        into, fresh, frozen = [], [], []
+        for k, (g, t) in enumerate(zip(grads, trainable)):
+            if not t:
+                frozen.append(k)
+            elif (g is not None and not is_dtensor(g) and g.dtype == self._dtypes[k] and g.is_contiguous()
+                  and g.numel() == self._numels[k]):
+                into.append(k)
+            else:  # no gradient yet, or one the kernel cannot write into (a fresh one is added to it)
+                fresh.append(k)
+        T = len(grads)
+        return [(None if len(ks) == T else ks, kind) for ks, kind in ((into, "into"), (fresh, "fresh"),
+                                                                       (frozen, "frozen")) if ks]
+
+    def backward(self) -> torch.Tensor:
+        grads = [p.grad for p in self.params]
+        trainable = [p.requires_grad for p in self.params]
+        st = self._state
+        if st is None or st[1] != trainable or not all(map(operator.is_, st[0], grads)):
+            st = self._state = (grads, trainable, self._plan_backward(grads, trainable))
+        value = None
+        for idx, kind in st[2]:
+            ks = range(len(grads)) if idx is None else idx
+            if kind == "into":
+                v = self._call(idx, [grads[k] for k in ks] if idx is not None else grads, True)
+            elif kind == "fresh":
+                v = self._fresh(idx, ks, grads)
+                self._state = None  # the .grad attributes changed
+            else:
+                v = self._call(idx, None, False)
+            value = v if value is None else value + v
+        return value
+
+    def _fresh(self, idx, ks, grads):
+        """The gradients into new buffers: one flat buffer per call when the terms share a dtype
+        (views shaped like the parameters become their ``.grad``), else one buffer each."""
+        params = self.params if idx is None else [self.params[k] for k in ks]
+        dtypes = {self._dtypes[k] for k in ks}
+        if len(dtypes) == 1:
+            flat = torch.empty(sum(self._numels[k] for k in ks), dtype=dtypes.pop(), device=self.device)
+            bufs = torch._utils._unflatten_dense_tensors(flat, params)
+        else:
+            bufs = [torch.empty(p.shape, dtype=self._dtypes[k], device=self.device) for k, p in zip(ks, params)]
+        v = self._call(idx, bufs, False)
+        for k, p, buf in zip(ks, params, bufs):
+            if grads[k] is None:
+                p.grad = buf
+            else:  # a gradient the kernel could not write into
+                accumulate_grad(p, buf)
+        return v
+
+    def decay_(self, rate: float, rate_G: float) -> set:
+        if not self._inplace:
+            return super().decay_(rate, rate_G)
+        key = (rate, rate_G)
+        if key not in self._decay_coefs:
+            self._decay_coefs = {key: ([ops.as_coefficient(-rate / 2, w, "rate") for w in self.weights],
+                                       [ops.as_coefficient(-rate_G / 2, w, "rate_G") for w in self.weights])}
+        cp, cg = self._decay_coefs[key]
+        self.kernel(self.weights, *self.plan_args, cp, cg, self.weights, True)
+        return self._param_ids
+
+
+class PenaltyProgram:
+    """The groups of terms of ``layers`` (``[(name, module, declaration)]``), ready to run.
+
+    ``fast``: the indices of the layers in the groups; the others (FSDP2-sharded parameters, and
+    weights whose matrix form is a copy) are computed by the penalty per call."""
+
+    def __init__(self, root: torch.nn.Module, layers, backend: str = "auto"):
+        self.root = root
+        self.links = module_chain(root, [n for n, _, _ in layers])
+        # views made in inference mode cannot be differentiated later: such a program serves one call
+        self.reusable = not torch.is_inference_mode_enabled()
+        self.device = layers[0][1].weight.device if layers else torch.device("cpu")
+        self.value_dtype = (torch.float64 if all(m.weight.dtype == torch.float64 for _, m, _ in layers)
+                            else torch.float32)
+        self.fast, terms_per_layer = [], []
+        for i, (name, m, d) in enumerate(layers):
+            if any(is_dtensor(p) for p in (m.weight, getattr(m, "bias", None))):
+                continue
+            with torch.enable_grad():  # the weights' views keep their graph even if built under no_grad
+                ts = d.terms(name, m)
+            registered = [(m._parameters, k, m._parameters.get(k)) for k in ("weight", "bias")
+                          if k in m._parameters and m._parameters[k] is not None]
+            if (not all(any(t.param is p for _, _, p in registered) for t in ts)
+                    or not all(_shares_storage(t.weight, t.param) for t in ts)):
+                # a computed weight (a parametrization) or a copy (strides that do not reshape): read
+                # again at each call
+                continue
+            self.links.extend(registered)  # a parameter replaced by another is a change of the model
+            self.fast.append(i)
+            terms_per_layer.append(ts)
+        fast = set(self.fast)
+        self.slow = [i for i in range(len(layers)) if i not in fast]
+        self.params = [p for ts in terms_per_layer for p in (t.param for t in ts)]
+        self.storage = [p.data_ptr() for p in self.params]
+        self.num_params = len({id(p) for p in self.params})
+        self.num_layers = len(layers)
+        self._index = None
+        self.groups: list[TermGroup] = []
+        # the r-th use of a parameter goes into round r: no call writes one parameter twice
+        uses: dict = {}
+        rounds: list[list[list]] = []
+        for j, ts in enumerate(terms_per_layer):
+            per_round: dict = {}
+            for t in ts:
+                r = uses.get(id(t.param), 0)
+                uses[id(t.param)] = r + 1
+                per_round.setdefault(r, []).append(t)
+            for r, rts in per_round.items():
+                while len(rounds) <= r:
+                    rounds.append([[] for _ in terms_per_layer])
+                rounds[r][j].extend(rts)
+        self.first_round = 0
+        for r, per_layer in enumerate(rounds):
+            for ts, owners in batches(per_layer).values():
+                owners = [self.fast[j] for j in owners]
+                self.groups.extend(self._groups(ts, owners, backend, decays=(r == 0)))
+
+    @staticmethod
+    def _groups(ts, owners, backend, decays):
+        out = []
+        if type(ts[0]) is MatrixTerm:
+            split: dict = {}
+            for t, o in zip(ts, owners):
+                b = ops.backend_for(backend, t.weight)
+                key = (b.name in _FUSED, t.weight.device)
+                split.setdefault(key, ([], []))
+                split[key][0].append(t)
+                split[key][1].append(o)
+            for (fused, dev), (gts, gos) in split.items():
+                g = FusedMatrices(gts, gos, dev) if fused else TermGroup(gts, gos)
+                g.decays = decays
+                out.append(g)
+            return out
+        g = TermGroup(ts, owners)
+        g.decays = decays
+        return [g]
+
+    def current(self) -> bool:
+        """Whether the modules at the declared paths, their parameters and the parameters' storage
+        are unchanged."""
+        return (self.reusable and all(d.get(k) is m for d, k, m in self.links)
+                and [p.data_ptr() for p in self.params] == self.storage)
+
+    def per_layer(self, parts) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E_perp [L], E_G [L])`` from the groups' energies (in order) and then the slow layers'."""
+        if len(parts) == 1:
+            ep, eg = parts[0]
+            dt = ep.dtype
+        else:
+            dt = torch.float64 if all(p[0].dtype == torch.float64 for p in parts) else torch.float32
+            ep = torch.cat([p[0].reshape(-1).to(dt) for p in parts])
+            eg = torch.cat([p[1].reshape(-1).to(dt) for p in parts])
+        if self._index is None or self._index.device != ep.device:
+            owners = [o for g in self.groups for o in g.owners] + self.slow
+            self._identity = owners == list(range(self.num_layers))
+            self._index = torch.tensor(owners, dtype=torch.long, device=ep.device)
+        if self._identity:  # one term per layer, in order: nothing to sum
+            return ep, eg
+        zeros = torch.zeros(self.num_layers, dtype=dt, device=ep.device)
+        return zeros.index_add(0, self._index, ep), zeros.index_add(0, self._index, eg)
+
+    def set_lambdas(self, lambda_perp: list[float], lambda_G: list[float]) -> None:
+        """Per-layer lambdas (indexed like the penalty's layers)."""
+        for g in self.groups:
+            g.set_lambdas([lambda_perp[o] for o in g.owners], [lambda_G[o] for o in g.owners])

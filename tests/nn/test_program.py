@@ -1,0 +1,270 @@
+"""The penalty program: one op call per kind of term, against the float64 reference.
+
+The reference is the same penalty on a float64 copy of the model with every term on the
+``"reference"`` backend (``$EQUIPROJ_BACKEND``): the spatial-domain average over the group for
+matrices (linear layers, grid convolutions, biases), the reference route of the steerable kernel
+space, and the exact translation energies; its gradients come from autograd. Tolerances (relative
+to the largest entry): float32 1e-5; bfloat16 weights 1e-5 for energies (computed from the same
+rounded weights) and 1e-2 for what is written in bfloat16 (gradients, stepped weights).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import equiproj as ep
+from equiproj import ops
+from equiproj import translation as tr
+from equiproj.nn import ProjectionPenalty, declare, declare_translations
+from equiproj.testing import nearly_equivariant
+
+needs_cpp = pytest.mark.skipif(not ops.cpp_available(), reason="needs the C++ extension")
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-2), torch.float64: (1e-10, 1e-10)}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts calls of ``equiproj::fused_energies``."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.equiproj.fused_energies.default:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def mixed_model(dtype, gen, steerable=True):
+    """Linear layers on SO(3) irreps (one with its weight tied to another's), a C4 grid conv on
+    regular fields, a steerable SO(2) conv, a periodic locally connected layer, biases."""
+    S = ep.SO3()
+    r1, r2 = ep.Rep.parse(S, "2x0 + 1"), ep.Rep.parse(S, "3x0 + 2x1 + 2")
+    C4 = ep.Cyclic(4)
+    reg = 2 * C4.regular()
+    m = nn.ModuleDict({
+        "lin1": declare(nn.Linear(r1.dim, r2.dim), r1, r2),
+        "lin2": declare(nn.Linear(r2.dim, r2.dim), r2, r2),
+        "lin3": declare(nn.Linear(r2.dim, r2.dim, bias=False), r2, r2),
+        "grid": declare(nn.Conv2d(reg.dim, reg.dim, 3, padding=1), reg, reg),
+        "lc": declare_translations(tr.LocallyConnected2d(2, 3, (5, 6), 3)),
+    })
+    if steerable:
+        so2 = ep.SO2()
+        m["steer"] = declare(nn.Conv2d(4, 5, 3, padding=1), ep.Rep.parse(so2, "2x0 + 1"), ep.Rep.parse(so2, "0 + 1 + 2"))
+    m["lin3"].weight = m["lin2"].weight  # tied: one parameter, two terms
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        # one nearly equivariant weight (E_perp / ||W||^2 ~ 1e-10)
+        W = m["lin1"].weight
+        W.copy_(nearly_equivariant(W.double(), r1, r2, 1e-10, gen))
+    return m.to(dtype)
+
+
+LAMBDAS = dict(lambda_perp={"lin1": 0.7, "grid": 0.3, "default": 0.2}, lambda_G=0.05)
+
+
+def reference_model(model):
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():  # exactly the (rounded) values of the model under test
+        for p, q in zip(ref.parameters(), model.parameters()):
+            p.copy_(q.double())
+    return ref
+
+
+def reference_run(model, monkeypatch, what, *args):
+    """``what`` of a float64 reference penalty of ``model``'s current values."""
+    ref = reference_model(model)
+    with monkeypatch.context() as mp:
+        mp.setenv(ops.ENV_VAR, "reference")
+        pen = ProjectionPenalty(ref, **LAMBDAS)
+        if what == "value":
+            return pen().detach()
+        if what == "grads":
+            value = pen()
+            value.backward()
+            return value.detach(), [p.grad for p in ref.parameters()]
+        pen.decay_(*args)
+        return [p.detach() for p in ref.parameters()]
+
+
+def close(got, want, tol, what):
+    got, want = got.double(), want.double()
+    scale = float(want.abs().max()) or 1.0
+    assert float((got - want).abs().max()) <= tol * scale, what
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_penalty_backward_decay_equal_the_reference(dtype, gen, monkeypatch):
+    """Value, gradients (fresh and added to existing ones, frozen parameters left alone) and the
+    decoupled step, twice: on the first call (the program is built) and after the weights moved in
+    place (the program is reused and reads the new values)."""
+    model = mixed_model(dtype, gen, steerable=dtype != torch.bfloat16)
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    tol_e, tol_w = TOL[dtype]
+    frozen = model["lc"].bias
+    frozen.requires_grad_(False)
+    for step in range(2):
+        close(pen(), reference_run(model, monkeypatch, "value"), tol_e, "penalty()")
+        value_ref, grads_ref = reference_run(model, monkeypatch, "grads")
+        for p in model.parameters():
+            p.grad = None
+        close(pen.backward(), value_ref, tol_e, "backward() value")
+        for (n, p), g in zip(model.named_parameters(), grads_ref):
+            if p.requires_grad:
+                close(p.grad, g, tol_w, f"fresh .grad of {n}")
+            else:
+                assert p.grad is None
+        existing = {n: torch.randn(p.shape, generator=gen).to(dtype) for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.grad = existing[n].clone() if p.requires_grad else None
+        objects = [p.grad for p in model.parameters()]
+        pen.backward()
+        for (n, p), g, obj in zip(model.named_parameters(), grads_ref, objects):
+            if p.requires_grad:
+                assert p.grad is obj  # added in place
+                close(p.grad, existing[n].double() + g, tol_w, f"existing .grad of {n}")
+        want = reference_run(model, monkeypatch, "decay", 0.3, 0.1)
+        ptrs = [p.data_ptr() for p in model.parameters()]
+        pen.decay_(0.3, rate_G=0.1)
+        assert [p.data_ptr() for p in model.parameters()] == ptrs
+        for (n, p), w in zip(model.named_parameters(), want):
+            close(p.detach(), w, tol_w, f"decay_ of {n}")
+        with torch.no_grad():  # an optimiser step: in place, the program stays
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=gen).to(dtype))
+
+
+@needs_cpp
+def test_tied_weights_add_both_gradients_and_step_once(gen):
+    model = mixed_model(torch.float64, gen, steerable=False)
+    pen = ProjectionPenalty(model, lambda_perp=0.5)
+    W = model["lin2"].weight
+    r2 = ep.Rep.parse(ep.SO3(), "3x0 + 2x1 + 2")
+    PW = ep.reference.project(W.detach(), r2, r2)
+    model.zero_grad(set_to_none=True)
+    pen.backward()
+    close(W.grad, 2 * (2 * 0.5 * (W.detach() - PW)), 1e-10, "two terms' gradients")
+    W0 = W.detach().clone()
+    pen.decay_(0.5)
+    close(W.detach(), W0 - 0.5 * (W0 - PW), 1e-10, "one step per parameter")
+
+
+def _declared_linears(n, gen):
+    G = ep.O3()
+    r = ep.Rep.parse(G, "4x0e + 2x1o + 2e")
+    model = nn.Sequential(*[declare(nn.Linear(r.dim, r.dim), r, r) for _ in range(n)])
+    return model, r
+
+
+@needs_cpp
+def test_one_op_call_per_kind_of_term(gen):
+    """50 linear layers with biases: penalty() one call forward, backward() one call with fresh or
+    existing gradients, decay_ one call; a grid conv adds nothing (matrices too)."""
+    model, r = _declared_linears(50, gen)
+    pen = ProjectionPenalty(model, lambda_perp=0.1)
+    for _ in range(2):
+        with CountOps() as count:
+            value = pen()
+        assert count.calls == 1
+        with CountOps() as count:
+            value.backward()
+        assert count.calls == 1
+        for fresh in (True, False):
+            if fresh:
+                model.zero_grad(set_to_none=True)
+            with CountOps() as count:
+                pen.backward()
+            assert count.calls == 1
+        with CountOps() as count:
+            pen.decay_(0.1)
+        assert count.calls == 1
+
+
+@needs_cpp
+def test_program_rebuilds_on_redeclare_swap_and_dtype(gen, monkeypatch):
+    model = mixed_model(torch.float32, gen, steerable=False)
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    pen()
+    prog = pen._program
+    pen()
+    assert pen._program is prog  # nothing changed: reused
+    # re-declaration with other reps
+    C4 = ep.Cyclic(4)
+    declare(model["grid"], 2 * C4.regular(), C4.regular() + 4 * C4.trivial())
+    close(pen(), reference_run(model, monkeypatch, "value"), 1e-5, "after re-declaration")
+    assert pen._program is not prog
+    prog = pen._program
+    # a declared module swapped in at the same path
+    S = ep.SO3()
+    r1, r2 = ep.Rep.parse(S, "2x0 + 1"), ep.Rep.parse(S, "3x0 + 2x1 + 2")
+    model["lin1"] = declare(nn.Linear(r1.dim, r2.dim), r1, r2)
+    close(pen(), reference_run(model, monkeypatch, "value"), 1e-5, "after a module swap")
+    assert pen._program is not prog
+    prog = pen._program
+    # a dtype change replaces every parameter's storage
+    model.double()
+    value = pen()
+    assert value.dtype == torch.float64 and pen._program is not prog
+    close(value, reference_run(model, monkeypatch, "value"), 1e-10, "after model.double()")
+    value_ref, grads_ref = reference_run(model, monkeypatch, "grads")
+    model.zero_grad(set_to_none=True)
+    close(pen.backward(), value_ref, 1e-10, "backward after model.double()")
+    for p, g in zip(model.parameters(), grads_ref):
+        close(p.grad, g, 1e-10, "gradient after model.double()")
+    # a parameter replaced by one of another dtype on one layer only
+    model["lin2"].weight.data = model["lin2"].weight.data.float()
+    model["lin3"].weight = model["lin2"].weight
+    close(pen(), reference_run(model, monkeypatch, "value"), 1e-5, "after one layer's dtype changed")
+
+
+@needs_cpp
+def test_non_contiguous_weights_and_gradients(gen, monkeypatch):
+    """A transposed weight (its matrix form is not a view) and a non-contiguous .grad."""
+    model = mixed_model(torch.float32, gen, steerable=False)
+    lin = model["lin2"]
+    with torch.no_grad():
+        lin.weight = nn.Parameter(lin.weight.detach().T.contiguous().T)  # same values, column-major
+    model["lin3"].weight = lin.weight
+    grid = model["grid"]
+    with torch.no_grad():
+        grid.weight = nn.Parameter(grid.weight.detach().permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    close(pen(), reference_run(model, monkeypatch, "value"), 1e-5, "value")
+    value_ref, grads_ref = reference_run(model, monkeypatch, "grads")
+    for p in model.parameters():
+        p.grad = torch.zeros(p.shape[::-1]).T if p.dim() == 2 else None
+    pen.backward()
+    for (n, p), g in zip(model.named_parameters(), grads_ref):
+        close(p.grad, g, 1e-5, f"gradient of {n}")
+    want = reference_run(model, monkeypatch, "decay", 0.2, 0.0)
+    pen.decay_(0.2)
+    for (n, p), w in zip(model.named_parameters(), want):
+        close(p.detach(), w, 1e-5, f"decay_ of {n}")
+
+
+@needs_cpp
+def test_replaced_and_parametrized_parameters(gen, monkeypatch):
+    """A parameter replaced by another after the program was built is read; a computed weight (a
+    parametrization) is read at every call."""
+    model = mixed_model(torch.float32, gen, steerable=False)
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    pen()
+    lin = model["lin1"]
+    lin.weight = nn.Parameter(torch.randn(lin.weight.shape, generator=gen))
+    close(pen(), reference_run(model, monkeypatch, "value"), 1e-5, "after a parameter was replaced")
+    torch.nn.utils.parametrizations.weight_norm(model["grid"])
+    value = pen()
+    with torch.no_grad():
+        model["grid"].parametrizations.weight.original0.mul_(1.5)  # the computed weight changes
+    ref = reference_model(model)
+    with monkeypatch.context() as mp:
+        mp.setenv(ops.ENV_VAR, "reference")
+        want = ProjectionPenalty(ref, **LAMBDAS)().detach()
+    assert float(pen()) != float(value)
+    close(pen(), want, 1e-5, "a parametrized weight")
