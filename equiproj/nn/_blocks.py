@@ -49,15 +49,20 @@ def _check_x(x: torch.Tensor, rep: Rep, what: str) -> None:
                          f"{rep!r}), got shape {tuple(x.shape)}")
 
 
-def _copies_norm(part: torch.Tensor, eps: float) -> torch.Tensor:
+def _copies_scale(part: torch.Tensor) -> torch.Tensor:
+    """``[B, c, 1, *rest]``: the largest entry of each field copy (1 for a zero copy), detached."""
+    s = part.detach().abs().amax(2, keepdim=True)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _copies_norm(part: torch.Tensor, eps: float, s: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, c, 1, *rest]``: the norm of each field copy of a ``[B, c, d, *rest]`` segment, at least ``eps``.
 
     Computed as ``s |x / s|`` with ``s`` the copy's largest entry (detached: the product does not
     depend on ``s``), so that tiny copies do not underflow to a zero norm; a zero copy has norm 0
     and gradient 0 there (a subgradient of the norm), never NaN.
     """
-    s = part.detach().abs().amax(2, keepdim=True)
-    s = torch.where(s > 0, s, torch.ones_like(s))
+    s = _copies_scale(part) if s is None else s
     sq = (part / s).square().sum(2, keepdim=True)
     nonzero = sq > 0
     norm = torch.where(nonzero, s * torch.where(nonzero, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
@@ -171,13 +176,17 @@ class NormActivation(nn.Module):
         _check_x(x, self.rep_in, "NormActivation")
         out = []
         for k, (part, c) in enumerate(zip(self._layout.split(x), self._layout.copies)):
-            norm = _copies_norm(part, self.eps)
+            scale_of_copy = _copies_scale(part)
+            norm = _copies_norm(part, self.eps, scale_of_copy)
             arg = norm
             if self.bias is not None:
                 b = self._layout.per_copy(self.bias, k)
                 arg = norm + b.reshape((1, c, 1) + (1,) * (part.dim() - 3)).to(norm.dtype)
             scale = self.act(arg)
-            out.append(part * (scale / _safe_divisor(norm) if self.normalize else scale))
+            if self.normalize:  # the direction from scaled copies: 1 / |x|^2 in the gradient would overflow
+                out.append(part / scale_of_copy / _safe_divisor(norm / scale_of_copy) * scale)
+            else:
+                out.append(part * scale)
         return self._layout.merge(out)
 
 

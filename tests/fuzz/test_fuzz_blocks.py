@@ -24,7 +24,7 @@ import pytest
 import torch
 from fuzz_draws import build, examples, group_specs, make_group, order, point_kinds, rep_recipes
 from fuzz_oracle import RECORD
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from equiproj import grid
@@ -162,8 +162,15 @@ def randomize_parameters(block, gen):
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5 + (1.0 if name == "weight" else 0.0))
 
 
+#: found by the long profile: the direction x / |x| of a tiny float32 copy (its gradient overflowed)
+_TINY_NORMALIZED = dict(block="NormActivation", spec=("so2",), recipe=("irreps", ((0, 1),), "parse"), twin=None,
+                        dtype=torch.float32, spatial=0, batch=2, scale="tiny", zero_sample=False, training=False,
+                        seed=0, options=2)
+
+
 @settings(max_examples=examples(4.0))
 @given(case=block_cases())
+@example(case=_TINY_NORMALIZED)
 def test_block_equivariance(case):
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(case["seed"])
@@ -228,3 +235,4 @@ def test_block_equivariance(case):
         RECORD.error(("permuted storage", case["block"], str(dtype).removeprefix("torch."), case["scale"]), err, 0.0)
         assert err <= RTOL[dtype], (case["block"], rep, err)
     RECORD.example("test_block_equivariance", time.perf_counter() - t0)
+
