@@ -21,6 +21,7 @@ Example::
 """
 
 from . import _deprecated, grid, kernel_spaces, nn, reference, translation
+from ._caches import clear_caches
 from ._energy import (energies, energies_and_grad, energies_and_grads_many, energies_many, energy_breakdown, eq_energy,
                       noneq_energy, project)
 from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, Irrep, Octahedral, Rep
@@ -41,6 +42,8 @@ __all__ = [
     "check_equivariance", "init_equivariant_",
     # modules
     "nn", "grid", "translation", "kernel_spaces", "reference",
+    # memory
+    "clear_caches",
     "__version__",
 ]
 
