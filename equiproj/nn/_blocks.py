@@ -197,6 +197,9 @@ class _FieldNorm(nn.Module):
     def __init__(self, rep: Rep, eps: float, affine: bool):
         super().__init__()
         rep = as_rep(rep, "rep")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a number > 0 (it keeps the division by the RMS finite for zero inputs, "
+                             f"e.g. padding), got {eps!r}")
         self.rep_in = self.rep_out = rep
         self.eps = eps
         self._layout = FieldLayout(rep)

@@ -130,3 +130,14 @@ def test_field_batch_norm_refuses_a_single_value_per_channel_in_training():
         bn(torch.randn(1, 2))
     bn.eval()
     assert torch.isfinite(bn(torch.randn(1, 2))).all()
+
+
+@pytest.mark.parametrize("block", [FieldBatchNorm, FieldLayerNorm])
+def test_field_norms_need_a_positive_eps_and_are_finite_at_zero(block):
+    rep = Rep.parse(ep.O3(), "0e + 1o")
+    with pytest.raises(ValueError, match="eps must be a number > 0"):
+        block(rep, eps=0.0)
+    x = torch.zeros(3, rep.dim, 2, requires_grad=True)
+    y = block(rep)(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
