@@ -378,7 +378,8 @@ def check_equivariance(model: nn.Module, rep_in, rep_out, x: torch.Tensor, *, el
         model: any module. It runs in eval mode during the check and comes back exactly as it was:
             each module's own training flag (a model whose batch norms are in eval mode under a
             module in training mode stays so), and its parameters and buffers bit for bit (a
-            forward that changes them is undone, and named in ``restored``).
+            forward that changes them is undone, and named in ``restored``; a copy of them is
+            held during the check).
         rep_in, rep_out: the representations of the input and output channels (dim 1), ``Rep`` or
             e3nn ``Irreps``; for a model returning a tuple of tensors, ``rep_out`` is a tuple with one
             rep per output. For inputs ``[B, C, *spatial]`` the group also moves the positions
