@@ -22,7 +22,8 @@ import time
 
 import pytest
 import torch
-from fuzz_draws import build, examples, group_specs, make_group, order, point_kinds, rep_recipes
+from fuzz_draws import (MAX_BAND, build, examples, group_specs, irrep_band, irrep_dim, irrep_ids, make_group, order,
+                        point_kinds, rep_recipes)
 from fuzz_oracle import RECORD
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -67,13 +68,32 @@ def permutation_recipes(draw, spec, max_dim):
 
 
 @st.composite
+def two_segment_recipes(draw, spec, permutation_only: bool):
+    """A small rep (dim <= 6) of two different fields, stored without permutation; ``None`` if the group
+    has none of the kind."""
+    if permutation_only:
+        parts = [k for k, c in point_kinds(spec).items() if c <= 5] if order(spec) is not None else []
+        if order(spec) is not None and order(spec) <= 5:
+            parts.append("regular")
+        if not parts:
+            return None
+        p = draw(st.sampled_from(parts))
+        other = ("regular",) if p == "regular" else ("permutation", p)
+        return ("sum", trivial_recipe(spec, 1), other)
+    ids = [i for i in irrep_ids(spec) if irrep_dim(spec, i) <= 3 and irrep_band(spec, i) <= MAX_BAND.get(spec[0], 0)]
+    if len(ids) < 2:
+        return None
+    i, j = draw(st.lists(st.sampled_from(ids), min_size=2, max_size=2, unique=True))
+    return ("irreps", ((i, 1), (j, 1)), "parse")
+
+
+@st.composite
 def block_reps(draw, spec, permutation_only: bool):
     """``(recipe, twin_recipes)``: a rep, and for a permuted one the list of recipes whose sum (as
     written) is the same rep without permutation."""
-    inner = permutation_recipes(spec, 8) if permutation_only else rep_recipes(spec, 8, depth=1)
     if draw(st.integers(0, 3)) == 0:  # n * a with 2 segments in a, n > 32: more than 64 segments, stored permuted
-        a = draw(inner)
-        if len(build(spec, a).segments) >= 2 and build(spec, a).perm is None and build(spec, a).dim <= 6:
+        a = draw(two_segment_recipes(spec, permutation_only))
+        if a is not None:
             n = draw(st.integers(33, 40))
             return ("copies", n, a), [a] * n
     rec = draw(permutation_recipes(spec, 24) if permutation_only else rep_recipes(spec, 24, depth=2))
