@@ -28,6 +28,7 @@ Example::
 """
 
 from . import grid, kernel_spaces, nn, reference, translation
+from ._caches import clear_caches
 from ._energy import (energies, energies_and_grad, energies_and_grads_many, energies_many, energy_breakdown,
                       project)
 from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, Irrep, Octahedral, Rep
@@ -45,6 +46,8 @@ __all__ = [
     "KernelSpace", "SteerableKernelSpace",
     # modules
     "nn", "grid", "translation", "kernel_spaces", "reference",
+    # memory
+    "clear_caches",
     "__version__",
 ]
 

@@ -35,7 +35,7 @@ from .kernels import torch_project
 from .kernels.inputs import autocast_off
 
 __all__ = ["energies", "energies_many", "energies_and_grad", "energies_and_grads_many",
-           "project", "energy_breakdown", "check_arguments"]
+           "project", "energy_breakdown", "check_arguments", "check_not_meta"]
 
 _WHICH = ("equivariant", "non_equivariant")
 
@@ -54,10 +54,20 @@ def check_arguments(W, rep_in: Rep, rep_out: Rep) -> None:
     if W.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"W has dtype {W.dtype}; the energies take float16, bfloat16, float32 or float64 weights "
                         f"(every backend alike): convert it, e.g. W.float()")
+    check_not_meta(W, "W")
     check_rep_pair(rep_in, rep_out)
     if W.dim() < 2 or tuple(W.shape[-2:]) != (rep_out.dim, rep_in.dim):
         raise ValueError(f"W must have shape [..., rep_out.dim, rep_in.dim] = [..., {rep_out.dim}, {rep_in.dim}], "
                          f"got {tuple(W.shape)}")
+
+
+def check_not_meta(W: torch.Tensor, name: str) -> None:
+    """``ValueError`` for a weight on the meta device (a shape without values, as in a model built
+    under ``torch.device("meta")`` and not yet materialised)."""
+    if W.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: it has a shape but no values, so it has no energy or "
+                         "projection; materialise the model first (model.to_empty(device=...) and initialise it, "
+                         "or load its state dict with assign=True)")
 
 
 def _check_which(which: str) -> None:
@@ -105,9 +115,12 @@ def energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto
 def project(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str = "equivariant") -> torch.Tensor:
     """``P(W)``, the nearest equivariant map (Frobenius), ``[..., m, n] -> [..., m, n]`` in W's dtype;
     ``which="non_equivariant"`` returns ``W - P(W)``, computed in residual form (accurate when W is
-    nearly equivariant). Differentiable."""
+    nearly equivariant). Differentiable. A weight holding NaN or Inf is refused (on the CPU; on CUDA
+    the check would cost a synchronisation), as by the energies."""
     _check_which(which)
     check_arguments(W, rep_in, rep_out)
+    if W.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(W.detach()).all()):
+        raise ValueError("the projection is not finite: W contains NaN or Inf")  # as the energies refuse it
     return torch_project(W, plan_for(rep_in, rep_out, W.device, torch.float64), which).to(W.dtype)
 
 
@@ -234,7 +247,7 @@ def _run_grouped(weights, reps, backend: str, call) -> list[tuple]:
 
 
 def _stack_energies(weights, parts):
-    dt = torch.float64 if all(w.dtype == torch.float64 for w in weights) else torch.float32
+    dt = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
     e_perp = torch.stack([p[0].to(dt) for p in parts])
     e_g = torch.stack([p[1].to(dt) for p in parts])
     _check_finite(weights, e_perp, e_g)
@@ -249,7 +262,8 @@ def energies_many(weights, reps, *, backend: str = "auto") -> tuple[torch.Tensor
             (leading batch dims are allowed if every weight has the same ones).
         reps: sequence of L pairs ``(rep_in_i, rep_out_i)``.
     Returns:
-        ``(E_perp, E_G)``, each ``[L]`` float32 (float64 if every weight is float64), differentiable.
+        ``(E_perp, E_G)``, each ``[L]`` float32 (float64 if any weight is float64: a float64 layer's
+        energy is not rounded to float32), differentiable.
 
     The layers of one backend and device go through one call: for the fused op one call of
     ``equiproj::fused_energies`` (a constant number of kernel launches for any L); its backward
@@ -277,7 +291,7 @@ def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: st
         outs: ``None``, or L tensors (the weights' shapes and dtypes) to which the gradients are
             added in place (see :func:`energies_and_grad`'s ``out``).
     Returns:
-        ``(E_perp, E_G, grads)``: ``[L]`` each (float32; float64 if every weight is float64) and L
+        ``(E_perp, E_G, grads)``: ``[L]`` each (float32; float64 if any weight is float64) and L
         gradients shaped like the weights.
     """
     weights, reps = list(weights), list(reps)

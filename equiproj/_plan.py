@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._caches import bytes_cached
 from .groups import Irrep, Rep, check_rep_pair
 
 __all__ = ["SidePlan", "BlockPlan", "FieldPair", "PackedPlan", "PlanColumn", "PlanRow", "block_plan", "plan_for"]
@@ -268,7 +269,7 @@ class BlockPlan:
         return not self.shared
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_cached("block plans")
 def block_plan(rep_in: Rep, rep_out: Rep) -> BlockPlan:
     """The (cached) plan for maps from ``rep_in`` to ``rep_out``."""
     check_rep_pair(rep_in, rep_out)

@@ -41,6 +41,7 @@ APPLICATION_LAYER = 7
 
 #: module prefix -> layer; a prefix ending in "." covers a subpackage (its __init__ included)
 LAYERS = {
+    "equiproj._caches": 1,
     "equiproj.groups.": 1,
     "equiproj._plan": 2,
     "equiproj.reference": 2,

@@ -449,6 +449,10 @@ class Rep:
             s = str(s)
         if not isinstance(s, str):
             raise TypeError(f"expected a string (or an e3nn Irreps), got {type(s).__name__}")
+        if not s.isascii():  # "\d" and int() would read other scripts' digits ("٣" as 3)
+            bad = sorted({c for c in s if not c.isascii()})
+            raise ValueError(f"representation strings are ASCII (digits 0-9, letters, 'x', '+', parentheses); {s!r} "
+                             f"contains {bad}")
         terms = [t.strip() for t in s.split("+")]
         if not s.strip() or any(not t for t in terms):
             raise ValueError(f"malformed representation string {s!r}")

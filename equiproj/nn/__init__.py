@@ -48,7 +48,7 @@ shard receives its slice of the gradient. DDP needs nothing special. ``Projectio
 
 from ._blocks import (FieldBatchNorm, FieldLayerNorm, Gate, GridPool, GroupPooling, NormActivation, NormPooling,
                       PointwiseActivation, centred_grid)
-from ._check import EquivarianceCheck, check_equivariance
+from ._check import EquivarianceCheck, check_equivariance, default_tolerance, equivariance_sweep
 from ._declaration import Declaration, KernelSpaceDeclaration, MatrixDeclaration, TranslationDeclaration
 from ._declare import NoKernelSpaceError, declaration, declare, declare_translations, declared_layers, undeclare
 from ._escnn import from_escnn
@@ -66,4 +66,5 @@ __all__ = [
     "ApproxEquivariantLinear", "ApproxEquivariantConv2d", "ApproxEquivariantConv3d",
     "PointwiseActivation", "Gate", "NormActivation", "FieldBatchNorm", "FieldLayerNorm", "GroupPooling", "NormPooling",
     "GridPool", "centred_grid", "check_equivariance", "EquivarianceCheck", "from_escnn",
+    "equivariance_sweep", "default_tolerance",
 ]

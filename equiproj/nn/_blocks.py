@@ -49,9 +49,29 @@ def _check_x(x: torch.Tensor, rep: Rep, what: str) -> None:
                          f"{rep!r}), got shape {tuple(x.shape)}")
 
 
-def _copies_norm(part: torch.Tensor, eps: float) -> torch.Tensor:
-    """``[B, c, 1, *rest]``: the norm of each field copy of a ``[B, c, d, *rest]`` segment."""
-    return part.square().sum(2, keepdim=True).clamp_min(eps * eps).sqrt()
+def _copies_scale(part: torch.Tensor) -> torch.Tensor:
+    """``[B, c, 1, *rest]``: the largest entry of each field copy (1 for a zero copy), detached."""
+    s = part.detach().abs().amax(2, keepdim=True)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _copies_norm(part: torch.Tensor, eps: float, s: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, c, 1, *rest]``: the norm of each field copy of a ``[B, c, d, *rest]`` segment, at least ``eps``.
+
+    Computed as ``s |x / s|`` with ``s`` the copy's largest entry (detached: the product does not
+    depend on ``s``), so that tiny copies do not underflow to a zero norm; a zero copy has norm 0
+    and gradient 0 there (a subgradient of the norm), never NaN.
+    """
+    s = _copies_scale(part) if s is None else s
+    sq = (part / s).square().sum(2, keepdim=True)
+    nonzero = sq > 0
+    norm = torch.where(nonzero, s * torch.where(nonzero, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+    return norm.clamp_min(eps) if eps > 0 else norm
+
+
+def _safe_divisor(norm: torch.Tensor) -> torch.Tensor:
+    """``norm`` with zeros replaced by ones: dividing a zero copy by it gives 0 (and a finite gradient)."""
+    return torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 class PointwiseActivation(nn.Module):
@@ -80,7 +100,8 @@ class Gate(nn.Module):
 
     The input carries ``rep_scalars + rep_gates + rep_gated``; the output ``rep_scalars + rep_gated``:
     each scalar passes ``act_scalars``, and each copy of a gated field is multiplied by
-    ``act_gates`` of its own gate scalar (one gate per copy of ``rep_gated``, in order).
+    ``act_gates`` of its own gate scalar (one gate per copy of ``rep_gated``, in the order of the
+    copies in ``rep_gated``'s channels, however the rep is stored).
 
     Args:
         rep_scalars: 1-dim fields. Trivial ones take any ``act_scalars``; non-trivial 1-dim fields
@@ -131,8 +152,9 @@ class Gate(nn.Module):
     def forward(self, x):
         _check_x(x, self.rep_in, "Gate")
         s, g, v = torch.split(x, [self.rep_scalars.dim, self.rep_gates.dim, self.rep_gated.dim], dim=1)
-        gates = torch.split(self.act_gates(g), self._gated.copies, dim=1)
-        parts = [part * gate.unsqueeze(2) for part, gate in zip(self._gated.split(v), gates)]
+        gates = self.act_gates(g)  # one per copy of rep_gated, in the user's order of the copies
+        parts = [part * self._gated.per_copy(gates, k, dim=1).unsqueeze(2)
+                 for k, part in enumerate(self._gated.split(v))]
         return torch.cat([self.act_scalars(s), self._gated.merge(parts)], dim=1)
 
 
@@ -140,7 +162,9 @@ class NormActivation(nn.Module):
     """Each field copy scaled by a function of its norm (e3nn's ``NormActivation``, escnn's
     ``NormNonLinearity``): ``x_f * act(|x_f| + b_f)`` (``normalize=False``) or
     ``x_f * act(|x_f| + b_f) / |x_f|`` (``normalize=True``, with ``act=relu`` escnn's norm-ReLU). The
-    norm is invariant, so this is equivariant for every field; ``b`` is a learnable bias per copy."""
+    norm is invariant, so this is equivariant for every field; ``b`` is a learnable bias per copy
+    (in the user's order of the copies). A zero copy stays zero with a finite gradient, whatever
+    ``eps`` (the norm is at least ``eps``)."""
 
     def __init__(self, rep: Rep, act=torch.sigmoid, bias: bool = True, normalize: bool = False, eps: float = 1e-6):
         super().__init__()
@@ -153,25 +177,32 @@ class NormActivation(nn.Module):
 
     def forward(self, x):
         _check_x(x, self.rep_in, "NormActivation")
-        parts, out, o = self._layout.split(x), [], 0
-        for part, c in zip(parts, self._layout.copies):
-            norm = _copies_norm(part, self.eps)
+        out = []
+        for k, (part, c) in enumerate(zip(self._layout.split(x), self._layout.copies)):
+            scale_of_copy = _copies_scale(part)
+            norm = _copies_norm(part, self.eps, scale_of_copy)
             arg = norm
             if self.bias is not None:
-                arg = norm + self.bias[o : o + c].reshape((1, c, 1) + (1,) * (part.dim() - 3)).to(norm.dtype)
+                b = self._layout.per_copy(self.bias, k)
+                arg = norm + b.reshape((1, c, 1) + (1,) * (part.dim() - 3)).to(norm.dtype)
             scale = self.act(arg)
-            out.append(part * (scale / norm if self.normalize else scale))
-            o += c
+            if self.normalize:  # the direction from scaled copies: 1 / |x|^2 in the gradient would overflow
+                out.append(part / scale_of_copy / _safe_divisor(norm / scale_of_copy) * scale)
+            else:
+                out.append(part * scale)
         return self._layout.merge(out)
 
 
 class _FieldNorm(nn.Module):
     """Per field copy: remove the mean of the invariant part, divide by an RMS norm, scale per copy and
-    add a bias in the invariant subspace."""
+    add a bias in the invariant subspace (scales and biases copy by copy in the user's order)."""
 
     def __init__(self, rep: Rep, eps: float, affine: bool):
         super().__init__()
         rep = as_rep(rep, "rep")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps must be a number > 0 (it keeps the division by the RMS finite for zero inputs, "
+                             f"e.g. padding), got {eps!r}")
         self.rep_in = self.rep_out = rep
         self.eps = eps
         self._layout = FieldLayout(rep)
@@ -182,6 +213,13 @@ class _FieldNorm(nn.Module):
         k_inv = sum(c * U.shape[1] for c, U in zip(self._layout.copies, self._bases))
         self.weight = nn.Parameter(torch.ones(n)) if affine else None
         self.bias = nn.Parameter(torch.zeros(k_inv)) if affine and k_inv else None
+        # the bias entries of each segment's copies [c, k]: copy by copy in the user's order
+        k_of_rank = torch.zeros(n, dtype=torch.long)
+        for rank, U in zip(self._layout.rank, self._bases):
+            k_of_rank[rank] = U.shape[1]
+        start = torch.cumsum(k_of_rank, 0) - k_of_rank
+        self._bias_index = [start[rank][:, None] + torch.arange(U.shape[1]) for rank, U in
+                            zip(self._layout.rank, self._bases)]
 
     def _invariant_mean(self, k, part, dims):
         """The mean of ``part`` ``[B, c, d, *rest]`` over ``dims``, projected on the invariant subspace."""
@@ -199,17 +237,15 @@ class _FieldNorm(nn.Module):
     def _affine(self, parts):
         if self.weight is None:
             return parts
-        out, o, ob = [], 0, 0
-        for part, c, U in zip(parts, self._layout.copies, self._bases):
+        out = []
+        for k, (part, c, U) in enumerate(zip(parts, self._layout.copies, self._bases)):
             tail = (1,) * (part.dim() - 3)
-            y = part * self.weight[o : o + c].reshape((1, c, 1) + tail).to(part.dtype)
+            y = part * self._layout.per_copy(self.weight, k).reshape((1, c, 1) + tail).to(part.dtype)
             if U.shape[1]:
-                b = self.bias[ob : ob + c * U.shape[1]].reshape(c, U.shape[1]).to(part.dtype) @ self._constant(
-                    self._bases, len(out), part).T
+                idx = self._bias_index[k].to(self.bias.device)
+                b = self.bias[idx].to(part.dtype) @ self._constant(self._bases, k, part).T
                 y = y + b.reshape((1, c, U.shape[0]) + tail)
-                ob += c * U.shape[1]
             out.append(y)
-            o += c
         return out
 
 
@@ -219,7 +255,9 @@ class FieldBatchNorm(_FieldNorm):
     invariant subspace before it is removed (a fixed non-invariant shift would break equivariance at
     evaluation), the copy is divided by its RMS over the batch, its channels and space (one scalar
     per copy), and the affine map is a scale per copy and a bias in the invariant subspace. Running
-    statistics are kept as in ``nn.BatchNorm``."""
+    statistics are kept as in ``nn.BatchNorm``: the running variance is the unbiased one, the sum of
+    squares over the copy's ``n`` values (batch, space, channels) divided by ``n - k``, ``k`` the
+    dimension of the copy's invariant subspace (the mean removed from it)."""
 
     def __init__(self, rep: Rep, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True):
         super().__init__(rep, eps, affine)
@@ -239,9 +277,16 @@ class FieldBatchNorm(_FieldNorm):
             if self.training:
                 m = self._invariant_mean(k, part, dims)
                 v = (part - m).square().mean(dim=dims + (2,), keepdim=True)
+                # unbiased for the running variance, as nn.BatchNorm: the mean removed has k_f
+                # (the invariant dimension) degrees of freedom out of n values per copy
+                n, k_f = part.numel() // part.shape[1], self._bases[k].shape[1]
+                if n <= k_f:
+                    raise ValueError(f"FieldBatchNorm in training mode needs more than one value per channel to "
+                                     f"estimate a variance, got input shape {tuple(x.shape)}: use a batch of at "
+                                     "least 2 samples, or eval mode")
                 with torch.no_grad():
                     rm.lerp_(m.reshape(rm.shape).to(rm.dtype), self.momentum)
-                    rv.lerp_(v.reshape(rv.shape).to(rv.dtype), self.momentum)
+                    rv.lerp_((v * (n / (n - k_f))).reshape(rv.shape).to(rv.dtype), self.momentum)
             else:
                 m = rm.to(part.dtype).reshape((1,) + tuple(rm.shape) + tail)
                 v = rv.to(part.dtype).reshape((1, rv.shape[0], 1) + tail)
@@ -311,9 +356,8 @@ class NormPooling(nn.Module):
 
 
 def _merge_pooled(layout: FieldLayout, parts) -> torch.Tensor:
-    """One channel per field copy, in the order of each copy's first channel."""
-    first = [idx[:, :1] for idx in layout.index]
-    return layout.merge(parts, first)
+    """One channel per field copy, in the user's order of the copies (:attr:`FieldLayout.rank`)."""
+    return layout.merge(parts, [rank[:, None] for rank in layout.rank])
 
 
 def centred_grid(n: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> bool:

@@ -16,6 +16,12 @@ class FieldLayout:
     ``split(x)`` returns one ``[B, c, d, *rest]`` view (or gather) per segment of a ``[B, C, *rest]``
     tensor; ``merge(parts)`` puts per-segment ``[B, c, d', *rest]`` results back into channel order
     (``d'`` may differ from ``d`` when a block changes the field, e.g. pooling to one channel).
+
+    Copies are numbered in the user's order, the order of their first channels, whatever the
+    storage: a rep stored permuted (``33 * (a + b)`` keeps all copies of ``a`` in one segment)
+    has its segments' copies interleaved in that order. ``rank[k]`` ``[c]`` is the user number of
+    each copy of segment ``k``; per-copy inputs and parameters (gates, biases, scales) are indexed
+    by it, so that copy ``i`` of the user's rep always meets entry ``i``.
     """
 
     def __init__(self, rep: Rep):
@@ -28,6 +34,19 @@ class FieldLayout:
             self.index.append(user[o : o + c * f.dim].reshape(c, f.dim))
             o += c * f.dim
         self.identity = rep.perm is None
+        first = torch.cat([idx.min(1).values for idx in self.index]) if self.index else torch.zeros(0, dtype=torch.long)
+        rank = torch.empty_like(first)
+        rank[torch.argsort(first)] = torch.arange(len(first))
+        self.rank = list(torch.split(rank, self.copies))
+        #: copies already in user order segment after segment: per-copy entries are plain slices
+        self.copies_in_order = bool(torch.equal(rank, torch.arange(len(rank))))
+
+    def per_copy(self, values: torch.Tensor, k: int, dim: int = 0) -> torch.Tensor:
+        """The entries of ``values`` (one per copy, in user order, along ``dim``) for segment ``k``'s copies."""
+        if self.copies_in_order:
+            start = sum(self.copies[:k])
+            return values.narrow(dim, start, self.copies[k])
+        return values.index_select(dim, self.rank[k].to(values.device))
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.shape[1] != self.rep.dim:

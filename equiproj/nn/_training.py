@@ -66,8 +66,9 @@ def cosine(value: float, steps: int, warmup: int = 0, final: float = 0.0):
         raise ValueError(f"warmup must be in [0, steps), got {warmup} with steps={steps}")
 
     def schedule(step):
+        step = max(0, step)  # as the other schedules: a negative step counts as step 0
         if step < warmup:
-            return value * max(0, step) / warmup
+            return value * step / warmup
         t = min(1.0, (step - warmup) / (steps - warmup))
         return final + (value - final) * 0.5 * (1.0 + math.cos(math.pi * t))
 

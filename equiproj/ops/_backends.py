@@ -22,7 +22,7 @@ import torch
 from .. import reference
 from .._plan import plan_for
 from ._availability import cpp_available, cpp_missing, triton_available, triton_missing, warn_once
-from ._op import fused_energies, fused_energies_and_grad, fused_energies_and_grads, run_twin
+from ._op import accumulation_dtype, fused_energies, fused_energies_and_grad, fused_energies_and_grads, run_twin
 
 __all__ = ["Backend", "BACKENDS", "BACKEND_NAMES", "ENV_VAR", "resolve_backend", "backend_for", "group_by_backend",
            "register_route", "route_for"]
@@ -87,13 +87,15 @@ class TorchBackend(Backend):
 
 
 class ReferenceBackend(Backend):
-    """The float64 spatial-domain reference; results in float64."""
+    """The float64 spatial-domain reference, computed in float64; energies returned in the dtype every
+    backend returns (float64 for float64 weights, float32 otherwise)."""
 
     name = "reference"
 
     def energies(self, weights, pairs):
         out = [reference.energies(W.to(torch.float64), ri, ro) for W, (ri, ro) in zip(weights, pairs)]
-        return [e[0] for e in out], [e[1] for e in out]
+        return ([e[0].to(accumulation_dtype(W.dtype)) for e, W in zip(out, weights)],
+                [e[1].to(accumulation_dtype(W.dtype)) for e, W in zip(out, weights)])
 
     def energies_and_grads(self, weights, pairs, lambda_perp, lambda_G, outs=None):
         eps, egs, grads = [], [], []
@@ -102,8 +104,8 @@ class ReferenceBackend(Backend):
                 W64 = W.to(torch.float64)
                 PW = reference.project(W64, ri, ro)
                 R = W64 - PW
-                eps.append(R.square().sum((-2, -1)))
-                egs.append(PW.square().sum((-2, -1)))
+                eps.append(R.square().sum((-2, -1)).to(accumulation_dtype(W.dtype)))
+                egs.append(PW.square().sum((-2, -1)).to(accumulation_dtype(W.dtype)))
                 cp, cg = (c.to(torch.float64)[..., None, None] for c in (cp, cg))
                 grads.append((2 * cp * R + 2 * cg * PW).to(W.dtype))
         return eps, egs, _added(grads, outs)

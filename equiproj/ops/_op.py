@@ -56,11 +56,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
+from .._caches import ByteBoundedCache
 from .._plan import PackedPlan
 from ..kernels.inputs import accumulation_dtype, autocast_off
 from ._availability import cpp_available, triton_kernels
@@ -84,17 +84,15 @@ _CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 # ---------------------------------------------------------------------------------------------
 # The Triton side caches its schedules per PackedPlan object: remember which plan each meta tensor
 # came from, so that the CUDA kernel gets the caller's plan objects back.
-_PLANS_BY_META: "OrderedDict[int, PackedPlan]" = OrderedDict()
-_PLANS_CACHE_SIZE = 4096
+# Bounded by the bytes of the plans it holds (equiproj._caches).
+_PLANS_BY_META = ByteBoundedCache("plans by meta tensor")
 
 
 def _remember(plans) -> None:
     for P in plans:
         key = id(P.meta)
         if _PLANS_BY_META.get(key) is not P:
-            _PLANS_BY_META[key] = P  # holding P keeps P.meta alive, so its id is not reused
-            if len(_PLANS_BY_META) > _PLANS_CACHE_SIZE:
-                _PLANS_BY_META.popitem(last=False)
+            _PLANS_BY_META.put(key, P)  # holding P keeps P.meta alive, so its id is not reused
 
 
 def _plans_from_tensors(weights, meta, basis, perm_out, perm_in) -> list[PackedPlan]:
