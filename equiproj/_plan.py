@@ -183,6 +183,10 @@ class OrbitForm(enum.IntEnum):
     DIHEDRAL = 2
 
 
+#: pairs of permutation fields this small keep their basis: the kernels' small-tile paths (compile-time
+#: tile shapes, vectorised across tiles) beat the two passes of the orbit route there
+_SMALL_FIELD = 5
+
 #: the largest orbit index table of one field pair (its entries are exact in a float32 basis)
 MAX_ORBIT_TABLE = 2**24
 
@@ -270,7 +274,7 @@ def _orbit_index(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch
 
 @functools.lru_cache(maxsize=1024)
 def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
-    """``(K, form, data)`` when both fields are permutation fields, else ``None``.
+    """``(K, form, data)`` when both fields are permutation fields (one of dimension above 5), else ``None``.
 
     For permutation fields ``Hom_G`` is spanned by the indicator matrices of the orbits of G on pairs
     ``(a, b)`` (``(a, b) ~ (sigma_g(a), sigma_g(b))``), so ``P(W)`` is the mean of W over each orbit and
@@ -279,7 +283,7 @@ def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch
     inverse orbit sizes, from the connected components of the graph the group's generators draw on the
     pairs. Shared by every copy of the pair: its size is that of one tile."""
     pa, pb = field_out.permutation, field_in.permutation
-    if pa is None or pb is None:
+    if pa is None or pb is None or max(field_out.dim, field_in.dim) <= _SMALL_FIELD:
         return None
     d_out, d_in = field_out.dim, field_in.dim
     if pa.regular and pb.regular and pa.group == pb.group:
@@ -309,6 +313,15 @@ def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch
     return int(K), OrbitForm.TABLE, torch.cat([o.to(torch.float64), 1.0 / sizes])
 
 
+class _CommutantBases(dict):
+    """irrep -> its commutant basis ``[r, d, d]``, computed on first use: a plan of orbit pairs needs
+    none (the regular rep of C_4096 shares 2049 irreps with itself)."""
+
+    def __missing__(self, irrep: Irrep) -> torch.Tensor:
+        basis = self[irrep] = irrep.endomorphism_basis
+        return basis
+
+
 @dataclass
 class BlockPlan:
     rep_in: Rep
@@ -316,7 +329,7 @@ class BlockPlan:
     inp: SidePlan
     out: SidePlan
     shared: list[Irrep]  # irrep types present on both sides
-    bases: dict[Irrep, torch.Tensor]  # commutant basis [r, d, d] per shared type
+    bases: dict[Irrep, torch.Tensor]  # commutant basis [r, d, d] per shared type (filled on first use)
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
@@ -381,7 +394,7 @@ def block_plan(rep_in: Rep, rep_out: Rep) -> BlockPlan:
     check_rep_pair(rep_in, rep_out)
     inp, out = SidePlan.build(rep_in), SidePlan.build(rep_out)
     shared = [s for s in out.types if s in inp.rows]
-    return BlockPlan(rep_in, rep_out, inp, out, shared, {s: s.endomorphism_basis for s in shared})
+    return BlockPlan(rep_in, rep_out, inp, out, shared, _CommutantBases())
 
 
 def packed_plan(rep_in: Rep, rep_out: Rep, device, dtype: torch.dtype | None = None) -> PackedPlan:
