@@ -118,7 +118,7 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
   if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall)  // kSmall runs generic_pair on the baseline ISA
     s.coef.resize(std::max<int64_t>(p.ci * ((p.r + 3) / 4 * 4), 4));
   else if (p.kind == Kind::kOrbit)
-    s.coef.resize(std::max<int64_t>(p.r, 4));
+    s.coef.resize(std::max<int64_t>(p.ci * p.r, 4));
   if constexpr (std::is_same<X, float>::value)
     kernels().f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
   else

@@ -400,78 +400,80 @@ inline void orbit_residual_one(const X* x, X* g, acc_t m, acc_t cp2, acc_t cg2, 
   }
 }
 
-// S: K scratch entries.
+// Rows outer, tiles inner in both passes: the row block's weight and gradient rows are each walked
+// start to end, one memory stream at a time (tile by tile, a tile's d_out rows would be d_out
+// concurrent streams of W and as many of the gradient, more than the prefetchers follow).
+// S: ci * K scratch entries (the orbit sums, then the means, of every tile of the row block).
 template <typename X>
 void orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* S,
                 acc_t& ep, acc_t& eg) {
-  const int64_t di = p.di, K = p.r;
+  const int64_t di = p.di, K = p.r, ci = p.ci, N = di / 2;
   const bool acc = p.accumulate;
-  V4 e4 = zero4();
-  acc_t e1 = 0;
-  for (int64_t v = 0; v < p.ci; ++v) {
-    const int64_t o = v * di;
-    for (int64_t k = 0; k < K; ++k) S[k] = 0;
-    // pass 1: the orbit sums
-    if (p.form == kOrbitCyclic) {  // o(a, b) = (b - a) mod N
-      for (int64_t a = 0; a < dout; ++a) {
-        orbit_sum_run(S, x[a] + o + a, di - a);
-        orbit_sum_run(S + di - a, x[a] + o, a);
-      }
-    } else if (p.form == kOrbitDihedral) {  // a = k_a + N s, b = k_b + N t
-      const int64_t N = di / 2;
-      for (int64_t a = 0; a < dout; ++a) {
-        const int64_t ka = a % N, sa = a / N;
+  for (int64_t k = 0; k < ci * K; ++k) S[k] = 0;
+  // pass 1: the orbit sums of every tile
+  for (int64_t a = 0; a < dout; ++a) {
+    const int32_t* oa = p.orbit ? p.orbit + a * di : nullptr;
+    const int64_t ka = p.form == kOrbitDihedral ? a % N : 0, sa = p.form == kOrbitDihedral ? a / N : 0;
+    for (int64_t v = 0; v < ci; ++v) {
+      const X* xr = x[a] + v * di;
+      acc_t* Sv = S + v * K;
+      if (p.form == kOrbitCyclic) {  // o(a, b) = (b - a) mod N
+        orbit_sum_run(Sv, xr + a, di - a);
+        orbit_sum_run(Sv + di - a, xr, a);
+      } else if (p.form == kOrbitDihedral) {  // a = k_a + N s, b = k_b + N t
         for (int64_t t = 0; t < 2; ++t) {
-          const X* xr = x[a] + o + N * t;
+          const X* xt = xr + N * t;
           if (sa == 0) {  // (k_b - k_a) mod N + N t
-            orbit_sum_run(S + N * t, xr + ka, N - ka);
-            orbit_sum_run(S + N * t + N - ka, xr, ka);
+            orbit_sum_run(Sv + N * t, xt + ka, N - ka);
+            orbit_sum_run(Sv + N * t + N - ka, xt, ka);
           } else {  // (k_a - k_b) mod N + N (1 - t)
-            acc_t* St = S + N * (1 - t);
-            for (int64_t kb = 0; kb < N; ++kb) St[(ka - kb + N) % N] += acc_t(xr[kb]);
+            acc_t* St = Sv + N * (1 - t);
+            for (int64_t kb = 0; kb < N; ++kb) St[(ka - kb + N) % N] += acc_t(xt[kb]);
           }
         }
-      }
-    } else {
-      for (int64_t a = 0; a < dout; ++a) {
-        const int32_t* oa = p.orbit + a * di;
-        const X* xr = x[a] + o;
-        for (int64_t b = 0; b < di; ++b) S[oa[b]] += acc_t(xr[b]);
+      } else {
+        for (int64_t b = 0; b < di; ++b) Sv[oa[b]] += acc_t(xr[b]);
       }
     }
-    // E_G = sum_k S_k^2 / n_k; S becomes the orbit means
-    acc_t sg = 0;
+  }
+  // E_G = sum_k S_k^2 / n_k, in tile order; S becomes the orbit means
+  acc_t sg = 0;
+  for (int64_t v = 0; v < ci; ++v)
     for (int64_t k = 0; k < K; ++k) {
+      acc_t& s = S[v * K + k];
       const acc_t inv = p.orbit ? p.inv[k] : p.inv_size;
-      sg += S[k] * S[k] * inv;
-      S[k] *= inv;
+      sg += s * s * inv;
+      s *= inv;
     }
-    eg += sg;
-    // pass 2: the residual
-    for (int64_t a = 0; a < dout; ++a) {
-      const X* xr = x[a] + o;
-      X* gr = g ? g[a] + o : nullptr;
+  eg += sg;
+  // pass 2: the residual and the gradient
+  V4 e4 = zero4();
+  acc_t e1 = 0;
+  for (int64_t a = 0; a < dout; ++a) {
+    const int32_t* oa = p.orbit ? p.orbit + a * di : nullptr;
+    const int64_t ka = p.form == kOrbitDihedral ? a % N : 0, sa = p.form == kOrbitDihedral ? a / N : 0;
+    for (int64_t v = 0; v < ci; ++v) {
+      const X* xr = x[a] + v * di;
+      X* gr = g ? g[a] + v * di : nullptr;
+      const acc_t* M = S + v * K;
       if (p.form == kOrbitCyclic) {
-        orbit_residual_run(xr + a, gr ? gr + a : nullptr, S, di - a, cp2, cg2, acc, e4, e1);
-        orbit_residual_run(xr, gr, S + di - a, a, cp2, cg2, acc, e4, e1);
+        orbit_residual_run(xr + a, gr ? gr + a : nullptr, M, di - a, cp2, cg2, acc, e4, e1);
+        orbit_residual_run(xr, gr, M + di - a, a, cp2, cg2, acc, e4, e1);
       } else if (p.form == kOrbitDihedral) {
-        const int64_t N = di / 2, ka = a % N, sa = a / N;
         for (int64_t t = 0; t < 2; ++t) {
           const X* xt = xr + N * t;
           X* gt = gr ? gr + N * t : nullptr;
           if (sa == 0) {
-            orbit_residual_run(xt + ka, gt ? gt + ka : nullptr, S + N * t, N - ka, cp2, cg2, acc, e4, e1);
-            orbit_residual_run(xt, gt, S + N * t + N - ka, ka, cp2, cg2, acc, e4, e1);
+            orbit_residual_run(xt + ka, gt ? gt + ka : nullptr, M + N * t, N - ka, cp2, cg2, acc, e4, e1);
+            orbit_residual_run(xt, gt, M + N * t + N - ka, ka, cp2, cg2, acc, e4, e1);
           } else {
-            const acc_t* Mt = S + N * (1 - t);
+            const acc_t* Mt = M + N * (1 - t);
             for (int64_t kb = 0; kb < N; ++kb)
               orbit_residual_one(xt + kb, gt ? gt + kb : nullptr, Mt[(ka - kb + N) % N], cp2, cg2, acc, e1);
           }
         }
       } else {
-        const int32_t* oa = p.orbit + a * di;
-        for (int64_t b = 0; b < di; ++b)
-          orbit_residual_one(xr + b, gr ? gr + b : nullptr, S[oa[b]], cp2, cg2, acc, e1);
+        for (int64_t b = 0; b < di; ++b) orbit_residual_one(xr + b, gr ? gr + b : nullptr, M[oa[b]], cp2, cg2, acc, e1);
       }
     }
   }
@@ -480,7 +482,7 @@ void orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc
 
 // ---- dispatch -------------------------------------------------------------------------------------
 
-// coef: ci * padded_rank(r) scratch (kSmall and kGeneric), K orbit sums (kOrbit).
+// coef: ci * padded_rank(r) scratch (kSmall and kGeneric), ci * K orbit sums (kOrbit).
 template <typename X>
 void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* coef,
               acc_t& ep, acc_t& eg) {
