@@ -179,25 +179,27 @@ def test_grid_convolutions_match_the_reference(grid_pair, backend, gen):
 
 def test_triton_kernel_matches_the_reference(gen):
     kernels = pytest.importorskip("equiproj.kernels.triton_energies")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest.py)
     cases = [PAIRS[k] for k in ("C7", "C8", "D3", "D4", "Octahedral()", "Oh-quotient", "C5-mixed")]
     cases.append(GRID_PAIRS["D4-k3"])
-    for (rep_in, rep_out), dtype, tol in zip(cases, itertools.cycle([torch.float32, torch.bfloat16, torch.float16]),
-                                             itertools.repeat(None)):
-        W = torch.randn(2, rep_out.dim, rep_in.dim, generator=gen).to(dtype)
-        P = plan_for(rep_in, rep_out, "cpu", torch.float32)
+    for (rep_in, rep_out), dtype in zip(cases, itertools.cycle([torch.float32, torch.bfloat16, torch.float16])):
+        W = torch.randn(2, rep_out.dim, rep_in.dim, generator=gen).to(device=device, dtype=dtype)
+        P = plan_for(rep_in, rep_out, device, torch.float32)
         c_perp, c_g = torch.tensor([1.0, 0.5]), torch.tensor([0.25, 0.0])
         flat = list(W.unbind(0))
         ep, eg, grads = kernels.fused_energies(flat, [P, P], c_perp, c_g)
+        flat = [w.cpu() for w in flat]
         tol = 2e-5 if dtype == torch.float32 else 1e-2  # half precision: the gradient is stored in W's dtype
         for k in range(2):
             ref_p, ref_g = reference.energies(flat[k].double(), rep_in, rep_out)
             PW = reference.project(flat[k].double(), rep_in, rep_out)
-            assert relative_error(ep[k], ref_p) < 2e-5 and relative_error(eg[k], ref_g) < 2e-5
+            assert relative_error(ep[k].cpu(), ref_p) < 2e-5 and relative_error(eg[k].cpu(), ref_g) < 2e-5
             want = 2 * float(c_perp[k]) * (flat[k].double() - PW) + 2 * float(c_g[k]) * PW
-            assert float((grads[k].double() - want).abs().max()) <= tol * float(want.abs().max())
+            assert float((grads[k].cpu().double() - want).abs().max()) <= tol * float(want.abs().max())
         # accumulate into given tensors in place (the decoupled step adds into the weight itself)
-        outs = [w.clone() for w in flat]
-        kernels.fused_energies(flat[:1], [P], c_perp[:1], c_g[:1], outs=outs[:1])
+        outs = [w.to(device).clone() for w in flat]
+        kernels.fused_energies([w.to(device) for w in flat[:1]], [P], c_perp[:1], c_g[:1], outs=outs[:1])
+        outs = [o.cpu() for o in outs]
         ref = flat[0].double() + 2 * (flat[0].double() - reference.project(flat[0].double(), rep_in, rep_out)) \
             + 0.5 * reference.project(flat[0].double(), rep_in, rep_out)
         assert float((outs[0].double() - ref).abs().max()) <= (3e-5 if dtype == torch.float32 else 2e-2) * float(ref.abs().max())
