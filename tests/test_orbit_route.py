@@ -80,6 +80,14 @@ def _grid_pairs():
         "D4-k5": (D4.regular() @ kernel_rep(D4, (5, 5)), 2 * D4.regular()),
         "O-k3": (O.regular() @ kernel_rep(O, (3, 3, 3)), O.regular()),
         "Oh-k3": (Oh.regular() @ kernel_rep(Oh, (3, 3, 3)), Oh.regular()),
+        # the whole grid as one permutation field: rep_in ⊗ pixels is one field per input copy, in the
+        # weight's own column order (what declare() builds for permutation input fields)
+        "C4-k5-field": (3 * C4.regular() @ kernel_rep(C4, (5, 5), orbits=False), 2 * C4.regular()),
+        "D4-k3-field": (2 * D4.regular() @ kernel_rep(D4, (3, 3), orbits=False), 3 * D4.regular()),
+        "O-k3-field": (O.regular() @ kernel_rep(O, (3, 3, 3), orbits=False), O.regular()),
+        "Oh-k3-field": (Oh.regular() @ kernel_rep(Oh, (3, 3, 3), orbits=False), Oh.regular()),
+        "D4-quotient-k3-field": (Rep.permutation(D4, points=_square_vertices()) @ kernel_rep(D4, (3, 3), orbits=False),
+                                 D4.regular()),
     }
 
 
@@ -181,7 +189,7 @@ def test_triton_kernel_matches_the_reference(gen):
     kernels = pytest.importorskip("equiproj.kernels.triton_energies")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest.py)
     cases = [PAIRS[k] for k in ("C7", "C8", "D3", "D4", "Octahedral()", "Oh-quotient", "C5-mixed")]
-    cases.append(GRID_PAIRS["D4-k3"])
+    cases += [GRID_PAIRS["D4-k3"], GRID_PAIRS["D4-k3-field"]]
     for (rep_in, rep_out), dtype in zip(cases, itertools.cycle([torch.float32, torch.bfloat16, torch.float16])):
         W = torch.randn(2, rep_out.dim, rep_in.dim, generator=gen).to(device=device, dtype=dtype)
         P = plan_for(rep_in, rep_out, device, torch.float32)
@@ -228,7 +236,8 @@ def test_batched_non_contiguous_and_half_precision(backend, gen):
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
 def test_nearly_equivariant_weights_keep_their_digits(backend, gen):
-    for rep_in, rep_out in (PAIRS["C16"], PAIRS["D5"], PAIRS["Oh-quotient"], GRID_PAIRS["C4-k3"]):
+    for rep_in, rep_out in (PAIRS["C16"], PAIRS["D5"], PAIRS["Oh-quotient"], GRID_PAIRS["C4-k3"],
+                            GRID_PAIRS["D4-k3-field"], GRID_PAIRS["Oh-k3-field"]):
         W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
         Wn = nearly_equivariant(W, rep_in, rep_out, 1e-10, gen)
         ep, eg = equiproj.energies(Wn, rep_in, rep_out, backend=backend)
@@ -290,6 +299,38 @@ def test_penalty_backward_and_decay_on_grid_convolutions(seed):
     torch.testing.assert_close(conv.weight.grad.double(), 1 + 2 * 0.5 * (W.double() - PW), atol=1e-5, rtol=1e-5)
     penalty.decay_(0.25)
     torch.testing.assert_close(conv.weight.detach().double(), W.double() - 0.25 * (W.double() - PW), atol=1e-5, rtol=1e-5)
+
+
+def test_grid_field_is_the_grid_in_flatten_order():
+    for G, k in ((Cyclic(4), (5, 5)), (Dihedral(4), (3, 3)), (FullOctahedral(), (3, 3, 3))):
+        whole, split = kernel_rep(G, k, orbits=False), kernel_rep(G, k)
+        assert whole.perm is None and len(whole.segments) == 1 and whole.segments[0][0] == 1
+        g = G.elements()
+        torch.testing.assert_close(whole.matrix(g), split.matrix(g), atol=0, rtol=0)  # the same representation
+        rep_in = 3 * G.regular() @ whole
+        assert rep_in.perm is None or torch.equal(rep_in.perm, torch.arange(rep_in.dim))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
+def test_declared_grid_convolutions_read_the_weight_in_place(backend, gen):
+    """declare() on permutation fields: one orbit pair per field-pair type, no permutation of W, and
+    energies and gradients of batched, strided and half-precision weights against the reference."""
+    for G, k, conv in ((Cyclic(4), (5, 5), nn.Conv2d), (Dihedral(4), (3, 3), nn.Conv2d)):
+        rep_in, rep_out = 3 * G.regular(), 2 * G.regular() + G.trivial()
+        decl = equiproj.nn.declaration(equiproj.nn.declare(conv(rep_in.dim, rep_out.dim, k, bias=False), rep_in, rep_out))
+        P = plan_for(decl.weight_rep_in, decl.rep_out, "cpu")
+        assert P.identity_perm and all(r.orbits for r in P.rows() if r.d_out > 1)
+        ref_in = rep_in @ kernel_rep(G, k)  # the same rep through the grid's orbits
+        base = torch.randn(2, decl.weight_rep_in.dim, 2 * rep_out.dim, dtype=F64, generator=gen)
+        W = base[..., ::2].transpose(-1, -2)  # [2, m, n], strided
+        ep, eg = equiproj.energies(W, decl.weight_rep_in, decl.rep_out, backend=backend)
+        rp, rg = reference.energies(W, ref_in, rep_out)
+        assert relative_error(ep, rp) < 1e-12 and relative_error(eg, rg) < 1e-12
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
+            Wh = W.to(dtype)
+            _, _, grad = equiproj.energies_and_grad(Wh, decl.weight_rep_in, decl.rep_out, backend=backend)
+            want = 2 * (Wh.double() - reference.project(Wh.double(), ref_in, rep_out))
+            assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
 
 
 @needs_cpp

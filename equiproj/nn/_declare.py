@@ -166,7 +166,11 @@ def _conv_declaration(module, rep_in, rep_out, kernel_space, bias) -> Declaratio
             return MatrixDeclaration("pointwise", rep_in, rep_out, rep_in, shape, bias, s,
                                      f"{ks} conv, exact ({G} acts on the channels of a single kernel point)")
         if _grid.has_grid_action(G, k):
-            return MatrixDeclaration("grid", rep_in, rep_out, rep_in @ _grid.kernel_rep(G, k), shape, bias, s,
+            # permutation input fields: rep_in ⊗ pixels as one permutation field per input copy (the orbit
+            # route on the weight in place); otherwise the grid's orbits, so that the pairs stay small
+            whole = all(f.permutation is not None for _, f in rep_in.segments)
+            return MatrixDeclaration("grid", rep_in, rep_out, rep_in @ _grid.kernel_rep(G, k, orbits=not whole), shape,
+                                     bias, s,
                                      f"exact grid action: {G} permutes the {ks} kernel grid")
         if kernel_space == "grid":
             raise ValueError(f"{G} does not map the {ks} kernel grid of this {s}-D conv onto itself: no exact grid "
