@@ -8,8 +8,8 @@ regular fields: linear layers on C_N regular fields (N up to 4096: one field pai
 O / O_h regular fields, and grid convolutions (C4 / D4 on 5x5 kernels, O / O_h on 3x3x3 kernels),
 all of which run the orbit route (docs/math.md §9): no basis, the mean over each orbit.
 
-Run ``python bench/bench_layers.py [--rounds 15] [--threads 1 2] [--layers name,...]`` (a couple
-of minutes on 2 cores). Timings on a shared machine are indicative: the header says so.
+Run ``python bench/bench_layers.py [--rounds 15] [--threads 1 2] [--layers name,...] [--device cuda]``
+(a couple of minutes on 2 cores; ``--device cuda`` times the Triton kernels, bench/gpu_check.sh). Timings on a shared machine are indicative: the header says so.
 CI runs this file with ``--benchmark-disable`` as a test: tiny layers, every path once, checked
 against the reference.
 """
@@ -61,6 +61,7 @@ def measure(layer: nn.Module, rounds: int) -> dict:
     W = layer.weight
     W.grad = torch.zeros_like(W)
     buf = torch.empty_like(W)
+    sync = torch.cuda.synchronize if W.is_cuda else (lambda: None)  # GPU: time the kernels, not the launch
     with torch.no_grad():
         runs = {
             "floor": lambda: torch.mul(W, 2, out=buf),
@@ -73,8 +74,10 @@ def measure(layer: nn.Module, rounds: int) -> dict:
         times: dict = {k: [] for k in runs}
         for _ in range(rounds):
             for k, f in runs.items():
+                sync()
                 t = time.perf_counter()
                 f()
+                sync()
                 times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -85,19 +88,23 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--layers", default=None, help="comma-separated substrings of the layer names")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the Triton orbit kernels; --threads is then ignored)")
     args = ap.parse_args(argv)
+    if args.device != "cpu":
+        args.threads = args.threads[:1]
     table = layers(args.size)
     if args.layers:
         keys = args.layers.split(",")
         table = {k: v for k, v in table.items() if any(s in k for s in keys)}
     print(f"# x floor (median of {args.rounds} interleaved rounds; floor = warm torch.mul(W, 2, out=buf)); "
-          f"torch {torch.__version__}, float32, {'C++ extension' if equiproj.ops.cpp_available() else 'no extension'}")
+          f"torch {torch.__version__}, float32, " + (torch.cuda.get_device_name() if args.device != "cpu" else
+                                                     'C++ extension' if equiproj.ops.cpp_available() else 'no extension'))
     print("| layer | weights | threads | floor ms | backward() | decay_ | build s |")
     print("|---|---|---|---|---|---|---|")
     for name, build in table.items():
         t = time.perf_counter()
         torch.manual_seed(0)
-        layer = build()
+        layer = build().to(args.device)
         for th in args.threads:
             torch.set_num_threads(th)
             if th == args.threads[0]:

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # GPU check of the fused Triton kernel, from a bare checkout on a CUDA machine (no internet).
 #
-#   bash bench/gpu_check.sh            # from the repository root; about 3 minutes
+#   bash bench/gpu_check.sh            # from the repository root; about 5 minutes
 #   bash bench/gpu_check.sh --sweep    # also time tile-size variants first (about 1 more minute)
 #
 # 1. prints the card and versions;
 # 2. makes `equiproj` (with `equiproj.kernels` = kernels/) importable without building the C++
 #    extension: an editable pip install without dependencies, else a mirror under /tmp;
-# 3. runs the CUDA tests (tests/ops/test_triton.py, tests/ops/test_ops.py, tests/nn/test_nn.py), continuing
-#    whatever they report;
-# 4. prints the benchmark table (bench/gpu_bench.py) LAST.
+# 3. runs the CUDA tests (tests/ops/test_triton.py, tests/ops/test_ops.py, tests/nn/test_nn.py,
+#    tests/test_orbit_route.py), continuing whatever they report;
+# 4. times the permutation-field layers on the orbit route (bench/bench_layers.py --device cuda);
+# 5. prints the benchmark table (bench/gpu_bench.py) LAST.
 # Extra arguments go to bench/gpu_bench.py (e.g. --sizes 64,256,1024).
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -37,11 +38,14 @@ cd "$RUN_DIR" || exit 1
 $PY -c "import equiproj.kernels as k; print('equiproj.kernels from', k.__file__, '| triton kernel:', k.HAS_TRITON)"
 
 echo "== CUDA tests"
-TESTS="tests/ops/test_triton.py tests/ops/test_ops.py tests/nn/test_nn.py"
+TESTS="tests/ops/test_triton.py tests/ops/test_ops.py tests/nn/test_nn.py tests/test_orbit_route.py"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
 timeout 150 $PY -m pytest $TESTS -q -p no:cacheprovider $XDIST -o addopts="" -ra 2>&1 | tail -25
 echo "tests exit status: ${PIPESTATUS[0]}"
+
+echo "== permutation-field layers (the orbit route: regular-field linear layers, grid convolutions), x floor"
+timeout 150 $PY bench/bench_layers.py --device cuda --rounds 9 || echo "bench_layers exit status: $?"
 
 echo "== benchmark (table last)"
 timeout 200 $PY bench/gpu_bench.py --budget-s 120 "$@" || echo "benchmark exit status: $?"
