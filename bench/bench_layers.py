@@ -8,8 +8,9 @@ regular fields: linear layers on C_N regular fields (N up to 4096: one field pai
 O / O_h regular fields, and grid convolutions (C4 / D4 on 5x5 kernels, O / O_h on 3x3x3 kernels),
 all of which run the orbit route (docs/math.md §9): no basis, the mean over each orbit.
 
-Run ``python bench/bench_layers.py [--rounds 15] [--threads 1 2] [--layers name,...] [--device cuda]``
-(a couple of minutes on 2 cores; ``--device cuda`` times the Triton kernels, bench/gpu_check.sh). Timings on a shared machine are indicative: the header says so.
+Run ``python bench/bench_layers.py [--rounds 15] [--threads 1 2] [--layers name,...]
+[--device cuda]`` (a couple of minutes on 2 cores; ``--device cuda`` times the Triton kernels, as
+bench/gpu_check.sh does). Timings on a shared machine are indicative: the header says so.
 CI runs this file with ``--benchmark-disable`` as a test: tiny layers, every path once, checked
 against the reference.
 """

@@ -333,6 +333,12 @@ def test_declared_grid_convolutions_read_the_weight_in_place(backend, gen):
             assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
 
 
+def test_large_grid_fields_keep_the_grid_orbits():
+    Oh = FullOctahedral()
+    decl = equiproj.nn.declaration(equiproj.nn.declare(nn.Conv3d(48, 48, 3, bias=False), Oh.regular(), Oh.regular()))
+    assert len(decl.weight_rep_in.segments) > 1  # one field per orbit of the 27 points: tiles stay small
+
+
 @needs_cpp
 def test_octahedral_conv3d_grid(seed):
     Oh = FullOctahedral()
