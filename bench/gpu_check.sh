@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # GPU check of the fused Triton kernel, from a bare checkout on a CUDA machine (no internet).
 #
-#   bash bench/gpu_check.sh            # from the repository root; about 3 minutes
+#   bash bench/gpu_check.sh            # from the repository root; about 5 minutes
 #   bash bench/gpu_check.sh --sweep    # also time tile-size variants first (about 1 more minute)
 #
 # 1. prints the card and versions;
 # 2. makes `equiproj` (with `equiproj.kernels` = kernels/, a mapping only setup.py knows) importable
 #    without building the C++ extension: an editable pip install without dependencies;
-# 3. runs the CUDA tests (tests/ops/test_triton.py, tests/ops/test_ops.py, tests/nn/test_nn.py), continuing
-#    whatever they report;
+# 3. runs the CUDA tests (tests/ops/test_triton.py, tests/ops/test_ops.py, tests/nn/test_nn.py, tests/nn/test_program.py,
+#    tests/test_orbit_route.py), continuing whatever they report;
 # 4. times every kind of layer through the penalty program on the GPU (penalty.backward() into .grad
 #    and decay_ as multiples of a warm torch.mul(W, 2, out=buf); equiproj/cli/bench/_layer_kinds.py, quick
-#    sizes) and the cost per weight of C_N regular fields per route (bench/bench_fused.py's --cn code);
+#    sizes), the cost per weight of C_N regular fields per route (bench/bench_fused.py's --cn code), and
+#    the permutation-field layers on the orbit route (bench/bench_layers.py --device cuda);
 # 5. prints the benchmark table (bench/gpu_bench.py) LAST.
 # Extra arguments go to bench/gpu_bench.py (e.g. --sizes 64,256,1024).
 set -u
@@ -36,7 +37,7 @@ fi
 $PY -c "import equiproj.kernels as k; print('equiproj.kernels from', k.__file__, '| triton kernel:', k.HAS_TRITON)"
 
 echo "== CUDA tests"
-TESTS="tests/ops/test_triton.py tests/ops/test_ops.py tests/nn/test_nn.py tests/nn/test_program.py"
+TESTS="tests/ops/test_triton.py tests/ops/test_ops.py tests/nn/test_nn.py tests/nn/test_program.py tests/test_orbit_route.py"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
 timeout 150 $PY -m pytest $TESTS -q -p no:cacheprovider $XDIST -o addopts="" -ra 2>&1 | tail -25
@@ -70,6 +71,9 @@ for N in (4, 16, 64, 256):
         print(f"C_{N} regular, {route}: {1e9 * best['route'] / W.numel():.3f} ns/weight, "
               f"{best['route'] / best['floor']:.1f}x floor")
 PYEOF
+
+echo "== permutation-field layers (the orbit route: regular-field linear layers, grid convolutions), x floor"
+timeout 150 $PY bench/bench_layers.py --device cuda --rounds 9 || echo "bench_layers exit status: $?"
 
 echo "== benchmark (table last)"
 timeout 200 $PY bench/gpu_bench.py --budget-s 120 "$@" || echo "benchmark exit status: $?"

@@ -15,8 +15,9 @@
 // fp16/bf16/fp32 weights and float64 for float64 weights.
 //
 // Each field pair is classified once per call (plan_types.h, Kind): r = 0 (sum of squares),
-// A = +-I/sqrt(d) (trace form), small square tiles, or the generic kernel (two register-blocked
-// products with the basis). The kernels (tile_kernels.h) are compiled twice, for the baseline
+// A = +-I/sqrt(d) (trace form), small square tiles, the generic kernel (two register-blocked
+// products with the basis), or an orbit pair of two permutation fields (no basis: the mean over
+// each orbit, from an orbit table or a closed form, docs/math.md §9). The kernels (tile_kernels.h) are compiled twice, for the baseline
 // x86-64 ISA and for AVX2+FMA, and chosen at run time (isa(), set_isa() for tests).
 
 #include <ATen/Parallel.h>
@@ -117,6 +118,8 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
                      acc_t& ep, acc_t& eg) {
   if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall)  // kSmall runs generic_pair on the baseline ISA
     s.coef.resize(std::max<int64_t>(p.ci * ((p.r + 3) / 4 * 4), 4));
+  else if (p.kind == Kind::kOrbit)
+    s.coef.resize(std::max<int64_t>(p.ci * p.r, 4));
   if constexpr (std::is_same<X, float>::value)
     kernels().f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
   else
@@ -155,14 +158,15 @@ void process_item(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scrat
     std::vector<X>& stage = s.stage(static_cast<X*>(nullptr));
     for (const Pair& p : G.pairs) {
       const int64_t span = p.ci * p.di;
-      if (accumulate) stage.resize(d * span);
+      const bool staged = accumulate && !p.accumulate;  // an orbit pair adds in place (it reads before it writes)
+      if (staged) stage.resize(d * span);
       for (int64_t a = 0; a < d; ++a) {
         xr[a] = reinterpret_cast<const X*>(base + s.urow[a] * L.sm + p.in_off);
         if (want_grad)
-          gr[a] = accumulate ? stage.data() + a * span : reinterpret_cast<X*>(gbase + s.urow[a] * L.n + p.in_off);
+          gr[a] = staged ? stage.data() + a * span : reinterpret_cast<X*>(gbase + s.urow[a] * L.n + p.in_off);
       }
       run_pair<X>(p, d, xr.data(), want_grad ? gr.data() : nullptr, cp2, cg2, s, ep, eg);
-      if (!accumulate) continue;
+      if (!staged) continue;
       for (int64_t a = 0; a < d; ++a) {
         X* dst = reinterpret_cast<X*>(gbase + s.urow[a] * L.n + p.in_off);
         const X* src = gr[a];
@@ -273,8 +277,15 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
   for (int64_t q = 0; q < P; ++q) {
     const int64_t* R = M + order[q] * kPlanColumns;
     const int64_t oo = R[kOutOffset], io = R[kInOffset], co = R[kOutCopies], ci = R[kInCopies], dout = R[kDOut],
-                  din = R[kDIn], r = R[kRank], bo = R[kBasisOffset];
-    TORCH_CHECK_VALUE(co >= 0 && ci >= 0 && dout >= 1 && din >= 1 && r >= 0 && bo >= 0 && bo + r * dout * din <= nb,
+                  din = R[kDIn], r = R[kRank], bo = R[kBasisOffset], orbits = R[kOrbits], form = R[kOrbitForm];
+    // an orbit pair stores its orbit table and inverse orbit sizes (kOrbitTable) or nothing (closed forms)
+    const int64_t stored = orbits == 0 ? r * dout * din : form == kOrbitTable ? dout * din + orbits : 0;
+    const bool form_ok = orbits == 0 || (orbits == r && ((form == kOrbitTable && orbits <= dout * din) ||
+                                                         (form == kOrbitCyclic && dout == din && orbits == dout) ||
+                                                         (form == kOrbitDihedral && dout == din && dout % 2 == 0 &&
+                                                          orbits == dout)));
+    TORCH_CHECK_VALUE(co >= 0 && ci >= 0 && dout >= 1 && din >= 1 && r >= 0 && bo >= 0 && orbits >= 0 && form_ok &&
+                          bo + stored <= nb,
                 "fused_energies: layer ", layer, ": malformed plan row ", order[q]);
     if (L.groups.empty() || L.groups.back().out_off != oo) {
       TORCH_CHECK_VALUE(oo == row_end, "fused_energies: layer ", layer, ": the plan's output fields do not tile the rows");
@@ -288,6 +299,24 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
     const int64_t expect_in = G.pairs.empty() ? 0 : G.pairs.back().in_off + G.pairs.back().ci * G.pairs.back().di;
     TORCH_CHECK_VALUE(io == expect_in, "fused_energies: layer ", layer, ": the plan's field pairs do not tile the columns");
     const acc_t* A = L.basis.data() + bo;
+    if (orbits > 0) {
+      Pair pr{io, ci, din, orbits, Kind::kOrbit, nullptr, nullptr};
+      pr.form = form;
+      pr.inv_size = acc_t(1) / acc_t(dout);
+      if (form == kOrbitTable) {
+        // the orbit indices are stored as exact integers; their offset is stored until L.orbit stops growing
+        pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(L.orbit.size()));
+        pr.inv = A + dout * din;
+        for (int64_t e = 0; e < dout * din; ++e) {
+          const acc_t k = A[e];
+          TORCH_CHECK_VALUE(k >= 0 && k < orbits && k == std::floor(k), "fused_energies: layer ", layer,
+                            ": malformed orbit table in plan row ", order[q]);
+          L.orbit.push_back(static_cast<int32_t>(k));
+        }
+      }
+      G.pairs.push_back(pr);
+      continue;
+    }
     Kind kind = r == 0                                                            ? Kind::kZero
                 : (r == 1 && dout == din && is_scaled_identity(A, dout))          ? Kind::kIdentity
                 : (dout <= kMaxSmall && din <= kMaxSmall)                         ? Kind::kSmall
@@ -307,8 +336,11 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
     const int64_t end = G.pairs.empty() ? 0 : G.pairs.back().in_off + G.pairs.back().ci * G.pairs.back().di;
     TORCH_CHECK_VALUE(end == L.n, "fused_energies: layer ", layer, ": the plan's field pairs cover ", end,
                 " columns, W has ", L.n);
-    for (auto& p : G.pairs)
+    for (auto& p : G.pairs) {
       if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) p.At = L.basis_t.data() + reinterpret_cast<intptr_t>(p.At);
+      if (p.kind == Kind::kOrbit && p.form == kOrbitTable)
+        p.orbit = L.orbit.data() + reinterpret_cast<intptr_t>(p.orbit);
+    }
   }
   L.group_start.assign(1, 0);
   for (auto& G : L.groups) L.group_start.push_back(L.group_start.back() + G.co);
@@ -392,6 +424,10 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
         L.grad = grads.back().data_ptr();
       }
     }
+    // orbit pairs add in place where the rows are read in place (process_item's direct path)
+    const bool direct = (st == at::kFloat || st == at::kDouble) && L.sn == 1 && L.perm_in == nullptr;
+    for (auto& G : L.groups)
+      for (auto& p : G.pairs) p.accumulate = p.kind == Kind::kOrbit && L.accumulate && direct;
     switch (st) {
       case at::kFloat: L.fn = &process_item<float>; break;
       case at::kDouble: L.fn = &process_item<double>; break;

@@ -16,14 +16,24 @@ enum PlanColumn : int64_t {
   kDOut = 4,         // dimension of the output field
   kDIn = 5,
   kRank = 6,         // number of basis matrices (0: the whole tile is non-equivariant)
-  kBasisOffset = 7,  // start of the pair's [r, d_out, d_in] basis in the plan's basis tensor
-  kPlanColumns = 8,  // number of columns
+  kBasisOffset = 7,  // start of the pair's [r, d_out, d_in] basis (orbit pair: its orbit data) in the basis tensor
+  kOrbits = 8,       // 0: a basis pair; K > 0: an orbit pair (two permutation fields) with K orbits
+  kOrbitForm = 9,    // an orbit pair's OrbitForm (below)
+  kPlanColumns = 10,  // number of columns
+};
+
+// How an orbit pair finds the orbit of tile entry (a, b) (equiproj/_plan.py, OrbitForm).
+enum OrbitForm : int64_t {
+  kOrbitTable = 0,     // the basis segment holds d_out * d_in orbit indices, then K inverse orbit sizes
+  kOrbitCyclic = 1,    // regular fields of C_N: (b - a) mod N, orbits of size N
+  kOrbitDihedral = 2,  // regular fields of D_N (element k + N s = R(k) F^s), orbits of size 2N
 };
 
 inline constexpr const char* kPlanColumnNames[] = {"OUT_OFFSET", "IN_OFFSET", "OUT_COPIES", "IN_COPIES",
-                                                   "D_OUT",      "D_IN",      "RANK",       "BASIS_OFFSET"};
+                                                   "D_OUT",      "D_IN",      "RANK",       "BASIS_OFFSET",
+                                                   "ORBITS",     "ORBIT_FORM"};
 static_assert(sizeof(kPlanColumnNames) / sizeof(kPlanColumnNames[0]) == kPlanColumns,
               "one name per plan column");
-static_assert(kBasisOffset + 1 == kPlanColumns, "the columns are numbered 0 .. kPlanColumns - 1");
+static_assert(kOrbitForm + 1 == kPlanColumns, "the columns are numbered 0 .. kPlanColumns - 1");
 
 }  // namespace equiproj_cpu

@@ -14,6 +14,7 @@ enum class Kind {
   kIdentity,  // r = 1, A = +-I/sqrt(d): coef^2 = tr^2/d, R = T - (tr/d) I
   kSmall,     // any basis, d_out, d_in <= kMaxSmall (compile-time tile shape for square 2..5)
   kGeneric,   // any basis, runtime tile shape
+  kOrbit,     // two permutation fields: P(T) is the mean over each orbit of G on the tile's entries
 };
 
 constexpr int kMaxSmall = 5;
@@ -23,6 +24,13 @@ struct Pair {
   Kind kind;
   const acc_t* A;   // [r, d_out, d_in]
   const acc_t* At;  // [d_out, d_in, r rounded up to 4] (kGeneric and kSmall), zero-padded
+  // kOrbit: K = r orbits; form (plan_columns.h, OrbitForm); for kOrbitTable the orbit of each entry
+  // [d_out * d_in] and the inverse orbit sizes [K], else every orbit has inverse size inv_size.
+  int64_t form = 0;
+  const int32_t* orbit = nullptr;
+  const acc_t* inv = nullptr;
+  acc_t inv_size = 0;
+  bool accumulate = false;  // add the gradient to g (which may alias x) instead of writing it
 };
 
 // All pairs of one output field, in column order; they tile [0, n).
@@ -61,6 +69,7 @@ struct Layer {
   const int64_t* perm_out = nullptr;  // null: identity
   const int64_t* perm_in = nullptr;
   std::vector<acc_t> basis, basis_t;
+  std::vector<int32_t> orbit;         // orbit indices of the kOrbitTable pairs
   std::vector<OutGroup> groups;
   std::vector<int64_t> group_start;   // prefix sums of copies over groups
   int64_t blocks = 0;                 // row blocks per matrix

@@ -18,9 +18,10 @@ from typing import NamedTuple
 import torch
 
 from ._caches import bytes_cached
-from .groups import Irrep, Rep, check_rep_pair
+from .groups import Field, Irrep, Rep, check_rep_pair
 
-__all__ = ["SidePlan", "BlockPlan", "FieldPair", "PackedPlan", "PlanColumn", "PlanRow", "block_plan", "plan_for"]
+__all__ = ["SidePlan", "BlockPlan", "FieldPair", "PackedPlan", "PlanColumn", "PlanRow", "OrbitForm", "orbit_pair",
+           "block_plan", "plan_for"]
 
 
 @dataclass
@@ -31,8 +32,15 @@ class FieldBlock:
     offset: int
     copies: int
     dim: int
-    Q: torch.Tensor | None
-    slots: tuple[Irrep, ...]
+    field: Field
+
+    @property
+    def Q(self) -> torch.Tensor | None:
+        return self.field.Q
+
+    @property
+    def slots(self) -> tuple[Irrep, ...]:
+        return self.field.slots
 
 
 @dataclass
@@ -51,7 +59,7 @@ class SidePlan:
         index: dict[Irrep, int] = {}
         o = 0
         for c, f in rep.segments:
-            fields.append(FieldBlock(o, c, f.dim, f.Q, f.slots))
+            fields.append(FieldBlock(o, c, f.dim, f))
             field_type, offsets = [], {}  # per coordinate of the field; slot offsets per irrep
             so = 0
             for s in f.slots:
@@ -140,8 +148,10 @@ class PlanColumn(enum.IntEnum):
     IN_COPIES = 3
     D_OUT = 4  # dimension of the output field
     D_IN = 5
-    RANK = 6  # r: number of basis matrices (0: the whole tile is non-equivariant)
-    BASIS_OFFSET = 7  # where the pair's [r, d_out, d_in] basis starts in PackedPlan.basis
+    RANK = 6  # r: number of basis matrices (0: the whole tile is non-equivariant); an orbit pair: its orbits
+    BASIS_OFFSET = 7  # where the pair's [r, d_out, d_in] basis (an orbit pair: its orbit data) starts in PackedPlan.basis
+    ORBITS = 8  # 0: a basis pair; K > 0: an orbit pair of two permutation fields with K orbits (no basis)
+    ORBIT_FORM = 9  # an orbit pair's OrbitForm: how the kernels find the orbit of an entry
 
 
 class PlanRow(NamedTuple):
@@ -156,6 +166,30 @@ class PlanRow(NamedTuple):
     d_in: int
     rank: int
     basis_offset: int
+    orbits: int
+    orbit_form: int
+
+
+class OrbitForm(enum.IntEnum):
+    """How the kernels find the orbit ``o(a, b)`` of entry ``(a, b)`` of a tile of an orbit pair
+    (docs/math.md §9). ``TABLE``: the pair's segment of :attr:`PackedPlan.basis` holds the orbit of
+    every entry, ``d_out * d_in`` exact integers row-major, then the ``K`` inverse orbit sizes
+    ``1 / n_k`` (a tile's share of an orbit). ``CYCLIC`` / ``DIHEDRAL``: regular fields of C_N / D_N,
+    closed forms with nothing stored, every orbit of size ``d``: C_N ``o(a, b) = (b - a) mod N``; D_N
+    (element ``k + N s`` is ``R(k) F^s``) ``o = (k_b - k_a) mod N + N t`` for ``s_a = 0`` and
+    ``(k_a - k_b) mod N + N (1 - t)`` for ``s_a = 1``."""
+
+    TABLE = 0
+    CYCLIC = 1
+    DIHEDRAL = 2
+
+
+#: pairs of permutation fields this small keep their basis: the kernels' small-tile paths (compile-time
+#: tile shapes, vectorised across tiles) beat the two passes of the orbit route there
+_SMALL_FIELD = 5
+
+#: the largest orbit index table of one field pair (its entries are exact in a float32 basis)
+MAX_ORBIT_TABLE = 2**24
 
 
 assert PlanRow._fields == tuple(c.name.lower() for c in PlanColumn), "PlanRow mirrors PlanColumn"
@@ -193,12 +227,21 @@ class PackedPlan:
         return self._cache["rows"]
 
     def pair_bases(self, device, dtype) -> list[torch.Tensor]:
-        """Each field pair's basis ``[r, d_out, d_in]`` on ``device`` in ``dtype`` (cached)."""
+        """Each field pair's basis ``[r, d_out, d_in]`` on ``device`` in ``dtype`` (cached); ``None`` for an orbit pair."""
         key = ("bases", torch.device(device), dtype)
         if key not in self._cache:
             basis = self.basis.to(device=device, dtype=dtype)
-            self._cache[key] = [basis[r.basis_offset : r.basis_offset + r.rank * r.d_out * r.d_in]
+            self._cache[key] = [None if r.orbits else basis[r.basis_offset : r.basis_offset + r.rank * r.d_out * r.d_in]
                                 .reshape(r.rank, r.d_out, r.d_in) for r in self.rows()]
+        return self._cache[key]
+
+    def orbit_index(self, row: PlanRow, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(o, inverse sizes)`` of an orbit pair: the orbit of every entry of a tile ``[d_out * d_in]``
+        (long, row-major) and ``1 / n_k`` ``[K]`` float64, on ``device`` (cached; the closed forms
+        written out, for the pure-torch kernels)."""
+        key = ("orbits", row.basis_offset, row.d_out, row.d_in, torch.device(device))
+        if key not in self._cache:
+            self._cache[key] = tuple(t.to(device) for t in _orbit_index(row, self.basis))
         return self._cache[key]
 
     def permutations(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -213,6 +256,73 @@ class PackedPlan:
         return self._cache[key]
 
 
+def _orbit_index(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    do, di, K = row.d_out, row.d_in, row.orbits
+    if row.orbit_form == OrbitForm.TABLE:
+        data = basis[row.basis_offset : row.basis_offset + do * di + K].to(torch.float64).cpu()
+        return data[: do * di].round().to(torch.long), data[do * di :]
+    a, b = torch.arange(do)[:, None], torch.arange(di)[None, :]
+    if row.orbit_form == OrbitForm.CYCLIC:
+        o = (b - a) % do
+    elif row.orbit_form == OrbitForm.DIHEDRAL:
+        N = do // 2
+        ka, sa, kb, tb = a % N, a // N, b % N, b // N
+        o = torch.where(sa == 0, (kb - ka) % N + N * tb, (ka - kb) % N + N * (1 - tb))
+    else:
+        raise ValueError(f"unknown orbit form {row.orbit_form}")
+    return o.reshape(-1), torch.full((K,), 1.0 / do, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=1024)
+def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
+    """``(K, form, data)`` when both fields are permutation fields (one of dimension above 5), else ``None``.
+
+    For permutation fields ``Hom_G`` is spanned by the indicator matrices of the orbits of G on pairs
+    ``(a, b)`` (``(a, b) ~ (sigma_g(a), sigma_g(b))``), so ``P(W)`` is the mean of W over each orbit and
+    no basis is needed (docs/math.md §9). Regular fields of C_N / D_N have closed forms (``data`` empty);
+    otherwise ``data`` is the orbit of every entry (row-major, exact integers in float64) followed by the
+    inverse orbit sizes, from the connected components of the graph the group's generators draw on the
+    pairs. Shared by every copy of the pair: its size is that of one tile."""
+    pa, pb = field_out.permutation, field_in.permutation
+    if pa is None or pb is None or max(field_out.dim, field_in.dim) <= _SMALL_FIELD:
+        return None
+    d_out, d_in = field_out.dim, field_in.dim
+    if pa.regular and pb.regular and pa.group == pb.group:
+        form = pa.group.regular_pair_orbits()
+        if form is not None:
+            return d_out, OrbitForm[form.upper()], torch.zeros(0, dtype=torch.float64)
+    if d_out * d_in > MAX_ORBIT_TABLE:
+        raise ValueError(f"the orbits of a pair of permutation fields of dimension {d_out} and {d_in} need an index "
+                         f"table of {d_out * d_in:,} entries, more than the {MAX_ORBIT_TABLE:,} a plan holds: split the "
+                         "fields into smaller orbits (e.g. one field per orbit of the points)")
+    import numpy as np  # noqa: PLC0415
+    from scipy.sparse import coo_matrix  # noqa: PLC0415
+    from scipy.sparse.csgraph import connected_components  # noqa: PLC0415
+
+    go, gi = pa.generator_table(), pb.generator_table()  # [k, d]
+    nodes = d_out * d_in
+    src = np.tile(np.arange(nodes), len(go))
+    dst = (go[:, :, None] * d_in + gi[:, None, :]).reshape(-1).numpy()
+    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(nodes, nodes))
+    K, labels = connected_components(graph, directed=True, connection="weak")
+    _, first = np.unique(labels, return_index=True)  # number the orbits by their first entry (row-major)
+    order = labels[np.sort(first)]  # the orbit labels in order of first appearance
+    relabel = np.empty(K, dtype=np.int64)
+    relabel[order] = np.arange(K)
+    o = torch.from_numpy(relabel[labels])
+    sizes = torch.bincount(o, minlength=K).to(torch.float64)
+    return int(K), OrbitForm.TABLE, torch.cat([o.to(torch.float64), 1.0 / sizes])
+
+
+class _CommutantBases(dict):
+    """irrep -> its commutant basis ``[r, d, d]``, computed on first use: a plan of orbit pairs needs
+    none (the regular rep of C_4096 shares 2049 irreps with itself)."""
+
+    def __missing__(self, irrep: Irrep) -> torch.Tensor:
+        basis = self[irrep] = irrep.endomorphism_basis
+        return basis
+
+
 @dataclass
 class BlockPlan:
     rep_in: Rep
@@ -220,7 +330,7 @@ class BlockPlan:
     inp: SidePlan
     out: SidePlan
     shared: list[Irrep]  # irrep types present on both sides
-    bases: dict[Irrep, torch.Tensor]  # commutant basis [r, d, d] per shared type
+    bases: dict[Irrep, torch.Tensor]  # commutant basis [r, d, d] per shared type (filled on first use)
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
@@ -236,13 +346,23 @@ class BlockPlan:
 
     @functools.cached_property
     def packed_cpu(self) -> PackedPlan:
-        rows, chunks, bo = [], [], 0
-        for fp in self.field_pairs:
-            r = fp.basis.shape[0]
-            rows.append([fp.out_offset, fp.in_offset, fp.out_copies, fp.in_copies, fp.d_out, fp.d_in, r, bo])
-            assert len(rows[-1]) == len(PlanColumn)
-            chunks.append(fp.basis.reshape(-1))
-            bo += fp.basis.numel()
+        """The packed plan: a pair of permutation fields is an orbit pair (its orbit data in place of a
+        basis, :func:`orbit_pair`), every other pair carries its basis (:attr:`field_pairs`)."""
+        rows, chunks, bo, used = [], [], 0, 0
+        for fo in self.out.fields:
+            for fi in self.inp.fields:
+                orbits = orbit_pair(fo.field, fi.field)
+                if orbits is not None:
+                    K, form, data = orbits
+                    row, chunk = [K, bo, K, int(form)], data
+                else:
+                    basis = _field_pair_basis(fo, fi, self.bases, MAX_BASIS_ELEMENTS - used)
+                    used += basis.numel()
+                    row, chunk = [basis.shape[0], bo, 0, 0], basis.reshape(-1)
+                rows.append([fo.offset, fi.offset, fo.copies, fi.copies, fo.dim, fi.dim] + row)
+                assert len(rows[-1]) == len(PlanColumn)
+                chunks.append(chunk)
+                bo += chunk.numel()
         m, n = self.shape
         return PackedPlan(
             m, n, torch.tensor(rows, dtype=torch.long).reshape(-1, len(PlanColumn)),
@@ -275,7 +395,7 @@ def block_plan(rep_in: Rep, rep_out: Rep) -> BlockPlan:
     check_rep_pair(rep_in, rep_out)
     inp, out = SidePlan.build(rep_in), SidePlan.build(rep_out)
     shared = [s for s in out.types if s in inp.rows]
-    return BlockPlan(rep_in, rep_out, inp, out, shared, {s: s.endomorphism_basis for s in shared})
+    return BlockPlan(rep_in, rep_out, inp, out, shared, _CommutantBases())
 
 
 def packed_plan(rep_in: Rep, rep_out: Rep, device, dtype: torch.dtype | None = None) -> PackedPlan:

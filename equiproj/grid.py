@@ -90,14 +90,18 @@ def has_grid_action(group: Group, shape: Sequence[int]) -> bool:
 
 
 @functools.lru_cache(maxsize=128)
-def kernel_rep(group: Group, shape: tuple[int, ...]) -> Rep:
+def kernel_rep(group: Group, shape: tuple[int, ...], orbits: bool = True) -> Rep:
     """The permutation representation ``rho_pix`` of ``group`` on the points of a grid.
 
     ``rho_pix(g) e_i = e_j`` where ``g x_i = x_j`` (points in the flatten order of
     :func:`grid_points`). Built orbit by orbit: each orbit is a small permutation field (a free
     orbit is the regular representation), orbits with the same action share one field, so that
     ``rep_in @ kernel_rep(...)`` stays field-structured (docs/math.md §4) instead of one dense
-    ``prod(shape)``-dimensional field. Raises ``ValueError`` if the group does not act on the grid.
+    ``prod(shape)``-dimensional field. ``orbits=False`` gives that one field instead, in flatten order
+    (no permutation): for input fields that are all permutation fields, ``rep_in @ kernel_rep(G, k,
+    orbits=False)`` is one permutation field per input copy, a contiguous block of the conv weight's
+    columns, so the orbit route reads the weight in place (docs/math.md §9). Raises ``ValueError`` if
+    the group does not act on the grid.
     """
     shape = _shape(shape)
     if not isinstance(group, Group):
@@ -110,6 +114,9 @@ def kernel_rep(group: Group, shape: tuple[int, ...]) -> Rep:
                          f"(exact: subgroups of D4 on square 2-D grids, Octahedral/FullOctahedral on cubic 3-D grids)")
     els = group.elements()
     sigma = grid_permutation(els, shape)  # [|G|, P]
+    if not orbits:
+        return Rep.permutation(group, action=functools.partial(_table_action, group, sigma), size=P,
+                               name=f"grid{'x'.join(map(str, shape))}")
     seen = torch.zeros(P, dtype=torch.bool)
     orbits = []  # (table [|G|, n] local action, point indices [n])
     for i in range(P):

@@ -24,7 +24,7 @@ import torch
 
 from equiproj._plan import PackedPlan, PlanColumn
 
-__all__ = ["TaskColumn", "LayerColumn", "TileKind", "TileClass", "Schedule", "build_schedule", "tile_shape",
+__all__ = ["TaskColumn", "LayerColumn", "TileKind", "OrbitClass", "TileClass", "Schedule", "build_schedule", "tile_shape",
            "MAX_TILE_ELEMENTS"]
 
 
@@ -59,6 +59,16 @@ class TileKind(enum.IntEnum):
 
     GENERAL = 0  # loop over the r basis matrices (r = 0: no basis work, the tile is all residual)
     SCALED_IDENTITY = 1  # r = 1 and A = I/sqrt(d) (real type): the trace is all it takes
+    ORBIT = 2  # an orbit pair (two permutation fields): the mean over each orbit, no basis
+
+
+class OrbitClass(enum.IntEnum):
+    """Which kernel a tile class runs: the basis kernel, or the orbit kernel with one of the orbit forms."""
+
+    NONE = 0  # a basis pair: the tile kernel
+    TABLE = 1  # an orbit pair with an orbit table: one masked sum per orbit
+    CYCLIC = 2  # regular fields of C_N: tile entries loaded skewed, so that a column is an orbit
+    DIHEDRAL = 3  # regular fields of D_N: the same with the dihedral closed form
 
 #: largest padded tile ``pow2(d_out) * pow2(d_in)`` the kernel takes (it holds a tile in registers)
 MAX_TILE_ELEMENTS = 128 * 128
@@ -115,6 +125,7 @@ class TileClass:
     num_warps: int
     start: int = 0
     count: int = 0
+    orbit: OrbitClass = OrbitClass.NONE
 
     @property
     def padded(self) -> tuple[int, int]:
@@ -180,8 +191,9 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
 
     def class_key(i, row):
         W = weights[i]
+        orbit = OrbitClass.NONE if not row[PlanColumn.ORBITS] else OrbitClass(int(row[PlanColumn.ORBIT_FORM]) + 1)
         return (W.dtype, int(row[PlanColumn.D_OUT]), int(row[PlanColumn.D_IN]), bool(plans[i].identity_perm),
-                W.stride(-1) == 1, small[i])
+                W.stride(-1) == 1, small[i], orbit)
 
     maxima: dict = {}
     for i, meta in enumerate(metas):
@@ -191,12 +203,12 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
             maxima[k] = (max(mo, int(row[PlanColumn.OUT_COPIES])), max(mi, int(row[PlanColumn.IN_COPIES])))
     classes = {}
     for k, (mo, mi) in maxima.items():
-        dt, do, di, ident, unit, sm = k
+        dt, do, di, ident, unit, sm, orbit = k
         if _pow2(do) * _pow2(di) > MAX_TILE_ELEMENTS:
             raise ValueError(f"a field pair of dimensions {do} x {di} exceeds the kernel's tile limit "
                              f"(padded {MAX_TILE_ELEMENTS} elements); use the torch path for such layers")
         bu, bv = tile_shape(do, di, mo, mi, target_elems, num_warps)
-        classes[k] = TileClass(dt, do, di, ident, unit, sm, bu, bv, num_warps)
+        classes[k] = TileClass(dt, do, di, ident, unit, sm, bu, bv, num_warps, orbit=orbit)
 
     # shared tables: bases (float32), permutations, per-layer strides
     basis_chunks, perm_chunks, layer_rows = [], [], []
@@ -239,8 +251,11 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
             nub, nvb = -(-co // tc.bu), -(-ci // tc.bv)
             ub = np.repeat(np.arange(nub, dtype=np.int64), nvb)
             vb = np.tile(np.arange(nvb, dtype=np.int64), nub)
-            A = bases_cpu[i][pbo : pbo + r * do * di].reshape(r, do, di)
-            kind = TileKind.SCALED_IDENTITY if _is_scaled_identity(A) else TileKind.GENERAL
+            if row[C.ORBITS]:
+                kind = TileKind.ORBIT
+            else:
+                A = bases_cpu[i][pbo : pbo + r * do * di].reshape(r, do, di)
+                kind = TileKind.SCALED_IDENTITY if _is_scaled_identity(A) else TileKind.GENERAL
             cnt = nub * nvb
             T = TaskColumn
             t = np.empty((cnt, len(TaskColumn)), dtype=np.int64)

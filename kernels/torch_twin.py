@@ -8,6 +8,11 @@ build). Per field pair, with the pair's orthonormal basis ``A [r, d_out, d_in]``
 
     coef_k = <A_k, T>        R = T - sum_k coef_k A_k        E_perp += ||R||^2        E_G += ||coef||^2
 
+and, for an orbit pair (two permutation fields, no basis: docs/math.md §9), with the orbit ``o(a, b)``
+of each entry and the orbit sizes ``n_k`` within a tile::
+
+    S_k = sum_{o(a,b)=k} T[a, b]      R = T - (S / n)[o]      E_perp += ||R||^2      E_G += sum_k S_k^2 / n_k
+
 Unlike the kernels it is plain differentiable torch: energies-only calls keep the autograd graph
 (double backward works), and :func:`torch_project` returns ``P(W)`` or ``W - P(W)`` with gradients.
 Both run with autocast off for their device, so a ``torch.autocast`` region around the call changes
@@ -38,7 +43,14 @@ def _pairs(X: torch.Tensor, P: PackedPlan):
         rows = slice(p.out_offset, p.out_offset + p.out_copies * p.d_out)
         cols = slice(p.in_offset, p.in_offset + p.in_copies * p.d_in)
         T = X[..., rows, cols].reshape(batch + (p.out_copies, p.d_out, p.in_copies, p.d_in))
-        if p.rank:
+        if p.orbits:  # orbit pair: P(T) is the mean of T over each orbit, coef_k = S_k / sqrt(n_k)
+            o, inv = P.orbit_index(p, X.device)
+            inv = inv.to(X.dtype)
+            flat = T.transpose(-3, -2).reshape(batch + (p.out_copies, p.in_copies, p.d_out * p.d_in))
+            S = flat.new_zeros(flat.shape[:-1] + (p.orbits,)).index_add(-1, o, flat)
+            mean = (S * inv)[..., o].reshape(batch + (p.out_copies, p.in_copies, p.d_out, p.d_in)).transpose(-3, -2)
+            yield rows, cols, T, S * inv.sqrt(), mean
+        elif p.rank:
             coef = torch.einsum("...uavb,kab->...uvk", T, A)
             yield rows, cols, T, coef, torch.einsum("...uvk,kab->...uavb", coef, A)
         else:

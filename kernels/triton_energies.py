@@ -12,6 +12,8 @@ the identity permutation a block row is ``BV * d_in`` contiguous weights), proje
 in registers, writes the gradient block and two float32 partial sums. Tile dims are padded to
 powers of two with masks. A second small kernel sums each matrix's partials in a fixed order.
 
+Orbit pairs (two permutation fields) run ``_orbit_tiles_kernel``: the mean over each orbit, no basis.
+
 Weights of different layers are reached through a table of int64 addresses cast to pointers,
 so one launch serves every layer whose field pairs share a tile class.
 """
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .inputs import check_inputs
-from .schedule import LayerColumn, Schedule, TaskColumn, TileKind, build_schedule
+from .schedule import LayerColumn, OrbitClass, Schedule, TaskColumn, TileKind, build_schedule
 
 __all__ = ["fused_energies"]
 
@@ -169,6 +171,107 @@ def _energy_tiles_kernel(
             tl.store(g_ptrs, grad.to(w_dtype_ptr.dtype.element_ty), mask=mask)
 
 
+_ORBIT_TABLE = tl.constexpr(int(OrbitClass.TABLE))
+_ORBIT_CYCLIC = tl.constexpr(int(OrbitClass.CYCLIC))
+_ORBIT_DIHEDRAL = tl.constexpr(int(OrbitClass.DIHEDRAL))
+
+
+@triton.jit
+def _orbit_tiles_kernel(
+    task_ptr, task_start, addr_ptr, layer_ptr, basis_ptr, perm_ptr, c_perp_ptr, c_g_ptr,
+    w_dtype_ptr, grad_addr_ptr, part_ptr, n_slots,
+    DO: tl.constexpr, DI: tl.constexpr, DOP: tl.constexpr, DIP: tl.constexpr,
+    BU: tl.constexpr, BV: tl.constexpr, IDENTITY_PERM: tl.constexpr, FORM: tl.constexpr,
+    WITH_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr, NT: tl.constexpr, NL: tl.constexpr,
+):
+    """The tiles of an orbit pair (two permutation fields, docs/math.md §9): ``P(T)`` is the mean of T
+    over each orbit of G on the tile's entries. Closed forms (C_N, D_N regular fields): entry
+    ``(a, k)`` of the loaded block is the tile entry of row a in orbit k (a skewed load), so an orbit
+    is a column and its mean a sum over the rows, O(1) work per weight. Orbit tables: one masked sum
+    per orbit (K passes over the registers)."""
+    task = task_ptr + (task_start + tl.program_id(0)).to(tl.int64) * NT
+    layer = tl.load(task + _T_LAYER)
+    row0 = tl.load(task + _T_ROW0)
+    col0 = tl.load(task + _T_COL0)
+    nu = tl.load(task + _T_NU)
+    nv = tl.load(task + _T_NV)
+    n_orbits = tl.load(task + _T_RANK)
+    basis_off = tl.load(task + _T_BASIS_OFFSET)
+    w_off = tl.load(task + _T_W_OFFSET)
+    g_off = tl.load(task + _T_G_OFFSET)
+    slot = tl.load(task + _T_SLOT)
+    lay = layer_ptr + layer * NL
+    stride_row = tl.load(lay + _L_STRIDE_ROW)
+    stride_col = tl.load(lay + _L_STRIDE_COL)
+    grad_row_stride = tl.load(lay + _L_GRAD_ROW_STRIDE)
+    w_ptr = tl.load(addr_ptr + layer).to(w_dtype_ptr.dtype)
+
+    RP: tl.constexpr = BU * DOP
+    CP: tl.constexpr = BV * DIP
+    i = tl.arange(0, RP)
+    j = tl.arange(0, CP)
+    u = i // DOP
+    a = i % DOP
+    v = j // DIP
+    k = j % DIP
+    a2 = a[:, None]
+    k2 = k[None, :]
+    if FORM == _ORBIT_CYCLIC:  # orbit k of row a: column (a + k) mod N
+        b2 = (a2 + k2) % DI
+    elif FORM == _ORBIT_DIHEDRAL:  # row a = k_a + N s, orbit k = k_k + N t
+        NH: tl.constexpr = DI // 2
+        ka = a2 % NH
+        kk = k2 % NH
+        b2 = tl.where(a2 // NH == 0, (ka + kk) % NH + NH * (k2 // NH), (ka - kk + NH) % NH + NH * (1 - k2 // NH))
+    else:
+        b2 = k2 + 0 * a2
+    srow = row0 + u * DO + a
+    scol = col0 + (v * DI)[None, :] + b2  # [RP, CP]
+    rmask = (u < nu) & (a < DO)
+    mask = rmask[:, None] & ((v < nv) & (k < DI))[None, :]
+    if IDENTITY_PERM:
+        urow = srow
+        ucol = scol
+    else:
+        urow = tl.load(perm_ptr + tl.load(lay + _L_PERM_OUT_OFFSET) + srow, mask=rmask, other=0)
+        ucol = tl.load(perm_ptr + tl.load(lay + _L_PERM_IN_OFFSET) + scol, mask=mask, other=0)
+    x2 = tl.load(w_ptr + w_off + urow[:, None] * stride_row + ucol * stride_col, mask=mask, other=0.0)
+    x = tl.reshape(x2.to(tl.float32), [BU, DOP, BV, DIP])
+
+    ta = tl.arange(0, DOP)[:, None]
+    tb = tl.arange(0, DIP)[None, :]
+    if FORM == _ORBIT_TABLE:
+        in_tile = (ta < DO) & (tb < DI)
+        orbit = tl.load(basis_ptr + basis_off + ta * DI + tb, mask=in_tile, other=-1.0).to(tl.int32)[None, :, None, :]
+        proj = tl.zeros([BU, DOP, BV, DIP], dtype=tl.float32)
+        eg = tl.zeros([BU, BV], dtype=tl.float32)
+        for o in range(n_orbits):
+            inv = tl.load(basis_ptr + basis_off + DO * DI + o)
+            sel = orbit == o
+            total = tl.sum(tl.sum(tl.where(sel, x, 0.0), axis=3), axis=1)  # [BU, BV]
+            proj += tl.where(sel, (total * inv)[:, None, :, None], 0.0)
+            eg += total * total * inv
+        eg_sum = tl.sum(eg)
+    else:  # every orbit meets every row once: the orbit sums are the column sums
+        total = tl.sum(x, axis=1)  # [BU, BV, DIP]
+        row_in = (ta < DO)[None, :, :, None]  # [1, DOP, 1, 1]
+        proj = tl.where(row_in, (total * (1.0 / DO))[:, None, :, :], 0.0)
+        eg_sum = tl.sum(total * total) * (1.0 / DO)
+    res = x - proj
+    tl.store(part_ptr + slot, tl.sum(res * res))
+    tl.store(part_ptr + n_slots + slot, eg_sum)
+
+    if WITH_GRAD:
+        cp2 = 2.0 * tl.load(c_perp_ptr + layer)
+        cg2 = 2.0 * tl.load(c_g_ptr + layer)
+        grad = tl.reshape(cp2 * res + cg2 * proj, [RP, CP])
+        grad_ptr = tl.load(grad_addr_ptr + layer).to(w_dtype_ptr.dtype)
+        g_ptrs = grad_ptr + g_off + urow[:, None] * grad_row_stride + ucol
+        if ACCUMULATE:  # out may be W itself: this block was loaded above, before any store
+            grad = grad + tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(g_ptrs, grad.to(w_dtype_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _segment_sum_kernel(part_ptr, start_ptr, out_addr_ptr, n_slots, n_matrices, BLOCK: tl.constexpr):
     """E_perp / E_G of matrix k = the sum of its partials in a fixed order, stored at the float32
@@ -292,6 +395,15 @@ def fused_energies(weights, plans, c_perp=None, c_g=None, outs=None):
         for tc in sched.classes:
             dop, dip = tc.padded
             w_ref = w_of_dtype[tc.dtype]
+            if tc.orbit != OrbitClass.NONE:
+                _orbit_tiles_kernel[(tc.count,)](
+                    sched.tasks, tc.start, addresses, sched.layers, sched.basis, sched.perms, c_perp, c_g,
+                    w_ref, grad_addresses, partials, sched.n_slots,
+                    DO=tc.d_out, DI=tc.d_in, DOP=dop, DIP=dip, BU=tc.bu, BV=tc.bv,
+                    IDENTITY_PERM=tc.identity_perm, FORM=int(tc.orbit), WITH_GRAD=want_grad,
+                    ACCUMULATE=outs is not None, NT=len(TaskColumn), NL=len(LayerColumn), num_warps=tc.num_warps,
+                )
+                continue
             _energy_tiles_kernel[(tc.count,)](
                 sched.tasks, tc.start, addresses, sched.layers, sched.basis, sched.perms, c_perp, c_g,
                 w_ref, grad_addresses, partials, sched.n_slots,

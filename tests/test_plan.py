@@ -17,7 +17,8 @@ import torch
 
 import equiproj as ep
 from equiproj import reference
-from equiproj._plan import BlockPlan, FieldPair, PackedPlan, PlanColumn, PlanRow, SidePlan, block_plan, packed_plan
+from equiproj._plan import (BlockPlan, FieldPair, OrbitForm, PackedPlan, PlanColumn, PlanRow, SidePlan, block_plan,
+                            packed_plan)
 from equiproj.kernels import torch_project
 from equiproj.testing import nearly_equivariant, random_orthogonal
 
@@ -248,7 +249,12 @@ def test_packed_plan_matches_field_pairs(case):
     for row, fp in zip(P.rows(), BP.field_pairs):
         assert isinstance(row, PlanRow)
         r = fp.basis.shape[0]
-        assert row == (fp.out_offset, fp.in_offset, fp.out_copies, fp.in_copies, fp.d_out, fp.d_in, r, offset)
+        head = (fp.out_offset, fp.in_offset, fp.out_copies, fp.in_copies, fp.d_out, fp.d_in)
+        if row.orbits:  # a pair of permutation fields: as many orbits as basis matrices, orbit data in place of them
+            assert tuple(row[:6]) == head and row.rank == row.orbits == r and row.basis_offset == offset
+            offset += fp.d_out * fp.d_in + r if row.orbit_form == OrbitForm.TABLE else 0
+            continue
+        assert row == head + (r, offset, 0, 0)
         chunk = P.basis[row.basis_offset : row.basis_offset + r * fp.d_out * fp.d_in]
         assert torch.equal(chunk, fp.basis.reshape(-1))
         offset += r * fp.d_out * fp.d_in
@@ -257,9 +263,9 @@ def test_packed_plan_matches_field_pairs(case):
         assert P.meta[:, c].tolist() == [row[k] for row in P.rows()]
     assert torch.equal(P.perm_out, _perm(rep_out)) and torch.equal(P.perm_in, _perm(rep_in))
     assert P.identity_perm == (rep_in.perm is None and rep_out.perm is None)
-    # pair_bases reads the same numbers back
-    for A, fp in zip(P.pair_bases("cpu", F64), BP.field_pairs):
-        assert torch.equal(A, fp.basis)
+    # pair_bases reads the same numbers back (None for an orbit pair)
+    for A, fp, row in zip(P.pair_bases("cpu", F64), BP.field_pairs, P.rows()):
+        assert A is None if row.orbits else torch.equal(A, fp.basis)
 
 
 def test_packed_plan_to_and_caches(case):
@@ -278,8 +284,11 @@ def test_packed_plan_to_and_caches(case):
     b64 = P.pair_bases("cpu", F64)
     assert P.pair_bases(torch.device("cpu"), F64) is b64
     b32 = P.pair_bases("cpu", torch.float32)
-    assert b32 is not b64 and all(a.dtype == torch.float32 for a in b32)
+    assert b32 is not b64 and all(a is None or a.dtype == torch.float32 for a in b32)
     for A, B, row in zip(b64, b32, P.rows()):
+        if row.orbits:
+            assert A is None and B is None
+            continue
         assert A.shape == (row.rank, row.d_out, row.d_in)
         torch.testing.assert_close(B.double(), A, atol=1e-7, rtol=0)
     assert P.rows() is P.rows()

@@ -20,7 +20,7 @@ against ``e3nn.o3.wigner_3j`` up to sign in the tests), one copy of each ``|l1 -
 Results live in a bounded ``functools.lru_cache`` (memory only: nothing is written to or read from disk)
 and are verified against ``a.matrix(g) ⊗ b.matrix(g)`` at random elements before being cached.
 
-Tensor products of reps (``a @ b``, ``tensor_field`` in ``_rep.py``) are built from these blocks;
+Tensor products of reps (``a @ b``, ``tensor_field`` in ``_field.py``) are built from these blocks;
 :func:`equiproj.groups.clebsch_gordan` returns the SO(3) coefficients as a tensor.
 """
 

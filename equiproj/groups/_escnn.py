@@ -27,7 +27,8 @@ import torch
 from . import _rep
 from ._group import Group
 from ._planar import O2, SO2, Cyclic, Dihedral
-from ._rep import Field, Irrep, Rep, spectral_field_matrix
+from ._field import Field, spectral_field_matrix
+from ._rep import Irrep, Rep
 from ._so3 import wigner_D
 from ._spatial import O3, SO3
 

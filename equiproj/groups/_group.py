@@ -17,7 +17,9 @@ from typing import Hashable
 
 import torch
 
-from ._rep import GROUP_CLASSES, Irrep, Rep, permutation_matrices, rep_from_decomposition
+from ._commutant import _COMMUTANT_DIM
+from ._field import PermutationAction, permutation_field
+from ._rep import GROUP_CLASSES, Irrep, Rep
 from ._threads import one_thread
 
 __all__ = ["Group"]
@@ -229,6 +231,40 @@ class Group(abc.ABC):
             raise TypeError(f"{self} is continuous: it has no regular representation of finite dimension")
         return _regular_rep(self)
 
+    # ---- the regular representation as index tables (docs/math.md §9) ----------------------
+    def regular_table(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``[..., |G|]`` long: ``sigma_g`` of the regular representation for the elements with indices
+        ``idx`` (all elements by default): ``g x = elements()[sigma_g(x)]``."""
+        els = self.elements()
+        if idx is None:
+            idx = torch.arange(len(els))
+        return self.index(els[idx][..., None, :, :] @ els)
+
+    def regular_generator_table(self) -> torch.Tensor:
+        """``[k, |G|]`` long: ``sigma`` of each of :meth:`generators` in the regular representation."""
+        return self.regular_table(self.index(self.generators()))
+
+    def regular_pair_orbits(self) -> str | None:
+        """The closed form of the orbits of the group on pairs ``(x, y)`` of its elements
+        (``(x, y) ~ (g x, g y)``: the orbit is ``x^-1 y``) that the kernels evaluate without a table:
+        ``"cyclic"`` (C_N: ``(y - x) mod N``), ``"dihedral"`` (D_N), or ``None`` (an index table)."""
+        return None
+
+    @one_thread
+    def regular_change_of_basis(self) -> torch.Tensor:
+        """``Q`` ``[|G|, |G|]`` of the regular representation, its column blocks carrying the irreps as
+        ``regular().segments[0][1].slots`` lists them; written down, not computed: copy ``b`` of ``psi``
+        (dim d, commutant dim r, d / r copies) is ``Q[x, a] = sqrt(d / |G|) psi(x)_{a b}``, the real
+        Fourier transform on the group (Schur orthogonality makes Q orthogonal)."""
+        els = self.elements()
+        n = len(els)
+        cols = []
+        for psi in self.irreps():
+            copies = psi.dim // _COMMUTANT_DIM[psi.type]
+            M = psi.matrix(els, check=False)  # [|G|, d, d]; copy b is column b of psi(x)
+            cols.append(M[:, :, :copies].transpose(1, 2).reshape(n, copies * psi.dim) * (psi.dim / n) ** 0.5)
+        return torch.cat(cols, dim=1)
+
 
 @functools.lru_cache(maxsize=64)
 def _standard_rep(group: Group) -> Rep:
@@ -236,24 +272,9 @@ def _standard_rep(group: Group) -> Rep:
 
 
 @functools.lru_cache(maxsize=64)
-@one_thread
 def _regular_rep(group: Group) -> Rep:
-    els = group.elements()
-    n = len(els)
-
-    def action(g):  # e_x -> e_{g x}
-        return group.index(g[..., None, :, :] @ els.to(g.device))
-
-    slots, cols = [], []
-    for psi in group.irreps():
-        copies = psi.dim // psi.endomorphism_basis.shape[0]
-        if psi.type == "quaternionic":  # the columns b = 0..copies-1 need not be independent modulo the commutant
-            return Rep.permutation(group, action=action, size=n, name="regular")
-        M = psi.matrix(els, check=False)  # [|G|, d, d]; copy b is column b of psi(x)
-        cols.append(M[:, :, :copies].transpose(1, 2).reshape(n, copies * psi.dim) * (psi.dim / n) ** 0.5)
-        slots += [psi] * copies
-    fn, _ = permutation_matrices(group, None, action, n)
-    return rep_from_decomposition(group, fn, slots, torch.cat(cols, dim=1), name="regular")
+    action = PermutationAction(group, group.order, regular=True)
+    return Rep(group, [(1, permutation_field(action, "regular", key=("regular", group)))], name="regular")
 
 
 @functools.lru_cache(maxsize=256)

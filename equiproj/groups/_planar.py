@@ -96,6 +96,23 @@ class _Planar(Group):
             raise ValueError(f"matrices are not elements of {self}")
         return idx
 
+    def regular_table(self, idx=None):
+        # element k + N s is R(2 pi k / N) F^s; R(a) F^s R(b) F^t = R(a + (-1)^s b) F^(s + t)
+        if self.N is None:
+            return super().regular_table(idx)
+        N, n = self.N, self.order
+        if idx is None:
+            idx = torch.arange(n)
+        a, s = (idx % N)[..., None], (idx // N)[..., None]
+        y = torch.arange(n)
+        b, t = y % N, y // N
+        return (a + (1 - 2 * s) * b) % N + N * ((s + t) % 2)
+
+    def regular_pair_orbits(self):
+        if self.N is None:
+            return None
+        return "dihedral" if self.reflections else "cyclic"
+
     def haar_quadrature(self, degree):
         if self.N is not None:
             return super().haar_quadrature(degree)

@@ -31,7 +31,6 @@ Multiplicities are counts: ``n * rep`` of a one-segment rep is one segment of ``
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import re
 from typing import Callable, Iterable, Sequence
@@ -39,107 +38,19 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from ._clebsch_gordan import irrep_product
 from ._commutant import endomorphism_basis_of
 from ._decompose import block_diag_irreps, check_representation, decompose, verify_decomposition
+from ._field import (Field, PermutationAction, _TensorKey, check_dense_size,
+                     check_permutation_size, permutation_field, permutation_table, spectral_field_matrix, tensor_field)
 
-#: the most elements (float64) of a dense matrix the reps build (``rep.matrix``, ``change_of_basis``): 4 GiB
-MAX_DENSE_ELEMENTS = 2**29
-#: the longest explicit permutation of coordinates the reps build (int64): 512 MiB
-MAX_PERMUTATION = 2**26
 #: ``n * rep`` repeats the segments of a multi-segment rep up to this many segments (as ``rep + ... + rep``);
 #: beyond, it multiplies the counts and records the copy-major layout as a permutation
 _MAX_REPEATED_SEGMENTS = 64
 
+__all__ = ["Rep", "Irrep", "Field", "PermutationAction", "check_rep_pair"]
+
 #: the group classes register here by name (they import this module, so it cannot import them)
 GROUP_CLASSES: dict[str, type] = {}
-
-
-class _TensorKey:
-    """A tensor as part of a dict key: hashed by a digest of its bytes, equal to another exactly when
-    the tensors are equal (same dtype, shape and values)."""
-
-    __slots__ = ("tensor", "_hash")
-
-    def __init__(self, t: torch.Tensor):
-        t = t.detach().cpu().contiguous()
-        self.tensor = t
-        digest = hashlib.blake2b(t.numpy().view(np.uint8).reshape(-1).data, digest_size=16).digest()
-        self._hash = hash((str(t.dtype), tuple(t.shape), digest))
-
-    def __eq__(self, other):
-        return (isinstance(other, _TensorKey) and self._hash == other._hash and self.tensor.dtype == other.tensor.dtype
-                and self.tensor.shape == other.tensor.shape and torch.equal(self.tensor, other.tensor))
-
-    def __hash__(self):
-        return self._hash
-
-    def __reduce__(self):  # the hash digests the bytes but hashes a str: recomputed in the new process
-        return (_TensorKey, (self.tensor,))
-
-
-def check_dense_size(elements: int, what: str) -> None:
-    """``ValueError`` when a dense float64 tensor of ``elements`` entries would exceed :data:`MAX_DENSE_ELEMENTS`."""
-    if elements > MAX_DENSE_ELEMENTS:
-        raise ValueError(f"{what} would be a dense float64 tensor of {elements:,} entries ({elements * 8 / 2**30:.1f} GiB), "
-                         f"more than the {MAX_DENSE_ELEMENTS:,} equiproj builds: the representation is too large to "
-                         "write out densely; the energy functions work on its structure (segments and fields) instead")
-
-
-def check_permutation_size(n: int, what: str) -> None:
-    """``ValueError`` when an explicit permutation of ``n`` coordinates exceeds :data:`MAX_PERMUTATION`."""
-    if n > MAX_PERMUTATION:
-        raise ValueError(f"{what} needs an explicit permutation of {n:,} coordinates, more than the {MAX_PERMUTATION:,} "
-                         "equiproj builds; write the rep as segments of copies without a permutation, e.g. "
-                         "Rep.parse(G, '1000000x0e + 1000000x1o') instead of 1000000 * Rep.parse(G, '0e + 1o')")
-
-__all__ = ["Rep", "Irrep", "Field", "check_rep_pair"]
-
-
-class Field:
-    """An atomic representation ``rho_f(g) = Q (⊕_slots psi(g)) Q^T`` of small dimension."""
-
-    def __init__(self, group: Group, slots: Sequence["Irrep"], Q: torch.Tensor | None,
-                 matrix_fn: Callable[[torch.Tensor], torch.Tensor], name: str, key=None, dim: int | None = None):
-        self.group = group
-        self.slots = tuple(slots)
-        self.dim = sum(s.dim for s in self.slots) if dim is None else dim
-        self.Q = Q
-        self._matrix_fn = matrix_fn
-        self.name = name
-        # by default the field is what its decomposition says: rho_f(g) = Q (⊕ slots) Q^T
-        self._key = key if key is not None else ("field", group, self.slots, None if Q is None else _TensorKey(Q))
-        self._hash = hash(self._key)
-
-    def matrix(self, g: torch.Tensor) -> torch.Tensor:
-        return self._matrix_fn(g).to(torch.float64)
-
-    def __eq__(self, other):
-        return self is other or (isinstance(other, Field) and self._hash == other._hash and self._key == other._key)
-
-    def __hash__(self):
-        return self._hash
-
-    def __repr__(self):
-        return self.name
-
-    def __reduce__(self):
-        # the matrix function may be a closure or the user's function: a pickled field evaluates its
-        # decomposition instead, which is the same representation (to the decomposition's accuracy)
-        return (_unpickled_field, (self.group, self.slots, self.Q, self.name, self._key, self.dim))
-
-
-def spectral_field_matrix(Q: torch.Tensor | None, slots: tuple, g: torch.Tensor) -> torch.Tensor:
-    """``rho_f(g) = Q (⊕ slots psi(g)) Q^T`` from a field's decomposition (``Q`` ``None``: the identity)."""
-    D = block_diag_irreps(slots, g.to(torch.float64))
-    if Q is None:
-        return D
-    Qd = Q.to(g.device)
-    return Qd @ D @ Qd.T
-
-
-def _unpickled_field(group, slots, Q, name, key, dim) -> Field:
-    return Field(group, slots, Q, functools.partial(spectral_field_matrix, Q, tuple(slots)), name, key=key, dim=dim)
 
 
 class Rep:
@@ -429,9 +340,13 @@ class Rep:
         [..., n]`` long tensor of ``sigma_g`` and ``size = n``.
         """
         _check_group(group)
+        if group.is_finite:  # index tables: no dense matrices, the decomposition on first use
+            table = permutation_table(group, points, action, size)
+            n = table.shape[1]
+            return cls(group, [(1, permutation_field(PermutationAction(group, n, table), name or f"permutation({n})"))],
+                       name=name or f"permutation({n})")
         fn, n = permutation_matrices(group, points, action, size)
-        return cls.from_matrices(group, fn, band_limit=0 if not group.is_finite else None,
-                                 name=name or f"permutation({n})")
+        return cls.from_matrices(group, fn, band_limit=0, name=name or f"permutation({n})")
 
     @classmethod
     def parse(cls, group: Group, s) -> "Rep":
@@ -624,37 +539,6 @@ class Irrep(Rep):
 
 def _group_irrep(group: Group, id) -> Irrep:
     return group.irrep(id)
-
-
-@functools.lru_cache(maxsize=256)
-def tensor_field(fa: Field, fb: Field) -> Field:
-    """The field of ``fa ⊗ fb`` (Kronecker order), decomposed per slot pair with the cached
-    Clebsch-Gordan blocks of :func:`equiproj.groups._clebsch_gordan.irrep_product`."""
-    group = fa.group
-    check_dense_size((fa.dim * fb.dim) ** 2, f"the decomposition of the tensor product of fields {fa.name} and {fb.name}")
-
-    def matrix_fn(g):
-        A, B = fa.matrix(g), fb.matrix(g)
-        return torch.einsum("...ij,...kl->...ikjl", A, B).reshape(g.shape[:-2] + (fa.dim * fb.dim,) * 2)
-
-    # spectral of a ⊗ b: per slot pair (s, t) the CG decomposition of psi_s ⊗ psi_t
-    D = fa.dim * fb.dim
-    Qk = torch.zeros(D, D, dtype=torch.float64)
-    slots, col, oa = [], 0, 0
-    for sa in fa.slots:
-        ob = 0
-        for sb in fb.slots:
-            sub_slots, C = irrep_product(sa, sb)
-            rows = ((oa + torch.arange(sa.dim))[:, None] * fb.dim + ob + torch.arange(sb.dim)).reshape(-1)
-            Qk[rows, col : col + C.shape[1]] = C
-            slots += sub_slots
-            col += C.shape[1]
-            ob += sb.dim
-        oa += sa.dim
-    Qa = torch.eye(fa.dim, dtype=torch.float64) if fa.Q is None else fa.Q
-    Qb = torch.eye(fb.dim, dtype=torch.float64) if fb.Q is None else fb.Q
-    Q = torch.kron(Qa, Qb) @ Qk
-    return Field(group, slots, Q, matrix_fn, name=f"({fa.name}⊗{fb.name})", key=("tensor", fa, fb))
 
 
 def structured_check(rep: Rep, g: torch.Tensor) -> float:

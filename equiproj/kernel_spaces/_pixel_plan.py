@@ -130,7 +130,7 @@ class PixelPlan:
             for ci, fi in self.rep_in.segments:
                 A = pair_basis(space, fi, fo)
                 r = A.shape[0]
-                rows.append([oo, oi * P, co, ci, fo.dim, fi.dim * P, r, bo])
+                rows.append([oo, oi * P, co, ci, fo.dim, fi.dim * P, r, bo, 0, 0])  # basis pairs: no orbits
                 chunks.append(A.reshape(-1))
                 bo += A.numel()
                 pairs.append((fo.dim, fi.dim, co, ci, r))

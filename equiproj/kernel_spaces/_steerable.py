@@ -44,7 +44,7 @@ from .. import ops as _ops
 from .. import reference as _reference
 from ..grid import grid_points
 from ..groups import Group, Rep, check_rep_pair, spherical_harmonics
-from ..groups._rep import tensor_field
+from ..groups._field import tensor_field
 from ..kernels import torch_project
 from ._aligned import rotate_tiles
 from ._factorised import factorised_plan

@@ -1,0 +1,435 @@
+"""The orbit route: pairs of permutation fields without a basis (docs/math.md §9).
+
+Every backend (C++, the Triton kernel under the interpreter, the pure-torch twin) against the
+float64 spatial reference, and for C_4096 against a closed form written with torch ops.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import equiproj
+from equiproj import Cyclic, Dihedral, FullOctahedral, Octahedral, Rep
+from equiproj import reference
+from equiproj._plan import _SMALL_FIELD, MAX_ORBIT_TABLE, OrbitForm, block_plan, orbit_pair, plan_for
+from equiproj.grid import kernel_rep
+from equiproj.kernels import torch_fused_energies
+from equiproj.ops import cpp_available
+from equiproj.testing import nearly_equivariant, relative_error
+
+F64 = torch.float64
+needs_cpp = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
+
+
+def _square_vertices():
+    return torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]], dtype=F64)
+
+
+def _cube_vertices():
+    return torch.tensor(list(itertools.product((-1.0, 1.0), repeat=3)), dtype=F64)
+
+
+def _face_centres():
+    return torch.cat([torch.eye(3, dtype=F64), -torch.eye(3, dtype=F64)])
+
+
+def _pairs():
+    """(name, rep_in, rep_out) of permutation fields, alone and mixed with irreps fields."""
+    out = []
+    for N in list(range(1, 18)) + [64]:
+        r = Cyclic(N).regular()
+        out.append((f"C{N}", 2 * r, 3 * r))
+    for N in (1, 2, 3, 4, 5, 8, 17):
+        r = Dihedral(N).regular()
+        out.append((f"D{N}", 3 * r, 2 * r))
+    for G in (Octahedral(), FullOctahedral()):
+        out.append((f"{G}", G.regular(), 2 * G.regular()))
+    D4, O, Oh = Dihedral(4), Octahedral(), FullOctahedral()
+    square = Rep.permutation(D4, points=_square_vertices())  # D4 / (a reflection): a quotient rep
+    out.append(("D4-quotient", 2 * square + D4.regular(), 3 * square))
+    faces, verts = Rep.permutation(O, points=_face_centres()), Rep.permutation(Oh, points=_cube_vertices())
+    out.append(("O-quotient", 2 * faces, O.regular() + faces))
+    out.append(("Oh-quotient", verts, 2 * verts + Oh.regular()))
+    grid = torch.tensor(list(itertools.product((-1.5, -0.5, 0.5, 1.5), repeat=3)), dtype=F64)
+    cube = Rep.permutation(Oh, points=grid)  # one 64-point field of several orbits
+    out.append(("Oh-points", cube, cube))
+    # mixed: permutation fields with irreps fields (those pairs keep the basis)
+    C5, D3 = Cyclic(5), Dihedral(3)
+    out.append(("C5-mixed", C5.regular() + C5.standard() + C5.trivial(), 2 * C5.regular() + C5.irrep(2)))
+    out.append(("D3-mixed", D3.standard() + 2 * D3.regular(), D3.regular() + D3.irrep((1, 0))))
+    return out
+
+
+PAIRS = {name: (a, b) for name, a, b in _pairs()}
+
+
+@pytest.fixture(params=sorted(PAIRS))
+def pair(request):
+    return PAIRS[request.param]
+
+
+def _grid_pairs():
+    C4, D4, O, Oh = Cyclic(4), Dihedral(4), Octahedral(), FullOctahedral()
+    return {
+        "C4-k3": (2 * C4.regular() @ kernel_rep(C4, (3, 3)), 3 * C4.regular()),
+        "C4-k5": (C4.regular() @ kernel_rep(C4, (5, 5)), 2 * C4.regular()),
+        "D4-k3": (2 * D4.regular() @ kernel_rep(D4, (3, 3)), D4.regular()),
+        "D4-k5": (D4.regular() @ kernel_rep(D4, (5, 5)), 2 * D4.regular()),
+        "O-k3": (O.regular() @ kernel_rep(O, (3, 3, 3)), O.regular()),
+        "Oh-k3": (Oh.regular() @ kernel_rep(Oh, (3, 3, 3)), Oh.regular()),
+        # the whole grid as one permutation field: rep_in ⊗ pixels is one field per input copy, in the
+        # weight's own column order (what declare() builds for permutation input fields)
+        "C4-k5-field": (3 * C4.regular() @ kernel_rep(C4, (5, 5), orbits=False), 2 * C4.regular()),
+        "D4-k3-field": (2 * D4.regular() @ kernel_rep(D4, (3, 3), orbits=False), 3 * D4.regular()),
+        "O-k3-field": (O.regular() @ kernel_rep(O, (3, 3, 3), orbits=False), O.regular()),
+        "Oh-k3-field": (Oh.regular() @ kernel_rep(Oh, (3, 3, 3), orbits=False), Oh.regular()),
+        "D4-quotient-k3-field": (Rep.permutation(D4, points=_square_vertices()) @ kernel_rep(D4, (3, 3), orbits=False),
+                                 D4.regular()),
+    }
+
+
+GRID_PAIRS = _grid_pairs()
+
+
+@pytest.fixture(params=sorted(GRID_PAIRS))
+def grid_pair(request):
+    return GRID_PAIRS[request.param]
+
+
+def _orbit_rows(rep_in, rep_out):
+    return [r for r in plan_for(rep_in, rep_out, "cpu").rows() if r.orbits]
+
+
+# ---- the plan ---------------------------------------------------------------------------------------
+def test_permutation_pairs_are_orbit_pairs_without_a_basis(pair):
+    rep_in, rep_out = pair
+    P = plan_for(rep_in, rep_out, "cpu")
+    for row in P.rows():
+        fo = _field_at(rep_out, row.out_offset)
+        fi = _field_at(rep_in, row.in_offset)
+        both = fo.permutation is not None and fi.permutation is not None and max(fo.dim, fi.dim) > _SMALL_FIELD
+        assert bool(row.orbits) == both  # the smallest pairs keep the basis: the small-tile kernels are faster
+        if both:  # K orbits = dim Hom_G(f_in, f_out), from the characters
+            els = rep_in.group.elements()
+            chi = lambda f: f.matrix(els).diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+            assert row.orbits == row.rank == round(float((chi(fo) * chi(fi)).mean()))
+
+
+def _field_at(rep, offset):
+    o = 0
+    for c, f in rep.segments:
+        if o == offset:
+            return f
+        o += c * f.dim
+    raise AssertionError(f"no field at {offset}")
+
+
+def test_orbit_tables_are_the_orbits_of_all_elements(gen):
+    """The table from the generators' graph against orbits found by brute force over all elements."""
+    G = FullOctahedral()
+    for fo, fi in ((G.regular(), Rep.permutation(G, points=_cube_vertices())),
+                   (Rep.permutation(G, points=_face_centres()), Rep.permutation(G, points=_cube_vertices()))):
+        fo, fi = fo.segments[0][1], fi.segments[0][1]
+        K, form, data = orbit_pair(fo, fi)
+        assert form == OrbitForm.TABLE
+        o = data[: fo.dim * fi.dim].long().reshape(fo.dim, fi.dim)
+        so, si = fo.permutation.element_table(), fi.permutation.element_table()  # [|G|, d]
+        for a, b in [(0, 0), (fo.dim - 1, 3), (2, fi.dim - 1)]:
+            orbit = set(zip(so[:, a].tolist(), si[:, b].tolist()))
+            assert {(x, y) for x in range(fo.dim) for y in range(fi.dim) if o[x, y] == o[a, b]} == orbit
+        sizes = torch.bincount(o.reshape(-1), minlength=K).double()
+        torch.testing.assert_close(data[fo.dim * fi.dim :], 1 / sizes, rtol=0, atol=0)
+
+
+def test_closed_forms_match_the_orbits_of_the_elements():
+    for G, form in ((Cyclic(7), OrbitForm.CYCLIC), (Dihedral(5), OrbitForm.DIHEDRAL), (Dihedral(4), OrbitForm.DIHEDRAL)):
+        P = plan_for(G.regular(), G.regular(), "cpu")
+        (row,) = P.rows()
+        assert row.orbit_form == form and P.basis.numel() == 0
+        o, inv = P.orbit_index(row, "cpu")
+        o = o.reshape(row.d_out, row.d_in)
+        table = G.regular_table()  # [|G|, |G|]: sigma of every element
+        for a, b in [(0, 1), (3, 2), (row.d_out - 1, 0)]:
+            orbit = set(zip(table[:, a].tolist(), table[:, b].tolist()))
+            assert {(x, y) for x in range(row.d_out) for y in range(row.d_in) if o[x, y] == o[a, b]} == orbit
+        assert torch.equal(inv, torch.full((row.orbits,), 1.0 / row.d_out, dtype=F64))
+
+
+# ---- energies, gradients, projection against the reference ------------------------------------------
+def _check_backend(W, rep_in, rep_out, backend, tol):
+    e_perp, e_g, grad = equiproj.energies_and_grad(W, rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25, backend=backend)
+    ref_p, ref_g = reference.energies(W.double(), rep_in, rep_out)
+    PW = reference.project(W.double(), rep_in, rep_out)
+    assert relative_error(e_perp, ref_p) < tol and relative_error(e_g, ref_g) < tol
+    want = 2 * (W.double() - PW) + 0.5 * PW
+    assert float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
+def test_energies_and_gradients_match_the_reference(pair, backend, gen):
+    rep_in, rep_out = pair
+    W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+    _check_backend(W, rep_in, rep_out, backend, 1e-12)
+    _check_backend(W.float(), rep_in, rep_out, backend, 1e-5)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
+def test_grid_convolutions_match_the_reference(grid_pair, backend, gen):
+    rep_in, rep_out = grid_pair
+    assert _orbit_rows(rep_in, rep_out), "a grid convolution on regular fields is all orbit pairs"
+    W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+    _check_backend(W, rep_in, rep_out, backend, 1e-12)
+    _check_backend(W.float(), rep_in, rep_out, backend, 1e-5)
+
+
+def test_triton_kernel_matches_the_reference(gen):
+    kernels = pytest.importorskip("equiproj.kernels.triton_energies")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest.py)
+    cases = [PAIRS[k] for k in ("C7", "C8", "D3", "D4", "Octahedral()", "Oh-quotient", "C5-mixed")]
+    cases += [GRID_PAIRS["D4-k3"], GRID_PAIRS["D4-k3-field"]]
+    for (rep_in, rep_out), dtype in zip(cases, itertools.cycle([torch.float32, torch.bfloat16, torch.float16])):
+        W = torch.randn(2, rep_out.dim, rep_in.dim, generator=gen).to(device=device, dtype=dtype)
+        P = plan_for(rep_in, rep_out, device, torch.float32)
+        c_perp, c_g = torch.tensor([1.0, 0.5]), torch.tensor([0.25, 0.0])
+        flat = list(W.unbind(0))
+        ep, eg, grads = kernels.fused_energies(flat, [P, P], c_perp, c_g)
+        flat = [w.cpu() for w in flat]
+        tol = 2e-5 if dtype == torch.float32 else 1e-2  # half precision: the gradient is stored in W's dtype
+        for k in range(2):
+            ref_p, ref_g = reference.energies(flat[k].double(), rep_in, rep_out)
+            PW = reference.project(flat[k].double(), rep_in, rep_out)
+            assert relative_error(ep[k].cpu(), ref_p) < 2e-5 and relative_error(eg[k].cpu(), ref_g) < 2e-5
+            want = 2 * float(c_perp[k]) * (flat[k].double() - PW) + 2 * float(c_g[k]) * PW
+            assert float((grads[k].cpu().double() - want).abs().max()) <= tol * float(want.abs().max())
+        # accumulate into given tensors in place (the decoupled step adds into the weight itself)
+        outs = [w.to(device).clone() for w in flat]
+        kernels.fused_energies([w.to(device) for w in flat[:1]], [P], c_perp[:1], c_g[:1], outs=outs[:1])
+        outs = [o.cpu() for o in outs]
+        ref = flat[0].double() + 2 * (flat[0].double() - reference.project(flat[0].double(), rep_in, rep_out)) \
+            + 0.5 * reference.project(flat[0].double(), rep_in, rep_out)
+        assert float((outs[0].double() - ref).abs().max()) <= (3e-5 if dtype == torch.float32 else 2e-2) * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
+def test_batched_non_contiguous_and_half_precision(backend, gen):
+    G = Dihedral(5)
+    rep_in, rep_out = 2 * G.regular() + G.standard(), 3 * G.regular()
+    base = torch.randn(2, 3, rep_in.dim, 2 * rep_out.dim, dtype=F64, generator=gen)
+    W = base[..., ::2].transpose(-1, -2)  # [2, 3, m, n], strided both ways
+    assert not W.is_contiguous()
+    ep, eg = equiproj.energies(W, rep_in, rep_out, backend=backend)
+    rp, rg = reference.energies(W, rep_in, rep_out)
+    assert ep.shape == (2, 3) and relative_error(ep, rp) < 1e-12 and relative_error(eg, rg) < 1e-12
+    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
+        Wh = W.to(dtype)
+        ep, eg = equiproj.energies(Wh, rep_in, rep_out, backend=backend)
+        rp, rg = reference.energies(Wh.double(), rep_in, rep_out)
+        assert ep.dtype == torch.float32
+        assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-5  # exact arithmetic on the rounded W
+        _, _, grad = equiproj.energies_and_grad(Wh, rep_in, rep_out, backend=backend)
+        want = 2 * (Wh.double() - reference.project(Wh.double(), rep_in, rep_out))
+        assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
+def test_nearly_equivariant_weights_keep_their_digits(backend, gen):
+    for rep_in, rep_out in (PAIRS["C16"], PAIRS["D5"], PAIRS["Oh-quotient"], GRID_PAIRS["C4-k3"],
+                            GRID_PAIRS["D4-k3-field"], GRID_PAIRS["Oh-k3-field"]):
+        W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+        Wn = nearly_equivariant(W, rep_in, rep_out, 1e-10, gen)
+        ep, eg = equiproj.energies(Wn, rep_in, rep_out, backend=backend)
+        rp, rg = reference.energies(Wn, rep_in, rep_out)
+        assert 1e-12 < float(rp / Wn.square().sum()) < 1e-8
+        assert relative_error(ep, rp) < 1e-6 and relative_error(eg, rg) < 1e-12
+
+
+def test_gradcheck_float64(gen):
+    for rep_in, rep_out in (PAIRS["C7"], PAIRS["D3"], PAIRS["D4-quotient"]):
+        for backend in ("torch",) + (("cpp",) if cpp_available() else ()):
+            W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen, requires_grad=True)
+            torch.autograd.gradcheck(lambda w: equiproj.energies(w, rep_in, rep_out, backend=backend), (W,))
+
+
+def test_projection_is_the_orbit_mean(pair, gen):
+    rep_in, rep_out = pair
+    W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+    PW = equiproj.project(W, rep_in, rep_out)
+    torch.testing.assert_close(PW, reference.project(W, rep_in, rep_out), atol=1e-12, rtol=0)
+    R = equiproj.project(W, rep_in, rep_out, which="non_equivariant")
+    torch.testing.assert_close(R, W - PW, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
+def test_accumulate_into_grad_and_into_the_weight(backend, gen):
+    rep_in, rep_out = PAIRS["C8"]
+    W = torch.randn(rep_out.dim, rep_in.dim, generator=gen)
+    P = plan_for(rep_in, rep_out, "cpu")
+    grad = torch.randn_like(W)
+    expected = grad.double() + 2 * 0.5 * (W.double() - reference.project(W.double(), rep_in, rep_out))
+    equiproj.ops.fused_energies_and_grads([W], [P], [0.5], [0.0], outs=[grad]) if backend == "cpp" else None
+    if backend == "torch":
+        _, _, (g,) = torch_fused_energies([W], [plan_for(rep_in, rep_out, "cpu", torch.float32)],
+                                          torch.tensor([0.5]), torch.tensor([0.0]))
+        grad += g
+    torch.testing.assert_close(grad.double(), expected, atol=1e-5, rtol=1e-5)
+    # the decoupled step: W <- W - rate (W - P W), the op adding into W itself
+    if backend == "cpp":
+        rate = 0.1
+        want = W.double() - rate * (W.double() - reference.project(W.double(), rep_in, rep_out))
+        equiproj.ops.fused_energies_and_grads([W], [P], [-rate / 2], [0.0], outs=[W])
+        torch.testing.assert_close(W.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpp
+def test_penalty_backward_and_decay_on_grid_convolutions(seed):
+    G = Dihedral(4)
+    hidden = 2 * G.regular()
+    conv = equiproj.nn.declare(nn.Conv2d(hidden.dim, hidden.dim, 3, bias=False), hidden, hidden)
+    model = nn.Sequential(conv)
+    penalty = equiproj.nn.ProjectionPenalty(model, lambda_perp=0.5)
+    W = conv.weight.detach().clone()
+    rep_in = hidden @ kernel_rep(G, (3, 3))
+    Wm = W.double().reshape(W.shape[0], -1)
+    PW = reference.project(Wm, rep_in, hidden).reshape(W.shape)
+    conv.weight.grad = torch.ones_like(W)
+    penalty.backward()
+    torch.testing.assert_close(conv.weight.grad.double(), 1 + 2 * 0.5 * (W.double() - PW), atol=1e-5, rtol=1e-5)
+    penalty.decay_(0.25)
+    torch.testing.assert_close(conv.weight.detach().double(), W.double() - 0.25 * (W.double() - PW), atol=1e-5, rtol=1e-5)
+
+
+def test_grid_field_is_the_grid_in_flatten_order():
+    for G, k in ((Cyclic(4), (5, 5)), (Dihedral(4), (3, 3)), (FullOctahedral(), (3, 3, 3))):
+        whole, split = kernel_rep(G, k, orbits=False), kernel_rep(G, k)
+        assert whole.perm is None and len(whole.segments) == 1 and whole.segments[0][0] == 1
+        g = G.elements()
+        torch.testing.assert_close(whole.matrix(g), split.matrix(g), atol=0, rtol=0)  # the same representation
+        rep_in = 3 * G.regular() @ whole
+        assert rep_in.perm is None or torch.equal(rep_in.perm, torch.arange(rep_in.dim))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
+def test_declared_grid_convolutions_read_the_weight_in_place(backend, gen):
+    """declare() on permutation fields: one orbit pair per field-pair type, no permutation of W, and
+    energies and gradients of batched, strided and half-precision weights against the reference."""
+    for G, k, conv in ((Cyclic(4), (5, 5), nn.Conv2d), (Dihedral(4), (3, 3), nn.Conv2d)):
+        rep_in, rep_out = 3 * G.regular(), 2 * G.regular() + G.trivial()
+        decl = equiproj.nn.declaration(equiproj.nn.declare(conv(rep_in.dim, rep_out.dim, k, bias=False), rep_in, rep_out))
+        P = plan_for(decl.weight_rep_in, decl.rep_out, "cpu")
+        assert P.identity_perm and all(r.orbits for r in P.rows() if r.d_out > 1)
+        ref_in = rep_in @ kernel_rep(G, k)  # the same rep through the grid's orbits
+        base = torch.randn(2, decl.weight_rep_in.dim, 2 * rep_out.dim, dtype=F64, generator=gen)
+        W = base[..., ::2].transpose(-1, -2)  # [2, m, n], strided
+        ep, eg = equiproj.energies(W, decl.weight_rep_in, decl.rep_out, backend=backend)
+        rp, rg = reference.energies(W, ref_in, rep_out)
+        assert relative_error(ep, rp) < 1e-12 and relative_error(eg, rg) < 1e-12
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
+            Wh = W.to(dtype)
+            _, _, grad = equiproj.energies_and_grad(Wh, decl.weight_rep_in, decl.rep_out, backend=backend)
+            want = 2 * (Wh.double() - reference.project(Wh.double(), ref_in, rep_out))
+            assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+
+
+def test_large_grid_fields_keep_the_grid_orbits():
+    Oh = FullOctahedral()
+    decl = equiproj.nn.declaration(equiproj.nn.declare(nn.Conv3d(48, 48, 3, bias=False), Oh.regular(), Oh.regular()))
+    assert len(decl.weight_rep_in.segments) > 1  # one field per orbit of the 27 points: tiles stay small
+
+
+@needs_cpp
+def test_octahedral_conv3d_grid(seed):
+    Oh = FullOctahedral()
+    conv = equiproj.nn.declare(nn.Conv3d(48, 48, 3, bias=False), Oh.regular(), Oh.regular())
+    penalty = equiproj.nn.ProjectionPenalty(nn.Sequential(conv), lambda_perp=1.0)
+    W = conv.weight.detach().double().reshape(48, -1)
+    rep_in = Oh.regular() @ kernel_rep(Oh, (3, 3, 3))
+    ref_p, _ = reference.energies(W, rep_in, Oh.regular())
+    assert relative_error(penalty().detach(), ref_p) < 1e-5
+
+
+# ---- large regular representations -----------------------------------------------------------------
+def test_regular_reps_are_built_without_dense_matrices():
+    for G in (Cyclic(65536), Dihedral(65536)):
+        rep = G.regular()
+        (c, f), = rep.segments
+        assert rep.dim == G.order and f.permutation.regular
+        assert f._slots is None and f._Q is None  # nothing of size |G| x |G|, not even the slots
+        gens = f.permutation.generator_table()
+        assert gens.shape == (len(G.generators()), G.order)
+        assert torch.equal(gens.sort(1).values, torch.arange(G.order).expand_as(gens))
+
+
+def test_permutation_reps_are_index_tables():
+    Oh = FullOctahedral()
+    pts = torch.tensor(list(itertools.product(range(16), repeat=3)), dtype=F64) - 7.5
+    rep = Rep.permutation(Oh, points=pts)  # 4096 points
+    (c, f), = rep.segments
+    assert f._Q is None and f.permutation.element_table().shape == (48, 4096)
+    assert sum(s.dim for s in f.slots) == 4096 and f._Q is None  # multiplicities from the characters
+    g = Oh.elements()[[5, 17]]
+    moved = torch.einsum("gij,nj->gni", g, pts)
+    sigma = f.permutation.sigma(g)
+    torch.testing.assert_close(pts[sigma], moved)
+    with pytest.raises(ValueError, match="onto themselves"):
+        Rep.permutation(Oh, points=pts[:-1])
+
+
+def test_quotient_decomposition_on_demand(gen):
+    """A permutation field's Q is derived when a pair with an irreps field needs it, in the order of its slots."""
+    O = Octahedral()
+    faces = Rep.permutation(O, points=_face_centres())
+    f = faces.segments[0][1]
+    g = O.sample(5, generator=gen)
+    from equiproj.groups._decompose import block_diag_irreps
+    torch.testing.assert_close(f.Q @ block_diag_irreps(f.slots, g) @ f.Q.T, f.matrix(g), atol=1e-10, rtol=0)
+    rep_in, rep_out = faces + O.standard(), 2 * faces
+    W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+    assert relative_error(equiproj.energies(W, rep_in, rep_out)[0], reference.energies(W, rep_in, rep_out)[0]) < 1e-12
+
+
+def _cyclic_oracle(W: torch.Tensor, N: int):
+    """E_perp, E_G of a C_N regular x regular weight from its wrapped diagonals: orbit k is the
+    entries (a, (a + k) mod N), whose sum is diagonal k plus diagonal k - N."""
+    W = W.double()
+    sums = torch.stack([W.diagonal(k).sum() + (W.diagonal(k - N).sum() if k else 0) for k in range(N)])
+    e_g = sums.square().sum() / N
+    means = sums / N
+    e_perp = sum(((W.diagonal(k) - means[k]).square().sum()
+                  + ((W.diagonal(k - N) - means[k]).square().sum() if k else 0)) for k in range(N))
+    return e_perp, e_g
+
+
+@needs_cpp
+def test_c4096_regular_layer(gen):
+    N = 4096
+    r = Cyclic(N).regular()
+    P = plan_for(r, r, "cpu")
+    W = torch.randn(N, N, generator=gen)
+    assert P.basis.numel() == 0 and P.meta.numel() * 8 < 0.01 * W.numel() * 4  # the plan is a row
+    assert all(t.numel() < N * N for t in (P.meta, P.basis, P.perm_out, P.perm_in))
+    ep, eg = equiproj.energies(W, r, r, backend="cpp")
+    rp, rg = _cyclic_oracle(W, N)
+    assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-5
+    sl = W[:64, :64].clone()  # a small slice: the same closed form against the element average of C_64
+    r64 = Cyclic(64).regular()
+    assert relative_error(_cyclic_oracle(sl, 64)[0], reference.energies(sl.double(), r64, r64)[0]) < 1e-10
+
+
+def test_orbit_tables_have_a_size_limit():
+    assert MAX_ORBIT_TABLE <= 2**24  # exact in a float32 basis
+    G = Cyclic(7)
+    angles = 2 * math.pi * torch.arange(7, dtype=F64) / 7
+    rep = Rep.permutation(G, points=torch.stack([torch.cos(angles), torch.sin(angles)], 1))
+    K, form, data = orbit_pair(rep.segments[0][1], rep.segments[0][1])
+    assert K == 7 and form == OrbitForm.TABLE and data.numel() == 49 + 7  # a table: not flagged as the regular rep
+
+
+def test_energy_breakdown_with_permutation_fields(gen):
+    rep_in, rep_out = PAIRS["D3-mixed"]
+    W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+    parts = equiproj.energy_breakdown(W, rep_in, rep_out)
+    assert abs(sum(float(v.sum()) for v in parts.values()) - float(reference.energies(W, rep_in, rep_out)[0])) < 1e-9
+    assert block_plan(rep_in, rep_out).packed_cpu.meta.shape[1] == 10
