@@ -196,6 +196,7 @@ def clear_caches() -> None:
 
     Example::
 
+        >>> import equiproj
         >>> equiproj.clear_caches()
     """
     for cache in list(_CACHES):

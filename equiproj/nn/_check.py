@@ -560,7 +560,16 @@ def equivariance_sweep(model: nn.Module, rep_in, rep_out, x: torch.Tensor, angle
 
     Example::
 
-        >>> rows = equivariance_sweep(model, rep_in, rep_out, images)   # C8: 0, 45, ..., 315 degrees
+        >>> import torch, equiproj
+        >>> from equiproj.nn import declare, equivariance_sweep, project_
+        >>> G = equiproj.Cyclic(8)
+        >>> conv = declare(torch.nn.Conv2d(1, 1, 5, padding=2), G.trivial(), G.trivial())   # steerable space
+        >>> model = project_(torch.nn.Sequential(conv))
+        >>> rows = equivariance_sweep(model, G.trivial(), G.trivial(), torch.randn(2, 1, 15, 15), file=False)
+        >>> [a for a, _, _ in rows]                  # C8: every 45 degrees
+        [0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0]
+        >>> rows[2][1] < 1e-5 < rows[1][1]           # exact at 90 degrees; 45 degrees includes resampling
+        True
     """
     rep_in = as_rep(rep_in, "rep_in")
     group = rep_in.group

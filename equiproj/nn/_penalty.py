@@ -269,8 +269,9 @@ class ProjectionPenalty:
 
         Every kind takes its one-pass route with the weights themselves as outputs: matrix-form
         layers one fused call that reads each weight and writes it back, with no copy of the
-        parameters; kernel spaces and translations their kind's one pass. Each parameter is stepped
-        once, also when layers share it. FSDP2 shards are gathered, stepped and scattered back, and
+        parameters; kernel spaces and translations their kind's one pass. A parameter shared by
+        several layers (tied weights) is stepped once with the sum of their steps, each computed on
+        the weight before the step, as autograd of the summed penalty would give. FSDP2 shards are gathered, stepped and scattered back, and
         parameters that cannot be written through a view (non-contiguous) step through their
         projection.
         """
@@ -280,9 +281,13 @@ class ProjectionPenalty:
         prog = self._follow_model()
         with no_autocast(prog.device):
             stepped: set = set()
+            # the later uses of tied parameters: their steps from the weights before any write
+            later = [(g, g.decay_steps(rate, rate_G)) for g in prog.groups if not g.decays]
             for g in prog.groups:
                 if g.decays:
                     stepped |= g.decay_(rate, rate_G)
+            for g, steps in later:
+                g.add_to_params_(steps)
             if len(stepped) == prog.num_params and not prog.slow:
                 return
             for name, m, d in self.layers:

@@ -18,8 +18,9 @@ matrix form is a copy are read again at each call. The penalty
 rebuilds it when either changed or a layer was declared, re-declared or undeclared.
 
 A parameter used by several terms (tied weights) is written by one term per call: its first use
-goes with the others, each later use in a group of its own (the gradients add up, and a
-decoupled step is taken once per parameter).
+goes with the others, each later use in a group of its own (the gradients add up; for the
+decoupled step the later uses' steps are computed before the first use writes, then added, so a
+tied parameter takes one step with the sum).
 """
 
 from __future__ import annotations
@@ -107,6 +108,19 @@ class TermGroup:
             self.kind.one_pass([self.terms[k] for k in ks], [-rate / 2] * len(ks), [-rate_G / 2] * len(ks),
                                [views[k] for k in ks])
         return {id(self.terms[k].param) for k in ks}
+
+
+    def decay_steps(self, rate: float, rate_G: float) -> list:
+        """The decoupled steps ``-rate (W - P W) - rate_G P W`` of these terms in fresh tensors, written nowhere."""
+        n = len(self.terms)
+        return self.kind.one_pass(self.terms, [-rate / 2] * n, [-rate_G / 2] * n, None)[2]
+
+    def add_to_params_(self, steps: list) -> None:
+        """Add ``steps`` (from :meth:`decay_steps`) to the parameters in place."""
+        with torch.no_grad():
+            for t, step in zip(self.terms, steps):
+                # the weight form is the parameter's elements in order (a view where it is contiguous)
+                t.param.detach().add_(step.reshape(t.param.shape).to(t.param.dtype))
 
 
 class FusedMatrices(TermGroup):

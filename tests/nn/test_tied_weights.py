@@ -6,7 +6,6 @@ two gradients. The decoupled step ``decay_`` must agree: one step of the tied we
 one step per declaration, each seeing the weight the previous one left.
 """
 
-import pytest
 import torch
 from torch import nn
 
@@ -20,8 +19,6 @@ def tied_model(r):
     return nn.Sequential(declare(a, r, r), nn.Tanh(), declare(b, r, r)).double()
 
 
-@pytest.mark.xfail(reason="decay_ steps a tied weight once per declaration, each step on the weight the previous "
-                          "one left: (1 - rate)^2 instead of 1 - 2 rate on the non-equivariant part", strict=True)
 def test_decay_steps_a_tied_weight_once_with_the_sum(seed):
     G = ep.Cyclic(4)
     r = 2 * G.regular()
