@@ -32,7 +32,7 @@ import torch
 
 from . import ops
 from ._plan import BlockPlan, block_plan, plan_for
-from .groups import Rep, check_rep_pair
+from .groups import Rep, as_rep_pair, check_rep_pair
 from .kernels import torch_project
 from .kernels.inputs import autocast_off
 
@@ -95,6 +95,7 @@ def energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto
         >>> r = equiproj.Rep.parse(G, "4x0 + 2x1")
         >>> e_perp, e_g = equiproj.energies(torch.randn(10, 10), r, r)
     """
+    rep_in, rep_out = as_rep_pair(rep_in, rep_out)
     check_arguments(W, rep_in, rep_out)
     (e_perp,), (e_g,) = ops.backend_for(backend, W).energies([W], [(rep_in, rep_out)])
     _check_finite([W], e_perp, e_g)
@@ -137,6 +138,7 @@ def project(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str = "equivar
     ``which="non_equivariant"`` returns ``W - P(W)``, computed in residual form (accurate when W is
     nearly equivariant). Differentiable. (``complement=True`` is the deprecated spelling of
     ``which="non_equivariant"``.)"""
+    rep_in, rep_out = as_rep_pair(rep_in, rep_out)
     if complement is not None:
         warnings.warn("project(..., complement=...) is deprecated: use which='non_equivariant' (or 'equivariant')",
                       DeprecationWarning, stacklevel=2)
@@ -160,6 +162,7 @@ def energy_breakdown(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str =
         >>> sorted(f"{a}<-{b}" for a, b in parts)[:2]
         ['0e<-0e', '0e<-1o']
     """
+    rep_in, rep_out = as_rep_pair(rep_in, rep_out)
     _check_which(which)
     X = project(W, rep_in, rep_out, which=which)
     X = X.to(ops.accumulation_dtype(W.dtype))
@@ -223,6 +226,7 @@ def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp
         >>> W = torch.randn(10, 10)
         >>> e_perp, e_g, grad = equiproj.energies_and_grad(W, r, r, lambda_perp=1e-2)
     """
+    rep_in, rep_out = as_rep_pair(rep_in, rep_out)
     check_arguments(W, rep_in, rep_out)
     b = ops.backend_for(backend, W)
     cp, cg = ops.as_coefficient(lambda_perp, W, "lambda_perp"), ops.as_coefficient(lambda_G, W, "lambda_G")
@@ -285,6 +289,7 @@ def energies_many(weights, reps, *, backend: str = "auto") -> tuple[torch.Tensor
     ``equiproj::fused_energies`` (a constant number of kernel launches for any L); its backward
     is one more call.
     """
+    reps = [as_rep_pair(*p) if isinstance(p, (tuple, list)) and len(p) == 2 else p for p in reps]
     weights, reps = list(weights), list(reps)
     if len(weights) != len(reps):
         raise ValueError(f"got {len(weights)} weights but {len(reps)} rep pairs")
@@ -310,6 +315,7 @@ def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: st
         ``(E_perp, E_G, grads)``: ``[L]`` each (float32; float64 if every weight is float64) and L
         gradients shaped like the weights.
     """
+    reps = [as_rep_pair(*p) if isinstance(p, (tuple, list)) and len(p) == 2 else p for p in reps]
     weights, reps = list(weights), list(reps)
     lambda_perp, lambda_G = list(lambda_perp), list(lambda_G)
     if not (len(weights) == len(reps) == len(lambda_perp) == len(lambda_G)):

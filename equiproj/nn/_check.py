@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from .. import grid as _grid
-from ..groups import Group, Rep, check_rep_pair
+from ..groups import Group, Rep, as_rep_pair, check_rep_pair
 from ._declare import declaration, unwrap
-from ._fields import as_rep
 
 __all__ = ["check_equivariance", "EquivarianceCheck"]
 
@@ -197,7 +196,7 @@ def check_equivariance(model: nn.Module, rep_in, rep_out, x: torch.Tensor, *, el
         >>> result = check_equivariance(model, 3 * G.trivial(), G.trivial(), images)
         >>> result.max_rel_error, result.first_failure
     """
-    rep_in, rep_out = as_rep(rep_in, "rep_in"), as_rep(rep_out, "rep_out")
+    rep_in, rep_out = as_rep_pair(rep_in, rep_out)
     check_rep_pair(rep_in, rep_out)
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != rep_in.dim:
         raise ValueError(f"x must be a batch [B, {rep_in.dim}] or [B, {rep_in.dim}, *spatial] (channels carry rep_in), "
