@@ -275,6 +275,11 @@ def rep_from_escnn(field_type) -> Rep:
         from escnn import nn as escnn_nn  # noqa: PLC0415 - the optional dependency, present since its object was passed
 
         field_type = escnn_nn.FieldType(default_escnn_gspace(field_type.group), [field_type])
+    if getattr(getattr(field_type, "gspace", None), "dimensionality", None) == 0:
+        # no base space (escnn's Linear): the group's elements read as in its default gspace
+        from escnn import nn as escnn_nn  # noqa: PLC0415
+
+        field_type = escnn_nn.FieldType(default_escnn_gspace(field_type.gspace.fibergroup), field_type.representations)
     gspace = getattr(field_type, "gspace", None)
     reps = getattr(field_type, "representations", None)
     if gspace is None or reps is None:
