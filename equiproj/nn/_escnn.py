@@ -26,9 +26,9 @@ from torch import nn
 from ..groups import Rep, as_rep
 from ..kernel_spaces import escnn_conv_to_torch
 from ..kernel_spaces import from_escnn as _conv_space
-from ._blocks import FieldBatchNorm, GridPool, GroupPooling, NormActivation, NormPooling, PointwiseActivation
+from ._blocks import GridPool, GroupPooling, NormActivation, NormPooling, PointwiseActivation
 from ._declare import declare
-from ._escnn_blocks import AntialiasedAvgPool2d, FieldDropout, GatedFields, IIDBatchNorm, NormBatchNorm
+from ._escnn_blocks import AntialiasedAvgPool2d, FieldDropout, GatedFields, IIDBatchNorm, InnerBatchNorm, NormBatchNorm
 
 __all__ = ["from_escnn", "to_escnn", "ESCNN_MODULES"]
 
@@ -155,58 +155,21 @@ def _check_stats(m):
 
 def _inner_batchnorm(m, bias: bool):
     _check_stats(m)
-    rep = _rep(m.in_type)
-    out = FieldBatchNorm(rep, eps=float(m.eps), momentum=float(m.momentum),
-                         affine=bool(m.affine))
+    groups = [(s, _full_index(m, f"indices_{s}", s)) for s in m._contiguous]
+    out = InnerBatchNorm(_rep(m.in_type), groups, m.eps, m.momentum, m.affine)
     _copy_inner_batchnorm(m, out, to_escnn=False)
     return out
 
 
-def _inner_norms(m):
-    """escnn's InnerBatchNorm keeps one ``nn.BatchNorm3d`` per field size (``batch_norm_[s]``), over the fields
-    of that size in channel order; per field copy: ``(size group, position in it)``."""
-    sizes = [r.size for r in m.in_type.representations]
-    seen: dict[int, int] = {}
-    where = []
-    for s in sizes:
-        where.append((s, seen.get(s, 0)))
-        seen[s] = seen.get(s, 0) + 1
-    return where
-
-
-def _copy_inner_batchnorm(m, out: FieldBatchNorm, to_escnn: bool):
-    """Statistics and affine parameters between escnn's InnerBatchNorm and FieldBatchNorm (whose bias is the
-    coefficient of the field's unit invariant vector ``U``: escnn's constant bias ``b`` is ``b U^T 1``)."""
-    where = _inner_norms(m)
-    copies = out._layout.copies
-    k_of, j_of = [], []
-    for k, c in enumerate(copies):
-        k_of += [k] * c
-        j_of += list(range(c))
-    ob = 0
-    for f, (s, pos) in enumerate(where):
-        bn = getattr(m, f"batch_norm_[{s}]")
-        k, j = k_of[f], j_of[f]
-        U = out._bases[k]
-        if U.shape[1] != 1:
-            raise NotImplementedError("escnn's InnerBatchNorm on a field with several invariant vectors")
-        ones_coef = float(U.sum(0)[0])  # U^T 1
-        rm, rv = getattr(out, f"running_mean_{k}"), getattr(out, f"running_var_{k}")
-        with torch.no_grad():
-            if to_escnn:
-                bn.running_mean[pos] = rm[j].mean()
-                bn.running_var[pos] = rv[j]
-                if out.weight is not None:
-                    bn.weight[pos] = out.weight[f]
-                    bn.bias[pos] = out.bias[ob + j] * float(U[0, 0])
-            else:
-                rm[j] = bn.running_mean[pos]
-                rv[j] = bn.running_var[pos]
-                if out.weight is not None:
-                    out.weight[f] = bn.weight[pos]
-                    out.bias[ob + j] = bn.bias[pos] * ones_coef
-        if j == copies[k] - 1:
-            ob += copies[k] * U.shape[1]
+def _copy_inner_batchnorm(m, out, to_escnn: bool):
+    """escnn keeps one ``nn.BatchNorm`` per field size (``batch_norm_[s]``): its buffers and parameters."""
+    with torch.no_grad():
+        for k, s in enumerate(m._contiguous):
+            bn = getattr(m, f"batch_norm_[{s}]")
+            for name in ("running_mean", "running_var", "weight", "bias"):
+                e, q = getattr(bn, name, None), getattr(out, f"{name}_{k}", None)
+                if e is not None and q is not None:
+                    (e.copy_(q) if to_escnn else q.copy_(e))
 
 
 def _norm_batchnorm(m, bias: bool):
@@ -377,7 +340,7 @@ def from_escnn(module, *, bias: bool = True) -> nn.Module:
     types and the kernel space whose equivariant kernels are the span of its basis; ``Linear`` a
     declared ``nn.Linear``; nonlinearities, poolings, batch norms and dropouts the equiproj block
     that computes the same (:class:`NormActivation` with ``b = -exp(log_bias)``, :class:`GroupPooling`,
-    :class:`NormPooling`, :class:`GridPool`, :class:`FieldBatchNorm` for ``InnerBatchNorm``, ...,
+    :class:`NormPooling`, :class:`GridPool`, ...,
     parameters and running statistics copied); ``SequentialModule`` an ``nn.Sequential`` with the same
     child names. Modules without a counterpart raise ``NotImplementedError`` naming them and what to do.
     The escnn model is left as it is (train/eval mode included); the result has its mode.
@@ -392,6 +355,9 @@ def from_escnn(module, *, bias: bool = True) -> nn.Module:
     if not isinstance(module, nn.Module) or type(module).__module__.split(".")[0] != "escnn":
         raise TypeError(f"from_escnn takes an escnn module (R2Conv, SequentialModule, ...), got {type(module).__name__}")
     out = _convert(module, bias, "")
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        out.to(dtype)  # the blocks' statistics and parameters in the escnn model's dtype
     out.train(module.training)
     _SOURCES[out] = module
     return out

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..groups import Rep
 
-__all__ = ["GatedFields", "NormBatchNorm", "IIDBatchNorm", "AntialiasedAvgPool2d", "FieldDropout"]
+__all__ = ["GatedFields", "InnerBatchNorm", "NormBatchNorm", "IIDBatchNorm", "AntialiasedAvgPool2d", "FieldDropout"]
 
 
 def _view_fields(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -56,6 +56,38 @@ class GatedFields(nn.Module):
             n = fields.shape[1]
             out[:, getattr(self, f"out_index_{k}")] = (fields * gates[:, g0:g0 + n, None]).flatten(1, 2)
             g0 += n
+        return out
+
+
+class InnerBatchNorm(nn.Module):
+    """escnn's ``InnerBatchNorm`` (permutation fields): ``nn.BatchNorm`` with one mean, variance, weight and
+    bias per field copy, shared by the copy's channels; the running variance is Bessel-corrected as in
+    ``nn.BatchNorm`` (equiproj's :class:`FieldBatchNorm` keeps the uncorrected one). Fields grouped by
+    size in escnn's order."""
+
+    def __init__(self, rep: Rep, groups, eps: float, momentum: float, affine: bool):
+        super().__init__()
+        self.rep_in = self.rep_out = rep
+        self.eps, self.momentum, self.affine = float(eps), float(momentum), affine
+        self.sizes = [int(s) for s, _ in groups]
+        for k, (s, idx) in enumerate(groups):
+            n = idx.numel() // int(s)
+            self.register_buffer(f"index_{k}", idx.long())
+            self.register_buffer(f"running_mean_{k}", torch.zeros(n))
+            self.register_buffer(f"running_var_{k}", torch.ones(n))
+            if affine:
+                self.register_parameter(f"weight_{k}", nn.Parameter(torch.ones(n)))
+                self.register_parameter(f"bias_{k}", nn.Parameter(torch.zeros(n)))
+
+    def forward(self, x):
+        out = torch.empty_like(x)
+        for k, s in enumerate(self.sizes):
+            idx = getattr(self, f"index_{k}")
+            fields = _view_fields(x, idx, s)
+            y = F.batch_norm(fields.reshape(fields.shape[0], fields.shape[1], -1), getattr(self, f"running_mean_{k}"),
+                             getattr(self, f"running_var_{k}"), getattr(self, f"weight_{k}", None),
+                             getattr(self, f"bias_{k}", None), self.training, self.momentum, self.eps)
+            out[:, idx] = y.reshape(fields.shape).flatten(1, 2)
         return out
 
 
