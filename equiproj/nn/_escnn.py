@@ -386,7 +386,9 @@ def _write_expansion(src, dst, residuals: dict, path: str) -> None:
     """A plain conv/linear's weight and bias as escnn coefficients of ``dst`` (least squares in its basis)."""
     with torch.no_grad():
         B = _basis_matrix(dst.basisexpansion, int(dst.weights.numel()))
-        c, residuals[path or "."] = _lstsq(B, src.weight)
+        # escnn's transposed convs expand to [c_out, c_in, ...] and hand torch the transpose
+        weight = src.weight.transpose(0, 1) if "Transposed" in type(dst).__name__ else src.weight
+        c, residuals[path or "."] = _lstsq(B, weight)
         dst.weights.copy_(c.to(dst.weights.dtype))
         if dst.bias is not None and src.bias is not None:
             cb, residuals[(path or ".") + " bias"] = _lstsq(dst.bias_expansion.double().cpu(), src.bias)

@@ -43,7 +43,7 @@ def _d4(gen):
     model = enn.SequentialModule(
         enn.R2Conv(t0, t1, 3, padding=1), enn.IIDBatchNorm2d(t1), enn.PointwiseNonLinearity(t1, "p_elu"),
         enn.PointwiseAvgPool2D(t1, 3, 2, 1), enn.R2Conv(t1, t2, 3), enn.PointwiseNonLinearity(t2, "p_sigmoid"),
-        enn.GroupPooling(t2))
+        enn.R2ConvTransposed(t2, t2, 3), enn.GroupPooling(t2))
     return model, t0, (2, 11, 11)
 
 
@@ -79,7 +79,8 @@ def _so3(gen):
     model = enn.SequentialModule(
         enn.R3Conv(t0, t1, 3, padding=1), enn.IIDBatchNorm3d(t1), enn.GatedNonLinearity1(t1, gates=gates),
         enn.R3Conv(t2, t2, 3, padding=1), enn.NormNonLinearity(t2, "n_softplus"), enn.PointwiseAvgPool3D(t2, 3, 2, 1),
-        enn.NormPool(t2))
+        enn.R3ConvTransposed(t2, t2, 3, padding=1), enn.NormPool(t2),
+        enn.PointwiseMaxPool3D(enn.FieldType(gs, 2 * [gs.trivial_repr]), 2))
     return model, t0, (2, 7, 7, 7)
 
 
@@ -137,7 +138,7 @@ def test_converted_model_computes_what_escnn_computes(name, gen, seed):
     assert float(want.std()) > 1e-3  # a model whose output is constant would compare nothing
 
 
-@pytest.mark.parametrize("name", ["c8_regular", "so2_irreps", "so3_r3conv", "so2_linear"])
+@pytest.mark.parametrize("name", ["c8_regular", "d4_regular", "so2_irreps", "so3_r3conv", "so2_linear"])
 def test_round_trip_after_training_and_projection(name, gen, seed):
     """escnn -> equiproj -> a few training steps (leaving escnn's basis) -> project_ -> escnn: the escnn model
     computes what the projected equiproj model computes."""
@@ -145,7 +146,11 @@ def test_round_trip_after_training_and_projection(name, gen, seed):
     plain = equiproj.nn.from_escnn(model)
     x = torch.randn((8, t_in.size) + shape[1:], generator=gen)
     penalty = equiproj.nn.ProjectionPenalty(plain, lambda_perp=1e-3)
-    opt = torch.optim.SGD(plain.parameters(), lr=1e-2)
+    # transposed convolutions cannot be declared (the penalty and project_ do not see them): kept fixed here,
+    # they stay in escnn's basis; trained, to_escnn would warn about them
+    trained = [p for m in plain.modules() if not isinstance(m, torch.nn.modules.conv._ConvTransposeNd)
+               for p in m.parameters(recurse=False)]
+    opt = torch.optim.SGD(trained, lr=1e-2)
     for _ in range(3):
         loss = plain(x).square().mean() + penalty()
         opt.zero_grad()
