@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import warnings
 import weakref
 
@@ -51,16 +50,6 @@ def _full_index(m, name: str, key) -> torch.Tensor:
     idx = getattr(m, name)
     idx = torch.as_tensor(idx, dtype=torch.long)
     return torch.arange(int(idx[0]), int(idx[1])) if m._contiguous[key] else idx.clone()
-
-
-def _fields_by_size(field_type) -> list[tuple[int, torch.Tensor]]:
-    """``[(size, channel indices)]`` grouped by field size in order of first appearance."""
-    groups: dict[int, list[int]] = {}
-    p = 0
-    for r in field_type.representations:
-        groups.setdefault(r.size, []).extend(range(p, p + r.size))
-        p += r.size
-    return [(s, torch.tensor(i, dtype=torch.long)) for s, i in groups.items()]
 
 
 # ---- converters: escnn module -> plain module ------------------------------------------------------

@@ -217,3 +217,13 @@ def test_escnn_types_are_reps_everywhere(gen):
     for gspace, group in ((gspaces.octaOnR3(), equiproj.Octahedral()), (gspaces.fullOctaOnR3(), equiproj.FullOctahedral())):
         r = equiproj.Rep.from_escnn(enn.FieldType(gspace, [gspace.trivial_repr, gspace.regular_repr]))
         assert r.group == group and r.dim == 1 + group.order
+
+
+def test_check_equivariance_reads_escnn_types_on_a_converted_model(gen):
+    """check_equivariance takes escnn field types and follows the converted blocks (their rep_in/rep_out):
+    the converted C8 model is equivariant under the grid's 90-degree rotations."""
+    model, t_in, shape = MODELS["c8_regular"](gen)
+    plain = equiproj.nn.from_escnn(model).eval()
+    x = torch.randn((4, t_in.size) + shape[1:], generator=gen)
+    result = equiproj.nn.check_equivariance(plain, t_in, model.out_type, x)
+    assert result.max_rel_error < 1e-5, result
