@@ -27,7 +27,7 @@ from ..kernel_spaces import escnn_conv_to_torch
 from ..kernel_spaces import from_escnn as _conv_space
 from ._blocks import GridPool, GroupPooling, NormActivation, NormPooling, PointwiseActivation
 from ._declare import declare
-from ._escnn_blocks import AntialiasedAvgPool2d, FieldDropout, GatedFields, IIDBatchNorm, InnerBatchNorm, NormBatchNorm
+from ._escnn_blocks import AntialiasedAvgPool2d, FieldBranches, FieldDropout, GatedFields, IIDBatchNorm, InnerBatchNorm, NormBatchNorm
 
 __all__ = ["from_escnn", "to_escnn", "ESCNN_MODULES"]
 
@@ -251,6 +251,21 @@ def _sequential(m, bias: bool, path: str = ""):
     return out
 
 
+def _multiple(m, bias: bool, path: str = ""):
+    if m.branching.reshuffle_layer is not None:
+        raise NotImplementedError("escnn's MultipleModule with reshuffle > 0: build it with reshuffle=0 (the default)")
+    index, branches = [], []
+    for i, labels in enumerate(m.merging._labels):
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        if len(labels) != 1:
+            raise NotImplementedError(f"escnn's MultipleModule: its branch {i} takes {len(labels)} labelled inputs "
+                                      f"({labels}); equiproj converts branches of one input")
+        child = getattr(m.merging, f"submodule_{i}")
+        index.append(_full_index(m.branching, f"indices_{labels[0]}", labels[0]))
+        branches.append(_convert(child, bias, f"{path}.merging.submodule_{i}" if path else f"merging.submodule_{i}"))
+    return FieldBranches(_rep(m.in_type), _rep(m.out_type), index, branches)
+
+
 #: escnn class name -> converter; the table docs/interop.md lists
 _CONVERTERS = {
     "R2Conv": _conv, "R3Conv": _conv, "R2ConvTransposed": _conv_transposed, "R3ConvTransposed": _conv_transposed,
@@ -264,7 +279,7 @@ _CONVERTERS = {
     "PointwiseAvgPool2D": _grid_pool("avg", 2), "PointwiseAvgPool3D": _grid_pool("avg", 3),
     "PointwiseAvgPoolAntialiased2D": _antialiased_pool,
     "PointwiseDropout": _pointwise_dropout, "FieldDropout": _field_dropout,
-    "IdentityModule": _identity, "SequentialModule": _sequential,
+    "IdentityModule": _identity, "SequentialModule": _sequential, "MultipleModule": _multiple,
 }
 
 #: escnn modules refused, and what to do instead
@@ -273,8 +288,6 @@ _REFUSED = {
                       "escnn model, or equiproj.nn.FieldBatchNorm in the converted one",
     "GatedNonLinearity2": "it takes two tensors (gates, gated); build the model with GatedNonLinearity1",
     "TensorProductModule": "its learned tensor product has no plain-layer form in equiproj; keep that part in escnn",
-    "MultipleModule": "its branching by labels has no torch container; convert each branch with from_escnn and "
-                      "concatenate the outputs in your forward",
     "BranchingModule": "convert each branch with from_escnn", "MergeModule": "convert each branch with from_escnn",
     "R3IcoConv": "the icosahedral group has no equiproj counterpart",
     "R3IcoConvTransposed": "the icosahedral group has no equiproj counterpart",
@@ -311,7 +324,8 @@ ESCNN_MODULES = {**{k: "converted" for k in _CONVERTERS}, **{k: "refused: " + v 
 def _convert(m, bias: bool, path: str) -> nn.Module:
     name = type(m).__name__
     if name in _CONVERTERS:
-        out = _sequential(m, bias, path) if name == "SequentialModule" else _CONVERTERS[name](m, bias)
+        container = name in ("SequentialModule", "MultipleModule")  # their children take paths of their own
+        out = _CONVERTERS[name](m, bias, path) if container else _CONVERTERS[name](m, bias)
         out.escnn_path, out.escnn_class = path, name  # where to_escnn writes this module's parameters back
         return out
     if name in _REFUSED:
@@ -377,6 +391,9 @@ def _write_expansion(src, dst, residuals: dict, path: str) -> None:
         B = _basis_matrix(dst.basisexpansion, int(dst.weights.numel()))
         # escnn's transposed convs expand to [c_out, c_in, ...] and hand torch the transpose
         weight = src.weight.transpose(0, 1) if "Transposed" in type(dst).__name__ else src.weight
+        if B.shape[0] != weight.numel():
+            raise ValueError(f"to_escnn: {path or 'the layer'} has {weight.numel()} weights but escnn's {type(dst).__name__} "
+                             f"expands to {B.shape[0]}: not the same layer shape")
         c, residuals[path or "."] = _lstsq(B, weight)
         dst.weights.copy_(c.to(dst.weights.dtype))
         if dst.bias is not None and src.bias is not None:
@@ -394,10 +411,14 @@ def _write_norm_nonlinearity(src: NormActivation, dst, residuals: dict, path: st
         dst.log_bias.copy_(torch.log((-b).clamp_min(1e-30)).reshape(dst.log_bias.shape))
 
 
+#: escnn modules whose weights are coefficients of a basis expansion
+_EXPANDED = ("R2Conv", "R3Conv", "Linear", "R2ConvTransposed", "R3ConvTransposed")
+
+
 def _write_back(src, dst, residuals: dict, path: str) -> None:
     name = type(dst).__name__
     with torch.no_grad():
-        if name in ("R2Conv", "R3Conv", "Linear", "R2ConvTransposed", "R3ConvTransposed"):
+        if name in _EXPANDED:
             _write_expansion(src, dst, residuals, path)
         elif name == "NormNonLinearity":
             _write_norm_nonlinearity(src, dst, residuals, path)
@@ -444,9 +465,11 @@ def to_escnn(model: nn.Module, like=None, *, return_residuals: bool = False):
     modules' parameters and statistics copied back.
 
     Args:
-        model: the result of ``from_escnn`` (possibly trained).
-        like: an escnn model of the same architecture to fill (a copy is filled); default the escnn
-            model ``model`` was converted from in this process.
+        model: the result of ``from_escnn`` (possibly trained); or a plain ``nn.Conv2d``/``Conv3d``/``Linear``
+            (declared by hand, e.g. with the reps of ``Rep.from_escnn(field_type)``) together with ``like``.
+        like: an escnn model of the same architecture to fill (a copy is filled), or for a plain layer the
+            escnn ``R2Conv``/``R3Conv``/``Linear`` of its shape; default the escnn model ``model`` was
+            converted from in this process.
         return_residuals: also return ``{path: relative residual}`` of every least-squares solve.
 
     A relative residual above ``1e-4`` (the layer is not in escnn's basis) warns: project first.
@@ -465,6 +488,12 @@ def to_escnn(model: nn.Module, like=None, *, return_residuals: bool = False):
                              "process; pass like=<an escnn model of the same architecture>")
     out = _copy_escnn(like)
     residuals: dict[str, float] = {}
+    if not any(getattr(m, "escnn_path", None) is not None for m in model.modules()):
+        # a layer equiproj did not convert: written into an escnn layer of the same kind and shape
+        if type(like).__name__ not in _EXPANDED or not isinstance(model, (nn.Linear, nn.modules.conv._ConvNd)):
+            raise ValueError(f"to_escnn: {type(model).__name__} was not converted by from_escnn; pass it with like= an "
+                             f"escnn R2Conv/R3Conv/Linear of the same shape (got like={type(like).__name__})")
+        _write_back(model, out, residuals, "")
     for _, m in model.named_modules():
         path = getattr(m, "escnn_path", None)
         if path is None:

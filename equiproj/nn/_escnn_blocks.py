@@ -13,7 +13,7 @@ from torch import nn
 
 from ..groups import Rep
 
-__all__ = ["GatedFields", "InnerBatchNorm", "NormBatchNorm", "IIDBatchNorm", "AntialiasedAvgPool2d", "FieldDropout"]
+__all__ = ["FieldBranches", "GatedFields", "InnerBatchNorm", "NormBatchNorm", "IIDBatchNorm", "AntialiasedAvgPool2d", "FieldDropout"]
 
 
 def _view_fields(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -226,3 +226,19 @@ class FieldDropout(nn.Module):
             mask = (torch.empty(shape, device=x.device).uniform_() > self.p).to(torch.float)
             out[:, idx] = (fields * mask / (1.0 - self.p)).flatten(1, 2)
         return out
+
+
+class FieldBranches(nn.Module):
+    """escnn's ``MultipleModule``: the input's fields split by label (``index[i]``: the channels of branch
+    ``i``'s fields, in field order), each branch's module applied to its part, and the outputs
+    concatenated in branch order."""
+
+    def __init__(self, rep_in: Rep, rep_out: Rep, index, branches):
+        super().__init__()
+        self.rep_in, self.rep_out = rep_in, rep_out
+        for k, idx in enumerate(index):
+            self.register_buffer(f"index_{k}", idx.long())
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):
+        return torch.cat([b(x.index_select(1, getattr(self, f"index_{k}"))) for k, b in enumerate(self.branches)], 1)

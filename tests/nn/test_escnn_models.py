@@ -2,7 +2,7 @@
 train and eval mode), and ``to_escnn`` writes a trained, projected model back (docs/interop.md).
 
 Needs escnn (its own environment: .ci/run builds it); skipped without it. The models cover every
-converted escnn module: C8 and D4 regular fields, SO(2) irreps with norm and gated nonlinearities,
+converted escnn module: C4 branches (MultipleModule), C8 and D4 regular fields, SO(2) irreps with norm and gated nonlinearities,
 SO(3)/O(3) R3Conv stacks, escnn's Linear.
 """
 
@@ -105,7 +105,20 @@ def _linear(gen):
     return model, t0, (4,)
 
 
-MODELS = {"c8_regular": _c8, "d4_regular": _d4, "so2_irreps": _so2, "so3_r3conv": _so3, "o3_r3conv": _o3,
+def _c4_branches(gen):
+    gs = gspaces.rot2dOnR2(4)
+    G = gs.fibergroup
+    t0 = enn.FieldType(gs, 2 * [gs.trivial_repr])
+    t1 = enn.FieldType(gs, [gs.regular_repr, G.irrep(1), gs.regular_repr, G.irrep(1)])
+    branches = [(enn.ReLU(enn.FieldType(gs, 2 * [gs.regular_repr])), "a"),
+                (enn.NormNonLinearity(enn.FieldType(gs, 2 * [G.irrep(1)]), "n_sigmoid"), "b")]
+    multiple = enn.MultipleModule(t1, ["a", "b", "a", "b"], branches)
+    model = enn.SequentialModule(enn.R2Conv(t0, t1, 3, padding=1), multiple,
+                                 enn.R2Conv(multiple.out_type, multiple.out_type, 3), enn.NormPool(multiple.out_type))
+    return model, t0, (2, 7, 7)
+
+
+MODELS = {"c4_branches": _c4_branches, "c8_regular": _c8, "d4_regular": _d4, "so2_irreps": _so2, "so3_r3conv": _so3, "o3_r3conv": _o3,
           "so2_linear": _linear}
 
 
@@ -138,7 +151,7 @@ def test_converted_model_computes_what_escnn_computes(name, gen, seed):
     assert float(want.std()) > 1e-3  # a model whose output is constant would compare nothing
 
 
-@pytest.mark.parametrize("name", ["c8_regular", "d4_regular", "so2_irreps", "so3_r3conv", "so2_linear"])
+@pytest.mark.parametrize("name", ["c4_branches", "c8_regular", "d4_regular", "so2_irreps", "so3_r3conv", "so2_linear"])
 def test_round_trip_after_training_and_projection(name, gen, seed):
     """escnn -> equiproj -> a few training steps (leaving escnn's basis) -> project_ -> escnn: the escnn model
     computes what the projected equiproj model computes."""
@@ -180,15 +193,11 @@ def test_to_escnn_warns_outside_the_basis(gen):
         equiproj.nn.to_escnn(plain)
 
 
-@pytest.mark.parametrize("name", ["GNormBatchNorm", "MultipleModule"])
+@pytest.mark.parametrize("name", ["GNormBatchNorm", "TensorProductModule"])
 def test_modules_without_counterpart_are_refused_by_name(name):
     gs = gspaces.rot2dOnR2(4)
     t = enn.FieldType(gs, 2 * [gs.regular_repr])
-    if name == "GNormBatchNorm":
-        m = enn.GNormBatchNorm(t)
-    else:
-        m = enn.MultipleModule(t, ["a", "b"], [(enn.ReLU(enn.FieldType(gs, [gs.regular_repr])), "a"),
-                                                (enn.ReLU(enn.FieldType(gs, [gs.regular_repr])), "b")])
+    m = enn.GNormBatchNorm(t) if name == "GNormBatchNorm" else enn.TensorProductModule(t, t)
     with pytest.raises(NotImplementedError, match=f"escnn's {name}"):
         equiproj.nn.from_escnn(enn.SequentialModule(enn.R2Conv(t, t, 3), m))
 
@@ -227,3 +236,26 @@ def test_check_equivariance_reads_escnn_types_on_a_converted_model(gen):
     x = torch.randn((4, t_in.size) + shape[1:], generator=gen)
     result = equiproj.nn.check_equivariance(plain, t_in, model.out_type, x)
     assert result.max_rel_error < 1e-5, result
+
+
+def test_to_escnn_of_a_conv_declared_by_hand(gen):
+    """A plain conv declared with an escnn layer's reps and kernel space, trained and projected, written into
+    that escnn layer: the same outputs; a layer of another shape is refused."""
+    gs = gspaces.rot2dOnR2(8)
+    t_in, t_out = enn.FieldType(gs, 2 * [gs.trivial_repr]), enn.FieldType(gs, [gs.regular_repr])
+    conv_e = enn.R2Conv(t_in, t_out, 5, padding=2)
+    space, rep_in, rep_out = equiproj.kernel_spaces.from_escnn(conv_e)
+    plain = equiproj.nn.declare(torch.nn.Conv2d(2, 8, 5, padding=2), t_in, t_out, kernel_space=space)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(plain.weight.shape, generator=gen))
+    equiproj.nn.project_(plain)
+    back, residuals = equiproj.nn.to_escnn(plain, like=conv_e, return_residuals=True)
+    assert max(residuals.values()) < 1e-5
+    x = torch.randn(2, 2, 9, 9, generator=gen)
+    want = plain(x)
+    torch.testing.assert_close(back(enn.GeometricTensor(x, t_in)).tensor, want, rtol=0,
+                               atol=TOL * float(want.abs().max()))
+    with pytest.raises(ValueError, match="not the same layer shape"):
+        equiproj.nn.to_escnn(torch.nn.Conv2d(2, 16, 5), like=conv_e)
+    with pytest.raises(ValueError, match="was not converted by from_escnn"):
+        equiproj.nn.to_escnn(torch.nn.Sequential(torch.nn.ReLU()), like=enn.SequentialModule(enn.ReLU(t_out)))
