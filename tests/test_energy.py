@@ -208,7 +208,9 @@ def test_bad_input():
     with pytest.raises(TypeError, match="torch.Tensor"):
         ep.noneq_energy([[0.0] * 4] * 4, r, r)
     with pytest.raises(TypeError, match="Rep"):
-        ep.noneq_energy(torch.randn(4, 4), "0 + 1", r)
+        ep.noneq_energy(torch.randn(4, 4), [0, 1], r)
+    with pytest.raises(TypeError, match="no group is known"):
+        ep.noneq_energy(torch.randn(4, 4), "0 + 1", "0 + 1")
     W = torch.randn(4, 4)
     W[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
