@@ -30,7 +30,7 @@ import torch
 
 from . import ops
 from ._plan import BlockPlan, block_plan, plan_for
-from .groups import Rep, check_rep_pair
+from .groups import Rep, as_rep_pair, check_rep_pair
 from .kernels import torch_project
 from .kernels.inputs import autocast_off
 
@@ -106,6 +106,7 @@ def energies(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, backend: str = "auto
         >>> e_perp.shape, bool(e_perp >= 0), bool(e_g >= 0)
         (torch.Size([]), True, True)
     """
+    rep_in, rep_out = as_rep_pair(rep_in, rep_out)
     check_arguments(W, rep_in, rep_out)
     (e_perp,), (e_g,) = ops.backend_for(backend, W).energies([W], [(rep_in, rep_out)])
     _check_finite([W], e_perp, e_g)
@@ -117,6 +118,7 @@ def project(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str = "equivar
     ``which="non_equivariant"`` returns ``W - P(W)``, computed in residual form (accurate when W is
     nearly equivariant). Differentiable. A weight holding NaN or Inf is refused (on the CPU; on CUDA
     the check would cost a synchronisation), as by the energies."""
+    rep_in, rep_out = as_rep_pair(rep_in, rep_out)
     _check_which(which)
     check_arguments(W, rep_in, rep_out)
     if W.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(W.detach()).all()):
@@ -139,6 +141,7 @@ def energy_breakdown(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, which: str =
         >>> sorted(f"{a}<-{b}" for a, b in parts)[:2]
         ['0e<-0e', '0e<-1o']
     """
+    rep_in, rep_out = as_rep_pair(rep_in, rep_out)
     _check_which(which)
     X = project(W, rep_in, rep_out, which=which)
     X = X.to(ops.accumulation_dtype(W.dtype))
@@ -206,6 +209,7 @@ def energies_and_grad(W: torch.Tensor, rep_in: Rep, rep_out: Rep, *, lambda_perp
         >>> torch.allclose(grad, 2e-2 * (W - P_W), atol=1e-6)
         True
     """
+    rep_in, rep_out = as_rep_pair(rep_in, rep_out)
     check_arguments(W, rep_in, rep_out)
     b = ops.backend_for(backend, W)
     cp, cg = ops.as_coefficient(lambda_perp, W, "lambda_perp"), ops.as_coefficient(lambda_G, W, "lambda_G")
@@ -269,6 +273,7 @@ def energies_many(weights, reps, *, backend: str = "auto") -> tuple[torch.Tensor
     ``equiproj::fused_energies`` (a constant number of kernel launches for any L); its backward
     is one more call.
     """
+    reps = [as_rep_pair(*p) if isinstance(p, (tuple, list)) and len(p) == 2 else p for p in reps]
     weights, reps = list(weights), list(reps)
     if len(weights) != len(reps):
         raise ValueError(f"got {len(weights)} weights but {len(reps)} rep pairs")
@@ -294,6 +299,7 @@ def energies_and_grads_many(weights, reps, *, lambda_perp, lambda_G, backend: st
         ``(E_perp, E_G, grads)``: ``[L]`` each (float32; float64 if any weight is float64) and L
         gradients shaped like the weights.
     """
+    reps = [as_rep_pair(*p) if isinstance(p, (tuple, list)) and len(p) == 2 else p for p in reps]
     weights, reps = list(weights), list(reps)
     lambda_perp, lambda_G = list(lambda_perp), list(lambda_G)
     if not (len(weights) == len(reps) == len(lambda_perp) == len(lambda_G)):

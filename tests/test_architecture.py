@@ -54,6 +54,7 @@ LAYERS = {
     "equiproj.baselines": 5,
     "equiproj.testing": 5,
     "equiproj.nn.": 6,
+    "equiproj.integrations.": 6,
     "equiproj.cli.": 7,
     "equiproj.__main__": 7,
 }

@@ -187,7 +187,9 @@ def test_bad_input():
     with pytest.raises(TypeError, match="torch.Tensor"):
         ep.energies([[0.0] * 4] * 4, r, r)[0]
     with pytest.raises(TypeError, match="Rep"):
-        ep.energies(torch.randn(4, 4), "0 + 1", r)[0]
+        ep.energies(torch.randn(4, 4), [0, 1], r)
+    with pytest.raises(TypeError, match="no group is known"):
+        ep.energies(torch.randn(4, 4), "0 + 1", "0 + 1")
     W = torch.randn(4, 4)
     W[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -37,6 +37,7 @@ Example::
 
 from . import _escnn  # noqa: F401 - sets Rep.from_escnn's implementation (escnn is imported only when used)
 from ._clebsch_gordan import irrep_product
+from ._coerce import as_rep, as_rep_pair
 from ._group import Group
 from ._planar import O2, SO2, Cyclic, Dihedral
 from ._rep import Field, Irrep, Rep, check_rep_pair
@@ -45,6 +46,6 @@ from ._spatial import O3, SO3, FullOctahedral, Octahedral, clebsch_gordan
 
 __all__ = [
     "Group", "Cyclic", "Dihedral", "SO2", "O2", "SO3", "O3", "Octahedral", "FullOctahedral",
-    "Rep", "Irrep", "Field", "check_rep_pair",
+    "Rep", "Irrep", "Field", "check_rep_pair", "as_rep", "as_rep_pair",
     "spherical_harmonics", "wigner_D", "sphere_quadrature", "clebsch_gordan", "irrep_product", "L_MAX",
 ]

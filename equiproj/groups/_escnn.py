@@ -30,10 +30,10 @@ from ._planar import O2, SO2, Cyclic, Dihedral
 from ._field import Field, spectral_field_matrix
 from ._rep import Irrep, Rep
 from ._so3 import wigner_D
-from ._spatial import O3, SO3
+from ._spatial import O3, SO3, FullOctahedral, Octahedral
 
 __all__ = ["rep_from_escnn", "rep_from_escnn_fields", "group_from_escnn", "group_from_escnn_name", "element_from_escnn",
-           "escnn_irrep_map"]
+           "escnn_irrep_map", "is_escnn_object", "default_escnn_gspace"]
 
 #: escnn group classes equiproj has (by class name), and the equiproj group (from the rotation order N)
 _GROUPS = {
@@ -43,6 +43,14 @@ _GROUPS = {
     "DihedralGroup": lambda N: Dihedral(N),
     "SO3": lambda N: SO3(),
     "O3": lambda N: O3(),
+    "Octahedral": lambda N: Octahedral(),
+    "FullOctahedral": lambda N: FullOctahedral(),
+}
+#: the gspace an escnn Representation (which has no base space) is read in: escnn's default one of its group
+_DEFAULT_GSPACES = {
+    "SO2": ("rot2dOnR2", (-1,)), "O2": ("flipRot2dOnR2", (-1,)), "CyclicGroup": ("rot2dOnR2", ("N",)),
+    "DihedralGroup": ("flipRot2dOnR2", ("N",)), "SO3": ("rot3dOnR3", ()), "O3": ("flipRot3dOnR3", ()),
+    "Octahedral": ("octaOnR3", ()), "FullOctahedral": ("fullOctaOnR3", ()),
 }
 _TOL = 1e-8
 
@@ -60,9 +68,42 @@ def group_from_escnn_name(class_name: str, rotation_order: int | None = None) ->
     return _GROUPS[class_name](None if rotation_order is None else int(rotation_order))
 
 
+def _escnn_group_name(escnn_group) -> str:
+    # escnn's full octahedral group is a DirectProductGroup named "FullOctahedral"
+    name = type(escnn_group).__name__
+    return escnn_group.name if name == "DirectProductGroup" else name
+
+
 def group_from_escnn(escnn_group) -> Group:
-    """The equiproj group of an escnn group (SO(2), O(2), C_N, D_N, SO(3), O(3))."""
-    return group_from_escnn_name(type(escnn_group).__name__, getattr(escnn_group, "rotation_order", None))
+    """The equiproj group of an escnn group (SO(2), O(2), C_N, D_N, SO(3), O(3), the octahedral groups)."""
+    return group_from_escnn_name(_escnn_group_name(escnn_group), getattr(escnn_group, "rotation_order", None))
+
+
+def _is_escnn_representation(x) -> bool:
+    # Representation and its subclasses (IrreducibleRepresentation, ...): irreps and a change of basis, no gspace
+    return (type(x).__module__.split(".")[0] == "escnn" and hasattr(x, "irreps") and hasattr(x, "change_of_basis")
+            and hasattr(x, "group") and not hasattr(x, "gspace"))
+
+
+def is_escnn_object(x) -> bool:
+    """An escnn ``FieldType``, ``GeometricTensor`` or ``Representation`` (recognised without importing escnn)."""
+    return type(x).__module__.split(".")[0] == "escnn" and (type(x).__name__ in ("FieldType", "GeometricTensor")
+                                                             or _is_escnn_representation(x))
+
+
+def default_escnn_gspace(escnn_group):
+    """escnn's default gspace of an escnn group (``rot2dOnR2(N)`` for C_N, ``octaOnR3()`` for the octahedral
+    group, ...): the base space in which an escnn ``Representation`` is read."""
+    from escnn import gspaces  # noqa: PLC0415 - the optional dependency, present since an escnn object was passed
+
+    name = _escnn_group_name(escnn_group)
+    if name not in _DEFAULT_GSPACES:
+        group_from_escnn_name(name)  # raises, naming the supported groups
+    factory, args = _DEFAULT_GSPACES[name]
+    args = tuple(int(escnn_group.rotation_order) if a == "N" else a for a in args)
+    if name == "DihedralGroup" and args[0] % 2:
+        return gspaces.flipRot2dOnR2(args[0], axis=0.0)  # the default axis pi/2 is no reflection of equiproj's D_N
+    return getattr(gspaces, factory)(*args)
 
 
 def element_from_escnn(gspace, g) -> torch.Tensor:
@@ -72,8 +113,13 @@ def element_from_escnn(gspace, g) -> torch.Tensor:
     return S @ A @ S
 
 
+def _eid(escnn_id):
+    """An escnn irrep id as nested tuples of ints (the full octahedral group's ids are nested)."""
+    return tuple(_eid(v) for v in escnn_id) if isinstance(escnn_id, (tuple, list)) else int(escnn_id)
+
+
 def _candidate_ids(G: Group, escnn_id: tuple) -> list:
-    eid = tuple(int(v) for v in escnn_id)
+    eid = _eid(escnn_id)
     if isinstance(G, (SO2, Cyclic, SO3)):
         return [eid[0]]
     if isinstance(G, (O2, Dihedral)):
@@ -84,6 +130,8 @@ def _candidate_ids(G: Group, escnn_id: tuple) -> list:
     if isinstance(G, O3):
         j, l = eid
         return [(l, (-1) ** j)]
+    if G.is_finite:  # the octahedral groups: matched numerically among the irreps of the same dimension
+        return list(G.irrep_ids(None))
     raise NotImplementedError(f"no escnn irrep map for {G}")
 
 
@@ -127,7 +175,7 @@ def escnn_irrep_map(G: Group, escnn_id, P: torch.Tensor, elements: torch.Tensor,
             continue
         psi_q = ir.matrix(elements)
         M = _rule_matrix(ir, P)
-        if float((psi_q @ M - M @ psi_e).abs().max()) < _TOL:
+        if M.shape == psi_e.shape[-2:] and float((psi_q @ M - M @ psi_e).abs().max()) < _TOL:
             return ir, M
         M = _intertwiner(psi_q, psi_e)
         if M is not None:
@@ -135,10 +183,33 @@ def escnn_irrep_map(G: Group, escnn_id, P: torch.Tensor, elements: torch.Tensor,
     raise ValueError(f"escnn's irrep {tuple(escnn_id)} of {G} matches no equiproj irrep on the test elements")
 
 
-def rep_from_escnn_fields(G: Group, fields, irrep_maps: dict, key=None) -> Rep:
+def _native_field(G: Group, slots: list, Q: torch.Tensor, elements: torch.Tensor | None):
+    """equiproj's own field when the converted one is it: an irrep with ``Q = I``, or (finite groups) the
+    regular field with the same matrices at ``elements``; else ``None``."""
+    eye = torch.eye(Q.shape[0], dtype=torch.float64)
+    if len(slots) == 1 and float((Q - eye).abs().max()) < 1e-12:
+        return G.irrep(slots[0].id).segments[0][1]
+    if elements is not None and G.is_finite and Q.shape[0] == G.order:
+        regular = G.regular()
+        if float((regular.matrix(elements) - spectral_field_matrix(Q, tuple(slots), elements)).abs().max()) < 1e-9:
+            return regular.segments[0][1]
+    return None
+
+
+def _field_name(name: str, slots: list, Q: torch.Tensor) -> str:
+    """A converted field's name in equiproj's style: a lone irrep by its id, with ``~`` where escnn's basis of
+    it differs from equiproj's (the field is then not equal to equiproj's irrep)."""
+    if len(slots) == 1:
+        return f"{slots[0]}~"
+    return name.replace("irrep_", "")
+
+
+def rep_from_escnn_fields(G: Group, fields, irrep_maps: dict, key=None, elements: torch.Tensor | None = None) -> Rep:
     """The equiproj :class:`Rep` of escnn fields given as data: ``fields`` = ``[(name, irrep ids,
     change of basis [n, n])]`` in the field type's order, ``irrep_maps`` = ``{escnn id: (psi, M)}``
-    (from :func:`escnn_irrep_map`); ``key`` tells conventions apart in the fields' identity."""
+    (from :func:`escnn_irrep_map`); ``key`` tells conventions apart in the fields' identity. A field that
+    is one of equiproj's own (an irrep in its basis, the regular field, checked at ``elements``) becomes
+    that field, so that the rep equals and prints like the native one."""
     segs = []
     for name, ids, cob in fields:
         Qe = torch.as_tensor(cob, dtype=torch.float64)
@@ -148,15 +219,20 @@ def rep_from_escnn_fields(G: Group, fields, irrep_maps: dict, key=None) -> Rep:
                              "orthogonal representations)")
         slots, blocks = [], []
         for eid in ids:
-            ir, M = irrep_maps[tuple(int(v) for v in eid)]
+            ir, M = irrep_maps[_eid(eid)]
             slots.append(ir)
             blocks.append(M.T)
         if sum(s.dim for s in slots) != n:
             raise ValueError(f"escnn field {name!r}: irreps of total dimension {sum(s.dim for s in slots)}, size {n}")
         Q = Qe @ torch.block_diag(*blocks)
-        fkey = ("escnn", G, key, name, tuple(tuple(int(v) for v in e) for e in ids),
+        native = _native_field(G, slots, Q, elements)
+        if native is not None:
+            segs.append((1, native))
+            continue
+        fkey = ("escnn", G, key, name, tuple(_eid(e) for e in ids),
                 tuple(round(float(v), 12) for v in Q.reshape(-1)))
-        segs.append((1, Field(G, slots, Q, functools.partial(spectral_field_matrix, Q, tuple(slots)), name=name, key=fkey)))
+        segs.append((1, Field(G, slots, Q, functools.partial(spectral_field_matrix, Q, tuple(slots)),
+                              name=_field_name(name, slots, Q), key=fkey)))
     return Rep(G, segs)
 
 
@@ -191,22 +267,35 @@ def _irrep_maps_cached(gspace_key, gspace, ids: tuple) -> dict:
 
 
 def rep_from_escnn(field_type) -> Rep:
-    """:meth:`Rep.from_escnn`: the equiproj rep of an escnn ``FieldType`` (or of one escnn
-    ``Representation`` together with a gspace: pass a FieldType)."""
+    """:meth:`Rep.from_escnn`: the equiproj rep of an escnn ``FieldType``, of a ``GeometricTensor``'s type,
+    or of an escnn ``Representation`` read in escnn's default gspace of its group
+    (:func:`default_escnn_gspace`: ``rot2dOnR2(N)`` for C_N, ``rot3dOnR3()`` for SO(3), ...)."""
+    if type(field_type).__name__ == "GeometricTensor":
+        field_type = field_type.type
+    elif _is_escnn_representation(field_type):
+        from escnn import nn as escnn_nn  # noqa: PLC0415 - the optional dependency, present since its object was passed
+
+        field_type = escnn_nn.FieldType(default_escnn_gspace(field_type.group), [field_type])
+    if getattr(getattr(field_type, "gspace", None), "dimensionality", None) == 0:
+        # no base space (escnn's Linear): the group's elements read as in its default gspace
+        from escnn import nn as escnn_nn  # noqa: PLC0415
+
+        field_type = escnn_nn.FieldType(default_escnn_gspace(field_type.gspace.fibergroup), field_type.representations)
     gspace = getattr(field_type, "gspace", None)
     reps = getattr(field_type, "representations", None)
     if gspace is None or reps is None:
-        raise TypeError(f"Rep.from_escnn takes an escnn FieldType, got {type(field_type).__name__}")
+        raise TypeError(f"Rep.from_escnn takes an escnn FieldType, GeometricTensor or Representation, got "
+                        f"{type(field_type).__name__}")
     G = group_from_escnn(gspace.fibergroup)
-    ids = tuple(sorted({tuple(int(v) for v in i) for r in reps for i in r.irreps}))
+    ids = tuple(sorted({_eid(i) for r in reps for i in r.irreps}))
     C = torch.as_tensor(gspace.basespace_action.change_of_basis, dtype=torch.float64)
     key = (gspace.name, tuple(round(float(v), 12) for v in C.reshape(-1)))
     maps = _irrep_maps_cached(key, gspace, ids)
     fields = [(r.name, r.irreps, r.change_of_basis) for r in reps]
-    rep = rep_from_escnn_fields(G, fields, maps, key)
-    # the field type's own matrices at the test elements
     els = _test_elements(gspace, 8)
     gq = torch.stack([element_from_escnn(gspace, g) for g in els])
+    rep = rep_from_escnn_fields(G, fields, maps, key, gq)
+    # the field type's own matrices at the test elements
     want = torch.stack([torch.as_tensor(field_type.representation(g), dtype=torch.float64) for g in els])
     err = float((rep.matrix(gq) - want).abs().max())
     if not err < 1e-6 * max(1.0, math.sqrt(rep.dim)):

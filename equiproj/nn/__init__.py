@@ -51,7 +51,7 @@ from ._blocks import (FieldBatchNorm, FieldLayerNorm, Gate, GridPool, GroupPooli
 from ._check import EquivarianceCheck, check_equivariance, default_tolerance, equivariance_sweep
 from ._declaration import Declaration, KernelSpaceDeclaration, MatrixDeclaration, TranslationDeclaration
 from ._declare import NoKernelSpaceError, declaration, declare, declare_translations, declared_layers, undeclare
-from ._escnn import from_escnn
+from ._escnn import from_escnn, to_escnn
 from ._layers import ApproxEquivariantConv2d, ApproxEquivariantConv3d, ApproxEquivariantLinear
 from ._penalty import ProjectionPenalty, layer_energies
 from ._project import project_
@@ -65,6 +65,6 @@ __all__ = [
     "constant", "linear_warmup", "cosine",
     "ApproxEquivariantLinear", "ApproxEquivariantConv2d", "ApproxEquivariantConv3d",
     "PointwiseActivation", "Gate", "NormActivation", "FieldBatchNorm", "FieldLayerNorm", "GroupPooling", "NormPooling",
-    "GridPool", "centred_grid", "check_equivariance", "EquivarianceCheck", "from_escnn",
+    "GridPool", "centred_grid", "check_equivariance", "EquivarianceCheck", "from_escnn", "to_escnn",
     "equivariance_sweep", "default_tolerance",
 ]

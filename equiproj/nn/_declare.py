@@ -11,11 +11,11 @@ from torch.nn.modules.conv import _ConvNd
 
 from .. import grid as _grid
 from .. import translation as _translation
-from ..groups import Rep, check_rep_pair
+from ..groups import Rep, as_rep_pair, check_rep_pair
 from ..kernel_spaces import default_kernel_space
 from ._declaration import (Declaration, KernelSpaceDeclaration, MatrixDeclaration, StaleDeclaration,
                            TranslationDeclaration)
-from ._fields import as_rep
+from ._fields import refuse_library_module
 from ._tensors import is_dtensor
 
 __all__ = ["declare", "declare_translations", "undeclare", "declaration", "declared_layers", "select_layers",
@@ -119,7 +119,8 @@ def declare(module: nn.Module, rep_in: Rep, rep_out: Rep, *, kernel_space=None, 
         >>> declaration(conv).case
         'grid'
     """
-    rep_in, rep_out = as_rep(rep_in, "rep_in"), as_rep(rep_out, "rep_out")
+    refuse_library_module(module, "declare")
+    rep_in, rep_out = as_rep_pair(rep_in, rep_out)
     check_rep_pair(rep_in, rep_out)
     if not isinstance(module, nn.Module):
         raise TypeError(f"declare needs an nn.Module, got {type(module).__name__}")

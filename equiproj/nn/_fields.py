@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..groups import Rep
+from ..groups import as_rep as _as_rep
 
-__all__ = ["FieldLayout", "is_permutation_field", "invariant_basis", "as_rep"]
+__all__ = ["FieldLayout", "is_permutation_field", "invariant_basis", "as_rep", "refuse_library_module"]
 
 
 class FieldLayout:
@@ -91,9 +92,21 @@ def invariant_basis(field, group) -> torch.Tensor:
 
 
 def as_rep(x, name: str) -> Rep:
-    """``x`` as a :class:`Rep`: a Rep itself, or an e3nn ``Irreps`` object (O(3))."""
-    if isinstance(x, Rep):
-        return x
-    if type(x).__name__ == "Irreps" and type(x).__module__.startswith("e3nn"):
-        return Rep.from_e3nn(x)
-    raise TypeError(f"{name} must be an equiproj Rep (or an e3nn Irreps), got {type(x).__name__}")
+    """``x`` as a :class:`Rep` (:func:`equiproj.groups.as_rep`: a Rep, an e3nn ``Irreps``, an escnn ``FieldType``
+    or ``Representation``)."""
+    return _as_rep(x, name)
+
+
+def refuse_library_module(module, what: str) -> None:
+    """Raise ``TypeError`` with what to do for an e3nn or escnn module passed where a plain layer is expected:
+    both build their layers equivariant by construction, so there is nothing to declare."""
+    lib = type(module).__module__.split(".")[0]
+    if lib == "e3nn":
+        raise TypeError(f"{what}: e3nn's {type(module).__name__} is equivariant by construction (its weights live in "
+                        "an equivariant basis), so there is nothing to declare or penalise; to regularise instead of "
+                        "constrain, use a plain nn.Linear declared with Rep.from_e3nn(irreps_in), "
+                        "Rep.from_e3nn(irreps_out) (docs/interop.md)")
+    if lib == "escnn":
+        raise TypeError(f"{what}: escnn's {type(module).__name__} is equivariant by construction; "
+                        "equiproj.nn.from_escnn(module) turns it (or a whole escnn model) into declared plain "
+                        "PyTorch modules (docs/interop.md)")

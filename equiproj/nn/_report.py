@@ -39,6 +39,25 @@ class Report:
                           "rel_perp": tot_p / tot_n if tot_n > 0 else 0.0},
                 "undeclared": [dict(u) for u in self.undeclared]}
 
+    def scalars(self, prefix: str = "equiproj") -> dict[str, float]:
+        """``{tag: value}``: per layer ``{prefix}/rel_perp/{name}`` (E_perp/||W||^2), ``{prefix}/e_perp/{name}`` and
+        ``{prefix}/e_g/{name}``, and the model's totals under the name ``total``: what a logger records."""
+        out = {}
+        total = self.as_dict()["total"]
+        for name, r in [(r["name"] or "model", r) for r in self.rows] + [("total", total)]:
+            for key in ("rel_perp", "e_perp", "e_g"):
+                out[f"{prefix}/{key}/{name}"] = float(r[key])
+        return out
+
+    def log_to(self, writer, step: int, prefix: str = "equiproj") -> None:
+        """Write :meth:`scalars` with ``writer.add_scalar(tag, value, step)`` (a TensorBoard ``SummaryWriter``, or
+        anything with that method)."""
+        if not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"log_to needs a writer with add_scalar(tag, value, step) (e.g. "
+                            f"torch.utils.tensorboard.SummaryWriter), got {type(writer).__name__}")
+        for tag, value in self.scalars(prefix).items():
+            writer.add_scalar(tag, value, step)
+
     def __len__(self):
         return len(self.rows)
 

@@ -613,7 +613,8 @@ def test_errors():
     with pytest.raises(TypeError, match="nn.Linear and nn.Conv"):
         declare(nn.ReLU(), reg, reg)
     with pytest.raises(TypeError, match="Rep"):
-        declare(nn.Linear(4, 4), "regular", reg)
+        declare(nn.Linear(4, 4), [4], reg)
+    assert declaration(declare(nn.Linear(4, 4), "regular", reg)).rep_in == reg  # a string, in rep_out's group
     with pytest.raises(ValueError, match=r"\(out_features, in_features\)"):
         declare(nn.Linear(4, 5), reg, reg)
     with pytest.raises(ValueError, match="same group"):

@@ -1,0 +1,73 @@
+"""Per escnn module: the largest difference between its output and that of the module ``from_escnn``
+made of it, on the models of tests/nn/test_escnn_models.py (float32, two training-mode steps and one
+eval step; each module is fed escnn's own input, so the numbers do not accumulate along a model), and
+the status of every escnn module. The table of docs/interop.md.
+
+Needs escnn (and equiproj importable in that environment), from the repository root::
+
+    python bench/escnn_conversion.py > bench/results/escnn_conversion.md
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "nn"))
+
+
+def measure() -> dict[str, tuple[float, float]]:
+    """``{escnn class: (largest |difference|, largest |difference| / largest |output|)}``."""
+    from escnn import nn as enn
+    from test_escnn_models import MODELS
+
+    import equiproj
+
+    worst: dict[str, tuple[float, float]] = {}
+    for name, build in MODELS.items():
+        gen = torch.Generator().manual_seed(7)
+        model, t_in, shape = build(gen)
+        model.train()
+        plain = equiproj.nn.from_escnn(model)
+        x0 = torch.randn((8, t_in.size) + shape[1:], generator=gen)
+        for step, mode in enumerate(("train", "train", "eval")):
+            model.train(mode == "train")
+            plain.train(mode == "train")
+            x = enn.GeometricTensor(x0 + 0.1 * step, t_in)
+            for (cname, child), pchild in zip(model.named_children(), plain.children()):
+                torch.manual_seed(100 + step)
+                want = child(x)
+                torch.manual_seed(100 + step)
+                got = pchild(x.tensor)
+                diff = float((got - want.tensor).abs().max())
+                rel = diff / max(float(want.tensor.abs().max()), 1e-30)
+                key = type(child).__name__
+                old = worst.get(key, (0.0, 0.0))
+                worst[key] = (max(old[0], diff), max(old[1], rel))
+                x = want
+        worst["SequentialModule"] = max(worst.get("SequentialModule", (0.0, 0.0)), (0.0, 0.0))
+    return worst
+
+
+def main() -> None:
+    from equiproj.nn._escnn import ESCNN_MODULES
+
+    worst = measure()
+    print("| escnn module | status | largest output difference (absolute / relative to the largest output) |")
+    print("|---|---|---|")
+    for name, status in sorted(ESCNN_MODULES.items(), key=lambda kv: (not kv[1].startswith("converted"), kv[0])):
+        if name in worst and name != "SequentialModule":
+            d = f"{worst[name][0]:.1e} / {worst[name][1]:.1e}"
+        elif name == "SequentialModule":
+            d = "(the whole models: tests/nn/test_escnn_models.py)"
+        else:
+            d = "not measured" if status == "converted" else ""
+        print(f"| `{name}` | {status} | {d} |")
+    print(f"\ntorch {torch.__version__}; float32; per module, escnn's input fed to both; "
+          "two training-mode steps (same seed) and one eval step.")
+
+
+if __name__ == "__main__":
+    main()
