@@ -42,9 +42,12 @@ from ._planar import O2, SO2, Cyclic, Dihedral
 from ._rep import Field, Irrep, Rep, check_rep_pair
 from ._so3 import L_MAX, sphere_quadrature, spherical_harmonics, wigner_D
 from ._spatial import O3, SO3, FullOctahedral, Octahedral, clebsch_gordan
+from ._axial import Axial
+from ._subgroups import Subgroup, SubgroupLattice
 
 __all__ = [
-    "Group", "Cyclic", "Dihedral", "SO2", "O2", "SO3", "O3", "Octahedral", "FullOctahedral",
+    "Group", "Cyclic", "Dihedral", "SO2", "O2", "SO3", "O3", "Octahedral", "FullOctahedral", "Axial",
+    "Subgroup", "SubgroupLattice",
     "Rep", "Irrep", "Field", "check_rep_pair",
     "spherical_harmonics", "wigner_D", "sphere_quadrature", "clebsch_gordan", "irrep_product", "L_MAX",
 ]

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from ._clebsch_gordan import irrep_product
+from ._axial import Axial
 from ._group import Group
+from ._planar import O2, SO2, Cyclic, Dihedral
 from ._so3 import check_degree, wigner_D
 
 __all__ = ["SO3", "O3", "Octahedral", "FullOctahedral", "euler_zyz", "clebsch_gordan"]
@@ -111,6 +113,12 @@ class SO3(Group):
     def _contains(self, g):
         return bool((_det3(g) > 0).all())
 
+    def _subgroup_list(self):
+        return _rotation_subgroups() + [("SO3", self)]
+
+    def _same_irrep_as(self, psi):
+        return psi.id[0] if isinstance(psi.group, O3) else None  # (l, p) on rotations is D_l
+
     def haar_quadrature(self, degree):
         return _so3_quadrature(degree)
 
@@ -165,6 +173,9 @@ class O3(Group):
 
     def generators(self):
         return torch.cat([SO3().generators(), -torch.eye(3, dtype=torch.float64)[None]])
+
+    def _subgroup_list(self):
+        return _rotation_subgroups() + [("SO3", SO3()), ("Oh", FullOctahedral()), ("O3", self)]
 
     def haar_quadrature(self, degree):
         g, w = _so3_quadrature(degree)
@@ -278,6 +289,14 @@ class Octahedral(Group):
     def _contains(self, g):
         return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all() and (_det3(g) > 0).all())
 
+    def _subgroup_list(self):
+        return _octahedral_rotation_subgroups()
+
+    def _same_irrep_as(self, psi):
+        if type(self) is Octahedral and isinstance(psi.group, FullOctahedral):
+            return psi.id[:-1]  # on rotations the parity suffix does nothing
+        return None
+
     def irrep_ids(self, band_limit):
         return list(self._names)
 
@@ -331,12 +350,40 @@ class FullOctahedral(Octahedral):
     def _contains(self, g):
         return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all())
 
+    def _subgroup_list(self):
+        return _octahedral_rotation_subgroups() + [("Oh", self)]
+
+    def _same_irrep_as(self, psi):
+        return None
+
     def irrep_matrix(self, id, g):
         s = torch.sign(_det3(g))
         out = _octahedral_irrep(id[:-1], g * s[..., None, None])
         if id[-1] == "u":
             out = out * s[..., None, None]
         return out
+
+
+#: the largest order M of the axial C_M, D_M (about z) that SO(3) and O(3) list
+MAX_AXIAL_ORDER = 8
+
+
+def _rotation_subgroups() -> list:
+    """The rotation subgroups SO(3) lists: axial C_M, D_M and SO(2), O(2) about z, and O. A half turn
+    about x (D1) is conjugate to the one about z (C2), and every D_M's axis is conjugate, so one each."""
+    out = [("C1", Axial(Cyclic(1)))]
+    out += [(f"C{m}z", Axial(Cyclic(m))) for m in range(2, MAX_AXIAL_ORDER + 1)]
+    out += [(f"D{m}z", Axial(Dihedral(m))) for m in range(2, MAX_AXIAL_ORDER + 1)]
+    return out + [("SO2z", Axial(SO2())), ("O2z", Axial(O2())), ("O", Octahedral())]
+
+
+def _octahedral_rotation_subgroups() -> list:
+    """The subgroups of O that are axial about z (C3, D3 about a body diagonal and T are not listed):
+    a half turn about a coordinate axis (C2z) or about a face diagonal (D1z[pi/2]), C4z, the two
+    classes of D2 (coordinate axes; z and the face diagonals), D4z, and O."""
+    return [("C1", Axial(Cyclic(1))), ("C2z", Axial(Cyclic(2))), ("D1z[pi/2]", Axial(Dihedral(1, axis=math.pi / 2))),
+            ("C4z", Axial(Cyclic(4))), ("D2z", Axial(Dihedral(2))), ("D2z[pi/2]", Axial(Dihedral(2, axis=math.pi / 2))),
+            ("D4z", Axial(Dihedral(4))), ("O", Octahedral())]
 
 
 def clebsch_gordan(l1: int, l2: int, l3: int) -> torch.Tensor:
