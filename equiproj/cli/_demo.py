@@ -4,11 +4,12 @@ unconstrained, sample-based and strictly equivariant training, on data whose sym
 Experiments: ``so2`` (:mod:`._so2`), ``smoke`` (:mod:`._smoke`), ``voxels`` (:mod:`._voxels`) by
 default; on data from outside the project, as options: ``digits`` (:mod:`._digits`, scikit-learn's
 handwritten digits) and ``phiflow`` (:mod:`._phiflow`, smoke plumes simulated by PhiFlow). Each of
-these two runs only where its package is installed and says how to install it otherwise.
+these two runs only where its package is installed and says how to install it otherwise; and
+``symmetry`` (:mod:`._symmetry`): which subgroup of D4 a model keeps, read off its symmetry spectrum.
 
 Run::
 
-    equiproj demo [--full] [--seed N] [--out DIR] [--only so2|smoke|voxels|digits|phiflow]
+    equiproj demo [--full] [--seed N] [--out DIR] [--only so2|smoke|voxels|digits|phiflow|symmetry]
     python -m equiproj demo [same options]
 
 Everything is seeded (data, initialisation, batches, rotations). One number depends on the
@@ -37,13 +38,17 @@ from ._digits import SKLEARN_MISSING, DigitsConfig, format_digits_table, run_dig
 from ._phiflow import PHIFLOW_MISSING, PlumeConfig, format_phiflow_table, phiflow_available, run_phiflow
 from ._smoke import SmokeConfig, format_smoke_table, run_smoke
 from ._so2 import SO2Config, format_so2_table, run_so2
+from ._symmetry import SymmetryConfig
+from ._symmetry import format_table as format_symmetry_table
+from ._symmetry import run as run_symmetry
 from ._voxels import VoxelConfig, format_voxels_table, run_voxels
 
 __all__ = ["EXPERIMENTS", "DEFAULT_EXPERIMENTS", "script_main", "add_arguments", "run", "main"]
 
 
 EXPERIMENTS = {"so2": "SO(2) toy", "smoke": "smoke plume, C4", "voxels": "O(3) voxel shapes",
-               "digits": "handwritten digits (scikit-learn), C4", "phiflow": "PhiFlow smoke plumes, C4"}
+               "digits": "handwritten digits (scikit-learn), C4", "phiflow": "PhiFlow smoke plumes, C4",
+               "symmetry": "which subgroup of D4 the data keep (symmetry spectrum)"}
 
 DEFAULT_EXPERIMENTS = ("so2", "smoke", "voxels")  # the others with --only
 
@@ -62,7 +67,8 @@ def _experiment(name: str):
     return {"so2": (SO2Config, run_so2, format_so2_table), "smoke": (SmokeConfig, run_smoke, format_smoke_table),
             "voxels": (VoxelConfig, run_voxels, format_voxels_table),
             "digits": (DigitsConfig, run_digits, format_digits_table),
-            "phiflow": (PlumeConfig, run_phiflow, format_phiflow_table)}[name]
+            "phiflow": (PlumeConfig, run_phiflow, format_phiflow_table),
+            "symmetry": (SymmetryConfig, run_symmetry, format_symmetry_table)}[name]
 
 
 def script_main(argv, name: str, description: str, param: str | None = None, param_help: str = "") -> int:

@@ -17,7 +17,13 @@ group                irrep id                    string form (``Rep.parse``) / n
                                                  ``Rep.from_e3nn(irreps)`` takes e3nn's ``Irreps``
 ``Octahedral()``     ``"A1" "A2" "E" "T1" "T2"`` T1 = the defining 3-D action
 ``FullOctahedral()`` the above + ``"g"``/``"u"`` T1u = the defining 3-D action
+``Axial(planar)``    the planar group's ids       a planar group about z: ``diag(g, det g)``
 ===================  ==========================  =============================================
+
+``Dihedral(N, axis=a)`` holds the reflections ``R(2 pi k / N + a) F`` (escnn's subgroup id ``(a, N)``
+of O(2)). ``G.subgroups()`` lists the subgroups that matter (a :class:`SubgroupLattice` of
+:class:`Subgroup` values) and ``rep.restrict(H)`` restricts a representation to one of them
+(docs/math.md §9).
 
 2-D elements are ``R(theta) F^s`` with ``F = diag(1, -1)``; the 2-dim irrep of frequency k
 maps it to ``R(k theta) F^s``. SO(3) irreps act on real spherical harmonics in e3nn's basis
