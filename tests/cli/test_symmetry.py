@@ -29,10 +29,13 @@ def test_separation_and_recovered_read_a_spectrum_row():
     lattice = Dihedral(4).subgroups()
     row = {"C1": 0.0, "C2": 1e-9, "D1[0]": 1e-3, "D1[pi/2]": 2e-3, "C4": 2e-9, "D2[0]": 3e-3, "D2[pi/2]": 4e-3,
            "D4": 5e-3}
-    assert sym.recovered(row, lattice, 1e-6) == "C4"
+    assert sym.recovered(row, lattice, 10.0) == "C4"
     assert sym.separation(row, lattice, "C4") == pytest.approx(1e-3 / 2e-9)
     assert sym.separation(row, lattice, "D4") == float("inf")
-    assert sym.recovered(dict(row, **{"D1[0]": 1e-8}), lattice, 1e-6) == "D1[0]+C4"
+    assert sym.recovered(row, lattice, 1e7) == "D4"  # nothing stands out that far
+    flat = dict.fromkeys(row, 1e-5) | {"C1": 0.0}
+    assert sym.recovered(flat, lattice, 10.0) == "D4"
+    assert sym.recovered(flat | {"D1[0]": 1e-7}, lattice, 10.0) == "D1[0]"
 
 
 def test_tiny_run_writes_its_outputs(tmp_path):
