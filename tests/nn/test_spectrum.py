@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-import equiproj as ep
 from equiproj import grid
 from equiproj.groups import O3, SO2, Cyclic, Dihedral, Rep
 from equiproj.nn import (check_equivariance, declaration, declare, project_, restrict_, symmetry_spectrum,
