@@ -18,7 +18,8 @@ import torch
 
 import equiproj as ep
 from equiproj import reference
-from equiproj.groups import O2, O3, SO2, SO3, Axial, Cyclic, Dihedral, FullOctahedral, Octahedral, Rep, Subgroup
+from equiproj.groups import (O2, O3, SO2, SO3, Axial, Cyclic, Dihedral, FullOctahedral, FullTetrahedral, Octahedral, Rep,
+                             Subgroup, Tetrahedral)
 
 TOL = 1e-10
 
@@ -88,8 +89,8 @@ def test_cyclic_and_dihedral_list_every_conjugacy_class_once(N):
         assert sorted(found) == list(range(len(classes)))  # every class exactly once
 
 
-@pytest.mark.parametrize("G", [Dihedral(4), Dihedral(6), Dihedral(12, axis=0.3), Octahedral(), FullOctahedral()],
-                         ids=repr)
+@pytest.mark.parametrize("G", [Dihedral(4), Dihedral(6), Dihedral(12, axis=0.3), Octahedral(), FullOctahedral(),
+                               FullTetrahedral()], ids=repr)
 def test_lattice_inclusions_are_element_inclusions(G):
     lattice = G.subgroups()
     sets = {H.name: _element_set(H.group) for H in lattice}
@@ -102,8 +103,8 @@ def test_lattice_inclusions_are_element_inclusions(G):
         assert not any(sets[a.name] < sets[c.name] < sets[b.name] for c in lattice)
 
 
-def test_octahedral_lists_pairwise_non_conjugate_subgroups():
-    G = Octahedral()
+@pytest.mark.parametrize("G", [Octahedral(), FullOctahedral()], ids=repr)
+def test_octahedral_lists_pairwise_non_conjugate_subgroups(G):
     els = list(G.elements())
     lattice = G.subgroups()
     orbits = []
@@ -120,8 +121,10 @@ def test_names_and_lists():
     assert {"C16", "D16[0]", "SO2", "O2"} <= set(L.names) and "C17" not in L
     assert L.includes("C4", "SO2") and L.includes("D2[0]", "D4[0]") and not L.includes("D3[0]", "D4[0]")
     L3 = O3().subgroups()
-    assert {"O", "Oh", "C8z", "D8z", "SO2z", "O2z", "SO3", "O3"} <= set(L3.names)
+    assert {"T", "Td", "O", "Oh", "C8z", "D8z", "SO2z", "O2z", "SO3", "O3"} <= set(L3.names)
     assert L3.includes("D4z", "O") and L3.includes("O", "Oh") and L3.includes("O2z", "SO3")
+    assert L3.includes("D2z", "T") and L3.includes("T", "O") and L3.includes("T", "Td") and L3.includes("Td", "Oh")
+    assert not L3.includes("Td", "SO3") and not L3.includes("C4z", "Td")
     with pytest.raises(KeyError, match="no subgroup named"):
         Dihedral(4).subgroups()["C3"]
 
@@ -167,6 +170,8 @@ REPS = [
     (O3(), "0e + 1o + 2e + 2o + 3o"),
     (Octahedral(), "A1 + A2 + E + T1 + T2 + regular"),
     (FullOctahedral(), "A1g + Eu + T1u + T2g + A2u"),
+    (Tetrahedral(), "A + 2xE + T + regular"),
+    (FullTetrahedral(), "A1 + A2 + E + T1 + T2 + regular"),
 ]
 
 
@@ -313,6 +318,20 @@ def test_nearly_equivariant_under_a_subgroup(gen):
     Wb = torch.stack([Wn, W]).transpose(-1, -2).contiguous().transpose(-1, -2)
     eb, _ = ep.energies(Wb, ri, ro)
     assert abs(float(eb[1]) - _average_energy(W, rep_in, rep_out, h)) <= TOL * float(W.square().sum())
+
+
+@pytest.mark.parametrize("G", [Tetrahedral(), FullTetrahedral()], ids=repr)
+def test_tetrahedral_groups(G):
+    els = G.elements()
+    assert len(els) == G.order and len(_element_set(G)) == G.order
+    assert frozenset(_closure(list(G.generators()), 3)) == _element_set(G)  # the generators make all of it
+    for psi in G.irreps():  # homomorphisms, irreducible with the commutant their type says
+        M = psi.matrix(els)
+        assert torch.allclose(M[:, None] @ M[None], psi.matrix(els[:, None] @ els[None]), atol=1e-12)
+        chi = M.diagonal(dim1=-2, dim2=-1).sum(-1)
+        assert abs(float(chi.square().mean()) - psi.endomorphism_basis.shape[0]) < 1e-9
+    assert sum(psi.dim ** 2 / psi.endomorphism_basis.shape[0] for psi in G.irreps()) == G.order
+    assert torch.allclose(G.standard().matrix(els), els)
 
 
 def test_subgroup_value_type():
