@@ -4,11 +4,12 @@ unconstrained, sample-based and strictly equivariant training, on data whose sym
 Experiments (:mod:`equiproj.cli.experiments`): ``so2``, ``smoke``, ``voxels`` by default; on data
 from outside the project, as options: ``digits`` (scikit-learn's handwritten digits) and ``phiflow``
 (smoke plumes simulated by PhiFlow). Each of these two runs only where its package is installed and
-says how to install it otherwise.
+says how to install it otherwise; and ``symmetry``: which subgroup of D4 a model keeps, read off
+its symmetry spectrum.
 
 Run::
 
-    equiproj demo [--full] [--seed N] [--out DIR] [--only so2|smoke|voxels|digits|phiflow]
+    equiproj demo [--full] [--seed N] [--out DIR] [--only so2|smoke|voxels|digits|phiflow|symmetry]
     python -m equiproj demo [same options]
 
 Everything is seeded (data, initialisation, batches, rotations). One number depends on the

@@ -17,7 +17,15 @@ group                irrep id                    string form (``Rep.parse``) / n
                                                  ``Rep.from_e3nn(irreps)`` takes e3nn's ``Irreps``
 ``Octahedral()``     ``"A1" "A2" "E" "T1" "T2"`` T1 = the defining 3-D action
 ``FullOctahedral()`` the above + ``"g"``/``"u"`` T1u = the defining 3-D action
+``Tetrahedral()``     ``"A" "E" "T"``              T (12 rotations); E of complex type
+``FullTetrahedral()`` as ``Octahedral()``        T_d (24), through ``g -> det(g) g``; T2 = defining
+``Axial(planar)``    the planar group's ids       a planar group about z: ``diag(g, det g)``
 ===================  ==========================  =============================================
+
+``Dihedral(N, axis=a)`` holds the reflections ``R(2 pi k / N + a) F`` (escnn's subgroup id ``(a, N)``
+of O(2)). ``G.subgroups()`` lists the subgroups that matter (a :class:`SubgroupLattice` of
+:class:`Subgroup` values) and ``rep.restrict(H)`` restricts a representation to one of them
+(docs/math.md §9).
 
 2-D elements are ``R(theta) F^s`` with ``F = diag(1, -1)``; the 2-dim irrep of frequency k
 maps it to ``R(k theta) F^s``. SO(3) irreps act on real spherical harmonics in e3nn's basis
@@ -42,10 +50,14 @@ from ._group import Group
 from ._planar import O2, SO2, Cyclic, Dihedral
 from ._rep import Field, Irrep, Rep, check_rep_pair
 from ._so3 import L_MAX, sphere_quadrature, spherical_harmonics, wigner_D
-from ._spatial import O3, SO3, FullOctahedral, Octahedral, clebsch_gordan
+from ._spatial import O3, SO3, FullOctahedral, FullTetrahedral, Octahedral, Tetrahedral, clebsch_gordan
+from ._axial import Axial
+from ._subgroups import Subgroup, SubgroupLattice
 
 __all__ = [
-    "Group", "Cyclic", "Dihedral", "SO2", "O2", "SO3", "O3", "Octahedral", "FullOctahedral",
+    "Group", "Cyclic", "Dihedral", "SO2", "O2", "SO3", "O3", "Octahedral", "FullOctahedral", "Tetrahedral",
+    "FullTetrahedral", "Axial",
+    "Subgroup", "SubgroupLattice",
     "Rep", "Irrep", "Field", "check_rep_pair", "as_rep", "as_rep_pair",
     "spherical_harmonics", "wigner_D", "sphere_quadrature", "clebsch_gordan", "irrep_product", "L_MAX",
 ]

@@ -148,6 +148,22 @@ class Group(abc.ABC):
         that plans cached by representation are reused."""
         return _harmonic_rep(self, int(h))
 
+    def subgroups(self):
+        """The subgroups that matter, one per conjugacy class, with their inclusions: a
+        :class:`~equiproj.groups.SubgroupLattice` (each group lists them through ``_subgroup_list``)."""
+        if _SUBGROUP_LATTICE is None:
+            raise RuntimeError("Group.subgroups needs equiproj.groups loaded (import equiproj.groups)")
+        return _SUBGROUP_LATTICE(self)
+
+    def _subgroup_list(self) -> list[tuple[str, "Group"]]:
+        """``(name, group)`` per listed subgroup (this group included), elements as matrices of this group."""
+        return [(repr(self), self)]
+
+    def _same_irrep_as(self, psi: Irrep) -> Hashable | None:
+        """For an irrep ``psi`` of a group containing this one: the id of this group's irrep whose
+        matrices are ``psi``'s on this group's elements (the branching rule in closed form), or ``None``."""
+        return None
+
     def _harmonic_irrep_id(self, h: int) -> Hashable | None:
         """The irrep whose matrices are exactly ``sigma_h``, if there is one."""
         return None
@@ -264,6 +280,10 @@ class Group(abc.ABC):
             M = psi.matrix(els, check=False)  # [|G|, d, d]; copy b is column b of psi(x)
             cols.append(M[:, :, :copies].transpose(1, 2).reshape(n, copies * psi.dim) * (psi.dim / n) ** 0.5)
         return torch.cat(cols, dim=1)
+
+
+#: Group.subgroups's implementation, set by equiproj.groups._subgroups when the package loads
+_SUBGROUP_LATTICE = None
 
 
 @functools.lru_cache(maxsize=64)

@@ -277,6 +277,14 @@ class Rep:
                       name=f"changed_basis({self!r})", key=("change_basis", self, _TensorKey(Q)))
         return Rep(self.group, [(1, field)])
 
+    def restrict(self, H) -> "Rep":
+        """This representation on a subgroup ``H`` (a :class:`~equiproj.groups.Subgroup` from
+        ``G.subgroups()``, or a group whose elements are elements of ``G``): the same matrices
+        (``rep.restrict(H).matrix(h) == rep.matrix(h)``), decomposed into the irreps of ``H``."""
+        if _RESTRICT is None:
+            raise RuntimeError("Rep.restrict needs equiproj.groups loaded (import equiproj.groups)")
+        return _RESTRICT(self, H)
+
     # ---- constructors ---------------------------------------------------------------------
     @classmethod
     def from_matrices(cls, group: Group, fn: Callable[[torch.Tensor], torch.Tensor],
@@ -413,6 +421,10 @@ class Rep:
             raise RuntimeError("Rep.from_escnn needs equiproj.groups loaded (import equiproj.groups)")
         return _ESCNN_CONVERTER(field_type)
 
+
+#: Rep.restrict's implementation, set by equiproj.groups._subgroups when the package loads (it imports this
+#: module)
+_RESTRICT = None
 
 #: Rep.from_escnn's implementation, set by equiproj.groups._escnn when the package loads (it needs the
 #: group classes, which import this module; escnn itself is imported only when called)

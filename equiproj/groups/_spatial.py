@@ -21,10 +21,13 @@ import numpy as np
 import torch
 
 from ._clebsch_gordan import irrep_product
+from ._axial import Axial
 from ._group import Group
+from ._planar import O2, SO2, Cyclic, Dihedral
 from ._so3 import check_degree, wigner_D
 
-__all__ = ["SO3", "O3", "Octahedral", "FullOctahedral", "euler_zyz", "clebsch_gordan"]
+__all__ = ["SO3", "O3", "Octahedral", "FullOctahedral", "Tetrahedral", "FullTetrahedral", "euler_zyz",
+           "clebsch_gordan"]
 
 
 def _axis_rotation(axis, angle: float) -> torch.Tensor:
@@ -111,6 +114,12 @@ class SO3(Group):
     def _contains(self, g):
         return bool((_det3(g) > 0).all())
 
+    def _subgroup_list(self):
+        return _rotation_subgroups() + [("SO3", self)]
+
+    def _same_irrep_as(self, psi):
+        return psi.id[0] if isinstance(psi.group, O3) else None  # (l, p) on rotations is D_l
+
     def haar_quadrature(self, degree):
         return _so3_quadrature(degree)
 
@@ -165,6 +174,10 @@ class O3(Group):
 
     def generators(self):
         return torch.cat([SO3().generators(), -torch.eye(3, dtype=torch.float64)[None]])
+
+    def _subgroup_list(self):
+        return _rotation_subgroups() + [("SO3", SO3()), ("Td", FullTetrahedral()), ("Oh", FullOctahedral()),
+                                        ("O3", self)]
 
     def haar_quadrature(self, degree):
         g, w = _so3_quadrature(degree)
@@ -278,6 +291,14 @@ class Octahedral(Group):
     def _contains(self, g):
         return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all() and (_det3(g) > 0).all())
 
+    def _subgroup_list(self):
+        return _octahedral_rotation_subgroups()
+
+    def _same_irrep_as(self, psi):
+        if type(self) is Octahedral and isinstance(psi.group, FullOctahedral):
+            return psi.id[:-1]  # on rotations the parity suffix does nothing
+        return None
+
     def irrep_ids(self, band_limit):
         return list(self._names)
 
@@ -331,12 +352,142 @@ class FullOctahedral(Octahedral):
     def _contains(self, g):
         return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all())
 
+    def _subgroup_list(self):
+        return _octahedral_rotation_subgroups() + [("Td", FullTetrahedral()), ("Oh", self)]
+
+    def _same_irrep_as(self, psi):
+        return None
+
     def irrep_matrix(self, id, g):
         s = torch.sign(_det3(g))
         out = _octahedral_irrep(id[:-1], g * s[..., None, None])
         if id[-1] == "u":
             out = out * s[..., None, None]
         return out
+
+
+def _axis_parity(g: torch.Tensor) -> torch.Tensor:
+    """The sign of the permutation of the axes of signed permutation matrices ``g``."""
+    return torch.linalg.det(g.abs()).round()
+
+
+class Tetrahedral(Group):
+    """T: the 12 rotations of the regular tetrahedron, the rotations of the cube whose permutation of the
+    axes is even. Irreps ``"A"`` (trivial), ``"E"`` (2-dim, complex type: the axes' cyclic permutations
+    turn the plane x+y+z = 0 by multiples of 120 degrees, in O's ``E`` basis) and ``"T"`` (the rotation itself).
+    """
+
+    ambient_dim = 3
+    trivial_id = "A"
+    _names = ("A", "E", "T")
+    _dims = {"A": 1, "E": 2, "T": 3}
+    _as_octahedral = {"A": "A1", "E": "E", "T": "T1"}
+
+    @property
+    def order(self):
+        return 12
+
+    def elements(self):
+        els = _signed_permutations(1)
+        return els[_axis_parity(els) > 0]
+
+    def generators(self):
+        return torch.stack([_axis_rotation((1, 1, 1), 2 * math.pi / 3).round(),
+                            torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))])
+
+    def _contains(self, g):
+        return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all() and (_det3(g) > 0).all()
+                    and (_axis_parity(g.round()) > 0).all())
+
+    def irrep_ids(self, band_limit):
+        return list(self._names)
+
+    def canonical_irrep_id(self, id):
+        if id not in self._names:
+            raise ValueError(f"unknown irrep id {id!r} for {self}: ids are {', '.join(self._names)}")
+        return id
+
+    def parse_irrep_id(self, s):
+        return s
+
+    def standard_irrep_id(self):
+        return "T"
+
+    def irrep_dim(self, id):
+        return self._dims[id]
+
+    def irrep_type(self, id):
+        return "complex" if id == "E" else "real"
+
+    def _harmonic_irrep_id(self, h):
+        return "T" if h == 1 else None
+
+    def _ambient_harmonic_matrix(self, h):
+        ambient = O3()
+        return lambda g: ambient.irrep_matrix((h, (-1) ** h), g)
+
+    def irrep_matrix(self, id, g):
+        return _octahedral_irrep(self._as_octahedral[id], g)
+
+
+class FullTetrahedral(Group):
+    """T_d: the 24 symmetries of the regular tetrahedron (the signed permutation matrices whose determinant
+    is the sign of their permutation of the axes). ``g -> det(g) g`` is an isomorphism onto O, and the
+    irreps are O's through it: ``"A1" "A2" "E" "T1" "T2"``; ``"T2"`` is the defining 3-D action."""
+
+    ambient_dim = 3
+    trivial_id = "A1"
+    _names = Octahedral._names
+    _dims = Octahedral._dims
+
+    @property
+    def order(self):
+        return 24
+
+    def elements(self):
+        els = _signed_permutations(None)
+        return els[_axis_parity(els) == _det3(els).round()]
+
+    def generators(self):
+        mirror = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)  # x <-> y
+        return torch.cat([Tetrahedral().generators(), mirror[None]])
+
+    def _contains(self, g):
+        return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all()
+                    and (_axis_parity(g.round()) == _det3(g).round()).all())
+
+    irrep_ids = Octahedral.irrep_ids
+    canonical_irrep_id = Octahedral.canonical_irrep_id
+    parse_irrep_id = Octahedral.parse_irrep_id
+    irrep_dim = Octahedral.irrep_dim
+
+    def standard_irrep_id(self):
+        return "T2"
+
+    def irrep_matrix(self, id, g):
+        return _octahedral_irrep(id, g * _det3(g).sign()[..., None, None])
+
+
+#: the largest order M of the axial C_M, D_M (about z) that SO(3) and O(3) list
+MAX_AXIAL_ORDER = 8
+
+
+def _rotation_subgroups() -> list:
+    """The rotation subgroups SO(3) lists: axial C_M, D_M and SO(2), O(2) about z, T and O. A half turn
+    about x (D1) is conjugate to the one about z (C2), and every D_M's axis is conjugate, so one each."""
+    out = [("C1", Axial(Cyclic(1)))]
+    out += [(f"C{m}z", Axial(Cyclic(m))) for m in range(2, MAX_AXIAL_ORDER + 1)]
+    out += [(f"D{m}z", Axial(Dihedral(m))) for m in range(2, MAX_AXIAL_ORDER + 1)]
+    return out + [("SO2z", Axial(SO2())), ("O2z", Axial(O2())), ("T", Tetrahedral()), ("O", Octahedral())]
+
+
+def _octahedral_rotation_subgroups() -> list:
+    """The subgroups of O that are axial about z, and T (C3 and D3 about a body diagonal are not listed):
+    a half turn about a coordinate axis (C2z) or about a face diagonal (D1z[pi/2]), C4z, the two
+    classes of D2 (coordinate axes; z and the face diagonals), D4z, and O."""
+    return [("C1", Axial(Cyclic(1))), ("C2z", Axial(Cyclic(2))), ("D1z[pi/2]", Axial(Dihedral(1, axis=math.pi / 2))),
+            ("C4z", Axial(Cyclic(4))), ("D2z", Axial(Dihedral(2))), ("D2z[pi/2]", Axial(Dihedral(2, axis=math.pi / 2))),
+            ("D4z", Axial(Dihedral(4))), ("T", Tetrahedral()), ("O", Octahedral())]
 
 
 def clebsch_gordan(l1: int, l2: int, l3: int) -> torch.Tensor:

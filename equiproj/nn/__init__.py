@@ -56,6 +56,8 @@ from ._layers import ApproxEquivariantConv2d, ApproxEquivariantConv3d, ApproxEqu
 from ._penalty import ProjectionPenalty, layer_energies
 from ._project import project_
 from ._report import Report, report
+from ._restrict import restrict_
+from ._spectrum import SymmetrySpectrum, symmetry_spectrum
 from ._training import constant, cosine, init_equivariant_, linear_warmup
 
 __all__ = [
@@ -66,5 +68,5 @@ __all__ = [
     "ApproxEquivariantLinear", "ApproxEquivariantConv2d", "ApproxEquivariantConv3d",
     "PointwiseActivation", "Gate", "NormActivation", "FieldBatchNorm", "FieldLayerNorm", "GroupPooling", "NormPooling",
     "GridPool", "centred_grid", "check_equivariance", "EquivarianceCheck", "from_escnn", "to_escnn",
-    "equivariance_sweep", "default_tolerance",
+    "equivariance_sweep", "default_tolerance", "restrict_", "symmetry_spectrum", "SymmetrySpectrum",
 ]

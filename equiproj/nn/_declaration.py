@@ -24,11 +24,13 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .. import grid as _grid
 from .. import translation as _translation
 from .._energy import energies as _energies
 from .._energy import energies_and_grads_many, energies_many, energy_breakdown
 from .._energy import project as _project
 from ..groups import Rep
+from ..kernel_spaces import default_kernel_space
 from ._tensors import full, is_dtensor
 
 __all__ = ["Declaration", "MatrixDeclaration", "KernelSpaceDeclaration", "TranslationDeclaration", "Term"]
@@ -331,6 +333,17 @@ class Declaration:
     def _shares_no_irrep(self):
         return None
 
+    def restricted(self, H) -> "Declaration":
+        """The same layer declared under the subgroup ``H`` (a :class:`~equiproj.groups.Subgroup` of
+        this declaration's group, or a group of its matrices): its reps restricted to ``H``."""
+        raise NotImplementedError
+
+
+def _subgroup_parts(H) -> tuple:
+    """``(group, name)`` of a :class:`~equiproj.groups.Subgroup` or of a plain group."""
+    group = getattr(H, "group", H)
+    return group, getattr(H, "name", repr(group))
+
 
 def _matrix_report(W, rep_in, rep_out, parts) -> tuple[float, float]:
     ep, eg = (float(x) for x in _energies(W, rep_in, rep_out))
@@ -361,6 +374,13 @@ class MatrixDeclaration(Declaration):
     def _shares_no_irrep(self):
         return not ({ir for ir, _ in self.weight_rep_in.irreps} & {ir for ir, _ in self.rep_out.irreps})
 
+    def restricted(self, H):
+        # the weight's input rep keeps its matrices too: a grid conv stays the same grid conv under H
+        _, name = _subgroup_parts(H)
+        return MatrixDeclaration(self.case, self.rep_in.restrict(H), self.rep_out.restrict(H),
+                                 self.weight_rep_in.restrict(H), self.weight_shape, self.include_bias,
+                                 self.spatial_dims, f"{self.description}; restricted to {name}")
+
 
 class KernelSpaceDeclaration(Declaration):
     """A conv under rotations the grid does not have: equivariant means equivariant in the kernel space
@@ -382,6 +402,24 @@ class KernelSpaceDeclaration(Declaration):
     def _report_energies(self, w, parts):
         ep, eg = self.kernel_space.energies(w, self.rep_in, self.rep_out)
         return float(ep), float(eg)
+
+    def restricted(self, H):
+        # a subgroup that maps the kernel grid onto itself (C4 in SO(2), O in SO(3)) acts exactly by
+        # permuting the grid; any other subgroup gets its own default steerable kernel space
+        group, name = _subgroup_parts(H)
+        rep_in, rep_out = self.rep_in.restrict(H), self.rep_out.restrict(H)
+        k = tuple(self.weight_shape[2:])
+        if _grid.has_grid_action(group, k):
+            return MatrixDeclaration("grid", rep_in, rep_out, rep_in @ _grid.kernel_rep(group, k), self.weight_shape,
+                                     self.include_bias, self.spatial_dims,
+                                     f"exact grid action: {name} permutes the {'x'.join(map(str, k))} kernel grid")
+        space = default_kernel_space(group, k[0] if len(set(k)) == 1 else k, len(k))
+        if space is None:
+            raise ValueError(f"no kernel space for {name} ({group!r}) on {'x'.join(map(str, k))} kernels: this "
+                             "layer cannot be declared under it")
+        describe = getattr(space, "describe", None)
+        return KernelSpaceDeclaration(rep_in, rep_out, space, self.weight_shape, self.include_bias, self.spatial_dims,
+                                      describe() if callable(describe) else repr(space))
 
 
 class TranslationDeclaration(Declaration):
@@ -417,6 +455,9 @@ class TranslationDeclaration(Declaration):
 
     def _shares_no_irrep(self):
         return False
+
+    def restricted(self, H):
+        return self  # translations involve no point group
 
 
 class StaleDeclaration:

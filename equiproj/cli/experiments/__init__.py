@@ -9,7 +9,8 @@ markdown, PNG) there, and a ``format_table(result)`` that prints it.
 * ``_smoke`` — a C4 CNN on approximately rotation-symmetric smoke-plume dynamics;
 * ``_voxels`` — an O(3)-declared 3-D CNN on voxel shapes whose label depends weakly on orientation;
 * ``_digits`` — scikit-learn's handwritten digits under a non-uniform orientation prior;
-* ``_phiflow`` — smoke plumes simulated by PhiFlow.
+* ``_phiflow`` — smoke plumes simulated by PhiFlow;
+* ``_symmetry`` — which subgroup of D4 the data keep, read off a model's symmetry spectrum.
 
 ``_smoke_data``, ``_voxels_data`` and ``_phiflow_data`` generate the data of three of them;
 ``_training`` holds what they share (seeding, one step per regime, timing, validation sweeps,
@@ -21,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import _digits, _phiflow, _smoke, _so2, _voxels
+from . import _digits, _phiflow, _smoke, _so2, _symmetry, _voxels
 from ._config import ExperimentConfig
 
 __all__ = ["Experiment", "ExperimentConfig", "EXPERIMENTS", "DEFAULT_EXPERIMENTS"]
@@ -47,6 +48,7 @@ def _experiment(title: str, module) -> Experiment:
 EXPERIMENTS = {"so2": _experiment("SO(2) toy", _so2), "smoke": _experiment("smoke plume, C4", _smoke),
                "voxels": _experiment("O(3) voxel shapes", _voxels),
                "digits": _experiment("handwritten digits (scikit-learn), C4", _digits),
-               "phiflow": _experiment("PhiFlow smoke plumes, C4", _phiflow)}
+               "phiflow": _experiment("PhiFlow smoke plumes, C4", _phiflow),
+               "symmetry": _experiment("which subgroup of D4 the data keep (symmetry spectrum)", _symmetry)}
 
 DEFAULT_EXPERIMENTS = ("so2", "smoke", "voxels")  # the others with --only

@@ -56,12 +56,15 @@ class PlumeParams:
     inflow_rate: float = 0.2
     dt: float = 1.0
     tolerance: float = 1e-6  # relative and absolute tolerance of the pressure solve
+    direction: int | None = None  # None: each plume's direction uniform over the four; j: always the j-th
 
 
 def _configs(params: PlumeParams, n: int, generator: torch.Generator) -> dict:
     """Random trajectories: direction index ``j [n]``, inflow centre ``[n, 2]`` (x, y), unit direction ``[n, 2]``."""
     N = params.grid
     j = torch.randint(0, 4, (n,), generator=generator)
+    if params.direction is not None:
+        j = torch.full((n,), int(params.direction) % 4, dtype=torch.long)
     offset = (torch.rand(n, generator=generator, dtype=torch.float64) - 0.5) * (N / 2)
     base = torch.stack([N / 2 + offset, torch.full((n,), N * 6 / 64, dtype=torch.float64)], 1)
     up = torch.tensor([0.0, 1.0], dtype=torch.float64)
@@ -175,7 +178,8 @@ def plume_dataset(params: PlumeParams, sizes: tuple[int, int, int], frames: tupl
     ``cache_dir`` (default :func:`default_cache_dir`) or generated and written there: float16 states
     and sources, compressed; the metadata (parameters, seed, PhiFlow, phiml and torch versions,
     generation time, :func:`plume_twin_difference` of ``twins`` plumes) as JSON inside."""
-    key = dict(params=asdict(params), sizes=list(sizes), frames=list(frames), seed=seed, warmup=warmup, twins=twins)
+    # a key without "direction" when it is the default, so that data cached before it existed are found
+    key = dict(params={k: v for k, v in asdict(params).items() if not (k == "direction" and v is None)}, sizes=list(sizes), frames=list(frames), seed=seed, warmup=warmup, twins=twins)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, f"plumes_{params.grid}_{digest}.npz")

@@ -1,0 +1,247 @@
+"""Subgroups, the subgroup lattice, and the restriction of a representation to a subgroup.
+
+A :class:`Subgroup` names a subgroup ``H`` of a group ``G`` and carries it as an equiproj group whose
+elements, as matrices, are elements of ``G``. Each group lists the subgroups that matter through its
+hook ``_subgroup_list`` (one representative per conjugacy class, chosen so that the inclusions
+between the representatives are literal: ``D1[0] ⊂ D2[0] ⊂ D4``), and ``G.subgroups()`` returns them
+as a :class:`SubgroupLattice`.
+
+The restriction ``rep.restrict(H)`` keeps the matrices (``rep.restrict(H).matrix(h) == rep.matrix(h)``)
+and re-decomposes each field into irreps of ``H``: every irrep ``psi`` of ``G`` in the field is split
+once into irreps of ``H`` (``psi|_H = Q_psi (⊕ phi) Q_psi^T``, cached per ``(psi, H)``), and the field's
+change of basis becomes ``Q_f · blockdiag(Q_psi)``. So a layer of any width restricts at the cost of
+its distinct irreps. Since ``Hom_G ⊂ Hom_H``, the energies obey ``E_perp^H <= E_perp^G``
+(docs/math.md §10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from fractions import Fraction
+
+import torch
+
+from . import _group, _rep
+from ._decompose import decompose
+from ._rep import Field, Rep
+from ._threads import one_thread
+
+__all__ = ["Subgroup", "SubgroupLattice", "subgroup_lattice", "angle_name"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Subgroup:
+    """A subgroup ``group`` of ``parent``, with a ``name`` (``"C4"``, ``"D1[0]"``, ``"D1[pi/2]"``, ``"O"``).
+
+    ``group`` is an equiproj group whose elements are elements of ``parent`` (the same matrices), so a
+    representation of ``parent`` restricts to it without a change of coordinates.
+
+    Example::
+
+        >>> from equiproj.groups import Dihedral
+        >>> H = Dihedral(4).subgroups()["C4"]
+        >>> H.group, H.order
+        (Cyclic(4), 4)
+    """
+
+    name: str
+    group: object
+    parent: object
+
+    def __repr__(self):
+        return f"Subgroup({self.name!r} of {self.parent!r}: {self.group!r})"
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def order(self) -> int | None:
+        return self.group.order
+
+    def is_subgroup_of(self, other: "Subgroup") -> bool:
+        """Whether every element of this subgroup is an element of ``other`` (literal inclusion)."""
+        return is_subset(self.group, other.group)
+
+
+def is_subset(a, b) -> bool:
+    """Whether the group ``a`` is contained in the group ``b`` (both as sets of matrices)."""
+    if a.ambient_dim != b.ambient_dim:
+        return False
+    if a.is_finite and b.is_finite and a.order > b.order:
+        return False
+    if not a.is_finite and b.is_finite:
+        return False
+    g = a.elements() if a.is_finite else a.generators()  # generators of a dense subgroup: b is closed
+    return bool(b._contains(g))
+
+
+class SubgroupLattice:
+    """The subgroups of ``parent`` that it lists (:meth:`Group.subgroups`) with their inclusions.
+
+    Indexing by name gives a :class:`Subgroup`; iteration runs from the smallest to the largest
+    (by order, continuous groups last). ``covers()`` are the edges of the Hasse diagram.
+
+    Example::
+
+        >>> from equiproj.groups import Dihedral
+        >>> L = Dihedral(4).subgroups()
+        >>> L.names
+        ('C1', 'C2', 'D1[0]', 'D1[pi/2]', 'C4', 'D2[0]', 'D2[pi/2]', 'D4')
+        >>> [s.name for s in L.above("D1[0]")]
+        ['D1[0]', 'D2[0]', 'D4']
+    """
+
+    def __init__(self, parent, subgroups):
+        subgroups = list(subgroups)
+        if len({s.name for s in subgroups}) != len(subgroups):
+            raise ValueError("subgroup names must be unique")
+        for s in subgroups:
+            if not is_subset(s.group, parent):
+                raise ValueError(f"{s.name} ({s.group!r}) is not a subgroup of {parent!r}")
+        subgroups.sort(key=lambda s: (s.order is None, s.order or 0, not _is_rotation_only(s.group)))
+        self.parent = parent
+        self.subgroups = tuple(subgroups)
+        n = len(subgroups)
+        #: inclusion[i][j]: subgroups[i] ⊆ subgroups[j]
+        self.inclusion = tuple(tuple(i == j or is_subset(subgroups[i].group, subgroups[j].group) for j in range(n))
+                               for i in range(n))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.subgroups)
+
+    def __len__(self):
+        return len(self.subgroups)
+
+    def __iter__(self):
+        return iter(self.subgroups)
+
+    def __contains__(self, name):
+        return name in self.names
+
+    def __getitem__(self, name: str) -> Subgroup:
+        for s in self.subgroups:
+            if s.name == name:
+                return s
+        raise KeyError(f"{self.parent!r} lists no subgroup named {name!r}; its subgroups are {list(self.names)}")
+
+    def __repr__(self):
+        return f"SubgroupLattice({self.parent!r}: {', '.join(self.names)})"
+
+    def _i(self, s) -> int:
+        return self.names.index(s.name if isinstance(s, Subgroup) else s)
+
+    def includes(self, small, large) -> bool:
+        """Whether ``small ⊆ large`` (names or :class:`Subgroup` objects of this lattice)."""
+        return self.inclusion[self._i(small)][self._i(large)]
+
+    def below(self, s) -> list[Subgroup]:
+        """The subgroups of ``s`` (``s`` included)."""
+        j = self._i(s)
+        return [t for i, t in enumerate(self.subgroups) if self.inclusion[i][j]]
+
+    def above(self, s) -> list[Subgroup]:
+        """The subgroups that contain ``s`` (``s`` included)."""
+        i = self._i(s)
+        return [t for j, t in enumerate(self.subgroups) if self.inclusion[i][j]]
+
+    def covers(self) -> list[tuple[Subgroup, Subgroup]]:
+        """``(H, K)`` with ``H ⊂ K`` and nothing listed strictly between them: the Hasse diagram's edges."""
+        n, inc = len(self), self.inclusion
+        out = []
+        for i in range(n):
+            for j in range(n):
+                if i != j and inc[i][j] and not any(k not in (i, j) and inc[i][k] and inc[k][j] for k in range(n)):
+                    out.append((self.subgroups[i], self.subgroups[j]))
+        return out
+
+
+def _is_rotation_only(group) -> bool:
+    g = group.generators()
+    return bool((torch.linalg.det(g) > 0).all())
+
+
+@functools.lru_cache(maxsize=64)
+def subgroup_lattice(group) -> SubgroupLattice:
+    """The lattice of ``group``'s listed subgroups (its hook ``_subgroup_list``), cached per group."""
+    return SubgroupLattice(group, [Subgroup(name, h, group) for name, h in group._subgroup_list()])
+
+
+def angle_name(theta: float) -> str:
+    """``theta`` (radians) as a multiple of pi: ``"0"``, ``"pi/4"``, ``"3pi/2"`` (else 6 decimals)."""
+    f = Fraction(theta / math.pi).limit_denominator(96)
+    if abs(float(f) * math.pi - theta) > 1e-9:
+        return f"{theta:.6f}"
+    if f == 0:
+        return "0"
+    num = "pi" if f.numerator == 1 else f"{f.numerator}pi"
+    return num if f.denominator == 1 else f"{num}/{f.denominator}"
+
+
+# ---------------------------------------------------------------------------------------------
+# restriction
+# ---------------------------------------------------------------------------------------------
+def _target(H):
+    return H.group if isinstance(H, Subgroup) else H
+
+
+def restrict(rep: Rep, H) -> Rep:
+    """``rep`` as a representation of the subgroup ``H`` (a :class:`Subgroup` or a group whose elements
+    are elements of ``rep.group``): the same matrices, decomposed into the irreps of ``H``."""
+    target = _target(H)
+    if not (hasattr(target, "ambient_dim") and hasattr(target, "irrep_ids")):
+        raise TypeError(f"restrict needs a Subgroup or an equiproj group, got {type(H).__name__}")
+    if target == rep.group:
+        return rep
+    if not is_subset(target, rep.group):
+        raise ValueError(f"{target!r} is not a subgroup of {rep.group!r}: its elements are not all elements of "
+                         f"{rep.group!r}; pick one of {rep.group!r}.subgroups() or a group of its matrices")
+    return Rep(target, [(c, restrict_field(f, target)) for c, f in rep.segments], rep.perm)
+
+
+@functools.lru_cache(maxsize=4096)
+def restrict_field(field: Field, H) -> Field:
+    """One field of a representation of G as a field of the subgroup ``H`` (cached per field and ``H``)."""
+    slots, blocks, identity = [], [], True
+    for psi in field.slots:
+        h_slots, Q = branching(psi, H)
+        slots += h_slots
+        blocks.append(Q)
+        identity = identity and Q is None
+    if identity:
+        Q = field.Q
+    else:
+        B = torch.block_diag(*[torch.eye(psi.dim, dtype=torch.float64) if q is None else q
+                               for psi, q in zip(field.slots, blocks)])
+        Q = B if field.Q is None else field.Q @ B
+    return Field(H, slots, Q, field._matrix_fn, name=f"{field.name}|{H!r}", key=("restricted", field, H),
+                 dim=field.dim)
+
+
+@functools.lru_cache(maxsize=4096)
+@one_thread
+def branching(psi, H) -> tuple[list, torch.Tensor | None]:
+    """The branching rule of the irrep ``psi`` of G to the subgroup ``H``: ``(slots, Q)`` with
+    ``psi(h) = Q (⊕ slots(h)) Q^T`` for h in H (``Q`` ``None``: the identity).
+
+    Where the restriction keeps the irrep's matrices exactly (the same formula on H's elements),
+    the rule is read off; otherwise it is the numerical decomposition (``psi.band`` bounds the
+    frequencies a continuous H can see), verified to 1e-8 at random elements of H."""
+    fn = psi._raw_matrix
+    same = H._same_irrep_as(psi)
+    if same is not None:
+        return [H.irrep(same)], None
+    slots, Q = decompose(H, lambda h: fn(h).to(torch.float64), psi.dim, None if H.is_finite else max(psi.band, 0))
+    if len(slots) == 1 and torch.allclose(Q, torch.eye(psi.dim, dtype=torch.float64), atol=1e-12):
+        return slots, None
+    return slots, Q
+
+
+def _set_restriction():
+    _rep._RESTRICT = restrict
+    _group._SUBGROUP_LATTICE = subgroup_lattice
+
+
+_set_restriction()
