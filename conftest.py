@@ -56,3 +56,7 @@ def pytest_collection_modifyitems(config, items):
 def _seeded_doctest(request):
     if isinstance(request.node, DoctestItem):
         torch.manual_seed(0)
+
+
+# scripts that make the committed fixtures need the peer libraries (escnn): run by hand, never collected
+collect_ignore = ["tests/nn/data/export_escnn_models.py"]
