@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import grid as _grid
-from ..groups import Group, Rep, as_rep_pair, check_rep_pair
+from ..groups import Group, Rep, as_rep, as_rep_pair, check_rep_pair
 from ._declare import declaration, unwrap
 
 __all__ = ["check_equivariance", "EquivarianceCheck", "equivariance_sweep", "default_tolerance"]
@@ -369,6 +369,19 @@ def _restore(snapshot) -> list[str]:
 
 
 @torch.no_grad()
+def _checked_reps(rep_in, rep_out):
+    """``(rep_in, rep_out)`` as reps of one group (``rep_out`` a tuple of reps for a tuple output); a string
+    reads in the other side's group."""
+    if isinstance(rep_out, (tuple, list)):
+        pairs = [as_rep_pair(rep_in, r) for r in rep_out]
+        rep_in, rep_out = (pairs[0][0] if pairs else as_rep(rep_in, "rep_in")), tuple(p[1] for p in pairs)
+    else:
+        rep_in, rep_out = as_rep_pair(rep_in, rep_out)
+    for r in rep_out if isinstance(rep_out, tuple) else (rep_out,):
+        check_rep_pair(rep_in, r)
+    return rep_in, rep_out
+
+
 def check_equivariance(model: nn.Module, rep_in, rep_out, x: torch.Tensor, *, elements=None,
                        tolerance: float | None = None, generator: torch.Generator | None = None) -> EquivarianceCheck:
     """Apply group elements to a real input batch and compare ``model(g x)`` with ``g model(x)``.
@@ -426,11 +439,7 @@ def check_equivariance(model: nn.Module, rep_in, rep_out, x: torch.Tensor, *, el
         >>> check_equivariance(model, 3 * G.trivial(), 2 * G.trivial(), images).max_rel_error < 1e-4
         True
     """
-    rep_in = as_rep(rep_in, "rep_in")
-    rep_out = (tuple(as_rep(r, f"rep_out[{k}]") for k, r in enumerate(rep_out)) if isinstance(rep_out, (tuple, list))
-               else as_rep(rep_out, "rep_out"))
-    for r in rep_out if isinstance(rep_out, tuple) else (rep_out,):
-        check_rep_pair(rep_in, r)
+    rep_in, rep_out = _checked_reps(rep_in, rep_out)
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != rep_in.dim:
         raise ValueError(f"x must be a batch [B, {rep_in.dim}] or [B, {rep_in.dim}, *spatial] (channels carry rep_in), "
                          f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -570,7 +579,7 @@ def equivariance_sweep(model: nn.Module, rep_in, rep_out, x: torch.Tensor, angle
         >>> rows[2][1] < 1e-5 < rows[1][1]           # exact at 90 degrees; 45 degrees includes resampling
         True
     """
-    rep_in = as_rep(rep_in, "rep_in")
+    rep_in, rep_out = _checked_reps(rep_in, rep_out)
     group = rep_in.group
     if angles is None:
         if group.is_finite:
