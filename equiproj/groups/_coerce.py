@@ -22,6 +22,8 @@ def as_rep(x, name: str = "rep", group=None) -> Rep:
 
     Example::
 
+        >>> import equiproj
+        >>> from equiproj.groups import as_rep
         >>> as_rep("2x0 + 1", group=equiproj.SO3())
         Rep(SO3(), '2x0 + 1')
     """

@@ -8,12 +8,14 @@ that may follow a schedule of the global step (``equiproj.nn.linear_warmup``, ``
 ``log_every_n_steps`` it logs each layer's ``E_perp/||W||^2`` through ``LightningModule.log_dict``
 (so to whatever logger the trainer has: TensorBoard, CSV, ...).
 
-Example::
+Example (a sketch: ``module`` is your ``LightningModule`` with declared layers, ``data`` its loader)::
 
-    >>> import lightning as L
-    >>> from equiproj.integrations.lightning import EquivarianceCallback
-    >>> callback = EquivarianceCallback(lambda_perp=equiproj.nn.linear_warmup(1e-2, steps=1000))
-    >>> L.Trainer(callbacks=[callback]).fit(module, data)
+    import lightning as L
+    import equiproj
+    from equiproj.integrations.lightning import EquivarianceCallback
+
+    callback = EquivarianceCallback(lambda_perp=equiproj.nn.linear_warmup(1e-2, steps=1000))
+    L.Trainer(callbacks=[callback]).fit(module, data)
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Per-layer energies to TensorBoard (optional: ``pip install tensorboard`` for ``SummaryWriter``).
 
-Example::
+Example (a sketch: ``model`` has declared layers, ``step`` is the training step)::
 
-    >>> from torch.utils.tensorboard import SummaryWriter
-    >>> writer = SummaryWriter("runs/equiproj")
-    >>> log_energies(writer, model, step)          # or equiproj.nn.report(model).log_to(writer, step)
+    from torch.utils.tensorboard import SummaryWriter
+    from equiproj.integrations.tensorboard import log_energies
+
+    writer = SummaryWriter("runs/equiproj")
+    log_energies(writer, model, step)          # or equiproj.nn.report(model).log_to(writer, step)
 """
 
 from __future__ import annotations

@@ -68,12 +68,13 @@ class Term:
         raise NotImplementedError
 
     @classmethod
-    def one_pass(cls, terms, lambda_perp, lambda_G, outs=None):
+    def one_pass(cls, terms, lambda_perp, lambda_G, outs=None, energies: bool = True):
         """``(E_perp [T], E_G [T], grads)`` without an autograd graph: ``grads[k]`` is the gradient of
         ``lambda_perp[k] E_perp[k] + lambda_G[k] E_G[k]`` in the form of ``terms[k].weight``, in a fresh
         tensor, or added in place to ``outs[k]`` (then ``grads[k] is outs[k]``) where ``outs`` is given
         and ``outs[k]`` is not ``None``. The weights are read before any output is written, so an
-        output may be the weight itself."""
+        output may be the weight itself. ``energies=False`` lets a kind that writes into every output
+        skip the energies (the decoupled step needs none); it may then return ``None`` for them."""
         leaves = [t.weight.detach().requires_grad_() for t in terms]
         with torch.enable_grad():
             ep, eg = cls.energies([t.with_weight(w) for t, w in zip(terms, leaves)])
@@ -111,7 +112,7 @@ class MatrixTerm(Term):
         return energies_many([t.weight for t in terms], [(t.rep_in, t.rep_out) for t in terms])
 
     @classmethod
-    def one_pass(cls, terms, lambda_perp, lambda_G, outs=None):
+    def one_pass(cls, terms, lambda_perp, lambda_G, outs=None, energies: bool = True):
         outs = [None] * len(terms) if outs is None else list(outs)
         into = [k for k, o in enumerate(outs) if o is not None]
         fresh = [k for k, o in enumerate(outs) if o is None]
@@ -149,7 +150,7 @@ class KernelTerm(Term):
         return _stack(parts)
 
     @classmethod
-    def one_pass(cls, terms, lambda_perp, lambda_G, outs=None):
+    def one_pass(cls, terms, lambda_perp, lambda_G, outs=None, energies: bool = True):
         many = getattr(type(terms[0].space), "energies_and_grads_many", None)
         if many is None:  # a space without a fused route: through its differentiable energies
             return super().one_pass(terms, lambda_perp, lambda_G, outs)
@@ -158,7 +159,7 @@ class KernelTerm(Term):
         if outs is not None and all(o is not None for o in outs):
             # the space adds into the outputs itself (one pass; an output may be the weight)
             ep, eg, grads = many(weights, spaces, reps, lambda_perp=list(lambda_perp), lambda_G=list(lambda_G),
-                                 outs=list(outs))
+                                 outs=list(outs), energies=energies)
             return ep, eg, grads
         ep, eg, grads = many(weights, spaces, reps, lambda_perp=list(lambda_perp), lambda_G=list(lambda_G))
         return ep, eg, added(grads, outs)

@@ -483,9 +483,13 @@ def to_escnn(model: nn.Module, like=None, *, return_residuals: bool = False):
 
     Example::
 
+        >>> import equiproj
+        >>> from escnn import gspaces, nn as escnn_nn
+        >>> gs = gspaces.rot2dOnR2(8)
+        >>> field_type = escnn_nn.FieldType(gs, 2 * [gs.regular_repr])
+        >>> escnn_model = escnn_nn.SequentialModule(escnn_nn.R2Conv(field_type, field_type, kernel_size=5))
         >>> plain = equiproj.nn.from_escnn(escnn_model)
-        >>> ...                                   # train plain with the penalty
-        >>> equiproj.nn.project_(plain)
+        >>> _ = equiproj.nn.project_(plain)                   # after training plain with the penalty
         >>> escnn_again = equiproj.nn.to_escnn(plain)
     """
     if like is None:

@@ -106,7 +106,7 @@ class TermGroup:
         ks = [k for k, v in enumerate(views) if v is not None]
         if ks:
             self.kind.one_pass([self.terms[k] for k in ks], [-rate / 2] * len(ks), [-rate_G / 2] * len(ks),
-                               [views[k] for k in ks])
+                               [views[k] for k in ks], energies=False)
         return {id(self.terms[k].param) for k in ks}
 
 

@@ -49,7 +49,13 @@ def restrict_(model: nn.Module, subgroup) -> nn.Module:
 
     Example::
 
-        >>> restrict_(model, "C4")            # keep the rotations, drop the reflections of D4
+        >>> import torch, equiproj
+        >>> from equiproj.nn import declaration, declare, restrict_
+        >>> D4 = equiproj.Dihedral(4)
+        >>> model = torch.nn.Sequential(declare(torch.nn.Linear(8, 8), D4.regular(), D4.regular()))
+        >>> _ = restrict_(model, "C4")            # keep the rotations, drop the reflections of D4
+        >>> declaration(model[0]).group
+        Cyclic(4)
     """
     layers = declared_layers(model)
     if not layers:

@@ -141,9 +141,16 @@ def symmetry_spectrum(model: nn.Module, subgroups=None) -> SymmetrySpectrum:
 
     Example::
 
-        >>> spectrum = symmetry_spectrum(model)          # declared under D4
-        >>> spectrum.rel_perp["conv1"]["C4"], spectrum.model["D4"]
-        >>> spectrum.plot("spectrum.png")
+        >>> import torch, equiproj
+        >>> from equiproj.nn import declare, project_, symmetry_spectrum
+        >>> D4 = equiproj.Dihedral(4)
+        >>> model = torch.nn.Sequential(declare(torch.nn.Linear(8, 8), D4.regular(), D4.regular()))
+        >>> _ = project_(model, subgroup="C4")           # C4-equivariant, not D4-equivariant
+        >>> spectrum = symmetry_spectrum(model)
+        >>> spectrum.model["C4"] < 1e-10 < 1e-2 < spectrum.model["D4"]    # float32 weights
+        True
+        >>> spectrum.rel_perp["0"]["C2"] < 1e-10            # every subgroup of C4 too
+        True
     """
     layers = [(n, m, d) for n, m, d in declared_layers(model) if d.group is not None]
     if not layers:

@@ -27,7 +27,7 @@ from torch import nn
 from ...groups import O3, SO2, Cyclic, Dihedral, FullOctahedral, Octahedral, Rep
 from ...nn import ProjectionPenalty, declare
 
-__all__ = ["LayerKind", "layer_kinds", "layer_kind_rows", "format_layer_kinds", "measure_layer"]
+__all__ = ["LayerKind", "layer_kinds", "layer_kind_rows", "format_layer_kinds", "measure_layer", "is_noisy", "NOISY_IQR"]
 
 @dataclass(frozen=True)
 class LayerKind:
@@ -65,12 +65,17 @@ def layer_kinds(quick: bool) -> list[LayerKind]:
         LayerKind(f"Linear {4096 // s}², O(3) {1024 // s}x0e+{1024 // s}x1o", "linear",
                   _linear(Rep.parse(o3, f"{1024 // s}x0e + {1024 // s}x1o"))),
     ]
-    for N in ((4, 16, 64) if quick else (4, 16, 64, 256, 1024)):
+    for N in ((4, 16, 64) if quick else (4, 8, 16, 64, 256, 1024, 4096)):
         copies = max(1, (4096 // s) // N)
         kinds.append(LayerKind(f"Linear {copies * N}², {copies} x C{N} regular", "linear",
                                _linear(copies * Cyclic(N).regular())))
     kinds.append(LayerKind(f"Linear {(4096 // s) // 16 * 16}², D8 regular", "linear",
                            _linear(((4096 // s) // 16) * Dihedral(8).regular())))
+    if not quick:
+        for G, label in ((Octahedral(), "O"), (FullOctahedral(), "O_h")):
+            copies = 4096 // len(G.elements())
+            kinds.append(LayerKind(f"Linear {copies * len(G.elements())}², {copies} x {label} regular", "linear",
+                                   _linear(copies * G.regular())))
     c = 384 // s
     for G, label in ((Cyclic(4), "C4"), (Dihedral(4), "D4")):
         reg = G.regular()
@@ -88,6 +93,10 @@ def layer_kinds(quick: bool) -> list[LayerKind]:
     c8 = Cyclic(8)
     kinds.append(LayerKind(f"Conv2d {c // 8 * 8}->{c // 8 * 8} k=5, C8 regular (steerable)", "steerable",
                            _conv(2, (c // 8) * c8.regular(), (c // 8) * c8.regular(), 5)))
+    if not quick:
+        c16 = Cyclic(16)
+        kinds.append(LayerKind(f"Conv2d {c // 16 * 16}->{c // 16 * 16} k=5, C16 regular (steerable)", "steerable",
+                               _conv(2, (c // 16) * c16.regular(), (c // 16) * c16.regular(), 5)))
     so2 = SO2()
     r = Rep.parse(so2, " + ".join(f"{max(1, c // 28)}x{f}" for f in range(4)))
     kinds.append(LayerKind(f"Conv2d {r.dim}->{r.dim} k=5, SO(2) irreps 0..3 (steerable)", "steerable",
@@ -112,7 +121,11 @@ def _median_times(fns: dict, rounds: int, device: torch.device) -> dict:
             fn()
             sync()
             times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    out = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in times.items():  # the interquartile range, relative to the median
+        q = statistics.quantiles(v, n=4) if len(v) >= 2 else [v[0], v[0], v[0]]
+        out[f"{k}_iqr"] = (q[2] - q[0]) / out[k]
+    return out
 
 
 def measure_layer(kind: LayerKind, threads: int, rounds: int, gen: torch.Generator, device="cpu") -> dict:
@@ -163,9 +176,21 @@ def format_layer_kinds(rows: list[dict]) -> str:
     for r in rows:
         xb, xd = r["backward"] / r["floor"], r["decay"] / r["floor"]
         met = "yes" if max(xb, xd) <= r["target"] else "no"
+        if is_noisy(r):
+            met = "noisy"
         lines.append(f"| {r['kind']} | {r['route']} | {r['weights']:,} | {r['threads']} | {1e6 * r['floor']:.0f} "
                      f"| {xb:.1f}x | {xd:.1f}x | <= {r['target']:.0f}x | {met} |")
     lines.append("\nfloor: warm `torch.mul(W, 2, out=buf)` of the same float32 weight, interleaved with the two "
                  "calls; medians. backward(): `penalty.backward()` adding into an existing `.grad`; "
-                 "decay_: `penalty.decay_(rate)` in place.")
+                 "decay_: `penalty.decay_(rate)` in place. 'noisy': the interquartile range of one of the three "
+                 f"times exceeded {NOISY_IQR:.0%} of its median, so the ratios are no finding.")
     return "\n".join(lines)
+
+
+#: a row whose floor, backward or decay time spread more than this (interquartile range / median) is noisy
+NOISY_IQR = 0.5
+
+
+def is_noisy(row: dict) -> bool:
+    """Whether noise made the row's ratios meaningless (a spread above :data:`NOISY_IQR`)."""
+    return any(row.get(f"{k}_iqr", 0.0) > NOISY_IQR for k in ("floor", "backward", "decay"))

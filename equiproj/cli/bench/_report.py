@@ -7,6 +7,7 @@ import math
 
 
 from .._verify import format_table
+from ._layer_kinds import format_layer_kinds
 from ._timing import bandwidth_text, is_noisy, relative_spread
 from ._verification import verification_ok
 
@@ -168,6 +169,11 @@ def format_report(result: dict) -> str:
                  f"at least one extra forward + backward per step: {overhead_finding(o, 'data_k1')[1]} here). "
                  "An overhead is reported when the difference of the medians exceeds the interquartile ranges of "
                  "both steps, else 'within noise'.")
+    if result.get("layer_kinds"):
+        L.append("")
+        L.append("## Every kind of layer against its memory floor (float32; `penalty.backward()` and `decay_`)")
+        L.append("")
+        L.append(format_layer_kinds(result["layer_kinds"]))
     L.append("")
     L.append(f"total time {result['seconds']:.0f} s. Timings on a shared machine are noisy; compare ratios within one run.")
     return "\n".join(L)

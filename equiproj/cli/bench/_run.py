@@ -10,6 +10,7 @@ import time
 import torch
 
 from .._verify import verify_groups
+from ._layer_kinds import layer_kind_rows, layer_kinds
 from ._overhead import time_overhead
 from ._suite import Settings, suite
 from ._timing import Progress, available_backends, measure, time_layer
@@ -38,11 +39,13 @@ def run_suite(settings: Settings, progress: bool = True) -> dict:
     backends = available_backends(settings.device)
     fused = [b for b, why in backends.items() if why is None]
     layers = suite(settings)
-    total = (1 if settings.verify_groups else 0) + len(layers) * (1 + 2 * len(fused) + 5) + 4
+    kind_threads = (1,) if settings.mode == "quick" else (1, 2)
+    kinds = layer_kinds(quick=settings.mode != "full")
+    total = (1 if settings.verify_groups else 0) + len(layers) * (1 + 2 * len(fused) + 5) + 4 + len(kinds) * len(kind_threads)
     bar = Progress(total, enabled=progress)
     result = {"settings": {k: v for k, v in settings.__dict__.items()}, "machine": machine_info(settings.device),
               "backends": {b: (why or "ok") for b, why in backends.items()}, "fused": fused,
-              "verification": [], "groups": [], "timings": [], "floor": None, "overhead": None}
+              "verification": [], "groups": [], "timings": [], "floor": None, "overhead": None, "layer_kinds": []}
     result["settings"]["dense_max_bytes"] = settings.dense_max_bytes
     # 1. verification
     for L in layers:
@@ -65,6 +68,9 @@ def run_suite(settings: Settings, progress: bool = True) -> dict:
     del src, dst
     # 3. overhead
     result["overhead"] = time_overhead(settings, fused, gen, bar)
+    # 4. every kind of layer through the penalty against its memory floor
+    result["layer_kinds"] = layer_kind_rows(kind_threads, kinds=kinds, rounds=5 if settings.mode == "quick" else None,
+                                            progress=bar.step, device=settings.device)
     bar.close()
     ratios(result)
     result["seconds"] = time.perf_counter() - t_start
