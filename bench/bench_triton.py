@@ -35,9 +35,9 @@ def layer():
     rep = equiproj.Rep.parse(G, f"{n}x0 + {n}x1 + {n}x2")
     W = torch.randn(rep.dim, rep.dim, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     P = block_plan(rep, rep).packed(DEVICE, torch.float32)
-    c_perp, c_g = torch.tensor([1.0], device=DEVICE), torch.tensor([0.5], device=DEVICE)
-    expected = torch_fused_energies([W], [P], c_perp, c_g)
-    return rep, W, P, c_perp, c_g, expected
+    lambda_perp, lambda_G = torch.tensor([1.0], device=DEVICE), torch.tensor([0.5], device=DEVICE)
+    expected = torch_fused_energies([W], [P], lambda_perp, lambda_G)
+    return rep, W, P, lambda_perp, lambda_G, expected
 
 
 def _sync():

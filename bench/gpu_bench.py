@@ -10,7 +10,7 @@ case (field structure, dtype, weight size) it reports:
 * ``GB/s`` and ``% copy``: bytes that must move (read W, write dW) over the graph time, and as a
   fraction of the device-to-device copy bandwidth measured in the same run (bytes read + written);
 * ``torch ms`` and ``speedup``: ``equiproj.energies(W, rep_in, rep_out, backend="torch")`` plus
-  ``backward`` of ``c_perp E_perp + c_g E_G`` (the pure-torch path, eager), over fused eager;
+  ``backward`` of ``lambda_perp E_perp + lambda_G E_G`` (the pure-torch path, eager), over fused eager;
 * ``rel err``: max relative difference of the fused energies from the torch path's.
 
 ``--dry-run`` runs tiny sizes on the CPU under ``TRITON_INTERPRET=1`` (tests this script without

@@ -4,7 +4,7 @@
 //   W_struct[i, j] = W[perm_out[i], perm_in[j]]; per field pair and tile (u, v):
 //   T = W_struct[out_offset + u d_out : +d_out, in_offset + v d_in : +d_in]
 //   coef_k = <A_k, T>,  R = T - sum_k coef_k A_k,  E_perp += ||R||^2,  E_G += sum_k coef_k^2
-//   grad = 2 c_perp R + 2 c_g (T - R)   (user coordinates, W's dtype)
+//   grad = 2 lambda_perp R + 2 lambda_G (T - R)   (user coordinates, W's dtype)
 //
 // Work item = one row block (one copy of one output field of one matrix): its d_out rows are
 // processed against every input field, so reads and writes stream along rows. Items run in
@@ -361,15 +361,15 @@ std::vector<double> coefficients(const Tensor& c, int64_t batch, const char* nam
 // (!add); nothing is returned for them.
 std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_energies(
     at::TensorList weights, at::TensorList meta, at::TensorList basis, at::TensorList perm_out,
-    at::TensorList perm_in, at::TensorList c_perp, at::TensorList c_g, at::TensorList outs, bool add) {
+    at::TensorList perm_in, at::TensorList lambda_perp, at::TensorList lambda_G, at::TensorList outs, bool add) {
   const int64_t nl = weights.size();
   TORCH_CHECK_VALUE(meta.size() == weights.size() && basis.size() == weights.size() && perm_out.size() == weights.size() &&
                   perm_in.size() == weights.size(),
               "fused_energies: got ", nl, " weights but ", meta.size(), " meta, ", basis.size(), " basis, ",
               perm_out.size(), " perm_out, ", perm_in.size(), " perm_in tensors");
-  const bool want_grad = !c_perp.empty();
-  TORCH_CHECK_VALUE(c_perp.size() == c_g.size() && (!want_grad || (int64_t)c_perp.size() == nl),
-              "fused_energies: c_perp and c_g must both be empty or both have one tensor per weight");
+  const bool want_grad = !lambda_perp.empty();
+  TORCH_CHECK_VALUE(lambda_perp.size() == lambda_G.size() && (!want_grad || (int64_t)lambda_perp.size() == nl),
+              "fused_energies: lambda_perp and lambda_G must both be empty or both have one tensor per weight");
   const bool accumulate = !outs.empty();
   TORCH_CHECK_VALUE(!accumulate || (want_grad && (int64_t)outs.size() == nl),
                     "fused_energies: outs must be empty or hold one tensor per weight (with coefficients)");
@@ -408,8 +408,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
     e_perp.push_back(at::empty(batch_shape, W.options().dtype(acc_type)));
     e_g.push_back(at::empty(batch_shape, W.options().dtype(acc_type)));
     if (want_grad) {
-      L.cp2 = coefficients(c_perp[i], L.batch, "c_perp", i);
-      L.cg2 = coefficients(c_g[i], L.batch, "c_g", i);
+      L.cp2 = coefficients(lambda_perp[i], L.batch, "lambda_perp", i);
+      L.cg2 = coefficients(lambda_G[i], L.batch, "lambda_G", i);
       if (accumulate) {
         const Tensor& out = outs[i];
         TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == st && out.numel() == W.numel() &&

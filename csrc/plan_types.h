@@ -73,7 +73,7 @@ struct Layer {
   std::vector<OutGroup> groups;
   std::vector<int64_t> group_start;   // prefix sums of copies over groups
   int64_t blocks = 0;                 // row blocks per matrix
-  std::vector<acc_t> cp2, cg2;        // 2 c_perp, 2 c_g per matrix (empty: no gradient)
+  std::vector<acc_t> cp2, cg2;        // 2 lambda_perp, 2 lambda_G per matrix (empty: no gradient)
   ItemFn fn = nullptr;
 };
 

@@ -7,7 +7,7 @@
 * :func:`torch_fused_energies` / :func:`torch_project`: the annotated pure-torch twin, any device,
   also float64 weights; the library's ``"torch"`` backend.
 
-Both fused functions take ``(weights, plans, c_perp, c_g)``: weights ``[..., m_i, n_i]``, packed
+Both fused functions take ``(weights, plans, lambda_perp, lambda_G)``: weights ``[..., m_i, n_i]``, packed
 plans (:func:`equiproj._plan.plan_for`), coefficients ``[L]`` or ``None``, and return
 ``(e_perp, e_g, grads)`` (lists; ``grads`` is ``None`` without coefficients).
 """

@@ -34,8 +34,8 @@ def autocast_off(device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def check_inputs(weights, plans, c_perp, c_g, *, allow_float64: bool):
-    """Validate ``(weights, plans, c_perp, c_g)``; returns them as lists / tensors.
+def check_inputs(weights, plans, lambda_perp, lambda_G, *, allow_float64: bool):
+    """Validate ``(weights, plans, lambda_perp, lambda_G)``; returns them as lists / tensors.
 
     Raises ``TypeError`` / ``ValueError`` naming the offending layer and argument.
     """
@@ -65,13 +65,13 @@ def check_inputs(weights, plans, c_perp, c_g, *, allow_float64: bool):
         if P.basis.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"plans[{i}].basis is {P.basis.dtype}; a half-precision basis loses the projection's "
                              "accuracy: use equiproj._plan.plan_for(rep_in, rep_out, device)")
-    if (c_perp is None) != (c_g is None):
-        raise ValueError("give both c_perp and c_g (to get gradients) or neither")
-    if c_perp is not None:
-        for name, c in (("c_perp", c_perp), ("c_g", c_g)):
+    if (lambda_perp is None) != (lambda_G is None):
+        raise ValueError("give both lambda_perp and lambda_G (to get gradients) or neither")
+    if lambda_perp is not None:
+        for name, c in (("lambda_perp", lambda_perp), ("lambda_G", lambda_G)):
             if not isinstance(c, torch.Tensor):
                 raise TypeError(f"{name} must be a tensor of shape [{len(weights)}], got {type(c).__name__}")
             if not c.is_floating_point() or tuple(c.shape) != (len(weights),):
                 raise ValueError(f"{name} must be a floating-point tensor of shape [{len(weights)}], "
                                  f"got {c.dtype} {tuple(c.shape)}")
-    return weights, plans, c_perp, c_g
+    return weights, plans, lambda_perp, lambda_G

@@ -70,7 +70,7 @@ def _to_user(X: torch.Tensor, P: PackedPlan) -> torch.Tensor:
     return X if perms is None else X.index_select(-2, perms[2]).index_select(-1, perms[3])
 
 
-def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
+def torch_fused_energies(weights, plans, lambda_perp=None, lambda_G=None):
     """Energies (and optionally gradients) of many layers from their packed plans, in pure torch.
 
     Args:
@@ -78,7 +78,7 @@ def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
             float16 / bfloat16 / float32 (energies in float32) or float64 (energies in float64).
         plans: L :class:`~equiproj._plan.PackedPlan` (basis float32 or float64), the i-th for
             ``W_i``'s (rep_in, rep_out).
-        c_perp, c_g: ``[L]`` coefficients of the penalty ``sum_i c_perp_i E_perp_i + c_g_i E_G_i``,
+        lambda_perp, lambda_G: ``[L]`` coefficients of the penalty ``sum_i c_perp_i E_perp_i + c_g_i E_G_i``,
             or both ``None`` for no gradients.
     Returns:
         ``(e_perp, e_g, grads)``: lists of L tensors ``[...]`` (energy per matrix), and
@@ -92,8 +92,8 @@ def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
         >>> P = block_plan(r, r).packed("cpu", torch.float32)
         >>> (ep,), (eg,), (g,) = torch_fused_energies([torch.randn(5, 5)], [P], torch.ones(1), torch.zeros(1))
     """
-    weights, plans, c_perp, c_g = check_inputs(weights, plans, c_perp, c_g, allow_float64=True)
-    want_grad = c_perp is not None
+    weights, plans, lambda_perp, lambda_G = check_inputs(weights, plans, lambda_perp, lambda_G, allow_float64=True)
+    want_grad = lambda_perp is not None
     e_perp, e_g, grads = [], [], []
     for i, (W, P) in enumerate(zip(weights, plans)):
         with autocast_off(W.device):  # the contract's dtypes inside an autocast region too
@@ -104,8 +104,8 @@ def torch_fused_energies(weights, plans, c_perp=None, c_g=None):
             # (a pair of reps without equivariant maps has E_G = 0, with gradient 0)
             ep = eg = X[..., :0, :0].sum((-2, -1))  # an empty sum: +0, NaN-free
             if want_grad:
-                cp2 = 2 * c_perp[i].to(device=W.device, dtype=cd)
-                cg2 = 2 * c_g[i].to(device=W.device, dtype=cd)
+                cp2 = 2 * lambda_perp[i].to(device=W.device, dtype=cd)
+                cg2 = 2 * lambda_G[i].to(device=W.device, dtype=cd)
                 Gs = torch.empty_like(X)
             for rows, cols, T, coef, PT in _pairs(X, P):
                 R = T if PT is None else T - PT

@@ -4,7 +4,7 @@ Per tile ``T`` (``d_out x d_in``, one copy of an output field by one copy of an 
 structured coordinates) with the field pair's orthonormal basis ``A [r, d_out, d_in]``:
 
     coef_k = <A_k, T>,   R = T - sum_k coef_k A_k,   e_perp += ||R||^2,   e_g += sum_k coef_k^2
-    grad   = 2 c_perp R + 2 c_g (T - R)            (written back in user coordinates)
+    grad   = 2 lambda_perp R + 2 lambda_G (T - R)            (written back in user coordinates)
 
 One program handles ``BU x BV`` tiles of one field pair (a task of :mod:`.schedule`): it loads
 the ``[BU, d_out, BV, d_in]`` block (rows through ``perm_out``, columns through ``perm_in``; for
@@ -329,16 +329,16 @@ def _new_buffer(numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(numel, dtype=dtype, device=device)
 
 
-def fused_energies(weights, plans, c_perp=None, c_g=None, outs=None):
+def fused_energies(weights, plans, lambda_perp=None, lambda_G=None, outs=None):
     """Energies and penalty gradients of many layers, with a number of launches independent of L.
 
     Args:
         weights: L CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``), the i-th
             ``[..., m_i, n_i]`` (any strides; leading dims are a batch), float16 / bfloat16 /
             float32; all on one device. float64 raises ``ValueError`` (route it elsewhere).
-        plans: L :class:`~equiproj.plan.PackedPlan` from ``block_plan(rep_in, rep_out).packed(device,
+        plans: L :class:`~equiproj._plan.PackedPlan` from ``block_plan(rep_in, rep_out).packed(device,
             torch.float32)`` (a float64 basis is accepted too and used in float32).
-        c_perp, c_g: ``[L]`` coefficients (any device; on the weights' device avoids a copy), or
+        lambda_perp, lambda_G: ``[L]`` coefficients (any device; on the weights' device avoids a copy), or
             both ``None`` for energies only.
         outs: ``None``, or L contiguous tensors of the weights' shapes and dtypes to which the
             gradients are added in place (``outs[i]`` may be ``weights[i]`` itself: every block is
@@ -353,9 +353,9 @@ def fused_energies(weights, plans, c_perp=None, c_g=None, outs=None):
     among all field pairs) plus one reduction; the task tables are built once per layout and
     cached.
     """
-    weights, plans, c_perp, c_g = check_inputs(weights, plans, c_perp, c_g, allow_float64=False)
+    weights, plans, lambda_perp, lambda_G = check_inputs(weights, plans, lambda_perp, lambda_G, allow_float64=False)
     if not weights:
-        return [], [], ([] if c_perp is not None else None)
+        return [], [], ([] if lambda_perp is not None else None)
     device = weights[0].device
     for i, W in enumerate(weights):
         if W.device != device:
@@ -363,7 +363,7 @@ def fused_energies(weights, plans, c_perp=None, c_g=None, outs=None):
     if device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"fused_energies runs on CUDA tensors (got {device}); set TRITON_INTERPRET=1 before "
                          "importing equiproj.kernels to run it on the CPU, or use torch_fused_energies")
-    want_grad = c_perp is not None
+    want_grad = lambda_perp is not None
     sched, addr_cache = _schedule(weights, plans, device)
     addresses = _addresses(weights, addr_cache, device)
 
@@ -385,10 +385,10 @@ def fused_energies(weights, plans, c_perp=None, c_g=None, outs=None):
         e.data_ptr() + 4 * j for es in (e_perp, e_g) for e in es for j in range(e.numel())), addr_cache, device)
     grad_addresses = _address_table(tuple(g.data_ptr() for g in grads), addr_cache, device) if want_grad else addresses
     if want_grad:
-        c_perp = c_perp.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
-        c_g = c_g.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+        lambda_perp = lambda_perp.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+        lambda_G = lambda_G.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
     else:
-        c_perp = c_g = partials  # never read
+        lambda_perp = lambda_G = partials  # never read
 
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         w_of_dtype = {W.dtype: W for W in weights}
@@ -397,7 +397,7 @@ def fused_energies(weights, plans, c_perp=None, c_g=None, outs=None):
             w_ref = w_of_dtype[tc.dtype]
             if tc.orbit != OrbitClass.NONE:
                 _orbit_tiles_kernel[(tc.count,)](
-                    sched.tasks, tc.start, addresses, sched.layers, sched.basis, sched.perms, c_perp, c_g,
+                    sched.tasks, tc.start, addresses, sched.layers, sched.basis, sched.perms, lambda_perp, lambda_G,
                     w_ref, grad_addresses, partials, sched.n_slots,
                     DO=tc.d_out, DI=tc.d_in, DOP=dop, DIP=dip, BU=tc.bu, BV=tc.bv,
                     IDENTITY_PERM=tc.identity_perm, FORM=int(tc.orbit), WITH_GRAD=want_grad,
@@ -405,7 +405,7 @@ def fused_energies(weights, plans, c_perp=None, c_g=None, outs=None):
                 )
                 continue
             _energy_tiles_kernel[(tc.count,)](
-                sched.tasks, tc.start, addresses, sched.layers, sched.basis, sched.perms, c_perp, c_g,
+                sched.tasks, tc.start, addresses, sched.layers, sched.basis, sched.perms, lambda_perp, lambda_G,
                 w_ref, grad_addresses, partials, sched.n_slots,
                 DO=tc.d_out, DI=tc.d_in, DOP=dop, DIP=dip, BU=tc.bu, BV=tc.bv,
                 IDENTITY_PERM=tc.identity_perm, UNIT_COL_STRIDE=tc.unit_col_stride,

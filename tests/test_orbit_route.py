@@ -193,20 +193,20 @@ def test_triton_kernel_matches_the_reference(gen):
     for (rep_in, rep_out), dtype in zip(cases, itertools.cycle([torch.float32, torch.bfloat16, torch.float16])):
         W = torch.randn(2, rep_out.dim, rep_in.dim, generator=gen).to(device=device, dtype=dtype)
         P = plan_for(rep_in, rep_out, device, torch.float32)
-        c_perp, c_g = torch.tensor([1.0, 0.5]), torch.tensor([0.25, 0.0])
+        lambda_perp, lambda_G = torch.tensor([1.0, 0.5]), torch.tensor([0.25, 0.0])
         flat = list(W.unbind(0))
-        ep, eg, grads = kernels.fused_energies(flat, [P, P], c_perp, c_g)
+        ep, eg, grads = kernels.fused_energies(flat, [P, P], lambda_perp, lambda_G)
         flat = [w.cpu() for w in flat]
         tol = 2e-5 if dtype == torch.float32 else 1e-2  # half precision: the gradient is stored in W's dtype
         for k in range(2):
             ref_p, ref_g = reference.energies(flat[k].double(), rep_in, rep_out)
             PW = reference.project(flat[k].double(), rep_in, rep_out)
             assert relative_error(ep[k].cpu(), ref_p) < 2e-5 and relative_error(eg[k].cpu(), ref_g) < 2e-5
-            want = 2 * float(c_perp[k]) * (flat[k].double() - PW) + 2 * float(c_g[k]) * PW
+            want = 2 * float(lambda_perp[k]) * (flat[k].double() - PW) + 2 * float(lambda_G[k]) * PW
             assert float((grads[k].cpu().double() - want).abs().max()) <= tol * float(want.abs().max())
         # accumulate into given tensors in place (the decoupled step adds into the weight itself)
         outs = [w.to(device).clone() for w in flat]
-        kernels.fused_energies([w.to(device) for w in flat[:1]], [P], c_perp[:1], c_g[:1], outs=outs[:1])
+        kernels.fused_energies([w.to(device) for w in flat[:1]], [P], lambda_perp[:1], lambda_G[:1], outs=outs[:1])
         outs = [o.cpu() for o in outs]
         ref = flat[0].double() + 2 * (flat[0].double() - reference.project(flat[0].double(), rep_in, rep_out)) \
             + 0.5 * reference.project(flat[0].double(), rep_in, rep_out)

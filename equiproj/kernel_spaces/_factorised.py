@@ -19,7 +19,7 @@ r``), so no dense per-field-pair basis (``[r, d_out, d_in k^s]``, ``r = 88`` for
 k = 5) is formed. Everything between the two pixel passes works on the band coefficients, ``D /
 k^s`` of the weight (0.44 at k = 5 in 2-D, 0.15 in 3-D).
 
-The last pass writes in place: ``out += 2 c_perp (K - P K) + 2 c_G P K``, which for ``out`` the weight
+The last pass writes in place: ``out += 2 lambda_perp (K - P K) + 2 lambda_G P K``, which for ``out`` the weight
 itself is one matrix product ``K <- beta K + alpha h Phi^T`` over the weight (the decoupled step); for
 a gradient buffer it runs in chunks of rows whose residual stays in cache.
 """
@@ -140,18 +140,18 @@ class FactorisedPlan:
         return h, e_g
 
     # ---- one pass over the weight ----------------------------------------------------------------
-    def run(self, K: torch.Tensor, c_perp=None, c_g=None, out: torch.Tensor | None = None, energies: bool = True):
+    def run(self, K: torch.Tensor, lambda_perp=None, lambda_G=None, out: torch.Tensor | None = None, energies: bool = True):
         """The energies of ``K`` (``[..., m, n, P]``, compute dtype) and, with coefficients, the penalty's
-        gradient ``2 c_perp (K - P K) + 2 c_G P K`` added to ``out`` (``[..., m, n, P]``, contiguous, K's
+        gradient ``2 lambda_perp (K - P K) + 2 lambda_G P K`` added to ``out`` (``[..., m, n, P]``, contiguous, K's
         dtype; it may be ``K`` itself: then this is the decoupled step in place) or returned in a fresh
-        tensor (``out=None``). ``c_perp``, ``c_g``: numbers or tensors of the batch shape.
+        tensor (``out=None``). ``lambda_perp``, ``lambda_G``: numbers or tensors of the batch shape.
 
         Returns ``(E_perp, E_G, grad or out or None)``; the energies are ``None`` with ``energies=False``
         (the step needs no residual, and the weight is written by one matrix product)."""
         with autocast_off(K.device):  # in K's dtype inside an autocast region too
-            return self._run(K, c_perp, c_g, out, energies)
+            return self._run(K, lambda_perp, lambda_G, out, energies)
 
-    def _run(self, K, c_perp, c_g, out, energies):
+    def _run(self, K, lambda_perp, lambda_G, out, energies):
         P, D = self.space.num_pixels, self.space.dim
         Phi = _sampled_on(self.space, K.device, K.dtype)
         batch, (m, n) = K.shape[:-3], K.shape[-3:-1]
@@ -161,22 +161,22 @@ class FactorisedPlan:
         h, e_g = self.project_band(a)
         h_rows = h.reshape(D, -1).T  # [rows, D], a transposed view
         PhiT = Phi.T
-        if c_perp is None:
+        if lambda_perp is None:
             e_perp = _residual_energies(rows, h_rows, PhiT, None, None, None, K.shape)
             return e_perp.view(batch).to(K.dtype), e_g.view(batch), None
-        cp = _per_row(c_perp, batch, K)
-        cg = _per_row(c_g, batch, K)
+        cp = _per_row(lambda_perp, batch, K)
+        cg = _per_row(lambda_G, batch, K)
         if out is not None and out.data_ptr() == K.data_ptr() and not energies and cp is None:
-            # out = K + 2 c_perp (K - P K) + 2 c_G P K: one product over the weight, in place
-            rows.addmm_(h_rows, PhiT, beta=1 + 2 * c_perp, alpha=2 * (c_g - c_perp))
+            # out = K + 2 lambda_perp (K - P K) + 2 lambda_G P K: one product over the weight, in place
+            rows.addmm_(h_rows, PhiT, beta=1 + 2 * lambda_perp, alpha=2 * (lambda_G - lambda_perp))
             return None, None, out
         if out is not None and out.data_ptr() == K.data_ptr():  # the residual reads K after the step would write it
-            e_perp, e_g, grad = self._run(K, c_perp, c_g, None, energies)
+            e_perp, e_g, grad = self._run(K, lambda_perp, lambda_G, None, energies)
             out.add_(grad)
             return e_perp, e_g, out
         grad = torch.empty_like(rows) if out is None else None
         target = grad if out is None else out.view(-1, P)
-        e_perp = _residual_energies(rows, h_rows, PhiT, target, (c_perp, c_g, cp, cg), out is None, K.shape)
+        e_perp = _residual_energies(rows, h_rows, PhiT, target, (lambda_perp, lambda_G, cp, cg), out is None, K.shape)
         e_perp = e_perp.view(batch).to(K.dtype) if energies else None
         return e_perp, (e_g.view(batch) if energies else None), (grad.view(K.shape) if out is None else out)
 
@@ -215,7 +215,7 @@ def _per_row(c, batch, K):
 
 def _residual_energies(rows, h_rows, PhiT, target, coeffs, fresh, shape):
     """``||K - h Phi^T||^2`` per batch item (float64 sums of float rows), and with ``target`` the
-    gradient ``2 c_perp R + 2 c_G (K - R)`` written (``fresh``) or added into it, chunk by chunk."""
+    gradient ``2 lambda_perp R + 2 lambda_G (K - R)`` written (``fresh``) or added into it, chunk by chunk."""
     n_rows, P = rows.shape
     per_item = shape[-3] * shape[-2]
     items = n_rows // per_item if per_item else 0
@@ -235,26 +235,26 @@ def _residual_energies(rows, h_rows, PhiT, target, coeffs, fresh, shape):
             e[b] += torch.linalg.vecdot(R.reshape(-1), R.reshape(-1)).double()
             if target is None:
                 continue
-            c_perp, c_g, cp, cg = coeffs
+            lambda_perp, lambda_G, cp, cg = coeffs
             T = target[s: s + t]
-            if fresh:  # T holds R: T = 2 c_perp R + 2 c_G (K - R)
+            if fresh:  # T holds R: T = 2 lambda_perp R + 2 lambda_G (K - R)
                 if cp is None and cg is None:
-                    if c_g:
-                        T.mul_(2 * (c_perp - c_g)).add_(K_c, alpha=2 * c_g)
+                    if lambda_G:
+                        T.mul_(2 * (lambda_perp - lambda_G)).add_(K_c, alpha=2 * lambda_G)
                     else:
-                        T.mul_(2 * c_perp)
+                        T.mul_(2 * lambda_perp)
                 else:
-                    cpb = cp[b] if cp is not None else c_perp
-                    cgb = cg[b] if cg is not None else c_g
+                    cpb = cp[b] if cp is not None else lambda_perp
+                    cgb = cg[b] if cg is not None else lambda_G
                     T.mul_(2 * (cpb - cgb)).add_(K_c * (2 * cgb))
             else:
                 if cp is None and cg is None:
-                    T.add_(R, alpha=2 * (c_perp - c_g))
-                    if c_g:
-                        T.add_(K_c, alpha=2 * c_g)
+                    T.add_(R, alpha=2 * (lambda_perp - lambda_G))
+                    if lambda_G:
+                        T.add_(K_c, alpha=2 * lambda_G)
                 else:
-                    cpb = cp[b] if cp is not None else c_perp
-                    cgb = cg[b] if cg is not None else c_g
+                    cpb = cp[b] if cp is not None else lambda_perp
+                    cgb = cg[b] if cg is not None else lambda_G
                     T.add_(R * (2 * (cpb - cgb))).add_(K_c * (2 * cgb))
     return e
 

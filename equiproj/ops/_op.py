@@ -411,7 +411,7 @@ def fused_energies(weights, plans) -> tuple[list[Tensor], list[Tensor]]:
 
     Args:
         weights: L tensors, the i-th ``[..., m_i, n_i]`` (any strides), all on one device.
-        plans: L :class:`~equiproj.plan.PackedPlan` (from :func:`packed_plan`), the i-th for W_i.
+        plans: L :class:`~equiproj._plan.PackedPlan` (from :func:`packed_plan`), the i-th for W_i.
     Returns:
         two lists of L tensors ``[...]`` (float32, or float64 for float64 weights). The op is
         called once for all layers (a constant number of kernel launches).

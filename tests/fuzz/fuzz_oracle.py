@@ -30,12 +30,12 @@ computes in, ``||W||`` the Frobenius norm of one matrix):
   the library sees, upcast to float64): the weight rounding of ~2^-8 relative is then not an
   error of the library, and the energies must agree to float32 accuracy, not to the ~1e-2 of
   ||W||^2 that a comparison with unrounded weights would need.
-* gradients and projections (elementwise): ``rtol_out |g_ref| + 2 (|c_perp| + |c_g|) C_GRAD eps ||W||
+* gradients and projections (elementwise): ``rtol_out |g_ref| + 2 (|lambda_perp| + |lambda_G|) C_GRAD eps ||W||
   + subnormal spacing``, with ``rtol_out`` 1e-9 / 1e-5 for float64 / float32 results and one
   unit in the last place for float16 (2^-10) / bfloat16 (2^-7) results (the gradient is rounded
   once to the weight dtype; bfloat16 via float32 may truncate). The expected gradients use the
   lambdas as the library takes them (``ops.as_coefficient``: float32 unless W is float64), since
-  the two terms of ``2 c_perp R + 2 c_g P W`` can cancel at an element.
+  the two terms of ``2 lambda_perp R + 2 lambda_G P W`` can cancel at an element.
 
 ``eps`` per backend: ``"cpp"`` computes every tile in float64 whatever the weight dtype
 (2^-52); ``"torch"`` and ``project`` in the accumulation dtype (float64 for float64 weights,
@@ -206,7 +206,7 @@ def _record(what, backend, dtype, regime, rel, ratio, small_errors, suffix):
 
 def check_matrix(X, X_ref, W, coef_scale, *, backend, what, regime, out_dtype=None):
     """Elementwise check of a gradient / projection ``X`` against ``X_ref`` (float64), ``W`` the weight
-    it was computed from, ``coef_scale`` ``|c_perp| + |c_g|`` per matrix (broadcastable to the batch)."""
+    it was computed from, ``coef_scale`` ``|lambda_perp| + |lambda_G|`` per matrix (broadcastable to the batch)."""
     out_dtype = out_dtype or W.dtype
     assert X.dtype == out_dtype, f"{what}: dtype {X.dtype}, expected {out_dtype}"
     assert X.shape == X_ref.shape, f"{what}: shape {tuple(X.shape)} != {tuple(X_ref.shape)}"

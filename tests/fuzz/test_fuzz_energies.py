@@ -124,7 +124,7 @@ def test_project(case, which):
         W, ri, ro = layer.W, layer.rep_in, layer.rep_out
         _, PW, R = layer.reference()
         X = equiproj.project(W, ri, ro, which=which)
-        # |c_perp| + |c_g| = 1/2: the tolerance's absolute term is C_GRAD eps ||W||
+        # |lambda_perp| + |lambda_G| = 1/2: the tolerance's absolute term is C_GRAD eps ||W||
         check_matrix(X, PW if which == "equivariant" else R, W, 0.5, backend="project", what=f"project {which}",
                      regime=layer.regime)
 

@@ -268,27 +268,27 @@ def _plan_backends():
     return out
 
 
-def _run_plan(backend, X, packed, c_perp=None, c_g=None):
+def _run_plan(backend, X, packed, lambda_perp=None, lambda_G=None):
     """(E_perp, E_G, grad or None) of ``X [..., m, n P]`` under ``packed`` by one backend."""
     if backend == "cpp":
-        if c_perp is None:
+        if lambda_perp is None:
             (e_perp,), (e_g,) = ep.ops.fused_energies([X], [packed])
             return e_perp, e_g, None
-        (e_perp,), (e_g,), (g,) = ep.ops.fused_energies_and_grads([X], [packed], [c_perp], [c_g])
+        (e_perp,), (e_g,), (g,) = ep.ops.fused_energies_and_grads([X], [packed], [lambda_perp], [lambda_G])
         return e_perp, e_g, g
     if backend == "torch":
-        cp = [] if c_perp is None else [torch.full(X.shape[:-2], c_perp, dtype=X.dtype)]
-        cg = [] if c_g is None else [torch.full(X.shape[:-2], c_g, dtype=X.dtype)]
+        cp = [] if lambda_perp is None else [torch.full(X.shape[:-2], lambda_perp, dtype=X.dtype)]
+        cg = [] if lambda_G is None else [torch.full(X.shape[:-2], lambda_G, dtype=X.dtype)]
         (e_perp,), (e_g,), g = ep.ops.run_twin([X], [packed], cp, cg)
         return e_perp, e_g, (g[0] if g else None)
     from equiproj.kernels import fused_energies as triton_fused  # the Triton kernel (interpreter on CPU)
 
     mats = X.reshape((-1,) + X.shape[-2:]).unbind(0)
     plans = [packed.to(X.device, torch.float32)] * len(mats)
-    if c_perp is None:
+    if lambda_perp is None:
         e_perp, e_g, _ = triton_fused(list(mats), plans, None, None)
         return torch.stack(e_perp).reshape(X.shape[:-2]), torch.stack(e_g).reshape(X.shape[:-2]), None
-    cps, cgs = torch.full((len(mats),), c_perp), torch.full((len(mats),), c_g)
+    cps, cgs = torch.full((len(mats),), lambda_perp), torch.full((len(mats),), lambda_G)
     e_perp, e_g, g = triton_fused(list(mats), plans, cps, cgs)
     return (torch.stack(e_perp).reshape(X.shape[:-2]), torch.stack(e_g).reshape(X.shape[:-2]),
             torch.stack(g).reshape(X.shape))

@@ -8,7 +8,7 @@ Tolerances:
 * energies (relative): 1e-10 for float64 weights (1e-7 when nearly equivariant,
   E_perp / ||W||^2 ~ 1e-10: the reference's own rounding of R = W - P W); 1e-6 for fp32 / fp16 /
   bf16 weights, nearly equivariant included (energies are returned in float32: 2^-24 rounding).
-* gradients ``2 c_perp R + 2 c_g P W`` (elementwise): ``ulp |g_ref| + 1e-12 (|c_perp| + |c_g|) max|W|``
+* gradients ``2 lambda_perp R + 2 lambda_G P W`` (elementwise): ``ulp |g_ref| + 1e-12 (|lambda_perp| + |lambda_G|) max|W|``
   ``+ ulp * smallest_normal`` (subnormal spacing), with ``ulp`` one unit in the last place of the
   weight dtype (2^-52, 2^-23, 2^-10, 2^-7): the float64 gradient rounded once (bf16/fp16 via
   float32, so up to one ulp).
@@ -80,15 +80,15 @@ def _plan(ri, ro):
     return block_plan(ri, ro).packed("cpu", torch.float64)
 
 
-def cpp(weights, plans, c_perp=(), c_g=()):
+def cpp(weights, plans, lambda_perp=(), lambda_G=()):
     """The op on CPU, its results per weight: ``(e_perp, e_g, grads)`` (fresh gradients written)."""
     P, weights = plans, list(weights)
-    grads = [torch.empty(W.shape, dtype=W.dtype) for W in weights] if len(c_perp) else []
-    if len(c_perp) and len(c_perp) != len(weights):
-        grads = grads[: len(c_perp)]
+    grads = [torch.empty(W.shape, dtype=W.dtype) for W in weights] if len(lambda_perp) else []
+    if len(lambda_perp) and len(lambda_perp) != len(weights):
+        grads = grads[: len(lambda_perp)]
     ep, eg = torch.ops.equiproj.fused_energies(weights, [p.meta for p in P], [p.basis for p in P],
-                                               [p.perm_out for p in P], [p.perm_in for p in P], list(c_perp),
-                                               list(c_g), grads, False)
+                                               [p.perm_out for p in P], [p.perm_in for p in P], list(lambda_perp),
+                                               list(lambda_G), grads, False)
     return ops.split_energies(weights, ep), ops.split_energies(weights, eg), grads
 
 

@@ -12,8 +12,8 @@ the kernel's float32 arithmetic and the final rounding of the gradient differ):
   second term is the rounding of the residual ``R`` (elements off by ~eps |W|) entering
   ``||R||^2``; it governs nearly equivariant weights (E_perp / ||W||^2 = 1e-10 gives a relative
   bound of ~0.1, the kernel's actual error is ~1e-2, the float32 limit).
-* gradients ``2 c_perp R + 2 c_g P W``: elementwise
-  ``|g - g_ref| <= ulp_dtype |g_ref| + 64 eps (|c_perp| + |c_g|) max|W|`` with ``ulp_dtype`` one
+* gradients ``2 lambda_perp R + 2 lambda_G P W``: elementwise
+  ``|g - g_ref| <= ulp_dtype |g_ref| + 64 eps (|lambda_perp| + |lambda_G|) max|W|`` with ``ulp_dtype`` one
   unit in the last place of the weight dtype relative to the value (2^-23, 2^-10, 2^-7 for
   float32, float16, bfloat16): the final conversion to the weight dtype rounds to nearest on
   CUDA (half an ulp), but the Triton interpreter truncates float32 -> bfloat16 (up to one ulp).
@@ -307,7 +307,7 @@ def test_kernel_bad_input():
         fused_energies(W, [P])
     with pytest.raises(TypeError, match="PackedPlan"):
         fused_energies([W], [block_plan(ri, ro)])
-    with pytest.raises(ValueError, match="both c_perp and c_g"):
+    with pytest.raises(ValueError, match="both lambda_perp and lambda_G"):
         fused_energies([W], [P], torch.ones(1), None)
     with pytest.raises(ValueError, match="shape"):
         fused_energies([W], [P], torch.ones(2), torch.ones(2))
