@@ -27,7 +27,8 @@ from ..kernel_spaces import escnn_conv_to_torch
 from ..kernel_spaces import from_escnn as _conv_space
 from ._blocks import GridPool, GroupPooling, NormActivation, NormPooling, PointwiseActivation
 from ._declare import declare
-from ._escnn_blocks import AntialiasedAvgPool2d, FieldBranches, FieldDropout, GatedFields, IIDBatchNorm, InnerBatchNorm, NormBatchNorm
+from ._escnn_blocks import (AntialiasedAvgPool2d, FieldBranches, FieldDropout, GatedFieldPair, GatedFields, IIDBatchNorm,
+                            InnerBatchNorm, IrrepBatchNorm, NormBatchNorm)
 
 __all__ = ["from_escnn", "to_escnn", "ESCNN_MODULES"]
 
@@ -136,6 +137,12 @@ def _gated1(m, bias: bool):
     return GatedFields(_rep(m.in_type), _rep(m.out_type), gate_index, groups, m.bias.detach(), out_gates)
 
 
+def _gated2(m, bias: bool):
+    gates_type, gated_type = m.in_type
+    groups = [(s, _full_index(m, f"indices_{s}", s)) for s in m._order]
+    return GatedFieldPair(_rep(gates_type), _rep(gated_type), groups, m.bias.detach())
+
+
 def _check_stats(m):
     if not getattr(m, "track_running_stats", True) or m.momentum is None:
         raise NotImplementedError(f"escnn's {type(m).__name__} without running statistics (or momentum=None) is not "
@@ -200,6 +207,30 @@ def _copy_iid_batchnorm(m, out, to_escnn: bool):
             for e_name, q_name in (("running_var", "running_var"), ("running_mean", "running_mean"), ("weight", "weight"),
                                    ("bias", "bias")):
                 e, q = getattr(m, f"{esc}_{e_name}", None), getattr(out, f"{q_name}_{k}", None)
+                if e is not None and q is not None:
+                    (e.copy_(q) if to_escnn else q.copy_(e))
+
+
+def _gnorm_batchnorm(m, bias: bool):
+    _check_stats(m)
+    groups = []
+    for name, size in m._sizes:
+        esc = m._escape_name(name)
+        groups.append({"size": size, "index": _full_index(m, f"{esc}_indices", name), "trivial": m._trivial_idxs[name],
+                       "aggregator": getattr(m, f"vars_aggregator_{esc}"), "propagator": getattr(m, f"vars_propagator_{esc}"),
+                       "change_of_basis": getattr(m, f"{esc}_change_of_basis", None),
+                       "change_of_basis_inv": getattr(m, f"{esc}_change_of_basis_inv", None)})
+    out = IrrepBatchNorm(_rep(m.in_type), groups, m.eps, m.momentum, m.affine)
+    _copy_gnorm_batchnorm(m, out, to_escnn=False)
+    return out
+
+
+def _copy_gnorm_batchnorm(m, out, to_escnn: bool):
+    with torch.no_grad():
+        for k, (name, _) in enumerate(m._sizes):
+            esc = m._escape_name(name)
+            for field in ("running_var", "running_mean", "weight", "bias"):
+                e, q = getattr(m, f"{esc}_{field}", None), getattr(out, f"{field}_{k}", None)
                 if e is not None and q is not None:
                     (e.copy_(q) if to_escnn else q.copy_(e))
 
@@ -271,8 +302,8 @@ _CONVERTERS = {
     "R2Conv": _conv, "R3Conv": _conv, "R2ConvTransposed": _conv_transposed, "R3ConvTransposed": _conv_transposed,
     "Linear": _linear,
     "ReLU": _pointwise(F.relu), "ELU": _elu, "PointwiseNonLinearity": _pointwise_nonlinearity,
-    "NormNonLinearity": _norm_nonlinearity, "GatedNonLinearity1": _gated1,
-    "InnerBatchNorm": _inner_batchnorm, "NormBatchNorm": _norm_batchnorm,
+    "NormNonLinearity": _norm_nonlinearity, "GatedNonLinearity1": _gated1, "GatedNonLinearity2": _gated2,
+    "InnerBatchNorm": _inner_batchnorm, "NormBatchNorm": _norm_batchnorm, "GNormBatchNorm": _gnorm_batchnorm,
     "IIDBatchNorm1d": _iid_batchnorm, "IIDBatchNorm2d": _iid_batchnorm, "IIDBatchNorm3d": _iid_batchnorm,
     "GroupPooling": _group_pooling, "NormPool": _norm_pool,
     "PointwiseMaxPool2D": _grid_pool("max", 2), "PointwiseMaxPool3D": _grid_pool("max", 3),
@@ -284,10 +315,9 @@ _CONVERTERS = {
 
 #: escnn modules refused, and what to do instead
 _REFUSED = {
-    "GNormBatchNorm": "its per-irrep normalisation has no equiproj block; use IIDBatchNorm or NormBatchNorm in the "
-                      "escnn model, or equiproj.nn.FieldBatchNorm in the converted one",
-    "GatedNonLinearity2": "it takes two tensors (gates, gated); build the model with GatedNonLinearity1",
-    "TensorProductModule": "its learned tensor product has no plain-layer form in equiproj; keep that part in escnn",
+    "TensorProductModule": "it multiplies two learned linear images of its input through escnn's Clebsch-Gordan "
+                           "coefficients, which no equiproj block computes; keep that part in escnn, or build the model "
+                           "with GatedNonLinearity1 or NormNonLinearity",
     "BranchingModule": "its output is a dict of tensors; use it inside a MultipleModule, which is converted",
     "MergeModule": "it takes a dict of tensors; use it inside a MultipleModule, which is converted",
     "R3IcoConv": "the icosahedral group has no equiproj counterpart",
@@ -429,12 +459,14 @@ def _write_back(src, dst, residuals: dict, path: str) -> None:
             _write_expansion(src, dst, residuals, path)
         elif name == "NormNonLinearity":
             _write_norm_nonlinearity(src, dst, residuals, path)
-        elif name == "GatedNonLinearity1":
+        elif name in ("GatedNonLinearity1", "GatedNonLinearity2"):
             dst.bias.copy_(src.bias.reshape(dst.bias.shape))
         elif name == "InnerBatchNorm":
             _copy_inner_batchnorm(dst, src, to_escnn=True)
         elif name == "NormBatchNorm":
             _copy_norm_batchnorm(dst, src, to_escnn=True)
+        elif name == "GNormBatchNorm":
+            _copy_gnorm_batchnorm(dst, src, to_escnn=True)
         elif name.startswith("IIDBatchNorm"):
             _copy_iid_batchnorm(dst, src, to_escnn=True)
 
