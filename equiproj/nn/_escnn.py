@@ -26,7 +26,7 @@ from ..groups import Rep, as_rep
 from ..kernel_spaces import escnn_conv_to_torch
 from ..kernel_spaces import from_escnn as _conv_space
 from ._blocks import GridPool, GroupPooling, NormActivation, NormPooling, PointwiseActivation
-from ._declare import declare
+from ._declare import declaration, declare
 from ._escnn_blocks import (AntialiasedAvgPool2d, FieldBranches, FieldDropout, GatedFieldPair, GatedFields, IIDBatchNorm,
                             InnerBatchNorm, IrrepBatchNorm, NormBatchNorm)
 
@@ -436,6 +436,8 @@ def _write_expansion(src, dst, residuals: dict, path: str) -> None:
         if dst.bias is not None and src.bias is not None:
             cb, residuals[(path or ".") + " bias"] = _lstsq(dst.bias_expansion.double().cpu(), src.bias)
             dst.bias.copy_(cb.to(dst.bias.dtype))
+        elif src.bias is not None and bool(src.bias.detach().ne(0).any()):
+            residuals[(path or ".") + " bias"] = 1.0  # escnn's layer has no bias here (no invariant output field)
 
 
 def _write_norm_nonlinearity(src: NormActivation, dst, residuals: dict, path: str) -> None:
@@ -497,7 +499,58 @@ def _copy_escnn(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def to_escnn(model: nn.Module, like=None, *, return_residuals: bool = False):
+def _uniform(value, dims: int, what: str, layer: str):
+    v = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+    if isinstance(value, str) or len(set(v)) != 1:
+        raise NotImplementedError(f"to_escnn: the {layer} has {what} {value!r}; escnn's convolutions take one {what} for "
+                                  "every axis: build the layer with a single integer")
+    return int(v[0])
+
+
+def _new_escnn_layer(module: nn.Module, gspace):
+    """An escnn ``R2Conv``/``R3Conv``/``Linear`` of a declared plain layer's shape, on ``gspace`` (default: the
+    escnn gspace of the declared reps' group), its field types built from the declared reps."""
+    from ..groups._escnn import escnn_field_type, escnn_gspace  # noqa: PLC0415 - needs escnn only here
+
+    d = declaration(module)
+    kind = type(module).__name__
+    dims = {"Linear": 0, "Conv2d": 2, "Conv3d": 3}.get(kind)
+    if dims is None or d is None or d.rep_in is None:
+        raise ValueError(f"to_escnn: a {kind} {'declared' if d is not None else 'not declared'} "
+                         f"{'without reps' if d is not None else ''}: without like= it converts nn.Conv2d, nn.Conv3d and "
+                         "nn.Linear declared with reps (equiproj.nn.declare), and models converted by from_escnn in "
+                         "this process; pass like=<the escnn module to fill> otherwise")
+    if d.case == "channels":
+        raise NotImplementedError(f"to_escnn: the {kind} is declared with kernel_space='channels' (the group acts on its "
+                                  "channels only); escnn's convolutions also move the grid, so it has no escnn layer")
+    if gspace is None:
+        band = max((int(ir.band) for r in (d.rep_in, d.rep_out) for _, f in r.segments for ir in f.slots
+                    if isinstance(getattr(ir, "band", None), int)), default=0)
+        gspace = escnn_gspace(d.rep_in.group, dims, band)
+    elif dims == 0 and gspace.dimensionality != 0:
+        from escnn import gspaces  # noqa: PLC0415
+
+        gspace = gspaces.no_base_space(gspace.fibergroup)
+    elif gspace.dimensionality != dims:
+        raise ValueError(f"to_escnn: the gspace {gspace.name} acts on R^{gspace.dimensionality}, the {kind} on "
+                         f"{dims} spatial dimensions")
+    from escnn import nn as escnn_nn  # noqa: PLC0415
+
+    t_in, t_out = escnn_field_type(d.rep_in, gspace), escnn_field_type(d.rep_out, gspace)
+    bias = module.bias is not None
+    if dims == 0:
+        return escnn_nn.Linear(t_in, t_out, bias=bias)
+    if module.groups != 1:
+        raise NotImplementedError(f"to_escnn: a {kind} with groups={module.groups}; convert layers with groups=1")
+    if module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        raise NotImplementedError(f"to_escnn: padding_mode {module.padding_mode!r} has no escnn counterpart")
+    cls = escnn_nn.R2Conv if dims == 2 else escnn_nn.R3Conv
+    return cls(t_in, t_out, _uniform(module.kernel_size, dims, "kernel size", kind),
+               padding=_uniform(module.padding, dims, "padding", kind), stride=_uniform(module.stride, dims, "stride", kind),
+               dilation=_uniform(module.dilation, dims, "dilation", kind), padding_mode=module.padding_mode, bias=bias)
+
+
+def to_escnn(model: nn.Module, gspace=None, *, like=None, return_residuals: bool = False):
     """The escnn model of a model converted by :func:`from_escnn`, with its current parameters: each
     convolution's and linear map's filter and bias as least-squares coefficients in escnn's basis
     (exact when the layer is in escnn's span, e.g. after :func:`equiproj.nn.project_`), the other
@@ -505,10 +558,17 @@ def to_escnn(model: nn.Module, like=None, *, return_residuals: bool = False):
 
     Args:
         model: the result of ``from_escnn`` (possibly trained); or a plain ``nn.Conv2d``/``Conv3d``/``Linear``
-            (declared by hand, e.g. with the reps of ``Rep.from_escnn(field_type)``) together with ``like``.
+            declared with reps of a group escnn has (C_N, D_N, SO(2), O(2), SO(3), O(3), O, O_h).
+        gspace: for a declared layer without ``like``, the escnn gspace to build it on (its fibre group must
+            be the reps' group); default escnn's gspace of that group (``rot2dOnR2(N)``, ``flipRot2dOnR2(N)``,
+            ``rot3dOnR3()``, ..., ``no_base_space`` for ``Linear``).
         like: an escnn model of the same architecture to fill (a copy is filled), or for a plain layer the
-            escnn ``R2Conv``/``R3Conv``/``Linear`` of its shape; default the escnn model ``model`` was
-            converted from in this process.
+            escnn ``R2Conv``/``R3Conv``/``Linear`` of its shape. Default: the escnn model ``model`` was
+            converted from in this process (a model unpickled or converted in another process needs
+            ``like``); for a declared layer, a new escnn layer (``R2Conv``/``R3Conv``/``Linear``) with
+            field types built from the declared reps (escnn's irreps, with a change of basis where
+            equiproj's basis of a field differs from escnn's) and the layer's kernel size, padding,
+            stride, dilation and bias.
         return_residuals: also return ``{path: relative residual}`` of every least-squares solve.
 
     A relative residual above ``1e-4`` (the layer is not in escnn's basis) warns: project first.
@@ -520,11 +580,15 @@ def to_escnn(model: nn.Module, like=None, *, return_residuals: bool = False):
         >>> equiproj.nn.project_(plain)
         >>> escnn_again = equiproj.nn.to_escnn(plain)
     """
+    if gspace is not None and isinstance(gspace, nn.Module):
+        raise TypeError("to_escnn: the second argument is an escnn gspace; pass the escnn module to fill as like=")
     if like is None:
         like = _SOURCES.get(model)
-        if like is None:
-            raise ValueError("to_escnn needs the escnn model to fill: this model was not converted by from_escnn in this "
-                             "process; pass like=<an escnn model of the same architecture>")
+    if like is None and not any(getattr(m, "escnn_path", None) is not None for m in model.modules()):
+        like = _new_escnn_layer(model, gspace)
+    if like is None:
+        raise ValueError("to_escnn needs the escnn model to fill: this model was converted by from_escnn, but not in this "
+                         "process (or it was copied); pass like=<an escnn model of the same architecture>")
     out = _copy_escnn(like)
     residuals: dict[str, float] = {}
     if not any(getattr(m, "escnn_path", None) is not None for m in model.modules()):

@@ -143,12 +143,12 @@ def test_converted_model_computes_what_escnn_computes(name, gen, seed):
     worst = 0.0
     for step in range(2):  # train mode twice (batch statistics, running statistics updated alike), then eval
         got, want = _outputs(model, plain, t_in, x + 0.1 * step, seed + step)
-        worst = max(worst, float((got - want).abs().max()))
+        worst = max(worst, float((got - want).detach().abs().max()))
         torch.testing.assert_close(got, want, rtol=0, atol=TOL * max(1.0, float(want.abs().max())))
     model.eval()
     plain.eval()
     got, want = _outputs(model, plain, t_in, x, seed)
-    worst = max(worst, float((got - want).abs().max()))
+    worst = max(worst, float((got - want).detach().abs().max()))
     torch.testing.assert_close(got, want, rtol=0, atol=TOL * max(1.0, float(want.abs().max())))
     print(f"{name}: largest |output difference| {worst:.2e} (largest |output| {float(want.abs().max()):.2g})")
     assert float(want.std()) > 1e-3  # a model whose output is constant would compare nothing
@@ -277,7 +277,7 @@ def test_to_escnn_of_a_conv_declared_by_hand(gen):
     x = torch.randn(2, 2, 9, 9, generator=gen)
     want = plain(x)
     torch.testing.assert_close(back(enn.GeometricTensor(x, t_in)).tensor, want, rtol=0,
-                               atol=TOL * float(want.abs().max()))
+                               atol=TOL * float(want.detach().abs().max()))
     with pytest.raises(ValueError, match="not the same layer shape"):
         equiproj.nn.to_escnn(torch.nn.Conv2d(2, 16, 5), like=conv_e)
     with pytest.raises(ValueError, match="was not converted by from_escnn"):
@@ -303,3 +303,131 @@ def test_gnorm_batchnorm_with_a_change_of_basis_is_equivariant(gen):
     assert result.max_rel_error < 1e-5, result
     out = plain(x)
     assert float((out - x).detach().abs().max()) > 1e-2  # the block does something
+
+
+#: (group, rep_in, rep_out, plain layer) for to_escnn without like: every group escnn has, conv and linear
+_NEW_LAYERS = {
+    "c8_conv": (lambda: equiproj.Cyclic(8), lambda G: 2 * G.trivial(), lambda G: G.regular() + G.trivial(),
+                lambda: torch.nn.Conv2d(2, 9, 5, padding=2)),
+    "d3_conv": (lambda: equiproj.Dihedral(3), lambda G: G.regular(), lambda G: G.irrep((1, 1)) + G.trivial(),
+                lambda: torch.nn.Conv2d(6, 3, 5, padding=2, stride=2)),
+    "d4_conv": (lambda: equiproj.Dihedral(4), lambda G: G.regular() + G.irrep((1, 0)), lambda G: G.irrep((1, 1)) + G.trivial(),
+                lambda: torch.nn.Conv2d(9, 3, 3, padding=1)),
+    "so2_conv": (lambda: equiproj.SO2(), lambda G: G.irrep(0) + G.irrep(1), lambda G: G.irrep(2) + G.irrep(0) + G.irrep(1),
+                 lambda: torch.nn.Conv2d(3, 5, 5, padding=2)),
+    "o2_conv": (lambda: equiproj.O2(), lambda G: G.irrep((0, 0)) + G.irrep((1, 1)), lambda G: G.irrep((1, 1)) + G.irrep((1, 0)) + G.irrep((0, 0)),
+                lambda: torch.nn.Conv2d(3, 4, 5, padding=2, dilation=1)),
+    "so3_conv": (lambda: equiproj.SO3(), lambda G: G.irrep(0) + G.irrep(1), lambda G: G.irrep(1) + G.irrep(0) + G.irrep(2),
+                 lambda: torch.nn.Conv3d(4, 9, 3, padding=1)),
+    "o3_conv": (lambda: equiproj.O3(), lambda G: G.irrep((0, 1)), lambda G: G.irrep((1, -1)) + G.irrep((0, 1)),
+                lambda: torch.nn.Conv3d(1, 4, 3, padding=1)),
+    "octa_conv": (lambda: equiproj.Octahedral(), lambda G: G.trivial(), lambda G: G.regular(),
+                  lambda: torch.nn.Conv3d(1, 24, 3, padding=1)),
+    "full_octa_conv": (lambda: equiproj.FullOctahedral(), lambda G: G.trivial(), lambda G: G.trivial() + G.regular(),
+                       lambda: torch.nn.Conv3d(1, 49, 3, padding=1)),
+    "so2_linear": (lambda: equiproj.SO2(), lambda G: G.irrep(0) + G.irrep(1), lambda G: G.irrep(2) + G.irrep(0) + G.irrep(1),
+                   lambda: torch.nn.Linear(3, 5)),
+    "o3_linear": (lambda: equiproj.O3(), lambda G: G.irrep((0, 1)) + G.irrep((1, -1)), lambda G: G.irrep((1, -1)) + G.irrep((0, 1)),
+                  lambda: torch.nn.Linear(4, 4)),
+    "d4_linear": (lambda: equiproj.Dihedral(4), lambda G: G.regular(), lambda G: G.irrep((1, 1)) + 2 * G.trivial(),
+                  lambda: torch.nn.Linear(8, 4)),
+}
+
+
+def _declared_in_escnn_span(name):
+    """A plain layer declared with the kernel space of escnn's own layer of its reps (the conv's equivariant
+    kernels are then exactly escnn's basis), with random weights projected onto it."""
+    from equiproj.groups._escnn import escnn_field_type, escnn_gspace
+
+    group, rep_in, rep_out, make = _NEW_LAYERS[name]
+    G = group()
+    layer = make()
+    dims = layer.weight.dim() - 2
+    space = None
+    if dims:
+        gs = escnn_gspace(G, dims, 2)
+        cls = enn.R2Conv if dims == 2 else enn.R3Conv
+        ref = cls(escnn_field_type(rep_in(G), gs), escnn_field_type(rep_out(G), gs), layer.kernel_size[0],
+                  padding=layer.padding[0], stride=layer.stride[0])
+        space = equiproj.kernel_spaces.from_escnn(ref)[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Conv2d: a stride")  # the inputs here have odd sizes
+        layer = equiproj.nn.declare(layer, rep_in(G), rep_out(G), kernel_space=space)
+    return layer, G, rep_in(G), rep_out(G)
+
+
+@pytest.mark.parametrize("name", _NEW_LAYERS)
+def test_to_escnn_builds_the_escnn_layer_of_a_declared_layer(name, gen):
+    """Without like: the escnn layer is built from the declared reps and the layer's geometry; its field
+    types are the reps (read back by Rep.from_escnn), its output the plain layer's, its residual tiny."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    layer, G, rep_in, rep_out = _declared_in_escnn_span(name)
+    with torch.no_grad():
+        layer.weight.normal_(generator=gen)
+        layer.bias.normal_(generator=gen)
+    equiproj.nn.project_(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back, residuals = equiproj.nn.to_escnn(layer, return_residuals=True)
+    expected = {0: "Linear", 2: "R2Conv", 3: "R3Conv"}[layer.weight.dim() - 2]
+    assert type(back).__name__ == expected
+    assert equiproj.Rep.from_escnn(back.in_type).segments == rep_in.segments
+    assert equiproj.Rep.from_escnn(back.out_type).segments == rep_out.segments
+    assert max(residuals.values()) < 1e-5, residuals
+    assert back.bias is not None  # every rep_out here has an invariant field
+    x = torch.randn((3, rep_in.dim) + (7,) * (layer.weight.dim() - 2), generator=gen)
+    back.eval()
+    want = layer(x).detach()
+    got = back(enn.GeometricTensor(x, back.in_type)).tensor
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL * max(1.0, float(want.abs().max())))
+
+
+def test_to_escnn_reports_what_escnn_cannot_hold(gen):
+    """A layer of equiproj's exact grid space (larger than escnn's band-limited basis) warns with its
+    residual; a bias on fields without an invariant part is reported lost; a given gspace is used."""
+    G = equiproj.Dihedral(4)
+    layer = equiproj.nn.declare(torch.nn.Conv2d(8, 8, 3, padding=1), G.regular(), G.regular())
+    with torch.no_grad():
+        layer.weight.normal_(generator=gen)
+    equiproj.nn.project_(layer)
+    assert equiproj.nn.report(layer).rows[0]["rel_perp"] < 1e-10
+    with pytest.warns(UserWarning, match="not in escnn's basis"):
+        _, residuals = equiproj.nn.to_escnn(layer, gspaces.flipRot2dOnR2(4, axis=0.0), return_residuals=True)
+    assert residuals["."] > 1e-3
+    lin = equiproj.nn.declare(torch.nn.Linear(2, 2), G.irrep((1, 1)), G.irrep((1, 1)), bias=False)
+    with torch.no_grad():
+        lin.bias.fill_(1.0)
+    with pytest.warns(UserWarning, match="bias"):
+        back, residuals = equiproj.nn.to_escnn(lin, return_residuals=True)
+    assert back.bias is None and residuals[". bias"] == 1.0
+
+
+def test_to_escnn_refuses_what_it_cannot_build():
+    G = equiproj.Cyclic(4)
+    with pytest.raises(ValueError, match="not declared"):
+        equiproj.nn.to_escnn(torch.nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match="R\\^3"):
+        equiproj.nn.to_escnn(equiproj.nn.declare(torch.nn.Conv2d(4, 4, 3), G.regular(), G.regular()), gspaces.rot3dOnR3())
+    with pytest.raises(NotImplementedError, match="channels only"):
+        equiproj.nn.to_escnn(equiproj.nn.declare(torch.nn.Conv3d(4, 4, 3), G.regular(), G.regular(), kernel_space="channels"))
+    with pytest.raises(NotImplementedError, match="stride"):
+        C2 = equiproj.Cyclic(2)  # its rotation keeps the axes: declare takes a different stride per axis (and warns)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer = equiproj.nn.declare(torch.nn.Conv2d(2, 2, 3, stride=(1, 2)), C2.regular(), C2.regular())
+        equiproj.nn.to_escnn(layer)
+    with pytest.raises(ValueError, match="not the gspace's"):
+        equiproj.nn.to_escnn(equiproj.nn.declare(torch.nn.Conv2d(4, 4, 3), G.regular(), G.regular()), gspaces.rot2dOnR2(8))
+    with pytest.raises(NotImplementedError, match="no escnn gspace"):
+        H = equiproj.groups.Tetrahedral()
+        equiproj.nn.to_escnn(equiproj.nn.declare(torch.nn.Conv3d(1, 1, 3), H.trivial(), H.trivial()))
+    with pytest.raises(TypeError, match="like="):
+        equiproj.nn.to_escnn(torch.nn.Conv2d(4, 4, 3), enn.R2Conv(*(2 * [enn.FieldType(gspaces.rot2dOnR2(4), [gspaces.rot2dOnR2(4).regular_repr])]), 3))
+
+
+def test_to_escnn_of_a_model_converted_elsewhere_needs_like(gen):
+    model, _, _ = MODELS["c8_regular"](gen)
+    plain = copy.deepcopy(equiproj.nn.from_escnn(model))
+    with pytest.raises(ValueError, match="pass like="):
+        equiproj.nn.to_escnn(plain)
+    assert type(equiproj.nn.to_escnn(plain, like=model)).__name__ == "SequentialModule"
