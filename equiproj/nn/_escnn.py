@@ -28,7 +28,7 @@ from ..kernel_spaces import from_escnn as _conv_space
 from ._blocks import GridPool, GroupPooling, NormActivation, NormPooling, PointwiseActivation
 from ._declare import declaration, declare
 from ._escnn_blocks import (AntialiasedAvgPool2d, FieldBranches, FieldDropout, GatedFieldPair, GatedFields, IIDBatchNorm,
-                            InnerBatchNorm, IrrepBatchNorm, NormBatchNorm)
+                            FieldTensorSquare, InnerBatchNorm, IrrepBatchNorm, NormBatchNorm)
 
 __all__ = ["from_escnn", "to_escnn", "ESCNN_MODULES"]
 
@@ -141,6 +141,12 @@ def _gated2(m, bias: bool):
     gates_type, gated_type = m.in_type
     groups = [(s, _full_index(m, f"indices_{s}", s)) for s in m._order]
     return GatedFieldPair(_rep(gates_type), _rep(gated_type), groups, m.bias.detach())
+
+
+def _tensor_product(m, bias: bool):
+    with torch.no_grad():
+        weight = m.expand_parameters()
+    return FieldTensorSquare(_rep(m.in_type), _rep(m.out_type), len(m.in_type), weight)
 
 
 def _check_stats(m):
@@ -310,14 +316,11 @@ _CONVERTERS = {
     "PointwiseAvgPool2D": _grid_pool("avg", 2), "PointwiseAvgPool3D": _grid_pool("avg", 3),
     "PointwiseAvgPoolAntialiased2D": _antialiased_pool,
     "PointwiseDropout": _pointwise_dropout, "FieldDropout": _field_dropout,
-    "IdentityModule": _identity, "SequentialModule": _sequential, "MultipleModule": _multiple,
+    "TensorProductModule": _tensor_product, "IdentityModule": _identity, "SequentialModule": _sequential, "MultipleModule": _multiple,
 }
 
 #: escnn modules refused, and what to do instead
 _REFUSED = {
-    "TensorProductModule": "it multiplies two learned linear images of its input through escnn's Clebsch-Gordan "
-                           "coefficients, which no equiproj block computes; keep that part in escnn, or build the model "
-                           "with GatedNonLinearity1 or NormNonLinearity",
     "BranchingModule": "its output is a dict of tensors; use it inside a MultipleModule, which is converted",
     "MergeModule": "it takes a dict of tensors; use it inside a MultipleModule, which is converted",
     "R3IcoConv": "the icosahedral group has no equiproj counterpart",
@@ -433,7 +436,7 @@ def _write_expansion(src, dst, residuals: dict, path: str) -> None:
                              f"expands to {B.shape[0]}: not the same layer shape")
         c, residuals[path or "."] = _lstsq(B, weight)
         dst.weights.copy_(c.to(dst.weights.dtype))
-        if dst.bias is not None and src.bias is not None:
+        if getattr(dst, "bias", None) is not None and src.bias is not None:
             cb, residuals[(path or ".") + " bias"] = _lstsq(dst.bias_expansion.double().cpu(), src.bias)
             dst.bias.copy_(cb.to(dst.bias.dtype))
         elif src.bias is not None and bool(src.bias.detach().ne(0).any()):
@@ -451,7 +454,7 @@ def _write_norm_nonlinearity(src: NormActivation, dst, residuals: dict, path: st
 
 
 #: escnn modules whose weights are coefficients of a basis expansion
-_EXPANDED = ("R2Conv", "R3Conv", "Linear", "R2ConvTransposed", "R3ConvTransposed")
+_EXPANDED = ("R2Conv", "R3Conv", "Linear", "R2ConvTransposed", "R3ConvTransposed", "TensorProductModule")
 
 
 def _write_back(src, dst, residuals: dict, path: str) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from ..groups import Rep
 
 __all__ = ["FieldBranches", "GatedFields", "GatedFieldPair", "InnerBatchNorm", "NormBatchNorm", "IIDBatchNorm", "IrrepBatchNorm",
-           "AntialiasedAvgPool2d", "FieldDropout"]
+           "AntialiasedAvgPool2d", "FieldDropout", "FieldTensorSquare"]
 
 
 def _view_fields(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -340,3 +340,24 @@ class FieldBranches(nn.Module):
 
     def forward(self, x):
         return torch.cat([b(x.index_select(1, getattr(self, f"index_{k}"))) for k, b in enumerate(self.branches)], 1)
+
+
+class FieldTensorSquare(nn.Module):
+    """escnn's ``TensorProductModule``: each of the ``C`` input fields (all of one type, size ``s``) times
+    itself, ``x_f (x) x_f`` (``s^2`` channels), mapped by its own ``[o, s^2]`` block of ``weight``
+    ``[C * o, s^2]`` (escnn's expanded ``matrix``) to the output field ``f`` of size ``o``. The weight is a
+    plain parameter: it is not declared (the penalty, ``report`` and ``project_`` do not see it)."""
+
+    def __init__(self, rep_in: Rep, rep_out: Rep, fields: int, weight: torch.Tensor):
+        super().__init__()
+        self.rep_in, self.rep_out = rep_in, rep_out
+        self.fields = int(fields)
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = None
+
+    def forward(self, x):
+        C, s = self.fields, x.shape[1] // self.fields
+        fields = x.reshape((x.shape[0], C, s) + x.shape[2:])
+        square = torch.einsum("bci...,bco...->bcio...", fields, fields).reshape((x.shape[0], C, s * s) + x.shape[2:])
+        out = torch.einsum("coi,bci...->bco...", self.weight.reshape(C, -1, s * s).to(x.dtype), square)
+        return out.reshape((x.shape[0], -1) + x.shape[2:])

@@ -121,7 +121,18 @@ def _c4_branches(gen):
     return model, t0, (2, 7, 7)
 
 
-MODELS = {"c4_branches": _c4_branches, "c8_regular": _c8, "d4_regular": _d4, "so2_irreps": _so2, "so3_r3conv": _so3, "o3_r3conv": _o3,
+def _so2_tensor(gen):
+    gs = gspaces.rot2dOnR2(-1, maximum_frequency=3)
+    G = gs.fibergroup
+    t0 = enn.FieldType(gs, 2 * [gs.trivial_repr])
+    t1 = enn.FieldType(gs, 3 * [G.irrep(1)])
+    t2 = enn.FieldType(gs, 3 * [G.irrep(2)])
+    model = enn.SequentialModule(enn.R2Conv(t0, t1, 5, padding=2), enn.TensorProductModule(t1, t2),
+                                 enn.R2Conv(t2, t1, 3, padding=1), enn.NormPool(t1))
+    return model, t0, (2, 9, 9)
+
+
+MODELS = {"c4_branches": _c4_branches, "so2_tensor": _so2_tensor, "c8_regular": _c8, "d4_regular": _d4, "so2_irreps": _so2, "so3_r3conv": _so3, "o3_r3conv": _o3,
           "so2_linear": _linear}
 
 
@@ -130,7 +141,7 @@ def _outputs(model, plain, t_in, x, seed):
     want = model(enn.GeometricTensor(x, t_in)).tensor
     torch.manual_seed(seed)
     got = plain(x)
-    return got, want
+    return got.detach(), want.detach()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -154,7 +165,8 @@ def test_converted_model_computes_what_escnn_computes(name, gen, seed):
     assert float(want.std()) > 1e-3  # a model whose output is constant would compare nothing
 
 
-@pytest.mark.parametrize("name", ["c4_branches", "c8_regular", "d4_regular", "so2_irreps", "so3_r3conv", "so2_linear"])
+@pytest.mark.parametrize("name", ["c4_branches", "c8_regular", "d4_regular", "so2_irreps", "so3_r3conv", "so2_linear",
+                                  "so2_tensor"])
 def test_round_trip_after_training_and_projection(name, gen, seed):
     """escnn -> equiproj -> a few training steps (leaving escnn's basis) -> project_ -> escnn: the escnn model
     computes what the projected equiproj model computes."""
@@ -162,10 +174,10 @@ def test_round_trip_after_training_and_projection(name, gen, seed):
     plain = equiproj.nn.from_escnn(model)
     x = torch.randn((8, t_in.size) + shape[1:], generator=gen)
     penalty = equiproj.nn.ProjectionPenalty(plain, lambda_perp=1e-3)
-    # transposed convolutions cannot be declared (the penalty and project_ do not see them): kept fixed here,
-    # they stay in escnn's basis; trained, to_escnn would warn about them
-    trained = [p for m in plain.modules() if not isinstance(m, torch.nn.modules.conv._ConvTransposeNd)
-               for p in m.parameters(recurse=False)]
+    # transposed convolutions and tensor squares are not declared (the penalty and project_ do not see them):
+    # kept fixed here, they stay in escnn's basis; trained, to_escnn would warn about them
+    undeclared = (torch.nn.modules.conv._ConvTransposeNd, equiproj.nn._escnn_blocks.FieldTensorSquare)
+    trained = [p for m in plain.modules() if not isinstance(m, undeclared) for p in m.parameters(recurse=False)]
     opt = torch.optim.SGD(trained, lr=1e-2)
     for _ in range(3):
         loss = plain(x).square().mean() + penalty()
@@ -199,8 +211,22 @@ def test_to_escnn_warns_outside_the_basis(gen):
 def test_modules_without_counterpart_are_refused_by_name():
     gs = gspaces.rot2dOnR2(4)
     t = enn.FieldType(gs, 2 * [gs.regular_repr])
-    with pytest.raises(NotImplementedError, match="escnn's TensorProductModule.*keep that part in escnn"):
-        equiproj.nn.from_escnn(enn.SequentialModule(enn.R2Conv(t, t, 3), enn.TensorProductModule(t, t)))
+    with pytest.raises(NotImplementedError, match="escnn's LeakyReLU: use ReLU"):
+        equiproj.nn.from_escnn(enn.SequentialModule(enn.R2Conv(t, t, 3), enn.LeakyReLU(t)))
+
+
+def test_a_trained_tensor_square_is_written_back_or_reported(gen):
+    """The tensor square's weight is not declared: written back exactly while in escnn's basis, and reported
+    (warned) once it has left it."""
+    model, t_in, shape = MODELS["so2_tensor"](gen)
+    plain = equiproj.nn.from_escnn(model)
+    _, residuals = equiproj.nn.to_escnn(plain, return_residuals=True)
+    assert residuals["1"] < 1e-5
+    with torch.no_grad():
+        plain[1].weight.add_(torch.randn(plain[1].weight.shape, generator=gen))
+    with pytest.warns(UserWarning, match="not in escnn's basis"):
+        _, residuals = equiproj.nn.to_escnn(plain, return_residuals=True)
+    assert residuals["1"] > 1e-2
 
 
 def test_gated_nonlinearity2_takes_its_two_tensors(gen, seed):
