@@ -582,12 +582,19 @@ def to_escnn(model: nn.Module, gspace=None, *, like=None, return_residuals: bool
         >>> ...                                   # train plain with the penalty
         >>> equiproj.nn.project_(plain)
         >>> escnn_again = equiproj.nn.to_escnn(plain)
+        >>> G = equiproj.Dihedral(8)                   # a layer declared by hand: escnn's R2Conv is built
+        >>> conv = equiproj.nn.declare(torch.nn.Conv2d(3, 16, 5, padding=2), 3 * G.trivial(), G.regular())
+        >>> escnn_conv, residuals = equiproj.nn.to_escnn(conv, return_residuals=True)
     """
     if gspace is not None and isinstance(gspace, nn.Module):
         raise TypeError("to_escnn: the second argument is an escnn gspace; pass the escnn module to fill as like=")
+    converted = any(getattr(m, "escnn_path", None) is not None for m in model.modules())
+    if gspace is not None and (converted or like is not None):
+        raise ValueError("to_escnn: gspace= is for a declared layer built anew; a model converted by from_escnn (or one "
+                         "given like=) is written into its escnn model, whose gspace it keeps")
     if like is None:
         like = _SOURCES.get(model)
-    if like is None and not any(getattr(m, "escnn_path", None) is not None for m in model.modules()):
+    if like is None and not converted:
         like = _new_escnn_layer(model, gspace)
     if like is None:
         raise ValueError("to_escnn needs the escnn model to fill: this model was converted by from_escnn, but not in this "

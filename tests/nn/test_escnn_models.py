@@ -457,3 +457,5 @@ def test_to_escnn_of_a_model_converted_elsewhere_needs_like(gen):
     with pytest.raises(ValueError, match="pass like="):
         equiproj.nn.to_escnn(plain)
     assert type(equiproj.nn.to_escnn(plain, like=model)).__name__ == "SequentialModule"
+    with pytest.raises(ValueError, match="gspace= is for a declared layer"):
+        equiproj.nn.to_escnn(plain, gspaces.rot2dOnR2(8), like=model)
