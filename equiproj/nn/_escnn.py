@@ -578,13 +578,20 @@ def to_escnn(model: nn.Module, gspace=None, *, like=None, return_residuals: bool
 
     Example::
 
-        >>> plain = equiproj.nn.from_escnn(escnn_model)
-        >>> ...                                   # train plain with the penalty
-        >>> equiproj.nn.project_(plain)
+        >>> import torch, equiproj
+        >>> from escnn import gspaces, nn as escnn_nn
+        >>> gs = gspaces.rot2dOnR2(8)
+        >>> field_type = escnn_nn.FieldType(gs, 2 * [gs.regular_repr])
+        >>> plain = equiproj.nn.from_escnn(escnn_nn.R2Conv(field_type, field_type, kernel_size=5))
+        >>> # ... train plain with the penalty, then
+        >>> plain = equiproj.nn.project_(plain)
         >>> escnn_again = equiproj.nn.to_escnn(plain)
-        >>> G = equiproj.Dihedral(8)                   # a layer declared by hand: escnn's R2Conv is built
-        >>> conv = equiproj.nn.declare(torch.nn.Conv2d(3, 16, 5, padding=2), 3 * G.trivial(), G.regular())
+        >>> G = equiproj.Cyclic(8)                     # a layer declared by hand: escnn's R2Conv is built
+        >>> conv = equiproj.nn.declare(torch.nn.Conv2d(3, 16, 5, padding=2), 3 * G.trivial(), 2 * G.regular())
+        >>> conv = equiproj.nn.project_(conv)         # into its kernel space (here inside escnn's span)
         >>> escnn_conv, residuals = equiproj.nn.to_escnn(conv, return_residuals=True)
+        >>> type(escnn_conv).__name__, max(residuals.values()) < 1e-4
+        ('R2Conv', True)
     """
     if gspace is not None and isinstance(gspace, nn.Module):
         raise TypeError("to_escnn: the second argument is an escnn gspace; pass the escnn module to fill as like=")
