@@ -26,8 +26,9 @@ from ..groups import Rep, as_rep
 from ..kernel_spaces import escnn_conv_to_torch
 from ..kernel_spaces import from_escnn as _conv_space
 from ._blocks import GridPool, GroupPooling, NormActivation, NormPooling, PointwiseActivation
-from ._declare import declare
-from ._escnn_blocks import AntialiasedAvgPool2d, FieldBranches, FieldDropout, GatedFields, IIDBatchNorm, InnerBatchNorm, NormBatchNorm
+from ._declare import declaration, declare
+from ._escnn_blocks import (AntialiasedAvgPool2d, FieldBranches, FieldDropout, GatedFieldPair, GatedFields, IIDBatchNorm,
+                            FieldTensorSquare, InnerBatchNorm, IrrepBatchNorm, NormBatchNorm)
 
 __all__ = ["from_escnn", "to_escnn", "ESCNN_MODULES"]
 
@@ -136,6 +137,18 @@ def _gated1(m, bias: bool):
     return GatedFields(_rep(m.in_type), _rep(m.out_type), gate_index, groups, m.bias.detach(), out_gates)
 
 
+def _gated2(m, bias: bool):
+    gates_type, gated_type = m.in_type
+    groups = [(s, _full_index(m, f"indices_{s}", s)) for s in m._order]
+    return GatedFieldPair(_rep(gates_type), _rep(gated_type), groups, m.bias.detach())
+
+
+def _tensor_product(m, bias: bool):
+    with torch.no_grad():
+        weight = m.expand_parameters()
+    return FieldTensorSquare(_rep(m.in_type), _rep(m.out_type), len(m.in_type), weight)
+
+
 def _check_stats(m):
     if not getattr(m, "track_running_stats", True) or m.momentum is None:
         raise NotImplementedError(f"escnn's {type(m).__name__} without running statistics (or momentum=None) is not "
@@ -200,6 +213,30 @@ def _copy_iid_batchnorm(m, out, to_escnn: bool):
             for e_name, q_name in (("running_var", "running_var"), ("running_mean", "running_mean"), ("weight", "weight"),
                                    ("bias", "bias")):
                 e, q = getattr(m, f"{esc}_{e_name}", None), getattr(out, f"{q_name}_{k}", None)
+                if e is not None and q is not None:
+                    (e.copy_(q) if to_escnn else q.copy_(e))
+
+
+def _gnorm_batchnorm(m, bias: bool):
+    _check_stats(m)
+    groups = []
+    for name, size in m._sizes:
+        esc = m._escape_name(name)
+        groups.append({"size": size, "index": _full_index(m, f"{esc}_indices", name), "trivial": m._trivial_idxs[name],
+                       "aggregator": getattr(m, f"vars_aggregator_{esc}"), "propagator": getattr(m, f"vars_propagator_{esc}"),
+                       "change_of_basis": getattr(m, f"{esc}_change_of_basis", None),
+                       "change_of_basis_inv": getattr(m, f"{esc}_change_of_basis_inv", None)})
+    out = IrrepBatchNorm(_rep(m.in_type), groups, m.eps, m.momentum, m.affine)
+    _copy_gnorm_batchnorm(m, out, to_escnn=False)
+    return out
+
+
+def _copy_gnorm_batchnorm(m, out, to_escnn: bool):
+    with torch.no_grad():
+        for k, (name, _) in enumerate(m._sizes):
+            esc = m._escape_name(name)
+            for field in ("running_var", "running_mean", "weight", "bias"):
+                e, q = getattr(m, f"{esc}_{field}", None), getattr(out, f"{field}_{k}", None)
                 if e is not None and q is not None:
                     (e.copy_(q) if to_escnn else q.copy_(e))
 
@@ -271,23 +308,19 @@ _CONVERTERS = {
     "R2Conv": _conv, "R3Conv": _conv, "R2ConvTransposed": _conv_transposed, "R3ConvTransposed": _conv_transposed,
     "Linear": _linear,
     "ReLU": _pointwise(F.relu), "ELU": _elu, "PointwiseNonLinearity": _pointwise_nonlinearity,
-    "NormNonLinearity": _norm_nonlinearity, "GatedNonLinearity1": _gated1,
-    "InnerBatchNorm": _inner_batchnorm, "NormBatchNorm": _norm_batchnorm,
+    "NormNonLinearity": _norm_nonlinearity, "GatedNonLinearity1": _gated1, "GatedNonLinearity2": _gated2,
+    "InnerBatchNorm": _inner_batchnorm, "NormBatchNorm": _norm_batchnorm, "GNormBatchNorm": _gnorm_batchnorm,
     "IIDBatchNorm1d": _iid_batchnorm, "IIDBatchNorm2d": _iid_batchnorm, "IIDBatchNorm3d": _iid_batchnorm,
     "GroupPooling": _group_pooling, "NormPool": _norm_pool,
     "PointwiseMaxPool2D": _grid_pool("max", 2), "PointwiseMaxPool3D": _grid_pool("max", 3),
     "PointwiseAvgPool2D": _grid_pool("avg", 2), "PointwiseAvgPool3D": _grid_pool("avg", 3),
     "PointwiseAvgPoolAntialiased2D": _antialiased_pool,
     "PointwiseDropout": _pointwise_dropout, "FieldDropout": _field_dropout,
-    "IdentityModule": _identity, "SequentialModule": _sequential, "MultipleModule": _multiple,
+    "TensorProductModule": _tensor_product, "IdentityModule": _identity, "SequentialModule": _sequential, "MultipleModule": _multiple,
 }
 
 #: escnn modules refused, and what to do instead
 _REFUSED = {
-    "GNormBatchNorm": "its per-irrep normalisation has no equiproj block; use IIDBatchNorm or NormBatchNorm in the "
-                      "escnn model, or equiproj.nn.FieldBatchNorm in the converted one",
-    "GatedNonLinearity2": "it takes two tensors (gates, gated); build the model with GatedNonLinearity1",
-    "TensorProductModule": "its learned tensor product has no plain-layer form in equiproj; keep that part in escnn",
     "BranchingModule": "its output is a dict of tensors; use it inside a MultipleModule, which is converted",
     "MergeModule": "it takes a dict of tensors; use it inside a MultipleModule, which is converted",
     "R3IcoConv": "the icosahedral group has no equiproj counterpart",
@@ -403,9 +436,11 @@ def _write_expansion(src, dst, residuals: dict, path: str) -> None:
                              f"expands to {B.shape[0]}: not the same layer shape")
         c, residuals[path or "."] = _lstsq(B, weight)
         dst.weights.copy_(c.to(dst.weights.dtype))
-        if dst.bias is not None and src.bias is not None:
+        if getattr(dst, "bias", None) is not None and src.bias is not None:
             cb, residuals[(path or ".") + " bias"] = _lstsq(dst.bias_expansion.double().cpu(), src.bias)
             dst.bias.copy_(cb.to(dst.bias.dtype))
+        elif src.bias is not None and bool(src.bias.detach().ne(0).any()):
+            residuals[(path or ".") + " bias"] = 1.0  # escnn's layer has no bias here (no invariant output field)
 
 
 def _write_norm_nonlinearity(src: NormActivation, dst, residuals: dict, path: str) -> None:
@@ -419,7 +454,7 @@ def _write_norm_nonlinearity(src: NormActivation, dst, residuals: dict, path: st
 
 
 #: escnn modules whose weights are coefficients of a basis expansion
-_EXPANDED = ("R2Conv", "R3Conv", "Linear", "R2ConvTransposed", "R3ConvTransposed")
+_EXPANDED = ("R2Conv", "R3Conv", "Linear", "R2ConvTransposed", "R3ConvTransposed", "TensorProductModule")
 
 
 def _write_back(src, dst, residuals: dict, path: str) -> None:
@@ -429,12 +464,14 @@ def _write_back(src, dst, residuals: dict, path: str) -> None:
             _write_expansion(src, dst, residuals, path)
         elif name == "NormNonLinearity":
             _write_norm_nonlinearity(src, dst, residuals, path)
-        elif name == "GatedNonLinearity1":
+        elif name in ("GatedNonLinearity1", "GatedNonLinearity2"):
             dst.bias.copy_(src.bias.reshape(dst.bias.shape))
         elif name == "InnerBatchNorm":
             _copy_inner_batchnorm(dst, src, to_escnn=True)
         elif name == "NormBatchNorm":
             _copy_norm_batchnorm(dst, src, to_escnn=True)
+        elif name == "GNormBatchNorm":
+            _copy_gnorm_batchnorm(dst, src, to_escnn=True)
         elif name.startswith("IIDBatchNorm"):
             _copy_iid_batchnorm(dst, src, to_escnn=True)
 
@@ -465,7 +502,58 @@ def _copy_escnn(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def to_escnn(model: nn.Module, like=None, *, return_residuals: bool = False):
+def _uniform(value, dims: int, what: str, layer: str):
+    v = tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+    if isinstance(value, str) or len(set(v)) != 1:
+        raise NotImplementedError(f"to_escnn: the {layer} has {what} {value!r}; escnn's convolutions take one {what} for "
+                                  "every axis: build the layer with a single integer")
+    return int(v[0])
+
+
+def _new_escnn_layer(module: nn.Module, gspace):
+    """An escnn ``R2Conv``/``R3Conv``/``Linear`` of a declared plain layer's shape, on ``gspace`` (default: the
+    escnn gspace of the declared reps' group), its field types built from the declared reps."""
+    from ..groups._escnn import escnn_field_type, escnn_gspace  # noqa: PLC0415 - needs escnn only here
+
+    d = declaration(module)
+    kind = type(module).__name__
+    dims = {"Linear": 0, "Conv2d": 2, "Conv3d": 3}.get(kind)
+    if dims is None or d is None or d.rep_in is None:
+        raise ValueError(f"to_escnn: a {kind} {'declared' if d is not None else 'not declared'} "
+                         f"{'without reps' if d is not None else ''}: without like= it converts nn.Conv2d, nn.Conv3d and "
+                         "nn.Linear declared with reps (equiproj.nn.declare), and models converted by from_escnn in "
+                         "this process; pass like=<the escnn module to fill> otherwise")
+    if d.case == "channels":
+        raise NotImplementedError(f"to_escnn: the {kind} is declared with kernel_space='channels' (the group acts on its "
+                                  "channels only); escnn's convolutions also move the grid, so it has no escnn layer")
+    if gspace is None:
+        band = max((int(ir.band) for r in (d.rep_in, d.rep_out) for _, f in r.segments for ir in f.slots
+                    if isinstance(getattr(ir, "band", None), int)), default=0)
+        gspace = escnn_gspace(d.rep_in.group, dims, band)
+    elif dims == 0 and gspace.dimensionality != 0:
+        from escnn import gspaces  # noqa: PLC0415
+
+        gspace = gspaces.no_base_space(gspace.fibergroup)
+    elif gspace.dimensionality != dims:
+        raise ValueError(f"to_escnn: the gspace {gspace.name} acts on R^{gspace.dimensionality}, the {kind} on "
+                         f"{dims} spatial dimensions")
+    from escnn import nn as escnn_nn  # noqa: PLC0415
+
+    t_in, t_out = escnn_field_type(d.rep_in, gspace), escnn_field_type(d.rep_out, gspace)
+    bias = module.bias is not None
+    if dims == 0:
+        return escnn_nn.Linear(t_in, t_out, bias=bias)
+    if module.groups != 1:
+        raise NotImplementedError(f"to_escnn: a {kind} with groups={module.groups}; convert layers with groups=1")
+    if module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        raise NotImplementedError(f"to_escnn: padding_mode {module.padding_mode!r} has no escnn counterpart")
+    cls = escnn_nn.R2Conv if dims == 2 else escnn_nn.R3Conv
+    return cls(t_in, t_out, _uniform(module.kernel_size, dims, "kernel size", kind),
+               padding=_uniform(module.padding, dims, "padding", kind), stride=_uniform(module.stride, dims, "stride", kind),
+               dilation=_uniform(module.dilation, dims, "dilation", kind), padding_mode=module.padding_mode, bias=bias)
+
+
+def to_escnn(model: nn.Module, gspace=None, *, like=None, return_residuals: bool = False):
     """The escnn model of a model converted by :func:`from_escnn`, with its current parameters: each
     convolution's and linear map's filter and bias as least-squares coefficients in escnn's basis
     (exact when the layer is in escnn's span, e.g. after :func:`equiproj.nn.project_`), the other
@@ -473,30 +561,51 @@ def to_escnn(model: nn.Module, like=None, *, return_residuals: bool = False):
 
     Args:
         model: the result of ``from_escnn`` (possibly trained); or a plain ``nn.Conv2d``/``Conv3d``/``Linear``
-            (declared by hand, e.g. with the reps of ``Rep.from_escnn(field_type)``) together with ``like``.
+            declared with reps of a group escnn has (C_N, D_N, SO(2), O(2), SO(3), O(3), O, O_h).
+        gspace: for a declared layer without ``like``, the escnn gspace to build it on (its fibre group must
+            be the reps' group); default escnn's gspace of that group (``rot2dOnR2(N)``, ``flipRot2dOnR2(N)``,
+            ``rot3dOnR3()``, ..., ``no_base_space`` for ``Linear``).
         like: an escnn model of the same architecture to fill (a copy is filled), or for a plain layer the
-            escnn ``R2Conv``/``R3Conv``/``Linear`` of its shape; default the escnn model ``model`` was
-            converted from in this process.
+            escnn ``R2Conv``/``R3Conv``/``Linear`` of its shape. Default: the escnn model ``model`` was
+            converted from in this process (a model unpickled or converted in another process needs
+            ``like``); for a declared layer, a new escnn layer (``R2Conv``/``R3Conv``/``Linear``) with
+            field types built from the declared reps (escnn's irreps, with a change of basis where
+            equiproj's basis of a field differs from escnn's) and the layer's kernel size, padding,
+            stride, dilation and bias.
         return_residuals: also return ``{path: relative residual}`` of every least-squares solve.
 
     A relative residual above ``1e-4`` (the layer is not in escnn's basis) warns: project first.
 
     Example::
 
-        >>> import equiproj
+        >>> import torch, equiproj
         >>> from escnn import gspaces, nn as escnn_nn
         >>> gs = gspaces.rot2dOnR2(8)
         >>> field_type = escnn_nn.FieldType(gs, 2 * [gs.regular_repr])
-        >>> escnn_model = escnn_nn.SequentialModule(escnn_nn.R2Conv(field_type, field_type, kernel_size=5))
-        >>> plain = equiproj.nn.from_escnn(escnn_model)
-        >>> _ = equiproj.nn.project_(plain)                   # after training plain with the penalty
+        >>> plain = equiproj.nn.from_escnn(escnn_nn.R2Conv(field_type, field_type, kernel_size=5))
+        >>> # ... train plain with the penalty, then
+        >>> plain = equiproj.nn.project_(plain)
         >>> escnn_again = equiproj.nn.to_escnn(plain)
+        >>> G = equiproj.Cyclic(8)                     # a layer declared by hand: escnn's R2Conv is built
+        >>> conv = equiproj.nn.declare(torch.nn.Conv2d(3, 16, 5, padding=2), 3 * G.trivial(), 2 * G.regular())
+        >>> conv = equiproj.nn.project_(conv)         # into its kernel space (here inside escnn's span)
+        >>> escnn_conv, residuals = equiproj.nn.to_escnn(conv, return_residuals=True)
+        >>> type(escnn_conv).__name__, max(residuals.values()) < 1e-4
+        ('R2Conv', True)
     """
+    if gspace is not None and isinstance(gspace, nn.Module):
+        raise TypeError("to_escnn: the second argument is an escnn gspace; pass the escnn module to fill as like=")
+    converted = any(getattr(m, "escnn_path", None) is not None for m in model.modules())
+    if gspace is not None and (converted or like is not None):
+        raise ValueError("to_escnn: gspace= is for a declared layer built anew; a model converted by from_escnn (or one "
+                         "given like=) is written into its escnn model, whose gspace it keeps")
     if like is None:
         like = _SOURCES.get(model)
-        if like is None:
-            raise ValueError("to_escnn needs the escnn model to fill: this model was not converted by from_escnn in this "
-                             "process; pass like=<an escnn model of the same architecture>")
+    if like is None and not converted:
+        like = _new_escnn_layer(model, gspace)
+    if like is None:
+        raise ValueError("to_escnn needs the escnn model to fill: this model was converted by from_escnn, but not in this "
+                         "process (or it was copied); pass like=<an escnn model of the same architecture>")
     out = _copy_escnn(like)
     residuals: dict[str, float] = {}
     if not any(getattr(m, "escnn_path", None) is not None for m in model.modules()):

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..groups import Rep
 
-__all__ = ["FieldBranches", "GatedFields", "InnerBatchNorm", "NormBatchNorm", "IIDBatchNorm", "AntialiasedAvgPool2d", "FieldDropout"]
+__all__ = ["FieldBranches", "GatedFields", "GatedFieldPair", "InnerBatchNorm", "NormBatchNorm", "IIDBatchNorm", "IrrepBatchNorm",
+           "AntialiasedAvgPool2d", "FieldDropout", "FieldTensorSquare"]
 
 
 def _view_fields(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -56,6 +57,103 @@ class GatedFields(nn.Module):
             n = fields.shape[1]
             out[:, getattr(self, f"out_index_{k}")] = (fields * gates[:, g0:g0 + n, None]).flatten(1, 2)
             g0 += n
+        return out
+
+
+class GatedFieldPair(nn.Module):
+    """escnn's ``GatedNonLinearity2``: called with two tensors, the gates (scalar fields) and the gated fields;
+    each gated field is multiplied by ``sigmoid(gate - bias)`` of its gate, gates matched to the gated
+    fields grouped by field size (smallest first), in field order within a size. The output is the gated
+    fields only. ``rep_in`` is the pair's direct sum (gates first), ``rep_gates`` and ``rep_out`` its parts."""
+
+    def __init__(self, rep_gates: Rep, rep_gated: Rep, groups, bias: torch.Tensor):
+        super().__init__()
+        self.rep_gates, self.rep_out = rep_gates, rep_gated
+        self.rep_in = rep_gates + rep_gated
+        self.sizes = [int(s) for s, _ in groups]
+        for k, (_, idx) in enumerate(groups):
+            self.register_buffer(f"index_{k}", idx.long())
+        self.bias = nn.Parameter(bias.detach().clone().reshape(-1))
+
+    def forward(self, gates, x):
+        if gates.shape[0] != x.shape[0] or gates.shape[2:] != x.shape[2:]:
+            raise ValueError(f"GatedFieldPair: gates {tuple(gates.shape)} and fields {tuple(x.shape)} differ in batch or "
+                             "spatial shape")
+        gates = torch.sigmoid(gates - self.bias.reshape((1, -1) + (1,) * (x.dim() - 2)).to(gates.dtype))
+        out = torch.empty_like(x)
+        g0 = 0
+        for k, s in enumerate(self.sizes):
+            idx = getattr(self, f"index_{k}")
+            fields = _view_fields(x, idx, s)
+            n = fields.shape[1]
+            out[:, idx] = (fields * gates[:, g0:g0 + n, None]).flatten(1, 2)
+            g0 += n
+        return out
+
+
+class IrrepBatchNorm(nn.Module):
+    """escnn's ``GNormBatchNorm``: each field, in the basis where its rep is a direct sum of irreps (escnn's
+    change of basis), is normalised irrep by irrep: the invariant (trivial-irrep) components centred
+    by their mean, every irrep's block divided by the root of its channels' mean second moment
+    (Bessel-corrected over batch and space), times a weight per irrep block, plus a bias on the
+    invariant components. As in escnn, training uses the batch statistics and updates the running
+    ones. Fields grouped by field type in escnn's order; the buffers are escnn's."""
+
+    def __init__(self, rep: Rep, groups, eps: float, momentum: float, affine: bool):
+        super().__init__()
+        self.rep_in = self.rep_out = rep
+        self.eps, self.momentum, self.affine = float(eps), float(momentum), affine
+        self.sizes, self.has_basis = [], []
+        for k, g in enumerate(groups):
+            s, idx = int(g["size"]), g["index"]
+            n = idx.numel() // s
+            self.sizes.append(s)
+            self.has_basis.append(g["change_of_basis"] is not None)
+            self.register_buffer(f"index_{k}", idx.long())
+            self.register_buffer(f"trivial_{k}", g["trivial"].long())
+            self.register_buffer(f"aggregator_{k}", g["aggregator"].float())
+            self.register_buffer(f"propagator_{k}", g["propagator"].float())
+            if g["change_of_basis"] is not None:
+                self.register_buffer(f"change_of_basis_{k}", g["change_of_basis"].float())
+                self.register_buffer(f"change_of_basis_inv_{k}", g["change_of_basis_inv"].float())
+            nirr, ntriv = g["aggregator"].shape[1], g["trivial"].numel()
+            self.register_buffer(f"running_var_{k}", torch.ones(n, nirr))
+            self.register_buffer(f"running_mean_{k}", torch.zeros(n, ntriv))
+            if affine:
+                self.register_parameter(f"weight_{k}", nn.Parameter(torch.ones(n, nirr)))
+                self.register_parameter(f"bias_{k}", nn.Parameter(torch.zeros(n, ntriv)))
+
+    def forward(self, x):
+        out = torch.empty_like(x)
+        for k, s in enumerate(self.sizes):
+            idx, triv = getattr(self, f"index_{k}"), getattr(self, f"trivial_{k}")
+            fields = _view_fields(x, idx, s)
+            if self.has_basis[k]:
+                fields = torch.einsum("ds,bcs...->bcd...", getattr(self, f"change_of_basis_inv_{k}").to(x.dtype), fields)
+            rv, rm = getattr(self, f"running_var_{k}"), getattr(self, f"running_mean_{k}")
+            if self.training:
+                flat = fields.detach().reshape(fields.shape[0], fields.shape[1], s, -1)
+                m = flat.shape[0] * flat.shape[3]
+                mean = flat[:, :, triv].mean(dim=(0, 3))
+                second = flat.square().mean(dim=(0, 3))
+                second[:, triv] -= mean.square()
+                var = torch.einsum("io,ci->co", getattr(self, f"aggregator_{k}").to(x.dtype), second)
+                var = var * (m / (m - 1) if m > 1 else 1.0)
+                with torch.no_grad():
+                    rv.mul_(1 - self.momentum).add_(self.momentum * var.to(rv.dtype))
+                    rm.mul_(1 - self.momentum).add_(self.momentum * mean.to(rm.dtype))
+            else:
+                var, mean = rv, rm
+            weight = getattr(self, f"weight_{k}") if self.affine else 1.0
+            scale = torch.einsum("oi,ci->co", getattr(self, f"propagator_{k}").to(x.dtype), weight / (var + self.eps).sqrt())
+            shift = torch.zeros((fields.shape[1], s), dtype=x.dtype, device=x.device)
+            shift[:, triv] = -mean.to(x.dtype) * scale[:, triv]
+            if self.affine:
+                shift[:, triv] += getattr(self, f"bias_{k}").to(x.dtype)
+            fields = fields * _bcast(scale, fields) + _bcast(shift, fields)
+            if self.has_basis[k]:
+                fields = torch.einsum("ds,bcs...->bcd...", getattr(self, f"change_of_basis_{k}").to(x.dtype), fields)
+            out[:, idx] = fields.flatten(1, 2)
         return out
 
 
@@ -242,3 +340,24 @@ class FieldBranches(nn.Module):
 
     def forward(self, x):
         return torch.cat([b(x.index_select(1, getattr(self, f"index_{k}"))) for k, b in enumerate(self.branches)], 1)
+
+
+class FieldTensorSquare(nn.Module):
+    """escnn's ``TensorProductModule``: each of the ``C`` input fields (all of one type, size ``s``) times
+    itself, ``x_f (x) x_f`` (``s^2`` channels), mapped by its own ``[o, s^2]`` block of ``weight``
+    ``[C * o, s^2]`` (escnn's expanded ``matrix``) to the output field ``f`` of size ``o``. The weight is a
+    plain parameter: it is not declared (the penalty, ``report`` and ``project_`` do not see it)."""
+
+    def __init__(self, rep_in: Rep, rep_out: Rep, fields: int, weight: torch.Tensor):
+        super().__init__()
+        self.rep_in, self.rep_out = rep_in, rep_out
+        self.fields = int(fields)
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = None
+
+    def forward(self, x):
+        C, s = self.fields, x.shape[1] // self.fields
+        fields = x.reshape((x.shape[0], C, s) + x.shape[2:])
+        square = torch.einsum("bci...,bco...->bcio...", fields, fields).reshape((x.shape[0], C, s * s) + x.shape[2:])
+        out = torch.einsum("coi,bci...->bco...", self.weight.reshape(C, -1, s * s).to(x.dtype), square)
+        return out.reshape((x.shape[0], -1) + x.shape[2:])

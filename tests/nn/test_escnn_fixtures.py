@@ -23,7 +23,8 @@ def _name(path):
 
 
 def test_fixtures_exist():
-    assert {_name(p) for p in FIXTURES} == {"c8_regular", "d4_regular", "so2_irreps", "so3_r3conv", "so2_linear"}
+    assert {_name(p) for p in FIXTURES} == {"c8_regular", "d4_regular", "so2_irreps", "so3_r3conv", "so2_linear",
+                                             "so2_tensor"}
     assert sum(os.path.getsize(p) for p in FIXTURES) < 1 << 20
 
 

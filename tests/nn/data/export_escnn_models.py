@@ -21,12 +21,12 @@ from escnn import nn as enn  # noqa: E402
 from test_escnn_models import MODELS  # noqa: E402
 
 #: small models only (the fixtures stay well under 1 MB together)
-EXPORTED = ("c8_regular", "d4_regular", "so2_irreps", "so3_r3conv", "so2_linear")
+EXPORTED = ("c8_regular", "d4_regular", "so2_irreps", "so3_r3conv", "so2_linear", "so2_tensor")
 
 
 #: the dtype escnn computes each model in
 DTYPES = {"c8_regular": torch.float64, "d4_regular": torch.float64, "so2_irreps": torch.float32,
-          "so3_r3conv": torch.float32, "so2_linear": torch.float64}
+          "so3_r3conv": torch.float32, "so2_linear": torch.float64, "so2_tensor": torch.float32}
 
 
 def export(name: str, seed: int = 1234) -> None:
