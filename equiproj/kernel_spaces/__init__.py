@@ -9,7 +9,7 @@
 * :class:`DenseKernelBasis`: the dense reference ``Q Q^T w`` of that span (small layers, tests and
   benchmarks).
 * :func:`smooth_equivariance_error`: how equivariant a kernel is at angles off the grid.
-* :func:`from_escnn` / :func:`escnn_conv_to_torch`: an escnn ``R2Conv``/``R3Conv`` as a plain conv with
+* :func:`escnn_conv_declaration` / :func:`escnn_conv_to_torch`: an escnn ``R2Conv``/``R3Conv`` as a plain conv with
   its kernel space and reps (escnn is needed only for these; docs/interop.md).
 
 The exact actions on the grid itself (C4/D4 on square kernels, O/O_h on cubic ones) are in
@@ -17,11 +17,11 @@ The exact actions on the grid itself (C4/D4 on square kernels, O/O_h on cubic on
 """
 
 from ._dense import DenseKernelBasis
-from ._escnn import escnn_conv_to_torch, from_escnn
+from ._escnn import escnn_conv_to_torch, escnn_conv_declaration
 from ._protocol import KernelSpace
 from ._smooth import smooth_equivariance_error
 from ._steerable import SteerableKernelSpace, default_kernel_space, kernel_energies_and_grads_many, kernel_energies_many
 
 __all__ = ["KernelSpace", "SteerableKernelSpace", "default_kernel_space", "kernel_energies_many",
-           "kernel_energies_and_grads_many", "DenseKernelBasis", "smooth_equivariance_error", "from_escnn",
+           "kernel_energies_and_grads_many", "DenseKernelBasis", "smooth_equivariance_error", "escnn_conv_declaration",
            "escnn_conv_to_torch"]

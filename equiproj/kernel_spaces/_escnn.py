@@ -1,7 +1,7 @@
 """escnn convolutions as plain convolutions with the same kernel space (optional: escnn is used, never
 imported, here; docs/interop.md).
 
-* :func:`from_escnn`: ``(kernel_space, rep_in, rep_out)`` of an escnn ``R2Conv``/``R3Conv``, so that
+* :func:`escnn_conv_declaration`: ``(kernel_space, rep_in, rep_out)`` of an escnn ``R2Conv``/``R3Conv``, so that
   ``equiproj.nn.declare(plain_conv, rep_in, rep_out, kernel_space=space)`` calls exactly that layer's
   kernels equivariant (the span of escnn's basis is the space's V; checked by dimension on conversion).
 * :func:`escnn_conv_to_torch`: the plain ``nn.Conv2d``/``nn.Conv3d`` with the layer's expanded
@@ -18,7 +18,7 @@ from ..groups import Rep
 from ._dense import DenseKernelBasis
 from ._steerable import SteerableKernelSpace, default_kernel_space
 
-__all__ = ["from_escnn", "escnn_conv_to_torch"]
+__all__ = ["escnn_conv_declaration", "escnn_conv_to_torch"]
 
 
 def _check_conv(conv) -> int:
@@ -59,7 +59,7 @@ def _space(group, kernel_size: int, spatial_dims: int, rings: tuple, sigma: tupl
     return SteerableKernelSpace(group, kernel_size, spatial_dims, rings=rings, sigma=sigma, max_frequency=max_frequency)
 
 
-def from_escnn(conv) -> tuple[SteerableKernelSpace, Rep, Rep]:
+def escnn_conv_declaration(conv) -> tuple[SteerableKernelSpace, Rep, Rep]:
     """``(kernel_space, rep_in, rep_out)`` of an escnn ``R2Conv``/``R3Conv``: the reps of its field types
     (:meth:`equiproj.Rep.from_escnn`) and the steerable kernel space of its basis parameters (rings and
     widths, rescaled by the dilation; per ring the highest frequency its basis uses), whose V is the
@@ -72,11 +72,11 @@ def from_escnn(conv) -> tuple[SteerableKernelSpace, Rep, Rep]:
 
         >>> import equiproj
         >>> from escnn import gspaces, nn as escnn_nn
-        >>> from equiproj.kernel_spaces import escnn_conv_to_torch, from_escnn
+        >>> from equiproj.kernel_spaces import escnn_conv_declaration, escnn_conv_to_torch
         >>> gs = gspaces.rot2dOnR2(8)
         >>> field_type = escnn_nn.FieldType(gs, 2 * [gs.regular_repr])
         >>> escnn_conv = escnn_nn.R2Conv(field_type, field_type, kernel_size=5)
-        >>> space, rep_in, rep_out = from_escnn(escnn_conv)
+        >>> space, rep_in, rep_out = escnn_conv_declaration(escnn_conv)
         >>> plain = escnn_conv_to_torch(escnn_conv)
         >>> plain = equiproj.nn.declare(plain, rep_in, rep_out, kernel_space=space)
     """
@@ -102,7 +102,7 @@ def from_escnn(conv) -> tuple[SteerableKernelSpace, Rep, Rep]:
 def escnn_conv_to_torch(conv) -> torch.nn.Module:
     """A plain ``torch.nn.Conv2d``/``Conv3d`` computing what the escnn ``R2Conv``/``R3Conv`` computes now:
     its expanded filter and bias, padding, stride, dilation and padding mode, on the layer's device
-    and dtype. (The result is an ordinary layer; declare it with :func:`from_escnn`'s kernel space.)"""
+    and dtype. (The result is an ordinary layer; declare it with :func:`escnn_conv_declaration`'s kernel space.)"""
     s = _check_conv(conv)
     with torch.no_grad():
         filt, bias = conv.expand_parameters()

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..groups import Rep, as_rep
 from ..kernel_spaces import escnn_conv_to_torch
-from ..kernel_spaces import from_escnn as _conv_space
+from ..kernel_spaces import escnn_conv_declaration
 from ._blocks import GridPool, GroupPooling, NormActivation, NormPooling, PointwiseActivation
 from ._declare import declaration, declare
 from ._escnn_blocks import (AntialiasedAvgPool2d, FieldBranches, FieldDropout, GatedFieldPair, GatedFields, IIDBatchNorm,
@@ -55,7 +55,7 @@ def _full_index(m, name: str, key) -> torch.Tensor:
 
 # ---- converters: escnn module -> plain module ------------------------------------------------------
 def _conv(m, bias: bool):
-    space, rep_in, rep_out = _conv_space(m)
+    space, rep_in, rep_out = escnn_conv_declaration(m)
     return declare(escnn_conv_to_torch(m), rep_in, rep_out, kernel_space=space, bias=bias)
 
 

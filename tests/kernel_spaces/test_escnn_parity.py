@@ -133,7 +133,7 @@ def test_escnn_adapters_refuse_other_objects_and_stay_optional():
     with pytest.raises(TypeError, match="FieldType"):
         ep.Rep.from_escnn(ep.SO2().standard())
     with pytest.raises(TypeError, match="R2Conv or R3Conv"):
-        ep.kernel_spaces.from_escnn(torch.nn.Conv2d(2, 2, 3))
+        ep.kernel_spaces.escnn_conv_declaration(torch.nn.Conv2d(2, 2, 3))
     with pytest.raises(TypeError, match="escnn"):
         ep.nn.from_escnn(torch.nn.Linear(2, 2))
     probe = "import sys, equiproj, equiproj.nn, equiproj.kernel_spaces; print('escnn' in sys.modules)"
@@ -186,7 +186,7 @@ def test_escnn_conv_exported_and_declared(label, make, seed):
     with torch.no_grad():
         conv.weights.normal_()
         conv.bias.normal_()
-    space, ri, ro = ep.kernel_spaces.from_escnn(conv)
+    space, ri, ro = ep.kernel_spaces.escnn_conv_declaration(conv)
     plain = ep.kernel_spaces.escnn_conv_to_torch(conv)
     s = plain.weight.dim() - 2
     x = torch.randn((2, conv.in_type.size) + (8,) * s)
@@ -226,9 +226,9 @@ def test_rep_from_escnn_and_errors():
     gs = gspaces.rot2dOnR2(8)
     ft = nn.FieldType(gs, [gs.regular_repr] * 2)
     with pytest.raises(ValueError, match="groups=2"):
-        ep.kernel_spaces.from_escnn(nn.R2Conv(ft, ft, 3, groups=2))
+        ep.kernel_spaces.escnn_conv_declaration(nn.R2Conv(ft, ft, 3, groups=2))
     with pytest.raises(ValueError, match="basis_filter"):  # a basis that is not all of V
-        ep.kernel_spaces.from_escnn(nn.R2Conv(ft, ft, 5, basis_filter=lambda attr: attr["irrep:frequency"] != 1))
+        ep.kernel_spaces.escnn_conv_declaration(nn.R2Conv(ft, ft, 5, basis_filter=lambda attr: attr["irrep:frequency"] != 1))
 
 
 @needs_escnn

@@ -293,7 +293,7 @@ def test_to_escnn_of_a_conv_declared_by_hand(gen):
     gs = gspaces.rot2dOnR2(8)
     t_in, t_out = enn.FieldType(gs, 2 * [gs.trivial_repr]), enn.FieldType(gs, [gs.regular_repr])
     conv_e = enn.R2Conv(t_in, t_out, 5, padding=2)
-    space, rep_in, rep_out = equiproj.kernel_spaces.from_escnn(conv_e)
+    space, rep_in, rep_out = equiproj.kernel_spaces.escnn_conv_declaration(conv_e)
     plain = equiproj.nn.declare(torch.nn.Conv2d(2, 8, 5, padding=2), t_in, t_out, kernel_space=space)
     with torch.no_grad():
         plain.weight.copy_(torch.randn(plain.weight.shape, generator=gen))
@@ -375,7 +375,7 @@ def _declared_in_escnn_span(name):
         cls = enn.R2Conv if dims == 2 else enn.R3Conv
         ref = cls(escnn_field_type(rep_in(G), gs), escnn_field_type(rep_out(G), gs), layer.kernel_size[0],
                   padding=layer.padding[0], stride=layer.stride[0])
-        space = equiproj.kernel_spaces.from_escnn(ref)[0]
+        space = equiproj.kernel_spaces.escnn_conv_declaration(ref)[0]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Conv2d: a stride")  # the inputs here have odd sizes
         layer = equiproj.nn.declare(layer, rep_in(G), rep_out(G), kernel_space=space)
