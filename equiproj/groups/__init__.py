@@ -20,7 +20,7 @@ group                irrep id                    string form (``Rep.parse``) / n
 ``Tetrahedral()``     ``"A" "E" "T"``              T (12 rotations); E of complex type
 ``FullTetrahedral()`` as ``Octahedral()``        T_d (24), through ``g -> det(g) g``; T2 = defining
 ``Axial(planar)``    the planar group's ids       a planar group about z: ``diag(g, det g)``
-``PointGroup(name,   ``0, 1, ...`` (0 trivial)   a finite group of 3x3 matrices from generators;
+``PointGroup(name,  ``0, 1, ...`` (0 trivial)  a finite group of 3x3 matrices from generators;
 generators)``                                    irreps from its regular rep (numerical tables)
 ===================  ==========================  =============================================
 
