@@ -532,7 +532,7 @@ _IMPROPER_GENERATORS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)
 def _point_group(name: str) -> PointGroup:
     return PointGroup(name, {**_ROTATION_GENERATORS, **_IMPROPER_GENERATORS}[name])
 
