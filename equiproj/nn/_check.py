@@ -397,6 +397,9 @@ def check_equivariance(model: nn.Module, rep_in, rep_out, x: torch.Tensor, *, el
             the input masked to the largest centred disc (ball) in its grid with a cosine taper over
             its outer quarter, and the outputs are compared in their grid's disc. Its error includes interpolation error, like escnn's own test: compare it with the
             same model's error at the exact elements, or across angles (:func:`equivariance_sweep`).
+            A model whose layers are declared under a subgroup H of the reps' group (after
+            :func:`~equiproj.nn.restrict_`) promises H-equivariance only: elements outside H are
+            refused with a ``ValueError`` that says to pass H's elements or the restricted reps.
         tolerance: the relative error above which the model, or a module, is called not equivariant
             (default :func:`default_tolerance` of the output dtype: 1e-9 for float64, 1e-4 for float32
             and lower precisions).
