@@ -20,6 +20,8 @@ group                irrep id                    string form (``Rep.parse``) / n
 ``Tetrahedral()``     ``"A" "E" "T"``              T (12 rotations); E of complex type
 ``FullTetrahedral()`` as ``Octahedral()``        T_d (24), through ``g -> det(g) g``; T2 = defining
 ``Axial(planar)``    the planar group's ids       a planar group about z: ``diag(g, det g)``
+``PointGroup(name,  ``0, 1, ...`` (0 trivial)  a finite group of 3x3 matrices from generators;
+generators)``                                    irreps from its regular rep (numerical tables)
 ===================  ==========================  =============================================
 
 ``Dihedral(N, axis=a)`` holds the reflections ``R(2 pi k / N + a) F`` (escnn's subgroup id ``(a, N)``
@@ -52,11 +54,12 @@ from ._rep import Field, Irrep, Rep, check_rep_pair
 from ._so3 import L_MAX, sphere_quadrature, spherical_harmonics, wigner_D
 from ._spatial import O3, SO3, FullOctahedral, FullTetrahedral, Octahedral, Tetrahedral, clebsch_gordan
 from ._axial import Axial
+from ._point import PointGroup
 from ._subgroups import Subgroup, SubgroupLattice
 
 __all__ = [
     "Group", "Cyclic", "Dihedral", "SO2", "O2", "SO3", "O3", "Octahedral", "FullOctahedral", "Tetrahedral",
-    "FullTetrahedral", "Axial",
+    "FullTetrahedral", "Axial", "PointGroup",
     "Subgroup", "SubgroupLattice",
     "Rep", "Irrep", "Field", "check_rep_pair", "as_rep", "as_rep_pair",
     "spherical_harmonics", "wigner_D", "sphere_quadrature", "clebsch_gordan", "irrep_product", "L_MAX",

@@ -24,6 +24,7 @@ from ._clebsch_gordan import irrep_product
 from ._axial import Axial
 from ._group import Group
 from ._planar import O2, SO2, Cyclic, Dihedral
+from ._point import PointGroup
 from ._so3 import check_degree, wigner_D
 
 __all__ = ["SO3", "O3", "Octahedral", "FullOctahedral", "Tetrahedral", "FullTetrahedral", "euler_zyz",
@@ -176,8 +177,8 @@ class O3(Group):
         return torch.cat([SO3().generators(), -torch.eye(3, dtype=torch.float64)[None]])
 
     def _subgroup_list(self):
-        return _rotation_subgroups() + [("SO3", SO3()), ("Td", FullTetrahedral()), ("Oh", FullOctahedral()),
-                                        ("O3", self)]
+        return _rotation_subgroups() + [("SO3", SO3()), ("Td", FullTetrahedral()), ("Th", _point_group("Th")),
+                                        ("Oh", FullOctahedral()), ("O3", self)]
 
     def haar_quadrature(self, degree):
         g, w = _so3_quadrature(degree)
@@ -353,7 +354,8 @@ class FullOctahedral(Octahedral):
         return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all())
 
     def _subgroup_list(self):
-        return _octahedral_rotation_subgroups() + [("Td", FullTetrahedral()), ("Oh", self)]
+        return _octahedral_rotation_subgroups() + [(name, _point_group(name)) for name in _IMPROPER_GENERATORS] + [
+            ("Td", FullTetrahedral()), ("Oh", self)]
 
     def _same_irrep_as(self, psi):
         return None
@@ -474,20 +476,65 @@ MAX_AXIAL_ORDER = 8
 
 def _rotation_subgroups() -> list:
     """The rotation subgroups SO(3) lists: axial C_M, D_M and SO(2), O(2) about z, T and O. A half turn
-    about x (D1) is conjugate to the one about z (C2), and every D_M's axis is conjugate, so one each."""
+    about x (D1) is conjugate to the one about z (C2), and every D_M's axis is conjugate, so one each;
+    C3 and D3 about the body diagonal (-1, 1, 1) are conjugate to C3z and D3z in SO(3), and listed as
+    well because they are literally subgroups of T and O (the lattice's inclusions are literal)."""
     out = [("C1", Axial(Cyclic(1)))]
     out += [(f"C{m}z", Axial(Cyclic(m))) for m in range(2, MAX_AXIAL_ORDER + 1)]
     out += [(f"D{m}z", Axial(Dihedral(m))) for m in range(2, MAX_AXIAL_ORDER + 1)]
+    out += [("C3[-111]", _point_group("C3[-111]")), ("D3[-111]", _point_group("D3[-111]"))]
     return out + [("SO2z", Axial(SO2())), ("O2z", Axial(O2())), ("T", Tetrahedral()), ("O", Octahedral())]
 
 
 def _octahedral_rotation_subgroups() -> list:
-    """The subgroups of O that are axial about z, and T (C3 and D3 about a body diagonal are not listed):
-    a half turn about a coordinate axis (C2z) or about a face diagonal (D1z[pi/2]), C4z, the two
-    classes of D2 (coordinate axes; z and the face diagonals), D4z, and O."""
+    """One subgroup of O per conjugacy class (11): a half turn about a coordinate axis (C2z) or about a
+    face diagonal (D1z[pi/2], the axis (1, 1, 0)), C3 about the body diagonal (-1, 1, 1), C4z, the two
+    classes of D2 (coordinate axes; z and the face diagonals), D3 about (-1, 1, 1) (its half turns
+    include the one about (1, 1, 0)), D4z, T and O."""
     return [("C1", Axial(Cyclic(1))), ("C2z", Axial(Cyclic(2))), ("D1z[pi/2]", Axial(Dihedral(1, axis=math.pi / 2))),
+            ("C3[-111]", _point_group("C3[-111]")),
             ("C4z", Axial(Cyclic(4))), ("D2z", Axial(Dihedral(2))), ("D2z[pi/2]", Axial(Dihedral(2, axis=math.pi / 2))),
-            ("D4z", Axial(Dihedral(4))), ("T", Tetrahedral()), ("O", Octahedral())]
+            ("D3[-111]", _point_group("D3[-111]")), ("D4z", Axial(Dihedral(4))), ("T", Tetrahedral()), ("O", Octahedral())]
+
+
+#: Generators of the subgroups of O_h beyond the named groups, one per conjugacy class, each element
+#: written as the images of the coordinates. Names are Schoenflies symbols with the principal axis:
+#: ``z``, a direction ``[uvw]`` (``[-111]`` the body diagonal (-1, 1, 1), ``[110]`` a face diagonal),
+#: ``[pi/2]`` where the two-fold axes or mirrors lie on the face diagonals rather than the coordinate
+#: axes (as ``D2z[pi/2]``); for ``Cs`` the axis is the mirror's normal. The representatives were picked
+#: (by a search over all choices) so that every inclusion up to conjugacy is literal except four that
+#: no choice can make literal together (docs/math.md §10).
+_ROTATION_GENERATORS = {
+    "C3[-111]": ("-y,z,-x",),
+    "D3[-111]": ("-x,-z,-y", "y,x,-z"),
+}
+_IMPROPER_GENERATORS = {
+    "Ci": ("-x,-y,-z",),
+    "Csz": ("x,y,-z",),
+    "Cs[110]": ("-y,-x,z",),
+    "S4z": ("y,-x,-z",),
+    "C2hz": ("x,y,-z", "-x,-y,z"),
+    "C2h[110]": ("-x,-y,-z", "y,x,-z"),
+    "C2vz": ("x,-y,z", "-x,y,z"),
+    "C2vz[pi/2]": ("-x,-y,z", "y,x,z"),
+    "C2v[110]": ("x,y,-z", "y,x,z"),
+    "S6[-111]": ("y,-z,x",),
+    "C3v[-111]": ("x,z,y", "-y,-x,z"),
+    "C4hz": ("x,y,-z", "y,-x,z"),
+    "C4vz": ("x,-y,z", "y,x,z"),
+    "D2dz": ("x,-y,-z", "y,x,z"),
+    "D2dz[pi/2]": ("x,-y,z", "y,x,-z"),
+    "D2h": ("x,y,-z", "x,-y,z", "-x,y,z"),
+    "D2hz[pi/2]": ("x,y,-z", "-x,-y,z", "y,x,z"),
+    "D3d[-111]": ("x,z,y", "y,x,-z"),
+    "D4hz": ("x,y,-z", "x,-y,z", "y,x,z"),
+    "Th": ("x,y,-z", "y,z,x"),
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _point_group(name: str) -> PointGroup:
+    return PointGroup(name, {**_ROTATION_GENERATORS, **_IMPROPER_GENERATORS}[name])
 
 
 def clebsch_gordan(l1: int, l2: int, l3: int) -> torch.Tensor:

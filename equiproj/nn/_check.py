@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import grid as _grid
 from ..groups import Group, Rep, as_rep, as_rep_pair, check_rep_pair
-from ._declare import declaration, unwrap
+from ._declare import declaration, declared_layers, unwrap
 
 __all__ = ["check_equivariance", "EquivarianceCheck", "equivariance_sweep", "default_tolerance"]
 
@@ -409,6 +409,9 @@ def check_equivariance(model: nn.Module, rep_in, rep_out, x: torch.Tensor, *, el
             the input masked to the largest centred disc (ball) in its grid with a cosine taper over
             its outer quarter, and the outputs are compared in their grid's disc. Its error includes interpolation error, like escnn's own test: compare it with the
             same model's error at the exact elements, or across angles (:func:`equivariance_sweep`).
+            A model whose layers are declared under a subgroup H of the reps' group (after
+            :func:`~equiproj.nn.restrict_`) promises H-equivariance only: elements outside H are
+            refused with a ``ValueError`` that says to pass H's elements or the restricted reps.
         tolerance: the relative error above which the model, or a module, is called not equivariant
             (default :func:`default_tolerance` of the output dtype: 1e-9 for float64, 1e-4 for float32
             and lower precisions).
@@ -448,6 +451,7 @@ def check_equivariance(model: nn.Module, rep_in, rep_out, x: torch.Tensor, *, el
     group = rep_in.group
     spatial = x.dim() - 2
     els, kind = _choose_elements(group, x, elements, generator)
+    _check_declared_groups(model, group, els, elements is None)
     grid_shape = tuple(x.shape[2:])
     exact = [not spatial or _grid.grid_permutation(g, grid_shape) is not None for g in els]
     if not all(exact) and spatial not in (2, 3):
@@ -515,6 +519,24 @@ def check_equivariance(model: nn.Module, rep_in, rep_out, x: torch.Tensor, *, el
     return EquivarianceCheck(worst, per_element, els, kind, modules, first, tolerance, worst_abs, out_norm,
                              per_element_abs, worst_module, entered_after, between,
                              unchecked, cannot_judge, resampled, restored)
+
+
+def _check_declared_groups(model: nn.Module, group: Group, els: torch.Tensor, default: bool) -> None:
+    """Refuse elements that a declared layer's group does not contain: a layer declared under a subgroup
+    ``H`` of ``group`` (``restrict_`` re-declares a model so) has ``H``'s output rep, and promises
+    equivariance under ``H`` only."""
+    for name, _, d in declared_layers(model):
+        H = d.group
+        if H is None or H == group or H.ambient_dim != group.ambient_dim or H._contains(els):
+            continue
+        if not group._contains(H.elements() if H.is_finite else H.generators()):
+            continue  # not a subgroup: the reps' own checks say what does not match
+        which = (f"the default elements of {group!r}" if default else "elements=") + " include elements outside it"
+        how = ("elements=H.elements()" if H.is_finite else f"elements of {H!r} (H.sample(n))")
+        raise ValueError(
+            f"layer {name or '(the model)'!r} is declared under {H!r}, not {group!r} (restrict_ re-declared it under the "
+            f"subgroup), so the check can only use elements of {H!r}, and {which}: pass {how} with these reps, or "
+            f"rep_in.restrict(H) and rep_out.restrict(H), with H = {H!r}")
 
 
 def _blame(order: list[str], modules: dict[str, float], unchecked: set[str], first, tolerance: float,

@@ -88,8 +88,15 @@ class SymmetrySpectrum:
         lo, hi = float(min(model.min(), table.min())), float(max(model.max(), table.max()))
         hi = max(hi, lo + 1e-9)
         cmap = plt.get_cmap("viridis")
-        fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
         pos = _hasse_layout(self.lattice, names)
+        width = max(x for x, _ in pos.values()) + 0.5
+        levels = max(y for _, y in pos.values()) + 1
+        if width <= 8:  # side by side
+            fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
+        else:  # a large lattice (O_h's 33 classes): about an inch per node, the heatmap below it
+            heat = 1.5 + 0.3 * len(self.layers)
+            fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(1.05 * width + 1, 1.1 * levels + heat + 1.5),
+                                           gridspec_kw={"height_ratios": [1.1 * levels, heat]})
         for a, b in self.lattice.covers():
             if a.name in pos and b.name in pos:
                 (x0, y0), (x1, y1) = pos[a.name], pos[b.name]
@@ -97,7 +104,8 @@ class SymmetrySpectrum:
         for n, v in zip(names, model.tolist()):
             x, y = pos[n]
             ax0.scatter([x], [y], s=1400, color=cmap((v - lo) / (hi - lo)), edgecolor="k", zorder=2)
-            ax0.annotate(f"{n}\n{self.model[n]:.1e}", (x, y), ha="center", va="center", fontsize=7, zorder=3,
+            ax0.annotate(f"{n}\n{self.model[n]:.1e}", (x, y), ha="center", va="center", fontsize=7 if len(n) < 9 else 6,
+                         zorder=3,
                          color="w" if (v - lo) / (hi - lo) < 0.5 else "k")
         ax0.set_axis_off()
         ax0.set_title("subgroup lattice, model-level E_perp/||W||^2")
@@ -125,7 +133,17 @@ def _hasse_layout(lattice, names) -> dict[str, tuple[float, float]]:
     for n in names:
         levels.setdefault(rank[n], []).append(n)
     width = max(len(v) for v in levels.values())
-    return {n: ((i + 0.5) * width / len(level), float(r)) for r, level in levels.items() for i, n in enumerate(level)}
+    below = {n: [] for n in names}
+    for a, b in lattice.covers():
+        if a.name in below and b.name in below:
+            below[b.name].append(a.name)
+    pos: dict[str, tuple[float, float]] = {}
+    for r in sorted(levels):
+        level = levels[r]
+        if r:  # each node above the mean position of those it covers: fewer crossing edges
+            level.sort(key=lambda n: sum(pos[m][0] for m in below[n]) / len(below[n]) if below[n] else width / 2)
+        pos.update({n: ((i + 0.5) * width / len(level), float(r)) for i, n in enumerate(level)})
+    return pos
 
 
 def symmetry_spectrum(model: nn.Module, subgroups=None) -> SymmetrySpectrum:

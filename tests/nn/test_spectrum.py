@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from equiproj import grid
-from equiproj.groups import O3, SO2, Cyclic, Dihedral, Rep
+from equiproj.groups import O3, SO2, Cyclic, Dihedral, FullOctahedral, Rep
 from equiproj.nn import (check_equivariance, declaration, declare, project_, restrict_, symmetry_spectrum,
                          ProjectionPenalty)
 
@@ -148,6 +148,26 @@ def test_restrict_then_project_is_H_equivariant(gen):
     assert own.max_rel_error < 1e-10
 
 
+def test_check_equivariance_of_a_restricted_model_asks_for_the_subgroups_elements(gen):
+    G, m = _d4_model(gen)
+    restrict_(m, "C4")
+    project_(m)
+    x = torch.randn(2, 1, 9, 9, generator=gen, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"declared under Cyclic\(4\), not Dihedral\(4\).*default elements.*elements=H.elements\(\)"):
+        check_equivariance(m, G.trivial(), G.regular(), x)
+    with pytest.raises(ValueError, match=r"declared under Cyclic\(4\).*elements= include elements outside it"):
+        check_equivariance(m, G.trivial(), G.regular(), x, elements=G.elements()[3:6])
+    H = G.subgroups()["C4"].group
+    assert check_equivariance(m, G.trivial(), G.regular(), x, elements=H.elements()[1:3]).max_rel_error < 1e-10
+    # a continuous group restricted to a continuous subgroup: its elements are sampled
+    G3 = O3()
+    lin = nn.Linear(4, 4).double()
+    declare(lin, Rep.parse(G3, "0e + 1o"), Rep.parse(G3, "0e + 1o"))
+    restrict_(lin, "SO2z")
+    with pytest.raises(ValueError, match=r"declared under Axial\(SO2\(\)\).*H.sample"):
+        check_equivariance(lin, Rep.parse(G3, "0e + 1o"), Rep.parse(G3, "0e + 1o"), torch.randn(3, 4, dtype=torch.float64))
+
+
 def test_project_with_subgroup_leaves_declarations(gen):
     G, m = _d4_model(gen)
     before = [declaration(layer) for layer in (m[0], m[2], m[4])]
@@ -188,4 +208,20 @@ def test_spectrum_plot(tmp_path, gen):
     G, m = _d4_model(gen)
     project_(m, subgroup="C4")
     path = symmetry_spectrum(m).plot(tmp_path / "spectrum.png", title="C4")
+    assert path.stat().st_size > 1000
+
+
+def test_spectrum_plot_of_the_33_subgroups_of_Oh(tmp_path, gen):
+    pytest.importorskip("matplotlib")
+    G = FullOctahedral()
+    m = nn.Sequential(nn.Linear(6, 9), nn.Linear(9, 4)).double()
+    declare(m[0], Rep.parse(G, "A1g + A2u + T1u + A1u"), Rep.parse(G, "T1u + T2g + Eg + A1g"))
+    declare(m[1], Rep.parse(G, "T1u + T2g + Eg + A1g"), Rep.parse(G, "A1g + T1u"))
+    project_(m, subgroup="D3d[-111]")
+    spectrum = symmetry_spectrum(m)
+    assert len(spectrum.model) == 33
+    for name in ("C1", "Ci", "C3[-111]", "D3[-111]", "S6[-111]", "C3v[-111]", "D3d[-111]"):
+        assert spectrum.model[name] <= 1e-20, name
+    assert min(spectrum.model[n] for n in ("Th", "Td", "O", "Oh", "D4hz", "C4z")) > 1e-3
+    path = spectrum.plot(tmp_path / "spectrum.png", title="O_h")
     assert path.stat().st_size > 1000
