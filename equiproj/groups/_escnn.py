@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from .._caches import bytes_cached
 from . import _rep
 from ._group import Group
 from ._planar import O2, SO2, Cyclic, Dihedral
@@ -245,7 +246,7 @@ def _test_elements(gspace, count: int = 24):
     return els + [G.sample() for _ in range(6)]
 
 
-@functools.lru_cache(maxsize=64)
+@bytes_cached("equiproj.groups._escnn._irrep_maps_cached")
 def _irrep_maps_cached(gspace_key, gspace, ids: tuple) -> dict:
     G = group_from_escnn(gspace.fibergroup)
     d = gspace.dimensionality

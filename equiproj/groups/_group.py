@@ -12,11 +12,11 @@ Group elements are orthogonal matrices ``[..., d, d]`` (d = ``ambient_dim``), fl
 from __future__ import annotations
 
 import abc
-import functools
 from typing import Hashable
 
 import torch
 
+from .._caches import bytes_cached
 from ._commutant import _COMMUTANT_DIM
 from ._field import PermutationAction, permutation_field
 from ._rep import GROUP_CLASSES, Irrep, Rep
@@ -286,18 +286,18 @@ class Group(abc.ABC):
 _SUBGROUP_LATTICE = None
 
 
-@functools.lru_cache(maxsize=64)
+@bytes_cached("equiproj.groups._group._standard_rep")
 def _standard_rep(group: Group) -> Rep:
     return Rep.from_matrices(group, lambda g: g, name="standard", band_limit=1)
 
 
-@functools.lru_cache(maxsize=64)
+@bytes_cached("equiproj.groups._group._regular_rep")
 def _regular_rep(group: Group) -> Rep:
     action = PermutationAction(group, group.order, regular=True)
     return Rep(group, [(1, permutation_field(action, "regular", key=("regular", group)))], name="regular")
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.groups._group._harmonic_rep")
 def _harmonic_rep(group: Group, h: int) -> Rep:
     if h == 0:
         return group.trivial()

@@ -17,12 +17,12 @@ its distinct irreps. Since ``Hom_G ⊂ Hom_H``, the energies obey ``E_perp^H <= 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from fractions import Fraction
 
 import torch
 
+from .._caches import bytes_cached
 from . import _group, _rep
 from ._decompose import decompose
 from ._rep import Field, Rep
@@ -163,7 +163,7 @@ def _is_rotation_only(group) -> bool:
     return bool((torch.linalg.det(g) > 0).all())
 
 
-@functools.lru_cache(maxsize=64)
+@bytes_cached("equiproj.groups._subgroups.subgroup_lattice")
 def subgroup_lattice(group) -> SubgroupLattice:
     """The lattice of ``group``'s listed subgroups (its hook ``_subgroup_list``), cached per group."""
     return SubgroupLattice(group, [Subgroup(name, h, group) for name, h in group._subgroup_list()])
@@ -201,7 +201,7 @@ def restrict(rep: Rep, H) -> Rep:
     return Rep(target, [(c, restrict_field(f, target)) for c, f in rep.segments], rep.perm)
 
 
-@functools.lru_cache(maxsize=4096)
+@bytes_cached("equiproj.groups._subgroups.restrict_field")
 def restrict_field(field: Field, H) -> Field:
     """One field of a representation of G as a field of the subgroup ``H`` (cached per field and ``H``)."""
     slots, blocks, identity = [], [], True
@@ -220,7 +220,7 @@ def restrict_field(field: Field, H) -> Field:
                  dim=field.dim)
 
 
-@functools.lru_cache(maxsize=4096)
+@bytes_cached("equiproj.groups._subgroups.branching")
 @one_thread
 def branching(psi, H) -> tuple[list, torch.Tensor | None]:
     """The branching rule of the irrep ``psi`` of G to the subgroup ``H``: ``(slots, Q)`` with
