@@ -9,10 +9,11 @@ counted once per entry) exceed ``max_bytes``. An entry's size is measured when i
 once more when the next entry arrives (by then its first use has added its device copies); an
 entry larger than the whole budget is still kept, alone, until the next one arrives.
 
-The budget of every such cache (each its own) is ``EQUIPROJ_CACHE_BYTES`` (read at import, default 1 GiB),
-changeable per cache through ``max_bytes``. :func:`clear_caches` empties them all, and every
-``functools.lru_cache`` of equiproj's modules (the decompositions, Clebsch-Gordan coefficients,
-kernel spaces): the memory a long-running process with ever new reps can hand back.
+Every cache of equiproj whose entries can hold tensors of unbounded size is one of these, each with
+its own budget ``EQUIPROJ_CACHE_BYTES`` (read at import, default 1 GiB), changeable per cache through
+``max_bytes``; the few ``functools.lru_cache`` left hold tiny values (an irrep's commutant basis,
+tables keyed by a bounded degree). :func:`clear_caches` empties them all: the memory a long-running
+process with ever new reps can hand back.
 """
 
 from __future__ import annotations
