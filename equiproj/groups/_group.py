@@ -151,9 +151,9 @@ class Group(abc.ABC):
     def subgroups(self):
         """The subgroups that matter, one per conjugacy class, with their inclusions: a
         :class:`~equiproj.groups.SubgroupLattice` (each group lists them through ``_subgroup_list``)."""
-        if _SUBGROUP_LATTICE is None:
-            raise RuntimeError("Group.subgroups needs equiproj.groups loaded (import equiproj.groups)")
-        return _SUBGROUP_LATTICE(self)
+        from ._subgroups import subgroup_lattice  # noqa: PLC0415 - _subgroups does not import this module
+
+        return subgroup_lattice(self)
 
     def _subgroup_list(self) -> list[tuple[str, "Group"]]:
         """``(name, group)`` per listed subgroup (this group included), elements as matrices of this group."""
@@ -280,10 +280,6 @@ class Group(abc.ABC):
             M = psi.matrix(els, check=False)  # [|G|, d, d]; copy b is column b of psi(x)
             cols.append(M[:, :, :copies].transpose(1, 2).reshape(n, copies * psi.dim) * (psi.dim / n) ** 0.5)
         return torch.cat(cols, dim=1)
-
-
-#: Group.subgroups's implementation, set by equiproj.groups._subgroups when the package loads
-_SUBGROUP_LATTICE = None
 
 
 @bytes_cached("equiproj.groups._group._standard_rep")

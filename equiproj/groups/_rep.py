@@ -297,9 +297,10 @@ class Rep:
         """This representation on a subgroup ``H`` (a :class:`~equiproj.groups.Subgroup` from
         ``G.subgroups()``, or a group whose elements are elements of ``G``): the same matrices
         (``rep.restrict(H).matrix(h) == rep.matrix(h)``), decomposed into the irreps of ``H``."""
-        if _RESTRICT is None:
-            raise RuntimeError("Rep.restrict needs equiproj.groups loaded (import equiproj.groups)")
-        return _RESTRICT(self, H)
+        from ._subgroups import restricted_segments  # noqa: PLC0415 - _subgroups does not import this module
+
+        target, segments = restricted_segments(self, H)
+        return self if segments is None else Rep(target, segments, self.perm)
 
     # ---- constructors ---------------------------------------------------------------------
     @classmethod
@@ -437,10 +438,6 @@ class Rep:
             raise RuntimeError("Rep.from_escnn needs equiproj.groups loaded (import equiproj.groups)")
         return _ESCNN_CONVERTER(field_type)
 
-
-#: Rep.restrict's implementation, set by equiproj.groups._subgroups when the package loads (it imports this
-#: module)
-_RESTRICT = None
 
 #: Rep.from_escnn's implementation, set by equiproj.groups._escnn when the package loads (it needs the
 #: group classes, which import this module; escnn itself is imported only when called)
