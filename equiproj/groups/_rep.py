@@ -42,6 +42,7 @@ from ._commutant import endomorphism_basis_of
 from ._decompose import block_diag_irreps, check_representation, decompose, verify_decomposition
 from ._field import (Field, PermutationAction, _TensorKey, check_dense_size,
                      check_permutation_size, permutation_field, permutation_table, spectral_field_matrix, tensor_field)
+from ._registry import GROUP_CLASSES  # the group classes by name (they import this module)
 
 #: ``n * rep`` repeats the segments of a multi-segment rep up to this many segments (as ``rep + ... + rep``);
 #: beyond, it multiplies the counts and records the copy-major layout as a permutation
@@ -49,8 +50,6 @@ _MAX_REPEATED_SEGMENTS = 64
 
 __all__ = ["Rep", "Irrep", "Field", "PermutationAction", "check_rep_pair"]
 
-#: the group classes register here by name (they import this module, so it cannot import them)
-GROUP_CLASSES: dict[str, type] = {}
 
 
 class Rep:
@@ -434,14 +433,15 @@ class Rep:
         and ``rep.matrix(g)`` equals ``field_type.representation`` at that element (checked on
         conversion); one field per escnn field, with its irreps and change of basis. Needs escnn;
         SO(2), O(2), C_N, D_N, SO(3) and O(3)."""
-        if _ESCNN_CONVERTER is None:
-            raise RuntimeError("Rep.from_escnn needs equiproj.groups loaded (import equiproj.groups)")
-        return _ESCNN_CONVERTER(field_type)
+        from ._escnn import escnn_rep_parts  # noqa: PLC0415 - _escnn does not import this module
 
-
-#: Rep.from_escnn's implementation, set by equiproj.groups._escnn when the package loads (it needs the
-#: group classes, which import this module; escnn itself is imported only when called)
-_ESCNN_CONVERTER = None
+        G, segments, elements, want = escnn_rep_parts(field_type)
+        rep = Rep(G, segments)
+        # the field type's own matrices at the test elements
+        err = float((rep.matrix(elements) - want).abs().max())
+        if not err < 1e-6 * max(1.0, math.sqrt(rep.dim)):
+            raise RuntimeError(f"Rep.from_escnn: the converted rep differs from escnn's field type by {err:.1e}")
+        return rep
 
 
 def rep_from_decomposition(group: Group, fn: Callable[[torch.Tensor], torch.Tensor], slots: Sequence["Irrep"],

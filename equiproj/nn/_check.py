@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import grid as _grid
-from ..groups import Group, Rep, as_rep_pair, check_rep_pair
+from ..groups import Group, Rep, as_rep, as_rep_pair, check_rep_pair
 from ._declare import declaration, unwrap
 
 __all__ = ["check_equivariance", "EquivarianceCheck", "equivariance_sweep", "default_tolerance"]
