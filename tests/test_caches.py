@@ -184,3 +184,18 @@ def test_change_basis_applies_the_structured_basis_without_a_dense_product(gen):
         torch.testing.assert_close(new.change_of_basis, Q @ rep.change_of_basis, rtol=0, atol=1e-12)
         if rep.group == G:
             torch.testing.assert_close(new.matrix(g), Q @ rep.matrix(g) @ Q.T, rtol=0, atol=1e-12)
+
+
+def test_change_basis_keeps_its_own_copy_of_q(gen):
+    """A rep made by ``change_basis`` does not change when the caller later writes into their ``Q``."""
+    G = ep.SO2()
+    for base in [ep.Rep.parse(G, "6x0"), ep.Rep.parse(G, "2x0 + 2x1")]:
+        Q = random_orthogonal(base.dim, gen)
+        rep = base.change_basis(Q)
+        g = G.sample(4, generator=gen)
+        before, cob, h = rep.matrix(g).clone(), rep.change_of_basis.clone(), hash(rep)
+        original = Q.clone()
+        Q.copy_(Q[torch.arange(base.dim).roll(1)])  # still orthogonal, another rep
+        torch.testing.assert_close(rep.matrix(g), before, rtol=0, atol=0)
+        torch.testing.assert_close(rep.change_of_basis, cob, rtol=0, atol=0)
+        assert hash(rep) == h and rep == base.change_basis(original) and rep != base.change_basis(Q)

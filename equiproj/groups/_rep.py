@@ -512,7 +512,7 @@ def _check_orthogonal(Q, dim, name):
         raise TypeError(f"{name} must be a torch.Tensor")
     if Q.shape != (dim, dim):
         raise ValueError(f"{name} must have shape [{dim}, {dim}], got {tuple(Q.shape)}")
-    Q = Q.to(torch.float64).cpu()
+    Q = Q.detach().to(device="cpu", dtype=torch.float64, copy=True)  # the rep's own: the caller may change theirs
     gram = Q.T @ Q  # the one dense O(dim^3) step of a change of basis: the check itself is kept exact
     gram.diagonal().sub_(1.0)
     err = gram.abs().amax()
