@@ -9,10 +9,11 @@ counted once per entry) exceed ``max_bytes``. An entry's size is measured when i
 once more when the next entry arrives (by then its first use has added its device copies); an
 entry larger than the whole budget is still kept, alone, until the next one arrives.
 
-The budget of every such cache is ``EQUIPROJ_CACHE_BYTES`` (read at import, default 1 GiB),
-changeable per cache through ``max_bytes``. :func:`clear_caches` empties them all, and every
-``functools.lru_cache`` of equiproj's modules (the decompositions, Clebsch-Gordan coefficients,
-kernel spaces): the memory a long-running process with ever new reps can hand back.
+Every cache of equiproj whose entries can hold tensors of unbounded size is one of these, each with
+its own budget ``EQUIPROJ_CACHE_BYTES`` (read at import, default 1 GiB), changeable per cache through
+``max_bytes``; the few ``functools.lru_cache`` left hold tiny values (an irrep's commutant basis,
+tables keyed by a bounded degree). :func:`clear_caches` empties them all: the memory a long-running
+process with ever new reps can hand back.
 """
 
 from __future__ import annotations
@@ -158,8 +159,11 @@ class ByteBoundedCache:
         return CacheInfo(self.hits, self.misses, None, len(self._data), self._bytes, self.max_bytes)
 
 
+_KEYWORDS = object()  # separates the positional from the keyword arguments in a key
+
+
 def bytes_cached(name: str, max_bytes: int | None = None):
-    """A decorator like ``functools.lru_cache`` (positional, hashable arguments) over a
+    """A decorator like ``functools.lru_cache`` (hashable arguments) over a
     :class:`ByteBoundedCache`; the wrapper has ``cache``, ``cache_clear()`` and ``cache_info()``."""
 
     def decorate(fn):
@@ -167,18 +171,20 @@ def bytes_cached(name: str, max_bytes: int | None = None):
         data = cache._data
 
         @functools.wraps(fn)
-        def wrapper(*args):
-            item = data.get(args)  # the common case without the lock: a hit
+        def wrapper(*args, **kwargs):
+            # keyword arguments make a key of their own, as in functools.lru_cache (f(a) and f(a, b=1) differ)
+            key = args if not kwargs else (*args, _KEYWORDS, *kwargs.items())
+            item = data.get(key)  # the common case without the lock: a hit
             if item is not None:
                 try:
-                    data.move_to_end(args)
+                    data.move_to_end(key)
                 except KeyError:  # evicted meanwhile by another thread
                     pass
                 cache.hits += 1
                 return item[0]
-            value = fn(*args)
+            value = fn(*args, **kwargs)
             cache.misses += 1
-            cache.put(args, value)
+            cache.put(key, value)
             return value
 
         wrapper.cache = cache

@@ -273,7 +273,7 @@ def _orbit_index(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch
     return o.reshape(-1), torch.full((K,), 1.0 / do, dtype=torch.float64)
 
 
-@functools.lru_cache(maxsize=1024)
+@bytes_cached("equiproj._plan.orbit_pair")
 def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
     """``(K, form, data)`` when both fields are permutation fields (one of dimension above 5), else ``None``.
 

@@ -36,13 +36,13 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from typing import Callable
 
 import torch
 
+from ._caches import bytes_cached
 from ._energy import check_arguments
 from ._energy import energies as _energies
 from ._plan import plan_for
@@ -221,7 +221,7 @@ def _check_channels(weight, s, rep_in, rep_out):
                          f"got {tuple(weight.shape)}")
 
 
-@functools.lru_cache(maxsize=64)
+@bytes_cached("equiproj.baselines._grid_input_rep")
 def _grid_input_rep(rep_in: Rep, pixel_rep: Rep) -> Rep:
     return rep_in @ pixel_rep
 

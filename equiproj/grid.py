@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 
+from ._caches import bytes_cached
 from .groups import Group, Rep
 
 __all__ = ["grid_points", "has_grid_action", "grid_permutation", "kernel_rep", "act"]
@@ -89,7 +90,7 @@ def has_grid_action(group: Group, shape: Sequence[int]) -> bool:
     return grid_permutation(group.elements(), shape) is not None
 
 
-@functools.lru_cache(maxsize=128)
+@bytes_cached("equiproj.grid.kernel_rep")
 def kernel_rep(group: Group, shape: tuple[int, ...], orbits: bool = True) -> Rep:
     """The permutation representation ``rho_pix`` of ``group`` on the points of a grid.
 

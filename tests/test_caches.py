@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import equiproj as ep
-from equiproj._caches import ByteBoundedCache, bytes_cached, tensor_bytes
+from equiproj._caches import _CACHES, ByteBoundedCache, bytes_cached, tensor_bytes
 from equiproj._plan import block_plan
 from equiproj.ops import _op
 from equiproj.testing import random_orthogonal
@@ -17,6 +17,16 @@ from equiproj.testing import random_orthogonal
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def limit_every_cache(monkeypatch, max_bytes: int) -> int:
+    """Sets the budget of every byte-bounded cache (the plan caches and the converted lru caches) and
+    empties them; returns how many there are."""
+    caches = list(_CACHES)
+    for cache in caches:
+        monkeypatch.setattr(cache, "max_bytes", max_bytes)
+    ep.clear_caches()
+    return len(caches)
 
 
 def test_tensor_bytes_counts_each_storage_once():
@@ -99,33 +109,47 @@ def test_plan_cache_bytes_stay_within_budget_with_fresh_large_reps(gen, monkeypa
     assert block_plan.cache_info().currsize < 12
 
 
-@pytest.mark.skipif(os.environ.get("EQUIPROJ_SLOW", "") != "1", reason="takes hours on a small machine: "
-                    "EQUIPROJ_SLOW=1 runs it")
-def test_rss_stays_flat_over_10000_calls_with_fresh_1024_dim_reps(gen):
+def _rss_over_fresh_1024_dim_reps(gen, calls: int, every: int) -> list[int]:
+    """RSS (after a gc) every ``every`` calls of ``energies`` with a fresh 1024-dim ``change_basis`` rep."""
     G = ep.SO2()
     base = ep.Rep.parse(G, "512x0 + 256x1")
     Q = random_orthogonal(base.dim, gen)
     W = torch.randn(2, base.dim, generator=gen)
     out = 2 * G.trivial()
-    budget = block_plan.cache.max_bytes + _op._PLANS_BY_META.max_bytes
     rss = []
-    for k in range(10_000):
+    for k in range(calls):
         P = Q.clone()
         i, j = 1 + k % 1023, 1 + (k // 1023) % 1023
         P[:, [0, i]] = P[:, [i, 0]]
         P[:, [1, j]] = P[:, [j, 1]]
         ep.energies(W, base.change_basis(P), out)
-        if k % 500 == 0:
+        if k % every == every - 1:
             gc.collect()
             rss.append(rss_bytes())
-    assert max(rss) - rss[1] <= budget + (256 << 20), [r >> 20 for r in rss]
+    return rss
+
+
+def test_rss_stays_flat_over_calls_with_fresh_1024_dim_reps(gen, monkeypatch):
+    """Each call keeps ~24 MiB in the caches (the rep's dense Q, its field basis, the plan); under a
+    64 MiB budget per cache, RSS after the caches fill stays within 64 MiB of allocator slack: without
+    the byte bound it grows by the same ~24 MiB per call (GiBs over the run)."""
+    limit_every_cache(monkeypatch, 64 << 20)
+    rss = _rss_over_fresh_1024_dim_reps(gen, 160, 20)
+    assert block_plan.cache_info().bytes <= 64 << 20
+    assert max(rss) - rss[0] <= 64 << 20, [r >> 20 for r in rss]
+
+
+@pytest.mark.skipif(os.environ.get("EQUIPROJ_SLOW", "") != "1", reason="10,000 calls take about 20 minutes: each "
+                    "fresh 1024-dim Q costs an exact orthogonality check Q^T Q (1024^3); EQUIPROJ_SLOW=1 runs it")
+def test_rss_stays_flat_over_10000_calls_with_fresh_1024_dim_reps(gen, monkeypatch):
+    limit_every_cache(monkeypatch, 64 << 20)
+    rss = _rss_over_fresh_1024_dim_reps(gen, 10_000, 500)
+    assert max(rss) - rss[0] <= 64 << 20, [r >> 20 for r in rss]
 
 
 def test_rss_stays_flat_over_many_calls_with_fresh_reps(gen, monkeypatch):
     """The quick version: fresh 256-dim reps under a 16 MiB budget."""
-    monkeypatch.setattr(block_plan.cache, "max_bytes", 16 << 20)
-    monkeypatch.setattr(_op._PLANS_BY_META, "max_bytes", 16 << 20)
-    ep.clear_caches()
+    limit_every_cache(monkeypatch, 16 << 20)
     G = ep.SO2()
     base = ep.Rep.parse(G, "128x0 + 64x1")
     Q = random_orthogonal(base.dim, gen)
@@ -142,3 +166,36 @@ def test_rss_stays_flat_over_many_calls_with_fresh_reps(gen, monkeypatch):
             rss.append(rss_bytes())
     assert block_plan.cache_info().bytes <= 16 << 20
     assert max(rss) - rss[0] <= 48 << 20, [r >> 20 for r in rss]
+
+
+def test_change_basis_applies_the_structured_basis_without_a_dense_product(gen):
+    """``change_basis(Q)`` multiplies ``Q`` into each field's small basis (columns permuted where the rep
+    is stored permuted): the same as the dense ``Q @ Q_struct``, and the rep's matrices are ``Q rho Q^T``."""
+    G = ep.O3()
+    small = ep.Rep.parse(G, "1o + 2e")
+    changed = small.change_basis(random_orthogonal(small.dim, gen))
+    reps = [33 * small, 70 * changed + 3 * small, (changed + ep.Rep.parse(G, "0e")) * 40, ep.Rep.parse(G, "3x0e + 2x1o"),
+            ep.Rep.parse(ep.SO2(), "3x0 + 2x1")]
+    assert any(r.perm is not None for r in reps) and any(f.Q is not None for r in reps for _, f in r.segments)
+    g = G.sample(3, generator=gen)
+    for rep in reps:
+        Q = random_orthogonal(rep.dim, gen)
+        new = rep.change_basis(Q)
+        torch.testing.assert_close(new.change_of_basis, Q @ rep.change_of_basis, rtol=0, atol=1e-12)
+        if rep.group == G:
+            torch.testing.assert_close(new.matrix(g), Q @ rep.matrix(g) @ Q.T, rtol=0, atol=1e-12)
+
+
+def test_change_basis_keeps_its_own_copy_of_q(gen):
+    """A rep made by ``change_basis`` does not change when the caller later writes into their ``Q``."""
+    G = ep.SO2()
+    for base in [ep.Rep.parse(G, "6x0"), ep.Rep.parse(G, "2x0 + 2x1")]:
+        Q = random_orthogonal(base.dim, gen)
+        rep = base.change_basis(Q)
+        g = G.sample(4, generator=gen)
+        before, cob, h = rep.matrix(g).clone(), rep.change_of_basis.clone(), hash(rep)
+        original = Q.clone()
+        Q.copy_(Q[torch.arange(base.dim).roll(1)])  # still orthogonal, another rep
+        torch.testing.assert_close(rep.matrix(g), before, rtol=0, atol=0)
+        torch.testing.assert_close(rep.change_of_basis, cob, rtol=0, atol=0)
+        assert hash(rep) == h and rep == base.change_basis(original) and rep != base.change_basis(Q)

@@ -398,19 +398,27 @@ def test_memory_stays_flat_over_energy_calls_with_fresh_reps(gen):
 
 
 def test_package_caches_are_bounded():
-    """Every functools cache of the groups, the plan and the grid has a maxsize."""
+    """Every cache of the groups, the plan, the grid and the kernel spaces is bounded: by bytes
+    (``bytes_cached``) or, for the few caches of tiny values, by a functools ``maxsize``."""
     import functools
     import importlib
 
+    from equiproj._caches import ByteBoundedCache
+
     modules = ["equiproj.groups._rep", "equiproj.groups._group", "equiproj.groups._so3", "equiproj.groups._clebsch_gordan",
-               "equiproj.groups._spatial", "equiproj.groups._planar", "equiproj._plan", "equiproj.grid"]
-    caches = []
+               "equiproj.groups._spatial", "equiproj.groups._planar", "equiproj.groups._field", "equiproj.groups._subgroups",
+               "equiproj.groups._commutant", "equiproj._plan", "equiproj.grid", "equiproj.kernel_spaces._pixel_plan",
+               "equiproj.kernel_spaces._factorised", "equiproj.kernel_spaces._steerable"]
+    by_bytes, by_entries = [], []
     for name in modules:
         for obj in vars(importlib.import_module(name)).values():
             if isinstance(obj, functools._lru_cache_wrapper):
-                caches.append(obj)
+                by_entries.append(obj)
                 assert obj.cache_parameters()["maxsize"] is not None, f"{name}.{obj.__name__} is unbounded"
-    assert len(caches) >= 10
+            elif isinstance(getattr(obj, "cache", None), ByteBoundedCache):
+                by_bytes.append(obj)
+                assert obj.cache.max_bytes < 1 << 40, f"{name}.{obj.__name__} has no byte budget"
+    assert len(by_bytes) >= 20 and len(by_entries) >= 3
 
 
 def test_a_plan_too_large_refuses_before_allocating_and_the_irrep_basis_recipe_works(gen, monkeypatch):

@@ -34,6 +34,7 @@ import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .._caches import bytes_cached
 from ._decompose import block_diag_irreps, isometric_intertwiners
 from ._threads import one_thread
 
@@ -73,7 +74,7 @@ def _blocks(M: torch.Tensor) -> list[torch.Tensor]:
     return [torch.from_numpy(np.flatnonzero(label == c)) for c in range(n)]
 
 
-@functools.lru_cache(maxsize=1024)
+@bytes_cached("equiproj.groups._clebsch_gordan._fixed_matrices")
 def _fixed_matrices(psi: Irrep) -> tuple[torch.Tensor, torch.Tensor]:
     """``psi`` at the torus element h1 ``[d, d]`` and at the remaining generators ``[h, d, d]`` (cached)."""
     h1, rest = _constraint_elements(psi.group)
@@ -141,7 +142,7 @@ def _invariants(factors_h1: list[torch.Tensor], factors_gens: list[torch.Tensor]
     return null @ U.T
 
 
-@functools.lru_cache(maxsize=512)
+@bytes_cached("equiproj.groups._clebsch_gordan.irrep_product")
 @one_thread
 def irrep_product(a: Irrep, b: Irrep) -> tuple[tuple[Irrep, ...], torch.Tensor]:
     """``(slots, Q)`` with ``a(g) ⊗ b(g) = Q (⊕_slots psi(g)) Q^T``; Q ``[da db, da db]`` float64 orthogonal.

@@ -6,7 +6,7 @@ recognised by type."""
 from __future__ import annotations
 
 from ._e3nn import is_e3nn_irreps
-from ._escnn import is_escnn_object, rep_from_escnn
+from ._escnn import is_escnn_object
 from ._rep import Rep
 
 __all__ = ["as_rep", "as_rep_pair"]
@@ -38,7 +38,7 @@ def as_rep(x, name: str = "rep", group=None) -> Rep:
                             f"equiproj.Rep.parse(G, {x!r}) (or Rep.from_e3nn for e3nn irreps of O(3))")
         return Rep.parse(group, x)
     if is_escnn_object(x):
-        return rep_from_escnn(x)
+        return Rep.from_escnn(x)
     raise TypeError(f"{name} must be an equiproj Rep, an e3nn Irreps, or an escnn FieldType/Representation, got "
                     f"{type(x).__name__}")
 

@@ -18,6 +18,7 @@ __all__ = ["endomorphism_basis_of", "numerical_endomorphism_basis"]
 _COMMUTANT_DIM = {"real": 1, "complex": 2, "quaternionic": 4}
 
 
+# bounded by entries, not bytes: each value is at most four d x d matrices of one irrep (tiny)
 @functools.lru_cache(maxsize=1024)
 def endomorphism_basis_of(irrep: Irrep) -> torch.Tensor:
     """Known by the irrep's type: real ``I/sqrt(d)``; complex of dimension 2 (the rotations of C_N,

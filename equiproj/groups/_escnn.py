@@ -20,31 +20,33 @@ The conventions (docs/interop.md; checked against escnn 1.0.11 element by elemen
 from __future__ import annotations
 
 import functools
-import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import _rep
-from ._group import Group
-from ._planar import O2, SO2, Cyclic, Dihedral
+from .._caches import bytes_cached
 from ._field import Field, spectral_field_matrix
-from ._rep import Irrep, Rep
+from ._registry import GROUP_CLASSES
 from ._so3 import wigner_D
-from ._spatial import O3, SO3, FullOctahedral, Octahedral
 
-__all__ = ["rep_from_escnn", "rep_from_escnn_fields", "group_from_escnn", "group_from_escnn_name", "element_from_escnn",
-           "escnn_irrep_map", "is_escnn_object", "default_escnn_gspace", "escnn_gspace", "escnn_field_type"]
+if TYPE_CHECKING:
+    from ._group import Group
+    from ._rep import Irrep
+
+__all__ = ["escnn_rep_parts", "escnn_field_segments", "group_from_escnn", "group_from_escnn_name", "element_from_escnn",
+           "escnn_irrep_map", "is_escnn_object", "default_escnn_gspace"]
 
 #: escnn group classes equiproj has (by class name), and the equiproj group (from the rotation order N)
+#: (made through the registry of group classes: this module sits below them, as Rep.from_escnn imports it)
 _GROUPS = {
-    "SO2": lambda N: SO2(),
-    "O2": lambda N: O2(),
-    "CyclicGroup": lambda N: Cyclic(N),
-    "DihedralGroup": lambda N: Dihedral(N),
-    "SO3": lambda N: SO3(),
-    "O3": lambda N: O3(),
-    "Octahedral": lambda N: Octahedral(),
-    "FullOctahedral": lambda N: FullOctahedral(),
+    "SO2": lambda N: GROUP_CLASSES["SO2"](),
+    "O2": lambda N: GROUP_CLASSES["O2"](),
+    "CyclicGroup": lambda N: GROUP_CLASSES["Cyclic"](N),
+    "DihedralGroup": lambda N: GROUP_CLASSES["Dihedral"](N),
+    "SO3": lambda N: GROUP_CLASSES["SO3"](),
+    "O3": lambda N: GROUP_CLASSES["O3"](),
+    "Octahedral": lambda N: GROUP_CLASSES["Octahedral"](),
+    "FullOctahedral": lambda N: GROUP_CLASSES["FullOctahedral"](),
 }
 #: the gspace an escnn Representation (which has no base space) is read in: escnn's default one of its group
 _DEFAULT_GSPACES = {
@@ -120,14 +122,15 @@ def _eid(escnn_id):
 
 def _candidate_ids(G: Group, escnn_id: tuple) -> list:
     eid = _eid(escnn_id)
-    if isinstance(G, (SO2, Cyclic, SO3)):
+    kinds = {c.__name__ for c in type(G).__mro__}  # isinstance by name: the group classes sit above this module
+    if kinds & {"SO2", "Cyclic", "SO3"}:
         return [eid[0]]
-    if isinstance(G, (O2, Dihedral)):
+    if kinds & {"O2", "Dihedral"}:
         j, k = eid
-        if isinstance(G, Dihedral) and 2 * k == G.N:
+        if "Dihedral" in kinds and 2 * k == G.N:
             return [((j + k) % 2, k), (1 - (j + k) % 2, k)]
         return [(j, k)]
-    if isinstance(G, O3):
+    if "O3" in kinds:
         j, l = eid
         return [(l, (-1) ** j)]
     if G.is_finite:  # the octahedral groups: matched numerically among the irreps of the same dimension
@@ -140,7 +143,7 @@ def _rule_matrix(irrep: Irrep, P: torch.Tensor) -> torch.Tensor:
     if irrep.dim == 1:
         return torch.ones(1, 1, dtype=torch.float64)
     if P.shape[0] == 2:
-        return O2().irrep((1, irrep.band)).matrix(P)
+        return GROUP_CLASSES["O2"]().irrep((1, irrep.band)).matrix(P)
     R = P if torch.linalg.det(P) > 0 else -P
     return wigner_D(irrep.band, R)
 
@@ -204,8 +207,9 @@ def _field_name(name: str, slots: list, Q: torch.Tensor) -> str:
     return name.replace("irrep_", "")
 
 
-def rep_from_escnn_fields(G: Group, fields, irrep_maps: dict, key=None, elements: torch.Tensor | None = None) -> Rep:
-    """The equiproj :class:`Rep` of escnn fields given as data: ``fields`` = ``[(name, irrep ids,
+def escnn_field_segments(G: Group, fields, irrep_maps: dict, key=None, elements: torch.Tensor | None = None) -> list:
+    """The segments ``[(1, field)]`` of the equiproj rep (``Rep(G, segments)``) of escnn fields given as
+    data: ``fields`` = ``[(name, irrep ids,
     change of basis [n, n])]`` in the field type's order, ``irrep_maps`` = ``{escnn id: (psi, M)}``
     (from :func:`escnn_irrep_map`); ``key`` tells conventions apart in the fields' identity. A field that
     is one of equiproj's own (an irrep in its basis, the regular field, checked at ``elements``) becomes
@@ -233,7 +237,7 @@ def rep_from_escnn_fields(G: Group, fields, irrep_maps: dict, key=None, elements
                 tuple(round(float(v), 12) for v in Q.reshape(-1)))
         segs.append((1, Field(G, slots, Q, functools.partial(spectral_field_matrix, Q, tuple(slots)),
                               name=_field_name(name, slots, Q), key=fkey)))
-    return Rep(G, segs)
+    return segs
 
 
 def _test_elements(gspace, count: int = 24):
@@ -245,7 +249,7 @@ def _test_elements(gspace, count: int = 24):
     return els + [G.sample() for _ in range(6)]
 
 
-@functools.lru_cache(maxsize=64)
+@bytes_cached("equiproj.groups._escnn._irrep_maps_cached")
 def _irrep_maps_cached(gspace_key, gspace, ids: tuple) -> dict:
     G = group_from_escnn(gspace.fibergroup)
     d = gspace.dimensionality
@@ -266,8 +270,9 @@ def _irrep_maps_cached(gspace_key, gspace, ids: tuple) -> dict:
     return out
 
 
-def rep_from_escnn(field_type) -> Rep:
-    """:meth:`Rep.from_escnn`: the equiproj rep of an escnn ``FieldType``, of a ``GeometricTensor``'s type,
+def escnn_rep_parts(field_type) -> tuple:
+    """What :meth:`Rep.from_escnn` builds its rep from: ``(G, segments, elements, matrices)``, the equiproj
+    group and segments of an escnn ``FieldType``, of a ``GeometricTensor``'s type,
     or of an escnn ``Representation`` read in escnn's default gspace of its group
     (:func:`default_escnn_gspace`: ``rot2dOnR2(N)`` for C_N, ``rot3dOnR3()`` for SO(3), ...)."""
     if type(field_type).__name__ == "GeometricTensor":
@@ -294,136 +299,7 @@ def rep_from_escnn(field_type) -> Rep:
     fields = [(r.name, r.irreps, r.change_of_basis) for r in reps]
     els = _test_elements(gspace, 8)
     gq = torch.stack([element_from_escnn(gspace, g) for g in els])
-    rep = rep_from_escnn_fields(G, fields, maps, key, gq)
-    # the field type's own matrices at the test elements
+    segments = escnn_field_segments(G, fields, maps, key, gq)
+    # the field type's own matrices at the test elements: Rep.from_escnn checks the rep against them
     want = torch.stack([torch.as_tensor(field_type.representation(g), dtype=torch.float64) for g in els])
-    err = float((rep.matrix(gq) - want).abs().max())
-    if not err < 1e-6 * max(1.0, math.sqrt(rep.dim)):
-        raise RuntimeError(f"Rep.from_escnn: the converted rep differs from escnn's field type by {err:.1e}")
-    return rep
-
-
-# ---- the way back: equiproj reps as escnn field types ---------------------------------------------------
-#: equiproj group class -> (escnn gspace factory on R^d, its escnn group's class name, d)
-_GSPACES = {
-    "SO2": ("rot2dOnR2", 2), "O2": ("flipRot2dOnR2", 2), "Cyclic": ("rot2dOnR2", 2), "Dihedral": ("flipRot2dOnR2", 2),
-    "SO3": ("rot3dOnR3", 3), "O3": ("flipRot3dOnR3", 3), "Octahedral": ("octaOnR3", 3), "FullOctahedral": ("fullOctaOnR3", 3),
-}
-
-
-def escnn_gspace(G: Group, dims: int, max_band: int = 0):
-    """escnn's gspace of an equiproj group acting on ``R^dims`` (``dims = 0``: escnn's ``no_base_space``, for
-    ``Linear``): ``rot2dOnR2(N)`` for C_N, ``flipRot2dOnR2(N)`` for D_N (reflection axis 0 for odd N),
-    ``rot3dOnR3`` / ``flipRot3dOnR3`` / ``octaOnR3`` / ``fullOctaOnR3``; the continuous groups with a
-    maximum frequency of at least ``max_band`` (escnn's default otherwise)."""
-    from escnn import gspaces  # noqa: PLC0415 - the optional dependency
-
-    name = type(G).__name__
-    if name not in _GSPACES:
-        raise NotImplementedError(f"{G} has no escnn gspace: escnn converts {', '.join(_GSPACES)}")
-    factory, d = _GSPACES[name]
-    if dims not in (0, d):
-        raise ValueError(f"{G} acts on R^{d} in escnn; a layer over {dims} spatial dimensions has no escnn gspace of it")
-    if name == "Dihedral" and float(getattr(G, "axis", 0.0)) != 0.0:
-        raise NotImplementedError(f"{G}: only dihedral groups with axis 0 are converted to escnn gspaces")
-    if name in ("Cyclic", "Dihedral"):
-        args = {"N": int(G.N)}
-        if name == "Dihedral" and G.N % 2:
-            args["axis"] = 0.0  # escnn's default axis pi/2 is a reflection of equiproj's D_N for even N only
-    elif name in ("SO2", "O2"):
-        args = {"N": -1, "maximum_frequency": max(6, int(max_band))}
-    elif name in ("SO3", "O3"):
-        args = {"maximum_frequency": max(2, int(max_band))}
-    else:
-        args = {}
-    gspace = getattr(gspaces, factory)(**args)
-    return gspaces.no_base_space(gspace.fibergroup) if dims == 0 else gspace
-
-
-def _escnn_ids_of(G: Group, escnn_group, irreps) -> list:
-    """escnn irrep ids that may map to the equiproj ``irreps`` (inverse of :func:`_candidate_ids`)."""
-    if G.is_finite:
-        return sorted({_eid(i.id) for i in escnn_group.irreps()})
-    out = set()
-    for ir in irreps:
-        i = ir.id
-        if isinstance(G, (SO2, SO3)):
-            out.add((int(i),))
-        elif isinstance(G, O2):
-            out.add((int(i[0]), int(i[1])))
-        elif isinstance(G, O3):
-            out.add((0 if int(i[1]) == 1 else 1, int(i[0])))
-    return sorted(out)
-
-
-def _gspace_key(gspace):
-    C = torch.as_tensor(gspace.basespace_action.change_of_basis, dtype=torch.float64)
-    return (gspace.name, tuple(round(float(v), 12) for v in C.reshape(-1)))
-
-
-def _same_matrices(field, escnn_rep, read_in) -> bool:
-    els = _test_elements(read_in, 8)
-    gq = torch.stack([element_from_escnn(read_in, g) for g in els])
-    want = torch.stack([torch.as_tensor(escnn_rep(g), dtype=torch.float64) for g in els])
-    return bool(float((Rep(field.group, [(1, field)]).matrix(gq) - want).abs().max()) < 1e-9)
-
-
-def escnn_field_type(rep: Rep, gspace):
-    """The escnn ``FieldType`` of an equiproj rep on ``gspace`` (its group's, e.g. from :func:`escnn_gspace`):
-    each field an escnn representation with the escnn irreps of its slots and the change of basis
-    ``Q_e = Q blockdiag(M_i)`` (the inverse of :func:`rep_from_escnn_fields`); escnn's own irrep or
-    regular representation where the field is one of them. Checked: the field type's matrices equal the
-    rep's on test elements."""
-    import numpy as np  # noqa: PLC0415
-    from escnn import group as escnn_group_mod  # noqa: PLC0415
-    from escnn import nn as escnn_nn  # noqa: PLC0415
-
-    eg = gspace.fibergroup
-    read_in = default_escnn_gspace(eg) if gspace.dimensionality == 0 else gspace  # elements read as from_escnn reads them
-    G = group_from_escnn(eg)
-    if G != rep.group:
-        raise ValueError(f"the rep's group {rep.group} is not the gspace's {G} (escnn's {gspace.name})")
-    fields = [f for m, f in rep.segments for _ in range(m)]
-    irreps = {ir for f in fields for ir in f.slots}
-    maps = _irrep_maps_cached(_gspace_key(read_in), read_in, tuple(_escnn_ids_of(G, eg, irreps)))
-    inverse = {}
-    for eid, (ir, M) in maps.items():
-        inverse.setdefault(ir, (eid, M))
-    reps, cache = [], {}
-    for f in fields:
-        if f in cache:
-            reps.append(cache[f])
-            continue
-        missing = [ir for ir in f.slots if ir not in inverse]
-        if missing:
-            raise NotImplementedError(f"escnn's {eg.name} has no irrep matching equiproj's {missing[0]}")
-        ids = [inverse[ir][0] for ir in f.slots]
-        Qe = torch.block_diag(*[inverse[ir][1] for ir in f.slots])
-        if f.Q is not None:
-            Qe = f.Q.to(torch.float64) @ Qe
-        eye = torch.eye(Qe.shape[0], dtype=torch.float64)
-        if len(ids) == 1 and float((Qe - eye).abs().max()) < 1e-12:
-            r = eg.irrep(*ids[0])
-        elif f.permutation is not None and G.is_finite and f.dim == G.order and _same_matrices(
-                f, eg.regular_representation, read_in):
-            r = eg.regular_representation
-        else:
-            name = "equiproj_" + format(abs(hash((tuple(ids), tuple(round(float(v), 10) for v in Qe.reshape(-1))))), "x")
-            r = eg.representations.get(name)
-            if r is None:
-                r = escnn_group_mod.Representation(eg, name, list(ids),
-                                                   Qe.numpy(), supported_nonlinearities=["norm", "gated", "pointwise"]
-                                                   if f.permutation is not None else ["norm", "gated"])
-        cache[f] = r
-        reps.append(r)
-    field_type = escnn_nn.FieldType(gspace, reps)
-    els = _test_elements(read_in, 8)
-    gq = torch.stack([element_from_escnn(read_in, g) for g in els])
-    want = torch.stack([torch.as_tensor(np.asarray(field_type.representation(g)), dtype=torch.float64) for g in els])
-    err = float((rep.matrix(gq) - want).abs().max())
-    if not err < 1e-6 * max(1.0, math.sqrt(rep.dim)):
-        raise RuntimeError(f"escnn_field_type: the escnn field type differs from the rep by {err:.1e}")
-    return field_type
-
-
-_rep._ESCNN_CONVERTER = rep_from_escnn  # Rep.from_escnn (the group classes import _rep: it cannot import this module)
+    return G, segments, gq, want

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .._caches import bytes_cached
 from ._clebsch_gordan import irrep_product
 from ._commutant import _COMMUTANT_DIM
 from ._decompose import block_diag_irreps, decompose
@@ -132,7 +133,7 @@ def _unpickled_field(group, slots, Q, name, key, dim) -> Field:
     return Field(group, slots, Q, functools.partial(spectral_field_matrix, Q, tuple(slots)), name, key=key, dim=dim)
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.groups._field.tensor_field")
 def tensor_field(fa: Field, fb: Field) -> Field:
     """The field of ``fa ⊗ fb`` (Kronecker order), decomposed per slot pair with the cached
     Clebsch-Gordan blocks of :func:`equiproj.groups._clebsch_gordan.irrep_product`. The product of two

@@ -12,11 +12,11 @@ Group elements are orthogonal matrices ``[..., d, d]`` (d = ``ambient_dim``), fl
 from __future__ import annotations
 
 import abc
-import functools
 from typing import Hashable
 
 import torch
 
+from .._caches import bytes_cached
 from ._commutant import _COMMUTANT_DIM
 from ._field import PermutationAction, permutation_field
 from ._rep import GROUP_CLASSES, Irrep, Rep
@@ -151,9 +151,9 @@ class Group(abc.ABC):
     def subgroups(self):
         """The subgroups that matter, one per conjugacy class, with their inclusions: a
         :class:`~equiproj.groups.SubgroupLattice` (each group lists them through ``_subgroup_list``)."""
-        if _SUBGROUP_LATTICE is None:
-            raise RuntimeError("Group.subgroups needs equiproj.groups loaded (import equiproj.groups)")
-        return _SUBGROUP_LATTICE(self)
+        from ._subgroups import subgroup_lattice  # noqa: PLC0415 - _subgroups does not import this module
+
+        return subgroup_lattice(self)
 
     def _subgroup_list(self) -> list[tuple[str, "Group"]]:
         """``(name, group)`` per listed subgroup (this group included), elements as matrices of this group."""
@@ -282,22 +282,18 @@ class Group(abc.ABC):
         return torch.cat(cols, dim=1)
 
 
-#: Group.subgroups's implementation, set by equiproj.groups._subgroups when the package loads
-_SUBGROUP_LATTICE = None
-
-
-@functools.lru_cache(maxsize=64)
+@bytes_cached("equiproj.groups._group._standard_rep")
 def _standard_rep(group: Group) -> Rep:
     return Rep.from_matrices(group, lambda g: g, name="standard", band_limit=1)
 
 
-@functools.lru_cache(maxsize=64)
+@bytes_cached("equiproj.groups._group._regular_rep")
 def _regular_rep(group: Group) -> Rep:
     action = PermutationAction(group, group.order, regular=True)
     return Rep(group, [(1, permutation_field(action, "regular", key=("regular", group)))], name="regular")
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.groups._group._harmonic_rep")
 def _harmonic_rep(group: Group, h: int) -> Rep:
     if h == 0:
         return group.trivial()

@@ -42,6 +42,7 @@ from ._commutant import endomorphism_basis_of
 from ._decompose import block_diag_irreps, check_representation, decompose, verify_decomposition
 from ._field import (Field, PermutationAction, _TensorKey, check_dense_size,
                      check_permutation_size, permutation_field, permutation_table, spectral_field_matrix, tensor_field)
+from ._registry import GROUP_CLASSES  # the group classes by name (they import this module)
 
 #: ``n * rep`` repeats the segments of a multi-segment rep up to this many segments (as ``rep + ... + rep``);
 #: beyond, it multiplies the counts and records the copy-major layout as a permutation
@@ -49,8 +50,6 @@ _MAX_REPEATED_SEGMENTS = 64
 
 __all__ = ["Rep", "Irrep", "Field", "PermutationAction", "check_rep_pair"]
 
-#: the group classes register here by name (they import this module, so it cannot import them)
-GROUP_CLASSES: dict[str, type] = {}
 
 
 class Rep:
@@ -181,6 +180,22 @@ class Rep:
             Q = Q[self._inverse_perm]
         return Q, slots
 
+    def _times_structured_basis(self, M: torch.Tensor) -> torch.Tensor:
+        """``M @ Q_struct`` without forming ``Q_struct``: it permutes ``M``'s columns and multiplies each
+        segment's column block by its small field ``Q`` (``O(dim^2 f)`` for fields of dimension ``f``
+        instead of a dense ``O(dim^3)`` product)."""
+        if self.perm is not None:  # Q_struct = B[inv] (rows permuted): M @ B[inv] = M' @ B with M'[:, inv] = M
+            permuted = torch.empty_like(M)
+            permuted[:, self._inverse_perm] = M
+            M = permuted
+        blocks, o = [], 0
+        for c, f in self.segments:
+            w = c * f.dim
+            block = M[:, o : o + w]
+            blocks.append(block if f.Q is None else (block.unflatten(1, (c, f.dim)) @ f.Q).flatten(1))
+            o += w
+        return torch.cat(blocks, dim=1) if len(blocks) != 1 else blocks[0].contiguous()
+
     @property
     def change_of_basis(self) -> torch.Tensor:
         """Orthogonal ``Q`` ``[dim, dim]`` with ``matrix(g) = Q @ blockdiag(irreps(g)) @ Q.T``, the block
@@ -271,9 +286,9 @@ class Rep:
     def change_basis(self, Q: torch.Tensor) -> "Rep":
         """The same representation in new coordinates: ``rho'(g) = Q rho(g) Q^T`` (``Q`` orthogonal)."""
         Q = _check_orthogonal(Q, self.dim, "Q")
-        Qs, slots = self._structured_basis
+        slots = self._structured_basis[1]
         inner = self
-        field = Field(self.group, slots, Q @ Qs, lambda g: Q @ inner.matrix(g, check=False) @ Q.T,
+        field = Field(self.group, slots, self._times_structured_basis(Q), lambda g: Q @ inner.matrix(g, check=False) @ Q.T,
                       name=f"changed_basis({self!r})", key=("change_basis", self, _TensorKey(Q)))
         return Rep(self.group, [(1, field)])
 
@@ -281,9 +296,10 @@ class Rep:
         """This representation on a subgroup ``H`` (a :class:`~equiproj.groups.Subgroup` from
         ``G.subgroups()``, or a group whose elements are elements of ``G``): the same matrices
         (``rep.restrict(H).matrix(h) == rep.matrix(h)``), decomposed into the irreps of ``H``."""
-        if _RESTRICT is None:
-            raise RuntimeError("Rep.restrict needs equiproj.groups loaded (import equiproj.groups)")
-        return _RESTRICT(self, H)
+        from ._subgroups import restricted_segments  # noqa: PLC0415 - _subgroups does not import this module
+
+        target, segments = restricted_segments(self, H)
+        return self if segments is None else Rep(target, segments, self.perm)
 
     # ---- constructors ---------------------------------------------------------------------
     @classmethod
@@ -417,18 +433,15 @@ class Rep:
         and ``rep.matrix(g)`` equals ``field_type.representation`` at that element (checked on
         conversion); one field per escnn field, with its irreps and change of basis. Needs escnn;
         SO(2), O(2), C_N, D_N, SO(3) and O(3)."""
-        if _ESCNN_CONVERTER is None:
-            raise RuntimeError("Rep.from_escnn needs equiproj.groups loaded (import equiproj.groups)")
-        return _ESCNN_CONVERTER(field_type)
+        from ._escnn import escnn_rep_parts  # noqa: PLC0415 - _escnn does not import this module
 
-
-#: Rep.restrict's implementation, set by equiproj.groups._subgroups when the package loads (it imports this
-#: module)
-_RESTRICT = None
-
-#: Rep.from_escnn's implementation, set by equiproj.groups._escnn when the package loads (it needs the
-#: group classes, which import this module; escnn itself is imported only when called)
-_ESCNN_CONVERTER = None
+        G, segments, elements, want = escnn_rep_parts(field_type)
+        rep = Rep(G, segments)
+        # the field type's own matrices at the test elements
+        err = float((rep.matrix(elements) - want).abs().max())
+        if not err < 1e-6 * max(1.0, math.sqrt(rep.dim)):
+            raise RuntimeError(f"Rep.from_escnn: the converted rep differs from escnn's field type by {err:.1e}")
+        return rep
 
 
 def rep_from_decomposition(group: Group, fn: Callable[[torch.Tensor], torch.Tensor], slots: Sequence["Irrep"],
@@ -499,8 +512,10 @@ def _check_orthogonal(Q, dim, name):
         raise TypeError(f"{name} must be a torch.Tensor")
     if Q.shape != (dim, dim):
         raise ValueError(f"{name} must have shape [{dim}, {dim}], got {tuple(Q.shape)}")
-    Q = Q.to(torch.float64).cpu()
-    err = (Q.T @ Q - torch.eye(dim, dtype=torch.float64)).abs().amax()
+    Q = Q.detach().to(device="cpu", dtype=torch.float64, copy=True)  # the rep's own: the caller may change theirs
+    gram = Q.T @ Q  # the one dense O(dim^3) step of a change of basis: the check itself is kept exact
+    gram.diagonal().sub_(1.0)
+    err = gram.abs().amax()
     if not err < 1e-6:
         raise ValueError(f"{name} is not orthogonal: max |Q^T Q - I| = {float(err):.2e}")
     return Q

@@ -48,6 +48,7 @@ def check_degree(l) -> int:
     return l
 
 
+# bounded by entries, not bytes: keyed by a degree, each value O(l^2) floats (l <= L_MAX)
 @functools.lru_cache(maxsize=16)
 def _legendre_coefficients(l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The normalised recurrence ``q_n^m = a[n, m] z q_{n-1}^m - b[n, m] r^2 q_{n-2}^m`` (m < n) and
@@ -108,6 +109,7 @@ def spherical_harmonics(l: int, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([(s * q[..., 1:] * B).flip(-1), q[..., :1], s * q[..., 1:] * A], dim=-1)
 
 
+# bounded by entries, not bytes: keyed by a quadrature degree, each value O(degree^2) points
 @functools.lru_cache(maxsize=64)
 def _sphere_quadrature_np(degree: int) -> tuple[np.ndarray, np.ndarray]:
     n_theta = degree // 2 + 1  # Gauss-Legendre: exact to degree 2 n - 1 in cos(theta)
@@ -142,6 +144,7 @@ def _z_generator(l: int) -> torch.Tensor:
     return L - L.T
 
 
+# bounded by entries, not bytes: keyed by a degree, each value one (2l+1)^2 matrix (l <= L_MAX)
 @functools.lru_cache(maxsize=16)
 def _quarter_turn(l: int) -> torch.Tensor:
     """``K = D_l(R_z(-pi/2))``: ``K D_l(R_y(t)) K^T = D_l(R_x(t))``."""

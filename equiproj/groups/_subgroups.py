@@ -17,16 +17,19 @@ its distinct irreps. Since ``Hom_G ⊂ Hom_H``, the energies obey ``E_perp^H <= 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import _group, _rep
+from .._caches import bytes_cached
 from ._decompose import decompose
-from ._rep import Field, Rep
+from ._field import Field
 from ._threads import one_thread
+
+if TYPE_CHECKING:
+    from ._rep import Rep
 
 __all__ = ["Subgroup", "SubgroupLattice", "subgroup_lattice", "angle_name"]
 
@@ -163,7 +166,7 @@ def _is_rotation_only(group) -> bool:
     return bool((torch.linalg.det(g) > 0).all())
 
 
-@functools.lru_cache(maxsize=64)
+@bytes_cached("equiproj.groups._subgroups.subgroup_lattice")
 def subgroup_lattice(group) -> SubgroupLattice:
     """The lattice of ``group``'s listed subgroups (its hook ``_subgroup_list``), cached per group."""
     return SubgroupLattice(group, [Subgroup(name, h, group) for name, h in group._subgroup_list()])
@@ -187,21 +190,23 @@ def _target(H):
     return H.group if isinstance(H, Subgroup) else H
 
 
-def restrict(rep: Rep, H) -> Rep:
-    """``rep`` as a representation of the subgroup ``H`` (a :class:`Subgroup` or a group whose elements
-    are elements of ``rep.group``): the same matrices, decomposed into the irreps of ``H``."""
+def restricted_segments(rep: "Rep", H) -> tuple:
+    """``(target group, segments)`` of ``rep`` restricted to the subgroup ``H`` (a :class:`Subgroup` or a
+    group whose elements are elements of ``rep.group``): the same fields' matrices, decomposed into the
+    irreps of ``H``; ``segments`` is ``None`` when ``H`` is ``rep.group`` itself. :meth:`Rep.restrict`
+    builds the rep from them (this module does not import the rep module: it imports this one)."""
     target = _target(H)
     if not (hasattr(target, "ambient_dim") and hasattr(target, "irrep_ids")):
         raise TypeError(f"restrict needs a Subgroup or an equiproj group, got {type(H).__name__}")
     if target == rep.group:
-        return rep
+        return target, None
     if not is_subset(target, rep.group):
         raise ValueError(f"{target!r} is not a subgroup of {rep.group!r}: its elements are not all elements of "
                          f"{rep.group!r}; pick one of {rep.group!r}.subgroups() or a group of its matrices")
-    return Rep(target, [(c, restrict_field(f, target)) for c, f in rep.segments], rep.perm)
+    return target, [(c, restrict_field(f, target)) for c, f in rep.segments]
 
 
-@functools.lru_cache(maxsize=4096)
+@bytes_cached("equiproj.groups._subgroups.restrict_field")
 def restrict_field(field: Field, H) -> Field:
     """One field of a representation of G as a field of the subgroup ``H`` (cached per field and ``H``)."""
     slots, blocks, identity = [], [], True
@@ -220,7 +225,7 @@ def restrict_field(field: Field, H) -> Field:
                  dim=field.dim)
 
 
-@functools.lru_cache(maxsize=4096)
+@bytes_cached("equiproj.groups._subgroups.branching")
 @one_thread
 def branching(psi, H) -> tuple[list, torch.Tensor | None]:
     """The branching rule of the irrep ``psi`` of G to the subgroup ``H``: ``(slots, Q)`` with
@@ -238,10 +243,3 @@ def branching(psi, H) -> tuple[list, torch.Tensor | None]:
         return slots, None
     return slots, Q
 
-
-def _set_restriction():
-    _rep._RESTRICT = restrict
-    _group._SUBGROUP_LATTICE = subgroup_lattice
-
-
-_set_restriction()

@@ -20,16 +20,16 @@ small sine), applied per tile at ``4 r`` flops per entry.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
+from .._caches import bytes_cached
 from ._pixel_plan import _orthonormal_rows, hom_basis
 
 __all__ = ["direct_rotation", "rotate_tiles"]
 
 
-@functools.lru_cache(maxsize=1024)
+@bytes_cached("equiproj.kernel_spaces._aligned.direct_rotation")
 def direct_rotation(space, field_in, field_out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(e [r, t], u [r, t], c [r])`` float64 of one field pair's tile (``t = d_out d_in D``, band
     coordinates ``a = K B``): principal vectors of ``E``, the parts of ``F``'s principal vectors

@@ -10,10 +10,10 @@ imported, here; docs/interop.md).
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
+from .._caches import bytes_cached
 from ..groups import Rep
 from ._dense import DenseKernelBasis
 from ._steerable import SteerableKernelSpace, default_kernel_space
@@ -51,7 +51,7 @@ def _ring_frequencies(conv, rings_escnn) -> tuple[int, ...]:
     return tuple(top.get(round(float(r), 9), 0) for r in rings_escnn)
 
 
-@functools.lru_cache(maxsize=64)
+@bytes_cached("equiproj.kernel_spaces._escnn._space")
 def _space(group, kernel_size: int, spatial_dims: int, rings: tuple, sigma: tuple, max_frequency: tuple):
     default = default_kernel_space(group, kernel_size, spatial_dims)
     if (default.rings, default.sigma, default.max_frequency) == (rings, sigma, max_frequency):

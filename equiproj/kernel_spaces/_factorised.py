@@ -26,10 +26,10 @@ a gradient buffer it runs in chunks of rows whose residual stays in cache.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
+from .._caches import bytes_cached
 from ..groups import Rep
 from ..kernels.inputs import autocast_off
 from ._pixel_plan import hom_basis
@@ -195,7 +195,7 @@ def _fields(rep: Rep):
 
 
 @torch.compiler.disable
-@functools.lru_cache(maxsize=512)
+@bytes_cached("equiproj.kernel_spaces._factorised._q_on")
 def _q_on(field, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return field.Q.to(device=device, dtype=dtype).contiguous()
 
@@ -271,19 +271,19 @@ def _whitened(H: torch.Tensor, M: torch.Tensor, what: str) -> torch.Tensor:
     return torch.einsum("st,tbad->sbad", W, H).contiguous()
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.kernel_spaces._factorised.factorised_plan")
 def factorised_plan(space, rep_in: Rep, rep_out: Rep) -> FactorisedPlan:
     """The (cached) :class:`FactorisedPlan` of a layer."""
     return FactorisedPlan(space, rep_in, rep_out)
 
 
 @torch.compiler.disable
-@functools.lru_cache(maxsize=512)
+@bytes_cached("equiproj.kernel_spaces._factorised._maps_on")
 def _maps_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
     return [F.to(device=device, dtype=dtype) for F in plan._maps]
 
 
 @torch.compiler.disable
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.kernel_spaces._factorised._sampled_on")
 def _sampled_on(space, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return space.sampled.to(device=device, dtype=dtype).contiguous()

@@ -23,10 +23,10 @@ Two layouts of the same plan (chosen per layer by :func:`pixel_plan`, both exact
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
+from .._caches import bytes_cached
 from .._plan import PackedPlan, PlanColumn, block_plan
 from ..groups import Rep
 from ..kernels.inputs import autocast_off
@@ -43,7 +43,7 @@ def _single(group, field) -> Rep:
     return Rep(group, [(1, field)])
 
 
-@functools.lru_cache(maxsize=1024)
+@bytes_cached("equiproj.kernel_spaces._pixel_plan.hom_basis")
 def hom_basis(space, field_in, field_out) -> torch.Tensor:
     """``H [r, d_out, d_in, D]`` float64: a Frobenius-orthonormal basis of the equivariant coefficient
     maps ``Hom_G(f_in ⊗ sigma, f_out)`` of one field pair, in Kronecker order (input coordinate
@@ -80,7 +80,7 @@ def _orthonormal_rows(U: torch.Tensor, what: str) -> torch.Tensor:
     return Q.T.contiguous()
 
 
-@functools.lru_cache(maxsize=1024)
+@bytes_cached("equiproj.kernel_spaces._pixel_plan.pair_basis")
 def pair_basis(space, field_in, field_out) -> torch.Tensor:
     """``A [r, d_out, d_in * k^s]`` float64, orthonormal: V's part in one tile of this field pair
     (the spanning kernels ``h_s Phi^T`` orthonormalised by QR). Cached per (space, fields)."""
@@ -253,13 +253,13 @@ def _apply_blocks(Y: torch.Tensor, blocks, transpose: bool) -> torch.Tensor:
     return Y
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.kernel_spaces._pixel_plan.pixel_plan")
 def pixel_plan(space, rep_in: Rep, rep_out: Rep, layout: str | None = None) -> PixelPlan:
     """The (cached) :class:`PixelPlan` of a layer; ``layout=None`` picks the cheaper one."""
     return PixelPlan(space, rep_in, rep_out, layout)
 
 
-@functools.lru_cache(maxsize=512)
+@bytes_cached("equiproj.kernel_spaces._pixel_plan.packed_on")
 def packed_on(plan: PixelPlan, device: torch.device, dtype: torch.dtype) -> PackedPlan:
     """``plan.packed`` on ``device`` with its basis in ``dtype`` (cached)."""
     return plan.packed.to(device, dtype)

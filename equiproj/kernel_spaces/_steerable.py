@@ -34,12 +34,12 @@ other angles sampled kernels are equivariant up to the grid's anisotropy (measur
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
 import torch
 
+from .._caches import bytes_cached
 from .. import ops as _ops
 from .. import reference as _reference
 from ..grid import grid_points
@@ -396,18 +396,18 @@ class SteerableKernelSpace:
 # Cached per-space state (bounded caches, looked up eagerly even inside torch.compile)
 # ---------------------------------------------------------------------------------------
 @torch.compiler.disable
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.kernel_spaces._steerable._tensor_on")
 def _tensor_on(space: SteerableKernelSpace, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return getattr(space, name).to(device=device, dtype=dtype)
 
 
 @torch.compiler.disable
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.kernel_spaces._steerable._plan")
 def _plan(space: SteerableKernelSpace, rep_in: Rep, rep_out: Rep) -> PixelPlan:
     return pixel_plan(space, rep_in, rep_out)
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.kernel_spaces._steerable._coefficient_layout")
 def _coefficient_layout(space: SteerableKernelSpace, rep_in: Rep) -> tuple[Rep, torch.Tensor | None]:
     """The coefficient rep (segments ``c * n_h`` copies of ``f ⊗ sigma_h``, harmonic-major, no
     permutation) and the map from its columns to the Kronecker columns ``i * D + d``."""
@@ -438,13 +438,13 @@ def _coefficient_layout(space: SteerableKernelSpace, rep_in: Rep) -> tuple[Rep, 
 
 
 @torch.compiler.disable
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.kernel_spaces._steerable._colmap_on")
 def _colmap_on(space: SteerableKernelSpace, rep_in: Rep, device: torch.device, inverse: bool) -> torch.Tensor:
     _, colmap = _coefficient_layout(space, rep_in)
     return (torch.argsort(colmap) if inverse else colmap).to(device)
 
 
-@functools.lru_cache(maxsize=256)
+@bytes_cached("equiproj.kernel_spaces._steerable.default_kernel_space")
 def default_kernel_space(group: Group, kernel_size: int, spatial_dims: int | None = None) -> SteerableKernelSpace:
     """The steerable kernel space with the documented defaults (cached: one object per arguments).
 

@@ -513,7 +513,7 @@ def _uniform(value, dims: int, what: str, layer: str):
 def _new_escnn_layer(module: nn.Module, gspace):
     """An escnn ``R2Conv``/``R3Conv``/``Linear`` of a declared plain layer's shape, on ``gspace`` (default: the
     escnn gspace of the declared reps' group), its field types built from the declared reps."""
-    from ..groups._escnn import escnn_field_type, escnn_gspace  # noqa: PLC0415 - needs escnn only here
+    from ..groups._escnn_out import escnn_field_type, escnn_gspace  # noqa: PLC0415 - needs escnn only here
 
     d = declaration(module)
     kind = type(module).__name__

@@ -517,6 +517,7 @@ def fused_energies_and_grad(W: Tensor, plan: PackedPlan, lambda_perp: Tensor, la
     return ep.reshape(batch), eg.reshape(batch), grad
 
 
+# bounded by entries, not bytes: each value is a 0-dim tensor
 @functools.lru_cache(maxsize=256)
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=dtype, device=device)

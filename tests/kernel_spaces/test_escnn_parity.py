@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import equiproj as ep
-from equiproj.groups._escnn import escnn_irrep_map, group_from_escnn_name, rep_from_escnn_fields
+from equiproj.groups._escnn import escnn_field_segments, escnn_irrep_map, group_from_escnn_name
 from equiproj.kernel_spaces import DenseKernelBasis, default_kernel_space, kernel_energies_and_grads_many
 from equiproj.testing import relative_error as rel
 
@@ -58,8 +58,8 @@ def load_fixture(path):
             for i in meta["irrep_ids"]}
 
     def rep(fields):
-        return rep_from_escnn_fields(G, [(f["name"], f["irreps"], f["change_of_basis"]) for f in fields], maps,
-                                     key=meta["gspace"])
+        return ep.Rep(G, escnn_field_segments(G, [(f["name"], f["irreps"], f["change_of_basis"]) for f in fields],
+                                              maps, key=meta["gspace"]))
 
     basis = torch.as_tensor(z["basis"]).reshape(meta["num_basis"], -1)
     return (meta, basis, G, rep(meta["fields_in"]), rep(meta["fields_out"]), gq,

@@ -363,7 +363,7 @@ _NEW_LAYERS = {
 def _declared_in_escnn_span(name):
     """A plain layer declared with the kernel space of escnn's own layer of its reps (the conv's equivariant
     kernels are then exactly escnn's basis), with random weights projected onto it."""
-    from equiproj.groups._escnn import escnn_field_type, escnn_gspace
+    from equiproj.groups._escnn_out import escnn_field_type, escnn_gspace
 
     group, rep_in, rep_out, make = _NEW_LAYERS[name]
     G = group()
