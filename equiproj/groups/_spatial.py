@@ -262,7 +262,29 @@ def _octahedral_irrep(name: str, R: torch.Tensor) -> torch.Tensor:
     raise ValueError(name)
 
 
-class Octahedral(Group):
+class _NamedIrreps(Group):
+    """A finite group whose irreps are a fixed table of names (``_names``) with their dimensions (``_dims``):
+    the irrep-id hooks read the table."""
+
+    _names: tuple[str, ...]
+    _dims: dict[str, int]
+
+    def irrep_ids(self, band_limit):
+        return list(self._names)
+
+    def canonical_irrep_id(self, id):
+        if id not in self._names:
+            raise ValueError(f"unknown irrep id {id!r} for {self}: ids are {', '.join(self._names)}")
+        return id
+
+    def parse_irrep_id(self, s):
+        return s
+
+    def irrep_dim(self, id):
+        return self._dims[id]
+
+
+class Octahedral(_NamedIrreps):
     """O: the 24 rotations of the cube (signed permutation matrices, det +1).
 
     Irreps ``"A1"`` (trivial), ``"A2"`` (sign of the permutation of the axes), ``"E"``
@@ -300,22 +322,8 @@ class Octahedral(Group):
             return psi.id[:-1]  # on rotations the parity suffix does nothing
         return None
 
-    def irrep_ids(self, band_limit):
-        return list(self._names)
-
-    def canonical_irrep_id(self, id):
-        if id not in self._names:
-            raise ValueError(f"unknown irrep id {id!r} for {self}: ids are {', '.join(self._names)}")
-        return id
-
-    def parse_irrep_id(self, s):
-        return s
-
     def standard_irrep_id(self):
         return "T1" if self.trivial_id == "A1" else "T1u"
-
-    def irrep_dim(self, id):
-        return self._dims[id]
 
     def _harmonic_irrep_id(self, h):
         return self.standard_irrep_id() if h == 1 else None  # D_1(R) = R: the defining action
@@ -373,7 +381,7 @@ def _axis_parity(g: torch.Tensor) -> torch.Tensor:
     return torch.linalg.det(g.abs()).round()
 
 
-class Tetrahedral(Group):
+class Tetrahedral(_NamedIrreps):
     """T: the 12 rotations of the regular tetrahedron, the rotations of the cube whose permutation of the
     axes is even. Irreps ``"A"`` (trivial), ``"E"`` (2-dim, complex type: the axes' cyclic permutations
     turn the plane x+y+z = 0 by multiples of 120 degrees, in O's ``E`` basis) and ``"T"`` (the rotation itself).
@@ -401,22 +409,8 @@ class Tetrahedral(Group):
         return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all() and (_det3(g) > 0).all()
                     and (_axis_parity(g.round()) > 0).all())
 
-    def irrep_ids(self, band_limit):
-        return list(self._names)
-
-    def canonical_irrep_id(self, id):
-        if id not in self._names:
-            raise ValueError(f"unknown irrep id {id!r} for {self}: ids are {', '.join(self._names)}")
-        return id
-
-    def parse_irrep_id(self, s):
-        return s
-
     def standard_irrep_id(self):
         return "T"
-
-    def irrep_dim(self, id):
-        return self._dims[id]
 
     def irrep_type(self, id):
         return "complex" if id == "E" else "real"
@@ -432,7 +426,7 @@ class Tetrahedral(Group):
         return _octahedral_irrep(self._as_octahedral[id], g)
 
 
-class FullTetrahedral(Group):
+class FullTetrahedral(_NamedIrreps):
     """T_d: the 24 symmetries of the regular tetrahedron (the signed permutation matrices whose determinant
     is the sign of their permutation of the axes). ``g -> det(g) g`` is an isomorphism onto O, and the
     irreps are O's through it: ``"A1" "A2" "E" "T1" "T2"``; ``"T2"`` is the defining 3-D action."""
@@ -457,11 +451,6 @@ class FullTetrahedral(Group):
     def _contains(self, g):
         return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all()
                     and (_axis_parity(g.round()) == _det3(g).round()).all())
-
-    irrep_ids = Octahedral.irrep_ids
-    canonical_irrep_id = Octahedral.canonical_irrep_id
-    parse_irrep_id = Octahedral.parse_irrep_id
-    irrep_dim = Octahedral.irrep_dim
 
     def standard_irrep_id(self):
         return "T2"
