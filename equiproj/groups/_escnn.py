@@ -249,6 +249,12 @@ def _test_elements(gspace, count: int = 24):
     return els + [G.sample() for _ in range(6)]
 
 
+def _gspace_key(gspace) -> tuple:
+    """A gspace as a cache key: its name and the change of basis of its action on the base space."""
+    C = torch.as_tensor(gspace.basespace_action.change_of_basis, dtype=torch.float64)
+    return (gspace.name, tuple(round(float(v), 12) for v in C.reshape(-1)))
+
+
 @bytes_cached("equiproj.groups._escnn._irrep_maps_cached")
 def _irrep_maps_cached(gspace_key, gspace, ids: tuple) -> dict:
     G = group_from_escnn(gspace.fibergroup)
@@ -293,8 +299,7 @@ def escnn_rep_parts(field_type) -> tuple:
                         f"{type(field_type).__name__}")
     G = group_from_escnn(gspace.fibergroup)
     ids = tuple(sorted({_eid(i) for r in reps for i in r.irreps}))
-    C = torch.as_tensor(gspace.basespace_action.change_of_basis, dtype=torch.float64)
-    key = (gspace.name, tuple(round(float(v), 12) for v in C.reshape(-1)))
+    key = _gspace_key(gspace)
     maps = _irrep_maps_cached(key, gspace, ids)
     fields = [(r.name, r.irreps, r.change_of_basis) for r in reps]
     els = _test_elements(gspace, 8)

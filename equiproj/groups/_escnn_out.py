@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._escnn import (_eid, _irrep_maps_cached, _test_elements, default_escnn_gspace, element_from_escnn,
+from ._escnn import (_eid, _gspace_key, _irrep_maps_cached, _test_elements, default_escnn_gspace, element_from_escnn,
                      group_from_escnn)
 from ._group import Group
 from ._planar import O2, SO2
@@ -71,11 +71,6 @@ def _escnn_ids_of(G: Group, escnn_group, irreps) -> list:
         elif isinstance(G, O3):
             out.add((0 if int(i[1]) == 1 else 1, int(i[0])))
     return sorted(out)
-
-
-def _gspace_key(gspace):
-    C = torch.as_tensor(gspace.basespace_action.change_of_basis, dtype=torch.float64)
-    return (gspace.name, tuple(round(float(v), 12) for v in C.reshape(-1)))
 
 
 def _same_matrices(field, escnn_rep, read_in) -> bool:
