@@ -481,7 +481,6 @@ def check_equivariance(model: nn.Module, rep_in, rep_out, x: torch.Tensor, *, el
             gy, g_records, _, _ = _record(model, gx, rep_in)
             g_outs = _outputs(gy, rep_out)
             runs.append([t for t, _ in g_outs])
-            diff2, ref2 = 0.0, 0.0
             diff_ps, ref_ps = None, None
             for (t, rep), (gt, _) in zip(base_outs, g_outs):
                 sp = spatial if spatial and t.dim() - 2 == spatial else 0
