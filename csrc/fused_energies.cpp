@@ -53,6 +53,7 @@ static_assert(kMaxSmall == 5, "tile_kernels.h dispatches 1..5");
 
 namespace base {
 #include "simd4.h"
+#include "orbit_closed.h"
 #include "tile_kernels.h"
 }  // namespace base
 
@@ -67,6 +68,7 @@ namespace base {
 #define EQUIPROJ_AVX2 1
 namespace avx2 {
 #include "simd4.h"
+#include "orbit_closed.h"
 #include "tile_kernels.h"
 }  // namespace avx2
 #undef EQUIPROJ_AVX2
@@ -119,7 +121,8 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
   if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall)  // kSmall runs generic_pair on the baseline ISA
     s.coef.resize(std::max<int64_t>(p.ci * ((p.r + 3) / 4 * 4), 4));
   else if (p.kind == Kind::kOrbit)
-    s.coef.resize(std::max<int64_t>(p.ci * p.r, 4));
+    s.coef.resize(std::max<int64_t>(
+        p.form == kOrbitTable ? p.ci * p.r : orbit_closed_scratch(p.ci, p.r, p.form == kOrbitDihedral), 4));
   if constexpr (std::is_same<X, float>::value)
     kernels().f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
   else

@@ -56,6 +56,10 @@ struct Scratch {
   std::vector<double>& stage(double*) { return gd_stage; }
 };
 
+// float64 scratch of a closed-form orbit pair (tile_kernels.h, orbit_closed.h): the doubled orbit
+// arrays of up to ci tiles (2 K entries per tile for C_N, 4 K for D_N), then one tile's K orbit sums
+inline int64_t orbit_closed_scratch(int64_t ci, int64_t K, bool dihedral) { return ci * (dihedral ? 4 : 2) * K + K; }
+
 struct Layer;
 // Processes row block u of output group G of matrix b; writes (E_perp, E_G) partials to part.
 using ItemFn = void (*)(const Layer&, int64_t b, const OutGroup& G, int64_t u, Scratch&, acc_t* part);

@@ -344,52 +344,10 @@ void generic_pair(const X* const* x, X* const* g, int64_t dout, int64_t di, int6
 
 // ---- orbit pairs: two permutation fields, P(T) = the mean of T over each orbit ---------------------
 // Pass 1 sums every orbit over the tile, pass 2 subtracts the orbit means. Every entry is read
-// before it is written, so g may alias x (the decoupled step writes into the weight). Runs of
-// consecutive entries whose orbits are consecutive (the closed forms) are vectorised.
+// before it is written, so g may alias x (the decoupled step writes into the weight). Here: orbit
+// tables; the closed forms (C_N, D_N regular) are in orbit_closed.h.
 
-// S[j] += x[j], j < len
-template <typename X>
-inline void orbit_sum_run(acc_t* S, const X* x, int64_t len) {
-  int64_t j = 0;
-  for (; j + 4 <= len; j += 4) store4(S + j, load4(S + j) + load4(x + j));
-  for (; j < len; ++j) S[j] += acc_t(x[j]);
-}
-
-// r = x[j] - M[j]: E_perp and the gradient cg2 x + (cp2 - cg2) r, written or added
-template <typename X>
-inline void orbit_residual_run(const X* x, X* g, const acc_t* M, int64_t len, acc_t cp2, acc_t cg2, bool accumulate,
-                               V4& e4, acc_t& e1) {
-  const V4 a4 = splat(cg2), b4 = splat(cp2 - cg2);
-  int64_t j = 0;
-  if (!g) {
-    for (; j + 4 <= len; j += 4) {
-      const V4 r = load4(x + j) - load4(M + j);
-      e4 = fmadd(r, r, e4);
-    }
-  } else if (!accumulate) {
-    for (; j + 4 <= len; j += 4) {
-      const V4 t = load4(x + j), r = t - load4(M + j);
-      e4 = fmadd(r, r, e4);
-      store4(g + j, fmadd(b4, r, a4 * t));
-    }
-  } else {
-    for (; j + 4 <= len; j += 4) {
-      const V4 t = load4(x + j), r = t - load4(M + j);
-      e4 = fmadd(r, r, e4);
-      store4(g + j, load4(g + j) + fmadd(b4, r, a4 * t));
-    }
-  }
-  for (; j < len; ++j) {
-    const acc_t t = x[j], r = t - M[j];
-    e1 += r * r;
-    if (g) {
-      const acc_t v = cg2 * t + (cp2 - cg2) * r;
-      g[j] = static_cast<X>(accumulate ? acc_t(g[j]) + v : v);
-    }
-  }
-}
-
-// one entry (scalar paths: tables and reversed runs)
+// one entry
 template <typename X>
 inline void orbit_residual_one(const X* x, X* g, acc_t m, acc_t cp2, acc_t cg2, bool accumulate, acc_t& e1) {
   const acc_t t = *x, r = t - m;
@@ -407,33 +365,16 @@ inline void orbit_residual_one(const X* x, X* g, acc_t m, acc_t cp2, acc_t cg2, 
 template <typename X>
 void orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* S,
                 acc_t& ep, acc_t& eg) {
-  const int64_t di = p.di, K = p.r, ci = p.ci, N = di / 2;
+  const int64_t di = p.di, K = p.r, ci = p.ci;
   const bool acc = p.accumulate;
   for (int64_t k = 0; k < ci * K; ++k) S[k] = 0;
   // pass 1: the orbit sums of every tile
   for (int64_t a = 0; a < dout; ++a) {
-    const int32_t* oa = p.orbit ? p.orbit + a * di : nullptr;
-    const int64_t ka = p.form == kOrbitDihedral ? a % N : 0, sa = p.form == kOrbitDihedral ? a / N : 0;
+    const int32_t* oa = p.orbit + a * di;
     for (int64_t v = 0; v < ci; ++v) {
       const X* xr = x[a] + v * di;
       acc_t* Sv = S + v * K;
-      if (p.form == kOrbitCyclic) {  // o(a, b) = (b - a) mod N
-        orbit_sum_run(Sv, xr + a, di - a);
-        orbit_sum_run(Sv + di - a, xr, a);
-      } else if (p.form == kOrbitDihedral) {  // a = k_a + N s, b = k_b + N t
-        for (int64_t t = 0; t < 2; ++t) {
-          const X* xt = xr + N * t;
-          if (sa == 0) {  // (k_b - k_a) mod N + N t
-            orbit_sum_run(Sv + N * t, xt + ka, N - ka);
-            orbit_sum_run(Sv + N * t + N - ka, xt, ka);
-          } else {  // (k_a - k_b) mod N + N (1 - t)
-            acc_t* St = Sv + N * (1 - t);
-            for (int64_t kb = 0; kb < N; ++kb) St[(ka - kb + N) % N] += acc_t(xt[kb]);
-          }
-        }
-      } else {
-        for (int64_t b = 0; b < di; ++b) Sv[oa[b]] += acc_t(xr[b]);
-      }
+      for (int64_t b = 0; b < di; ++b) Sv[oa[b]] += acc_t(xr[b]);
     }
   }
   // E_G = sum_k S_k^2 / n_k, in tile order; S becomes the orbit means
@@ -441,48 +382,29 @@ void orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc
   for (int64_t v = 0; v < ci; ++v)
     for (int64_t k = 0; k < K; ++k) {
       acc_t& s = S[v * K + k];
-      const acc_t inv = p.orbit ? p.inv[k] : p.inv_size;
+      const acc_t inv = p.inv[k];
       sg += s * s * inv;
       s *= inv;
     }
   eg += sg;
   // pass 2: the residual and the gradient
-  V4 e4 = zero4();
   acc_t e1 = 0;
   for (int64_t a = 0; a < dout; ++a) {
-    const int32_t* oa = p.orbit ? p.orbit + a * di : nullptr;
-    const int64_t ka = p.form == kOrbitDihedral ? a % N : 0, sa = p.form == kOrbitDihedral ? a / N : 0;
+    const int32_t* oa = p.orbit + a * di;
     for (int64_t v = 0; v < ci; ++v) {
       const X* xr = x[a] + v * di;
       X* gr = g ? g[a] + v * di : nullptr;
       const acc_t* M = S + v * K;
-      if (p.form == kOrbitCyclic) {
-        orbit_residual_run(xr + a, gr ? gr + a : nullptr, M, di - a, cp2, cg2, acc, e4, e1);
-        orbit_residual_run(xr, gr, M + di - a, a, cp2, cg2, acc, e4, e1);
-      } else if (p.form == kOrbitDihedral) {
-        for (int64_t t = 0; t < 2; ++t) {
-          const X* xt = xr + N * t;
-          X* gt = gr ? gr + N * t : nullptr;
-          if (sa == 0) {
-            orbit_residual_run(xt + ka, gt ? gt + ka : nullptr, M + N * t, N - ka, cp2, cg2, acc, e4, e1);
-            orbit_residual_run(xt, gt, M + N * t + N - ka, ka, cp2, cg2, acc, e4, e1);
-          } else {
-            const acc_t* Mt = M + N * (1 - t);
-            for (int64_t kb = 0; kb < N; ++kb)
-              orbit_residual_one(xt + kb, gt ? gt + kb : nullptr, Mt[(ka - kb + N) % N], cp2, cg2, acc, e1);
-          }
-        }
-      } else {
-        for (int64_t b = 0; b < di; ++b) orbit_residual_one(xr + b, gr ? gr + b : nullptr, M[oa[b]], cp2, cg2, acc, e1);
-      }
+      for (int64_t b = 0; b < di; ++b) orbit_residual_one(xr + b, gr ? gr + b : nullptr, M[oa[b]], cp2, cg2, acc, e1);
     }
   }
-  ep += hsum(e4) + e1;
+  ep += e1;
 }
 
 // ---- dispatch -------------------------------------------------------------------------------------
 
-// coef: ci * padded_rank(r) scratch (kSmall and kGeneric), ci * K orbit sums (kOrbit).
+// coef: ci * padded_rank(r) scratch (kSmall and kGeneric), ci * K orbit sums (kOrbit, tables),
+// orbit_closed_scratch (kOrbit, closed forms).
 template <typename X>
 void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* coef,
               acc_t& ep, acc_t& eg) {
@@ -514,7 +436,10 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
       generic_pair<X>(x, g, dout, p.di, p.ci, p.r, p.A, p.At, cp2, cg2, coef, ep, eg);
       return;
     case Kind::kOrbit:
-      orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
+      if (p.form == kOrbitTable)
+        orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
+      else
+        orbit_closed_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
       return;
   }
 }

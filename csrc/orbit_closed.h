@@ -1,0 +1,259 @@
+// Orbit pairs in closed form: two regular fields of C_N or D_N (docs/math.md §9). Included twice by
+// fused_energies.cpp like tile_kernels.h (baseline ISA and AVX2+FMA), after simd4.h and before
+// tile_kernels.h, whose run_pair dispatches the closed forms here; the same rules hold: no include
+// guard, no includes, no standard-library function templates.
+//
+// Every tile row is a run of segments of L entries (C_N: one, L = N; D_N: two, L = N, one per
+// reflection half t of the columns) whose orbits are a rotation (or, for the reflected rows of
+// D_N, a reversed rotation) of L consecutive orbits. Each segment's orbits are therefore a
+// contiguous slice of a doubled array, D[j] = orbit of (j mod L) (or of (L - 1 - j) mod L for the
+// reversed ones), j < 2L, starting at an offset that depends on the row only: no index arithmetic
+// per entry, and whole runs of L entries for the vector loops.
+//
+//   C_N, row a:            orbits (b - a) mod N        = D_fwd[N - a + b]
+//   D_N, row k_a (s = 0):  (k_b - k_a) mod N + N t     = D_fwd,t[N - k_a + k_b]
+//   D_N, row k_a + N:      (k_a - k_b) mod N + N (1-t) = D_rev,1-t[N - 1 - k_a + k_b]
+//
+// Pass 1 adds each segment into its doubled float64 array (the sums of an orbit are then the sum
+// of its two or four positions); pass 2 reads the orbit means from the same positions. For float32
+// weights (AVX2) pass 2 runs in float32, eight lanes, with the mean m computed in float64 and split
+// m = m_hi + m_lo (m_hi = float(m), m_lo = float(m - m_hi)): R = (W - m_hi) - m_lo. W - m_hi is
+// exact when W and m_hi are within a factor of two (Sterbenz), which is the case of every entry of a
+// nearly equivariant weight, so R keeps its own float32 precision there, and loses at most one
+// float32 rounding of W - m elsewhere. R^2 is summed in float32 lanes over at most kFlushVectors
+// vectors, then in float64.
+//
+// Both passes walk the row block's rows start to end (rows outer, tiles inner), one memory stream
+// at a time, prefetching kPrefetch entries ahead (W in pass 1, the gradient in pass 2: the hardware
+// prefetchers alone left both passes stalled on those loads). Column strips of a few tiles, so that
+// pass 2 would re-read W from L2, measured no faster (and slower for large tiles, whose rows then
+// restart a stream every few KiB). The segment length is a compile-time constant for L = 4, 8, 16,
+// where the per-segment loop overhead would otherwise dominate.
+
+constexpr int kFlushVectors = 32;
+constexpr int64_t kPrefetch = 1024;
+
+template <typename X>
+inline void prefetch(const X* p) {
+#ifdef EQUIPROJ_X86
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  (void)p;
+#endif
+}
+
+// S[j] += x[j], j < len
+template <typename X>
+inline void orbit_sum_run(acc_t* S, const X* x, int64_t len) {
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    prefetch(x + j + kPrefetch);
+    const V4 s0 = load4(S + j) + load4(x + j), s1 = load4(S + j + 4) + load4(x + j + 4);
+    store4(S + j, s0);
+    store4(S + j + 4, s1);
+  }
+  for (; j + 4 <= len; j += 4) store4(S + j, load4(S + j) + load4(x + j));
+  for (; j < len; ++j) S[j] += acc_t(x[j]);
+}
+
+// r = x[j] - M[j] in float64: E_perp and the gradient cg2 x + (cp2 - cg2) r, written or added
+template <typename X>
+inline void orbit_residual_run(const X* x, X* g, const acc_t* M, int64_t len, acc_t cp2, acc_t cg2, bool accumulate,
+                               V4& e4, acc_t& e1) {
+  const V4 a4 = splat(cg2), b4 = splat(cp2 - cg2);
+  int64_t j = 0;
+  if (!g) {
+    for (; j + 4 <= len; j += 4) {
+      const V4 r = load4(x + j) - load4(M + j);
+      e4 = fmadd(r, r, e4);
+    }
+  } else if (!accumulate) {
+    for (; j + 4 <= len; j += 4) {
+      prefetch(g + j + kPrefetch);
+      const V4 t = load4(x + j), r = t - load4(M + j);
+      e4 = fmadd(r, r, e4);
+      store4(g + j, fmadd(b4, r, a4 * t));
+    }
+  } else {
+    for (; j + 4 <= len; j += 4) {
+      prefetch(g + j + kPrefetch);
+      const V4 t = load4(x + j), r = t - load4(M + j);
+      e4 = fmadd(r, r, e4);
+      store4(g + j, load4(g + j) + fmadd(b4, r, a4 * t));
+    }
+  }
+  for (; j < len; ++j) {
+    const acc_t t = x[j], r = t - M[j];
+    e1 += r * r;
+    if (g) {
+      const acc_t v = cg2 * t + (cp2 - cg2) * r;
+      g[j] = static_cast<X>(accumulate ? acc_t(g[j]) + v : v);
+    }
+  }
+}
+
+#ifdef EQUIPROJ_AVX2
+
+// float32 lanes of E_perp into the float64 sum
+inline void flush_f32(__m256& e8, int& n8, acc_t& e1) {
+  const __m256d s =
+      _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(e8)), _mm256_cvtps_pd(_mm256_extractf128_ps(e8, 1)));
+  e1 += hsum(V4{s});
+  e8 = _mm256_setzero_ps();
+  n8 = 0;
+}
+
+// R = (x - hi) - lo; E_perp in float32 lanes (e8, flushed into e1 every kFlushVectors vectors, count
+// in n8), the gradient cg x + dc R written to g or added to it (g may alias x: each vector is read
+// before it is written).
+inline void closed_residual_run_f32(const float* x, float* g, const float* hi, const float* lo, int64_t len,
+                                    __m256 cg, __m256 dc, bool accumulate, __m256& e8, int& n8, acc_t& e1) {
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    if (g) prefetch(g + j + kPrefetch);
+    const __m256 t = _mm256_loadu_ps(x + j);
+    const __m256 r = _mm256_sub_ps(_mm256_sub_ps(t, _mm256_loadu_ps(hi + j)), _mm256_loadu_ps(lo + j));
+    e8 = _mm256_fmadd_ps(r, r, e8);
+    if (g) {
+      const __m256 base = accumulate ? _mm256_fmadd_ps(cg, t, _mm256_loadu_ps(g + j)) : _mm256_mul_ps(cg, t);
+      _mm256_storeu_ps(g + j, _mm256_fmadd_ps(dc, r, base));
+    }
+    if (++n8 == kFlushVectors) flush_f32(e8, n8, e1);
+  }
+  if (j + 4 <= len) {  // D_4 and any L = 4 mod 8: half a vector
+    const __m128 t = _mm_loadu_ps(x + j);
+    const __m128 r = _mm_sub_ps(_mm_sub_ps(t, _mm_loadu_ps(hi + j)), _mm_loadu_ps(lo + j));
+    e8 = _mm256_add_ps(e8, _mm256_zextps128_ps256(_mm_mul_ps(r, r)));
+    if (++n8 == kFlushVectors) flush_f32(e8, n8, e1);
+    if (g) {
+      const __m128 cg4 = _mm256_castps256_ps128(cg), dc4 = _mm256_castps256_ps128(dc);
+      const __m128 base = accumulate ? _mm_fmadd_ps(cg4, t, _mm_loadu_ps(g + j)) : _mm_mul_ps(cg4, t);
+      _mm_storeu_ps(g + j, _mm_fmadd_ps(dc4, r, base));
+    }
+    j += 4;
+  }
+  const float cgs = _mm256_cvtss_f32(cg), dcs = _mm256_cvtss_f32(dc);
+  for (; j < len; ++j) {
+    const float r = (x[j] - hi[j]) - lo[j];
+    e1 += acc_t(r) * acc_t(r);
+    if (g) g[j] = dcs * r + (accumulate ? cgs * x[j] + g[j] : cgs * x[j]);
+  }
+}
+
+#endif
+
+// Where segment t of tile row a reads its orbits: the doubled array (0, 1: forward arrays of the
+// halves; 2, 3: reversed arrays of the halves) and the offset into it.
+struct ClosedSegment {
+  int64_t array, offset;
+};
+
+inline ClosedSegment closed_segment(bool dihedral, int64_t L, int64_t a, int64_t t) {
+  if (!dihedral) return {0, L - a};
+  const int64_t ka = a % L;
+  return a < L ? ClosedSegment{t, L - ka} : ClosedSegment{2 + (1 - t), L - 1 - ka};
+}
+
+// The doubled arrays of one tile in place of their sums: the K orbit sums (into S), E_G, and each
+// position j < 2L of each array set to the mean of its orbit, as float64 (means) or, when split,
+// as float32 m_hi (the array's first 2L floats) and m_lo (the next 2L).
+inline void closed_means(acc_t* D, bool dihedral, int64_t L, acc_t inv, bool split, acc_t* S, acc_t& eg) {
+  const int64_t narr = dihedral ? 4 : 1, halves = dihedral ? 2 : 1;
+  for (int64_t u = 0; u < halves; ++u) {
+    const acc_t* F = D + u * 2 * L;
+    const acc_t* Rv = D + (2 + u) * 2 * L;
+    for (int64_t k = 0; k < L; ++k) {
+      acc_t s = F[k] + F[k + L];
+      if (dihedral) s += Rv[L - 1 - k] + Rv[2 * L - 1 - k];
+      S[u * L + k] = s;
+    }
+  }
+  for (int64_t k = 0; k < halves * L; ++k) {
+    eg += S[k] * S[k] * inv;
+    S[k] *= inv;
+  }
+  for (int64_t arr = 0; arr < narr; ++arr) {
+    const acc_t* m = S + (arr & 1) * L;
+    const bool reversed = arr >= 2;
+    acc_t* M = D + arr * 2 * L;
+    float* hi = reinterpret_cast<float*>(M);
+    float* lo = hi + 2 * L;
+    for (int64_t j = 0; j < 2 * L; ++j) {
+      const int64_t k = reversed ? (j < L ? L - 1 - j : 2 * L - 1 - j) : (j < L ? j : j - L);
+      if (split) {
+        const float h = static_cast<float>(m[k]);
+        hi[j] = h;
+        lo[j] = static_cast<float>(m[k] - acc_t(h));
+      } else {
+        M[j] = m[k];
+      }
+    }
+  }
+}
+
+// LC: the segment length L when it is a compile-time constant, else 0.
+template <typename X, int LC>
+void orbit_closed_tiles(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* work,
+                        acc_t& ep, acc_t& eg) {
+  const bool dihedral = p.form == kOrbitDihedral, acc = p.accumulate;
+  const int64_t di = p.di, ci = p.ci, L = LC ? LC : dihedral ? di / 2 : di, nseg = dihedral ? 2 : 1;
+  const int64_t tile_span = (dihedral ? 4 : 1) * 2 * L;  // float64 entries of a tile's doubled arrays
+  acc_t* S = work + ci * tile_span;
+#ifdef EQUIPROJ_AVX2
+  constexpr bool split = sizeof(X) == sizeof(float);
+  const __m256 cg8 = _mm256_set1_ps(static_cast<float>(cg2)), dc8 = _mm256_set1_ps(static_cast<float>(cp2 - cg2));
+  __m256 e8 = _mm256_setzero_ps();
+  int n8 = 0;
+#else
+  constexpr bool split = false;
+#endif
+  V4 e4 = zero4();
+  acc_t e1 = 0;
+  for (int64_t k = 0; k < ci * tile_span; ++k) work[k] = 0;
+  // pass 1: the orbit sums, into the doubled arrays
+  for (int64_t a = 0; a < dout; ++a)
+    for (int64_t t = 0; t < nseg; ++t) {
+      const ClosedSegment sg = closed_segment(dihedral, L, a, t);
+      acc_t* D = work + sg.array * 2 * L + sg.offset;
+      const X* xs = x[a] + t * L;
+      for (int64_t v = 0; v < ci; ++v) orbit_sum_run(D + v * tile_span, xs + v * di, L);
+    }
+  for (int64_t v = 0; v < ci; ++v) closed_means(work + v * tile_span, dihedral, L, p.inv_size, split, S, eg);
+  // pass 2: the residual and the gradient
+  for (int64_t a = 0; a < dout; ++a)
+    for (int64_t t = 0; t < nseg; ++t) {
+      const ClosedSegment sg = closed_segment(dihedral, L, a, t);
+      const acc_t* M = work + sg.array * 2 * L;
+      const X* xs = x[a] + t * L;
+      X* gs = g ? g[a] + t * L : nullptr;
+      for (int64_t v = 0; v < ci; ++v) {
+#ifdef EQUIPROJ_AVX2
+        if constexpr (split) {
+          const float* hi = reinterpret_cast<const float*>(M + v * tile_span) + sg.offset;
+          closed_residual_run_f32(reinterpret_cast<const float*>(xs + v * di),
+                                  gs ? reinterpret_cast<float*>(gs + v * di) : nullptr, hi, hi + 2 * L, L, cg8, dc8,
+                                  acc, e8, n8, e1);
+          continue;
+        }
+#endif
+        orbit_residual_run(xs + v * di, gs ? gs + v * di : nullptr, M + v * tile_span + sg.offset, L, cp2, cg2, acc, e4,
+                           e1);
+      }
+    }
+#ifdef EQUIPROJ_AVX2
+  flush_f32(e8, n8, e1);
+#endif
+  ep += hsum(e4) + e1;
+}
+
+// work: orbit_closed_scratch (plan_types.h) float64 entries.
+template <typename X>
+void orbit_closed_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* work,
+                       acc_t& ep, acc_t& eg) {
+  switch (p.form == kOrbitDihedral ? p.di / 2 : p.di) {
+    case 4: orbit_closed_tiles<X, 4>(p, dout, x, g, cp2, cg2, work, ep, eg); return;
+    case 8: orbit_closed_tiles<X, 8>(p, dout, x, g, cp2, cg2, work, ep, eg); return;
+    case 16: orbit_closed_tiles<X, 16>(p, dout, x, g, cp2, cg2, work, ep, eg); return;
+    default: orbit_closed_tiles<X, 0>(p, dout, x, g, cp2, cg2, work, ep, eg); return;
+  }
+}
