@@ -1,0 +1,125 @@
+"""The C++ kernel of closed-form orbit pairs (regular fields of C_N and D_N, csrc/orbit_closed.h).
+
+Every segment length (the vector loops, their 4-wide step and scalar tails, the compile-time
+lengths 4, 8, 16), both instruction sets, float32 (pass 2 in float32 with the orbit mean split
+into hi + lo) and float64, fresh and accumulated gradients and the decoupled step into the weight
+itself, against the float64 spatial reference.
+"""
+
+import pytest
+import torch
+
+from equiproj import Cyclic, Dihedral, reference
+from equiproj._plan import OrbitForm, PlanColumn, plan_for
+from equiproj.ops import cpp_available, fused_energies_and_grads
+from equiproj.testing import nearly_equivariant, relative_error
+
+pytestmark = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
+
+F64 = torch.float64
+# C_N regular for N > 5 (smaller fields keep the small-tile kernels), D_N regular for N >= 3:
+# segment lengths 6..24 and 64 (C_N), 3..17 (D_N)
+GROUPS = [Cyclic(N) for N in (6, 7, 8, 9, 12, 16, 17, 20, 24, 64)] + [Dihedral(N) for N in (3, 4, 5, 8, 12, 16, 17)]
+
+
+@pytest.fixture(params=["best", "baseline"])
+def isa(request):
+    previous = torch.ops.equiproj_cpu.set_isa(request.param)
+    yield request.param
+    torch.ops.equiproj_cpu.set_isa("best" if previous != "baseline" else "baseline")
+
+
+def _reps(G):
+    """Three input copies after an irreps field (the orbit pairs start at a column offset), two output copies."""
+    r = G.regular()
+    return G.trivial() + 3 * r, 2 * r
+
+
+def _closed_form_rows(rep_in, rep_out):
+    P = plan_for(rep_in, rep_out, "cpu")
+    forms = {int(row[PlanColumn.ORBIT_FORM]) for row in P.meta.tolist() if row[PlanColumn.ORBITS] > 0}
+    return P, forms
+
+
+def _expected_grad(W, rep_in, rep_out, cp, cg):
+    PW = reference.project(W.double(), rep_in, rep_out)
+    return 2 * cp * (W.double() - PW) + 2 * cg * PW
+
+
+@pytest.mark.parametrize("G", GROUPS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_closed_forms_match_the_reference(G, dtype, isa, gen):
+    rep_in, rep_out = _reps(G)
+    P, forms = _closed_form_rows(rep_in, rep_out)
+    assert forms == {OrbitForm.DIHEDRAL if isinstance(G, Dihedral) else OrbitForm.CYCLIC}
+    W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen).to(dtype)
+    cp, cg = 0.5 + float(torch.rand(1, generator=gen)), float(torch.rand(1, generator=gen))
+    tol = 1e-12 if dtype == F64 else 2e-6
+    (ep,), (eg,), (grad,) = fused_energies_and_grads([W], [P], [cp], [cg])
+    rp, rg = reference.energies(W.double(), rep_in, rep_out)
+    assert relative_error(ep, rp) < tol and relative_error(eg, rg) < tol
+    want = _expected_grad(W, rep_in, rep_out, cp, cg)
+    assert float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+    # added into an existing gradient
+    base = torch.randn(W.shape, dtype=F64, generator=gen).to(dtype)
+    out = base.clone()
+    fused_energies_and_grads([W], [P], [cp], [cg], outs=[out])
+    assert float((out.double() - base.double() - want).abs().max()) <= 2 * tol * float((base.double() + want).abs().max())
+    # the decoupled step, added into the weight itself: W <- W - rate (W - P W) - rate_G P W
+    rate, rate_G = 0.1, 0.02
+    step = W.clone()
+    fused_energies_and_grads([step], [P], [-rate / 2], [-rate_G / 2], outs=[step])
+    want_step = W.double() + _expected_grad(W, rep_in, rep_out, -rate / 2, -rate_G / 2)
+    assert float((step.double() - want_step).abs().max()) <= 2 * tol * float(want_step.abs().max())
+
+
+@pytest.mark.parametrize("G", [Cyclic(8), Cyclic(17), Cyclic(64), Dihedral(4), Dihedral(8), Dihedral(17)], ids=str)
+def test_nearly_equivariant_float32_weights_keep_their_digits(G, isa, gen):
+    """E_perp / ||W||^2 ~ 1e-10 in float32: the residual W - m of every entry is ~1e-5 of W, so
+    a float32 difference with a rounded mean would lose about half its digits (~1e-3 relative);
+    the split mean keeps R to its own float32 rounding."""
+    rep_in, rep_out = _reps(G)
+    P, _ = _closed_form_rows(rep_in, rep_out)
+    W64 = 3 + torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)  # |W| ~ 3: means far from 0
+    W = nearly_equivariant(W64, rep_in, rep_out, 1e-10, gen).float()
+    rp, rg = reference.energies(W.double(), rep_in, rep_out)  # exact arithmetic on the rounded weight
+    assert 1e-12 < float(rp / W.double().square().sum()) < 1e-8
+    (ep,), (eg,), (grad,) = fused_energies_and_grads([W], [P], [1.0], [0.0])
+    assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-6
+    want = _expected_grad(W, rep_in, rep_out, 1.0, 0.0)
+    assert float((grad.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_batched_strided_and_half_precision_weights(isa, gen):
+    """Strided, batched and fp16/bf16 weights are staged through float64 rows (the same kernel)."""
+    for G in (Cyclic(12), Dihedral(8)):
+        rep_in, rep_out = _reps(G)
+        P, _ = _closed_form_rows(rep_in, rep_out)
+        base = torch.randn(2, 3, rep_in.dim, 2 * rep_out.dim, dtype=F64, generator=gen)
+        W = base[..., ::2].transpose(-1, -2)
+        assert not W.is_contiguous()
+        for dtype, tol in ((F64, 1e-12), (torch.float32, 2e-6), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
+            Wd = W.to(dtype)
+            (ep,), (eg,), (grad,) = fused_energies_and_grads([Wd], [P], [1.0], [0.25])
+            rp, rg = reference.energies(Wd.double(), rep_in, rep_out)
+            e_tol = 1e-12 if dtype == F64 else 2e-6  # exact arithmetic on the rounded weight
+            assert ep.shape == (2, 3) and relative_error(ep, rp) < e_tol and relative_error(eg, rg) < e_tol
+            want = _expected_grad(Wd, rep_in, rep_out, 1.0, 0.25)
+            assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+
+
+def test_one_and_two_threads_agree_bitwise(gen):
+    G = Cyclic(16)
+    rep = 8 * G.regular()
+    P = plan_for(rep, rep, "cpu")
+    W = torch.randn(rep.dim, rep.dim, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            (ep,), (eg,), (grad,) = fused_energies_and_grads([W], [P], [0.5], [0.1])
+            results.append((ep, eg, grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
