@@ -246,10 +246,128 @@ void orbit_closed_tiles(const Pair& p, int64_t dout, const X* const* x, X* const
   ep += hsum(e4) + e1;
 }
 
+#ifdef EQUIPROJ_AVX2
+
+// ---- tiles of 8 or 16 columns, float32 weights: permutes in place of the doubled arrays -----------
+// For C_8, D_4 (8 columns) and D_8 (16) every 8-column chunk c of tile row a takes its orbits from
+// one block of 8 consecutive orbits (8 sb + idx[l], idx a permutation): pass 1 permutes the chunk
+// by idx^-1 and adds it to the block's sums, pass 2 permutes the block's m_hi and m_lo by idx. A
+// tile's state is its K sums (then K m_hi and K m_lo floats in the same bytes), with no per-tile
+// doubled arrays to fill: at 64 to 256 weights per tile, filling those cost as much as the passes.
+
+// the orbit of entry (a, b) of a C_N (N = di) or D_N (N = di / 2) tile, docs/math.md §9
+inline int64_t closed_orbit(bool dihedral, int64_t di, int64_t a, int64_t b) {
+  if (!dihedral) return ((b - a) % di + di) % di;
+  const int64_t N = di / 2, ka = a % N, kb = b % N, t = b / N;
+  return a < N ? (kb - ka + N) % N + N * t : (ka - kb + N) % N + N * (1 - t);
+}
+
+struct ChunkOrbits {
+  int64_t block;
+  __m256i idx, inv;
+};
+
+// false when a chunk's orbits are not a permutation of one block (never for the forms above)
+inline bool chunk_orbits(bool dihedral, int64_t di, int64_t a, int64_t c, ChunkOrbits& out) {
+  alignas(32) int32_t idx[8], inv[8];
+  const int64_t block = closed_orbit(dihedral, di, a, 8 * c) / 8;
+  int seen = 0;
+  for (int l = 0; l < 8; ++l) {
+    const int64_t o = closed_orbit(dihedral, di, a, 8 * c + l);
+    if (o / 8 != block || (seen >> (o % 8)) & 1) return false;
+    seen |= 1 << (o % 8);
+    idx[l] = static_cast<int32_t>(o % 8);
+    inv[o % 8] = l;
+  }
+  out.block = block;
+  out.idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
+  out.inv = _mm256_load_si256(reinterpret_cast<const __m256i*>(inv));
+  return true;
+}
+
+// work: ci * K float64 entries (K = di).
+inline bool orbit_permuted_tiles_f32(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2,
+                                     acc_t cg2, acc_t* work, acc_t& ep, acc_t& eg) {
+  const bool dihedral = p.form == kOrbitDihedral, acc = p.accumulate;
+  const int64_t di = p.di, ci = p.ci, K = di, nc = di / 8;
+  if (!(di == 8 || (dihedral && di == 16)) || dout != di) return false;
+  ChunkOrbits chunk[16][2];
+  for (int64_t a = 0; a < dout; ++a)
+    for (int64_t c = 0; c < nc; ++c)
+      if (!chunk_orbits(dihedral, di, a, c, chunk[a][c])) return false;
+  for (int64_t k = 0; k < ci * K; ++k) work[k] = 0;
+  // pass 1: each chunk, permuted into the order of its block of orbits, added to the block's sums
+  for (int64_t a = 0; a < dout; ++a)
+    for (int64_t c = 0; c < nc; ++c) {
+      const ChunkOrbits& co = chunk[a][c];
+      const float* xs = x[a] + 8 * c;
+      acc_t* S = work + 8 * co.block;
+      for (int64_t v = 0; v < ci; ++v) {
+        prefetch(xs + v * di + kPrefetch);
+        const __m256 xp = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + v * di), co.inv);
+        acc_t* Sv = S + v * K;
+        _mm256_storeu_pd(Sv, _mm256_add_pd(_mm256_loadu_pd(Sv), _mm256_cvtps_pd(_mm256_castps256_ps128(xp))));
+        _mm256_storeu_pd(Sv + 4, _mm256_add_pd(_mm256_loadu_pd(Sv + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(xp, 1))));
+      }
+    }
+  // E_G, and each block of 8 sums in place of m_hi (8 floats) and m_lo (8 floats)
+  const __m256d inv = _mm256_set1_pd(p.inv_size);
+  __m256d sg = _mm256_setzero_pd();
+  for (int64_t b = 0; b < ci * K; b += 8) {
+    const __m256d s0 = _mm256_loadu_pd(work + b), s1 = _mm256_loadu_pd(work + b + 4);
+    sg = _mm256_fmadd_pd(_mm256_mul_pd(s0, s0), inv, sg);
+    sg = _mm256_fmadd_pd(_mm256_mul_pd(s1, s1), inv, sg);
+    const __m256d m0 = _mm256_mul_pd(s0, inv), m1 = _mm256_mul_pd(s1, inv);
+    const __m128 h0 = _mm256_cvtpd_ps(m0), h1 = _mm256_cvtpd_ps(m1);
+    const __m128 l0 = _mm256_cvtpd_ps(_mm256_sub_pd(m0, _mm256_cvtps_pd(h0)));
+    const __m128 l1 = _mm256_cvtpd_ps(_mm256_sub_pd(m1, _mm256_cvtps_pd(h1)));
+    float* M = reinterpret_cast<float*>(work + b);
+    _mm256_storeu_ps(M, _mm256_set_m128(h1, h0));
+    _mm256_storeu_ps(M + 8, _mm256_set_m128(l1, l0));
+  }
+  eg += hsum(V4{sg});
+  // pass 2: the residual and the gradient, the block's means permuted into the chunk's order
+  const __m256 cg = _mm256_set1_ps(static_cast<float>(cg2)), dc = _mm256_set1_ps(static_cast<float>(cp2 - cg2));
+  __m256 e8 = _mm256_setzero_ps();
+  int n8 = 0;
+  acc_t e1 = 0;
+  for (int64_t a = 0; a < dout; ++a)
+    for (int64_t c = 0; c < nc; ++c) {
+      const ChunkOrbits& co = chunk[a][c];
+      const float* xs = x[a] + 8 * c;
+      float* gs = g ? g[a] + 8 * c : nullptr;
+      const float* Mb = reinterpret_cast<const float*>(work + 8 * co.block);
+      for (int64_t v = 0; v < ci; ++v) {
+        const float* M = Mb + 2 * v * K;
+        const __m256 t = _mm256_loadu_ps(xs + v * di);
+        const __m256 h = _mm256_permutevar8x32_ps(_mm256_loadu_ps(M), co.idx);
+        const __m256 l = _mm256_permutevar8x32_ps(_mm256_loadu_ps(M + 8), co.idx);
+        const __m256 r = _mm256_sub_ps(_mm256_sub_ps(t, h), l);
+        e8 = _mm256_fmadd_ps(r, r, e8);
+        if (gs) {
+          float* gv = gs + v * di;
+          prefetch(gv + kPrefetch);
+          const __m256 base = acc ? _mm256_fmadd_ps(cg, t, _mm256_loadu_ps(gv)) : _mm256_mul_ps(cg, t);
+          _mm256_storeu_ps(gv, _mm256_fmadd_ps(dc, r, base));
+        }
+        if (++n8 == kFlushVectors) flush_f32(e8, n8, e1);
+      }
+    }
+  flush_f32(e8, n8, e1);
+  ep += e1;
+  return true;
+}
+
+#endif
+
 // work: orbit_closed_scratch (plan_types.h) float64 entries.
 template <typename X>
 void orbit_closed_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* work,
                        acc_t& ep, acc_t& eg) {
+#ifdef EQUIPROJ_AVX2
+  if constexpr (sizeof(X) == sizeof(float))
+    if (orbit_permuted_tiles_f32(p, dout, x, g, cp2, cg2, work, ep, eg)) return;
+#endif
   switch (p.form == kOrbitDihedral ? p.di / 2 : p.di) {
     case 4: orbit_closed_tiles<X, 4>(p, dout, x, g, cp2, cg2, work, ep, eg); return;
     case 8: orbit_closed_tiles<X, 8>(p, dout, x, g, cp2, cg2, work, ep, eg); return;
