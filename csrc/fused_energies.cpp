@@ -87,9 +87,14 @@ struct Kernels {
   void (*f32)(const Pair&, int64_t, const float* const*, float* const*, acc_t, acc_t, acc_t*, acc_t&, acc_t&);
   void (*f64)(const Pair&, int64_t, const double* const*, double* const*, acc_t, acc_t, acc_t*, acc_t&, acc_t&);
   const char* isa;
+  ClosedChunkKernels<float> c32;
+  ClosedChunkKernels<double> c64;
+  const ClosedChunkKernels<float>& chunks(float*) const { return c32; }
+  const ClosedChunkKernels<double>& chunks(double*) const { return c64; }
 };
 
-constexpr Kernels kBaseline{&base::run_pair_float, &base::run_pair_double, "baseline"};
+const Kernels kBaseline{&base::run_pair_float, &base::run_pair_double, "baseline", base::closed_chunk_kernels_float(),
+                        base::closed_chunk_kernels_double()};
 
 bool has_avx2() {
 #ifdef EQUIPROJ_X86
@@ -102,7 +107,9 @@ bool has_avx2() {
 
 Kernels best_kernels() {
 #ifdef EQUIPROJ_X86
-  if (has_avx2()) return {&avx2::run_pair_float, &avx2::run_pair_double, "avx2"};
+  if (has_avx2())
+    return {&avx2::run_pair_float, &avx2::run_pair_double, "avx2", avx2::closed_chunk_kernels_float(),
+            avx2::closed_chunk_kernels_double()};
 #endif
   return kBaseline;
 }
@@ -218,6 +225,57 @@ void process_item(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scrat
         }
       }
     }
+  }
+  part[0] = ep;
+  part[1] = eg;
+}
+
+// ---- one row block of large closed-form pairs, split into row chunks ------------------------------
+
+// A row block of closed-form orbit pairs (C_N, D_N regular) with at least 2 kChunkRows rows (a C_4096
+// layer is one such block) runs as chunks of kChunkRows rows in parallel: pass 1 of each chunk, the
+// chunks' orbit sums added in chunk order, pass 2 of each chunk. The chunks depend on the block
+// only, so the result does not depend on the thread count. Weights read in place only.
+constexpr int64_t kChunkRows = 1024;
+
+bool splits(const Layer& L, const OutGroup& G, bool direct) {
+  if (!direct || G.d_out < 2 * kChunkRows) return false;
+  for (const Pair& p : G.pairs)
+    if (p.kind != Kind::kOrbit || p.form == kOrbitTable) return false;
+  return true;
+}
+
+template <typename X>
+void process_split(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scratch&, acc_t* part) {
+  const int64_t d = G.d_out, chunks = (d + kChunkRows - 1) / kChunkRows;
+  const X* base = static_cast<const X*>(L.data) + L.batch_off[b];
+  X* gbase = L.grad ? static_cast<X*>(L.grad) + b * L.m * L.n : nullptr;
+  const acc_t cp2 = gbase ? L.cp2[b] : 0, cg2 = gbase ? L.cg2[b] : 0;
+  const ClosedChunkKernels<X>& k = kernels().chunks(static_cast<X*>(nullptr));
+  std::vector<const X*> xr(d);
+  std::vector<X*> gr(d);
+  acc_t ep = 0, eg = 0;
+  for (const Pair& p : G.pairs) {
+    for (int64_t a = 0; a < d; ++a) {
+      const int64_t i = G.out_off + u * d + a, row = L.perm_out ? L.perm_out[i] : i;
+      xr[a] = base + row * L.sm + p.in_off;
+      gr[a] = gbase ? gbase + row * L.n + p.in_off : nullptr;
+    }
+    const int64_t scratch = orbit_closed_scratch(p.ci, p.r, p.form == kOrbitDihedral);
+    std::vector<acc_t> work(chunks * scratch, 0.0), ep_chunk(chunks, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        k.sums(p, c * kChunkRows, std::min(d, (c + 1) * kChunkRows), xr.data(), work.data() + c * scratch);
+    });
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t j = 0; j < scratch; ++j) work[j] += work[c * scratch + j];
+    k.prepare(p, work.data(), eg);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        k.residuals(p, c * kChunkRows, std::min(d, (c + 1) * kChunkRows), xr.data(), gbase ? gr.data() : nullptr,
+                    cp2, cg2, work.data(), ep_chunk[c]);
+    });
+    for (int64_t c = 0; c < chunks; ++c) ep += ep_chunk[c];
   }
   part[0] = ep;
   part[1] = eg;
@@ -431,6 +489,9 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
     const bool direct = (st == at::kFloat || st == at::kDouble) && L.sn == 1 && L.perm_in == nullptr;
     for (auto& G : L.groups)
       for (auto& p : G.pairs) p.accumulate = p.kind == Kind::kOrbit && L.accumulate && direct;
+    bool split = false;
+    for (auto& G : L.groups) split = split || splits(L, G, direct);
+    if (split) L.split_fn = st == at::kFloat ? &process_split<float> : &process_split<double>;
     switch (st) {
       case at::kFloat: L.fn = &process_item<float>; break;
       case at::kDouble: L.fn = &process_item<double>; break;
@@ -447,12 +508,30 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
   }
   const int64_t items = layer_start[nl];
   std::vector<acc_t> part(2 * items, 0);
+  // items of split row blocks: one at a time, each running its row chunks in parallel
+  std::vector<char> done(items, 0);
+  for (int64_t i = 0; i < nl; ++i) {
+    const Layer& L = layers[i];
+    if (!L.split_fn) continue;
+    const bool direct = L.sn == 1 && L.perm_in == nullptr;
+    for (int64_t b = 0; b < L.batch; ++b)
+      for (size_t g = 0; g < L.groups.size(); ++g) {
+        if (!splits(L, L.groups[g], direct)) continue;
+        for (int64_t u = 0; u < L.groups[g].co; ++u) {
+          const int64_t it = layer_start[i] + b * L.blocks + L.group_start[g] + u;
+          Scratch s;
+          L.split_fn(L, b, L.groups[g], u, s, part.data() + 2 * it);
+          done[it] = 1;
+        }
+      }
+  }
   if (items > 0) {
     const int64_t per_item = std::max<int64_t>(1, work / items);
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / per_item);
     at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
       Scratch s;
       for (int64_t it = begin; it < end; ++it) {
+        if (done[it]) continue;
         const int64_t i = std::upper_bound(layer_start.begin(), layer_start.end(), it) - layer_start.begin() - 1;
         const Layer& L = layers[i];
         const int64_t local = it - layer_start[i];

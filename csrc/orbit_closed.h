@@ -191,59 +191,98 @@ inline void closed_means(acc_t* D, bool dihedral, int64_t L, acc_t inv, bool spl
   }
 }
 
+// Float32 weights on AVX2 run pass 2 in float32 with split means; everything else in float64.
+#ifdef EQUIPROJ_AVX2
+template <typename X>
+constexpr bool kSplitMeans = sizeof(X) == sizeof(float);
+#else
+template <typename X>
+constexpr bool kSplitMeans = false;
+#endif
+
+struct ClosedShape {
+  bool dihedral;
+  int64_t L, nseg, tile_span;  // segment length, segments per tile row, float64 entries of a tile's doubled arrays
+};
+
+template <int LC>
+inline ClosedShape closed_shape(const Pair& p) {
+  const bool dihedral = p.form == kOrbitDihedral;
+  const int64_t L = LC ? LC : dihedral ? p.di / 2 : p.di;
+  return {dihedral, L, dihedral ? 2 : 1, (dihedral ? 4 : 1) * 2 * L};
+}
+
+// Pass 1 over tile rows a0 .. a1: the orbit sums added into the doubled arrays of `work`.
 // LC: the segment length L when it is a compile-time constant, else 0.
 template <typename X, int LC>
-void orbit_closed_tiles(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* work,
-                        acc_t& ep, acc_t& eg) {
-  const bool dihedral = p.form == kOrbitDihedral, acc = p.accumulate;
-  const int64_t di = p.di, ci = p.ci, L = LC ? LC : dihedral ? di / 2 : di, nseg = dihedral ? 2 : 1;
-  const int64_t tile_span = (dihedral ? 4 : 1) * 2 * L;  // float64 entries of a tile's doubled arrays
-  acc_t* S = work + ci * tile_span;
+void closed_sums(const Pair& p, int64_t a0, int64_t a1, const X* const* x, acc_t* work) {
+  const ClosedShape c = closed_shape<LC>(p);
+  const int64_t L = c.L, di = p.di, ci = p.ci;
+  for (int64_t a = a0; a < a1; ++a)
+    for (int64_t t = 0; t < c.nseg; ++t) {
+      const ClosedSegment sg = closed_segment(c.dihedral, L, a, t);
+      acc_t* D = work + sg.array * 2 * L + sg.offset;
+      const X* xs = x[a] + t * L;
+      for (int64_t v = 0; v < ci; ++v) orbit_sum_run(D + v * c.tile_span, xs + v * di, L);
+    }
+}
+
+// The sums of every tile in place of their means (split for float32 on AVX2), and E_G.
+template <typename X>
+void closed_prepare(const Pair& p, acc_t* work, acc_t& eg) {
+  const ClosedShape c = closed_shape<0>(p);
+  acc_t* S = work + p.ci * c.tile_span;
+  for (int64_t v = 0; v < p.ci; ++v) closed_means(work + v * c.tile_span, c.dihedral, c.L, p.inv_size, kSplitMeans<X>, S, eg);
+}
+
+// Pass 2 over tile rows a0 .. a1: E_perp and the gradient, from the means of closed_prepare.
+template <typename X, int LC>
+void closed_residuals(const Pair& p, int64_t a0, int64_t a1, const X* const* x, X* const* g, acc_t cp2, acc_t cg2,
+                      const acc_t* work, acc_t& ep) {
+  const ClosedShape c = closed_shape<LC>(p);
+  const int64_t L = c.L, di = p.di, ci = p.ci;
+  const bool acc = p.accumulate;
 #ifdef EQUIPROJ_AVX2
-  constexpr bool split = sizeof(X) == sizeof(float);
   const __m256 cg8 = _mm256_set1_ps(static_cast<float>(cg2)), dc8 = _mm256_set1_ps(static_cast<float>(cp2 - cg2));
   __m256 e8 = _mm256_setzero_ps();
   int n8 = 0;
-#else
-  constexpr bool split = false;
 #endif
   V4 e4 = zero4();
   acc_t e1 = 0;
-  for (int64_t k = 0; k < ci * tile_span; ++k) work[k] = 0;
-  // pass 1: the orbit sums, into the doubled arrays
-  for (int64_t a = 0; a < dout; ++a)
-    for (int64_t t = 0; t < nseg; ++t) {
-      const ClosedSegment sg = closed_segment(dihedral, L, a, t);
-      acc_t* D = work + sg.array * 2 * L + sg.offset;
-      const X* xs = x[a] + t * L;
-      for (int64_t v = 0; v < ci; ++v) orbit_sum_run(D + v * tile_span, xs + v * di, L);
-    }
-  for (int64_t v = 0; v < ci; ++v) closed_means(work + v * tile_span, dihedral, L, p.inv_size, split, S, eg);
-  // pass 2: the residual and the gradient
-  for (int64_t a = 0; a < dout; ++a)
-    for (int64_t t = 0; t < nseg; ++t) {
-      const ClosedSegment sg = closed_segment(dihedral, L, a, t);
+  for (int64_t a = a0; a < a1; ++a)
+    for (int64_t t = 0; t < c.nseg; ++t) {
+      const ClosedSegment sg = closed_segment(c.dihedral, L, a, t);
       const acc_t* M = work + sg.array * 2 * L;
       const X* xs = x[a] + t * L;
       X* gs = g ? g[a] + t * L : nullptr;
       for (int64_t v = 0; v < ci; ++v) {
 #ifdef EQUIPROJ_AVX2
-        if constexpr (split) {
-          const float* hi = reinterpret_cast<const float*>(M + v * tile_span) + sg.offset;
+        if constexpr (kSplitMeans<X>) {
+          const float* hi = reinterpret_cast<const float*>(M + v * c.tile_span) + sg.offset;
           closed_residual_run_f32(reinterpret_cast<const float*>(xs + v * di),
                                   gs ? reinterpret_cast<float*>(gs + v * di) : nullptr, hi, hi + 2 * L, L, cg8, dc8,
                                   acc, e8, n8, e1);
           continue;
         }
 #endif
-        orbit_residual_run(xs + v * di, gs ? gs + v * di : nullptr, M + v * tile_span + sg.offset, L, cp2, cg2, acc, e4,
-                           e1);
+        orbit_residual_run(xs + v * di, gs ? gs + v * di : nullptr, M + v * c.tile_span + sg.offset, L, cp2, cg2, acc,
+                           e4, e1);
       }
     }
 #ifdef EQUIPROJ_AVX2
   flush_f32(e8, n8, e1);
 #endif
   ep += hsum(e4) + e1;
+}
+
+template <typename X, int LC>
+void orbit_closed_tiles(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* work,
+                        acc_t& ep, acc_t& eg) {
+  const int64_t n = p.ci * closed_shape<LC>(p).tile_span;
+  for (int64_t k = 0; k < n; ++k) work[k] = 0;
+  closed_sums<X, LC>(p, 0, dout, x, work);
+  closed_prepare<X>(p, work, eg);
+  closed_residuals<X, LC>(p, 0, dout, x, g, cp2, cg2, work, ep);
 }
 
 #ifdef EQUIPROJ_AVX2
@@ -374,4 +413,28 @@ void orbit_closed_pair(const Pair& p, int64_t dout, const X* const* x, X* const*
     case 16: orbit_closed_tiles<X, 16>(p, dout, x, g, cp2, cg2, work, ep, eg); return;
     default: orbit_closed_tiles<X, 0>(p, dout, x, g, cp2, cg2, work, ep, eg); return;
   }
+}
+
+// ---- one large pair split into row chunks (fused_energies.cpp runs the chunks in parallel) --------
+// Pass 1 of each chunk into its own zeroed scratch, the chunks' scratch added in chunk order into
+// the first, closed_prepare, then pass 2 of each chunk: the same sums in an order that does not
+// depend on the thread count. The chunks run the doubled-array kernel (large tiles only).
+
+template <typename X>
+void closed_chunk_sums(const Pair& p, int64_t a0, int64_t a1, const X* const* x, acc_t* work) {
+  closed_sums<X, 0>(p, a0, a1, x, work);
+}
+
+template <typename X>
+void closed_chunk_residuals(const Pair& p, int64_t a0, int64_t a1, const X* const* x, X* const* g, acc_t cp2, acc_t cg2,
+                            const acc_t* work, acc_t& ep) {
+  closed_residuals<X, 0>(p, a0, a1, x, g, cp2, cg2, work, ep);
+}
+
+ClosedChunkKernels<float> closed_chunk_kernels_float() {
+  return {&closed_chunk_sums<float>, &closed_prepare<float>, &closed_chunk_residuals<float>};
+}
+
+ClosedChunkKernels<double> closed_chunk_kernels_double() {
+  return {&closed_chunk_sums<double>, &closed_prepare<double>, &closed_chunk_residuals<double>};
 }

@@ -60,6 +60,16 @@ struct Scratch {
 // arrays of up to ci tiles (2 K entries per tile for C_N, 4 K for D_N), then one tile's K orbit sums
 inline int64_t orbit_closed_scratch(int64_t ci, int64_t K, bool dihedral) { return ci * (dihedral ? 4 : 2) * K + K; }
 
+// The passes of a closed-form orbit pair over a range of tile rows [a0, a1) (orbit_closed.h), for
+// a pair too large for one thread: the host runs the row chunks in parallel.
+template <typename X>
+struct ClosedChunkKernels {
+  void (*sums)(const Pair&, int64_t a0, int64_t a1, const X* const* x, acc_t* work);
+  void (*prepare)(const Pair&, acc_t* work, acc_t& eg);
+  void (*residuals)(const Pair&, int64_t a0, int64_t a1, const X* const* x, X* const* g, acc_t cp2, acc_t cg2,
+                    const acc_t* work, acc_t& ep);
+};
+
 struct Layer;
 // Processes row block u of output group G of matrix b; writes (E_perp, E_G) partials to part.
 using ItemFn = void (*)(const Layer&, int64_t b, const OutGroup& G, int64_t u, Scratch&, acc_t* part);
@@ -79,6 +89,7 @@ struct Layer {
   int64_t blocks = 0;                 // row blocks per matrix
   std::vector<acc_t> cp2, cg2;        // 2 lambda_perp, 2 lambda_G per matrix (empty: no gradient)
   ItemFn fn = nullptr;
+  ItemFn split_fn = nullptr;          // a row block of closed-form pairs split into row chunks (null: none)
 };
 
 }  // namespace equiproj_cpu

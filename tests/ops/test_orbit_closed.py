@@ -123,3 +123,48 @@ def test_one_and_two_threads_agree_bitwise(gen):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _orbit_mean(W, G):
+    """P(W) of a regular ⊗ regular C_N / D_N layer from the closed form of the orbits (float64, torch ops)."""
+    d = W.shape[-1]
+    a, b = torch.arange(d)[:, None], torch.arange(d)[None, :]
+    if isinstance(G, Cyclic):
+        o = (b - a) % d
+    else:
+        N = d // 2
+        ka, kb, t = a % N, b % N, b // N
+        o = torch.where(a < N, (kb - ka) % N + N * t, (ka - kb) % N + N * (1 - t))
+    o = o.flatten()
+    flat = W.double().reshape(-1, d * d)
+    sums = torch.zeros(flat.shape[0], d, dtype=F64).index_add_(1, o, flat)
+    return (sums / d)[:, o].reshape(W.shape)
+
+
+@pytest.mark.parametrize("G", [Cyclic(2048), Dihedral(1024)], ids=str)
+def test_large_pairs_split_into_row_chunks(G, isa, gen):
+    """A 2048-row block of one closed-form pair runs as row chunks in parallel (orbit sums added
+    in chunk order): the reference result, the same bits on 1 and 2 threads, the decoupled step."""
+    r = G.regular()
+    P = plan_for(r, r, "cpu")
+    for dtype, tol in ((torch.float32, 2e-6), (F64, 1e-12)):
+        W = torch.randn(2, r.dim, r.dim, dtype=F64, generator=gen).to(dtype)
+        PW = _orbit_mean(W, G)
+        R = W.double() - PW
+        threads = torch.get_num_threads()
+        try:
+            results = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                results.append(fused_energies_and_grads([W], [P], [0.5], [0.1]))
+        finally:
+            torch.set_num_threads(threads)
+        (ep,), (eg,), (grad,) = results[0]
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(*results))
+        assert relative_error(ep, R.square().sum((-2, -1))) < tol and relative_error(eg, PW.square().sum((-2, -1))) < tol
+        want = R + 0.2 * PW
+        assert float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+        step = W.clone()
+        fused_energies_and_grads([step], [P], [-0.05], [0.0], outs=[step])
+        want_step = W.double() - 0.1 * R
+        assert float((step.double() - want_step).abs().max()) <= tol * float(want_step.abs().max())
