@@ -168,7 +168,7 @@ void process_item(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scrat
     std::vector<X>& stage = s.stage(static_cast<X*>(nullptr));
     for (const Pair& p : G.pairs) {
       const int64_t span = p.ci * p.di;
-      const bool staged = accumulate && !p.accumulate;  // an orbit pair adds in place (it reads before it writes)
+      const bool staged = accumulate && !p.accumulate;  // pairs that add in place read before they write
       if (staged) stage.resize(d * span);
       for (int64_t a = 0; a < d; ++a) {
         xr[a] = reinterpret_cast<const X*>(base + s.urow[a] * L.sm + p.in_off);
@@ -485,10 +485,15 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
         L.grad = grads.back().data_ptr();
       }
     }
-    // orbit pairs add in place where the rows are read in place (process_item's direct path)
+    // orbit pairs, r = 0 pairs and the trace form of fields up to kMaxSmall add in place where the
+    // rows are read in place (process_item's direct path): their kernels read every entry before
+    // writing it, so the output may alias the weight
     const bool direct = (st == at::kFloat || st == at::kDouble) && L.sn == 1 && L.perm_in == nullptr;
     for (auto& G : L.groups)
-      for (auto& p : G.pairs) p.accumulate = p.kind == Kind::kOrbit && L.accumulate && direct;
+      for (auto& p : G.pairs)
+        p.accumulate = L.accumulate && direct &&
+                       (p.kind == Kind::kOrbit || p.kind == Kind::kZero ||
+                        (p.kind == Kind::kIdentity && G.d_out <= kMaxSmall));
     bool split = false;
     for (auto& G : L.groups) split = split || splits(L, G, direct);
     if (split) L.split_fn = st == at::kFloat ? &process_split<float> : &process_split<double>;

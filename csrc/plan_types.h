@@ -30,7 +30,8 @@ struct Pair {
   const int32_t* orbit = nullptr;
   const acc_t* inv = nullptr;
   acc_t inv_size = 0;
-  bool accumulate = false;  // add the gradient to g (which may alias x) instead of writing it
+  bool accumulate = false;  // add the gradient to g (which may alias x) instead of writing it (kOrbit, kZero,
+                            // kIdentity with d <= kMaxSmall)
 };
 
 // All pairs of one output field, in column order; they tile [0, n).

@@ -33,15 +33,29 @@ inline void tile_scalar(const X* const* x, X* const* g, int64_t o, int64_t dout,
 
 // ---- r = 0: sum of squares ------------------------------------------------------------------------
 
+// add: the gradient is added to g (which may alias x: each vector is read before it is written).
 template <typename X>
-inline void zero_rows(const X* const* x, X* const* g, int64_t rows, int64_t span, acc_t scale, acc_t& e) {
+inline void zero_rows(const X* const* x, X* const* g, int64_t rows, int64_t span, acc_t scale, acc_t& e,
+                      bool add = false) {
   const V4 sc = splat(scale);
   for (int64_t a = 0; a < rows; ++a) {
     const X* xa = x[a];
     X* ga = g ? g[a] : nullptr;
     V4 s0 = zero4(), s1 = zero4(), s2 = zero4(), s3 = zero4();
     int64_t j = 0;
-    if (ga) {
+    if (ga && add) {
+      for (; j + 16 <= span; j += 16) {
+        const V4 v0 = load4(xa + j), v1 = load4(xa + j + 4), v2 = load4(xa + j + 8), v3 = load4(xa + j + 12);
+        s0 = fmadd(v0, v0, s0);
+        s1 = fmadd(v1, v1, s1);
+        s2 = fmadd(v2, v2, s2);
+        s3 = fmadd(v3, v3, s3);
+        store4(ga + j, fmadd(v0, sc, load4(ga + j)));
+        store4(ga + j + 4, fmadd(v1, sc, load4(ga + j + 4)));
+        store4(ga + j + 8, fmadd(v2, sc, load4(ga + j + 8)));
+        store4(ga + j + 12, fmadd(v3, sc, load4(ga + j + 12)));
+      }
+    } else if (ga) {
       for (; j + 16 <= span; j += 16) {
         const V4 v0 = load4(xa + j), v1 = load4(xa + j + 4), v2 = load4(xa + j + 8), v3 = load4(xa + j + 12);
         s0 = fmadd(v0, v0, s0);
@@ -66,7 +80,7 @@ inline void zero_rows(const X* const* x, X* const* g, int64_t rows, int64_t span
     for (; j < span; ++j) {
       const acc_t v = xa[j];
       tail += v * v;
-      if (ga) ga[j] = static_cast<X>(scale * v);
+      if (ga) ga[j] = static_cast<X>(add ? acc_t(ga[j]) + scale * v : scale * v);
     }
     e += hsum((s0 + s1) + (s2 + s3)) + tail;
   }
@@ -76,9 +90,10 @@ inline void zero_rows(const X* const* x, X* const* g, int64_t rows, int64_t span
 
 // Off-diagonal part of row A of the D-row tiles: sum of x[j]^2 over j % D != A as exact masked
 // squares (never a difference of sums), vectorised along the row; with g, g[j] = cp2 x[j] for
-// every j (the diagonal entries are overwritten afterwards).
+// every j (the diagonal entries are overwritten afterwards), or with add, g[j] += cp2 x[j] for the
+// off-diagonal j only (the diagonal entries are added to afterwards, from x: g may alias x).
 template <int D, int A, typename X>
-inline acc_t masked_row(const X* xa, X* ga, int64_t span, acc_t cp2) {
+inline acc_t masked_row(const X* xa, X* ga, int64_t span, acc_t cp2, bool add) {
   V4 mask[D];
   for (int i = 0; i < D; ++i)
     mask[i] = make4((4 * i) % D != A, (4 * i + 1) % D != A, (4 * i + 2) % D != A, (4 * i + 3) % D != A);
@@ -86,7 +101,15 @@ inline acc_t masked_row(const X* xa, X* ga, int64_t span, acc_t cp2) {
   V4 s[4] = {zero4(), zero4(), zero4(), zero4()};
   constexpr int L = 4 * D;  // whole periods of the mask, whole vectors
   int64_t j = 0;
-  if (ga) {
+  if (ga && add) {
+    for (; j + L <= span; j += L)
+#pragma GCC unroll 8
+      for (int i = 0; i < D; ++i) {
+        const V4 w = load4(xa + j + 4 * i) * mask[i];
+        s[i & 3] = fmadd(w, w, s[i & 3]);
+        store4(ga + j + 4 * i, fmadd(w, sc, load4(ga + j + 4 * i)));
+      }
+  } else if (ga) {
     for (; j + L <= span; j += L)
 #pragma GCC unroll 8
       for (int i = 0; i < D; ++i) {
@@ -106,25 +129,31 @@ inline acc_t masked_row(const X* xa, X* ga, int64_t span, acc_t cp2) {
   for (; j < span; ++j) {  // j % D is the tile column: the loop above advanced by whole periods
     const acc_t v = xa[j];
     if (j % D != A) tail += v * v;
-    if (ga) ga[j] = static_cast<X>(cp2 * v);
+    if (ga && add) {
+      if (j % D != A) ga[j] = static_cast<X>(acc_t(ga[j]) + cp2 * v);
+    } else if (ga) {
+      ga[j] = static_cast<X>(cp2 * v);
+    }
   }
   return hsum((s[0] + s[1]) + (s[2] + s[3])) + tail;
 }
 
 template <int D, typename X, int... A>
-inline acc_t masked_rows(const X* const* x, X* const* g, int64_t span, acc_t cp2, std::integer_sequence<int, A...>) {
-  return (acc_t(0) + ... + masked_row<D, A, X>(x[A], g ? g[A] : nullptr, span, cp2));
+inline acc_t masked_rows(const X* const* x, X* const* g, int64_t span, acc_t cp2, bool add,
+                         std::integer_sequence<int, A...>) {
+  return (acc_t(0) + ... + masked_row<D, A, X>(x[A], g ? g[A] : nullptr, span, cp2, add));
 }
 
 // Off-diagonal entries row-wise (masked_row), then, four tiles at a time, the traces, the diagonal
-// residuals and their gradient entries cp2 x_aa - (cp2 - cg2) mean.
+// residuals and their gradient entries cp2 x_aa - (cp2 - cg2) mean (added to g with add).
 template <int D, typename X>
-void identity_pair(const X* const* x, X* const* g, int64_t ci, acc_t cp2, acc_t cg2, acc_t& ep, acc_t& eg) {
+void identity_pair(const X* const* x, X* const* g, int64_t ci, acc_t cp2, acc_t cg2, acc_t& ep, acc_t& eg,
+                   bool add = false) {
   if (D == 1) {  // 1x1 tiles are entirely equivariant
-    zero_rows<X>(x, g, 1, ci, cg2, eg);
+    zero_rows<X>(x, g, 1, ci, cg2, eg, add);
     return;
   }
-  const acc_t off = masked_rows<D, X>(x, g, ci * D, cp2, std::make_integer_sequence<int, D>{});
+  const acc_t off = masked_rows<D, X>(x, g, ci * D, cp2, add, std::make_integer_sequence<int, D>{});
   const acc_t dc = cp2 - cg2;
   const V4 inv = splat(acc_t(1) / D), vcp = splat(cp2), vdc = splat(dc);
   V4 sd[D], sg = zero4();
@@ -141,7 +170,10 @@ void identity_pair(const X* const* x, X* const* g, int64_t ci, acc_t cp2, acc_t 
     for (int a = 0; a < D; ++a) {
       const V4 rv = t[a] - mean;
       sd[a] = fmadd(rv, rv, sd[a]);
-      if (g) scatter4(g[a] + v * D + a, D, fnmadd(vdc, mean, vcp * t[a]));
+      if (g) {
+        const V4 gv = fnmadd(vdc, mean, vcp * t[a]);
+        scatter4(g[a] + v * D + a, D, add ? gather4(g[a] + v * D + a, D) + gv : gv);
+      }
     }
   }
   acc_t sp_tail = 0, sg_tail = 0;
@@ -156,7 +188,7 @@ void identity_pair(const X* const* x, X* const* g, int64_t ci, acc_t cp2, acc_t 
     sg_tail += tr * mean;
     for (int a = 0; a < D; ++a) {
       sp_tail += (t[a] - mean) * (t[a] - mean);
-      if (g) g[a][o + a] = static_cast<X>(cp2 * t[a] - dc * mean);
+      if (g) g[a][o + a] = static_cast<X>((add ? acc_t(g[a][o + a]) : acc_t(0)) + (cp2 * t[a] - dc * mean));
     }
   }
   V4 sds = zero4();
@@ -410,15 +442,15 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
               acc_t& ep, acc_t& eg) {
   switch (p.kind) {
     case Kind::kZero:
-      zero_rows<X>(x, g, dout, p.ci * p.di, cp2, ep);
+      zero_rows<X>(x, g, dout, p.ci * p.di, cp2, ep, p.accumulate);
       return;
     case Kind::kIdentity:
       switch (dout) {
-        case 1: identity_pair<1, X>(x, g, p.ci, cp2, cg2, ep, eg); return;
-        case 2: identity_pair<2, X>(x, g, p.ci, cp2, cg2, ep, eg); return;
-        case 3: identity_pair<3, X>(x, g, p.ci, cp2, cg2, ep, eg); return;
-        case 4: identity_pair<4, X>(x, g, p.ci, cp2, cg2, ep, eg); return;
-        case 5: identity_pair<5, X>(x, g, p.ci, cp2, cg2, ep, eg); return;
+        case 1: identity_pair<1, X>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;
+        case 2: identity_pair<2, X>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;
+        case 3: identity_pair<3, X>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;
+        case 4: identity_pair<4, X>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;
+        case 5: identity_pair<5, X>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;
         default: identity_pair_rt<X>(x, g, dout, p.ci, cp2, cg2, ep, eg); return;
       }
     case Kind::kSmall:

@@ -1,0 +1,56 @@
+"""Gradients added in place by the C++ kernels that read the weight rows in place (float32/float64,
+unit column stride, no column permutation): r = 0 tiles, the trace form of fields up to dimension 5
+and orbit pairs add into the output directly (which may be the weight itself); the other kinds go
+through a staging buffer. Against the float64 reference, on both instruction sets."""
+
+import pytest
+import torch
+
+from equiproj import O3, Dihedral, Rep, reference
+from equiproj._plan import plan_for
+from equiproj.ops import cpp_available, fused_energies_and_grads
+from equiproj.testing import nearly_equivariant
+
+pytestmark = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+
+
+@pytest.fixture(params=["best", "baseline"])
+def isa(request):
+    previous = torch.ops.equiproj_cpu.set_isa(request.param)
+    yield request.param
+    torch.ops.equiproj_cpu.set_isa("best" if previous != "baseline" else "baseline")
+
+
+def _reps():
+    G = O3()
+    # 0e-0e (1x1 tiles), 0e-1o (r = 0), 1o-1o / 2e-2e (trace form, d = 3, 5), 3o-3o (d = 7: staged),
+    # with enough copies for the vector loops and their tails
+    ri = Rep.parse(G, "5x0e + 6x1o + 5x2e + 1x3o")
+    ro = Rep.parse(G, "3x0e + 5x1o + 2x2e + 1x3o")
+    D = Dihedral(6)
+    return [(ri, ro), (2 * D.regular() + D.standard(), D.regular() + 3 * D.trivial())]
+
+
+def _expected(W, out, ri, ro, cp, cg):
+    PW = reference.project(W.double(), ri, ro)
+    return out.double() + 2 * cp * (W.double() - PW) + 2 * cg * PW
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_add_into_an_existing_gradient_and_into_the_weight(dtype, isa, gen):
+    for ri, ro in _reps():
+        P = plan_for(ri, ro, "cpu")
+        W = torch.randn(ro.dim, ri.dim, dtype=torch.float64, generator=gen).to(dtype)
+        out = torch.randn(W.shape, dtype=torch.float64, generator=gen).to(dtype)
+        out0 = out.clone()
+        fused_energies_and_grads([W], [P], [0.7], [0.2], outs=[out])
+        want = _expected(W, out0, ri, ro, 0.7, 0.2)
+        assert float((out.double() - want).abs().max()) <= TOL[dtype] * float(want.abs().max())
+        # the decoupled step W <- W - rate (W - P W) - rate_G P W, added into W itself
+        for W0 in (W.clone(), nearly_equivariant(W.double(), ri, ro, 1e-10, gen).to(dtype)):
+            step = W0.clone()
+            fused_energies_and_grads([step], [P], [-0.15], [-0.01], outs=[step])
+            want = _expected(W0, W0, ri, ro, -0.15, -0.01)
+            assert float((step.double() - want).abs().max()) <= TOL[dtype] * float(want.abs().max())
