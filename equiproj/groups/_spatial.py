@@ -363,7 +363,7 @@ class FullOctahedral(Octahedral):
 
     def _subgroup_list(self):
         return _octahedral_rotation_subgroups() + [(name, _point_group(name)) for name in _IMPROPER_GENERATORS] + [
-            ("Td", FullTetrahedral()), ("Oh", self)]
+            ("Td", FullTetrahedral()), ("Oh", self)] + [(name, _point_group(name)) for name in _EXTRA_CONJUGATES]
 
     def _same_irrep_as(self, psi):
         return None
@@ -492,7 +492,7 @@ def _octahedral_rotation_subgroups() -> list:
 #: ``[pi/2]`` where the two-fold axes or mirrors lie on the face diagonals rather than the coordinate
 #: axes (as ``D2z[pi/2]``); for ``Cs`` the axis is the mirror's normal. The representatives were picked
 #: (by a search over all choices) so that every inclusion up to conjugacy is literal except four that
-#: no choice can make literal together (docs/math.md §10).
+#: no choice can make literal together; ``_EXTRA_CONJUGATES`` makes those literal too (docs/math.md §10).
 _ROTATION_GENERATORS = {
     "C3[-111]": ("-y,z,-x",),
     "D3[-111]": ("-x,-z,-y", "y,x,-z"),
@@ -519,11 +519,19 @@ _IMPROPER_GENERATORS = {
     "D4hz": ("x,y,-z", "x,-y,z", "y,x,z"),
     "Th": ("x,y,-z", "y,z,x"),
 }
+#: Two more conjugates, listed besides the representatives so that every inclusion between conjugacy
+#: classes is a literal inclusion of listed subgroups: the mirror x -> -x (``Csx``, conjugate to ``Csz``)
+#: lies in ``C2vz``, ``C4vz`` and ``D2dz[pi/2]``, which hold the mirrors of the planes through z; the
+#: mirror swapping x and y (``Cs[1-10]``, conjugate to ``Cs[110]``) lies in ``C2v[110]``.
+_EXTRA_CONJUGATES = {
+    "Csx": ("-x,y,z",),
+    "Cs[1-10]": ("y,x,z",),
+}
 
 
 @functools.lru_cache(maxsize=64)
 def _point_group(name: str) -> PointGroup:
-    return PointGroup(name, {**_ROTATION_GENERATORS, **_IMPROPER_GENERATORS}[name])
+    return PointGroup(name, {**_ROTATION_GENERATORS, **_IMPROPER_GENERATORS, **_EXTRA_CONJUGATES}[name])
 
 
 def clebsch_gordan(l1: int, l2: int, l3: int) -> torch.Tensor:

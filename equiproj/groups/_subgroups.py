@@ -3,8 +3,8 @@
 A :class:`Subgroup` names a subgroup ``H`` of a group ``G`` and carries it as an equiproj group whose
 elements, as matrices, are elements of ``G``. Each group lists the subgroups that matter through its
 hook ``_subgroup_list`` (one representative per conjugacy class, chosen so that the inclusions
-between the representatives are literal: ``D1[0] ⊂ D2[0] ⊂ D4``), and ``G.subgroups()`` returns them
-as a :class:`SubgroupLattice`.
+between the representatives are literal: ``D1[0] ⊂ D2[0] ⊂ D4``, and where no choice of one per class
+does that, a few more conjugates), and ``G.subgroups()`` returns them as a :class:`SubgroupLattice`.
 
 The restriction ``rep.restrict(H)`` keeps the matrices (``rep.restrict(H).matrix(h) == rep.matrix(h)``)
 and re-decomposes each field into irreps of ``H``: every irrep ``psi`` of ``G`` in the field is split

@@ -93,7 +93,7 @@ class SymmetrySpectrum:
         levels = max(y for _, y in pos.values()) + 1
         if width <= 8:  # side by side
             fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
-        else:  # a large lattice (O_h's 33 classes): about an inch per node, the heatmap below it
+        else:  # a large lattice (O_h's 35 subgroups): about an inch per node, the heatmap below it
             heat = 1.5 + 0.3 * len(self.layers)
             fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(1.05 * width + 1, 1.1 * levels + heat + 1.5),
                                            gridspec_kw={"height_ratios": [1.1 * levels, heat]})

@@ -211,7 +211,7 @@ def test_spectrum_plot(tmp_path, gen):
     assert path.stat().st_size > 1000
 
 
-def test_spectrum_plot_of_the_33_subgroups_of_Oh(tmp_path, gen):
+def test_spectrum_plot_of_the_35_subgroups_of_Oh(tmp_path, gen):
     pytest.importorskip("matplotlib")
     G = FullOctahedral()
     m = nn.Sequential(nn.Linear(6, 9), nn.Linear(9, 4)).double()
@@ -219,7 +219,7 @@ def test_spectrum_plot_of_the_33_subgroups_of_Oh(tmp_path, gen):
     declare(m[1], Rep.parse(G, "T1u + T2g + Eg + A1g"), Rep.parse(G, "A1g + T1u"))
     project_(m, subgroup="D3d[-111]")
     spectrum = symmetry_spectrum(m)
-    assert len(spectrum.model) == 33
+    assert len(spectrum.model) == 35
     for name in ("C1", "Ci", "C3[-111]", "D3[-111]", "S6[-111]", "C3v[-111]", "D3d[-111]"):
         assert spectrum.model[name] <= 1e-20, name
     assert min(spectrum.model[n] for n in ("Th", "Td", "O", "Oh", "D4hz", "C4z")) > 1e-3
