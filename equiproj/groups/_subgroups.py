@@ -17,6 +17,7 @@ its distinct irreps. Since ``Hom_G ⊂ Hom_H``, the energies obey ``E_perp^H <= 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .._caches import bytes_cached
-from ._decompose import decompose
+from ._decompose import decompose_by_projection
 from ._field import Field
 from ._threads import one_thread
 
@@ -225,20 +226,22 @@ def restrict_field(field: Field, H) -> Field:
                  dim=field.dim)
 
 
-@bytes_cached("equiproj.groups._subgroups.branching")
+@functools.lru_cache(maxsize=4096)  # tiny values (Q is psi.dim squared): a size walk per entry would cost more
 @one_thread
 def branching(psi, H) -> tuple[list, torch.Tensor | None]:
     """The branching rule of the irrep ``psi`` of G to the subgroup ``H``: ``(slots, Q)`` with
     ``psi(h) = Q (⊕ slots(h)) Q^T`` for h in H (``Q`` ``None``: the identity).
 
     Where the restriction keeps the irrep's matrices exactly (the same formula on H's elements),
-    the rule is read off; otherwise it is the numerical decomposition (``psi.band`` bounds the
-    frequencies a continuous H can see), verified to 1e-8 at random elements of H."""
+    the rule is read off; otherwise it is the decomposition by projection operators (``psi.band``
+    bounds the frequencies a continuous H can see), verified to 1e-8 on H's generators (finite H) or
+    at random elements of H."""
     fn = psi._raw_matrix
     same = H._same_irrep_as(psi)
     if same is not None:
         return [H.irrep(same)], None
-    slots, Q = decompose(H, lambda h: fn(h).to(torch.float64), psi.dim, None if H.is_finite else max(psi.band, 0))
+    slots, Q = decompose_by_projection(H, lambda h: fn(h).to(torch.float64), psi.dim,
+                                       None if H.is_finite else max(psi.band, 0))
     if len(slots) == 1 and torch.allclose(Q, torch.eye(psi.dim, dtype=torch.float64), atol=1e-12):
         return slots, None
     return slots, Q
