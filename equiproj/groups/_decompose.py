@@ -182,8 +182,10 @@ def decompose_by_projection(group, fn: Callable, dim: int, band_limit: int | Non
     h = group.generators() if finite else group.sample(8, generator=torch.Generator().manual_seed(99))
     err = float((fn(h).to(torch.float64) - Q @ block_diag_irreps(slots, h) @ Q.T).abs().amax())
     if not err < tol:
+        band = (f": irreps of frequency above the band limit {band_limit} occur (pass a larger band_limit)"
+                if not finite else ": it is not an orthogonal representation computed in float64")
         raise ValueError(f"the decomposition into irreps of {group} reproduces the representation only to "
-                         f"{err:.1e} (needed: {tol:.0e})")
+                         f"{err:.1e} (needed: {tol:.0e}){band}")
     return slots, Q
 
 

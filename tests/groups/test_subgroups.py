@@ -303,6 +303,47 @@ def test_restrict_refuses_a_non_subgroup():
         Rep.parse(Dihedral(4), "(1,1)").restrict("C4")
 
 
+PROJECTION_CASES = [
+    (Cyclic(6), "0 + 2x1 + 3 + regular", None),                 # complex type (1, 2), two copies
+    (Tetrahedral(), "A + 2xE + T + regular", None),               # E of complex type
+    (Dihedral(5, axis=0.7), "(0,0) + 2x(1,1) + (1,2) + regular", None),
+    (FullOctahedral(), "A1g + 2xEu + T1u + T2g + regular", None),
+    (SO2(), "0 + 2x1 + 3", 3),                                    # a quadrature, not the elements
+    (Axial(O2()), "(0,0) + (1,0) + 2x(1,1) + (1,2)", 2),
+]
+
+
+@pytest.mark.parametrize("G,s,band", PROJECTION_CASES, ids=[repr(c[0]) for c in PROJECTION_CASES])
+def test_decomposition_by_projection_operators(G, s, band, gen):
+    """On a rep in a random basis: Q orthogonal, ``Q (⊕ slots) Q^T`` equal to the rep on every element
+    (random elements of a continuous group), and the same irreps as the eigen route of ``decompose``."""
+    from collections import Counter
+
+    from equiproj.groups._decompose import decompose, decompose_by_projection
+    base = Rep.parse(G, s)
+    Q0 = torch.linalg.qr(torch.randn(base.dim, base.dim, generator=gen, dtype=torch.float64))[0]
+    rep = base.change_basis(Q0)
+    slots, Q = decompose_by_projection(G, rep.matrix, rep.dim, band)
+    assert (Q.T @ Q - torch.eye(rep.dim, dtype=torch.float64)).abs().max() < 1e-12
+    from equiproj.groups._decompose import block_diag_irreps
+    h = _elements_of(G, gen, 16)
+    assert (Q @ block_diag_irreps(slots, h) @ Q.T - rep.matrix(h)).abs().max() < 1e-10
+    assert Counter(slots) == Counter(decompose(G, rep.matrix, rep.dim, band)[0])
+    assert Counter(slots) == Counter(ir for ir, m in base.irreps for _ in range(m))
+
+
+def test_decomposition_by_projection_refuses_what_is_not_a_representation(gen):
+    from equiproj.groups._decompose import decompose_by_projection
+    G = Dihedral(4)
+    M = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))[0]
+    with pytest.raises(ValueError, match="not a representation|does not decompose|reproduces"):
+        decompose_by_projection(G, lambda g: M.expand(len(g), 3, 3), 3)
+    # a band limit below the frequencies present: the multiplicities cannot account for the dimension
+    rep = Rep.parse(SO2(), "0 + 3")
+    with pytest.raises(ValueError, match="above the band limit 1"):
+        decompose_by_projection(SO2(), rep.matrix, rep.dim, 1)
+
+
 def test_restriction_is_fast_and_cached():
     import time
     G = O3()
