@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ._commutant import _COMMUTANT_DIM
 from ._threads import one_thread
 
 __all__ = ["decompose", "decompose_by_projection", "check_representation", "isometric_intertwiners", "block_diag_irreps",
@@ -122,9 +123,6 @@ def decompose(group, fn: Callable, dim: int, band_limit: int | None = None, seed
     Q = U @ Vh
     verify_decomposition(group, fn, slots, Q, tol, band_limit)
     return slots, Q
-
-
-_COMMUTANT_DIM = {"real": 1, "complex": 2, "quaternionic": 4}
 
 
 @one_thread

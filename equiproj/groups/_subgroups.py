@@ -32,7 +32,7 @@ from ._threads import one_thread
 if TYPE_CHECKING:
     from ._rep import Rep
 
-__all__ = ["Subgroup", "SubgroupLattice", "subgroup_lattice", "angle_name"]
+__all__ = ["Subgroup", "SubgroupLattice", "subgroup_lattice", "every_subgroup_lattice", "angle_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +108,14 @@ class SubgroupLattice:
         self.parent = parent
         self.subgroups = tuple(subgroups)
         n = len(subgroups)
+        if parent.is_finite:  # each subgroup as a set of the parent's element indices: inclusions are set inclusions
+            sets = [_element_indices(s.group, parent) for s in subgroups]
+            inclusion = [[sets[i] <= sets[j] for j in range(n)] for i in range(n)]
+        else:
+            inclusion = [[i == j or is_subset(subgroups[i].group, subgroups[j].group) for j in range(n)]
+                         for i in range(n)]
         #: inclusion[i][j]: subgroups[i] ⊆ subgroups[j]
-        self.inclusion = tuple(tuple(i == j or is_subset(subgroups[i].group, subgroups[j].group) for j in range(n))
-                               for i in range(n))
+        self.inclusion = tuple(map(tuple, inclusion))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -162,6 +167,14 @@ class SubgroupLattice:
         return out
 
 
+def _element_indices(H, G) -> frozenset:
+    """The elements of the finite group ``H`` as indices of ``G.elements()`` (the nearest element; ``H`` is
+    checked to be a subgroup of ``G`` before)."""
+    P = G.elements().reshape(G.order, -1)
+    E = H.elements().reshape(H.order, -1).to(P)
+    return frozenset(torch.cdist(E, P).argmin(1).tolist())
+
+
 def _is_rotation_only(group) -> bool:
     g = group.generators()
     return bool((torch.linalg.det(g) > 0).all())
@@ -171,6 +184,35 @@ def _is_rotation_only(group) -> bool:
 def subgroup_lattice(group) -> SubgroupLattice:
     """The lattice of ``group``'s listed subgroups (its hook ``_subgroup_list``), cached per group."""
     return SubgroupLattice(group, [Subgroup(name, h, group) for name, h in group._subgroup_list()])
+
+
+@bytes_cached("equiproj.groups._subgroups.every_subgroup_lattice")
+def every_subgroup_lattice(group) -> SubgroupLattice:
+    """Every subgroup of the finite ``group``: its listed subgroups and all their conjugates ``g H g^-1``
+    (each named by the group's hook ``_conjugate_subgroup``, which maps the axes in the name through
+    ``g``), one entry per set of elements; the listed names are kept. Cached per group."""
+    if not (group.is_finite and group._lists_every_subgroup_class):
+        raise ValueError(f"subgroups(conjugates=True) lists every subgroup of a finite group whose listed subgroups "
+                         f"cover every conjugacy class (Cyclic, Dihedral, Octahedral, FullOctahedral); {group!r} is "
+                         "not one of them: use subgroups(), one subgroup per conjugacy class")
+    els = group.elements()
+    listed = group._subgroup_list()
+    found: dict[frozenset, tuple[str, object]] = {}
+    for name, H in listed:
+        found.setdefault(_element_indices(H, group), (name, H))
+    P = els.reshape(len(els), -1)
+    for name, H in listed:
+        hs = H.elements()
+        conj = els[:, None] @ hs[None] @ els[:, None].transpose(-1, -2)  # [g, h]: g h g^-1 (orthogonal g)
+        idx = torch.cdist(conj.reshape(-1, P.shape[1]), P).argmin(1).reshape(len(els), len(hs))
+        for g, row in zip(els, idx.tolist()):
+            key = frozenset(row)
+            if key not in found:
+                found[key] = group._conjugate_subgroup(name, H, g)
+    names = [n for n, _ in found.values()]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"{group!r}: the names of its conjugate subgroups are not unique: {sorted(names)}")
+    return SubgroupLattice(group, [Subgroup(n, h, group) for n, h in found.values()])
 
 
 def angle_name(theta: float) -> str:
