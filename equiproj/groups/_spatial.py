@@ -96,12 +96,7 @@ def _haar_so3(n, generator):
 
 
 def _det3(g):
-    """The determinant of 3 x 3 matrices ``[..., 3, 3]`` by cofactors: a few elementwise products, far
-    cheaper than a batched LU for the small batches the irreps of the cubic groups are evaluated on."""
-    a, b, c = g[..., 0, 0], g[..., 0, 1], g[..., 0, 2]
-    d, e, f = g[..., 1, 0], g[..., 1, 1], g[..., 1, 2]
-    h, i, k = g[..., 2, 0], g[..., 2, 1], g[..., 2, 2]
-    return a * (e * k - f * i) - b * (d * k - f * h) + c * (d * i - e * h)
+    return torch.linalg.det(g)
 
 
 class SO3(Group):
@@ -261,7 +256,7 @@ def _octahedral_irrep(name: str, R: torch.Tensor) -> torch.Tensor:
     """Irreps of the rotation group O of the cube, evaluated at rotations ``R`` (signed permutations)."""
     perm = R.abs()
     # sign of the axis permutation = det of |R|
-    sgn = _det3(perm).round()
+    sgn = torch.linalg.det(perm).round()
     if name == "A1":
         return torch.ones_like(sgn)[..., None, None]
     if name == "A2":
@@ -397,7 +392,7 @@ class FullOctahedral(Octahedral):
 
 def _axis_parity(g: torch.Tensor) -> torch.Tensor:
     """The sign of the permutation of the axes of signed permutation matrices ``g``."""
-    return _det3(g.abs()).round()
+    return torch.linalg.det(g.abs()).round()
 
 
 class Tetrahedral(_NamedIrreps):
