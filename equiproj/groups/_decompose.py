@@ -22,6 +22,7 @@ from the projection operators ``P_j1 = (d/|G|) sum_g psi(g)_j1 rho(g)`` (docs/ma
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -142,15 +143,16 @@ def decompose_by_projection(group, fn: Callable, dim: int, band_limit: int | Non
     finite = group.is_finite
     if not finite and band_limit is None:
         raise ValueError(f"decomposing a representation of {group} needs a band_limit")
-    g, w = group.haar_quadrature(2 * (band_limit or 0))
-    R = fn(g).to(torch.float64)
+    g, w, irreps = _quadrature_irreps(group, band_limit)
+    check = group.generators() if finite else group.sample(8, generator=torch.Generator().manual_seed(99))
+    R_all = fn(torch.cat([g, check])).to(torch.float64)  # one call: the quadrature, then the elements to check
+    R, R_check = R_all[: len(g)], R_all[len(g):]
     Rw = (R * w[:, None, None]).reshape(len(g), dim * dim)  # the weights folded in once
     chi = R.diagonal(dim1=-2, dim2=-1).sum(-1)
     cols, slots, total = [], [], 0
-    for psi in group.irreps(None if finite else band_limit):
+    for psi, Psi, psi_chi in irreps:
         d, r = psi.dim, _COMMUTANT_DIM[psi.type]
-        Psi = psi.matrix(g, check=False)
-        mr = float((w * chi * Psi.diagonal(dim1=-2, dim2=-1).sum(-1)).sum())
+        mr = float((w * chi * psi_chi).sum())
         m = round(mr / r)
         if abs(m * r - mr) > 1e-6:
             raise ValueError(f"not a representation of {group} within band limit {band_limit} "
@@ -177,14 +179,25 @@ def decompose_by_projection(group, fn: Callable, dim: int, band_limit: int | Non
     Q = torch.cat(cols, dim=-1)
     U, _, Vh = torch.linalg.svd(Q)  # the nearest orthogonal matrix: removes rounding
     Q = U @ Vh
-    h = group.generators() if finite else group.sample(8, generator=torch.Generator().manual_seed(99))
-    err = float((fn(h).to(torch.float64) - Q @ block_diag_irreps(slots, h) @ Q.T).abs().amax())
+    err = float((R_check - Q @ block_diag_irreps(slots, check) @ Q.T).abs().amax())
     if not err < tol:
         band = (f": irreps of frequency above the band limit {band_limit} occur (pass a larger band_limit)"
                 if not finite else ": it is not an orthogonal representation computed in float64")
         raise ValueError(f"the decomposition into irreps of {group} reproduces the representation only to "
                          f"{err:.1e} (needed: {tol:.0e}){band}")
     return slots, Q
+
+
+@functools.lru_cache(maxsize=256)  # small tables: |G| (or a quadrature of the band limit) irrep matrices
+def _quadrature_irreps(group, band_limit):
+    """The Haar quadrature ``(g, w)`` of ``group`` for the band limit and, per irrep, its matrices and
+    character there: computed once per group for all the representations restricted to it."""
+    g, w = group.haar_quadrature(2 * (band_limit or 0))
+    irreps = []
+    for psi in group.irreps(None if group.is_finite else band_limit):
+        Psi = psi.matrix(g, check=False).to(torch.float64)
+        irreps.append((psi, Psi, Psi.diagonal(dim1=-2, dim2=-1).sum(-1)))
+    return g, w, tuple(irreps)
 
 
 def block_diag_irreps(slots, g: torch.Tensor) -> torch.Tensor:

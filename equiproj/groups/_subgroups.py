@@ -249,9 +249,24 @@ def restricted_segments(rep: "Rep", H) -> tuple:
     return target, [(c, restrict_field(f, target)) for c, f in rep.segments]
 
 
-@bytes_cached("equiproj.groups._subgroups.restrict_field")
 def restrict_field(field: Field, H) -> Field:
     """One field of a representation of G as a field of the subgroup ``H`` (cached per field and ``H``)."""
+    if field.permutation is None and field.Q is None and len(field.slots) == 1:
+        return _restrict_irrep_field(field, H)
+    return _restrict_field(field, H)
+
+
+@functools.lru_cache(maxsize=4096)  # an irrep's field: tiny values (Q is the irrep's dimension squared)
+def _restrict_irrep_field(field: Field, H) -> Field:
+    return _restricted_field(field, H)
+
+
+@bytes_cached("equiproj.groups._subgroups.restrict_field")
+def _restrict_field(field: Field, H) -> Field:
+    return _restricted_field(field, H)
+
+
+def _restricted_field(field: Field, H) -> Field:
     slots, blocks, identity = [], [], True
     for psi in field.slots:
         h_slots, Q = branching(psi, H)
