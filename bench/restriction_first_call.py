@@ -10,9 +10,9 @@ cached one. Prints the median of each over the rounds and the load average at th
 Cases: ``oh`` two ``nn.Linear`` layers declared under O_h with every irrep of O_h once on each side
 (48 x 48), over its 35 listed subgroups; ``oh-all`` the same over its 98 subgroups
 (``subgroups(conjugates=True)``); ``o3`` two layers declared under O(3) with degrees up to 3, over
-O(3)'s listed subgroups (finite, axial and SO(2)/O(2) about z).
+O(3)'s listed subgroups (finite, axial and SO(2)/O(2) about z); ``so3`` the same under SO(3).
 
-    python bench/restriction_first_call.py [--cases oh o3 oh-all] [--rounds 5] [--threads 1 2]
+    python bench/restriction_first_call.py [--cases oh o3 so3 oh-all] [--rounds 5] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 def _model(case):
     from torch import nn
 
-    from equiproj.groups import O3, FullOctahedral, Rep
+    from equiproj.groups import O3, SO3, FullOctahedral, Rep
     from equiproj.nn import declare
 
     if case in ("oh", "oh-all"):
@@ -39,10 +39,14 @@ def _model(case):
         declare(m[0], r, r)
         declare(m[1], r, r)
         return G, m, case == "oh-all"
-    G = O3()
-    r0 = Rep.parse(G, "4x0e + 2x1o + 2x1e")
-    r1 = Rep.parse(G, "2x0e + 0o + 1o + 1e + 2e + 2o + 3o + 3e")
-    r2 = Rep.parse(G, "0e + 1o + 2e + 0o")
+    if case == "so3":
+        G = SO3()
+        r0, r1, r2 = Rep.parse(G, "4x0 + 2x1"), Rep.parse(G, "2x0 + 2x1 + 2x2 + 2x3"), Rep.parse(G, "0 + 1 + 2")
+    else:
+        G = O3()
+        r0 = Rep.parse(G, "4x0e + 2x1o + 2x1e")
+        r1 = Rep.parse(G, "2x0e + 0o + 1o + 1e + 2e + 2o + 3o + 3e")
+        r2 = Rep.parse(G, "0e + 1o + 2e + 0o")
     m = nn.Sequential(nn.Linear(r0.dim, r1.dim), nn.Linear(r1.dim, r2.dim)).double()
     declare(m[0], r0, r1)
     declare(m[1], r1, r2)
@@ -63,7 +67,7 @@ def worker(case: str) -> dict:
         clock.append(now)
 
     mark("start")
-    lattice = G.subgroups(conjugates=every)
+    lattice = G.subgroups(conjugates=True) if every else G.subgroups()
     mark("lattice")
     for H in lattice:
         for _, _, d in declared_layers(model):
@@ -80,7 +84,8 @@ def worker(case: str) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", nargs="+", default=["oh", "o3", "oh-all"])
+    ap.add_argument("--cases", nargs="+", default=["oh", "o3", "so3", "oh-all"],
+                    choices=["oh", "o3", "so3", "oh-all"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
