@@ -273,8 +273,16 @@ def _orbit_index(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch
     return o.reshape(-1), torch.full((K,), 1.0 / do, dtype=torch.float64)
 
 
-@bytes_cached("equiproj._plan.orbit_pair")
 def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
+    """``(K, form, data)`` when both fields are permutation fields (one of dimension above 5), else
+    ``None`` (:func:`_orbit_pair`; the test is made before the cache, which then holds only orbit pairs)."""
+    if field_out.permutation is None or field_in.permutation is None:
+        return None
+    return _orbit_pair(field_out, field_in)
+
+
+@bytes_cached("equiproj._plan.orbit_pair")
+def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
     """``(K, form, data)`` when both fields are permutation fields (one of dimension above 5), else ``None``.
 
     For permutation fields ``Hom_G`` is spanned by the indicator matrices of the orbits of G on pairs

@@ -14,17 +14,24 @@ commutant dimension r):
    intertwiners, whose columns become columns of Q.
 
 The result is verified against ``rho`` at random elements before it is returned.
+
+:func:`decompose_by_projection` is the faster route for a representation already known to be one
+(an irrep of a larger group restricted to a subgroup): multiplicities from characters, and each copy
+from the projection operators ``P_j1 = (d/|G|) sum_g psi(g)_j1 rho(g)`` (docs/math.md §10).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 
+from ._commutant import _COMMUTANT_DIM
 from ._threads import one_thread
 
-__all__ = ["decompose", "check_representation", "isometric_intertwiners", "block_diag_irreps", "verify_decomposition"]
+__all__ = ["decompose", "decompose_by_projection", "check_representation", "isometric_intertwiners", "block_diag_irreps",
+           "verify_decomposition"]
 
 
 def check_representation(group, fn: Callable, dim: int, what: str = "fn", tol: float = 1e-6) -> None:
@@ -117,6 +124,80 @@ def decompose(group, fn: Callable, dim: int, band_limit: int | None = None, seed
     Q = U @ Vh
     verify_decomposition(group, fn, slots, Q, tol, band_limit)
     return slots, Q
+
+
+@one_thread
+def decompose_by_projection(group, fn: Callable, dim: int, band_limit: int | None = None, tol: float = 1e-8):
+    """:func:`decompose` for an orthogonal representation ``fn`` computed in float64, by projection
+    operators instead of eigen- and singular value decompositions: the same ``(slots, Q)`` contract.
+
+    For an irrep ``psi`` of dimension ``d`` and commutant dimension ``r``, the character inner product
+    gives ``m r`` (``m`` copies), and ``P_j1 = (d / |G|) sum_g psi(g)_j1 rho(g)`` (a Haar quadrature for
+    a continuous group) maps a unit vector ``v`` of the range of ``P_11`` to ``T e_j`` for an isometric
+    intertwiner ``T`` from ``psi`` into ``rho``: for every type, since ``(1/|G|) sum_g psi_ij psi_kl =
+    (1/d) sum_E E_ik E_jl`` over an orthonormal basis ``E`` of the commutant. A copy's columns are
+    ``P_j1 v``; the next ``v`` is the column of ``P_11`` farthest from the copies taken (their span is
+    invariant, so what remains is in the range of ``P_11`` and orthogonal to them). The result is
+    checked on the generators of a finite group (both sides are homomorphisms: that is every element)
+    and at random elements of a continuous one."""
+    finite = group.is_finite
+    if not finite and band_limit is None:
+        raise ValueError(f"decomposing a representation of {group} needs a band_limit")
+    g, w, irreps = _quadrature_irreps(group, band_limit)
+    check = group.generators() if finite else group.sample(8, generator=torch.Generator().manual_seed(99))
+    R_all = fn(torch.cat([g, check])).to(torch.float64)  # one call: the quadrature, then the elements to check
+    R, R_check = R_all[: len(g)], R_all[len(g):]
+    Rw = (R * w[:, None, None]).reshape(len(g), dim * dim)  # the weights folded in once
+    chi = R.diagonal(dim1=-2, dim2=-1).sum(-1)
+    cols, slots, total = [], [], 0
+    for psi, Psi, psi_chi in irreps:
+        d, r = psi.dim, _COMMUTANT_DIM[psi.type]
+        mr = float((w * chi * psi_chi).sum())
+        m = round(mr / r)
+        if abs(m * r - mr) > 1e-6:
+            raise ValueError(f"not a representation of {group} within band limit {band_limit} "
+                             f"(the character inner product with {psi} is {mr:.4f})")
+        if m == 0:
+            continue
+        P = (d * Psi[:, :, 0].T @ Rw).reshape(d, dim, dim)  # P[j] = P_j1
+        C = P[0].clone()  # the range of P_11: what is left of it after each copy
+        for _ in range(m):
+            norms = C.square().sum(0)
+            j = int(norms.argmax())
+            if not float(norms[j]) > 1e-6:
+                raise ValueError(f"numerical decomposition failed: {psi} occurs {m} times but its projector "
+                                 "has a smaller range")
+            v = C[:, j] / norms[j].sqrt()
+            T = (P @ v).T  # [dim, d]: the copy's columns T e_j = P_j1 v
+            cols.append(T)
+            C = C - T @ (T.T @ C)
+        slots += [psi] * m
+        total += m * d
+    if total != dim:
+        raise ValueError(f"representation of dimension {dim} does not decompose into irreps of {group}"
+                         + (f" up to band limit {band_limit}" if not finite else "") + f" (found {total} dims)")
+    Q = torch.cat(cols, dim=-1)
+    U, _, Vh = torch.linalg.svd(Q)  # the nearest orthogonal matrix: removes rounding
+    Q = U @ Vh
+    err = float((R_check - Q @ block_diag_irreps(slots, check) @ Q.T).abs().amax())
+    if not err < tol:
+        band = (f": irreps of frequency above the band limit {band_limit} occur (pass a larger band_limit)"
+                if not finite else ": it is not an orthogonal representation computed in float64")
+        raise ValueError(f"the decomposition into irreps of {group} reproduces the representation only to "
+                         f"{err:.1e} (needed: {tol:.0e}){band}")
+    return slots, Q
+
+
+@functools.lru_cache(maxsize=256)  # small tables: |G| (or a quadrature of the band limit) irrep matrices
+def _quadrature_irreps(group, band_limit):
+    """The Haar quadrature ``(g, w)`` of ``group`` for the band limit and, per irrep, its matrices and
+    character there: computed once per group for all the representations restricted to it."""
+    g, w = group.haar_quadrature(2 * (band_limit or 0))
+    irreps = []
+    for psi in group.irreps(None if group.is_finite else band_limit):
+        Psi = psi.matrix(g, check=False).to(torch.float64)
+        irreps.append((psi, Psi, Psi.diagonal(dim1=-2, dim2=-1).sum(-1)))
+    return g, w, tuple(irreps)
 
 
 def block_diag_irreps(slots, g: torch.Tensor) -> torch.Tensor:

@@ -148,16 +148,32 @@ class Group(abc.ABC):
         that plans cached by representation are reused."""
         return _harmonic_rep(self, int(h))
 
-    def subgroups(self):
-        """The subgroups that matter, one per conjugacy class, with their inclusions: a
-        :class:`~equiproj.groups.SubgroupLattice` (each group lists them through ``_subgroup_list``)."""
-        from ._subgroups import subgroup_lattice  # noqa: PLC0415 - _subgroups does not import this module
+    def subgroups(self, conjugates: bool = False):
+        """The subgroups that matter, one per conjugacy class (and, where one per class cannot make every
+        inclusion literal, a few more conjugates), with their inclusions: a
+        :class:`~equiproj.groups.SubgroupLattice` (each group lists them through ``_subgroup_list``).
 
-        return subgroup_lattice(self)
+        ``conjugates=True``: every subgroup, each conjugate of a listed one named by its own axes
+        (``Csx``, ``Csy``, ``Csz`` are the three mirrors of O_h; ``D1[pi/4]`` a reflection of D8), for the
+        finite groups whose list covers every conjugacy class (C_N, D_N, O, O_h). A trained model can keep
+        the mirror x -> -x and break y -> -y although the two are conjugate."""
+        from ._subgroups import every_subgroup_lattice, subgroup_lattice  # noqa: PLC0415 - _subgroups does not import this module
+
+        return every_subgroup_lattice(self) if conjugates else subgroup_lattice(self)
+
+    #: whether ``_subgroup_list`` has a subgroup in every conjugacy class, so that its conjugates are
+    #: every subgroup (``subgroups(conjugates=True)``)
+    _lists_every_subgroup_class = False
 
     def _subgroup_list(self) -> list[tuple[str, "Group"]]:
         """``(name, group)`` per listed subgroup (this group included), elements as matrices of this group."""
         return [(repr(self), self)]
+
+    def _conjugate_subgroup(self, name: str, H: "Group", g: torch.Tensor) -> tuple[str, "Group"]:
+        """The subgroup ``g H g^-1`` of this group and its name, for a listed subgroup ``(name, H)`` and an
+        element ``g`` (a group with ``_lists_every_subgroup_class`` names the conjugate by mapping the
+        axes of ``name`` through ``g``)."""
+        raise NotImplementedError(f"{self!r} does not name the conjugates of its subgroups")
 
     def _same_irrep_as(self, psi: Irrep) -> Hashable | None:
         """For an irrep ``psi`` of a group containing this one: the id of this group's irrep whose

@@ -210,12 +210,17 @@ class _PlanarRotations(_Planar):
 class Cyclic(_PlanarRotations):
     """C_N: rotations of the plane by multiples of 2 pi / N."""
 
+    _lists_every_subgroup_class = True
+
     def __init__(self, N: int):
         self._set_order_of_rotations(N)
 
     def _subgroup_list(self):
         # the subgroups of a cyclic group: one C_d per divisor d of N
         return [(f"C{d}", Cyclic(d)) for d in _divisors(self.N)]
+
+    def _conjugate_subgroup(self, name, H, g):
+        return name, H  # abelian: every subgroup is its own conjugate
 
 
 class SO2(_PlanarRotations):
@@ -296,6 +301,8 @@ class Dihedral(_PlanarReflections):
     ``Dihedral(4, axis=pi / 2)`` holds the reflections ``R(pi / 2) F`` and ``R(3 pi / 2) F`` of D4.
     """
 
+    _lists_every_subgroup_class = True
+
     def __init__(self, N: int, axis: float = 0.0):
         self._set_order_of_rotations(N)
         axis = float(axis)
@@ -362,6 +369,15 @@ class Dihedral(_PlanarReflections):
                 name = repr_dihedral(self.N, self.axis) if d == self.N else f"D{d}[{angle_name(H.axis)}]"
                 out.append((name, H))
         return out
+
+    def _conjugate_subgroup(self, name, H, g):
+        # the rotations C_d are normal; g maps the reflection R(a) F of D_d[a] to g R(a) F g^-1 = R(a') F,
+        # whose axis a' names the conjugate
+        if not getattr(H, "reflections", False):
+            return name, H
+        f = g @ H.generators()[-1] @ g.T
+        conj = Dihedral(H.N, axis=math.atan2(float(f[1, 0]), float(f[0, 0])))
+        return f"D{conj.N}[{angle_name(conj.axis)}]", conj
 
     def _harmonic_irrep_id(self, h):
         return super()._harmonic_irrep_id(h) if not self.axis else None

@@ -21,8 +21,15 @@ from ._so3 import wigner_D
 __all__ = ["PointGroup"]
 
 
-def _element_key(g: torch.Tensor) -> tuple:
-    return tuple(torch.round(g * 1e6).long().flatten().tolist())
+def _element_keys(g: torch.Tensor) -> list[bytes]:
+    """One hashable key per matrix of ``g`` (``[..., 3, 3]``): its entries rounded to 1e-6, as bytes (one
+    object per element, which the caches' size walk skips)."""
+    rows = torch.round(g.detach().reshape(-1, 9).to(torch.float64) * 1e6).long().cpu().numpy()
+    return [r.tobytes() for r in rows]
+
+
+def _sort_key(key: bytes) -> tuple:
+    return tuple(int.from_bytes(key[i:i + 8], "little", signed=True) for i in range(0, 72, 8))
 
 
 def _parse_action(s: str) -> torch.Tensor:
@@ -66,21 +73,21 @@ class PointGroup(Group):
                 raise ValueError(f"PointGroup generators must be orthogonal 3 x 3 matrices, got {g}")
         self.name = str(name)
         self._gens = torch.stack(gens) if gens else torch.eye(3, dtype=torch.float64)[None]
-        els = {_element_key(torch.eye(3, dtype=torch.float64)): torch.eye(3, dtype=torch.float64)}
-        frontier = list(els.values())
-        while frontier:
+        eye = torch.eye(3, dtype=torch.float64)
+        (identity,) = _element_keys(eye)
+        els = {identity: eye}
+        frontier = eye[None]
+        while len(frontier):
+            products = (self._gens[:, None] @ frontier[None]).reshape(-1, 3, 3)
             new = []
-            for a in frontier:
-                for g in self._gens:
-                    b = g @ a
-                    k = _element_key(b)
-                    if k not in els:
-                        if len(els) >= 1000:
-                            raise ValueError(f"the generators of {name} make more than 1000 elements: not a finite point group")
-                        els[k] = b
-                        new.append(b)
-            frontier = new
-        keys = sorted(els, key=lambda k: (k != _element_key(torch.eye(3, dtype=torch.float64)), k))
+            for k, b in zip(_element_keys(products), products):
+                if k not in els:
+                    if len(els) >= 1000:
+                        raise ValueError(f"the generators of {name} make more than 1000 elements: not a finite point group")
+                    els[k] = b
+                    new.append(b)
+            frontier = torch.stack(new) if new else frontier[:0]
+        keys = sorted(els, key=lambda k: (k != identity, _sort_key(k)))
         self._keys = tuple(keys)
         self._position = {k: i for i, k in enumerate(keys)}
         self._elements = torch.stack([els[k] for k in keys])
@@ -103,11 +110,12 @@ class PointGroup(Group):
         return self._gens.clone()
 
     def _contains(self, g):
-        return all(_element_key(m) in self._position for m in g.reshape(-1, 3, 3))
+        return all(k in self._position for k in _element_keys(g))
 
     def index(self, g):
-        flat = g.reshape(-1, 3, 3)
-        idx = [self._position.get(_element_key(m)) for m in flat]
+        if g.shape == self._elements.shape and torch.equal(g, self._elements.to(g)):  # elements(): a quadrature
+            return torch.arange(len(g), device=g.device)
+        idx = [self._position.get(k) for k in _element_keys(g)]
         if any(i is None for i in idx):
             raise ValueError(f"matrices are not elements of {self}")
         return torch.tensor(idx, dtype=torch.long, device=g.device).reshape(g.shape[:-2])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from ._group import Group
 from ._planar import O2, SO2, Cyclic, Dihedral
 from ._point import PointGroup
 from ._so3 import check_degree, wigner_D
+from ._subgroups import angle_name
 
 __all__ = ["SO3", "O3", "Octahedral", "FullOctahedral", "Tetrahedral", "FullTetrahedral", "euler_zyz",
            "clebsch_gordan"]
@@ -226,6 +228,13 @@ class O3(Group):
 
 
 def _signed_permutations(det_sign: int | None) -> torch.Tensor:
+    return _signed_permutation_table(det_sign).clone()
+
+
+@functools.lru_cache(maxsize=3)
+def _signed_permutation_table(det_sign: int | None) -> torch.Tensor:
+    """The signed permutation matrices (of determinant ``det_sign``, or all), built once: the cubic
+    groups list their elements often (every restriction and inclusion test)."""
     mats = []
     for perm in itertools.permutations(range(3)):
         for signs in itertools.product((1.0, -1.0), repeat=3):
@@ -314,8 +323,13 @@ class Octahedral(_NamedIrreps):
     def _contains(self, g):
         return bool(((g.abs() - g.abs().round()).abs() < 1e-6).all() and (_det3(g) > 0).all())
 
+    _lists_every_subgroup_class = True
+
     def _subgroup_list(self):
         return _octahedral_rotation_subgroups()
+
+    def _conjugate_subgroup(self, name, H, g):
+        return conjugate_name(name, g), PointGroup(conjugate_name(name, g), g @ H.generators() @ g.T)
 
     def _same_irrep_as(self, psi):
         if type(self) is Octahedral and isinstance(psi.group, FullOctahedral):
@@ -363,7 +377,7 @@ class FullOctahedral(Octahedral):
 
     def _subgroup_list(self):
         return _octahedral_rotation_subgroups() + [(name, _point_group(name)) for name in _IMPROPER_GENERATORS] + [
-            ("Td", FullTetrahedral()), ("Oh", self)]
+            ("Td", FullTetrahedral()), ("Oh", self)] + [(name, _point_group(name)) for name in _EXTRA_CONJUGATES]
 
     def _same_irrep_as(self, psi):
         return None
@@ -492,7 +506,7 @@ def _octahedral_rotation_subgroups() -> list:
 #: ``[pi/2]`` where the two-fold axes or mirrors lie on the face diagonals rather than the coordinate
 #: axes (as ``D2z[pi/2]``); for ``Cs`` the axis is the mirror's normal. The representatives were picked
 #: (by a search over all choices) so that every inclusion up to conjugacy is literal except four that
-#: no choice can make literal together (docs/math.md §10).
+#: no choice can make literal together; ``_EXTRA_CONJUGATES`` makes those literal too (docs/math.md §10).
 _ROTATION_GENERATORS = {
     "C3[-111]": ("-y,z,-x",),
     "D3[-111]": ("-x,-z,-y", "y,x,-z"),
@@ -519,11 +533,85 @@ _IMPROPER_GENERATORS = {
     "D4hz": ("x,y,-z", "x,-y,z", "y,x,z"),
     "Th": ("x,y,-z", "y,z,x"),
 }
+#: Two more conjugates, listed besides the representatives so that every inclusion between conjugacy
+#: classes is a literal inclusion of listed subgroups: the mirror x -> -x (``Csx``, conjugate to ``Csz``)
+#: lies in ``C2vz``, ``C4vz`` and ``D2dz[pi/2]``, which hold the mirrors of the planes through z; the
+#: mirror swapping x and y (``Cs[1-10]``, conjugate to ``Cs[110]``) lies in ``C2v[110]``.
+_EXTRA_CONJUGATES = {
+    "Csx": ("-x,y,z",),
+    "Cs[1-10]": ("y,x,z",),
+}
+
+
+#: the Schoenflies symbols of the subgroups of O_h, longest first (a name is one of them, then its axes)
+_SCHOENFLIES = sorted(("C1", "Ci", "Cs", "C2", "C3", "C4", "S4", "S6", "C2h", "C4h", "C2v", "C3v", "C4v", "D1", "D2",
+                       "D3", "D4", "D2d", "D3d", "D2h", "D4h", "T", "Th", "Td", "O", "Oh"), key=len, reverse=True)
+#: the plane of each coordinate axis, as a right-handed pair: angles about x are measured from y to z
+_PLANE = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}
+
+
+def conjugate_name(name: str, g: torch.Tensor) -> str:
+    """The name of ``g H g^-1`` for the subgroup ``H`` of O_h named ``name``: the principal axis mapped
+    through ``g`` (``"C4z"`` -> ``"C4x"``, ``"C3[-111]"`` -> ``"C3[111]"``, a direction up to sign, written
+    with the fewest minus signs), and for the groups with two-fold axes or mirrors through a coordinate
+    axis (``D_n``, ``C_nv``, ``D_nd``, ``D_nh``) their angle: ``[a]`` when the first of them lies at
+    ``a / 2`` in the plane of the axis (``D2z[pi/2]``: on the face diagonals), as ``Dihedral(n, axis=a)``.
+
+    Example::
+
+        >>> import torch
+        >>> swap_xz = torch.tensor([[0.0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=torch.float64)
+        >>> conjugate_name("C4vz", swap_xz), conjugate_name("D1z[pi/2]", swap_xz), conjugate_name("Csz", swap_xz)
+        ('C4vx', 'D1x[pi/2]', 'Csx')
+    """
+    base = next((b for b in _SCHOENFLIES if name.startswith(b)), None)
+    m = re.fullmatch(r"(x|y|z|\[[-0-9]+\])?(?:\[([0-9]*pi(?:/[0-9]+)?)\])?", name[len(base):]) if base else None
+    if m is None:
+        raise ValueError(f"{name!r} is not a Schoenflies symbol with axes (as 'C4z', 'D2z[pi/2]', 'C3[-111]')")
+    axis, angle = m.groups()
+    if axis is None:
+        return name  # no axis: a normal subgroup
+    n = _axis_direction(axis)
+    image = torch.round(g @ n)
+    out = base + _axis_token(image)
+    if axis in _PLANE and (base.startswith("D") or base.endswith("v")):
+        order = int(re.search(r"[0-9]+", base).group())
+        a = _angle_value(angle) if angle else 0.0
+        i, j = _PLANE[axis]
+        s = torch.zeros(3, dtype=torch.float64)
+        s[i], s[j] = math.cos(a / 2), math.sin(a / 2)  # the first two-fold axis or mirror line
+        s = g @ s
+        i, j = _PLANE[_axis_token(image)]
+        period = 2 * math.pi / order
+        a = (2 * math.atan2(float(s[j]), float(s[i]))) % period
+        if min(a, period - a) > 1e-9:
+            out += f"[{angle_name(a)}]"
+    return out
+
+
+def _axis_direction(token: str) -> torch.Tensor:
+    if token in _PLANE:
+        return torch.eye(3, dtype=torch.float64)["xyz".index(token)]
+    return torch.tensor([float(c) for c in re.findall(r"-?[0-9]", token)], dtype=torch.float64)
+
+
+def _axis_token(v: torch.Tensor) -> str:
+    c = [int(x) for x in v.tolist()]
+    if sum(x != 0 for x in c) == 1:
+        return "xyz"[next(i for i, x in enumerate(c) if x)]
+    neg = [-x for x in c]
+    c = min(c, neg, key=lambda u: (sum(x < 0 for x in u), [-x for x in u if x][:1]))
+    return "[" + "".join(str(x) for x in c) + "]"
+
+
+def _angle_value(s: str) -> float:
+    num, _, den = s.partition("/")
+    return (int(num[:-2]) if num[:-2] else 1) * math.pi / (int(den) if den else 1)
 
 
 @functools.lru_cache(maxsize=64)
 def _point_group(name: str) -> PointGroup:
-    return PointGroup(name, {**_ROTATION_GENERATORS, **_IMPROPER_GENERATORS}[name])
+    return PointGroup(name, {**_ROTATION_GENERATORS, **_IMPROPER_GENERATORS, **_EXTRA_CONJUGATES}[name])
 
 
 def clebsch_gordan(l1: int, l2: int, l3: int) -> torch.Tensor:

@@ -3,8 +3,8 @@
 A :class:`Subgroup` names a subgroup ``H`` of a group ``G`` and carries it as an equiproj group whose
 elements, as matrices, are elements of ``G``. Each group lists the subgroups that matter through its
 hook ``_subgroup_list`` (one representative per conjugacy class, chosen so that the inclusions
-between the representatives are literal: ``D1[0] ⊂ D2[0] ⊂ D4``), and ``G.subgroups()`` returns them
-as a :class:`SubgroupLattice`.
+between the representatives are literal: ``D1[0] ⊂ D2[0] ⊂ D4``, and where no choice of one per class
+does that, a few more conjugates), and ``G.subgroups()`` returns them as a :class:`SubgroupLattice`.
 
 The restriction ``rep.restrict(H)`` keeps the matrices (``rep.restrict(H).matrix(h) == rep.matrix(h)``)
 and re-decomposes each field into irreps of ``H``: every irrep ``psi`` of ``G`` in the field is split
@@ -17,6 +17,7 @@ its distinct irreps. Since ``Hom_G ⊂ Hom_H``, the energies obey ``E_perp^H <= 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -24,14 +25,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from .._caches import bytes_cached
-from ._decompose import decompose
+from ._decompose import decompose_by_projection
 from ._field import Field
 from ._threads import one_thread
 
 if TYPE_CHECKING:
     from ._rep import Rep
 
-__all__ = ["Subgroup", "SubgroupLattice", "subgroup_lattice", "angle_name"]
+__all__ = ["Subgroup", "SubgroupLattice", "subgroup_lattice", "every_subgroup_lattice", "angle_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +108,14 @@ class SubgroupLattice:
         self.parent = parent
         self.subgroups = tuple(subgroups)
         n = len(subgroups)
+        if parent.is_finite:  # each subgroup as a set of the parent's element indices: inclusions are set inclusions
+            sets = [_element_indices(s.group, parent) for s in subgroups]
+            inclusion = [[sets[i] <= sets[j] for j in range(n)] for i in range(n)]
+        else:
+            inclusion = [[i == j or is_subset(subgroups[i].group, subgroups[j].group) for j in range(n)]
+                         for i in range(n)]
         #: inclusion[i][j]: subgroups[i] ⊆ subgroups[j]
-        self.inclusion = tuple(tuple(i == j or is_subset(subgroups[i].group, subgroups[j].group) for j in range(n))
-                               for i in range(n))
+        self.inclusion = tuple(map(tuple, inclusion))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -161,6 +167,14 @@ class SubgroupLattice:
         return out
 
 
+def _element_indices(H, G) -> frozenset:
+    """The elements of the finite group ``H`` as indices of ``G.elements()`` (the nearest element; ``H`` is
+    checked to be a subgroup of ``G`` before)."""
+    P = G.elements().reshape(G.order, -1)
+    E = H.elements().reshape(H.order, -1).to(P)
+    return frozenset(torch.cdist(E, P).argmin(1).tolist())
+
+
 def _is_rotation_only(group) -> bool:
     g = group.generators()
     return bool((torch.linalg.det(g) > 0).all())
@@ -170,6 +184,35 @@ def _is_rotation_only(group) -> bool:
 def subgroup_lattice(group) -> SubgroupLattice:
     """The lattice of ``group``'s listed subgroups (its hook ``_subgroup_list``), cached per group."""
     return SubgroupLattice(group, [Subgroup(name, h, group) for name, h in group._subgroup_list()])
+
+
+@bytes_cached("equiproj.groups._subgroups.every_subgroup_lattice")
+def every_subgroup_lattice(group) -> SubgroupLattice:
+    """Every subgroup of the finite ``group``: its listed subgroups and all their conjugates ``g H g^-1``
+    (each named by the group's hook ``_conjugate_subgroup``, which maps the axes in the name through
+    ``g``), one entry per set of elements; the listed names are kept. Cached per group."""
+    if not (group.is_finite and group._lists_every_subgroup_class):
+        raise ValueError(f"subgroups(conjugates=True) lists every subgroup of a finite group whose listed subgroups "
+                         f"cover every conjugacy class (Cyclic, Dihedral, Octahedral, FullOctahedral); {group!r} is "
+                         "not one of them: use subgroups(), one subgroup per conjugacy class")
+    els = group.elements()
+    listed = group._subgroup_list()
+    found: dict[frozenset, tuple[str, object]] = {}
+    for name, H in listed:
+        found.setdefault(_element_indices(H, group), (name, H))
+    P = els.reshape(len(els), -1)
+    for name, H in listed:
+        hs = H.elements()
+        conj = els[:, None] @ hs[None] @ els[:, None].transpose(-1, -2)  # [g, h]: g h g^-1 (orthogonal g)
+        idx = torch.cdist(conj.reshape(-1, P.shape[1]), P).argmin(1).reshape(len(els), len(hs))
+        for g, row in zip(els, idx.tolist()):
+            key = frozenset(row)
+            if key not in found:
+                found[key] = group._conjugate_subgroup(name, H, g)
+    names = [n for n, _ in found.values()]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"{group!r}: the names of its conjugate subgroups are not unique: {sorted(names)}")
+    return SubgroupLattice(group, [Subgroup(n, h, group) for n, h in found.values()])
 
 
 def angle_name(theta: float) -> str:
@@ -206,9 +249,24 @@ def restricted_segments(rep: "Rep", H) -> tuple:
     return target, [(c, restrict_field(f, target)) for c, f in rep.segments]
 
 
-@bytes_cached("equiproj.groups._subgroups.restrict_field")
 def restrict_field(field: Field, H) -> Field:
     """One field of a representation of G as a field of the subgroup ``H`` (cached per field and ``H``)."""
+    if field.permutation is None and field.Q is None and len(field.slots) == 1:
+        return _restrict_irrep_field(field, H)
+    return _restrict_field(field, H)
+
+
+@functools.lru_cache(maxsize=4096)  # an irrep's field: tiny values (Q is the irrep's dimension squared)
+def _restrict_irrep_field(field: Field, H) -> Field:
+    return _restricted_field(field, H)
+
+
+@bytes_cached("equiproj.groups._subgroups.restrict_field")
+def _restrict_field(field: Field, H) -> Field:
+    return _restricted_field(field, H)
+
+
+def _restricted_field(field: Field, H) -> Field:
     slots, blocks, identity = [], [], True
     for psi in field.slots:
         h_slots, Q = branching(psi, H)
@@ -225,20 +283,22 @@ def restrict_field(field: Field, H) -> Field:
                  dim=field.dim)
 
 
-@bytes_cached("equiproj.groups._subgroups.branching")
+@functools.lru_cache(maxsize=4096)  # tiny values (Q is psi.dim squared): a size walk per entry would cost more
 @one_thread
 def branching(psi, H) -> tuple[list, torch.Tensor | None]:
     """The branching rule of the irrep ``psi`` of G to the subgroup ``H``: ``(slots, Q)`` with
     ``psi(h) = Q (⊕ slots(h)) Q^T`` for h in H (``Q`` ``None``: the identity).
 
     Where the restriction keeps the irrep's matrices exactly (the same formula on H's elements),
-    the rule is read off; otherwise it is the numerical decomposition (``psi.band`` bounds the
-    frequencies a continuous H can see), verified to 1e-8 at random elements of H."""
+    the rule is read off; otherwise it is the decomposition by projection operators (``psi.band``
+    bounds the frequencies a continuous H can see), verified to 1e-8 on H's generators (finite H) or
+    at random elements of H."""
     fn = psi._raw_matrix
     same = H._same_irrep_as(psi)
     if same is not None:
         return [H.irrep(same)], None
-    slots, Q = decompose(H, lambda h: fn(h).to(torch.float64), psi.dim, None if H.is_finite else max(psi.band, 0))
+    slots, Q = decompose_by_projection(H, lambda h: fn(h).to(torch.float64), psi.dim,
+                                       None if H.is_finite else max(psi.band, 0))
     if len(slots) == 1 and torch.allclose(Q, torch.eye(psi.dim, dtype=torch.float64), atol=1e-12):
         return slots, None
     return slots, Q

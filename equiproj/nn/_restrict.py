@@ -11,10 +11,14 @@ __all__ = ["restrict_", "as_subgroup", "under"]
 
 
 def as_subgroup(group, H) -> Subgroup:
-    """``H`` (a :class:`~equiproj.groups.Subgroup`, one of ``group.subgroups()``'s names, or a group whose
-    elements are elements of ``group``) as a :class:`~equiproj.groups.Subgroup` of ``group``."""
+    """``H`` (a :class:`~equiproj.groups.Subgroup`, a name from ``group.subgroups()`` or, for the finite
+    groups that list them, from ``group.subgroups(conjugates=True)`` (``"Csy"``), or a group whose elements
+    are elements of ``group``) as a :class:`~equiproj.groups.Subgroup` of ``group``."""
     if isinstance(H, str):
-        return group.subgroups()[H]
+        lattice = group.subgroups()
+        if H not in lattice and group.is_finite and group._lists_every_subgroup_class:
+            lattice = group.subgroups(conjugates=True)
+        return lattice[H]
     if isinstance(H, Subgroup):
         if H.parent != group and not _inside(H.group, group):
             raise ValueError(f"{H.name} is a subgroup of {H.parent!r}, not of {group!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..groups import SubgroupLattice
 from ._declaration import batches
 from ._declare import declared_layers
 from ._restrict import as_subgroup
@@ -93,7 +94,7 @@ class SymmetrySpectrum:
         levels = max(y for _, y in pos.values()) + 1
         if width <= 8:  # side by side
             fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
-        else:  # a large lattice (O_h's 33 classes): about an inch per node, the heatmap below it
+        else:  # a large lattice (O_h's 35 subgroups): about an inch per node, the heatmap below it
             heat = 1.5 + 0.3 * len(self.layers)
             fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(1.05 * width + 1, 1.1 * levels + heat + 1.5),
                                            gridspec_kw={"height_ratios": [1.1 * levels, heat]})
@@ -151,8 +152,11 @@ def symmetry_spectrum(model: nn.Module, subgroups=None) -> SymmetrySpectrum:
 
     Args:
         model: a model whose layers are declared under one group G (translation layers are left out).
-        subgroups: names, :class:`~equiproj.groups.Subgroup` objects or groups; default: all of
-            ``G.subgroups()`` (G included).
+        subgroups: names, :class:`~equiproj.groups.Subgroup` objects or groups, or a lattice such as
+            ``G.subgroups(conjugates=True)`` (every subgroup of a finite G, conjugates apart: the mirrors
+            x -> -x and y -> -y are different symmetries of a trained model); default: all of
+            ``G.subgroups()`` (G included). The lattice of :meth:`SymmetrySpectrum.plot` is the one given,
+            ``G.subgroups()`` when every subgroup is listed there, else the lattice of the subgroups given.
 
     Each subgroup costs one call per kind of layer (one fused ``energies_many`` over all matrix-form
     layers), in float64 without gradients.
@@ -179,7 +183,13 @@ def symmetry_spectrum(model: nn.Module, subgroups=None) -> SymmetrySpectrum:
                          "compares subgroups of one group")
     (G,) = groups
     lattice = G.subgroups()
-    subs = list(lattice) if subgroups is None else [as_subgroup(G, h) for h in subgroups]
+    if isinstance(subgroups, SubgroupLattice):
+        if subgroups.parent != G:
+            raise ValueError(f"the subgroups given are those of {subgroups.parent!r}, the layers are declared under {G!r}")
+        lattice = subgroups
+    subs = list(lattice) if subgroups is None or subgroups is lattice else [as_subgroup(G, h) for h in subgroups]
+    if any(s.name not in lattice or lattice[s.name].group != s.group for s in subs):
+        lattice = SubgroupLattice(G, [s for i, s in enumerate(subs) if s not in subs[:i]])  # names must be unique
     names = [n for n, _, _ in layers]
     e_perp = torch.zeros(len(layers), len(subs), dtype=torch.float64)
     norm_sq = torch.zeros(len(layers), dtype=torch.float64)

@@ -211,7 +211,7 @@ def test_spectrum_plot(tmp_path, gen):
     assert path.stat().st_size > 1000
 
 
-def test_spectrum_plot_of_the_33_subgroups_of_Oh(tmp_path, gen):
+def test_spectrum_plot_of_the_35_subgroups_of_Oh(tmp_path, gen):
     pytest.importorskip("matplotlib")
     G = FullOctahedral()
     m = nn.Sequential(nn.Linear(6, 9), nn.Linear(9, 4)).double()
@@ -219,9 +219,46 @@ def test_spectrum_plot_of_the_33_subgroups_of_Oh(tmp_path, gen):
     declare(m[1], Rep.parse(G, "T1u + T2g + Eg + A1g"), Rep.parse(G, "A1g + T1u"))
     project_(m, subgroup="D3d[-111]")
     spectrum = symmetry_spectrum(m)
-    assert len(spectrum.model) == 33
+    assert len(spectrum.model) == 35
     for name in ("C1", "Ci", "C3[-111]", "D3[-111]", "S6[-111]", "C3v[-111]", "D3d[-111]"):
         assert spectrum.model[name] <= 1e-20, name
     assert min(spectrum.model[n] for n in ("Th", "Td", "O", "Oh", "D4hz", "C4z")) > 1e-3
     path = spectrum.plot(tmp_path / "spectrum.png", title="O_h")
     assert path.stat().st_size > 1000
+
+
+def test_spectrum_over_every_subgroup_tells_conjugate_mirrors_apart(gen):
+    """A model made exactly equivariant under the mirror y -> -y of O_h: over every subgroup (conjugates
+    apart) the spectrum is 0 on Csy and C1 only among the mirrors, each value the element average."""
+    G = FullOctahedral()
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    m = nn.Sequential(nn.Linear(6, 9), nn.Linear(9, 4)).double()
+    reps = [(Rep.parse(G, "A1g + A2u + T1u + A1u"), Rep.parse(G, "T1u + T2g + Eg + A1g")),
+            (Rep.parse(G, "T1u + T2g + Eg + A1g"), Rep.parse(G, "A1g + T1u"))]
+    for layer, (ri, ro) in zip(m, reps):
+        declare(layer, ri, ro)
+    project_(m, subgroup="Csy")  # a name of G.subgroups(conjugates=True)
+    lattice = G.subgroups(conjugates=True)
+    spectrum = symmetry_spectrum(m, subgroups=lattice)
+    assert spectrum.lattice is lattice and len(spectrum.model) == 98
+    assert spectrum.model["Csy"] <= 1e-20 and min(spectrum.model["Csx"], spectrum.model["Csz"]) > 1e-3
+    for K in lattice:
+        tot_e = tot_n = 0.0
+        for layer, (ri, ro) in zip(m, reps):
+            e, n = _layer_oracle(layer, ri, ro, K.group.elements())
+            tot_e, tot_n = tot_e + e, tot_n + n
+        assert abs(spectrum.model[K.name] - tot_e / tot_n) <= 1e-10, K.name
+    # a few subgroups by name: their own lattice, with the literal inclusions among them
+    few = symmetry_spectrum(m, subgroups=["C1", "Csx", "Csy", "C2vz", "Oh"])
+    assert few.lattice.names == ("C1", "Csx", "Csy", "C2vz", "Oh")
+    assert few.lattice.includes("Csy", "C2vz") and not few.lattice.includes("Csx", "Csy")
+    assert few.model["Csy"] == spectrum.model["Csy"] and few.model["C2vz"] == spectrum.model["C2vz"]
+
+
+def test_spectrum_plot_over_every_subgroup_of_D4(tmp_path, gen):
+    pytest.importorskip("matplotlib")
+    G, m = _d4_model(gen)
+    project_(m, subgroup="D1[pi]")  # the mirror x -> -x, conjugate to D1[0] (y -> -y) in D4
+    spectrum = symmetry_spectrum(m, subgroups=G.subgroups(conjugates=True))
+    assert spectrum.model["D1[pi]"] <= 1e-20 < 1e-3 < spectrum.model["D1[0]"]
+    assert spectrum.plot(tmp_path / "spectrum.png").stat().st_size > 1000
