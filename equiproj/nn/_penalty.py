@@ -279,7 +279,6 @@ class ProjectionPenalty:
                 values.append(value.detach().double())
         return sum(values[1:], values[0]).to(prog.value_dtype)
 
-    @torch.no_grad()
     def decay_(self, rate: float, rate_G: float = 0.0) -> None:
         """The decoupled step ``W <- W - rate (W - P W) - rate_G P W`` on every layer of the penalty
         (biases included), in place: a plain gradient step of size ``rate / 2`` on ``E_perp`` (and
@@ -296,10 +295,18 @@ class ProjectionPenalty:
         parameters that cannot be written through a view (non-contiguous) step through their
         projection.
         """
-        for name, r in (("rate", rate), ("rate_G", rate_G)):
-            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1], got {r!r}")
+        if not (type(rate) is float and type(rate_G) is float and 0.0 <= rate <= 1.0 and 0.0 <= rate_G <= 1.0):
+            for name, r in (("rate", rate), ("rate_G", rate_G)):
+                if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:
+                    raise ValueError(f"{name} must be a number in [0, 1], got {r!r}")
         prog = self._follow_model()
+        if prog.one_fused_group:  # the whole step is one op call on the weights (no autograd, no autocast)
+            prog.groups[0].decay_(rate, rate_G)
+            return
+        with torch.no_grad():
+            self._decay_groups(prog, rate, rate_G)
+
+    def _decay_groups(self, prog: PenaltyProgram, rate: float, rate_G: float) -> None:
         with no_autocast(prog.device):
             stepped: set = set()
             # the later uses of tied parameters: their steps from the weights before any write

@@ -162,6 +162,7 @@ class FusedMatrices(TermGroup):
         self._inplace = all(not is_dtensor(p) and p.is_contiguous() and p.dtype == w.dtype
                             for p, w in zip(self.params, self.weights))
         self._param_ids = frozenset(id(p) for p in self.params)
+        self.num_params = len(self._param_ids)
 
     def set_lambdas(self, lambda_perp, lambda_G) -> None:
         super().set_lambdas(lambda_perp, lambda_G)
@@ -182,7 +183,13 @@ class FusedMatrices(TermGroup):
         if not all(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
             return super().value(dtype)
         return ops.prepared_penalty(self.kernel, self.plan_args, self.weights, self._coefs, self._lambdas64, dtype,
-                                    self.params, self._new_grads)
+                                    self.params, self._separate_grads)
+
+    def _separate_grads(self) -> list:
+        """One uninitialised tensor per parameter, each its own storage: autograd adds the task
+        gradient into such a buffer in place (it does not into views of a shared buffer, whose
+        storage has other users, and would allocate the sum)."""
+        return [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in self.params]
 
     def _new_grads(self, idx=None) -> list:
         """Uninitialised tensors shaped like the parameters (of the terms ``idx``; all when ``None``):
@@ -340,6 +347,10 @@ class PenaltyProgram:
             for ts, owners in batches(per_layer).values():
                 owners = [self.fast[j] for j in owners]
                 self.groups.extend(self._groups(ts, owners, backend, decays=(r == 0)))
+        # every layer in one group of fused matrices stepped in place: decay_ is that group's one call
+        self.one_fused_group = (not self.slow and len(self.groups) == 1 and isinstance(self.groups[0], FusedMatrices)
+                                and self.groups[0]._inplace
+                                and self.groups[0].num_params == self.num_params)
 
     @staticmethod
     def _groups(ts, owners, backend, decays):
