@@ -43,6 +43,7 @@ _FUSED = ("cpp", "triton")
 _grad = operator.attrgetter("grad")
 _requires_grad = operator.attrgetter("requires_grad")
 _data_ptr = torch.Tensor.data_ptr
+_SEPARATE_GRADS_NUMEL = 4096  # mean elements per parameter above which penalty()'s gradients get their own buffers
 
 
 def module_chain(root: torch.nn.Module, names) -> list[tuple[dict, str, torch.nn.Module]]:
@@ -155,6 +156,11 @@ class FusedMatrices(TermGroup):
         self._dtypes = [w.dtype for w in self.weights]
         self._numels = [w.numel() for w in self.weights]
         self._flat_size = sum(self._numels) if len(set(self._dtypes)) == 1 else None
+        # penalty()'s gradient buffers: for large parameters one allocation each, so that autograd
+        # adds the task gradient in place (measured: -30 µs on a 365 KB model); for many small ones
+        # views of one buffer (an allocation costs more than the sum it saves)
+        self._penalty_grads = (self._separate_grads if self._flat_size is None
+                               or self._flat_size >= _SEPARATE_GRADS_NUMEL * len(self._numels) else self._new_grads)
         self._states: list = []  # (grads, requires_grad, calls) of the last two kinds of backward
         self._decay_coefs: dict = {}
         super().__init__(terms, owners)
@@ -183,12 +189,12 @@ class FusedMatrices(TermGroup):
         if not all(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
             return super().value(dtype)
         return ops.prepared_penalty(self.kernel, self.plan_args, self.weights, self._coefs, self._lambdas64, dtype,
-                                    self.params, self._separate_grads)
+                                    self.params, self._penalty_grads)
 
     def _separate_grads(self) -> list:
         """One uninitialised tensor per parameter, each its own storage: autograd adds the task
         gradient into such a buffer in place (it does not into views of a shared buffer, whose
-        storage has other users, and would allocate the sum)."""
+        storage has other users, and allocates the sum)."""
         return [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in self.params]
 
     def _new_grads(self, idx=None) -> list:

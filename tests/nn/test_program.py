@@ -19,6 +19,7 @@ import equiproj as ep
 from equiproj import ops
 from equiproj import translation as tr
 from equiproj.nn import ProjectionPenalty, declare, declare_translations
+from equiproj.nn import _program as program
 from equiproj.testing import nearly_equivariant
 
 needs_cpp = pytest.mark.skipif(not ops.cpp_available(), reason="needs the C++ extension")
@@ -272,12 +273,14 @@ def test_replaced_and_parametrized_parameters(gen, monkeypatch):
 
 
 @needs_cpp
+@pytest.mark.parametrize("buffers", ["separate", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_penalty_autograd_equals_the_reference(dtype, gen, monkeypatch):
+def test_penalty_autograd_equals_the_reference(dtype, buffers, gen, monkeypatch):
     """``penalty().backward()`` (the fused matrices' gradient computed in the forward's pass and
-    handed over) gives the gradients of the float64 reference: fresh, scaled by an incoming gradient
-    other than 1, added to a task gradient, twice through a retained graph, and with a frozen
-    parameter (which gets none)."""
+    handed over, in one buffer per parameter or in views of one buffer) gives the gradients of the
+    float64 reference: fresh, scaled by an incoming gradient other than 1, added to a task gradient,
+    twice through a retained graph, and with a frozen parameter (which gets none)."""
+    monkeypatch.setattr(program, "_SEPARATE_GRADS_NUMEL", 0 if buffers == "separate" else 10**9)
     model = mixed_model(dtype, gen, steerable=dtype != torch.bfloat16)
     pen = ProjectionPenalty(model, **LAMBDAS)
     tol_e, tol_w = TOL[dtype]
@@ -297,6 +300,8 @@ def test_penalty_autograd_equals_the_reference(dtype, gen, monkeypatch):
     close(value.detach(), value_ref, tol_e, "penalty()")
     value.backward()
     check(1.0, "fresh")
+    w, b = model["lin1"].weight.grad, model["lin1"].bias.grad  # the buffers themselves became the .grad
+    assert (w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()) == (buffers == "shared")
     model.zero_grad(set_to_none=True)
     (-2.5 * pen()).backward()
     check(-2.5, "scaled")
