@@ -3,9 +3,10 @@
 A model of ``--layers`` declared ``nn.Linear`` layers (O(3) fields ``4x0e + 2x1o + 2e``, 15 x 15,
 with bias: two terms per layer) is so small that a penalty call is almost all host-side work. For
 ``penalty.backward()`` (into existing ``.grad``s and into fresh ones), ``penalty.decay_`` and
-``penalty()``, the median time of the call is compared with the median time of the op call it
-issues, made directly with the same prepared arguments (the kernel alone); the difference is the
-Python cost of the call. Times are the calling thread's CPU time (``time.thread_time_ns``), run
+``penalty()`` (without and with its backward), the median time of the call is compared with the
+median time of the op call it issues, made directly with the same prepared arguments (the kernel
+alone, with the buffers it writes where the call allocates them); the difference is the Python cost
+of the call (for ``penalty().backward()``, the autograd engine's as well). Times are the calling thread's CPU time (``time.thread_time_ns``), run
 with one intra-op thread, so that other jobs on a shared machine disturb them less. ``--profile`` prints the cProfile of the backward call as well.
 
     python bench/penalty_program_profile.py [--layers 50] [--threads 1] [--profile]
@@ -57,24 +58,37 @@ def main(argv=None):
         p_.grad = torch.zeros_like(p_)
     pen.backward()  # the program is built
     (g,) = pen._program.groups
+    params = list(m.parameters())
     grads = [q.grad for q in g.params]
-    kernel = lambda: g.kernel(g.weights, *g.plan_args, *g._coefs, grads, True)  # noqa: E731
+    cp, cg = g._coefs
+    kernel = lambda: g.kernel(g.weights, *g.plan_args, cp, cg, grads, True)  # noqa: E731
     energies_only = lambda: g.kernel(g.weights, *g.plan_args, [], [], [], False)  # noqa: E731
-    rows = []
-    rows.append(("penalty.backward() into existing .grad", median_us(pen.backward), median_us(kernel)))
-
-    def fresh():
-        for q in m.parameters():
-            q.grad = None
-        pen.backward()
+    pen.decay_(1e-3)
+    dp, dg = g._decay_coefs[(1e-3, 0.0)]
+    decay_kernel = lambda: g.kernel(g.weights, *g.plan_args, dp, dg, g.weights, True)  # noqa: E731
 
     def clear():
-        for q in m.parameters():
+        for q in params:
             q.grad = None
 
-    rows.append(("penalty.backward() into fresh .grad (incl. clearing .grad)", median_us(fresh),
-                 median_us(lambda: (clear(), kernel()))))
-    rows.append(("penalty.decay_(1e-3)", median_us(lambda: pen.decay_(1e-3)), median_us(kernel)))
+    def fresh_kernel():  # the kernel writing new buffers, as the call does where there is no .grad
+        clear()
+        flat = torch.empty(sum(w.numel() for w in g.weights))
+        g.kernel(g.weights, *g.plan_args, cp, cg, list(torch._utils._unflatten_dense_tensors(flat, g.params)), False)
+
+    def fresh():
+        clear()
+        pen.backward()
+
+    def in_loss():
+        clear()
+        pen().backward()
+
+    rows = [("penalty.backward() into existing .grad", median_us(pen.backward), median_us(kernel)),
+            ("penalty.backward() into fresh .grad (incl. clearing .grad)", median_us(fresh), median_us(fresh_kernel)),
+            ("penalty.decay_(1e-3)", median_us(lambda: pen.decay_(1e-3)), median_us(decay_kernel)),
+            ("penalty().backward() into fresh .grad (incl. clearing .grad)", median_us(in_loss),
+             median_us(fresh_kernel))]
     with torch.no_grad():
         rows.append(("penalty() (no_grad)", median_us(pen), median_us(energies_only)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {a.layers} layers "

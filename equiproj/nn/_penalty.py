@@ -130,7 +130,8 @@ class ProjectionPenalty:
         layers: optional subset (names or modules); each must be declared. Default: all.
 
     Calling it returns the penalty, a differentiable scalar (float32; float64 if every weight is
-    float64). The penalty follows the model: weights are read at each call, and a layer declared,
+    float64). For matrix-form layers on a fused kernel the call computes the gradient in the same
+    pass as the value (one read of each weight), and its backward only hands it over. The penalty follows the model: weights are read at each call, and a layer declared,
     re-declared or undeclared after the penalty was built, or a declared module swapped in for
     another, is picked up at the next call (with ``layers`` given as module objects, a module that
     left the model is an error). Example::
@@ -211,9 +212,28 @@ class ProjectionPenalty:
             return prog.per_layer(parts)
 
     def __call__(self) -> torch.Tensor:
-        e_perp, e_g = self.energies()
-        lp, lg = self._lambda_tensors(e_perp.device, e_perp.dtype)
-        return _weighted_sum(e_perp, e_g, lp, lg, self.norm, any(self.lambda_G))
+        if self.norm != "squared":
+            e_perp, e_g = self.energies()
+            lp, lg = self._lambda_tensors(e_perp.device, e_perp.dtype)
+            return _weighted_sum(e_perp, e_g, lp, lg, self.norm, any(self.lambda_G))
+        return self._value()
+
+    @torch.compiler.disable  # as energies(): one eager call inside compiled code
+    def _value(self) -> torch.Tensor:
+        """The squared penalty, each kind of term summed by its group: the fused matrices from one op
+        call that also writes their gradient for the backward (:meth:`FusedMatrices.value`)."""
+        prog = self._follow_model()
+        with no_autocast(prog.device):
+            if len(prog.groups) == 1 and not prog.slow:
+                return prog.groups[0].value(prog.value_dtype)
+            parts = [g.value(torch.float64) for g in prog.groups]
+            if prog.slow:
+                slow = [self.layers[i] for i in prog.slow]
+                e_perp, e_g = _per_layer(slow)
+                lps, lgs = ([lam[i] for i in prog.slow] for lam in (self.lambda_perp, self.lambda_G))
+                parts.append(_weighted_sum(e_perp, e_g, *(torch.tensor(x, dtype=e_perp.dtype, device=e_perp.device)
+                                                          for x in (lps, lgs)), self.norm, any(lgs)).double())
+            return sum(parts[1:], parts[0]).to(prog.value_dtype)
 
     def backward(self) -> torch.Tensor:
         """Add the penalty's gradient to the ``.grad`` of the declared weights (and biases) and
@@ -223,8 +243,9 @@ class ProjectionPenalty:
         layers and biases one call of the fused op for all of them, which reads each weight once
         and writes ``lambda_perp dE_perp + lambda_G dE_G`` once: into fresh ``.grad`` buffers where
         the parameters have none, and added in place to existing (contiguous) ``.grad`` tensors
-        otherwise. The autograd route ``penalty().backward()`` reads each weight twice: its forward
-        cannot know the incoming gradient. Kernel spaces that provide ``energies_and_grads_many``
+        otherwise. ``penalty().backward()`` computes the fused matrices' gradient in the forward's
+        pass as well (the lambdas are known) and hands it to autograd, which then adds it to the
+        task gradient; the other kinds differentiate their energies. Kernel spaces that provide ``energies_and_grads_many``
         (:class:`~equiproj.kernel_spaces.SteerableKernelSpace`) take one more fused call for all of
         them; other kinds differentiate their energies once per kind. FSDP2-sharded parameters and
         ``norm="unsquared"`` go through autograd. The gradients are the same either way (tested).
@@ -258,7 +279,6 @@ class ProjectionPenalty:
                 values.append(value.detach().double())
         return sum(values[1:], values[0]).to(prog.value_dtype)
 
-    @torch.no_grad()
     def decay_(self, rate: float, rate_G: float = 0.0) -> None:
         """The decoupled step ``W <- W - rate (W - P W) - rate_G P W`` on every layer of the penalty
         (biases included), in place: a plain gradient step of size ``rate / 2`` on ``E_perp`` (and
@@ -275,10 +295,18 @@ class ProjectionPenalty:
         parameters that cannot be written through a view (non-contiguous) step through their
         projection.
         """
-        for name, r in (("rate", rate), ("rate_G", rate_G)):
-            if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1], got {r!r}")
+        if not (type(rate) is float and type(rate_G) is float and 0.0 <= rate <= 1.0 and 0.0 <= rate_G <= 1.0):
+            for name, r in (("rate", rate), ("rate_G", rate_G)):
+                if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 <= r <= 1.0:
+                    raise ValueError(f"{name} must be a number in [0, 1], got {r!r}")
         prog = self._follow_model()
+        if prog.one_fused_group:  # the whole step is one op call on the weights (no autograd, no autocast)
+            prog.groups[0].decay_(rate, rate_G)
+            return
+        with torch.no_grad():
+            self._decay_groups(prog, rate, rate_G)
+
+    def _decay_groups(self, prog: PenaltyProgram, rate: float, rate_G: float) -> None:
         with no_autocast(prog.device):
             stepped: set = set()
             # the later uses of tied parameters: their steps from the weights before any write

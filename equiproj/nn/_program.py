@@ -6,7 +6,10 @@ kind). Matrix terms that run on a fused kernel (``"cpp"``, ``"triton"``) are pre
 the coefficient tensors are made once, and ``penalty()``, ``penalty.backward()`` and
 ``penalty.decay_()`` each issue one call of ``equiproj::fused_energies`` for all of them, writing
 into the parameters' ``.grad`` or the parameters themselves, with no Python per layer beyond
-reading the ``.grad`` attributes. The other kinds (kernel spaces, translations, matrices on the
+reading the ``.grad`` attributes. ``penalty()`` writes the gradient in its one call as well, into
+fresh buffers its autograd node hands over in the backward (:func:`equiproj.ops.prepared_penalty`).
+The coefficients are made once, in the dtype the device's kernel reads without a conversion, and
+what :meth:`PenaltyProgram.current` compares is kept as flat lists compared by C-level loops. The other kinds (kernel spaces, translations, matrices on the
 ``"torch"`` or ``"reference"`` backend) take one :meth:`Term.one_pass` or :meth:`Term.energies` call
 per kind.
 
@@ -37,6 +40,10 @@ from ._tensors import accumulate_grad, is_dtensor
 __all__ = ["PenaltyProgram", "FusedMatrices", "TermGroup", "module_chain"]
 
 _FUSED = ("cpp", "triton")
+_grad = operator.attrgetter("grad")
+_requires_grad = operator.attrgetter("requires_grad")
+_data_ptr = torch.Tensor.data_ptr
+_SEPARATE_GRADS_NUMEL = 4096  # mean elements per parameter above which penalty()'s gradients get their own buffers
 
 
 def module_chain(root: torch.nn.Module, names) -> list[tuple[dict, str, torch.nn.Module]]:
@@ -86,6 +93,15 @@ class TermGroup:
 
     def energies(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kind.energies(self.terms)
+
+    def value(self, dtype: torch.dtype) -> torch.Tensor:
+        """``sum lambda_perp E_perp + lambda_G E_G`` of these terms, a differentiable scalar of ``dtype``."""
+        ep, eg = self.energies()
+        lp, lg = self.lambda_tensors(ep.dtype, ep.device)
+        total = (ep * lp).sum()
+        if any(self.lambda_G):
+            total = total + (eg * lg).sum()
+        return total.to(dtype)
 
     def backward(self) -> torch.Tensor:
         """Add ``lambda_perp dE_perp + lambda_G dE_G`` to the parameters' gradients; the penalty's value."""
@@ -139,22 +155,59 @@ class FusedMatrices(TermGroup):
         # a parameter's .grad may be written directly when its dtype is the weight's and it is contiguous
         self._dtypes = [w.dtype for w in self.weights]
         self._numels = [w.numel() for w in self.weights]
-        self._state = None  # (grads, requires_grad) of the last backward, and its calls
+        self._flat_size = sum(self._numels) if len(set(self._dtypes)) == 1 else None
+        # penalty()'s gradient buffers: for large parameters one allocation each, so that autograd
+        # adds the task gradient in place (measured: -30 µs on a 365 KB model); for many small ones
+        # views of one buffer (an allocation costs more than the sum it saves)
+        self._penalty_grads = (self._separate_grads if self._flat_size is None
+                               or self._flat_size >= _SEPARATE_GRADS_NUMEL * len(self._numels) else self._new_grads)
+        self._states: list = []  # (grads, requires_grad, calls) of the last two kinds of backward
         self._decay_coefs: dict = {}
         super().__init__(terms, owners)
         # whether each parameter can be stepped in place through its matrix view
         self._inplace = all(not is_dtensor(p) and p.is_contiguous() and p.dtype == w.dtype
                             for p, w in zip(self.params, self.weights))
         self._param_ids = frozenset(id(p) for p in self.params)
+        self.num_params = len(self._param_ids)
 
     def set_lambdas(self, lambda_perp, lambda_G) -> None:
         super().set_lambdas(lambda_perp, lambda_G)
-        self._coefs = ([ops.as_coefficient(c, w, "lambda_perp") for c, w in zip(lambda_perp, self.weights)],
-                       [ops.as_coefficient(c, w, "lambda_G") for c, w in zip(lambda_G, self.weights)])
-        self._state = None
+        self._coefs = ([ops.kernel_coefficient(c, w, "lambda_perp") for c, w in zip(lambda_perp, self.weights)],
+                       [ops.kernel_coefficient(c, w, "lambda_G") for c, w in zip(lambda_G, self.weights)])
+        self._states = []
 
     def energies(self):
         return ops.prepared_energies(self.kernel, self.plan_args, self.views)
+
+    def value(self, dtype: torch.dtype) -> torch.Tensor:
+        """The penalty of these terms from one op call. Where it will be differentiated (grad mode on,
+        every parameter trainable), the call also writes the gradient, which the backward hands
+        over: no second pass over the weights. Without grad mode, the energies alone."""
+        if not torch.is_grad_enabled() or not any(map(_requires_grad, self.params)):
+            ep, eg = self.kernel(self.weights, *self.plan_args, [], [], [], False)
+            return torch.dot(torch.cat((ep, eg)).double(), self._lambdas64).to(dtype)
+        if not all(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
+            return super().value(dtype)
+        return ops.prepared_penalty(self.kernel, self.plan_args, self.weights, self._coefs, self._lambdas64, dtype,
+                                    self.params, self._penalty_grads)
+
+    def _separate_grads(self) -> list:
+        """One uninitialised tensor per parameter, each its own storage: autograd adds the task
+        gradient into such a buffer in place (it does not into views of a shared buffer, whose
+        storage has other users, and allocates the sum)."""
+        return [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in self.params]
+
+    def _new_grads(self, idx=None) -> list:
+        """Uninitialised tensors shaped like the parameters (of the terms ``idx``; all when ``None``):
+        views of one buffer where they share a dtype (one allocation)."""
+        ks = range(len(self.params)) if idx is None else idx
+        params = self.params if idx is None else [self.params[k] for k in ks]
+        size = self._flat_size if idx is None else (
+            sum(self._numels[k] for k in ks) if len({self._dtypes[k] for k in ks}) == 1 else None)
+        if size is not None:
+            flat = torch.empty(size, dtype=self._dtypes[ks[0]], device=self.device)
+            return list(torch._utils._unflatten_dense_tensors(flat, params))
+        return [torch.empty(p.shape, dtype=self._dtypes[k], device=self.device) for k, p in zip(ks, params)]
 
     def _call(self, idx, grads, accumulate):
         """The op on the terms ``idx`` (all when ``None``); the value ``sum lambda E`` in float64."""
@@ -190,20 +243,26 @@ class FusedMatrices(TermGroup):
         return [(None if len(ks) == T else ks, kind) for ks, kind in ((into, "into"), (fresh, "fresh"),
                                                                        (frozen, "frozen")) if ks]
 
+    def _calls(self, grads, trainable):
+        """The calls for these ``.grad`` attributes and flags, from the last two states seen (a
+        training loop alternates between at most two: no gradients after ``zero_grad``, and the
+        ones a backward made)."""
+        for st in self._states:
+            if st[1] == trainable and all(map(operator.is_, st[0], grads)):
+                return st[2]
+        calls = self._plan_backward(grads, trainable)
+        self._states = [(grads, trainable, calls)] + self._states[:1]
+        return calls
+
     def backward(self) -> torch.Tensor:
-        grads = [p.grad for p in self.params]
-        trainable = [p.requires_grad for p in self.params]
-        st = self._state
-        if st is None or st[1] != trainable or not all(map(operator.is_, st[0], grads)):
-            st = self._state = (grads, trainable, self._plan_backward(grads, trainable))
+        grads = list(map(_grad, self.params))
         value = None
-        for idx, kind in st[2]:
+        for idx, kind in self._calls(grads, list(map(_requires_grad, self.params))):
             ks = range(len(grads)) if idx is None else idx
             if kind == "into":
                 v = self._call(idx, [grads[k] for k in ks] if idx is not None else grads, True)
             elif kind == "fresh":
                 v = self._fresh(idx, ks, grads)
-                self._state = None  # the .grad attributes changed
             else:
                 v = self._call(idx, None, False)
             value = v if value is None else value + v
@@ -213,12 +272,7 @@ class FusedMatrices(TermGroup):
         """The gradients into new buffers: one flat buffer per call when the terms share a dtype
         (views shaped like the parameters become their ``.grad``), else one buffer each."""
         params = self.params if idx is None else [self.params[k] for k in ks]
-        dtypes = {self._dtypes[k] for k in ks}
-        if len(dtypes) == 1:
-            flat = torch.empty(sum(self._numels[k] for k in ks), dtype=dtypes.pop(), device=self.device)
-            bufs = torch._utils._unflatten_dense_tensors(flat, params)
-        else:
-            bufs = [torch.empty(p.shape, dtype=self._dtypes[k], device=self.device) for k, p in zip(ks, params)]
+        bufs = self._new_grads(idx)
         v = self._call(idx, bufs, False)
         for k, p, buf in zip(ks, params, bufs):
             if grads[k] is None:
@@ -232,8 +286,8 @@ class FusedMatrices(TermGroup):
             return super().decay_(rate, rate_G)
         key = (rate, rate_G)
         if key not in self._decay_coefs:
-            self._decay_coefs = {key: ([ops.as_coefficient(-rate / 2, w, "rate") for w in self.weights],
-                                       [ops.as_coefficient(-rate_G / 2, w, "rate_G") for w in self.weights])}
+            self._decay_coefs = {key: ([ops.kernel_coefficient(-rate / 2, w, "rate") for w in self.weights],
+                                       [ops.kernel_coefficient(-rate_G / 2, w, "rate_G") for w in self.weights])}
         cp, cg = self._decay_coefs[key]
         self.kernel(self.weights, *self.plan_args, cp, cg, self.weights, True)
         return self._param_ids
@@ -272,7 +326,11 @@ class PenaltyProgram:
         fast = set(self.fast)
         self.slow = [i for i in range(len(layers)) if i not in fast]
         self.params = [p for ts in terms_per_layer for p in (t.param for t in ts)]
-        self.storage = [p.data_ptr() for p in self.params]
+        # what current() compares, as parallel lists (checked by C-level loops, not per layer in Python)
+        self._link_dicts, self._link_keys, self._link_objects = (list(x) for x in zip(*self.links)) if self.links \
+            else ([], [], [])
+        self._unique_params = list({id(p): p for p in self.params}.values())
+        self.storage = list(map(_data_ptr, self._unique_params))
         self.num_params = len({id(p) for p in self.params})
         self.num_layers = len(layers)
         self._index = None
@@ -295,6 +353,10 @@ class PenaltyProgram:
             for ts, owners in batches(per_layer).values():
                 owners = [self.fast[j] for j in owners]
                 self.groups.extend(self._groups(ts, owners, backend, decays=(r == 0)))
+        # every layer in one group of fused matrices stepped in place: decay_ is that group's one call
+        self.one_fused_group = (not self.slow and len(self.groups) == 1 and isinstance(self.groups[0], FusedMatrices)
+                                and self.groups[0]._inplace
+                                and self.groups[0].num_params == self.num_params)
 
     @staticmethod
     def _groups(ts, owners, backend, decays):
@@ -319,8 +381,9 @@ class PenaltyProgram:
     def current(self) -> bool:
         """Whether the modules at the declared paths, their parameters and the parameters' storage
         are unchanged."""
-        return (self.reusable and all(d.get(k) is m for d, k, m in self.links)
-                and [p.data_ptr() for p in self.params] == self.storage)
+        return (self.reusable
+                and all(map(operator.is_, map(dict.get, self._link_dicts, self._link_keys), self._link_objects))
+                and list(map(_data_ptr, self._unique_params)) == self.storage)
 
     def per_layer(self, parts) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E_perp [L], E_G [L])`` from the groups' energies (in order) and then the slow layers'."""

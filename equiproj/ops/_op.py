@@ -67,7 +67,7 @@ from ._availability import cpp_available, triton_kernels
 
 __all__ = ["fused_energies", "fused_energies_and_grads", "fused_energies_and_grad", "as_coefficient",
            "accumulation_dtype", "energy_dtype", "split_energies", "run_twin", "device_kernel", "prepared_energies",
-           "remember_plans", "SCHEMA"]
+           "prepared_penalty", "kernel_coefficient", "remember_plans", "SCHEMA"]
 
 #: the op's schema (the C++ kernel of ``csrc/fused_energies.cpp`` is registered against it)
 SCHEMA = ("fused_energies(Tensor[] weights, Tensor[] meta, Tensor[] basis, Tensor[] perm_out, Tensor[] perm_in, "
@@ -436,6 +436,57 @@ def prepared_energies(kernel, plan_tensors, weights) -> tuple[Tensor, Tensor]:
     return _FusedEnergies.apply(kernel, kernel, plan_tensors, *weights)
 
 
+class _PenaltyValue(torch.autograd.Function):
+    """``sum_i lambda_perp_i E_perp_i + lambda_G_i E_G_i`` of prepared weights, a differentiable
+    scalar whose gradient comes from the forward's pass.
+
+    The coefficients are known when the value is computed, so the forward runs the op once with
+    them: the energies and ``dvalue/dW_i`` from one read of each ``W_i``, written into fresh
+    buffers of the parameters' shapes. The backward hands these buffers over, scaled in place by the
+    incoming gradient where that is not 1: no second pass over the weights. A second backward
+    through a retained graph (the buffers are given away by the first) runs the op again."""
+
+    @staticmethod
+    def forward(ctx, prepared, *params):
+        # prepared: the constants in one argument (Function.apply looks at every argument);
+        # weights: the kernel's views of ``params`` (detached, any strides); params: the autograd
+        # inputs, whose shapes the gradients take
+        kernel, plan, weights, coefficients, lambdas, dtype, new_buffers = prepared
+        grads = new_buffers()
+        ep, eg = kernel(weights, *plan, *coefficients, grads, False)
+        ctx.prepared, ctx.grads = prepared, grads
+        ctx.save_for_backward(*params)  # only a second backward reads them (and checks they are unchanged)
+        return torch.dot(torch.cat((ep, eg)).double(), lambdas).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        grads, ctx.grads = ctx.grads, None  # the first backward needs no weight: the gradient is computed
+        if grads is None:  # a second backward through a retained graph: the pass again
+            ctx.saved_tensors  # noqa: B018 - raises if a weight was changed in place since the forward
+            kernel, plan, weights, coefficients, _, _, new_buffers = ctx.prepared
+            grads = new_buffers()
+            kernel(weights, *plan, *coefficients, grads, False)
+        # the usual incoming gradient is 1 (value.backward()); reading it is free on the CPU
+        if grad_value.device.type != "cpu" or float(grad_value) != 1.0:
+            for g in grads:
+                g.mul_(grad_value)
+        return (None, *grads)
+
+
+def prepared_penalty(kernel, plan_tensors, weights, coefficients, lambdas, dtype, params, new_buffers) -> Tensor:
+    """``sum_i lambda_perp_i E_perp_i + lambda_G_i E_G_i`` (a scalar of ``dtype``), differentiable in
+    ``params``, from one op call that also writes the gradient (no second pass in the backward).
+
+    ``kernel``, ``plan_tensors``: as in :func:`prepared_energies`; ``weights``: the matrix views of
+    ``params`` (detached; any strides, the elements of each parameter in order); ``coefficients``:
+    ``(lambda_perp, lambda_G)`` lists as the op takes them; ``lambdas``: ``cat(lambda_perp,
+    lambda_G)`` in float64, one per weight (2-D weights); ``new_buffers()``: fresh contiguous tensors
+    shaped like ``params``, the gradients' storage."""
+    return _PenaltyValue.apply((kernel, plan_tensors, weights, coefficients, lambdas, dtype, new_buffers), *params)
+
+
 def remember_plans(plans) -> None:
     """Keep the plan objects of these plans' tensors (the CUDA kernel caches its schedules per plan)."""
     _remember(plans)
@@ -521,6 +572,18 @@ def fused_energies_and_grad(W: Tensor, plan: PackedPlan, lambda_perp: Tensor, la
 @functools.lru_cache(maxsize=256)
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=dtype, device=device)
+
+
+def kernel_coefficient(c, W: Tensor, name: str) -> Tensor:
+    """:func:`as_coefficient`, in the dtype the device's implementation reads as it is: float64 on
+    the CPU (the C++ kernel computes in float64 and would convert any other coefficient on every
+    call, about a microsecond each), the accumulation dtype elsewhere."""
+    t = as_coefficient(c, W, name)
+    if W.device.type != "cpu" or t.dtype == torch.float64:
+        return t
+    if W.dim() == 2 and not isinstance(c, Tensor):
+        return _scalar(float(c), torch.float64, W.device)
+    return t.to(torch.float64)
 
 
 def as_coefficient(c, W: Tensor, name: str) -> Tensor:
