@@ -345,7 +345,8 @@ void generic_pair(const X* const* x, X* const* g, int64_t dout, int64_t di, int6
 // ---- orbit pairs: two permutation fields, P(T) = the mean of T over each orbit ---------------------
 // Pass 1 sums every orbit over the tile, pass 2 subtracts the orbit means. Every entry is read
 // before it is written, so g may alias x (the decoupled step writes into the weight). Runs of
-// consecutive entries whose orbits are consecutive (the closed forms) are vectorised.
+// consecutive entries whose orbits are consecutive (the closed forms) are vectorised; pairs with an
+// orbit index (tables, products) run table_orbit_pair (orbit_table_kernels.h).
 
 // S[j] += x[j], j < len
 template <typename X>
@@ -412,7 +413,6 @@ void orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc
   for (int64_t k = 0; k < ci * K; ++k) S[k] = 0;
   // pass 1: the orbit sums of every tile
   for (int64_t a = 0; a < dout; ++a) {
-    const int32_t* oa = p.orbit ? p.orbit + a * di : nullptr;
     const int64_t ka = p.form == kOrbitDihedral ? a % N : 0, sa = p.form == kOrbitDihedral ? a / N : 0;
     for (int64_t v = 0; v < ci; ++v) {
       const X* xr = x[a] + v * di;
@@ -431,8 +431,6 @@ void orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc
             for (int64_t kb = 0; kb < N; ++kb) St[(ka - kb + N) % N] += acc_t(xt[kb]);
           }
         }
-      } else {
-        for (int64_t b = 0; b < di; ++b) Sv[oa[b]] += acc_t(xr[b]);
       }
     }
   }
@@ -441,7 +439,7 @@ void orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc
   for (int64_t v = 0; v < ci; ++v)
     for (int64_t k = 0; k < K; ++k) {
       acc_t& s = S[v * K + k];
-      const acc_t inv = p.orbit ? p.inv[k] : p.inv_size;
+      const acc_t inv = p.inv_size;
       sg += s * s * inv;
       s *= inv;
     }
@@ -450,7 +448,6 @@ void orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc
   V4 e4 = zero4();
   acc_t e1 = 0;
   for (int64_t a = 0; a < dout; ++a) {
-    const int32_t* oa = p.orbit ? p.orbit + a * di : nullptr;
     const int64_t ka = p.form == kOrbitDihedral ? a % N : 0, sa = p.form == kOrbitDihedral ? a / N : 0;
     for (int64_t v = 0; v < ci; ++v) {
       const X* xr = x[a] + v * di;
@@ -472,13 +469,13 @@ void orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc
               orbit_residual_one(xt + kb, gt ? gt + kb : nullptr, Mt[(ka - kb + N) % N], cp2, cg2, acc, e1);
           }
         }
-      } else {
-        for (int64_t b = 0; b < di; ++b) orbit_residual_one(xr + b, gr ? gr + b : nullptr, M[oa[b]], cp2, cg2, acc, e1);
       }
     }
   }
   ep += hsum(e4) + e1;
 }
+
+#include "orbit_table_kernels.h"
 
 // ---- dispatch -------------------------------------------------------------------------------------
 
@@ -514,7 +511,10 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
       generic_pair<X>(x, g, dout, p.di, p.ci, p.r, p.A, p.At, cp2, cg2, coef, ep, eg);
       return;
     case Kind::kOrbit:
-      orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
+      if (p.form == kOrbitTable || p.form == kOrbitProduct)
+        table_orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
+      else
+        orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
       return;
   }
 }

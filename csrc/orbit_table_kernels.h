@@ -1,0 +1,158 @@
+// Orbit pairs with an index (plan_columns.h: kOrbitTable, kOrbitProduct): P(T) is the mean of T over
+// each orbit, the orbit of every entry of a tile row given by a table (kOrbitTable) or by the two
+// factor tables of a regular output field and a product input field f_1 ⊗ f_2 (kOrbitProduct, a grid
+// convolution: the orbit of column (b, p) of row a is T1inv[a, b] d_2 + T2inv[a, p]). Included by
+// tile_kernels.h before its dispatch (no include guard, includes nothing, like that file).
+//
+// The orbit of an entry depends on its row and column within the tile, not on the tile: four tiles
+// of a row block are processed together, their entries j .. j + 3 loaded as four rows of a 4 x 4
+// block and transposed, so that each vector holds one entry of the four tiles, and the orbit sums of
+// four tiles are laid out [K][4] (one vector per orbit). Pass 1 is then one vector add per entry and
+// four tiles, pass 2 transposes the four tiles' means back to rows and forms the residual and the
+// gradient row-wise. The tiles left over (ci mod 4) run entry by entry.
+
+#ifdef EQUIPROJ_AVX2
+inline void transpose4(V4& r0, V4& r1, V4& r2, V4& r3) {
+  const __m256d t0 = _mm256_unpacklo_pd(r0.v, r1.v), t1 = _mm256_unpackhi_pd(r0.v, r1.v);
+  const __m256d t2 = _mm256_unpacklo_pd(r2.v, r3.v), t3 = _mm256_unpackhi_pd(r2.v, r3.v);
+  r0.v = _mm256_permute2f128_pd(t0, t2, 0x20);
+  r1.v = _mm256_permute2f128_pd(t1, t3, 0x20);
+  r2.v = _mm256_permute2f128_pd(t0, t2, 0x31);
+  r3.v = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
+#else
+inline void transpose4(V4& r0, V4& r1, V4& r2, V4& r3) {
+  V4* r[4] = {&r0, &r1, &r2, &r3};
+  for (int i = 0; i < 4; ++i)
+    for (int j = i + 1; j < 4; ++j) {
+      const double t = r[i]->v[j];
+      r[i]->v[j] = r[j]->v[i];
+      r[j]->v[i] = t;
+    }
+}
+#endif
+
+// The orbit of every entry of tile row a: the table's row, or, for a product, written into buf from
+// the factor tables (p.orbit: the block table [d_out, d_1], then the pixel table [d_out, d_2]).
+inline const int32_t* orbit_row(const Pair& p, int64_t dout, int64_t a, int32_t* buf) {
+  if (p.form != kOrbitProduct) return p.orbit + a * p.di;
+  const int64_t d2 = p.factor, d1 = p.di / d2;
+  const int32_t* blk = p.orbit + a * d1;
+  const int32_t* pix = p.orbit + dout * d1 + a * d2;
+  for (int64_t b = 0; b < d1; ++b) {
+    const int32_t base = blk[b] * static_cast<int32_t>(d2);
+    int32_t* ob = buf + b * d2;
+    for (int64_t q = 0; q < d2; ++q) ob[q] = base + pix[q];
+  }
+  return buf;
+}
+
+enum class GradMode { kNone, kWrite, kAdd };
+
+// r = x - m for one row of four entries; E_perp and the gradient cg2 x + (cp2 - cg2) r
+template <GradMode Mode, typename X>
+inline void orbit_residual4(const X* x, X* g, V4 m, V4 vcg, V4 vdc, V4& e4) {
+  const V4 t = load4(x), r = t - m;
+  e4 = fmadd(r, r, e4);
+  if constexpr (Mode != GradMode::kNone) {
+    const V4 v = fmadd(vcg, t, vdc * r);
+    store4(g, Mode == GradMode::kAdd ? load4(g) + v : v);
+  }
+}
+
+template <GradMode Mode, typename X>
+void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2,
+                           const acc_t* M, int32_t* obuf, V4& e4, acc_t& e1) {
+  const int64_t di = p.di, K = p.r, ci = p.ci, c4 = ci - ci % 4, d4 = di - di % 4;
+  const bool acc = Mode == GradMode::kAdd;
+  const V4 vcg = splat(cg2), vdc = splat(cp2 - cg2);
+  for (int64_t a = 0; a < dout; ++a) {
+    const int32_t* o = orbit_row(p, dout, a, obuf);
+    for (int64_t v = 0; v < c4; v += 4) {
+      const X* x0 = x[a] + v * di;
+      X* g0 = Mode == GradMode::kNone ? nullptr : g[a] + v * di;
+      const acc_t* M4 = M + v * K;
+      int64_t j = 0;
+      for (; j < d4; j += 4) {
+        V4 m0 = load4(M4 + 4 * o[j]), m1 = load4(M4 + 4 * o[j + 1]), m2 = load4(M4 + 4 * o[j + 2]),
+           m3 = load4(M4 + 4 * o[j + 3]);
+        transpose4(m0, m1, m2, m3);  // m_l: the means of entries j .. j + 3 of tile l
+        orbit_residual4<Mode>(x0 + j, g0 ? g0 + j : nullptr, m0, vcg, vdc, e4);
+        orbit_residual4<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m1, vcg, vdc, e4);
+        orbit_residual4<Mode>(x0 + 2 * di + j, g0 ? g0 + 2 * di + j : nullptr, m2, vcg, vdc, e4);
+        orbit_residual4<Mode>(x0 + 3 * di + j, g0 ? g0 + 3 * di + j : nullptr, m3, vcg, vdc, e4);
+      }
+      for (; j < di; ++j)
+        for (int64_t l = 0; l < 4; ++l)
+          orbit_residual_one(x0 + l * di + j, g0 ? g0 + l * di + j : nullptr, M4[4 * o[j] + l], cp2, cg2, acc, e1);
+    }
+    for (int64_t v = c4; v < ci; ++v) {
+      const X* xr = x[a] + v * di;
+      X* gr = Mode == GradMode::kNone ? nullptr : g[a] + v * di;
+      const acc_t* Mv = M + v * K;
+      for (int64_t j = 0; j < di; ++j) orbit_residual_one(xr + j, gr ? gr + j : nullptr, Mv[o[j]], cp2, cg2, acc, e1);
+    }
+  }
+}
+
+// S: ci * K + di scratch entries: the orbit sums (then means) of every tile, tiles 4 v .. 4 v + 3 as
+// the [K][4] block at S + 4 v K and the remaining tiles as [K] blocks after them; then room for the
+// orbit row of a product.
+template <typename X>
+void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* S,
+                      acc_t& ep, acc_t& eg) {
+  const int64_t di = p.di, K = p.r, ci = p.ci, c4 = ci - ci % 4, d4 = di - di % 4;
+  int32_t* obuf = reinterpret_cast<int32_t*>(S + ci * K);
+  for (int64_t k = 0; k < ci * K; ++k) S[k] = 0;
+  // pass 1: the orbit sums of every tile
+  for (int64_t a = 0; a < dout; ++a) {
+    const int32_t* o = orbit_row(p, dout, a, obuf);
+    for (int64_t v = 0; v < c4; v += 4) {
+      const X* x0 = x[a] + v * di;
+      acc_t* S4 = S + v * K;
+      int64_t j = 0;
+      for (; j < d4; j += 4) {
+        V4 r0 = load4(x0 + j), r1 = load4(x0 + di + j), r2 = load4(x0 + 2 * di + j), r3 = load4(x0 + 3 * di + j);
+        transpose4(r0, r1, r2, r3);  // r_i: entry j + i of the four tiles
+        acc_t* s0 = S4 + 4 * o[j];
+        acc_t* s1 = S4 + 4 * o[j + 1];
+        acc_t* s2 = S4 + 4 * o[j + 2];
+        acc_t* s3 = S4 + 4 * o[j + 3];
+        store4(s0, load4(s0) + r0);
+        store4(s1, load4(s1) + r1);
+        store4(s2, load4(s2) + r2);
+        store4(s3, load4(s3) + r3);
+      }
+      for (; j < di; ++j)
+        for (int64_t l = 0; l < 4; ++l) S4[4 * o[j] + l] += acc_t(x0[l * di + j]);
+    }
+    for (int64_t v = c4; v < ci; ++v) {
+      const X* xr = x[a] + v * di;
+      acc_t* Sv = S + v * K;
+      for (int64_t j = 0; j < di; ++j) Sv[o[j]] += acc_t(xr[j]);
+    }
+  }
+  // E_G = sum_k S_k^2 / n_k; S becomes the orbit means
+  acc_t sg = 0;
+  for (int64_t v = 0; v < ci; ++v) {
+    const int64_t lanes = v < c4 ? 4 : 1;
+    acc_t* Sv = v < c4 ? S + (v - v % 4) * K + v % 4 : S + v * K;
+    for (int64_t k = 0; k < K; ++k) {
+      acc_t& s = Sv[k * lanes];
+      const acc_t inv = p.form == kOrbitProduct ? p.inv_size : p.inv[k];
+      sg += s * s * inv;
+      s *= inv;
+    }
+  }
+  eg += sg;
+  // pass 2: the residual and the gradient
+  V4 e4 = zero4();
+  acc_t e1 = 0;
+  if (!g)
+    table_orbit_residuals<GradMode::kNone, X>(p, dout, x, g, cp2, cg2, S, obuf, e4, e1);
+  else if (p.accumulate)
+    table_orbit_residuals<GradMode::kAdd, X>(p, dout, x, g, cp2, cg2, S, obuf, e4, e1);
+  else
+    table_orbit_residuals<GradMode::kWrite, X>(p, dout, x, g, cp2, cg2, S, obuf, e4, e1);
+  ep += hsum(e4) + e1;
+}
