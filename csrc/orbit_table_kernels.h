@@ -82,6 +82,14 @@ inline const int32_t* orbit_row(const Pair& p, int64_t dout, int64_t a, int32_t*
 
 enum class GradMode { kNone, kWrite, kAdd };
 
+// The cache lines of four entries of the next group of tiles (one line of float, two of double):
+// four interleaved streams of d_in entries each are too short for the hardware prefetchers.
+template <typename X>
+inline void prefetch_line(const X* p) {
+  __builtin_prefetch(p);
+  if constexpr (sizeof(X) == 8) __builtin_prefetch(p + 8);
+}
+
 // r = x - m for one row of four entries; E_perp and the gradient cg2 x + (cp2 - cg2) r
 template <GradMode Mode, typename X>
 inline void orbit_residual4(const X* x, X* g, V4 m, V4 vcg, V4 vdc, V4& e4) {
@@ -97,6 +105,7 @@ template <GradMode Mode, typename X>
 void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2,
                            const acc_t* M, int32_t* obuf, V4& e4, acc_t& e1) {
   const int64_t di = p.di, K = p.r, ci = p.ci, d4 = di - di % 4;
+  V4 e[4] = {zero4(), zero4(), zero4(), zero4()};  // one accumulator per tile of a group: no add chain
   const bool acc = Mode == GradMode::kAdd;
   const V4 vcg = splat(cg2), vdc = splat(cp2 - cg2);
   for (int64_t a = 0; a < dout; ++a) {
@@ -109,13 +118,16 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
       int64_t j = 0;
       if (w == 4) {
         for (; j < d4; j += 4) {
+          // a step walks 4 entries of each of 4 tiles: one line of the next group (4 d_in contiguous entries)
+          prefetch_line<X>(x0 + 4 * di + 4 * j);
+          if (Mode == GradMode::kAdd) prefetch_line<X>(g0 + 4 * di + 4 * j);
           V4 m0 = load4(Mw + 4 * o[j]), m1 = load4(Mw + 4 * o[j + 1]), m2 = load4(Mw + 4 * o[j + 2]),
              m3 = load4(Mw + 4 * o[j + 3]);
           transpose4(m0, m1, m2, m3);  // m_l: the means of entries j .. j + 3 of tile l
-          orbit_residual4<Mode>(x0 + j, g0 ? g0 + j : nullptr, m0, vcg, vdc, e4);
-          orbit_residual4<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m1, vcg, vdc, e4);
-          orbit_residual4<Mode>(x0 + 2 * di + j, g0 ? g0 + 2 * di + j : nullptr, m2, vcg, vdc, e4);
-          orbit_residual4<Mode>(x0 + 3 * di + j, g0 ? g0 + 3 * di + j : nullptr, m3, vcg, vdc, e4);
+          orbit_residual4<Mode>(x0 + j, g0 ? g0 + j : nullptr, m0, vcg, vdc, e[0]);
+          orbit_residual4<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m1, vcg, vdc, e[1]);
+          orbit_residual4<Mode>(x0 + 2 * di + j, g0 ? g0 + 2 * di + j : nullptr, m2, vcg, vdc, e[2]);
+          orbit_residual4<Mode>(x0 + 3 * di + j, g0 ? g0 + 3 * di + j : nullptr, m3, vcg, vdc, e[3]);
         }
       }
 #ifdef EQUIPROJ_AVX2
@@ -123,8 +135,8 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
         for (; j < d4; j += 4) {
           V4 m0, m1;
           orbit_means2(Mw, o + j, m0, m1);
-          orbit_residual4<Mode>(x0 + j, g0 ? g0 + j : nullptr, m0, vcg, vdc, e4);
-          orbit_residual4<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m1, vcg, vdc, e4);
+          orbit_residual4<Mode>(x0 + j, g0 ? g0 + j : nullptr, m0, vcg, vdc, e[0]);
+          orbit_residual4<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m1, vcg, vdc, e[1]);
         }
       }
 #endif
@@ -133,6 +145,7 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
           orbit_residual_one(x0 + l * di + j, g0 ? g0 + l * di + j : nullptr, Mw[w * o[j] + l], cp2, cg2, acc, e1);
     }
   }
+  e4 = e4 + ((e[0] + e[1]) + (e[2] + e[3]));
 }
 
 // S: ci * K + di scratch entries: the orbit sums (then means) of every tile, a group of w tiles
@@ -154,6 +167,7 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
       int64_t j = 0;
       if (w == 4) {
         for (; j < d4; j += 4) {
+          prefetch_line<X>(x0 + 4 * di + 4 * j);  // as in pass 2: the next group, a line per step
           V4 r0 = load4(x0 + j), r1 = load4(x0 + di + j), r2 = load4(x0 + 2 * di + j), r3 = load4(x0 + 3 * di + j);
           transpose4(r0, r1, r2, r3);  // r_i: entry j + i of the four tiles
           acc_t* s0 = Sw + 4 * o[j];
