@@ -127,9 +127,11 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
                      acc_t& ep, acc_t& eg) {
   if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall)  // kSmall runs generic_pair on the baseline ISA
     s.coef.resize(std::max<int64_t>(p.ci * ((p.r + 3) / 4 * 4), 4));
-  else if (p.kind == Kind::kOrbit)
-    s.coef.resize(std::max<int64_t>(
-        p.form == kOrbitTable ? p.ci * p.r : orbit_closed_scratch(p.ci, p.r, p.form == kOrbitDihedral), 4));
+  else if (p.kind == Kind::kOrbit)  // the orbit sums, then (tables, products) room for one orbit row
+    s.coef.resize(std::max<int64_t>(p.form == kOrbitCyclic || p.form == kOrbitDihedral
+                                        ? orbit_closed_scratch(p.ci, p.r, p.form == kOrbitDihedral)
+                                        : p.ci * p.r + p.di,
+                                    4));
   if constexpr (std::is_same<X, float>::value)
     kernels().f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
   else
@@ -339,9 +341,20 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
     const int64_t* R = M + order[q] * kPlanColumns;
     const int64_t oo = R[kOutOffset], io = R[kInOffset], co = R[kOutCopies], ci = R[kInCopies], dout = R[kDOut],
                   din = R[kDIn], r = R[kRank], bo = R[kBasisOffset], orbits = R[kOrbits], form = R[kOrbitForm];
-    // an orbit pair stores its orbit table and inverse orbit sizes (kOrbitTable) or nothing (closed forms)
-    const int64_t stored = orbits == 0 ? r * dout * din : form == kOrbitTable ? dout * din + orbits : 0;
+    // an orbit pair stores its orbit table and inverse orbit sizes (kOrbitTable), d_2 and the two factor
+    // tables (kOrbitProduct) or nothing (closed forms)
+    int64_t d2 = 0;
+    if (orbits > 0 && form == kOrbitProduct && bo >= 0 && bo < nb) {
+      const acc_t v = L.basis[bo];
+      if (v >= 1 && v <= din && v == std::floor(v)) d2 = static_cast<int64_t>(v);
+    }
+    const bool product_ok = d2 >= 1 && din % d2 == 0 && orbits == din;
+    const int64_t stored = orbits == 0              ? r * dout * din
+                           : form == kOrbitTable   ? dout * din + orbits
+                           : form == kOrbitProduct ? (product_ok ? 1 + dout * (din / d2 + d2) : nb + 1)
+                                                   : 0;
     const bool form_ok = orbits == 0 || (orbits == r && ((form == kOrbitTable && orbits <= dout * din) ||
+                                                         (form == kOrbitProduct && product_ok) ||
                                                          (form == kOrbitCyclic && dout == din && orbits == dout) ||
                                                          (form == kOrbitDihedral && dout == din && dout % 2 == 0 &&
                                                           orbits == dout)));
@@ -364,7 +377,26 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
       Pair pr{io, ci, din, orbits, Kind::kOrbit, nullptr, nullptr};
       pr.form = form;
       pr.inv_size = acc_t(1) / acc_t(dout);
-      if (form == kOrbitTable) {
+      if (form == kOrbitProduct) {
+        // the factor tables give the column of each orbit; the kernel needs the orbit of each column:
+        // their inverses, checked to be permutations
+        pr.factor = d2;
+        pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(L.orbit.size()));
+        const int64_t d1 = din / d2, start = L.orbit.size();
+        L.orbit.resize(start + dout * (d1 + d2), -1);
+        for (int64_t a = 0; a < dout; ++a)
+          for (int64_t f = 0; f < 2; ++f) {
+            const int64_t d = f == 0 ? d1 : d2;
+            const acc_t* T = A + 1 + (f == 0 ? a * d1 : dout * d1 + a * d2);
+            int32_t* inv = L.orbit.data() + start + (f == 0 ? a * d1 : dout * d1 + a * d2);
+            for (int64_t c = 0; c < d; ++c) {
+              const acc_t t = T[c];
+              TORCH_CHECK_VALUE(t >= 0 && t < d && t == std::floor(t) && inv[static_cast<int64_t>(t)] < 0,
+                                "fused_energies: layer ", layer, ": malformed factor table in plan row ", order[q]);
+              inv[static_cast<int64_t>(t)] = static_cast<int32_t>(c);
+            }
+          }
+      } else if (form == kOrbitTable) {
         // the orbit indices are stored as exact integers; their offset is stored until L.orbit stops growing
         pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(L.orbit.size()));
         pr.inv = A + dout * din;
@@ -399,7 +431,7 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
                 " columns, W has ", L.n);
     for (auto& p : G.pairs) {
       if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) p.At = L.basis_t.data() + reinterpret_cast<intptr_t>(p.At);
-      if (p.kind == Kind::kOrbit && p.form == kOrbitTable)
+      if (p.kind == Kind::kOrbit && (p.form == kOrbitTable || p.form == kOrbitProduct))
         p.orbit = L.orbit.data() + reinterpret_cast<intptr_t>(p.orbit);
     }
   }

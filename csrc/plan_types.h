@@ -25,8 +25,10 @@ struct Pair {
   const acc_t* A;   // [r, d_out, d_in]
   const acc_t* At;  // [d_out, d_in, r rounded up to 4] (kGeneric and kSmall), zero-padded
   // kOrbit: K = r orbits; form (plan_columns.h, OrbitForm); for kOrbitTable the orbit of each entry
-  // [d_out * d_in] and the inverse orbit sizes [K], else every orbit has inverse size inv_size.
-  int64_t form = 0;
+  // [d_out * d_in] and the inverse orbit sizes [K], else every orbit has inverse size inv_size; for
+  // kOrbitProduct (factor = d_2) orbit holds the orbit block of each column block [d_out, d_in / d_2],
+  // then the orbit pixel of each pixel [d_out, d_2].
+  int64_t form = 0, factor = 0;
   const int32_t* orbit = nullptr;
   const acc_t* inv = nullptr;
   acc_t inv_size = 0;

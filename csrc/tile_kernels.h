@@ -376,8 +376,9 @@ void generic_pair(const X* const* x, X* const* g, int64_t dout, int64_t di, int6
 
 // ---- orbit pairs: two permutation fields, P(T) = the mean of T over each orbit ---------------------
 // Pass 1 sums every orbit over the tile, pass 2 subtracts the orbit means. Every entry is read
-// before it is written, so g may alias x (the decoupled step writes into the weight). Here: orbit
-// tables; the closed forms (C_N, D_N regular) are in orbit_closed.h.
+// before it is written, so g may alias x (the decoupled step writes into the weight). The closed
+// forms (C_N, D_N regular) run orbit_closed_pair (orbit_closed.h); pairs with an orbit index
+// (tables, products) run table_orbit_pair (orbit_table_kernels.h).
 
 // one entry
 template <typename X>
@@ -390,53 +391,12 @@ inline void orbit_residual_one(const X* x, X* g, acc_t m, acc_t cp2, acc_t cg2, 
   }
 }
 
-// Rows outer, tiles inner in both passes: the row block's weight and gradient rows are each walked
-// start to end, one memory stream at a time (tile by tile, a tile's d_out rows would be d_out
-// concurrent streams of W and as many of the gradient, more than the prefetchers follow).
-// S: ci * K scratch entries (the orbit sums, then the means, of every tile of the row block).
-template <typename X>
-void orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* S,
-                acc_t& ep, acc_t& eg) {
-  const int64_t di = p.di, K = p.r, ci = p.ci;
-  const bool acc = p.accumulate;
-  for (int64_t k = 0; k < ci * K; ++k) S[k] = 0;
-  // pass 1: the orbit sums of every tile
-  for (int64_t a = 0; a < dout; ++a) {
-    const int32_t* oa = p.orbit + a * di;
-    for (int64_t v = 0; v < ci; ++v) {
-      const X* xr = x[a] + v * di;
-      acc_t* Sv = S + v * K;
-      for (int64_t b = 0; b < di; ++b) Sv[oa[b]] += acc_t(xr[b]);
-    }
-  }
-  // E_G = sum_k S_k^2 / n_k, in tile order; S becomes the orbit means
-  acc_t sg = 0;
-  for (int64_t v = 0; v < ci; ++v)
-    for (int64_t k = 0; k < K; ++k) {
-      acc_t& s = S[v * K + k];
-      const acc_t inv = p.inv[k];
-      sg += s * s * inv;
-      s *= inv;
-    }
-  eg += sg;
-  // pass 2: the residual and the gradient
-  acc_t e1 = 0;
-  for (int64_t a = 0; a < dout; ++a) {
-    const int32_t* oa = p.orbit + a * di;
-    for (int64_t v = 0; v < ci; ++v) {
-      const X* xr = x[a] + v * di;
-      X* gr = g ? g[a] + v * di : nullptr;
-      const acc_t* M = S + v * K;
-      for (int64_t b = 0; b < di; ++b) orbit_residual_one(xr + b, gr ? gr + b : nullptr, M[oa[b]], cp2, cg2, acc, e1);
-    }
-  }
-  ep += e1;
-}
+#include "orbit_table_kernels.h"
 
 // ---- dispatch -------------------------------------------------------------------------------------
 
-// coef: ci * padded_rank(r) scratch (kSmall and kGeneric), ci * K orbit sums (kOrbit, tables),
-// orbit_closed_scratch (kOrbit, closed forms).
+// coef: ci * padded_rank(r) scratch (kSmall and kGeneric), ci * K orbit sums and one orbit row (kOrbit,
+// tables and products), orbit_closed_scratch (kOrbit, closed forms).
 template <typename X>
 void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* coef,
               acc_t& ep, acc_t& eg) {
@@ -468,8 +428,8 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
       generic_pair<X>(x, g, dout, p.di, p.ci, p.r, p.A, p.At, cp2, cg2, coef, ep, eg);
       return;
     case Kind::kOrbit:
-      if (p.form == kOrbitTable)
-        orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
+      if (p.form == kOrbitTable || p.form == kOrbitProduct)
+        table_orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
       else
         orbit_closed_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
       return;

@@ -21,7 +21,7 @@ from ._caches import bytes_cached
 from .groups import Field, Irrep, Rep, check_rep_pair
 
 __all__ = ["SidePlan", "BlockPlan", "FieldPair", "PackedPlan", "PlanColumn", "PlanRow", "OrbitForm", "orbit_pair",
-           "block_plan", "plan_for"]
+           "product_columns", "block_plan", "plan_for"]
 
 
 @dataclass
@@ -177,11 +177,16 @@ class OrbitForm(enum.IntEnum):
     ``1 / n_k`` (a tile's share of an orbit). ``CYCLIC`` / ``DIHEDRAL``: regular fields of C_N / D_N,
     closed forms with nothing stored, every orbit of size ``d``: C_N ``o(a, b) = (b - a) mod N``; D_N
     (element ``k + N s`` is ``R(k) F^s``) ``o = (k_b - k_a) mod N + N t`` for ``s_a = 0`` and
-    ``(k_a - k_b) mod N + N (1 - t)`` for ``s_a = 1``."""
+    ``(k_a - k_b) mod N + N (1 - t)`` for ``s_a = 1``. ``PRODUCT``: a regular output field and an
+    input field ``f_1 ⊗ f_2`` of two permutation fields (a grid convolution's ``f_in ⊗ pixels``):
+    every orbit meets every row once, ``K = d_in``, and orbit ``k = c d_2 + q`` sits in row ``a`` at
+    column ``T_1[a, c] d_2 + T_2[a, q]``; the segment holds ``d_2``, then ``T_1`` ``[d_out, d_1]`` and
+    ``T_2`` ``[d_out, d_2]`` row-major (``|G| (d_1 + d_2) + 1`` numbers instead of ``d_out d_in``)."""
 
     TABLE = 0
     CYCLIC = 1
     DIHEDRAL = 2
+    PRODUCT = 3
 
 
 #: pairs of permutation fields this small keep their basis: the kernels' small-tile paths (compile-time
@@ -262,6 +267,9 @@ def _orbit_index(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch
         data = basis[row.basis_offset : row.basis_offset + do * di + K].to(torch.float64).cpu()
         return data[: do * di].round().to(torch.long), data[do * di :]
     a, b = torch.arange(do)[:, None], torch.arange(di)[None, :]
+    if row.orbit_form == OrbitForm.PRODUCT:  # written out: the column of orbit k in row a, inverted
+        o = torch.empty(do, di, dtype=torch.long).scatter_(1, product_columns(row, basis), b.expand(do, di).contiguous())
+        return o.reshape(-1), torch.full((K,), 1.0 / do, dtype=torch.float64)
     if row.orbit_form == OrbitForm.CYCLIC:
         o = (b - a) % do
     elif row.orbit_form == OrbitForm.DIHEDRAL:
@@ -271,6 +279,31 @@ def _orbit_index(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch
     else:
         raise ValueError(f"unknown orbit form {row.orbit_form}")
     return o.reshape(-1), torch.full((K,), 1.0 / do, dtype=torch.float64)
+
+
+def product_columns(row: PlanRow, basis: torch.Tensor) -> torch.Tensor:
+    """``[d_out, d_in]`` long: the column of orbit ``k`` in row ``a`` of a ``PRODUCT`` orbit pair,
+    ``T_1[a, k // d_2] d_2 + T_2[a, k % d_2]``."""
+    d2 = int(basis[row.basis_offset])
+    d1 = row.d_in // d2
+    data = basis[row.basis_offset : row.basis_offset + 1 + row.d_out * (d1 + d2)].to(torch.float64).cpu()
+    t1 = data[1 : 1 + row.d_out * d1].round().to(torch.long).reshape(row.d_out, d1)
+    t2 = data[1 + row.d_out * d1 : 1 + row.d_out * (d1 + d2)].round().to(torch.long).reshape(row.d_out, d2)
+    return (t1[:, :, None] * d2 + t2[:, None, :]).reshape(row.d_out, row.d_in)
+
+
+def _product_orbits(pa, pb) -> torch.Tensor:
+    """The ``PRODUCT`` segment of a regular output field ``pa`` and a product input field ``pb``:
+    orbit ``k`` of the pairs is represented by ``(0, k)``; the element ``g_a`` that maps output
+    coordinate 0 to ``a`` maps it to ``(a, sigma_{g_a}(k))``, so row ``a`` of ``T_i`` is ``sigma_{g_a}``
+    of factor ``i``."""
+    f1, f2 = pb.factors
+    regular = pa.element_table()  # [|G|, |G|]: row x is sigma of element x
+    g_of_row = torch.empty(pa.dim, dtype=torch.long)
+    g_of_row[regular[:, 0]] = torch.arange(pa.dim)  # the element that maps coordinate 0 to row a
+    t1, t2 = f1.element_table()[g_of_row], f2.element_table()[g_of_row]
+    return torch.cat([torch.tensor([float(f2.dim)], dtype=torch.float64), t1.reshape(-1).to(torch.float64),
+                      t2.reshape(-1).to(torch.float64)])
 
 
 def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
@@ -288,7 +321,8 @@ def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torc
     For permutation fields ``Hom_G`` is spanned by the indicator matrices of the orbits of G on pairs
     ``(a, b)`` (``(a, b) ~ (sigma_g(a), sigma_g(b))``), so ``P(W)`` is the mean of W over each orbit and
     no basis is needed (docs/math.md §9). Regular fields of C_N / D_N have closed forms (``data`` empty);
-    otherwise ``data`` is the orbit of every entry (row-major, exact integers in float64) followed by the
+    a regular output field and a product input field (a grid convolution) have the factorised index of
+    ``OrbitForm.PRODUCT``; otherwise ``data`` is the orbit of every entry (row-major, exact integers in float64) followed by the
     inverse orbit sizes, from the connected components of the graph the group's generators draw on the
     pairs. Shared by every copy of the pair: its size is that of one tile."""
     pa, pb = field_out.permutation, field_in.permutation
@@ -299,6 +333,8 @@ def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torc
         form = pa.group.regular_pair_orbits()
         if form is not None:
             return d_out, OrbitForm[form.upper()], torch.zeros(0, dtype=torch.float64)
+    if pa.regular and pb.factors is not None and pa.group == pb.group:
+        return d_in, OrbitForm.PRODUCT, _product_orbits(pa, pb)
     if d_out * d_in > MAX_ORBIT_TABLE:
         raise ValueError(f"the orbits of a pair of permutation fields of dimension {d_out} and {d_in} need an index "
                          f"table of {d_out * d_in:,} entries, more than the {MAX_ORBIT_TABLE:,} a plan holds: split the "

@@ -69,9 +69,19 @@ class OrbitClass(enum.IntEnum):
     TABLE = 1  # an orbit pair with an orbit table: one masked sum per orbit
     CYCLIC = 2  # regular fields of C_N: tile entries loaded skewed, so that a column is an orbit
     DIHEDRAL = 3  # regular fields of D_N: the same with the dihedral closed form
+    PRODUCT = 4  # regular output field, input f_1 ⊗ f_2: loaded skewed through the factor tables, DIP orbits at a time
 
 #: largest padded tile ``pow2(d_out) * pow2(d_in)`` the kernel takes (it holds a tile in registers)
 MAX_TILE_ELEMENTS = 128 * 128
+
+
+def orbit_chunk(d_out: int, d_in: int, orbit: "OrbitClass") -> int:
+    """The padded columns a program holds at once: the whole tile, except for a product, whose orbits
+    (columns of the skewed block) are independent and taken as many at a time as fit
+    :data:`MAX_TILE_ELEMENTS` with the padded rows."""
+    if orbit == OrbitClass.PRODUCT:
+        return max(1, min(_pow2(d_in), MAX_TILE_ELEMENTS // _pow2(d_out)))
+    return _pow2(d_in)
 
 
 def _pow2(x: int) -> int:
@@ -129,7 +139,8 @@ class TileClass:
 
     @property
     def padded(self) -> tuple[int, int]:
-        return _pow2(self.d_out), _pow2(self.d_in)
+        """``(DOP, DIP)``: the padded tile, or for a product the padded rows and the orbits taken at once."""
+        return _pow2(self.d_out), orbit_chunk(self.d_out, self.d_in, self.orbit)
 
     @property
     def elements(self) -> int:
@@ -204,10 +215,11 @@ def build_schedule(weights: list[torch.Tensor], plans: list[PackedPlan], device:
     classes = {}
     for k, (mo, mi) in maxima.items():
         dt, do, di, ident, unit, sm, orbit = k
-        if _pow2(do) * _pow2(di) > MAX_TILE_ELEMENTS:
+        chunk = orbit_chunk(do, di, orbit)
+        if _pow2(do) * chunk > MAX_TILE_ELEMENTS:
             raise ValueError(f"a field pair of dimensions {do} x {di} exceeds the kernel's tile limit "
                              f"(padded {MAX_TILE_ELEMENTS} elements); use the torch path for such layers")
-        bu, bv = tile_shape(do, di, mo, mi, target_elems, num_warps)
+        bu, bv = tile_shape(do, chunk, mo, mi, target_elems, num_warps)
         classes[k] = TileClass(dt, do, di, ident, unit, sm, bu, bv, num_warps, orbit=orbit)
 
     # shared tables: bases (float32), permutations, per-layer strides

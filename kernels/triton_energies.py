@@ -174,6 +174,7 @@ def _energy_tiles_kernel(
 _ORBIT_TABLE = tl.constexpr(int(OrbitClass.TABLE))
 _ORBIT_CYCLIC = tl.constexpr(int(OrbitClass.CYCLIC))
 _ORBIT_DIHEDRAL = tl.constexpr(int(OrbitClass.DIHEDRAL))
+_ORBIT_PRODUCT = tl.constexpr(int(OrbitClass.PRODUCT))
 
 
 @triton.jit
@@ -185,10 +186,12 @@ def _orbit_tiles_kernel(
     WITH_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr, NT: tl.constexpr, NL: tl.constexpr,
 ):
     """The tiles of an orbit pair (two permutation fields, docs/math.md §9): ``P(T)`` is the mean of T
-    over each orbit of G on the tile's entries. Closed forms (C_N, D_N regular fields): entry
-    ``(a, k)`` of the loaded block is the tile entry of row a in orbit k (a skewed load), so an orbit
-    is a column and its mean a sum over the rows, O(1) work per weight. Orbit tables: one masked sum
-    per orbit (K passes over the registers)."""
+    over each orbit of G on the tile's entries. Closed forms (C_N, D_N regular fields) and products
+    (a regular output field, input ``f_1 ⊗ f_2``): entry ``(a, k)`` of the loaded block is the tile
+    entry of row a in orbit k (a skewed load), so an orbit is a column and its mean a sum over the
+    rows, O(1) work per weight; the orbits are taken ``DIP`` at a time (a product's tile may be larger
+    than the registers: 48 x 1296 for O_h regular fields on 3x3x3 kernels). Orbit tables: one masked
+    sum per orbit (K passes over the registers), the whole tile at once (``DIP >= DI``)."""
     task = task_ptr + (task_start + tl.program_id(0)).to(tl.int64) * NT
     layer = tl.load(task + _T_LAYER)
     row0 = tl.load(task + _T_ROW0)
@@ -205,6 +208,10 @@ def _orbit_tiles_kernel(
     stride_col = tl.load(lay + _L_STRIDE_COL)
     grad_row_stride = tl.load(lay + _L_GRAD_ROW_STRIDE)
     w_ptr = tl.load(addr_ptr + layer).to(w_dtype_ptr.dtype)
+    if WITH_GRAD:
+        cp2 = 2.0 * tl.load(c_perp_ptr + layer)
+        cg2 = 2.0 * tl.load(c_g_ptr + layer)
+        grad_ptr = tl.load(grad_addr_ptr + layer).to(w_dtype_ptr.dtype)
 
     RP: tl.constexpr = BU * DOP
     CP: tl.constexpr = BV * DIP
@@ -213,63 +220,75 @@ def _orbit_tiles_kernel(
     u = i // DOP
     a = i % DOP
     v = j // DIP
-    k = j % DIP
+    kj = j % DIP
     a2 = a[:, None]
-    k2 = k[None, :]
-    if FORM == _ORBIT_CYCLIC:  # orbit k of row a: column (a + k) mod N
-        b2 = (a2 + k2) % DI
-    elif FORM == _ORBIT_DIHEDRAL:  # row a = k_a + N s, orbit k = k_k + N t
-        NH: tl.constexpr = DI // 2
-        ka = a2 % NH
-        kk = k2 % NH
-        b2 = tl.where(a2 // NH == 0, (ka + kk) % NH + NH * (k2 // NH), (ka - kk + NH) % NH + NH * (1 - k2 // NH))
-    else:
-        b2 = k2 + 0 * a2
     srow = row0 + u * DO + a
-    scol = col0 + (v * DI)[None, :] + b2  # [RP, CP]
     rmask = (u < nu) & (a < DO)
-    mask = rmask[:, None] & ((v < nv) & (k < DI))[None, :]
     if IDENTITY_PERM:
         urow = srow
-        ucol = scol
     else:
         urow = tl.load(perm_ptr + tl.load(lay + _L_PERM_OUT_OFFSET) + srow, mask=rmask, other=0)
-        ucol = tl.load(perm_ptr + tl.load(lay + _L_PERM_IN_OFFSET) + scol, mask=mask, other=0)
-    x2 = tl.load(w_ptr + w_off + urow[:, None] * stride_row + ucol * stride_col, mask=mask, other=0.0)
-    x = tl.reshape(x2.to(tl.float32), [BU, DOP, BV, DIP])
-
+    if FORM == _ORBIT_PRODUCT:  # the factor tables: d_2, T_1 [DO, d_1], T_2 [DO, d_2]
+        d2 = tl.load(basis_ptr + basis_off).to(tl.int32)
+        d1 = DI // d2
     ta = tl.arange(0, DOP)[:, None]
-    tb = tl.arange(0, DIP)[None, :]
-    if FORM == _ORBIT_TABLE:
-        in_tile = (ta < DO) & (tb < DI)
-        orbit = tl.load(basis_ptr + basis_off + ta * DI + tb, mask=in_tile, other=-1.0).to(tl.int32)[None, :, None, :]
-        proj = tl.zeros([BU, DOP, BV, DIP], dtype=tl.float32)
-        eg = tl.zeros([BU, BV], dtype=tl.float32)
-        for o in range(n_orbits):
-            inv = tl.load(basis_ptr + basis_off + DO * DI + o)
-            sel = orbit == o
-            total = tl.sum(tl.sum(tl.where(sel, x, 0.0), axis=3), axis=1)  # [BU, BV]
-            proj += tl.where(sel, (total * inv)[:, None, :, None], 0.0)
-            eg += total * total * inv
-        eg_sum = tl.sum(eg)
-    else:  # every orbit meets every row once: the orbit sums are the column sums
-        total = tl.sum(x, axis=1)  # [BU, BV, DIP]
-        row_in = (ta < DO)[None, :, :, None]  # [1, DOP, 1, 1]
-        proj = tl.where(row_in, (total * (1.0 / DO))[:, None, :, :], 0.0)
-        eg_sum = tl.sum(total * total) * (1.0 / DO)
-    res = x - proj
-    tl.store(part_ptr + slot, tl.sum(res * res))
-    tl.store(part_ptr + n_slots + slot, eg_sum)
+    row_in = (ta < DO)[None, :, :, None]  # [1, DOP, 1, 1]
+    ep_sum = tl.zeros([BU, BV], dtype=tl.float32)
+    eg_sum = tl.zeros([BU, BV], dtype=tl.float32)
+    for c0 in range(0, DI, DIP):
+        k = c0 + kj
+        k_in = k < DI
+        k2 = k[None, :]
+        if FORM == _ORBIT_CYCLIC:  # orbit k of row a: column (a + k) mod N
+            b2 = (a2 + k2) % DI
+        elif FORM == _ORBIT_DIHEDRAL:  # row a = k_a + N s, orbit k = k_k + N t
+            NH: tl.constexpr = DI // 2
+            ka = a2 % NH
+            kk = k2 % NH
+            b2 = tl.where(a2 // NH == 0, (ka + kk) % NH + NH * (k2 // NH), (ka - kk + NH) % NH + NH * (1 - k2 // NH))
+        elif FORM == _ORBIT_PRODUCT:  # orbit k = c d_2 + q of row a: column T_1[a, c] d_2 + T_2[a, q]
+            kc = tl.where(k_in, k, 0)[None, :]
+            tmask = (a2 < DO) & k_in[None, :]
+            t1 = tl.load(basis_ptr + basis_off + 1 + a2 * d1 + kc // d2, mask=tmask, other=0.0).to(tl.int32)
+            t2 = tl.load(basis_ptr + basis_off + 1 + DO * d1 + a2 * d2 + kc % d2, mask=tmask, other=0.0).to(tl.int32)
+            b2 = t1 * d2 + t2
+        else:
+            b2 = k2 + 0 * a2
+        scol = col0 + (v * DI)[None, :] + b2  # [RP, CP]
+        mask = rmask[:, None] & ((v < nv) & k_in)[None, :]
+        if IDENTITY_PERM:
+            ucol = scol
+        else:
+            ucol = tl.load(perm_ptr + tl.load(lay + _L_PERM_IN_OFFSET) + scol, mask=mask, other=0)
+        x2 = tl.load(w_ptr + w_off + urow[:, None] * stride_row + ucol * stride_col, mask=mask, other=0.0)
+        x = tl.reshape(x2.to(tl.float32), [BU, DOP, BV, DIP])
 
-    if WITH_GRAD:
-        cp2 = 2.0 * tl.load(c_perp_ptr + layer)
-        cg2 = 2.0 * tl.load(c_g_ptr + layer)
-        grad = tl.reshape(cp2 * res + cg2 * proj, [RP, CP])
-        grad_ptr = tl.load(grad_addr_ptr + layer).to(w_dtype_ptr.dtype)
-        g_ptrs = grad_ptr + g_off + urow[:, None] * grad_row_stride + ucol
-        if ACCUMULATE:  # out may be W itself: this block was loaded above, before any store
-            grad = grad + tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(g_ptrs, grad.to(w_dtype_ptr.dtype.element_ty), mask=mask)
+        if FORM == _ORBIT_TABLE:
+            tb = k2
+            in_tile = (ta < DO) & (tb < DI)
+            orbit = tl.load(basis_ptr + basis_off + ta * DI + tb, mask=in_tile, other=-1.0).to(tl.int32)[None, :, None, :]
+            proj = tl.zeros([BU, DOP, BV, DIP], dtype=tl.float32)
+            for o in range(n_orbits):
+                inv = tl.load(basis_ptr + basis_off + DO * DI + o)
+                sel = orbit == o
+                total = tl.sum(tl.sum(tl.where(sel, x, 0.0), axis=3), axis=1)  # [BU, BV]
+                proj += tl.where(sel, (total * inv)[:, None, :, None], 0.0)
+                eg_sum += total * total * inv
+        else:  # every orbit meets every row once: the orbit sums are the column sums
+            total = tl.sum(x, axis=1)  # [BU, BV, DIP]
+            proj = tl.where(row_in, (total * (1.0 / DO))[:, None, :, :], 0.0)
+            eg_sum += tl.sum(total * total, axis=2) * (1.0 / DO)
+        res = x - proj
+        ep_sum += tl.sum(tl.sum(res * res, axis=3), axis=1)
+
+        if WITH_GRAD:
+            grad = tl.reshape(cp2 * res + cg2 * proj, [RP, CP])
+            g_ptrs = grad_ptr + g_off + urow[:, None] * grad_row_stride + ucol
+            if ACCUMULATE:  # out may be W itself: this block was loaded above, before any store
+                grad = grad + tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_ptrs, grad.to(w_dtype_ptr.dtype.element_ty), mask=mask)
+    tl.store(part_ptr + slot, tl.sum(ep_sum))
+    tl.store(part_ptr + n_slots + slot, tl.sum(eg_sum))
 
 
 @triton.jit

@@ -85,6 +85,7 @@ def _grid_pairs():
         "C4-k5-field": (3 * C4.regular() @ kernel_rep(C4, (5, 5), orbits=False), 2 * C4.regular()),
         "D4-k3-field": (2 * D4.regular() @ kernel_rep(D4, (3, 3), orbits=False), 3 * D4.regular()),
         "O-k3-field": (O.regular() @ kernel_rep(O, (3, 3, 3), orbits=False), O.regular()),
+        "C2-k3-field": (3 * Cyclic(2).regular() @ kernel_rep(Cyclic(2), (3, 3), orbits=False), 2 * Cyclic(2).regular()),
         "Oh-k3-field": (Oh.regular() @ kernel_rep(Oh, (3, 3, 3), orbits=False), Oh.regular()),
         "D4-quotient-k3-field": (Rep.permutation(D4, points=_square_vertices()) @ kernel_rep(D4, (3, 3), orbits=False),
                                  D4.regular()),
@@ -189,7 +190,8 @@ def test_triton_kernel_matches_the_reference(gen):
     kernels = pytest.importorskip("equiproj.kernels.triton_energies")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest.py)
     cases = [PAIRS[k] for k in ("C7", "C8", "D3", "D4", "Octahedral()", "Oh-quotient", "C5-mixed")]
-    cases += [GRID_PAIRS["D4-k3"], GRID_PAIRS["D4-k3-field"]]
+    cases += [GRID_PAIRS["D4-k3"], GRID_PAIRS["D4-k3-field"], GRID_PAIRS["C4-k5-field"],
+              GRID_PAIRS["O-k3-field"]]  # O: a 24 x 648 product tile, its orbits taken in two chunks
     for (rep_in, rep_out), dtype in zip(cases, itertools.cycle([torch.float32, torch.bfloat16, torch.float16])):
         W = torch.randn(2, rep_out.dim, rep_in.dim, generator=gen).to(device=device, dtype=dtype)
         P = plan_for(rep_in, rep_out, device, torch.float32)
@@ -237,7 +239,7 @@ def test_batched_non_contiguous_and_half_precision(backend, gen):
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
 def test_nearly_equivariant_weights_keep_their_digits(backend, gen):
     for rep_in, rep_out in (PAIRS["C16"], PAIRS["D5"], PAIRS["Oh-quotient"], GRID_PAIRS["C4-k3"],
-                            GRID_PAIRS["D4-k3-field"], GRID_PAIRS["Oh-k3-field"]):
+                            GRID_PAIRS["D4-k3-field"], GRID_PAIRS["Oh-k3-field"], GRID_PAIRS["C2-k3-field"]):
         W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
         Wn = nearly_equivariant(W, rep_in, rep_out, 1e-10, gen)
         ep, eg = equiproj.energies(Wn, rep_in, rep_out, backend=backend)
@@ -315,8 +317,11 @@ def test_grid_field_is_the_grid_in_flatten_order():
 def test_declared_grid_convolutions_read_the_weight_in_place(backend, gen):
     """declare() on permutation fields: one orbit pair per field-pair type, no permutation of W, and
     energies and gradients of batched, strided and half-precision weights against the reference."""
-    for G, k, conv in ((Cyclic(4), (5, 5), nn.Conv2d), (Dihedral(4), (3, 3), nn.Conv2d)):
-        rep_in, rep_out = 3 * G.regular(), 2 * G.regular() + G.trivial()
+    O = Octahedral()
+    for G, k, conv, rep_out in ((Cyclic(4), (5, 5), nn.Conv2d, 2 * Cyclic(4).regular() + Cyclic(4).trivial()),
+                                (Dihedral(4), (3, 3), nn.Conv2d, 2 * Dihedral(4).regular() + Dihedral(4).trivial()),
+                                (O, (3, 3, 3), nn.Conv3d, 2 * O.regular())):  # a product pair of 24 x 648 tiles
+        rep_in = 3 * G.regular()
         decl = equiproj.nn.declaration(equiproj.nn.declare(conv(rep_in.dim, rep_out.dim, k, bias=False), rep_in, rep_out))
         P = plan_for(decl.weight_rep_in, decl.rep_out, "cpu")
         assert P.identity_perm and all(r.orbits for r in P.rows() if r.d_out > 1)
@@ -333,10 +338,88 @@ def test_declared_grid_convolutions_read_the_weight_in_place(backend, gen):
             assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
 
 
-def test_large_grid_fields_keep_the_grid_orbits():
+def test_grid_convolutions_on_regular_fields_are_product_pairs():
+    """Regular output fields: rep_in ⊗ pixels is one field per input copy whatever its size, indexed by
+    two factor tables (|G| (|G| + k^s) numbers, not |G|^2 k^s); other output fields keep the grid's
+    orbits for large products."""
+    for G, k, conv, copies in ((Octahedral(), (3, 3, 3), nn.Conv3d, 4), (FullOctahedral(), (3, 3, 3), nn.Conv3d, 2),
+                               (Cyclic(4), (5, 5), nn.Conv2d, 96)):
+        rep = copies * G.regular()
+        m = equiproj.nn.declare(conv(rep.dim, rep.dim, k, bias=False), rep, rep)
+        decl = equiproj.nn.declaration(m)
+        assert len(decl.weight_rep_in.segments) == 1 and decl.weight_rep_in.perm is None
+        P = plan_for(decl.weight_rep_in, decl.rep_out, "cpu")
+        (row,) = P.rows()
+        assert row.orbit_form == OrbitForm.PRODUCT and P.identity_perm
+        assert P.basis.numel() == 1 + G.order * (G.order + math.prod(k))
+        assert P.basis.numel() <= 0.015 * m.weight.numel()  # 2 x O_h regular on 3x3x3: 1.4 %; 4 x O: 0.5 %
     Oh = FullOctahedral()
-    decl = equiproj.nn.declaration(equiproj.nn.declare(nn.Conv3d(48, 48, 3, bias=False), Oh.regular(), Oh.regular()))
+    decl = equiproj.nn.declaration(equiproj.nn.declare(nn.Conv3d(48, 49, 3, bias=False), Oh.regular(),
+                                                       Oh.regular() + Oh.trivial()))
     assert len(decl.weight_rep_in.segments) > 1  # one field per orbit of the 27 points: tiles stay small
+
+
+def test_product_orbits_are_the_orbits_of_all_elements():
+    """The factor tables of a product pair against orbits found by brute force over all elements."""
+    for name in ("C4-k5-field", "D4-k3-field", "O-k3-field", "Oh-k3-field", "C2-k3-field"):
+        rep_in, rep_out = GRID_PAIRS[name]
+        P = plan_for(rep_in, rep_out, "cpu")
+        row = P.rows()[0]
+        assert row.orbit_form == OrbitForm.PRODUCT and row.orbits == row.d_in
+        o, inv = P.orbit_index(row, "cpu")
+        o = o.reshape(row.d_out, row.d_in)
+        so = rep_out.segments[0][1].permutation.element_table()
+        si = rep_in.segments[0][1].permutation.element_table()
+        for a, b in [(0, 0), (row.d_out - 1, 3), (1, row.d_in - 1), (row.d_out // 2, row.d_in // 2)]:
+            orbit = set(zip(so[:, a].tolist(), si[:, b].tolist()))
+            assert {(x, y) for x in range(row.d_out) for y in range(row.d_in) if o[x, y] == o[a, b]} == orbit
+        assert torch.equal(inv, torch.full((row.orbits,), 1.0 / row.d_out, dtype=F64))
+
+
+def _index_cases(copies: int):
+    """(name, rep_in, rep_out) of orbit pairs with an index (products and tables) with ``copies`` input
+    copies (1 .. 9 leave 0 .. 3 tiles past the kernel's groups of four), some with tile rows that are
+    not whole vectors (18 and 6 columns)."""
+    C2, D4, Oh = Cyclic(2), Dihedral(4), FullOctahedral()
+    verts = Rep.permutation(Oh, points=_cube_vertices())
+    square = Rep.permutation(D4, points=_square_vertices())
+    return [("C2-k3", copies * C2.regular() @ kernel_rep(C2, (3, 3), orbits=False), 2 * C2.regular()),
+            ("D4-k3", copies * D4.regular() @ kernel_rep(D4, (3, 3), orbits=False), 2 * D4.regular()),
+            ("D4-quotient-k3", copies * square @ kernel_rep(D4, (3, 3), orbits=False), D4.regular()),
+            ("Oh-quotient", copies * verts, 2 * verts + Oh.regular()),
+            ("Oh-faces", copies * Rep.permutation(Oh, points=_face_centres()), verts)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["best", "baseline"])
+def test_orbit_index_kernels_on_every_copy_count(isa, gen):
+    """Products and tables, 1 .. 9 input copies: energies, gradients written, added into a tensor and
+    into the weight itself, and nearly equivariant float32 weights, against the reference."""
+    previous = torch.ops.equiproj_cpu.set_isa(isa)
+    try:
+        for copies in (1, 2, 3, 4, 5, 6, 7, 9):
+            for name, rep_in, rep_out in _index_cases(copies):
+                assert _orbit_rows(rep_in, rep_out), name
+                W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+                _check_backend(W, rep_in, rep_out, "cpp", 1e-12)
+                _check_backend(W.float(), rep_in, rep_out, "cpp", 1e-5)
+                Wn = nearly_equivariant(W, rep_in, rep_out, 1e-10, gen).float()
+                ep, _ = equiproj.energies(Wn, rep_in, rep_out, backend="cpp")
+                rp, _ = reference.energies(Wn.double(), rep_in, rep_out)
+                assert 1e-12 < float(rp / Wn.double().square().sum()) < 1e-8
+                assert relative_error(ep, rp) < 1e-5, (name, copies)
+                P = plan_for(rep_in, rep_out, "cpu")
+                Wf = W.float()
+                PW = reference.project(Wf.double(), rep_in, rep_out)
+                grad = torch.randn_like(Wf)
+                want = grad.double() + 2 * 0.5 * (Wf.double() - PW) + 2 * 0.125 * PW
+                equiproj.ops.fused_energies_and_grads([Wf], [P], [0.5], [0.125], outs=[grad])
+                torch.testing.assert_close(grad.double(), want, atol=1e-5, rtol=1e-5)
+                want = Wf.double() - 0.1 * (Wf.double() - PW)  # the decoupled step, added into W itself
+                equiproj.ops.fused_energies_and_grads([Wf], [P], [-0.05], [0.0], outs=[Wf])
+                torch.testing.assert_close(Wf.double(), want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
 
 
 @needs_cpp

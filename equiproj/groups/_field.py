@@ -150,7 +150,8 @@ def tensor_field(fa: Field, fb: Field) -> Field:
         ta, tb = fa.permutation.element_table(), fb.permutation.element_table()
         table = (ta[:, :, None] * fb.dim + tb[:, None, :]).reshape(len(ta), fa.dim * fb.dim)
         action = PermutationAction(group, fa.dim * fb.dim, table,
-                                   decomposition=functools.partial(_product_decomposition, fa, fb))
+                                   decomposition=functools.partial(_product_decomposition, fa, fb),
+                                   factors=(fa.permutation, fb.permutation))
         return Field(group, None, None, action.matrix, name, key=key, dim=action.dim, permutation=action)
     slots, Q = _product_decomposition(fa, fb)
     return Field(group, slots, Q, matrix_fn, name=name, key=key)
@@ -184,17 +185,24 @@ class PermutationAction:
     element in the order of ``group.elements()``; or, for the group's regular representation
     (``regular=True``), no table at all: the group answers through its hooks
     (``regular_table``, ``regular_generator_table``, ``regular_change_of_basis``, closed forms
-    for C_N and D_N), so that ``Cyclic(65536).regular()`` costs O(1) to build. The decomposition
+    for C_N and D_N), so that ``Cyclic(65536).regular()`` costs O(1) to build. The action of a
+    product field ``f_a ⊗ f_b`` keeps its ``factors`` (the two actions, ``sigma(i, j) = (sigma_a(i),
+    sigma_b(j))``), from which the kernels index its orbits without a table of the product (docs/math.md
+    §9). The decomposition
     into irreps is derived from the tables when asked: the multiplicities from the characters
     (fixed points), ``Q`` from ``decomposition()`` (closed form) or numerically, ordered as the
     group lists its irreps.
     """
 
     def __init__(self, group, dim: int, table: torch.Tensor | None = None, regular: bool = False,
-                 decomposition: Callable[[], tuple[list, torch.Tensor]] | None = None):
+                 decomposition: Callable[[], tuple[list, torch.Tensor]] | None = None,
+                 factors: "tuple[PermutationAction, PermutationAction] | None" = None):
         if (table is None) != regular:
             raise ValueError("give a table, or regular=True for the group's regular representation")
+        if factors is not None and factors[0].dim * factors[1].dim != dim:
+            raise ValueError(f"factors of dimensions {factors[0].dim} and {factors[1].dim} do not make a field of dimension {dim}")
         self.group, self.dim, self.regular = group, int(dim), regular
+        self.factors = factors
         self._table = None if table is None else table.to(torch.long).contiguous()
         self._decomposition = decomposition
         self._cache: dict = {}
@@ -205,7 +213,7 @@ class PermutationAction:
         return ("regular", self.group) if self.regular else ("table", self.group, _TensorKey(self._table))
 
     def __reduce__(self):
-        return (PermutationAction, (self.group, self.dim, self._table, self.regular, self._decomposition))
+        return (PermutationAction, (self.group, self.dim, self._table, self.regular, self._decomposition, self.factors))
 
     def element_table(self) -> torch.Tensor:
         """``[|G|, d]`` long: row x is ``sigma`` of ``group.elements()[x]``."""

@@ -32,10 +32,11 @@ class NoKernelSpaceError(ValueError, NotImplementedError):
     """A declared convolution whose group has no exact grid action and no kernel space."""
 
 
-#: the largest input field ⊗ kernel grid that a grid conv builds as one permutation field: its orbit
-#: table has d_out times as many entries per field-pair type, and the Triton orbit kernel holds a
-#: whole tile in registers (C4/D4 regular fields on 3x3 and 5x5 kernels: 36 to 200; O/O_h regular on
-#: 3x3x3: 648 and 1296, which keep the grid's orbits)
+#: the largest input field ⊗ kernel grid that a grid conv builds as one permutation field when some
+#: output field is not regular: such a pair's orbit table has d_out times as many entries per
+#: field-pair type, and the Triton orbit kernel holds a whole table tile in registers (C4/D4 fields on
+#: 3x3 and 5x5 kernels: 36 to 200). With regular output fields every pair is a product pair (two
+#: factor tables, any size: O/O_h regular fields on 3x3x3 kernels, 648 and 1296)
 _GRID_FIELD_MAX = 256
 
 
@@ -175,8 +176,11 @@ def _conv_declaration(module, rep_in, rep_out, kernel_space, bias) -> Declaratio
                                      f"{ks} conv, exact ({G} acts on the channels of a single kernel point)")
         if _grid.has_grid_action(G, k):
             # permutation input fields: rep_in ⊗ pixels as one permutation field per input copy (the orbit
-            # route on the weight in place) while those fields stay small; otherwise the grid's orbits
-            whole = all(f.permutation is not None and f.dim * math.prod(k) <= _GRID_FIELD_MAX for _, f in rep_in.segments)
+            # route on the weight in place) for regular output fields (factor tables) or while the fields
+            # stay small (orbit tables); otherwise the grid's orbits
+            regular_out = all(f.permutation is not None and f.permutation.regular for _, f in rep_out.segments)
+            whole = all(f.permutation is not None and (regular_out or f.dim * math.prod(k) <= _GRID_FIELD_MAX)
+                        for _, f in rep_in.segments)
             return MatrixDeclaration("grid", rep_in, rep_out, rep_in @ _grid.kernel_rep(G, k, orbits=not whole), shape,
                                      bias, s,
                                      f"exact grid action: {G} permutes the {ks} kernel grid")
