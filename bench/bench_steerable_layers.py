@@ -73,7 +73,10 @@ def route_of(space, rep_in, rep_out) -> tuple[str, float]:
     plan = space.plan(rep_in, rep_out)
     if plan.layout == "fields" and plan.packed.identity_perm:
         return "pixel tiles", plan.flops_per_weight
-    return "factorised", factorised_plan(space, rep_in, rep_out).flops_per_weight
+    fact = factorised_plan(space, rep_in, rep_out)
+    if fact.runs_closed_form(torch.empty(0)):  # regular fields on the CPU: one pass per tile in C++
+        return "closed form", fact.regular.flops_per_weight
+    return "factorised", fact.flops_per_weight
 
 
 def measure(conv, rounds: int, number: int) -> dict:

@@ -31,10 +31,11 @@ import torch
 
 from .._caches import bytes_cached
 from ..groups import Rep
-from ..kernels.inputs import autocast_off
+from ..kernels.inputs import accumulation_dtype, autocast_off
 from ._pixel_plan import hom_basis
+from ._regular_band import kernel_available, regular_band
 
-__all__ = ["FactorisedPlan", "factorised_plan"]
+__all__ = ["FactorisedPlan", "factorised_plan", "factorised_one"]
 
 #: rows of the ``[rows, k^s]`` weight per chunk of the residual pass (a few hundred KiB of float32)
 _CHUNK_ELEMENTS = 1 << 16
@@ -83,6 +84,12 @@ class FactorisedPlan:
         # pixels -> band and back, the residual, both changes of basis forward and back, the tiles
         self.flops_per_weight = 4 * D + 2 + (2 * rotate + tile_flops) / (m * n * P)
         self.basis_bytes = 8 * sum(F.numel() for F in self._maps)
+        #: the closed form between regular fields (``RegularBand``), which :meth:`run` takes on the CPU
+        self.regular = regular_band(space, rep_in, rep_out)
+
+    def runs_closed_form(self, K: torch.Tensor) -> bool:
+        """Whether :meth:`run` takes the closed form of regular fields for ``K`` (the CPU extension, any dtype)."""
+        return self.regular is not None and K.device.type == "cpu" and kernel_available()
 
     def __repr__(self):
         return (f"FactorisedPlan({len(self.tiles)} irrep tiles, {self.flops_per_weight:.0f} flops/weight, "
@@ -149,6 +156,9 @@ class FactorisedPlan:
         Returns ``(E_perp, E_G, grad or out or None)``; the energies are ``None`` with ``energies=False``
         (the step needs no residual, and the weight is written by one matrix product)."""
         with autocast_off(K.device):  # in K's dtype inside an autocast region too
+            if self.runs_closed_form(K):
+                ep, eg, g = self.regular.run(K, lambda_perp, lambda_G, out)
+                return (ep, eg, g) if energies else (None, None, g)
             return self._run(K, lambda_perp, lambda_G, out, energies)
 
     def _run(self, K, lambda_perp, lambda_G, out, energies):
@@ -287,3 +297,28 @@ def _maps_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dtype) -> 
 @bytes_cached("equiproj.kernel_spaces._factorised._sampled_on")
 def _sampled_on(space, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return space.sampled.to(device=device, dtype=dtype).contiguous()
+
+
+def factorised_one(w, sp, ri, ro, lambda_perp, lambda_G, out, energies):
+    """One layer through the factorised transforms: ``(E_perp, E_G, gradient)`` with the gradient in a
+    fresh tensor, or added into ``out`` in place (written directly where ``out`` has the compute dtype
+    and is contiguous; ``out`` may be ``w`` itself)."""
+    plan = factorised_plan(sp, ri, ro)
+    # an output that is not contiguous has no [..., m, n, P] view (reshape would copy): the gradient is
+    # then computed apart and added
+    apart = out is not None and not out.is_contiguous()
+    if plan.runs_closed_form(w):  # regular fields: one pass in the weight's own dtype, written into out
+        ep, eg, g = plan.run(sp._pixels(w, ri, ro), lambda_perp, lambda_G,
+                             None if out is None or apart else sp._pixels(out, ri, ro), energies)
+        if apart:
+            out.add_(g.reshape(out.shape).to(out.dtype))
+        return ep, eg, (out if out is not None else g.reshape(w.shape))
+    K = sp._pixels(w, ri, ro, accumulation_dtype(w.dtype))
+    target = None if out is None else sp._pixels(out, ri, ro)
+    if target is not None and (apart or target.dtype != K.dtype
+                               or (target.data_ptr() == K.data_ptr() and not K.is_contiguous())):
+        ep, eg, g = plan.run(K, lambda_perp, lambda_G, None, energies)
+        out.add_(g.reshape(out.shape).to(out.dtype))
+        return ep, eg, out
+    ep, eg, g = plan.run(K, lambda_perp, lambda_G, target, energies)
+    return ep, eg, (out if out is not None else g.reshape(w.shape).to(w.dtype))

@@ -47,7 +47,7 @@ from ..groups import Group, Rep, check_rep_pair, spherical_harmonics
 from ..groups._field import tensor_field
 from ..kernels import torch_project
 from ._aligned import rotate_tiles
-from ._factorised import factorised_plan
+from ._factorised import factorised_one as _factorised_one
 from ._pixel_plan import PixelPlan, packed_on, pixel_plan
 
 __all__ = ["SteerableKernelSpace", "default_kernel_space", "kernel_energies_many", "kernel_energies_and_grads_many"]
@@ -590,22 +590,6 @@ def _added(grads, outs):
 def _fused_writes_into(w, out) -> bool:
     """Whether the fused op can take ``w`` as it is and write its gradient into ``out`` (or a fresh tensor)."""
     return w.is_contiguous() and (out is None or (out.dtype == w.dtype and out.is_contiguous()))
-
-
-def _factorised_one(w, sp, ri, ro, lambda_perp, lambda_G, out, energies):
-    """One layer through the factorised transforms: ``(E_perp, E_G, gradient)`` with the gradient in a
-    fresh tensor, or added into ``out`` in place (written directly where ``out`` has the compute dtype
-    and is contiguous; ``out`` may be ``w`` itself)."""
-    K = sp._pixels(w, ri, ro, _ops.accumulation_dtype(w.dtype))
-    plan = factorised_plan(sp, ri, ro)
-    target = None if out is None else sp._pixels(out, ri, ro)
-    if target is not None and (target.dtype != K.dtype or not target.is_contiguous()
-                               or (target.data_ptr() == K.data_ptr() and not K.is_contiguous())):
-        ep, eg, g = plan.run(K, lambda_perp, lambda_G, None, energies)
-        out.add_(g.reshape(out.shape).to(out.dtype))
-        return ep, eg, out
-    ep, eg, g = plan.run(K, lambda_perp, lambda_G, target, energies)
-    return ep, eg, (out if out is not None else g.reshape(w.shape).to(w.dtype))
 
 
 def _energies_grouped(weights, spaces, reps, backend):

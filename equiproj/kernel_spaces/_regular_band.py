@@ -1,0 +1,165 @@
+"""The projection onto a steerable kernel space between regular fields, in closed form (docs/math.md §6).
+
+For the regular field of a finite group (``N = |G|`` points, ``rho(g) e_z = e_{g z}``) an
+equivariant coefficient map is fixed by one row, ``h[x, y] = S(x) h[e, x^-1 y]`` (``S`` the action
+on the band), so with ``Phi_x = Phi S(x)`` one per element:
+
+    t[z]  = sum_x K[x, x z] Phi_x        the band coefficients folded along the orbits
+    h0[z] = Mbar^-1 t[z],  Mbar = sum_x Phi_x^T Phi_x
+    P K[x, x z] = Phi_x h0[z],  E_G = sum_z <t[z], h0[z]>
+
+No change of basis into irreps and no intermediate leaves a tile (one copy pair, ``N x N x k^s``):
+the C++ kernel ``equiproj_cpu::regular_band_pass`` reads the tile, folds it into ``t`` (``N x D``
+numbers), and reads it again while it writes ``P K``'s residual, its energy and the gradient
+(into a fresh tensor, added into ``.grad``, or into the weight itself for the decoupled step).
+Flops per weight: ``4 D`` (the two band products; ``D`` = 11 of 25 pixels at k = 5 in 2-D) plus
+``2 D^2 / (N k^s)`` for the solve and 3-6 for the residual, the energies and the update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops as _ops
+from .._caches import bytes_cached
+from ..groups import Rep
+
+__all__ = ["RegularBand", "regular_band"]
+
+#: the largest group order of the closed form (its table of products is ``N^2`` int64)
+MAX_ORDER = 1024
+#: the kernel keeps the band coefficients of a tile in at most four 8-wide vectors
+MAX_BAND = 32
+
+
+def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    out = x.new_zeros(x.shape[:-1] + (width,))
+    out[..., : x.shape[-1]] = x
+    return out
+
+
+class RegularBand:
+    """The tables of the closed form for one (space, rep_in, rep_out) whose fields are all the group's
+    regular field, in their own order: ``mult [N, N]`` (column of ``x z``), ``phi [N, P, D]``
+    (``Phi_x``), ``minv [D, D]`` (``Mbar^-1``), float64; :meth:`run` on the CPU extension."""
+
+    def __init__(self, space, N: int):
+        G = space.group
+        els = G.elements()
+        self.space, self.N = space, N
+        self.mult = G.regular_table().contiguous()  # row x: the column of x z for each z
+        S = space.rep.matrix(els)  # [N, D, D]
+        Phi = space.sampled
+        self.phi = torch.einsum("pd,xde->xpe", Phi, S).contiguous()
+        Mbar = torch.einsum("xpd,xpe->de", self.phi, self.phi)
+        lam = torch.linalg.eigvalsh(Mbar)
+        if not lam[0] > 1e-10 * lam[-1]:  # Mbar is N times the group average of Phi^T Phi: never singular
+            raise RuntimeError(f"{space}: the averaged Gram matrix of the band is singular")
+        self.minv = torch.linalg.inv(Mbar)
+        self.minv = 0.5 * (self.minv + self.minv.T)
+        D, P = space.dim, space.num_pixels
+        self.flops_per_weight = 4 * D + 2 * D * D / (N * P) + 6
+
+    def __repr__(self):
+        return f"RegularBand(N={self.N}, {self.flops_per_weight:.0f} flops/weight)"
+
+    def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``(mult, phi [N, P, Dp], phiT [N, D, Pp], minv [D, Dp])`` in vectors of 8, in ``dtype`` (cached): the
+        columns of ``phi`` and ``minv`` zero-padded, the pixels of ``phiT`` in vectors from ``min(8 v, P - 8)``."""
+        return _tables(self, dtype)
+
+    def run(self, K: torch.Tensor, lambda_perp=None, lambda_G=None, out: torch.Tensor | None = None,
+            plain: bool = False):
+        """``(E_perp [batch], E_G [batch], grad or out or None)`` of ``K`` ``[..., m, n, P]`` (CPU, any float
+        dtype): the gradient ``2 lambda_perp (K - P K) + 2 lambda_G P K`` written into a fresh tensor
+        (``out=None``) or added into ``out`` (K's shape; it may be ``K`` itself: the decoupled step in
+        place). ``plain=True`` runs the kernel's plain loop instead of its AVX2 one (tests)."""
+        if K.device.type != "cpu" or not kernel_available():
+            raise RuntimeError("the closed form of regular fields runs in the C++ extension on CPU tensors: "
+                               "use FactorisedPlan.run, which takes the factorised transforms elsewhere")
+        batch, (m, n, P) = K.shape[:-3], K.shape[-3:]
+        B = 1
+        for s in batch:
+            B *= s
+        Kc = K.reshape(B, m, n, P)
+        if not Kc.is_contiguous():
+            Kc = Kc.contiguous()
+        compute = torch.float64 if K.dtype == torch.float64 else torch.float32
+        mult, phi, phiT, minv = self.tables(compute)
+        energy_dtype = _ops.accumulation_dtype(K.dtype)
+        if lambda_perp is None:
+            z = torch.zeros(B, dtype=torch.float64)
+            ep, eg = torch.ops.equiproj_cpu.regular_band_pass(Kc, mult, phi, phiT, minv, z, z, None, 0, plain)
+            return ep.view(batch).to(energy_dtype), eg.view(batch).to(energy_dtype), None
+        lp, lg = _per_item(lambda_perp, batch, B), _per_item(lambda_G, batch, B)
+        target, mode = None, 1
+        if out is not None:
+            o = out.reshape(B, m, n, P) if out.is_contiguous() else None
+            aliased = out.data_ptr() == K.data_ptr()
+            if (o is not None and out.dtype == K.dtype and out.shape == K.shape
+                    and (not aliased or Kc.data_ptr() == K.data_ptr())):
+                target, mode = o, 2
+        fresh = target is None
+        if fresh:
+            target = torch.empty_like(Kc)
+        ep, eg = torch.ops.equiproj_cpu.regular_band_pass(Kc, mult, phi, phiT, minv, lp, lg, target, mode, plain)
+        ep, eg = ep.view(batch).to(energy_dtype), eg.view(batch).to(energy_dtype)
+        if out is None:
+            return ep, eg, target.view(K.shape)
+        if fresh:
+            out.add_(target.view(out.shape).to(out.dtype))
+        return ep, eg, out
+
+
+def _per_item(c, batch, B) -> torch.Tensor:
+    """A coefficient (number, or tensor of the batch shape) as ``[B]`` float64."""
+    t = torch.as_tensor(c, dtype=torch.float64).detach().cpu()
+    return t.expand(batch).reshape(B).contiguous()
+
+
+def _regular_order(rep: Rep) -> int | None:
+    """``|G|`` when every field of ``rep`` is the group's regular field and ``rep`` is in its own order."""
+    if rep.perm is not None and not torch.equal(rep.perm, torch.arange(rep.dim)):
+        return None
+    for _, f in rep.segments:
+        act = f.permutation
+        if act is None or not act.regular or act.group != rep.group:
+            return None
+    return rep.group.order
+
+
+def regular_band(space, rep_in: Rep, rep_out: Rep) -> RegularBand | None:
+    """The closed form of a layer, or ``None`` where it does not apply (a field that is not the regular
+    field, a permuted rep, a group above :data:`MAX_ORDER`, a band above :data:`MAX_BAND`)."""
+    if not space.group.is_finite or space.dim > MAX_BAND:
+        return None
+    n_in, n_out = _regular_order(rep_in), _regular_order(rep_out)
+    if n_in is None or n_in != n_out or n_in > MAX_ORDER:
+        return None
+    return _regular_band(space, n_in)
+
+
+@bytes_cached("equiproj.kernel_spaces._regular_band._regular_band")
+def _regular_band(space, N: int) -> RegularBand:
+    return RegularBand(space, N)
+
+
+def kernel_available() -> bool:
+    """Whether the C++ extension with ``regular_band_pass`` is loaded."""
+    return _ops.cpp_available() and hasattr(torch.ops.equiproj_cpu, "regular_band_pass")
+
+
+@torch.compiler.disable
+@bytes_cached("equiproj.kernel_spaces._regular_band._tables")
+def _tables(plan: RegularBand, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    N, P, D = plan.phi.shape
+    Dp, Pp = -(-D // 8) * 8, -(-P // 8) * 8
+    phi = _pad(plan.phi, Dp).to(dtype).contiguous()
+    phiT = plan.phi.transpose(1, 2)  # [N, D, P]
+    if P >= 8:  # vector v holds the pixels from min(8 v, P - 8): the last one overlaps, none is partial
+        cols = torch.cat([torch.arange(min(8 * v, P - 8), min(8 * v, P - 8) + 8) for v in range(Pp // 8)])
+        phiT = phiT[..., cols].to(dtype).contiguous()
+    else:
+        phiT = _pad(phiT, Pp).to(dtype).contiguous()
+    minv = _pad(plan.minv, Dp).to(dtype).contiguous()
+    return plan.mult, phi, phiT, minv
