@@ -593,16 +593,24 @@ std::shared_ptr<const HostPlan> host_plan(int64_t m, int64_t n, const Tensor& me
 std::vector<double> coefficients(const Tensor& c, int64_t batch, const char* name, int64_t layer) {
   TORCH_CHECK_VALUE(c.numel() == batch, "fused_energies: layer ", layer, ": ", name, " has ", c.numel(),
               " entries, expected one per matrix (", batch, ")");
-  Tensor h = c.detach().to(at::kCPU, at::kDouble).contiguous();
-  std::vector<double> out(h.data_ptr<double>(), h.data_ptr<double>() + batch);
+  std::vector<double> out(batch);
+  if (c.device().is_cpu() && c.scalar_type() == at::kDouble && c.is_contiguous()) {  // as the callers prepare them
+    const double* d = c.const_data_ptr<double>();
+    out.assign(d, d + batch);
+  } else {
+    Tensor h = c.detach().to(at::kCPU, at::kDouble).contiguous();
+    out.assign(h.data_ptr<double>(), h.data_ptr<double>() + batch);
+  }
   for (auto& v : out) v *= 2;
   return out;
 }
 
 // outs: empty (the gradients are returned as fresh tensors) or one contiguous tensor per weight, of
 // its dtype and number of elements, to which the gradient is added in place (add) or written
-// (!add); nothing is returned for them.
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_energies(
+// (!add); nothing is returned for them. The energies of all matrices of all weights come in two flat
+// tensors, float64 if a weight is float64, else float32 (a float32 weight's energies are rounded to
+// float32 first, whatever the flat dtype).
+std::tuple<Tensor, Tensor, std::vector<Tensor>> fused_energies(
     at::TensorList weights, at::TensorList meta, at::TensorList basis, at::TensorList perm_out,
     at::TensorList perm_in, at::TensorList lambda_perp, at::TensorList lambda_G, at::TensorList outs, bool add) {
   const int64_t nl = weights.size();
@@ -617,7 +625,9 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
   TORCH_CHECK_VALUE(!accumulate || (want_grad && (int64_t)outs.size() == nl),
                     "fused_energies: outs must be empty or hold one tensor per weight (with coefficients)");
   std::vector<Layer> layers(nl);
-  std::vector<Tensor> e_perp, e_g, grads;
+  std::vector<Tensor> grads;
+  bool wide = false;
+  for (const auto& W : weights) wide = wide || W.scalar_type() == at::kDouble;
   std::vector<std::shared_ptr<const void>> pins;  // the cached plans and permutations this call uses
   for (int64_t i = 0; i < nl; ++i) {
     const Tensor& W = weights[i];
@@ -649,10 +659,6 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
     auto plan = host_plan(L.m, L.n, meta[i], basis[i], i);
     L.group_start = &plan->group_start;
     L.blocks = plan->blocks;
-    auto batch_shape = W.sizes().slice(0, W.dim() - 2);
-    const auto acc_type = st == at::kDouble ? at::kDouble : at::kFloat;
-    e_perp.push_back(at::empty(batch_shape, W.options().dtype(acc_type)));
-    e_g.push_back(at::empty(batch_shape, W.options().dtype(acc_type)));
     if (want_grad) {
       L.cp2 = coefficients(lambda_perp[i], L.batch, "lambda_perp", i);
       L.cg2 = coefficients(lambda_G[i], L.batch, "lambda_G", i);
@@ -727,22 +733,30 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
       }
     });
   }
-  for (int64_t i = 0; i < nl; ++i) {
+  int64_t total = 0;
+  for (const Layer& L : layers) total += L.batch;
+  const auto dt = wide ? at::kDouble : at::kFloat;
+  Tensor e_perp = at::empty({total}, at::TensorOptions().dtype(dt)), e_g = at::empty({total}, at::TensorOptions().dtype(dt));
+  for (int64_t i = 0, row = 0; i < nl; ++i) {
     const Layer& L = layers[i];
-    Tensor ep = e_perp[i], eg = e_g[i];
-    for (int64_t b = 0; b < L.batch; ++b) {
+    const bool narrow = weights[i].scalar_type() != at::kDouble;
+    for (int64_t b = 0; b < L.batch; ++b, ++row) {
       acc_t sp = 0, sg = 0;
       const acc_t* pp = part.data() + 2 * (layer_start[i] + b * L.blocks);
       for (int64_t k = 0; k < L.blocks; ++k) {
         sp += pp[2 * k];
         sg += pp[2 * k + 1];
       }
-      if (ep.scalar_type() == at::kDouble) {
-        ep.data_ptr<double>()[b] = sp;
-        eg.data_ptr<double>()[b] = sg;
+      if (narrow) {
+        sp = static_cast<float>(sp);
+        sg = static_cast<float>(sg);
+      }
+      if (wide) {
+        e_perp.data_ptr<double>()[row] = sp;
+        e_g.data_ptr<double>()[row] = sg;
       } else {
-        ep.data_ptr<float>()[b] = static_cast<float>(sp);
-        eg.data_ptr<float>()[b] = static_cast<float>(sg);
+        e_perp.data_ptr<float>()[row] = static_cast<float>(sp);
+        e_g.data_ptr<float>()[row] = static_cast<float>(sg);
       }
     }
   }
@@ -760,16 +774,7 @@ std::tuple<Tensor, Tensor> fused_energies_op(at::TensorList weights, at::TensorL
                     "fused_energies: with lambda_perp and lambda_G, grads must hold one tensor per weight");
   TORCH_CHECK_VALUE(!lambda_perp.empty() || grads.empty(), "fused_energies: grads without lambda_perp and lambda_G");
   auto out = fused_energies(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate);
-  bool wide = false;
-  for (const auto& W : weights) wide = wide || W.scalar_type() == at::kDouble;
-  const auto dt = wide ? at::kDouble : at::kFloat;
-  auto flat = [&](std::vector<Tensor>& parts) {
-    std::vector<Tensor> rows;
-    rows.reserve(parts.size());
-    for (auto& e : parts) rows.push_back(e.reshape({-1}).to(dt));
-    return rows.empty() ? at::empty({0}, at::TensorOptions().dtype(dt)) : at::cat(rows);
-  };
-  return {flat(std::get<0>(out)), flat(std::get<1>(out))};
+  return {std::get<0>(out), std::get<1>(out)};
 }
 
 int64_t num_threads() { return at::get_num_threads(); }
