@@ -29,6 +29,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <atomic>
 #include <string>
 #include <cmath>
@@ -285,16 +290,124 @@ void process_split(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scra
 
 // ---- host-side preparation and checks --------------------------------------------------------------
 
+// ---- host plans and permutations, cached across calls -------------------------------------------
+
+// The host form of one layer's plan: the basis in float64, the transposed basis copies of the small
+// and generic pairs, the orbit tables, and the output groups whose pairs point into these vectors.
+// groups_in_place differs from groups only in Pair::accumulate (set where the pair may add its
+// gradient to an output that aliases the weight), so that a call never writes to a shared plan.
+struct HostPlan {
+  Tensor meta, basis;  // the caller's tensors, held so that their storage (the key's addresses) is not reused
+  std::vector<acc_t> basis_f64, basis_t;
+  std::vector<int32_t> orbit;  // orbit indices of the kOrbitTable pairs, inverse factor tables of kOrbitProduct
+  std::vector<OutGroup> groups, groups_in_place;
+  std::vector<int64_t> group_start;
+  int64_t blocks = 0;
+  HostPlan() = default;
+  HostPlan(const HostPlan&) = delete;  // the pairs point into this object's vectors
+  HostPlan& operator=(const HostPlan&) = delete;
+};
+
+// A checked permutation: null data for the identity, else the entries of `contiguous`.
+struct CheckedPerm {
+  Tensor perm, contiguous;  // the caller's tensor (held, as above) and its contiguous form
+  const int64_t* data = nullptr;
+};
+
+// Tensors are identified by address, version counter (bumped by every in-place change made through
+// torch), dtype, sizes and strides. An entry holds the tensors it was built from, so the address
+// cannot be reused by another tensor while the entry lives. Inference tensors have no version
+// counter and are not cached. Writes that bypass torch (numpy views, .data_ptr() in C++) are not seen.
+template <size_t N>
+using Key = std::array<int64_t, N>;
+
+template <size_t N>
+struct KeyHash {
+  size_t operator()(const Key<N>& k) const {
+    size_t h = 0;
+    for (int64_t v : k) h = (h ^ std::hash<int64_t>()(v)) * 1099511628211ull;
+    return h;
+  }
+};
+
+template <size_t N>
+void push_tensor_key(Key<N>& k, size_t& i, const Tensor& t, int64_t dims) {
+  k[i++] = reinterpret_cast<intptr_t>(t.data_ptr());
+  k[i++] = t._version();
+  k[i++] = static_cast<int64_t>(t.scalar_type());
+  for (int64_t d = 0; d < dims; ++d) {
+    k[i++] = t.size(d);
+    k[i++] = t.stride(d);
+  }
+}
+
+// A bounded map from key to shared entry, emptied when full (entries in use stay alive through the
+// callers' shared_ptrs). Lookups and inserts are serialized by a mutex; entries are built outside it.
+template <size_t N, typename Entry>
+class BoundedCache {
+ public:
+  static constexpr size_t kCapacity = 256;
+  std::shared_ptr<const Entry> find(const Key<N>& k) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = map_.find(k);
+    return it == map_.end() ? nullptr : it->second;
+  }
+  void insert(const Key<N>& k, std::shared_ptr<const Entry> e) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (map_.size() >= kCapacity) map_.clear();
+    map_[k] = std::move(e);
+  }
+  int64_t size() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return map_.size();
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    map_.clear();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<Key<N>, std::shared_ptr<const Entry>, KeyHash<N>> map_;
+};
+
+using PlanKey = Key<2 + 3 + 4 + 3 + 2>;  // m, n; meta (2-d); basis (1-d)
+using PermKey = Key<1 + 3 + 2>;          // size; perm (1-d)
+
+BoundedCache<std::tuple_size<PlanKey>::value, HostPlan>& plan_cache() {
+  static auto* c = new BoundedCache<std::tuple_size<PlanKey>::value, HostPlan>();  // never destroyed: no exit-order issue
+  return *c;
+}
+
+BoundedCache<std::tuple_size<PermKey>::value, CheckedPerm>& perm_cache() {
+  static auto* c = new BoundedCache<std::tuple_size<PermKey>::value, CheckedPerm>();
+  return *c;
+}
+
+// The permutation's entries (null for the identity), checked once per distinct tensor; `pins` keeps
+// the cache entry (and so the entries) alive for the call.
 const int64_t* checked_perm(const Tensor& perm, int64_t size, const char* name, int64_t layer,
-                            std::vector<Tensor>& keep) {
+                            std::vector<std::shared_ptr<const void>>& pins) {
   TORCH_CHECK_TYPE(perm.device().is_cpu() && perm.scalar_type() == at::kLong && perm.dim() == 1, "fused_energies: layer ",
                    layer, ": ", name, " must be a 1-d CPU int64 tensor, got ", perm.scalar_type(), " ", perm.sizes(),
                    " on ", perm.device());
   TORCH_CHECK_VALUE(perm.numel() == size, "fused_energies: layer ", layer, ": ", name, " has ", perm.numel(),
                     " entries but W has ", size, name[5] == 'o' ? " rows" : " columns");
-  Tensor p = perm.contiguous();
-  keep.push_back(p);
-  const int64_t* d = p.data_ptr<int64_t>();
+  const bool cacheable = !perm.is_inference();
+  PermKey key{};
+  if (cacheable) {
+    size_t k = 0;
+    key[k++] = size;
+    push_tensor_key(key, k, perm, 1);
+    if (auto hit = perm_cache().find(key)) {
+      pins.push_back(hit);
+      return hit->data;
+    }
+  }
+  auto entry = std::make_shared<CheckedPerm>();
+  entry->perm = perm;
+  entry->contiguous = perm.contiguous();
+  const int64_t* d = entry->contiguous.data_ptr<int64_t>();
   std::vector<char> seen(size, 0);
   bool identity = true;
   for (int64_t i = 0; i < size; ++i) {
@@ -303,7 +416,10 @@ const int64_t* checked_perm(const Tensor& perm, int64_t size, const char* name, 
     seen[d[i]] = 1;
     identity = identity && d[i] == i;
   }
-  return identity ? nullptr : d;
+  entry->data = identity ? nullptr : d;
+  if (cacheable) perm_cache().insert(key, entry);
+  pins.push_back(entry);
+  return entry->data;
 }
 
 bool is_scaled_identity(const acc_t* A, int64_t d) {
@@ -315,16 +431,21 @@ bool is_scaled_identity(const acc_t* A, int64_t d) {
   return true;
 }
 
-void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64_t layer) {
+void check_plan_tensors(const Tensor& meta_in, const Tensor& basis_in, int64_t layer) {
   TORCH_CHECK_TYPE(meta_in.device().is_cpu() && meta_in.scalar_type() == at::kLong && meta_in.dim() == 2 &&
                   meta_in.size(1) == kPlanColumns,
               "fused_energies: layer ", layer, ": meta must be a CPU int64 tensor of shape [P, ", kPlanColumns, "], got ",
               meta_in.scalar_type(), " ", meta_in.sizes(), " on ", meta_in.device());
   TORCH_CHECK_TYPE(basis_in.device().is_cpu() && basis_in.is_floating_point() && basis_in.dim() == 1,
               "fused_energies: layer ", layer, ": basis must be a 1-d floating CPU tensor");
+}
+
+// Builds the host form of one layer's plan from meta and basis and checks it against W's m x n
+// (every row a well-formed plan row, the fields tiling the rows and the columns).
+void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, const Tensor& basis_in, int64_t layer) {
   Tensor meta = meta_in.contiguous();
   Tensor basis = basis_in.to(at::kDouble).contiguous();
-  L.basis.assign(basis.data_ptr<double>(), basis.data_ptr<double>() + basis.numel());
+  H.basis_f64.assign(basis.data_ptr<double>(), basis.data_ptr<double>() + basis.numel());
   const int64_t P = meta.size(0), nb = basis.numel();
   const int64_t* M = meta.data_ptr<int64_t>();
   // group the pairs by output field; each output field's pairs must tile [0, n) and the
@@ -345,7 +466,7 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
     // tables (kOrbitProduct) or nothing (closed forms)
     int64_t d2 = 0;
     if (orbits > 0 && form == kOrbitProduct && bo >= 0 && bo < nb) {
-      const acc_t v = L.basis[bo];
+      const acc_t v = H.basis_f64[bo];
       if (v >= 1 && v <= din && v == std::floor(v)) d2 = static_cast<int64_t>(v);
     }
     const bool product_ok = d2 >= 1 && din % d2 == 0 && orbits == din;
@@ -361,18 +482,18 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
     TORCH_CHECK_VALUE(co >= 0 && ci >= 0 && dout >= 1 && din >= 1 && r >= 0 && bo >= 0 && orbits >= 0 && form_ok &&
                           bo + stored <= nb,
                 "fused_energies: layer ", layer, ": malformed plan row ", order[q]);
-    if (L.groups.empty() || L.groups.back().out_off != oo) {
+    if (H.groups.empty() || H.groups.back().out_off != oo) {
       TORCH_CHECK_VALUE(oo == row_end, "fused_energies: layer ", layer, ": the plan's output fields do not tile the rows");
-      L.groups.push_back(OutGroup{oo, co, dout, {}});
+      H.groups.push_back(OutGroup{oo, co, dout, {}});
       row_end = oo + co * dout;
     } else {
-      TORCH_CHECK_VALUE(L.groups.back().co == co && L.groups.back().d_out == dout, "fused_energies: layer ", layer,
+      TORCH_CHECK_VALUE(H.groups.back().co == co && H.groups.back().d_out == dout, "fused_energies: layer ", layer,
                   ": inconsistent output field at offset ", oo);
     }
-    auto& G = L.groups.back();
+    auto& G = H.groups.back();
     const int64_t expect_in = G.pairs.empty() ? 0 : G.pairs.back().in_off + G.pairs.back().ci * G.pairs.back().di;
     TORCH_CHECK_VALUE(io == expect_in, "fused_energies: layer ", layer, ": the plan's field pairs do not tile the columns");
-    const acc_t* A = L.basis.data() + bo;
+    const acc_t* A = H.basis_f64.data() + bo;
     if (orbits > 0) {
       Pair pr{io, ci, din, orbits, Kind::kOrbit, nullptr, nullptr};
       pr.form = form;
@@ -381,14 +502,14 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
         // the factor tables give the column of each orbit; the kernel needs the orbit of each column:
         // their inverses, checked to be permutations
         pr.factor = d2;
-        pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(L.orbit.size()));
-        const int64_t d1 = din / d2, start = L.orbit.size();
-        L.orbit.resize(start + dout * (d1 + d2), -1);
+        pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(H.orbit.size()));
+        const int64_t d1 = din / d2, start = H.orbit.size();
+        H.orbit.resize(start + dout * (d1 + d2), -1);
         for (int64_t a = 0; a < dout; ++a)
           for (int64_t f = 0; f < 2; ++f) {
             const int64_t d = f == 0 ? d1 : d2;
             const acc_t* T = A + 1 + (f == 0 ? a * d1 : dout * d1 + a * d2);
-            int32_t* inv = L.orbit.data() + start + (f == 0 ? a * d1 : dout * d1 + a * d2);
+            int32_t* inv = H.orbit.data() + start + (f == 0 ? a * d1 : dout * d1 + a * d2);
             for (int64_t c = 0; c < d; ++c) {
               const acc_t t = T[c];
               TORCH_CHECK_VALUE(t >= 0 && t < d && t == std::floor(t) && inv[static_cast<int64_t>(t)] < 0,
@@ -397,14 +518,14 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
             }
           }
       } else if (form == kOrbitTable) {
-        // the orbit indices are stored as exact integers; their offset is stored until L.orbit stops growing
-        pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(L.orbit.size()));
+        // the orbit indices are stored as exact integers; their offset is stored until H.orbit stops growing
+        pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(H.orbit.size()));
         pr.inv = A + dout * din;
         for (int64_t e = 0; e < dout * din; ++e) {
           const acc_t k = A[e];
           TORCH_CHECK_VALUE(k >= 0 && k < orbits && k == std::floor(k), "fused_energies: layer ", layer,
                             ": malformed orbit table in plan row ", order[q]);
-          L.orbit.push_back(static_cast<int32_t>(k));
+          H.orbit.push_back(static_cast<int32_t>(k));
         }
       }
       G.pairs.push_back(pr);
@@ -414,45 +535,82 @@ void build_groups(Layer& L, const Tensor& meta_in, const Tensor& basis_in, int64
                 : (r == 1 && dout == din && is_scaled_identity(A, dout))          ? Kind::kIdentity
                 : (dout <= kMaxSmall && din <= kMaxSmall)                         ? Kind::kSmall
                                                                                   : Kind::kGeneric;
-    G.pairs.push_back(Pair{io, ci, din, r, kind, A, nullptr});  // L.basis is not resized after this point
+    G.pairs.push_back(Pair{io, ci, din, r, kind, A, nullptr});  // H.basis_f64 is not resized after this point
     if (kind == Kind::kGeneric || kind == Kind::kSmall) {
       // transposed copy; its offset is stored until basis_t stops growing
-      G.pairs.back().At = reinterpret_cast<const acc_t*>(static_cast<intptr_t>(L.basis_t.size()));
+      G.pairs.back().At = reinterpret_cast<const acc_t*>(static_cast<intptr_t>(H.basis_t.size()));
       const int64_t rp = (r + 3) / 4 * 4;  // zero-padded to whole vectors (tile_kernels.h, padded_rank)
       for (int64_t a = 0; a < dout; ++a)
         for (int64_t b = 0; b < din; ++b)
-          for (int64_t k = 0; k < rp; ++k) L.basis_t.push_back(k < r ? A[(k * dout + a) * din + b] : 0.0);
+          for (int64_t k = 0; k < rp; ++k) H.basis_t.push_back(k < r ? A[(k * dout + a) * din + b] : 0.0);
     }
   }
-  TORCH_CHECK_VALUE(row_end == L.m, "fused_energies: layer ", layer, ": the plan covers ", row_end, " rows, W has ", L.m);
-  for (auto& G : L.groups) {
+  TORCH_CHECK_VALUE(row_end == m, "fused_energies: layer ", layer, ": the plan covers ", row_end, " rows, W has ", m);
+  for (auto& G : H.groups) {
     const int64_t end = G.pairs.empty() ? 0 : G.pairs.back().in_off + G.pairs.back().ci * G.pairs.back().di;
-    TORCH_CHECK_VALUE(end == L.n, "fused_energies: layer ", layer, ": the plan's field pairs cover ", end,
-                " columns, W has ", L.n);
+    TORCH_CHECK_VALUE(end == n, "fused_energies: layer ", layer, ": the plan's field pairs cover ", end,
+                " columns, W has ", n);
     for (auto& p : G.pairs) {
-      if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) p.At = L.basis_t.data() + reinterpret_cast<intptr_t>(p.At);
+      if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) p.At = H.basis_t.data() + reinterpret_cast<intptr_t>(p.At);
       if (p.kind == Kind::kOrbit && (p.form == kOrbitTable || p.form == kOrbitProduct))
-        p.orbit = L.orbit.data() + reinterpret_cast<intptr_t>(p.orbit);
+        p.orbit = H.orbit.data() + reinterpret_cast<intptr_t>(p.orbit);
     }
   }
-  L.group_start.assign(1, 0);
-  for (auto& G : L.groups) L.group_start.push_back(L.group_start.back() + G.co);
-  L.blocks = L.group_start.back();
+  H.group_start.assign(1, 0);
+  for (auto& G : H.groups) H.group_start.push_back(H.group_start.back() + G.co);
+  H.blocks = H.group_start.back();
+  // orbit pairs, r = 0 pairs and the trace form of fields up to kMaxSmall add in place where the
+  // rows are read in place (process_item's direct path): their kernels read every entry before
+  // writing it, so the output may alias the weight
+  H.groups_in_place = H.groups;
+  for (auto& G : H.groups_in_place)
+    for (auto& p : G.pairs)
+      p.accumulate = p.kind == Kind::kOrbit || p.kind == Kind::kZero ||
+                     (p.kind == Kind::kIdentity && G.d_out <= kMaxSmall);
+}
+
+// The host plan of one layer, from the cache or built (and checked) on a miss.
+std::shared_ptr<const HostPlan> host_plan(int64_t m, int64_t n, const Tensor& meta, const Tensor& basis, int64_t layer) {
+  check_plan_tensors(meta, basis, layer);
+  const bool cacheable = !meta.is_inference() && !basis.is_inference();
+  PlanKey key{};
+  if (cacheable) {
+    size_t k = 0;
+    key[k++] = m;
+    key[k++] = n;
+    push_tensor_key(key, k, meta, 2);
+    push_tensor_key(key, k, basis, 1);
+    if (auto hit = plan_cache().find(key)) return hit;
+  }
+  auto plan = std::make_shared<HostPlan>();
+  plan->meta = meta;
+  plan->basis = basis;
+  build_groups(*plan, m, n, meta, basis, layer);
+  if (cacheable) plan_cache().insert(key, plan);
+  return plan;
 }
 
 std::vector<double> coefficients(const Tensor& c, int64_t batch, const char* name, int64_t layer) {
   TORCH_CHECK_VALUE(c.numel() == batch, "fused_energies: layer ", layer, ": ", name, " has ", c.numel(),
               " entries, expected one per matrix (", batch, ")");
-  Tensor h = c.detach().to(at::kCPU, at::kDouble).contiguous();
-  std::vector<double> out(h.data_ptr<double>(), h.data_ptr<double>() + batch);
+  std::vector<double> out(batch);
+  if (c.device().is_cpu() && c.scalar_type() == at::kDouble && c.is_contiguous()) {  // as the callers prepare them
+    const double* d = c.const_data_ptr<double>();
+    out.assign(d, d + batch);
+  } else {
+    Tensor h = c.detach().to(at::kCPU, at::kDouble).contiguous();
+    out.assign(h.data_ptr<double>(), h.data_ptr<double>() + batch);
+  }
   for (auto& v : out) v *= 2;
   return out;
 }
 
 // outs: empty (the gradients are returned as fresh tensors) or one contiguous tensor per weight, of
 // its dtype and number of elements, to which the gradient is added in place (add) or written
-// (!add); nothing is returned for them.
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_energies(
+// (!add); nothing is returned for them. The energies of all matrices of all weights come in two flat
+// tensors, float64 if a weight is float64, else float32 (a float32 weight's energies are rounded to
+// float32 first, whatever the flat dtype).
+std::tuple<Tensor, Tensor, std::vector<Tensor>> fused_energies(
     at::TensorList weights, at::TensorList meta, at::TensorList basis, at::TensorList perm_out,
     at::TensorList perm_in, at::TensorList lambda_perp, at::TensorList lambda_G, at::TensorList outs, bool add) {
   const int64_t nl = weights.size();
@@ -467,7 +625,10 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
   TORCH_CHECK_VALUE(!accumulate || (want_grad && (int64_t)outs.size() == nl),
                     "fused_energies: outs must be empty or hold one tensor per weight (with coefficients)");
   std::vector<Layer> layers(nl);
-  std::vector<Tensor> keep, e_perp, e_g, grads;
+  std::vector<Tensor> grads;
+  bool wide = false;
+  for (const auto& W : weights) wide = wide || W.scalar_type() == at::kDouble;
+  std::vector<std::shared_ptr<const void>> pins;  // the cached plans and permutations this call uses
   for (int64_t i = 0; i < nl; ++i) {
     const Tensor& W = weights[i];
     Layer& L = layers[i];
@@ -493,13 +654,11 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
       }
       L.batch_off[b] = off;
     }
-    L.perm_out = checked_perm(perm_out[i], L.m, "perm_out", i, keep);
-    L.perm_in = checked_perm(perm_in[i], L.n, "perm_in", i, keep);
-    build_groups(L, meta[i], basis[i], i);
-    auto batch_shape = W.sizes().slice(0, W.dim() - 2);
-    const auto acc_type = st == at::kDouble ? at::kDouble : at::kFloat;
-    e_perp.push_back(at::empty(batch_shape, W.options().dtype(acc_type)));
-    e_g.push_back(at::empty(batch_shape, W.options().dtype(acc_type)));
+    L.perm_out = checked_perm(perm_out[i], L.m, "perm_out", i, pins);
+    L.perm_in = checked_perm(perm_in[i], L.n, "perm_in", i, pins);
+    auto plan = host_plan(L.m, L.n, meta[i], basis[i], i);
+    L.group_start = &plan->group_start;
+    L.blocks = plan->blocks;
     if (want_grad) {
       L.cp2 = coefficients(lambda_perp[i], L.batch, "lambda_perp", i);
       L.cg2 = coefficients(lambda_G[i], L.batch, "lambda_G", i);
@@ -517,17 +676,11 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
         L.grad = grads.back().data_ptr();
       }
     }
-    // orbit pairs, r = 0 pairs and the trace form of fields up to kMaxSmall add in place where the
-    // rows are read in place (process_item's direct path): their kernels read every entry before
-    // writing it, so the output may alias the weight
     const bool direct = (st == at::kFloat || st == at::kDouble) && L.sn == 1 && L.perm_in == nullptr;
-    for (auto& G : L.groups)
-      for (auto& p : G.pairs)
-        p.accumulate = L.accumulate && direct &&
-                       (p.kind == Kind::kOrbit || p.kind == Kind::kZero ||
-                        (p.kind == Kind::kIdentity && G.d_out <= kMaxSmall));
+    L.groups = L.accumulate && direct ? &plan->groups_in_place : &plan->groups;
+    pins.push_back(std::move(plan));
     bool split = false;
-    for (auto& G : L.groups) split = split || splits(L, G, direct);
+    for (auto& G : *L.groups) split = split || splits(L, G, direct);
     if (split) L.split_fn = st == at::kFloat ? &process_split<float> : &process_split<double>;
     switch (st) {
       case at::kFloat: L.fn = &process_item<float>; break;
@@ -552,12 +705,13 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
     if (!L.split_fn) continue;
     const bool direct = L.sn == 1 && L.perm_in == nullptr;
     for (int64_t b = 0; b < L.batch; ++b)
-      for (size_t g = 0; g < L.groups.size(); ++g) {
-        if (!splits(L, L.groups[g], direct)) continue;
-        for (int64_t u = 0; u < L.groups[g].co; ++u) {
-          const int64_t it = layer_start[i] + b * L.blocks + L.group_start[g] + u;
+      for (size_t g = 0; g < L.groups->size(); ++g) {
+        const OutGroup& G = (*L.groups)[g];
+        if (!splits(L, G, direct)) continue;
+        for (int64_t u = 0; u < G.co; ++u) {
+          const int64_t it = layer_start[i] + b * L.blocks + (*L.group_start)[g] + u;
           Scratch s;
-          L.split_fn(L, b, L.groups[g], u, s, part.data() + 2 * it);
+          L.split_fn(L, b, G, u, s, part.data() + 2 * it);
           done[it] = 1;
         }
       }
@@ -573,27 +727,36 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> fused_
         const Layer& L = layers[i];
         const int64_t local = it - layer_start[i];
         const int64_t b = local / L.blocks, blk = local % L.blocks;
-        const int64_t g = std::upper_bound(L.group_start.begin(), L.group_start.end(), blk) - L.group_start.begin() - 1;
-        L.fn(L, b, L.groups[g], blk - L.group_start[g], s, part.data() + 2 * it);
+        const std::vector<int64_t>& gs = *L.group_start;
+        const int64_t g = std::upper_bound(gs.begin(), gs.end(), blk) - gs.begin() - 1;
+        L.fn(L, b, (*L.groups)[g], blk - gs[g], s, part.data() + 2 * it);
       }
     });
   }
-  for (int64_t i = 0; i < nl; ++i) {
+  int64_t total = 0;
+  for (const Layer& L : layers) total += L.batch;
+  const auto dt = wide ? at::kDouble : at::kFloat;
+  Tensor e_perp = at::empty({total}, at::TensorOptions().dtype(dt)), e_g = at::empty({total}, at::TensorOptions().dtype(dt));
+  for (int64_t i = 0, row = 0; i < nl; ++i) {
     const Layer& L = layers[i];
-    Tensor ep = e_perp[i], eg = e_g[i];
-    for (int64_t b = 0; b < L.batch; ++b) {
+    const bool narrow = weights[i].scalar_type() != at::kDouble;
+    for (int64_t b = 0; b < L.batch; ++b, ++row) {
       acc_t sp = 0, sg = 0;
       const acc_t* pp = part.data() + 2 * (layer_start[i] + b * L.blocks);
       for (int64_t k = 0; k < L.blocks; ++k) {
         sp += pp[2 * k];
         sg += pp[2 * k + 1];
       }
-      if (ep.scalar_type() == at::kDouble) {
-        ep.data_ptr<double>()[b] = sp;
-        eg.data_ptr<double>()[b] = sg;
+      if (narrow) {
+        sp = static_cast<float>(sp);
+        sg = static_cast<float>(sg);
+      }
+      if (wide) {
+        e_perp.data_ptr<double>()[row] = sp;
+        e_g.data_ptr<double>()[row] = sg;
       } else {
-        ep.data_ptr<float>()[b] = static_cast<float>(sp);
-        eg.data_ptr<float>()[b] = static_cast<float>(sg);
+        e_perp.data_ptr<float>()[row] = static_cast<float>(sp);
+        e_g.data_ptr<float>()[row] = static_cast<float>(sg);
       }
     }
   }
@@ -611,16 +774,7 @@ std::tuple<Tensor, Tensor> fused_energies_op(at::TensorList weights, at::TensorL
                     "fused_energies: with lambda_perp and lambda_G, grads must hold one tensor per weight");
   TORCH_CHECK_VALUE(!lambda_perp.empty() || grads.empty(), "fused_energies: grads without lambda_perp and lambda_G");
   auto out = fused_energies(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate);
-  bool wide = false;
-  for (const auto& W : weights) wide = wide || W.scalar_type() == at::kDouble;
-  const auto dt = wide ? at::kDouble : at::kFloat;
-  auto flat = [&](std::vector<Tensor>& parts) {
-    std::vector<Tensor> rows;
-    rows.reserve(parts.size());
-    for (auto& e : parts) rows.push_back(e.reshape({-1}).to(dt));
-    return rows.empty() ? at::empty({0}, at::TensorOptions().dtype(dt)) : at::cat(rows);
-  };
-  return {flat(std::get<0>(out)), flat(std::get<1>(out))};
+  return {std::get<0>(out), std::get<1>(out)};
 }
 
 int64_t num_threads() { return at::get_num_threads(); }
@@ -645,6 +799,14 @@ int64_t parallel_threads(int64_t items) {
 
 std::string isa() { return kernels().isa; }
 
+// Test hooks: the number of cached host plans, and emptying both caches.
+int64_t plan_cache_size() { return plan_cache().size(); }
+
+void clear_plan_caches() {
+  plan_cache().clear();
+  perm_cache().clear();
+}
+
 // Test hook: run the baseline kernels ("baseline") or the best for this CPU ("best"); returns the
 // previous choice. Not for use while another call is running.
 std::string set_isa(const std::string& which) {
@@ -665,6 +827,8 @@ TORCH_LIBRARY(equiproj_cpu, m) {
   m.def("isa() -> str", &isa);
   m.def("set_isa(str which) -> str", &set_isa);
   m.def("parallel_threads(int items) -> int", &parallel_threads);
+  m.def("plan_cache_size() -> int", &plan_cache_size);
+  m.def("clear_plan_caches() -> ()", &clear_plan_caches);
 }
 
 TORCH_LIBRARY_IMPL(equiproj, CPU, m) { m.impl("fused_energies", &fused_energies_op); }

@@ -85,10 +85,9 @@ struct Layer {
   std::vector<int64_t> batch_off;     // element offset of each matrix in data
   const int64_t* perm_out = nullptr;  // null: identity
   const int64_t* perm_in = nullptr;
-  std::vector<acc_t> basis, basis_t;
-  std::vector<int32_t> orbit;         // orbit indices of the kOrbitTable pairs
-  std::vector<OutGroup> groups;
-  std::vector<int64_t> group_start;   // prefix sums of copies over groups
+  // the host form of the layer's plan (owned by a cached HostPlan, fused_energies.cpp, that the call holds)
+  const std::vector<OutGroup>* groups = nullptr;
+  const std::vector<int64_t>* group_start = nullptr;  // prefix sums of copies over groups
   int64_t blocks = 0;                 // row blocks per matrix
   std::vector<acc_t> cp2, cg2;        // 2 lambda_perp, 2 lambda_G per matrix (empty: no gradient)
   ItemFn fn = nullptr;
