@@ -292,12 +292,25 @@ void process_split(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scra
 
 // ---- host plans and permutations, cached across calls -------------------------------------------
 
+// A weak reference to a tensor: it does not keep the tensor (nor its storage) alive, and says whether
+// the tensor has been freed.
+class WeakTensorRef {
+ public:
+  WeakTensorRef() = default;
+  explicit WeakTensorRef(const Tensor& t) : ref_(t.getIntrusivePtr()) {}
+  bool expired() const { return ref_.expired(); }
+
+ private:
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> ref_{
+      c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim(c10::UndefinedTensorImpl::singleton())};
+};
+
 // The host form of one layer's plan: the basis in float64, the transposed basis copies of the small
 // and generic pairs, the orbit tables, and the output groups whose pairs point into these vectors.
 // groups_in_place differs from groups only in Pair::accumulate (set where the pair may add its
 // gradient to an output that aliases the weight), so that a call never writes to a shared plan.
 struct HostPlan {
-  Tensor meta, basis;  // the caller's tensors, held so that their storage (the key's addresses) is not reused
+  WeakTensorRef meta, basis;  // the caller's tensors, while they live (below)
   std::vector<acc_t> basis_f64, basis_t;
   std::vector<int32_t> orbit;  // orbit indices of the kOrbitTable pairs, inverse factor tables of kOrbitProduct
   std::vector<OutGroup> groups, groups_in_place;
@@ -306,18 +319,30 @@ struct HostPlan {
   HostPlan() = default;
   HostPlan(const HostPlan&) = delete;  // the pairs point into this object's vectors
   HostPlan& operator=(const HostPlan&) = delete;
+  bool expired() const { return meta.expired() || basis.expired(); }
+  size_t bytes() const {
+    size_t b = (basis_f64.size() + basis_t.size()) * sizeof(acc_t) + orbit.size() * sizeof(int32_t);
+    for (const auto& G : groups) b += 2 * G.pairs.size() * sizeof(Pair);
+    return b;
+  }
 };
 
-// A checked permutation: null data for the identity, else the entries of `contiguous`.
+// A checked permutation: null data for the identity, else a copy of its entries.
 struct CheckedPerm {
-  Tensor perm, contiguous;  // the caller's tensor (held, as above) and its contiguous form
+  WeakTensorRef perm;  // the caller's tensor, while it lives
+  std::vector<int64_t> entries;
   const int64_t* data = nullptr;
+  bool expired() const { return perm.expired(); }
+  size_t bytes() const { return entries.size() * sizeof(int64_t); }
 };
 
 // Tensors are identified by address, version counter (bumped by every in-place change made through
-// torch), dtype, sizes and strides. An entry holds the tensors it was built from, so the address
-// cannot be reused by another tensor while the entry lives. Inference tensors have no version
-// counter and are not cached. Writes that bypass torch (numpy views, .data_ptr() in C++) are not seen.
+// torch), dtype, sizes and strides. An entry keeps a weak reference to the tensors it was built from:
+// while they live, no other storage can have their address, so a key match is the same memory in the
+// same version; once one of them is freed the entry is stale and dropped (on lookup, and on every
+// insert, so that an entry never outlives its plan by more than one insert, nor holds its memory).
+// Inference tensors have no version counter and are not cached. Writes that bypass torch (numpy
+// views, .data_ptr() in C++) are not seen.
 template <size_t N>
 using Key = std::array<int64_t, N>;
 
@@ -341,20 +366,42 @@ void push_tensor_key(Key<N>& k, size_t& i, const Tensor& t, int64_t dims) {
   }
 }
 
-// A bounded map from key to shared entry, emptied when full (entries in use stay alive through the
-// callers' shared_ptrs). Lookups and inserts are serialized by a mutex; entries are built outside it.
+// A bounded map from key to shared entry: stale entries are dropped, and the map is emptied when it
+// holds kCapacity entries or kMaxBytes (entries in use stay alive through the callers' shared_ptrs).
+// Lookups and inserts are serialized by a mutex; entries are built outside it.
 template <size_t N, typename Entry>
 class BoundedCache {
  public:
   static constexpr size_t kCapacity = 256;
+  static constexpr size_t kMaxBytes = size_t(256) << 20;
   std::shared_ptr<const Entry> find(const Key<N>& k) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = map_.find(k);
-    return it == map_.end() ? nullptr : it->second;
+    if (it == map_.end()) return nullptr;
+    if (it->second->expired()) {
+      bytes_ -= it->second->bytes();
+      map_.erase(it);
+      return nullptr;
+    }
+    return it->second;
   }
   void insert(const Key<N>& k, std::shared_ptr<const Entry> e) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (map_.size() >= kCapacity) map_.clear();
+    for (auto it = map_.begin(); it != map_.end();) {
+      if (it->second->expired()) {
+        bytes_ -= it->second->bytes();
+        it = map_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (map_.size() >= kCapacity || bytes_ + e->bytes() > kMaxBytes) {
+      map_.clear();
+      bytes_ = 0;
+    }
+    auto old = map_.find(k);
+    if (old != map_.end()) bytes_ -= old->second->bytes();
+    bytes_ += e->bytes();
     map_[k] = std::move(e);
   }
   int64_t size() {
@@ -364,10 +411,12 @@ class BoundedCache {
   void clear() {
     std::lock_guard<std::mutex> lock(mutex_);
     map_.clear();
+    bytes_ = 0;
   }
 
  private:
   std::mutex mutex_;
+  size_t bytes_ = 0;
   std::unordered_map<Key<N>, std::shared_ptr<const Entry>, KeyHash<N>> map_;
 };
 
@@ -405,9 +454,10 @@ const int64_t* checked_perm(const Tensor& perm, int64_t size, const char* name, 
     }
   }
   auto entry = std::make_shared<CheckedPerm>();
-  entry->perm = perm;
-  entry->contiguous = perm.contiguous();
-  const int64_t* d = entry->contiguous.data_ptr<int64_t>();
+  entry->perm = WeakTensorRef(perm);
+  const Tensor contiguous = perm.contiguous();
+  entry->entries.assign(contiguous.data_ptr<int64_t>(), contiguous.data_ptr<int64_t>() + size);
+  const int64_t* d = entry->entries.data();
   std::vector<char> seen(size, 0);
   bool identity = true;
   for (int64_t i = 0; i < size; ++i) {
@@ -583,8 +633,8 @@ std::shared_ptr<const HostPlan> host_plan(int64_t m, int64_t n, const Tensor& me
     if (auto hit = plan_cache().find(key)) return hit;
   }
   auto plan = std::make_shared<HostPlan>();
-  plan->meta = meta;
-  plan->basis = basis;
+  plan->meta = WeakTensorRef(meta);
+  plan->basis = WeakTensorRef(basis);
   build_groups(*plan, m, n, meta, basis, layer);
   if (cacheable) plan_cache().insert(key, plan);
   return plan;
