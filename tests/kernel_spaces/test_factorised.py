@@ -89,8 +89,9 @@ def test_nearly_equivariant_weights_keep_their_small_energy(case, gen):
     K = K0 + noise * (1e-5 * float(K0.norm() / noise.norm()))  # E_perp / ||K||^2 ~ 1e-10
     want = (K - dense.project(K)).square().sum()
     assert 1e-11 < float(want / K.square().sum()) < 1e-9
-    e_perp, _, _ = sp.energies_and_grad(K, ri, ro)
+    e_perp, _, grad = sp.energies_and_grad(K, ri, ro)
     assert rel(e_perp, want) < 1e-6
+    torch.testing.assert_close(grad, 2 * (K - dense.project(K)), rtol=0, atol=1e-12 * float(K.abs().max()))
 
 
 def test_batched_non_contiguous_weights_with_per_item_lambdas(gen):
