@@ -316,7 +316,8 @@ def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch
 
 @bytes_cached("equiproj._plan.orbit_pair")
 def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
-    """``(K, form, data)`` when both fields are permutation fields (one of dimension above 5), else ``None``.
+    """``(K, form, data)`` for two permutation fields, one of dimension above 5, else ``None``
+    (:func:`orbit_pair` answers the other fields before the cache).
 
     For permutation fields ``Hom_G`` is spanned by the indicator matrices of the orbits of G on pairs
     ``(a, b)`` (``(a, b) ~ (sigma_g(a), sigma_g(b))``), so ``P(W)`` is the mean of W over each orbit and
@@ -326,7 +327,7 @@ def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torc
     inverse orbit sizes, from the connected components of the graph the group's generators draw on the
     pairs. Shared by every copy of the pair: its size is that of one tile."""
     pa, pb = field_out.permutation, field_in.permutation
-    if pa is None or pb is None or max(field_out.dim, field_in.dim) <= _SMALL_FIELD:
+    if max(field_out.dim, field_in.dim) <= _SMALL_FIELD:
         return None
     d_out, d_in = field_out.dim, field_in.dim
     if pa.regular and pb.regular and pa.group == pb.group:
