@@ -22,7 +22,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -368,12 +367,15 @@ void push_tensor_key(Key<N>& k, size_t& i, const Tensor& t, int64_t dims) {
 
 // A bounded map from key to shared entry: stale entries are dropped, and the map is emptied when it
 // holds kCapacity entries or kMaxBytes (entries in use stay alive through the callers' shared_ptrs).
+// An entry above kMaxEntryBytes is not kept: its copy would double the memory of a large plan that
+// the Python caches bound by bytes, and rebuilding it costs little beside the call that uses it.
 // Lookups and inserts are serialized by a mutex; entries are built outside it.
 template <size_t N, typename Entry>
 class BoundedCache {
  public:
   static constexpr size_t kCapacity = 256;
-  static constexpr size_t kMaxBytes = size_t(256) << 20;
+  static constexpr size_t kMaxBytes = size_t(64) << 20;
+  static constexpr size_t kMaxEntryBytes = size_t(1) << 20;
   std::shared_ptr<const Entry> find(const Key<N>& k) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = map_.find(k);
@@ -386,6 +388,7 @@ class BoundedCache {
     return it->second;
   }
   void insert(const Key<N>& k, std::shared_ptr<const Entry> e) {
+    if (e->bytes() > kMaxEntryBytes) return;
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = map_.begin(); it != map_.end();) {
       if (it->second->expired()) {
