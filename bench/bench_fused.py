@@ -342,6 +342,9 @@ def main(argv=None):
                    help="field dims <= 5 (every thread count), the growth table (last thread count), every kind "
                         "of layer as x floor (every thread count), all of them, or none (with --cn)")
     p.add_argument("--full", action="store_true", help="layer kinds at the target sizes (slow), not the quick ones")
+    p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                   help="layer kinds: only the rows whose name contains one of these texts (e.g. 'D4096' 'band-limited')")
+    p.add_argument("--rounds", type=int, default=None, help="layer kinds: interleaved rounds per row (default 7, --full 15)")
     p.add_argument("--no-torch", action="store_true", help="skip the (slow) pure-torch path")
     p.add_argument("--cn", type=int, nargs="*", default=[], help="C_N regular fields: the N of the cost-per-weight table")
     p.add_argument("--routes", nargs="+", default=["cpp"], help="label=backend[,VAR=value...] per route of --cn")
@@ -350,9 +353,18 @@ def main(argv=None):
     if not ops.cpp_available():
         raise SystemExit(ops._availability.cpp_missing())
     if args.cases in ("kinds", "all"):
-        from equiproj.cli.bench._layer_kinds import format_layer_kinds, layer_kind_rows
+        from equiproj.cli.bench._layer_kinds import format_layer_kinds, layer_kind_rows, layer_kinds
 
-        rows = layer_kind_rows(tuple(args.threads), quick=not args.full, progress=lambda s: print(s, flush=True))
+        kinds = layer_kinds(quick=not args.full)
+        if args.only:
+            kinds = [k for k in kinds if any(t in k.name for t in args.only)]
+            if not kinds:
+                raise SystemExit(f"no layer kind's name contains any of {args.only}")
+        print(f"{len(kinds)} layer kinds on {args.threads} thread(s); {os.cpu_count()} CPUs, load average "
+              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+        rows = layer_kind_rows(tuple(args.threads), quick=not args.full, rounds=args.rounds, kinds=kinds,
+                               progress=lambda s: print(s, flush=True))
+        print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
         print()
         print(format_layer_kinds(rows))
         print()

@@ -40,7 +40,7 @@ def run_suite(settings: Settings, progress: bool = True) -> dict:
     fused = [b for b, why in backends.items() if why is None]
     layers = suite(settings)
     kind_threads = (1,) if settings.mode == "quick" else (1, 2)
-    kinds = layer_kinds(quick=settings.mode != "full")
+    kinds = layer_kinds(quick=settings.mode != "full", every=settings.mode != "quick")
     total = (1 if settings.verify_groups else 0) + len(layers) * (1 + 2 * len(fused) + 5) + 4 + len(kinds) * len(kind_threads)
     bar = Progress(total, enabled=progress)
     result = {"settings": {k: v for k, v in settings.__dict__.items()}, "machine": machine_info(settings.device),
