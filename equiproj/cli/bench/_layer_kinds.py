@@ -10,8 +10,17 @@ against the targets (2x for linear layers and grid convolutions, whose traffic i
 a read and write of ``.grad``; 3x for steerable convolutions).
 
 ``layer_kind_rows(threads, quick)`` measures, ``format_layer_kinds(rows)`` writes the markdown
-table. ``quick`` takes small layers (about a second each, for ``equiproj bench``); the full sizes
-are those of the performance targets (Linear 4096², Conv2d 384 -> 384 k=5, ...).
+table. The kinds (:func:`layer_kinds`) are every kind of the performance targets: linear layers on
+the irreps fields of all ten groups and on permutation fields (C_N and D_N regular for N up to 4096,
+O and O_h regular, quotients ``G/H``, point sets of several orbits), grid convolutions (C4/D4 on 2-D
+kernels k = 3 and 5, O/O_h on 3-D k = 3) with regular and with irreps fields, and steerable
+convolutions (C8, C16, SO(2), O(2) on 2-D k = 5 and 7; SO(3), O(3) on 3-D k = 5) with regular or
+band-limited and with irreps fields. ``quick`` takes small layers (a quarter of the channels: about
+1 M weights per linear layer, for ``equiproj bench``), the full sizes are those of the targets
+(Linear 4096², Conv2d 384 -> 384 k=5, ...); ``every=False`` keeps one or two kinds per family (for
+``equiproj bench --quick``). Each row also names the computation the layer's fused CPU route runs
+and the flops per weight the code states for it (:func:`route_of`), and a kind that raises is an
+error row, not the end of the table.
 """
 
 from __future__ import annotations
@@ -301,11 +310,20 @@ def route_of(module: nn.Module, weight: torch.Tensor) -> tuple[str, float | None
     return "factorised", fp.flops_per_weight
 
 
+#: seconds of timed rounds per row and thread count: a slow row takes fewer rounds (never under
+#: MIN_ROUNDS), so that the full table stays a few minutes however far off target some rows are
+ROW_BUDGET_S, MIN_ROUNDS = 1.5, 5
+
+
 def _median_times(fns: dict, rounds: int, device: torch.device) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
     for fn in fns.values():  # warm: plans, the program, the allocator
         fn()
         fn()
+    sync()
+    per_round = (time.perf_counter() - t0) / 2
+    rounds = min(rounds, max(MIN_ROUNDS, int(ROW_BUDGET_S / max(per_round, 1e-9))))
     times: dict = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -318,12 +336,14 @@ def _median_times(fns: dict, rounds: int, device: torch.device) -> dict:
     for k, v in times.items():  # the interquartile range, relative to the median
         q = statistics.quantiles(v, n=4) if len(v) >= 2 else [v[0], v[0], v[0]]
         out[f"{k}_iqr"] = (q[2] - q[0]) / out[k]
+    out["rounds"] = rounds
     return out
 
 
 def _prepared(kind: LayerKind, gen: torch.Generator, device: torch.device):
-    """``(weight, penalty, build seconds)``: the layer built and declared, a random weight, an existing
-    ``.grad``, and the penalty's program and plans made by a first ``backward()``."""
+    """``(weight, penalty, build seconds, computation, flops per weight)``: the layer built and declared,
+    a random weight, an existing ``.grad``, the penalty's program and plans made by a first
+    ``backward()``, and :func:`route_of` the layer."""
     t0 = time.perf_counter()
     module = kind.build().to(device)
     with torch.no_grad():
