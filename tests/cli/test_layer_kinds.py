@@ -158,3 +158,7 @@ def test_the_smoke_kinds_run():
     rows = layer_kind_rows((1,), rounds=1, kinds=layer_kinds(quick=True, every=False))
     assert [r for r in rows if "error" in r] == []
     assert all(r["backward"] > 0 and r["decay"] > 0 and math.isfinite(r["floor"]) for r in rows)
+    # every row names its computation, with the flops per weight its plan states
+    assert all(r["path"] != "-" and 2 < r["flops_per_weight"] < 1000 for r in rows), [(r["kind"], r["path"]) for r in rows]
+    linear = [r["path"] for r in rows if r["route"] != "steerable"]
+    assert all(any(w in p for w in ("orbit", "tiles")) for p in linear), linear

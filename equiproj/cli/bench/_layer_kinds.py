@@ -44,7 +44,8 @@ from ...kernel_spaces._regular_band import kernel_available
 from ...nn import ProjectionPenalty, declaration, declare
 from ...testing import random_orthogonal
 
-__all__ = ["LayerKind", "layer_kinds", "layer_kind_rows", "format_layer_kinds", "measure_layer", "is_noisy", "NOISY_IQR"]
+__all__ = ["LayerKind", "layer_kinds", "layer_kind_rows", "format_layer_kinds", "measure_layer", "route_of",
+           "irreps_fields", "band_limited_field", "cyclic_quotient", "is_noisy", "NOISY_IQR"]
 
 
 @dataclass(frozen=True)
