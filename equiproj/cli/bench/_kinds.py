@@ -50,15 +50,6 @@ def _conv(dims: int, rep_in: Rep, rep_out: Rep, k: int, kernel_space=None) -> Ca
 
 
 # ---- the fields of the rows -------------------------------------------------------------------
-def _label(G) -> str:
-    """The short name of a group in the row names (``C8``, ``O_h``, ``SO(2)``)."""
-    name = type(G).__name__
-    if name in ("Cyclic", "Dihedral"):
-        return f"{name[0]}{G.N}"
-    return {"SO2": "SO(2)", "O2": "O(2)", "SO3": "SO(3)", "O3": "O(3)", "Octahedral": "O", "FullOctahedral": "O_h",
-            "Tetrahedral": "T", "FullTetrahedral": "T_d"}[name]
-
-
 def _irreps(G, band_limit: int | None):
     return G.irreps(band_limit=None if G.is_finite else band_limit)
 
@@ -109,7 +100,8 @@ def _face_centres() -> torch.Tensor:
 
 def cyclic_quotient(N: int, M: int) -> Rep:
     """C_N acting on the cosets of its subgroup C_(N/M): the rotation by ``2 pi k / N`` moves coset ``i``
-    to ``i + k mod M`` (given by its action, since no point set of the plane has this symmetry)."""
+    to ``i + k mod M`` (given by its action: no set of M points of the plane is permuted so by the
+    rotations)."""
 
     def action(g):
         k = torch.round(torch.atan2(g[..., 1, 0], g[..., 0, 0]) * (N / (2 * math.pi))).long()
@@ -134,11 +126,12 @@ def _all_kinds(quick: bool) -> list[LayerKind]:
     kinds = [LayerKind(f"Linear {n}², O(3) {n // 4}x0e+{n // 4}x1o", "linear",
                        _linear(Rep.parse(O3(), f"{n // 4}x0e + {n // 4}x1o")), smoke=True)]
     # linear layers on irreps fields, every group
-    for G, L in ((Cyclic(8), None), (Dihedral(8), None), (SO2(), 3), (O2(), 3), (SO3(), 2), (O3(), 2),
-                 (Octahedral(), None), (FullOctahedral(), None), (Tetrahedral(), None), (FullTetrahedral(), None)):
+    for G, label, L in ((Cyclic(8), "C8", None), (Dihedral(8), "D8", None), (SO2(), "SO(2)", 3), (O2(), "O(2)", 3),
+                        (SO3(), "SO(3)", 2), (O3(), "O(3)", 2), (Octahedral(), "O", None),
+                        (FullOctahedral(), "O_h", None), (Tetrahedral(), "T", None), (FullTetrahedral(), "T_d", None)):
         rep = irreps_fields(G, n, L)
         degrees = "" if G.is_finite else f" up to {'l' if G.ambient_dim == 3 else 'frequency'} {L}"
-        kinds.append(LayerKind(f"Linear {rep.dim}², {_label(G)} irreps{degrees} ({rep.segments[0][0]} x each)",
+        kinds.append(LayerKind(f"Linear {rep.dim}², {label} irreps{degrees} ({rep.segments[0][0]} x each)",
                                "linear", _linear(rep)))
     # regular fields
     ns = (4, 16, 64) if quick else (4, 8, 16, 64, 256, 1024, 4096)
@@ -150,10 +143,10 @@ def _all_kinds(quick: bool) -> list[LayerKind]:
         copies = max(1, n // (2 * N))
         kinds.append(LayerKind(f"Linear {copies * 2 * N}², {copies} x D{N} regular", "linear",
                                _linear(copies * Dihedral(N).regular()), smoke=N == 16))
-    for G in (Octahedral(), FullOctahedral()):
+    for G, label in ((Octahedral(), "O"), (FullOctahedral(), "O_h")):
         copies = max(1, n // len(G.elements()))
-        kinds.append(LayerKind(f"Linear {copies * len(G.elements())}², {copies} x {_label(G)} regular", "linear",
-                               _linear(copies * G.regular()), smoke=_label(G) == "O"))
+        kinds.append(LayerKind(f"Linear {copies * len(G.elements())}², {copies} x {label} regular", "linear",
+                               _linear(copies * G.regular()), smoke=label == "O"))
     # quotients G/H: the group permuting the cosets (points of one orbit)
     D16, O, Oh = Dihedral(16), Octahedral(), FullOctahedral()
     for rep, what in ((cyclic_quotient(16, 4), "C16/C4 (4 cosets)"),
@@ -176,50 +169,50 @@ def _all_kinds(quick: bool) -> list[LayerKind]:
                            _linear((n // 64) * cube)))
     # grid convolutions: 2-D C4/D4 on k = 3, 5, 3-D O/O_h on k = 3; regular and irreps fields
     c = 384 // s
-    for G in (Cyclic(4), Dihedral(4)):
+    for G, label in ((Cyclic(4), "C4"), (Dihedral(4), "D4")):
         reg = (c // len(G.elements())) * G.regular()
         irr = irreps_fields(G, c)
         for k in (3, 5):
-            kinds.append(LayerKind(f"Conv2d {c}->{c} k={k}, {_label(G)} regular (grid)", "grid", _conv(2, reg, reg, k),
-                                   smoke=_label(G) == "C4" and k == 5))
-            kinds.append(LayerKind(f"Conv2d {irr.dim}->{irr.dim} k={k}, {_label(G)} irreps (grid)", "grid",
-                                   _conv(2, irr, irr, k), smoke=_label(G) == "D4" and k == 3))
-    for G in (Octahedral(), FullOctahedral()):
+            kinds.append(LayerKind(f"Conv2d {c}->{c} k={k}, {label} regular (grid)", "grid", _conv(2, reg, reg, k),
+                                   smoke=label == "C4" and k == 5))
+            kinds.append(LayerKind(f"Conv2d {irr.dim}->{irr.dim} k={k}, {label} irreps (grid)", "grid",
+                                   _conv(2, irr, irr, k), smoke=label == "D4" and k == 3))
+    for G, label in ((Octahedral(), "O"), (FullOctahedral(), "O_h")):
         copies = max(1, 96 // s // len(G.elements()))
         reg = copies * G.regular()
         irr = irreps_fields(G, 96 // s)
-        kinds.append(LayerKind(f"Conv3d {reg.dim}->{reg.dim} k=3, {copies} x {_label(G)} regular (grid)", "grid",
-                               _conv(3, reg, reg, 3), smoke=_label(G) == "O"))
-        kinds.append(LayerKind(f"Conv3d {irr.dim}->{irr.dim} k=3, {_label(G)} irreps (grid)", "grid",
+        kinds.append(LayerKind(f"Conv3d {reg.dim}->{reg.dim} k=3, {copies} x {label} regular (grid)", "grid",
+                               _conv(3, reg, reg, 3), smoke=label == "O"))
+        kinds.append(LayerKind(f"Conv3d {irr.dim}->{irr.dim} k=3, {label} irreps (grid)", "grid",
                                _conv(3, irr, irr, 3)))
     # steerable convolutions: 2-D k = 5, 7 (384 and 256 channels), 3-D k = 5 (144 channels)
-    for G in (Cyclic(8), Cyclic(16)):
+    for G, label in ((Cyclic(8), "C8"), (Cyclic(16), "C16")):
         for k, ch in ((5, c), (7, 256 // s)):
             reg = (ch // len(G.elements())) * G.regular()
             irr = irreps_fields(G, ch)
-            kinds.append(LayerKind(f"Conv2d {reg.dim}->{reg.dim} k={k}, {_label(G)} regular (steerable)", "steerable",
-                                   _conv(2, reg, reg, k), smoke=_label(G) == "C8" and k == 5))
-            kinds.append(LayerKind(f"Conv2d {irr.dim}->{irr.dim} k={k}, {_label(G)} irreps (steerable)", "steerable",
+            kinds.append(LayerKind(f"Conv2d {reg.dim}->{reg.dim} k={k}, {label} regular (steerable)", "steerable",
+                                   _conv(2, reg, reg, k), smoke=label == "C8" and k == 5))
+            kinds.append(LayerKind(f"Conv2d {irr.dim}->{irr.dim} k={k}, {label} irreps (steerable)", "steerable",
                                    _conv(2, irr, irr, k)))
-    for G, L in ((SO2(), 3), (O2(), 3)):
+    for G, label, L in ((SO2(), "SO(2)", 3), (O2(), "O(2)", 3)):
         field = band_limited_field(G, L)
         for k, ch in ((5, c), (7, 256 // s)):
             irr = irreps_fields(G, ch, L)
             bl = (ch // field.dim) * field
-            kinds.append(LayerKind(f"Conv2d {irr.dim}->{irr.dim} k={k}, {_label(G)} irreps up to frequency {L} "
+            kinds.append(LayerKind(f"Conv2d {irr.dim}->{irr.dim} k={k}, {label} irreps up to frequency {L} "
                                    "(steerable)", "steerable", _conv(2, irr, irr, k),
-                                   smoke=k == 5 and _label(G) == "SO(2)"))
-            kinds.append(LayerKind(f"Conv2d {bl.dim}->{bl.dim} k={k}, {ch // field.dim} x {_label(G)} band-limited "
+                                   smoke=k == 5 and label == "SO(2)"))
+            kinds.append(LayerKind(f"Conv2d {bl.dim}->{bl.dim} k={k}, {ch // field.dim} x {label} band-limited "
                                    f"regular, frequency <= {L} (steerable)", "steerable", _conv(2, bl, bl, k),
-                                   smoke=k == 5 and _label(G) == "SO(2)"))
+                                   smoke=k == 5 and label == "SO(2)"))
     c3 = 144 // s
     n3 = c3 // 9
-    for G, irr in ((SO3(), irreps_fields(SO3(), c3, 2)),
-                   (O3(), Rep.parse(O3(), f"{n3}x0e + {n3}x1o + {n3}x2e"))):
+    for G, label, irr in ((SO3(), "SO(3)", irreps_fields(SO3(), c3, 2)),
+                          (O3(), "O(3)", Rep.parse(O3(), f"{n3}x0e + {n3}x1o + {n3}x2e"))):
         field = band_limited_field(G, 1)
         bl = max(1, c3 // field.dim) * field
-        kinds.append(LayerKind(f"Conv3d {irr.dim}->{irr.dim} k=5, {_label(G)} {_irreps_text(irr)} (steerable)",
-                               "steerable", _conv(3, irr, irr, 5), smoke=_label(G) == "O(3)"))
-        kinds.append(LayerKind(f"Conv3d {bl.dim}->{bl.dim} k=5, {bl.segments[0][0]} x {_label(G)} band-limited "
+        kinds.append(LayerKind(f"Conv3d {irr.dim}->{irr.dim} k=5, {label} {_irreps_text(irr)} (steerable)",
+                               "steerable", _conv(3, irr, irr, 5), smoke=label == "O(3)"))
+        kinds.append(LayerKind(f"Conv3d {bl.dim}->{bl.dim} k=5, {bl.segments[0][0]} x {label} band-limited "
                                "regular, l <= 1 (steerable)", "steerable", _conv(3, bl, bl, 5)))
     return kinds
