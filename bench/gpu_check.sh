@@ -10,7 +10,7 @@
 # 3. runs the CUDA tests (tests/ops/test_triton.py, tests/ops/test_ops.py, tests/nn/test_nn.py, tests/nn/test_program.py,
 #    tests/test_orbit_route.py), continuing whatever they report;
 # 4. times every kind of layer through the penalty program on the GPU (penalty.backward() into .grad
-#    and decay_ as multiples of a warm torch.mul(W, 2, out=buf); equiproj/cli/bench/_layer_kinds.py, quick
+#    and decay_ as multiples of a warm torch.mul(W, 2, out=buf); equiproj/cli/bench/_layer_kinds.py, one or two kinds per family at quick
 #    sizes), the cost per weight of C_N regular fields per route (bench/bench_fused.py's --cn code), and
 #    the permutation-field layers on the orbit route (bench/bench_layers.py --device cuda);
 # 5. prints the benchmark table (bench/gpu_bench.py) LAST.
@@ -48,8 +48,9 @@ timeout 240 $PY - <<'PYEOF' 2>&1 | tail -30 || echo "layer kinds exit status: $?
 import sys, time, torch
 sys.path.insert(0, "bench")
 import equiproj
-from equiproj.cli.bench._layer_kinds import format_layer_kinds, layer_kind_rows
-rows = layer_kind_rows((1,), quick=True, device="cuda", rounds=15)
+from equiproj.cli.bench._layer_kinds import format_layer_kinds, layer_kind_rows, layer_kinds
+# one or two kinds per family: every route, within the step's time limit
+rows = layer_kind_rows((1,), quick=True, device="cuda", rounds=15, kinds=layer_kinds(quick=True, every=False))
 print(format_layer_kinds(rows))
 # C_N regular fields, cost per weight of the gradient into .grad per route (add routes as label=backend)
 for N in (4, 16, 64, 256):
