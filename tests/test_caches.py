@@ -1,6 +1,8 @@
 """The plan caches are bounded by the bytes they hold, not by their number of entries, and
 ``equiproj.clear_caches()`` empties every cache; memory stays flat with ever new reps."""
 
+import ctypes
+import ctypes.util
 import gc
 import os
 
@@ -14,7 +16,17 @@ from equiproj.ops import _op
 from equiproj.testing import random_orthogonal
 
 
+def _malloc_trim() -> None:
+    """Hands the C heap's free pages back to the OS (glibc), so that RSS counts what is held, not the
+    allocator's slack in a process that has already run many other tests."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def rss_bytes() -> int:
+    _malloc_trim()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
