@@ -300,7 +300,7 @@ void orbit_closed_tiles(const Pair& p, int64_t dout, const X* const* x, X* const
 // of 8 (C_8, D_4) or 16 (D_8) columns. Every 8-column chunk c of a group row a takes its orbits from
 // one block of 8 consecutive orbits of the group (8 sb + idx[l], idx a permutation): the pivot is
 // row 0's chunk sb permuted by idx, and the deviations are added to the block's sums permuted by
-// idx^-1. C_16 rows do not map chunks to blocks and keep the doubled arrays above.
+// idx^-1. C_16 rows do not map chunks to blocks: rotations below.
 // A group's rows are d_in x 4 bytes apart, a multiple of 4 KiB for the usual widths, so they all fall
 // in one set of the 8-way L1: each row is read once (W, and the gradient before any of it is
 // written) into small local copies that the second half of the group reads instead. No software
@@ -441,6 +441,80 @@ void pivot_tiles_f32(const Pair& p, const float* const* x, float* const* g, acc_
   eg += s.m2 * acc_t(R);  // each orbit has R entries in its tile
 }
 
+// ---- C_16 tiles, float32 weights: the same one pass, with rotations --------------------------------
+// Row a of a C_N tile holds orbit (b - a) mod N in column b, row 0 rotated by a, and its chunks span
+// two blocks of orbits (no permutes). The pivot of row a is one unaligned load from a doubled copy of
+// row 0 (x0d[N - a + b]); the deviations D_a are stored twice in a row, so that orbit k of row a,
+// D_a[(k + a) mod N], is one unaligned load at a + k; the means are doubled the same way for the
+// residuals (md[(b - a) mod N] = mdd[N - a + b]). The loads from the doubled copies come a row after
+// the stores that filled them. Local copies: 5 N^2 floats (5 KiB). C_32 measured slower this way than
+// with the doubled arrays (its 32 rows and their gradient rows crowd the L2 sets), C_64 would not fit L1.
+template <int N>
+inline void rotation_tile(const float* const* x, float* const* g, int64_t o, __m256 cg, __m256 dc, __m256 inv,
+                          bool acc, PivotSums& s) {
+  constexpr int NC = N / 8;
+  alignas(32) float x0d[2 * N], mdd[2 * N], dd[N][2 * N], xs[N][N], gs[N][N];
+  __m256 t0[NC], sum[NC], md[NC];
+  for (int c = 0; c < NC; ++c) {
+    t0[c] = _mm256_loadu_ps(x[0] + o + 8 * c);
+    _mm256_store_ps(x0d + 8 * c, t0[c]);
+    _mm256_store_ps(x0d + N + 8 * c, t0[c]);
+    sum[c] = _mm256_setzero_ps();
+  }
+  if (g && acc)
+    for (int a = 0; a < N; ++a)
+      for (int c = 0; c < NC; ++c) _mm256_store_ps(gs[a] + 8 * c, _mm256_loadu_ps(g[a] + o + 8 * c));
+  for (int a = 1; a < N; ++a)
+    for (int c = 0; c < NC; ++c) {
+      const __m256 t = _mm256_loadu_ps(x[a] + o + 8 * c);
+      const __m256 d = _mm256_sub_ps(t, _mm256_loadu_ps(x0d + N - a + 8 * c));
+      _mm256_store_ps(dd[a] + 8 * c, d);
+      _mm256_store_ps(dd[a] + N + 8 * c, d);
+      _mm256_store_ps(xs[a] + 8 * c, t);
+    }
+  for (int a = 1; a < N; ++a)
+    for (int c = 0; c < NC; ++c) sum[c] = _mm256_add_ps(sum[c], _mm256_loadu_ps(dd[a] + a + 8 * c));
+  for (int c = 0; c < NC; ++c) {
+    md[c] = _mm256_mul_ps(sum[c], inv);
+    _mm256_store_ps(mdd + 8 * c, md[c]);
+    _mm256_store_ps(mdd + N + 8 * c, md[c]);
+    const __m256 m = _mm256_add_ps(t0[c], md[c]);
+    s.mm = _mm256_fmadd_ps(m, m, s.mm);
+    s.ep0 = _mm256_fmadd_ps(md[c], md[c], s.ep0);  // row 0: R = -md
+    if (g) {
+      const __m256 base = acc ? _mm256_fmadd_ps(cg, t0[c], _mm256_load_ps(gs[0] + 8 * c)) : _mm256_mul_ps(cg, t0[c]);
+      _mm256_storeu_ps(g[0] + o + 8 * c, _mm256_fnmadd_ps(dc, md[c], base));
+    }
+  }
+  for (int a = 1; a < N; ++a) {
+    for (int c = 0; c < NC; ++c) {
+      const __m256 r = _mm256_sub_ps(_mm256_load_ps(dd[a] + 8 * c), _mm256_loadu_ps(mdd + N - a + 8 * c));
+      if (c & 1)
+        s.ep1 = _mm256_fmadd_ps(r, r, s.ep1);
+      else
+        s.ep0 = _mm256_fmadd_ps(r, r, s.ep0);
+      if (g) {
+        const __m256 t = _mm256_load_ps(xs[a] + 8 * c);
+        const __m256 base = acc ? _mm256_fmadd_ps(cg, t, _mm256_load_ps(gs[a] + 8 * c)) : _mm256_mul_ps(cg, t);
+        _mm256_storeu_ps(g[a] + o + 8 * c, _mm256_fmadd_ps(dc, r, base));
+      }
+    }
+    if ((s.vectors += NC) >= kFlushVectors) s.flush();
+  }
+}
+
+template <int N>
+void rotation_tiles_f32(const Pair& p, const float* const* x, float* const* g, acc_t cp2, acc_t cg2, acc_t& ep,
+                        acc_t& eg) {
+  const __m256 cg = _mm256_set1_ps(static_cast<float>(cg2)), dc = _mm256_set1_ps(static_cast<float>(cp2 - cg2));
+  const __m256 inv = _mm256_set1_ps(static_cast<float>(p.inv_size));
+  PivotSums s{_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), 0, 0, 0};
+  for (int64_t v = 0; v < p.ci; ++v) rotation_tile<N>(x, g, v * N, cg, dc, inv, p.accumulate, s);
+  s.flush();
+  ep += s.ep;
+  eg += s.m2 * acc_t(N);
+}
+
 template <int R, int NC>
 inline bool try_pivot_tiles_f32(const Pair& p, const float* const* x, float* const* g, acc_t cp2, acc_t cg2,
                                 acc_t& ep, acc_t& eg) {
@@ -452,14 +526,18 @@ inline bool try_pivot_tiles_f32(const Pair& p, const float* const* x, float* con
   return true;
 }
 
-// false when the pair is not a 4-, 8- or 16-column closed form whose chunks map to blocks
+// false when the pair is neither a 4-, 8- or 16-column closed form whose chunks map to blocks nor C_16
 inline bool orbit_pivot_tiles_f32(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2,
                                   acc_t cg2, acc_t& ep, acc_t& eg) {
   if (dout != p.di) return false;
   switch (p.di) {
     case 4: return try_pivot_tiles_f32<4, 1>(p, x, g, cp2, cg2, ep, eg);
     case 8: return try_pivot_tiles_f32<8, 1>(p, x, g, cp2, cg2, ep, eg);
-    case 16: return try_pivot_tiles_f32<16, 2>(p, x, g, cp2, cg2, ep, eg);
+    case 16:
+      if (try_pivot_tiles_f32<16, 2>(p, x, g, cp2, cg2, ep, eg)) return true;
+      if (p.form != kOrbitCyclic) return false;
+      rotation_tiles_f32<16>(p, x, g, cp2, cg2, ep, eg);
+      return true;
     default: return false;
   }
 }

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not cpp_available(), reason="the C++ extension i
 F64 = torch.float64
 # C_N regular for N = 4 and N > 5 (C_5 and smaller fields keep the small-tile kernels), D_N regular for
 # N >= 2: segment lengths 4, 6..24 and 64 (C_N), 2..17 (D_N); the one-pass float32 kernel takes the
-# 4-, 8- and 16-column tiles (C_4, D_2, C_8, D_4, D_8), the doubled arrays the others
+# 4-, 8- and 16-column tiles (C_4, D_2, C_8, D_4, D_8, C_16), the doubled arrays the others
 GROUPS = [Cyclic(N) for N in (4, 6, 7, 8, 9, 12, 16, 17, 20, 24, 64)] + [Dihedral(N) for N in (2, 3, 4, 5, 8, 12, 16, 17)]
 
 
@@ -74,8 +74,8 @@ def test_closed_forms_match_the_reference(G, dtype, isa, gen):
     assert float((step.double() - want_step).abs().max()) <= 2 * tol * float(want_step.abs().max())
 
 
-@pytest.mark.parametrize("G", [Cyclic(4), Cyclic(8), Cyclic(17), Cyclic(64), Dihedral(2), Dihedral(4), Dihedral(8),
-                               Dihedral(17)], ids=str)
+@pytest.mark.parametrize("G", [Cyclic(4), Cyclic(8), Cyclic(16), Cyclic(17), Cyclic(64), Dihedral(2), Dihedral(4),
+                               Dihedral(8), Dihedral(17)], ids=str)
 def test_nearly_equivariant_float32_weights_keep_their_digits(G, isa, gen):
     """E_perp / ||W||^2 ~ 1e-10 in float32: the residual W - m of every entry is ~1e-5 of W, so
     a float32 difference with a rounded mean would lose about half its digits (~1e-3 relative);
