@@ -94,7 +94,7 @@ def test_nearly_equivariant_float32_weights_keep_their_digits(G, isa, gen):
 
 def test_batched_strided_and_half_precision_weights(isa, gen):
     """Strided, batched and fp16/bf16 weights are staged through float64 rows (the same kernel)."""
-    for G in (Cyclic(12), Dihedral(8)):
+    for G in (Cyclic(4), Cyclic(12), Dihedral(8)):
         rep_in, rep_out = _reps(G)
         P, _ = _closed_form_rows(rep_in, rep_out)
         base = torch.randn(2, 3, rep_in.dim, 2 * rep_out.dim, dtype=F64, generator=gen)
