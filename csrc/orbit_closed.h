@@ -287,12 +287,24 @@ void orbit_closed_tiles(const Pair& p, int64_t dout, const X* const* x, X* const
 
 #ifdef EQUIPROJ_AVX2
 
-// ---- tiles of 8 or 16 columns, float32 weights: permutes in place of the doubled arrays -----------
-// For C_8, D_4 (8 columns) and D_8 (16) every 8-column chunk c of tile row a takes its orbits from
-// one block of 8 consecutive orbits (8 sb + idx[l], idx a permutation): pass 1 permutes the chunk
-// by idx^-1 and adds it to the block's sums, pass 2 permutes the block's m_hi and m_lo by idx. A
-// tile's state is its K sums (then K m_hi and K m_lo floats in the same bytes), with no per-tile
-// doubled arrays to fill: at 64 to 256 weights per tile, filling those cost as much as the passes.
+// ---- tiles of 4, 8 or 16 columns, float32 weights: one pass, deviations from the tile's first row ---
+// Each orbit of a regular pair meets every row of a tile once, and row 0 holds orbit k in column k
+// (o(0, b) = b for both forms). So a tile is handled while it is in registers or L1, W read from
+// memory once: D_a = T_a - T_0[o(a, .)] (the deviation of each entry from its orbit's entry in row
+// 0), md_k = mean over the rows of D on orbit k, R_a = D_a - md[o(a, .)], R_0 = -md, mean
+// m_k = T_0[k] + md_k. All of it in float32, and still exact to float32 rounding relative to the
+// tile's residual: a float32 difference is rounded relative to itself, |D| <= 2 max|R|, so D, md and
+// R carry errors of a few units of max|R|, never of |W| (a nearly equivariant weight keeps its
+// digits with no float64 and no split mean). The tile size d is a power of two, so 1 / d is exact.
+// A group of 8 NC columns is processed at once: two 4x4 tiles side by side (C_4, D_2), or one tile
+// of 8 (C_8, D_4) or 16 (D_8) columns. Every 8-column chunk c of a group row a takes its orbits from
+// one block of 8 consecutive orbits of the group (8 sb + idx[l], idx a permutation): the pivot is
+// row 0's chunk sb permuted by idx, and the deviations are added to the block's sums permuted by
+// idx^-1. C_16 rows do not map chunks to blocks: rotations below.
+// A group's rows are d_in x 4 bytes apart, a multiple of 4 KiB for the usual widths, so they all fall
+// in one set of the 8-way L1: each row is read once (W, and the gradient before any of it is
+// written) into small local copies that the second half of the group reads instead. No software
+// prefetch: with d up to 16 row streams it measured no faster than the hardware prefetchers.
 
 // the orbit of entry (a, b) of a C_N (N = di) or D_N (N = di / 2) tile, docs/math.md §9
 inline int64_t closed_orbit(bool dihedral, int64_t di, int64_t a, int64_t b) {
@@ -306,13 +318,15 @@ struct ChunkOrbits {
   __m256i idx, inv;
 };
 
-// false when a chunk's orbits are not a permutation of one block (never for the forms above)
+// Chunk c of row a of a group (8 columns: two 4-column tiles, numbered 4 q + orbit, or one 8-column
+// chunk of a tile); false when its orbits are not a permutation of one block (C_16).
 inline bool chunk_orbits(bool dihedral, int64_t di, int64_t a, int64_t c, ChunkOrbits& out) {
   alignas(32) int32_t idx[8], inv[8];
-  const int64_t block = closed_orbit(dihedral, di, a, 8 * c) / 8;
+  const auto orbit = [&](int64_t b) { return b / di * di + closed_orbit(dihedral, di, a, b % di); };
+  const int64_t block = orbit(8 * c) / 8;
   int seen = 0;
   for (int l = 0; l < 8; ++l) {
-    const int64_t o = closed_orbit(dihedral, di, a, 8 * c + l);
+    const int64_t o = orbit(8 * c + l);
     if (o / 8 != block || (seen >> (o % 8)) & 1) return false;
     seen |= 1 << (o % 8);
     idx[l] = static_cast<int32_t>(o % 8);
@@ -324,77 +338,208 @@ inline bool chunk_orbits(bool dihedral, int64_t di, int64_t a, int64_t c, ChunkO
   return true;
 }
 
-// work: ci * K float64 entries (K = di).
-inline bool orbit_permuted_tiles_f32(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2,
-                                     acc_t cg2, acc_t* work, acc_t& ep, acc_t& eg) {
-  const bool dihedral = p.form == kOrbitDihedral, acc = p.accumulate;
-  const int64_t di = p.di, ci = p.ci, K = di, nc = di / 8;
-  if (!(di == 8 || (dihedral && di == 16)) || dout != di) return false;
-  ChunkOrbits chunk[16][2];
-  for (int64_t a = 0; a < dout; ++a)
-    for (int64_t c = 0; c < nc; ++c)
-      if (!chunk_orbits(dihedral, di, a, c, chunk[a][c])) return false;
-  for (int64_t k = 0; k < ci * K; ++k) work[k] = 0;
-  // pass 1: each chunk, permuted into the order of its block of orbits, added to the block's sums
-  for (int64_t a = 0; a < dout; ++a)
-    for (int64_t c = 0; c < nc; ++c) {
-      const ChunkOrbits& co = chunk[a][c];
-      const float* xs = x[a] + 8 * c;
-      acc_t* S = work + 8 * co.block;
-      for (int64_t v = 0; v < ci; ++v) {
-        prefetch(xs + v * di + kPrefetch);
-        const __m256 xp = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + v * di), co.inv);
-        acc_t* Sv = S + v * K;
-        _mm256_storeu_pd(Sv, _mm256_add_pd(_mm256_loadu_pd(Sv), _mm256_cvtps_pd(_mm256_castps256_ps128(xp))));
-        _mm256_storeu_pd(Sv + 4, _mm256_add_pd(_mm256_loadu_pd(Sv + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(xp, 1))));
-      }
-    }
-  // E_G, and each block of 8 sums in place of m_hi (8 floats) and m_lo (8 floats)
-  const __m256d inv = _mm256_set1_pd(p.inv_size);
-  __m256d sg = _mm256_setzero_pd();
-  for (int64_t b = 0; b < ci * K; b += 8) {
-    const __m256d s0 = _mm256_loadu_pd(work + b), s1 = _mm256_loadu_pd(work + b + 4);
-    sg = _mm256_fmadd_pd(_mm256_mul_pd(s0, s0), inv, sg);
-    sg = _mm256_fmadd_pd(_mm256_mul_pd(s1, s1), inv, sg);
-    const __m256d m0 = _mm256_mul_pd(s0, inv), m1 = _mm256_mul_pd(s1, inv);
-    const __m128 h0 = _mm256_cvtpd_ps(m0), h1 = _mm256_cvtpd_ps(m1);
-    const __m128 l0 = _mm256_cvtpd_ps(_mm256_sub_pd(m0, _mm256_cvtps_pd(h0)));
-    const __m128 l1 = _mm256_cvtpd_ps(_mm256_sub_pd(m1, _mm256_cvtps_pd(h1)));
-    float* M = reinterpret_cast<float*>(work + b);
-    _mm256_storeu_ps(M, _mm256_set_m128(h1, h0));
-    _mm256_storeu_ps(M + 8, _mm256_set_m128(l1, l0));
+// float32 lane sums of E_perp (two chains) and of the squared means, flushed into float64
+struct PivotSums {
+  __m256 ep0, ep1, mm;
+  int vectors;
+  acc_t ep, m2;
+  static acc_t lanes(__m256 v) {
+    const __m256d s =
+        _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    return hsum(V4{s});
   }
-  eg += hsum(V4{sg});
-  // pass 2: the residual and the gradient, the block's means permuted into the chunk's order
-  const __m256 cg = _mm256_set1_ps(static_cast<float>(cg2)), dc = _mm256_set1_ps(static_cast<float>(cp2 - cg2));
-  __m256 e8 = _mm256_setzero_ps();
-  int n8 = 0;
-  acc_t e1 = 0;
-  for (int64_t a = 0; a < dout; ++a)
-    for (int64_t c = 0; c < nc; ++c) {
-      const ChunkOrbits& co = chunk[a][c];
-      const float* xs = x[a] + 8 * c;
-      float* gs = g ? g[a] + 8 * c : nullptr;
-      const float* Mb = reinterpret_cast<const float*>(work + 8 * co.block);
-      for (int64_t v = 0; v < ci; ++v) {
-        const float* M = Mb + 2 * v * K;
-        const __m256 t = _mm256_loadu_ps(xs + v * di);
-        const __m256 h = _mm256_permutevar8x32_ps(_mm256_loadu_ps(M), co.idx);
-        const __m256 l = _mm256_permutevar8x32_ps(_mm256_loadu_ps(M + 8), co.idx);
-        const __m256 r = _mm256_sub_ps(_mm256_sub_ps(t, h), l);
-        e8 = _mm256_fmadd_ps(r, r, e8);
-        if (gs) {
-          float* gv = gs + v * di;
-          prefetch(gv + kPrefetch);
-          const __m256 base = acc ? _mm256_fmadd_ps(cg, t, _mm256_loadu_ps(gv)) : _mm256_mul_ps(cg, t);
-          _mm256_storeu_ps(gv, _mm256_fmadd_ps(dc, r, base));
-        }
-        if (++n8 == kFlushVectors) flush_f32(e8, n8, e1);
+  void flush() {
+    ep += lanes(_mm256_add_ps(ep0, ep1));
+    m2 += lanes(mm);
+    ep0 = ep1 = mm = _mm256_setzero_ps();
+    vectors = 0;
+  }
+};
+
+// One group of R rows x 8 NC columns at column o. g may alias x: the group's W and gradient entries
+// are all read (into registers or the local copies) before any is written.
+template <int R, int NC>
+inline void pivot_group(const float* const* x, float* const* g, int64_t o, const ChunkOrbits (*orb)[NC],
+                        __m256 cg, __m256 dc, __m256 inv, bool acc, PivotSums& s) {
+  alignas(32) float dev[R][8 * NC], xs[R][8 * NC], gs[R][8 * NC];
+  __m256 t0[NC], sum[NC];
+  for (int c = 0; c < NC; ++c) {
+    t0[c] = _mm256_loadu_ps(x[0] + o + 8 * c);
+    sum[c] = _mm256_setzero_ps();
+  }
+  if (g && acc)
+    for (int a = 0; a < R; ++a)
+      for (int c = 0; c < NC; ++c) _mm256_store_ps(gs[a] + 8 * c, _mm256_loadu_ps(g[a] + o + 8 * c));
+  for (int a = 1; a < R; ++a)
+    for (int c = 0; c < NC; ++c) {
+      const ChunkOrbits& co = orb[a][c];
+      const __m256 t = _mm256_loadu_ps(x[a] + o + 8 * c);
+      const __m256 d = _mm256_sub_ps(t, _mm256_permutevar8x32_ps(t0[co.block], co.idx));
+      _mm256_store_ps(dev[a] + 8 * c, d);
+      _mm256_store_ps(xs[a] + 8 * c, t);
+      sum[co.block] = _mm256_add_ps(sum[co.block], _mm256_permutevar8x32_ps(d, co.inv));
+    }
+  __m256 md[NC];
+  for (int c = 0; c < NC; ++c) {
+    md[c] = _mm256_mul_ps(sum[c], inv);
+    const __m256 m = _mm256_add_ps(t0[c], md[c]);
+    s.mm = _mm256_fmadd_ps(m, m, s.mm);
+    s.ep0 = _mm256_fmadd_ps(md[c], md[c], s.ep0);  // row 0: R = -md
+    if (g) {
+      const __m256 base = acc ? _mm256_fmadd_ps(cg, t0[c], _mm256_load_ps(gs[0] + 8 * c)) : _mm256_mul_ps(cg, t0[c]);
+      _mm256_storeu_ps(g[0] + o + 8 * c, _mm256_fnmadd_ps(dc, md[c], base));
+    }
+  }
+  for (int a = 1; a < R; ++a)
+    for (int c = 0; c < NC; ++c) {
+      const ChunkOrbits& co = orb[a][c];
+      const __m256 r = _mm256_sub_ps(_mm256_load_ps(dev[a] + 8 * c), _mm256_permutevar8x32_ps(md[co.block], co.idx));
+      if (a & 1)
+        s.ep1 = _mm256_fmadd_ps(r, r, s.ep1);
+      else
+        s.ep0 = _mm256_fmadd_ps(r, r, s.ep0);
+      if (g) {
+        const __m256 t = _mm256_load_ps(xs[a] + 8 * c);
+        const __m256 base = acc ? _mm256_fmadd_ps(cg, t, _mm256_load_ps(gs[a] + 8 * c)) : _mm256_mul_ps(cg, t);
+        _mm256_storeu_ps(g[a] + o + 8 * c, _mm256_fmadd_ps(dc, r, base));
       }
     }
-  flush_f32(e8, n8, e1);
-  ep += e1;
+  if ((s.vectors += R * NC) >= kFlushVectors) s.flush();
+}
+
+template <int R, int NC>
+void pivot_tiles_f32(const Pair& p, const float* const* x, float* const* g, acc_t cp2, acc_t cg2,
+                     const ChunkOrbits (*orb)[NC], acc_t& ep, acc_t& eg) {
+  constexpr int64_t kGroup = 8 * NC;
+  const int64_t span = p.ci * p.di, whole = span - span % kGroup;
+  const __m256 cg = _mm256_set1_ps(static_cast<float>(cg2)), dc = _mm256_set1_ps(static_cast<float>(cp2 - cg2));
+  const __m256 inv = _mm256_set1_ps(static_cast<float>(p.inv_size));
+  const bool acc = p.accumulate;
+  PivotSums s{_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), 0, 0, 0};
+  for (int64_t o = 0; o < whole; o += kGroup)
+    pivot_group<R, NC>(x, g, o, orb, cg, dc, inv, acc, s);
+  if (whole < span) {  // one 4x4 tile left (odd copies of a 4-dimensional field): padded with a zero tile
+    const int64_t rest = span - whole;
+    alignas(32) float xt[R][kGroup] = {}, gt[R][kGroup] = {};
+    const float* xp[R];
+    float* gp[R];
+    for (int a = 0; a < R; ++a) {
+      for (int64_t j = 0; j < rest; ++j) {
+        xt[a][j] = x[a][whole + j];
+        if (g && acc) gt[a][j] = g[a][whole + j];
+      }
+      xp[a] = xt[a];
+      gp[a] = gt[a];
+    }
+    pivot_group<R, NC>(xp, g ? gp : nullptr, 0, orb, cg, dc, inv, acc, s);
+    if (g)
+      for (int a = 0; a < R; ++a)
+        for (int64_t j = 0; j < rest; ++j) g[a][whole + j] = gt[a][j];
+  }
+  s.flush();
+  ep += s.ep;
+  eg += s.m2 * acc_t(R);  // each orbit has R entries in its tile
+}
+
+// ---- C_16 tiles, float32 weights: the same one pass, with rotations --------------------------------
+// Row a of a C_N tile holds orbit (b - a) mod N in column b, row 0 rotated by a, and its chunks span
+// two blocks of orbits (no permutes). The pivot of row a is one unaligned load from a doubled copy of
+// row 0 (x0d[N - a + b]); the deviations D_a are stored twice in a row, so that orbit k of row a,
+// D_a[(k + a) mod N], is one unaligned load at a + k; the means are doubled the same way for the
+// residuals (md[(b - a) mod N] = mdd[N - a + b]). The loads from the doubled copies come a row after
+// the stores that filled them. Local copies: 5 N^2 floats (5 KiB). C_32 measured slower this way than
+// with the doubled arrays (its 32 rows and their gradient rows crowd the L2 sets), C_64 would not fit L1.
+template <int N>
+inline void rotation_tile(const float* const* x, float* const* g, int64_t o, __m256 cg, __m256 dc, __m256 inv,
+                          bool acc, PivotSums& s) {
+  constexpr int NC = N / 8;
+  alignas(32) float x0d[2 * N], mdd[2 * N], dd[N][2 * N], xs[N][N], gs[N][N];
+  __m256 t0[NC], sum[NC], md[NC];
+  for (int c = 0; c < NC; ++c) {
+    t0[c] = _mm256_loadu_ps(x[0] + o + 8 * c);
+    _mm256_store_ps(x0d + 8 * c, t0[c]);
+    _mm256_store_ps(x0d + N + 8 * c, t0[c]);
+    sum[c] = _mm256_setzero_ps();
+  }
+  if (g && acc)
+    for (int a = 0; a < N; ++a)
+      for (int c = 0; c < NC; ++c) _mm256_store_ps(gs[a] + 8 * c, _mm256_loadu_ps(g[a] + o + 8 * c));
+  for (int a = 1; a < N; ++a)
+    for (int c = 0; c < NC; ++c) {
+      const __m256 t = _mm256_loadu_ps(x[a] + o + 8 * c);
+      const __m256 d = _mm256_sub_ps(t, _mm256_loadu_ps(x0d + N - a + 8 * c));
+      _mm256_store_ps(dd[a] + 8 * c, d);
+      _mm256_store_ps(dd[a] + N + 8 * c, d);
+      _mm256_store_ps(xs[a] + 8 * c, t);
+    }
+  for (int a = 1; a < N; ++a)
+    for (int c = 0; c < NC; ++c) sum[c] = _mm256_add_ps(sum[c], _mm256_loadu_ps(dd[a] + a + 8 * c));
+  for (int c = 0; c < NC; ++c) {
+    md[c] = _mm256_mul_ps(sum[c], inv);
+    _mm256_store_ps(mdd + 8 * c, md[c]);
+    _mm256_store_ps(mdd + N + 8 * c, md[c]);
+    const __m256 m = _mm256_add_ps(t0[c], md[c]);
+    s.mm = _mm256_fmadd_ps(m, m, s.mm);
+    s.ep0 = _mm256_fmadd_ps(md[c], md[c], s.ep0);  // row 0: R = -md
+    if (g) {
+      const __m256 base = acc ? _mm256_fmadd_ps(cg, t0[c], _mm256_load_ps(gs[0] + 8 * c)) : _mm256_mul_ps(cg, t0[c]);
+      _mm256_storeu_ps(g[0] + o + 8 * c, _mm256_fnmadd_ps(dc, md[c], base));
+    }
+  }
+  for (int a = 1; a < N; ++a) {
+    for (int c = 0; c < NC; ++c) {
+      const __m256 r = _mm256_sub_ps(_mm256_load_ps(dd[a] + 8 * c), _mm256_loadu_ps(mdd + N - a + 8 * c));
+      if (c & 1)
+        s.ep1 = _mm256_fmadd_ps(r, r, s.ep1);
+      else
+        s.ep0 = _mm256_fmadd_ps(r, r, s.ep0);
+      if (g) {
+        const __m256 t = _mm256_load_ps(xs[a] + 8 * c);
+        const __m256 base = acc ? _mm256_fmadd_ps(cg, t, _mm256_load_ps(gs[a] + 8 * c)) : _mm256_mul_ps(cg, t);
+        _mm256_storeu_ps(g[a] + o + 8 * c, _mm256_fmadd_ps(dc, r, base));
+      }
+    }
+    if ((s.vectors += NC) >= kFlushVectors) s.flush();
+  }
+}
+
+template <int N>
+void rotation_tiles_f32(const Pair& p, const float* const* x, float* const* g, acc_t cp2, acc_t cg2, acc_t& ep,
+                        acc_t& eg) {
+  const __m256 cg = _mm256_set1_ps(static_cast<float>(cg2)), dc = _mm256_set1_ps(static_cast<float>(cp2 - cg2));
+  const __m256 inv = _mm256_set1_ps(static_cast<float>(p.inv_size));
+  PivotSums s{_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), 0, 0, 0};
+  for (int64_t v = 0; v < p.ci; ++v) rotation_tile<N>(x, g, v * N, cg, dc, inv, p.accumulate, s);
+  s.flush();
+  ep += s.ep;
+  eg += s.m2 * acc_t(N);
+}
+
+template <int R, int NC>
+inline bool try_pivot_tiles_f32(const Pair& p, const float* const* x, float* const* g, acc_t cp2, acc_t cg2,
+                                acc_t& ep, acc_t& eg) {
+  ChunkOrbits orb[R][NC];
+  for (int a = 0; a < R; ++a)
+    for (int c = 0; c < NC; ++c)
+      if (!chunk_orbits(p.form == kOrbitDihedral, p.di, a, c, orb[a][c])) return false;
+  pivot_tiles_f32<R, NC>(p, x, g, cp2, cg2, orb, ep, eg);
   return true;
+}
+
+// false when the pair is neither a 4-, 8- or 16-column closed form whose chunks map to blocks nor C_16
+inline bool orbit_pivot_tiles_f32(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2,
+                                  acc_t cg2, acc_t& ep, acc_t& eg) {
+  if (dout != p.di) return false;
+  switch (p.di) {
+    case 4: return try_pivot_tiles_f32<4, 1>(p, x, g, cp2, cg2, ep, eg);
+    case 8: return try_pivot_tiles_f32<8, 1>(p, x, g, cp2, cg2, ep, eg);
+    case 16:
+      if (try_pivot_tiles_f32<16, 2>(p, x, g, cp2, cg2, ep, eg)) return true;
+      if (p.form != kOrbitCyclic) return false;
+      rotation_tiles_f32<16>(p, x, g, cp2, cg2, ep, eg);
+      return true;
+    default: return false;
+  }
 }
 
 #endif
@@ -405,7 +550,7 @@ void orbit_closed_pair(const Pair& p, int64_t dout, const X* const* x, X* const*
                        acc_t& ep, acc_t& eg) {
 #ifdef EQUIPROJ_AVX2
   if constexpr (sizeof(X) == sizeof(float))
-    if (orbit_permuted_tiles_f32(p, dout, x, g, cp2, cg2, work, ep, eg)) return;
+    if (orbit_pivot_tiles_f32(p, dout, x, g, cp2, cg2, ep, eg)) return;
 #endif
   switch (p.form == kOrbitDihedral ? p.di / 2 : p.di) {
     case 4: orbit_closed_tiles<X, 4>(p, dout, x, g, cp2, cg2, work, ep, eg); return;

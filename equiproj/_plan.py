@@ -193,6 +193,10 @@ class OrbitForm(enum.IntEnum):
 #: tile shapes, vectorised across tiles) beat the two passes of the orbit route there
 _SMALL_FIELD = 5
 
+#: except closed-form pairs (C_N, D_N regular) of this dimension: C_4 and D_2, whose 4x4 tiles the CPU
+#: kernel handles two to a vector in one pass over the weight
+_SMALL_CLOSED_FORM = 4
+
 #: the largest orbit index table of one field pair (its entries are exact in a float32 basis)
 MAX_ORBIT_TABLE = 2**24
 
@@ -307,8 +311,8 @@ def _product_orbits(pa, pb) -> torch.Tensor:
 
 
 def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
-    """``(K, form, data)`` when both fields are permutation fields (one of dimension above 5), else
-    ``None`` (:func:`_orbit_pair`; the test is made before the cache, which then holds only orbit pairs)."""
+    """``(K, form, data)`` when both fields are permutation fields (one of dimension above 5, or
+    both regular fields of C_4 or D_2), else ``None`` (:func:`_orbit_pair`; the test is made before the cache, which then holds only orbit pairs)."""
     if field_out.permutation is None or field_in.permutation is None:
         return None
     return _orbit_pair(field_out, field_in)
@@ -316,7 +320,8 @@ def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch
 
 @bytes_cached("equiproj._plan.orbit_pair")
 def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
-    """``(K, form, data)`` for two permutation fields, one of dimension above 5, else ``None``
+    """``(K, form, data)`` for two permutation fields, one of dimension above 5 (or both regular
+    fields of C_4 or D_2), else ``None``
     (:func:`orbit_pair` answers the other fields before the cache).
 
     For permutation fields ``Hom_G`` is spanned by the indicator matrices of the orbits of G on pairs
@@ -327,13 +332,12 @@ def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torc
     inverse orbit sizes, from the connected components of the graph the group's generators draw on the
     pairs. Shared by every copy of the pair: its size is that of one tile."""
     pa, pb = field_out.permutation, field_in.permutation
-    if max(field_out.dim, field_in.dim) <= _SMALL_FIELD:
-        return None
     d_out, d_in = field_out.dim, field_in.dim
-    if pa.regular and pb.regular and pa.group == pb.group:
-        form = pa.group.regular_pair_orbits()
-        if form is not None:
-            return d_out, OrbitForm[form.upper()], torch.zeros(0, dtype=torch.float64)
+    form = pa.group.regular_pair_orbits() if pa.regular and pb.regular and pa.group == pb.group else None
+    if max(d_out, d_in) <= _SMALL_FIELD and not (form is not None and d_out == _SMALL_CLOSED_FORM):
+        return None
+    if form is not None:
+        return d_out, OrbitForm[form.upper()], torch.zeros(0, dtype=torch.float64)
     if pa.regular and pb.factors is not None and pa.group == pb.group:
         return d_in, OrbitForm.PRODUCT, _product_orbits(pa, pb)
     if d_out * d_in > MAX_ORBIT_TABLE:

@@ -14,7 +14,7 @@ from torch import nn
 import equiproj
 from equiproj import Cyclic, Dihedral, FullOctahedral, Octahedral, Rep
 from equiproj import reference
-from equiproj._plan import _SMALL_FIELD, MAX_ORBIT_TABLE, OrbitForm, block_plan, orbit_pair, plan_for
+from equiproj._plan import _SMALL_CLOSED_FORM, _SMALL_FIELD, MAX_ORBIT_TABLE, OrbitForm, block_plan, orbit_pair, plan_for
 from equiproj.grid import kernel_rep
 from equiproj.kernels import torch_fused_energies
 from equiproj.ops import cpp_available
@@ -111,8 +111,12 @@ def test_permutation_pairs_are_orbit_pairs_without_a_basis(pair):
     for row in P.rows():
         fo = _field_at(rep_out, row.out_offset)
         fi = _field_at(rep_in, row.in_offset)
-        both = fo.permutation is not None and fi.permutation is not None and max(fo.dim, fi.dim) > _SMALL_FIELD
-        assert bool(row.orbits) == both  # the smallest pairs keep the basis: the small-tile kernels are faster
+        both = fo.permutation is not None and fi.permutation is not None
+        closed = both and fo.permutation.regular and fi.permutation.regular and fo.dim == fi.dim
+        # the smallest pairs keep the basis (the small-tile kernels are faster), but for C_4 and D_2
+        # regular fields, whose 4x4 tiles the one-pass closed-form kernel takes
+        both = both and (max(fo.dim, fi.dim) > _SMALL_FIELD or (closed and fo.dim == _SMALL_CLOSED_FORM))
+        assert bool(row.orbits) == both
         if both:  # K orbits = dim Hom_G(f_in, f_out), from the characters
             els = rep_in.group.elements()
             chi = lambda f: f.matrix(els).diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731

@@ -17,9 +17,10 @@ from equiproj.testing import nearly_equivariant, relative_error
 pytestmark = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
 
 F64 = torch.float64
-# C_N regular for N > 5 (smaller fields keep the small-tile kernels), D_N regular for N >= 3:
-# segment lengths 6..24 and 64 (C_N), 3..17 (D_N)
-GROUPS = [Cyclic(N) for N in (6, 7, 8, 9, 12, 16, 17, 20, 24, 64)] + [Dihedral(N) for N in (3, 4, 5, 8, 12, 16, 17)]
+# C_N regular for N = 4 and N > 5 (C_5 and smaller fields keep the small-tile kernels), D_N regular for
+# N >= 2: segment lengths 4, 6..24 and 64 (C_N), 2..17 (D_N); the one-pass float32 kernel takes the
+# 4-, 8- and 16-column tiles (C_4, D_2, C_8, D_4, D_8, C_16), the doubled arrays the others
+GROUPS = [Cyclic(N) for N in (4, 6, 7, 8, 9, 12, 16, 17, 20, 24, 64)] + [Dihedral(N) for N in (2, 3, 4, 5, 8, 12, 16, 17)]
 
 
 @pytest.fixture(params=["best", "baseline"])
@@ -73,7 +74,8 @@ def test_closed_forms_match_the_reference(G, dtype, isa, gen):
     assert float((step.double() - want_step).abs().max()) <= 2 * tol * float(want_step.abs().max())
 
 
-@pytest.mark.parametrize("G", [Cyclic(8), Cyclic(17), Cyclic(64), Dihedral(4), Dihedral(8), Dihedral(17)], ids=str)
+@pytest.mark.parametrize("G", [Cyclic(4), Cyclic(8), Cyclic(16), Cyclic(17), Cyclic(64), Dihedral(2), Dihedral(4),
+                               Dihedral(8), Dihedral(17)], ids=str)
 def test_nearly_equivariant_float32_weights_keep_their_digits(G, isa, gen):
     """E_perp / ||W||^2 ~ 1e-10 in float32: the residual W - m of every entry is ~1e-5 of W, so
     a float32 difference with a rounded mean would lose about half its digits (~1e-3 relative);
@@ -92,7 +94,7 @@ def test_nearly_equivariant_float32_weights_keep_their_digits(G, isa, gen):
 
 def test_batched_strided_and_half_precision_weights(isa, gen):
     """Strided, batched and fp16/bf16 weights are staged through float64 rows (the same kernel)."""
-    for G in (Cyclic(12), Dihedral(8)):
+    for G in (Cyclic(4), Cyclic(12), Dihedral(8)):
         rep_in, rep_out = _reps(G)
         P, _ = _closed_form_rows(rep_in, rep_out)
         base = torch.randn(2, 3, rep_in.dim, 2 * rep_out.dim, dtype=F64, generator=gen)
