@@ -148,6 +148,253 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
   e4 = e4 + ((e[0] + e[1]) + (e[2] + e[3]));
 }
 
+// E_G = sum_k S_k^2 / n_k, and each orbit sum in place of its mean (float64). A product's orbits all
+// have |G| entries: its ci K sums are one array; a table's group [K][w] takes the inverse size of each k.
+inline void orbit_means(const Pair& p, acc_t* S, acc_t& eg) {
+  const int64_t K = p.r, ci = p.ci;
+  V4 e[4] = {zero4(), zero4(), zero4(), zero4()};  // independent accumulators: no add chain
+  acc_t e1[4] = {0, 0, 0, 0};
+  if (p.form == kOrbitProduct) {
+    const int64_t n = ci * K;
+    const V4 inv = splat(p.inv_size);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+      for (int q = 0; q < 4; ++q) {
+        const V4 s = load4(S + j + 4 * q);
+        e[q] = fmadd(s * s, inv, e[q]);
+        store4(S + j + 4 * q, s * inv);
+      }
+    for (; j < n; ++j) {
+      e1[j & 3] += S[j] * S[j] * p.inv_size;
+      S[j] *= p.inv_size;
+    }
+  } else {
+    for (int64_t v = 0, w = 0; v < ci; v += w) {
+      w = group_width(v, ci);
+      acc_t* Sw = S + v * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t inv = p.inv[k];
+        if (w == 4) {
+          const V4 s = load4(Sw + 4 * k);
+          e[k & 3] = fmadd(s * s, splat(inv), e[k & 3]);
+          store4(Sw + 4 * k, s * splat(inv));
+          continue;
+        }
+        for (int64_t l = 0; l < w; ++l) {
+          acc_t& s = Sw[w * k + l];
+          e1[k & 3] += s * s * inv;
+          s *= inv;
+        }
+      }
+    }
+  }
+  eg += hsum((e[0] + e[1]) + (e[2] + e[3])) + ((e1[0] + e1[1]) + (e1[2] + e1[3]));
+}
+
+#ifdef EQUIPROJ_AVX2
+// ---- float32 weights: pass 2 in float32 lanes with split means -----------------------------------
+// The orbit mean m (float64) is stored as m_hi = float(m), m_lo = float(m - m_hi), and the residual
+// formed as R = (T - m_hi) - m_lo: T - m_hi is exact where T and m_hi are within a factor of two
+// (Sterbenz), which holds for every entry of a nearly equivariant weight, so R keeps its float32
+// precision where the residual form matters (the split of orbit_closed.h). In place of the [K][w]
+// float64 sums of a group of w tiles, orbit k holds the w m_hi then the w m_lo as floats (the same
+// bytes: 2 w floats at float offset 2 w k). Pass 2 then reads, for eight entries of a tile row, the
+// eight orbits' quads and transposes them (4 x 4 within each 128-bit lane) into the means of eight
+// consecutive entries of each tile: eight float32 lanes of residual and gradient per vector.
+
+constexpr int kOrbitFlushVectors = 32;  // float32 lanes of E_perp summed at most this many times, then in float64
+
+inline void split_mean(acc_t m, float& hi, float& lo) {
+  hi = static_cast<float>(m);
+  lo = static_cast<float>(m - acc_t(hi));
+}
+
+// E_G, and the sums of every group of w tiles in place of their split means.
+inline void split_orbit_means(const Pair& p, acc_t* S, acc_t& eg) {
+  const int64_t K = p.r, ci = p.ci;
+  const bool product = p.form == kOrbitProduct;
+  V4 e[4] = {zero4(), zero4(), zero4(), zero4()};
+  acc_t e1 = 0;
+  for (int64_t v = 0, w = 0; v < ci; v += w) {
+    w = group_width(v, ci);
+    acc_t* Sw = S + v * K;
+    int64_t k = 0;
+    if (w == 4) {
+      for (; k < K; ++k) {
+        const V4 inv = splat(product ? p.inv_size : p.inv[k]), s = load4(Sw + 4 * k), m = s * inv;
+        e[k & 3] = fmadd(s * s, inv, e[k & 3]);
+        const __m128 hi = _mm256_cvtpd_ps(m.v);
+        const __m128 lo = _mm256_cvtpd_ps(_mm256_sub_pd(m.v, _mm256_cvtps_pd(hi)));
+        _mm256_storeu_ps(reinterpret_cast<float*>(Sw + 4 * k), _mm256_set_m128(lo, hi));
+      }
+    } else if (w == 2) {
+      for (; k + 2 <= K; k += 2) {  // two orbits: [s_k0 s_k1 s_k+1,0 s_k+1,1]
+        const acc_t i0 = product ? p.inv_size : p.inv[k], i1 = product ? p.inv_size : p.inv[k + 1];
+        const V4 inv = make4(i0, i0, i1, i1), s = load4(Sw + 2 * k), m = s * inv;
+        e[k & 3] = fmadd(s * s, inv, e[k & 3]);
+        const __m128d hi = _mm_castps_pd(_mm256_cvtpd_ps(m.v));
+        const __m128d lo = _mm_castps_pd(_mm256_cvtpd_ps(_mm256_sub_pd(m.v, _mm256_cvtps_pd(_mm_castpd_ps(hi)))));
+        float* f = reinterpret_cast<float*>(Sw + 2 * k);
+        _mm_storeu_ps(f, _mm_castpd_ps(_mm_unpacklo_pd(hi, lo)));
+        _mm_storeu_ps(f + 4, _mm_castpd_ps(_mm_unpackhi_pd(hi, lo)));
+      }
+    }
+    for (; k < K; ++k) {  // w == 1, and an odd last orbit of a pair of tiles
+      const acc_t inv = product ? p.inv_size : p.inv[k];
+      acc_t m[2];
+      for (int64_t l = 0; l < w; ++l) {
+        const acc_t s = Sw[w * k + l];
+        e1 += s * s * inv;
+        m[l] = s * inv;
+      }
+      float* f = reinterpret_cast<float*>(Sw + w * k);
+      for (int64_t l = 0; l < w; ++l) split_mean(m[l], f[l], f[w + l]);
+    }
+  }
+  eg += hsum((e[0] + e[1]) + (e[2] + e[3])) + e1;
+}
+
+// rows r0 .. r3 -> their transpose, within each 128-bit lane
+inline void transpose4_f32(__m256& r0, __m256& r1, __m256& r2, __m256& r3) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  r0 = _mm256_shuffle_ps(t0, t2, 0x44);
+  r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  r2 = _mm256_shuffle_ps(t1, t3, 0x44);
+  r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+}
+
+// Eight entries: R = (T - hi) - lo, E_perp in float32 lanes, the gradient cg T + dc R written or added.
+template <GradMode Mode>
+inline void split_residual8(const float* x, float* g, __m256 hi, __m256 lo, __m256 cg, __m256 dc, __m256& e8) {
+  const __m256 t = _mm256_loadu_ps(x), r = _mm256_sub_ps(_mm256_sub_ps(t, hi), lo);
+  e8 = _mm256_fmadd_ps(r, r, e8);
+  if constexpr (Mode != GradMode::kNone) {
+    const __m256 base = Mode == GradMode::kAdd ? _mm256_fmadd_ps(cg, t, _mm256_loadu_ps(g)) : _mm256_mul_ps(cg, t);
+    _mm256_storeu_ps(g, _mm256_fmadd_ps(dc, r, base));
+  }
+}
+
+// Four entries, the means as [hi | lo] lanes.
+template <GradMode Mode>
+inline void split_residual4(const float* x, float* g, __m256 m, __m256 cg, __m256 dc, __m256& e8) {
+  const __m128 t = _mm_loadu_ps(x);
+  const __m128 r = _mm_sub_ps(_mm_sub_ps(t, _mm256_castps256_ps128(m)), _mm256_extractf128_ps(m, 1));
+  e8 = _mm256_add_ps(e8, _mm256_zextps128_ps256(_mm_mul_ps(r, r)));
+  if constexpr (Mode != GradMode::kNone) {
+    const __m128 cg4 = _mm256_castps256_ps128(cg), dc4 = _mm256_castps256_ps128(dc);
+    const __m128 base = Mode == GradMode::kAdd ? _mm_fmadd_ps(cg4, t, _mm_loadu_ps(g)) : _mm_mul_ps(cg4, t);
+    _mm_storeu_ps(g, _mm_fmadd_ps(dc4, r, base));
+  }
+}
+
+inline void flush_lanes_f32(__m256* e8, int n, acc_t& e1) {
+  for (int l = 0; l < n; ++l) {
+    const __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(e8[l])),
+                                    _mm256_cvtps_pd(_mm256_extractf128_ps(e8[l], 1)));
+    e1 += hsum(V4{s});
+    e8[l] = _mm256_setzero_ps();
+  }
+}
+
+template <GradMode Mode>
+void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2, acc_t cg2,
+                           const acc_t* S, int32_t* obuf, acc_t& ep) {
+  const int64_t di = p.di, K = p.r, ci = p.ci;
+  const __m256 cg = _mm256_set1_ps(static_cast<float>(cg2)), dc = _mm256_set1_ps(static_cast<float>(cp2 - cg2));
+  const float cgs = static_cast<float>(cg2), dcs = static_cast<float>(cp2 - cg2);
+  __m256 e8[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int n8 = 0;  // vectors added into each lane of e8 since the last flush
+  acc_t e1 = 0;
+  for (int64_t a = 0; a < dout; ++a) {
+    const int32_t* o = orbit_row(p, dout, a, obuf);
+    for (int64_t v = 0, w = 0; v < ci; v += w) {
+      w = group_width(v, ci);
+      const float* x0 = x[a] + v * di;
+      float* g0 = Mode == GradMode::kNone ? nullptr : g[a] + v * di;
+      const float* M = reinterpret_cast<const float*>(S + v * K);  // orbit k: w m_hi, w m_lo at M + 2 w k
+      int64_t j = 0;
+      if (w == 4) {
+        for (; j + 8 <= di; j += 8) {
+          // a step walks 8 entries of each of 4 tiles: two lines of the next group
+          prefetch_line<float>(x0 + 4 * di + 4 * j);
+          prefetch_line<float>(x0 + 4 * di + 4 * j + 16);
+          if (Mode == GradMode::kAdd) {
+            prefetch_line<float>(g0 + 4 * di + 4 * j);
+            prefetch_line<float>(g0 + 4 * di + 4 * j + 16);
+          }
+          __m256 h[4], l[4];  // row i: the quad of entry j + i (low lane) and of entry j + i + 4 (high lane)
+          for (int i = 0; i < 4; ++i) {
+            const float* lo_q = M + 8 * o[j + i];
+            const float* hi_q = M + 8 * o[j + i + 4];
+            h[i] = _mm256_loadu2_m128(hi_q, lo_q);
+            l[i] = _mm256_loadu2_m128(hi_q + 4, lo_q + 4);
+          }
+          transpose4_f32(h[0], h[1], h[2], h[3]);  // h[t]: m_hi of entries j .. j + 7 of tile t
+          transpose4_f32(l[0], l[1], l[2], l[3]);
+          for (int t = 0; t < 4; ++t)
+            split_residual8<Mode>(x0 + t * di + j, g0 ? g0 + t * di + j : nullptr, h[t], l[t], cg, dc, e8[t]);
+          if (++n8 == kOrbitFlushVectors) {
+            flush_lanes_f32(e8, 4, e1);
+            n8 = 0;
+          }
+        }
+        if (j + 4 <= di) {
+          __m256 m[4];  // row i: [m_hi | m_lo] quads of entry j + i; transposed: [m_hi | m_lo] of tile t
+          for (int i = 0; i < 4; ++i) m[i] = _mm256_loadu_ps(M + 8 * o[j + i]);
+          transpose4_f32(m[0], m[1], m[2], m[3]);
+          for (int t = 0; t < 4; ++t)
+            split_residual4<Mode>(x0 + t * di + j, g0 ? g0 + t * di + j : nullptr, m[t], cg, dc, e8[t]);
+          if (++n8 == kOrbitFlushVectors) {
+            flush_lanes_f32(e8, 4, e1);
+            n8 = 0;
+          }
+          j += 4;
+        }
+      } else if (w == 2) {
+        for (; j + 8 <= di; j += 8) {
+          __m256 m[4];  // row i: [hi0 hi1 lo0 lo1] of entry j + i (low lane) and j + i + 4 (high lane)
+          for (int i = 0; i < 4; ++i) m[i] = _mm256_loadu2_m128(M + 4 * o[j + i + 4], M + 4 * o[j + i]);
+          transpose4_f32(m[0], m[1], m[2], m[3]);  // m_hi of tile 0, of tile 1, m_lo of tile 0, of tile 1
+          split_residual8<Mode>(x0 + j, g0 ? g0 + j : nullptr, m[0], m[2], cg, dc, e8[0]);
+          split_residual8<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m[1], m[3], cg, dc, e8[1]);
+          if (++n8 == kOrbitFlushVectors) {
+            flush_lanes_f32(e8, 2, e1);
+            n8 = 0;
+          }
+        }
+      }
+      for (; j < di; ++j)  // entries past the last whole vector, and a single tile
+        for (int64_t t = 0; t < w; ++t) {
+          const float* q = M + 2 * w * o[j];
+          const float xv = x0[t * di + j], r = (xv - q[t]) - q[w + t];
+          e1 += acc_t(r) * acc_t(r);
+          if constexpr (Mode != GradMode::kNone) {
+            float& gv = g0[t * di + j];
+            gv = dcs * r + (Mode == GradMode::kAdd ? cgs * xv + gv : cgs * xv);
+          }
+        }
+    }
+  }
+  flush_lanes_f32(e8, 4, e1);
+  ep += e1;
+}
+
+template <typename X>
+inline void table_orbit_residuals_f32(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2,
+                                      const acc_t* S, int32_t* obuf, acc_t& ep) {
+  if (!g)
+    split_orbit_residuals<GradMode::kNone>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+  else if (p.accumulate)
+    split_orbit_residuals<GradMode::kAdd>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+  else
+    split_orbit_residuals<GradMode::kWrite>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+}
+
+template <typename X>
+constexpr bool kSplitOrbitMeans = sizeof(X) == sizeof(float);
+#endif
+
 // S: ci * K + di scratch entries: the orbit sums (then means) of every tile, a group of w tiles
 // starting at tile v (group_width) as the [K][w] block at S + v K; then room for the orbit row of a
 // product.
@@ -188,21 +435,15 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
         for (int64_t l = 0; l < w; ++l) Sw[w * o[j] + l] += acc_t(x0[l * di + j]);
     }
   }
-  // E_G = sum_k S_k^2 / n_k; S becomes the orbit means
-  acc_t sg = 0;
-  for (int64_t v = 0, w = 0; v < ci; v += w) {
-    w = group_width(v, ci);
-    acc_t* Sw = S + v * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t inv = p.form == kOrbitProduct ? p.inv_size : p.inv[k];
-      for (int64_t l = 0; l < w; ++l) {
-        acc_t& s = Sw[w * k + l];
-        sg += s * s * inv;
-        s *= inv;
-      }
-    }
+  // E_G = sum_k S_k^2 / n_k; S becomes the orbit means (float64, or split into float32 m_hi, m_lo)
+#ifdef EQUIPROJ_AVX2
+  if constexpr (kSplitOrbitMeans<X>) {
+    split_orbit_means(p, S, eg);
+    table_orbit_residuals_f32<X>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+    return;
   }
-  eg += sg;
+#endif
+  orbit_means(p, S, eg);
   // pass 2: the residual and the gradient
   V4 e4 = zero4();
   acc_t e1 = 0;
