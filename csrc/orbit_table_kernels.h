@@ -35,12 +35,12 @@ inline void transpose4(V4& r0, V4& r1, V4& r2, V4& r3) {
 
 #ifdef EQUIPROJ_AVX2
 // Two tiles: entries j .. j + 3 of tiles 0 and 1 (rows r0, r1) as four [2] pairs, entry j + i of both
-// tiles at S2 + 2 o[j + i] (orbit sums laid out [K][2]).
+// tiles at S2 + 2 o[j + i] (orbit sums laid out [K][2]; o4 = 4 o).
 template <typename X>
-inline void orbit_sum2(acc_t* S2, const int32_t* o, const X* x0, const X* x1) {
+inline void orbit_sum2(acc_t* S2, const int32_t* o4, const X* x0, const X* x1) {
   const __m256d r0 = load4(x0).v, r1 = load4(x1).v;
   const __m256d lo = _mm256_unpacklo_pd(r0, r1), hi = _mm256_unpackhi_pd(r0, r1);  // entries j, j+2 | j+1, j+3
-  acc_t* s[4] = {S2 + 2 * o[0], S2 + 2 * o[1], S2 + 2 * o[2], S2 + 2 * o[3]};
+  acc_t* s[4] = {S2 + (o4[0] >> 1), S2 + (o4[1] >> 1), S2 + (o4[2] >> 1), S2 + (o4[3] >> 1)};
   _mm_storeu_pd(s[0], _mm_add_pd(_mm_loadu_pd(s[0]), _mm256_castpd256_pd128(lo)));
   _mm_storeu_pd(s[1], _mm_add_pd(_mm_loadu_pd(s[1]), _mm256_castpd256_pd128(hi)));
   _mm_storeu_pd(s[2], _mm_add_pd(_mm_loadu_pd(s[2]), _mm256_extractf128_pd(lo, 1)));
@@ -48,9 +48,11 @@ inline void orbit_sum2(acc_t* S2, const int32_t* o, const X* x0, const X* x1) {
 }
 
 // The means of entries j .. j + 3 of tiles 0 and 1 as two rows.
-inline void orbit_means2(const acc_t* M2, const int32_t* o, V4& m0, V4& m1) {
-  const __m256d a = _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(M2 + 2 * o[0])), _mm_loadu_pd(M2 + 2 * o[2]), 1);
-  const __m256d b = _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(M2 + 2 * o[1])), _mm_loadu_pd(M2 + 2 * o[3]), 1);
+inline void orbit_means2(const acc_t* M2, const int32_t* o4, V4& m0, V4& m1) {
+  const __m256d a =
+      _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(M2 + (o4[0] >> 1))), _mm_loadu_pd(M2 + (o4[2] >> 1)), 1);
+  const __m256d b =
+      _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(M2 + (o4[1] >> 1))), _mm_loadu_pd(M2 + (o4[3] >> 1)), 1);
   m0.v = _mm256_unpacklo_pd(a, b);
   m1.v = _mm256_unpackhi_pd(a, b);
 }
@@ -65,17 +67,23 @@ inline int64_t group_width(int64_t v, int64_t ci) {
   return 1;
 }
 
-// The orbit of every entry of tile row a: the table's row, or, for a product, written into buf from
-// the factor tables (p.orbit: the block table [d_out, d_1], then the pixel table [d_out, d_2]).
+// Four times the orbit of every entry of tile row a, written into buf: from the table's row, or, for a
+// product, from the factor tables (p.orbit: the block table [d_out, d_1], then the pixel table
+// [d_out, d_2]). 4 o is where orbit o's sums sit in a group of four tiles ([K][4] float64 entries), so
+// the kernels address them with one index load and no arithmetic.
 inline const int32_t* orbit_row(const Pair& p, int64_t dout, int64_t a, int32_t* buf) {
-  if (p.form != kOrbitProduct) return p.orbit + a * p.di;
+  if (p.form != kOrbitProduct) {
+    const int32_t* t = p.orbit + a * p.di;
+    for (int64_t j = 0; j < p.di; ++j) buf[j] = 4 * t[j];
+    return buf;
+  }
   const int64_t d2 = p.factor, d1 = p.di / d2;
   const int32_t* blk = p.orbit + a * d1;
   const int32_t* pix = p.orbit + dout * d1 + a * d2;
   for (int64_t b = 0; b < d1; ++b) {
     const int32_t base = blk[b] * static_cast<int32_t>(d2);
     int32_t* ob = buf + b * d2;
-    for (int64_t q = 0; q < d2; ++q) ob[q] = base + pix[q];
+    for (int64_t q = 0; q < d2; ++q) ob[q] = 4 * (base + pix[q]);
   }
   return buf;
 }
@@ -109,7 +117,7 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
   const bool acc = Mode == GradMode::kAdd;
   const V4 vcg = splat(cg2), vdc = splat(cp2 - cg2);
   for (int64_t a = 0; a < dout; ++a) {
-    const int32_t* o = orbit_row(p, dout, a, obuf);
+    const int32_t* o4 = orbit_row(p, dout, a, obuf);
     for (int64_t v = 0, w = 0; v < ci; v += w) {
       w = group_width(v, ci);
       const X* x0 = x[a] + v * di;
@@ -121,8 +129,7 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
           // a step walks 4 entries of each of 4 tiles: one line of the next group (4 d_in contiguous entries)
           prefetch_line<X>(x0 + 4 * di + 4 * j);
           if (Mode == GradMode::kAdd) prefetch_line<X>(g0 + 4 * di + 4 * j);
-          V4 m0 = load4(Mw + 4 * o[j]), m1 = load4(Mw + 4 * o[j + 1]), m2 = load4(Mw + 4 * o[j + 2]),
-             m3 = load4(Mw + 4 * o[j + 3]);
+          V4 m0 = load4(Mw + o4[j]), m1 = load4(Mw + o4[j + 1]), m2 = load4(Mw + o4[j + 2]), m3 = load4(Mw + o4[j + 3]);
           transpose4(m0, m1, m2, m3);  // m_l: the means of entries j .. j + 3 of tile l
           orbit_residual4<Mode>(x0 + j, g0 ? g0 + j : nullptr, m0, vcg, vdc, e[0]);
           orbit_residual4<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m1, vcg, vdc, e[1]);
@@ -134,7 +141,7 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
       if (w == 2) {
         for (; j < d4; j += 4) {
           V4 m0, m1;
-          orbit_means2(Mw, o + j, m0, m1);
+          orbit_means2(Mw, o4 + j, m0, m1);
           orbit_residual4<Mode>(x0 + j, g0 ? g0 + j : nullptr, m0, vcg, vdc, e[0]);
           orbit_residual4<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m1, vcg, vdc, e[1]);
         }
@@ -142,11 +149,260 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
 #endif
       for (; j < di; ++j)
         for (int64_t l = 0; l < w; ++l)
-          orbit_residual_one(x0 + l * di + j, g0 ? g0 + l * di + j : nullptr, Mw[w * o[j] + l], cp2, cg2, acc, e1);
+          orbit_residual_one(x0 + l * di + j, g0 ? g0 + l * di + j : nullptr, Mw[(w * o4[j] >> 2) + l], cp2, cg2, acc, e1);
     }
   }
   e4 = e4 + ((e[0] + e[1]) + (e[2] + e[3]));
 }
+
+// E_G = sum_k S_k^2 / n_k, and each orbit sum in place of its mean (float64). A product's orbits all
+// have |G| entries: its ci K sums are one array; a table's group [K][w] takes the inverse size of each k.
+inline void orbit_means(const Pair& p, acc_t* S, acc_t& eg) {
+  const int64_t K = p.r, ci = p.ci;
+  V4 e[4] = {zero4(), zero4(), zero4(), zero4()};  // independent accumulators: no add chain
+  acc_t e1[4] = {0, 0, 0, 0};
+  if (p.form == kOrbitProduct) {
+    const int64_t n = ci * K;
+    const V4 inv = splat(p.inv_size);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+      for (int q = 0; q < 4; ++q) {
+        const V4 s = load4(S + j + 4 * q);
+        e[q] = fmadd(s * s, inv, e[q]);
+        store4(S + j + 4 * q, s * inv);
+      }
+    for (; j < n; ++j) {
+      e1[j & 3] += S[j] * S[j] * p.inv_size;
+      S[j] *= p.inv_size;
+    }
+  } else {
+    for (int64_t v = 0, w = 0; v < ci; v += w) {
+      w = group_width(v, ci);
+      acc_t* Sw = S + v * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t inv = p.inv[k];
+        if (w == 4) {
+          const V4 s = load4(Sw + 4 * k);
+          e[k & 3] = fmadd(s * s, splat(inv), e[k & 3]);
+          store4(Sw + 4 * k, s * splat(inv));
+          continue;
+        }
+        for (int64_t l = 0; l < w; ++l) {
+          acc_t& s = Sw[w * k + l];
+          e1[k & 3] += s * s * inv;
+          s *= inv;
+        }
+      }
+    }
+  }
+  eg += hsum((e[0] + e[1]) + (e[2] + e[3])) + ((e1[0] + e1[1]) + (e1[2] + e1[3]));
+}
+
+#ifdef EQUIPROJ_AVX2
+// ---- float32 weights: pass 2 in float32 lanes with split means -----------------------------------
+// The orbit mean m (float64) is stored as m_hi = float(m), m_lo = float(m - m_hi), and the residual
+// formed as R = (T - m_hi) - m_lo: T - m_hi is exact where T and m_hi are within a factor of two
+// (Sterbenz), which holds for every entry of a nearly equivariant weight, so R keeps its float32
+// precision where the residual form matters (the split of orbit_closed.h). In place of the [K][w]
+// float64 sums of a group of w tiles, orbit k holds the w m_hi then the w m_lo as floats (the same
+// bytes: 2 w floats at float offset 2 w k). Pass 2 then reads, for eight entries of a tile row, the
+// eight orbits' quads and transposes them (4 x 4 within each 128-bit lane) into the means of eight
+// consecutive entries of each tile: eight float32 lanes of residual and gradient per vector.
+
+constexpr int kOrbitFlushVectors = 32;  // float32 lanes of E_perp summed at most this many times, then in float64
+
+inline void split_mean(acc_t m, float& hi, float& lo) {
+  hi = static_cast<float>(m);
+  lo = static_cast<float>(m - acc_t(hi));
+}
+
+// E_G, and the sums of every group of w tiles in place of their split means.
+inline void split_orbit_means(const Pair& p, acc_t* S, acc_t& eg) {
+  const int64_t K = p.r, ci = p.ci;
+  const bool product = p.form == kOrbitProduct;
+  V4 e[4] = {zero4(), zero4(), zero4(), zero4()};
+  acc_t e1 = 0;
+  for (int64_t v = 0, w = 0; v < ci; v += w) {
+    w = group_width(v, ci);
+    acc_t* Sw = S + v * K;
+    int64_t k = 0;
+    if (w == 4) {
+      for (; k < K; ++k) {
+        const V4 inv = splat(product ? p.inv_size : p.inv[k]), s = load4(Sw + 4 * k), m = s * inv;
+        e[k & 3] = fmadd(s * s, inv, e[k & 3]);
+        const __m128 hi = _mm256_cvtpd_ps(m.v);
+        const __m128 lo = _mm256_cvtpd_ps(_mm256_sub_pd(m.v, _mm256_cvtps_pd(hi)));
+        _mm256_storeu_ps(reinterpret_cast<float*>(Sw + 4 * k), _mm256_set_m128(lo, hi));
+      }
+    } else if (w == 2) {
+      for (; k + 2 <= K; k += 2) {  // two orbits: [s_k0 s_k1 s_k+1,0 s_k+1,1]
+        const acc_t i0 = product ? p.inv_size : p.inv[k], i1 = product ? p.inv_size : p.inv[k + 1];
+        const V4 inv = make4(i0, i0, i1, i1), s = load4(Sw + 2 * k), m = s * inv;
+        e[k & 3] = fmadd(s * s, inv, e[k & 3]);
+        const __m128d hi = _mm_castps_pd(_mm256_cvtpd_ps(m.v));
+        const __m128d lo = _mm_castps_pd(_mm256_cvtpd_ps(_mm256_sub_pd(m.v, _mm256_cvtps_pd(_mm_castpd_ps(hi)))));
+        float* f = reinterpret_cast<float*>(Sw + 2 * k);
+        _mm_storeu_ps(f, _mm_castpd_ps(_mm_unpacklo_pd(hi, lo)));
+        _mm_storeu_ps(f + 4, _mm_castpd_ps(_mm_unpackhi_pd(hi, lo)));
+      }
+    }
+    for (; k < K; ++k) {  // w == 1, and an odd last orbit of a pair of tiles
+      const acc_t inv = product ? p.inv_size : p.inv[k];
+      acc_t m[2];
+      for (int64_t l = 0; l < w; ++l) {
+        const acc_t s = Sw[w * k + l];
+        e1 += s * s * inv;
+        m[l] = s * inv;
+      }
+      float* f = reinterpret_cast<float*>(Sw + w * k);
+      for (int64_t l = 0; l < w; ++l) split_mean(m[l], f[l], f[w + l]);
+    }
+  }
+  eg += hsum((e[0] + e[1]) + (e[2] + e[3])) + e1;
+}
+
+// rows r0 .. r3 -> their transpose, within each 128-bit lane
+inline void transpose4_f32(__m256& r0, __m256& r1, __m256& r2, __m256& r3) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  r0 = _mm256_shuffle_ps(t0, t2, 0x44);
+  r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  r2 = _mm256_shuffle_ps(t1, t3, 0x44);
+  r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+}
+
+// Eight entries: R = (T - hi) - lo, E_perp in float32 lanes, the gradient cg T + dc R written or added.
+template <GradMode Mode>
+inline void split_residual8(const float* x, float* g, __m256 hi, __m256 lo, __m256 cg, __m256 dc, __m256& e8) {
+  const __m256 t = _mm256_loadu_ps(x), r = _mm256_sub_ps(_mm256_sub_ps(t, hi), lo);
+  e8 = _mm256_fmadd_ps(r, r, e8);
+  if constexpr (Mode != GradMode::kNone) {
+    const __m256 base = Mode == GradMode::kAdd ? _mm256_fmadd_ps(cg, t, _mm256_loadu_ps(g)) : _mm256_mul_ps(cg, t);
+    _mm256_storeu_ps(g, _mm256_fmadd_ps(dc, r, base));
+  }
+}
+
+// Four entries, the means as [hi | lo] lanes.
+template <GradMode Mode>
+inline void split_residual4(const float* x, float* g, __m256 m, __m256 cg, __m256 dc, __m256& e8) {
+  const __m128 t = _mm_loadu_ps(x);
+  const __m128 r = _mm_sub_ps(_mm_sub_ps(t, _mm256_castps256_ps128(m)), _mm256_extractf128_ps(m, 1));
+  e8 = _mm256_add_ps(e8, _mm256_zextps128_ps256(_mm_mul_ps(r, r)));
+  if constexpr (Mode != GradMode::kNone) {
+    const __m128 cg4 = _mm256_castps256_ps128(cg), dc4 = _mm256_castps256_ps128(dc);
+    const __m128 base = Mode == GradMode::kAdd ? _mm_fmadd_ps(cg4, t, _mm_loadu_ps(g)) : _mm_mul_ps(cg4, t);
+    _mm_storeu_ps(g, _mm_fmadd_ps(dc4, r, base));
+  }
+}
+
+inline void flush_lanes_f32(__m256* e8, int n, acc_t& e1) {
+  for (int l = 0; l < n; ++l) {
+    const __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(e8[l])),
+                                    _mm256_cvtps_pd(_mm256_extractf128_ps(e8[l], 1)));
+    e1 += hsum(V4{s});
+    e8[l] = _mm256_setzero_ps();
+  }
+}
+
+template <GradMode Mode>
+void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2, acc_t cg2,
+                           const acc_t* S, int32_t* obuf, acc_t& ep) {
+  const int64_t di = p.di, K = p.r, ci = p.ci;
+  const __m256 cg = _mm256_set1_ps(static_cast<float>(cg2)), dc = _mm256_set1_ps(static_cast<float>(cp2 - cg2));
+  const float cgs = static_cast<float>(cg2), dcs = static_cast<float>(cp2 - cg2);
+  __m256 e8[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // two accumulators: the step's other registers fit
+  int n8 = 0;  // vectors added into each lane of e8 since the last flush
+  acc_t e1 = 0;
+  for (int64_t a = 0; a < dout; ++a) {
+    const int32_t* o4 = orbit_row(p, dout, a, obuf);
+    for (int64_t v = 0, w = 0; v < ci; v += w) {
+      w = group_width(v, ci);
+      const float* x0 = x[a] + v * di;
+      float* g0 = Mode == GradMode::kNone ? nullptr : g[a] + v * di;
+      const acc_t* Md = S + v * K;  // orbit k: w m_hi, then w m_lo (floats) in the bytes of Md + w k
+      int64_t j = 0;
+      if (w == 4) {
+        for (; j + 8 <= di; j += 8) {
+          // a step walks 8 entries of each of 4 tiles: two lines of the next group
+          prefetch_line<float>(x0 + 4 * di + 4 * j);
+          prefetch_line<float>(x0 + 4 * di + 4 * j + 16);
+          if (Mode == GradMode::kAdd) {
+            prefetch_line<float>(g0 + 4 * di + 4 * j);
+            prefetch_line<float>(g0 + 4 * di + 4 * j + 16);
+          }
+          __m256 h[4], l[4];  // row i: the quad of entry j + i (low lane) and of entry j + i + 4 (high lane)
+          for (int i = 0; i < 4; ++i) {
+            const float* lo_q = reinterpret_cast<const float*>(Md + o4[j + i]);
+            const float* hi_q = reinterpret_cast<const float*>(Md + o4[j + i + 4]);
+            h[i] = _mm256_loadu2_m128(hi_q, lo_q);
+            l[i] = _mm256_loadu2_m128(hi_q + 4, lo_q + 4);
+          }
+          transpose4_f32(h[0], h[1], h[2], h[3]);  // h[t]: m_hi of entries j .. j + 7 of tile t
+          transpose4_f32(l[0], l[1], l[2], l[3]);
+          for (int t = 0; t < 4; ++t)
+            split_residual8<Mode>(x0 + t * di + j, g0 ? g0 + t * di + j : nullptr, h[t], l[t], cg, dc, e8[t & 1]);
+          if ((n8 += 2) >= kOrbitFlushVectors) {
+            flush_lanes_f32(e8, 2, e1);
+            n8 = 0;
+          }
+        }
+        if (j + 4 <= di) {
+          __m256 m[4];  // row i: [m_hi | m_lo] quads of entry j + i; transposed: [m_hi | m_lo] of tile t
+          for (int i = 0; i < 4; ++i) m[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(Md + o4[j + i]));
+          transpose4_f32(m[0], m[1], m[2], m[3]);
+          for (int t = 0; t < 4; ++t)
+            split_residual4<Mode>(x0 + t * di + j, g0 ? g0 + t * di + j : nullptr, m[t], cg, dc, e8[t & 1]);
+          if ((n8 += 2) >= kOrbitFlushVectors) {
+            flush_lanes_f32(e8, 2, e1);
+            n8 = 0;
+          }
+          j += 4;
+        }
+      } else if (w == 2) {
+        for (; j + 8 <= di; j += 8) {
+          __m256 m[4];  // row i: [hi0 hi1 lo0 lo1] of entry j + i (low lane) and j + i + 4 (high lane)
+          for (int i = 0; i < 4; ++i)
+            m[i] = _mm256_loadu2_m128(reinterpret_cast<const float*>(Md + (o4[j + i + 4] >> 1)),
+                                      reinterpret_cast<const float*>(Md + (o4[j + i] >> 1)));
+          transpose4_f32(m[0], m[1], m[2], m[3]);  // m_hi of tile 0, of tile 1, m_lo of tile 0, of tile 1
+          split_residual8<Mode>(x0 + j, g0 ? g0 + j : nullptr, m[0], m[2], cg, dc, e8[0]);
+          split_residual8<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m[1], m[3], cg, dc, e8[1]);
+          if (++n8 >= kOrbitFlushVectors) {
+            flush_lanes_f32(e8, 2, e1);
+            n8 = 0;
+          }
+        }
+      }
+      for (; j < di; ++j)  // entries past the last whole vector, and a single tile
+        for (int64_t t = 0; t < w; ++t) {
+          const float* q = reinterpret_cast<const float*>(Md + (w * o4[j] >> 2));
+          const float xv = x0[t * di + j], r = (xv - q[t]) - q[w + t];
+          e1 += acc_t(r) * acc_t(r);
+          if constexpr (Mode != GradMode::kNone) {
+            float& gv = g0[t * di + j];
+            gv = dcs * r + (Mode == GradMode::kAdd ? cgs * xv + gv : cgs * xv);
+          }
+        }
+    }
+  }
+  flush_lanes_f32(e8, 2, e1);
+  ep += e1;
+}
+
+template <typename X>
+inline void table_orbit_residuals_f32(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2,
+                                      const acc_t* S, int32_t* obuf, acc_t& ep) {
+  if (!g)
+    split_orbit_residuals<GradMode::kNone>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+  else if (p.accumulate)
+    split_orbit_residuals<GradMode::kAdd>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+  else
+    split_orbit_residuals<GradMode::kWrite>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+}
+
+template <typename X>
+constexpr bool kSplitOrbitMeans = sizeof(X) == sizeof(float);
+#endif
 
 // S: ci * K + di scratch entries: the orbit sums (then means) of every tile, a group of w tiles
 // starting at tile v (group_width) as the [K][w] block at S + v K; then room for the orbit row of a
@@ -159,7 +415,7 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
   for (int64_t k = 0; k < ci * K; ++k) S[k] = 0;
   // pass 1: the orbit sums of every tile
   for (int64_t a = 0; a < dout; ++a) {
-    const int32_t* o = orbit_row(p, dout, a, obuf);
+    const int32_t* o4 = orbit_row(p, dout, a, obuf);
     for (int64_t v = 0, w = 0; v < ci; v += w) {
       w = group_width(v, ci);
       const X* x0 = x[a] + v * di;
@@ -170,10 +426,10 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
           prefetch_line<X>(x0 + 4 * di + 4 * j);  // as in pass 2: the next group, a line per step
           V4 r0 = load4(x0 + j), r1 = load4(x0 + di + j), r2 = load4(x0 + 2 * di + j), r3 = load4(x0 + 3 * di + j);
           transpose4(r0, r1, r2, r3);  // r_i: entry j + i of the four tiles
-          acc_t* s0 = Sw + 4 * o[j];
-          acc_t* s1 = Sw + 4 * o[j + 1];
-          acc_t* s2 = Sw + 4 * o[j + 2];
-          acc_t* s3 = Sw + 4 * o[j + 3];
+          acc_t* s0 = Sw + o4[j];
+          acc_t* s1 = Sw + o4[j + 1];
+          acc_t* s2 = Sw + o4[j + 2];
+          acc_t* s3 = Sw + o4[j + 3];
           store4(s0, load4(s0) + r0);
           store4(s1, load4(s1) + r1);
           store4(s2, load4(s2) + r2);
@@ -182,27 +438,21 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
       }
 #ifdef EQUIPROJ_AVX2
       if (w == 2)
-        for (; j < d4; j += 4) orbit_sum2(Sw, o + j, x0 + j, x0 + di + j);
+        for (; j < d4; j += 4) orbit_sum2(Sw, o4 + j, x0 + j, x0 + di + j);
 #endif
       for (; j < di; ++j)
-        for (int64_t l = 0; l < w; ++l) Sw[w * o[j] + l] += acc_t(x0[l * di + j]);
+        for (int64_t l = 0; l < w; ++l) Sw[(w * o4[j] >> 2) + l] += acc_t(x0[l * di + j]);
     }
   }
-  // E_G = sum_k S_k^2 / n_k; S becomes the orbit means
-  acc_t sg = 0;
-  for (int64_t v = 0, w = 0; v < ci; v += w) {
-    w = group_width(v, ci);
-    acc_t* Sw = S + v * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t inv = p.form == kOrbitProduct ? p.inv_size : p.inv[k];
-      for (int64_t l = 0; l < w; ++l) {
-        acc_t& s = Sw[w * k + l];
-        sg += s * s * inv;
-        s *= inv;
-      }
-    }
+  // E_G = sum_k S_k^2 / n_k; S becomes the orbit means (float64, or split into float32 m_hi, m_lo)
+#ifdef EQUIPROJ_AVX2
+  if constexpr (kSplitOrbitMeans<X>) {
+    split_orbit_means(p, S, eg);
+    table_orbit_residuals_f32<X>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+    return;
   }
-  eg += sg;
+#endif
+  orbit_means(p, S, eg);
   // pass 2: the residual and the gradient
   V4 e4 = zero4();
   acc_t e1 = 0;

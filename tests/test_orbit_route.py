@@ -427,6 +427,57 @@ def test_orbit_index_kernels_on_every_copy_count(isa, gen):
 
 
 @needs_cpp
+@pytest.mark.parametrize("isa", ["best", "baseline"])
+def test_float32_grid_convolutions_on_both_isas_and_thread_counts(isa, gen):
+    """Declared grid convolutions with four or more input copies in float32 (the weight read in place:
+    with AVX2, pass 2 in float32 lanes with split means, groups of four tiles and the tiles past them):
+    energies, ``penalty.backward()`` into ``.grad`` and ``decay_`` against the reference, nearly
+    equivariant weights keeping their digits, and the same bits on one and on two threads."""
+    previous = torch.ops.equiproj_cpu.set_isa(isa)
+    threads = torch.get_num_threads()
+    try:
+        for G, k, conv, c_in, c_out in ((Cyclic(4), (5, 5), nn.Conv2d, 9, 2),  # 100 columns: 8-steps, a 4-step
+                                        (Dihedral(4), (3, 3), nn.Conv2d, 6, 1),  # 72 columns; a pair of tiles
+                                        (Octahedral(), (3, 3, 3), nn.Conv3d, 5, 1)):  # 648 columns; a last tile
+            rep_in, rep_out = c_in * G.regular(), c_out * G.regular()
+            m = equiproj.nn.declare(conv(rep_in.dim, rep_out.dim, k, bias=False), rep_in, rep_out)
+            decl = equiproj.nn.declaration(m)
+            ref_in = rep_in @ kernel_rep(G, k)  # the same rep through the grid's orbits
+            shape = m.weight.shape
+            W = torch.randn(rep_out.dim, ref_in.dim, dtype=F64, generator=gen)
+            for Wd in (W, nearly_equivariant(W, ref_in, rep_out, 1e-10, gen)):
+                Wf = Wd.float()
+                rp, rg = reference.energies(Wf.double(), ref_in, rep_out)
+                PW = reference.project(Wf.double(), ref_in, rep_out)
+                results = []
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    ep, eg, grad = equiproj.energies_and_grad(Wf, decl.weight_rep_in, rep_out, lambda_perp=1.0,
+                                                             lambda_G=0.25, backend="cpp")
+                    results.append((ep, eg, grad))
+                    assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-6, (G, n)
+                    want = 2 * (Wf.double() - PW) + 0.5 * PW
+                    assert float((grad.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+                assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
+            with torch.no_grad():
+                m.weight.copy_(W.float().reshape(shape))
+            penalty = equiproj.nn.ProjectionPenalty(m, lambda_perp=0.5)
+            Wf = W.float()
+            PW = reference.project(Wf.double(), ref_in, rep_out)
+            grad0 = torch.randn(shape, generator=gen)
+            m.weight.grad = grad0.clone()
+            penalty.backward()
+            want = grad0.double() + (2 * 0.5 * (Wf.double() - PW)).reshape(shape)
+            torch.testing.assert_close(m.weight.grad.double(), want, atol=1e-5, rtol=1e-5)
+            penalty.decay_(0.25)
+            want = (Wf.double() - 0.25 * (Wf.double() - PW)).reshape(shape)
+            torch.testing.assert_close(m.weight.detach().double(), want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+        torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
+
+
+@needs_cpp
 def test_octahedral_conv3d_grid(seed):
     Oh = FullOctahedral()
     conv = equiproj.nn.declare(nn.Conv3d(48, 48, 3, bias=False), Oh.regular(), Oh.regular())
