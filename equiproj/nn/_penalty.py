@@ -19,7 +19,7 @@ from torch import nn
 
 from ._declaration import batches
 from ._declare import _epoch, declaration, select_layers, unwrap
-from ._program import PenaltyProgram
+from ._program import PenaltyProgram, as_value
 from ._tensors import assign, no_autocast
 
 __all__ = ["ProjectionPenalty", "layer_energies"]
@@ -182,7 +182,8 @@ class ProjectionPenalty:
         re-declared or undeclared, a declared module swapped in, or a parameter's storage replaced
         (a dtype or device change)."""
         prog = self._program
-        if prog is not None and self._epoch == _epoch[0] and prog.root is unwrap(self._model) and prog.current():
+        if (prog is not None and self._epoch == _epoch[0] and (prog.root is self._model or prog.root is unwrap(self._model))
+                and prog.current()):
             return prog
         self.layers = select_layers(self._model, self._layer_spec)
         self.names = [n for n, _, _ in self.layers]
@@ -223,6 +224,8 @@ class ProjectionPenalty:
         """The squared penalty, each kind of term summed by its group: the fused matrices from one op
         call that also writes their gradient for the backward (:meth:`FusedMatrices.value`)."""
         prog = self._follow_model()
+        if prog.single_fused:  # direct kernel calls (autocast does not reach them)
+            return prog.groups[0].value(prog.value_dtype)
         with no_autocast(prog.device):
             if len(prog.groups) == 1 and not prog.slow:
                 return prog.groups[0].value(prog.value_dtype)
@@ -262,6 +265,8 @@ class ProjectionPenalty:
             optimizer.step()
         """
         prog = self._follow_model()
+        if prog.single_fused and self.norm == "squared":  # direct kernel calls (autocast does not reach them)
+            return as_value(prog.groups[0].backward(), prog.value_dtype)
         values = []
         with no_autocast(prog.device):
             if self.norm == "squared":
@@ -277,7 +282,7 @@ class ProjectionPenalty:
                 if value.requires_grad:
                     value.backward()
                 values.append(value.detach().double())
-        return sum(values[1:], values[0]).to(prog.value_dtype)
+        return as_value(sum(values[1:], values[0]), prog.value_dtype)
 
     def decay_(self, rate: float, rate_G: float = 0.0) -> None:
         """The decoupled step ``W <- W - rate (W - P W) - rate_G P W`` on every layer of the penalty

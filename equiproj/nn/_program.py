@@ -28,6 +28,7 @@ tied parameter takes one step with the sum).
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -35,15 +36,16 @@ import torch
 from .. import ops
 from .._plan import plan_for
 from ._declaration import MatrixTerm, Term, batches, inplace_view
-from ._tensors import accumulate_grad, is_dtensor
+from ._tensors import accumulate_grad, is_dtensor, no_autocast
 
-__all__ = ["PenaltyProgram", "FusedMatrices", "TermGroup", "module_chain"]
+__all__ = ["PenaltyProgram", "FusedMatrices", "TermGroup", "module_chain", "as_value"]
 
 _FUSED = ("cpp", "triton")
 _grad = operator.attrgetter("grad")
 _requires_grad = operator.attrgetter("requires_grad")
 _data_ptr = torch.Tensor.data_ptr
 _SEPARATE_GRADS_NUMEL = 4096  # mean elements per parameter above which penalty()'s gradients get their own buffers
+_PREPARED = True  # CPU groups run through the C++ kernel's prepared program (False: the op call, as on other devices)
 
 
 def module_chain(root: torch.nn.Module, names) -> list[tuple[dict, str, torch.nn.Module]]:
@@ -61,6 +63,11 @@ def module_chain(root: torch.nn.Module, names) -> list[tuple[dict, str, torch.nn
     return links
 
 
+def as_value(value, dtype: torch.dtype) -> torch.Tensor:
+    """A penalty's value (a Python float, or a tensor) as a 0-dim tensor of ``dtype``."""
+    return torch.tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
+
+
 def _shares_storage(weight: torch.Tensor, param: torch.Tensor) -> bool:
     return weight.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
 
@@ -76,14 +83,7 @@ class TermGroup:
 
     def set_lambdas(self, lambda_perp: list[float], lambda_G: list[float]) -> None:
         self.lambda_perp, self.lambda_G = list(lambda_perp), list(lambda_G)
-        self._weights = self._lambdas_cat = None
-
-    @property
-    def _lambdas64(self):
-        """``cat(lambda_perp, lambda_G)`` in float64 on the group's device."""
-        if self._lambdas_cat is None:
-            self._lambdas_cat = torch.cat(self.lambda_tensors(torch.float64, self.device))
-        return self._lambdas_cat
+        self._weights = None
 
     def lambda_tensors(self, dtype, device):
         if self._weights is None or self._weights[0].dtype != dtype or self._weights[0].device != device:
@@ -163,6 +163,9 @@ class FusedMatrices(TermGroup):
                                or self._flat_size >= _SEPARATE_GRADS_NUMEL * len(self._numels) else self._new_grads)
         self._states: list = []  # (grads, requires_grad, calls) of the last two kinds of backward
         self._decay_coefs: dict = {}
+        # on the CPU, the C++ kernel prepared once on these weights, parameters and plans: a call
+        # converts no tensor lists and looks up no plans (measured: half the op call on 50 layers)
+        self._prepared = ops.cpu_program(self.weights, [t.param for t in terms], self.plan_args) if _PREPARED else None
         super().__init__(terms, owners)
         # whether each parameter can be stepped in place through its matrix view
         self._inplace = all(not is_dtensor(p) and p.is_contiguous() and p.dtype == w.dtype
@@ -172,6 +175,9 @@ class FusedMatrices(TermGroup):
 
     def set_lambdas(self, lambda_perp, lambda_G) -> None:
         super().set_lambdas(lambda_perp, lambda_G)
+        self._any_G = any(lambda_G)
+        if self._prepared is not None:
+            self._prepared.set_lambdas(list(map(float, lambda_perp)), list(map(float, lambda_G)))
         self._coefs = ([ops.kernel_coefficient(c, w, "lambda_perp") for c, w in zip(lambda_perp, self.weights)],
                        [ops.kernel_coefficient(c, w, "lambda_G") for c, w in zip(lambda_G, self.weights)])
         self._states = []
@@ -183,13 +189,39 @@ class FusedMatrices(TermGroup):
         """The penalty of these terms from one op call. Where it will be differentiated (grad mode on,
         every parameter trainable), the call also writes the gradient, which the backward hands
         over: no second pass over the weights. Without grad mode, the energies alone."""
+        prepared = self._prepared if not torch._C._len_torch_dispatch_stack() else None  # a mode sees the op
         if not torch.is_grad_enabled() or not any(map(_requires_grad, self.params)):
-            ep, eg = self.kernel(self.weights, *self.plan_args, [], [], [], False)
-            return torch.dot(torch.cat((ep, eg)).double(), self._lambdas64).to(dtype)
+            ep, eg = prepared.energies() if prepared is not None else self.kernel(self.weights, *self.plan_args, [],
+                                                                                  [], [], False)
+            return as_value(self.weighted_sum(ep, eg), dtype)
         if not all(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
-            return super().value(dtype)
-        return ops.prepared_penalty(self.kernel, self.plan_args, self.weights, self._coefs, self._lambdas64, dtype,
-                                    self.params, self._penalty_grads)
+            with no_autocast(self.device):
+                return super().value(dtype)
+        run = prepared.fresh if prepared is not None else self._fresh_run
+        return ops.prepared_penalty(run, self.weighted_sum, dtype, self.params)
+
+    def _fresh_run(self):
+        """The op with the lambdas as coefficients, the gradients written into new buffers:
+        ``(e_perp, e_g, grads)``."""
+        grads = self._penalty_grads()
+        ep, eg = self.kernel(self.weights, *self.plan_args, *self._coefs, grads, False)
+        return ep, eg, grads
+
+    def weighted_sum(self, ep: torch.Tensor, eg: torch.Tensor, idx=None):
+        """``sum lambda_perp E_perp + lambda_G E_G`` of the op's flat energies (of the terms ``idx``;
+        all when ``None``) in float64: a Python float on the CPU, where reading the few energies and
+        summing them costs less than the tensor operations, each of which meets cold caches in a
+        training step; a 0-dim tensor elsewhere (no device synchronisation)."""
+        if self.device.type != "cpu":
+            lp, lg = self.lambda_tensors(torch.float64, self.device)
+            if idx is not None:
+                sel = torch.tensor(idx, device=self.device)
+                lp, lg = lp[sel], lg[sel]
+            return torch.dot(torch.cat((ep, eg)).double(), torch.cat((lp, lg)))
+        lp, lg = (self.lambda_perp, self.lambda_G) if idx is None else (
+            [self.lambda_perp[k] for k in idx], [self.lambda_G[k] for k in idx])
+        value = math.fsum(map(operator.mul, lp, ep.tolist()))
+        return value + math.fsum(map(operator.mul, lg, eg.tolist())) if self._any_G else value
 
     def _separate_grads(self) -> list:
         """One uninitialised tensor per parameter, each its own storage: autograd adds the task
@@ -210,22 +242,19 @@ class FusedMatrices(TermGroup):
         return [torch.empty(p.shape, dtype=self._dtypes[k], device=self.device) for k, p in zip(ks, params)]
 
     def _call(self, idx, grads, accumulate):
-        """The op on the terms ``idx`` (all when ``None``); the value ``sum lambda E`` in float64."""
+        """The op on the terms ``idx`` (all when ``None``); the value ``sum lambda E`` in float64
+        (:meth:`weighted_sum`)."""
         if idx is None:
             w, (m, b, po, pi), (cp, cg) = self.weights, self.plan_args, self._coefs
-            lp, lg = self.lambda_tensors(torch.float64, self.device)
         else:
             pick = lambda xs: [xs[k] for k in idx]  # noqa: E731
             w, m, b, po, pi = pick(self.weights), *(pick(x) for x in self.plan_args)
             cp, cg = pick(self._coefs[0]), pick(self._coefs[1])
-            lp, lg = self.lambda_tensors(torch.float64, self.device)
-            sel = torch.tensor(idx, device=self.device)
-            lp, lg = lp[sel], lg[sel]
         if grads is None:  # energies only (frozen parameters)
             ep, eg = self.kernel(w, m, b, po, pi, [], [], [], False)
         else:
             ep, eg = self.kernel(w, m, b, po, pi, cp, cg, grads, accumulate)
-        return torch.dot(torch.cat((ep, eg)).double(), torch.cat((lp, lg)) if idx is not None else self._lambdas64)
+        return self.weighted_sum(ep, eg, idx)
 
     def _plan_backward(self, grads, trainable):
         """The calls of a backward for this state of the ``.grad`` attributes: ``[(idx, kind)]`` with
@@ -254,7 +283,12 @@ class FusedMatrices(TermGroup):
         self._states = [(grads, trainable, calls)] + self._states[:1]
         return calls
 
-    def backward(self) -> torch.Tensor:
+    def backward(self):
+        """As :meth:`TermGroup.backward`; the value as :meth:`weighted_sum` gives it (a float on the CPU)."""
+        if self._prepared is not None and not torch._C._len_torch_dispatch_stack():
+            ok, ep, eg = self._prepared.backward()  # every .grad writable (or none): one call, nothing read here
+            if ok:
+                return self.weighted_sum(ep, eg)
         grads = list(map(_grad, self.params))
         value = None
         for idx, kind in self._calls(grads, list(map(_requires_grad, self.params))):
@@ -272,7 +306,7 @@ class FusedMatrices(TermGroup):
         """The gradients into new buffers: one flat buffer per call when the terms share a dtype
         (views shaped like the parameters become their ``.grad``), else one buffer each."""
         params = self.params if idx is None else [self.params[k] for k in ks]
-        bufs = self._new_grads(idx)
+        bufs = self._penalty_grads() if idx is None else self._new_grads(idx)
         v = self._call(idx, bufs, False)
         for k, p, buf in zip(ks, params, bufs):
             if grads[k] is None:
@@ -288,6 +322,9 @@ class FusedMatrices(TermGroup):
         if key not in self._decay_coefs:
             self._decay_coefs = {key: ([ops.kernel_coefficient(-rate / 2, w, "rate") for w in self.weights],
                                        [ops.kernel_coefficient(-rate_G / 2, w, "rate_G") for w in self.weights])}
+        if self._prepared is not None and not torch._C._len_torch_dispatch_stack():
+            self._prepared.step(-rate / 2, -rate_G / 2)
+            return self._param_ids
         cp, cg = self._decay_coefs[key]
         self.kernel(self.weights, *self.plan_args, cp, cg, self.weights, True)
         return self._param_ids
@@ -353,6 +390,8 @@ class PenaltyProgram:
             for ts, owners in batches(per_layer).values():
                 owners = [self.fast[j] for j in owners]
                 self.groups.extend(self._groups(ts, owners, backend, decays=(r == 0)))
+        # every layer in one group of fused matrices: a penalty call is that group's calls alone
+        self.single_fused = not self.slow and len(self.groups) == 1 and isinstance(self.groups[0], FusedMatrices)
         # every layer in one group of fused matrices stepped in place: decay_ is that group's one call
         self.one_fused_group = (not self.slow and len(self.groups) == 1 and isinstance(self.groups[0], FusedMatrices)
                                 and self.groups[0]._inplace
