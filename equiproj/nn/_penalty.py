@@ -333,6 +333,13 @@ class ProjectionPenalty:
                     current = d.weight(name, m) if part == 0 else d.bias(m)
                     assign(param, current.double() - step)
 
+    def __getstate__(self):
+        # the program holds views of the parameters and the C++ kernel's prepared form: a copy or a
+        # pickle prepares its own on its first call
+        state = self.__dict__.copy()
+        state["_program"] = None
+        return state
+
     def __repr__(self):
         layers = ", ".join(f"{n or '(model)'} [{d.case}]" for n, _, d in self.layers)
         return f"ProjectionPenalty({len(self.layers)} layers, norm={self.norm!r}: {layers})"

@@ -452,3 +452,15 @@ def test_prepared_program_refuses_what_it_cannot_write():
 
 def _so3_pair():
     return ep.Rep.parse(ep.SO3(), "4x0"), ep.Rep.parse(ep.SO3(), "2x1")
+
+
+@needs_cpp
+def test_a_copied_penalty_prepares_its_own_program(gen):
+    model, r = _declared_linears(2, gen)
+    pen = ProjectionPenalty(model, lambda_perp=0.1)
+    value = pen()
+    twin = copy.deepcopy(pen)  # the model is copied with it
+    assert twin._program is None and float(twin()) == float(value)
+    with torch.no_grad():
+        twin._model[0].weight.mul_(2)
+    assert float(pen()) == float(value) and float(twin()) != float(value)
