@@ -677,6 +677,7 @@ void configure(Layer& L, const HostPlan& plan, at::ScalarType st) {
   }
 }
 
+std::vector<acc_t> run_items(const std::vector<Layer>& layers);
 std::tuple<Tensor, Tensor, std::vector<Tensor>> run_layers(const std::vector<Layer>& layers, bool wide,
                                                            std::vector<Tensor> grads);
 
@@ -756,9 +757,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> fused_energies(
 }
 
 // Runs the items of `layers` (each configured, with its data, gradient and coefficients set): the
-// energies of all their matrices in two flat tensors, float64 if `wide`, else float32.
-std::tuple<Tensor, Tensor, std::vector<Tensor>> run_layers(const std::vector<Layer>& layers, bool wide,
-                                                           std::vector<Tensor> grads) {
+// energies (E_perp, E_G) of all their matrices, interleaved, rounded to float32 below float64 weights.
+std::vector<acc_t> run_items(const std::vector<Layer>& layers) {
   const int64_t nl = layers.size();
   // items: (layer, matrix, row block), layer-major
   std::vector<int64_t> layer_start(nl + 1, 0);
@@ -804,31 +804,39 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> run_layers(const std::vector<Lay
       }
     });
   }
-  int64_t total = 0;
-  for (const Layer& L : layers) total += L.batch;
-  const auto dt = wide ? at::kDouble : at::kFloat;
-  Tensor e_perp = at::empty({total}, at::TensorOptions().dtype(dt)), e_g = at::empty({total}, at::TensorOptions().dtype(dt));
-  for (int64_t i = 0, row = 0; i < nl; ++i) {
+  std::vector<acc_t> energies;  // E_perp, E_G of each matrix, interleaved
+  energies.reserve(2 * items);
+  for (int64_t i = 0; i < nl; ++i) {
     const Layer& L = layers[i];
     const bool narrow = L.fn != &process_item<double>;  // float32 energies of a weight below float64
-    for (int64_t b = 0; b < L.batch; ++b, ++row) {
+    for (int64_t b = 0; b < L.batch; ++b) {
       acc_t sp = 0, sg = 0;
       const acc_t* pp = part.data() + 2 * (layer_start[i] + b * L.blocks);
       for (int64_t k = 0; k < L.blocks; ++k) {
         sp += pp[2 * k];
         sg += pp[2 * k + 1];
       }
-      if (narrow) {
-        sp = static_cast<float>(sp);
-        sg = static_cast<float>(sg);
-      }
-      if (wide) {
-        e_perp.data_ptr<double>()[row] = sp;
-        e_g.data_ptr<double>()[row] = sg;
-      } else {
-        e_perp.data_ptr<float>()[row] = static_cast<float>(sp);
-        e_g.data_ptr<float>()[row] = static_cast<float>(sg);
-      }
+      energies.push_back(narrow ? static_cast<float>(sp) : sp);
+      energies.push_back(narrow ? static_cast<float>(sg) : sg);
+    }
+  }
+  return energies;
+}
+
+// run_items, the energies in two flat tensors (float64 if `wide`, else float32).
+std::tuple<Tensor, Tensor, std::vector<Tensor>> run_layers(const std::vector<Layer>& layers, bool wide,
+                                                           std::vector<Tensor> grads) {
+  const std::vector<acc_t> energies = run_items(layers);
+  const int64_t total = energies.size() / 2;
+  const auto dt = wide ? at::kDouble : at::kFloat;
+  Tensor e_perp = at::empty({total}, at::TensorOptions().dtype(dt)), e_g = at::empty({total}, at::TensorOptions().dtype(dt));
+  for (int64_t row = 0; row < total; ++row) {
+    if (wide) {
+      e_perp.data_ptr<double>()[row] = energies[2 * row];
+      e_g.data_ptr<double>()[row] = energies[2 * row + 1];
+    } else {
+      e_perp.data_ptr<float>()[row] = static_cast<float>(energies[2 * row]);
+      e_g.data_ptr<float>()[row] = static_cast<float>(energies[2 * row + 1]);
     }
   }
   return {e_perp, e_g, grads};
@@ -906,11 +914,18 @@ class Prepared : public torch::CustomClassHolder {
     lambda_G_ = std::move(lambda_G);
   }
 
-  // The energies alone.
+  // The energies alone, in two flat tensors as the op returns them.
   std::tuple<Tensor, Tensor> energies() {
     std::lock_guard<std::mutex> lock(mutex_);
     for (size_t i = 0; i < layers_.size(); ++i) set(i, nullptr, false, 0, 0);
     return energies_of(run_layers(layers_, wide_, {}));
+  }
+
+  // sum lambda_perp E_perp + lambda_G E_G in float64, from the energies alone.
+  double value() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < layers_.size(); ++i) set(i, nullptr, false, 0, 0);
+    return weighted(run_items(layers_));
   }
 
   // The gradients of sum lambda_perp E_perp + lambda_G E_G added to the parameters' .grad, or set as
@@ -918,7 +933,7 @@ class Prepared : public torch::CustomClassHolder {
   // backward of that sum would leave them. ok is false, and nothing runs, where a .grad cannot be
   // written directly (another dtype or device, non-contiguous, a tensor subclass): the caller takes
   // its general route then.
-  std::tuple<bool, Tensor, Tensor> backward() {
+  std::tuple<bool, double> backward() {
     std::lock_guard<std::mutex> lock(mutex_);
     const size_t nl = layers_.size();
     std::vector<Tensor> fresh(nl);
@@ -935,19 +950,18 @@ class Prepared : public torch::CustomClassHolder {
       } else if (writable(g, i)) {
         set(i, g.data_ptr(), true, lambda_perp_[i], lambda_G_[i]);
       } else {
-        return {false, at::empty({0}), at::empty({0})};
+        return {false, 0.0};
       }
     }
-    auto out = run_layers(layers_, wide_, {});
+    const double v = weighted(run_items(layers_));
     for (size_t i = 0; i < nl; ++i)
       if (fresh[i].defined()) params_[i].mutable_grad() = std::move(fresh[i]);
-    auto [ep, eg] = energies_of(std::move(out));
-    return {true, ep, eg};
+    return {true, v};
   }
 
   // The gradients written into new tensors shaped like the parameters (one allocation each, so that
   // autograd may add another gradient into one in place), returned with the energies.
-  std::tuple<Tensor, Tensor, std::vector<Tensor>> fresh() {
+  std::tuple<double, std::vector<Tensor>> fresh() {
     std::lock_guard<std::mutex> lock(mutex_);
     const size_t nl = layers_.size();
     std::vector<Tensor> grads(nl);
@@ -955,8 +969,7 @@ class Prepared : public torch::CustomClassHolder {
       grads[i] = at::empty(params_[i].sizes(), params_[i].options());
       set(i, grads[i].data_ptr(), false, lambda_perp_[i], lambda_G_[i]);
     }
-    auto [ep, eg] = energies_of(run_layers(layers_, wide_, {}));
-    return {ep, eg, grads};
+    return {weighted(run_items(layers_)), grads};
   }
 
   // The decoupled step W += 2 c_perp (W - P W) + 2 c_G P W on every weight in place (c = -rate / 2).
@@ -965,7 +978,7 @@ class Prepared : public torch::CustomClassHolder {
       TORCH_CHECK_VALUE(W.is_contiguous(), "Prepared.step: the weights must be contiguous to be stepped in place");
     std::lock_guard<std::mutex> lock(mutex_);
     for (size_t i = 0; i < layers_.size(); ++i) set(i, weights_[i].data_ptr(), true, c_perp, c_G);
-    run_layers(layers_, wide_, {});
+    run_items(layers_);
   }
 
  private:
@@ -988,6 +1001,16 @@ class Prepared : public torch::CustomClassHolder {
     return g.device().is_cpu() && g.layout() == at::kStrided && g.scalar_type() == W.scalar_type() &&
            g.numel() == W.numel() && g.is_contiguous() && !g.is_inference() &&
            !g.key_set().has_any(c10::DispatchKeySet(c10::DispatchKey::Python)) && !g.is_neg() && !g.is_conj();
+  }
+
+  // sum_i lambda_perp_i E_perp_i, plus sum_i lambda_G_i E_G_i, each summed in weight order
+  double weighted(const std::vector<acc_t>& energies) const {
+    double sp = 0, sg = 0;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      sp += lambda_perp_[i] * energies[2 * i];
+      sg += lambda_G_[i] * energies[2 * i + 1];
+    }
+    return sp + sg;
   }
 
   static std::tuple<Tensor, Tensor> energies_of(std::tuple<Tensor, Tensor, std::vector<Tensor>> out) {
@@ -1060,6 +1083,7 @@ TORCH_LIBRARY(equiproj_cpu, m) {
                        std::vector<Tensor>, std::vector<Tensor>>())
       .def("set_lambdas", &Prepared::set_lambdas)
       .def("energies", &Prepared::energies)
+      .def("value", &Prepared::value)
       .def("backward", &Prepared::backward)
       .def("fresh", &Prepared::fresh)
       .def("step", &Prepared::step);

@@ -191,27 +191,28 @@ class FusedMatrices(TermGroup):
         over: no second pass over the weights. Without grad mode, the energies alone."""
         prepared = self._prepared if not torch._C._len_torch_dispatch_stack() else None  # a mode sees the op
         if not torch.is_grad_enabled() or not any(map(_requires_grad, self.params)):
-            ep, eg = prepared.energies() if prepared is not None else self.kernel(self.weights, *self.plan_args, [],
-                                                                                  [], [], False)
+            if prepared is not None:
+                return as_value(prepared.value(), dtype)
+            ep, eg = self.kernel(self.weights, *self.plan_args, [], [], [], False)
             return as_value(self.weighted_sum(ep, eg), dtype)
         if not all(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
             with no_autocast(self.device):
                 return super().value(dtype)
-        run = prepared.fresh if prepared is not None else self._fresh_run
-        return ops.prepared_penalty(run, self.weighted_sum, dtype, self.params)
+        return ops.prepared_penalty(prepared.fresh if prepared is not None else self._fresh_run, dtype, self.params)
 
     def _fresh_run(self):
         """The op with the lambdas as coefficients, the gradients written into new buffers:
-        ``(e_perp, e_g, grads)``."""
+        ``(value, grads)`` (the value as :meth:`weighted_sum` gives it)."""
         grads = self._penalty_grads()
         ep, eg = self.kernel(self.weights, *self.plan_args, *self._coefs, grads, False)
-        return ep, eg, grads
+        return self.weighted_sum(ep, eg), grads
 
     def weighted_sum(self, ep: torch.Tensor, eg: torch.Tensor, idx=None):
         """``sum lambda_perp E_perp + lambda_G E_G`` of the op's flat energies (of the terms ``idx``;
         all when ``None``) in float64: a Python float on the CPU, where reading the few energies and
         summing them costs less than the tensor operations, each of which meets cold caches in a
-        training step; a 0-dim tensor elsewhere (no device synchronisation)."""
+        training step (the prepared program returns this sum itself); a 0-dim tensor elsewhere (no
+        device synchronisation)."""
         if self.device.type != "cpu":
             lp, lg = self.lambda_tensors(torch.float64, self.device)
             if idx is not None:
@@ -286,9 +287,9 @@ class FusedMatrices(TermGroup):
     def backward(self):
         """As :meth:`TermGroup.backward`; the value as :meth:`weighted_sum` gives it (a float on the CPU)."""
         if self._prepared is not None and not torch._C._len_torch_dispatch_stack():
-            ok, ep, eg = self._prepared.backward()  # every .grad writable (or none): one call, nothing read here
+            ok, value = self._prepared.backward()  # every .grad writable (or none): one call, nothing read here
             if ok:
-                return self.weighted_sum(ep, eg)
+                return value
         grads = list(map(_grad, self.params))
         value = None
         for idx, kind in self._calls(grads, list(map(_requires_grad, self.params))):

@@ -450,11 +450,10 @@ class _PenaltyValue(torch.autograd.Function):
     def forward(ctx, prepared, *params):
         # prepared: the constants in one argument (Function.apply looks at every argument);
         # params: the autograd inputs, whose shapes the gradients take
-        run, weighted_sum, dtype = prepared
-        ep, eg, grads = run()
-        ctx.prepared, ctx.grads = prepared, grads
+        run, dtype = prepared
+        value, grads = run()
+        ctx.run, ctx.grads = run, grads
         ctx.save_for_backward(*params)  # only a second backward reads them (and checks they are unchanged)
-        value = weighted_sum(ep, eg)
         return torch.tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
 
     @staticmethod
@@ -464,7 +463,7 @@ class _PenaltyValue(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None  # the first backward needs no weight: the gradient is computed
         if grads is None:  # a second backward through a retained graph: the pass again
             ctx.saved_tensors  # noqa: B018 - raises if a weight was changed in place since the forward
-            grads = ctx.prepared[0]()[2]
+            grads = ctx.run()[1]
         # the usual incoming gradient is 1 (value.backward()); reading it is free on the CPU
         if grad_value.device.type != "cpu" or float(grad_value) != 1.0:
             for g in grads:
@@ -472,15 +471,14 @@ class _PenaltyValue(torch.autograd.Function):
         return (None, *grads)
 
 
-def prepared_penalty(run, weighted_sum, dtype, params) -> Tensor:
+def prepared_penalty(run, dtype, params) -> Tensor:
     """``sum_i lambda_perp_i E_perp_i + lambda_G_i E_G_i`` (a scalar of ``dtype``), differentiable in
     ``params``, from one op call that also writes the gradient (no second pass in the backward).
 
     ``run()``: the op on the matrix views of ``params`` with the lambdas as coefficients, writing
-    the gradients into fresh contiguous tensors shaped like ``params``: ``(e_perp, e_g, grads)``;
-    ``weighted_sum(e_perp, e_g)``: the value of those flat energies in float64 (a Python float, or
-    a 0-dim tensor on the weights' device)."""
-    return _PenaltyValue.apply((run, weighted_sum, dtype), *params)
+    the gradients into fresh contiguous tensors shaped like ``params``: ``(value, grads)``, the
+    value in float64 (a Python float, or a 0-dim tensor on the weights' device)."""
+    return _PenaltyValue.apply((run, dtype), *params)
 
 
 def cpu_program(weights, params, plan_tensors):
@@ -488,8 +486,10 @@ def cpu_program(weights, params, plan_tensors):
     CPU ``weights`` (detached matrix views of ``params``) and their plans' tensors ``(meta, basis,
     perm_out, perm_in)``, or ``None`` where the extension is not available or a weight is not a 2-D
     CPU tensor. Its runs are the op's CPU kernel on these weights, with the same results, and take
-    no tensor lists per call: ``energies()``, ``backward()`` (into the parameters' ``.grad``),
-    ``fresh()`` (into new tensors) and ``step(c_perp, c_G)`` (the weights in place)."""
+    no tensor lists per call: ``energies()`` (the op's flat energies), and, after
+    ``set_lambdas(lambda_perp, lambda_G)``, ``value()`` (the weighted sum of the energies, a float),
+    ``backward()`` (``(ok, value)``: the gradient into the parameters' ``.grad``), ``fresh()``
+    (``(value, grads)``: into new tensors) and ``step(c_perp, c_G)`` (the weights in place)."""
     if not weights or not (cpp_available() and _cpp_registered()):
         return None
     if any(W.dim() != 2 or W.device.type != "cpu" for W in weights):
