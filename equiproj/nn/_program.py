@@ -190,15 +190,17 @@ class FusedMatrices(TermGroup):
         every parameter trainable), the call also writes the gradient, which the backward hands
         over: no second pass over the weights. Without grad mode, the energies alone."""
         prepared = self._prepared if not torch._C._len_torch_dispatch_stack() else None  # a mode sees the op
-        if not torch.is_grad_enabled() or not any(map(_requires_grad, self.params)):
-            if prepared is not None:
-                return as_value(prepared.value(), dtype)
-            ep, eg = self.kernel(self.weights, *self.plan_args, [], [], [], False)
-            return as_value(self.weighted_sum(ep, eg), dtype)
-        if not all(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
-            with no_autocast(self.device):
-                return super().value(dtype)
-        return ops.prepared_penalty(prepared.fresh if prepared is not None else self._fresh_run, dtype, self.params)
+        if torch.is_grad_enabled():
+            if all(map(_requires_grad, self.params)):
+                return ops.prepared_penalty(prepared.fresh if prepared is not None else self._fresh_run, dtype,
+                                            self.params)
+            if any(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
+                with no_autocast(self.device):
+                    return super().value(dtype)
+        if prepared is not None:
+            return as_value(prepared.value(), dtype)
+        ep, eg = self.kernel(self.weights, *self.plan_args, [], [], [], False)
+        return as_value(self.weighted_sum(ep, eg), dtype)
 
     def _fresh_run(self):
         """The op with the lambdas as coefficients, the gradients written into new buffers:
