@@ -5,9 +5,12 @@ kind). Matrix terms that run on a fused kernel (``"cpp"``, ``"triton"``) are pre
 :class:`FusedMatrices` group: the weights' matrix views, the packed plans, the device's kernel and
 the coefficient tensors are made once, and ``penalty()``, ``penalty.backward()`` and
 ``penalty.decay_()`` each issue one call of ``equiproj::fused_energies`` for all of them, writing
-into the parameters' ``.grad`` or the parameters themselves, with no Python per layer beyond
-reading the ``.grad`` attributes. ``penalty()`` writes the gradient in its one call as well, into
-fresh buffers its autograd node hands over in the backward (:func:`equiproj.ops.prepared_penalty`).
+into the parameters' ``.grad`` or the parameters themselves, with no Python per layer. On the CPU
+that call is the C++ kernel's prepared program (:func:`equiproj.ops.cpu_program`), which holds the
+views, parameters, plans and lambdas, reads and writes the ``.grad`` attributes itself and returns
+the weighted value: no tensor list crosses the boundary per call. ``penalty()`` writes the
+gradient in its one call as well, into fresh buffers its autograd node hands over in the backward
+(:func:`equiproj.ops.prepared_penalty`).
 The coefficients are made once, in the dtype the device's kernel reads without a conversion, and
 what :meth:`PenaltyProgram.current` compares is kept as flat lists compared by C-level loops. The other kinds (kernel spaces, translations, matrices on the
 ``"torch"`` or ``"reference"`` backend) take one :meth:`Term.one_pass` or :meth:`Term.energies` call
