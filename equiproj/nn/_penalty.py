@@ -238,6 +238,7 @@ class ProjectionPenalty:
                                                           for x in (lps, lgs)), self.norm, any(lgs)).double())
             return sum(parts[1:], parts[0]).to(prog.value_dtype)
 
+    @torch.compiler.disable  # as energies(): one eager call inside compiled code
     def backward(self) -> torch.Tensor:
         """Add the penalty's gradient to the ``.grad`` of the declared weights (and biases) and
         return the penalty's value (a detached scalar), without building an autograd graph.
@@ -284,6 +285,7 @@ class ProjectionPenalty:
                 values.append(value.detach().double())
         return as_value(sum(values[1:], values[0]), prog.value_dtype)
 
+    @torch.compiler.disable  # as energies(): one eager call inside compiled code
     def decay_(self, rate: float, rate_G: float = 0.0) -> None:
         """The decoupled step ``W <- W - rate (W - P W) - rate_G P W`` on every layer of the penalty
         (biases included), in place: a plain gradient step of size ``rate / 2`` on ``E_perp`` (and

@@ -463,3 +463,27 @@ def test_a_copied_penalty_prepares_its_own_program(gen):
     with torch.no_grad():
         twin._model[0].weight.mul_(2)
     assert float(pen()) == float(value) and float(twin()) != float(value)
+
+
+@needs_cpp
+def test_backward_and_decay_inside_compiled_code_equal_eager(gen):
+    """``penalty.backward()`` and ``decay_`` called inside ``torch.compile``d code run eagerly (one
+    graph break each) and give what they give outside it."""
+    models = [_linears_with_odd_fields(torch.float32, gen)]
+    models.append(copy.deepcopy(models[0]))
+    x = torch.randn(4, models[0][0].in_features, generator=gen)
+    out = []
+    for k, model in enumerate(models):
+        pen = ProjectionPenalty(model, lambda_perp=0.3, lambda_G=0.02)
+
+        def step(x):
+            (model[0](x) ** 2).sum().backward()
+            value = pen.backward()
+            pen.decay_(0.1)
+            return value
+
+        out.append((torch.compile(step, backend="aot_eager") if k else step)(x))
+    assert torch.equal(out[0], out[1])
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p.detach(), q.detach())
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
