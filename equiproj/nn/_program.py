@@ -68,7 +68,7 @@ def module_chain(root: torch.nn.Module, names) -> list[tuple[dict, str, torch.nn
 
 def as_value(value, dtype: torch.dtype) -> torch.Tensor:
     """A penalty's value (a Python float, or a tensor) as a 0-dim tensor of ``dtype``."""
-    return torch.tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
+    return torch.scalar_tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
 
 
 def _shares_storage(weight: torch.Tensor, param: torch.Tensor) -> bool:

@@ -454,7 +454,7 @@ class _PenaltyValue(torch.autograd.Function):
         value, grads = run()
         ctx.run, ctx.grads = run, grads
         ctx.save_for_backward(*params)  # only a second backward reads them (and checks they are unchanged)
-        return torch.tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
+        return torch.scalar_tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_value):
