@@ -487,3 +487,30 @@ def test_backward_and_decay_inside_compiled_code_equal_eager(gen):
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(p.detach(), q.detach())
         assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+
+
+@needs_cpp
+def test_penalty_gradient_reaches_tensor_hooks(gen):
+    """``penalty().backward()`` delivers its gradient through autograd: hooks on the parameters see
+    it (``register_hook`` before, post-accumulate hooks after it was added to ``.grad``), added to
+    a task gradient, as for any other term of a loss."""
+    model, r = _declared_linears(2, gen)
+    pen = ProjectionPenalty(model, lambda_perp=0.3)
+    seen, after = {}, {}
+    for n, p in model.named_parameters():
+        p.register_hook(lambda g, n=n: seen.__setitem__(n, g.clone()))
+        p.register_post_accumulate_grad_hook(lambda p, n=n: after.__setitem__(n, p.grad.clone()))
+    x = torch.randn(3, r.dim, generator=gen)
+    model.zero_grad(set_to_none=True)
+    (model(x).sum() + pen()).backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(seen[n], p.grad) and torch.equal(after[n], p.grad)
+    task = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        task[n] -= p.grad
+    model.zero_grad(set_to_none=True)
+    pen.backward()
+    for n, p in model.named_parameters():
+        close(task[n], p.grad, 1e-6, f"the penalty's share of the hooked gradient of {n}")
