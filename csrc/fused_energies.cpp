@@ -25,6 +25,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -658,6 +659,28 @@ std::vector<double> coefficients(const Tensor& c, int64_t batch, const char* nam
   return out;
 }
 
+// The layer's plan groups (those that add in place where the gradient is added to rows read in
+// place), its item function for the weight dtype, and whether row blocks split into chunks.
+void configure(Layer& L, const HostPlan& plan, at::ScalarType st) {
+  const bool direct = (st == at::kFloat || st == at::kDouble) && L.sn == 1 && L.perm_in == nullptr;
+  L.groups = L.accumulate && direct ? &plan.groups_in_place : &plan.groups;
+  L.group_start = &plan.group_start;
+  L.blocks = plan.blocks;
+  bool split = false;
+  for (auto& G : *L.groups) split = split || splits(L, G, direct);
+  L.split_fn = split ? (st == at::kFloat ? &process_split<float> : &process_split<double>) : nullptr;
+  switch (st) {
+    case at::kFloat: L.fn = &process_item<float>; break;
+    case at::kDouble: L.fn = &process_item<double>; break;
+    case at::kHalf: L.fn = &process_item<c10::Half>; break;
+    default: L.fn = &process_item<c10::BFloat16>; break;
+  }
+}
+
+std::vector<acc_t> run_items(const std::vector<Layer>& layers);
+std::tuple<Tensor, Tensor, std::vector<Tensor>> run_layers(const std::vector<Layer>& layers, bool wide,
+                                                           std::vector<Tensor> grads);
+
 // outs: empty (the gradients are returned as fresh tensors) or one contiguous tensor per weight, of
 // its dtype and number of elements, to which the gradient is added in place (add) or written
 // (!add); nothing is returned for them. The energies of all matrices of all weights come in two flat
@@ -710,8 +733,6 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> fused_energies(
     L.perm_out = checked_perm(perm_out[i], L.m, "perm_out", i, pins);
     L.perm_in = checked_perm(perm_in[i], L.n, "perm_in", i, pins);
     auto plan = host_plan(L.m, L.n, meta[i], basis[i], i);
-    L.group_start = &plan->group_start;
-    L.blocks = plan->blocks;
     if (want_grad) {
       L.cp2 = coefficients(lambda_perp[i], L.batch, "lambda_perp", i);
       L.cg2 = coefficients(lambda_G[i], L.batch, "lambda_G", i);
@@ -729,19 +750,16 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> fused_energies(
         L.grad = grads.back().data_ptr();
       }
     }
-    const bool direct = (st == at::kFloat || st == at::kDouble) && L.sn == 1 && L.perm_in == nullptr;
-    L.groups = L.accumulate && direct ? &plan->groups_in_place : &plan->groups;
+    configure(L, *plan, st);
     pins.push_back(std::move(plan));
-    bool split = false;
-    for (auto& G : *L.groups) split = split || splits(L, G, direct);
-    if (split) L.split_fn = st == at::kFloat ? &process_split<float> : &process_split<double>;
-    switch (st) {
-      case at::kFloat: L.fn = &process_item<float>; break;
-      case at::kDouble: L.fn = &process_item<double>; break;
-      case at::kHalf: L.fn = &process_item<c10::Half>; break;
-      default: L.fn = &process_item<c10::BFloat16>; break;
-    }
   }
+  return run_layers(layers, wide, std::move(grads));
+}
+
+// Runs the items of `layers` (each configured, with its data, gradient and coefficients set): the
+// energies (E_perp, E_G) of all their matrices, interleaved, rounded to float32 below float64 weights.
+std::vector<acc_t> run_items(const std::vector<Layer>& layers) {
+  const int64_t nl = layers.size();
   // items: (layer, matrix, row block), layer-major
   std::vector<int64_t> layer_start(nl + 1, 0);
   int64_t work = 0;
@@ -786,31 +804,39 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> fused_energies(
       }
     });
   }
-  int64_t total = 0;
-  for (const Layer& L : layers) total += L.batch;
-  const auto dt = wide ? at::kDouble : at::kFloat;
-  Tensor e_perp = at::empty({total}, at::TensorOptions().dtype(dt)), e_g = at::empty({total}, at::TensorOptions().dtype(dt));
-  for (int64_t i = 0, row = 0; i < nl; ++i) {
+  std::vector<acc_t> energies;  // E_perp, E_G of each matrix, interleaved
+  energies.reserve(2 * items);
+  for (int64_t i = 0; i < nl; ++i) {
     const Layer& L = layers[i];
-    const bool narrow = weights[i].scalar_type() != at::kDouble;
-    for (int64_t b = 0; b < L.batch; ++b, ++row) {
+    const bool narrow = L.fn != &process_item<double>;  // float32 energies of a weight below float64
+    for (int64_t b = 0; b < L.batch; ++b) {
       acc_t sp = 0, sg = 0;
       const acc_t* pp = part.data() + 2 * (layer_start[i] + b * L.blocks);
       for (int64_t k = 0; k < L.blocks; ++k) {
         sp += pp[2 * k];
         sg += pp[2 * k + 1];
       }
-      if (narrow) {
-        sp = static_cast<float>(sp);
-        sg = static_cast<float>(sg);
-      }
-      if (wide) {
-        e_perp.data_ptr<double>()[row] = sp;
-        e_g.data_ptr<double>()[row] = sg;
-      } else {
-        e_perp.data_ptr<float>()[row] = static_cast<float>(sp);
-        e_g.data_ptr<float>()[row] = static_cast<float>(sg);
-      }
+      energies.push_back(narrow ? static_cast<float>(sp) : sp);
+      energies.push_back(narrow ? static_cast<float>(sg) : sg);
+    }
+  }
+  return energies;
+}
+
+// run_items, the energies in two flat tensors (float64 if `wide`, else float32).
+std::tuple<Tensor, Tensor, std::vector<Tensor>> run_layers(const std::vector<Layer>& layers, bool wide,
+                                                           std::vector<Tensor> grads) {
+  const std::vector<acc_t> energies = run_items(layers);
+  const int64_t total = energies.size() / 2;
+  const auto dt = wide ? at::kDouble : at::kFloat;
+  Tensor e_perp = at::empty({total}, at::TensorOptions().dtype(dt)), e_g = at::empty({total}, at::TensorOptions().dtype(dt));
+  for (int64_t row = 0; row < total; ++row) {
+    if (wide) {
+      e_perp.data_ptr<double>()[row] = energies[2 * row];
+      e_g.data_ptr<double>()[row] = energies[2 * row + 1];
+    } else {
+      e_perp.data_ptr<float>()[row] = static_cast<float>(energies[2 * row]);
+      e_g.data_ptr<float>()[row] = static_cast<float>(energies[2 * row + 1]);
     }
   }
   return {e_perp, e_g, grads};
@@ -829,6 +855,176 @@ std::tuple<Tensor, Tensor> fused_energies_op(at::TensorList weights, at::TensorL
   auto out = fused_energies(weights, meta, basis, perm_out, perm_in, lambda_perp, lambda_G, grads, accumulate);
   return {std::get<0>(out), std::get<1>(out)};
 }
+
+// ---- a prepared program: the op's CPU kernel on fixed weights, with nothing to convert per call -----
+
+// The fused matrices of a penalty (equiproj/nn/_program.py), prepared once: the 2-D matrix views of
+// the parameters, the parameters themselves (whose .grad it reads and writes), their host plans and
+// checked permutations, and 2 lambda per weight. Each run is the op's CPU kernel on these layers
+// (the same items, kernels and fixed-order sums as equiproj::fused_energies, so the same results
+// bit for bit) without the per-call conversion of eight tensor lists and the plan-cache lookups.
+// Runs on one object are serialized.
+class Prepared : public torch::CustomClassHolder {
+ public:
+  Prepared(std::vector<Tensor> weights, std::vector<Tensor> params, std::vector<Tensor> meta, std::vector<Tensor> basis,
+           std::vector<Tensor> perm_out, std::vector<Tensor> perm_in)
+      : weights_(std::move(weights)), params_(std::move(params)) {
+    const int64_t nl = weights_.size();
+    TORCH_CHECK_VALUE(params_.size() == weights_.size() && meta.size() == weights_.size() &&
+                          basis.size() == weights_.size() && perm_out.size() == weights_.size() &&
+                          perm_in.size() == weights_.size(),
+                      "Prepared: one parameter, meta, basis, perm_out and perm_in per weight");
+    layers_.resize(nl);
+    for (int64_t i = 0; i < nl; ++i) {
+      const Tensor& W = weights_[i];
+      const Tensor& P = params_[i];
+      const auto st = W.scalar_type();
+      TORCH_CHECK_VALUE(W.device().is_cpu() && W.dim() == 2 &&
+                            (st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16),
+                        "Prepared: weight ", i, " must be a 2-d float16, bfloat16, float32 or float64 CPU tensor");
+      TORCH_CHECK_VALUE(P.device().is_cpu() && P.scalar_type() == st && P.numel() == W.numel() &&
+                            P.unsafeGetTensorImpl()->unsafe_storage().data() == W.unsafeGetTensorImpl()->unsafe_storage().data(),
+                        "Prepared: parameter ", i, " must hold the elements of weight ", i, " (a view of it, its dtype)");
+      Layer& L = layers_[i];
+      L.m = W.size(0);
+      L.n = W.size(1);
+      L.sm = W.stride(0);
+      L.sn = W.stride(1);
+      L.batch = 1;
+      L.batch_off.assign(1, 0);
+      L.cp2.assign(1, 0.0);
+      L.cg2.assign(1, 0.0);
+      L.perm_out = checked_perm(perm_out[i], L.m, "perm_out", i, pins_);
+      L.perm_in = checked_perm(perm_in[i], L.n, "perm_in", i, pins_);
+      auto plan = host_plan(L.m, L.n, meta[i], basis[i], i);
+      plans_.push_back(plan);
+      configure(L, *plan, st);
+      wide_ = wide_ || st == at::kDouble;
+    }
+    lambda_perp_.assign(nl, 0.0);
+    lambda_G_.assign(nl, 0.0);
+  }
+
+  // lambda_perp, lambda_G per weight (the gradient is 2 lambda_perp (W - P W) + 2 lambda_G P W)
+  void set_lambdas(std::vector<double> lambda_perp, std::vector<double> lambda_G) {
+    TORCH_CHECK_VALUE(lambda_perp.size() == layers_.size() && lambda_G.size() == layers_.size(),
+                      "Prepared.set_lambdas: one lambda_perp and one lambda_G per weight");
+    std::lock_guard<std::mutex> lock(mutex_);
+    lambda_perp_ = std::move(lambda_perp);
+    lambda_G_ = std::move(lambda_G);
+  }
+
+  // The energies alone, in two flat tensors as the op returns them.
+  std::tuple<Tensor, Tensor> energies() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < layers_.size(); ++i) set(i, nullptr, false, 0, 0);
+    return energies_of(run_layers(layers_, wide_, {}));
+  }
+
+  // sum lambda_perp E_perp + lambda_G E_G in float64, from the energies alone.
+  double value() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < layers_.size(); ++i) set(i, nullptr, false, 0, 0);
+    return weighted(run_items(layers_));
+  }
+
+  // The gradients of sum lambda_perp E_perp + lambda_G E_G added to the parameters' .grad, or set as
+  // a fresh .grad where there is none (parameters that do not require grad get none), as a
+  // backward of that sum would leave them. ok is false, and nothing runs, where a .grad cannot be
+  // written directly (another dtype or device, non-contiguous, a tensor subclass): the caller takes
+  // its general route then.
+  std::tuple<bool, double> backward() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const size_t nl = layers_.size();
+    std::vector<Tensor> fresh(nl);
+    for (size_t i = 0; i < nl; ++i) {
+      const Tensor& P = params_[i];
+      if (!P.requires_grad()) {
+        set(i, nullptr, false, 0, 0);
+        continue;
+      }
+      const Tensor& g = P.grad();
+      if (!g.defined()) {
+        fresh[i] = at::empty(P.sizes(), P.options());
+        set(i, fresh[i].data_ptr(), false, lambda_perp_[i], lambda_G_[i]);
+      } else if (writable(g, i)) {
+        set(i, g.data_ptr(), true, lambda_perp_[i], lambda_G_[i]);
+      } else {
+        return {false, 0.0};
+      }
+    }
+    const double v = weighted(run_items(layers_));
+    for (size_t i = 0; i < nl; ++i)
+      if (fresh[i].defined()) params_[i].mutable_grad() = std::move(fresh[i]);
+    return {true, v};
+  }
+
+  // The gradients written into new tensors shaped like the parameters (one allocation each, so that
+  // autograd may add another gradient into one in place), returned with the energies.
+  std::tuple<double, std::vector<Tensor>> fresh() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const size_t nl = layers_.size();
+    std::vector<Tensor> grads(nl);
+    for (size_t i = 0; i < nl; ++i) {
+      grads[i] = at::empty(params_[i].sizes(), params_[i].options());
+      set(i, grads[i].data_ptr(), false, lambda_perp_[i], lambda_G_[i]);
+    }
+    return {weighted(run_items(layers_)), grads};
+  }
+
+  // The decoupled step W += 2 c_perp (W - P W) + 2 c_G P W on every weight in place (c = -rate / 2).
+  void step(double c_perp, double c_G) {
+    for (const Tensor& W : weights_)
+      TORCH_CHECK_VALUE(W.is_contiguous(), "Prepared.step: the weights must be contiguous to be stepped in place");
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < layers_.size(); ++i) set(i, weights_[i].data_ptr(), true, c_perp, c_G);
+    run_items(layers_);
+  }
+
+ private:
+  // The layer's data (read again: the weight's storage offset is fixed, its data pointer too, but a
+  // caller may have swapped storage under a view, which the program checks) and its output.
+  void set(size_t i, void* grad, bool accumulate, double c_perp, double c_G) {
+    Layer& L = layers_[i];
+    L.data = weights_[i].data_ptr();
+    L.grad = grad;
+    L.cp2[0] = 2 * c_perp;
+    L.cg2[0] = 2 * c_G;
+    if (L.accumulate != accumulate) {
+      L.accumulate = accumulate;
+      configure(L, *plans_[i], weights_[i].scalar_type());
+    }
+  }
+
+  bool writable(const Tensor& g, size_t i) const {
+    const Tensor& W = weights_[i];
+    return g.device().is_cpu() && g.layout() == at::kStrided && g.scalar_type() == W.scalar_type() &&
+           g.numel() == W.numel() && g.is_contiguous() && !g.is_inference() &&
+           !g.key_set().has_any(c10::DispatchKeySet(c10::DispatchKey::Python)) && !g.is_neg() && !g.is_conj();
+  }
+
+  // sum_i lambda_perp_i E_perp_i, plus sum_i lambda_G_i E_G_i, each summed in weight order
+  double weighted(const std::vector<acc_t>& energies) const {
+    double sp = 0, sg = 0;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      sp += lambda_perp_[i] * energies[2 * i];
+      sg += lambda_G_[i] * energies[2 * i + 1];
+    }
+    return sp + sg;
+  }
+
+  static std::tuple<Tensor, Tensor> energies_of(std::tuple<Tensor, Tensor, std::vector<Tensor>> out) {
+    return {std::move(std::get<0>(out)), std::move(std::get<1>(out))};
+  }
+
+  std::mutex mutex_;
+  std::vector<Tensor> weights_, params_;
+  std::vector<Layer> layers_;
+  std::vector<std::shared_ptr<const HostPlan>> plans_;
+  std::vector<std::shared_ptr<const void>> pins_;  // the checked permutations
+  std::vector<double> lambda_perp_, lambda_G_;
+  bool wide_ = false;
+};
 
 int64_t num_threads() { return at::get_num_threads(); }
 
@@ -882,6 +1078,15 @@ TORCH_LIBRARY(equiproj_cpu, m) {
   m.def("parallel_threads(int items) -> int", &parallel_threads);
   m.def("plan_cache_size() -> int", &plan_cache_size);
   m.def("clear_plan_caches() -> ()", &clear_plan_caches);
+  m.class_<Prepared>("Prepared")
+      .def(torch::init<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                       std::vector<Tensor>, std::vector<Tensor>>())
+      .def("set_lambdas", &Prepared::set_lambdas)
+      .def("energies", &Prepared::energies)
+      .def("value", &Prepared::value)
+      .def("backward", &Prepared::backward)
+      .def("fresh", &Prepared::fresh)
+      .def("step", &Prepared::step);
 }
 
 TORCH_LIBRARY_IMPL(equiproj, CPU, m) { m.impl("fused_energies", &fused_energies_op); }

@@ -19,7 +19,7 @@ from torch import nn
 
 from ._declaration import batches
 from ._declare import _epoch, declaration, select_layers, unwrap
-from ._program import PenaltyProgram
+from ._program import PenaltyProgram, as_value
 from ._tensors import assign, no_autocast
 
 __all__ = ["ProjectionPenalty", "layer_energies"]
@@ -182,7 +182,8 @@ class ProjectionPenalty:
         re-declared or undeclared, a declared module swapped in, or a parameter's storage replaced
         (a dtype or device change)."""
         prog = self._program
-        if prog is not None and self._epoch == _epoch[0] and prog.root is unwrap(self._model) and prog.current():
+        if (prog is not None and self._epoch == _epoch[0] and (prog.root is self._model or prog.root is unwrap(self._model))
+                and prog.current()):
             return prog
         self.layers = select_layers(self._model, self._layer_spec)
         self.names = [n for n, _, _ in self.layers]
@@ -223,6 +224,8 @@ class ProjectionPenalty:
         """The squared penalty, each kind of term summed by its group: the fused matrices from one op
         call that also writes their gradient for the backward (:meth:`FusedMatrices.value`)."""
         prog = self._follow_model()
+        if prog.single_fused:  # direct kernel calls (autocast does not reach them)
+            return prog.groups[0].value(prog.value_dtype)
         with no_autocast(prog.device):
             if len(prog.groups) == 1 and not prog.slow:
                 return prog.groups[0].value(prog.value_dtype)
@@ -235,6 +238,7 @@ class ProjectionPenalty:
                                                           for x in (lps, lgs)), self.norm, any(lgs)).double())
             return sum(parts[1:], parts[0]).to(prog.value_dtype)
 
+    @torch.compiler.disable  # as energies(): one eager call inside compiled code
     def backward(self) -> torch.Tensor:
         """Add the penalty's gradient to the ``.grad`` of the declared weights (and biases) and
         return the penalty's value (a detached scalar), without building an autograd graph.
@@ -262,6 +266,8 @@ class ProjectionPenalty:
             optimizer.step()
         """
         prog = self._follow_model()
+        if prog.single_fused and self.norm == "squared":  # direct kernel calls (autocast does not reach them)
+            return as_value(prog.groups[0].backward(), prog.value_dtype)
         values = []
         with no_autocast(prog.device):
             if self.norm == "squared":
@@ -277,8 +283,9 @@ class ProjectionPenalty:
                 if value.requires_grad:
                     value.backward()
                 values.append(value.detach().double())
-        return sum(values[1:], values[0]).to(prog.value_dtype)
+        return as_value(sum(values[1:], values[0]), prog.value_dtype)
 
+    @torch.compiler.disable  # as energies(): one eager call inside compiled code
     def decay_(self, rate: float, rate_G: float = 0.0) -> None:
         """The decoupled step ``W <- W - rate (W - P W) - rate_G P W`` on every layer of the penalty
         (biases included), in place: a plain gradient step of size ``rate / 2`` on ``E_perp`` (and
@@ -327,6 +334,13 @@ class ProjectionPenalty:
                     step = rate * residual + (rate_G * d.projected(name, m, "equivariant")[part] if rate_G else 0)
                     current = d.weight(name, m) if part == 0 else d.bias(m)
                     assign(param, current.double() - step)
+
+    def __getstate__(self):
+        # the program holds views of the parameters and the C++ kernel's prepared form: a copy or a
+        # pickle prepares its own on its first call
+        state = self.__dict__.copy()
+        state["_program"] = None
+        return state
 
     def __repr__(self):
         layers = ", ".join(f"{n or '(model)'} [{d.case}]" for n, _, d in self.layers)

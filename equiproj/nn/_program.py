@@ -5,9 +5,12 @@ kind). Matrix terms that run on a fused kernel (``"cpp"``, ``"triton"``) are pre
 :class:`FusedMatrices` group: the weights' matrix views, the packed plans, the device's kernel and
 the coefficient tensors are made once, and ``penalty()``, ``penalty.backward()`` and
 ``penalty.decay_()`` each issue one call of ``equiproj::fused_energies`` for all of them, writing
-into the parameters' ``.grad`` or the parameters themselves, with no Python per layer beyond
-reading the ``.grad`` attributes. ``penalty()`` writes the gradient in its one call as well, into
-fresh buffers its autograd node hands over in the backward (:func:`equiproj.ops.prepared_penalty`).
+into the parameters' ``.grad`` or the parameters themselves, with no Python per layer. On the CPU
+that call is the C++ kernel's prepared program (:func:`equiproj.ops.cpu_program`), which holds the
+views, parameters, plans and lambdas, reads and writes the ``.grad`` attributes itself and returns
+the weighted value: no tensor list crosses the boundary per call. ``penalty()`` writes the
+gradient in its one call as well, into fresh buffers its autograd node hands over in the backward
+(:func:`equiproj.ops.prepared_penalty`).
 The coefficients are made once, in the dtype the device's kernel reads without a conversion, and
 what :meth:`PenaltyProgram.current` compares is kept as flat lists compared by C-level loops. The other kinds (kernel spaces, translations, matrices on the
 ``"torch"`` or ``"reference"`` backend) take one :meth:`Term.one_pass` or :meth:`Term.energies` call
@@ -28,6 +31,7 @@ tied parameter takes one step with the sum).
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -35,15 +39,16 @@ import torch
 from .. import ops
 from .._plan import plan_for
 from ._declaration import MatrixTerm, Term, batches, inplace_view
-from ._tensors import accumulate_grad, is_dtensor
+from ._tensors import accumulate_grad, is_dtensor, no_autocast
 
-__all__ = ["PenaltyProgram", "FusedMatrices", "TermGroup", "module_chain"]
+__all__ = ["PenaltyProgram", "FusedMatrices", "TermGroup", "module_chain", "as_value"]
 
 _FUSED = ("cpp", "triton")
 _grad = operator.attrgetter("grad")
 _requires_grad = operator.attrgetter("requires_grad")
 _data_ptr = torch.Tensor.data_ptr
 _SEPARATE_GRADS_NUMEL = 4096  # mean elements per parameter above which penalty()'s gradients get their own buffers
+_PREPARED = True  # CPU groups run through the C++ kernel's prepared program (False: the op call, as on other devices)
 
 
 def module_chain(root: torch.nn.Module, names) -> list[tuple[dict, str, torch.nn.Module]]:
@@ -61,6 +66,11 @@ def module_chain(root: torch.nn.Module, names) -> list[tuple[dict, str, torch.nn
     return links
 
 
+def as_value(value, dtype: torch.dtype) -> torch.Tensor:
+    """A penalty's value (a Python float, or a tensor) as a 0-dim tensor of ``dtype``."""
+    return torch.scalar_tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
+
+
 def _shares_storage(weight: torch.Tensor, param: torch.Tensor) -> bool:
     return weight.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
 
@@ -76,14 +86,7 @@ class TermGroup:
 
     def set_lambdas(self, lambda_perp: list[float], lambda_G: list[float]) -> None:
         self.lambda_perp, self.lambda_G = list(lambda_perp), list(lambda_G)
-        self._weights = self._lambdas_cat = None
-
-    @property
-    def _lambdas64(self):
-        """``cat(lambda_perp, lambda_G)`` in float64 on the group's device."""
-        if self._lambdas_cat is None:
-            self._lambdas_cat = torch.cat(self.lambda_tensors(torch.float64, self.device))
-        return self._lambdas_cat
+        self._weights = None
 
     def lambda_tensors(self, dtype, device):
         if self._weights is None or self._weights[0].dtype != dtype or self._weights[0].device != device:
@@ -163,6 +166,9 @@ class FusedMatrices(TermGroup):
                                or self._flat_size >= _SEPARATE_GRADS_NUMEL * len(self._numels) else self._new_grads)
         self._states: list = []  # (grads, requires_grad, calls) of the last two kinds of backward
         self._decay_coefs: dict = {}
+        # on the CPU, the C++ kernel prepared once on these weights, parameters and plans: a call
+        # converts no tensor lists and looks up no plans (measured: half the op call on 50 layers)
+        self._prepared = ops.cpu_program(self.weights, [t.param for t in terms], self.plan_args) if _PREPARED else None
         super().__init__(terms, owners)
         # whether each parameter can be stepped in place through its matrix view
         self._inplace = all(not is_dtensor(p) and p.is_contiguous() and p.dtype == w.dtype
@@ -172,6 +178,9 @@ class FusedMatrices(TermGroup):
 
     def set_lambdas(self, lambda_perp, lambda_G) -> None:
         super().set_lambdas(lambda_perp, lambda_G)
+        self._any_G = any(lambda_G)
+        if self._prepared is not None:
+            self._prepared.set_lambdas(list(map(float, lambda_perp)), list(map(float, lambda_G)))
         self._coefs = ([ops.kernel_coefficient(c, w, "lambda_perp") for c, w in zip(lambda_perp, self.weights)],
                        [ops.kernel_coefficient(c, w, "lambda_G") for c, w in zip(lambda_G, self.weights)])
         self._states = []
@@ -183,13 +192,42 @@ class FusedMatrices(TermGroup):
         """The penalty of these terms from one op call. Where it will be differentiated (grad mode on,
         every parameter trainable), the call also writes the gradient, which the backward hands
         over: no second pass over the weights. Without grad mode, the energies alone."""
-        if not torch.is_grad_enabled() or not any(map(_requires_grad, self.params)):
-            ep, eg = self.kernel(self.weights, *self.plan_args, [], [], [], False)
-            return torch.dot(torch.cat((ep, eg)).double(), self._lambdas64).to(dtype)
-        if not all(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
-            return super().value(dtype)
-        return ops.prepared_penalty(self.kernel, self.plan_args, self.weights, self._coefs, self._lambdas64, dtype,
-                                    self.params, self._penalty_grads)
+        prepared = self._prepared if not torch._C._len_torch_dispatch_stack() else None  # a mode sees the op
+        if torch.is_grad_enabled():
+            if all(map(_requires_grad, self.params)):
+                return ops.prepared_penalty(prepared.fresh if prepared is not None else self._fresh_run, dtype,
+                                            self.params)
+            if any(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
+                with no_autocast(self.device):
+                    return super().value(dtype)
+        if prepared is not None:
+            return as_value(prepared.value(), dtype)
+        ep, eg = self.kernel(self.weights, *self.plan_args, [], [], [], False)
+        return as_value(self.weighted_sum(ep, eg), dtype)
+
+    def _fresh_run(self):
+        """The op with the lambdas as coefficients, the gradients written into new buffers:
+        ``(value, grads)`` (the value as :meth:`weighted_sum` gives it)."""
+        grads = self._penalty_grads()
+        ep, eg = self.kernel(self.weights, *self.plan_args, *self._coefs, grads, False)
+        return self.weighted_sum(ep, eg), grads
+
+    def weighted_sum(self, ep: torch.Tensor, eg: torch.Tensor, idx=None):
+        """``sum lambda_perp E_perp + lambda_G E_G`` of the op's flat energies (of the terms ``idx``;
+        all when ``None``) in float64: a Python float on the CPU, where reading the few energies and
+        summing them costs less than the tensor operations, each of which meets cold caches in a
+        training step (the prepared program returns this sum itself); a 0-dim tensor elsewhere (no
+        device synchronisation)."""
+        if self.device.type != "cpu":
+            lp, lg = self.lambda_tensors(torch.float64, self.device)
+            if idx is not None:
+                sel = torch.tensor(idx, device=self.device)
+                lp, lg = lp[sel], lg[sel]
+            return torch.dot(torch.cat((ep, eg)).double(), torch.cat((lp, lg)))
+        lp, lg = (self.lambda_perp, self.lambda_G) if idx is None else (
+            [self.lambda_perp[k] for k in idx], [self.lambda_G[k] for k in idx])
+        value = math.fsum(map(operator.mul, lp, ep.tolist()))
+        return value + math.fsum(map(operator.mul, lg, eg.tolist())) if self._any_G else value
 
     def _separate_grads(self) -> list:
         """One uninitialised tensor per parameter, each its own storage: autograd adds the task
@@ -210,22 +248,19 @@ class FusedMatrices(TermGroup):
         return [torch.empty(p.shape, dtype=self._dtypes[k], device=self.device) for k, p in zip(ks, params)]
 
     def _call(self, idx, grads, accumulate):
-        """The op on the terms ``idx`` (all when ``None``); the value ``sum lambda E`` in float64."""
+        """The op on the terms ``idx`` (all when ``None``); the value ``sum lambda E`` in float64
+        (:meth:`weighted_sum`)."""
         if idx is None:
             w, (m, b, po, pi), (cp, cg) = self.weights, self.plan_args, self._coefs
-            lp, lg = self.lambda_tensors(torch.float64, self.device)
         else:
             pick = lambda xs: [xs[k] for k in idx]  # noqa: E731
             w, m, b, po, pi = pick(self.weights), *(pick(x) for x in self.plan_args)
             cp, cg = pick(self._coefs[0]), pick(self._coefs[1])
-            lp, lg = self.lambda_tensors(torch.float64, self.device)
-            sel = torch.tensor(idx, device=self.device)
-            lp, lg = lp[sel], lg[sel]
         if grads is None:  # energies only (frozen parameters)
             ep, eg = self.kernel(w, m, b, po, pi, [], [], [], False)
         else:
             ep, eg = self.kernel(w, m, b, po, pi, cp, cg, grads, accumulate)
-        return torch.dot(torch.cat((ep, eg)).double(), torch.cat((lp, lg)) if idx is not None else self._lambdas64)
+        return self.weighted_sum(ep, eg, idx)
 
     def _plan_backward(self, grads, trainable):
         """The calls of a backward for this state of the ``.grad`` attributes: ``[(idx, kind)]`` with
@@ -254,7 +289,12 @@ class FusedMatrices(TermGroup):
         self._states = [(grads, trainable, calls)] + self._states[:1]
         return calls
 
-    def backward(self) -> torch.Tensor:
+    def backward(self):
+        """As :meth:`TermGroup.backward`; the value as :meth:`weighted_sum` gives it (a float on the CPU)."""
+        if self._prepared is not None and not torch._C._len_torch_dispatch_stack():
+            ok, value = self._prepared.backward()  # every .grad writable (or none): one call, nothing read here
+            if ok:
+                return value
         grads = list(map(_grad, self.params))
         value = None
         for idx, kind in self._calls(grads, list(map(_requires_grad, self.params))):
@@ -272,7 +312,7 @@ class FusedMatrices(TermGroup):
         """The gradients into new buffers: one flat buffer per call when the terms share a dtype
         (views shaped like the parameters become their ``.grad``), else one buffer each."""
         params = self.params if idx is None else [self.params[k] for k in ks]
-        bufs = self._new_grads(idx)
+        bufs = self._penalty_grads() if idx is None else self._new_grads(idx)
         v = self._call(idx, bufs, False)
         for k, p, buf in zip(ks, params, bufs):
             if grads[k] is None:
@@ -288,6 +328,9 @@ class FusedMatrices(TermGroup):
         if key not in self._decay_coefs:
             self._decay_coefs = {key: ([ops.kernel_coefficient(-rate / 2, w, "rate") for w in self.weights],
                                        [ops.kernel_coefficient(-rate_G / 2, w, "rate_G") for w in self.weights])}
+        if self._prepared is not None and not torch._C._len_torch_dispatch_stack():
+            self._prepared.step(-rate / 2, -rate_G / 2)
+            return self._param_ids
         cp, cg = self._decay_coefs[key]
         self.kernel(self.weights, *self.plan_args, cp, cg, self.weights, True)
         return self._param_ids
@@ -353,6 +396,8 @@ class PenaltyProgram:
             for ts, owners in batches(per_layer).values():
                 owners = [self.fast[j] for j in owners]
                 self.groups.extend(self._groups(ts, owners, backend, decays=(r == 0)))
+        # every layer in one group of fused matrices: a penalty call is that group's calls alone
+        self.single_fused = not self.slow and len(self.groups) == 1 and isinstance(self.groups[0], FusedMatrices)
         # every layer in one group of fused matrices stepped in place: decay_ is that group's one call
         self.one_fused_group = (not self.slow and len(self.groups) == 1 and isinstance(self.groups[0], FusedMatrices)
                                 and self.groups[0]._inplace

@@ -12,12 +12,12 @@
 from ._availability import cpp_available, cpp_num_threads, triton_available
 from ._backends import (BACKEND_NAMES, BACKENDS, ENV_VAR, Backend, backend_for, group_by_backend, register_route,
                         resolve_backend, route_for)
-from ._op import (accumulation_dtype, as_coefficient, device_kernel, fused_energies, fused_energies_and_grad,
-                  fused_energies_and_grads, kernel_coefficient, prepared_energies, prepared_penalty, remember_plans,
-                  run_twin, split_energies)
+from ._op import (accumulation_dtype, as_coefficient, cpu_program, device_kernel, fused_energies,
+                  fused_energies_and_grad, fused_energies_and_grads, kernel_coefficient, prepared_energies,
+                  prepared_penalty, remember_plans, run_twin, split_energies)
 
 __all__ = ["fused_energies", "fused_energies_and_grads", "fused_energies_and_grad", "as_coefficient",
            "accumulation_dtype", "run_twin", "device_kernel", "split_energies", "prepared_energies", "prepared_penalty",
-           "kernel_coefficient", "remember_plans",
+           "kernel_coefficient", "remember_plans", "cpu_program",
            "Backend", "BACKENDS", "BACKEND_NAMES", "ENV_VAR", "resolve_backend", "backend_for", "group_by_backend", "register_route", "route_for",
            "cpp_available", "cpp_num_threads", "triton_available"]

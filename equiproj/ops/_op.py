@@ -67,7 +67,7 @@ from ._availability import cpp_available, triton_kernels
 
 __all__ = ["fused_energies", "fused_energies_and_grads", "fused_energies_and_grad", "as_coefficient",
            "accumulation_dtype", "energy_dtype", "split_energies", "run_twin", "device_kernel", "prepared_energies",
-           "prepared_penalty", "kernel_coefficient", "remember_plans", "SCHEMA"]
+           "prepared_penalty", "cpu_program", "kernel_coefficient", "remember_plans", "SCHEMA"]
 
 #: the op's schema (the C++ kernel of ``csrc/fused_energies.cpp`` is registered against it)
 SCHEMA = ("fused_energies(Tensor[] weights, Tensor[] meta, Tensor[] basis, Tensor[] perm_out, Tensor[] perm_in, "
@@ -449,14 +449,12 @@ class _PenaltyValue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prepared, *params):
         # prepared: the constants in one argument (Function.apply looks at every argument);
-        # weights: the kernel's views of ``params`` (detached, any strides); params: the autograd
-        # inputs, whose shapes the gradients take
-        kernel, plan, weights, coefficients, lambdas, dtype, new_buffers = prepared
-        grads = new_buffers()
-        ep, eg = kernel(weights, *plan, *coefficients, grads, False)
-        ctx.prepared, ctx.grads = prepared, grads
+        # params: the autograd inputs, whose shapes the gradients take
+        run, dtype = prepared
+        value, grads = run()
+        ctx.run, ctx.grads = run, grads
         ctx.save_for_backward(*params)  # only a second backward reads them (and checks they are unchanged)
-        return torch.dot(torch.cat((ep, eg)).double(), lambdas).to(dtype)
+        return torch.scalar_tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_value):
@@ -465,9 +463,7 @@ class _PenaltyValue(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None  # the first backward needs no weight: the gradient is computed
         if grads is None:  # a second backward through a retained graph: the pass again
             ctx.saved_tensors  # noqa: B018 - raises if a weight was changed in place since the forward
-            kernel, plan, weights, coefficients, _, _, new_buffers = ctx.prepared
-            grads = new_buffers()
-            kernel(weights, *plan, *coefficients, grads, False)
+            grads = ctx.run()[1]
         # the usual incoming gradient is 1 (value.backward()); reading it is free on the CPU
         if grad_value.device.type != "cpu" or float(grad_value) != 1.0:
             for g in grads:
@@ -475,16 +471,30 @@ class _PenaltyValue(torch.autograd.Function):
         return (None, *grads)
 
 
-def prepared_penalty(kernel, plan_tensors, weights, coefficients, lambdas, dtype, params, new_buffers) -> Tensor:
+def prepared_penalty(run, dtype, params) -> Tensor:
     """``sum_i lambda_perp_i E_perp_i + lambda_G_i E_G_i`` (a scalar of ``dtype``), differentiable in
     ``params``, from one op call that also writes the gradient (no second pass in the backward).
 
-    ``kernel``, ``plan_tensors``: as in :func:`prepared_energies`; ``weights``: the matrix views of
-    ``params`` (detached; any strides, the elements of each parameter in order); ``coefficients``:
-    ``(lambda_perp, lambda_G)`` lists as the op takes them; ``lambdas``: ``cat(lambda_perp,
-    lambda_G)`` in float64, one per weight (2-D weights); ``new_buffers()``: fresh contiguous tensors
-    shaped like ``params``, the gradients' storage."""
-    return _PenaltyValue.apply((kernel, plan_tensors, weights, coefficients, lambdas, dtype, new_buffers), *params)
+    ``run()``: the op on the matrix views of ``params`` with the lambdas as coefficients, writing
+    the gradients into fresh contiguous tensors shaped like ``params``: ``(value, grads)``, the
+    value in float64 (a Python float, or a 0-dim tensor on the weights' device)."""
+    return _PenaltyValue.apply((run, dtype), *params)
+
+
+def cpu_program(weights, params, plan_tensors):
+    """The C++ extension's prepared program (``torch.classes.equiproj_cpu.Prepared``) for these 2-D
+    CPU ``weights`` (detached matrix views of ``params``) and their plans' tensors ``(meta, basis,
+    perm_out, perm_in)``, or ``None`` where the extension is not available or a weight is not a 2-D
+    CPU tensor. Its runs are the op's CPU kernel on these weights, with the same results, and take
+    no tensor lists per call: ``energies()`` (the op's flat energies), and, after
+    ``set_lambdas(lambda_perp, lambda_G)``, ``value()`` (the weighted sum of the energies, a float),
+    ``backward()`` (``(ok, value)``: the gradient into the parameters' ``.grad``), ``fresh()``
+    (``(value, grads)``: into new tensors) and ``step(c_perp, c_G)`` (the weights in place)."""
+    if not weights or not (cpp_available() and _cpp_registered()):
+        return None
+    if any(W.dim() != 2 or W.device.type != "cpu" for W in weights):
+        return None
+    return torch.classes.equiproj_cpu.Prepared(list(weights), list(params), *(list(x) for x in plan_tensors))
 
 
 def remember_plans(plans) -> None:

@@ -281,6 +281,8 @@ def test_penalty_autograd_equals_the_reference(dtype, buffers, gen, monkeypatch)
     float64 reference: fresh, scaled by an incoming gradient other than 1, added to a task gradient,
     twice through a retained graph, and with a frozen parameter (which gets none)."""
     monkeypatch.setattr(program, "_SEPARATE_GRADS_NUMEL", 0 if buffers == "separate" else 10**9)
+    if buffers == "shared":  # views of one buffer are the op route's (the prepared program allocates each)
+        monkeypatch.setattr(program, "_PREPARED", False)
     model = mixed_model(dtype, gen, steerable=dtype != torch.bfloat16)
     pen = ProjectionPenalty(model, **LAMBDAS)
     tol_e, tol_w = TOL[dtype]
@@ -352,3 +354,163 @@ def test_penalty_value_without_grad_and_its_backward_contract(gen):
     close(W.grad, want, 1e-5, "gradient at the forward's weights")
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         value.backward()
+
+
+def _linears_with_odd_fields(dtype, gen):
+    """Linear layers on O(3) irreps, C4 regular fields (permutation pairs) and a quotient field,
+    odd sizes, biases, a transposed (non-contiguous) weight; one nearly equivariant weight."""
+    O3, C4 = ep.O3(), ep.Cyclic(4)
+    r1, r2 = ep.Rep.parse(O3, "3x0e + 1o + 2e"), ep.Rep.parse(O3, "0e + 2x1o")
+    reg = 3 * C4.regular() + C4.trivial()
+    m = nn.Sequential(declare(nn.Linear(r1.dim, r2.dim), r1, r2), declare(nn.Linear(r2.dim, r1.dim), r2, r1),
+                      declare(nn.Linear(reg.dim, reg.dim), reg, reg), declare(nn.Linear(r1.dim, r1.dim, bias=False), r1, r1))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        m[0].weight.copy_(nearly_equivariant(m[0].weight.double(), r1, r2, 1e-10, gen))
+    m[3].weight = nn.Parameter(m[3].weight.detach().T.contiguous().T)
+    return m.to(dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_prepared_program_equals_the_op_bit_for_bit(dtype, gen, monkeypatch):
+    """On the CPU the fused matrices run through the C++ kernel's prepared program; it runs the
+    op's kernel on the same layers, so every result equals the op route's bit for bit: the value
+    with and without grad, gradients into fresh, existing and mixed ``.grad`` (a frozen parameter
+    gets none; a non-contiguous one makes the call take the general route), ``penalty()``'s
+    handed-over gradients (separate buffers), and the decoupled step; the values (float64 sums
+    in another order) equal up to rounding."""
+    a = _linears_with_odd_fields(dtype, gen)
+    b = copy.deepcopy(a)
+    pa = ProjectionPenalty(a, lambda_perp=0.3, lambda_G=0.02)
+    with monkeypatch.context() as mp:
+        mp.setattr(program, "_PREPARED", False)
+        pb = ProjectionPenalty(b, lambda_perp=0.3, lambda_G=0.02)
+        pb()
+    pa()
+    assert pa._program.groups[0]._prepared is not None
+    assert pb._program.groups[0]._prepared is None
+
+    def same(what):
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p.detach(), q.detach()), f"{what}: {n}"
+            assert (p.grad is None) == (q.grad is None), f"{what}: .grad of {n}"
+            if p.grad is not None:
+                assert torch.equal(p.grad, q.grad), f"{what}: .grad of {n}"
+
+    with torch.no_grad():  # (the values are sums in float64, in another order: equal up to rounding)
+        close(pa(), pb(), 1e-14, "penalty() without grad")
+    for model in (a, b):
+        model.zero_grad(set_to_none=True)
+    close(pa.backward(), pb.backward(), 1e-14, "backward() into fresh .grad")
+    same("fresh .grad")
+    close(pa.backward(), pb.backward(), 1e-14, "backward() into existing .grad")
+    same("into existing .grad")
+    for model in (a, b):  # mixed: one without .grad, one frozen, one non-contiguous .grad
+        model[0].bias.grad = None
+        model[1].weight.requires_grad_(False)
+        model[1].weight.grad = None
+    close(pa.backward(), pb.backward(), 1e-14, "mixed .grad")
+    same("mixed .grad")
+    for model in (a, b):
+        model[2].weight.grad = torch.zeros(model[2].weight.shape[::-1], dtype=dtype).T
+    close(pa.backward(), pb.backward(), 1e-14, "a non-contiguous .grad")
+    assert not a[2].weight.grad.is_contiguous()
+    same("a non-contiguous .grad")
+    for model in (a, b):
+        model[1].weight.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+    va, vb = pa(), pb()
+    close(va.detach(), vb.detach(), 1e-14, "penalty()")
+    (2.5 * va).backward()
+    (2.5 * vb).backward()
+    same("penalty().backward()")
+    assert a[0].weight.grad.untyped_storage().data_ptr() != a[0].bias.grad.untyped_storage().data_ptr()
+    pa.decay_(0.3, rate_G=0.1)
+    pb.decay_(0.3, rate_G=0.1)
+    same("decay_")
+
+
+@needs_cpp
+def test_prepared_program_refuses_what_it_cannot_write():
+    W = torch.randn(6, 4)
+    plan = ep._plan.plan_for(ep.Rep.parse(ep.SO3(), "4x0"), ep.Rep.parse(ep.SO3(), "2x1"), W.device)
+    args = ([plan.meta], [plan.basis], [plan.perm_out], [plan.perm_in])
+    with pytest.raises(ValueError, match="must hold the elements of weight 0"):
+        ops.cpu_program([W], [torch.randn(6, 4)], args)
+    Wt = torch.randn(4, 6).T
+    prog = ops.cpu_program([Wt], [Wt], args)
+    prog.set_lambdas([0.5], [0.0])
+    with pytest.raises(ValueError, match="must be contiguous"):
+        prog.step(-0.1, 0.0)
+    e_perp, _ = prog.energies()
+    want = ((Wt.double() - ep.reference.project(Wt.double(), *_so3_pair())) ** 2).sum()
+    close(e_perp[0], want, 1e-5, "energies of a strided weight")
+
+
+def _so3_pair():
+    return ep.Rep.parse(ep.SO3(), "4x0"), ep.Rep.parse(ep.SO3(), "2x1")
+
+
+@needs_cpp
+def test_a_copied_penalty_prepares_its_own_program(gen):
+    model, r = _declared_linears(2, gen)
+    pen = ProjectionPenalty(model, lambda_perp=0.1)
+    value = pen()
+    twin = copy.deepcopy(pen)  # the model is copied with it
+    assert twin._program is None and float(twin()) == float(value)
+    with torch.no_grad():
+        twin._model[0].weight.mul_(2)
+    assert float(pen()) == float(value) and float(twin()) != float(value)
+
+
+@needs_cpp
+def test_backward_and_decay_inside_compiled_code_equal_eager(gen):
+    """``penalty.backward()`` and ``decay_`` called inside ``torch.compile``d code run eagerly (one
+    graph break each) and give what they give outside it."""
+    models = [_linears_with_odd_fields(torch.float32, gen)]
+    models.append(copy.deepcopy(models[0]))
+    x = torch.randn(4, models[0][0].in_features, generator=gen)
+    out = []
+    for k, model in enumerate(models):
+        pen = ProjectionPenalty(model, lambda_perp=0.3, lambda_G=0.02)
+
+        def step(x):
+            (model[0](x) ** 2).sum().backward()
+            value = pen.backward()
+            pen.decay_(0.1)
+            return value
+
+        out.append((torch.compile(step, backend="aot_eager") if k else step)(x))
+    assert torch.equal(out[0], out[1])
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p.detach(), q.detach())
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+
+
+@needs_cpp
+def test_penalty_gradient_reaches_tensor_hooks(gen):
+    """``penalty().backward()`` delivers its gradient through autograd: hooks on the parameters see
+    it (``register_hook`` before, post-accumulate hooks after it was added to ``.grad``), added to
+    a task gradient, as for any other term of a loss."""
+    model, r = _declared_linears(2, gen)
+    pen = ProjectionPenalty(model, lambda_perp=0.3)
+    seen, after = {}, {}
+    for n, p in model.named_parameters():
+        p.register_hook(lambda g, n=n: seen.__setitem__(n, g.clone()))
+        p.register_post_accumulate_grad_hook(lambda p, n=n: after.__setitem__(n, p.grad.clone()))
+    x = torch.randn(3, r.dim, generator=gen)
+    model.zero_grad(set_to_none=True)
+    (model(x).sum() + pen()).backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(seen[n], p.grad) and torch.equal(after[n], p.grad)
+    task = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        task[n] -= p.grad
+    model.zero_grad(set_to_none=True)
+    pen.backward()
+    for n, p in model.named_parameters():
+        close(task[n], p.grad, 1e-6, f"the penalty's share of the hooked gradient of {n}")
