@@ -31,7 +31,7 @@ from .._plan import PackedPlan, PlanColumn, block_plan
 from ..groups import Rep
 from ..kernels.inputs import autocast_off
 
-__all__ = ["PixelPlan", "pixel_plan", "hom_basis", "pair_basis"]
+__all__ = ["PixelPlan", "pixel_plan", "hom_basis", "pair_basis", "TileTables", "tile_tables"]
 
 #: irreps layout only when its estimated cost is below this fraction of the field layout's
 _IRREP_ROUTE_GAIN = 0.5
@@ -257,6 +257,45 @@ def _apply_blocks(Y: torch.Tensor, blocks, transpose: bool) -> torch.Tensor:
 def pixel_plan(space, rep_in: Rep, rep_out: Rep, layout: str | None = None) -> PixelPlan:
     """The (cached) :class:`PixelPlan` of a layer; ``layout=None`` picks the cheaper one."""
     return PixelPlan(space, rep_in, rep_out, layout)
+
+
+class TileTables:
+    """What the C++ kernel ``equiproj_cpu::pixel_tile_pass`` reads for a plan in the ``"fields"``
+    layout with the reps in their own order: ``pairs [Q, 8]`` int64 (per field pair: output offset,
+    input column offset, output copies, input copies, ``d_out``, tile columns ``d_in k^s``, ``r``,
+    basis offset) and ``basis`` float64, each pair's ``A [r, d_out, d_in k^s]`` with its rows
+    zero-padded to a multiple of 8 columns (the kernel's vectors). ``flops_per_weight``: the
+    multiply-adds the kernel issues per weight (``4 r`` per tile entry, tails of the vectors included)."""
+
+    def __init__(self, plan: "PixelPlan"):
+        packed = plan.packed
+        rows, chunks, off, flops = [], [], 0, 0.0
+        for row in packed.meta.tolist():
+            r, d_out, n = row[PlanColumn.RANK], row[PlanColumn.D_OUT], row[PlanColumn.D_IN]
+            b0 = row[PlanColumn.BASIS_OFFSET]
+            A = packed.basis[b0 : b0 + r * d_out * n].reshape(r, d_out, n)
+            npad = -(-n // 8) * 8
+            chunks.append(torch.nn.functional.pad(A, (0, npad - n)).reshape(-1))
+            rows.append([row[PlanColumn.OUT_OFFSET], row[PlanColumn.IN_OFFSET], row[PlanColumn.OUT_COPIES],
+                         row[PlanColumn.IN_COPIES], d_out, n, r, off])
+            off += r * d_out * npad
+            flops += row[PlanColumn.OUT_COPIES] * row[PlanColumn.IN_COPIES] * d_out * npad * (4 * r + 5)
+        self.pairs = torch.tensor(rows, dtype=torch.long).reshape(-1, 8)
+        self.basis = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)
+        self.m, self.n = packed.m, packed.n
+        self.flops_per_weight = flops / max(1, self.m * self.n)
+
+    def __repr__(self):
+        return f"TileTables({len(self.pairs)} field pairs, {self.flops_per_weight:.0f} flops/weight)"
+
+
+@bytes_cached("equiproj.kernel_spaces._pixel_plan.tile_tables")
+def tile_tables(plan: PixelPlan) -> TileTables | None:
+    """The :class:`TileTables` of ``plan`` (cached), or ``None`` where the kernel does not take the
+    weight as it is (the ``"irreps"`` layout, or reps with a permutation)."""
+    if plan.layout != "fields" or not plan.packed.identity_perm:
+        return None
+    return TileTables(plan)
 
 
 @bytes_cached("equiproj.kernel_spaces._pixel_plan.packed_on")
