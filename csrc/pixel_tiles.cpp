@@ -69,144 +69,9 @@ inline int64_t padded(int64_t n) { return (n + 7) / 8 * 8; }
 
 }  // namespace
 
-// ---- the vector type: eight float64 lanes ---------------------------------------------------------
-// Included twice (plain and AVX-512); each copy defines V8, the loads and stores of float/double
-// rows with a column count, and the pair kernel on top of them. No standard-library templates are
-// instantiated inside (an instantiation made under the target pragma could be shared with the plain
-// code).
+// ---- the vector type (eight float64 lanes) and the pair kernel (pixel_tile_kernels.h) ---------------
 
-#define EQUIPROJ_TILES_BODY                                                                              \
-  template <typename X>                                                                                  \
-  inline V8 loadn(const X* p, int64_t cnt) { return cnt >= 8 ? load8(p) : load8_masked(p, cnt); }          \
-  template <typename X>                                                                                  \
-  inline void storen(X* p, V8 v, int64_t cnt) {                                                          \
-    if (cnt >= 8)                                                                                        \
-      store8(p, v);                                                                                      \
-    else                                                                                                 \
-      store8_masked(p, v, cnt);                                                                          \
-  }                                                                                                      \
-                                                                                                         \
-  /* residual, energy and gradient of one tile row, given the splatted coefficients */                  \
-  template <typename X, int R>                                                                           \
-  inline void residual_row(const X* x, X* g, bool add, int64_t n, int64_t rowstride, const double* Aa,    \
-                           const V8* cs, int64_t r, V8 vcg, V8 vdc, V8& sp) {                            \
-    for (int64_t j = 0; j < n; j += 8) {                                                                 \
-      const int64_t cnt = n - j;                                                                         \
-      const V8 t = loadn(x + j, cnt);                                                                    \
-      V8 rv = t;                                                                                         \
-      if constexpr (R >= 0) {                                                                            \
-        _Pragma("GCC unroll 16") for (int k = 0; k < R; ++k) rv = fnmadd8(cs[k], load8(Aa + k * rowstride + j), rv); \
-      } else {                                                                                           \
-        for (int64_t k = 0; k < r; ++k) rv = fnmadd8(cs[k], load8(Aa + k * rowstride + j), rv);          \
-      }                                                                                                  \
-      sp = fmadd8(rv, rv, sp);                                                                           \
-      if (g) {                                                                                           \
-        V8 gv = fmadd8(vcg, t, mul8(vdc, rv));                                                           \
-        if (add) gv = add8(gv, loadn(g + j, cnt));                                                       \
-        storen(g + j, gv, cnt);                                                                          \
-      }                                                                                                  \
-    }                                                                                                    \
-  }                                                                                                      \
-                                                                                                         \
-  /* ci tiles of one field pair: rows x[a] (a < d_out) from the pair's first column */                   \
-  template <typename X, int R>                                                                           \
-  void pair_tiles(const X* const* x, X* const* g, bool add, int64_t dout, int64_t n, int64_t ci, int64_t r, \
-                  const double* A, double cp2, double cg2, double& ep, double& eg) {                     \
-    const int64_t np = (n + 7) / 8 * 8, rowstride = dout * np;                                           \
-    const V8 vcg = splat8(cg2), vdc = splat8(cp2 - cg2);                                                 \
-    V8 sp = zero8();                                                                                     \
-    double sg = 0;                                                                                       \
-    V8 cs[(R > 0 ? R : 1)];                                                                              \
-    for (int64_t v = 0; v < ci; ++v) {                                                                   \
-      const int64_t o = v * n;                                                                           \
-      if constexpr (R > 0) {                                                                             \
-        V8 acc[R];                                                                                       \
-        _Pragma("GCC unroll 16") for (int k = 0; k < R; ++k) acc[k] = zero8();                           \
-        for (int64_t a = 0; a < dout; ++a) {                                                             \
-          const X* xa = x[a] + o;                                                                        \
-          const double* Aa = A + a * np;                                                                 \
-          for (int64_t j = 0; j < n; j += 8) {                                                           \
-            const V8 t = loadn(xa + j, n - j);                                                           \
-            _Pragma("GCC unroll 16") for (int k = 0; k < R; ++k) acc[k] = fmadd8(load8(Aa + k * rowstride + j), t, acc[k]); \
-          }                                                                                              \
-        }                                                                                                \
-        _Pragma("GCC unroll 16") for (int k = 0; k < R; ++k) {                                           \
-          const double c = hsum8(acc[k]);                                                                \
-          cs[k] = splat8(c);                                                                             \
-          sg += c * c;                                                                                   \
-        }                                                                                                \
-      }                                                                                                  \
-      for (int64_t a = 0; a < dout; ++a)                                                                 \
-        residual_row<X, R>(x[a] + o, g ? g[a] + o : nullptr, add, n, rowstride, A + a * np, cs, r, vcg, vdc, sp); \
-    }                                                                                                    \
-    ep += hsum8(sp);                                                                                     \
-    eg += sg;                                                                                            \
-  }                                                                                                      \
-                                                                                                         \
-  /* any rank: the coefficients in blocks of eight basis rows, the residual with a runtime loop */       \
-  template <typename X>                                                                                  \
-  void pair_tiles_any(const X* const* x, X* const* g, bool add, int64_t dout, int64_t n, int64_t ci, int64_t r, \
-                      const double* A, double cp2, double cg2, V8* cs, double& ep, double& eg) {         \
-    const int64_t np = (n + 7) / 8 * 8, rowstride = dout * np;                                           \
-    const V8 vcg = splat8(cg2), vdc = splat8(cp2 - cg2);                                                 \
-    V8 sp = zero8();                                                                                     \
-    double sg = 0;                                                                                       \
-    for (int64_t v = 0; v < ci; ++v) {                                                                   \
-      const int64_t o = v * n;                                                                           \
-      for (int64_t k0 = 0; k0 < r; k0 += 8) {                                                            \
-        const int64_t kb = r - k0 < 8 ? r - k0 : 8;                                                      \
-        V8 acc[8];                                                                                       \
-        for (int k = 0; k < 8; ++k) acc[k] = zero8();                                                    \
-        for (int64_t a = 0; a < dout; ++a) {                                                             \
-          const X* xa = x[a] + o;                                                                        \
-          const double* Aa = A + k0 * rowstride + a * np;                                                \
-          for (int64_t j = 0; j < n; j += 8) {                                                           \
-            const V8 t = loadn(xa + j, n - j);                                                           \
-            for (int64_t k = 0; k < kb; ++k) acc[k] = fmadd8(load8(Aa + k * rowstride + j), t, acc[k]);  \
-          }                                                                                              \
-        }                                                                                                \
-        for (int64_t k = 0; k < kb; ++k) {                                                               \
-          const double c = hsum8(acc[k]);                                                                \
-          cs[k0 + k] = splat8(c);                                                                        \
-          sg += c * c;                                                                                   \
-        }                                                                                                \
-      }                                                                                                  \
-      for (int64_t a = 0; a < dout; ++a)                                                                 \
-        residual_row<X, -1>(x[a] + o, g ? g[a] + o : nullptr, add, n, rowstride, A + a * np, cs, r, vcg, vdc, sp); \
-    }                                                                                                    \
-    ep += hsum8(sp);                                                                                     \
-    eg += sg;                                                                                            \
-  }                                                                                                      \
-                                                                                                         \
-  template <typename X, int R>                                                                           \
-  bool dispatch_rank(const X* const* x, X* const* g, bool add, int64_t dout, int64_t n, int64_t ci, int64_t r, \
-                     const double* A, double cp2, double cg2, double& ep, double& eg) {                  \
-    if constexpr (R > kMaxUnrolled) {                                                                    \
-      return false;                                                                                      \
-    } else {                                                                                             \
-      if (r == R) {                                                                                      \
-        pair_tiles<X, R>(x, g, add, dout, n, ci, r, A, cp2, cg2, ep, eg);                                \
-        return true;                                                                                     \
-      }                                                                                                  \
-      return dispatch_rank<X, R + 1>(x, g, add, dout, n, ci, r, A, cp2, cg2, ep, eg);                    \
-    }                                                                                                    \
-  }                                                                                                      \
-                                                                                                         \
-  template <typename X>                                                                                  \
-  void run_pair(const X* const* x, X* const* g, bool add, int64_t dout, int64_t n, int64_t ci, int64_t r, \
-                const double* A, double cp2, double cg2, V8* cs, double& ep, double& eg) {               \
-    if (!dispatch_rank<X, 0>(x, g, add, dout, n, ci, r, A, cp2, cg2, ep, eg))                            \
-      pair_tiles_any<X>(x, g, add, dout, n, ci, r, A, cp2, cg2, cs, ep, eg);                             \
-  }                                                                                                      \
-  void run_pair_f32(const float* const* x, float* const* g, bool add, int64_t dout, int64_t n, int64_t ci, \
-                    int64_t r, const double* A, double cp2, double cg2, void* cs, double& ep, double& eg) { \
-    run_pair<float>(x, g, add, dout, n, ci, r, A, cp2, cg2, static_cast<V8*>(cs), ep, eg);               \
-  }                                                                                                      \
-  void run_pair_f64(const double* const* x, double* const* g, bool add, int64_t dout, int64_t n, int64_t ci, \
-                    int64_t r, const double* A, double cp2, double cg2, void* cs, double& ep, double& eg) { \
-    run_pair<double>(x, g, add, dout, n, ci, r, A, cp2, cg2, static_cast<V8*>(cs), ep, eg);              \
-  }
-
+namespace {
 namespace tiles_plain {
 struct V8 {
   double v[8];
@@ -252,8 +117,16 @@ inline V8 fnmadd8(V8 a, V8 b, V8 c) {  // c - a b
 inline double hsum8(V8 a) {
   return ((a.v[0] + a.v[4]) + (a.v[2] + a.v[6])) + ((a.v[1] + a.v[5]) + (a.v[3] + a.v[7]));
 }
-EQUIPROJ_TILES_BODY
+// out[i] = the sum of a[i]'s lanes, paired as ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7))
+inline void hsum8x8(const V8* a, double* out) {
+  for (int i = 0; i < 8; ++i) {
+    const double* x = a[i].v;
+    out[i] = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+  }
+}
+#include "pixel_tile_kernels.h"
 }  // namespace tiles_plain
+}  // namespace
 
 #ifdef EQUIPROJ_TILES_X86
 #ifdef __clang__
@@ -266,6 +139,7 @@ EQUIPROJ_TILES_BODY
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+namespace {
 namespace tiles_avx512 {
 struct V8 {
   __m512d v;
@@ -289,6 +163,18 @@ inline V8 add8(V8 a, V8 b) { return {_mm512_add_pd(a.v, b.v)}; }
 inline V8 mul8(V8 a, V8 b) { return {_mm512_mul_pd(a.v, b.v)}; }
 inline V8 fmadd8(V8 a, V8 b, V8 c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
 inline V8 fnmadd8(V8 a, V8 b, V8 c) { return {_mm512_fnmadd_pd(a.v, b.v, c.v)}; }
+// out[i] = the sum of a[i]'s lanes, paired as in the plain loop: a transposing reduction (21 operations
+// for eight sums)
+inline void hsum8x8(const V8* a, double* out) {
+  __m512d t[4];
+  for (int i = 0; i < 4; ++i)  // lanes (a_2i, a_2i+1) of element pairs (0, 1), (2, 3), (4, 5), (6, 7)
+    t[i] = _mm512_add_pd(_mm512_unpacklo_pd(a[2 * i].v, a[2 * i + 1].v), _mm512_unpackhi_pd(a[2 * i].v, a[2 * i + 1].v));
+  __m512d u[2];
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: (a_4i, a_4i+1) over elements 0-3, 4-7, then (a_4i+2, a_4i+3)
+    u[i] = _mm512_add_pd(_mm512_shuffle_f64x2(t[2 * i], t[2 * i + 1], 0x88),
+                         _mm512_shuffle_f64x2(t[2 * i], t[2 * i + 1], 0xDD));
+  _mm512_storeu_pd(out, _mm512_add_pd(_mm512_shuffle_f64x2(u[0], u[1], 0x88), _mm512_shuffle_f64x2(u[0], u[1], 0xDD)));
+}
 inline double hsum8(V8 a) {  // the same pairing as the plain loop
   const __m256d lo = _mm512_castpd512_pd256(a.v), hi = _mm512_extractf64x4_pd(a.v, 1);
   const __m256d s = _mm256_add_pd(lo, hi);  // (0+4, 1+5, 2+6, 3+7)
@@ -296,8 +182,9 @@ inline double hsum8(V8 a) {  // the same pairing as the plain loop
   _mm256_store_pd(t, s);
   return (t[0] + t[2]) + (t[1] + t[3]);
 }
-EQUIPROJ_TILES_BODY
+#include "pixel_tile_kernels.h"
 }  // namespace tiles_avx512
+}  // namespace
 #ifdef __clang__
 #pragma clang attribute pop
 #else
@@ -306,14 +193,13 @@ EQUIPROJ_TILES_BODY
 #endif
 #endif
 
-#undef EQUIPROJ_TILES_BODY
 
 namespace {
 
 using PairFn32 = void (*)(const float* const*, float* const*, bool, int64_t, int64_t, int64_t, int64_t, const double*,
-                          double, double, void*, double&, double&);
+                          double, double, double*, double&, double&);
 using PairFn64 = void (*)(const double* const*, double* const*, bool, int64_t, int64_t, int64_t, int64_t,
-                          const double*, double, double, void*, double&, double&);
+                          const double*, double, double, double*, double&, double&);
 
 bool has_avx512() {
 #ifdef EQUIPROJ_TILES_X86
@@ -351,8 +237,7 @@ void run(const Call<X>& C, const std::vector<TilePair>& pairs, const std::vector
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     std::vector<const X*> xr(max_dout);
     std::vector<X*> gr(max_dout);
-    std::vector<double> cs(8 * max_rank + 8);  // room for r splatted V8 (64-byte values)
-    void* cs_aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(cs.data()) + 63) & ~uintptr_t(63));
+    std::vector<double> coef(max_rank);  // the coefficients of one tile (ranks above kMaxUnrolled)
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / per_batch, gi = item_group[it % per_batch], u = item_copy[it % per_batch];
       const X* wb = C.w + b * C.m * C.n;
@@ -368,9 +253,9 @@ void run(const Call<X>& C, const std::vector<TilePair>& pairs, const std::vector
         }
         const double* A = C.basis + p.basis_off;
         if constexpr (std::is_same<X, float>::value)
-          K.f32(xr.data(), ob ? gr.data() : nullptr, C.add, p.d_out, p.n, p.ci, p.r, A, cp2, cg2, cs_aligned, ep, eg);
+          K.f32(xr.data(), ob ? gr.data() : nullptr, C.add, p.d_out, p.n, p.ci, p.r, A, cp2, cg2, coef.data(), ep, eg);
         else
-          K.f64(xr.data(), ob ? gr.data() : nullptr, C.add, p.d_out, p.n, p.ci, p.r, A, cp2, cg2, cs_aligned, ep, eg);
+          K.f64(xr.data(), ob ? gr.data() : nullptr, C.add, p.d_out, p.n, p.ci, p.r, A, cp2, cg2, coef.data(), ep, eg);
       }
       ep_items[it] = ep;
       eg_items[it] = eg;
