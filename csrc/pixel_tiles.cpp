@@ -24,6 +24,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -263,32 +264,51 @@ void run(const Call<X>& C, const std::vector<TilePair>& pairs, const std::vector
   });
 }
 
-// pixel_tile_pass(W [B, m, n], pairs [Q, 8] int64, basis f64, lambda_perp [B] f64, lambda_G [B] f64,
-//                 out [B, m, n] or None, write, plain) -> (E_perp [B] f64, E_G [B] f64)
+// pixel_tile_pass(W, pairs [Q, 8] int64, basis f64, lambda_perp [B] f64, lambda_G [B] f64, out or None,
+//                 write, plain, batch) -> (E_perp, E_G), each of shape `batch` (B = its product):
+// W contiguous, B matrices [m, n] in order (any shape with B m n elements: a conv weight as it
+// is); float64 energies for float64 weights, else float32.
 // pairs: (out_off, in_off, out copies, in copies, d_out, tile columns, r, basis offset) per field
 // pair, those of one output field consecutive and in column order, tiling [0, m) x [0, n); the
 // basis of a pair: [r, d_out, tile columns rounded up to 8], zero-padded. write: 0 energies only,
 // 1 write the gradient 2 lambda_perp (W - P W) + 2 lambda_G P W into out, 2 add it to out (out may be W).
 std::tuple<Tensor, Tensor> pixel_tile_pass(const Tensor& W, const Tensor& pairs_t, const Tensor& basis,
                                            const Tensor& lambda_perp, const Tensor& lambda_G,
-                                           const std::optional<Tensor>& out, int64_t write, bool plain) {
-  TORCH_CHECK(W.device().is_cpu() && W.dim() == 3 && W.is_contiguous() &&
+                                           const std::optional<Tensor>& out, int64_t write, bool plain,
+                                           at::IntArrayRef batch) {
+  TORCH_CHECK(W.device().is_cpu() && W.is_contiguous() &&
                   (W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble),
-              "pixel_tile_pass: W must be a contiguous float32 or float64 CPU tensor [B, m, n]");
+              "pixel_tile_pass: W must be a contiguous float32 or float64 CPU tensor");
   TORCH_CHECK(pairs_t.dim() == 2 && pairs_t.size(1) == kPairColumns && pairs_t.scalar_type() == at::kLong &&
-                  pairs_t.is_contiguous() && pairs_t.device().is_cpu(),
+                  pairs_t.is_contiguous() && pairs_t.device().is_cpu() && pairs_t.size(0) > 0,
               "pixel_tile_pass: pairs must be a contiguous int64 CPU table [Q, ", int64_t(kPairColumns), "]");
   TORCH_CHECK(basis.dim() == 1 && basis.scalar_type() == at::kDouble && basis.is_contiguous() && basis.device().is_cpu(),
               "pixel_tile_pass: basis must be a contiguous float64 CPU vector");
   TORCH_CHECK(write >= 0 && write <= 2, "pixel_tile_pass: write is 0, 1 or 2");
-  const int64_t B = W.size(0), m = W.size(1), n = W.size(2);
+  int64_t B = 1;
+  for (int64_t s : batch) {
+    TORCH_CHECK(s >= 0, "pixel_tile_pass: negative batch size");
+    B *= s;
+  }
+  // m: the rows the output fields cover; n: the columns of the first output field's pairs
+  int64_t m = 0, n = 0;
+  {
+    const int64_t* r = pairs_t.data_ptr<int64_t>();
+    for (int64_t q = 0; q < pairs_t.size(0); ++q) {
+      const int64_t* c = r + q * kPairColumns;
+      if (q == 0 || c[kOutOff] != r[(q - 1) * kPairColumns + kOutOff]) m += c[kOutCopies] * c[kDOut];
+      if (c[kOutOff] == r[kOutOff]) n += c[kInCopies] * c[kTileCols];
+    }
+  }
+  TORCH_CHECK(W.numel() == B * m * n, "pixel_tile_pass: W has ", W.numel(), " elements, not the ", B, " x ", m,
+              " x ", n, " of the batch and the pairs");
   TORCH_CHECK(lambda_perp.numel() == B && lambda_G.numel() == B && lambda_perp.scalar_type() == at::kDouble &&
                   lambda_G.scalar_type() == at::kDouble && lambda_perp.is_contiguous() && lambda_G.is_contiguous(),
               "pixel_tile_pass: one float64 lambda per batch item");
   if (write) {
-    TORCH_CHECK(out.has_value() && out->sizes() == W.sizes() && out->scalar_type() == W.scalar_type() &&
+    TORCH_CHECK(out.has_value() && out->numel() == W.numel() && out->scalar_type() == W.scalar_type() &&
                     out->is_contiguous(),
-                "pixel_tile_pass: out must be contiguous, of W's shape and dtype");
+                "pixel_tile_pass: out must be contiguous, of W's size and dtype");
   }
   // the pairs, checked: they must tile the matrix and their bases must lie in `basis`
   const int64_t Q = pairs_t.size(0), nb = basis.numel();
@@ -351,7 +371,9 @@ std::tuple<Tensor, Tensor> pixel_tile_pass(const Tensor& W, const Tensor& pairs_
   }
   // partial sums in item order: independent of the thread count
   const int64_t per = static_cast<int64_t>(item_group.size());
-  Tensor ep = at::zeros({B}, W.options().dtype(at::kDouble)), eg = at::zeros({B}, W.options().dtype(at::kDouble));
+  const bool f64 = W.scalar_type() == at::kDouble;
+  Tensor ep = at::empty(batch, W.options().dtype(f64 ? at::kDouble : at::kFloat));
+  Tensor eg = at::empty(batch, ep.options());
   const double* epi = ep_items.data_ptr<double>();
   const double* egi = eg_items.data_ptr<double>();
   for (int64_t b = 0; b < B; ++b) {
@@ -360,8 +382,13 @@ std::tuple<Tensor, Tensor> pixel_tile_pass(const Tensor& W, const Tensor& pairs_
       sp += epi[b * per + i];
       sg += egi[b * per + i];
     }
-    ep.data_ptr<double>()[b] = sp;
-    eg.data_ptr<double>()[b] = sg;
+    if (f64) {
+      ep.data_ptr<double>()[b] = sp;
+      eg.data_ptr<double>()[b] = sg;
+    } else {
+      ep.data_ptr<float>()[b] = static_cast<float>(sp);
+      eg.data_ptr<float>()[b] = static_cast<float>(sg);
+    }
   }
   return {ep, eg};
 }
@@ -372,7 +399,7 @@ std::string pixel_tile_isa() { return tile_kernels(false).isa; }
 
 TORCH_LIBRARY_FRAGMENT(equiproj_cpu, m) {
   m.def("pixel_tile_pass(Tensor W, Tensor pairs, Tensor basis, Tensor lambda_perp, Tensor lambda_G, "
-        "Tensor(a!)? out, int write, bool plain) -> (Tensor, Tensor)",
+        "Tensor(a!)? out, int write, bool plain, int[] batch) -> (Tensor, Tensor)",
         &pixel_tile_pass);
   m.def("pixel_tile_isa() -> str", &pixel_tile_isa);
 }

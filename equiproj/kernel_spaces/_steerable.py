@@ -462,7 +462,7 @@ def _check_finite(*xs):
     """Raise for NaN/Inf energies on the CPU (on CUDA this would cost a synchronisation)."""
     if torch.compiler.is_compiling() or xs[0].device.type != "cpu":
         return
-    if not all(math.isfinite(float(x.detach().sum())) for x in xs):
+    if not all(math.isfinite(float(x.detach() if x.dim() == 0 else x.detach().sum())) for x in xs):
         raise ValueError("the energy is not finite: the weight contains NaN or Inf")
 
 
@@ -631,20 +631,16 @@ def _per_item(c, batch, B: int) -> torch.Tensor:
 def _tile_pass(w, tables, spatial_dims: int, lambda_perp, lambda_G, out):
     """``(E_perp, E_G, grad)`` of one weight ``[..., m, n, k, ...]`` by ``equiproj_cpu::pixel_tile_pass``:
     one read of the weight and one write of the gradient (into a fresh tensor, or added into ``out``,
-    which may be the weight itself)."""
-    m, n = tables.m, tables.n
+    which may be the weight itself). The kernel takes the weight and ``out`` as they are."""
     batch = w.shape[: w.dim() - 2 - spatial_dims]
     B = math.prod(batch)
-    W3 = w.view(B, m, n)
     lp, lg = _per_item(lambda_perp, batch, B), _per_item(lambda_G, batch, B)
     if out is None:
-        target, write = torch.empty_like(W3), 1
+        target, write = torch.empty_like(w), 1
     else:
-        target, write = out.detach().view(B, m, n), 2
-    ep, eg = torch.ops.equiproj_cpu.pixel_tile_pass(W3, tables.pairs, tables.basis, lp, lg, target, write, False)
-    if w.dtype != torch.float64:
-        ep, eg = ep.float(), eg.float()
-    return ep.view(batch), eg.view(batch), (target.view(w.shape) if out is None else out)
+        target, write = out, 2
+    ep, eg = torch.ops.equiproj_cpu.pixel_tile_pass(w, tables.pairs, tables.basis, lp, lg, target, write, False, batch)
+    return ep, eg, target
 
 
 def _fused_writes_into(w, out) -> bool:
