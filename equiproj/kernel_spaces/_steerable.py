@@ -34,7 +34,6 @@ other angles sampled kernels are equivariant up to the grid's anisotropy (measur
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -49,7 +48,7 @@ from ..groups._field import tensor_field
 from ..kernels import torch_project
 from ._aligned import rotate_tiles
 from ._factorised import factorised_one as _factorised_one
-from ._pixel_plan import PixelPlan, packed_on, pixel_plan, tile_tables
+from ._pixel_plan import PixelPlan, packed_on, pixel_plan, tile_kernel_tables, tile_pass
 
 __all__ = ["SteerableKernelSpace", "default_kernel_space", "kernel_energies_many", "kernel_energies_and_grads_many"]
 
@@ -511,9 +510,9 @@ class _FusedRoute:
         for i, (w, sp, (ri, ro)) in enumerate(zip(weights, spaces, reps)):
             plan = sp.plan(ri, ro)
             out = None if outs is None else outs[i]
-            tables = _tile_kernel_tables(w, plan, out)
+            tables = tile_kernel_tables(w, plan, out)
             if tables is not None:  # the pixel-tile kernel on the weight as it is, in place into out
-                eps[i], egs[i], grads[i] = _tile_pass(w.detach(), tables, sp.spatial_dims, lambda_perp[i],
+                eps[i], egs[i], grads[i] = tile_pass(w.detach(), tables, sp.spatial_dims, lambda_perp[i],
                                                              lambda_G[i], out)
                 continue
             if (plan.layout == "fields" and plan.packed.identity_perm
@@ -592,55 +591,6 @@ def _added(grads, outs):
     for o, g in zip(outs, grads):
         o.add_(g.reshape(o.shape).to(o.dtype))
     return list(outs)
-
-
-def _tile_kernel_available() -> bool:
-    return _ops.cpp_available() and hasattr(torch.ops.equiproj_cpu, "pixel_tile_pass")
-
-
-def _tile_kernel_tables(w, plan: PixelPlan, out):
-    """The plan's :class:`~equiproj.kernel_spaces._pixel_plan.TileTables` where the pixel-tile kernel
-    takes ``w`` as it is and writes into ``out`` (a contiguous float32/float64 CPU weight in the
-    fields layout, ``out`` ``None`` or contiguous of its dtype), else ``None``."""
-    if (w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64) or not w.is_contiguous()
-            or (out is not None and (out.dtype != w.dtype or not out.is_contiguous() or out.device != w.device))
-            or not _tile_kernel_available()):
-        return None
-    return tile_tables(plan)
-
-
-@functools.lru_cache(maxsize=256)  # bounded by entries: each value is a one-element tensor
-def _one_lambda(value: float) -> torch.Tensor:
-    return torch.tensor([value], dtype=torch.float64)
-
-
-def _per_item(c, batch, B: int) -> torch.Tensor:
-    """A coefficient (number, or tensor broadcastable to the batch shape) as ``[B]`` float64 on the CPU."""
-    if B == 1 and type(c) is float:
-        return _one_lambda(c)
-    if isinstance(c, bool) or not isinstance(c, (int, float, torch.Tensor)):
-        raise TypeError(f"lambda must be a number or a tensor, got {type(c).__name__}")
-    t = torch.as_tensor(c, dtype=torch.float64).detach().cpu()
-    try:
-        return t.expand(batch).reshape(B).contiguous()
-    except RuntimeError:
-        raise ValueError(f"lambda has shape {tuple(t.shape)}, not broadcastable to the batch shape "
-                         f"{tuple(batch)} of its weight") from None
-
-
-def _tile_pass(w, tables, spatial_dims: int, lambda_perp, lambda_G, out):
-    """``(E_perp, E_G, grad)`` of one weight ``[..., m, n, k, ...]`` by ``equiproj_cpu::pixel_tile_pass``:
-    one read of the weight and one write of the gradient (into a fresh tensor, or added into ``out``,
-    which may be the weight itself). The kernel takes the weight and ``out`` as they are."""
-    batch = w.shape[: w.dim() - 2 - spatial_dims]
-    B = math.prod(batch)
-    lp, lg = _per_item(lambda_perp, batch, B), _per_item(lambda_G, batch, B)
-    if out is None:
-        target, write = torch.empty_like(w), 1
-    else:
-        target, write = out, 2
-    ep, eg = torch.ops.equiproj_cpu.pixel_tile_pass(w, tables.pairs, tables.basis, lp, lg, target, write, False, batch)
-    return ep, eg, target
 
 
 def _fused_writes_into(w, out) -> bool:

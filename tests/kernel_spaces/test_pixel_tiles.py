@@ -19,12 +19,11 @@ import torch
 
 import equiproj as ep
 from equiproj.kernel_spaces import default_kernel_space, kernel_energies_and_grads_many
-from equiproj.kernel_spaces._pixel_plan import tile_tables
-from equiproj.kernel_spaces._steerable import _tile_kernel_available, _tile_kernel_tables
+from equiproj.kernel_spaces._pixel_plan import tile_kernel_available, tile_kernel_tables, tile_tables
 from equiproj.nn import ProjectionPenalty, declare
 from equiproj.testing import relative_error as rel
 
-pytestmark = pytest.mark.skipif(not _tile_kernel_available(), reason="the C++ extension equiproj._C is not built")
+pytestmark = pytest.mark.skipif(not tile_kernel_available(), reason="the C++ extension equiproj._C is not built")
 
 # group, rep_in, rep_out, kernel size: odd copy counts (remainders of the tile blocks), r = 0 pairs,
 # ranks above the unrolled 16 (SO(2) at k = 9: 18), 2-D and 3-D
@@ -66,7 +65,7 @@ def _nearly_equivariant(sp, ri, ro, gen, batch=()):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_energies_and_gradient_against_the_reference(case, gen):
     sp, ri, ro = _layer(case)
-    assert _tile_kernel_tables(torch.zeros(_shape(sp, ri, ro)), sp.plan(ri, ro), None) is not None
+    assert tile_kernel_tables(torch.zeros(_shape(sp, ri, ro)), sp.plan(ri, ro), None) is not None
     W64 = torch.randn(_shape(sp, ri, ro), dtype=torch.float64, generator=gen)
     lp, lg = 0.7, 0.2
     rp, rg, rgrad = _reference(W64, sp, ri, ro, lp, lg)
@@ -183,12 +182,12 @@ def test_other_weights_take_the_fused_op(gen):
     sp, ri, ro = _layer(CASES[0])
     shape = _shape(sp, ri, ro)
     W = torch.randn((shape[0], 2 * shape[1]) + shape[2:], dtype=torch.float64, generator=gen)[:, ::2]
-    assert not W.is_contiguous() and _tile_kernel_tables(W, sp.plan(ri, ro), None) is None
+    assert not W.is_contiguous() and tile_kernel_tables(W, sp.plan(ri, ro), None) is None
     rp, rg, rgrad = _reference(W, sp, ri, ro, 1.0, 0.0)
     e_perp, _, grad = sp.energies_and_grad(W, ri, ro)
     assert rel(e_perp, rp) < 1e-9 and float((grad - rgrad).abs().max()) <= 1e-9 * float(rgrad.abs().max())
     Wb = W.contiguous().to(torch.bfloat16)
-    assert _tile_kernel_tables(Wb, sp.plan(ri, ro), None) is None
+    assert tile_kernel_tables(Wb, sp.plan(ri, ro), None) is None
     e_perp, _, grad = sp.energies_and_grad(Wb, ri, ro)
     assert grad.dtype == torch.bfloat16 and rel(e_perp.double(), _reference(Wb, sp, ri, ro, 1.0, 0.0)[0]) < 1e-5
 
