@@ -492,7 +492,9 @@ class _FusedRoute:
     on the pixel plan (nothing but the weights kept for backward). Energies with gradients, and the
     gradient added in place (the decoupled step when the outputs are the weights): where the pixel
     plan works on the weight itself (fields without a change of basis, in their own order: a few
-    basis kernels per field pair), the fused op in one pass writing into the outputs; otherwise
+    basis kernels per field pair), one pass writing into the outputs (on the CPU for contiguous
+    float32/float64 weights the pixel-tile kernel, :func:`~equiproj.kernel_spaces._pixel_plan.tile_pass`;
+    else the fused op); otherwise
     (regular fields, reps with a permutation) the factorised transforms
     (:mod:`equiproj.kernel_spaces._factorised`), two passes over the weight and no copy of it."""
 

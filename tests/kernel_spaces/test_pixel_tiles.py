@@ -114,6 +114,24 @@ def test_vector_kernel_matches_the_plain_loop(case, gen):
             gc.abs().max())
 
 
+def test_result_does_not_depend_on_the_thread_count(gen):
+    sp, ri, ro = _layer(CASES[1])
+    t = tile_tables(sp.plan(ri, ro))
+    W = torch.randn(3, t.m, t.n, generator=gen)
+    lp = lg = torch.full((3,), 0.5, dtype=torch.float64)
+    previous = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = torch.empty_like(W)
+            runs.append((*torch.ops.equiproj_cpu.pixel_tile_pass(W, t.pairs, t.basis, lp, lg, out, 1, False, [3]), out))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_batched_weights_with_per_kernel_lambdas(gen):
     sp, ri, ro = _layer(CASES[0])
     W = torch.randn((2, 3) + _shape(sp, ri, ro), dtype=torch.float64, generator=gen)
