@@ -316,6 +316,7 @@ def tile_kernel_tables(w, plan: PixelPlan, out):
     takes ``w`` as it is and writes into ``out`` (a contiguous float32/float64 CPU weight in the
     fields layout, ``out`` ``None`` or contiguous of its dtype), else ``None``."""
     if (w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64) or not w.is_contiguous()
+            or torch.compiler.is_compiling()  # traced code keeps the registered op (it has a fake kernel)
             or (out is not None and (out.dtype != w.dtype or not out.is_contiguous() or out.device != w.device))
             or not tile_kernel_available()):
         return None
