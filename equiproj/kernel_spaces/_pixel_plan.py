@@ -11,6 +11,10 @@ contiguous block of ``d_in k^s`` columns) is an ordinary field-structured matrix
 (:class:`~equiproj._plan.PackedPlan`): one pass over W, the part outside the band falls into the
 residual by itself.
 
+On the CPU a plan in the fields layout with reps in their own order also runs by its own kernel,
+``equiproj_cpu::pixel_tile_pass`` (csrc/pixel_tiles.cpp, :func:`tile_pass`) on the plan's
+:class:`TileTables`: the same tiles in float64, one read of W, the gradient written or added in place.
+
 Two layouts of the same plan (chosen per layer by :func:`pixel_plan`, both exact):
 
 * ``"fields"``: tiles between the reps' own fields, on the weight as it is (no extra pass); a
@@ -24,14 +28,19 @@ Two layouts of the same plan (chosen per layer by :func:`pixel_plan`, both exact
 from __future__ import annotations
 
 
+import functools
+import math
+
 import torch
 
+from .. import ops as _ops
 from .._caches import bytes_cached
 from .._plan import PackedPlan, PlanColumn, block_plan
 from ..groups import Rep
 from ..kernels.inputs import autocast_off
 
-__all__ = ["PixelPlan", "pixel_plan", "hom_basis", "pair_basis"]
+__all__ = ["PixelPlan", "pixel_plan", "hom_basis", "pair_basis", "TileTables", "tile_tables", "tile_kernel_available",
+           "tile_kernel_tables", "tile_pass"]
 
 #: irreps layout only when its estimated cost is below this fraction of the field layout's
 _IRREP_ROUTE_GAIN = 0.5
@@ -257,6 +266,95 @@ def _apply_blocks(Y: torch.Tensor, blocks, transpose: bool) -> torch.Tensor:
 def pixel_plan(space, rep_in: Rep, rep_out: Rep, layout: str | None = None) -> PixelPlan:
     """The (cached) :class:`PixelPlan` of a layer; ``layout=None`` picks the cheaper one."""
     return PixelPlan(space, rep_in, rep_out, layout)
+
+
+class TileTables:
+    """What the C++ kernel ``equiproj_cpu::pixel_tile_pass`` reads for a plan in the ``"fields"``
+    layout with the reps in their own order: ``pairs [Q, 8]`` int64 (per field pair: output offset,
+    input column offset, output copies, input copies, ``d_out``, tile columns ``d_in k^s``, ``r``,
+    basis offset) and ``basis`` float64, each pair's ``A [r, d_out, d_in k^s]`` with its rows
+    zero-padded to a multiple of 8 columns (the kernel's vectors). ``flops_per_weight``: the
+    multiply-adds the kernel issues per weight (``4 r`` per tile entry, tails of the vectors included)."""
+
+    def __init__(self, plan: "PixelPlan"):
+        packed = plan.packed
+        rows, chunks, off, flops = [], [], 0, 0.0
+        for row in packed.meta.tolist():
+            r, d_out, n = row[PlanColumn.RANK], row[PlanColumn.D_OUT], row[PlanColumn.D_IN]
+            b0 = row[PlanColumn.BASIS_OFFSET]
+            A = packed.basis[b0 : b0 + r * d_out * n].reshape(r, d_out, n)
+            npad = -(-n // 8) * 8
+            chunks.append(torch.nn.functional.pad(A, (0, npad - n)).reshape(-1))
+            rows.append([row[PlanColumn.OUT_OFFSET], row[PlanColumn.IN_OFFSET], row[PlanColumn.OUT_COPIES],
+                         row[PlanColumn.IN_COPIES], d_out, n, r, off])
+            off += r * d_out * npad
+            flops += row[PlanColumn.OUT_COPIES] * row[PlanColumn.IN_COPIES] * d_out * npad * (4 * r + 5)
+        self.pairs = torch.tensor(rows, dtype=torch.long).reshape(-1, 8)
+        self.basis = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)
+        self.m, self.n = packed.m, packed.n
+        self.flops_per_weight = flops / max(1, self.m * self.n)
+
+    def __repr__(self):
+        return f"TileTables({len(self.pairs)} field pairs, {self.flops_per_weight:.0f} flops/weight)"
+
+
+@bytes_cached("equiproj.kernel_spaces._pixel_plan.tile_tables")
+def tile_tables(plan: PixelPlan) -> TileTables | None:
+    """The :class:`TileTables` of ``plan`` (cached), or ``None`` where the kernel does not take the
+    weight as it is (the ``"irreps"`` layout, or reps with a permutation)."""
+    if plan.layout != "fields" or not plan.packed.identity_perm:
+        return None
+    return TileTables(plan)
+
+
+def tile_kernel_available() -> bool:
+    return _ops.cpp_available() and hasattr(torch.ops.equiproj_cpu, "pixel_tile_pass")
+
+
+def tile_kernel_tables(w, plan: PixelPlan, out):
+    """The plan's :class:`~equiproj.kernel_spaces._pixel_plan.TileTables` where the pixel-tile kernel
+    takes ``w`` as it is and writes into ``out`` (a contiguous float32/float64 CPU weight in the
+    fields layout, ``out`` ``None`` or contiguous of its dtype), else ``None``."""
+    if (w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64) or not w.is_contiguous()
+            or torch.compiler.is_compiling()  # traced code keeps the registered op (it has a fake kernel)
+            or (out is not None and (out.dtype != w.dtype or not out.is_contiguous() or out.device != w.device))
+            or not tile_kernel_available()):
+        return None
+    return tile_tables(plan)
+
+
+@functools.lru_cache(maxsize=256)  # bounded by entries: each value is a one-element tensor
+def _one_lambda(value: float) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.float64)
+
+
+def _per_item(c, batch, B: int) -> torch.Tensor:
+    """A coefficient (number, or tensor broadcastable to the batch shape) as ``[B]`` float64 on the CPU."""
+    if B == 1 and type(c) is float:
+        return _one_lambda(c)
+    if isinstance(c, bool) or not isinstance(c, (int, float, torch.Tensor)):
+        raise TypeError(f"lambda must be a number or a tensor, got {type(c).__name__}")
+    t = torch.as_tensor(c, dtype=torch.float64).detach().cpu()
+    try:
+        return t.expand(batch).reshape(B).contiguous()
+    except RuntimeError:
+        raise ValueError(f"lambda has shape {tuple(t.shape)}, not broadcastable to the batch shape "
+                         f"{tuple(batch)} of its weight") from None
+
+
+def tile_pass(w, tables, spatial_dims: int, lambda_perp, lambda_G, out):
+    """``(E_perp, E_G, grad)`` of one weight ``[..., m, n, k, ...]`` by ``equiproj_cpu::pixel_tile_pass``:
+    one read of the weight and one write of the gradient (into a fresh tensor, or added into ``out``,
+    which may be the weight itself). The kernel takes the weight and ``out`` as they are."""
+    batch = w.shape[: w.dim() - 2 - spatial_dims]
+    B = math.prod(batch)
+    lp, lg = _per_item(lambda_perp, batch, B), _per_item(lambda_G, batch, B)
+    if out is None:
+        target, write = torch.empty_like(w), 1
+    else:
+        target, write = out, 2
+    ep, eg = torch.ops.equiproj_cpu.pixel_tile_pass(w, tables.pairs, tables.basis, lp, lg, target, write, False, batch)
+    return ep, eg, target
 
 
 @bytes_cached("equiproj.kernel_spaces._pixel_plan.packed_on")

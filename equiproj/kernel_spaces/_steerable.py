@@ -48,7 +48,7 @@ from ..groups._field import tensor_field
 from ..kernels import torch_project
 from ._aligned import rotate_tiles
 from ._factorised import factorised_one as _factorised_one
-from ._pixel_plan import PixelPlan, packed_on, pixel_plan
+from ._pixel_plan import PixelPlan, packed_on, pixel_plan, tile_kernel_tables, tile_pass
 
 __all__ = ["SteerableKernelSpace", "default_kernel_space", "kernel_energies_many", "kernel_energies_and_grads_many"]
 
@@ -461,7 +461,7 @@ def _check_finite(*xs):
     """Raise for NaN/Inf energies on the CPU (on CUDA this would cost a synchronisation)."""
     if torch.compiler.is_compiling() or xs[0].device.type != "cpu":
         return
-    if not all(math.isfinite(float(x.detach().sum())) for x in xs):
+    if not all(math.isfinite(float(x.detach() if x.dim() == 0 else x.detach().sum())) for x in xs):
         raise ValueError("the energy is not finite: the weight contains NaN or Inf")
 
 
@@ -492,7 +492,9 @@ class _FusedRoute:
     on the pixel plan (nothing but the weights kept for backward). Energies with gradients, and the
     gradient added in place (the decoupled step when the outputs are the weights): where the pixel
     plan works on the weight itself (fields without a change of basis, in their own order: a few
-    basis kernels per field pair), the fused op in one pass writing into the outputs; otherwise
+    basis kernels per field pair), one pass writing into the outputs (on the CPU for contiguous
+    float32/float64 weights the pixel-tile kernel, :func:`~equiproj.kernel_spaces._pixel_plan.tile_pass`;
+    else the fused op); otherwise
     (regular fields, reps with a permutation) the factorised transforms
     (:mod:`equiproj.kernel_spaces._factorised`), two passes over the weight and no copy of it."""
 
@@ -509,6 +511,12 @@ class _FusedRoute:
         tiles = []  # layers whose pixel plan runs on the weight itself: the fused op, in place into outs
         for i, (w, sp, (ri, ro)) in enumerate(zip(weights, spaces, reps)):
             plan = sp.plan(ri, ro)
+            out = None if outs is None else outs[i]
+            tables = tile_kernel_tables(w, plan, out)
+            if tables is not None:  # the pixel-tile kernel on the weight as it is, in place into out
+                eps[i], egs[i], grads[i] = tile_pass(w.detach(), tables, sp.spatial_dims, lambda_perp[i],
+                                                             lambda_G[i], out)
+                continue
             if (plan.layout == "fields" and plan.packed.identity_perm
                     and _fused_writes_into(w, None if outs is None else outs[i])):
                 tiles.append(i)
