@@ -94,7 +94,7 @@ def reference_run(model, monkeypatch, what, *args):
 
 
 def close(got, want, tol, what):
-    got, want = got.double(), want.double()
+    got, want = got.detach().double(), want.detach().double()
     scale = float(want.abs().max()) or 1.0
     assert float((got - want).abs().max()) <= tol * scale, what
 
