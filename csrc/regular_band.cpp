@@ -363,7 +363,8 @@ struct LaneScratch {
 // Eight tiles (lanes) whose row x starts at Kg + x n P (tile j at + j N P): energies per tile added to
 // ep[j], eg[j]; the gradient written or added at the same offsets from Og.
 inline void tiles_avx2(const RegularTables<float>& T, const float* phiT0, const float* Kg, float* Og, int64_t n,
-                       float cp2f, float cg2f, int write, LaneScratch& S, double* ep, double* eg) {
+                       float cp2f, float cg2f, int write, LaneScratch& S, double* ep, double* eg,
+                       const float* nextK, const float* nextO) {
   const int64_t N = T.N, P = T.P, D = T.D, Dp = T.Dp, L = N * P, row = n * P;
   __m256* u = S.u;
   __m256* t = S.t;
@@ -375,9 +376,10 @@ inline void tiles_avx2(const RegularTables<float>& T, const float* phiT0, const 
       const int64_t x = T.rows[r];
       const float* kr = Kg + x * row;
       const int32_t* ix = T.idx + x * L;
-      const float* next = kr + 8 * L;  // the same row of the next eight tiles, fetched meanwhile
+      const float* next = nextK ? nextK + x * row : nullptr;  // the same row of the next tiles, fetched meanwhile
       for (int64_t f = 0; f < L; f += 8) {
-        for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + 8 * f + 16 * l), _MM_HINT_T1);
+        if (next)
+          for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + 8 * f + 16 * l), _MM_HINT_T1);
         __m256 b[8];
         for (int j = 0; j < 8; ++j) b[j] = _mm256_loadu_ps(kr + j * L + f);
         transpose8(b);
@@ -406,7 +408,7 @@ inline void tiles_avx2(const RegularTables<float>& T, const float* phiT0, const 
       const int32_t* ix = T.idx + x * L;
       __m256 e[8];
       for (int j = 0; j < 8; ++j) e[j] = _mm256_setzero_ps();
-      const float* next = orow != kr && write == 2 ? orow + 8 * L : nullptr;  // the gradient of the next tiles
+      const float* next = nextO && write == 2 ? nextO + x * row : nullptr;  // the gradient of the next tiles
       for (int64_t f = 0; f < L; f += 8) {
         if (next)
           for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + 8 * f + 16 * l), _MM_HINT_T1);
@@ -465,8 +467,11 @@ void run(const Tensor& K, const Tensor& out, const RegularTables<C>& T, const Mo
         if (lanes) {  // eight tiles at once, then the remaining tiles one by one
           for (; v + 8 <= M.ci; v += 8) {
             const int64_t off = (b * M.m + u * N) * M.n * T.P + v * N * T.P;
+            // what this thread reads next: the following tiles of the row block, or the next row block
+            const int64_t next = v + 8 < M.ci ? off + 8 * N * T.P : it + 1 < end ? (it + 1) * N * M.n * T.P : -1;
             double ep8[8] = {0, 0, 0, 0, 0, 0, 0, 0}, eg8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            tiles_avx2(T, phit, k0 + off, o0 ? o0 + off : nullptr, M.n, cp2, cg2, M.write, *scratch, ep8, eg8);
+            tiles_avx2(T, phit, k0 + off, o0 ? o0 + off : nullptr, M.n, cp2, cg2, M.write, *scratch, ep8, eg8,
+                       next >= 0 ? k0 + next : nullptr, next >= 0 && o0 && o0 != k0 ? o0 + next : nullptr);
             for (int j = 0; j < 8; ++j) {
               ep += ep8[j];
               eg += eg8[j];
