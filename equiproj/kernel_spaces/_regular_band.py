@@ -12,8 +12,13 @@ No change of basis into irreps and no intermediate leaves a tile (one copy pair,
 the C++ kernel ``equiproj_cpu::regular_band_pass`` reads the tile, folds it into ``t`` (``N x D``
 numbers), and reads it again while it writes ``P K``'s residual, its energy and the gradient
 (into a fresh tensor, added into ``.grad``, or into the weight itself for the decoupled step).
-Flops per weight: ``4 D`` (the two band products; ``D`` = 11 of 25 pixels at k = 5 in 2-D) plus
-``2 D^2 / (N k^s)`` for the solve and 3-6 for the residual, the energies and the update.
+Rows whose ``Phi_x`` are pixel permutations of one another (``x = h x0`` with ``h`` mapping the grid
+onto itself: the rotations by 90 degrees in C8 and C16) form classes: the fold adds a class's rows
+with their pixels permuted before one band product, and the expansion reads one product through the
+permutations (:func:`_grid_classes`, the index table ``idx``). Flops per weight: ``4 D / |class|``
+(the two band products; ``D`` = 11 of 25 pixels at k = 5 in 2-D) plus ``2 D^2 / (N k^s)`` for the
+solve and ~7 for the class adds, the residual, the energies and the update: 19 for C8 and C16 at
+k = 5. The float32 kernel runs eight tiles per vector lane (docs/math.md §6).
 """
 
 from __future__ import annotations
