@@ -388,6 +388,17 @@ def test_escnn_kernels_between_regular_fields_stay_equivariant(name, gen):
     # a random weight through the same route: E_perp is not ~0 (the check can fail)
     W = torch.randn(block.shape[1:], dtype=torch.float64, generator=gen)
     assert float(sp.energies_and_grad(W, R1, R1)[0] / W.square().sum()) > 0.1
+    # eight of escnn's kernels as eight input copies in float32: the kernel's eight tiles per lane
+    K8 = (torch.randn(8, meta["num_basis"], dtype=torch.float64, generator=gen) @ basis).reshape((8,) + shape)
+    tiles = torch.einsum("io,bij...,jn->bon...", A_out, K8[:, :N, :N], A_in)  # [8, N, N, k...]
+    layer = tiles.transpose(0, 1).reshape((1, N, 8 * N, sp.num_pixels)).float()
+    rb = regular_band(sp, 8 * R1, R1)
+    assert rb.idx is not None
+    e_perp, e_g, _ = rb.run(layer, lanes=True)
+    norm = layer.double().square().sum()
+    assert float(e_perp / norm) < 1e-12 and rel(e_g.double(), norm) < 1e-6
+    noise = torch.randn(layer.shape, generator=gen)
+    assert float(rb.run(noise, lanes=True)[0] / noise.double().square().sum()) > 0.1
 
 
 def test_fixtures_exist():
