@@ -29,6 +29,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -53,6 +55,15 @@ struct RegularTables {
   const C* phiT;        // [N, D, Pp]: Phi_x^T, vector v = pixels min(8 v, P - 8) .. +8
   const C* minv;        // [D, Dp]: Mbar^-1, zero-padded columns
   const int64_t* col;   // [P]: where pixel p sits in a row of phiT
+  // The rows of a tile grouped in classes whose Phi_x are pixel permutations of one Phi_x0 (the
+  // elements that act on the grid): class c holds rows[cls[c] .. cls[c+1]) and its representative
+  // reps[c]; the entry (x, y), pixel p, of a tile adds into u[c][z][idx[x][y P + p] - z P ...], i.e.
+  // idx[x][y P + p] = z P + pi_x(p) with z = x^-1 y and Phi_x[p] = Phi_x0[pi_x(p)].
+  int64_t ncls;
+  const int64_t* rows;  // [N]
+  const int64_t* cls;   // [ncls + 1]
+  const int64_t* reps;  // [ncls]
+  const int32_t* idx;   // [N, N P], or null: no lane kernel
 };
 
 struct Mode {
@@ -266,6 +277,158 @@ inline void tile_avx2(const RegularTables<float>& T, const float* Kt, float* Ot,
   ep += hsum(e);
 }
 
+// ---- fp32, AVX2+FMA, eight tiles at once: lane j of every vector is tile j --------------------------
+// Eight tiles of one output copy (input copies v0 .. v0+7) are consecutive in each row of the weight, so
+// an 8 x 8 block (8 floats of each tile) is transposed in registers into 8 vectors of one position each.
+// In that layout every per-tile step is lane-parallel and a pixel permutation is only an address:
+//   fold:   u[c][z][pi_x(p)] += K[x, x z][p] over the rows x of class c     (adds)
+//           t[z] += sum_q u[c][z][q] Phi_x0[q]                             (2 D flops per |class| weights)
+//   solve:  h0[z] = Mbar^-1 t[z]
+//   expand: v[c][z][q] = Phi_x0[q] h0[z];  P K[x, x z][p] = v[c][z][pi_x(p)]  (2 D flops per |class| weights)
+//   the residual back in the weight's layout (the block transposed again), its energy, the gradient.
+// The grid's own symmetries (the rotations by 90 degrees of C8, C16, ...) make the classes |class| rows
+// each, so the band products run on 1 / |class| of the weights.
+
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// acc[i] (i < DB) = init[i] + sum_q u[q] * c[q * cs + i]: DB accumulators of the band (fold, solve) or of
+// the pixels (expand), the coefficients broadcast from the tables.
+template <int DB>
+inline void lane_product(const __m256* u, int64_t Q, const float* c, int64_t cs, __m256* out, bool add) {
+  __m256 acc[DB];
+  for (int i = 0; i < DB; ++i) acc[i] = add ? out[i] : _mm256_setzero_ps();
+  for (int64_t q = 0; q < Q; ++q) {
+    const __m256 uq = u[q];
+    const float* cq = c + q * cs;
+    for (int i = 0; i < DB; ++i) acc[i] = _mm256_fmadd_ps(uq, _mm256_broadcast_ss(cq + i), acc[i]);
+  }
+  for (int i = 0; i < DB; ++i) out[i] = acc[i];
+}
+
+// out[0 .. W) = (add ? out : 0) + sum_q u[q] c[q cs + 0 .. W), in blocks of at most 12 accumulators.
+inline void lane_products(const __m256* u, int64_t Q, const float* c, int64_t cs, __m256* out, int64_t W, bool add) {
+  int64_t i = 0;
+  for (; i + 12 <= W; i += 12) lane_product<12>(u, Q, c + i, cs, out + i, add);
+  switch (W - i) {
+#define EQUIPROJ_LANE_CASE(n) \
+    case n: lane_product<n>(u, Q, c + i, cs, out + i, add); break;
+    EQUIPROJ_LANE_CASE(1) EQUIPROJ_LANE_CASE(2) EQUIPROJ_LANE_CASE(3) EQUIPROJ_LANE_CASE(4)
+    EQUIPROJ_LANE_CASE(5) EQUIPROJ_LANE_CASE(6) EQUIPROJ_LANE_CASE(7) EQUIPROJ_LANE_CASE(8)
+    EQUIPROJ_LANE_CASE(9) EQUIPROJ_LANE_CASE(10) EQUIPROJ_LANE_CASE(11)
+#undef EQUIPROJ_LANE_CASE
+    default: break;
+  }
+}
+
+inline void hsum8_into(__m256 v, double* e) {  // e[j] += lane j, in float64
+  alignas(32) float a[8];
+  _mm256_store_ps(a, v);
+  for (int j = 0; j < 8; ++j) e[j] += a[j];
+}
+
+// Scratch of one thread for tiles_avx2: u (N P vectors), t and h0 (N Dp vectors each), the band
+// coefficients of the table transposed for the solve (D x D) and Phi_x0 transposed for the expansion.
+struct LaneScratch {
+  explicit LaneScratch(int64_t N, int64_t P, int64_t Dp) : n_u(N * P), n_t(N * Dp) {
+    mem = static_cast<__m256*>(std::aligned_alloc(32, sizeof(__m256) * (n_u + 2 * n_t)));
+    TORCH_CHECK(mem != nullptr, "regular_band_pass: out of memory for the scratch of a tile group");
+    u = mem;
+    t = mem + n_u;
+    h0 = t + n_t;
+  }
+  ~LaneScratch() { std::free(mem); }
+  LaneScratch(const LaneScratch&) = delete;
+  LaneScratch& operator=(const LaneScratch&) = delete;
+  int64_t n_u, n_t;
+  __m256 *mem, *u, *t, *h0;
+};
+
+// Eight tiles (lanes) whose row x starts at Kg + x n P (tile j at + j N P): energies per tile added to
+// ep[j], eg[j]; the gradient written or added at the same offsets from Og.
+inline void tiles_avx2(const RegularTables<float>& T, const float* phiT0, const float* Kg, float* Og, int64_t n,
+                       float cp2f, float cg2f, int write, LaneScratch& S, double* ep, double* eg,
+                       const float* nextK, const float* nextO) {
+  const int64_t N = T.N, P = T.P, D = T.D, Dp = T.Dp, L = N * P, row = n * P;
+  __m256* u = S.u;
+  __m256* t = S.t;
+  __m256* h0 = S.h0;
+  // fold, class by class
+  for (int64_t c = 0; c < T.ncls; ++c) {
+    for (int64_t q = 0; q < L; ++q) u[q] = _mm256_setzero_ps();
+    for (int64_t r = T.cls[c]; r < T.cls[c + 1]; ++r) {
+      const int64_t x = T.rows[r];
+      const float* kr = Kg + x * row;
+      const int32_t* ix = T.idx + x * L;
+      const float* next = nextK ? nextK + x * row : nullptr;  // the same row of the next tiles, fetched meanwhile
+      for (int64_t f = 0; f < L; f += 8) {
+        if (next)
+          for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + 8 * f + 16 * l), _MM_HINT_T1);
+        __m256 b[8];
+        for (int j = 0; j < 8; ++j) b[j] = _mm256_loadu_ps(kr + j * L + f);
+        transpose8(b);
+        for (int i = 0; i < 8; ++i) u[ix[f + i]] = _mm256_add_ps(u[ix[f + i]], b[i]);
+      }
+    }
+    const float* phi0 = T.phi + T.reps[c] * P * Dp;
+    for (int64_t z = 0; z < N; ++z) lane_products(u + z * P, P, phi0, Dp, t + z * Dp, D, c > 0);
+  }
+  // solve: h0[z] = Mbar^-1 t[z] (Mbar^-1 symmetric: its rows are its columns), E_G = sum <t, h0>
+  __m256 e_g = _mm256_setzero_ps();
+  for (int64_t z = 0; z < N; ++z) {
+    lane_products(t + z * Dp, D, T.minv, Dp, h0 + z * Dp, D, false);
+    for (int64_t d = 0; d < D; ++d) e_g = _mm256_fmadd_ps(t[z * Dp + d], h0[z * Dp + d], e_g);
+  }
+  hsum8_into(e_g, eg);
+  // expand and the residual, class by class
+  const __m256 cp2 = _mm256_set1_ps(cp2f), cg2 = _mm256_set1_ps(cg2f);
+  for (int64_t c = 0; c < T.ncls; ++c) {
+    const float* phiT = phiT0 + T.reps[c] * D * P;  // Phi_x0^T [D, P]
+    for (int64_t z = 0; z < N; ++z) lane_products(h0 + z * Dp, D, phiT, P, u + z * P, P, false);
+    for (int64_t r = T.cls[c]; r < T.cls[c + 1]; ++r) {
+      const int64_t x = T.rows[r];
+      const float* kr = Kg + x * row;
+      float* orow = Og ? Og + x * row : nullptr;
+      const int32_t* ix = T.idx + x * L;
+      __m256 e[8];
+      for (int j = 0; j < 8; ++j) e[j] = _mm256_setzero_ps();
+      const float* next = nextO && write == 2 ? nextO + x * row : nullptr;  // the gradient of the next tiles
+      for (int64_t f = 0; f < L; f += 8) {
+        if (next)
+          for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(next + 8 * f + 16 * l), _MM_HINT_T1);
+        __m256 b[8];
+        for (int i = 0; i < 8; ++i) b[i] = u[ix[f + i]];
+        transpose8(b);  // b[j]: P K of tile j at f .. f+8
+        for (int j = 0; j < 8; ++j) {
+          const __m256 res = _mm256_sub_ps(_mm256_loadu_ps(kr + j * L + f), b[j]);
+          e[j] = _mm256_fmadd_ps(res, res, e[j]);
+          if (!write) continue;
+          __m256 g = _mm256_fmadd_ps(cp2, res, _mm256_mul_ps(cg2, b[j]));
+          if (write == 2) g = _mm256_add_ps(_mm256_loadu_ps(orow + j * L + f), g);
+          _mm256_storeu_ps(orow + j * L + f, g);
+        }
+      }
+      for (int j = 0; j < 8; ++j) ep[j] += hsum(e[j]);
+    }
+  }
+}
+
 #ifdef __clang__
 #pragma clang attribute pop
 #else
@@ -282,18 +445,42 @@ bool regular_has_avx2() { return false; }
 
 template <typename X, typename C>
 void run(const Tensor& K, const Tensor& out, const RegularTables<C>& T, const Mode& M, const double* lp,
-         const double* lg, double* ep_items, double* eg_items, bool plain) {
+         const double* lg, double* ep_items, double* eg_items, bool plain, const C* phit) {
   const int64_t B = K.size(0), items = B * M.co;
   const X* k0 = K.data_ptr<X>();
   X* o0 = M.write ? out.data_ptr<X>() : nullptr;
   const int64_t N = T.N;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<C> t(N * T.Dp + 8), h0(N * T.Dp + 8), pk(T.Pp), pkrow(N * T.P + 8);
+#ifdef EQUIPROJ_REGULAR_X86
+    const bool lanes = std::is_same<X, float>::value && std::is_same<C, float>::value && !plain && T.idx != nullptr &&
+                       M.ci >= 8;
+    std::unique_ptr<LaneScratch> scratch(lanes ? new LaneScratch(N, T.P, T.Dp) : nullptr);
+#endif
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it / M.co, u = it % M.co;
       const C cp2 = static_cast<C>(2 * lp[b]), cg2 = static_cast<C>(2 * lg[b]);
       double ep = 0, eg = 0;
-      for (int64_t v = 0; v < M.ci; ++v) {
+      int64_t v = 0;
+#ifdef EQUIPROJ_REGULAR_X86
+      if constexpr (std::is_same<X, float>::value && std::is_same<C, float>::value) {
+        if (lanes) {  // eight tiles at once, then the remaining tiles one by one
+          for (; v + 8 <= M.ci; v += 8) {
+            const int64_t off = (b * M.m + u * N) * M.n * T.P + v * N * T.P;
+            // what this thread reads next: the following tiles of the row block, or the next row block
+            const int64_t next = v + 8 < M.ci ? off + 8 * N * T.P : it + 1 < end ? (it + 1) * N * M.n * T.P : -1;
+            double ep8[8] = {0, 0, 0, 0, 0, 0, 0, 0}, eg8[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            tiles_avx2(T, phit, k0 + off, o0 ? o0 + off : nullptr, M.n, cp2, cg2, M.write, *scratch, ep8, eg8,
+                       next >= 0 ? k0 + next : nullptr, next >= 0 && o0 && o0 != k0 ? o0 + next : nullptr);
+            for (int j = 0; j < 8; ++j) {
+              ep += ep8[j];
+              eg += eg8[j];
+            }
+          }
+        }
+      }
+#endif
+      for (; v < M.ci; ++v) {
         const int64_t off = (b * M.m + u * N) * M.n * T.P + v * N * T.P;
         const X* Kt = k0 + off;
         X* Ot = o0 ? o0 + off : nullptr;
@@ -314,13 +501,16 @@ void run(const Tensor& K, const Tensor& out, const RegularTables<C>& T, const Mo
 }
 
 // regular_band_pass(K [B, m, n, P], mult [N, N] int64, phi [N, P, Dp], phiT [N, D, Pp], minv [D, Dp],
-//                   lambda_perp [B] f64, lambda_G [B] f64, out [B, m, n, P] or None, write, plain)
+//                   lambda_perp [B] f64, lambda_G [B] f64, out [B, m, n, P] or None, write, plain,
+//                   rows [N] int64, cls [C + 1] int64, reps [C] int64, idx [N, N P] int32)
 //   -> (E_perp [B] f64, E_G [B] f64); out written (write = 1) or added to (write = 2) with
-//   2 lambda_perp (K - P K) + 2 lambda_G P K; out may be K itself.
+//   2 lambda_perp (K - P K) + 2 lambda_G P K; out may be K itself. rows, cls, reps, idx: the classes of
+//   rows (RegularTables); an empty idx runs the tiles one by one.
 std::tuple<Tensor, Tensor> regular_band_pass(const Tensor& K, const Tensor& mult, const Tensor& phi,
                                              const Tensor& phiT, const Tensor& minv, const Tensor& lambda_perp,
                                              const Tensor& lambda_G, const std::optional<Tensor>& out,
-                                             int64_t write, bool plain) {
+                                             int64_t write, bool plain, const Tensor& rows, const Tensor& cls,
+                                             const Tensor& reps, const Tensor& idx) {
   TORCH_CHECK(K.device().is_cpu() && K.dim() == 4 && K.is_contiguous(), "regular_band_pass: K must be a contiguous "
               "CPU tensor [B, m, n, P]");
   const int64_t B = K.size(0), m = K.size(1), n = K.size(2), P = K.size(3);
@@ -345,6 +535,27 @@ std::tuple<Tensor, Tensor> regular_band_pass(const Tensor& K, const Tensor& mult
   TORCH_CHECK(phi.scalar_type() == (f64 ? at::kDouble : at::kFloat) && phiT.scalar_type() == phi.scalar_type() &&
               minv.scalar_type() == phi.scalar_type(), "regular_band_pass: tables in float64 for float64 weights, "
               "float32 otherwise");
+  const bool classes = idx.numel() > 0;
+  if (classes) {
+    TORCH_CHECK(idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.dim() == 2 && idx.size(0) == N &&
+                idx.size(1) == N * P && (N * P) % 8 == 0, "regular_band_pass: idx must be a contiguous [N, N P] int32 "
+                "table (N P a multiple of 8)");
+    TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == N &&
+                cls.scalar_type() == at::kLong && cls.is_contiguous() && reps.scalar_type() == at::kLong &&
+                reps.is_contiguous() && cls.numel() == reps.numel() + 1, "regular_band_pass: rows [N], cls [C + 1], "
+                "reps [C] int64");
+    const int32_t* ix = idx.data_ptr<int32_t>();
+    for (int64_t i = 0; i < N * N * P; ++i)
+      TORCH_CHECK(ix[i] >= 0 && ix[i] < N * P, "regular_band_pass: idx out of range");
+    const int64_t* cl = cls.data_ptr<int64_t>();
+    TORCH_CHECK(cl[0] == 0 && cl[reps.numel()] == N, "regular_band_pass: the classes must cover the N rows");
+    for (int64_t c = 0; c < reps.numel(); ++c)
+      TORCH_CHECK(cl[c] < cl[c + 1] && reps.data_ptr<int64_t>()[c] >= 0 && reps.data_ptr<int64_t>()[c] < N,
+                  "regular_band_pass: empty class or representative out of range");
+    for (int64_t r = 0; r < N; ++r)
+      TORCH_CHECK(rows.data_ptr<int64_t>()[r] >= 0 && rows.data_ptr<int64_t>()[r] < N, "regular_band_pass: rows out "
+                  "of range");
+  }
   Mode M{m, n, m / N, n / N, static_cast<int>(write)};
   Tensor lp = lambda_perp.contiguous(), lg = lambda_G.contiguous();
   Tensor ep_items = at::zeros({B * M.co}, K.options().dtype(at::kDouble));
@@ -358,15 +569,23 @@ std::tuple<Tensor, Tensor> regular_band_pass(const Tensor& K, const Tensor& mult
       for (int64_t l = 0; l < 8; ++l) col[std::min<int64_t>(8 * v, P - 8) + l] = 8 * v + l;
   if (f64) {
     RegularTables<double> T{N, P, D, Dp, Pp, mult.data_ptr<int64_t>(), phi.data_ptr<double>(),
-                            phiT.data_ptr<double>(), minv.data_ptr<double>(), col.data()};
+                            phiT.data_ptr<double>(), minv.data_ptr<double>(), col.data(), 0, nullptr, nullptr,
+                            nullptr, nullptr};
     run<double, double>(K, o, T, M, lp.data_ptr<double>(), lg.data_ptr<double>(), ep_items.data_ptr<double>(),
-                        eg_items.data_ptr<double>(), true);
+                        eg_items.data_ptr<double>(), true, nullptr);
   } else {
     RegularTables<float> T{N, P, D, Dp, Pp, mult.data_ptr<int64_t>(), phi.data_ptr<float>(), phiT.data_ptr<float>(),
-                           minv.data_ptr<float>(), col.data()};
+                           minv.data_ptr<float>(), col.data(), classes ? reps.numel() : 0,
+                           classes ? rows.data_ptr<int64_t>() : nullptr, classes ? cls.data_ptr<int64_t>() : nullptr,
+                           classes ? reps.data_ptr<int64_t>() : nullptr, classes ? idx.data_ptr<int32_t>() : nullptr};
+    std::vector<float> phit(N * D * P);  // Phi_x^T [N, D, P], unpadded: the expansion's coefficients
+    const float* ph = phi.data_ptr<float>();
+    for (int64_t x = 0; x < N; ++x)
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t p = 0; p < P; ++p) phit[(x * D + d) * P + p] = ph[(x * P + p) * Dp + d];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, K.scalar_type(), "regular_band_pass", [&] {
       run<scalar_t, float>(K, o, T, M, lp.data_ptr<double>(), lg.data_ptr<double>(), ep_items.data_ptr<double>(),
-                           eg_items.data_ptr<double>(), use_plain);
+                           eg_items.data_ptr<double>(), use_plain, phit.data());
     });
   }
   // partial sums in item order: independent of the thread count
@@ -377,7 +596,8 @@ std::tuple<Tensor, Tensor> regular_band_pass(const Tensor& K, const Tensor& mult
 
 TORCH_LIBRARY_FRAGMENT(equiproj_cpu, m) {
   m.def("regular_band_pass(Tensor K, Tensor mult, Tensor phi, Tensor phiT, Tensor minv, Tensor lambda_perp, "
-        "Tensor lambda_G, Tensor(a!)? out, int write, bool plain) -> (Tensor, Tensor)",
+        "Tensor lambda_G, Tensor(a!)? out, int write, bool plain, Tensor rows, Tensor cls, Tensor reps, Tensor idx) "
+        "-> (Tensor, Tensor)",
         &regular_band_pass);
 }
 

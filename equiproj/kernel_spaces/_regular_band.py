@@ -12,8 +12,13 @@ No change of basis into irreps and no intermediate leaves a tile (one copy pair,
 the C++ kernel ``equiproj_cpu::regular_band_pass`` reads the tile, folds it into ``t`` (``N x D``
 numbers), and reads it again while it writes ``P K``'s residual, its energy and the gradient
 (into a fresh tensor, added into ``.grad``, or into the weight itself for the decoupled step).
-Flops per weight: ``4 D`` (the two band products; ``D`` = 11 of 25 pixels at k = 5 in 2-D) plus
-``2 D^2 / (N k^s)`` for the solve and 3-6 for the residual, the energies and the update.
+Rows whose ``Phi_x`` are pixel permutations of one another (``x = h x0`` with ``h`` mapping the grid
+onto itself: the rotations by 90 degrees in C8 and C16) form classes: the fold adds a class's rows
+with their pixels permuted before one band product, and the expansion reads one product through the
+permutations (:func:`_grid_classes`, the index table ``idx``). Flops per weight: ``4 D / |class|``
+(the two band products; ``D`` = 11 of 25 pixels at k = 5 in 2-D) plus ``2 D^2 / (N k^s)`` for the
+solve and ~7 for the class adds, the residual, the energies and the update: 19 for C8 and C16 at
+k = 5. The float32 kernel runs eight tiles per vector lane (docs/math.md §6).
 """
 
 from __future__ import annotations
@@ -58,22 +63,33 @@ class RegularBand:
         self.minv = torch.linalg.inv(Mbar)
         self.minv = 0.5 * (self.minv + self.minv.T)
         D, P = space.dim, space.num_pixels
-        self.flops_per_weight = 4 * D + 2 * D * D / (N * P) + 6
+        self.rows, self.classes, self.reps, self.idx = _grid_classes(self.phi, self.mult)
+        #: the largest number of rows whose band products are done once (the grid's symmetries in G)
+        self.class_size = int((self.classes[1:] - self.classes[:-1]).max())
+        fold = 4 * D / (N / len(self.reps))  # the two band products, on one row of each class
+        self.flops_per_weight = fold + 2 * D * D / (N * P) + 7
 
     def __repr__(self):
-        return f"RegularBand(N={self.N}, {self.flops_per_weight:.0f} flops/weight)"
+        return (f"RegularBand(N={self.N}, {len(self.reps)} classes of rows, "
+                f"{self.flops_per_weight:.0f} flops/weight)")
 
     def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """``(mult, phi [N, P, Dp], phiT [N, D, Pp], minv [D, Dp])`` in vectors of 8, in ``dtype`` (cached): the
         columns of ``phi`` and ``minv`` zero-padded, the pixels of ``phiT`` in vectors from ``min(8 v, P - 8)``."""
         return _tables(self, dtype)
 
+    def _classes(self, lanes: bool) -> tuple[torch.Tensor, ...]:
+        if lanes and self.idx is not None:
+            return self.rows, self.classes, self.reps, self.idx
+        return self.rows, self.classes, self.reps, _NO_INDEX
+
     def run(self, K: torch.Tensor, lambda_perp=None, lambda_G=None, out: torch.Tensor | None = None,
-            plain: bool = False):
+            plain: bool = False, lanes: bool = True):
         """``(E_perp [batch], E_G [batch], grad or out or None)`` of ``K`` ``[..., m, n, P]`` (CPU, any float
         dtype): the gradient ``2 lambda_perp (K - P K) + 2 lambda_G P K`` written into a fresh tensor
         (``out=None``) or added into ``out`` (K's shape; it may be ``K`` itself: the decoupled step in
-        place). ``plain=True`` runs the kernel's plain loop instead of its AVX2 one (tests)."""
+        place). ``plain=True`` runs the kernel's plain loop instead of its AVX2 one, ``lanes=False`` its
+        AVX2 loop over one tile at a time instead of eight (tests)."""
         if K.device.type != "cpu" or not kernel_available():
             raise RuntimeError("the closed form of regular fields runs in the C++ extension on CPU tensors: "
                                "use FactorisedPlan.run, which takes the factorised transforms elsewhere")
@@ -89,7 +105,8 @@ class RegularBand:
         energy_dtype = _ops.accumulation_dtype(K.dtype)
         if lambda_perp is None:
             z = torch.zeros(B, dtype=torch.float64)
-            ep, eg = torch.ops.equiproj_cpu.regular_band_pass(Kc, mult, phi, phiT, minv, z, z, None, 0, plain)
+            ep, eg = torch.ops.equiproj_cpu.regular_band_pass(Kc, mult, phi, phiT, minv, z, z, None, 0, plain,
+                                                              *self._classes(lanes))
             return ep.view(batch).to(energy_dtype), eg.view(batch).to(energy_dtype), None
         lp, lg = _per_item(lambda_perp, batch, B), _per_item(lambda_G, batch, B)
         target, mode = None, 1
@@ -102,13 +119,58 @@ class RegularBand:
         fresh = target is None
         if fresh:
             target = torch.empty_like(Kc)
-        ep, eg = torch.ops.equiproj_cpu.regular_band_pass(Kc, mult, phi, phiT, minv, lp, lg, target, mode, plain)
+        ep, eg = torch.ops.equiproj_cpu.regular_band_pass(Kc, mult, phi, phiT, minv, lp, lg, target, mode, plain,
+                                                          *self._classes(lanes))
         ep, eg = ep.view(batch).to(energy_dtype), eg.view(batch).to(energy_dtype)
         if out is None:
             return ep, eg, target.view(K.shape)
         if fresh:
             out.add_(target.view(out.shape).to(out.dtype))
         return ep, eg, out
+
+
+_NO_INDEX = torch.empty(0, dtype=torch.int32)
+
+
+def _grid_classes(phi: torch.Tensor, mult: torch.Tensor, force_index: bool = False):
+    """The rows of a tile in classes whose ``Phi_x`` are pixel permutations of the class representative's
+    ``Phi_x0`` (``Phi_x[p] = Phi_x0[pi_x(p)]``: ``x = h x0`` with ``h`` an element that maps the grid onto
+    itself, such as the rotations by 90 degrees in C8). Returns ``rows [N]`` (grouped by class),
+    ``classes [C + 1]`` (class ``c`` is ``rows[classes[c]: classes[c + 1]]``), ``reps [C]`` and ``idx [N, N P]``
+    int32 with ``idx[x, y P + p] = z P + pi_x(p)``, ``x z = y``; ``idx`` is ``None`` where ``N P`` is not a
+    multiple of 8 (the kernel then takes the tiles one at a time) unless ``force_index``."""
+    N, P, _ = phi.shape
+    tol = 1e-9 * float(phi.abs().max())
+
+    def permutation(a: torch.Tensor, b: torch.Tensor):  # pi with a[p] = b[pi(p)], or None
+        dist = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+        best, pi = dist.min(1)
+        return pi if float(best.max()) <= tol else None
+
+    grid = [h for h in range(N) if permutation(phi[h], phi[0]) is not None]  # elements acting on the grid
+    pis, rows, classes, reps = [None] * N, [], [0], []
+    for x0 in range(N):
+        if pis[x0] is not None:
+            continue
+        reps.append(x0)
+        for h in grid:
+            x = int(mult[h, x0])
+            if pis[x] is None:
+                pi = permutation(phi[x], phi[x0])
+                if pi is not None:  # checked, not assumed from the group's product convention
+                    pis[x] = pi
+                    rows.append(x)
+        if pis[x0] is None:  # x0 is in its own class whatever the table says
+            pis[x0] = torch.arange(P)
+            rows.append(x0)
+        classes.append(len(rows))
+    zinv = torch.empty(N, N, dtype=torch.long)  # zinv[x, y] = z with x z = y
+    zinv.scatter_(1, mult, torch.arange(N).expand(N, N))
+    pi = torch.stack(pis)  # [N, P]
+    idx = (zinv[:, :, None] * P + pi[:, None, :]).reshape(N, N * P)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    index = idx.to(torch.int32).contiguous() if (N * P) % 8 == 0 or force_index else None
+    return as_long(rows), as_long(classes), as_long(reps), index
 
 
 def _per_item(c, batch, B) -> torch.Tensor:
