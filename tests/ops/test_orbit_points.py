@@ -186,8 +186,10 @@ def test_cpp_twin_and_triton_interpreter_agree(small_pairs_too, gen):
     kernels = pytest.importorskip("equiproj.kernels.triton_energies")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     D4, Oh = Dihedral(4), FullOctahedral()
+    g5 = _points(D4, (5, 5)).segments[0][1]
+    permuted = Rep(D4, [(2, g5)], perm=torch.randperm(50, generator=gen))  # rows and columns gathered
     cases = [(_points(D4, (5, 5)), _points(D4, (5, 5))), (_points(D4, (4, 4)), _points(D4, (5, 5))),
-             (_points(Oh, (5, 5, 5)), _points(Oh, (3, 3, 3)))]
+             (_points(Oh, (5, 5, 5)), _points(Oh, (5, 5, 5))), (permuted, permuted)]
     for (rep_in, rep_out), dtype in zip(cases, itertools.cycle([torch.float32, torch.bfloat16, torch.float16])):
         assert _point_rows(rep_in, rep_out)
         W = torch.randn(2, rep_out.dim, rep_in.dim, generator=gen).to(dtype)
