@@ -284,7 +284,7 @@ void process_points_split(const Layer& L, int64_t b, const OutGroup& G, int64_t 
     const int64_t chunks = (R + per - 1) / per;
     std::vector<acc_t> e(2 * chunks, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<acc_t> m(std::max<int64_t>(p.di, 4));
+      std::vector<acc_t> m(std::max<int64_t>(p.di, 4));  // one mean row
       for (int64_t c = c0; c < c1; ++c) {
         Pair q = p;
         q.orbit_begin = c * per;
