@@ -133,7 +133,8 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
   if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall)  // kSmall runs generic_pair on the baseline ISA
     s.coef.resize(std::max<int64_t>(p.ci * ((p.r + 3) / 4 * 4), 4));
   else if (p.kind == Kind::kOrbit)  // the orbit sums, then (tables, products) room for one orbit row
-    s.coef.resize(std::max<int64_t>(p.form == kOrbitCyclic || p.form == kOrbitDihedral
+    s.coef.resize(std::max<int64_t>(p.form == kOrbitPoints ? p.di  // one mean row
+                                    : p.form == kOrbitCyclic || p.form == kOrbitDihedral
                                         ? orbit_closed_scratch(p.ci, p.r, p.form == kOrbitDihedral)
                                         : p.ci * p.r + p.di,
                                     4));
@@ -248,12 +249,65 @@ constexpr int64_t kChunkRows = 1024;
 bool splits(const Layer& L, const OutGroup& G, bool direct) {
   if (!direct || G.d_out < 2 * kChunkRows) return false;
   for (const Pair& p : G.pairs)
-    if (p.kind != Kind::kOrbit || p.form == kOrbitTable) return false;
+    if (p.kind != Kind::kOrbit || p.form == kOrbitTable || p.form == kOrbitPoints) return false;
+  return true;
+}
+
+// A row block of kOrbitPoints pairs with at least kPointRows rows (a 4096-point field) runs its orbits
+// of output points in parallel, in chunks of about kChunkRows / 4 rows fixed by the plan, their
+// partial sums added in chunk order (independent of the thread count); every orbit's two passes
+// touch its own rows only. Weights read in place only.
+constexpr int64_t kPointRows = 512;
+
+bool points_splits(const OutGroup& G, bool direct) {
+  if (!direct || G.d_out < kPointRows) return false;
+  for (const Pair& p : G.pairs)
+    if (p.kind != Kind::kOrbit || p.form != kOrbitPoints) return false;
   return true;
 }
 
 template <typename X>
+void process_points_split(const Layer& L, int64_t b, const OutGroup& G, int64_t u, acc_t* part) {
+  const int64_t d = G.d_out;
+  const X* base = static_cast<const X*>(L.data) + L.batch_off[b];
+  X* gbase = L.grad ? static_cast<X*>(L.grad) + b * L.m * L.n : nullptr;
+  const acc_t cp2 = gbase ? L.cp2[b] : 0, cg2 = gbase ? L.cg2[b] : 0;
+  std::vector<const X*> xr(d);
+  std::vector<X*> gr(d);
+  acc_t ep = 0, eg = 0;
+  for (const Pair& p : G.pairs) {
+    for (int64_t a = 0; a < d; ++a) {
+      const int64_t i = G.out_off + u * d + a, row = L.perm_out ? L.perm_out[i] : i;
+      xr[a] = base + row * L.sm + p.in_off;
+      gr[a] = gbase ? gbase + row * L.n + p.in_off : nullptr;
+    }
+    const int64_t R = p.orbit[0], per = std::max<int64_t>(1, kChunkRows / 4 / p.factor);
+    const int64_t chunks = (R + per - 1) / per;
+    std::vector<acc_t> e(2 * chunks, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<acc_t> m(std::max<int64_t>(p.di, 4));  // one mean row
+      for (int64_t c = c0; c < c1; ++c) {
+        Pair q = p;
+        q.orbit_begin = c * per;
+        q.orbit_end = std::min(R, (c + 1) * per);
+        if constexpr (std::is_same<X, float>::value)
+          kernels().f32(q, d, xr.data(), gbase ? gr.data() : nullptr, cp2, cg2, m.data(), e[2 * c], e[2 * c + 1]);
+        else
+          kernels().f64(q, d, xr.data(), gbase ? gr.data() : nullptr, cp2, cg2, m.data(), e[2 * c], e[2 * c + 1]);
+      }
+    });
+    for (int64_t c = 0; c < chunks; ++c) {
+      ep += e[2 * c];
+      eg += e[2 * c + 1];
+    }
+  }
+  part[0] = ep;
+  part[1] = eg;
+}
+
+template <typename X>
 void process_split(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scratch&, acc_t* part) {
+  if (points_splits(G, true)) return process_points_split<X>(L, b, G, u, part);
   const int64_t d = G.d_out, chunks = (d + kChunkRows - 1) / kChunkRows;
   const X* base = static_cast<const X*>(L.data) + L.batch_off[b];
   X* gbase = L.grad ? static_cast<X*>(L.grad) + b * L.m * L.n : nullptr;
@@ -494,6 +548,59 @@ void check_plan_tensors(const Tensor& meta_in, const Tensor& basis_in, int64_t l
               "fused_energies: layer ", layer, ": basis must be a 1-d floating CPU tensor");
 }
 
+// The int32 data of a kOrbitPoints pair (layout in orbit_perm_kernels.h) from its segment T: sigma_out
+// [ng, dout], then sigma_in [ng, din] as exact integers, each row checked to be a permutation; the
+// orbits of the output points, each representative a0 first, and for each row a the element h with
+// h a0 = a.
+void append_point_tables(std::vector<int32_t>& out, const acc_t* T, int64_t ng, int64_t dout, int64_t din,
+                         int64_t layer, int64_t row) {
+  std::vector<int32_t> so(ng * dout), si(ng * din), si_inv(ng * din);
+  for (int64_t f = 0; f < 2; ++f) {
+    const int64_t d = f == 0 ? dout : din;
+    const acc_t* src = T + (f == 0 ? 0 : ng * dout);
+    for (int64_t e = 0; e < ng; ++e) {
+      int32_t* inv = f == 0 ? nullptr : si_inv.data() + e * din;
+      std::vector<char> seen(d, 0);
+      for (int64_t c = 0; c < d; ++c) {
+        const acc_t t = src[e * d + c];
+        TORCH_CHECK_VALUE(t >= 0 && t < d && t == std::floor(t) && !seen[static_cast<int64_t>(t)],
+                          "fused_energies: layer ", layer, ": malformed permutation table in plan row ", row);
+        seen[static_cast<int64_t>(t)] = 1;
+        (f == 0 ? so[e * dout + c] : si[e * din + c]) = static_cast<int32_t>(t);
+        if (inv) inv[static_cast<int64_t>(t)] = static_cast<int32_t>(c);
+      }
+    }
+  }
+  std::vector<int32_t> start{0}, rows, elem;
+  std::vector<char> done(dout, 0);
+  for (int64_t a0 = 0; a0 < dout; ++a0) {
+    if (done[a0]) continue;
+    int64_t fix = -1;
+    for (int64_t e = 0; e < ng && fix < 0; ++e)
+      if (so[e * dout + a0] == a0) fix = e;
+    TORCH_CHECK_VALUE(fix >= 0, "fused_energies: layer ", layer, ": the permutations of plan row ", row,
+                      " have no identity");
+    rows.push_back(static_cast<int32_t>(a0));
+    elem.push_back(static_cast<int32_t>(fix));
+    done[a0] = 1;
+    for (int64_t e = 0; e < ng; ++e) {
+      const int32_t a = so[e * dout + a0];
+      if (done[a]) continue;
+      done[a] = 1;
+      rows.push_back(a);
+      elem.push_back(static_cast<int32_t>(e));
+    }
+    start.push_back(static_cast<int32_t>(rows.size()));
+  }
+  out.push_back(static_cast<int32_t>(start.size() - 1));
+  out.insert(out.end(), si.begin(), si.end());
+  out.insert(out.end(), si_inv.begin(), si_inv.end());
+  out.insert(out.end(), so.begin(), so.end());
+  out.insert(out.end(), start.begin(), start.end());
+  out.insert(out.end(), rows.begin(), rows.end());
+  out.insert(out.end(), elem.begin(), elem.end());
+}
+
 // Builds the host form of one layer's plan from meta and basis and checks it against W's m x n
 // (every row a well-formed plan row, the fields tiling the rows and the columns).
 void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, const Tensor& basis_in, int64_t layer) {
@@ -524,12 +631,19 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
       if (v >= 1 && v <= din && v == std::floor(v)) d2 = static_cast<int64_t>(v);
     }
     const bool product_ok = d2 >= 1 && din % d2 == 0 && orbits == din;
+    int64_t ng = 0;  // kOrbitPoints: |G|, then the two permutation tables
+    if (orbits > 0 && form == kOrbitPoints && bo >= 0 && bo < nb) {
+      const acc_t v = H.basis_f64[bo];
+      if (v >= 1 && v <= nb && v == std::floor(v)) ng = static_cast<int64_t>(v);
+    }
     const int64_t stored = orbits == 0              ? r * dout * din
                            : form == kOrbitTable   ? dout * din + orbits
                            : form == kOrbitProduct ? (product_ok ? 1 + dout * (din / d2 + d2) : nb + 1)
+                           : form == kOrbitPoints  ? (ng >= 1 ? 1 + ng * (dout + din) : nb + 1)
                                                    : 0;
     const bool form_ok = orbits == 0 || (orbits == r && ((form == kOrbitTable && orbits <= dout * din) ||
                                                          (form == kOrbitProduct && product_ok) ||
+                                                         (form == kOrbitPoints && ng >= 1 && orbits <= dout * din) ||
                                                          (form == kOrbitCyclic && dout == din && orbits == dout) ||
                                                          (form == kOrbitDihedral && dout == din && dout % 2 == 0 &&
                                                           orbits == dout)));
@@ -571,6 +685,10 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
               inv[static_cast<int64_t>(t)] = static_cast<int32_t>(c);
             }
           }
+      } else if (form == kOrbitPoints) {
+        pr.factor = ng;
+        pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(H.orbit.size()));
+        append_point_tables(H.orbit, A + 1, ng, dout, din, layer, order[q]);
       } else if (form == kOrbitTable) {
         // the orbit indices are stored as exact integers; their offset is stored until H.orbit stops growing
         pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(H.orbit.size()));
@@ -606,7 +724,7 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
                 " columns, W has ", n);
     for (auto& p : G.pairs) {
       if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) p.At = H.basis_t.data() + reinterpret_cast<intptr_t>(p.At);
-      if (p.kind == Kind::kOrbit && (p.form == kOrbitTable || p.form == kOrbitProduct))
+      if (p.kind == Kind::kOrbit && (p.form == kOrbitTable || p.form == kOrbitProduct || p.form == kOrbitPoints))
         p.orbit = H.orbit.data() + reinterpret_cast<intptr_t>(p.orbit);
     }
   }
@@ -667,7 +785,7 @@ void configure(Layer& L, const HostPlan& plan, at::ScalarType st) {
   L.group_start = &plan.group_start;
   L.blocks = plan.blocks;
   bool split = false;
-  for (auto& G : *L.groups) split = split || splits(L, G, direct);
+  for (auto& G : *L.groups) split = split || splits(L, G, direct) || points_splits(G, direct);
   L.split_fn = split ? (st == at::kFloat ? &process_split<float> : &process_split<double>) : nullptr;
   switch (st) {
     case at::kFloat: L.fn = &process_item<float>; break;
@@ -778,7 +896,7 @@ std::vector<acc_t> run_items(const std::vector<Layer>& layers) {
     for (int64_t b = 0; b < L.batch; ++b)
       for (size_t g = 0; g < L.groups->size(); ++g) {
         const OutGroup& G = (*L.groups)[g];
-        if (!splits(L, G, direct)) continue;
+        if (!splits(L, G, direct) && !points_splits(G, direct)) continue;
         for (int64_t u = 0; u < G.co; ++u) {
           const int64_t it = layer_start[i] + b * L.blocks + (*L.group_start)[g] + u;
           Scratch s;

@@ -32,6 +32,9 @@ struct Pair {
   const int32_t* orbit = nullptr;
   const acc_t* inv = nullptr;
   acc_t inv_size = 0;
+  // kOrbitPoints (factor = |G|, orbit: the tables of orbit_perm_kernels.h): the orbits of G on the output
+  // points that a call processes, [orbit_begin, orbit_end) (orbit_end < 0: all)
+  int64_t orbit_begin = 0, orbit_end = -1;
   bool accumulate = false;  // add the gradient to g (which may alias x) instead of writing it (kOrbit, kZero,
                             // kIdentity with d <= kMaxSmall)
 };

@@ -392,6 +392,7 @@ inline void orbit_residual_one(const X* x, X* g, acc_t m, acc_t cp2, acc_t cg2, 
 }
 
 #include "orbit_table_kernels.h"
+#include "orbit_perm_kernels.h"
 
 // ---- dispatch -------------------------------------------------------------------------------------
 
@@ -428,7 +429,9 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
       generic_pair<X>(x, g, dout, p.di, p.ci, p.r, p.A, p.At, cp2, cg2, coef, ep, eg);
       return;
     case Kind::kOrbit:
-      if (p.form == kOrbitTable || p.form == kOrbitProduct)
+      if (p.form == kOrbitPoints)
+        points_orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
+      else if (p.form == kOrbitTable || p.form == kOrbitProduct)
         table_orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
       else
         orbit_closed_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);

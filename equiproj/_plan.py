@@ -181,12 +181,17 @@ class OrbitForm(enum.IntEnum):
     input field ``f_1 ⊗ f_2`` of two permutation fields (a grid convolution's ``f_in ⊗ pixels``):
     every orbit meets every row once, ``K = d_in``, and orbit ``k = c d_2 + q`` sits in row ``a`` at
     column ``T_1[a, c] d_2 + T_2[a, q]``; the segment holds ``d_2``, then ``T_1`` ``[d_out, d_1]`` and
-    ``T_2`` ``[d_out, d_2]`` row-major (``|G| (d_1 + d_2) + 1`` numbers instead of ``d_out d_in``)."""
+    ``T_2`` ``[d_out, d_2]`` row-major (``|G| (d_1 + d_2) + 1`` numbers instead of ``d_out d_in``).
+    ``POINTS``: any two permutation fields, by the group's permutations themselves:
+    ``P(T)[a, b] = (1/|G|) sum_g T[sigma_g(a), sigma_g(b)]``; the segment holds ``|G|``, then
+    ``sigma^out`` ``[|G|, d_out]`` and ``sigma^in`` ``[|G|, d_in]`` row-major (``|G| (d_out + d_in) + 1``
+    numbers: a large point set, whose orbit table would be larger than the weight)."""
 
     TABLE = 0
     CYCLIC = 1
     DIHEDRAL = 2
     PRODUCT = 3
+    POINTS = 4
 
 
 #: pairs of permutation fields this small keep their basis: the kernels' small-tile paths (compile-time
@@ -199,6 +204,11 @@ _SMALL_CLOSED_FORM = 4
 
 #: the largest orbit index table of one field pair (its entries are exact in a float32 basis)
 MAX_ORBIT_TABLE = 2**24
+
+#: pairs of permutation fields with at most this many entries per tile keep their orbit table when a
+#: ``POINTS`` segment would be larger: its kernels (one indexed add per entry) beat the |G| gathers
+#: per entry of the points form there; larger pairs take whichever is smaller
+_TABLE_ENTRIES = 128 * 128
 
 
 assert PlanRow._fields == tuple(c.name.lower() for c in PlanColumn), "PlanRow mirrors PlanColumn"
@@ -253,6 +263,14 @@ class PackedPlan:
             self._cache[key] = tuple(t.to(device) for t in _orbit_index(row, self.basis))
         return self._cache[key]
 
+    def point_tables(self, row: PlanRow, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sigma_out [|G|, d_out], sigma_in [|G|, d_in])`` long on ``device`` of an ``OrbitForm.POINTS``
+        orbit pair (cached): the permutation of the output and of the input field by every element."""
+        key = ("points", row.basis_offset, row.d_out, row.d_in, torch.device(device))
+        if key not in self._cache:
+            self._cache[key] = tuple(t.to(device) for t in point_tables(row, self.basis))
+        return self._cache[key]
+
     def permutations(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(perm_out, perm_in, inverse perm_out, inverse perm_in)`` on ``device`` (cached), or ``None``
         for the identity."""
@@ -271,6 +289,8 @@ def _orbit_index(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch
         data = basis[row.basis_offset : row.basis_offset + do * di + K].to(torch.float64).cpu()
         return data[: do * di].round().to(torch.long), data[do * di :]
     a, b = torch.arange(do)[:, None], torch.arange(di)[None, :]
+    if row.orbit_form == OrbitForm.POINTS:
+        raise ValueError("an OrbitForm.POINTS pair has no orbit index: use PackedPlan.point_tables")
     if row.orbit_form == OrbitForm.PRODUCT:  # written out: the column of orbit k in row a, inverted
         o = torch.empty(do, di, dtype=torch.long).scatter_(1, product_columns(row, basis), b.expand(do, di).contiguous())
         return o.reshape(-1), torch.full((K,), 1.0 / do, dtype=torch.float64)
@@ -294,6 +314,27 @@ def product_columns(row: PlanRow, basis: torch.Tensor) -> torch.Tensor:
     t1 = data[1 : 1 + row.d_out * d1].round().to(torch.long).reshape(row.d_out, d1)
     t2 = data[1 + row.d_out * d1 : 1 + row.d_out * (d1 + d2)].round().to(torch.long).reshape(row.d_out, d2)
     return (t1[:, :, None] * d2 + t2[:, None, :]).reshape(row.d_out, row.d_in)
+
+
+def point_tables(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigma_out [|G|, d_out], sigma_in [|G|, d_in])`` long: the segment of an ``OrbitForm.POINTS`` pair."""
+    bo, do, di = row.basis_offset, row.d_out, row.d_in
+    ng = int(basis[bo])
+    data = basis[bo + 1 : bo + 1 + ng * (do + di)].to(torch.float64).cpu().round().to(torch.long)
+    return data[: ng * do].reshape(ng, do), data[ng * do :].reshape(ng, di)
+
+
+def _points_segment(pa, pb) -> tuple[int, torch.Tensor]:
+    """``(K, segment)`` of the ``POINTS`` form: ``|G|``, ``sigma^out``, ``sigma^in``; ``K`` (the orbits of
+    G on the pairs, ``dim Hom_G``) by Burnside's lemma, ``K = (1/|G|) sum_g fix_out(g) fix_in(g)``,
+    O(|G| (d_out + d_in)) work and memory."""
+    to, ti = pa.element_table(), pb.element_table()  # [|G|, d]
+    ng = to.shape[0]
+    fix_out = (to == torch.arange(to.shape[1])).sum(1)
+    fix_in = (ti == torch.arange(ti.shape[1])).sum(1)
+    K = int((fix_out * fix_in).sum()) // ng
+    return K, torch.cat([torch.tensor([float(ng)], dtype=torch.float64), to.reshape(-1).to(torch.float64),
+                         ti.reshape(-1).to(torch.float64)])
 
 
 def _product_orbits(pa, pb) -> torch.Tensor:
@@ -328,7 +369,9 @@ def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torc
     ``(a, b)`` (``(a, b) ~ (sigma_g(a), sigma_g(b))``), so ``P(W)`` is the mean of W over each orbit and
     no basis is needed (docs/math.md §9). Regular fields of C_N / D_N have closed forms (``data`` empty);
     a regular output field and a product input field (a grid convolution) have the factorised index of
-    ``OrbitForm.PRODUCT``; otherwise ``data`` is the orbit of every entry (row-major, exact integers in float64) followed by the
+    ``OrbitForm.PRODUCT``; a large pair whose group's permutations take less room than an orbit table
+    (``|G| (d_out + d_in)`` against ``d_out d_in``) stores those (``OrbitForm.POINTS``, the mean over
+    the group's images of each entry); otherwise ``data`` is the orbit of every entry (row-major, exact integers in float64) followed by the
     inverse orbit sizes, from the connected components of the graph the group's generators draw on the
     pairs. Shared by every copy of the pair: its size is that of one tile."""
     pa, pb = field_out.permutation, field_in.permutation
@@ -340,6 +383,10 @@ def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torc
         return d_out, OrbitForm[form.upper()], torch.zeros(0, dtype=torch.float64)
     if pa.regular and pb.factors is not None and pa.group == pb.group:
         return d_in, OrbitForm.PRODUCT, _product_orbits(pa, pb)
+    ng = pa.group.order
+    if d_out * d_in > _TABLE_ENTRIES and ng * (d_out + d_in) + 1 < d_out * d_in:
+        K, data = _points_segment(pa, pb)
+        return K, OrbitForm.POINTS, data
     if d_out * d_in > MAX_ORBIT_TABLE:
         raise ValueError(f"the orbits of a pair of permutation fields of dimension {d_out} and {d_in} need an index "
                          f"table of {d_out * d_in:,} entries, more than the {MAX_ORBIT_TABLE:,} a plan holds: split the "

@@ -13,6 +13,9 @@ of each entry and the orbit sizes ``n_k`` within a tile::
 
     S_k = sum_{o(a,b)=k} T[a, b]      R = T - (S / n)[o]      E_perp += ||R||^2      E_G += sum_k S_k^2 / n_k
 
+or, for a pair stored by the group's permutations (``OrbitForm.POINTS``), the same mean as
+``P(T)[a, b] = (1/|G|) sum_g T[sigma_g(a), sigma_g(b)]`` and ``E_G = ||P(T)||^2``.
+
 Unlike the kernels it is plain differentiable torch: energies-only calls keep the autograd graph
 (double backward works), and :func:`torch_project` returns ``P(W)`` or ``W - P(W)`` with gradients.
 Both run with autocast off for their device, so a ``torch.autocast`` region around the call changes
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from equiproj._plan import PackedPlan
+from equiproj._plan import OrbitForm, PackedPlan
 
 from .inputs import accumulation_dtype, autocast_off, check_inputs
 
@@ -43,7 +46,12 @@ def _pairs(X: torch.Tensor, P: PackedPlan):
         rows = slice(p.out_offset, p.out_offset + p.out_copies * p.d_out)
         cols = slice(p.in_offset, p.in_offset + p.in_copies * p.d_in)
         T = X[..., rows, cols].reshape(batch + (p.out_copies, p.d_out, p.in_copies, p.d_in))
-        if p.orbits:  # orbit pair: P(T) is the mean of T over each orbit, coef_k = S_k / sqrt(n_k)
+        if p.orbits and p.orbit_form == OrbitForm.POINTS:  # P(T)[a, b] = mean over g of T[sigma_g a, sigma_g b]
+            so, si = P.point_tables(p, X.device)
+            PT = sum(T.index_select(-3, so[g]).index_select(-1, si[g]) for g in range(so.shape[0])) / so.shape[0]
+            # ||P(T)||^2 = E_G: the projection itself serves as the coefficients
+            yield rows, cols, T, PT.transpose(-3, -2).reshape(batch + (p.out_copies, p.in_copies, -1)), PT
+        elif p.orbits:  # orbit pair: P(T) is the mean of T over each orbit, coef_k = S_k / sqrt(n_k)
             o, inv = P.orbit_index(p, X.device)
             inv = inv.to(X.dtype)
             flat = T.transpose(-3, -2).reshape(batch + (p.out_copies, p.in_copies, p.d_out * p.d_in))

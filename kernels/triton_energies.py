@@ -175,6 +175,7 @@ _ORBIT_TABLE = tl.constexpr(int(OrbitClass.TABLE))
 _ORBIT_CYCLIC = tl.constexpr(int(OrbitClass.CYCLIC))
 _ORBIT_DIHEDRAL = tl.constexpr(int(OrbitClass.DIHEDRAL))
 _ORBIT_PRODUCT = tl.constexpr(int(OrbitClass.PRODUCT))
+_ORBIT_POINTS = tl.constexpr(int(OrbitClass.POINTS))
 
 
 @triton.jit
@@ -191,7 +192,9 @@ def _orbit_tiles_kernel(
     entry of row a in orbit k (a skewed load), so an orbit is a column and its mean a sum over the
     rows, O(1) work per weight; the orbits are taken ``DIP`` at a time (a product's tile may be larger
     than the registers: 48 x 1296 for O_h regular fields on 3x3x3 kernels). Orbit tables: one masked
-    sum per orbit (K passes over the registers), the whole tile at once (``DIP >= DI``)."""
+    sum per orbit (K passes over the registers), the whole tile at once (``DIP >= DI``). Pairs stored by
+    the group's permutations (``sigma^out`` ``[|G|, DO]``, ``sigma^in`` ``[|G|, DI]`` after ``|G|``): the
+    mean of the tile's |G| images ``T[sigma_g(a), sigma_g(b)]``, each a gathered load of the whole tile."""
     task = task_ptr + (task_start + tl.program_id(0)).to(tl.int64) * NT
     layer = tl.load(task + _T_LAYER)
     row0 = tl.load(task + _T_ROW0)
@@ -263,7 +266,22 @@ def _orbit_tiles_kernel(
         x2 = tl.load(w_ptr + w_off + urow[:, None] * stride_row + ucol * stride_col, mask=mask, other=0.0)
         x = tl.reshape(x2.to(tl.float32), [BU, DOP, BV, DIP])
 
-        if FORM == _ORBIT_TABLE:
+        if FORM == _ORBIT_POINTS:  # P(T)[a, b] = (1/|G|) sum_g T[sigma_g(a), sigma_g(b)]
+            n_g = tl.load(basis_ptr + basis_off).to(tl.int32)
+            images = tl.zeros([RP, CP], dtype=tl.float32)
+            for e in range(n_g):
+                so = tl.load(basis_ptr + basis_off + 1 + e * DO + a, mask=rmask, other=0.0).to(tl.int32)  # [RP]
+                si = tl.load(basis_ptr + basis_off + 1 + n_g * DO + e * DI + kj, mask=k_in, other=0.0).to(tl.int32)
+                grow = row0 + u * DO + so
+                gcol = col0 + v * DI + si
+                if not IDENTITY_PERM:
+                    grow = tl.load(perm_ptr + tl.load(lay + _L_PERM_OUT_OFFSET) + grow, mask=rmask, other=0)
+                    gcol = tl.load(perm_ptr + tl.load(lay + _L_PERM_IN_OFFSET) + gcol, mask=(v < nv) & k_in, other=0)
+                images += tl.load(w_ptr + w_off + grow[:, None] * stride_row + gcol[None, :] * stride_col, mask=mask,
+                                  other=0.0).to(tl.float32)
+            proj = tl.reshape(images, [BU, DOP, BV, DIP]) / n_g.to(tl.float32)
+            eg_sum += tl.sum(tl.sum(proj * proj, axis=3), axis=1)
+        elif FORM == _ORBIT_TABLE:
             tb = k2
             in_tile = (ta < DO) & (tb < DI)
             orbit = tl.load(basis_ptr + basis_off + ta * DI + tb, mask=in_tile, other=-1.0).to(tl.int32)[None, :, None, :]
