@@ -266,6 +266,19 @@ bool points_splits(const OutGroup& G, bool direct) {
   return true;
 }
 
+// The rows of pair p in row block u of a split group: where W's rows start (after the output
+// permutation) and where their gradient rows start (null without a gradient).
+template <typename X>
+void split_rows(const Layer& L, const OutGroup& G, int64_t u, const Pair& p, const X* base, X* gbase,
+                std::vector<const X*>& xr, std::vector<X*>& gr) {
+  const int64_t d = G.d_out;
+  for (int64_t a = 0; a < d; ++a) {
+    const int64_t i = G.out_off + u * d + a, row = L.perm_out ? L.perm_out[i] : i;
+    xr[a] = base + row * L.sm + p.in_off;
+    gr[a] = gbase ? gbase + row * L.n + p.in_off : nullptr;
+  }
+}
+
 template <typename X>
 void process_points_split(const Layer& L, int64_t b, const OutGroup& G, int64_t u, acc_t* part) {
   const int64_t d = G.d_out;
@@ -276,11 +289,7 @@ void process_points_split(const Layer& L, int64_t b, const OutGroup& G, int64_t 
   std::vector<X*> gr(d);
   acc_t ep = 0, eg = 0;
   for (const Pair& p : G.pairs) {
-    for (int64_t a = 0; a < d; ++a) {
-      const int64_t i = G.out_off + u * d + a, row = L.perm_out ? L.perm_out[i] : i;
-      xr[a] = base + row * L.sm + p.in_off;
-      gr[a] = gbase ? gbase + row * L.n + p.in_off : nullptr;
-    }
+    split_rows(L, G, u, p, base, gbase, xr, gr);
     const int64_t R = p.orbit[0], per = std::max<int64_t>(1, kChunkRows / 4 / p.factor);
     const int64_t chunks = (R + per - 1) / per;
     std::vector<acc_t> e(2 * chunks, 0.0);
@@ -317,11 +326,7 @@ void process_split(const Layer& L, int64_t b, const OutGroup& G, int64_t u, Scra
   std::vector<X*> gr(d);
   acc_t ep = 0, eg = 0;
   for (const Pair& p : G.pairs) {
-    for (int64_t a = 0; a < d; ++a) {
-      const int64_t i = G.out_off + u * d + a, row = L.perm_out ? L.perm_out[i] : i;
-      xr[a] = base + row * L.sm + p.in_off;
-      gr[a] = gbase ? gbase + row * L.n + p.in_off : nullptr;
-    }
+    split_rows(L, G, u, p, base, gbase, xr, gr);
     const int64_t scratch = orbit_closed_scratch(p.ci, p.r, p.form == kOrbitDihedral);
     std::vector<acc_t> work(chunks * scratch, 0.0), ep_chunk(chunks, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
