@@ -372,6 +372,7 @@ struct HostPlan {
   WeakTensorRef meta, basis;  // the caller's tensors, while they live (below)
   std::vector<acc_t> basis_f64, basis_t;
   std::vector<int32_t> orbit;  // orbit indices of the kOrbitTable pairs, inverse factor tables of kOrbitProduct
+  std::vector<acc_t> half_inv;  // the inverse sizes of the half-orbits of the kOrbitSigned pairs
   std::vector<OutGroup> groups, groups_in_place;
   std::vector<int64_t> group_start;
   int64_t blocks = 0;
@@ -380,7 +381,7 @@ struct HostPlan {
   HostPlan& operator=(const HostPlan&) = delete;
   bool expired() const { return meta.expired() || basis.expired(); }
   size_t bytes() const {
-    size_t b = (basis_f64.size() + basis_t.size()) * sizeof(acc_t) + orbit.size() * sizeof(int32_t);
+    size_t b = (basis_f64.size() + basis_t.size() + half_inv.size()) * sizeof(acc_t) + orbit.size() * sizeof(int32_t);
     for (const auto& G : groups) b += 2 * G.pairs.size() * sizeof(Pair);
     return b;
   }
@@ -642,11 +643,12 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
       if (v >= 1 && v <= nb && v == std::floor(v)) ng = static_cast<int64_t>(v);
     }
     const int64_t stored = orbits == 0              ? r * dout * din
-                           : form == kOrbitTable   ? dout * din + orbits
+                           : form == kOrbitTable || form == kOrbitSigned ? dout * din + orbits
                            : form == kOrbitProduct ? (product_ok ? 1 + dout * (din / d2 + d2) : nb + 1)
                            : form == kOrbitPoints  ? (ng >= 1 ? 1 + ng * (dout + din) : nb + 1)
                                                    : 0;
-    const bool form_ok = orbits == 0 || (orbits == r && ((form == kOrbitTable && orbits <= dout * din) ||
+    const bool form_ok = orbits == 0 || (orbits == r && (((form == kOrbitTable || form == kOrbitSigned) &&
+                                                          orbits <= dout * din) ||
                                                          (form == kOrbitProduct && product_ok) ||
                                                          (form == kOrbitPoints && ng >= 1 && orbits <= dout * din) ||
                                                          (form == kOrbitCyclic && dout == din && orbits == dout) ||
@@ -694,6 +696,23 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
         pr.factor = ng;
         pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(H.orbit.size()));
         append_point_tables(H.orbit, A + 1, ng, dout, din, layer, order[q]);
+      } else if (form == kOrbitSigned) {
+        // signed orbits run as a table of 2 K + 1 half-orbits (plan_types.h): entry code c (k + 1), c = +-1,
+        // goes to half-orbit 2 k (c = 1) or 2 k + 1 (c = -1), code 0 to 2 K; offsets stored until the vectors stop growing
+        pr.form = kOrbitTable;
+        pr.r = 2 * orbits + 1;
+        pr.signed_orbits = true;
+        pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(H.orbit.size()));
+        for (int64_t e = 0; e < dout * din; ++e) {
+          const acc_t c = A[e];
+          TORCH_CHECK_VALUE(std::abs(c) <= orbits && c == std::floor(c), "fused_energies: layer ", layer,
+                            ": malformed signed orbit table in plan row ", order[q]);
+          const int64_t k = static_cast<int64_t>(std::abs(c)) - 1;
+          H.orbit.push_back(static_cast<int32_t>(c == 0 ? 2 * orbits : 2 * k + (c < 0)));
+        }
+        pr.inv = reinterpret_cast<const acc_t*>(static_cast<intptr_t>(H.half_inv.size()));
+        for (int64_t k = 0; k < orbits; ++k) H.half_inv.insert(H.half_inv.end(), 2, A[dout * din + k]);
+        H.half_inv.push_back(0.0);
       } else if (form == kOrbitTable) {
         // the orbit indices are stored as exact integers; their offset is stored until H.orbit stops growing
         pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(H.orbit.size()));
@@ -731,6 +750,7 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
       if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) p.At = H.basis_t.data() + reinterpret_cast<intptr_t>(p.At);
       if (p.kind == Kind::kOrbit && (p.form == kOrbitTable || p.form == kOrbitProduct || p.form == kOrbitPoints))
         p.orbit = H.orbit.data() + reinterpret_cast<intptr_t>(p.orbit);
+      if (p.signed_orbits) p.inv = H.half_inv.data() + reinterpret_cast<intptr_t>(p.inv);
     }
   }
   H.group_start.assign(1, 0);

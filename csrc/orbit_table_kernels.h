@@ -404,6 +404,24 @@ template <typename X>
 constexpr bool kSplitOrbitMeans = sizeof(X) == sizeof(float);
 #endif
 
+// A signed table (plan_types.h, signed_orbits): half-orbit 2 k holds the sum of orbit k's entries of sign +1,
+// 2 k + 1 that of its entries of sign -1. Orbit k's signed sum S_k = S[2 k] - S[2 k + 1] goes to 2 k and its
+// negative to 2 k + 1, so that the unsigned passes give entry e the mean c(e) S_k / n_k (the 2 K-th
+// half-orbit, inverse size 0, gives 0); E_G, summed over the half-orbits, then counts every orbit twice.
+inline void combine_signed_halves(const Pair& p, acc_t* S) {
+  const int64_t slots = p.r, ci = p.ci;
+  for (int64_t v = 0, w = 0; v < ci; v += w) {
+    w = group_width(v, ci);
+    acc_t* Sw = S + v * slots;  // [slots][w]
+    for (int64_t k = 0; k + 1 < slots; k += 2)
+      for (int64_t l = 0; l < w; ++l) {
+        const acc_t s = Sw[w * k + l] - Sw[w * (k + 1) + l];
+        Sw[w * k + l] = s;
+        Sw[w * (k + 1) + l] = -s;
+      }
+  }
+}
+
 // S: ci * K + di scratch entries: the orbit sums (then means) of every tile, a group of w tiles
 // starting at tile v (group_width) as the [K][w] block at S + v K; then room for the orbit row of a
 // product.
@@ -445,14 +463,18 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
     }
   }
   // E_G = sum_k S_k^2 / n_k; S becomes the orbit means (float64, or split into float32 m_hi, m_lo)
+  acc_t eg_pair = 0;
+  if (p.signed_orbits) combine_signed_halves(p, S);
 #ifdef EQUIPROJ_AVX2
   if constexpr (kSplitOrbitMeans<X>) {
-    split_orbit_means(p, S, eg);
+    split_orbit_means(p, S, eg_pair);
+    eg += p.signed_orbits ? 0.5 * eg_pair : eg_pair;
     table_orbit_residuals_f32<X>(p, dout, x, g, cp2, cg2, S, obuf, ep);
     return;
   }
 #endif
-  orbit_means(p, S, eg);
+  orbit_means(p, S, eg_pair);
+  eg += p.signed_orbits ? 0.5 * eg_pair : eg_pair;
   // pass 2: the residual and the gradient
   V4 e4 = zero4();
   acc_t e1 = 0;

@@ -29,6 +29,7 @@ enum OrbitForm : int64_t {
   kOrbitDihedral = 2,  // regular fields of D_N (element k + N s = R(k) F^s), orbits of size 2N
   kOrbitProduct = 3,   // regular output field, input f_1 ⊗ f_2: d_2, then the factor tables T1 [d_out, d_1], T2 [d_out, d_2]
   kOrbitPoints = 4,    // any two permutation fields: |G|, then sigma_out [|G|, d_out], sigma_in [|G|, d_in]
+  kOrbitSigned = 5,    // two monomial fields: c(e) (k + 1) per entry (0: no equivariant part), then K inverse orbit sizes
 };
 
 inline constexpr const char* kPlanColumnNames[] = {"OUT_OFFSET", "IN_OFFSET", "OUT_COPIES", "IN_COPIES",

@@ -35,6 +35,10 @@ struct Pair {
   // kOrbitPoints (factor = |G|, orbit: the tables of orbit_perm_kernels.h): the orbits of G on the output
   // points that a call processes, [orbit_begin, orbit_end) (orbit_end < 0: all)
   int64_t orbit_begin = 0, orbit_end = -1;
+  // a kOrbitSigned plan row runs as a kOrbitTable pair over 2 K + 1 half-orbits (signed_orbits): 2 k holds
+  // the entries of orbit k with sign +1, 2 k + 1 those with sign -1, 2 K those without an equivariant part
+  // (inverse size 0); inv has the 2 K + 1 inverse sizes (orbit_table_kernels.h, combine_signed_halves)
+  bool signed_orbits = false;
   bool accumulate = false;  // add the gradient to g (which may alias x) instead of writing it (kOrbit, kZero,
                             // kIdentity with d <= kMaxSmall)
 };

@@ -19,6 +19,7 @@ import torch
 
 from ._caches import bytes_cached
 from .groups import Field, Irrep, Rep, check_rep_pair
+from .groups._field import monomial_action
 
 __all__ = ["SidePlan", "BlockPlan", "FieldPair", "PackedPlan", "PlanColumn", "PlanRow", "OrbitForm", "orbit_pair",
            "product_columns", "block_plan", "plan_for"]
@@ -185,13 +186,19 @@ class OrbitForm(enum.IntEnum):
     ``POINTS``: any two permutation fields, by the group's permutations themselves:
     ``P(T)[a, b] = (1/|G|) sum_g T[sigma_g(a), sigma_g(b)]``; the segment holds ``|G|``, then
     ``sigma^out`` ``[|G|, d_out]`` and ``sigma^in`` ``[|G|, d_in]`` row-major (``|G| (d_out + d_in) + 1``
-    numbers: a large point set, whose orbit table would be larger than the weight)."""
+    numbers: a large point set, whose orbit table would be larger than the weight). ``SIGNED``: two
+    monomial fields (signed permutations, :func:`~equiproj.groups._field.monomial_action`: an irrep
+    field of C_4 or D_4 times the points of a kernel grid), whose equivariant maps are the signed orbit
+    sums ``W[e] = c(e) w_k``: the segment holds ``c(e) (k + 1)`` for every entry ``e`` of orbit ``k``
+    (``0`` where the orbit's stabiliser flips the sign, so that ``P(T)`` vanishes there), row-major,
+    then the ``K`` inverse orbit sizes; ``P(T)[e] = c(e) (1 / n_k) sum_{e' in k} c(e') T[e']``."""
 
     TABLE = 0
     CYCLIC = 1
     DIHEDRAL = 2
     PRODUCT = 3
     POINTS = 4
+    SIGNED = 5
 
 
 #: pairs of permutation fields this small keep their basis: the kernels' small-tile paths (compile-time
@@ -254,13 +261,16 @@ class PackedPlan:
                                 .reshape(r.rank, r.d_out, r.d_in) for r in self.rows()]
         return self._cache[key]
 
-    def orbit_index(self, row: PlanRow, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(o, inverse sizes)`` of an orbit pair: the orbit of every entry of a tile ``[d_out * d_in]``
-        (long, row-major) and ``1 / n_k`` ``[K]`` float64, on ``device`` (cached; the closed forms
-        written out, for the pure-torch kernels)."""
+    def orbit_index(self, row: PlanRow, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(o, inverse sizes, signs)`` of an orbit pair: the orbit of every entry of a tile
+        ``[d_out * d_in]`` (long, row-major), ``1 / n_k`` float64 and, for a ``SIGNED`` pair, the sign
+        ``c(e)`` of every entry (float64; ``None`` for the other forms), on ``device`` (cached; the closed
+        forms written out, for the pure-torch kernels). A ``SIGNED`` pair's entries whose orbit has no
+        equivariant part have sign 0 and the extra orbit ``K``, of inverse size 0: ``P(T) = c(e) (1 / n_k)
+        sum_{o(e') = k} c(e') T[e']`` for every form, with ``c = 1`` where there are no signs."""
         key = ("orbits", row.basis_offset, row.d_out, row.d_in, torch.device(device))
         if key not in self._cache:
-            self._cache[key] = tuple(t.to(device) for t in _orbit_index(row, self.basis))
+            self._cache[key] = tuple(None if t is None else t.to(device) for t in _orbit_index(row, self.basis))
         return self._cache[key]
 
     def point_tables(self, row: PlanRow, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,17 +293,21 @@ class PackedPlan:
         return self._cache[key]
 
 
-def _orbit_index(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _orbit_index(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     do, di, K = row.d_out, row.d_in, row.orbits
-    if row.orbit_form == OrbitForm.TABLE:
+    if row.orbit_form in (OrbitForm.TABLE, OrbitForm.SIGNED):
         data = basis[row.basis_offset : row.basis_offset + do * di + K].to(torch.float64).cpu()
-        return data[: do * di].round().to(torch.long), data[do * di :]
+        code, inv = data[: do * di].round().to(torch.long), data[do * di :]
+        if row.orbit_form == OrbitForm.TABLE:
+            return code, inv, None
+        o = torch.where(code == 0, K, code.abs() - 1)  # sign 0: the extra orbit K, of inverse size 0
+        return o, torch.cat([inv, inv.new_zeros(1)]), code.sign().to(torch.float64)
     a, b = torch.arange(do)[:, None], torch.arange(di)[None, :]
     if row.orbit_form == OrbitForm.POINTS:
         raise ValueError("an OrbitForm.POINTS pair has no orbit index: use PackedPlan.point_tables")
     if row.orbit_form == OrbitForm.PRODUCT:  # written out: the column of orbit k in row a, inverted
         o = torch.empty(do, di, dtype=torch.long).scatter_(1, product_columns(row, basis), b.expand(do, di).contiguous())
-        return o.reshape(-1), torch.full((K,), 1.0 / do, dtype=torch.float64)
+        return o.reshape(-1), torch.full((K,), 1.0 / do, dtype=torch.float64), None
     if row.orbit_form == OrbitForm.CYCLIC:
         o = (b - a) % do
     elif row.orbit_form == OrbitForm.DIHEDRAL:
@@ -302,7 +316,7 @@ def _orbit_index(row: PlanRow, basis: torch.Tensor) -> tuple[torch.Tensor, torch
         o = torch.where(sa == 0, (kb - ka) % N + N * tb, (ka - kb) % N + N * (1 - tb))
     else:
         raise ValueError(f"unknown orbit form {row.orbit_form}")
-    return o.reshape(-1), torch.full((K,), 1.0 / do, dtype=torch.float64)
+    return o.reshape(-1), torch.full((K,), 1.0 / do, dtype=torch.float64), None
 
 
 def product_columns(row: PlanRow, basis: torch.Tensor) -> torch.Tensor:
@@ -353,10 +367,53 @@ def _product_orbits(pa, pb) -> torch.Tensor:
 
 def orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
     """``(K, form, data)`` when both fields are permutation fields (one of dimension above 5, or
-    both regular fields of C_4 or D_2), else ``None`` (:func:`_orbit_pair`; the test is made before the cache, which then holds only orbit pairs)."""
-    if field_out.permutation is None or field_in.permutation is None:
+    both regular fields of C_4 or D_2; :func:`_orbit_pair`) or both monomial fields, one of dimension
+    above 5 (:func:`_signed_orbit_pair`), else ``None`` (the permutation test is made before the cache,
+    which then holds only orbit pairs)."""
+    if field_out.permutation is not None and field_in.permutation is not None:
+        return _orbit_pair(field_out, field_in)
+    if max(field_out.dim, field_in.dim) <= _SMALL_FIELD or field_out.dim * field_in.dim > _TABLE_ENTRIES:
         return None
-    return _orbit_pair(field_out, field_in)
+    return _signed_orbit_pair(field_out, field_in)
+
+
+@bytes_cached("equiproj._plan.signed_orbit_pair")
+def _signed_orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
+    """``(K, OrbitForm.SIGNED, data)`` for two monomial fields (``OrbitForm.TABLE`` where every sign is
+    ``+1``), else ``None``.
+
+    G moves entry ``e = (a, b)`` of a tile to ``g e = (sigma_g(a), sigma_g(b))`` with the factor
+    ``t_g(e) = sign_g(a) sign_g(b)``, so an equivariant map satisfies ``W[g e] = t_g(e) W[e]``: on each
+    orbit it is ``c(e) w`` with ``c(g r) = t_g(r)`` relative to the orbit's first entry ``r``, unless some
+    ``g`` fixing ``r`` has ``t_g(r) = -1`` (then only 0). The orbits' indicator vectors signed by ``c``,
+    divided by ``sqrt(n_k)``, are an orthonormal basis of the equivariant maps, and ``P(W)`` is the
+    signed mean over each orbit. Found from the images of every entry under every element, so only for
+    ``|G| d_out d_in <= 2^24``."""
+    mo, mi = monomial_action(field_out), monomial_action(field_in)
+    d_out, d_in = field_out.dim, field_in.dim
+    if mo is None or mi is None or mo[0].shape[0] * d_out * d_in > 2**24:
+        return None
+    (so, to), (si, ti) = mo, mi
+    ng, N = so.shape[0], d_out * d_in
+    image = (so[:, :, None] * d_in + si[:, None, :]).reshape(ng, N)  # [|G|, N]: g e
+    factor = (to[:, :, None] * ti[:, None, :]).reshape(ng, N)  # t_g(e)
+    first = image.min(0).values  # the first entry (row-major) of the orbit of every entry
+    reached = image[:, first] == torch.arange(N)  # g maps the orbit's first entry to e
+    plus = (reached & (factor[:, first] > 0)).any(0)
+    minus = (reached & (factor[:, first] < 0)).any(0)
+    label = torch.unique(first, return_inverse=True)[1]  # orbits numbered by their first entry
+    flipped = torch.zeros(int(label.max()) + 1, dtype=torch.bool).index_fill_(0, label[plus & minus], True)
+    kept = (~flipped).to(torch.long)
+    number = torch.cumsum(kept, 0) - 1  # the kept orbits, renumbered 0 .. K - 1
+    K = int(kept.sum())
+    if K == 0:
+        return None
+    keep = kept[label].bool()
+    code = torch.where(keep, (number[label] + 1) * torch.where(plus, 1, -1), 0)
+    sizes = torch.bincount(number[label][keep], minlength=K).to(torch.float64)
+    if bool((code > 0).all()):  # no sign (a trivial irrep and a permutation field): a plain orbit table
+        return K, OrbitForm.TABLE, torch.cat([(code - 1).to(torch.float64), 1.0 / sizes])
+    return K, OrbitForm.SIGNED, torch.cat([code.to(torch.float64), 1.0 / sizes])
 
 
 @bytes_cached("equiproj._plan.orbit_pair")

@@ -71,6 +71,7 @@ class OrbitClass(enum.IntEnum):
     DIHEDRAL = 3  # regular fields of D_N: the same with the dihedral closed form
     PRODUCT = 4  # regular output field, input f_1 ⊗ f_2: loaded skewed through the factor tables, DIP orbits at a time
     POINTS = 5  # any two permutation fields by the group's permutations: the mean of the tile's |G| images
+    SIGNED = 6  # two monomial fields: a signed orbit table, one masked signed sum per orbit
 
 #: largest padded tile ``pow2(d_out) * pow2(d_in)`` the kernel takes (it holds a tile in registers)
 MAX_TILE_ELEMENTS = 128 * 128

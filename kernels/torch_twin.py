@@ -13,7 +13,8 @@ of each entry and the orbit sizes ``n_k`` within a tile::
 
     S_k = sum_{o(a,b)=k} T[a, b]      R = T - (S / n)[o]      E_perp += ||R||^2      E_G += sum_k S_k^2 / n_k
 
-or, for a pair stored by the group's permutations (``OrbitForm.POINTS``), the same mean as
+(for two monomial fields, ``OrbitForm.SIGNED``, each entry taken with its sign ``c(a, b)``:
+``S_k = sum c T``, ``R = T - c (S / n)[o]``), or, for a pair stored by the group's permutations (``OrbitForm.POINTS``), the same mean as
 ``P(T)[a, b] = (1/|G|) sum_g T[sigma_g(a), sigma_g(b)]`` and ``E_G = ||P(T)||^2``.
 
 Unlike the kernels it is plain differentiable torch: energies-only calls keep the autograd graph
@@ -51,12 +52,18 @@ def _pairs(X: torch.Tensor, P: PackedPlan):
             PT = sum(T.index_select(-3, so[g]).index_select(-1, si[g]) for g in range(so.shape[0])) / so.shape[0]
             # ||P(T)||^2 = E_G: the projection itself serves as the coefficients
             yield rows, cols, T, PT.transpose(-3, -2).reshape(batch + (p.out_copies, p.in_copies, -1)), PT
-        elif p.orbits:  # orbit pair: P(T) is the mean of T over each orbit, coef_k = S_k / sqrt(n_k)
-            o, inv = P.orbit_index(p, X.device)
+        elif p.orbits:  # orbit pair: P(T) is the (signed) mean of T over each orbit, coef_k = S_k / sqrt(n_k)
+            o, inv, sign = P.orbit_index(p, X.device)
             inv = inv.to(X.dtype)
             flat = T.transpose(-3, -2).reshape(batch + (p.out_copies, p.in_copies, p.d_out * p.d_in))
-            S = flat.new_zeros(flat.shape[:-1] + (p.orbits,)).index_add(-1, o, flat)
-            mean = (S * inv)[..., o].reshape(batch + (p.out_copies, p.in_copies, p.d_out, p.d_in)).transpose(-3, -2)
+            if sign is not None:  # S_k = sum of c(e) T[e] over the orbit, P(T)[e] = c(e) S_k / n_k
+                sign = sign.to(X.dtype)
+                flat = flat * sign
+            S = flat.new_zeros(flat.shape[:-1] + (len(inv),)).index_add(-1, o, flat)
+            mean = (S * inv)[..., o]
+            if sign is not None:
+                mean = mean * sign
+            mean = mean.reshape(batch + (p.out_copies, p.in_copies, p.d_out, p.d_in)).transpose(-3, -2)
             yield rows, cols, T, S * inv.sqrt(), mean
         elif p.rank:
             coef = torch.einsum("...uavb,kab->...uvk", T, A)

@@ -176,6 +176,7 @@ _ORBIT_CYCLIC = tl.constexpr(int(OrbitClass.CYCLIC))
 _ORBIT_DIHEDRAL = tl.constexpr(int(OrbitClass.DIHEDRAL))
 _ORBIT_PRODUCT = tl.constexpr(int(OrbitClass.PRODUCT))
 _ORBIT_POINTS = tl.constexpr(int(OrbitClass.POINTS))
+_ORBIT_SIGNED = tl.constexpr(int(OrbitClass.SIGNED))
 
 
 @triton.jit
@@ -192,7 +193,8 @@ def _orbit_tiles_kernel(
     entry of row a in orbit k (a skewed load), so an orbit is a column and its mean a sum over the
     rows, O(1) work per weight; the orbits are taken ``DIP`` at a time (a product's tile may be larger
     than the registers: 48 x 1296 for O_h regular fields on 3x3x3 kernels). Orbit tables: one masked
-    sum per orbit (K passes over the registers), the whole tile at once (``DIP >= DI``). Pairs stored by
+    sum per orbit (K passes over the registers), the whole tile at once (``DIP >= DI``); a signed table
+    (two monomial fields) stores ``c(e) (k + 1)`` and takes every entry with its sign. Pairs stored by
     the group's permutations (``sigma^out`` ``[|G|, DO]``, ``sigma^in`` ``[|G|, DI]`` after ``|G|``): the
     mean of the tile's |G| images ``T[sigma_g(a), sigma_g(b)]``, each a gathered load of the whole tile."""
     task = task_ptr + (task_start + tl.program_id(0)).to(tl.int64) * NT
@@ -291,6 +293,19 @@ def _orbit_tiles_kernel(
                 sel = orbit == o
                 total = tl.sum(tl.sum(tl.where(sel, x, 0.0), axis=3), axis=1)  # [BU, BV]
                 proj += tl.where(sel, (total * inv)[:, None, :, None], 0.0)
+                eg_sum += total * total * inv
+        elif FORM == _ORBIT_SIGNED:  # code c(e) (k + 1); 0: no equivariant part (never selected)
+            tb = k2
+            in_tile = (ta < DO) & (tb < DI)
+            code = tl.load(basis_ptr + basis_off + ta * DI + tb, mask=in_tile, other=0.0).to(tl.int32)[None, :, None, :]
+            sign = tl.where(code < 0, -1.0, 1.0)
+            signed_x = x * sign
+            proj = tl.zeros([BU, DOP, BV, DIP], dtype=tl.float32)
+            for o in range(n_orbits):
+                inv = tl.load(basis_ptr + basis_off + DO * DI + o)
+                sel = (code == o + 1) | (code == -o - 1)
+                total = tl.sum(tl.sum(tl.where(sel, signed_x, 0.0), axis=3), axis=1)  # [BU, BV]
+                proj += tl.where(sel, (total * inv)[:, None, :, None] * sign, 0.0)
                 eg_sum += total * total * inv
         else:  # every orbit meets every row once: the orbit sums are the column sums
             total = tl.sum(x, axis=1)  # [BU, BV, DIP]

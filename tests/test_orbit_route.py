@@ -15,6 +15,7 @@ import equiproj
 from equiproj import Cyclic, Dihedral, FullOctahedral, Octahedral, Rep
 from equiproj import reference
 from equiproj._plan import _SMALL_CLOSED_FORM, _SMALL_FIELD, MAX_ORBIT_TABLE, OrbitForm, block_plan, orbit_pair, plan_for
+from equiproj.groups._field import monomial_action
 from equiproj.grid import kernel_rep
 from equiproj.kernels import torch_fused_energies
 from equiproj.ops import cpp_available
@@ -116,7 +117,12 @@ def test_permutation_pairs_are_orbit_pairs_without_a_basis(pair):
         # the smallest pairs keep the basis (the small-tile kernels are faster), but for C_4 and D_2
         # regular fields, whose 4x4 tiles the one-pass closed-form kernel takes
         both = both and (max(fo.dim, fi.dim) > _SMALL_FIELD or (closed and fo.dim == _SMALL_CLOSED_FORM))
-        assert bool(row.orbits) == both
+        # a permutation field and a field of signed permutations (an irrep of +-1): signed orbits
+        signed = (not both and max(fo.dim, fi.dim) > _SMALL_FIELD and monomial_action(fo) is not None
+                  and monomial_action(fi) is not None)
+        assert bool(row.orbits) == (both or signed)
+        assert (row.orbit_form == OrbitForm.SIGNED) == signed
+        both = both or signed
         if both:  # K orbits = dim Hom_G(f_in, f_out), from the characters
             els = rep_in.group.elements()
             chi = lambda f: f.matrix(els).diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
@@ -154,7 +160,7 @@ def test_closed_forms_match_the_orbits_of_the_elements():
         P = plan_for(G.regular(), G.regular(), "cpu")
         (row,) = P.rows()
         assert row.orbit_form == form and P.basis.numel() == 0
-        o, inv = P.orbit_index(row, "cpu")
+        o, inv, _ = P.orbit_index(row, "cpu")
         o = o.reshape(row.d_out, row.d_in)
         table = G.regular_table()  # [|G|, |G|]: sigma of every element
         for a, b in [(0, 1), (3, 2), (row.d_out - 1, 0)]:
@@ -370,7 +376,7 @@ def test_product_orbits_are_the_orbits_of_all_elements():
         P = plan_for(rep_in, rep_out, "cpu")
         row = P.rows()[0]
         assert row.orbit_form == OrbitForm.PRODUCT and row.orbits == row.d_in
-        o, inv = P.orbit_index(row, "cpu")
+        o, inv, _ = P.orbit_index(row, "cpu")
         o = o.reshape(row.d_out, row.d_in)
         so = rep_out.segments[0][1].permutation.element_table()
         si = rep_in.segments[0][1].permutation.element_table()

@@ -252,7 +252,7 @@ def test_packed_plan_matches_field_pairs(case):
         head = (fp.out_offset, fp.in_offset, fp.out_copies, fp.in_copies, fp.d_out, fp.d_in)
         if row.orbits:  # a pair of permutation fields: as many orbits as basis matrices, orbit data in place of them
             assert tuple(row[:6]) == head and row.rank == row.orbits == r and row.basis_offset == offset
-            offset += fp.d_out * fp.d_in + r if row.orbit_form == OrbitForm.TABLE else 0
+            offset += fp.d_out * fp.d_in + r if row.orbit_form in (OrbitForm.TABLE, OrbitForm.SIGNED) else 0
             continue
         assert row == head + (r, offset, 0, 0)
         chunk = P.basis[row.basis_offset : row.basis_offset + r * fp.d_out * fp.d_in]

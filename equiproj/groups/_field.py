@@ -178,6 +178,40 @@ def _product_decomposition(fa: Field, fb: Field) -> tuple[list, torch.Tensor]:
     return slots, torch.kron(Qa, Qb) @ Qk
 
 
+#: the most float64 entries (``|G| d^2``) the monomial test of a field reads: its matrices at every element
+_MONOMIAL_TEST_ELEMENTS = 2**24
+
+
+@bytes_cached("equiproj.groups._field.monomial_action")
+def monomial_action(field: Field) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(sigma, sign)``, both ``[|G|, d]`` (long, float64 ``+-1``), when every ``rho_f(g)`` of a finite
+    group is a signed permutation matrix, ``rho_f(g) e_i = sign_g(i) e_{sigma_g(i)}`` (rows in the order
+    of ``group.elements()``); else ``None``. Permutation fields (every sign ``+1``), the irreps of C_4 and
+    D_4 and the three-dimensional irreps of the octahedral groups in their own bases, and products of
+    such fields (an irrep field times the points of a kernel grid) are monomial: their equivariant maps
+    are signed orbit sums (docs/math.md §9). Decided from the field's matrices at every element, so only
+    for ``|G| d^2 <= 2^24``.
+
+    >>> from equiproj.groups import Cyclic, Rep
+    >>> sigma, sign = monomial_action(Rep.parse(Cyclic(4), "1").segments[0][1])
+    >>> sigma[1].tolist(), sign[1].tolist()
+    ([1, 0], [1.0, -1.0])
+    """
+    G = field.group
+    if not G.is_finite or G.order * field.dim**2 > _MONOMIAL_TEST_ELEMENTS:
+        return None
+    if field.permutation is not None:
+        sigma = field.permutation.element_table()
+        return sigma, torch.ones(sigma.shape, dtype=torch.float64)
+    M = field.matrix(G.elements())  # [|G|, d, d]: column i of rho(g) is sign_g(i) e_{sigma_g(i)}
+    A = M.abs()
+    sigma = A.argmax(dim=-2)
+    sign = M.gather(-2, sigma[:, None, :]).squeeze(-2)
+    if not (bool(((sign.abs() - 1).abs() < 1e-9).all()) and bool(((A.sum(-2) - 1).abs() < 1e-9).all())):
+        return None
+    return sigma, sign.sign()
+
+
 class PermutationAction:
     """How a finite group permutes the basis of a field: ``rho_f(g) e_i = e_{sigma_g(i)}``.
 

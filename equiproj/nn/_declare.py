@@ -32,11 +32,12 @@ class NoKernelSpaceError(ValueError, NotImplementedError):
     """A declared convolution whose group has no exact grid action and no kernel space."""
 
 
-#: the largest input field ⊗ kernel grid that a grid conv builds as one permutation field when some
-#: output field is not regular: such a pair's orbit table has d_out times as many entries per
-#: field-pair type, and the Triton orbit kernel holds a whole table tile in registers (C4/D4 fields on
-#: 3x3 and 5x5 kernels: 36 to 200). With regular output fields every pair is a product pair (two
-#: factor tables, any size: O/O_h regular fields on 3x3x3 kernels, 648 and 1296)
+#: the largest input field ⊗ kernel grid that a grid conv builds as one field (a contiguous block of
+#: the weight's columns, read in place) when some output field is not regular: such a pair's orbit
+#: table (or basis) has d_out times as many entries per field-pair type, and the Triton orbit kernel
+#: holds a whole table tile in registers (C4/D4 fields on 3x3 and 5x5 kernels: 36 to 200; irreps of
+#: O/O_h on 3x3x3 kernels: 27 to 81). With regular output fields every pair of permutation fields is
+#: a product pair (two factor tables, any size: O/O_h regular fields on 3x3x3 kernels, 648 and 1296)
 _GRID_FIELD_MAX = 256
 
 
@@ -175,11 +176,12 @@ def _conv_declaration(module, rep_in, rep_out, kernel_space, bias) -> Declaratio
             return MatrixDeclaration("pointwise", rep_in, rep_out, rep_in, shape, bias, s,
                                      f"{ks} conv, exact ({G} acts on the channels of a single kernel point)")
         if _grid.has_grid_action(G, k):
-            # permutation input fields: rep_in ⊗ pixels as one permutation field per input copy (the orbit
-            # route on the weight in place) for regular output fields (factor tables) or while the fields
-            # stay small (orbit tables); otherwise the grid's orbits
+            # rep_in ⊗ pixels as one field per input copy, a contiguous block of the weight's columns read
+            # in place: for permutation input fields and regular output fields (factor tables), or while
+            # the fields stay small (orbit tables for permutation fields, signed orbit tables for monomial
+            # ones such as the irreps of C4/D4, a basis otherwise); larger fields take the grid's orbits
             regular_out = all(f.permutation is not None and f.permutation.regular for _, f in rep_out.segments)
-            whole = all(f.permutation is not None and (regular_out or f.dim * math.prod(k) <= _GRID_FIELD_MAX)
+            whole = all((f.permutation is not None and regular_out) or f.dim * math.prod(k) <= _GRID_FIELD_MAX
                         for _, f in rep_in.segments)
             return MatrixDeclaration("grid", rep_in, rep_out, rep_in @ _grid.kernel_rep(G, k, orbits=not whole), shape,
                                      bias, s,

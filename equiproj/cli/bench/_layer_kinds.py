@@ -49,7 +49,8 @@ __all__ = ["LayerKind", "layer_kinds", "layer_kind_rows", "format_layer_kinds", 
 #: tile with r basis matrices (r coefficients and the projection back, then residual and gradient)
 _ORBIT_FLOPS, _ZERO_FLOPS = 6, 4
 _ORBIT_NAMES = {int(OrbitForm.CYCLIC): "orbit closed form", int(OrbitForm.DIHEDRAL): "orbit closed form",
-                int(OrbitForm.TABLE): "orbit table", int(OrbitForm.PRODUCT): "orbit product"}
+                int(OrbitForm.TABLE): "orbit table", int(OrbitForm.PRODUCT): "orbit product",
+                int(OrbitForm.SIGNED): "signed orbit table"}
 
 
 def _matrix_route(rep_in: Rep, rep_out: Rep) -> tuple[str, float]:
