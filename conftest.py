@@ -60,3 +60,40 @@ def _seeded_doctest(request):
 
 # scripts that make the committed fixtures need the peer libraries (escnn): run by hand, never collected
 collect_ignore = ["tests/nn/data/export_escnn_models.py"]
+
+
+@pytest.fixture
+def check_triton(gen):
+    """``check(rep_in, rep_out, dtype, reference_rep_in=None)``: the Triton kernel (under the interpreter
+    without a GPU) on two random weights of ``dtype`` with different coefficients, energies and gradients
+    against the float64 reference on ``reference_rep_in`` (default ``rep_in``: the same representation),
+    then the decoupled step, the gradient added into the first weight itself."""
+    kernels = pytest.importorskip("equiproj.kernels.triton_energies")
+    from equiproj import reference
+    from equiproj._plan import plan_for
+    from equiproj.testing import relative_error
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def check(rep_in, rep_out, dtype, reference_rep_in=None):
+        ref_in = rep_in if reference_rep_in is None else reference_rep_in
+        W = torch.randn(2, rep_out.dim, rep_in.dim, generator=gen).to(dtype)
+        P = plan_for(rep_in, rep_out, device, torch.float32)
+        lambda_perp, lambda_G = torch.tensor([1.0, 0.5]), torch.tensor([0.25, 0.0])
+        flat = [w.to(device) for w in W.unbind(0)]
+        ep, eg, grads = kernels.fused_energies(flat, [P, P], lambda_perp, lambda_G)
+        tol = 2e-5 if dtype == torch.float32 else 1e-2  # half precision: the gradient is stored in W's dtype
+        for k in range(2):
+            x = W[k].double()
+            ref_p, ref_g = reference.energies(x, ref_in, rep_out)
+            PW = reference.project(x, ref_in, rep_out)
+            assert relative_error(ep[k].cpu(), ref_p) < 2e-5 and relative_error(eg[k].cpu(), ref_g) < 2e-5
+            want = 2 * float(lambda_perp[k]) * (x - PW) + 2 * float(lambda_G[k]) * PW
+            assert float((grads[k].cpu().double() - want).abs().max()) <= tol * float(want.abs().max())
+        out = flat[0].clone()
+        kernels.fused_energies([out], [P], torch.tensor([-0.05]), torch.tensor([0.0]), outs=[out])
+        x = W[0].double()
+        want = x - 0.1 * (x - reference.project(x, ref_in, rep_out))
+        assert float((out.cpu().double() - want).abs().max()) <= 10 * tol * float(x.abs().max())
+
+    return check

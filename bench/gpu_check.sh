@@ -8,6 +8,7 @@
 # 2. makes `equiproj` (with `equiproj.kernels` = kernels/, a mapping only setup.py knows) importable
 #    without building the C++ extension: an editable pip install without dependencies;
 # 3. runs the CUDA tests (tests/ops/test_triton.py, tests/ops/test_ops.py, tests/nn/test_nn.py, tests/nn/test_program.py,
+#    tests/ops/test_orbit_points.py, tests/ops/test_signed_orbits.py,
 #    tests/test_orbit_route.py), continuing whatever they report;
 # 4. times every kind of layer through the penalty program on the GPU (penalty.backward() into .grad
 #    and decay_ as multiples of a warm torch.mul(W, 2, out=buf); equiproj/cli/bench/_layer_kinds.py, one or two kinds per family at quick
@@ -37,7 +38,7 @@ fi
 $PY -c "import equiproj.kernels as k; print('equiproj.kernels from', k.__file__, '| triton kernel:', k.HAS_TRITON)"
 
 echo "== CUDA tests"
-TESTS="tests/ops/test_triton.py tests/ops/test_ops.py tests/nn/test_nn.py tests/nn/test_program.py tests/test_orbit_route.py"
+TESTS="tests/ops/test_triton.py tests/ops/test_ops.py tests/nn/test_nn.py tests/nn/test_program.py tests/test_orbit_route.py tests/ops/test_orbit_points.py tests/ops/test_signed_orbits.py"
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
 timeout 150 $PY -m pytest $TESTS -q -p no:cacheprovider $XDIST -o addopts="" -ra 2>&1 | tail -25

@@ -23,7 +23,8 @@ import torch
 from . import reference
 from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, Octahedral, Rep
 
-__all__ = ["random_orthogonal", "mixed_reps", "nearly_equivariant", "all_groups", "relative_error"]
+__all__ = ["random_orthogonal", "mixed_reps", "nearly_equivariant", "all_groups", "relative_error",
+           "check_batched_strided_half", "check_penalty_step"]
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -69,3 +70,59 @@ def relative_error(actual, expected) -> float:
     a, b = (x.detach().double().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
             for x in (actual, expected))
     return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
+
+
+def check_batched_strided_half(rep_in: Rep, rep_out: Rep, backend: str, generator: torch.Generator | None = None,
+                               reference_rep_in: Rep | None = None) -> None:
+    """Assert that ``backend`` gives the float64 reference's energies on a batched weight ``[2, 3, m, n]``
+    strided both ways (float64, to 1e-12), and energies (float32, to 1e-5 of the reference on the
+    rounded weight) and gradients (in the weight's dtype) on its float16 and bfloat16 roundings.
+    ``reference_rep_in``: the same representation as ``rep_in`` in the form the reference takes (a grid
+    convolution's input through the grid's orbits), default ``rep_in``.
+
+    >>> from equiproj import Cyclic
+    >>> G = Cyclic(4)
+    >>> check_batched_strided_half(2 * G.regular(), G.regular() + G.trivial(), "torch", torch.Generator().manual_seed(0))
+    """
+    from . import energies, energies_and_grad  # noqa: PLC0415 - the layers above import this module's names
+
+    ref_in = rep_in if reference_rep_in is None else reference_rep_in
+    base = torch.randn(2, 3, rep_in.dim, 2 * rep_out.dim, dtype=torch.float64, generator=generator)
+    W = base[..., ::2].transpose(-1, -2)  # [2, 3, m, n], strided both ways
+    assert not W.is_contiguous()
+    ep, eg = energies(W, rep_in, rep_out, backend=backend)
+    rp, rg = reference.energies(W, ref_in, rep_out)
+    assert ep.shape == (2, 3) and relative_error(ep, rp) < 1e-12 and relative_error(eg, rg) < 1e-12
+    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
+        Wh = W.to(dtype)
+        ep, eg = energies(Wh, rep_in, rep_out, backend=backend)
+        rp, rg = reference.energies(Wh.double(), ref_in, rep_out)
+        assert ep.dtype == torch.float32
+        assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-5  # exact arithmetic on the rounded W
+        _, _, grad = energies_and_grad(Wh, rep_in, rep_out, backend=backend)
+        want = 2 * (Wh.double() - reference.project(Wh.double(), ref_in, rep_out))
+        assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+
+
+def check_penalty_step(module: torch.nn.Module, W: torch.Tensor, rep_in: Rep, rep_out: Rep,
+                       generator: torch.Generator | None = None) -> None:
+    """Assert, for a declared ``module`` with float32 weight ``W`` (as ``[m, n]``, the rep pair's shape),
+    that ``ProjectionPenalty(module, lambda_perp=0.5).backward()`` adds ``2 * 0.5 (W - P W)`` to an
+    existing ``.grad`` and that ``decay_(0.25)`` sets the weight to ``W - 0.25 (W - P W)``, both to 1e-5
+    of the float64 reference projection on ``(rep_in, rep_out)``."""
+    from .nn import ProjectionPenalty  # noqa: PLC0415 - the layers above import this module's names
+
+    shape = module.weight.shape
+    with torch.no_grad():
+        module.weight.copy_(W.float().reshape(shape))
+    penalty = ProjectionPenalty(module, lambda_perp=0.5)
+    Wf = W.float().double()
+    PW = reference.project(Wf, rep_in, rep_out)
+    grad0 = torch.randn(shape, generator=generator)
+    module.weight.grad = grad0.clone()
+    penalty.backward()
+    want = grad0.double() + (2 * 0.5 * (Wf - PW)).reshape(shape)
+    torch.testing.assert_close(module.weight.grad.double(), want, atol=1e-5, rtol=1e-5)
+    penalty.decay_(0.25)
+    want = (Wf - 0.25 * (Wf - PW)).reshape(shape)
+    torch.testing.assert_close(module.weight.detach().double(), want, atol=1e-5, rtol=1e-5)

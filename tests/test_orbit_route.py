@@ -19,7 +19,7 @@ from equiproj.groups._field import monomial_action
 from equiproj.grid import kernel_rep
 from equiproj.kernels import torch_fused_energies
 from equiproj.ops import cpp_available
-from equiproj.testing import nearly_equivariant, relative_error
+from equiproj.testing import check_batched_strided_half, check_penalty_step, nearly_equivariant, relative_error
 
 F64 = torch.float64
 needs_cpp = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
@@ -228,22 +228,7 @@ def test_triton_kernel_matches_the_reference(gen):
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
 def test_batched_non_contiguous_and_half_precision(backend, gen):
     G = Dihedral(5)
-    rep_in, rep_out = 2 * G.regular() + G.standard(), 3 * G.regular()
-    base = torch.randn(2, 3, rep_in.dim, 2 * rep_out.dim, dtype=F64, generator=gen)
-    W = base[..., ::2].transpose(-1, -2)  # [2, 3, m, n], strided both ways
-    assert not W.is_contiguous()
-    ep, eg = equiproj.energies(W, rep_in, rep_out, backend=backend)
-    rp, rg = reference.energies(W, rep_in, rep_out)
-    assert ep.shape == (2, 3) and relative_error(ep, rp) < 1e-12 and relative_error(eg, rg) < 1e-12
-    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
-        Wh = W.to(dtype)
-        ep, eg = equiproj.energies(Wh, rep_in, rep_out, backend=backend)
-        rp, rg = reference.energies(Wh.double(), rep_in, rep_out)
-        assert ep.dtype == torch.float32
-        assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-5  # exact arithmetic on the rounded W
-        _, _, grad = equiproj.energies_and_grad(Wh, rep_in, rep_out, backend=backend)
-        want = 2 * (Wh.double() - reference.project(Wh.double(), rep_in, rep_out))
-        assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+    check_batched_strided_half(2 * G.regular() + G.standard(), 3 * G.regular(), backend, gen)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
@@ -449,7 +434,6 @@ def test_float32_grid_convolutions_on_both_isas_and_thread_counts(isa, gen):
             m = equiproj.nn.declare(conv(rep_in.dim, rep_out.dim, k, bias=False), rep_in, rep_out)
             decl = equiproj.nn.declaration(m)
             ref_in = rep_in @ kernel_rep(G, k)  # the same rep through the grid's orbits
-            shape = m.weight.shape
             W = torch.randn(rep_out.dim, ref_in.dim, dtype=F64, generator=gen)
             for Wd in (W, nearly_equivariant(W, ref_in, rep_out, 1e-10, gen)):
                 Wf = Wd.float()
@@ -465,19 +449,7 @@ def test_float32_grid_convolutions_on_both_isas_and_thread_counts(isa, gen):
                     want = 2 * (Wf.double() - PW) + 0.5 * PW
                     assert float((grad.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
                 assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
-            with torch.no_grad():
-                m.weight.copy_(W.float().reshape(shape))
-            penalty = equiproj.nn.ProjectionPenalty(m, lambda_perp=0.5)
-            Wf = W.float()
-            PW = reference.project(Wf.double(), ref_in, rep_out)
-            grad0 = torch.randn(shape, generator=gen)
-            m.weight.grad = grad0.clone()
-            penalty.backward()
-            want = grad0.double() + (2 * 0.5 * (Wf.double() - PW)).reshape(shape)
-            torch.testing.assert_close(m.weight.grad.double(), want, atol=1e-5, rtol=1e-5)
-            penalty.decay_(0.25)
-            want = (Wf.double() - 0.25 * (Wf.double() - PW)).reshape(shape)
-            torch.testing.assert_close(m.weight.detach().double(), want, atol=1e-5, rtol=1e-5)
+            check_penalty_step(m, W, ref_in, rep_out, gen)
     finally:
         torch.set_num_threads(threads)
         torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")

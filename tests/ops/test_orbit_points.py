@@ -13,7 +13,7 @@ from equiproj import _plan
 from equiproj._plan import OrbitForm, orbit_pair, plan_for
 from equiproj.grid import grid_points
 from equiproj.ops import cpp_available
-from equiproj.testing import nearly_equivariant, relative_error
+from equiproj.testing import check_batched_strided_half, nearly_equivariant, relative_error
 
 F64 = torch.float64
 needs_cpp = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
@@ -128,21 +128,7 @@ def test_nearly_equivariant_weights_keep_their_digits(backend, gen):
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
 def test_batched_non_contiguous_and_half_precision(backend, gen):
-    rep_in, rep_out = CASES["D4-12x12-to-13x13"]
-    base = torch.randn(2, 3, rep_in.dim, 2 * rep_out.dim, dtype=F64, generator=gen)
-    W = base[..., ::2].transpose(-1, -2)  # [2, 3, m, n], strided both ways
-    assert not W.is_contiguous()
-    ep, eg = equiproj.energies(W, rep_in, rep_out, backend=backend)
-    rp, rg = reference.energies(W, rep_in, rep_out)
-    assert ep.shape == (2, 3) and relative_error(ep, rp) < 1e-12 and relative_error(eg, rg) < 1e-12
-    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
-        Wh = W.to(dtype)
-        ep, eg = equiproj.energies(Wh, rep_in, rep_out, backend=backend)
-        rp, rg = reference.energies(Wh.double(), rep_in, rep_out)
-        assert ep.dtype == torch.float32 and relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-5
-        _, _, grad = equiproj.energies_and_grad(Wh, rep_in, rep_out, backend=backend)
-        want = 2 * (Wh.double() - reference.project(Wh.double(), rep_in, rep_out))
-        assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+    check_batched_strided_half(*CASES["D4-12x12-to-13x13"], backend, gen)
 
 
 @needs_cpp
@@ -180,11 +166,9 @@ def test_cpp_kernel_on_both_isas_and_thread_counts(isa, gen):
 
 
 @needs_cpp
-def test_cpp_twin_and_triton_interpreter_agree(small_pairs_too, gen):
-    """Small point sets in the points form: the C++ kernel, the twin and the Triton kernel (under the
-    interpreter on the CPU) against the reference, in float32, bfloat16 and float16."""
-    kernels = pytest.importorskip("equiproj.kernels.triton_energies")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def test_cpp_twin_and_triton_interpreter_agree(small_pairs_too, check_triton, gen):
+    """Small point sets in the points form: the Triton kernel (under the interpreter on the CPU), the
+    C++ kernel and the twin against the reference, in float32, bfloat16 and float16."""
     D4, Oh = Dihedral(4), FullOctahedral()
     g5 = _points(D4, (5, 5)).segments[0][1]
     permuted = Rep(D4, [(2, g5)], perm=torch.randperm(50, generator=gen))  # rows and columns gathered
@@ -192,29 +176,12 @@ def test_cpp_twin_and_triton_interpreter_agree(small_pairs_too, gen):
              (_points(Oh, (5, 5, 5)), _points(Oh, (5, 5, 5))), (permuted, permuted)]
     for (rep_in, rep_out), dtype in zip(cases, itertools.cycle([torch.float32, torch.bfloat16, torch.float16])):
         assert _point_rows(rep_in, rep_out)
-        W = torch.randn(2, rep_out.dim, rep_in.dim, generator=gen).to(dtype)
-        P = plan_for(rep_in, rep_out, device, torch.float32)
-        lambda_perp, lambda_G = torch.tensor([1.0, 0.5]), torch.tensor([0.25, 0.0])
-        flat = [w.to(device) for w in W.unbind(0)]
-        ep, eg, grads = kernels.fused_energies(flat, [P, P], lambda_perp, lambda_G)
-        tol = 2e-5 if dtype == torch.float32 else 1e-2
-        for k in range(2):
-            Wk = W[k].double()
-            ref_p, ref_g = reference.energies(Wk, rep_in, rep_out)
-            PW = reference.project(Wk, rep_in, rep_out)
-            assert relative_error(ep[k].cpu(), ref_p) < 2e-5 and relative_error(eg[k].cpu(), ref_g) < 2e-5
-            want = 2 * float(lambda_perp[k]) * (Wk - PW) + 2 * float(lambda_G[k]) * PW
-            assert float((grads[k].cpu().double() - want).abs().max()) <= tol * float(want.abs().max())
-            for backend in ("cpp", "torch"):
-                e1, e2 = equiproj.energies(W[k], rep_in, rep_out, backend=backend)
-                assert relative_error(e1, ref_p) < 1e-5 and relative_error(e2, ref_g) < 1e-5
-        # added into the weight itself (the decoupled step)
-        out = flat[0].clone()
-        kernels.fused_energies(flat[:1], [P], lambda_perp[:1], lambda_G[:1], outs=[out])
-        W0 = W[0].double()
-        PW = reference.project(W0, rep_in, rep_out)
-        ref = W0 + 2 * (W0 - PW) + 0.5 * PW
-        assert float((out.cpu().double() - ref).abs().max()) <= (3e-5 if dtype == torch.float32 else 2e-2) * float(ref.abs().max())
+        check_triton(rep_in, rep_out, dtype)
+        W = torch.randn(rep_out.dim, rep_in.dim, generator=gen).to(dtype)
+        ref_p, ref_g = reference.energies(W.double(), rep_in, rep_out)
+        for backend in ("cpp", "torch"):
+            e1, e2 = equiproj.energies(W, rep_in, rep_out, backend=backend)
+            assert relative_error(e1, ref_p) < 1e-5 and relative_error(e2, ref_g) < 1e-5
 
 
 @needs_cpp

@@ -15,7 +15,7 @@ from equiproj._plan import OrbitForm, plan_for
 from equiproj.grid import kernel_rep
 from equiproj.groups._field import monomial_action
 from equiproj.ops import cpp_available
-from equiproj.testing import nearly_equivariant, relative_error
+from equiproj.testing import check_batched_strided_half, check_penalty_step, nearly_equivariant, relative_error
 
 F64 = torch.float64
 needs_cpp = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
@@ -144,22 +144,9 @@ def test_nearly_equivariant_weights_keep_their_digits(case, backend, gen):
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
 def test_batched_non_contiguous_and_half_precision(backend, gen):
-    rep_in, rep_out, ref_in = (lambda a, b, k, G: (a @ kernel_rep(G, k, orbits=False), b, a @ kernel_rep(G, k)))(
-        *CASES["D4-k3"])
-    base = torch.randn(2, 3, rep_in.dim, 2 * rep_out.dim, dtype=F64, generator=gen)
-    W = base[..., ::2].transpose(-1, -2)  # [2, 3, m, n], strided both ways
-    assert not W.is_contiguous()
-    ep, eg = equiproj.energies(W, rep_in, rep_out, backend=backend)
-    rp, rg = reference.energies(W, ref_in, rep_out)
-    assert ep.shape == (2, 3) and relative_error(ep, rp) < 1e-12 and relative_error(eg, rg) < 1e-12
-    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
-        Wh = W.to(dtype)
-        ep, eg = equiproj.energies(Wh, rep_in, rep_out, backend=backend)
-        rp, rg = reference.energies(Wh.double(), ref_in, rep_out)
-        assert ep.dtype == torch.float32 and relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-5
-        _, _, grad = equiproj.energies_and_grad(Wh, rep_in, rep_out, backend=backend)
-        want = 2 * (Wh.double() - reference.project(Wh.double(), ref_in, rep_out))
-        assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+    rep_in, rep_out, k, G = CASES["D4-k3"]
+    check_batched_strided_half(rep_in @ kernel_rep(G, k, orbits=False), rep_out, backend, gen,
+                               reference_rep_in=rep_in @ kernel_rep(G, k))
 
 
 def _check_dtypes_and_threads(W, rep_in, ref_in, rep_out):
@@ -196,54 +183,21 @@ def test_cpp_kernel_on_both_isas_and_thread_counts(isa, gen):
             decl = equiproj.nn.declaration(m)
             assert _signed_rows(decl.weight_rep_in, decl.rep_out)
             ref_in = rep_in @ kernel_rep(G, k)
-            shape = m.weight.shape
             W = torch.randn(rep_out.dim, ref_in.dim, dtype=F64, generator=gen)
             for Wd in (W, nearly_equivariant(W, ref_in, rep_out, 1e-10, gen)):
                 _check_dtypes_and_threads(Wd.float().double(), decl.weight_rep_in, ref_in, rep_out)
-            with torch.no_grad():
-                m.weight.copy_(W.float().reshape(shape))
-            penalty = equiproj.nn.ProjectionPenalty(m, lambda_perp=0.5)
-            Wf = W.float()
-            PW = reference.project(Wf.double(), ref_in, rep_out)
-            grad0 = torch.randn(shape, generator=gen)
-            m.weight.grad = grad0.clone()
-            penalty.backward()
-            want = grad0.double() + (2 * 0.5 * (Wf.double() - PW)).reshape(shape)
-            torch.testing.assert_close(m.weight.grad.double(), want, atol=1e-5, rtol=1e-5)
-            penalty.decay_(0.25)
-            want = (Wf.double() - 0.25 * (Wf.double() - PW)).reshape(shape)
-            torch.testing.assert_close(m.weight.detach().double(), want, atol=1e-5, rtol=1e-5)
+            check_penalty_step(m, W, ref_in, rep_out, gen)
     finally:
         torch.set_num_threads(threads)
         torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
 
 
-def test_triton_interpreter_matches_the_reference(gen):
+def test_triton_interpreter_matches_the_reference(check_triton):
     """The Triton kernel (under the interpreter on the CPU) on signed pairs, in float32, bfloat16 and
     float16, the gradient written and added in place."""
-    kernels = pytest.importorskip("equiproj.kernels.triton_energies")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     C4, D4 = Cyclic(4), Dihedral(4)
-    cases = [(_irreps(C4, 1) @ kernel_rep(C4, (3, 3), orbits=False), _irreps(C4, 1), _irreps(C4, 1) @ kernel_rep(C4, (3, 3))),
-             (_irreps(D4, 1) @ kernel_rep(D4, (3, 3), orbits=False), D4.irrep((1, 1)) + D4.irrep((0, 2)),
-              _irreps(D4, 1) @ kernel_rep(D4, (3, 3)))]
-    for (rep_in, rep_out, ref_in), dtype in zip(cases * 2, [torch.float32, torch.bfloat16, torch.float16, torch.float32]):
-        assert _signed_rows(rep_in, rep_out)
-        W = torch.randn(2, rep_out.dim, rep_in.dim, generator=gen).to(dtype)
-        P = plan_for(rep_in, rep_out, device, torch.float32)
-        lambda_perp, lambda_G = torch.tensor([1.0, 0.5]), torch.tensor([0.25, 0.0])
-        flat = [w.to(device) for w in W.unbind(0)]
-        ep, eg, grads = kernels.fused_energies(flat, [P, P], lambda_perp, lambda_G)
-        tol = 2e-5 if dtype == torch.float32 else 1e-2
-        for k in range(2):
-            x = W[k].double()
-            ref_p, ref_g = reference.energies(x, ref_in, rep_out)
-            PW = reference.project(x, ref_in, rep_out)
-            assert relative_error(ep[k].cpu(), ref_p) < 2e-5 and relative_error(eg[k].cpu(), ref_g) < 2e-5
-            want = 2 * float(lambda_perp[k]) * (x - PW) + 2 * float(lambda_G[k]) * PW
-            assert float((grads[k].cpu().double() - want).abs().max()) <= tol * float(want.abs().max())
-        outs = [w.clone() for w in flat]  # the decoupled step adds into the weight itself
-        kernels.fused_energies(outs[:1], [P], torch.tensor([-0.05]), torch.tensor([0.0]), outs=outs[:1])
-        x = W[0].double()
-        want = x - 0.1 * (x - reference.project(x, ref_in, rep_out))
-        assert float((outs[0].cpu().double() - want).abs().max()) <= 10 * tol * float(x.abs().max())
+    cases = [(_irreps(C4, 1), _irreps(C4, 1), (3, 3), C4), (_irreps(D4, 1), D4.irrep((1, 1)) + D4.irrep((0, 2)), (3, 3), D4)]
+    for (rep_in, rep_out, k, G), dtype in zip(cases * 2, [torch.float32, torch.bfloat16, torch.float16, torch.float32]):
+        whole = rep_in @ kernel_rep(G, k, orbits=False)
+        assert _signed_rows(whole, rep_out)
+        check_triton(whole, rep_out, dtype, reference_rep_in=rep_in @ kernel_rep(G, k))
