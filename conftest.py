@@ -97,3 +97,31 @@ def check_triton(gen):
         assert float((out.cpu().double() - want).abs().max()) <= 10 * tol * float(x.abs().max())
 
     return check
+
+
+@pytest.fixture
+def check_penalty_step(gen):
+    """``check(module, W, rep_in, rep_out)``: for a declared ``module`` given the float32 weight ``W``
+    (as ``[m, n]``, the rep pair's shape), ``ProjectionPenalty(module, lambda_perp=0.5).backward()`` adds
+    ``2 * 0.5 (W - P W)`` to an existing ``.grad`` and ``decay_(0.25)`` sets the weight to
+    ``W - 0.25 (W - P W)``, both to 1e-5 of the float64 reference projection on ``(rep_in, rep_out)``."""
+    from equiproj import reference
+    from equiproj.nn import ProjectionPenalty
+
+    def check(module, W, rep_in, rep_out):
+        shape = module.weight.shape
+        with torch.no_grad():
+            module.weight.copy_(W.float().reshape(shape))
+        penalty = ProjectionPenalty(module, lambda_perp=0.5)
+        Wf = W.float().double()
+        PW = reference.project(Wf, rep_in, rep_out)
+        grad0 = torch.randn(shape, generator=gen)
+        module.weight.grad = grad0.clone()
+        penalty.backward()
+        want = grad0.double() + (2 * 0.5 * (Wf - PW)).reshape(shape)
+        torch.testing.assert_close(module.weight.grad.double(), want, atol=1e-5, rtol=1e-5)
+        penalty.decay_(0.25)
+        want = (Wf - 0.25 * (Wf - PW)).reshape(shape)
+        torch.testing.assert_close(module.weight.detach().double(), want, atol=1e-5, rtol=1e-5)
+
+    return check

@@ -24,7 +24,7 @@ from . import reference
 from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, Octahedral, Rep
 
 __all__ = ["random_orthogonal", "mixed_reps", "nearly_equivariant", "all_groups", "relative_error",
-           "check_batched_strided_half", "check_penalty_step"]
+           "check_batched_strided_half"]
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -84,7 +84,7 @@ def check_batched_strided_half(rep_in: Rep, rep_out: Rep, backend: str, generato
     >>> G = Cyclic(4)
     >>> check_batched_strided_half(2 * G.regular(), G.regular() + G.trivial(), "torch", torch.Generator().manual_seed(0))
     """
-    from . import energies, energies_and_grad  # noqa: PLC0415 - the layers above import this module's names
+    from ._energy import energies, energies_and_grad  # noqa: PLC0415 - loaded when a check runs, not on import
 
     ref_in = rep_in if reference_rep_in is None else reference_rep_in
     base = torch.randn(2, 3, rep_in.dim, 2 * rep_out.dim, dtype=torch.float64, generator=generator)
@@ -102,27 +102,3 @@ def check_batched_strided_half(rep_in: Rep, rep_out: Rep, backend: str, generato
         _, _, grad = energies_and_grad(Wh, rep_in, rep_out, backend=backend)
         want = 2 * (Wh.double() - reference.project(Wh.double(), ref_in, rep_out))
         assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
-
-
-def check_penalty_step(module: torch.nn.Module, W: torch.Tensor, rep_in: Rep, rep_out: Rep,
-                       generator: torch.Generator | None = None) -> None:
-    """Assert, for a declared ``module`` with float32 weight ``W`` (as ``[m, n]``, the rep pair's shape),
-    that ``ProjectionPenalty(module, lambda_perp=0.5).backward()`` adds ``2 * 0.5 (W - P W)`` to an
-    existing ``.grad`` and that ``decay_(0.25)`` sets the weight to ``W - 0.25 (W - P W)``, both to 1e-5
-    of the float64 reference projection on ``(rep_in, rep_out)``."""
-    from .nn import ProjectionPenalty  # noqa: PLC0415 - the layers above import this module's names
-
-    shape = module.weight.shape
-    with torch.no_grad():
-        module.weight.copy_(W.float().reshape(shape))
-    penalty = ProjectionPenalty(module, lambda_perp=0.5)
-    Wf = W.float().double()
-    PW = reference.project(Wf, rep_in, rep_out)
-    grad0 = torch.randn(shape, generator=generator)
-    module.weight.grad = grad0.clone()
-    penalty.backward()
-    want = grad0.double() + (2 * 0.5 * (Wf - PW)).reshape(shape)
-    torch.testing.assert_close(module.weight.grad.double(), want, atol=1e-5, rtol=1e-5)
-    penalty.decay_(0.25)
-    want = (Wf - 0.25 * (Wf - PW)).reshape(shape)
-    torch.testing.assert_close(module.weight.detach().double(), want, atol=1e-5, rtol=1e-5)

@@ -15,7 +15,7 @@ from equiproj._plan import OrbitForm, plan_for
 from equiproj.grid import kernel_rep
 from equiproj.groups._field import monomial_action
 from equiproj.ops import cpp_available
-from equiproj.testing import check_batched_strided_half, check_penalty_step, nearly_equivariant, relative_error
+from equiproj.testing import check_batched_strided_half, nearly_equivariant, relative_error
 
 F64 = torch.float64
 needs_cpp = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
@@ -169,7 +169,7 @@ def _check_dtypes_and_threads(W, rep_in, ref_in, rep_out):
 
 @needs_cpp
 @pytest.mark.parametrize("isa", ["best", "baseline"])
-def test_cpp_kernel_on_both_isas_and_thread_counts(isa, gen):
+def test_cpp_kernel_on_both_isas_and_thread_counts(isa, check_penalty_step, gen):
     """Declared grid convolutions on irreps fields in float32 and float64: energies, the gradient added
     into ``.grad`` (``penalty.backward()``) and into the weight itself (``decay_``), nearly equivariant
     weights, the same bits on one and on two threads."""
@@ -186,7 +186,7 @@ def test_cpp_kernel_on_both_isas_and_thread_counts(isa, gen):
             W = torch.randn(rep_out.dim, ref_in.dim, dtype=F64, generator=gen)
             for Wd in (W, nearly_equivariant(W, ref_in, rep_out, 1e-10, gen)):
                 _check_dtypes_and_threads(Wd.float().double(), decl.weight_rep_in, ref_in, rep_out)
-            check_penalty_step(m, W, ref_in, rep_out, gen)
+            check_penalty_step(m, W, ref_in, rep_out)
     finally:
         torch.set_num_threads(threads)
         torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
