@@ -372,7 +372,7 @@ struct HostPlan {
   WeakTensorRef meta, basis;  // the caller's tensors, while they live (below)
   std::vector<acc_t> basis_f64, basis_t;
   std::vector<int32_t> orbit;  // orbit indices of the kOrbitTable pairs, inverse factor tables of kOrbitProduct
-  std::vector<acc_t> half_inv;  // the inverse sizes of the half-orbits of the kOrbitSigned pairs
+  std::vector<acc_t> sign;  // the entries' signs of the kOrbitSigned pairs
   std::vector<OutGroup> groups, groups_in_place;
   std::vector<int64_t> group_start;
   int64_t blocks = 0;
@@ -381,7 +381,7 @@ struct HostPlan {
   HostPlan& operator=(const HostPlan&) = delete;
   bool expired() const { return meta.expired() || basis.expired(); }
   size_t bytes() const {
-    size_t b = (basis_f64.size() + basis_t.size() + half_inv.size()) * sizeof(acc_t) + orbit.size() * sizeof(int32_t);
+    size_t b = (basis_f64.size() + basis_t.size() + sign.size()) * sizeof(acc_t) + orbit.size() * sizeof(int32_t);
     for (const auto& G : groups) b += 2 * G.pairs.size() * sizeof(Pair);
     return b;
   }
@@ -697,22 +697,19 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
         pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(H.orbit.size()));
         append_point_tables(H.orbit, A + 1, ng, dout, din, layer, order[q]);
       } else if (form == kOrbitSigned) {
-        // signed orbits run as a table of 2 K + 1 half-orbits (plan_types.h): entry code c (k + 1), c = +-1,
-        // goes to half-orbit 2 k (c = 1) or 2 k + 1 (c = -1), code 0 to 2 K; offsets stored until the vectors stop growing
+        // signed orbits run as an orbit table with a sign per entry (plan_types.h): code c (k + 1), c = +-1,
+        // is orbit k with sign c, code 0 sign 0 (orbit 0); offsets stored until the vectors stop growing
         pr.form = kOrbitTable;
-        pr.r = 2 * orbits + 1;
-        pr.signed_orbits = true;
         pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(H.orbit.size()));
+        pr.sign = reinterpret_cast<const acc_t*>(static_cast<intptr_t>(H.sign.size()) + 1);  // + 1: non-null
+        pr.inv = A + dout * din;
         for (int64_t e = 0; e < dout * din; ++e) {
           const acc_t c = A[e];
           TORCH_CHECK_VALUE(std::abs(c) <= orbits && c == std::floor(c), "fused_energies: layer ", layer,
                             ": malformed signed orbit table in plan row ", order[q]);
-          const int64_t k = static_cast<int64_t>(std::abs(c)) - 1;
-          H.orbit.push_back(static_cast<int32_t>(c == 0 ? 2 * orbits : 2 * k + (c < 0)));
+          H.orbit.push_back(static_cast<int32_t>(c == 0 ? 0 : std::abs(c) - 1));
+          H.sign.push_back(c > 0 ? 1.0 : c < 0 ? -1.0 : 0.0);
         }
-        pr.inv = reinterpret_cast<const acc_t*>(static_cast<intptr_t>(H.half_inv.size()));
-        for (int64_t k = 0; k < orbits; ++k) H.half_inv.insert(H.half_inv.end(), 2, A[dout * din + k]);
-        H.half_inv.push_back(0.0);
       } else if (form == kOrbitTable) {
         // the orbit indices are stored as exact integers; their offset is stored until H.orbit stops growing
         pr.orbit = reinterpret_cast<const int32_t*>(static_cast<intptr_t>(H.orbit.size()));
@@ -750,7 +747,7 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
       if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) p.At = H.basis_t.data() + reinterpret_cast<intptr_t>(p.At);
       if (p.kind == Kind::kOrbit && (p.form == kOrbitTable || p.form == kOrbitProduct || p.form == kOrbitPoints))
         p.orbit = H.orbit.data() + reinterpret_cast<intptr_t>(p.orbit);
-      if (p.signed_orbits) p.inv = H.half_inv.data() + reinterpret_cast<intptr_t>(p.inv);
+      if (p.sign) p.sign = H.sign.data() + (reinterpret_cast<intptr_t>(p.sign) - 1);
     }
   }
   H.group_start.assign(1, 0);

@@ -10,7 +10,8 @@
 // four tiles are laid out [K][4] (one vector per orbit). Pass 1 is then one vector add per entry and
 // four tiles, pass 2 transposes the four tiles' means back to rows and forms the residual and the
 // gradient row-wise. With AVX2, two tiles left over (ci mod 4 >= 2) run as pairs of 128-bit lanes;
-// the last one entry by entry.
+// the last one entry by entry. A signed table (p.sign: two monomial fields) multiplies each entry by
+// its sign c(e) before pass 1 adds it, and each mean by it before pass 2 subtracts it (c = 0: mean 0).
 
 #ifdef EQUIPROJ_AVX2
 inline void transpose4(V4& r0, V4& r1, V4& r2, V4& r3) {
@@ -37,8 +38,13 @@ inline void transpose4(V4& r0, V4& r1, V4& r2, V4& r3) {
 // Two tiles: entries j .. j + 3 of tiles 0 and 1 (rows r0, r1) as four [2] pairs, entry j + i of both
 // tiles at S2 + 2 o[j + i] (orbit sums laid out [K][2]; o4 = 4 o).
 template <typename X>
-inline void orbit_sum2(acc_t* S2, const int32_t* o4, const X* x0, const X* x1) {
-  const __m256d r0 = load4(x0).v, r1 = load4(x1).v;
+inline void orbit_sum2(acc_t* S2, const int32_t* o4, const X* x0, const X* x1, const acc_t* sign) {
+  __m256d r0 = load4(x0).v, r1 = load4(x1).v;
+  if (sign) {  // the entries' signs, the same in both tiles
+    const __m256d s = _mm256_loadu_pd(sign);
+    r0 = _mm256_mul_pd(r0, s);
+    r1 = _mm256_mul_pd(r1, s);
+  }
   const __m256d lo = _mm256_unpacklo_pd(r0, r1), hi = _mm256_unpackhi_pd(r0, r1);  // entries j, j+2 | j+1, j+3
   acc_t* s[4] = {S2 + (o4[0] >> 1), S2 + (o4[1] >> 1), S2 + (o4[2] >> 1), S2 + (o4[3] >> 1)};
   _mm_storeu_pd(s[0], _mm_add_pd(_mm_loadu_pd(s[0]), _mm256_castpd256_pd128(lo)));
@@ -118,6 +124,7 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
   const V4 vcg = splat(cg2), vdc = splat(cp2 - cg2);
   for (int64_t a = 0; a < dout; ++a) {
     const int32_t* o4 = orbit_row(p, dout, a, obuf);
+    const acc_t* sg = p.sign ? p.sign + a * di : nullptr;
     for (int64_t v = 0, w = 0; v < ci; v += w) {
       w = group_width(v, ci);
       const X* x0 = x[a] + v * di;
@@ -131,6 +138,10 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
           if (Mode == GradMode::kAdd) prefetch_line<X>(g0 + 4 * di + 4 * j);
           V4 m0 = load4(Mw + o4[j]), m1 = load4(Mw + o4[j + 1]), m2 = load4(Mw + o4[j + 2]), m3 = load4(Mw + o4[j + 3]);
           transpose4(m0, m1, m2, m3);  // m_l: the means of entries j .. j + 3 of tile l
+          if (sg) {
+            const V4 s = load4(sg + j);
+            m0 = m0 * s, m1 = m1 * s, m2 = m2 * s, m3 = m3 * s;
+          }
           orbit_residual4<Mode>(x0 + j, g0 ? g0 + j : nullptr, m0, vcg, vdc, e[0]);
           orbit_residual4<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m1, vcg, vdc, e[1]);
           orbit_residual4<Mode>(x0 + 2 * di + j, g0 ? g0 + 2 * di + j : nullptr, m2, vcg, vdc, e[2]);
@@ -142,6 +153,10 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
         for (; j < d4; j += 4) {
           V4 m0, m1;
           orbit_means2(Mw, o4 + j, m0, m1);
+          if (sg) {
+            const V4 s = load4(sg + j);
+            m0 = m0 * s, m1 = m1 * s;
+          }
           orbit_residual4<Mode>(x0 + j, g0 ? g0 + j : nullptr, m0, vcg, vdc, e[0]);
           orbit_residual4<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m1, vcg, vdc, e[1]);
         }
@@ -149,7 +164,8 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
 #endif
       for (; j < di; ++j)
         for (int64_t l = 0; l < w; ++l)
-          orbit_residual_one(x0 + l * di + j, g0 ? g0 + l * di + j : nullptr, Mw[(w * o4[j] >> 2) + l], cp2, cg2, acc, e1);
+          orbit_residual_one(x0 + l * di + j, g0 ? g0 + l * di + j : nullptr,
+                             sg ? sg[j] * Mw[(w * o4[j] >> 2) + l] : Mw[(w * o4[j] >> 2) + l], cp2, cg2, acc, e1);
     }
   }
   e4 = e4 + ((e[0] + e[1]) + (e[2] + e[3]));
@@ -295,6 +311,11 @@ inline void split_residual4(const float* x, float* g, __m256 m, __m256 cg, __m25
   }
 }
 
+// the signs of eight consecutive entries as float32 lanes
+inline __m256 signs8(const acc_t* sign) {
+  return _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(sign + 4)), _mm256_cvtpd_ps(_mm256_loadu_pd(sign)));
+}
+
 inline void flush_lanes_f32(__m256* e8, int n, acc_t& e1) {
   for (int l = 0; l < n; ++l) {
     const __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(e8[l])),
@@ -315,6 +336,7 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
   acc_t e1 = 0;
   for (int64_t a = 0; a < dout; ++a) {
     const int32_t* o4 = orbit_row(p, dout, a, obuf);
+    const acc_t* sg = p.sign ? p.sign + a * di : nullptr;
     for (int64_t v = 0, w = 0; v < ci; v += w) {
       w = group_width(v, ci);
       const float* x0 = x[a] + v * di;
@@ -339,6 +361,10 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
           }
           transpose4_f32(h[0], h[1], h[2], h[3]);  // h[t]: m_hi of entries j .. j + 7 of tile t
           transpose4_f32(l[0], l[1], l[2], l[3]);
+          if (sg) {
+            const __m256 s = signs8(sg + j);
+            for (int t = 0; t < 4; ++t) h[t] = _mm256_mul_ps(h[t], s), l[t] = _mm256_mul_ps(l[t], s);
+          }
           for (int t = 0; t < 4; ++t)
             split_residual8<Mode>(x0 + t * di + j, g0 ? g0 + t * di + j : nullptr, h[t], l[t], cg, dc, e8[t & 1]);
           if ((n8 += 2) >= kOrbitFlushVectors) {
@@ -350,6 +376,11 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
           __m256 m[4];  // row i: [m_hi | m_lo] quads of entry j + i; transposed: [m_hi | m_lo] of tile t
           for (int i = 0; i < 4; ++i) m[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(Md + o4[j + i]));
           transpose4_f32(m[0], m[1], m[2], m[3]);
+          if (sg) {
+            const __m128 s4 = _mm256_cvtpd_ps(_mm256_loadu_pd(sg + j));
+            const __m256 s = _mm256_set_m128(s4, s4);
+            for (int t = 0; t < 4; ++t) m[t] = _mm256_mul_ps(m[t], s);
+          }
           for (int t = 0; t < 4; ++t)
             split_residual4<Mode>(x0 + t * di + j, g0 ? g0 + t * di + j : nullptr, m[t], cg, dc, e8[t & 1]);
           if ((n8 += 2) >= kOrbitFlushVectors) {
@@ -365,6 +396,10 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
             m[i] = _mm256_loadu2_m128(reinterpret_cast<const float*>(Md + (o4[j + i + 4] >> 1)),
                                       reinterpret_cast<const float*>(Md + (o4[j + i] >> 1)));
           transpose4_f32(m[0], m[1], m[2], m[3]);  // m_hi of tile 0, of tile 1, m_lo of tile 0, of tile 1
+          if (sg) {
+            const __m256 s = signs8(sg + j);
+            for (int t = 0; t < 4; ++t) m[t] = _mm256_mul_ps(m[t], s);
+          }
           split_residual8<Mode>(x0 + j, g0 ? g0 + j : nullptr, m[0], m[2], cg, dc, e8[0]);
           split_residual8<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m[1], m[3], cg, dc, e8[1]);
           if (++n8 >= kOrbitFlushVectors) {
@@ -376,7 +411,8 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
       for (; j < di; ++j)  // entries past the last whole vector, and a single tile
         for (int64_t t = 0; t < w; ++t) {
           const float* q = reinterpret_cast<const float*>(Md + (w * o4[j] >> 2));
-          const float xv = x0[t * di + j], r = (xv - q[t]) - q[w + t];
+          const float s = sg ? static_cast<float>(sg[j]) : 1.0f;
+          const float xv = x0[t * di + j], r = (xv - s * q[t]) - s * q[w + t];
           e1 += acc_t(r) * acc_t(r);
           if constexpr (Mode != GradMode::kNone) {
             float& gv = g0[t * di + j];
@@ -404,24 +440,6 @@ template <typename X>
 constexpr bool kSplitOrbitMeans = sizeof(X) == sizeof(float);
 #endif
 
-// A signed table (plan_types.h, signed_orbits): half-orbit 2 k holds the sum of orbit k's entries of sign +1,
-// 2 k + 1 that of its entries of sign -1. Orbit k's signed sum S_k = S[2 k] - S[2 k + 1] goes to 2 k and its
-// negative to 2 k + 1, so that the unsigned passes give entry e the mean c(e) S_k / n_k (the 2 K-th
-// half-orbit, inverse size 0, gives 0); E_G, summed over the half-orbits, then counts every orbit twice.
-inline void combine_signed_halves(const Pair& p, acc_t* S) {
-  const int64_t slots = p.r, ci = p.ci;
-  for (int64_t v = 0, w = 0; v < ci; v += w) {
-    w = group_width(v, ci);
-    acc_t* Sw = S + v * slots;  // [slots][w]
-    for (int64_t k = 0; k + 1 < slots; k += 2)
-      for (int64_t l = 0; l < w; ++l) {
-        const acc_t s = Sw[w * k + l] - Sw[w * (k + 1) + l];
-        Sw[w * k + l] = s;
-        Sw[w * (k + 1) + l] = -s;
-      }
-  }
-}
-
 // S: ci * K + di scratch entries: the orbit sums (then means) of every tile, a group of w tiles
 // starting at tile v (group_width) as the [K][w] block at S + v K; then room for the orbit row of a
 // product.
@@ -434,6 +452,7 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
   // pass 1: the orbit sums of every tile
   for (int64_t a = 0; a < dout; ++a) {
     const int32_t* o4 = orbit_row(p, dout, a, obuf);
+    const acc_t* sg = p.sign ? p.sign + a * di : nullptr;
     for (int64_t v = 0, w = 0; v < ci; v += w) {
       w = group_width(v, ci);
       const X* x0 = x[a] + v * di;
@@ -444,6 +463,7 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
           prefetch_line<X>(x0 + 4 * di + 4 * j);  // as in pass 2: the next group, a line per step
           V4 r0 = load4(x0 + j), r1 = load4(x0 + di + j), r2 = load4(x0 + 2 * di + j), r3 = load4(x0 + 3 * di + j);
           transpose4(r0, r1, r2, r3);  // r_i: entry j + i of the four tiles
+          if (sg) r0 = r0 * splat(sg[j]), r1 = r1 * splat(sg[j + 1]), r2 = r2 * splat(sg[j + 2]), r3 = r3 * splat(sg[j + 3]);
           acc_t* s0 = Sw + o4[j];
           acc_t* s1 = Sw + o4[j + 1];
           acc_t* s2 = Sw + o4[j + 2];
@@ -456,25 +476,21 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
       }
 #ifdef EQUIPROJ_AVX2
       if (w == 2)
-        for (; j < d4; j += 4) orbit_sum2(Sw, o4 + j, x0 + j, x0 + di + j);
+        for (; j < d4; j += 4) orbit_sum2(Sw, o4 + j, x0 + j, x0 + di + j, sg ? sg + j : nullptr);
 #endif
       for (; j < di; ++j)
-        for (int64_t l = 0; l < w; ++l) Sw[(w * o4[j] >> 2) + l] += acc_t(x0[l * di + j]);
+        for (int64_t l = 0; l < w; ++l) Sw[(w * o4[j] >> 2) + l] += sg ? sg[j] * acc_t(x0[l * di + j]) : acc_t(x0[l * di + j]);
     }
   }
   // E_G = sum_k S_k^2 / n_k; S becomes the orbit means (float64, or split into float32 m_hi, m_lo)
-  acc_t eg_pair = 0;
-  if (p.signed_orbits) combine_signed_halves(p, S);
 #ifdef EQUIPROJ_AVX2
   if constexpr (kSplitOrbitMeans<X>) {
-    split_orbit_means(p, S, eg_pair);
-    eg += p.signed_orbits ? 0.5 * eg_pair : eg_pair;
+    split_orbit_means(p, S, eg);
     table_orbit_residuals_f32<X>(p, dout, x, g, cp2, cg2, S, obuf, ep);
     return;
   }
 #endif
-  orbit_means(p, S, eg_pair);
-  eg += p.signed_orbits ? 0.5 * eg_pair : eg_pair;
+  orbit_means(p, S, eg);
   // pass 2: the residual and the gradient
   V4 e4 = zero4();
   acc_t e1 = 0;

@@ -35,10 +35,9 @@ struct Pair {
   // kOrbitPoints (factor = |G|, orbit: the tables of orbit_perm_kernels.h): the orbits of G on the output
   // points that a call processes, [orbit_begin, orbit_end) (orbit_end < 0: all)
   int64_t orbit_begin = 0, orbit_end = -1;
-  // a kOrbitSigned plan row runs as a kOrbitTable pair over 2 K + 1 half-orbits (signed_orbits): 2 k holds
-  // the entries of orbit k with sign +1, 2 k + 1 those with sign -1, 2 K those without an equivariant part
-  // (inverse size 0); inv has the 2 K + 1 inverse sizes (orbit_table_kernels.h, combine_signed_halves)
-  bool signed_orbits = false;
+  // a kOrbitSigned plan row runs as a kOrbitTable pair whose entries carry a sign: sign [d_out * d_in] is c(e)
+  // = +-1, or 0 for an entry without an equivariant part (its orbit index is then 0, and its mean 0)
+  const acc_t* sign = nullptr;
   bool accumulate = false;  // add the gradient to g (which may alias x) instead of writing it (kOrbit, kZero,
                             // kIdentity with d <= kMaxSmall)
 };
