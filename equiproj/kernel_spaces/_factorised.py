@@ -307,7 +307,7 @@ def _slot_maps(plan: FactorisedPlan) -> list:
     change of basis: ``U[s, (b, j, d)] = sum_a F[s, b, a, d] Q_in[j, a]``, so that the coefficients of
     the tile are ``U`` times the block rotated on its output side only."""
     out, maps = [], iter(plan._maps)
-    for (_, _, fo, so), (_, _, fi, _), slots, _ in plan._segment_pairs:
+    for (_, _, _, so), (_, _, fi, _), slots, _ in plan._segment_pairs:
         Q_in = fi.Q.to(torch.float64) if fi.Q is not None else torch.eye(fi.dim, dtype=torch.float64)
         rows: dict[int, list] = {}
         for ob, db, oa, da in slots:
