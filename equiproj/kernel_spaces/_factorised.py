@@ -19,9 +19,16 @@ r``), so no dense per-field-pair basis (``[r, d_out, d_in k^s]``, ``r = 88`` for
 k = 5) is formed. Everything between the two pixel passes works on the band coefficients, ``D /
 k^s`` of the weight (0.44 at k = 5 in 2-D, 0.15 in 3-D).
 
+In the band, only the output field's change of basis is applied to the coefficients: the input
+field's is folded into the maps (per output irrep slot, the maps of all its tiles composed with the
+input slot's columns of ``Q_in``, :func:`_slot_maps`), so that each output irrep slot is one product
+over a contiguous slice of the moved block instead of a rotation, a copy per tile and a rotation back.
+
 The last pass writes in place: ``out += 2 lambda_perp (K - P K) + 2 lambda_G P K``, which for ``out`` the weight
-itself is one matrix product ``K <- beta K + alpha h Phi^T`` over the weight (the decoupled step); for
-a gradient buffer it runs in chunks of rows whose residual stays in cache.
+itself is one matrix product ``K <- beta K + alpha h Phi^T`` over the weight (the decoupled step: no
+residual, no energy, no other tensor of the weight's size); for a gradient buffer the residual is formed
+and summed. Both run in chunks of rows that stay in cache (one product over the whole weight is about
+three times slower on the CPU: the thin inner dimension ``D`` leaves the GEMM's blocking out of cache).
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ from ._regular_band import kernel_available, regular_band
 
 __all__ = ["FactorisedPlan", "factorised_plan", "factorised_one"]
 
-#: rows of the ``[rows, k^s]`` weight per chunk of the residual pass (a few hundred KiB of float32)
-_CHUNK_ELEMENTS = 1 << 16
+#: elements of the ``[rows, k^s]`` weight per chunk of the residual pass and the step (1 MiB of float32:
+#: on par with 256 KiB and 4 MiB, a fifth faster than 64 KiB on the 2-D band-limited rows)
+_CHUNK_ELEMENTS = 1 << 18
 
 
 class FactorisedPlan:
@@ -59,7 +67,6 @@ class FactorisedPlan:
         self._in_fields, self._out_fields = _fields(rep_in), _fields(rep_out)
         self._in_perm, self._out_perm = _moved(rep_in.perm), _moved(rep_out.perm)
         self.tiles, self._maps, self._segment_pairs = [], [], []
-        tile_flops = 0.0
         for seg_out in self._out_fields:
             oo, co, fo, so = seg_out
             for seg_in in self._in_fields:
@@ -75,14 +82,17 @@ class FactorisedPlan:
                         self.tiles.append((oo, co, fo.dim, ob, psi_b.dim, oi, ci, fi.dim, oa, psi_a.dim, r))
                         self._maps.append(_whitened(H, M, f"{space.group}, {psi_b.name} <- {psi_a.name}"))
                         slots.append((ob, psi_b.dim, oa, psi_a.dim))
-                        tile_flops += co * ci * psi_b.dim * psi_a.dim * D * 4 * r
                 if slots:
                     self._segment_pairs.append((seg_out, seg_in, slots, empty_slots))
         m, n = rep_out.dim, rep_in.dim
-        rotate = sum(2 * f.dim * c * f.dim for _, c, f, _ in self._in_fields if f.Q is not None) * m * D
-        rotate += sum(2 * f.dim * c * f.dim for _, c, f, _ in self._out_fields if f.Q is not None) * n * D
-        # pixels -> band and back, the residual, both changes of basis forward and back, the tiles
-        self.flops_per_weight = 4 * D + 2 + (2 * rotate + tile_flops) / (m * n * P)
+        band_flops = 0.0
+        for (oo, co, fo, _), (oi, ci, fi, _), slots, _ in self._segment_pairs:
+            if fo.Q is not None:
+                band_flops += 2 * (2 * fo.dim) * co * fo.dim * ci * fi.dim * D
+            r_rows = sum(t[-1] * t[4] for t in self.tiles if t[0] == oo and t[5] == oi)
+            band_flops += 4 * r_rows * fi.dim * D * co * ci
+        # pixels -> band and back, the residual, the band projection (out-field rotations, folded tiles)
+        self.flops_per_weight = 4 * D + 2 + band_flops / (m * n * P)
         self.basis_bytes = 8 * sum(F.numel() for F in self._maps)
         #: the closed form between regular fields (``RegularBand``), which :meth:`run` takes on the CPU
         self.regular = regular_band(space, rep_in, rep_out)
@@ -100,13 +110,17 @@ class FactorisedPlan:
         return _maps_on(self, torch.device(device), dtype)
 
     # ---- the band coefficients, laid out [D, B, m, n] ------------------------------------------
-    def project_band(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_band(self, a: torch.Tensor, energies: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(h, E_G)``: for band coefficients ``a = (K Phi)`` laid out ``[D, B, m, n]`` (``B`` the batch),
-        the coefficients ``h`` of ``P K = h Phi^T`` (same layout) and ``E_G = ||P K||^2`` (``[B]``).
+        the coefficients ``h`` of ``P K = h Phi^T`` (same layout) and ``E_G = ||P K||^2`` (``[B]``; ``None``
+        with ``energies=False``).
 
         Per pair of field segments, the block is moved once to ``[B, d_out, d_in, D, copies_out *
-        copies_in]``: there both changes of basis and every irrep tile are products with wide right
-        factors (one column per copy pair), and the block moves back once."""
+        copies_in]`` (one column per copy pair) and rotated into the output field's irreps; then one
+        product per output irrep slot with the maps of all its tiles, the input field's change of basis
+        folded into them (:func:`_slot_maps`: rows ``[r, d_out slot * d_in * D]``, a contiguous slice of
+        the block, so no copy per tile and no rotation of the input side), the same back, and the block
+        moves back once."""
         if self._in_perm is not None:
             a = a.index_select(-1, self._in_perm.to(a.device))
         if self._out_perm is not None:
@@ -114,30 +128,30 @@ class FactorisedPlan:
         D, B = a.shape[:2]
         covered = len(self._segment_pairs) == len(self._out_fields) * len(self._in_fields)
         h = torch.empty_like(a) if covered else torch.zeros_like(a)
-        e_g = a.new_zeros(B)
-        maps = iter(self.tiles_on(a.device, a.dtype))
-        for (oo, co, fo, _), (oi, ci, fi, _), slots, empty_slots in self._segment_pairs:
+        e_g = a.new_zeros(B) if energies else None
+        pairs = _slot_maps_on(self, a.device, a.dtype)
+        for ((oo, co, fo, _), (oi, ci, fi, _), _, _), (slot_maps, empty_rows) in zip(self._segment_pairs, pairs):
             do, di, X = fo.dim, fi.dim, co * ci
             Y = a[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do))
-            Y = Y.permute(1, 3, 5, 0, 2, 4).reshape(B, do, di, D * X)  # [B, d_out, d_in, D X]
-            if fi.Q is not None:
-                Y = torch.matmul(_q_on(fi, a.device, a.dtype).T, Y)
+            Y = Y.permute(1, 3, 5, 0, 2, 4).reshape(B, do, di * D * X)  # [B, d_out, d_in D X]
             if fo.Q is not None:
-                Y = torch.matmul(_q_on(fo, a.device, a.dtype).T, Y.view(B, do, di * D * X))
-            Y = Y.view(B, do, di, D, X)
+                Y = torch.matmul(_q_on(fo, a.device, a.dtype).T, Y)
             H = torch.empty_like(Y)
-            for ob, db, oa, da in empty_slots:  # no equivariant map between these two irreps
-                H[:, ob: ob + db, oa: oa + da] = 0
-            for ob, db, oa, da in slots:
-                F = next(maps)
-                Fm = F.view(F.shape[0], -1)
-                c = torch.matmul(Fm, Y[:, ob: ob + db, oa: oa + da].reshape(B, db * da * D, X))  # [B, r, X]
-                e_g = e_g + c.square().sum((-2, -1))
-                H[:, ob: ob + db, oa: oa + da] = torch.matmul(Fm.T, c).view(B, db, da, D, X)
+            for ob, db in empty_rows:  # output irreps that no input irrep maps to
+                H[:, ob: ob + db] = 0
+            for ob, db, U in slot_maps:
+                Yb = Y[:, ob: ob + db].reshape(B, db * di * D, X)  # a view: whole rows of the block
+                Hb = H[:, ob: ob + db].view(B, db * di * D, X)
+                if B == 1:
+                    c = torch.mm(U, Yb[0])  # [r, X]
+                    torch.mm(U.T, c, out=Hb[0])
+                else:
+                    c = torch.matmul(U, Yb)  # [B, r, X]
+                    Hb.copy_(torch.matmul(U.T, c))
+                if energies:
+                    e_g += c.reshape(B, -1).square().sum(-1)
             if fo.Q is not None:
-                H = torch.matmul(_q_on(fo, a.device, a.dtype), H.view(B, do, di * D * X))
-            if fi.Q is not None:
-                H = torch.matmul(_q_on(fi, a.device, a.dtype), H.view(B, do, di, D * X))
+                H = torch.matmul(_q_on(fo, a.device, a.dtype), H)
             h[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do)).copy_(
                 H.view(B, do, di, D, co, ci).permute(3, 0, 4, 1, 5, 2))
         if self._out_perm is not None:
@@ -168,7 +182,7 @@ class FactorisedPlan:
         rows = K.reshape(-1, P)
         # [D, rows] = Phi^T K^T: the wide orientation is the faster product for a thin Phi
         a = torch.mm(Phi.T, rows.T).view(D, -1, m, n)
-        h, e_g = self.project_band(a)
+        h, e_g = self.project_band(a, energies or lambda_perp is None)
         h_rows = h.reshape(D, -1).T  # [rows, D], a transposed view
         PhiT = Phi.T
         if lambda_perp is None:
@@ -177,8 +191,13 @@ class FactorisedPlan:
         cp = _per_row(lambda_perp, batch, K)
         cg = _per_row(lambda_G, batch, K)
         if out is not None and out.data_ptr() == K.data_ptr() and not energies and cp is None:
-            # out = K + 2 lambda_perp (K - P K) + 2 lambda_G P K: one product over the weight, in place
-            rows.addmm_(h_rows, PhiT, beta=1 + 2 * lambda_perp, alpha=2 * (lambda_G - lambda_perp))
+            # out = K + 2 lambda_perp (K - P K) + 2 lambda_G P K: one product over the weight, in place, in
+            # chunks of rows (one product over the whole weight runs at a third of the speed: the GEMM's
+            # blocking of a tall [rows, k^s] output with a thin inner dimension D leaves the cache)
+            beta, alpha = 1 + 2 * lambda_perp, 2 * (lambda_G - lambda_perp)
+            step = max(1, _CHUNK_ELEMENTS // P)
+            for s in range(0, rows.shape[0], step):
+                rows[s: s + step].addmm_(h_rows[s: s + step], PhiT, beta=beta, alpha=alpha)
             return None, None, out
         if out is not None and out.data_ptr() == K.data_ptr():  # the residual reads K after the step would write it
             e_perp, e_g, grad = self._run(K, lambda_perp, lambda_G, None, energies)
@@ -279,6 +298,33 @@ def _whitened(H: torch.Tensor, M: torch.Tensor, what: str) -> torch.Tensor:
                            f"(Gram eigenvalues from {float(lam[0]):.1e} to {float(lam[-1]):.1e})")
     W = (U * lam.rsqrt()) @ U.T
     return torch.einsum("st,tbad->sbad", W, H).contiguous()
+
+
+def _slot_maps(plan: FactorisedPlan) -> list:
+    """Per pair of field segments of ``plan``: ``([(out slot offset, d_out slot, U)], [(offset, d) of output
+    slots without maps])`` with ``U [sum r, d_out slot * d_in * D]`` (float64) the maps ``F`` of every tile
+    of that output irrep slot stacked, each composed with its input slot's columns of the input field's
+    change of basis: ``U[s, (b, j, d)] = sum_a F[s, b, a, d] Q_in[j, a]``, so that the coefficients of
+    the tile are ``U`` times the block rotated on its output side only."""
+    out, maps = [], iter(plan._maps)
+    for (_, _, _, so), (_, _, fi, _), slots, _ in plan._segment_pairs:
+        Q_in = fi.Q.to(torch.float64) if fi.Q is not None else torch.eye(fi.dim, dtype=torch.float64)
+        rows: dict[int, list] = {}
+        for ob, db, oa, da in slots:
+            F = next(maps)
+            G = torch.einsum("rbad,ja->rbjd", F, Q_in[:, oa: oa + da])
+            rows.setdefault(ob, (db, []))[1].append(G.reshape(G.shape[0], -1))
+        slot_maps = [(ob, db, torch.cat(Us)) for ob, (db, Us) in sorted(rows.items())]
+        empty = [(ob, psi.dim) for ob, psi in so if ob not in rows]
+        out.append((slot_maps, empty))
+    return out
+
+
+@torch.compiler.disable
+@bytes_cached("equiproj.kernel_spaces._factorised._slot_maps_on")
+def _slot_maps_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dtype) -> list:
+    return [([(ob, db, U.to(device=device, dtype=dtype).contiguous()) for ob, db, U in slot_maps], empty)
+            for slot_maps, empty in _slot_maps(plan)]
 
 
 @bytes_cached("equiproj.kernel_spaces._factorised.factorised_plan")

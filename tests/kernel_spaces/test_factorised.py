@@ -203,3 +203,86 @@ def test_penalty_decay_steps_in_place_without_the_projection(monkeypatch, seed):
     PW1 = DenseKernelBasis(sp, 2 * reg, reg + G.trivial()).project(W1)
     torch.testing.assert_close(conv.weight.grad.double(), 1 + 2 * (W1 - PW1), rtol=0, atol=1e-5)
     assert rel(value, (W1 - PW1).square().sum()) < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES[3:4] + CASES[5:6] + CASES[7:], ids=["SO2-k5", "O2-k5", "O3-k5"])
+def test_passes_in_many_chunks_on_batched_weights(case, monkeypatch, gen):
+    """Chunks of a few rows (the residual pass, the in-place step) and a batch of weights (the band
+    projection's batched products) give the dense projection's numbers."""
+    from equiproj.kernel_spaces import _factorised
+
+    monkeypatch.setattr(_factorised, "_CHUNK_ELEMENTS", 3 * 5**3)  # a few rows per chunk, not a divisor of them
+    sp, ri, ro = _layer(case, gen)
+    dense = DenseKernelBasis(sp, ri, ro)
+    K = _weight(sp, ri, ro, gen, batch=(2,)).transpose(0, 1).contiguous().transpose(0, 1)
+    lp, lg = torch.tensor([0.5, 2.0], dtype=torch.float64), torch.tensor([0.25, 0.0], dtype=torch.float64)
+    e_perp, e_g, g = sp.energies_and_grad(K, ri, ro, lambda_perp=lp, lambda_G=lg)
+    for i in range(2):
+        PK = dense.project(K[i])
+        assert rel(e_perp[i], (K[i] - PK).square().sum()) < 1e-10
+        assert rel(e_g[i], PK.square().sum()) < 1e-10
+        want = 2 * lp[i] * (K[i] - PK) + 2 * lg[i] * PK
+        torch.testing.assert_close(g[i], want, rtol=0, atol=1e-10 * float(want.abs().max()))
+    # the in-place step and the accumulation, chunk by chunk, on an unbatched weight
+    K = _weight(sp, ri, ro, gen)
+    PK = dense.project(K)
+    W = K.clone()
+    kernel_energies_and_grads_many([W], [sp], [(ri, ro)], lambda_perp=[-0.15], lambda_G=[-0.05], outs=[W],
+                                   energies=False)
+    torch.testing.assert_close(W, K - 0.3 * (K - PK) - 0.1 * PK, rtol=0, atol=1e-12 * float(K.abs().max()))
+    buf = torch.randn(K.shape, dtype=torch.float64, generator=gen)
+    before = buf.clone()
+    e_perp, _, _ = kernel_energies_and_grads_many([K], [sp], [(ri, ro)], lambda_perp=[0.5], lambda_G=[0.0], outs=[buf])
+    torch.testing.assert_close(buf, before + (K - PK), rtol=0, atol=1e-11 * float(K.abs().max()))
+    assert rel(e_perp[0], (K - PK).square().sum()) < 1e-10
+
+
+def test_penalty_decay_on_a_band_limited_field_is_one_float32_pass(gen):
+    """``decay_`` on a steerable conv between band-limited fields (one field mixing all its irreps, the
+    factorised route): equal to ``W - rate (W - P W)`` in float64, written into the weight's own
+    storage, and no float64 tensor and no tensor of the weight's size other than the weight itself is
+    made on the way; ``backward`` into ``.grad`` equals ``2 (W - P W)`` added to it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from equiproj.nn import ProjectionPenalty, declare
+
+    G = ep.SO2()
+    field = ep.Rep.parse(G, "0 + 1 + 2 + 3")
+    field = field.change_basis(random_orthogonal(field.dim, gen))
+    rep = 3 * field
+    sp = default_kernel_space(G, 5)
+    conv = declare(torch.nn.Conv2d(rep.dim, rep.dim, 5, bias=False), rep, rep, kernel_space=sp)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+    penalty = ProjectionPenalty(conv, lambda_perp=1.0)
+    dense = DenseKernelBasis(sp, rep, rep)
+    W0 = conv.weight.detach().double().clone()
+    PW = dense.project(W0)
+    penalty.decay_(0.01)  # plans and caches are built here
+    W0 = conv.weight.detach().double().clone()
+    PW = dense.project(W0)
+
+    made = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    made.append((str(func), t.dtype, t.numel(), t.untyped_storage().data_ptr()))
+            return out
+
+    ptr = conv.weight.data_ptr()
+    with Record():
+        penalty.decay_(0.3)
+    assert conv.weight.data_ptr() == ptr
+    torch.testing.assert_close(conv.weight.detach().double(), W0 - 0.3 * (W0 - PW), rtol=0,
+                               atol=2e-6 * float(W0.abs().max()))
+    assert any("addmm_" in m[0] for m in made)  # the recording saw the step's products
+    assert not [m for m in made if m[1] == torch.float64 and m[2] >= 100], made
+    n = conv.weight.numel()
+    assert not [m for m in made if m[2] >= n and m[3] != ptr], "a tensor of the weight's size was made"
+    W1 = conv.weight.detach().double()
+    conv.weight.grad = torch.ones_like(conv.weight)
+    penalty.backward()
+    torch.testing.assert_close(conv.weight.grad.double(), 1 + 2 * (W1 - dense.project(W1)), rtol=0, atol=1e-5)
