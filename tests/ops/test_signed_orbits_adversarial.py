@@ -152,6 +152,32 @@ def test_declared_grid_convs_of_subgroups_of_oh(name, backend, gen):
     _check_all(decl.weight_rep_in, decl.rep_out, rep @ kernel_rep(G, (3, 3, 3)), backend, gen)
 
 
+def _c3_on_5x5x5():
+    """C3 about a body diagonal (a subgroup of O_h) on 5x5x5 kernels: its two-dimensional irrep is not
+    monomial, and 2 x 125 <= 256 coordinates, so declare() takes the whole grid as one field."""
+    H = FullOctahedral().subgroups()["C3[-111]"].group
+    rep = H.irreps()[0] + H.irreps()[1]
+    decl = equiproj.nn.declaration(equiproj.nn.declare(nn.Conv3d(rep.dim, rep.dim, 5, bias=False), rep, rep))
+    return decl, rep @ kernel_rep(H, (5, 5, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_declared_grid_conv_on_non_monomial_irreps(backend, gen):
+    decl, ref_in = _c3_on_5x5x5()
+    assert monomial_action(decl.rep_in.segments[-1][1]) is None
+    _check_all(decl.weight_rep_in, decl.rep_out, ref_in, backend, gen)
+
+
+@pytest.mark.xfail(strict=True, reason="declare() takes the whole kernel grid as one field for every input field with "
+                   "d_in k^s <= 256, monomial or not; a non-monomial one (C3's two-dimensional irrep on 5x5x5) then "
+                   "keeps a dense basis [r, d_out, d_in k^s] with r ~ d_in k^s: 125,170 plan numbers for a "
+                   "1,125-weight layer, against 84 on the grid's orbits")
+def test_declared_grid_conv_on_non_monomial_irreps_keeps_a_small_plan():
+    decl, ref_in = _c3_on_5x5x5()
+    declared = plan_for(decl.weight_rep_in, decl.rep_out, "cpu").basis.numel()
+    assert declared <= plan_for(ref_in, decl.rep_out, "cpu").basis.numel()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_reps_with_permutations(backend, gen):
     """Regular fields, point sets, monomial irreps and non-monomial irreps in one rep, with a
@@ -311,6 +337,23 @@ def test_triton_signed_tables_with_one_input_copy(dtype, gen):
     rep_in, rep_out, ref_in = _d4_copies(1, 3)
     assert OrbitForm.SIGNED in _forms(rep_in, rep_out)
     _triton_check(rep_in, rep_out, ref_in, dtype, gen)
+
+
+def test_triton_signed_tables_on_nearly_equivariant_float32_weights(gen):
+    """float32 throughout (no split means): E_perp of a weight with E_perp / ||W||^2 ~ 1e-10 keeps about
+    four digits (the C++ kernel keeps float32 rounding)."""
+    kernels = pytest.importorskip("equiproj.kernels.triton_energies")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    O = Octahedral()
+    fields = O.irrep("T1")
+    rep_in, ref_in = fields @ kernel_rep(O, (3, 3, 3), orbits=False), fields @ kernel_rep(O, (3, 3, 3))
+    rep_out = 2 * O.irrep("T1") + O.irrep("T2")
+    W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+    Wn = nearly_equivariant(W, ref_in, rep_out, 1e-10, gen).float()
+    P = plan_for(rep_in, rep_out, device, torch.float32)
+    ep, eg, _ = kernels.fused_energies([Wn.to(device)], [P], torch.tensor([1.0]), torch.tensor([0.0]))
+    rp, rg = reference.energies(Wn.double(), ref_in, rep_out)
+    assert relative_error(ep[0].cpu(), rp) < 1e-3 and relative_error(eg[0].cpu(), rg) < 1e-5
 
 
 @pytest.mark.xfail(strict=True, reason="the Triton orbit-table branches (TABLE and SIGNED) of _orbit_tiles_kernel "
