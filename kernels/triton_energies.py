@@ -286,7 +286,9 @@ def _orbit_tiles_kernel(
         elif FORM == _ORBIT_TABLE:
             tb = k2
             in_tile = (ta < DO) & (tb < DI)
-            orbit = tl.load(basis_ptr + basis_off + ta * DI + tb, mask=in_tile, other=-1.0).to(tl.int32)[None, :, None, :]
+            # the table's entry of every column of the task ([DOP, BV * DIP]), as the tile's [1, DOP, BV, DIP]
+            orbit = tl.reshape(tl.load(basis_ptr + basis_off + ta * DI + tb, mask=in_tile, other=-1.0).to(tl.int32),
+                               [1, DOP, BV, DIP])
             proj = tl.zeros([BU, DOP, BV, DIP], dtype=tl.float32)
             for o in range(n_orbits):
                 inv = tl.load(basis_ptr + basis_off + DO * DI + o)
@@ -297,7 +299,8 @@ def _orbit_tiles_kernel(
         elif FORM == _ORBIT_SIGNED:  # code c(e) (k + 1); 0: no equivariant part (never selected)
             tb = k2
             in_tile = (ta < DO) & (tb < DI)
-            code = tl.load(basis_ptr + basis_off + ta * DI + tb, mask=in_tile, other=0.0).to(tl.int32)[None, :, None, :]
+            code = tl.reshape(tl.load(basis_ptr + basis_off + ta * DI + tb, mask=in_tile, other=0.0).to(tl.int32),
+                              [1, DOP, BV, DIP])
             sign = tl.where(code < 0, -1.0, 1.0)
             signed_x = x * sign
             proj = tl.zeros([BU, DOP, BV, DIP], dtype=tl.float32)

@@ -11,6 +11,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .. import grid as _grid
 from .. import translation as _translation
+from ..groups._field import monomial_action
 from ..groups import Rep, as_rep_pair, check_rep_pair
 from ..kernel_spaces import default_kernel_space
 from ._declaration import (Declaration, KernelSpaceDeclaration, MatrixDeclaration, StaleDeclaration,
@@ -39,6 +40,21 @@ class NoKernelSpaceError(ValueError, NotImplementedError):
 #: O/O_h on 3x3x3 kernels: 27 to 81). With regular output fields every pair of permutation fields is
 #: a product pair (two factor tables, any size: O/O_h regular fields on 3x3x3 kernels, 648 and 1296)
 _GRID_FIELD_MAX = 256
+
+
+#: a field that is neither a permutation field nor monomial takes the whole grid while its basis with an
+#: output field stays small: d_in k^s <= this times |G| (the basis has about d_out d_in k^s / |G| maps;
+#: the E irreps of O and O_h on 3x3x3 kernels: 54 <= 96 and 192; C3's on 5x5x5: 250 > 12)
+_GRID_BASIS_ORBITS = 4
+
+
+def _whole_grid_field(field, pixels: int) -> bool:
+    """Whether ``field ⊗ pixels`` is built as one field (read in place) rather than over the grid's orbits."""
+    n = field.dim * pixels
+    if n > _GRID_FIELD_MAX:
+        return False
+    return (field.permutation is not None or monomial_action(field) is not None
+            or n <= _GRID_BASIS_ORBITS * field.group.order)
 
 
 def _check_materialised(module):
@@ -178,10 +194,11 @@ def _conv_declaration(module, rep_in, rep_out, kernel_space, bias) -> Declaratio
         if _grid.has_grid_action(G, k):
             # rep_in ⊗ pixels as one field per input copy, a contiguous block of the weight's columns read
             # in place: for permutation input fields and regular output fields (factor tables), or while
-            # the fields stay small (orbit tables for permutation fields, signed orbit tables for monomial
-            # ones such as the irreps of C4/D4, a basis otherwise); larger fields take the grid's orbits
+            # the fields stay small: orbit tables for permutation fields, signed orbit tables for monomial
+            # ones (the irreps of C4/D4), a basis for the others while it stays small (E of O/O_h); larger
+            # fields take the grid's orbits
             regular_out = all(f.permutation is not None and f.permutation.regular for _, f in rep_out.segments)
-            whole = all((f.permutation is not None and regular_out) or f.dim * math.prod(k) <= _GRID_FIELD_MAX
+            whole = all((f.permutation is not None and regular_out) or _whole_grid_field(f, math.prod(k))
                         for _, f in rep_in.segments)
             return MatrixDeclaration("grid", rep_in, rep_out, rep_in @ _grid.kernel_rep(G, k, orbits=not whole), shape,
                                      bias, s,
