@@ -10,7 +10,8 @@
 // four tiles are laid out [K][4] (one vector per orbit). Pass 1 is then one vector add per entry and
 // four tiles, pass 2 transposes the four tiles' means back to rows and forms the residual and the
 // gradient row-wise. With AVX2, two tiles left over (ci mod 4 >= 2) run as pairs of 128-bit lanes;
-// the last one entry by entry. A signed table (p.sign: two monomial fields) multiplies each entry by
+// the last one entry by entry. The entries of a group of four tiles past the last whole vector (a
+// 3x3 kernel's ninth pixel) run as one vector of the four tiles' entry each. A signed table (p.sign: two monomial fields) multiplies each entry by
 // its sign c(e) before pass 1 adds it, and each mean by it before pass 2 subtracts it (c = 0: mean 0).
 
 #ifdef EQUIPROJ_AVX2
@@ -408,7 +409,33 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
           }
         }
       }
-      for (; j < di; ++j)  // entries past the last whole vector, and a single tile
+      if (w == 4)  // the entries past the last whole vector: entry j of the four tiles in four lanes
+        for (; j < di; ++j) {
+          const float* q = reinterpret_cast<const float*>(Md + o4[j]);  // the tiles' m_hi, then m_lo
+          __m128 hi = _mm_loadu_ps(q), lo = _mm_loadu_ps(q + 4);
+          if (sg) {
+            const __m128 s = _mm_set1_ps(static_cast<float>(sg[j]));
+            hi = _mm_mul_ps(hi, s), lo = _mm_mul_ps(lo, s);
+          }
+          const __m128 t = _mm_setr_ps(x0[j], x0[di + j], x0[2 * di + j], x0[3 * di + j]);
+          const __m128 r = _mm_sub_ps(_mm_sub_ps(t, hi), lo);
+          e8[0] = _mm256_add_ps(e8[0], _mm256_zextps128_ps256(_mm_mul_ps(r, r)));
+          if (++n8 >= kOrbitFlushVectors) {
+            flush_lanes_f32(e8, 2, e1);
+            n8 = 0;
+          }
+          if constexpr (Mode != GradMode::kNone) {
+            const __m128 cg4 = _mm256_castps256_ps128(cg), dc4 = _mm256_castps256_ps128(dc);
+            const __m128 base =
+                Mode == GradMode::kAdd
+                    ? _mm_fmadd_ps(cg4, t, _mm_setr_ps(g0[j], g0[di + j], g0[2 * di + j], g0[3 * di + j]))
+                    : _mm_mul_ps(cg4, t);
+            alignas(16) float v[4];
+            _mm_store_ps(v, _mm_fmadd_ps(dc4, r, base));
+            for (int l = 0; l < 4; ++l) g0[l * di + j] = v[l];
+          }
+        }
+      for (; j < di; ++j)  // entries past the last whole vector of a pair of tiles, and a single tile
         for (int64_t t = 0; t < w; ++t) {
           const float* q = reinterpret_cast<const float*>(Md + (w * o4[j] >> 2));
           const float s = sg ? static_cast<float>(sg[j]) : 1.0f;
@@ -478,6 +505,12 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
       if (w == 2)
         for (; j < d4; j += 4) orbit_sum2(Sw, o4 + j, x0 + j, x0 + di + j, sg ? sg + j : nullptr);
 #endif
+      if (w == 4)  // the entries past the last whole vector: entry j of the four tiles as one vector
+        for (; j < di; ++j) {
+          const V4 t = gather4(x0 + j, di);
+          acc_t* s = Sw + o4[j];
+          store4(s, load4(s) + (sg ? t * splat(sg[j]) : t));
+        }
       for (; j < di; ++j)
         for (int64_t l = 0; l < w; ++l) Sw[(w * o4[j] >> 2) + l] += sg ? sg[j] * acc_t(x0[l * di + j]) : acc_t(x0[l * di + j]);
     }
