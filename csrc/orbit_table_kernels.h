@@ -288,28 +288,39 @@ inline void transpose4_f32(__m256& r0, __m256& r1, __m256& r2, __m256& r3) {
   r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
 }
 
-// Eight entries: R = (T - hi) - lo, E_perp in float32 lanes, the gradient cg T + dc R written or added.
+// The gradient cp R + cg P(T), from D = T - m_hi (exact) and the split mean, as cp D + cg m_hi + (cg - cp)
+// m_lo: the two large terms meet in one FMA, so that where they cancel (cp R ~ -cg P(T)) the result keeps
+// its own precision; cp (D - m_lo) would round R first, half an ulp of R. cp = 2 lambda_perp, cg = 2 lambda_G.
+struct SplitCoefs {
+  __m256 cp, cg, cgp;  // cgp = cg - cp (it multiplies m_lo only)
+};
+
+inline __m256 split_grad8(__m256 d, __m256 hi, __m256 lo, __m256 add, const SplitCoefs& c) {
+  return _mm256_fmadd_ps(c.cp, d, _mm256_add_ps(_mm256_fmadd_ps(c.cg, hi, _mm256_mul_ps(c.cgp, lo)), add));
+}
+
+inline __m128 split_grad4(__m128 d, __m128 hi, __m128 lo, __m128 add, const SplitCoefs& c) {
+  const __m128 cp = _mm256_castps256_ps128(c.cp), cg = _mm256_castps256_ps128(c.cg), cgp = _mm256_castps256_ps128(c.cgp);
+  return _mm_fmadd_ps(cp, d, _mm_add_ps(_mm_fmadd_ps(cg, hi, _mm_mul_ps(cgp, lo)), add));
+}
+
+// Eight entries: R = (T - hi) - lo, E_perp in float32 lanes, the gradient written or added.
 template <GradMode Mode>
-inline void split_residual8(const float* x, float* g, __m256 hi, __m256 lo, __m256 cg, __m256 dc, __m256& e8) {
-  const __m256 t = _mm256_loadu_ps(x), r = _mm256_sub_ps(_mm256_sub_ps(t, hi), lo);
+inline void split_residual8(const float* x, float* g, __m256 hi, __m256 lo, const SplitCoefs& c, __m256& e8) {
+  const __m256 t = _mm256_loadu_ps(x), d = _mm256_sub_ps(t, hi), r = _mm256_sub_ps(d, lo);
   e8 = _mm256_fmadd_ps(r, r, e8);
-  if constexpr (Mode != GradMode::kNone) {
-    const __m256 base = Mode == GradMode::kAdd ? _mm256_fmadd_ps(cg, t, _mm256_loadu_ps(g)) : _mm256_mul_ps(cg, t);
-    _mm256_storeu_ps(g, _mm256_fmadd_ps(dc, r, base));
-  }
+  if constexpr (Mode != GradMode::kNone)
+    _mm256_storeu_ps(g, split_grad8(d, hi, lo, Mode == GradMode::kAdd ? _mm256_loadu_ps(g) : _mm256_setzero_ps(), c));
 }
 
 // Four entries, the means as [hi | lo] lanes.
 template <GradMode Mode>
-inline void split_residual4(const float* x, float* g, __m256 m, __m256 cg, __m256 dc, __m256& e8) {
-  const __m128 t = _mm_loadu_ps(x);
-  const __m128 r = _mm_sub_ps(_mm_sub_ps(t, _mm256_castps256_ps128(m)), _mm256_extractf128_ps(m, 1));
+inline void split_residual4(const float* x, float* g, __m256 m, const SplitCoefs& c, __m256& e8) {
+  const __m128 t = _mm_loadu_ps(x), hi = _mm256_castps256_ps128(m), lo = _mm256_extractf128_ps(m, 1);
+  const __m128 d = _mm_sub_ps(t, hi), r = _mm_sub_ps(d, lo);
   e8 = _mm256_add_ps(e8, _mm256_zextps128_ps256(_mm_mul_ps(r, r)));
-  if constexpr (Mode != GradMode::kNone) {
-    const __m128 cg4 = _mm256_castps256_ps128(cg), dc4 = _mm256_castps256_ps128(dc);
-    const __m128 base = Mode == GradMode::kAdd ? _mm_fmadd_ps(cg4, t, _mm_loadu_ps(g)) : _mm_mul_ps(cg4, t);
-    _mm_storeu_ps(g, _mm_fmadd_ps(dc4, r, base));
-  }
+  if constexpr (Mode != GradMode::kNone)
+    _mm_storeu_ps(g, split_grad4(d, hi, lo, Mode == GradMode::kAdd ? _mm_loadu_ps(g) : _mm_setzero_ps(), c));
 }
 
 // the signs of eight consecutive entries as float32 lanes
@@ -330,8 +341,8 @@ template <GradMode Mode>
 void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2, acc_t cg2,
                            const acc_t* S, int32_t* obuf, acc_t& ep) {
   const int64_t di = p.di, K = p.r, ci = p.ci;
-  const __m256 cg = _mm256_set1_ps(static_cast<float>(cg2)), dc = _mm256_set1_ps(static_cast<float>(cp2 - cg2));
-  const float cgs = static_cast<float>(cg2), dcs = static_cast<float>(cp2 - cg2);
+  const float cps = static_cast<float>(cp2), cgs = static_cast<float>(cg2), cgps = static_cast<float>(cg2 - cp2);
+  const SplitCoefs c{_mm256_set1_ps(cps), _mm256_set1_ps(cgs), _mm256_set1_ps(cgps)};
   __m256 e8[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // two accumulators: the step's other registers fit
   int n8 = 0;  // vectors added into each lane of e8 since the last flush
   acc_t e1 = 0;
@@ -367,7 +378,7 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
             for (int t = 0; t < 4; ++t) h[t] = _mm256_mul_ps(h[t], s), l[t] = _mm256_mul_ps(l[t], s);
           }
           for (int t = 0; t < 4; ++t)
-            split_residual8<Mode>(x0 + t * di + j, g0 ? g0 + t * di + j : nullptr, h[t], l[t], cg, dc, e8[t & 1]);
+            split_residual8<Mode>(x0 + t * di + j, g0 ? g0 + t * di + j : nullptr, h[t], l[t], c, e8[t & 1]);
           if ((n8 += 2) >= kOrbitFlushVectors) {
             flush_lanes_f32(e8, 2, e1);
             n8 = 0;
@@ -383,7 +394,7 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
             for (int t = 0; t < 4; ++t) m[t] = _mm256_mul_ps(m[t], s);
           }
           for (int t = 0; t < 4; ++t)
-            split_residual4<Mode>(x0 + t * di + j, g0 ? g0 + t * di + j : nullptr, m[t], cg, dc, e8[t & 1]);
+            split_residual4<Mode>(x0 + t * di + j, g0 ? g0 + t * di + j : nullptr, m[t], c, e8[t & 1]);
           if ((n8 += 2) >= kOrbitFlushVectors) {
             flush_lanes_f32(e8, 2, e1);
             n8 = 0;
@@ -401,8 +412,8 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
             const __m256 s = signs8(sg + j);
             for (int t = 0; t < 4; ++t) m[t] = _mm256_mul_ps(m[t], s);
           }
-          split_residual8<Mode>(x0 + j, g0 ? g0 + j : nullptr, m[0], m[2], cg, dc, e8[0]);
-          split_residual8<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m[1], m[3], cg, dc, e8[1]);
+          split_residual8<Mode>(x0 + j, g0 ? g0 + j : nullptr, m[0], m[2], c, e8[0]);
+          split_residual8<Mode>(x0 + di + j, g0 ? g0 + di + j : nullptr, m[1], m[3], c, e8[1]);
           if (++n8 >= kOrbitFlushVectors) {
             flush_lanes_f32(e8, 2, e1);
             n8 = 0;
@@ -418,32 +429,29 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
             hi = _mm_mul_ps(hi, s), lo = _mm_mul_ps(lo, s);
           }
           const __m128 t = _mm_setr_ps(x0[j], x0[di + j], x0[2 * di + j], x0[3 * di + j]);
-          const __m128 r = _mm_sub_ps(_mm_sub_ps(t, hi), lo);
+          const __m128 d = _mm_sub_ps(t, hi), r = _mm_sub_ps(d, lo);
           e8[0] = _mm256_add_ps(e8[0], _mm256_zextps128_ps256(_mm_mul_ps(r, r)));
           if (++n8 >= kOrbitFlushVectors) {
             flush_lanes_f32(e8, 2, e1);
             n8 = 0;
           }
           if constexpr (Mode != GradMode::kNone) {
-            const __m128 cg4 = _mm256_castps256_ps128(cg), dc4 = _mm256_castps256_ps128(dc);
-            const __m128 base =
-                Mode == GradMode::kAdd
-                    ? _mm_fmadd_ps(cg4, t, _mm_setr_ps(g0[j], g0[di + j], g0[2 * di + j], g0[3 * di + j]))
-                    : _mm_mul_ps(cg4, t);
+            const __m128 add = Mode == GradMode::kAdd ? _mm_setr_ps(g0[j], g0[di + j], g0[2 * di + j], g0[3 * di + j])
+                                                      : _mm_setzero_ps();
             alignas(16) float v[4];
-            _mm_store_ps(v, _mm_fmadd_ps(dc4, r, base));
+            _mm_store_ps(v, split_grad4(d, hi, lo, add, c));
             for (int l = 0; l < 4; ++l) g0[l * di + j] = v[l];
           }
         }
       for (; j < di; ++j)  // entries past the last whole vector of a pair of tiles, and a single tile
         for (int64_t t = 0; t < w; ++t) {
           const float* q = reinterpret_cast<const float*>(Md + (w * o4[j] >> 2));
-          const float s = sg ? static_cast<float>(sg[j]) : 1.0f;
-          const float xv = x0[t * di + j], r = (xv - s * q[t]) - s * q[w + t];
+          const float s = sg ? static_cast<float>(sg[j]) : 1.0f, hi = s * q[t], lo = s * q[w + t];
+          const float xv = x0[t * di + j], d = xv - hi, r = d - lo;
           e1 += acc_t(r) * acc_t(r);
           if constexpr (Mode != GradMode::kNone) {
             float& gv = g0[t * di + j];
-            gv = dcs * r + (Mode == GradMode::kAdd ? cgs * xv + gv : cgs * xv);
+            gv = __builtin_fmaf(cps, d, __builtin_fmaf(cgs, hi, cgps * lo) + (Mode == GradMode::kAdd ? gv : 0.0f));
           }
         }
     }
