@@ -902,11 +902,7 @@ std::vector<acc_t> run_items(const std::vector<Layer>& layers) {
   const int64_t nl = layers.size();
   // items: (layer, matrix, row block), layer-major
   std::vector<int64_t> layer_start(nl + 1, 0);
-  int64_t work = 0;
-  for (int64_t i = 0; i < nl; ++i) {
-    layer_start[i + 1] = layer_start[i] + layers[i].batch * layers[i].blocks;
-    work += layers[i].batch * layers[i].m * layers[i].n;
-  }
+  for (int64_t i = 0; i < nl; ++i) layer_start[i + 1] = layer_start[i] + layers[i].batch * layers[i].blocks;
   const int64_t items = layer_start[nl];
   std::vector<acc_t> part(2 * items, 0);
   // items of split row blocks: one at a time, each running its row chunks in parallel
@@ -928,11 +924,34 @@ std::vector<acc_t> run_items(const std::vector<Layer>& layers) {
       }
   }
   if (items > 0) {
-    const int64_t per_item = std::max<int64_t>(1, work / items);
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / per_item);
-    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    // pieces of consecutive items with about kPieceWork entries each, cut by work and not by count:
+    // at::parallel_for hands each thread a contiguous range of pieces, and the row blocks of one
+    // matrix can differ in size (a 1-row and a 3-row field: an even split by count left one of two
+    // threads three times the other's work). Each item writes its own sums: the result does not
+    // depend on the cut.
+    constexpr int64_t kPieceWork = int64_t(1) << 15;
+    std::vector<int64_t> piece_start{0};
+    int64_t acc = 0;
+    for (int64_t i = 0, it = 0; i < nl; ++i) {
+      const Layer& L = layers[i];
+      const std::vector<int64_t>& gs = *L.group_start;
+      for (int64_t b = 0; b < L.batch; ++b)
+        for (size_t g = 0; g < L.groups->size(); ++g) {
+          const int64_t size = (*L.groups)[g].d_out * L.n;
+          for (int64_t u = gs[g]; u < gs[g + 1]; ++u, ++it) {
+            acc += done[it] ? 0 : size;
+            if (acc >= kPieceWork) {
+              piece_start.push_back(it + 1);
+              acc = 0;
+            }
+          }
+        }
+    }
+    if (piece_start.back() != items) piece_start.push_back(items);
+    const int64_t pieces = static_cast<int64_t>(piece_start.size()) - 1;
+    at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
       Scratch s;
-      for (int64_t it = begin; it < end; ++it) {
+      for (int64_t it = piece_start[begin]; it < piece_start[end]; ++it) {
         if (done[it]) continue;
         const int64_t i = std::upper_bound(layer_start.begin(), layer_start.end(), it) - layer_start.begin() - 1;
         const Layer& L = layers[i];

@@ -393,6 +393,7 @@ inline void orbit_residual_one(const X* x, X* g, acc_t m, acc_t cp2, acc_t cg2, 
 
 #include "orbit_table_kernels.h"
 #include "orbit_perm_kernels.h"
+#include "trace_form_kernels.h"
 
 // ---- dispatch -------------------------------------------------------------------------------------
 
@@ -406,6 +407,15 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
       zero_rows<X>(x, g, dout, p.ci * p.di, cp2, ep, p.accumulate);
       return;
     case Kind::kIdentity:
+#ifdef EQUIPROJ_AVX2
+      if constexpr (std::is_same<X, float>::value) switch (dout) {
+          case 2: trace_pair_f32<2>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;
+          case 3: trace_pair_f32<3>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;
+          case 4: trace_pair_f32<4>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;
+          case 5: trace_pair_f32<5>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;
+          default: break;
+        }
+#endif
       switch (dout) {
         case 1: identity_pair<1, X>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;
         case 2: identity_pair<2, X>(x, g, p.ci, cp2, cg2, ep, eg, p.accumulate); return;

@@ -11,9 +11,12 @@ Tolerances:
 * gradients ``2 lambda_perp R + 2 lambda_G P W`` (elementwise): ``ulp |g_ref| + 1e-12 (|lambda_perp| + |lambda_G|) max|W|``
   ``+ ulp * smallest_normal`` (subnormal spacing), with ``ulp`` one unit in the last place of the
   weight dtype (2^-52, 2^-23, 2^-10, 2^-7): the float64 gradient rounded once (bf16/fp16 via
-  float32, so up to one ulp).
+  float32, so up to one ulp). The trace form on float32 rows long enough for its vector kernel forms
+  the gradient from float32 terms: there the bound adds ``2 ulp (|2 lambda_perp R| + |2 lambda_G P W|)``
+  (exact where the weight is nearly equivariant: ``R`` keeps its own precision, the test below).
 
-Kernel paths covered: r = 0 pairs; A = I/sqrt(d) pairs with d = 1, 3, 5 and 7 (runtime d); square
+Kernel paths covered: r = 0 pairs; A = I/sqrt(d) pairs with d = 1, 3, 5 and 7 (runtime d), and d = 2, 3, 5
+on rows of over a thousand columns (the float32 kernel's chunks and tails); square
 small tiles (complex type 2x2, d = 3, 4, 5 with r up to 9); the generic kernel (dense change of
 basis, regular reps, non-square field pairs); tile counts with and without a remainder of the
 four-tile loops; permutations; float64 staging (half types, strided and permuted columns).
@@ -64,6 +67,23 @@ def _small_general(gen):
     return 3 * t + 2 * f + G.irrep(1), 2 * f + 5 * t + G.irrep(1) @ G.irrep(1)
 
 
+def _trace_long_rows(gen):
+    # the trace form on long rows (d = 3): the float32 kernel's chunks of 960 columns, a short last chunk
+    # and the tiles past its last whole vector group (1020 = 960 + 48 + 12 columns)
+    G = equiproj.SO3()
+    return Rep.parse(G, "340x1 + 0"), Rep.parse(G, "3x1 + 0")
+
+
+def _trace_five_dims(gen):
+    G = equiproj.SO3()  # d = 5: 1005 = 960 + 40 + 5 columns
+    return Rep.parse(G, "201x2 + 0"), Rep.parse(G, "0 + 2x2")
+
+
+def _trace_two_dims(gen):
+    G = equiproj.FullOctahedral()  # Eg: a 2-dim irrep of real type (trace form, d = 2) on long rows
+    return Rep.parse(G, "503xEg + 2xT1u"), Rep.parse(G, "3xEg + T1u")
+
+
 def _octahedral(gen):
     return verify.mixed_reps(equiproj.Octahedral(), gen)  # 3-dim real irreps, the 24-dim regular rep
 
@@ -73,7 +93,15 @@ def _o3(gen):
 
 
 CASES = {"so3_fields": _so3_fields, "so2_complex": _so2_complex, "so2_permuted": _so2_permuted,
-         "dense_basis": _dense_basis, "small_general": _small_general, "octahedral": _octahedral, "o3": _o3}
+         "dense_basis": _dense_basis, "small_general": _small_general, "octahedral": _octahedral, "o3": _o3,
+         "trace_long_rows": _trace_long_rows, "trace_five_dims": _trace_five_dims,
+         "trace_two_dims": _trace_two_dims}
+
+
+#: cases whose float32 rows the trace-form kernel runs in float32 lanes (the mean split hi + lo): each term
+#: of the gradient, 2 lambda_perp R and 2 lambda_G P W, is rounded once, so where they cancel the error is
+#: bounded by the terms, not by their sum
+FLOAT32_TERMS = {"trace_long_rows", "trace_five_dims", "trace_two_dims"}
 
 
 def _plan(ri, ro):
@@ -101,7 +129,7 @@ def _reference(W, ri, ro, cp, cg):
     return R.square().sum((-2, -1)), PW.square().sum((-2, -1)), grad
 
 
-def _check(W, ep, eg, g, ri, ro, cp, cg, what, near=False):
+def _check(W, ep, eg, g, ri, ro, cp, cg, what, near=False, float32_terms=False):
     rp, rg, rgrad = _reference(W, ri, ro, cp, cg)
     acc = torch.float64 if W.dtype == torch.float64 else torch.float32
     assert ep.dtype == eg.dtype == acc and ep.shape == eg.shape == W.shape[:-2], what
@@ -114,6 +142,11 @@ def _check(W, ep, eg, g, ri, ro, cp, cg, what, near=False):
     cmag = (cp.abs() + cg.abs()).double()[..., None, None]
     subnormal = torch.finfo(W.dtype).smallest_normal * ULP[W.dtype]  # spacing below the normal range
     bound = ULP[W.dtype] * rgrad.abs() + 1e-12 * cmag * wmax + subnormal
+    if float32_terms and W.dtype == torch.float32:  # one float32 rounding of each term of the gradient
+        PW = reference.project(W.detach().double(), ri, ro)
+        terms = (2 * cp.double()[..., None, None] * (W.detach().double() - PW)).abs() + \
+            (2 * cg.double()[..., None, None] * PW).abs()
+        bound = bound + 2 * ULP[W.dtype] * terms
     err = (g.double() - rgrad).abs()
     assert bool((err <= bound).all()), f"{what} grad: max error {float(err.max()):.2e}"
 
@@ -143,13 +176,14 @@ def test_matches_reference(case, dtype, gen):
         cp = torch.rand(batch, generator=gen) * 2 - 0.5
         cg = torch.rand(batch, generator=gen) * 2 - 0.5
         (ep,), (eg,), (g,) = cpp([W], [P], [cp], [cg])
-        _check(W, ep, eg, g, ri, ro, cp, cg, f"{case} {dtype} {layout}")
+        _check(W, ep, eg, g, ri, ro, cp, cg, f"{case} {dtype} {layout}", float32_terms=case in FLOAT32_TERMS)
         (ep2,), (eg2,), grads = cpp([W], [P])  # energies only: the same values, no gradient
         assert grads == [] and torch.equal(ep2, ep) and torch.equal(eg2, eg)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["so3_fields", "so2_complex", "so2_permuted", "small_general", "dense_basis"])
+@pytest.mark.parametrize("case", ["so3_fields", "so2_complex", "so2_permuted", "small_general", "dense_basis",
+                                  "trace_long_rows", "trace_five_dims", "trace_two_dims"])
 def test_nearly_equivariant(case, dtype, gen):
     ri, ro = CASES[case](gen)
     W64 = verify.nearly_equivariant(torch.randn(2, ro.dim, ri.dim, dtype=torch.float64, generator=gen), ri, ro,
