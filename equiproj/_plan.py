@@ -419,7 +419,7 @@ def _signed_orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitFor
 @bytes_cached("equiproj._plan.orbit_pair")
 def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torch.Tensor] | None:
     """``(K, form, data)`` for two permutation fields, one of dimension above 5 (or both regular
-    fields of C_4 or D_2), else ``None``
+    fields of C_4 or D_2, or two 4-point fields whose orbits are those of C_4's), else ``None``
     (:func:`orbit_pair` answers the other fields before the cache).
 
     For permutation fields ``Hom_G`` is spanned by the indicator matrices of the orbits of G on pairs
@@ -434,10 +434,14 @@ def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torc
     pa, pb = field_out.permutation, field_in.permutation
     d_out, d_in = field_out.dim, field_in.dim
     form = pa.group.regular_pair_orbits() if pa.regular and pb.regular and pa.group == pb.group else None
-    if max(d_out, d_in) <= _SMALL_FIELD and not (form is not None and d_out == _SMALL_CLOSED_FORM):
+    small = max(d_out, d_in) <= _SMALL_FIELD
+    if small and not d_out == d_in == _SMALL_CLOSED_FORM:
         return None
     if form is not None:
         return d_out, OrbitForm[form.upper()], torch.zeros(0, dtype=torch.float64)
+    if small:  # two 4-point fields that are not regular: the cyclic closed form where their orbits are its
+        K, labels = _orbit_labels(pa, pb)
+        return (d_out, OrbitForm.CYCLIC, torch.zeros(0, dtype=torch.float64)) if _cyclic(labels, K, d_out) else None
     if pa.regular and pb.factors is not None and pa.group == pb.group:
         return d_in, OrbitForm.PRODUCT, _product_orbits(pa, pb)
     ng = pa.group.order
@@ -448,10 +452,31 @@ def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torc
         raise ValueError(f"the orbits of a pair of permutation fields of dimension {d_out} and {d_in} need an index "
                          f"table of {d_out * d_in:,} entries, more than the {MAX_ORBIT_TABLE:,} a plan holds: split the "
                          "fields into smaller orbits (e.g. one field per orbit of the points)")
+    K, o = _orbit_labels(pa, pb)
+    if d_out == d_in and _cyclic(o, K, d_out):  # e.g. C_N acting on N points in cyclic order
+        return d_out, OrbitForm.CYCLIC, torch.zeros(0, dtype=torch.float64)
+    sizes = torch.bincount(o, minlength=K).to(torch.float64)
+    return K, OrbitForm.TABLE, torch.cat([o.to(torch.float64), 1.0 / sizes])
+
+
+def _cyclic(labels: torch.Tensor, K: int, n: int) -> bool:
+    """Whether the orbits ``labels`` (row-major over an ``n x n`` tile) are those of the cyclic closed form:
+    entry ``(a, b)`` on orbit ``(b - a) mod n``."""
+    if K != n:
+        return False
+    a = torch.arange(n)
+    diagonal = ((a[None, :] - a[:, None]) % n).reshape(-1)
+    return len(torch.unique(labels * n + diagonal)) == n
+
+
+def _orbit_labels(pa, pb) -> tuple[int, torch.Tensor]:
+    """``(K, orbit of every entry)`` of a pair of permutation actions: the connected components of the graph
+    the group's generators draw on the pairs ``(a, b)`` (row-major), numbered by their first entry."""
     import numpy as np  # noqa: PLC0415
     from scipy.sparse import coo_matrix  # noqa: PLC0415
     from scipy.sparse.csgraph import connected_components  # noqa: PLC0415
 
+    d_out, d_in = pa.dim, pb.dim
     go, gi = pa.generator_table(), pb.generator_table()  # [k, d]
     nodes = d_out * d_in
     src = np.tile(np.arange(nodes), len(go))
@@ -462,9 +487,7 @@ def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torc
     order = labels[np.sort(first)]  # the orbit labels in order of first appearance
     relabel = np.empty(K, dtype=np.int64)
     relabel[order] = np.arange(K)
-    o = torch.from_numpy(relabel[labels])
-    sizes = torch.bincount(o, minlength=K).to(torch.float64)
-    return int(K), OrbitForm.TABLE, torch.cat([o.to(torch.float64), 1.0 / sizes])
+    return int(K), torch.from_numpy(relabel[labels])
 
 
 class _CommutantBases(dict):

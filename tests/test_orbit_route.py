@@ -538,9 +538,14 @@ def test_orbit_tables_have_a_size_limit():
     assert MAX_ORBIT_TABLE <= 2**24  # exact in a float32 basis
     G = Cyclic(7)
     angles = 2 * math.pi * torch.arange(7, dtype=F64) / 7
-    rep = Rep.permutation(G, points=torch.stack([torch.cos(angles), torch.sin(angles)], 1))
+    points = torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+    rep = Rep.permutation(G, points=points[[0, 2, 1, 3, 4, 5, 6]])  # not in cyclic order
     K, form, data = orbit_pair(rep.segments[0][1], rep.segments[0][1])
     assert K == 7 and form == OrbitForm.TABLE and data.numel() == 49 + 7  # a table: not flagged as the regular rep
+    # in cyclic order the orbits of the pairs are (b - a) mod 7: the closed form, no table
+    rep = Rep.permutation(G, points=points)
+    K, form, data = orbit_pair(rep.segments[0][1], rep.segments[0][1])
+    assert K == 7 and form == OrbitForm.CYCLIC and data.numel() == 0
 
 
 def test_energy_breakdown_with_permutation_fields(gen):

@@ -9,7 +9,7 @@ itself, against the float64 spatial reference.
 import pytest
 import torch
 
-from equiproj import Cyclic, Dihedral, reference
+from equiproj import Cyclic, Dihedral, Rep, reference
 from equiproj._plan import OrbitForm, PlanColumn, plan_for
 from equiproj.ops import cpp_available, fused_energies_and_grads
 from equiproj.testing import nearly_equivariant, relative_error
@@ -172,3 +172,52 @@ def test_large_pairs_split_into_row_chunks(G, isa, gen):
         fused_energies_and_grads([step], [P], [-0.05], [0.0], outs=[step])
         want_step = W.double() - 0.1 * R
         assert float((step.double() - want_step).abs().max()) <= tol * float(want_step.abs().max())
+
+
+def _rotation_action(N: int, M: int, order=None):
+    """C_N acting on M points: the rotation by ``2 pi k / N`` moves point ``order[i]`` to ``order[(i + k) mod M]``."""
+    order = torch.arange(M) if order is None else torch.tensor(order)
+    position = torch.argsort(order)
+
+    def action(g):
+        k = torch.round(torch.atan2(g[..., 1, 0], g[..., 0, 0]) * (N / (2 * torch.pi))).long()
+        return order[(position + k[..., None]) % M]
+
+    return Rep.permutation(Cyclic(N), action=action, size=M)
+
+
+@pytest.mark.parametrize("N, M", [(16, 4), (8, 4), (8, 8), (24, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_points_in_cyclic_order_take_the_cyclic_closed_form(N, M, dtype, gen):
+    """Permutation fields that are not regular but whose pairs have the orbits (b - a) mod M of C_M's regular
+    fields (a quotient C_N / C_(N/M) given by its action, C_M's rotations of M points) run the closed form."""
+    field = _rotation_action(N, M)
+    rep_in, rep_out = Cyclic(N).trivial() + 3 * field, 2 * field
+    P, forms = _closed_form_rows(rep_in, rep_out)
+    assert OrbitForm.CYCLIC in forms
+    W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen).to(dtype)
+    for W0 in (W, nearly_equivariant(W.double(), rep_in, rep_out, 1e-10, gen).to(dtype)):
+        # float64: the reference's own rounding of R = W - P W is ~1e-11 of E_perp at E_perp / ||W||^2 = 1e-10
+        tol = (1e-12 if W0 is W else 1e-7) if dtype == F64 else 2e-6
+        cp, cg = 0.5 + float(torch.rand(1, generator=gen)), float(torch.rand(1, generator=gen))
+        out = torch.randn(W.shape, dtype=F64, generator=gen).to(dtype)
+        base = out.clone()
+        (ep,), (eg,), _ = fused_energies_and_grads([W0], [P], [cp], [cg], outs=[out])
+        rp, rg = reference.energies(W0.double(), rep_in, rep_out)
+        assert relative_error(ep, rp) < tol and relative_error(eg, rg) < tol
+        want = base.double() + _expected_grad(W0, rep_in, rep_out, cp, cg)
+        grad_tol = 1e-12 if dtype == F64 else 2e-6
+        assert float((out.double() - want).abs().max()) <= grad_tol * float(want.abs().max())
+
+
+def test_points_in_another_order_keep_their_tiles():
+    """Four points visited out of order by the rotations (0 -> 2 -> 1 -> 3), and D_4 on a square's vertices
+    (three orbits of pairs), are not the cyclic closed form: their small pairs keep the basis tiles."""
+    shuffled = _rotation_action(16, 4, order=[0, 2, 1, 3])
+    for field in (shuffled, Rep.permutation(Dihedral(4), points=_square_vertices())):
+        _, forms = _closed_form_rows(2 * field, 2 * field)
+        assert forms == set()
+
+
+def _square_vertices():
+    return torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]], dtype=F64)
