@@ -56,6 +56,27 @@ inline void orbit_sum_run(acc_t* S, const X* x, int64_t len) {
   for (; j < len; ++j) S[j] += acc_t(x[j]);
 }
 
+// Four consecutive tile rows whose segments start one position apart in the same doubled array
+// (row q at S - q): S[j] += x0[j] + x1[j + 1] + x2[j + 2] + x3[j + 3], one load and one store of the
+// float64 sums for four rows' entries instead of one per row; the first and last three entries of
+// the rows that the shifted vectors leave out are added one by one.
+template <typename X>
+inline void orbit_sum_run4(acc_t* S, const X* x0, const X* x1, const X* x2, const X* x3, int64_t len) {
+  const X* xr[4] = {x0, x1, x2, x3};
+  int64_t j = 0;
+  for (; j + 4 <= len - 3; j += 4) {
+    if ((j & 15) == 0)
+      for (int q = 0; q < 4; ++q) prefetch(xr[q] + j + kPrefetch);
+    store4(S + j, ((load4(S + j) + load4(x0 + j)) + (load4(x1 + j + 1) + load4(x2 + j + 2))) + load4(x3 + j + 3));
+  }
+  for (; j < len - 3; ++j) S[j] += ((acc_t(x0[j]) + acc_t(x1[j + 1])) + acc_t(x2[j + 2])) + acc_t(x3[j + 3]);
+  for (int64_t q = 0; q < 4; ++q) {
+    const int64_t end = len - 3 + q > len ? len : len - 3 + q;
+    for (int64_t b = 0; b < q && b < len; ++b) S[b - q] += acc_t(xr[q][b]);
+    for (int64_t b = end > q ? end : q; b < len; ++b) S[b - q] += acc_t(xr[q][b]);
+  }
+}
+
 // r = x[j] - M[j] in float64: E_perp and the gradient cg2 x + (cp2 - cg2) r, written or added
 template <typename X>
 inline void orbit_residual_run(const X* x, X* g, const acc_t* M, int64_t len, acc_t cp2, acc_t cg2, bool accumulate,
@@ -218,13 +239,28 @@ template <typename X, int LC>
 void closed_sums(const Pair& p, int64_t a0, int64_t a1, const X* const* x, acc_t* work) {
   const ClosedShape c = closed_shape<LC>(p);
   const int64_t L = c.L, di = p.di, ci = p.ci;
-  for (int64_t a = a0; a < a1; ++a)
+  for (int64_t a = a0; a < a1;) {
+    // rows a .. a + 3 of one half of a D_N tile (every row of a C_N tile) start their segments one
+    // position apart in the same arrays (closed_segment): four rows per pass over the sums
+    if (a + 4 <= a1 && L >= 4 && (!c.dihedral || (a < L) == (a + 3 < L))) {
+      for (int64_t t = 0; t < c.nseg; ++t) {
+        const ClosedSegment sg = closed_segment(c.dihedral, L, a, t);
+        acc_t* D = work + sg.array * 2 * L + sg.offset;
+        const X* xs[4] = {x[a] + t * L, x[a + 1] + t * L, x[a + 2] + t * L, x[a + 3] + t * L};
+        for (int64_t v = 0; v < ci; ++v)
+          orbit_sum_run4(D + v * c.tile_span, xs[0] + v * di, xs[1] + v * di, xs[2] + v * di, xs[3] + v * di, L);
+      }
+      a += 4;
+      continue;
+    }
     for (int64_t t = 0; t < c.nseg; ++t) {
       const ClosedSegment sg = closed_segment(c.dihedral, L, a, t);
       acc_t* D = work + sg.array * 2 * L + sg.offset;
       const X* xs = x[a] + t * L;
       for (int64_t v = 0; v < ci; ++v) orbit_sum_run(D + v * c.tile_span, xs + v * di, L);
     }
+    ++a;
+  }
 }
 
 // The sums of every tile in place of their means (split for float32 on AVX2), and E_G.
