@@ -135,7 +135,7 @@ class FactorisedPlan:
             Y = a[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do))
             Y = Y.permute(1, 3, 5, 0, 2, 4).reshape(B, do, di * D * X)  # [B, d_out, d_in D X]
             if fo.Q is not None:
-                Y = torch.matmul(_q_on(fo, a.device, a.dtype).T, Y)
+                Y = _rotate(_q_on(fo, a.device, a.dtype).T, Y)
             H = torch.empty_like(Y)
             for ob, db in empty_rows:  # output irreps that no input irrep maps to
                 H[:, ob: ob + db] = 0
@@ -151,7 +151,7 @@ class FactorisedPlan:
                 if energies:
                     e_g += c.reshape(B, -1).square().sum(-1)
             if fo.Q is not None:
-                H = torch.matmul(_q_on(fo, a.device, a.dtype), H)
+                H = _rotate(_q_on(fo, a.device, a.dtype), H)
             h[..., oo: oo + co * do, oi: oi + ci * di].unflatten(-1, (ci, di)).unflatten(-3, (co, do)).copy_(
                 H.view(B, do, di, D, co, ci).permute(3, 0, 4, 1, 5, 2))
         if self._out_perm is not None:
@@ -208,6 +208,12 @@ class FactorisedPlan:
         e_perp = _residual_energies(rows, h_rows, PhiT, target, (lambda_perp, lambda_G, cp, cg), out is None, K.shape)
         e_perp = e_perp.view(batch).to(K.dtype) if energies else None
         return e_perp, (e_g.view(batch) if energies else None), (grad.view(K.shape) if out is None else out)
+
+
+def _rotate(Q: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``Q Y`` for ``Y`` ``[B, d, N]``: one matrix product for a batch of one (a batched product of a
+    ``[d, d]`` matrix with a wide ``[1, d, N]`` block measured 1.6x slower on the CPU)."""
+    return torch.mm(Q, Y[0]).unsqueeze(0) if Y.shape[0] == 1 else torch.matmul(Q, Y)
 
 
 def _fields(rep: Rep):
