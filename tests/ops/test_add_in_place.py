@@ -6,7 +6,7 @@ through a staging buffer. Against the float64 reference, on both instruction set
 import pytest
 import torch
 
-from equiproj import O3, Dihedral, Rep, reference
+from equiproj import O3, SO3, Dihedral, Rep, reference
 from equiproj._plan import plan_for
 from equiproj.ops import cpp_available, fused_energies_and_grads
 from equiproj.testing import nearly_equivariant
@@ -30,7 +30,10 @@ def _reps():
     ri = Rep.parse(G, "5x0e + 6x1o + 5x2e + 1x3o")
     ro = Rep.parse(G, "3x0e + 5x1o + 2x2e + 1x3o")
     D = Dihedral(6)
-    return [(ri, ro), (2 * D.regular() + D.standard(), D.regular() + 3 * D.trivial())]
+    # the trace form on rows of over a thousand columns: the float32 kernel's chunks, last chunk and tail
+    S = SO3()
+    return [(ri, ro), (2 * D.regular() + D.standard(), D.regular() + 3 * D.trivial()),
+            (Rep.parse(S, "340x1 + 0"), Rep.parse(S, "3x1 + 0")), (Rep.parse(S, "201x2 + 0"), Rep.parse(S, "0 + 2x2"))]
 
 
 def _expected(W, out, ri, ro, cp, cg):
