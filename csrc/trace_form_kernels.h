@@ -13,7 +13,7 @@
 //      and no gather; the old kernel took the diagonal four tiles at a time through scalar loads
 //      and stores, more instructions than the whole rest of the row.
 // Pass B re-reads the chunk from L1 (D rows of kTraceChunk floats: at most 19 KiB). The columns past
-// the last whole group of 8 D (whose shifted loads would leave the row) run tile by tile in float64.
+// the last whole group of 8 D (whose shifted loads would leave the row) run through identity_pair.
 
 #ifdef EQUIPROJ_AVX2
 
@@ -75,20 +75,15 @@ void trace_pair_f32(const float* const* x, float* const* g, int64_t ci, acc_t cp
   }
   flush_lanes_f32(&e8, 1, e1);
   acc_t sg = hsum(V4{eg4});
-  for (int64_t o = nv; o < span; o += D) {  // the last tiles, one at a time in float64
-    acc_t tr = 0;
-    for (int a = 0; a < D; ++a) tr += x[a][o + a];
-    const acc_t mean = tr * (acc_t(1) / D);
-    sg += tr * mean;
-    for (int a = 0; a < D; ++a)
-      for (int b = 0; b < D; ++b) {
-        const acc_t t = x[a][o + b], m = a == b ? mean : acc_t(0), r = t - m;
-        e1 += r * r;
-        if constexpr (Mode != GradMode::kNone) {
-          const acc_t v = cp2 * r + cg2 * m;
-          g[a][o + b] = static_cast<float>(Mode == GradMode::kAdd ? acc_t(g[a][o + b]) + v : v);
-        }
-      }
+  if (nv < span) {  // the last tiles (all of a row shorter than 9 D columns): the gather kernel, in float64
+    const float* xt[D];
+    float* gt[D];
+    for (int a = 0; a < D; ++a) {
+      xt[a] = x[a] + nv;
+      gt[a] = Mode == GradMode::kNone ? nullptr : g[a] + nv;
+    }
+    identity_pair<D, float>(xt, Mode == GradMode::kNone ? nullptr : gt, (span - nv) / D, cp2, cg2, e1, sg,
+                            Mode == GradMode::kAdd);
   }
   ep += e1;
   eg += sg;
