@@ -439,7 +439,7 @@ def _orbit_pair(field_out: Field, field_in: Field) -> tuple[int, OrbitForm, torc
         return None
     if form is not None:
         return d_out, OrbitForm[form.upper()], torch.zeros(0, dtype=torch.float64)
-    if small:  # two 4-point fields that are not regular: the cyclic closed form where their orbits are its
+    if small:  # two 4-point fields that are not regular: the cyclic closed form where their orbits are C_4's
         K, labels = _orbit_labels(pa, pb)
         return (d_out, OrbitForm.CYCLIC, torch.zeros(0, dtype=torch.float64)) if _cyclic(labels, K, d_out) else None
     if pa.regular and pb.factors is not None and pa.group == pb.group:
