@@ -1,5 +1,5 @@
 // The trace form (r = 1, A = +-I/sqrt(D): two copies of one irrep of real type, D = 2..5) for float32
-// rows read in place, AVX2. Included by tile_kernels.h after orbit_table_kernels.h (split_residual8,
+// rows read in place, AVX2. Included by tile_kernels.h after orbit_table_kernels.h (split_grad8,
 // GradMode), inside the AVX2 namespace only; the same rules hold (no include guard, no includes).
 //
 // The equivariant part of a D x D tile is its mean diagonal entry m = tr T / D on the diagonal. The
@@ -9,9 +9,10 @@
 //      and stored as the mean split m = hi + lo (two float32 buffers, as split_mean does);
 //   B. every row a, eight float32 lanes at a time, reads the buffers at p = j - a: the mean of the
 //      tile whose diagonal entry is j (then p starts that tile), zero for every other entry. So the
-//      residual R = (T - hi) - lo and the gradient (split_residual8: cancellation-safe) need no mask
-//      and no gather; the old kernel took the diagonal four tiles at a time through scalar loads
-//      and stores, more instructions than the whole rest of the row.
+//      residual R = (T - hi) - lo, its squares (in float64: a square below float32's normal range
+//      keeps its digits) and the gradient (split_grad8: cancellation-safe) need no mask and no
+//      gather; the old kernel took the diagonal four tiles at a time through scalar loads and
+//      stores, more instructions than the whole rest of the row.
 // Pass B re-reads the chunk from L1 (D rows of kTraceChunk floats: at most 19 KiB). The columns past
 // the last whole group of 8 D (whose shifted loads would leave the row) run through identity_pair.
 
@@ -35,9 +36,7 @@ void trace_pair_f32(const float* const* x, float* const* g, int64_t ci, acc_t cp
   const __m256d inv = _mm256_set1_pd(acc_t(1) / D);
   const SplitCoefs c{_mm256_set1_ps(static_cast<float>(cp2)), _mm256_set1_ps(static_cast<float>(cg2)),
                      _mm256_set1_ps(static_cast<float>(cg2 - cp2))};
-  __m256d eg4 = _mm256_setzero_pd();
-  __m256 e8 = _mm256_setzero_ps();
-  int n8 = 0;
+  __m256d eg4 = _mm256_setzero_pd(), ep_lo = _mm256_setzero_pd(), ep_hi = _mm256_setzero_pd();
   acc_t e1 = 0;
   for (int64_t c0 = 0; c0 < nv; c0 += kTraceChunk) {
     const int64_t c1 = c0 + kTraceChunk < nv ? c0 + kTraceChunk : nv;
@@ -64,16 +63,17 @@ void trace_pair_f32(const float* const* x, float* const* g, int64_t ci, acc_t cp
       float* ga = Mode == GradMode::kNone ? nullptr : g[a];
       const float* ha = hi + 8 - a - c0;
       const float* la = lo + 8 - a - c0;
-      for (int64_t j = c0; j < c1; j += 8) {
-        split_residual8<Mode>(xa + j, ga ? ga + j : nullptr, _mm256_loadu_ps(ha + j), _mm256_loadu_ps(la + j), c, e8);
-        if (++n8 == kOrbitFlushVectors) {
-          flush_lanes_f32(&e8, 1, e1);
-          n8 = 0;
-        }
+      for (int64_t j = c0; j < c1; j += 8) {  // R = (T - hi) - lo, its squares in float64
+        const __m256 t = _mm256_loadu_ps(xa + j), hi8 = _mm256_loadu_ps(ha + j), lo8 = _mm256_loadu_ps(la + j);
+        const __m256 d = _mm256_sub_ps(t, hi8), r = _mm256_sub_ps(d, lo8);
+        add_squares8(r, ep_lo, ep_hi);
+        if constexpr (Mode != GradMode::kNone)
+          _mm256_storeu_ps(ga + j, split_grad8(d, hi8, lo8, Mode == GradMode::kAdd ? _mm256_loadu_ps(ga + j)
+                                                                                 : _mm256_setzero_ps(), c));
       }
     }
   }
-  flush_lanes_f32(&e8, 1, e1);
+  e1 += hsum(V4{_mm256_add_pd(ep_lo, ep_hi)});
   acc_t sg = hsum(V4{eg4});
   if (nv < span) {  // the last tiles (all of a row shorter than 9 D columns): the gather kernel, in float64
     const float* xt[D];
