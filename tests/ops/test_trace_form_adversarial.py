@@ -1,0 +1,189 @@
+"""Adversarial checks of the float32 trace-form kernel, the row blocks cut by work for the thread pool
+and the cyclic closed form of permutation fields in cyclic order, against the float64 reference:
+spans around the kernel's vector groups and chunks, several irrep types per row, column slices,
+batches, nearly equivariant weights with gradients that cancel, extreme magnitudes, non-finite
+entries, both instruction sets, and bitwise equality across thread counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from equiproj import O3, SO3, Cyclic, Dihedral, Octahedral, Rep, reference
+from equiproj._plan import OrbitForm, orbit_pair, plan_for
+from equiproj.ops import cpp_available, fused_energies_and_grads
+from equiproj.testing import nearly_equivariant
+
+pytestmark = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
+
+F64 = torch.float64
+
+
+@pytest.fixture(params=["best", "baseline"])
+def isa(request):
+    previous = torch.ops.equiproj_cpu.set_isa(request.param)
+    yield request.param
+    torch.ops.equiproj_cpu.set_isa("best" if previous != "baseline" else "baseline")
+
+
+def _project(Wd, ri, ro):
+    """The float64 reference projection; for ``ri`` made of copies of a single irrep, one block of at
+    most 16 input copies at a time (P acts on each d x d tile on its own, and the reference's cost
+    grows quadratically with the copies)."""
+    segs = ri.segments
+    if len(segs) != 1 or segs[0][0] <= 16:
+        return reference.project(Wd, ri, ro)
+    copies, field = segs[0][0], segs[0][1]
+    d = field.dim
+    out = torch.empty_like(Wd)
+    for c0 in range(0, copies, 16):
+        c1 = min(copies, c0 + 16)
+        sub = Rep.parse(ri.group, f"{c1 - c0}x{field.name}")
+        out[..., c0 * d: c1 * d] = reference.project(Wd[..., c0 * d: c1 * d], sub, ro)
+    return out
+
+
+def _want(W, ri, ro, cp, cg):
+    """float64 energies and gradient 2 cp (W - P W) + 2 cg P W of the weight as the kernel sees it."""
+    Wd = W.double()
+    PW = _project(Wd, ri, ro)
+    R = Wd - PW
+    return R.square().sum((-2, -1)), PW.square().sum((-2, -1)), 2 * cp * R + 2 * cg * PW
+
+
+def _grad_bound(W, ri, ro, cp, cg, dtype):
+    """elementwise bound on a gradient computed from float32 terms: the float64 gradient rounded once
+    plus two roundings of each of its terms (see tests/ops/test_cpp.py)."""
+    Wd = W.double()
+    PW = _project(Wd, ri, ro)
+    ulp = 2.0**-52 if dtype == F64 else 2.0**-23
+    terms = (2 * cp * (Wd - PW)).abs() + (2 * cg * PW).abs()
+    g = (2 * cp * (Wd - PW) + 2 * cg * PW).abs()
+    return ulp * g + 2 * ulp * terms + 1e-12 * (abs(cp) + abs(cg)) * float(Wd.abs().max()) + ulp * 1.2e-38
+
+
+def _check(W, P, ri, ro, cp, cg, e_tol, dtype):
+    (ep,), (eg,), (g,) = fused_energies_and_grads([W], [P], [cp], [cg])
+    wp, wg, wgrad = _want(W, ri, ro, cp, cg)
+    assert torch.allclose(ep.double(), wp, rtol=e_tol, atol=0), (ep, wp)
+    assert torch.allclose(eg.double(), wg, rtol=e_tol, atol=0), (eg, wg)
+    err = (g.double() - wgrad).abs()
+    assert bool((err <= _grad_bound(W, ri, ro, cp, cg, dtype)).all()), float(err.max())
+
+
+# the trace form of d = 2 (O(2)-like: the standard irreps of O_h's subgroups are d = 2, 3), d = 3 and d = 5,
+# with copy counts around the float32 kernel's groups of 8 d columns, its chunks of 960 and 320 columns
+def _spans(d):
+    eight = [7, 8, 9, 10, 16, 17]  # 8 d: just below, on, above the first whole group
+    chunk = [960 // d - 1, 960 // d, 960 // d + 1, 960 // d + 8, 320 // d, 320 // d + 1, 2 * 960 // d + 3]
+    return sorted(set(eight + [c for c in chunk if c > 0]))
+
+
+def _irrep(d):
+    if d == 2:
+        return Octahedral(), "E"
+    return SO3(), {3: "1", 5: "2"}[d]
+
+
+def _octahedral_rep(G, spec):
+    return Rep.parse(G, spec)
+
+
+@pytest.mark.parametrize("d", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_trace_form_spans_around_groups_and_chunks(d, dtype, isa, gen):
+    G, name = _irrep(d)
+    for copies in _spans(d):
+        ri = Rep.parse(G, f"{copies}x{name}")
+        ro = Rep.parse(G, f"{1 + copies % 3}x{name}")
+        P = plan_for(ri, ro, "cpu")
+        W = torch.randn(ro.dim, ri.dim, dtype=F64, generator=gen).to(dtype)
+        _check(W, P, ri, ro, 0.7, 0.2, 1e-10 if dtype == F64 else 1e-6, dtype)
+
+
+def _mixed(copies):
+    """rows of several irrep types (0e, 1o, 2e): the trace form of d = 3 and 5 next to r = 0 pairs."""
+    G = O3()
+    return Rep.parse(G, f"3x0e + {copies}x1o + 2x2e"), Rep.parse(G, "0e + 2x1o + 2e")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_column_slices_batches_and_steps_in_place(dtype, isa, gen):
+    ri, ro = _mixed(43)  # 129 columns of 1o: one whole group of 24 columns after 5 more, then the tail
+    P = plan_for(ri, ro, "cpu")
+    tol = 1e-10 if dtype == F64 else 1e-6
+    big = torch.randn(2, ro.dim, ri.dim + 7, dtype=F64, generator=gen).to(dtype)
+    W = big[..., 3: 3 + ri.dim]  # a column slice of a bigger tensor, batched
+    assert not W.is_contiguous()
+    (ep,), (eg,), (g,) = fused_energies_and_grads([W], [P], [0.3], [0.9])
+    wp, wg, wgrad = _want(W, ri, ro, 0.3, 0.9)
+    assert torch.allclose(ep.double(), wp, rtol=tol, atol=0) and torch.allclose(eg.double(), wg, rtol=tol, atol=0)
+    assert bool(((g.double() - wgrad).abs() <= _grad_bound(W, ri, ro, 0.3, 0.9, dtype)).all())
+    # a contiguous batch, the gradient added into an existing buffer, then the decoupled step into W itself
+    Wc = W.contiguous()
+    out = torch.randn(Wc.shape, dtype=F64, generator=gen).to(dtype)
+    base = out.clone()
+    fused_energies_and_grads([Wc], [P], [0.3], [0.9], outs=[out])
+    want = base.double() + wgrad
+    assert float((out.double() - want).abs().max()) <= (2e-6 if dtype != F64 else 1e-12) * float(want.abs().max())
+    step = Wc.clone()
+    fused_energies_and_grads([step], [P], [-0.1], [-0.05], outs=[step])
+    want = Wc.double() + _want(Wc, ri, ro, -0.1, -0.05)[2]
+    assert float((step.double() - want).abs().max()) <= (2e-6 if dtype != F64 else 1e-12) * float(want.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("lambdas", [(0.8, 0.0), (0.6, 0.6), (-0.05, 0.0)], ids=["lambda_G=0", "equal", "step"])
+def test_nearly_equivariant_weights_with_cancelling_gradients(dtype, lambdas, isa, gen):
+    """E_perp / ||W||^2 ~ 1e-10: with lambda_G = 0 the gradient is the tiny residual alone (it must keep its
+    digits), with lambda_perp = lambda_G it is 2 lambda W (nothing of the split may show)."""
+    cp, cg = lambdas
+    for ri, ro in (_mixed(30), (Rep.parse(SO3(), "197x2"), Rep.parse(SO3(), "2x2"))):
+        P = plan_for(ri, ro, "cpu")
+        W0 = torch.randn(ro.dim, ri.dim, dtype=F64, generator=gen)
+        W = nearly_equivariant(W0, ri, ro, 1e-10, gen).to(dtype)
+        Wd = W.double()
+        R = Wd - _project(Wd, ri, ro)
+        (ep,), _, (g,) = fused_energies_and_grads([W], [P], [cp], [cg])
+        assert abs(float(ep) / float(R.square().sum()) - 1) < (1e-7 if dtype == F64 else 1e-5)
+        want = 2 * cp * R + 2 * cg * (Wd - R)
+        if cg == 0:  # the residual relative to itself: R keeps the precision of W's entries
+            assert float((g.double() - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        else:
+            assert float((g.double() - want).abs().max()) <= 4 * 2.0**-23 * float(want.abs().max())
+        if cp < 0:  # the decoupled step added into the weight itself
+            step = W.clone()
+            fused_energies_and_grads([step], [P], [cp], [cg], outs=[step])
+            assert float((step.double() - (Wd + want)).abs().max()) <= 2 * (2.0**-52 if dtype == F64 else 2.0**-23) * float(Wd.abs().max())
+
+
+@pytest.mark.parametrize("scale", [1e15, 1e-15, 1e-17])
+def test_large_and_small_float32_magnitudes(scale, isa, gen):
+    """entries whose squares stay in float32's normal range once summed: energies and gradients to float32 precision."""
+    ri, ro = Rep.parse(SO3(), "130x1"), Rep.parse(SO3(), "2x1")
+    P = plan_for(ri, ro, "cpu")
+    W = (torch.randn(ro.dim, ri.dim, dtype=F64, generator=gen) * scale).float()
+    _check(W, P, ri, ro, 0.7, 0.2, 1e-6, torch.float32)
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e30, 1e-30, 1e-150])
+def test_extreme_float64_magnitudes(scale, isa, gen):
+    ri, ro = Rep.parse(SO3(), "130x1"), Rep.parse(SO3(), "2x1")
+    P = plan_for(ri, ro, "cpu")
+    W = torch.randn(ro.dim, ri.dim, dtype=F64, generator=gen) * scale
+    _check(W, P, ri, ro, 0.7, 0.2, 1e-10, F64)
+
+
+def test_float32_energies_out_of_range_are_inf_and_zero(isa, gen):
+    """float32 weights return float32 energies: 1e30 entries give inf (the float64 energy is ~1e63), 1e-30 give 0;
+    the gradients stay exact."""
+    ri, ro = Rep.parse(SO3(), "130x1"), Rep.parse(SO3(), "2x1")
+    P = plan_for(ri, ro, "cpu")
+    for scale, energy in ((1e30, math.inf), (1e-30, 0.0)):
+        W = (torch.randn(ro.dim, ri.dim, dtype=F64, generator=gen) * scale).float()
+        (ep,), (eg,), (g,) = fused_energies_and_grads([W], [P], [0.7], [0.2])
+        assert float(ep) == energy and float(eg) == energy
+        wgrad = _want(W, ri, ro, 0.7, 0.2)[2]
+        assert bool(((g.double() - wgrad).abs() <= _grad_bound(W, ri, ro, 0.7, 0.2, torch.float32)).all())
