@@ -187,3 +187,79 @@ def test_float32_energies_out_of_range_are_inf_and_zero(isa, gen):
         assert float(ep) == energy and float(eg) == energy
         wgrad = _want(W, ri, ro, 0.7, 0.2)[2]
         assert bool(((g.double() - wgrad).abs() <= _grad_bound(W, ri, ro, 0.7, 0.2, torch.float32)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("entry", [(0, 0, math.inf), (1, 100, -math.inf), (0, 1, math.nan), (4, 200, -math.inf)])
+def test_non_finite_entries_stay_in_their_tile(dtype, entry, isa, gen):
+    """An inf or nan entry neither crashes nor spreads: the float64 reference (a dense projection) turns every
+    entry into nan, the kernel only the entries of its own 3 x 3 tile (the diagonal for a diagonal entry,
+    itself for an off-diagonal one); everything else matches the reference of the weight without that tile."""
+    ri, ro = Rep.parse(SO3(), "130x1"), Rep.parse(SO3(), "2x1")
+    P = plan_for(ri, ro, "cpu")
+    row, col, value = entry
+    W = torch.randn(ro.dim, ri.dim, dtype=F64, generator=gen).to(dtype)
+    W[row, col] = value
+    (ep,), (eg,), (g,) = fused_energies_and_grads([W], [P], [0.7], [0.2])
+    diagonal = row % 3 == col % 3
+    tile = (slice(row - row % 3, row - row % 3 + 3), slice(col - col % 3, col - col % 3 + 3))
+    bad = torch.zeros(W.shape, dtype=torch.bool)
+    if diagonal:
+        bad[tile] = torch.eye(3, dtype=torch.bool)
+    else:
+        bad[row, col] = True
+    assert torch.equal(~torch.isfinite(g), bad)
+    assert not math.isfinite(float(ep)) and math.isfinite(float(eg)) == (not diagonal or math.isnan(value))
+    clean = W.clone()
+    clean[tile] = 0
+    wgrad = _want(clean, ri, ro, 0.7, 0.2)[2]
+    keep = torch.ones(W.shape, dtype=torch.bool)
+    keep[tile] = False
+    bound = _grad_bound(clean, ri, ro, 0.7, 0.2, dtype)
+    assert bool(((g.double() - wgrad).abs() <= bound)[keep].all())
+
+
+def _thread_layers(gen):
+    """layers of different row-block heights in one call: 0e rows (height 1), 2e rows (height 5), a
+    batch of 1o rows long enough for the float32 kernel, an empty batch, a cyclic closed form, mixed rows."""
+    G = O3()
+    specs = [("700x0e", "40x0e"), ("400x2e", "6x2e"), ("4x1o + 1x0e", "2x0e + 1o"), ("400x1o", "3x1o"),
+             ("7x0e + 3x2e", "9x0e + 2e")]
+    batches = [(), (), (0,), (6,), ()]
+    out = []
+    for (si, so), batch in zip(specs, batches):
+        ri, ro = Rep.parse(G, si), Rep.parse(G, so)
+        out.append((ri, ro, (*batch, ro.dim, ri.dim)))
+    C = Cyclic(8)
+    return out[:4] + [(C.trivial() + 3 * C.regular(), 2 * C.regular(), (2, 16, 25))] + out[4:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_results_do_not_depend_on_the_thread_count(dtype, isa, gen):
+    layers = _thread_layers(gen)
+    plans = [plan_for(ri, ro, "cpu") for ri, ro, _ in layers]
+    Ws = [torch.randn(shape, dtype=F64, generator=gen).to(dtype) for _, _, shape in layers]
+    cps = [0.3, 0.7, 0.1, 0.9, 0.4, 0.25]
+    cgs = [0.2, 0.0, 0.5, 0.9, 0.1, 0.6]
+    # more than two pieces of about 2^15 entries, so that two threads split them
+    assert sum(W.numel() for W in Ws) > 4 * 2**15
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            ep, eg, g = fused_energies_and_grads(Ws, plans, cps, cgs)
+            outs = [torch.full_like(W, 0.5) for W in Ws]
+            fused_energies_and_grads(Ws, plans, cps, cgs, outs=outs)
+            results.append((ep, eg, g, outs))
+    finally:
+        torch.set_num_threads(previous)
+    first = results[0]
+    for other in results[1:]:
+        for a, b in zip(first, other):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y) and x.dtype == y.dtype
+    # and the numbers are right
+    for (ri, ro, _), W, e, cp, cg in zip(layers, Ws, first[0], cps, cgs):
+        wp = _want(W, ri, ro, cp, cg)[0]
+        assert torch.allclose(e.double(), wp, rtol=1e-10 if dtype == F64 else 1e-6, atol=1e-30)
