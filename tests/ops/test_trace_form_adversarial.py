@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from equiproj import O3, SO3, Cyclic, Dihedral, Octahedral, Rep, reference
-from equiproj._plan import OrbitForm, orbit_pair, plan_for
+from equiproj._plan import OrbitForm, PlanColumn, orbit_pair, plan_for
 from equiproj.ops import cpp_available, fused_energies_and_grads
 from equiproj.testing import nearly_equivariant
 
@@ -263,3 +263,136 @@ def test_results_do_not_depend_on_the_thread_count(dtype, isa, gen):
     for (ri, ro, _), W, e, cp, cg in zip(layers, Ws, first[0], cps, cgs):
         wp = _want(W, ri, ro, cp, cg)[0]
         assert torch.allclose(e.double(), wp, rtol=1e-10 if dtype == F64 else 1e-6, atol=1e-30)
+
+
+# ---- permutation fields whose pair orbits are (b - a) mod N: the cyclic closed form -------------------
+
+
+def _polygon(N, order=None):
+    angles = 2 * math.pi * torch.arange(N, dtype=F64) / N
+    points = torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+    return points if order is None else points[list(order)]
+
+
+def _rotations(N, M, order=None, speed=1):
+    """C_N acting on M points: the rotation by 2 pi k / N moves point order[i] to order[(i + speed k) mod M]."""
+    order = torch.arange(M) if order is None else torch.tensor(order)
+    position = torch.argsort(order)
+
+    def action(g):
+        k = torch.round(torch.atan2(g[..., 1, 0], g[..., 0, 0]) * (N / (2 * torch.pi))).long()
+        return order[(position + speed * k[..., None]) % M]
+
+    return Rep.permutation(Cyclic(N), action=action, size=M)
+
+
+def _form(rep_out, rep_in):
+    found = orbit_pair(rep_out.segments[0][1], rep_in.segments[0][1])
+    return None if found is None else found[1]
+
+
+@pytest.mark.parametrize("N", [4, 6, 7, 8, 12])
+def test_polygon_vertices_in_cyclic_order_and_only_then(N):
+    in_order = Rep.permutation(Cyclic(N), points=_polygon(N))
+    reversed_order = Rep.permutation(Cyclic(N), points=_polygon(N, range(N - 1, -1, -1)))  # (a - b) mod N: same orbits
+    shuffled = Rep.permutation(Cyclic(N), points=_polygon(N, [0, 2, 1, *range(3, N)]))
+    dihedral = Rep.permutation(Dihedral(N), points=_polygon(N))  # floor(N / 2) + 1 orbits of pairs
+    assert _form(in_order, in_order) == OrbitForm.CYCLIC
+    assert _form(reversed_order, reversed_order) == OrbitForm.CYCLIC
+    assert _form(shuffled, shuffled) != OrbitForm.CYCLIC
+    assert _form(dihedral, dihedral) != OrbitForm.CYCLIC
+    centred = Rep.permutation(Cyclic(N), points=torch.cat([_polygon(N), torch.zeros(1, 2, dtype=F64)]))
+    assert _form(centred, centred) != OrbitForm.CYCLIC  # a fixed point: N + 2 orbits of N + 1 points
+
+
+@pytest.mark.parametrize("N, M, speed", [(16, 4, 1), (16, 4, 3), (12, 6, 5), (30, 10, 3), (9, 9, 2), (24, 8, 1)])
+def test_quotients_of_cyclic_groups(N, M, speed):
+    field = _rotations(N, M, speed=speed)
+    assert _form(field, field) == OrbitForm.CYCLIC
+    shifted = _rotations(N, M, order=[*range(2, M), 0, 1], speed=speed)  # the same cycle from another point
+    assert _form(field, shifted) == OrbitForm.CYCLIC and _form(shifted, field) == OrbitForm.CYCLIC
+    if M > 4:
+        other_speed = _rotations(N, M, speed=-speed)  # orbits (a + b) mod M
+        assert _form(field, other_speed) != OrbitForm.CYCLIC
+    smaller = _rotations(N, M // 2, speed=speed) if M % 2 == 0 and M // 2 > 1 else None
+    if smaller is not None:  # d_out != d_in
+        assert _form(field, smaller) != OrbitForm.CYCLIC and _form(smaller, field) != OrbitForm.CYCLIC
+
+
+def _cyclic_pairs():
+    C12 = Cyclic(12)
+    f6, f4 = _rotations(12, 6), _rotations(12, 4)
+    f6s = _rotations(12, 6, order=[3, 4, 5, 0, 1, 2])
+    f12 = Rep.permutation(C12, points=_polygon(12))
+    centred = Rep.permutation(C12, points=torch.cat([_polygon(12), torch.zeros(1, 2, dtype=F64)]))
+    return [
+        (C12.trivial() + 2 * f6 + f4 + f12, f6s + 2 * f4 + f12),  # d_out != d_in pairs next to cyclic ones
+        (3 * f12 + centred, 2 * f12 + centred),  # a fixed point: an orbit table next to the closed form
+        (2 * _rotations(16, 4) + _rotations(16, 8), _rotations(16, 4, speed=3) + 2 * _rotations(16, 8)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("pair", range(3))
+def test_cyclic_fields_against_the_reference(pair, dtype, isa, gen):
+    ri, ro = _cyclic_pairs()[pair]
+    P = plan_for(ri, ro, "cpu")
+    forms = {int(row[PlanColumn.ORBIT_FORM]) for row in P.meta.tolist() if row[PlanColumn.ORBITS] > 0}
+    assert int(OrbitForm.CYCLIC) in forms  # the route under test is taken
+    W = torch.randn(2, ro.dim, ri.dim, dtype=F64, generator=gen).to(dtype)
+    for W0 in (W, nearly_equivariant(W.double(), ri, ro, 1e-10, gen).to(dtype)):
+        (ep,), (eg,), (g,) = fused_energies_and_grads([W0], [P], [0.6], [0.0])
+        wp, wg, wgrad = _want(W0, ri, ro, 0.6, 0.0)
+        tol = (1e-10 if W0 is W else 1e-7) if dtype == F64 else 2e-6
+        assert torch.allclose(ep.double(), wp, rtol=tol, atol=0) and torch.allclose(eg.double(), wg, rtol=1e-6, atol=0)
+        gtol = 1e-12 if dtype == F64 else 2e-6
+        # lambda_G = 0: the gradient is the residual alone; the reference rounds R = W - P W to ulp |W|
+        assert float((g.double() - wgrad).abs().max()) <= gtol * float(W0.double().abs().max())
+        step = W0.clone()
+        fused_energies_and_grads([step], [P], [-0.2], [-0.1], outs=[step])
+        want = W0.double() + _want(W0, ri, ro, -0.2, -0.1)[2]
+        assert float((step.double() - want).abs().max()) <= gtol * float(want.abs().max())
+
+
+@pytest.mark.parametrize("pair", range(3))
+def test_cyclic_fields_in_the_triton_kernel(pair, check_triton):
+    ri, ro = _cyclic_pairs()[pair]
+    check_triton(ri, ro, torch.float32)
+
+
+def test_cyclic_fields_in_the_torch_twin(gen):
+    import equiproj  # noqa: PLC0415
+
+    ri, ro = _cyclic_pairs()[0]
+    W = torch.randn(ro.dim, ri.dim, dtype=F64, generator=gen)
+    wp, wg, wgrad = _want(W, ri, ro, 1.0, 0.25)
+    for dtype, tol in ((F64, 1e-10), (torch.float32, 1e-5)):
+        ep, eg, g = equiproj.energies_and_grad(W.to(dtype), ri, ro, lambda_perp=1.0, lambda_G=0.25, backend="torch")
+        assert abs(float(ep) / float(wp) - 1) < tol and abs(float(eg) / float(wg) - 1) < tol
+        assert float((g.double() - wgrad).abs().max()) <= tol * float(wgrad.abs().max())
+
+
+def test_declared_linear_layers_with_cyclic_fields(gen):
+    from equiproj.nn import ProjectionPenalty, declare  # noqa: PLC0415
+
+    pairs = _cyclic_pairs()
+    model = torch.nn.Sequential(*(torch.nn.Linear(ri.dim, ro.dim, bias=False) for ri, ro in pairs[:2]))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.copy_(torch.randn(layer.weight.shape, dtype=F64, generator=gen))
+    for layer, (ri, ro) in zip(model, pairs[:2]):
+        declare(layer, ri, ro, bias=False)
+    penalty = ProjectionPenalty(model, lambda_perp=0.5, lambda_G=0.1)
+    value = penalty.backward()
+    total = 0.0
+    for layer, (ri, ro) in zip(model, pairs[:2]):
+        wp, wg, wgrad = _want(layer.weight.detach(), ri, ro, 0.5, 0.1)
+        total += 0.5 * float(wp) + 0.1 * float(wg)
+        assert float((layer.weight.grad.double() - wgrad).abs().max()) <= 2e-6 * float(wgrad.abs().max())
+    assert abs(float(value.detach()) / total - 1) < 1e-5
+    before = [layer.weight.detach().double().clone() for layer in model]
+    penalty.decay_(0.3, 0.05)
+    for layer, W, (ri, ro) in zip(model, before, pairs[:2]):
+        PW = reference.project(W, ri, ro)
+        want = W - 0.3 * (W - PW) - 0.05 * PW
+        assert float((layer.weight.detach().double() - want).abs().max()) <= 2e-6 * float(want.abs().max())
