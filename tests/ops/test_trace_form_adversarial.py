@@ -143,7 +143,12 @@ def test_nearly_equivariant_weights_with_cancelling_gradients(dtype, lambdas, is
     for ri, ro in (_mixed(30), (Rep.parse(SO3(), "197x2"), Rep.parse(SO3(), "2x2"))):
         P = plan_for(ri, ro, "cpu")
         W0 = torch.randn(ro.dim, ri.dim, dtype=F64, generator=gen)
-        W = nearly_equivariant(W0, ri, ro, 1e-10, gen).to(dtype)
+        if len(ri.segments) == 1:  # P W0 plus a residual of 1e-10 of its energy (the blockwise reference)
+            PW0 = _project(W0, ri, ro)
+            R0 = W0 - PW0
+            W = (PW0 + R0 * math.sqrt(1e-10 * float(PW0.square().sum() / R0.square().sum()))).to(dtype)
+        else:
+            W = nearly_equivariant(W0, ri, ro, 1e-10, gen).to(dtype)
         Wd = W.double()
         R = Wd - _project(Wd, ri, ro)
         (ep,), _, (g,) = fused_energies_and_grads([W], [P], [cp], [cg])
@@ -396,3 +401,36 @@ def test_declared_linear_layers_with_cyclic_fields(gen):
         PW = reference.project(W, ri, ro)
         want = W - 0.3 * (W - PW) - 0.05 * PW
         assert float((layer.weight.detach().double() - want).abs().max()) <= 2e-6 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("group", [Cyclic(4), Cyclic(5), Cyclic(9), Dihedral(4), Dihedral(5), Dihedral(7)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_closed_forms_four_rows_at_a_time(group, dtype, isa, gen):
+    """pass 1 of the closed forms adds four tile rows per pass: tiles of 4 .. 14 rows (a remainder of 0 .. 3
+    rows, a D_N tile's two halves), several copies on both sides, a batch, nearly equivariant too."""
+    ri, ro = group.trivial() + 3 * group.regular(), 2 * group.regular() + group.trivial()
+    P = plan_for(ri, ro, "cpu")
+    W = torch.randn(2, ro.dim, ri.dim, dtype=F64, generator=gen).to(dtype)
+    for W0 in (W, nearly_equivariant(W.double(), ri, ro, 1e-10, gen).to(dtype)):
+        (ep,), (eg,), (g,) = fused_energies_and_grads([W0], [P], [0.4], [0.3])
+        wp, wg, wgrad = _want(W0, ri, ro, 0.4, 0.3)
+        tol = (1e-10 if W0 is W else 1e-7) if dtype == F64 else 2e-6
+        assert torch.allclose(ep.double(), wp, rtol=tol, atol=0) and torch.allclose(eg.double(), wg, rtol=1e-6, atol=0)
+        assert float((g.double() - wgrad).abs().max()) <= (1e-12 if dtype == F64 else 2e-6) * float(wgrad.abs().max())
+
+
+@pytest.mark.parametrize("spec", [("Octahedral", "T1", "A2"), ("FullOctahedral", "Eu", "T2g"), ("FullOctahedral", "T1u", "A1g")])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_trace_form_of_finite_group_irreps(spec, dtype, isa, gen):
+    """O / O_h irreps of dimension 2 and 3 next to another irrep in the same rows, around 8 d columns."""
+    import equiproj  # noqa: PLC0415
+
+    group_name, irrep, other = spec
+    G = getattr(equiproj, group_name)()
+    d = Rep.parse(G, irrep).dim
+    for copies in (8, 9, 17, 41):  # one whole group of 8 d columns needs 9 copies (the last d - 1 columns)
+        ri = Rep.parse(G, f"{copies}x{irrep} + {other}")
+        ro = Rep.parse(G, f"2x{irrep} + {other}")
+        P = plan_for(ri, ro, "cpu")
+        W = torch.randn(ro.dim, ri.dim, dtype=F64, generator=gen).to(dtype)
+        _check(W, P, ri, ro, 0.7, 0.2, 1e-10 if dtype == F64 else 1e-6, dtype)
