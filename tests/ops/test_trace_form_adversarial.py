@@ -73,7 +73,7 @@ def _check(W, P, ri, ro, cp, cg, e_tol, dtype):
     assert bool((err <= _grad_bound(W, ri, ro, cp, cg, dtype)).all()), float(err.max())
 
 
-# the trace form of d = 2 (O(2)-like: the standard irreps of O_h's subgroups are d = 2, 3), d = 3 and d = 5,
+# the trace form of d = 2 (O's E), d = 3 and d = 5 (SO(3)'s l = 1, 2),
 # with copy counts around the float32 kernel's groups of 8 d columns, its chunks of 960 and 320 columns
 def _spans(d):
     eight = [7, 8, 9, 10, 16, 17]  # 8 d: just below, on, above the first whole group
@@ -85,10 +85,6 @@ def _irrep(d):
     if d == 2:
         return Octahedral(), "E"
     return SO3(), {3: "1", 5: "2"}[d]
-
-
-def _octahedral_rep(G, spec):
-    return Rep.parse(G, spec)
 
 
 @pytest.mark.parametrize("d", [2, 3, 5])
