@@ -433,22 +433,19 @@ def test_trace_form_of_finite_group_irreps(spec, dtype, isa, gen):
 
 
 @pytest.mark.parametrize("r", [3.3e-21, 1e-20])
-def test_float32_energies_of_tiny_residuals(r, isa, request):
+def test_float32_energies_of_tiny_residuals(r, isa):
     """Normal float32 entries whose squares are subnormal (|r| < 1.1e-19), summing to an E_perp in float32's
     normal range (2.6e-37, 2.4e-36): one residual r on every off-diagonal entry of 40 tiles of 3 x 3 (their
-    diagonal is 0, so P W = 0 and E_perp = 6 * 40 * r^2 exactly in float64). The baseline kernels sum in
-    float64 (relative error ~2e-8); the AVX2 trace form sums r * r in float32 lanes, where each addition
-    rounds to the subnormal spacing 1.4e-45: 4.7e-5 and 4.3e-6 relative error."""
-    if isa == "best" and torch.ops.equiproj_cpu.isa() == "avx2":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the AVX2 float32 trace form sums the squared "
-                                              "residuals in float32 lanes (split_residual8), which round to the "
-                                              "subnormal spacing when |r| < 1.1e-19"))
-    ri, ro = Rep.parse(SO3(), "40x1"), Rep.parse(SO3(), "1")
-    P = plan_for(ri, ro, "cpu")
+    diagonal is 0, so P W = 0 and E_perp = 6 * 40 * r^2 exactly in float64), and the same entries in a pair
+    of different irreps (r = 0: E_perp = ||W||^2). Squares summed in float32 lanes would round every
+    addition to the subnormal spacing 1.4e-45 (4.7e-5 relative error at r = 3.3e-21): every kernel here
+    sums them in float64."""
     tile = torch.full((3, 3), r, dtype=torch.float32)
     tile.fill_diagonal_(0.0)
     W = tile.repeat(1, 40)
-    (ep,), (eg,), _ = fused_energies_and_grads([W], [P], [0.7], [0.2])
     exact = 6 * 40 * float(W[0, 1]) ** 2
-    assert float(eg) == 0.0
-    assert abs(float(ep) / exact - 1) < 1e-6, float(ep) / exact - 1
+    for ri, ro in ((Rep.parse(SO3(), "40x1"), Rep.parse(SO3(), "1")), (Rep.parse(O3(), "40x1e"), Rep.parse(O3(), "1o"))):
+        P = plan_for(ri, ro, "cpu")
+        (ep,), (eg,), _ = fused_energies_and_grads([W], [P], [0.7], [0.2])
+        assert float(eg) == 0.0
+        assert abs(float(ep) / exact - 1) < 1e-6, float(ep) / exact - 1
