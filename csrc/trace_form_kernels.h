@@ -75,7 +75,7 @@ void trace_pair_f32(const float* const* x, float* const* g, int64_t ci, acc_t cp
   }
   e1 += hsum(V4{_mm256_add_pd(ep_lo, ep_hi)});
   acc_t sg = hsum(V4{eg4});
-  if (nv < span) {  // the last tiles (all of a row shorter than 9 D columns): the gather kernel, in float64
+  if (nv < span) {  // the last tiles (all of a row of fewer than 9 D - 1 columns): the gather kernel, in float64
     const float* xt[D];
     float* gt[D];
     for (int a = 0; a < D; ++a) {
