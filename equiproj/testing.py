@@ -24,7 +24,7 @@ from . import reference
 from .groups import SO2, SO3, O2, O3, Cyclic, Dihedral, FullOctahedral, Group, Octahedral, Rep
 
 __all__ = ["random_orthogonal", "mixed_reps", "nearly_equivariant", "all_groups", "relative_error",
-           "check_batched_strided_half"]
+           "rotated_points", "check_batched_strided_half"]
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -70,6 +70,25 @@ def relative_error(actual, expected) -> float:
     a, b = (x.detach().double().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
             for x in (actual, expected))
     return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
+
+
+def rotated_points(N: int, M: int, order=None, speed: int = 1, name: str | None = None) -> Rep:
+    """C_N acting on M points in a cycle, given by its action (``Rep.permutation(action=...)``): the rotation
+    by ``2 pi k / N`` moves the point at position ``i`` of the cycle ``order`` (default ``0, 1, .., M - 1``)
+    to position ``(i + speed k) mod M``. With ``speed = 1`` and ``M`` dividing ``N`` this is C_N on the
+    cosets of C_(N/M); a cycle out of index order gives the same field with its points renumbered.
+
+    >>> rotated_points(16, 4).dim
+    4
+    """
+    order = torch.arange(M) if order is None else torch.as_tensor(order)
+    position = torch.argsort(order)
+
+    def action(g):
+        k = torch.round(torch.atan2(g[..., 1, 0], g[..., 0, 0]) * (N / (2 * torch.pi))).long()
+        return order[(position + speed * k[..., None]) % M]
+
+    return Rep.permutation(Cyclic(N), action=action, size=M, name=name)
 
 
 def check_batched_strided_half(rep_in: Rep, rep_out: Rep, backend: str, generator: torch.Generator | None = None,

@@ -12,7 +12,7 @@ import torch
 from equiproj import Cyclic, Dihedral, Rep, reference
 from equiproj._plan import OrbitForm, PlanColumn, plan_for
 from equiproj.ops import cpp_available, fused_energies_and_grads
-from equiproj.testing import nearly_equivariant, relative_error
+from equiproj.testing import nearly_equivariant, relative_error, rotated_points
 
 pytestmark = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
 
@@ -174,24 +174,12 @@ def test_large_pairs_split_into_row_chunks(G, isa, gen):
         assert float((step.double() - want_step).abs().max()) <= tol * float(want_step.abs().max())
 
 
-def _rotation_action(N: int, M: int, order=None):
-    """C_N acting on M points: the rotation by ``2 pi k / N`` moves point ``order[i]`` to ``order[(i + k) mod M]``."""
-    order = torch.arange(M) if order is None else torch.tensor(order)
-    position = torch.argsort(order)
-
-    def action(g):
-        k = torch.round(torch.atan2(g[..., 1, 0], g[..., 0, 0]) * (N / (2 * torch.pi))).long()
-        return order[(position + k[..., None]) % M]
-
-    return Rep.permutation(Cyclic(N), action=action, size=M)
-
-
 @pytest.mark.parametrize("N, M", [(16, 4), (8, 4), (8, 8), (24, 12)])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_points_in_cyclic_order_take_the_cyclic_closed_form(N, M, dtype, gen):
     """Permutation fields that are not regular but whose pairs have the orbits (b - a) mod M of C_M's regular
     fields (a quotient C_N / C_(N/M) given by its action, C_M's rotations of M points) run the closed form."""
-    field = _rotation_action(N, M)
+    field = rotated_points(N, M)
     rep_in, rep_out = Cyclic(N).trivial() + 3 * field, 2 * field
     P, forms = _closed_form_rows(rep_in, rep_out)
     assert OrbitForm.CYCLIC in forms
@@ -213,7 +201,7 @@ def test_points_in_cyclic_order_take_the_cyclic_closed_form(N, M, dtype, gen):
 def test_points_in_another_order_keep_their_tiles():
     """Four points visited out of order by the rotations (0 -> 2 -> 1 -> 3), and D_4 on a square's vertices
     (three orbits of pairs), are not the cyclic closed form: their small pairs keep the basis tiles."""
-    shuffled = _rotation_action(16, 4, order=[0, 2, 1, 3])
+    shuffled = rotated_points(16, 4, order=[0, 2, 1, 3])
     for field in (shuffled, Rep.permutation(Dihedral(4), points=_square_vertices())):
         _, forms = _closed_form_rows(2 * field, 2 * field)
         assert forms == set()

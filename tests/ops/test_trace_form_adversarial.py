@@ -14,7 +14,7 @@ import torch
 from equiproj import O3, SO3, Cyclic, Dihedral, Octahedral, Rep, reference
 from equiproj._plan import OrbitForm, PlanColumn, orbit_pair, plan_for
 from equiproj.ops import cpp_available, fused_energies_and_grads
-from equiproj.testing import nearly_equivariant
+from equiproj.testing import nearly_equivariant, rotated_points
 
 pytestmark = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
 
@@ -275,18 +275,6 @@ def _polygon(N, order=None):
     return points if order is None else points[list(order)]
 
 
-def _rotations(N, M, order=None, speed=1):
-    """C_N acting on M points: the rotation by 2 pi k / N moves point order[i] to order[(i + speed k) mod M]."""
-    order = torch.arange(M) if order is None else torch.tensor(order)
-    position = torch.argsort(order)
-
-    def action(g):
-        k = torch.round(torch.atan2(g[..., 1, 0], g[..., 0, 0]) * (N / (2 * torch.pi))).long()
-        return order[(position + speed * k[..., None]) % M]
-
-    return Rep.permutation(Cyclic(N), action=action, size=M)
-
-
 def _form(rep_out, rep_in):
     found = orbit_pair(rep_out.segments[0][1], rep_in.segments[0][1])
     return None if found is None else found[1]
@@ -308,28 +296,28 @@ def test_polygon_vertices_in_cyclic_order_and_only_then(N):
 
 @pytest.mark.parametrize("N, M, speed", [(16, 4, 1), (16, 4, 3), (12, 6, 5), (30, 10, 3), (9, 9, 2), (24, 8, 1)])
 def test_quotients_of_cyclic_groups(N, M, speed):
-    field = _rotations(N, M, speed=speed)
+    field = rotated_points(N, M, speed=speed)
     assert _form(field, field) == OrbitForm.CYCLIC
-    shifted = _rotations(N, M, order=[*range(2, M), 0, 1], speed=speed)  # the same cycle from another point
+    shifted = rotated_points(N, M, order=[*range(2, M), 0, 1], speed=speed)  # the same cycle from another point
     assert _form(field, shifted) == OrbitForm.CYCLIC and _form(shifted, field) == OrbitForm.CYCLIC
     if M > 4:
-        other_speed = _rotations(N, M, speed=-speed)  # orbits (a + b) mod M
+        other_speed = rotated_points(N, M, speed=-speed)  # orbits (a + b) mod M
         assert _form(field, other_speed) != OrbitForm.CYCLIC
-    smaller = _rotations(N, M // 2, speed=speed) if M % 2 == 0 and M // 2 > 1 else None
+    smaller = rotated_points(N, M // 2, speed=speed) if M % 2 == 0 and M // 2 > 1 else None
     if smaller is not None:  # d_out != d_in
         assert _form(field, smaller) != OrbitForm.CYCLIC and _form(smaller, field) != OrbitForm.CYCLIC
 
 
 def _cyclic_pairs():
     C12 = Cyclic(12)
-    f6, f4 = _rotations(12, 6), _rotations(12, 4)
-    f6s = _rotations(12, 6, order=[3, 4, 5, 0, 1, 2])
+    f6, f4 = rotated_points(12, 6), rotated_points(12, 4)
+    f6s = rotated_points(12, 6, order=[3, 4, 5, 0, 1, 2])
     f12 = Rep.permutation(C12, points=_polygon(12))
     centred = Rep.permutation(C12, points=torch.cat([_polygon(12), torch.zeros(1, 2, dtype=F64)]))
     return [
         (C12.trivial() + 2 * f6 + f4 + f12, f6s + 2 * f4 + f12),  # d_out != d_in pairs next to cyclic ones
         (3 * f12 + centred, 2 * f12 + centred),  # a fixed point: an orbit table next to the closed form
-        (2 * _rotations(16, 4) + _rotations(16, 8), _rotations(16, 4, speed=3) + 2 * _rotations(16, 8)),
+        (2 * rotated_points(16, 4) + rotated_points(16, 8), rotated_points(16, 4, speed=3) + 2 * rotated_points(16, 8)),
     ]
 
 

@@ -15,7 +15,7 @@ from ...grid import grid_points
 from ...groups import (O2, O3, SO2, SO3, Cyclic, Dihedral, FullOctahedral, FullTetrahedral, Octahedral, Rep,
                        Tetrahedral)
 from ...nn import declare
-from ...testing import random_orthogonal
+from ...testing import random_orthogonal, rotated_points
 
 __all__ = ["LayerKind", "layer_kinds", "irreps_fields", "band_limited_field", "cyclic_quotient"]
 
@@ -102,12 +102,7 @@ def cyclic_quotient(N: int, M: int) -> Rep:
     """C_N acting on the cosets of its subgroup C_(N/M): the rotation by ``2 pi k / N`` moves coset ``i``
     to ``i + k mod M`` (given by its action: no set of M points of the plane is permuted so by the
     rotations)."""
-
-    def action(g):
-        k = torch.round(torch.atan2(g[..., 1, 0], g[..., 0, 0]) * (N / (2 * math.pi))).long()
-        return (torch.arange(M) + k[..., None]) % M
-
-    return Rep.permutation(Cyclic(N), action=action, size=M, name=f"C{N}/C{N // M}")
+    return rotated_points(N, M, name=f"C{N}/C{N // M}")
 
 
 def layer_kinds(quick: bool, every: bool = True) -> list[LayerKind]:
