@@ -121,16 +121,17 @@ def cpp(weights, plans, lambda_perp=(), lambda_G=()):
 
 
 def _reference(W, ri, ro, cp, cg):
-    """(E_perp, E_G, grad) in float64 for exactly the tensor W; cp, cg broadcast over its batch."""
+    """(E_perp, E_G, grad, |grad terms|) in float64 for exactly the tensor W; cp, cg broadcast over its batch
+    (the last: ``|2 lambda_perp R| + |2 lambda_G P W|``, the magnitudes of the gradient's two terms)."""
     W64 = W.detach().double()
     PW = reference.project(W64, ri, ro)
     R = W64 - PW
-    grad = 2 * cp.double()[..., None, None] * R + 2 * cg.double()[..., None, None] * PW
-    return R.square().sum((-2, -1)), PW.square().sum((-2, -1)), grad
+    perp, g = 2 * cp.double()[..., None, None] * R, 2 * cg.double()[..., None, None] * PW
+    return R.square().sum((-2, -1)), PW.square().sum((-2, -1)), perp + g, perp.abs() + g.abs()
 
 
 def _check(W, ep, eg, g, ri, ro, cp, cg, what, near=False, float32_terms=False):
-    rp, rg, rgrad = _reference(W, ri, ro, cp, cg)
+    rp, rg, rgrad, terms = _reference(W, ri, ro, cp, cg)
     acc = torch.float64 if W.dtype == torch.float64 else torch.float32
     assert ep.dtype == eg.dtype == acc and ep.shape == eg.shape == W.shape[:-2], what
     tol = (1e-7 if near else 1e-10) if W.dtype == torch.float64 else 1e-6
@@ -143,9 +144,6 @@ def _check(W, ep, eg, g, ri, ro, cp, cg, what, near=False, float32_terms=False):
     subnormal = torch.finfo(W.dtype).smallest_normal * ULP[W.dtype]  # spacing below the normal range
     bound = ULP[W.dtype] * rgrad.abs() + 1e-12 * cmag * wmax + subnormal
     if float32_terms and W.dtype == torch.float32:  # one float32 rounding of each term of the gradient
-        PW = reference.project(W.detach().double(), ri, ro)
-        terms = (2 * cp.double()[..., None, None] * (W.detach().double() - PW)).abs() + \
-            (2 * cg.double()[..., None, None] * PW).abs()
         bound = bound + 2 * ULP[W.dtype] * terms
     err = (g.double() - rgrad).abs()
     assert bool((err <= bound).all()), f"{what} grad: max error {float(err.max()):.2e}"
