@@ -70,10 +70,9 @@ inline void orbit_sum_run4(acc_t* S, const X* x0, const X* x1, const X* x2, cons
     store4(S + j, ((load4(S + j) + load4(x0 + j)) + (load4(x1 + j + 1) + load4(x2 + j + 2))) + load4(x3 + j + 3));
   }
   for (; j < len - 3; ++j) S[j] += ((acc_t(x0[j]) + acc_t(x1[j + 1])) + acc_t(x2[j + 2])) + acc_t(x3[j + 3]);
-  for (int64_t q = 0; q < 4; ++q) {
-    const int64_t end = len - 3 + q > len ? len : len - 3 + q;
-    for (int64_t b = 0; b < q && b < len; ++b) S[b - q] += acc_t(xr[q][b]);
-    for (int64_t b = end > q ? end : q; b < len; ++b) S[b - q] += acc_t(xr[q][b]);
+  for (int64_t q = 0; q < 4; ++q) {  // len >= 4 (the caller's condition): the two ranges do not meet
+    for (int64_t b = 0; b < q; ++b) S[b - q] += acc_t(xr[q][b]);
+    for (int64_t b = len - 3 + q; b < len; ++b) S[b - q] += acc_t(xr[q][b]);
   }
 }
 
