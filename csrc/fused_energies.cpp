@@ -25,6 +25,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -545,6 +546,21 @@ bool is_scaled_identity(const acc_t* A, int64_t d) {
   return true;
 }
 
+// Whether the r x s rows of A (a basis of the s-entry tiles) are orthonormal and span them (r = s), so
+// that P(T) = sum_k <A_k, T> A_k = T: checked on the Gram matrix, for tiles of up to kMaxWhole entries.
+constexpr int64_t kMaxWhole = 64;
+
+bool spans_tiles(const acc_t* A, int64_t r, int64_t s) {
+  if (r != s || s > kMaxWhole) return false;
+  for (int64_t k = 0; k < r; ++k)
+    for (int64_t l = 0; l <= k; ++l) {
+      acc_t dot = 0;
+      for (int64_t e = 0; e < s; ++e) dot += A[k * s + e] * A[l * s + e];
+      if (std::abs(dot - (k == l ? 1 : 0)) > 1e-12) return false;
+    }
+  return true;
+}
+
 void check_plan_tensors(const Tensor& meta_in, const Tensor& basis_in, int64_t layer) {
   TORCH_CHECK_TYPE(meta_in.device().is_cpu() && meta_in.scalar_type() == at::kLong && meta_in.dim() == 2 &&
                   meta_in.size(1) == kPlanColumns,
@@ -605,6 +621,43 @@ void append_point_tables(std::vector<int32_t>& out, const acc_t* T, int64_t ng, 
   out.insert(out.end(), start.begin(), start.end());
   out.insert(out.end(), rows.begin(), rows.end());
   out.insert(out.end(), elem.begin(), elem.end());
+}
+
+// Pairs whose rows are independent of each other (r = 0, and kWhole: no coefficient mixes rows)
+// need no tiling. Adjacent ones of one kind join into one pair over their columns, and a group of
+// only such pairs runs about kJoinedRowWork entries of rows (many row blocks) as one row block. Why:
+// on small fields (the 1-row blocks of scalar fields) the calls per item and per pair cost more
+// than the entries they process (measured on an O(3) MLP: docs/benchmarks.md).
+constexpr int64_t kJoinedRowWork = 4096;
+
+inline bool separable(const Pair& p) { return p.kind == Kind::kZero || p.kind == Kind::kWhole; }
+
+void join_separable_rows(std::vector<OutGroup>& groups, int64_t n) {
+  std::vector<OutGroup> out;
+  out.reserve(groups.size());
+  for (OutGroup& G : groups) {
+    std::vector<Pair> pairs;
+    for (const Pair& p : G.pairs) {
+      if (!pairs.empty() && separable(p) && pairs.back().kind == p.kind) {
+        Pair& q = pairs.back();  // one span of columns: ci = 1 copy of di columns
+        q.di = q.ci * q.di + p.ci * p.di;
+        q.ci = 1;
+      } else {
+        pairs.push_back(p);
+      }
+    }
+    G.pairs = std::move(pairs);
+    const bool rows_free = std::all_of(G.pairs.begin(), G.pairs.end(), separable);
+    const int64_t k = rows_free ? std::clamp<int64_t>(kJoinedRowWork / std::max<int64_t>(G.d_out * n, 1), 1, G.co) : 1;
+    if (k == 1) {
+      out.push_back(std::move(G));
+      continue;
+    }
+    const int64_t full = G.co / k, rest = G.co % k;
+    out.push_back(OutGroup{G.out_off, full, k * G.d_out, G.pairs});
+    if (rest) out.push_back(OutGroup{G.out_off + full * k * G.d_out, 1, rest * G.d_out, G.pairs});
+  }
+  groups = std::move(out);
 }
 
 // Builds the host form of one layer's plan from meta and basis and checks it against W's m x n
@@ -725,6 +778,7 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
       continue;
     }
     Kind kind = r == 0                                                            ? Kind::kZero
+                : spans_tiles(A, r, dout * din)                                   ? Kind::kWhole
                 : (r == 1 && dout == din && is_scaled_identity(A, dout))          ? Kind::kIdentity
                 : (dout <= kMaxSmall && din <= kMaxSmall)                         ? Kind::kSmall
                                                                                   : Kind::kGeneric;
@@ -750,6 +804,7 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
       if (p.sign) p.sign = H.sign.data() + (reinterpret_cast<intptr_t>(p.sign) - 1);
     }
   }
+  join_separable_rows(H.groups, n);
   H.group_start.assign(1, 0);
   for (auto& G : H.groups) H.group_start.push_back(H.group_start.back() + G.co);
   H.blocks = H.group_start.back();
@@ -759,7 +814,7 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
   H.groups_in_place = H.groups;
   for (auto& G : H.groups_in_place)
     for (auto& p : G.pairs)
-      p.accumulate = p.kind == Kind::kOrbit || p.kind == Kind::kZero ||
+      p.accumulate = p.kind == Kind::kOrbit || p.kind == Kind::kZero || p.kind == Kind::kWhole ||
                      (p.kind == Kind::kIdentity && G.d_out <= kMaxSmall);
 }
 
@@ -1131,6 +1186,13 @@ class Prepared : public torch::CustomClassHolder {
     return {weighted(run_items(layers_)), grads};
   }
 
+  // sum lambda_perp E_perp + lambda_G E_G as a 0-dim tensor (float64 if `wide`, else float32),
+  // differentiable in the parameters: the run writes the gradient into fresh tensors, which the
+  // autograd node (PenaltyValue, below) hands over in the backward. Node and run are C++: in a
+  // training step the Python of an autograd.Function costs more than the run itself (measured,
+  // docs/benchmarks.md).
+  Tensor penalty(bool wide);
+
   // The decoupled step W += 2 c_perp (W - P W) + 2 c_G P W on every weight in place (c = -rate / 2).
   void step(double c_perp, double c_G) {
     for (const Tensor& W : weights_)
@@ -1184,6 +1246,66 @@ class Prepared : public torch::CustomClassHolder {
   std::vector<double> lambda_perp_, lambda_G_;
   bool wide_ = false;
 };
+
+// The autograd node of Prepared::penalty. The forward's run has the coefficients, so it writes the
+// gradient too; the backward hands those tensors over (autograd makes each the parameter's .grad
+// or adds into it), scaled in place by the incoming gradient where that is not 1. A second backward
+// through a retained graph (the tensors were given away) runs again, from the saved parameters,
+// which refuse if a weight was changed in place since the forward.
+struct PenaltyValue : torch::autograd::Function<PenaltyValue> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const c10::intrusive_ptr<Prepared>& program,
+                        bool wide, at::TensorList params) {
+    auto [value, grads] = program->fresh();
+    ctx->saved_data["program"] = program;
+    ctx->saved_data["grads"] = std::move(grads);
+    ctx->save_for_backward(params.vec());
+    // written directly: a fill through the dispatcher costs more than the rest of the node
+    Tensor out = at::empty({}, at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat));
+    if (wide)
+      *out.data_ptr<double>() = value;
+    else
+      *out.data_ptr<float>() = static_cast<float>(value);
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_value) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "equiproj::fused_energies does not support double backward (create_graph=True); use "
+                "backend='torch' for higher derivatives");
+    at::IValue& slot = ctx->saved_data["grads"];
+    std::vector<Tensor> grads;
+    if (slot.isTensorList()) {
+      grads = slot.toTensorVector();
+      slot = at::IValue();  // given away: autograd may take each as the .grad without a copy
+    } else {
+      ctx->get_saved_variables();  // raises if a weight changed in place, or the graph was freed
+      grads = std::get<1>(ctx->saved_data["program"].toCustomClass<Prepared>()->fresh());
+    }
+    const Tensor& g = grad_value[0];
+    if (g.defined() && incoming(g) != 1.0)
+      for (Tensor& t : grads) t.mul_(g);
+    torch::autograd::variable_list out(2);  // nothing for the program and `wide`
+    out.reserve(2 + grads.size());
+    for (Tensor& t : grads) out.push_back(std::move(t));
+    return out;
+  }
+
+  // The incoming gradient's value: read in place where it is a plain CPU float or double.
+  static double incoming(const Tensor& g) {
+    if (g.device().is_cpu() && g.layout() == at::kStrided && !g.is_neg() && !g.is_conj() &&
+        !g.key_set().has_any(c10::DispatchKeySet(c10::DispatchKey::Python))) {
+      if (g.scalar_type() == at::kFloat) return *g.const_data_ptr<float>();
+      if (g.scalar_type() == at::kDouble) return *g.const_data_ptr<double>();
+    }
+    return g.item<double>();
+  }
+};
+
+Tensor Prepared::penalty(bool wide) {
+  return PenaltyValue::apply(c10::intrusive_ptr<Prepared>::unsafe_reclaim_from_nonowning(this), wide,
+                             at::TensorList(params_));
+}
 
 int64_t num_threads() { return at::get_num_threads(); }
 
@@ -1245,6 +1367,7 @@ TORCH_LIBRARY(equiproj_cpu, m) {
       .def("value", &Prepared::value)
       .def("backward", &Prepared::backward)
       .def("fresh", &Prepared::fresh)
+      .def("penalty", &Prepared::penalty)
       .def("step", &Prepared::step);
 }
 

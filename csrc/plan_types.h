@@ -12,6 +12,7 @@ using acc_t = double;  // tile arithmetic and partial sums, whatever the weight 
 enum class Kind {
   kZero,      // r = 0: the whole tile is non-equivariant (sum of squares)
   kIdentity,  // r = 1, A = +-I/sqrt(d): coef^2 = tr^2/d, R = T - (tr/d) I
+  kWhole,     // r = d_out d_in, an orthonormal basis of every tile: all of it is equivariant (R = 0)
   kSmall,     // any basis, d_out, d_in <= kMaxSmall (compile-time tile shape for square 2..5)
   kGeneric,   // any basis, runtime tile shape
   kOrbit,     // two permutation fields: P(T) is the mean over each orbit of G on the tile's entries
@@ -39,7 +40,7 @@ struct Pair {
   // = +-1, or 0 for an entry without an equivariant part (its orbit index is then 0, and its mean 0)
   const acc_t* sign = nullptr;
   bool accumulate = false;  // add the gradient to g (which may alias x) instead of writing it (kOrbit, kZero,
-                            // kIdentity with d <= kMaxSmall)
+                            // kWhole, kIdentity with d <= kMaxSmall)
 };
 
 // All pairs of one output field, in column order; they tile [0, n).

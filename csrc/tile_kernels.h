@@ -47,9 +47,7 @@ inline void add_squares8(__m256 v, __m256d& lo, __m256d& hi) {
 inline void zero_rows_f32(const float* const* x, float* const* g, int64_t rows, int64_t span, acc_t scale, acc_t& e,
                           bool add) {
   const __m256 sc = _mm256_set1_ps(static_cast<float>(scale));
-  const float scs = static_cast<float>(scale);
   __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd(), s2 = _mm256_setzero_pd(), s3 = _mm256_setzero_pd();
-  acc_t tail = 0;
   for (int64_t a = 0; a < rows; ++a) {
     const float* xa = x[a];
     float* ga = g ? g[a] : nullptr;
@@ -67,13 +65,16 @@ inline void zero_rows_f32(const float* const* x, float* const* g, int64_t rows, 
       step(j, s0, s1);
       j += 8;
     }
-    for (; j < span; ++j) {
-      const float v = xa[j];
-      tail += acc_t(v) * acc_t(v);
-      if (ga) ga[j] = add ? _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(scs), _mm_set_ss(v), _mm_set_ss(ga[j]))) : scs * v;
+    if (j < span) {  // the last 1..7 entries in one masked vector (short rows: scalar fields' spans of 20, 44)
+      const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(span - j)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m256 v = _mm256_maskload_ps(xa + j, m);  // zero in the lanes past the row
+      add_squares8(v, s2, s3);
+      if (ga)
+        _mm256_maskstore_ps(ga + j, m, add ? _mm256_fmadd_ps(sc, v, _mm256_maskload_ps(ga + j, m)) : _mm256_mul_ps(sc, v));
     }
   }
-  e += hsum(V4{_mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3))}) + tail;
+  e += hsum(V4{_mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3))});
 }
 #endif
 
@@ -455,6 +456,9 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
   switch (p.kind) {
     case Kind::kZero:
       zero_rows<X>(x, g, dout, p.ci * p.di, cp2, ep, p.accumulate);
+      return;
+    case Kind::kWhole:  // the same pass, into E_G with lambda_G
+      zero_rows<X>(x, g, dout, p.ci * p.di, cg2, eg, p.accumulate);
       return;
     case Kind::kIdentity:
 #ifdef EQUIPROJ_AVX2

@@ -195,8 +195,9 @@ class FusedMatrices(TermGroup):
         prepared = self._prepared if not torch._C._len_torch_dispatch_stack() else None  # a mode sees the op
         if torch.is_grad_enabled():
             if all(map(_requires_grad, self.params)):
-                return ops.prepared_penalty(prepared.fresh if prepared is not None else self._fresh_run, dtype,
-                                            self.params)
+                if prepared is not None:  # the C++ program's own autograd node
+                    return prepared.penalty(dtype == torch.float64)
+                return ops.prepared_penalty(self._fresh_run, dtype, self.params)
             if any(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
                 with no_autocast(self.device):
                     return super().value(dtype)

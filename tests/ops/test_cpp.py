@@ -15,8 +15,9 @@ Tolerances:
   the gradient from float32 terms: there the bound adds ``2 ulp (|2 lambda_perp R| + |2 lambda_G P W|)``
   (exact where the weight is nearly equivariant: ``R`` keeps its own precision, the test below).
 
-Kernel paths covered: r = 0 pairs; A = I/sqrt(d) pairs with d = 1, 3, 5 and 7 (runtime d), and d = 2, 3, 5
-on rows of over a thousand columns (the float32 kernel's chunks and tails); square
+Kernel paths covered: r = 0 pairs, alone and joined with their neighbours; pairs whose basis spans the
+tile (scalar to scalar), with their 1-row blocks run many at a time; A = I/sqrt(d) pairs with
+d = 3, 5 and 7 (runtime d), and d = 2, 3, 5 on rows of over a thousand columns (the float32 kernel's chunks and tails); square
 small tiles (complex type 2x2, d = 3, 4, 5 with r up to 9); the generic kernel (dense change of
 basis, regular reps, non-square field pairs); tile counts with and without a remainder of the
 four-tile loops; permutations; float64 staging (half types, strided and permuted columns).
@@ -84,6 +85,14 @@ def _trace_two_dims(gen):
     return Rep.parse(G, "503xEg + 2xT1u"), Rep.parse(G, "3xEg + T1u")
 
 
+def _scalar_rows(gen):
+    # scalar output fields: 0e -> 0e pairs span their tiles (R = 0), adjacent r = 0 pairs (1o, 2e, 0o) join
+    # into one span, and the 1-row blocks run many at a time (150 rows: one group of joined rows and a
+    # remainder; 70 rows: one group), beside a 3-row field whose rows are not joined
+    G = equiproj.O3()
+    return Rep.parse(G, "7x0e + 3x1o + 2x2e + 4x0o + 5x0e"), Rep.parse(G, "150x0e + 1o + 70x0e")
+
+
 def _octahedral(gen):
     return verify.mixed_reps(equiproj.Octahedral(), gen)  # 3-dim real irreps, the 24-dim regular rep
 
@@ -95,7 +104,7 @@ def _o3(gen):
 CASES = {"so3_fields": _so3_fields, "so2_complex": _so2_complex, "so2_permuted": _so2_permuted,
          "dense_basis": _dense_basis, "small_general": _small_general, "octahedral": _octahedral, "o3": _o3,
          "trace_long_rows": _trace_long_rows, "trace_five_dims": _trace_five_dims,
-         "trace_two_dims": _trace_two_dims}
+         "trace_two_dims": _trace_two_dims, "scalar_rows": _scalar_rows}
 
 
 #: cases whose float32 rows the trace-form kernel runs in float32 lanes (the mean split hi + lo): each term
@@ -181,7 +190,7 @@ def test_matches_reference(case, dtype, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["so3_fields", "so2_complex", "so2_permuted", "small_general", "dense_basis",
-                                  "trace_long_rows", "trace_five_dims", "trace_two_dims"])
+                                  "trace_long_rows", "trace_five_dims", "trace_two_dims", "scalar_rows"])
 def test_nearly_equivariant(case, dtype, gen):
     ri, ro = CASES[case](gen)
     W64 = verify.nearly_equivariant(torch.randn(2, ro.dim, ri.dim, dtype=torch.float64, generator=gen), ri, ro,
@@ -194,7 +203,7 @@ def test_nearly_equivariant(case, dtype, gen):
     _check(W, ep, eg, g, ri, ro, cp, cg, f"{case} {dtype} nearly equivariant", near=True)
 
 
-@pytest.mark.parametrize("case", ["so3_fields", "so2_complex", "small_general", "dense_basis"])
+@pytest.mark.parametrize("case", ["so3_fields", "so2_complex", "small_general", "dense_basis", "scalar_rows"])
 def test_baseline_isa_matches_reference(case, gen):
     """The kernels compiled for the baseline x86-64 ISA (used on CPUs without AVX2+FMA)."""
     ri, ro = CASES[case](gen)
