@@ -14,8 +14,8 @@
 // equivariant fp32 weights keep their digits); the energies are returned in float32 for
 // fp16/bf16/fp32 weights and float64 for float64 weights.
 //
-// Each field pair is classified once per call (plan_types.h, Kind): r = 0 (sum of squares),
-// A = +-I/sqrt(d) (trace form), small square tiles, the generic kernel (two register-blocked
+// Each field pair is classified once per call (plan_types.h, Kind): r = 0 (sum of squares), a basis
+// spanning the tile (all of it equivariant), A = +-I/sqrt(d) (trace form), small square tiles, the generic kernel (two register-blocked
 // products with the basis), or an orbit pair of two permutation fields (no basis: the mean over
 // each orbit, from an orbit table or a closed form, docs/math.md §9). The kernels (tile_kernels.h) are compiled twice, for the baseline
 // x86-64 ISA and for AVX2+FMA, and chosen at run time (isa(), set_isa() for tests).

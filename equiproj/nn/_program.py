@@ -10,7 +10,7 @@ that call is the C++ kernel's prepared program (:func:`equiproj.ops.cpu_program`
 views, parameters, plans and lambdas, reads and writes the ``.grad`` attributes itself and returns
 the weighted value: no tensor list crosses the boundary per call. ``penalty()`` writes the
 gradient in its one call as well, into fresh buffers its autograd node hands over in the backward
-(:func:`equiproj.ops.prepared_penalty`).
+(on the CPU the prepared program's own C++ node, elsewhere :func:`equiproj.ops.prepared_penalty`).
 The coefficients are made once, in the dtype the device's kernel reads without a conversion, and
 what :meth:`PenaltyProgram.current` compares is kept as flat lists compared by C-level loops. The other kinds (kernel spaces, translations, matrices on the
 ``"torch"`` or ``"reference"`` backend) take one :meth:`Term.one_pass` or :meth:`Term.energies` call
