@@ -6,13 +6,15 @@ incoming gradient is not 1); a second backward through a retained graph runs the
 the saved parameters. These probes use it the ways autograd allows: scaled, summed with a task loss,
 used twice, differentiated by ``torch.autograd.grad``, retained, after an in-place change of a weight,
 after the model is gone, with parameter hooks, with an existing ``.grad``, frozen, mixed and float64
-dtypes, tied weights, under ``no_grad`` / ``inference_mode`` / ``autocast`` / ``torch.compile``,
+dtypes, tied weights, under ``no_grad`` / ``inference_mode`` / ``autocast`` / ``torch.compile`` /
+anomaly mode / activation checkpointing / saved-tensor hooks,
 copied and pickled, with incoming gradients of other dtypes and layouts, and with layers re-declared
 between calls. The layers carry many scalar fields (the kernel's joined rows) beside vector fields.
 
 The expected gradient is autograd's of the same penalty on a float64 copy of the model on the
 ``"reference"`` backend (the spatial-domain projection). Tolerances, relative to the largest entry:
-1e-5 for float32 models, 1e-10 for float64.
+1e-5 for float32 models, 1e-10 for float64, 1e-2 / 2e-3 for gradients written in bfloat16 / float16
+(values 1e-6: they are float32, from the same rounded weights).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pickle
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 import equiproj
@@ -38,7 +41,7 @@ R_IN = Rep.parse(G, "5x0e + 2x1o + 3x0e + 0o")
 R_MID = Rep.parse(G, "40x0e + 1o + 9x0e")
 R_OUT = Rep.parse(G, "3x0e + 2e")
 LAMBDAS = dict(lambda_perp={"0": 0.7, "default": 0.3}, lambda_G=0.05)
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def make_model(gen, dtype=torch.float32, near=False):
@@ -84,16 +87,18 @@ def is_cpp_node(value):
     return value.grad_fn is not None and type(value.grad_fn).__name__ == "CppFunction"
 
 
-def test_backward_matches_reference(gen, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_backward_matches_reference(dtype, gen, monkeypatch):
     for near in (False, True):
-        model = make_model(gen, near=near)
+        model = make_model(gen, dtype=dtype, near=near)
         pen = ProjectionPenalty(model, **LAMBDAS)
         value = pen()
         assert is_cpp_node(value) and value.dtype == torch.float32 and value.dim() == 0
         value.backward()
-        want_v, want_g = reference_grads(model, monkeypatch)
+        want_v, want_g = reference_grads(model, monkeypatch)  # of the same rounded weights
         close(value, want_v, 1e-6, "value")
-        close_all([p.grad for p in model.parameters()], want_g, TOL[torch.float32], f"near={near}")
+        assert all(p.grad.dtype == dtype for p in model.parameters())
+        close_all([p.grad for p in model.parameters()], want_g, TOL[dtype], f"{dtype} near={near}")
 
 
 def test_scaled_summed_and_used_twice(gen, monkeypatch):
@@ -206,6 +211,41 @@ def test_weight_changed_in_place_between_forward_and_backward(gen, monkeypatch):
     close_all([p.grad for p in model.parameters()], want, TOL[torch.float32], "first backward")
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         value.backward()
+
+
+@pytest.mark.xfail(strict=True, reason="under saved_tensors_hooks that copy what is saved (offloading), the "
+                                       "second backward of a retained graph reruns the kernel on the live "
+                                       "weights: a weight changed in place is not refused, its gradient is used")
+def test_weight_changed_in_place_under_saved_tensor_hooks(gen, monkeypatch):
+    model = make_model(gen)
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    _, want = reference_grads(model, monkeypatch)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        value = pen()
+    value.backward(retain_graph=True)
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    try:
+        value.backward()
+    except RuntimeError:
+        return  # refused, as without hooks
+    close_all([p.grad for p in model.parameters()], [2 * w for w in want], TOL[torch.float32],
+              "second backward: the forward's weights")
+
+
+def test_anomaly_mode_and_checkpoint(gen, monkeypatch):
+    model = make_model(gen)
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    _, want = reference_grads(model, monkeypatch)
+    with torch.autograd.set_detect_anomaly(True):
+        pen().backward()
+    close_all([p.grad for p in model.parameters()], want, TOL[torch.float32], "anomaly mode")
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(3, R_IN.dim, generator=gen)
+    task = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    torch.utils.checkpoint.checkpoint(lambda x: model(x).sum() + pen(), x, use_reentrant=False).backward()
+    close_all([p.grad for p in model.parameters()], [t.double() + w for t, w in zip(task, want)],
+              TOL[torch.float32], "checkpointed step")
 
 
 def test_backward_after_the_model_and_penalty_are_gone(gen, monkeypatch):

@@ -11,8 +11,10 @@ without a remainder, rows shorter and longer than a group), scalar fields of the
 octahedral groups, interleaved and permuted fields, every weight dtype and layout, nearly
 equivariant and non-finite weights, gradients added in place (the decoupled step with the output
 aliasing the weight), both instruction sets, every tail length of the masked vector, a scaled
-(non-orthonormal) basis that must not be taken for a spanning one, and results bitwise
-independent of the thread count.
+(non-orthonormal) basis that must not be taken for a spanning one, trivial fields in a rotated
+basis (spanning tiles up to 8 x 8, and just past the size the spanning check takes), declared layers'
+``ProjectionPenalty.backward()`` / ``decay_()``, and results bitwise independent of the thread count
+(the op, and penalty() / backward() / decay_()).
 
 Tolerances (as tests/ops/test_cpp.py): energies relative 1e-10 for float64 weights (1e-7 when nearly
 equivariant), 1e-6 otherwise (returned in float32); gradients elementwise
@@ -23,18 +25,21 @@ forms float32 terms); an energy that is 0 is compared relative to ``E_perp + E_G
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 import equiproj
-from equiproj import Rep, reference
+from equiproj import Rep, ops, reference
 from equiproj._plan import plan_for
+from equiproj.nn import ProjectionPenalty, declare
 from equiproj.ops import cpp_available, fused_energies_and_grads
-from equiproj.testing import nearly_equivariant
+from equiproj.testing import nearly_equivariant, random_orthogonal
 
 pytestmark = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
 
@@ -372,3 +377,106 @@ def test_empty_output_field_in_a_plan_is_an_error_not_a_crash():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-500:]}"
+
+
+#: declared layers of many scalar fields: (inputs, outputs) of each nn.Linear in one model
+LAYER_SHAPES = [("0e", "600x0e"), ("300x0e", "37x0e"), ("7x0e", "600x0e"), ("13x0e + 0o", "1o + 250x0e"),
+                ("2x0o + 1o + 40x0e", "3x0e"), ("0e", "0e")]
+
+
+def _declared_model(gen, dtype):
+    layers = []
+    for ins, outs in LAYER_SHAPES:
+        ri, ro = Rep.parse(O3, ins), Rep.parse(O3, outs)
+        layers.append(declare(nn.Linear(ri.dim, ro.dim), ri, ro))
+    model = nn.ModuleList(layers)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        W = model[3].weight  # one nearly equivariant layer (model[1] is all equivariant: scalars to scalars)
+        W.copy_(nearly_equivariant(W.double(), Rep.parse(O3, "13x0e + 0o"), Rep.parse(O3, "1o + 250x0e"), 1e-10, gen))
+    return model.to(dtype)
+
+
+def _reference_copy(model):
+    """A float64 copy of ``model`` with exactly its (rounded) values."""
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), model.parameters()):
+            p.copy_(q.double())
+            p.grad = None
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_declared_layers_backward_and_decay(dtype, gen, monkeypatch):
+    """``ProjectionPenalty(...).backward()`` (into existing and missing ``.grad``) and ``.decay_(rate)``
+    on declared layers of many scalar fields, biases included, against the reference penalty."""
+    lambdas = dict(lambda_perp={"1": 0.9, "default": 0.4}, lambda_G=0.15)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    model = _declared_model(gen, dtype)
+    ref = _reference_copy(model)
+    with monkeypatch.context() as mp:
+        mp.setenv(ops.ENV_VAR, "reference")
+        ref_pen = ProjectionPenalty(ref, **lambdas)
+        want_v = ref_pen()
+        want_v.backward()
+    pen = ProjectionPenalty(model, **lambdas)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    got_v = pen.backward()
+    assert abs(float(got_v) - float(want_v)) <= tol * abs(float(want_v))
+    for k, (p, q) in enumerate(zip(model.parameters(), ref.parameters())):
+        want = q.grad + (1 if k == 0 else 0)
+        err = float((p.grad.double() - want).abs().max())
+        assert err <= tol * float(want.abs().max()), (k, err)
+    # the decoupled step, in place
+    before = [p.detach().double().clone() for p in model.parameters()]
+    pen.decay_(0.2, 0.05)
+    with monkeypatch.context() as mp:
+        mp.setenv(ops.ENV_VAR, "reference")
+        ref_pen.decay_(0.2, 0.05)
+    for k, (p, q, b) in enumerate(zip(model.parameters(), ref.parameters(), before)):
+        err = float((p.detach().double() - q.detach()).abs().max())
+        assert err <= tol * float(b.abs().max()), (k, err)
+
+
+def test_penalty_does_not_depend_on_the_thread_count(gen):
+    """penalty() (the prepared program and its node), backward() and decay_() with 1 and 2 threads: bitwise equal."""
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            model = _declared_model(torch.Generator().manual_seed(7), torch.float32)
+            pen = ProjectionPenalty(model, lambda_perp=0.3, lambda_G=0.2)
+            v = pen()
+            grads = torch.autograd.grad(v, list(model.parameters()))
+            v2 = pen.backward()
+            pen.decay_(0.1, 0.02)
+            results.append((v.detach(), grads, v2, [p.detach().clone() for p in model.parameters()]))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0]) and float(results[0][2]) == float(other[2])
+        assert all(torch.equal(a, b) for a, b in zip(results[0][1], other[1]))
+        assert all(torch.equal(a, b) for a, b in zip(results[0][3], other[3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_trivial_fields_in_a_rotated_basis(dtype, gen):
+    """Fields of k copies of the trivial irrep in a random orthonormal basis: a k_out x k_in tile whose
+    basis spans it (the spanning route up to 64 entries: 8 x 8; 9 x 9 and 8 x 9 take the general
+    kernels), and a field mixing 0e and 0o in one basis, whose tile the basis does not span (r < d_out d_in)."""
+    G = equiproj.SO2()
+
+    def rotated(k):
+        return Rep.parse(G, f"{k}x0").change_basis(random_orthogonal(k, gen))
+
+    mixed = Rep.parse(O3, "0e + 0o + 0e").change_basis(random_orthogonal(3, gen))
+    cases = [(3 * rotated(8) + rotated(9), 40 * rotated(8) + 2 * rotated(9) + rotated(1)),
+             (rotated(2) + 5 * rotated(1), 700 * rotated(1) + 3 * rotated(2)),
+             (2 * mixed + Rep.parse(O3, "3x0e"), 60 * mixed + Rep.parse(O3, "1o + 5x0e"))]
+    for ri, ro in cases:
+        W = torch.randn(ro.dim, ri.dim, generator=gen, dtype=torch.float64).to(dtype)
+        ep, eg, g = _run(W, ri, ro, 0.45, 0.2)
+        _check(W, ri, ro, 0.45, 0.2, ep, eg, g, f"{ri} -> {ro} {dtype}")
