@@ -201,6 +201,9 @@ def _layouts(base, gen):
     wide = torch.zeros(m, 2 * n + 1, dtype=base.dtype)
     wide[:, 1::2] = base
     yield "column_sliced", wide[:, 1::2]
+    tall = torch.zeros(2 * m, n + 5, dtype=base.dtype)
+    tall[::2, 3:3 + n] = base
+    yield "row_and_column_window", tall[::2, 3:3 + n]  # unit column stride, rows 2 (n + 5) apart
     batch = torch.randn(3, 2, m, n, generator=gen, dtype=torch.float64).to(base.dtype)
     batch[1, 0] = base
     yield "batched", batch.transpose(0, 1).contiguous().transpose(0, 1)
@@ -480,3 +483,22 @@ def test_trivial_fields_in_a_rotated_basis(dtype, gen):
         W = torch.randn(ro.dim, ri.dim, generator=gen, dtype=torch.float64).to(dtype)
         ep, eg, g = _run(W, ri, ro, 0.45, 0.2)
         _check(W, ri, ro, 0.45, 0.2, ep, eg, g, f"{ri} -> {ro} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_decay_of_a_window_leaves_its_neighbours(dtype, isa, gen):
+    """The decoupled step into a window of a larger tensor (rows apart, columns offset): the window is
+    stepped as the reference says, the entries around it are not written."""
+    ri, ro = Rep.parse(O3, "3x0e + 0o + 2x0e + 0o + 0e"), Rep.parse(O3, "70x0e + 1o + 2x0e")
+    P = plan_for(ri, ro, "cpu")
+    big = torch.randn(2 * ro.dim, ri.dim + 9, generator=gen, dtype=torch.float64).to(dtype)
+    window = big[::2, 4:4 + ri.dim]
+    before, W0 = big.clone(), window.clone()
+    fused_energies_and_grads([window], [P], [-0.1], [-0.03], outs=[window])
+    PW = reference.project(W0.double(), ri, ro)
+    want = W0.double() - 0.2 * (W0.double() - PW) - 0.06 * PW
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert float((window.double() - want).abs().max()) <= tol * float(want.abs().max())
+    outside = torch.ones(big.shape, dtype=torch.bool)
+    outside[::2, 4:4 + ri.dim] = False
+    assert torch.equal(big[outside], before[outside])
