@@ -648,8 +648,10 @@ void join_separable_rows(std::vector<OutGroup>& groups, int64_t n) {
     }
     G.pairs = std::move(pairs);
     const bool rows_free = std::all_of(G.pairs.begin(), G.pairs.end(), separable);
-    const int64_t k = rows_free ? std::clamp<int64_t>(kJoinedRowWork / std::max<int64_t>(G.d_out * n, 1), 1, G.co) : 1;
-    if (k == 1) {
+    const int64_t k = rows_free && G.co > 1
+                          ? std::min(G.co, std::max<int64_t>(kJoinedRowWork / std::max<int64_t>(G.d_out * n, 1), 1))
+                          : 1;
+    if (k == 1) {  // also a field with no copies (a plan may hold one)
       out.push_back(std::move(G));
       continue;
     }
@@ -1179,13 +1181,27 @@ class Prepared : public torch::CustomClassHolder {
   // autograd may add another gradient into one in place), returned with the energies.
   std::tuple<double, std::vector<Tensor>> fresh() {
     std::lock_guard<std::mutex> lock(mutex_);
-    const size_t nl = layers_.size();
-    std::vector<Tensor> grads(nl);
-    for (size_t i = 0; i < nl; ++i) {
-      grads[i] = at::empty(params_[i].sizes(), params_[i].options());
-      set(i, grads[i].data_ptr(), false, lambda_perp_[i], lambda_G_[i]);
-    }
-    return {weighted(run_items(layers_)), grads};
+    return fresh_locked(lambda_perp_, lambda_G_);
+  }
+
+  // fresh() with these lambdas (penalty()'s node keeps its forward's for a second backward).
+  std::tuple<double, std::vector<Tensor>> fresh_with(const std::vector<double>& lambda_perp,
+                                                     const std::vector<double>& lambda_G) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return fresh_locked(lambda_perp, lambda_G);
+  }
+
+  std::vector<double> lambdas(bool perp) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return perp ? lambda_perp_ : lambda_G_;
+  }
+
+  // The parameters' version counters (an in-place change bumps them).
+  std::vector<int64_t> versions() const {
+    std::vector<int64_t> v;
+    v.reserve(params_.size());
+    for (const Tensor& P : params_) v.push_back(P._version());
+    return v;
   }
 
   // sum lambda_perp E_perp + lambda_G E_G as a 0-dim tensor (float64 if `wide`, else float32),
@@ -1205,6 +1221,17 @@ class Prepared : public torch::CustomClassHolder {
   }
 
  private:
+  std::tuple<double, std::vector<Tensor>> fresh_locked(const std::vector<double>& lambda_perp,
+                                                       const std::vector<double>& lambda_G) {
+    const size_t nl = layers_.size();
+    std::vector<Tensor> grads(nl);
+    for (size_t i = 0; i < nl; ++i) {
+      grads[i] = at::empty(params_[i].sizes(), params_[i].options());
+      set(i, grads[i].data_ptr(), false, lambda_perp[i], lambda_G[i]);
+    }
+    return {weighted(run_items(layers_), lambda_perp, lambda_G), grads};
+  }
+
   // The layer's data (read again: the weight's storage offset is fixed, its data pointer too, but a
   // caller may have swapped storage under a view, which the program checks) and its output.
   void set(size_t i, void* grad, bool accumulate, double c_perp, double c_G) {
@@ -1227,11 +1254,14 @@ class Prepared : public torch::CustomClassHolder {
   }
 
   // sum_i lambda_perp_i E_perp_i, plus sum_i lambda_G_i E_G_i, each summed in weight order
-  double weighted(const std::vector<acc_t>& energies) const {
+  double weighted(const std::vector<acc_t>& energies) const { return weighted(energies, lambda_perp_, lambda_G_); }
+
+  static double weighted(const std::vector<acc_t>& energies, const std::vector<double>& lambda_perp,
+                         const std::vector<double>& lambda_G) {
     double sp = 0, sg = 0;
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      sp += lambda_perp_[i] * energies[2 * i];
-      sg += lambda_G_[i] * energies[2 * i + 1];
+    for (size_t i = 0; i < lambda_perp.size(); ++i) {
+      sp += lambda_perp[i] * energies[2 * i];
+      sg += lambda_G[i] * energies[2 * i + 1];
     }
     return sp + sg;
   }
@@ -1252,14 +1282,19 @@ class Prepared : public torch::CustomClassHolder {
 // The autograd node of Prepared::penalty. The forward's run has the coefficients, so it writes the
 // gradient too; the backward hands those tensors over (autograd makes each the parameter's .grad
 // or adds into it), scaled in place by the incoming gradient where that is not 1. A second backward
-// through a retained graph (the tensors were given away) runs again, from the saved parameters,
-// which refuse if a weight was changed in place since the forward.
+// through a retained graph (the tensors were given away) runs again with the forward's lambdas, on
+// the weights as they are: it refuses if one was changed in place since the forward (by its version
+// counter, which saved-tensor hooks that copy what is saved do not hide).
 struct PenaltyValue : torch::autograd::Function<PenaltyValue> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const c10::intrusive_ptr<Prepared>& program,
                         bool wide, at::TensorList params) {
-    auto [value, grads] = program->fresh();
+    std::vector<double> lambda_perp = program->lambdas(true), lambda_G = program->lambdas(false);
+    auto [value, grads] = program->fresh_with(lambda_perp, lambda_G);
+    ctx->saved_data["lambda_perp"] = std::move(lambda_perp);
+    ctx->saved_data["lambda_G"] = std::move(lambda_G);
     ctx->saved_data["program"] = program;
     ctx->saved_data["grads"] = std::move(grads);
+    ctx->saved_data["versions"] = program->versions();
     ctx->save_for_backward(params.vec());
     // written directly: a fill through the dispatcher costs more than the rest of the node
     Tensor out = at::empty({}, at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat));
@@ -1281,8 +1316,13 @@ struct PenaltyValue : torch::autograd::Function<PenaltyValue> {
       grads = slot.toTensorVector();
       slot = at::IValue();  // given away: autograd may take each as the .grad without a copy
     } else {
-      ctx->get_saved_variables();  // raises if a weight changed in place, or the graph was freed
-      grads = std::get<1>(ctx->saved_data["program"].toCustomClass<Prepared>()->fresh());
+      ctx->get_saved_variables();  // raises if the graph was freed (or a weight changed in place)
+      const auto program = ctx->saved_data["program"].toCustomClass<Prepared>();
+      TORCH_CHECK(program->versions() == ctx->saved_data["versions"].toIntVector(),
+                  "one of the variables needed for gradient computation has been modified by an inplace "
+                  "operation: a weight of the penalty changed since penalty() was called; call penalty() again");
+      grads = std::get<1>(program->fresh_with(ctx->saved_data["lambda_perp"].toDoubleVector(),
+                                              ctx->saved_data["lambda_G"].toDoubleVector()));
     }
     const Tensor& g = grad_value[0];
     if (g.defined() && incoming(g) != 1.0)

@@ -197,7 +197,8 @@ class FusedMatrices(TermGroup):
             if all(map(_requires_grad, self.params)):
                 if prepared is not None:  # the C++ program's own autograd node
                     return prepared.penalty(dtype == torch.float64)
-                return ops.prepared_penalty(self._fresh_run, dtype, self.params)
+                coefs = self._coefs  # the forward's, also for a second backward after set_lambdas
+                return ops.prepared_penalty(lambda: self._fresh_run(coefs), dtype, self.params)
             if any(map(_requires_grad, self.params)):  # frozen parameters get no gradient written
                 with no_autocast(self.device):
                     return super().value(dtype)
@@ -206,11 +207,12 @@ class FusedMatrices(TermGroup):
         ep, eg = self.kernel(self.weights, *self.plan_args, [], [], [], False)
         return as_value(self.weighted_sum(ep, eg), dtype)
 
-    def _fresh_run(self):
-        """The op with the lambdas as coefficients, the gradients written into new buffers:
-        ``(value, grads)`` (the value as :meth:`weighted_sum` gives it)."""
+    def _fresh_run(self, coefs):
+        """The op with the lambdas' coefficients ``coefs`` (``self._coefs`` when they were made), the
+        gradients written into new buffers: ``(value, grads)`` (the value as :meth:`weighted_sum`
+        gives it, with the current lambdas)."""
         grads = self._penalty_grads()
-        ep, eg = self.kernel(self.weights, *self.plan_args, *self._coefs, grads, False)
+        ep, eg = self.kernel(self.weights, *self.plan_args, *coefs, grads, False)
         return self.weighted_sum(ep, eg), grads
 
     def weighted_sum(self, ep: torch.Tensor, eg: torch.Tensor, idx=None):

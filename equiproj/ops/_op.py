@@ -454,6 +454,8 @@ class _PenaltyValue(torch.autograd.Function):
         value, grads = run()
         ctx.run, ctx.grads = run, grads
         ctx.save_for_backward(*params)  # only a second backward reads them (and checks they are unchanged)
+        # and their version counters, which saved-tensor hooks that copy what is saved do not hide
+        ctx.params, ctx.versions = params, [p._version for p in params]
         return torch.scalar_tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
 
     @staticmethod
@@ -461,8 +463,12 @@ class _PenaltyValue(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(_NO_DOUBLE_BACKWARD)
         grads, ctx.grads = ctx.grads, None  # the first backward needs no weight: the gradient is computed
-        if grads is None:  # a second backward through a retained graph: the pass again
-            ctx.saved_tensors  # noqa: B018 - raises if a weight was changed in place since the forward
+        if grads is None:  # a second backward through a retained graph: the pass again, on the weights as they are
+            ctx.saved_tensors  # noqa: B018 - raises if the graph was freed
+            if [p._version for p in ctx.params] != ctx.versions:
+                raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                                   "inplace operation: a weight of the penalty changed since penalty() was called; "
+                                   "call penalty() again")
             grads = ctx.run()[1]
         # the usual incoming gradient is 1 (value.backward()); reading it is free on the CPU
         if grad_value.device.type != "cpu" or float(grad_value) != 1.0:
@@ -477,7 +483,8 @@ def prepared_penalty(run, dtype, params) -> Tensor:
 
     ``run()``: the op on the matrix views of ``params`` with the lambdas as coefficients, writing
     the gradients into fresh contiguous tensors shaped like ``params``: ``(value, grads)``, the
-    value in float64 (a Python float, or a 0-dim tensor on the weights' device)."""
+    value in float64 (a Python float, or a 0-dim tensor on the weights' device). A second backward
+    through a retained graph calls it again: its coefficients are the forward's."""
     return _PenaltyValue.apply((run, dtype), *params)
 
 

@@ -2,8 +2,8 @@
 
 On the CPU with the C++ extension, the penalty's value is a 0-dim tensor whose node holds the
 gradient the kernel wrote in the forward and hands it over in the backward (scaled where the
-incoming gradient is not 1); a second backward through a retained graph runs the kernel again from
-the saved parameters. These probes use it the ways autograd allows: scaled, summed with a task loss,
+incoming gradient is not 1); a second backward through a retained graph runs the kernel again with
+the forward's lambdas, and refuses if a weight changed in place. These probes use it the ways autograd allows: scaled, summed with a task loss,
 used twice, differentiated by ``torch.autograd.grad``, retained, after an in-place change of a weight,
 after the model is gone, with parameter hooks, with an existing ``.grad``, frozen, mixed and float64
 dtypes, tied weights, under ``no_grad`` / ``inference_mode`` / ``autocast`` / ``torch.compile`` /
@@ -19,6 +19,7 @@ The expected gradient is autograd's of the same penalty on a float64 copy of the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import pickle
@@ -27,6 +28,7 @@ import pytest
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import equiproj
 from equiproj import Rep, ops
@@ -185,13 +187,23 @@ def test_retain_graph_twice_doubles(gen, monkeypatch):
     close_all([p.grad for p in model.parameters()], want, TOL[torch.float32], "third backward (-1)")
 
 
-@pytest.mark.xfail(strict=True, reason="a second backward through a retained graph runs the kernel again with "
-                                       "the lambdas current at the backward (set_lambdas after the forward), "
-                                       "not those the forward's value was computed with")
-def test_retained_graph_keeps_the_forward_lambdas(gen, monkeypatch):
+class PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing: under it the penalty takes the op route and its Python
+    ``autograd.Function`` (the CPU's prepared program and its C++ node otherwise)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+ROUTES = {"cpp node": contextlib.nullcontext, "python node": PassThrough}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_retained_graph_keeps_the_forward_lambdas(route, gen, monkeypatch):
     model = make_model(gen)
     pen = ProjectionPenalty(model, **LAMBDAS)
-    value = pen()
+    with ROUTES[route]():
+        value = pen()
     value.backward(retain_graph=True)
     pen.set_lambdas(lambda_perp=5.0, lambda_G=1.0)  # e.g. a schedule's next step, before the graph is freed
     value.backward()
@@ -213,24 +225,21 @@ def test_weight_changed_in_place_between_forward_and_backward(gen, monkeypatch):
         value.backward()
 
 
-@pytest.mark.xfail(strict=True, reason="under saved_tensors_hooks that copy what is saved (offloading), the "
-                                       "second backward of a retained graph reruns the kernel on the live "
-                                       "weights: a weight changed in place is not refused, its gradient is used")
-def test_weight_changed_in_place_under_saved_tensor_hooks(gen, monkeypatch):
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_weight_changed_in_place_under_saved_tensor_hooks(route, gen, monkeypatch):
+    """Saved-tensor hooks that copy what is saved (offloading) hide an in-place change from the saved
+    tensors; the second backward, which runs the kernel on the weights as they are, still refuses."""
     model = make_model(gen)
     pen = ProjectionPenalty(model, **LAMBDAS)
     _, want = reference_grads(model, monkeypatch)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t), ROUTES[route]():
         value = pen()
     value.backward(retain_graph=True)
+    close_all([p.grad for p in model.parameters()], want, TOL[torch.float32], "first backward")
     with torch.no_grad():
         model[0].weight.mul_(3.0)
-    try:
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         value.backward()
-    except RuntimeError:
-        return  # refused, as without hooks
-    close_all([p.grad for p in model.parameters()], [2 * w for w in want], TOL[torch.float32],
-              "second backward: the forward's weights")
 
 
 def test_anomaly_mode_and_checkpoint(gen, monkeypatch):

@@ -360,8 +360,6 @@ def test_results_do_not_depend_on_the_thread_count(gen):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.xfail(strict=True, reason="join_separable_rows clamps the rows per group to [1, out_copies] = [1, 0] "
-                                      "for an output field of zero copies and divides by the result (0): SIGFPE")
 def test_empty_output_field_in_a_plan_is_an_error_not_a_crash():
     """A hand-built plan with an output field of zero copies (the plan check accepts out_copies = 0)
     beside scalar pairs: the call must raise or run, not kill the process."""
