@@ -14,10 +14,11 @@
 // equivariant fp32 weights keep their digits); the energies are returned in float32 for
 // fp16/bf16/fp32 weights and float64 for float64 weights.
 //
-// Each field pair is classified once per call (plan_types.h, Kind): r = 0 (sum of squares), a basis
-// spanning the tile (all of it equivariant), A = +-I/sqrt(d) (trace form), small square tiles, the generic kernel (two register-blocked
-// products with the basis), or an orbit pair of two permutation fields (no basis: the mean over
-// each orbit, from an orbit table or a closed form, docs/math.md §9). The kernels (tile_kernels.h) are compiled twice, for the baseline
+// Each field pair is classified once per call (plan_types.h, Kind): r = 0 (sum of squares), a
+// basis spanning the tile (all of it equivariant), A = +-I/sqrt(d) (trace form), small square
+// tiles, the generic kernel (two register-blocked products with the basis), or an orbit pair of two
+// permutation fields (no basis: the mean over each orbit, from an orbit table or a closed form,
+// docs/math.md §9). The kernels (tile_kernels.h) are compiled twice, for the baseline
 // x86-64 ISA and for AVX2+FMA, and chosen at run time (isa(), set_isa() for tests).
 
 #include <ATen/Parallel.h>
@@ -1207,7 +1208,7 @@ class Prepared : public torch::CustomClassHolder {
   // sum lambda_perp E_perp + lambda_G E_G as a 0-dim tensor (float64 if `wide`, else float32),
   // differentiable in the parameters: the run writes the gradient into fresh tensors, which the
   // autograd node (PenaltyValue, below) hands over in the backward. Node and run are C++: in a
-  // training step the Python of an autograd.Function costs more than the run itself (measured,
+  // training step a Python autograd.Function cost about as much as the run itself (measured,
   // docs/benchmarks.md).
   Tensor penalty(bool wide);
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
@@ -61,18 +60,3 @@ def no_autocast(device: torch.device):
     if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
         return contextlib.nullcontext()  # nothing to turn off (entering an autocast region costs more)
     return torch.autocast(device_type=device.type, enabled=False)
-
-
-def opaque_to_compile(fn):
-    """``fn`` as one eager call inside ``torch.compile``d code (a graph break, as ``torch.compiler.disable``
-    gives), and ``fn`` itself outside: eager callers skip the disabling wrapper, whose frame switches
-    cost a training step more than the penalty's own Python (measured in a step of a small model)."""
-    disabled = torch.compiler.disable(fn)
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return disabled(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return call

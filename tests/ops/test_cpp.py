@@ -17,8 +17,8 @@ Tolerances:
 
 Kernel paths covered: r = 0 pairs, alone and joined with their neighbours; pairs whose basis spans the
 tile (scalar to scalar), with their 1-row blocks run many at a time; A = I/sqrt(d) pairs with
-d = 3, 5 and 7 (runtime d), and d = 2, 3, 5 on rows of over a thousand columns (the float32 kernel's chunks and tails); square
-small tiles (complex type 2x2, d = 3, 4, 5 with r up to 9); the generic kernel (dense change of
+d = 3, 5 and 7 (runtime d), and d = 2, 3, 5 on rows of over a thousand columns (the float32 kernel's
+chunks and tails); square small tiles (complex type 2x2, d = 3, 4, 5 with r up to 9); the generic kernel (dense change of
 basis, regular reps, non-square field pairs); tile counts with and without a remainder of the
 four-tile loops; permutations; float64 staging (half types, strided and permuted columns).
 """
