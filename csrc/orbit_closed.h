@@ -310,14 +310,43 @@ void closed_residuals(const Pair& p, int64_t a0, int64_t a1, const X* const* x, 
   ep += hsum(e4) + e1;
 }
 
+// A row block of more than kClosedBlockBytes of W whose tiles fit in L2 (at most kClosedChunkBytes
+// each) runs them in chunks of copies of about kClosedChunkBytes, each chunk's two passes one after
+// the other, so that pass 2 finds the chunk's rows in L2: the 8 MB row block of 1 MB D256 tiles
+// (512 rows of 4096 columns) left the cache between its passes, and W was read twice from memory
+// (3.4-3.5x the floor, 2.4-2.7x in chunks; measured). Other blocks run whole, their rows long streams
+// for the prefetchers: chunks of 256 KB slowed the 1-4 MB blocks of C64, C256 and D64, and one 4 MB
+// C1024 tile per chunk slowed C1024 (2.2-2.4x to 2.8x).
+constexpr int64_t kClosedBlockBytes = int64_t(4) << 20;
+constexpr int64_t kClosedChunkBytes = int64_t(1) << 20;
+
 template <typename X, int LC>
 void orbit_closed_tiles(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* work,
                         acc_t& ep, acc_t& eg) {
-  const int64_t n = p.ci * closed_shape<LC>(p).tile_span;
-  for (int64_t k = 0; k < n; ++k) work[k] = 0;
-  closed_sums<X, LC>(p, 0, dout, x, work);
-  closed_prepare<X>(p, work, eg);
-  closed_residuals<X, LC>(p, 0, dout, x, g, cp2, cg2, work, ep);
+  const int64_t per_copy = dout * p.di * int64_t(sizeof(X));
+  const int64_t chunk = std::max<int64_t>(1, kClosedChunkBytes / per_copy);
+  const auto run = [&](const Pair& q, const X* const* xq, X* const* gq) {
+    const int64_t n = q.ci * closed_shape<LC>(q).tile_span;
+    for (int64_t k = 0; k < n; ++k) work[k] = 0;
+    closed_sums<X, LC>(q, 0, dout, xq, work);
+    closed_prepare<X>(q, work, eg);
+    closed_residuals<X, LC>(q, 0, dout, xq, gq, cp2, cg2, work, ep);
+  };
+  if (per_copy * p.ci <= kClosedBlockBytes || per_copy > kClosedChunkBytes || chunk >= p.ci) {
+    run(p, x, g);
+    return;
+  }
+  std::vector<const X*> xs(dout);
+  std::vector<X*> gs(g ? dout : 0);
+  for (int64_t v0 = 0; v0 < p.ci; v0 += chunk) {
+    Pair q = p;
+    q.ci = std::min(chunk, p.ci - v0);
+    for (int64_t a = 0; a < dout; ++a) {
+      xs[a] = x[a] + v0 * p.di;
+      if (g) gs[a] = g[a] + v0 * p.di;
+    }
+    run(q, xs.data(), g ? gs.data() : nullptr);
+  }
 }
 
 #ifdef EQUIPROJ_AVX2

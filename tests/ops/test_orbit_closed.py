@@ -209,3 +209,42 @@ def test_points_in_another_order_keep_their_tiles():
 
 def _square_vertices():
     return torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]], dtype=F64)
+
+
+@pytest.mark.parametrize("G, copies", [(Dihedral(64), 66), (Cyclic(64), 257)], ids=str)
+def test_row_blocks_over_4_mib_run_in_chunks_of_copies(G, copies, isa, gen):
+    """A row block of more than 4 MiB of W whose tiles fit in 1 MiB runs its copies in chunks of about
+    1 MiB, each chunk's two passes one after the other (csrc/orbit_closed.h): one output field
+    against 66 D64 (257 C64) input copies, so that the last chunk is a remainder, in float32 and
+    float64; fresh and added gradients, the decoupled step into the weight, 1 and 2 threads."""
+    r = G.regular()
+    rep_in = copies * r
+    P = plan_for(rep_in, r, "cpu")
+    d = r.dim
+    for dtype, tol in ((torch.float32, 2e-6), (F64, 1e-12)):
+        W = torch.randn(d, rep_in.dim, dtype=F64, generator=gen).to(dtype)
+        assert W.numel() * W.element_size() > 4 << 20
+        tiles = W.reshape(d, copies, d).transpose(0, 1)  # [copies, d, d]
+        PW = _orbit_mean(tiles, G).transpose(0, 1).reshape(d, rep_in.dim)
+        R = W.double() - PW
+        threads = torch.get_num_threads()
+        try:
+            results = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                results.append(fused_energies_and_grads([W], [P], [0.5], [0.1]))
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(*results))
+        (ep,), (eg,), (grad,) = results[0]
+        assert relative_error(ep, R.square().sum()) < tol and relative_error(eg, PW.square().sum()) < tol
+        want = R + 0.2 * PW
+        assert float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
+        base = torch.randn(W.shape, dtype=F64, generator=gen).to(dtype)
+        out = base.clone()
+        fused_energies_and_grads([W], [P], [0.5], [0.1], outs=[out])
+        assert float((out.double() - base.double() - want).abs().max()) <= 2 * tol * float((base.double() + want).abs().max())
+        step = W.clone()
+        fused_energies_and_grads([step], [P], [-0.05], [0.0], outs=[step])
+        want_step = W.double() - 0.1 * R
+        assert float((step.double() - want_step).abs().max()) <= tol * float(want_step.abs().max())
