@@ -20,7 +20,7 @@ from torch import nn
 from ._declaration import batches
 from ._declare import _epoch, declaration, select_layers, unwrap
 from ._program import PenaltyProgram, as_value
-from ._tensors import assign, no_autocast
+from ._tensors import assign, no_autocast, opaque_to_compile
 
 __all__ = ["ProjectionPenalty", "layer_energies"]
 
@@ -202,7 +202,7 @@ class ProjectionPenalty:
                                        torch.tensor(self.lambda_G, device=device, dtype=dtype))
         return self._lambda_cache[key]
 
-    @torch.compiler.disable  # host-side bookkeeping and the eager kernels; the rest of a step compiles
+    @opaque_to_compile  # host-side bookkeeping and the eager kernels; the rest of a step compiles
     def energies(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E_perp, E_G)``, each ``[L]`` (one per layer of ``self.names``, bias included), differentiable."""
         prog = self._follow_model()
@@ -219,7 +219,7 @@ class ProjectionPenalty:
             return _weighted_sum(e_perp, e_g, lp, lg, self.norm, any(self.lambda_G))
         return self._value()
 
-    @torch.compiler.disable  # as energies(): one eager call inside compiled code
+    @opaque_to_compile  # as energies(): one eager call inside compiled code
     def _value(self) -> torch.Tensor:
         """The squared penalty, each kind of term summed by its group: the fused matrices from one op
         call that also writes their gradient for the backward (:meth:`FusedMatrices.value`)."""
@@ -238,7 +238,7 @@ class ProjectionPenalty:
                                                           for x in (lps, lgs)), self.norm, any(lgs)).double())
             return sum(parts[1:], parts[0]).to(prog.value_dtype)
 
-    @torch.compiler.disable  # as energies(): one eager call inside compiled code
+    @opaque_to_compile  # as energies(): one eager call inside compiled code
     def backward(self) -> torch.Tensor:
         """Add the penalty's gradient to the ``.grad`` of the declared weights (and biases) and
         return the penalty's value (a detached scalar), without building an autograd graph.
@@ -285,7 +285,7 @@ class ProjectionPenalty:
                 values.append(value.detach().double())
         return as_value(sum(values[1:], values[0]), prog.value_dtype)
 
-    @torch.compiler.disable  # as energies(): one eager call inside compiled code
+    @opaque_to_compile  # as energies(): one eager call inside compiled code
     def decay_(self, rate: float, rate_G: float = 0.0) -> None:
         """The decoupled step ``W <- W - rate (W - P W) - rate_G P W`` on every layer of the penalty
         (biases included), in place: a plain gradient step of size ``rate / 2`` on ``E_perp`` (and

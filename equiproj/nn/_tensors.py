@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -60,3 +61,18 @@ def no_autocast(device: torch.device):
     if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
         return contextlib.nullcontext()  # nothing to turn off (entering an autocast region costs more)
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def opaque_to_compile(fn):
+    """``fn`` as one eager call inside ``torch.compile``d code (a graph break, as ``torch.compiler.disable``
+    gives), and ``fn`` itself outside: eager callers skip the disabling wrapper and its frame switches,
+    0.2-0.4 % of the bench MLP's training step (measured interleaved, for ``penalty()``)."""
+    disabled = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
