@@ -112,21 +112,28 @@ def test_batched_strided_and_half_precision_weights(isa, gen):
             assert grad.dtype == dtype and float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
 
 
-def test_one_and_two_threads_agree_bitwise(gen):
-    G = Cyclic(16)
-    rep = 8 * G.regular()
-    P = plan_for(rep, rep, "cpu")
-    W = torch.randn(rep.dim, rep.dim, generator=gen)
+def _on_one_and_two_threads(W, P, cp, cg):
+    """``fused_energies_and_grads([W], [P], [cp], [cg])`` on 1 and on 2 threads, asserting that both give
+    the same bits; the result of 1 thread."""
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            (ep,), (eg,), (grad,) = fused_energies_and_grads([W], [P], [0.5], [0.1])
-            results.append((ep, eg, grad))
+            results.append(fused_energies_and_grads([W], [P], [cp], [cg]))
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for one, two in zip(*results):  # E_perp, E_G, gradients
+        assert all(torch.equal(a, b) for a, b in zip(one, two))
+    return results[0]
+
+
+def test_one_and_two_threads_agree_bitwise(gen):
+    G = Cyclic(16)
+    rep = 8 * G.regular()
+    P = plan_for(rep, rep, "cpu")
+    W = torch.randn(rep.dim, rep.dim, generator=gen)
+    _on_one_and_two_threads(W, P, 0.5, 0.1)
 
 
 def _orbit_mean(W, G):
@@ -155,16 +162,7 @@ def test_large_pairs_split_into_row_chunks(G, isa, gen):
         W = torch.randn(2, r.dim, r.dim, dtype=F64, generator=gen).to(dtype)
         PW = _orbit_mean(W, G)
         R = W.double() - PW
-        threads = torch.get_num_threads()
-        try:
-            results = []
-            for n in (1, 2):
-                torch.set_num_threads(n)
-                results.append(fused_energies_and_grads([W], [P], [0.5], [0.1]))
-        finally:
-            torch.set_num_threads(threads)
-        (ep,), (eg,), (grad,) = results[0]
-        assert all(torch.equal(x[0], y[0]) for x, y in zip(*results))
+        (ep,), (eg,), (grad,) = _on_one_and_two_threads(W, P, 0.5, 0.1)
         assert relative_error(ep, R.square().sum((-2, -1))) < tol and relative_error(eg, PW.square().sum((-2, -1))) < tol
         want = R + 0.2 * PW
         assert float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
@@ -227,16 +225,7 @@ def test_row_blocks_over_4_mib_run_in_chunks_of_copies(G, copies, isa, gen):
         tiles = W.reshape(d, copies, d).transpose(0, 1)  # [copies, d, d]
         PW = _orbit_mean(tiles, G).transpose(0, 1).reshape(d, rep_in.dim)
         R = W.double() - PW
-        threads = torch.get_num_threads()
-        try:
-            results = []
-            for n in (1, 2):
-                torch.set_num_threads(n)
-                results.append(fused_energies_and_grads([W], [P], [0.5], [0.1]))
-        finally:
-            torch.set_num_threads(threads)
-        assert all(torch.equal(x[0], y[0]) for x, y in zip(*results))
-        (ep,), (eg,), (grad,) = results[0]
+        (ep,), (eg,), (grad,) = _on_one_and_two_threads(W, P, 0.5, 0.1)
         assert relative_error(ep, R.square().sum()) < tol and relative_error(eg, PW.square().sum()) < tol
         want = R + 0.2 * PW
         assert float((grad.double() - want).abs().max()) <= tol * float(want.abs().max())
