@@ -496,7 +496,9 @@ def cpu_program(weights, params, plan_tensors):
     no tensor lists per call: ``energies()`` (the op's flat energies), and, after
     ``set_lambdas(lambda_perp, lambda_G)``, ``value()`` (the weighted sum of the energies, a float),
     ``backward()`` (``(ok, value)``: the gradient into the parameters' ``.grad``), ``fresh()``
-    (``(value, grads)``: into new tensors) and ``step(c_perp, c_G)`` (the weights in place)."""
+    (``(value, grads)``: into new tensors), ``penalty(wide)`` (the value as a 0-dim float32 tensor,
+    float64 if ``wide``, whose C++ autograd node hands over the gradient ``fresh`` wrote) and
+    ``step(c_perp, c_G)`` (the weights in place)."""
     if not weights or not (cpp_available() and _cpp_registered()):
         return None
     if any(W.dim() != 2 or W.device.type != "cpu" for W in weights):
