@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops as _ops
 from .._caches import bytes_cached
 from ..groups import Rep
 from ..kernels.inputs import accumulation_dtype, autocast_off
@@ -43,6 +44,9 @@ from ._pixel_plan import hom_basis
 from ._regular_band import kernel_available, regular_band
 
 __all__ = ["FactorisedPlan", "factorised_plan", "factorised_one"]
+
+#: the block kernels' plain loops also for float32 (the tests compare them with the AVX2 kernels)
+_PLAIN_BLOCKS = False
 
 #: elements of the ``[rows, k^s]`` weight per chunk of the residual pass and the step (1 MiB of float32:
 #: on par with 256 KiB and 4 MiB, a fifth faster than 64 KiB on the 2-D band-limited rows)
@@ -66,7 +70,7 @@ class FactorisedPlan:
         M = space.sampled.T @ space.sampled
         self._in_fields, self._out_fields = _fields(rep_in), _fields(rep_out)
         self._in_perm, self._out_perm = _moved(rep_in.perm), _moved(rep_out.perm)
-        self.tiles, self._maps, self._segment_pairs = [], [], []
+        self.tiles, self._maps, self._segment_pairs, self._block_pairs = [], [], [], []
         for seg_out in self._out_fields:
             oo, co, fo, so = seg_out
             for seg_in in self._in_fields:
@@ -84,6 +88,8 @@ class FactorisedPlan:
                         slots.append((ob, psi_b.dim, oa, psi_a.dim))
                 if slots:
                     self._segment_pairs.append((seg_out, seg_in, slots, empty_slots))
+                #: every pair of field segments, and whether any map joins them (the block kernels' order)
+                self._block_pairs.append((seg_out, seg_in, bool(slots)))
         m, n = rep_out.dim, rep_in.dim
         band_flops = 0.0
         for (oo, co, fo, _), (oi, ci, fi, _), slots, _ in self._segment_pairs:
@@ -173,7 +179,59 @@ class FactorisedPlan:
             if self.runs_closed_form(K):
                 ep, eg, g = self.regular.run(K, lambda_perp, lambda_G, out)
                 return (ep, eg, g) if energies else (None, None, g)
+            if self.runs_blocks(K):
+                return self._run_blocks(K, lambda_perp, lambda_G, out, energies)
             return self._run(K, lambda_perp, lambda_G, out, energies)
+
+    def runs_blocks(self, K: torch.Tensor) -> bool:
+        """Whether :meth:`run` takes the C++ kernels of the two ends block by block (the CPU extension,
+        float32 or float64 ``K``, at most 32 band coefficients per pixel row)."""
+        return (K.device.type == "cpu" and K.dtype in (torch.float32, torch.float64) and self.space.dim <= 32
+                and blocks_available())
+
+    def _run_blocks(self, K, lambda_perp, lambda_G, out, energies):
+        """:meth:`run` through ``equiproj_cpu::factorised_to_band`` / ``factorised_from_band``: per pair of
+        field segments, the band coefficients of every block rotated into the output field's irreps (one read
+        of the weight), the maps of every output irrep slot as two matrix products over all blocks (in place
+        in the band tensor), then back to the pixels with the residual, its energy and the gradient written or
+        added (a second read of the weight and one pass over ``out``)."""
+        batch, (m, n), P = K.shape[:-3], K.shape[-3:-1], K.shape[-1]
+        Kb = K.reshape(-1, m, n, P)
+        if not Kb.is_contiguous():
+            Kb = Kb.contiguous()
+        B, D = Kb.shape[0], self.space.dim
+        phi, phiT, rows, cols = _block_tables_on(self, K.device, K.dtype)
+        write = 0 if lambda_perp is None else 1 if out is None else 2
+        lp, lg = _per_item(lambda_perp, batch, B), _per_item(lambda_G, batch, B)
+        target = None if write == 0 else torch.empty_like(Kb) if out is None else out.view(B, m, n, P)
+        need_g = energies or lambda_perp is None
+        e_g = Kb.new_zeros(B) if need_g else None
+        e_perp = torch.zeros(B, dtype=torch.float64)
+        slot_maps = iter(_slot_maps_on(self, K.device, K.dtype))
+        for (oo, co, fo, _), (oi, ci, fi, _), covered in self._block_pairs:
+            do, di = fo.dim, fi.dim
+            q = _q_on(fo, K.device, K.dtype) if fo.Q is not None else Kb.new_empty(0)
+            geometry = (Kb, rows, cols, phi, phiT, q, oo, co, do, oi, ci, di, _PLAIN_BLOCKS)
+            Y = None
+            if covered:
+                maps, empty_rows = next(slot_maps)
+                Y = torch.ops.equiproj_cpu.factorised_to_band(*geometry)
+                rows_y = Y.view(-1, do * di * D)  # one row per block
+                width = di * D
+                for ob, db, U in maps:
+                    Yb = rows_y[:, ob * width: (ob + db) * width]
+                    c = torch.mm(Yb, U.T)  # [blocks, r]
+                    if need_g:
+                        e_g += c.view(B, -1).square().sum(-1)
+                    torch.mm(c, U, out=Yb)
+                for ob, db in empty_rows:
+                    rows_y[:, ob * width: (ob + db) * width] = 0
+            e_perp += torch.ops.equiproj_cpu.factorised_from_band(*geometry, Y, lp, lg, target, write)
+        e_perp = e_perp.view(batch).to(K.dtype) if need_g else None
+        e_g = e_g.view(batch) if need_g else None
+        if write == 0:
+            return e_perp, e_g, None
+        return e_perp, e_g, (target.view(K.shape) if out is None else out)
 
     def _run(self, K, lambda_perp, lambda_G, out, energies):
         P, D = self.space.num_pixels, self.space.dim
@@ -214,6 +272,39 @@ def _rotate(Q: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """``Q Y`` for ``Y`` ``[B, d, N]``: one matrix product for a batch of one (a batched product of a
     ``[d, d]`` matrix with a wide ``[1, d, N]`` block measured 1.6x slower on the CPU)."""
     return torch.mm(Q, Y[0]).unsqueeze(0) if Y.shape[0] == 1 else torch.matmul(Q, Y)
+
+
+def blocks_available() -> bool:
+    """Whether the C++ extension with ``factorised_to_band`` / ``factorised_from_band`` is loaded."""
+    return _ops.cpp_available() and hasattr(torch.ops.equiproj_cpu, "factorised_from_band")
+
+
+def _per_item(c, batch, B: int) -> torch.Tensor:
+    """A coefficient (``None``, a number or a tensor of the batch shape) as float64 ``[B]``."""
+    if c is None:
+        return torch.zeros(B, dtype=torch.float64)
+    if isinstance(c, torch.Tensor):
+        return c.detach().to(device="cpu", dtype=torch.float64).expand(batch).reshape(B).contiguous()
+    return torch.full((B,), float(c), dtype=torch.float64)
+
+
+@torch.compiler.disable
+@bytes_cached("equiproj.kernel_spaces._factorised._block_tables_on")
+def _block_tables_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``(Phi [P, Dp], Phi^T [D, Pp], rows [m], cols [n])`` of the block kernels: the sampled basis with its
+    columns zero-padded to multiples of 8, and the weight's row and column of each structured index."""
+    Phi = plan.space.sampled
+    P, D = Phi.shape
+    Dp, Pp = -(-D // 8) * 8, -(-P // 8) * 8
+    phi = torch.zeros(P, Dp, dtype=dtype, device=device)
+    phi[:, :D] = Phi.to(device=device, dtype=dtype)
+    phiT = torch.zeros(D, Pp, dtype=dtype, device=device)
+    phiT[:, :P] = Phi.T.to(device=device, dtype=dtype)
+    m, n = plan.rep_out.dim, plan.rep_in.dim
+    rows = plan._out_perm if plan._out_perm is not None else torch.arange(m)
+    cols = plan._in_perm if plan._in_perm is not None else torch.arange(n)
+    return phi, phiT, rows.to(device=device, dtype=torch.int64).contiguous(), cols.to(device=device,
+                                                                                       dtype=torch.int64).contiguous()
 
 
 def _fields(rep: Rep):

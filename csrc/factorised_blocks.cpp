@@ -1,0 +1,524 @@
+// The two ends of the factorised projection onto a steerable kernel space, block by block (docs/math.md
+// §6, equiproj/kernel_spaces/_factorised.py).
+//
+// A block is the tile of the weight between copy u of an output field (rows oo + u d_out .. + d_out) and
+// copy v of an input field (columns oi + v d_in .. + d_in), all its P pixels: d_out d_in P weights. The
+// factorised projection of a block is
+//
+//   a[b, j, :]  = K[b, j, :] Phi                  pixels -> band (D coefficients per row)
+//   y[b', j, :] = sum_b Q[b, b'] a[b, j, :]       the output field to its irreps (Q^T a)
+//   ... the equivariant maps per irrep slot, on y laid out as one row of d_out d_in D per block ...
+//   h[b, j, :]  = sum_b' Q[b, b'] y'[b', j, :]    back from the irreps (Q y')
+//   PK[b, j, :] = h[b, j, :] Phi^T                band -> pixels
+//
+// factorised_to_band runs the first two lines for every block and writes y as [B, co, ci, d_out, d_in, D]
+// (one contiguous row per block, so the maps are one matrix product over all blocks, done by the caller);
+// factorised_from_band runs the last two and, in the same pass over K, the residual R = K - PK: its
+// squared norm per batch item (E_perp, float64 sums) and the penalty's gradient 2 lambda_perp R + 2 lambda_G PK
+// written into out or added to it (out may be K itself: every block is read before it is written). Both
+// read the weight once, block by block, with the intermediate values in a few KB of scratch; the blocks
+// run in parallel.
+//
+// Rows and columns are addressed through index tables (structured order -> the weight's order), so fields
+// stored in any order need no copy. The float32 kernels use AVX2+FMA where the CPU has them; float64 and
+// other CPUs run the plain loops.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define EQUIPROJ_BLOCKS_X86 1
+#include <immintrin.h>
+#endif
+
+namespace equiproj_cpu {
+namespace {
+
+using at::Tensor;
+
+// The geometry of one pair of field segments and the tables of one call (pointers into contiguous tensors).
+struct Blocks {
+  int64_t m, n, P, D, Dp, Pp;         // weight [B, m, n, P]; band D (padded Dp, Pp: multiples of 8)
+  int64_t oo, co, dout, oi, ci, din;  // output segment: offset, copies, field dim; the same for the input
+  const int64_t* rows;                // [m]: structured row -> the weight's row
+  const int64_t* cols;                // [n]: structured column -> the weight's column
+  const void* phi;                    // [P, Dp]: Phi, columns zero-padded
+  const void* phit;                   // [D, Pp]: Phi^T, columns zero-padded
+  const void* q;                      // [dout, dout] or nullptr (identity)
+};
+
+// The first element of row (b, j) of block (item, u, v) in the weight.
+inline int64_t row_offset(const Blocks& G, int64_t item, int64_t u, int64_t v, int64_t b, int64_t j) {
+  return ((item * G.m + G.rows[G.oo + u * G.dout + b]) * G.n + G.cols[G.oi + v * G.din + j]) * G.P;
+}
+
+// off[b d_in + j] = row_offset(b, j) for every row of the block (no division in the row loops).
+inline void row_offsets(const Blocks& G, int64_t item, int64_t u, int64_t v, int64_t* off) {
+  for (int64_t b = 0; b < G.dout; ++b) {
+    const int64_t base = (item * G.m + G.rows[G.oo + u * G.dout + b]) * G.n;
+    for (int64_t j = 0; j < G.din; ++j) off[b * G.din + j] = (base + G.cols[G.oi + v * G.din + j]) * G.P;
+  }
+}
+
+// ---- plain loops (float64, and float32 without AVX2) ---------------------------------------------------
+namespace plain {
+
+// a[r, 0 .. Dp) = K row r times Phi, for the block's d_out d_in rows; then y = Q^T a into the block's row of Y.
+template <typename C>
+void to_band_block(const Blocks& G, const C* K, int64_t item, int64_t u, int64_t v, C* a, C* y) {
+  const C* phi = static_cast<const C*>(G.phi);
+  const C* q = static_cast<const C*>(G.q);
+  const int64_t R = G.dout * G.din, Dp = G.Dp, D = G.D;
+  for (int64_t b = 0; b < G.dout; ++b)
+    for (int64_t j = 0; j < G.din; ++j) {
+      const C* k = K + row_offset(G, item, u, v, b, j);
+      C* ar = a + (b * G.din + j) * Dp;
+      for (int64_t d = 0; d < Dp; ++d) ar[d] = 0;
+      for (int64_t p = 0; p < G.P; ++p)
+        for (int64_t d = 0; d < Dp; ++d) ar[d] += k[p] * phi[p * Dp + d];
+    }
+  for (int64_t bp = 0; bp < G.dout; ++bp)
+    for (int64_t j = 0; j < G.din; ++j) {
+      C* yr = y + (bp * G.din + j) * D;
+      if (q == nullptr) {
+        for (int64_t d = 0; d < D; ++d) yr[d] = a[(bp * G.din + j) * Dp + d];
+        continue;
+      }
+      for (int64_t d = 0; d < D; ++d) yr[d] = 0;
+      for (int64_t b = 0; b < G.dout; ++b) {
+        const C w = q[b * G.dout + bp];
+        const C* ar = a + (b * G.din + j) * Dp;
+        for (int64_t d = 0; d < D; ++d) yr[d] += w * ar[d];
+      }
+    }
+  (void)R;
+}
+
+// h = Q y' (or zero without y'), PK = h Phi^T, R = K - PK row by row: returns ||R||^2 and writes/adds
+// cp2 R + cg2 PK to out.
+template <typename C>
+double from_band_block(const Blocks& G, const C* K, const C* y, C* out, int write, C cp2, C cg2, int64_t item,
+                       int64_t u, int64_t v, C* h, C* pk) {
+  const C* phit = static_cast<const C*>(G.phit);
+  const C* q = static_cast<const C*>(G.q);
+  const int64_t D = G.D, P = G.P, Pp = G.Pp;
+  double e = 0;
+  for (int64_t b = 0; b < G.dout; ++b)
+    for (int64_t j = 0; j < G.din; ++j) {
+      C* hr = h + (b * G.din + j) * D;
+      for (int64_t d = 0; d < D; ++d) hr[d] = 0;
+      if (y == nullptr) continue;
+      if (q == nullptr) {
+        for (int64_t d = 0; d < D; ++d) hr[d] = y[(b * G.din + j) * D + d];
+        continue;
+      }
+      for (int64_t bp = 0; bp < G.dout; ++bp) {
+        const C w = q[b * G.dout + bp];
+        const C* yr = y + (bp * G.din + j) * D;
+        for (int64_t d = 0; d < D; ++d) hr[d] += w * yr[d];
+      }
+    }
+  for (int64_t b = 0; b < G.dout; ++b)
+    for (int64_t j = 0; j < G.din; ++j) {
+      const C* hr = h + (b * G.din + j) * D;
+      for (int64_t p = 0; p < Pp; ++p) pk[p] = 0;
+      if (y != nullptr)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t p = 0; p < Pp; ++p) pk[p] += hr[d] * phit[d * Pp + p];
+      const int64_t off = row_offset(G, item, u, v, b, j);
+      const C* k = K + off;
+      C* o = out ? out + off : nullptr;
+      double er = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        const C r = k[p] - pk[p];
+        er += double(r) * double(r);
+        if (write == 1)
+          o[p] = cp2 * r + cg2 * pk[p];
+        else if (write == 2)
+          o[p] = o[p] + (cp2 * r + cg2 * pk[p]);
+      }
+      e += er;
+    }
+  return e;
+}
+
+}  // namespace plain
+
+#ifdef EQUIPROJ_BLOCKS_X86
+// ---- float32, AVX2+FMA ---------------------------------------------------------------------------------
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+namespace avx2 {
+
+// RB rows of the block at once (independent accumulator chains): a[r, 0 .. 8 NV) = sum_p k_r[p] Phi[p, :].
+template <int RB, int NV>
+inline void rows_to_band(const float* const* k, int64_t P, const float* phi, float* a) {
+  __m256 acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int w = 0; w < NV; ++w) acc[r][w] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    __m256 f[NV];
+    for (int w = 0; w < NV; ++w) f[w] = _mm256_loadu_ps(phi + p * 8 * NV + 8 * w);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 kp = _mm256_broadcast_ss(k[r] + p);
+      for (int w = 0; w < NV; ++w) acc[r][w] = _mm256_fmadd_ps(kp, f[w], acc[r][w]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int w = 0; w < NV; ++w) _mm256_storeu_ps(a + r * 8 * NV + 8 * w, acc[r][w]);
+}
+
+template <int NV>
+void to_band_rows(const Blocks& G, const float* K, const int64_t* off, float* a) {
+  constexpr int RB = NV <= 2 ? 4 : 2;
+  const int64_t R = G.dout * G.din;
+  const float* k[RB];
+  int64_t r = 0;
+  for (; r + RB <= R; r += RB) {
+    for (int i = 0; i < RB; ++i) k[i] = K + off[r + i];
+    rows_to_band<RB, NV>(k, G.P, static_cast<const float*>(G.phi), a + r * 8 * NV);
+  }
+  for (; r < R; ++r) {
+    k[0] = K + off[r];
+    rows_to_band<1, NV>(k, G.P, static_cast<const float*>(G.phi), a + r * 8 * NV);
+  }
+}
+
+// dst[b, j, :] = sum_c Q[b qr + c qc] src[c, j, :] on rows of 8 NV lanes, JB rows j at once (JB NV
+// independent accumulator chains of length d_out).
+template <int JB, int NV>
+inline void rotate_rows_jb(const float* q, int64_t qr, int64_t qc, const float* src, float* dst, int64_t dout,
+                           int64_t din, int64_t b, int64_t j) {
+  __m256 acc[JB][NV];
+  for (int i = 0; i < JB; ++i)
+    for (int w = 0; w < NV; ++w) acc[i][w] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < dout; ++c) {
+    const __m256 qv = _mm256_broadcast_ss(q + b * qr + c * qc);
+    const float* sr = src + (c * din + j) * 8 * NV;
+    for (int i = 0; i < JB; ++i)
+      for (int w = 0; w < NV; ++w) acc[i][w] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(sr + i * 8 * NV + 8 * w), acc[i][w]);
+  }
+  float* dr = dst + (b * din + j) * 8 * NV;
+  for (int i = 0; i < JB; ++i)
+    for (int w = 0; w < NV; ++w) _mm256_storeu_ps(dr + i * 8 * NV + 8 * w, acc[i][w]);
+}
+
+template <int NV>
+void rotate_rows_nv(const float* q, int64_t qr, int64_t qc, const float* src, float* dst, int64_t dout, int64_t din) {
+  constexpr int JB = NV <= 2 ? 4 : 2;
+  for (int64_t b = 0; b < dout; ++b) {
+    int64_t j = 0;
+    for (; j + JB <= din; j += JB) rotate_rows_jb<JB, NV>(q, qr, qc, src, dst, dout, din, b, j);
+    for (; j < din; ++j) rotate_rows_jb<1, NV>(q, qr, qc, src, dst, dout, din, b, j);
+  }
+}
+
+// dst = Q src (qr = d_out, qc = 1) or Q^T src (qr = 1, qc = d_out) on the rows (c, j) of a block, 8 NV lanes each.
+inline void rotate_rows(const float* q, int64_t qr, int64_t qc, const float* src, float* dst, int64_t dout, int64_t din,
+                        int64_t NV) {
+  switch (NV) {
+    case 1: rotate_rows_nv<1>(q, qr, qc, src, dst, dout, din); break;
+    case 2: rotate_rows_nv<2>(q, qr, qc, src, dst, dout, din); break;
+    case 3: rotate_rows_nv<3>(q, qr, qc, src, dst, dout, din); break;
+    default: rotate_rows_nv<4>(q, qr, qc, src, dst, dout, din); break;
+  }
+}
+
+// y[b', j, 0 .. D) = sum_b Q[b, b'] a[b, j, :] (a padded to Dp lanes, y not padded; rot: a block of scratch).
+void rotate_to_y(const Blocks& G, const float* a, float* y, float* rot) {
+  const float* q = static_cast<const float*>(G.q);
+  const int64_t R = G.dout * G.din, D = G.D, Dp = G.Dp;
+  const float* src = a;
+  if (q != nullptr) {
+    rotate_rows(q, 1, G.dout, a, rot, G.dout, G.din, Dp / 8);
+    src = rot;
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) y[r * D + d] = src[r * Dp + d];
+}
+
+void to_band_block(const Blocks& G, const float* K, const int64_t* off, float* a, float* y, float* row) {
+  switch (G.Dp / 8) {
+    case 1: to_band_rows<1>(G, K, off, a); break;
+    case 2: to_band_rows<2>(G, K, off, a); break;
+    case 3: to_band_rows<3>(G, K, off, a); break;
+    default: to_band_rows<4>(G, K, off, a); break;
+  }
+  rotate_to_y(G, a, y, row);
+}
+
+// pk[0 .. 8 NV) = sum_d h[d] Phi^T[d, p0 + :] for RB rows at once.
+template <int RB, int NV>
+inline void band_to_rows(const float* const* h, int64_t D, const float* phit, int64_t Pp, int64_t p0, float* pk) {
+  __m256 acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int w = 0; w < NV; ++w) acc[r][w] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m256 f[NV];
+    for (int w = 0; w < NV; ++w) f[w] = _mm256_loadu_ps(phit + d * Pp + p0 + 8 * w);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 hd = _mm256_broadcast_ss(h[r] + d);
+      for (int w = 0; w < NV; ++w) acc[r][w] = _mm256_fmadd_ps(hd, f[w], acc[r][w]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int w = 0; w < NV; ++w) _mm256_storeu_ps(pk + r * Pp + p0 + 8 * w, acc[r][w]);
+}
+
+// The squares of K - PK of one row, in float32 lanes (at most P / 8 terms per lane; the last P mod 8 entries,
+// in scalars, go to tail), and the gradient written or added. No masked store: they are slow on some CPUs.
+inline __m256 residual_row(const float* k, const float* pk, float* o, int64_t P, int write, __m256 cp2, __m256 cg2,
+                           double& tail) {
+  __m256 e = _mm256_setzero_ps();
+  int64_t p = 0;
+  for (; p + 8 <= P; p += 8) {
+    const __m256 pv = _mm256_loadu_ps(pk + p);
+    const __m256 r = _mm256_sub_ps(_mm256_loadu_ps(k + p), pv);
+    e = _mm256_fmadd_ps(r, r, e);
+    if (write) {
+      __m256 g = _mm256_fmadd_ps(cp2, r, _mm256_mul_ps(cg2, pv));
+      if (write == 2) g = _mm256_add_ps(_mm256_loadu_ps(o + p), g);
+      _mm256_storeu_ps(o + p, g);
+    }
+  }
+  if (p < P) {
+    alignas(32) float c[16];
+    _mm256_store_ps(c, cp2);
+    _mm256_store_ps(c + 8, cg2);
+    for (; p < P; ++p) {
+      const float r = k[p] - pk[p];
+      tail += double(r) * double(r);
+      if (write == 1)
+        o[p] = std::fma(c[0], r, c[8] * pk[p]);
+      else if (write == 2)
+        o[p] = o[p] + std::fma(c[0], r, c[8] * pk[p]);
+    }
+  }
+  return e;
+}
+
+template <int RB>
+void rows_from_band(const Blocks& G, const float* const* h, float* pk) {
+  const float* phit = static_cast<const float*>(G.phit);
+  int64_t p0 = 0;
+  for (; p0 + 32 <= G.Pp; p0 += 32) band_to_rows<RB, 4>(h, G.D, phit, G.Pp, p0, pk);
+  switch ((G.Pp - p0) / 8) {
+    case 1: band_to_rows<RB, 1>(h, G.D, phit, G.Pp, p0, pk); break;
+    case 2: band_to_rows<RB, 2>(h, G.D, phit, G.Pp, p0, pk); break;
+    case 3: band_to_rows<RB, 3>(h, G.D, phit, G.Pp, p0, pk); break;
+    default: break;
+  }
+}
+
+double from_band_block(const Blocks& G, const float* K, const float* y, float* out, int write, float cp2,
+                       float cg2, const int64_t* off, float* h, float* yp, float* pk) {
+  const float* q = static_cast<const float*>(G.q);
+  const int64_t D = G.D, Dp = G.Dp, R = G.dout * G.din, NV = Dp / 8;
+  if (y != nullptr) {
+    // h = Q y' on rows padded to Dp lanes (y' copied into the zero-padded yp first)
+    const float* src = y;
+    if (D != Dp || q != nullptr) {
+      for (int64_t r = 0; r < R; ++r) {
+        std::copy(y + r * D, y + (r + 1) * D, yp + r * Dp);
+        std::fill(yp + r * Dp + D, yp + (r + 1) * Dp, 0.0f);
+      }
+      src = yp;
+    }
+    if (q == nullptr)
+      std::copy(src, src + R * Dp, h);
+    else
+      rotate_rows(q, G.dout, 1, src, h, G.dout, G.din, NV);
+  }
+  const __m256 c2p = _mm256_set1_ps(cp2), c2g = _mm256_set1_ps(cg2);
+  __m256d e0 = _mm256_setzero_pd(), e1 = _mm256_setzero_pd();
+  double tail = 0;
+  if (y == nullptr) std::fill(pk, pk + 2 * G.Pp, 0.0f);
+  const float* hs[2];
+  for (int64_t r = 0; r < R; r += 2) {
+    const int rb = r + 1 < R ? 2 : 1;
+    hs[0] = h + r * Dp;
+    hs[1] = h + (r + rb - 1) * Dp;
+    if (y != nullptr) {
+      if (rb == 2)
+        rows_from_band<2>(G, hs, pk);
+      else
+        rows_from_band<1>(G, hs, pk);
+    }
+    for (int i = 0; i < rb; ++i) {
+      const __m256 e = residual_row(K + off[r + i], pk + i * G.Pp, out ? out + off[r + i] : nullptr, G.P, write, c2p,
+                                    c2g, tail);
+      e0 = _mm256_add_pd(e0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+      e1 = _mm256_add_pd(e1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+  }
+  alignas(32) double t[4];
+  _mm256_store_pd(t, _mm256_add_pd(e0, e1));
+  return (t[0] + t[1]) + (t[2] + t[3]) + tail;
+}
+
+}  // namespace avx2
+
+#ifdef __clang__
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+bool blocks_have_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#else
+bool blocks_have_avx2() { return false; }
+#endif
+
+Blocks geometry(const Tensor& K, const Tensor& rows, const Tensor& cols, const Tensor& phi, const Tensor& phit,
+                const Tensor& q, int64_t oo, int64_t co, int64_t dout, int64_t oi, int64_t ci, int64_t din,
+                const char* op) {
+  TORCH_CHECK(K.device().is_cpu() && K.dim() == 4 && K.is_contiguous() &&
+                  (K.scalar_type() == at::kFloat || K.scalar_type() == at::kDouble),
+              op, ": K must be a contiguous float32 or float64 CPU tensor [B, m, n, P]");
+  const int64_t m = K.size(1), n = K.size(2), P = K.size(3);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == m &&
+                  cols.scalar_type() == at::kLong && cols.is_contiguous() && cols.numel() == n,
+              op, ": rows [m] and cols [n] must be contiguous int64 index tables");
+  TORCH_CHECK(phi.dim() == 2 && phi.size(0) == P && phi.size(1) % 8 == 0 && phi.is_contiguous() && phit.dim() == 2 &&
+                  phit.size(1) % 8 == 0 && phit.size(1) >= P && phit.size(0) <= phi.size(1) && phit.is_contiguous() &&
+                  phi.scalar_type() == K.scalar_type() && phit.scalar_type() == K.scalar_type(),
+              op, ": phi [P, Dp] and phiT [D, Pp] in K's dtype, contiguous, Dp and Pp multiples of 8");
+  TORCH_CHECK(phi.size(1) <= 32, op, ": at most 32 band coefficients (padded) per pixel row");
+  TORCH_CHECK(co >= 0 && ci >= 0 && dout > 0 && din > 0 && oo >= 0 && oi >= 0 && oo + co * dout <= m &&
+                  oi + ci * din <= n,
+              op, ": the field segments lie outside the weight");
+  TORCH_CHECK(q.numel() == 0 || (q.dim() == 2 && q.size(0) == dout && q.size(1) == dout && q.is_contiguous() &&
+                                 q.scalar_type() == K.scalar_type()),
+              op, ": q must be empty or a contiguous [d_out, d_out] matrix in K's dtype");
+  const int64_t* rr = rows.data_ptr<int64_t>();
+  const int64_t* cc = cols.data_ptr<int64_t>();
+  for (int64_t i = oo; i < oo + co * dout; ++i) TORCH_CHECK(rr[i] >= 0 && rr[i] < m, op, ": row index out of range");
+  for (int64_t i = oi; i < oi + ci * din; ++i) TORCH_CHECK(cc[i] >= 0 && cc[i] < n, op, ": column index out of range");
+  return Blocks{m, n, P, phit.size(0), phi.size(1), phit.size(1), oo, co, dout, oi, ci, din, rr, cc,
+                phi.data_ptr(), phit.data_ptr(), q.numel() ? q.data_ptr() : nullptr};
+}
+
+// factorised_to_band(K [B, m, n, P], rows [m], cols [n], phi [P, Dp], phiT [D, Pp], q [d_out, d_out] or empty,
+//                    oo, co, d_out, oi, ci, d_in, plain) -> Y [B, co, ci, d_out, d_in, D]: per block, Q^T (K Phi).
+//   plain: the plain loops also for float32 (the tests compare both).
+Tensor factorised_to_band(const Tensor& K, const Tensor& rows, const Tensor& cols, const Tensor& phi,
+                          const Tensor& phit, const Tensor& q, int64_t oo, int64_t co, int64_t dout, int64_t oi,
+                          int64_t ci, int64_t din, bool plain) {
+  const Blocks G = geometry(K, rows, cols, phi, phit, q, oo, co, dout, oi, ci, din, "factorised_to_band");
+  const int64_t B = K.size(0), items = B * co * ci, block = dout * din * G.D;
+  Tensor Y = at::empty({B, co, ci, dout, din, G.D}, K.options());
+  const bool f64 = K.scalar_type() == at::kDouble;
+  const bool lanes = !f64 && !plain && blocks_have_avx2();
+  at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(dout * din * G.Dp + 8);  // a and its rotation (float32) or a (float64)
+    std::vector<int64_t> off(dout * din);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t item = it / (co * ci), u = (it / ci) % co, v = it % ci;
+      if (f64) {
+        plain::to_band_block<double>(G, K.data_ptr<double>(), item, u, v, scratch.data(),
+                                     Y.data_ptr<double>() + it * block);
+        continue;
+      }
+      float* a = reinterpret_cast<float*>(scratch.data());
+#ifdef EQUIPROJ_BLOCKS_X86
+      if (lanes) {
+        row_offsets(G, item, u, v, off.data());
+        avx2::to_band_block(G, K.data_ptr<float>(), off.data(), a, Y.data_ptr<float>() + it * block,
+                            a + dout * din * G.Dp);
+        continue;
+      }
+#endif
+      plain::to_band_block<float>(G, K.data_ptr<float>(), item, u, v, a, Y.data_ptr<float>() + it * block);
+    }
+  });
+  (void)lanes;
+  return Y;
+}
+
+// factorised_from_band(K, rows, cols, phi, phiT, q, oo, co, d_out, oi, ci, d_in, plain, Y' [B, co, ci, d_out, d_in, D] or
+//                      None (P K = 0), lambda_perp [B] f64, lambda_G [B] f64, out or None, write) -> E_perp [B] f64:
+//   per block PK = (Q y') Phi^T, R = K - PK; ||R||^2 summed per batch item (in block order: the same on any
+//   number of threads); out written (write = 1) or added to (write = 2) with 2 lambda_perp R + 2 lambda_G PK.
+Tensor factorised_from_band(const Tensor& K, const Tensor& rows, const Tensor& cols, const Tensor& phi,
+                            const Tensor& phit, const Tensor& q, int64_t oo, int64_t co, int64_t dout, int64_t oi,
+                            int64_t ci, int64_t din, bool plain, const std::optional<Tensor>& Y,
+                            const Tensor& lambda_perp, const Tensor& lambda_G, const std::optional<Tensor>& out,
+                            int64_t write) {
+  const Blocks G = geometry(K, rows, cols, phi, phit, q, oo, co, dout, oi, ci, din, "factorised_from_band");
+  const int64_t B = K.size(0), items = B * co * ci, block = dout * din * G.D;
+  const bool has_y = Y.has_value() && Y->defined();
+  if (has_y)
+    TORCH_CHECK(Y->is_contiguous() && Y->scalar_type() == K.scalar_type() && Y->numel() == items * block,
+                "factorised_from_band: Y must be a contiguous [B, co, ci, d_out, d_in, D] tensor in K's dtype");
+  TORCH_CHECK(write >= 0 && write <= 2, "factorised_from_band: write is 0, 1 or 2");
+  TORCH_CHECK(lambda_perp.numel() == B && lambda_G.numel() == B && lambda_perp.scalar_type() == at::kDouble &&
+                  lambda_G.scalar_type() == at::kDouble,
+              "factorised_from_band: one float64 lambda per batch item");
+  if (write)
+    TORCH_CHECK(out.has_value() && out->sizes() == K.sizes() && out->scalar_type() == K.scalar_type() &&
+                    out->is_contiguous(),
+                "factorised_from_band: out must be contiguous, of K's shape and dtype");
+  Tensor lp = lambda_perp.contiguous(), lg = lambda_G.contiguous();
+  const double* lpp = lp.data_ptr<double>();
+  const double* lgp = lg.data_ptr<double>();
+  Tensor e_items = at::zeros({items}, K.options().dtype(at::kDouble));
+  double* e = e_items.data_ptr<double>();
+  const bool f64 = K.scalar_type() == at::kDouble;
+  const bool lanes = !f64 && !plain && blocks_have_avx2();
+  at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(dout * din * G.Dp + 2 * G.Pp + 16);  // h and y' padded, pk (two rows)
+    std::vector<int64_t> off(dout * din);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t item = it / (co * ci), u = (it / ci) % co, v = it % ci;
+      const double cp2 = 2 * lpp[item], cg2 = 2 * lgp[item];
+      if (f64) {
+        double* h = scratch.data();
+        e[it] = plain::from_band_block<double>(G, K.data_ptr<double>(), has_y ? Y->data_ptr<double>() + it * block : nullptr,
+                                               write ? out->data_ptr<double>() : nullptr, int(write), cp2, cg2, item,
+                                               u, v, h, h + dout * din * G.Dp);
+        continue;
+      }
+      float* h = reinterpret_cast<float*>(scratch.data());
+      const float* y = has_y ? Y->data_ptr<float>() + it * block : nullptr;
+      float* o = write ? out->data_ptr<float>() : nullptr;
+#ifdef EQUIPROJ_BLOCKS_X86
+      if (lanes) {
+        row_offsets(G, item, u, v, off.data());
+        e[it] = avx2::from_band_block(G, K.data_ptr<float>(), y, o, int(write), float(cp2), float(cg2), off.data(), h,
+                                      h + dout * din * G.Dp, h + 2 * dout * din * G.Dp);
+        continue;
+      }
+#endif
+      e[it] = plain::from_band_block<float>(G, K.data_ptr<float>(), y, o, int(write), float(cp2), float(cg2), item, u,
+                                            v, h, h + dout * din * G.Dp);
+    }
+  });
+  (void)lanes;
+  return e_items.view({B, co * ci}).sum(1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(equiproj_cpu, m) {
+  m.def("factorised_to_band(Tensor K, Tensor rows, Tensor cols, Tensor phi, Tensor phiT, Tensor q, int oo, int co, "
+        "int d_out, int oi, int ci, int d_in, bool plain) -> Tensor",
+        &factorised_to_band);
+  m.def("factorised_from_band(Tensor K, Tensor rows, Tensor cols, Tensor phi, Tensor phiT, Tensor q, int oo, int co, "
+        "int d_out, int oi, int ci, int d_in, bool plain, Tensor? Y, Tensor lambda_perp, Tensor lambda_G, Tensor(a!)? out, "
+        "int write) -> Tensor",
+        &factorised_from_band);
+}
+
+}  // namespace equiproj_cpu

@@ -1,0 +1,212 @@
+"""The C++ block kernels of the factorised projection (``equiproj_cpu::factorised_to_band`` and
+``factorised_from_band``: pixels to the band and the output field to its irreps, block by block; back,
+with the residual, its energy and the gradient), the CPU route of :meth:`FactorisedPlan.run` for float32
+and float64 weights.
+
+Checked against the dense basis of V (``DenseKernelBasis``, QR of the spanning kernels) in float64 and
+against the torch route of the same plan (``FactorisedPlan._run``), on fresh seeded weights, with the
+AVX2 kernels and the plain loops, on 1 and 2 threads.
+Tolerances:
+  float64 energies and gradient vs the dense projection:          1e-10 relative (observed ~1e-14)
+  float32 (AVX2 and plain loops) vs the dense projection:          2e-5 of max |K| on the gradient and
+                                                                    the step, 1e-5 relative on E_perp
+  nearly equivariant (E_perp / ||K||^2 ~ 1e-10), float64:         1e-6 relative on E_perp
+  1 and 2 threads: 1e-13 (float64) / 1e-6 (float32, a few ulps) of the largest entry (the blocks' sums are added in
+    block order; the maps' matrix products between the two kernels may round differently)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import equiproj as ep
+from equiproj.kernel_spaces import DenseKernelBasis, default_kernel_space
+from equiproj.kernel_spaces import _factorised
+from equiproj.kernel_spaces._factorised import blocks_available, factorised_plan
+from equiproj.testing import random_orthogonal
+from equiproj.testing import relative_error as rel
+
+pytestmark = pytest.mark.skipif(not blocks_available(), reason="the C++ extension equiproj._C is not built")
+
+
+def _band_limited(G, text, copies, gen):
+    field = ep.Rep.parse(G, text)
+    return copies * field.change_basis(random_orthogonal(field.dim, gen))
+
+
+def _permuted(rep, gen):
+    return ep.Rep(rep.group, rep.segments, perm=torch.randperm(rep.dim, generator=gen))
+
+
+CASES = {  # name: (group, kernel size, rep_in, rep_out) built from a generator
+    # one dense field mixing frequencies 0..3 (the band-limited regular field), odd copies on each side
+    "SO2-bl-k5": lambda g: (ep.SO2(), 5, _band_limited(ep.SO2(), "0 + 1 + 2 + 3", 3, g),
+                            _band_limited(ep.SO2(), "0 + 1 + 2 + 3", 2, g)),
+    # rows of 1 and 3 entries (d_in d_out not a multiple of the kernels' row groups), k = 7
+    "SO2-mixed-k7": lambda g: (ep.SO2(), 7, ep.Rep.parse(ep.SO2(), "2x0 + 1 + 3").change_basis(
+        random_orthogonal(6, g)), ep.Rep.parse(ep.SO2(), "1 + 0")),
+    # O(2) two-dimensional irreps twice in one field, and a field in user order on the output
+    "O2-bl-k5": lambda g: (ep.O2(), 5, _band_limited(ep.O2(), "(0,0) + (1,0) + 2x(1,1) + 2x(1,2)", 1, g),
+                           ep.Rep.parse(ep.O2(), "(1,1) + (0,0) + (1,2)")),
+    # 3-D: 125 pixels (16 vectors of Phi^T per row), one field of degrees 0 and 1
+    "SO3-bl-k5": lambda g: (ep.SO3(), 5, _band_limited(ep.SO3(), "0 + 3x1", 1, g),
+                            _band_limited(ep.SO3(), "0 + 3x1", 2, g)),
+    # both reps in a user order that is not the structured one (the kernels' row and column tables)
+    "SO2-permuted-k5": lambda g: (ep.SO2(), 5, _permuted(ep.Rep.parse(ep.SO2(), "2x0 + 1 + 2"), g),
+                                  _permuted(_band_limited(ep.SO2(), "0 + 1 + 2 + 3", 2, g), g)),
+    # several segments on both sides, some pairs joined by no map (frequencies beyond the band of k = 3)
+    "SO2-uncovered-k3": lambda g: (ep.SO2(), 3, ep.Rep.parse(ep.SO2(), "2x0 + 2x6"), ep.Rep.parse(ep.SO2(), "7 + 1")),
+}
+
+
+def _layer(name, seed):
+    gen = torch.Generator().manual_seed(seed)
+    G, k, ri, ro = CASES[name](gen)
+    sp = default_kernel_space(G, k)
+    K = torch.randn((ro.dim, ri.dim) + (k,) * sp.spatial_dims, dtype=torch.float64, generator=gen)
+    return sp, ri, ro, K, gen
+
+
+def _run(sp, ri, ro, K, *args, **kwargs):
+    plan = factorised_plan(sp, ri, ro)
+    assert plan.runs_blocks(K) and not plan.runs_closed_form(K)
+    return plan.run(sp._pixels(K, ri, ro), *args, **kwargs)
+
+
+@pytest.fixture(params=[False, True], ids=["avx2", "plain"])
+def plain(request, monkeypatch):
+    monkeypatch.setattr(_factorised, "_PLAIN_BLOCKS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_energies_gradient_and_step_equal_the_dense_projection(name, dtype, plain):
+    sp, ri, ro, K64, gen = _layer(name, 1)
+    K = K64.to(dtype)
+    K64 = K.double()
+    PK = DenseKernelBasis(sp, ri, ro).project(K64)
+    scale = float(K64.abs().max())
+    e_tol, g_tol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 2e-5)
+    # energies only
+    e_perp, e_g, none = _run(sp, ri, ro, K)
+    assert none is None
+    assert rel(e_perp, (K64 - PK).square().sum()) < e_tol
+    assert rel(e_g, PK.square().sum()) < e_tol
+    # a fresh gradient
+    e_perp, e_g, g = _run(sp, ri, ro, K, 0.7, 0.2)
+    want = 1.4 * (K64 - PK) + 0.4 * PK
+    torch.testing.assert_close(g.reshape(K.shape).double(), want, rtol=0, atol=g_tol * scale)
+    assert rel(e_perp, (K64 - PK).square().sum()) < e_tol
+    # added into a non-zero buffer
+    buf = torch.randn(K.shape, dtype=torch.float64, generator=gen).to(dtype)
+    before = buf.double().clone()  # .double() of a float64 tensor is the tensor itself
+    out = sp._pixels(buf, ri, ro)
+    _run(sp, ri, ro, K, 0.5, -0.25, out=out)
+    torch.testing.assert_close(buf.double(), before + (K64 - PK) - 0.5 * PK, rtol=0, atol=g_tol * scale)
+    # the decoupled step in place, with and without the energies of the weight before it
+    for energies in (False, True):
+        W = K.clone()
+        ptr = W.data_ptr()
+        e_perp, _, _ = _run(sp, ri, ro, W, -0.1, -0.05, out=sp._pixels(W, ri, ro), energies=energies)
+        assert W.data_ptr() == ptr
+        torch.testing.assert_close(W.double(), K64 - 0.2 * (K64 - PK) - 0.1 * PK, rtol=0, atol=g_tol * scale)
+        assert (e_perp is None) != energies
+        if energies:
+            assert rel(e_perp, (K64 - PK).square().sum()) < e_tol
+
+
+@pytest.mark.parametrize("name", ["SO2-bl-k5", "SO3-bl-k5", "SO2-permuted-k5", "SO2-uncovered-k3"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_same_numbers_as_the_torch_route_and_on_any_number_of_threads(name, dtype, plain):
+    sp, ri, ro, K, _ = _layer(name, 2)
+    Kp = sp._pixels(K.to(dtype), ri, ro)
+    plan = factorised_plan(sp, ri, ro)
+    ref = plan._run(Kp, 0.5, 0.25, None, True)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(plan.run(Kp, 0.5, 0.25))
+    finally:
+        torch.set_num_threads(previous)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for a, b in zip(results[0], results[1]):  # the maps' matrix products may round differently on 2 threads
+        torch.testing.assert_close(a, b, rtol=0, atol=(1e-13 if dtype == torch.float64 else 1e-6) * float(b.abs().max()))
+    ep_, eg_, g = results[0]
+    assert rel(ep_, ref[0]) < tol and rel(eg_, ref[1]) < tol
+    torch.testing.assert_close(g, ref[2], rtol=0, atol=tol * float(Kp.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["SO2-bl-k5", "O2-bl-k5"])
+def test_nearly_equivariant_weights_keep_their_small_energy(name):
+    sp, ri, ro, K, gen = _layer(name, 3)
+    dense = DenseKernelBasis(sp, ri, ro)
+    K0 = dense.project(K)
+    noise = torch.randn(K.shape, dtype=torch.float64, generator=gen)
+    noise = noise - dense.project(noise)
+    K = K0 + noise * (1e-5 * float(K0.norm() / noise.norm()))  # E_perp / ||K||^2 ~ 1e-10
+    want = (K - dense.project(K)).square().sum()
+    assert 1e-11 < float(want / K.square().sum()) < 1e-9
+    e_perp, _, g = _run(sp, ri, ro, K, 1.0, 0.0)
+    assert rel(e_perp, want) < 1e-6
+    torch.testing.assert_close(g.reshape(K.shape), 2 * (K - dense.project(K)), rtol=0,
+                               atol=1e-12 * float(K.abs().max()))
+
+
+def test_batched_and_non_contiguous_weights_with_per_item_lambdas():
+    sp, ri, ro, _, gen = _layer("SO2-bl-k5", 4)
+    base = torch.randn((3, ro.dim, ri.dim, 5, 5), dtype=torch.float64, generator=gen)
+    K = base.transpose(0, 1).contiguous().transpose(0, 1)  # [3, m, n, k, k], not contiguous
+    assert not K.is_contiguous()
+    lp, lg = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), torch.tensor([0.0, 0.3, 0.1], dtype=torch.float64)
+    e_perp, e_g, g = _run(sp, ri, ro, K, lp, lg)
+    dense = DenseKernelBasis(sp, ri, ro)
+    for i in range(3):
+        PK = dense.project(K[i])
+        assert rel(e_perp[i], (K[i] - PK).square().sum()) < 1e-10
+        assert rel(e_g[i], PK.square().sum()) < 1e-10
+        want = 2 * lp[i] * (K[i] - PK) + 2 * lg[i] * PK
+        torch.testing.assert_close(g[i].reshape(want.shape), want, rtol=0, atol=1e-10 * float(want.abs().max()))
+
+
+def test_a_band_wider_than_the_kernels_takes_the_torch_route():
+    """More than 32 band coefficients per pixel row (2-D, k = 11): the torch route, the same numbers."""
+    G = ep.SO2()
+    sp = default_kernel_space(G, 11)
+    assert sp.dim > 32
+    gen = torch.Generator().manual_seed(5)
+    rep = _band_limited(G, "0 + 1 + 2", 1, gen)
+    K = torch.randn((rep.dim, rep.dim, 11, 11), dtype=torch.float64, generator=gen)
+    plan = factorised_plan(sp, rep, rep)
+    assert not plan.runs_blocks(K)
+    PK = DenseKernelBasis(sp, rep, rep).project(K)
+    e_perp, _, g = plan.run(sp._pixels(K, rep, rep), 1.0, 0.0)
+    assert rel(e_perp, (K - PK).square().sum()) < 1e-10
+    torch.testing.assert_close(g.reshape(K.shape), 2 * (K - PK), rtol=0, atol=1e-10 * float(K.abs().max()))
+
+
+def test_the_kernels_refuse_what_they_cannot_address():
+    sp, ri, ro, K, _ = _layer("SO2-bl-k5", 6)
+    plan = factorised_plan(sp, ri, ro)
+    Kp = sp._pixels(K, ri, ro).unsqueeze(0).contiguous()
+    phi, phiT, rows, cols = _factorised._block_tables_on(plan, Kp.device, Kp.dtype)
+    (oo, co, fo, _), (oi, ci, fi, _), _ = plan._block_pairs[0]
+    q = Kp.new_empty(0)
+    to_band = torch.ops.equiproj_cpu.factorised_to_band
+    with pytest.raises(RuntimeError, match="outside the weight"):
+        to_band(Kp, rows, cols, phi, phiT, q, oo, co + 1, fo.dim, oi, ci, fi.dim, False)
+    with pytest.raises(RuntimeError, match="index out of range"):
+        to_band(Kp, rows + ro.dim, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim, False)
+    with pytest.raises(RuntimeError, match="contiguous float32 or float64"):
+        to_band(Kp.half(), rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim, False)
+    Y = to_band(Kp, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim, False)
+    one = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="one float64 lambda per batch item"):
+        torch.ops.equiproj_cpu.factorised_from_band(Kp, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim,
+                                                    False, Y, one.float(), one, None, 0)
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        torch.ops.equiproj_cpu.factorised_from_band(Kp, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim,
+                                                    False, Y, one, one, Kp.transpose(1, 2), 2)
