@@ -1,5 +1,5 @@
-// The two ends of the factorised projection onto a steerable kernel space, block by block (docs/math.md
-// §6, equiproj/kernel_spaces/_factorised.py).
+// The factorised projection onto a steerable kernel space, one pass over the weight block by block
+// (docs/math.md §6, equiproj/kernel_spaces/_factorised.py).
 //
 // A block is the tile of the weight between copy u of an output field (rows oo + u d_out .. + d_out) and
 // copy v of an input field (columns oi + v d_in .. + d_in), all its P pixels: d_out d_in P weights. The
@@ -7,17 +7,15 @@
 //
 //   a[b, j, :]  = K[b, j, :] Phi                  pixels -> band (D coefficients per row)
 //   y[b', j, :] = sum_b Q[b, b'] a[b, j, :]       the output field to its irreps (Q^T a)
-//   ... the equivariant maps per irrep slot, on y laid out as one row of d_out d_in D per block ...
+//   c_s = U_s y_s,  y'_s = U_s^T c_s              per output irrep slot s: the whitened equivariant maps,
+//                                                 the input field's change of basis folded into them
 //   h[b, j, :]  = sum_b' Q[b, b'] y'[b', j, :]    back from the irreps (Q y')
 //   PK[b, j, :] = h[b, j, :] Phi^T                band -> pixels
 //
-// factorised_to_band runs the first two lines for every block and writes y as [B, co, ci, d_out, d_in, D]
-// (one contiguous row per block, so the maps are one matrix product over all blocks, done by the caller);
-// factorised_from_band runs the last two and, in the same pass over K, the residual R = K - PK: its
-// squared norm per batch item (E_perp, float64 sums) and the penalty's gradient 2 lambda_perp R + 2 lambda_G PK
-// written into out or added to it (out may be K itself: every block is read before it is written). Both
-// read the weight once, block by block, with the intermediate values in a few KB of scratch; the blocks
-// run in parallel.
+// and in the same pass the residual R = K - PK: E_perp = ||R||^2 and E_G = sum_s ||c_s||^2 per batch item
+// (float64 sums of the blocks, in block order), and the penalty's gradient 2 lambda_perp R + 2 lambda_G PK
+// written into out or added to it (out may be K itself: every block is read before it is written). Each
+// block is read once and carried through in a few KB of scratch; the blocks run in parallel.
 //
 // Rows and columns are addressed through index tables (structured order -> the weight's order), so fields
 // stored in any order need no copy. The float32 kernels use AVX2+FMA where the CPU has them; float64 and
@@ -54,6 +52,19 @@ struct Blocks {
   const void* q;                      // [dout, dout] or nullptr (identity)
 };
 
+// The equivariant maps of one pair of field segments, per output irrep slot s (rows ob_s .. ob_s + db_s of the
+// output field): U_s [r_s, L_s] (L_s = db_s d_in D: the slot's part of a block's band coefficients, rotated
+// into the output field's irreps) with rows padded to Lp_s (a multiple of 8), and U_s^T [L_s, rp_s] with rows
+// padded to rp_s; both zero-padded, packed slot after slot.
+struct Slots {
+  int64_t count;
+  const int64_t* table;  // [count, 3]: ob, db, r
+  const void* maps;      // U_s, packed
+  const void* maps_t;    // U_s^T, packed
+};
+
+inline int64_t round8(int64_t x) { return (x + 7) / 8 * 8; }
+
 // The first element of row (b, j) of block (item, u, v) in the weight.
 inline int64_t row_offset(const Blocks& G, int64_t item, int64_t u, int64_t v, int64_t b, int64_t j) {
   return ((item * G.m + G.rows[G.oo + u * G.dout + b]) * G.n + G.cols[G.oi + v * G.din + j]) * G.P;
@@ -70,12 +81,12 @@ inline void row_offsets(const Blocks& G, int64_t item, int64_t u, int64_t v, int
 // ---- plain loops (float64, and float32 without AVX2) ---------------------------------------------------
 namespace plain {
 
-// a[r, 0 .. Dp) = K row r times Phi, for the block's d_out d_in rows; then y = Q^T a into the block's row of Y.
+// a[r, 0 .. Dp) = K row r times Phi for the block's d_out d_in rows; then y = Q^T a (D entries per row).
 template <typename C>
 void to_band_block(const Blocks& G, const C* K, int64_t item, int64_t u, int64_t v, C* a, C* y) {
   const C* phi = static_cast<const C*>(G.phi);
   const C* q = static_cast<const C*>(G.q);
-  const int64_t R = G.dout * G.din, Dp = G.Dp, D = G.D;
+  const int64_t Dp = G.Dp, D = G.D;
   for (int64_t b = 0; b < G.dout; ++b)
     for (int64_t j = 0; j < G.din; ++j) {
       const C* k = K + row_offset(G, item, u, v, b, j);
@@ -98,7 +109,33 @@ void to_band_block(const Blocks& G, const C* K, int64_t item, int64_t u, int64_t
         for (int64_t d = 0; d < D; ++d) yr[d] += w * ar[d];
       }
     }
-  (void)R;
+}
+
+// y' = sum_s U_s^T U_s y on each slot's part of the block's band coefficients (zero on rows of no slot);
+// returns ||c||^2 = sum_s ||U_s y||^2 (E_G of the block).
+template <typename C>
+double maps_block(const Blocks& G, const Slots& S, const C* y, C* yp, C* c) {
+  const int64_t R = G.dout * G.din, D = G.D;
+  for (int64_t i = 0; i < R * D; ++i) yp[i] = 0;
+  const C* U = static_cast<const C*>(S.maps);
+  double e = 0;
+  for (int64_t s = 0; s < S.count; ++s) {
+    const int64_t ob = S.table[3 * s], db = S.table[3 * s + 1], r = S.table[3 * s + 2];
+    const int64_t L = db * G.din * D, Lp = round8(L), base = ob * G.din * D;
+    for (int64_t t = 0; t < r; ++t) {
+      C ct = 0;
+      for (int64_t k = 0; k < L; ++k) ct += U[t * Lp + k] * y[base + k];
+      c[t] = ct;
+      e += double(ct) * double(ct);
+    }
+    for (int64_t k = 0; k < L; ++k) {
+      C v = 0;
+      for (int64_t t = 0; t < r; ++t) v += U[t * Lp + k] * c[t];
+      yp[base + k] = v;
+    }
+    U += r * Lp;
+  }
+  return e;
 }
 
 // h = Q y' (or zero without y'), PK = h Phi^T, R = K - PK row by row: returns ||R||^2 and writes/adds
@@ -322,6 +359,73 @@ void rows_from_band(const Blocks& G, const float* const* h, float* pk) {
   }
 }
 
+// c[0 .. 8 NV) = sum_k y[k] U^T[k, :] (rows of U^T rs apart; two chains per vector: even and odd k).
+template <int NV>
+inline void slot_coefficients(const float* y, const float* ut, int64_t rs, int64_t L, float* c) {
+  __m256 a0[NV], a1[NV];
+  for (int w = 0; w < NV; ++w) a0[w] = a1[w] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 <= L; k += 2) {
+    const __m256 y0 = _mm256_broadcast_ss(y + k), y1 = _mm256_broadcast_ss(y + k + 1);
+    for (int w = 0; w < NV; ++w) {
+      a0[w] = _mm256_fmadd_ps(y0, _mm256_loadu_ps(ut + k * rs + 8 * w), a0[w]);
+      a1[w] = _mm256_fmadd_ps(y1, _mm256_loadu_ps(ut + (k + 1) * rs + 8 * w), a1[w]);
+    }
+  }
+  if (k < L) {
+    const __m256 y0 = _mm256_broadcast_ss(y + k);
+    for (int w = 0; w < NV; ++w) a0[w] = _mm256_fmadd_ps(y0, _mm256_loadu_ps(ut + k * rs + 8 * w), a0[w]);
+  }
+  for (int w = 0; w < NV; ++w) _mm256_storeu_ps(c + 8 * w, _mm256_add_ps(a0[w], a1[w]));
+}
+
+// out[8 w .. 8 w + 8 WB) = sum_t c[t] U[t, 8 w ..] for WB vectors of the slot's coefficients at once.
+template <int WB>
+inline void slot_expand(const float* c, int64_t r, const float* u, int64_t Lp, float* out) {
+  __m256 acc[WB];
+  for (int w = 0; w < WB; ++w) acc[w] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < r; ++t) {
+    const __m256 ct = _mm256_broadcast_ss(c + t);
+    for (int w = 0; w < WB; ++w) acc[w] = _mm256_fmadd_ps(ct, _mm256_loadu_ps(u + t * Lp + 8 * w), acc[w]);
+  }
+  for (int w = 0; w < WB; ++w) _mm256_storeu_ps(out + 8 * w, acc[w]);
+}
+
+// As plain::maps_block; y and yp hold R D entries and 8 more of scratch (a vector may run past a slot's end:
+// yp is written slot by slot in order, past the end only into what a later slot or the padding overwrites,
+// and U's padding makes those lanes zero).
+double maps_block(const Blocks& G, const Slots& S, const float* y, float* yp, float* c) {
+  const int64_t R = G.dout * G.din, D = G.D;
+  std::fill(yp, yp + R * D + 8, 0.0f);
+  const float* U = static_cast<const float*>(S.maps);
+  const float* UT = static_cast<const float*>(S.maps_t);
+  double e = 0;
+  for (int64_t s = 0; s < S.count; ++s) {
+    const int64_t ob = S.table[3 * s], db = S.table[3 * s + 1], r = S.table[3 * s + 2];
+    const int64_t L = db * G.din * D, Lp = round8(L), rp = round8(r), base = ob * G.din * D;
+    int64_t w = 0;
+    for (; w + 4 <= rp / 8; w += 4) slot_coefficients<4>(y + base, UT + 8 * w, rp, L, c + 8 * w);
+    switch (rp / 8 - w) {
+      case 1: slot_coefficients<1>(y + base, UT + 8 * w, rp, L, c + 8 * w); break;
+      case 2: slot_coefficients<2>(y + base, UT + 8 * w, rp, L, c + 8 * w); break;
+      case 3: slot_coefficients<3>(y + base, UT + 8 * w, rp, L, c + 8 * w); break;
+      default: break;
+    }
+    for (int64_t t = 0; t < r; ++t) e += double(c[t]) * double(c[t]);
+    int64_t v = 0;
+    for (; v + 4 <= Lp / 8; v += 4) slot_expand<4>(c, r, U + 8 * v, Lp, yp + base + 8 * v);
+    switch (Lp / 8 - v) {
+      case 1: slot_expand<1>(c, r, U + 8 * v, Lp, yp + base + 8 * v); break;
+      case 2: slot_expand<2>(c, r, U + 8 * v, Lp, yp + base + 8 * v); break;
+      case 3: slot_expand<3>(c, r, U + 8 * v, Lp, yp + base + 8 * v); break;
+      default: break;
+    }
+    U += r * Lp;
+    UT += L * rp;
+  }
+  return e;
+}
+
 double from_band_block(const Blocks& G, const float* K, const float* y, float* out, int write, float cp2,
                        float cg2, const int64_t* off, float* h, float* yp, float* pk) {
   const float* q = static_cast<const float*>(G.q);
@@ -410,115 +514,124 @@ Blocks geometry(const Tensor& K, const Tensor& rows, const Tensor& cols, const T
                 phi.data_ptr(), phit.data_ptr(), q.numel() ? q.data_ptr() : nullptr};
 }
 
-// factorised_to_band(K [B, m, n, P], rows [m], cols [n], phi [P, Dp], phiT [D, Pp], q [d_out, d_out] or empty,
-//                    oo, co, d_out, oi, ci, d_in, plain) -> Y [B, co, ci, d_out, d_in, D]: per block, Q^T (K Phi).
-//   plain: the plain loops also for float32 (the tests compare both).
-Tensor factorised_to_band(const Tensor& K, const Tensor& rows, const Tensor& cols, const Tensor& phi,
-                          const Tensor& phit, const Tensor& q, int64_t oo, int64_t co, int64_t dout, int64_t oi,
-                          int64_t ci, int64_t din, bool plain) {
-  const Blocks G = geometry(K, rows, cols, phi, phit, q, oo, co, dout, oi, ci, din, "factorised_to_band");
-  const int64_t B = K.size(0), items = B * co * ci, block = dout * din * G.D;
-  Tensor Y = at::empty({B, co, ci, dout, din, G.D}, K.options());
-  const bool f64 = K.scalar_type() == at::kDouble;
-  const bool lanes = !f64 && !plain && blocks_have_avx2();
-  at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(dout * din * G.Dp + 8);  // a and its rotation (float32) or a (float64)
-    std::vector<int64_t> off(dout * din);
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t item = it / (co * ci), u = (it / ci) % co, v = it % ci;
-      if (f64) {
-        plain::to_band_block<double>(G, K.data_ptr<double>(), item, u, v, scratch.data(),
-                                     Y.data_ptr<double>() + it * block);
-        continue;
-      }
-      float* a = reinterpret_cast<float*>(scratch.data());
-#ifdef EQUIPROJ_BLOCKS_X86
-      if (lanes) {
-        row_offsets(G, item, u, v, off.data());
-        avx2::to_band_block(G, K.data_ptr<float>(), off.data(), a, Y.data_ptr<float>() + it * block,
-                            a + dout * din * G.Dp);
-        continue;
-      }
-#endif
-      plain::to_band_block<float>(G, K.data_ptr<float>(), item, u, v, a, Y.data_ptr<float>() + it * block);
-    }
-  });
-  (void)lanes;
-  return Y;
+Slots slot_tables(const Blocks& G, const Tensor& K, const Tensor& slots, const Tensor& maps, const Tensor& maps_t) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 2 && slots.size(1) == 3,
+              "factorised_pass: slots must be a contiguous [S, 3] int64 table (ob, db, r)");
+  const int64_t* t = slots.data_ptr<int64_t>();
+  int64_t u = 0, ut = 0, end = 0;
+  for (int64_t s = 0; s < slots.size(0); ++s) {
+    const int64_t ob = t[3 * s], db = t[3 * s + 1], r = t[3 * s + 2];
+    TORCH_CHECK(ob >= end && db > 0 && ob + db <= G.dout && r > 0, "factorised_pass: the slots must lie in the "
+                "output field, in increasing order, without overlap");
+    end = ob + db;
+    const int64_t L = db * G.din * G.D;
+    u += r * round8(L);
+    ut += L * round8(r);
+  }
+  TORCH_CHECK(maps.is_contiguous() && maps_t.is_contiguous() && maps.scalar_type() == K.scalar_type() &&
+                  maps_t.scalar_type() == K.scalar_type() && maps.numel() == u && maps_t.numel() == ut,
+              "factorised_pass: maps and maps_t must hold the slots' padded U and U^T, contiguous, in K's dtype");
+  return Slots{slots.size(0), t, maps.data_ptr(), maps_t.data_ptr()};
 }
 
-// factorised_from_band(K, rows, cols, phi, phiT, q, oo, co, d_out, oi, ci, d_in, plain, Y' [B, co, ci, d_out, d_in, D] or
-//                      None (P K = 0), lambda_perp [B] f64, lambda_G [B] f64, out or None, write) -> E_perp [B] f64:
-//   per block PK = (Q y') Phi^T, R = K - PK; ||R||^2 summed per batch item (in block order: the same on any
-//   number of threads); out written (write = 1) or added to (write = 2) with 2 lambda_perp R + 2 lambda_G PK.
-Tensor factorised_from_band(const Tensor& K, const Tensor& rows, const Tensor& cols, const Tensor& phi,
-                            const Tensor& phit, const Tensor& q, int64_t oo, int64_t co, int64_t dout, int64_t oi,
-                            int64_t ci, int64_t din, bool plain, const std::optional<Tensor>& Y,
-                            const Tensor& lambda_perp, const Tensor& lambda_G, const std::optional<Tensor>& out,
-                            int64_t write) {
-  const Blocks G = geometry(K, rows, cols, phi, phit, q, oo, co, dout, oi, ci, din, "factorised_from_band");
-  const int64_t B = K.size(0), items = B * co * ci, block = dout * din * G.D;
-  const bool has_y = Y.has_value() && Y->defined();
-  if (has_y)
-    TORCH_CHECK(Y->is_contiguous() && Y->scalar_type() == K.scalar_type() && Y->numel() == items * block,
-                "factorised_from_band: Y must be a contiguous [B, co, ci, d_out, d_in, D] tensor in K's dtype");
-  TORCH_CHECK(write >= 0 && write <= 2, "factorised_from_band: write is 0, 1 or 2");
+// factorised_pass(K [B, m, n, P], rows [m], cols [n], phi [P, Dp], phiT [D, Pp], q [d_out, d_out] or empty,
+//                 oo, co, d_out, oi, ci, d_in, slots [S, 3], maps, maps_t, lambda_perp [B] f64, lambda_G [B] f64,
+//                 out or None, write, plain) -> (E_perp [B] f64, E_G [B] f64)
+//   Per block: y = Q^T (K Phi), y' = sum_s U_s^T U_s y, PK = (Q y') Phi^T, R = K - PK; ||R||^2 and ||U y||^2
+//   summed per batch item (in block order: the same on any number of threads); out written (write = 1) or added
+//   to (write = 2) with 2 lambda_perp R + 2 lambda_G PK (out may be K). No slots: P K = 0. plain: the plain
+//   loops also for float32 (the tests compare both).
+std::tuple<Tensor, Tensor> factorised_pass(const Tensor& K, const Tensor& rows, const Tensor& cols, const Tensor& phi,
+                                           const Tensor& phit, const Tensor& q, int64_t oo, int64_t co, int64_t dout,
+                                           int64_t oi, int64_t ci, int64_t din, const Tensor& slots,
+                                           const Tensor& maps, const Tensor& maps_t, const Tensor& lambda_perp,
+                                           const Tensor& lambda_G, const std::optional<Tensor>& out, int64_t write,
+                                           bool plain) {
+  const Blocks G = geometry(K, rows, cols, phi, phit, q, oo, co, dout, oi, ci, din, "factorised_pass");
+  const Slots S = slot_tables(G, K, slots, maps, maps_t);
+  const int64_t B = K.size(0), items = B * co * ci, R = dout * din;
+  TORCH_CHECK(write >= 0 && write <= 2, "factorised_pass: write is 0, 1 or 2");
   TORCH_CHECK(lambda_perp.numel() == B && lambda_G.numel() == B && lambda_perp.scalar_type() == at::kDouble &&
                   lambda_G.scalar_type() == at::kDouble,
-              "factorised_from_band: one float64 lambda per batch item");
+              "factorised_pass: one float64 lambda per batch item");
   if (write)
     TORCH_CHECK(out.has_value() && out->sizes() == K.sizes() && out->scalar_type() == K.scalar_type() &&
                     out->is_contiguous(),
-                "factorised_from_band: out must be contiguous, of K's shape and dtype");
+                "factorised_pass: out must be contiguous, of K's shape and dtype");
   Tensor lp = lambda_perp.contiguous(), lg = lambda_G.contiguous();
   const double* lpp = lp.data_ptr<double>();
   const double* lgp = lg.data_ptr<double>();
-  Tensor e_items = at::zeros({items}, K.options().dtype(at::kDouble));
-  double* e = e_items.data_ptr<double>();
+  Tensor ep_items = at::zeros({items}, K.options().dtype(at::kDouble));
+  Tensor eg_items = at::zeros({items}, K.options().dtype(at::kDouble));
+  double* ep = ep_items.data_ptr<double>();
+  double* eg = eg_items.data_ptr<double>();
+  int64_t rmax = 8;
+  for (int64_t s = 0; s < S.count; ++s) rmax = std::max(rmax, round8(S.table[3 * s + 2]));
   const bool f64 = K.scalar_type() == at::kDouble;
   const bool lanes = !f64 && !plain && blocks_have_avx2();
+  const bool mapped = S.count > 0;
   at::parallel_for(0, items, 16, [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(dout * din * G.Dp + 2 * G.Pp + 16);  // h and y' padded, pk (two rows)
-    std::vector<int64_t> off(dout * din);
+    // a (and its rotation), y and y' (compact, 8 spare), h and y' padded, pk (two rows), c: in doubles
+    std::vector<double> scratch(4 * R * G.Dp + 2 * (R * G.D + 8) + 2 * G.Pp + rmax + 16);
+    std::vector<int64_t> off(R);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t item = it / (co * ci), u = (it / ci) % co, v = it % ci;
       const double cp2 = 2 * lpp[item], cg2 = 2 * lgp[item];
       if (f64) {
-        double* h = scratch.data();
-        e[it] = plain::from_band_block<double>(G, K.data_ptr<double>(), has_y ? Y->data_ptr<double>() + it * block : nullptr,
-                                               write ? out->data_ptr<double>() : nullptr, int(write), cp2, cg2, item,
-                                               u, v, h, h + dout * din * G.Dp);
+        double* a = scratch.data();
+        double* y = a + R * G.Dp;
+        double* yp = y + R * G.D + 8;
+        double* h = yp + R * G.D + 8;
+        double* pk = h + R * G.Dp;
+        double* c = pk + 2 * G.Pp;
+        if (mapped) {
+          plain::to_band_block<double>(G, K.data_ptr<double>(), item, u, v, a, y);
+          eg[it] = plain::maps_block<double>(G, S, y, yp, c);
+        }
+        ep[it] = plain::from_band_block<double>(G, K.data_ptr<double>(), mapped ? yp : nullptr,
+                                                write ? out->data_ptr<double>() : nullptr, int(write), cp2, cg2,
+                                                item, u, v, h, pk);
         continue;
       }
-      float* h = reinterpret_cast<float*>(scratch.data());
-      const float* y = has_y ? Y->data_ptr<float>() + it * block : nullptr;
+      float* a = reinterpret_cast<float*>(scratch.data());  // 2 R Dp floats: a and its rotation
+      float* y = a + 2 * R * G.Dp;
+      float* yp = y + R * G.D + 8;
+      float* h = yp + R * G.D + 8;  // R Dp, then R Dp for y' padded
+      float* pk = h + 2 * R * G.Dp;
+      float* c = pk + 2 * G.Pp;
       float* o = write ? out->data_ptr<float>() : nullptr;
 #ifdef EQUIPROJ_BLOCKS_X86
       if (lanes) {
         row_offsets(G, item, u, v, off.data());
-        e[it] = avx2::from_band_block(G, K.data_ptr<float>(), y, o, int(write), float(cp2), float(cg2), off.data(), h,
-                                      h + dout * din * G.Dp, h + 2 * dout * din * G.Dp);
+        if (mapped) {
+          avx2::to_band_block(G, K.data_ptr<float>(), off.data(), a, y, a + R * G.Dp);
+          eg[it] = avx2::maps_block(G, S, y, yp, c);
+        }
+        ep[it] = avx2::from_band_block(G, K.data_ptr<float>(), mapped ? yp : nullptr, o, int(write), float(cp2),
+                                       float(cg2), off.data(), h, h + R * G.Dp, pk);
         continue;
       }
 #endif
-      e[it] = plain::from_band_block<float>(G, K.data_ptr<float>(), y, o, int(write), float(cp2), float(cg2), item, u,
-                                            v, h, h + dout * din * G.Dp);
+      if (mapped) {
+        plain::to_band_block<float>(G, K.data_ptr<float>(), item, u, v, a, y);
+        eg[it] = plain::maps_block<float>(G, S, y, yp, c);
+      }
+      ep[it] = plain::from_band_block<float>(G, K.data_ptr<float>(), mapped ? yp : nullptr, o, int(write),
+                                             float(cp2), float(cg2), item, u, v, h, pk);
     }
   });
   (void)lanes;
-  return e_items.view({B, co * ci}).sum(1);
+  // partial sums in block order: independent of the thread count
+  return {ep_items.view({B, co * ci}).sum(1), eg_items.view({B, co * ci}).sum(1)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(equiproj_cpu, m) {
-  m.def("factorised_to_band(Tensor K, Tensor rows, Tensor cols, Tensor phi, Tensor phiT, Tensor q, int oo, int co, "
-        "int d_out, int oi, int ci, int d_in, bool plain) -> Tensor",
-        &factorised_to_band);
-  m.def("factorised_from_band(Tensor K, Tensor rows, Tensor cols, Tensor phi, Tensor phiT, Tensor q, int oo, int co, "
-        "int d_out, int oi, int ci, int d_in, bool plain, Tensor? Y, Tensor lambda_perp, Tensor lambda_G, Tensor(a!)? out, "
-        "int write) -> Tensor",
-        &factorised_from_band);
+  m.def("factorised_pass(Tensor K, Tensor rows, Tensor cols, Tensor phi, Tensor phiT, Tensor q, int oo, int co, "
+        "int d_out, int oi, int ci, int d_in, Tensor slots, Tensor maps, Tensor maps_t, Tensor lambda_perp, "
+        "Tensor lambda_G, Tensor(a!)? out, int write, bool plain) -> (Tensor, Tensor)",
+        &factorised_pass);
 }
 
 }  // namespace equiproj_cpu

@@ -190,45 +190,32 @@ class FactorisedPlan:
                 and blocks_available())
 
     def _run_blocks(self, K, lambda_perp, lambda_G, out, energies):
-        """:meth:`run` through ``equiproj_cpu::factorised_to_band`` / ``factorised_from_band``: per pair of
-        field segments, the band coefficients of every block rotated into the output field's irreps (one read
-        of the weight), the maps of every output irrep slot as two matrix products over all blocks (in place
-        in the band tensor), then back to the pixels with the residual, its energy and the gradient written or
-        added (a second read of the weight and one pass over ``out``)."""
+        """:meth:`run` through ``equiproj_cpu::factorised_pass``: per pair of field segments, one pass over
+        the blocks of the weight, each read once and carried through the band, the output field's irreps, the
+        maps of every output irrep slot and back in a few KB of scratch, with the residual, both energies and
+        the gradient written or added (``out`` may be ``K``: every block is read before it is written)."""
         batch, (m, n), P = K.shape[:-3], K.shape[-3:-1], K.shape[-1]
         Kb = K.reshape(-1, m, n, P)
         if not Kb.is_contiguous():
             Kb = Kb.contiguous()
-        B, D = Kb.shape[0], self.space.dim
+        B = Kb.shape[0]
         phi, phiT, rows, cols = _block_tables_on(self, K.device, K.dtype)
         write = 0 if lambda_perp is None else 1 if out is None else 2
         lp, lg = _per_item(lambda_perp, batch, B), _per_item(lambda_G, batch, B)
         target = None if write == 0 else torch.empty_like(Kb) if out is None else out.view(B, m, n, P)
-        need_g = energies or lambda_perp is None
-        e_g = Kb.new_zeros(B) if need_g else None
         e_perp = torch.zeros(B, dtype=torch.float64)
-        slot_maps = iter(_slot_maps_on(self, K.device, K.dtype))
-        for (oo, co, fo, _), (oi, ci, fi, _), covered in self._block_pairs:
-            do, di = fo.dim, fi.dim
+        e_g = torch.zeros(B, dtype=torch.float64)
+        for (oo, co, fo, _), (oi, ci, fi, _), slots, maps, maps_t in _pair_tables_on(self, K.device, K.dtype):
             q = _q_on(fo, K.device, K.dtype) if fo.Q is not None else Kb.new_empty(0)
-            geometry = (Kb, rows, cols, phi, phiT, q, oo, co, do, oi, ci, di, _PLAIN_BLOCKS)
-            Y = None
-            if covered:
-                maps, empty_rows = next(slot_maps)
-                Y = torch.ops.equiproj_cpu.factorised_to_band(*geometry)
-                rows_y = Y.view(-1, do * di * D)  # one row per block
-                width = di * D
-                for ob, db, U in maps:
-                    Yb = rows_y[:, ob * width: (ob + db) * width]
-                    c = torch.mm(Yb, U.T)  # [blocks, r]
-                    if need_g:
-                        e_g += c.view(B, -1).square().sum(-1)
-                    torch.mm(c, U, out=Yb)
-                for ob, db in empty_rows:
-                    rows_y[:, ob * width: (ob + db) * width] = 0
-            e_perp += torch.ops.equiproj_cpu.factorised_from_band(*geometry, Y, lp, lg, target, write)
-        e_perp = e_perp.view(batch).to(K.dtype) if need_g else None
-        e_g = e_g.view(batch) if need_g else None
+            ep_, eg_ = torch.ops.equiproj_cpu.factorised_pass(Kb, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci,
+                                                              fi.dim, slots, maps, maps_t, lp, lg, target, write,
+                                                              _PLAIN_BLOCKS)
+            e_perp += ep_
+            e_g += eg_
+        if not (energies or lambda_perp is None):
+            e_perp = e_g = None
+        else:
+            e_perp, e_g = e_perp.view(batch).to(K.dtype), e_g.view(batch).to(K.dtype)
         if write == 0:
             return e_perp, e_g, None
         return e_perp, e_g, (target.view(K.shape) if out is None else out)
@@ -275,8 +262,8 @@ def _rotate(Q: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 
 def blocks_available() -> bool:
-    """Whether the C++ extension with ``factorised_to_band`` / ``factorised_from_band`` is loaded."""
-    return _ops.cpp_available() and hasattr(torch.ops.equiproj_cpu, "factorised_from_band")
+    """Whether the C++ extension with ``factorised_pass`` is loaded."""
+    return _ops.cpp_available() and hasattr(torch.ops.equiproj_cpu, "factorised_pass")
 
 
 def _per_item(c, batch, B: int) -> torch.Tensor:
@@ -286,6 +273,28 @@ def _per_item(c, batch, B: int) -> torch.Tensor:
     if isinstance(c, torch.Tensor):
         return c.detach().to(device="cpu", dtype=torch.float64).expand(batch).reshape(B).contiguous()
     return torch.full((B,), float(c), dtype=torch.float64)
+
+
+@torch.compiler.disable
+@bytes_cached("equiproj.kernel_spaces._factorised._pair_tables_on")
+def _pair_tables_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dtype) -> list:
+    """Per pair of field segments (:attr:`FactorisedPlan._block_pairs`): ``(segment out, segment in, slots,
+    maps, maps_t)`` for ``factorised_pass``: ``slots [S, 3]`` (output slot offset, its dim, r) and the slots'
+    maps ``U [r, L]`` (:func:`_slot_maps`, ``L = d_slot d_in D``) packed with rows zero-padded to a multiple
+    of 8, and their transposes ``[L, r]`` packed likewise (empty for a pair that no map joins)."""
+    out, maps = [], iter(_slot_maps(plan))
+    for seg_out, seg_in, covered in plan._block_pairs:
+        slot_maps = next(maps)[0] if covered else []
+        table, packed, packed_t = [], [], []
+        for ob, db, U in slot_maps:
+            r, L = U.shape
+            table.append((ob, db, r))
+            packed.append(torch.nn.functional.pad(U, (0, -L % 8)).reshape(-1))
+            packed_t.append(torch.nn.functional.pad(U.T, (0, -r % 8)).reshape(-1))
+        flat = (lambda parts: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64))
+        out.append((seg_out, seg_in, torch.tensor(table, dtype=torch.int64, device=device).reshape(-1, 3),
+                    flat(packed).to(device=device, dtype=dtype), flat(packed_t).to(device=device, dtype=dtype)))
+    return out
 
 
 @torch.compiler.disable

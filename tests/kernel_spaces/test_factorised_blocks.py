@@ -1,7 +1,6 @@
-"""The C++ block kernels of the factorised projection (``equiproj_cpu::factorised_to_band`` and
-``factorised_from_band``: pixels to the band and the output field to its irreps, block by block; back,
-with the residual, its energy and the gradient), the CPU route of :meth:`FactorisedPlan.run` for float32
-and float64 weights.
+"""The C++ pass of the factorised projection (``equiproj_cpu::factorised_pass``: block by block, pixels
+to the band, the output field to its irreps, the maps of every irrep slot, back, with the residual, both
+energies and the gradient), the CPU route of :meth:`FactorisedPlan.run` for float32 and float64 weights.
 
 Checked against the dense basis of V (``DenseKernelBasis``, QR of the spanning kernels) in float64 and
 against the torch route of the same plan (``FactorisedPlan._run``), on fresh seeded weights, with the
@@ -188,25 +187,32 @@ def test_a_band_wider_than_the_kernels_takes_the_torch_route():
     torch.testing.assert_close(g.reshape(K.shape), 2 * (K - PK), rtol=0, atol=1e-10 * float(K.abs().max()))
 
 
-def test_the_kernels_refuse_what_they_cannot_address():
+def test_the_kernel_refuses_what_it_cannot_address():
     sp, ri, ro, K, _ = _layer("SO2-bl-k5", 6)
     plan = factorised_plan(sp, ri, ro)
     Kp = sp._pixels(K, ri, ro).unsqueeze(0).contiguous()
     phi, phiT, rows, cols = _factorised._block_tables_on(plan, Kp.device, Kp.dtype)
-    (oo, co, fo, _), (oi, ci, fi, _), _ = plan._block_pairs[0]
-    q = Kp.new_empty(0)
-    to_band = torch.ops.equiproj_cpu.factorised_to_band
-    with pytest.raises(RuntimeError, match="outside the weight"):
-        to_band(Kp, rows, cols, phi, phiT, q, oo, co + 1, fo.dim, oi, ci, fi.dim, False)
-    with pytest.raises(RuntimeError, match="index out of range"):
-        to_band(Kp, rows + ro.dim, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim, False)
-    with pytest.raises(RuntimeError, match="contiguous float32 or float64"):
-        to_band(Kp.half(), rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim, False)
-    Y = to_band(Kp, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim, False)
+    (oo, co, fo, _), (oi, ci, fi, _), slots, maps, maps_t = _factorised._pair_tables_on(plan, Kp.device, Kp.dtype)[0]
+    q = _factorised._q_on(fo, Kp.device, Kp.dtype)
     one = torch.ones(1, dtype=torch.float64)
+
+    def run(K=Kp, rows=rows, co=co, slots=slots, maps=maps, lp=one, out=None, write=0):
+        return torch.ops.equiproj_cpu.factorised_pass(K, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim,
+                                                      slots, maps, maps_t, lp, one, out, write, False)
+
+    ep_, eg_ = run()
+    assert ep_.shape == eg_.shape == (1,)
+    with pytest.raises(RuntimeError, match="outside the weight"):
+        run(co=co + 1)
+    with pytest.raises(RuntimeError, match="index out of range"):
+        run(rows=rows + ro.dim)
+    with pytest.raises(RuntimeError, match="contiguous float32 or float64"):
+        run(K=Kp.half())
+    with pytest.raises(RuntimeError, match="in increasing order"):
+        run(slots=slots.flip(0).contiguous())
+    with pytest.raises(RuntimeError, match="padded U and U"):
+        run(maps=maps[:-1])
     with pytest.raises(RuntimeError, match="one float64 lambda per batch item"):
-        torch.ops.equiproj_cpu.factorised_from_band(Kp, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim,
-                                                    False, Y, one.float(), one, None, 0)
+        run(lp=one.float())
     with pytest.raises(RuntimeError, match="out must be contiguous"):
-        torch.ops.equiproj_cpu.factorised_from_band(Kp, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim,
-                                                    False, Y, one, one, Kp.transpose(1, 2), 2)
+        run(out=Kp.transpose(1, 2), write=2)
