@@ -16,6 +16,8 @@ Tolerances:
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -59,11 +61,23 @@ CASES = {  # name: (group, kernel size, rep_in, rep_out) built from a generator
 }
 
 
+@functools.cache
+def _space_and_reps(name):
+    G, k, ri, ro = CASES[name](torch.Generator().manual_seed(0))
+    return default_kernel_space(G, k), ri, ro
+
+
+@functools.cache
+def _dense(name):
+    """The float64 reference projection of a case (built once: a QR of all the spanning kernels)."""
+    return DenseKernelBasis(*_space_and_reps(name))
+
+
 def _layer(name, seed):
+    """The case's space and reps, and a fresh float64 weight drawn from ``seed``."""
+    sp, ri, ro = _space_and_reps(name)
     gen = torch.Generator().manual_seed(seed)
-    G, k, ri, ro = CASES[name](gen)
-    sp = default_kernel_space(G, k)
-    K = torch.randn((ro.dim, ri.dim) + (k,) * sp.spatial_dims, dtype=torch.float64, generator=gen)
+    K = torch.randn((ro.dim, ri.dim) + (sp.kernel_size,) * sp.spatial_dims, dtype=torch.float64, generator=gen)
     return sp, ri, ro, K, gen
 
 
@@ -85,7 +99,7 @@ def test_energies_gradient_and_step_equal_the_dense_projection(name, dtype, plai
     sp, ri, ro, K64, gen = _layer(name, 1)
     K = K64.to(dtype)
     K64 = K.double()
-    PK = DenseKernelBasis(sp, ri, ro).project(K64)
+    PK = _dense(name).project(K64)
     scale = float(K64.abs().max())
     e_tol, g_tol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 2e-5)
     # energies only
@@ -142,7 +156,7 @@ def test_the_same_numbers_as_the_torch_route_and_on_any_number_of_threads(name, 
 @pytest.mark.parametrize("name", ["SO2-bl-k5", "O2-bl-k5"])
 def test_nearly_equivariant_weights_keep_their_small_energy(name):
     sp, ri, ro, K, gen = _layer(name, 3)
-    dense = DenseKernelBasis(sp, ri, ro)
+    dense = _dense(name)
     K0 = dense.project(K)
     noise = torch.randn(K.shape, dtype=torch.float64, generator=gen)
     noise = noise - dense.project(noise)
@@ -162,7 +176,7 @@ def test_batched_and_non_contiguous_weights_with_per_item_lambdas():
     assert not K.is_contiguous()
     lp, lg = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), torch.tensor([0.0, 0.3, 0.1], dtype=torch.float64)
     e_perp, e_g, g = _run(sp, ri, ro, K, lp, lg)
-    dense = DenseKernelBasis(sp, ri, ro)
+    dense = _dense("SO2-bl-k5")
     for i in range(3):
         PK = dense.project(K[i])
         assert rel(e_perp[i], (K[i] - PK).square().sum()) < 1e-10
