@@ -24,8 +24,15 @@ field's is folded into the maps (per output irrep slot, the maps of all its tile
 input slot's columns of ``Q_in``, :func:`_slot_maps`), so that each output irrep slot is one product
 over a contiguous slice of the moved block instead of a rotation, a copy per tile and a rotation back.
 
-The last pass writes in place: ``out += 2 lambda_perp (K - P K) + 2 lambda_G P K``, which for ``out`` the weight
-itself is one matrix product ``K <- beta K + alpha h Phi^T`` over the weight (the decoupled step: no
+On the CPU (float32 or float64 weights, up to 32 band coefficients per pixel row) all of it runs in
+one C++ pass per pair of field segments (``equiproj_cpu::factorised_pass``, :meth:`FactorisedPlan.run`):
+each tile between a copy of the output field and a copy of the input field is read once, carried
+through the five lines above in a few KB of scratch (the maps of every output irrep slot padded and
+packed by :func:`_pair_tables_on`), and its residual, energies and gradient are written before the
+next; ``out`` may be the weight itself (the decoupled step). Elsewhere the torch twin
+(:meth:`FactorisedPlan.project_band` between two products over the whole weight) runs the same
+computation: its last pass writes in place, ``out += 2 lambda_perp (K - P K) + 2 lambda_G P K``, which
+for ``out`` the weight itself is one matrix product ``K <- beta K + alpha h Phi^T`` over the weight (no
 residual, no energy, no other tensor of the weight's size); for a gradient buffer the residual is formed
 and summed. Both run in chunks of rows that stay in cache (one product over the whole weight is about
 three times slower on the CPU: the thin inner dimension ``D`` leaves the GEMM's blocking out of cache).
@@ -184,8 +191,8 @@ class FactorisedPlan:
             return self._run(K, lambda_perp, lambda_G, out, energies)
 
     def runs_blocks(self, K: torch.Tensor) -> bool:
-        """Whether :meth:`run` takes the C++ kernels of the two ends block by block (the CPU extension,
-        float32 or float64 ``K``, at most 32 band coefficients per pixel row)."""
+        """Whether :meth:`run` takes the C++ pass over the blocks of the weight (the CPU extension, float32
+        or float64 ``K``, at most 32 band coefficients per pixel row)."""
         return (K.device.type == "cpu" and K.dtype in (torch.float32, torch.float64) and self.space.dim <= 32
                 and blocks_available())
 
@@ -291,10 +298,15 @@ def _pair_tables_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dty
             table.append((ob, db, r))
             packed.append(torch.nn.functional.pad(U, (0, -L % 8)).reshape(-1))
             packed_t.append(torch.nn.functional.pad(U.T, (0, -r % 8)).reshape(-1))
-        flat = (lambda parts: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64))
         out.append((seg_out, seg_in, torch.tensor(table, dtype=torch.int64, device=device).reshape(-1, 3),
-                    flat(packed).to(device=device, dtype=dtype), flat(packed_t).to(device=device, dtype=dtype)))
+                    _packed(packed, device, dtype), _packed(packed_t, device, dtype)))
     return out
+
+
+def _packed(parts: list[torch.Tensor], device, dtype) -> torch.Tensor:
+    """The flat float64 ``parts`` one after the other, on ``device`` in ``dtype`` (empty without parts)."""
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return flat.to(device=device, dtype=dtype)
 
 
 @torch.compiler.disable
