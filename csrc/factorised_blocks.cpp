@@ -18,9 +18,11 @@
 // block is read once and carried through in a few KB of scratch; the blocks run in parallel.
 //
 // Rows and columns are addressed through index tables (structured order -> the weight's order), so fields
-// stored in any order need no copy. The float32 kernels use AVX2+FMA where the CPU has them; float64 and
-// other CPUs run the plain loops.
+// stored in any order need no copy; the tables are checked to be permutations, so that no two blocks write
+// the same entries. The float32 kernels use AVX2+FMA where the CPU has them; float64 and other CPUs run
+// the plain loops.
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -29,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -495,10 +498,14 @@ Blocks geometry(const Tensor& K, const Tensor& rows, const Tensor& cols, const T
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == m &&
                   cols.scalar_type() == at::kLong && cols.is_contiguous() && cols.numel() == n,
               op, ": rows [m] and cols [n] must be contiguous int64 index tables");
-  TORCH_CHECK(phi.dim() == 2 && phi.size(0) == P && phi.size(1) % 8 == 0 && phi.is_contiguous() && phit.dim() == 2 &&
-                  phit.size(1) % 8 == 0 && phit.size(1) >= P && phit.size(0) <= phi.size(1) && phit.is_contiguous() &&
-                  phi.scalar_type() == K.scalar_type() && phit.scalar_type() == K.scalar_type(),
-              op, ": phi [P, Dp] and phiT [D, Pp] in K's dtype, contiguous, Dp and Pp multiples of 8");
+  for (const Tensor* t : {&rows, &cols, &phi, &phit, &q})
+    TORCH_CHECK(t->device().is_cpu(), op, ": the tables must be CPU tensors, like K");
+  TORCH_CHECK(phi.dim() == 2 && phi.size(0) == P && phi.is_contiguous() && phit.dim() == 2 && phit.size(0) >= 1 &&
+                  phi.size(1) == (phit.size(0) + 7) / 8 * 8 && phit.size(1) == (P + 7) / 8 * 8 &&
+                  phit.is_contiguous() && phi.scalar_type() == K.scalar_type() &&
+                  phit.scalar_type() == K.scalar_type(),
+              op, ": phi [P, Dp] and phiT [D, Pp] in K's dtype, contiguous, D >= 1; Dp and Pp: D and P rounded up to "
+              "multiples of 8");
   TORCH_CHECK(phi.size(1) <= 32, op, ": at most 32 band coefficients (padded) per pixel row");
   TORCH_CHECK(co >= 0 && ci >= 0 && dout > 0 && din > 0 && oo >= 0 && oi >= 0 && oo + co * dout <= m &&
                   oi + ci * din <= n,
@@ -508,8 +515,15 @@ Blocks geometry(const Tensor& K, const Tensor& rows, const Tensor& cols, const T
               op, ": q must be empty or a contiguous [d_out, d_out] matrix in K's dtype");
   const int64_t* rr = rows.data_ptr<int64_t>();
   const int64_t* cc = cols.data_ptr<int64_t>();
-  for (int64_t i = oo; i < oo + co * dout; ++i) TORCH_CHECK(rr[i] >= 0 && rr[i] < m, op, ": row index out of range");
-  for (int64_t i = oi; i < oi + ci * din; ++i) TORCH_CHECK(cc[i] >= 0 && cc[i] < n, op, ": column index out of range");
+  // each a permutation: a repeated row or column would have two blocks (two threads) write the same entries
+  for (const auto& [idx, len, what] : {std::tuple{rr, m, "row"}, std::tuple{cc, n, "column"}}) {
+    std::vector<char> seen(len, 0);
+    for (int64_t i = 0; i < len; ++i) {
+      TORCH_CHECK(idx[i] >= 0 && idx[i] < len, op, ": ", what, " index out of range");
+      TORCH_CHECK(!seen[idx[i]], op, ": ", what, " index ", idx[i], " appears twice (the tables must be permutations)");
+      seen[idx[i]] = 1;
+    }
+  }
   return Blocks{m, n, P, phit.size(0), phi.size(1), phit.size(1), oo, co, dout, oi, ci, din, rr, cc,
                 phi.data_ptr(), phit.data_ptr(), q.numel() ? q.data_ptr() : nullptr};
 }
@@ -528,6 +542,8 @@ Slots slot_tables(const Blocks& G, const Tensor& K, const Tensor& slots, const T
     u += r * round8(L);
     ut += L * round8(r);
   }
+  TORCH_CHECK(slots.device().is_cpu() && maps.device().is_cpu() && maps_t.device().is_cpu(),
+              "factorised_pass: slots, maps and maps_t must be CPU tensors, like K");
   TORCH_CHECK(maps.is_contiguous() && maps_t.is_contiguous() && maps.scalar_type() == K.scalar_type() &&
                   maps_t.scalar_type() == K.scalar_type() && maps.numel() == u && maps_t.numel() == ut,
               "factorised_pass: maps and maps_t must hold the slots' padded U and U^T, contiguous, in K's dtype");
@@ -554,10 +570,14 @@ std::tuple<Tensor, Tensor> factorised_pass(const Tensor& K, const Tensor& rows, 
   TORCH_CHECK(lambda_perp.numel() == B && lambda_G.numel() == B && lambda_perp.scalar_type() == at::kDouble &&
                   lambda_G.scalar_type() == at::kDouble,
               "factorised_pass: one float64 lambda per batch item");
-  if (write)
-    TORCH_CHECK(out.has_value() && out->sizes() == K.sizes() && out->scalar_type() == K.scalar_type() &&
-                    out->is_contiguous(),
-                "factorised_pass: out must be contiguous, of K's shape and dtype");
+  if (write) {
+    TORCH_CHECK(out.has_value() && out->device().is_cpu() && out->sizes() == K.sizes() &&
+                    out->scalar_type() == K.scalar_type() && out->is_contiguous(),
+                "factorised_pass: out must be a contiguous CPU tensor of K's shape and dtype");
+    // out may be K itself (the step in place: each block is read before it is written), not part of it
+    TORCH_CHECK(out->data_ptr() == K.data_ptr() || at::get_overlap_status(*out, K) == at::MemOverlapStatus::No,
+                "factorised_pass: out must be K itself or not overlap it");
+  }
   Tensor lp = lambda_perp.contiguous(), lg = lambda_G.contiguous();
   const double* lpp = lp.data_ptr<double>();
   const double* lgp = lg.data_ptr<double>();

@@ -149,7 +149,8 @@ class FactorisedPlan:
             Y = Y.permute(1, 3, 5, 0, 2, 4).reshape(B, do, di * D * X)  # [B, d_out, d_in D X]
             if fo.Q is not None:
                 Y = _rotate(_q_on(fo, a.device, a.dtype).T, Y)
-            H = torch.empty_like(Y)
+            # contiguous: without a rotation Y is the permuted view's reshape, which may keep its strides
+            H = torch.empty_like(Y, memory_format=torch.contiguous_format)
             for ob, db in empty_rows:  # output irreps that no input irrep maps to
                 H[:, ob: ob + db] = 0
             for ob, db, U in slot_maps:

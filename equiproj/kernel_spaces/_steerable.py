@@ -472,7 +472,10 @@ def _plan_inputs(weights, spaces, reps, idx):
         sp, (ri, ro), w = spaces[i], reps[i], weights[i]
         plan = sp.plan(ri, ro)
         plans.append(plan)
-        Xs.append(plan.to_plan_coordinates(sp._pixels(w, ri, ro)))
+        K = sp._pixels(w, ri, ro)
+        if plan.layout != "fields":  # the change of basis in the compute dtype, not in a half weight's own
+            K = K.to(_ops.accumulation_dtype(w.dtype))
+        Xs.append(plan.to_plan_coordinates(K))
     return plans, Xs
 
 

@@ -228,5 +228,5 @@ def test_the_kernel_refuses_what_it_cannot_address():
         run(maps=maps[:-1])
     with pytest.raises(RuntimeError, match="one float64 lambda per batch item"):
         run(lp=one.float())
-    with pytest.raises(RuntimeError, match="out must be contiguous"):
+    with pytest.raises(RuntimeError, match="out must be a contiguous CPU tensor"):
         run(out=Kp.transpose(1, 2), write=2)
