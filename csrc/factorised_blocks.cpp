@@ -317,16 +317,18 @@ inline void band_to_rows(const float* const* h, int64_t D, const float* phit, in
     for (int w = 0; w < NV; ++w) _mm256_storeu_ps(pk + r * Pp + p0 + 8 * w, acc[r][w]);
 }
 
-// The squares of K - PK of one row, in float32 lanes (at most P / 8 terms per lane; the last P mod 8 entries,
-// in scalars, go to tail), and the gradient written or added. No masked store: they are slow on some CPUs.
-inline __m256 residual_row(const float* k, const float* pk, float* o, int64_t P, int write, __m256 cp2, __m256 cg2,
-                           double& tail) {
-  __m256 e = _mm256_setzero_ps();
+// The squares of K - PK of one row added to e0, e1 in float64 lanes (the last P mod 8 entries, in scalars, to
+// tail: squares of residuals below 1e-19 are subnormal in float32), and the gradient written or added. No
+// masked store: they are slow on some CPUs.
+inline void residual_row(const float* k, const float* pk, float* o, int64_t P, int write, __m256 cp2, __m256 cg2,
+                         __m256d& e0, __m256d& e1, double& tail) {
   int64_t p = 0;
   for (; p + 8 <= P; p += 8) {
     const __m256 pv = _mm256_loadu_ps(pk + p);
     const __m256 r = _mm256_sub_ps(_mm256_loadu_ps(k + p), pv);
-    e = _mm256_fmadd_ps(r, r, e);
+    const __m256d r0 = _mm256_cvtps_pd(_mm256_castps256_ps128(r)), r1 = _mm256_cvtps_pd(_mm256_extractf128_ps(r, 1));
+    e0 = _mm256_fmadd_pd(r0, r0, e0);
+    e1 = _mm256_fmadd_pd(r1, r1, e1);
     if (write) {
       __m256 g = _mm256_fmadd_ps(cp2, r, _mm256_mul_ps(cg2, pv));
       if (write == 2) g = _mm256_add_ps(_mm256_loadu_ps(o + p), g);
@@ -346,7 +348,6 @@ inline __m256 residual_row(const float* k, const float* pk, float* o, int64_t P,
         o[p] = o[p] + std::fma(c[0], r, c[8] * pk[p]);
     }
   }
-  return e;
 }
 
 template <int RB>
@@ -464,10 +465,8 @@ double from_band_block(const Blocks& G, const float* K, const float* y, float* o
         rows_from_band<1>(G, hs, pk);
     }
     for (int i = 0; i < rb; ++i) {
-      const __m256 e = residual_row(K + off[r + i], pk + i * G.Pp, out ? out + off[r + i] : nullptr, G.P, write, c2p,
-                                    c2g, tail);
-      e0 = _mm256_add_pd(e0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
-      e1 = _mm256_add_pd(e1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+      residual_row(K + off[r + i], pk + i * G.Pp, out ? out + off[r + i] : nullptr, G.P, write, c2p, c2g, e0, e1,
+                   tail);
     }
   }
   alignas(32) double t[4];

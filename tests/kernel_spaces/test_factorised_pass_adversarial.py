@@ -216,7 +216,7 @@ def test_batched_non_contiguous_with_per_item_and_negative_lambdas():
         torch.testing.assert_close(buf.double(), before - (Kij - PK) + PK, rtol=0, atol=tol * float(Kij.abs().max()))
 
 
-@pytest.mark.parametrize("scale", [1e16, 1e-17, 1e-150])
+@pytest.mark.parametrize("scale", [1e16, 1e-17, 1e-21, 1e-150])  # 1e-21: squares subnormal in float32
 def test_huge_and_tiny_magnitudes(scale, plain):
     sp, ri, ro = _case("O2-k7")
     gen = torch.Generator().manual_seed(5)
