@@ -35,6 +35,8 @@ from equiproj.kernel_spaces import _factorised
 from equiproj.kernel_spaces._factorised import blocks_available, factorised_plan
 from equiproj.testing import random_orthogonal
 from equiproj.testing import relative_error as rel
+# the pass on a layer (checking that it takes the block kernels) and the AVX2 / plain-loops fixture
+from test_factorised_blocks import _run as _plan_run, plain  # noqa: F401 (plain: a fixture)
 
 pytestmark = pytest.mark.skipif(not blocks_available(), reason="the C++ extension equiproj._C is not built")
 
@@ -86,18 +88,6 @@ def _dense(name):
 def _weight(sp, ri, ro, gen, batch=()):
     shape = batch + (ro.dim, ri.dim) + (sp.kernel_size,) * sp.spatial_dims
     return torch.randn(shape, dtype=torch.float64, generator=gen)
-
-
-def _plan_run(sp, ri, ro, K, *args, **kwargs):
-    plan = factorised_plan(sp, ri, ro)
-    assert plan.runs_blocks(K) and not plan.runs_closed_form(K)
-    return plan.run(sp._pixels(K, ri, ro), *args, **kwargs)
-
-
-@pytest.fixture(params=[False, True], ids=["avx2", "plain"])
-def plain(request, monkeypatch):
-    monkeypatch.setattr(_factorised, "_PLAIN_BLOCKS", request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("name", list(CASES))
