@@ -48,7 +48,7 @@ from .._caches import bytes_cached
 from ..groups import Rep
 from ..kernels.inputs import accumulation_dtype, autocast_off
 from ._pixel_plan import hom_basis
-from ._regular_band import kernel_available, regular_band
+from ._regular_band import _pad, kernel_available, regular_band
 
 __all__ = ["FactorisedPlan", "factorised_plan", "factorised_one"]
 
@@ -318,10 +318,8 @@ def _block_tables_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dt
     Phi = plan.space.sampled
     P, D = Phi.shape
     Dp, Pp = -(-D // 8) * 8, -(-P // 8) * 8
-    phi = torch.zeros(P, Dp, dtype=dtype, device=device)
-    phi[:, :D] = Phi.to(device=device, dtype=dtype)
-    phiT = torch.zeros(D, Pp, dtype=dtype, device=device)
-    phiT[:, :P] = Phi.T.to(device=device, dtype=dtype)
+    phi = _pad(Phi, Dp).to(device=device, dtype=dtype).contiguous()
+    phiT = _pad(Phi.T, Pp).to(device=device, dtype=dtype).contiguous()
     m, n = plan.rep_out.dim, plan.rep_in.dim
     rows = plan._out_perm if plan._out_perm is not None else torch.arange(m)
     cols = plan._in_perm if plan._in_perm is not None else torch.arange(n)
