@@ -19,8 +19,8 @@
 // otherwise (also what `plain=true` runs, for tests).
 //
 // Work item = one row block (one batch item, one copy of one output field) against every input
-// field; items run in parallel and write their own partial sums, added in item order (the result
-// does not depend on the thread count).
+// field; items run in parallel, cut by cost into one contiguous range per thread (work_cuts.h), and
+// write their own partial sums, added in item order (the result does not depend on the thread count).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -34,6 +34,8 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "work_cuts.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define EQUIPROJ_TILES_X86 1
@@ -235,7 +237,17 @@ void run(const Call<X>& C, const std::vector<TilePair>& pairs, const std::vector
     max_rank = p.r > max_rank ? p.r : max_rank;
     max_dout = p.d_out > max_dout ? p.d_out : max_dout;
   }
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+  // an item's cost: its weights times the flops per weight of each pair (a rank-0 pair still reads
+  // and writes its entries)
+  std::vector<double> group_cost(group_first.size() - 1, 0.0);
+  for (size_t gi = 0; gi + 1 < group_first.size(); ++gi)
+    for (int64_t pi = group_first[gi]; pi < group_first[gi + 1]; ++pi) {
+      const TilePair& p = pairs[pi];
+      group_cost[gi] += double(p.d_out * p.ci * p.n) * double(4 * p.r + 4);
+    }
+  std::vector<double> cost(items);
+  for (int64_t it = 0; it < items; ++it) cost[it] = group_cost[item_group[it % per_batch]];
+  parallel_by_cost(cost, [&](int64_t i0, int64_t i1) {
     std::vector<const X*> xr(max_dout);
     std::vector<X*> gr(max_dout);
     std::vector<double> coef(max_rank);  // the coefficients of one tile (ranks above kMaxUnrolled)
@@ -395,6 +407,12 @@ std::tuple<Tensor, Tensor> pixel_tile_pass(const Tensor& W, const Tensor& pairs_
 
 std::string pixel_tile_isa() { return tile_kernels(false).isa; }
 
+// Test hook: the item ranges of cuts_by_cost for these costs and parts.
+std::vector<int64_t> cost_cuts(std::vector<double> cost, int64_t parts) {
+  TORCH_CHECK_VALUE(parts >= 1, "cost_cuts: parts must be at least 1");
+  return cuts_by_cost(cost, parts);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(equiproj_cpu, m) {
@@ -402,6 +420,7 @@ TORCH_LIBRARY_FRAGMENT(equiproj_cpu, m) {
         "Tensor(a!)? out, int write, bool plain, int[] batch) -> (Tensor, Tensor)",
         &pixel_tile_pass);
   m.def("pixel_tile_isa() -> str", &pixel_tile_isa);
+  m.def("cost_cuts(float[] cost, int parts) -> int[]", &cost_cuts);
 }
 
 }  // namespace equiproj_cpu

@@ -114,22 +114,41 @@ def test_vector_kernel_matches_the_plain_loop(case, gen):
             gc.abs().max())
 
 
-def test_result_does_not_depend_on_the_thread_count(gen):
-    sp, ri, ro = _layer(CASES[1])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_result_does_not_depend_on_the_thread_count(case, gen):
+    # the items are cut by cost, one range per thread: fields of different dimensions and ranks, 1-3
+    # threads (3 on fewer items than threads for the smallest case), every partial sum in item order
+    sp, ri, ro = _layer(case)
     t = tile_tables(sp.plan(ri, ro))
     W = torch.randn(3, t.m, t.n, generator=gen)
     lp = lg = torch.full((3,), 0.5, dtype=torch.float64)
     previous = torch.get_num_threads()
     runs = []
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             out = torch.empty_like(W)
             runs.append((*torch.ops.equiproj_cpu.pixel_tile_pass(W, t.pairs, t.basis, lp, lg, out, 1, False, [3]), out))
     finally:
         torch.set_num_threads(previous)
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_cuts_by_cost_balance_the_threads():
+    cuts = torch.ops.equiproj_cpu.cost_cuts
+    # a 1-row field's items, then 3-row and 5-row ones: by count, 40 of the 144 rows against 104
+    cost = [1.0] * 16 + [3.0] * 16 + [5.0] * 16
+    starts = cuts(cost, 2)
+    assert starts[0] == 0 and starts[-1] == len(cost)
+    halves = [sum(cost[a:b]) for a, b in zip(starts, starts[1:])]
+    assert abs(halves[0] - halves[1]) <= max(cost)
+    # more parts than items: empty ranges, still ordered and covering
+    starts = cuts([2.0, 7.0], 5)
+    assert starts[0] == 0 and starts[-1] == 2 and all(a <= b for a, b in zip(starts, starts[1:]))
+    assert cuts([], 3) == [0, 0, 0, 0]
+    assert cuts([0.0, 0.0, 0.0], 2)[-1] == 3
 
 
 def test_batched_weights_with_per_kernel_lambdas(gen):
