@@ -26,7 +26,9 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -1207,7 +1209,7 @@ class Prepared : public torch::CustomClassHolder {
 
   // sum lambda_perp E_perp + lambda_G E_G as a 0-dim tensor (float64 if `wide`, else float32),
   // differentiable in the parameters: the run writes the gradient into fresh tensors, which the
-  // autograd node (PenaltyValue, below) hands over in the backward. Node and run are C++: in a
+  // autograd node (PenaltyBackward, below) hands over in the backward. Node and run are C++: in a
   // training step a Python autograd.Function cost about as much as the run itself (measured,
   // docs/benchmarks.md).
   Tensor penalty(bool wide);
@@ -1285,53 +1287,47 @@ class Prepared : public torch::CustomClassHolder {
 // or adds into it), scaled in place by the incoming gradient where that is not 1. A second backward
 // through a retained graph (the tensors were given away) runs again with the forward's lambdas, on
 // the weights as they are: it refuses if one was changed in place since the forward (by its version
-// counter, which saved-tensor hooks that copy what is saved do not hide).
-struct PenaltyValue : torch::autograd::Function<PenaltyValue> {
-  static Tensor forward(torch::autograd::AutogradContext* ctx, const c10::intrusive_ptr<Prepared>& program,
-                        bool wide, at::TensorList params) {
-    std::vector<double> lambda_perp = program->lambdas(true), lambda_G = program->lambdas(false);
-    auto [value, grads] = program->fresh_with(lambda_perp, lambda_G);
-    ctx->saved_data["lambda_perp"] = std::move(lambda_perp);
-    ctx->saved_data["lambda_G"] = std::move(lambda_G);
-    ctx->saved_data["program"] = program;
-    ctx->saved_data["grads"] = std::move(grads);
-    ctx->saved_data["versions"] = program->versions();
-    ctx->save_for_backward(params.vec());
-    // written directly: a fill through the dispatcher costs more than the rest of the node
-    Tensor out = at::empty({}, at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat));
-    if (wide)
-      *out.data_ptr<double>() = value;
-    else
-      *out.data_ptr<float>() = static_cast<float>(value);
-    return out;
+// counter, which saved-tensor hooks that copy what is saved do not hide), or if the graph was freed.
+// A plain Node with C++ members rather than a torch::autograd::Function: the Function's saved_data
+// (IValues under string keys), saved variables and output wrapping cost more than the rest of the
+// node in a training step, where every call meets cold caches (docs/benchmarks.md).
+struct PenaltyBackward : torch::autograd::Node {
+  PenaltyBackward(torch::autograd::edge_list&& next, c10::intrusive_ptr<Prepared> program,
+                  std::vector<double> lambda_perp, std::vector<double> lambda_G, std::vector<Tensor> grads,
+                  std::vector<int64_t> versions)
+      : Node(std::move(next)),
+        program_(std::move(program)),
+        lambda_perp_(std::move(lambda_perp)),
+        lambda_G_(std::move(lambda_G)),
+        grads_(std::move(grads)),
+        versions_(std::move(versions)) {}
+
+  std::string name() const override { return "PenaltyBackward"; }
+
+  void release_variables() override {
+    grads_.clear();
+    released_ = true;
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_value) {
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grad_value) override {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "equiproj::fused_energies does not support double backward (create_graph=True); use "
                 "backend='torch' for higher derivatives");
-    at::IValue& slot = ctx->saved_data["grads"];
     std::vector<Tensor> grads;
-    if (slot.isTensorList()) {
-      grads = slot.toTensorVector();
-      slot = at::IValue();  // given away: autograd may take each as the .grad without a copy
+    if (!grads_.empty()) {
+      grads = std::move(grads_);  // given away: autograd may take each as the .grad without a copy
+      grads_.clear();
     } else {
-      ctx->get_saved_variables();  // raises if the graph was freed (or a weight changed in place)
-      const auto program = ctx->saved_data["program"].toCustomClass<Prepared>();
-      TORCH_CHECK(program->versions() == ctx->saved_data["versions"].toIntVector(),
+      TORCH_CHECK(!released_, torch::autograd::ERR_BACKWARD_TWICE);
+      TORCH_CHECK(program_->versions() == versions_,
                   "one of the variables needed for gradient computation has been modified by an inplace "
                   "operation: a weight of the penalty changed since penalty() was called; call penalty() again");
-      grads = std::get<1>(program->fresh_with(ctx->saved_data["lambda_perp"].toDoubleVector(),
-                                              ctx->saved_data["lambda_G"].toDoubleVector()));
+      grads = std::get<1>(program_->fresh_with(lambda_perp_, lambda_G_));
     }
     const Tensor& g = grad_value[0];
     if (g.defined() && incoming(g) != 1.0)
       for (Tensor& t : grads) t.mul_(g);
-    torch::autograd::variable_list out(2);  // nothing for the program and `wide`
-    out.reserve(2 + grads.size());
-    for (Tensor& t : grads) out.push_back(std::move(t));
-    return out;
+    return grads;
   }
 
   // The incoming gradient's value: read in place where it is a plain CPU float or double.
@@ -1343,11 +1339,30 @@ struct PenaltyValue : torch::autograd::Function<PenaltyValue> {
     }
     return g.item<double>();
   }
+
+ private:
+  c10::intrusive_ptr<Prepared> program_;
+  std::vector<double> lambda_perp_, lambda_G_;
+  std::vector<Tensor> grads_;
+  std::vector<int64_t> versions_;
+  bool released_ = false;
 };
 
 Tensor Prepared::penalty(bool wide) {
-  return PenaltyValue::apply(c10::intrusive_ptr<Prepared>::unsafe_reclaim_from_nonowning(this), wide,
-                             at::TensorList(params_));
+  std::vector<double> lambda_perp = lambdas(true), lambda_G = lambdas(false);
+  auto [value, grads] = fresh_with(lambda_perp, lambda_G);
+  // written directly: a fill through the dispatcher costs more than the rest of the node
+  Tensor out = at::empty({}, at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat));
+  if (wide)
+    *out.data_ptr<double>() = value;
+  else
+    *out.data_ptr<float>() = static_cast<float>(value);
+  if (!at::GradMode::is_enabled() || !torch::autograd::compute_requires_grad(params_)) return out;
+  auto node = c10::make_intrusive<PenaltyBackward>(
+      torch::autograd::collect_next_edges(params_), c10::intrusive_ptr<Prepared>::unsafe_reclaim_from_nonowning(this),
+      std::move(lambda_perp), std::move(lambda_G), std::move(grads), versions());
+  torch::autograd::set_history(out, node);
+  return out;
 }
 
 int64_t num_threads() { return at::get_num_threads(); }

@@ -395,6 +395,23 @@ def test_double_backward_is_refused(gen):
         torch.autograd.grad(pen(), list(model.parameters()), create_graph=True)
 
 
+def test_a_freed_graph_refuses_a_second_backward(gen, monkeypatch):
+    """The node's edges lead to the parameters' accumulators only; once the engine freed the graph
+    (no retain_graph) a second backward raises autograd's own error instead of running again."""
+    model = make_model(gen)
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    value = pen()
+    assert is_cpp_node(value) and value.grad_fn.name() == "PenaltyBackward"
+    leaves = {id(f.variable) for f, _ in value.grad_fn.next_functions}
+    assert leaves == {id(p) for p in model.parameters()}
+    value.backward()
+    _, want = reference_grads(model, monkeypatch)
+    close_all([p.grad for p in model.parameters()], want, TOL[torch.float32], "first backward")
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        value.backward()
+    close_all([p.grad for p in model.parameters()], want, TOL[torch.float32], "after the refused backward")
+
+
 def test_redeclared_layers_between_calls(gen, monkeypatch):
     model = make_model(gen)
     pen = ProjectionPenalty(model, **LAMBDAS)
