@@ -176,6 +176,52 @@ def test_node_hooks_and_next_functions(gen, monkeypatch):
     close_all(grads_of(model), [-12 * w for w in want], F32, "hooked gradients, twice")
 
 
+def test_the_node_called_directly_then_by_the_engine(gen, monkeypatch):
+    model = make_model(gen)
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    _, want = reference_grads(model, monkeypatch)
+    value = pen()
+    with pytest.raises(RuntimeError):  # with grad mode on, a call could be differentiated again
+        value.grad_fn(torch.tensor(2.0))
+    with torch.no_grad():
+        first = value.grad_fn(torch.tensor(2.0))  # hands over the forward's gradient
+        second = value.grad_fn(torch.tensor(-1.0))  # runs the kernel
+    close_all(first, [2 * w for w in want], F32, "direct call")
+    close_all(second, [-w for w in want], F32, "second direct call")
+    assert all(p.grad is None for p in model.parameters())
+    value.backward()
+    close_all(grads_of(model), want, F32, "the engine's backward after direct calls")
+
+
+def test_in_place_ops_on_the_value(gen, monkeypatch):
+    model = make_model(gen)
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    want_v, want = reference_grads(model, monkeypatch)
+    value = pen()
+    value.mul_(3.0).add_(1.0)
+    assert value.grad_fn.name() != "PenaltyBackward" and value.grad_fn.next_functions[0][0].name() == "MulBackward0"
+    close(value, 3 * want_v + 1, 1e-6, "value after mul_ and add_")
+    value.backward()
+    close_all(grads_of(model), [3 * w for w in want], F32, "gradient through in-place ops on the value")
+
+
+def test_a_backward_that_skips_the_node_leaves_it_whole(gen, monkeypatch):
+    model = make_model(gen)
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    _, want = reference_grads(model, monkeypatch)
+    x = torch.randn(3, requires_grad=True, generator=gen)
+    value = pen()
+    called = []
+    value.grad_fn.register_prehook(lambda go: called.append(1))
+    (gx,) = torch.autograd.grad(2 * x.sum() + value, [x])  # the graph is freed, the penalty's node never ran
+    assert torch.equal(gx, torch.full_like(x, 2.0)) and not called
+    assert all(p.grad is None for p in model.parameters())
+    with torch.autograd.profiler.profile() as prof:
+        value.backward()
+    assert called and any(e.name == "PenaltyBackward" for e in prof.function_events)
+    close_all(grads_of(model), want, F32, "backward of the value after a backward that skipped it")
+
+
 def test_a_bumped_version_refuses_the_second_backward(gen, monkeypatch):
     model = make_model(gen)
     pen = ProjectionPenalty(model, **LAMBDAS)
