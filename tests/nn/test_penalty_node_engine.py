@@ -26,7 +26,7 @@ from torch import nn
 
 from equiproj import Rep, ops
 from equiproj.nn import ProjectionPenalty, declare
-from test_penalty_node_adversarial import (G, LAMBDAS, R_IN, R_MID, TOL, PassThrough, close, close_all,  # noqa: F401
+from test_penalty_node_adversarial import (G, LAMBDAS, R_IN, R_MID, TOL, PassThrough, close, close_all,
                                            is_cpp_node, make_model, reference_grads)
 
 pytestmark = pytest.mark.skipif(not ops.cpp_available(), reason="the C++ extension is not built")
