@@ -1137,6 +1137,7 @@ class Prepared : public torch::CustomClassHolder {
 
   // The energies alone, in two flat tensors as the op returns them.
   std::tuple<Tensor, Tensor> energies() {
+    refuse_tangents();
     std::lock_guard<std::mutex> lock(mutex_);
     for (size_t i = 0; i < layers_.size(); ++i) set(i, nullptr, false, 0, 0);
     return energies_of(run_layers(layers_, wide_, {}));
@@ -1144,6 +1145,7 @@ class Prepared : public torch::CustomClassHolder {
 
   // sum lambda_perp E_perp + lambda_G E_G in float64, from the energies alone.
   double value() {
+    refuse_tangents();
     std::lock_guard<std::mutex> lock(mutex_);
     for (size_t i = 0; i < layers_.size(); ++i) set(i, nullptr, false, 0, 0);
     return weighted(run_items(layers_));
@@ -1224,6 +1226,16 @@ class Prepared : public torch::CustomClassHolder {
   }
 
  private:
+  // Forward-mode AD: the kernels read the parameters' values only, so a value computed from dual
+  // parameters would carry no tangent (read as zero): refused instead.
+  void refuse_tangents() const {
+    for (const Tensor& P : params_)
+      TORCH_CHECK(!P._fw_grad(/*level=*/0).defined(),
+                  "the fused penalty does not support forward-mode AD (a parameter is a dual tensor): its value "
+                  "would carry no tangent; compute it with the 'reference' backend (EQUIPROJ_BACKEND=reference) "
+                  "or differentiate it with reverse-mode autograd");
+  }
+
   std::tuple<double, std::vector<Tensor>> fresh_locked(const std::vector<double>& lambda_perp,
                                                        const std::vector<double>& lambda_G) {
     const size_t nl = layers_.size();
@@ -1313,6 +1325,9 @@ struct PenaltyBackward : torch::autograd::Node {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "equiproj::fused_energies does not support double backward (create_graph=True); use "
                 "backend='torch' for higher derivatives");
+    const Tensor& g = grad_value[0];
+    if (!g.defined())  // no gradient flows into the value (e.g. a Function that returned None): none out
+      return torch::autograd::variable_list(num_outputs());
     std::vector<Tensor> grads;
     if (!grads_.empty()) {
       grads = std::move(grads_);  // given away: autograd may take each as the .grad without a copy
@@ -1324,20 +1339,21 @@ struct PenaltyBackward : torch::autograd::Node {
                   "operation: a weight of the penalty changed since penalty() was called; call penalty() again");
       grads = std::get<1>(program_->fresh_with(lambda_perp_, lambda_G_));
     }
-    const Tensor& g = grad_value[0];
-    if (g.defined() && incoming(g) != 1.0)
-      for (Tensor& t : grads) t.mul_(g);
+    if (plain(g)) {
+      const double s = g.scalar_type() == at::kFloat ? double(*g.const_data_ptr<float>()) : *g.const_data_ptr<double>();
+      if (s != 1.0)
+        for (Tensor& t : grads) t.mul_(s);
+    } else {  // any other tensor (another dtype, a subclass, batched under is_grads_batched): torch's product
+      for (Tensor& t : grads) t = t.mul(g);
+    }
     return grads;
   }
 
-  // The incoming gradient's value: read in place where it is a plain CPU float or double.
-  static double incoming(const Tensor& g) {
-    if (g.device().is_cpu() && g.layout() == at::kStrided && !g.is_neg() && !g.is_conj() &&
-        !g.key_set().has_any(c10::DispatchKeySet(c10::DispatchKey::Python))) {
-      if (g.scalar_type() == at::kFloat) return *g.const_data_ptr<float>();
-      if (g.scalar_type() == at::kDouble) return *g.const_data_ptr<double>();
-    }
-    return g.item<double>();
+  // Whether the incoming gradient is a plain CPU float or double, whose value is read in place.
+  static bool plain(const Tensor& g) {
+    return g.device().is_cpu() && g.layout() == at::kStrided && g.has_storage() && !g.is_neg() && !g.is_conj() &&
+           !g.key_set().has_any(c10::DispatchKeySet(c10::DispatchKey::Python)) &&
+           (g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble);
   }
 
  private:
@@ -1349,6 +1365,13 @@ struct PenaltyBackward : torch::autograd::Node {
 };
 
 Tensor Prepared::penalty(bool wide) {
+  refuse_tangents();
+  // The gradients and the value are made below torch.func's transforms, whose factory functions return
+  // wrappers without storage: inside a transform the value is a constant of the transformed function
+  // (the penalty reads the model's parameters, not the transform's inputs; a transform of the parameters
+  // themselves is refused where the program is prepared).
+  c10::impl::ExcludeDispatchKeyGuard below_functorch(c10::DispatchKeySet(
+      {c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode}));
   std::vector<double> lambda_perp = lambdas(true), lambda_G = lambdas(false);
   auto [value, grads] = fresh_with(lambda_perp, lambda_G);
   // written directly: a fill through the dispatcher costs more than the rest of the node

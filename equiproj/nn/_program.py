@@ -355,6 +355,13 @@ class PenaltyProgram:
                             else torch.float32)
         self.fast, terms_per_layer = [], []
         for i, (name, m, d) in enumerate(layers):
+            if any(p is not None and torch._C._functorch.is_functorch_wrapped_tensor(p)
+                   for p in (m.weight, getattr(m, "bias", None))):
+                raise RuntimeError(
+                    f"layer {name!r}: its parameters are torch.func transform inputs (functional_call inside "
+                    "torch.func.grad, vjp, jacrev, ...); ProjectionPenalty reads the model's own parameters and "
+                    "does not run under such a transform: differentiate the penalty with autograd "
+                    "(penalty().backward() or torch.autograd.grad) outside it")
             if any(is_dtensor(p) for p in (m.weight, getattr(m, "bias", None))):
                 continue
             with torch.enable_grad():  # the weights' views keep their graph even if built under no_grad

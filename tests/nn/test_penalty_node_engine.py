@@ -15,7 +15,6 @@ to the largest entry for float32).
 from __future__ import annotations
 
 import gc
-import re
 import threading
 import warnings
 import weakref
@@ -134,12 +133,7 @@ class DropGradient(torch.autograd.Function):
         return None
 
 
-@pytest.mark.parametrize("route", [
-    pytest.param("cpp node", marks=pytest.mark.xfail(strict=True, reason=(
-        "PenaltyBackward::apply treats an undefined incoming gradient as 1: it hands over the whole "
-        "penalty gradient instead of none (an autograd.Function materialises it as zeros first)"))),
-    "python node",
-])
+@pytest.mark.parametrize("route", ["cpp node", "python node"])
 def test_an_undefined_incoming_gradient_contributes_nothing(route, gen):
     model = make_model(gen)
     pen = ProjectionPenalty(model, **LAMBDAS)
@@ -382,22 +376,14 @@ def test_vmap_of_a_function_of_the_value(gen, monkeypatch):
 CLEAR_FUNC_ERROR = r"torch\.func|functorch"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Prepared::penalty writes its value through out.data_ptr() of at::empty({}), which under "
-    "torch.func.grad is a functorch wrapper without storage: RuntimeError 'Cannot access data pointer "
-    "of Tensor that doesn't have storage', which does not say what to do"))
 def test_func_grad_of_a_task_plus_the_penalty(gen):
     model = make_model(gen)
     pen = ProjectionPenalty(model, **LAMBDAS)
     pen()  # the program exists before the transform
     x = torch.randn(3, R_IN.dim, generator=gen)
     want = torch.func.grad(lambda x: model(x).square().mean())(x)
-    try:
-        got = torch.func.grad(lambda x: model(x).square().mean() + pen())(x)
-    except Exception as e:  # noqa: BLE001 (an error is acceptable only when it says what to do)
-        message = str(e).splitlines()[0]  # without the C++ backtrace (its file names)
-        assert re.search(CLEAR_FUNC_ERROR, message), f"unclear error under torch.func.grad: {message}"
-        return
+    # the penalty reads the model's parameters, not x: a constant of the transformed function
+    got = torch.func.grad(lambda x: model(x).square().mean() + pen())(x)
     close(got, want, F32, "d(task + penalty)/dx")
 
 
@@ -435,10 +421,6 @@ def test_functional_call_differentiates_the_substitutes(gen, monkeypatch):
     close_all(grads_of(model), want, F32, "after functional_call")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the program is prepared inside the transform (functional_call swapped the parameters for "
-    "functorch wrappers): _program._shares_storage calls untyped_storage() on a wrapper and raises "
-    "NotImplementedError 'Cannot access storage of TensorWrapper', which does not say what to do"))
 def test_func_grad_through_functional_call(gen, monkeypatch):
     model = make_model(gen)
     pen = ProjectionPenalty(model, **LAMBDAS)
@@ -446,16 +428,9 @@ def test_func_grad_through_functional_call(gen, monkeypatch):
     pen()
     x = torch.randn(3, R_IN.dim, generator=gen)
     params = {f"model.{k}": v.detach().clone() for k, v in model.named_parameters()}
-    _, want = reference_grads(model, monkeypatch)
-    task = torch.autograd.grad(model(x).square().mean(), list(model.parameters()))
-    try:
-        got = torch.func.grad(lambda p: torch.func.functional_call(step, p, (x,)))(params)
-    except Exception as e:  # noqa: BLE001 (an error is acceptable only when it says what to do)
-        message = str(e).splitlines()[0]  # without the C++ backtrace (its file names)
-        assert re.search(CLEAR_FUNC_ERROR, message), f"unclear error under torch.func.grad: {message}"
-        return
-    close_all(list(got.values()), [t.double() + w for t, w in zip(task, want)], F32,
-              "d(task + penalty)/dparams")
+    # the parameters are the transform's inputs: refused, saying what to do instead
+    with pytest.raises(RuntimeError, match=CLEAR_FUNC_ERROR):
+        torch.func.grad(lambda p: torch.func.functional_call(step, p, (x,)))(params)
 
 
 @pytest.mark.parametrize("route", ["cpp node", "python node"])
@@ -481,15 +456,7 @@ def test_compiled_autograd_works_or_says_to_go_without(route, gen, monkeypatch):
     close_all(grads_of(model), want, F32, f"compiled autograd, {route}")
 
 
-@pytest.mark.parametrize("route", [
-    pytest.param("cpp node", marks=pytest.mark.xfail(strict=True, reason=(
-        "PenaltyBackward::incoming reads the incoming gradient through const_data_ptr(); under "
-        "is_grads_batched it is a vmap BatchedTensor without storage: RuntimeError 'Cannot access data "
-        "pointer of Tensor that doesn't have storage', which does not say what to do"))),
-    pytest.param("python node", marks=pytest.mark.xfail(strict=True, reason=(
-        "the Python node reads the incoming gradient with item(): 'Batching rule not implemented for "
-        "aten::item', which does not say what to do"))),
-])
+@pytest.mark.parametrize("route", ["cpp node", "python node"])
 def test_batched_incoming_gradients(route, gen, monkeypatch):
     model = make_model(gen)
     pen = ProjectionPenalty(model, **LAMBDAS)
@@ -497,12 +464,7 @@ def test_batched_incoming_gradients(route, gen, monkeypatch):
     scales = torch.tensor([1.0, -2.0, 0.5])
     with PassThrough() if route == "python node" else torch.autograd.grad_mode.enable_grad():
         value = pen()
-    try:
-        got = torch.autograd.grad(value, list(model.parameters()), grad_outputs=scales, is_grads_batched=True)
-    except Exception as e:  # noqa: BLE001 (an error is acceptable only when it says what to do)
-        message = str(e).splitlines()[0]
-        assert re.search(r"is_grads_batched|batched grad", message), f"unclear error for batched gradients: {message}"
-        return
+    got = torch.autograd.grad(value, list(model.parameters()), grad_outputs=scales, is_grads_batched=True)
     for g, w in zip(got, want):
         assert g.shape == (len(scales), *w.shape)
         for k, s in enumerate(scales.tolist()):
@@ -520,16 +482,7 @@ class PenaltyOf(nn.Module):
         return self.pen()
 
 
-@pytest.mark.parametrize("route", [
-    pytest.param("cpp node", marks=pytest.mark.xfail(strict=True, reason=(
-        "forward-mode AD: Prepared::penalty makes its output and PenaltyBackward without looking at "
-        "the parameters' tangents, so the value carries no tangent (read as 0) instead of <grad, t>; "
-        "silently wrong (an autograd.Function raises that it has no jvp)"))),
-    pytest.param("no grad", marks=pytest.mark.xfail(strict=True, reason=(
-        "forward-mode AD with dual parameters that do not require grad: FusedMatrices.value takes "
-        "the prepared program's value() (a float) and drops the tangents; silently wrong"))),
-    "reference",
-])
+@pytest.mark.parametrize("route", ["cpp node", "no grad", "reference"])
 def test_forward_mode_ad_gives_the_directional_derivative_or_refuses(route, gen, monkeypatch):
     fwAD = torch.autograd.forward_ad
     model = make_model(gen)
@@ -540,15 +493,14 @@ def test_forward_mode_ad_gives_the_directional_derivative_or_refuses(route, gen,
     pen()
     tangents = [torch.randn(p.shape, generator=gen) for p in model.parameters()]
     expected = sum(float((w * t.double()).sum()) for w, t in zip(want, tangents))
-    try:
-        with fwAD.dual_level():
-            duals = {f"model.{k}": fwAD.make_dual(p.detach().clone().requires_grad_(route != "no grad"), t)
-                     for (k, p), t in zip(model.named_parameters(), tangents)}
-            tangent = fwAD.unpack_dual(torch.func.functional_call(PenaltyOf(model, pen), duals, ())).tangent
-    except Exception as e:  # noqa: BLE001 (an error is acceptable only when it says what to do)
-        message = str(e).splitlines()[0]
-        assert re.search(r"(?i)forward.mode|forward AD|jvp", message), f"unclear error under forward AD: {message}"
-        return
+    with fwAD.dual_level():
+        duals = {f"model.{k}": fwAD.make_dual(p.detach().clone().requires_grad_(route != "no grad"), t)
+                 for (k, p), t in zip(model.named_parameters(), tangents)}
+        if route != "reference":  # the fused kernels read values only: refused, not a value without tangent
+            with pytest.raises(RuntimeError, match="forward-mode AD"):
+                torch.func.functional_call(PenaltyOf(model, pen), duals, ())
+            return
+        tangent = fwAD.unpack_dual(torch.func.functional_call(PenaltyOf(model, pen), duals, ())).tangent
     assert tangent is not None, "the penalty's value lost the parameters' tangents"
     got = float(tangent.detach())
     assert abs(got - expected) <= F32 * max(1.0, abs(expected)), (got, expected)
