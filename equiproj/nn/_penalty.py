@@ -134,7 +134,12 @@ class ProjectionPenalty:
     pass as the value (one read of each weight), and its backward only hands it over. The penalty follows the model: weights are read at each call, and a layer declared,
     re-declared or undeclared after the penalty was built, or a declared module swapped in for
     another, is picked up at the next call (with ``layers`` given as module objects, a module that
-    left the model is an error). Example::
+    left the model is an error). The value is differentiated by reverse-mode autograd in any of
+    its forms (``backward`` with ``inputs=`` or ``retain_graph``, ``torch.autograd.grad``, hooks,
+    batched incoming gradients); inside a ``torch.func`` transform over the model's inputs it is a
+    constant. Refused, each with what to do instead: higher derivatives (``create_graph=True``)
+    and forward-mode AD on the fused kernels, and ``torch.func`` transforms of the parameters
+    themselves. Example::
 
         penalty = ProjectionPenalty(model, lambda_perp=1e-2)
         loss = criterion(model(x), y) + penalty()
