@@ -471,7 +471,8 @@ class _PenaltyValue(torch.autograd.Function):
                                    "call penalty() again")
             grads = ctx.run()[1]
         # the usual incoming gradient is 1 (value.backward()); reading it is free for a plain CPU tensor
-        if type(grad_value) is not torch.Tensor or torch._C._functorch.is_legacy_batchedtensor(grad_value):
+        if type(grad_value) is not torch.Tensor or (not torch.compiler.is_compiling()  # (compiled autograd: no vmap)
+                                                    and torch._C._functorch.is_legacy_batchedtensor(grad_value)):
             return (None, *(g * grad_value for g in grads))  # a subclass, or batched (is_grads_batched)
         if grad_value.device.type != "cpu" or float(grad_value) != 1.0:
             for g in grads:

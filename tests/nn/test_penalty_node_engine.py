@@ -482,6 +482,7 @@ class PenaltyOf(nn.Module):
         return self.pen()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward AD
 @pytest.mark.parametrize("route", ["cpp node", "no grad", "reference"])
 def test_forward_mode_ad_gives_the_directional_derivative_or_refuses(route, gen, monkeypatch):
     fwAD = torch.autograd.forward_ad
