@@ -1323,8 +1323,9 @@ struct PenaltyBackward : torch::autograd::Node {
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grad_value) override {
     TORCH_CHECK(!at::GradMode::is_enabled(),
-                "equiproj::fused_energies does not support double backward (create_graph=True); use "
-                "backend='torch' for higher derivatives");
+                "the fused penalty's backward is not differentiable: no double backward (create_graph=True, or "
+                "the node called with grad mode on); for higher derivatives use the 'torch' backend "
+                "(EQUIPROJ_BACKEND=torch)");
     const Tensor& g = grad_value[0];
     if (!g.defined())  // no gradient flows into the value (e.g. a Function that returned None): none out
       return torch::autograd::variable_list(num_outputs());
