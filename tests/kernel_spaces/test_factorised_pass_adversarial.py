@@ -36,7 +36,7 @@ from equiproj.kernel_spaces._factorised import blocks_available, factorised_plan
 from equiproj.testing import random_orthogonal
 from equiproj.testing import relative_error as rel
 # the pass on a layer (checking that it takes the block kernels) and the AVX2 / plain-loops fixture
-from test_factorised_blocks import _run as _plan_run, plain  # noqa: F401 (plain: a fixture)
+from test_factorised_blocks import _run as _plan_run, check_nearly_equivariant, plain  # noqa: F401 (plain: a fixture)
 
 pytestmark = pytest.mark.skipif(not blocks_available(), reason="the C++ extension equiproj._C is not built")
 
@@ -130,15 +130,7 @@ def test_exactly_and_nearly_equivariant_and_zero_weights(name):
         ref = dense.project(Kd.double())
         assert float(e_perp) <= tol * float(Kd.double().square().sum()) + float((Kd.double() - ref).square().sum()) * 2
         assert rel(e_g, ref.square().sum()) < 1e-5
-    noise = _weight(sp, ri, ro, gen)
-    noise = noise - dense.project(noise)
-    K = K0 + noise * (1e-5 * float(K0.norm() / noise.norm()))
-    want = (K - dense.project(K)).square().sum()
-    assert 1e-11 < float(want / K.square().sum()) < 1e-9
-    e_perp, _, g = _plan_run(sp, ri, ro, K, 1.0, 0.0)
-    assert rel(e_perp, want) < 1e-6
-    torch.testing.assert_close(g.reshape(K.shape), 2 * (K - dense.project(K)), rtol=0,
-                               atol=1e-12 * float(K.abs().max()))
+    K = check_nearly_equivariant(sp, ri, ro, dense, K0, _weight(sp, ri, ro, gen))
     Z = torch.zeros_like(K)
     for dtype in (torch.float64, torch.float32):
         e_perp, e_g, g = _plan_run(sp, ri, ro, Z.to(dtype), 1.0, 1.0)
