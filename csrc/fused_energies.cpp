@@ -50,6 +50,7 @@
 
 #include "plan_columns.h"
 #include "plan_types.h"
+#include "work_cuts.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define EQUIPROJ_X86 1
@@ -984,36 +985,24 @@ std::vector<acc_t> run_items(const std::vector<Layer>& layers) {
       }
   }
   if (items > 0) {
-    // pieces of consecutive items with about kPieceWork entries each, cut by work and not by count:
-    // at::parallel_for hands each thread a contiguous range of pieces, and the row blocks of one
-    // matrix can differ in size (a 1-row and a 3-row field: an even split by count left one of two
-    // threads three times the other's work). Pieces are small (16 KB of float32) so that a thread's
-    // share is off by at most one small piece: with 32 K entries a 91 K-weight MLP went into three
-    // pieces, two for one thread and one for the other. Each item writes its own sums: the result
-    // does not depend on the cut.
-    constexpr int64_t kPieceWork = int64_t(1) << 12;
-    std::vector<int64_t> piece_start{0};
-    int64_t acc = 0;
+    // one range of consecutive items per thread, cut by work and not by count (work_cuts.h): the row
+    // blocks of one matrix can differ in size (a 1-row and a 3-row field: an even split by count left
+    // one of two threads three times the other's work). A call of less than kPartWork entries per
+    // thread runs on fewer threads. Each item writes its own sums: the result does not depend on the cut.
+    constexpr double kPartWork = double(int64_t(1) << 12);
+    std::vector<double> cost(items, 0.0);
     for (int64_t i = 0, it = 0; i < nl; ++i) {
       const Layer& L = layers[i];
       const std::vector<int64_t>& gs = *L.group_start;
       for (int64_t b = 0; b < L.batch; ++b)
         for (size_t g = 0; g < L.groups->size(); ++g) {
-          const int64_t size = (*L.groups)[g].d_out * L.n;
-          for (int64_t u = gs[g]; u < gs[g + 1]; ++u, ++it) {
-            acc += done[it] ? 0 : size;
-            if (acc >= kPieceWork) {
-              piece_start.push_back(it + 1);
-              acc = 0;
-            }
-          }
+          const double size = double((*L.groups)[g].d_out * L.n);
+          for (int64_t u = gs[g]; u < gs[g + 1]; ++u, ++it) cost[it] = done[it] ? 0.0 : size;
         }
     }
-    if (piece_start.back() != items) piece_start.push_back(items);
-    const int64_t pieces = static_cast<int64_t>(piece_start.size()) - 1;
-    at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    parallel_by_cost(cost, [&](int64_t begin, int64_t end) {
       Scratch s;
-      for (int64_t it = piece_start[begin]; it < piece_start[end]; ++it) {
+      for (int64_t it = begin; it < end; ++it) {
         if (done[it]) continue;
         const int64_t i = std::upper_bound(layer_start.begin(), layer_start.end(), it) - layer_start.begin() - 1;
         const Layer& L = layers[i];
@@ -1023,7 +1012,7 @@ std::vector<acc_t> run_items(const std::vector<Layer>& layers) {
         const int64_t g = std::upper_bound(gs.begin(), gs.end(), blk) - gs.begin() - 1;
         L.fn(L, b, (*L.groups)[g], blk - gs[g], s, part.data() + 2 * it);
       }
-    });
+    }, kPartWork);
   }
   std::vector<acc_t> energies;  // E_perp, E_G of each matrix, interleaved
   energies.reserve(2 * items);

@@ -17,13 +17,15 @@
 namespace equiproj_cpu {
 
 // starts[k] .. starts[k + 1], k < parts: the items (cost[i] >= 0 each) cut where the running cost
-// first reaches k / parts of the total. parts = at::get_num_threads() when not given (at least 1);
-// empty ranges are possible when a few items carry the cost.
-inline std::vector<int64_t> cuts_by_cost(const std::vector<double>& cost, int64_t parts = 0) {
+// first reaches k / parts of the total. parts = at::get_num_threads() when not given (at least 1), and
+// no more than total / min_part where min_part > 0 (so that a small call stays on one thread: waking
+// the others costs more than its work); empty ranges are possible when a few items carry the cost.
+inline std::vector<int64_t> cuts_by_cost(const std::vector<double>& cost, int64_t parts = 0, double min_part = 0) {
   if (parts <= 0) parts = std::max<int64_t>(1, at::get_num_threads());
   const int64_t n = static_cast<int64_t>(cost.size());
   std::vector<double> prefix(n + 1, 0.0);
   for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + cost[i];
+  if (min_part > 0) parts = std::max<int64_t>(1, std::min<int64_t>(parts, static_cast<int64_t>(prefix[n] / min_part)));
   std::vector<int64_t> starts(parts + 1, n);
   starts[0] = 0;
   for (int64_t k = 1; k < parts; ++k) {
@@ -36,11 +38,11 @@ inline std::vector<int64_t> cuts_by_cost(const std::vector<double>& cost, int64_
   return starts;
 }
 
-// f(begin, end) over the items, cut by cost into one contiguous range per thread (as
-// at::parallel_for's f: a thread's scratch lives for its range).
+// f(begin, end) over the items, cut by cost into one contiguous range per thread of at least min_part
+// (as at::parallel_for's f: a thread's scratch lives for its range).
 template <typename F>
-inline void parallel_by_cost(const std::vector<double>& cost, const F& f) {
-  const std::vector<int64_t> starts = cuts_by_cost(cost);
+inline void parallel_by_cost(const std::vector<double>& cost, const F& f, double min_part = 0) {
+  const std::vector<int64_t> starts = cuts_by_cost(cost, 0, min_part);
   const int64_t parts = static_cast<int64_t>(starts.size()) - 1;
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     if (starts[p0] < starts[p1]) f(starts[p0], starts[p1]);
