@@ -407,10 +407,10 @@ std::tuple<Tensor, Tensor> pixel_tile_pass(const Tensor& W, const Tensor& pairs_
 
 std::string pixel_tile_isa() { return tile_kernels(false).isa; }
 
-// Test hook: the item ranges of cuts_by_cost for these costs and parts.
-std::vector<int64_t> cost_cuts(std::vector<double> cost, int64_t parts) {
+// Test hook: the item ranges of cuts_by_cost for these costs, parts and least cost per part.
+std::vector<int64_t> cost_cuts(std::vector<double> cost, int64_t parts, double min_part) {
   TORCH_CHECK_VALUE(parts >= 1, "cost_cuts: parts must be at least 1");
-  return cuts_by_cost(cost, parts);
+  return cuts_by_cost(cost, parts, min_part);
 }
 
 }  // namespace
@@ -420,7 +420,7 @@ TORCH_LIBRARY_FRAGMENT(equiproj_cpu, m) {
         "Tensor(a!)? out, int write, bool plain, int[] batch) -> (Tensor, Tensor)",
         &pixel_tile_pass);
   m.def("pixel_tile_isa() -> str", &pixel_tile_isa);
-  m.def("cost_cuts(float[] cost, int parts) -> int[]", &cost_cuts);
+  m.def("cost_cuts(float[] cost, int parts, float min_part=0) -> int[]", &cost_cuts);
 }
 
 }  // namespace equiproj_cpu

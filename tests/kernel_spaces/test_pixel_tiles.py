@@ -149,6 +149,10 @@ def test_cuts_by_cost_balance_the_threads():
     assert starts[0] == 0 and starts[-1] == 2 and all(a <= b for a, b in zip(starts, starts[1:]))
     assert cuts([], 3) == [0, 0, 0, 0]
     assert cuts([0.0, 0.0, 0.0], 2)[-1] == 3
+    # a least cost per part: a small call runs on fewer parts (one below twice the least cost)
+    assert cuts(cost, 2, 150.0) == [0, len(cost)]
+    assert len(cuts(cost, 4, 50.0)) - 1 == 2 and cuts(cost, 4, 50.0)[-1] == len(cost)
+    assert cuts(cost, 2, 0.0) == cuts(cost, 2)
 
 
 def test_batched_weights_with_per_kernel_lambdas(gen):
