@@ -66,6 +66,25 @@ struct Slots {
   const void* maps_t;    // U_s^T, packed
 };
 
+// Phi split by the grid's reflections (equiproj/kernel_spaces/_factorised.py, parity_split): the pixels orbit by
+// orbit (orbits of 2^L pixels, largest first), and per parity class its slots (positions in that order), its
+// band coefficients and Phi_c [slots, coefficients]. z = the Walsh-Hadamard transform of the weight on each
+// orbit; a[d] = sum over d's class of z[slot] Phi_c[slot, d], and back the same transform of
+// w[slot] = sum over the class of h[d] Phi_c[slot, d].
+struct ParityClass {
+  int64_t n, m;          // slots, band coefficients
+  const int64_t* slots;  // [n]
+  const int64_t* cols;   // [m]
+  const float* phi;      // [n, m]
+};
+
+struct Parity {
+  int64_t s = 0;               // reflections (0: no split)
+  int64_t counts[4] = {};      // orbits of 2^L pixels, L = 0 .. s
+  const int64_t* order = nullptr;  // [P]: slot -> pixel
+  std::vector<ParityClass> classes;
+};
+
 inline int64_t round8(int64_t x) { return (x + 7) / 8 * 8; }
 
 // The first element of row (b, j) of block (item, u, v) in the weight.
@@ -430,25 +449,28 @@ double maps_block(const Blocks& G, const Slots& S, const float* y, float* yp, fl
   return e;
 }
 
+// h = Q y' on rows padded to Dp lanes (y' copied into the zero-padded yp first).
+void band_h(const Blocks& G, const float* y, float* h, float* yp) {
+  const float* q = static_cast<const float*>(G.q);
+  const int64_t D = G.D, Dp = G.Dp, R = G.dout * G.din;
+  const float* src = y;
+  if (D != Dp || q != nullptr) {
+    for (int64_t r = 0; r < R; ++r) {
+      std::copy(y + r * D, y + (r + 1) * D, yp + r * Dp);
+      std::fill(yp + r * Dp + D, yp + (r + 1) * Dp, 0.0f);
+    }
+    src = yp;
+  }
+  if (q == nullptr)
+    std::copy(src, src + R * Dp, h);
+  else
+    rotate_rows(q, G.dout, 1, src, h, G.dout, G.din, Dp / 8);
+}
+
 double from_band_block(const Blocks& G, const float* K, const float* y, float* out, int write, float cp2,
                        float cg2, const int64_t* off, float* h, float* yp, float* pk) {
-  const float* q = static_cast<const float*>(G.q);
-  const int64_t D = G.D, Dp = G.Dp, R = G.dout * G.din, NV = Dp / 8;
-  if (y != nullptr) {
-    // h = Q y' on rows padded to Dp lanes (y' copied into the zero-padded yp first)
-    const float* src = y;
-    if (D != Dp || q != nullptr) {
-      for (int64_t r = 0; r < R; ++r) {
-        std::copy(y + r * D, y + (r + 1) * D, yp + r * Dp);
-        std::fill(yp + r * Dp + D, yp + (r + 1) * Dp, 0.0f);
-      }
-      src = yp;
-    }
-    if (q == nullptr)
-      std::copy(src, src + R * Dp, h);
-    else
-      rotate_rows(q, G.dout, 1, src, h, G.dout, G.din, NV);
-  }
+  const int64_t R = G.dout * G.din, Dp = G.Dp;
+  if (y != nullptr) band_h(G, y, h, yp);
   const __m256 c2p = _mm256_set1_ps(cp2), c2g = _mm256_set1_ps(cg2);
   __m256d e0 = _mm256_setzero_pd(), e1 = _mm256_setzero_pd();
   double tail = 0;
@@ -472,6 +494,313 @@ double from_band_block(const Blocks& G, const float* K, const float* y, float* o
   alignas(32) double t[4];
   _mm256_store_pd(t, _mm256_add_pd(e0, e1));
   return (t[0] + t[1]) + (t[2] + t[3]) + tail;
+}
+
+// ---- the parity split (struct Parity): the block's rows in the lanes, 8 rows per vector ------------------
+
+// r[j] <- lane j of r[0 .. 8): an 8 x 8 transpose in registers.
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// The unnormalised Walsh-Hadamard transform of 2^L vectors in place (its own inverse up to 2^L).
+template <int L>
+inline void hadamard(__m256* x) {
+  for (int h = 1; h < (1 << L); h <<= 1)
+    for (int i = 0; i < (1 << L); ++i)
+      if (!(i & h)) {
+        const __m256 a = x[i], b = x[i + h];
+        x[i] = _mm256_add_ps(a, b);
+        x[i + h] = _mm256_sub_ps(a, b);
+      }
+}
+
+// kt[p, 0 .. 8) = pixel p of the 8 rows (a masked load for the last P mod 8 pixels: the row may end the tensor).
+inline void pixels_in_lanes(const float* const* row, int64_t P, float* kt) {
+  for (int64_t p0 = 0; p0 < P; p0 += 8) {
+    __m256 v[8];
+    if (p0 + 8 <= P) {
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(row[i] + p0);
+    } else {
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(P - p0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_maskload_ps(row[i] + p0, mask);
+    }
+    transpose8(v);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(kt + (p0 + j) * 8, v[j]);
+  }
+}
+
+// z[slot] for the count orbits of 2^L pixels starting at order: the transform of kt on each.
+template <int L>
+inline void orbits_forward(const float* kt, const int64_t* order, int64_t count, float* z) {
+  constexpr int n = 1 << L;
+  for (int64_t o = 0; o < count; ++o, order += n, z += 8 * n) {
+    __m256 x[n];
+    for (int i = 0; i < n; ++i) x[i] = _mm256_loadu_ps(kt + order[i] * 8);
+    hadamard<L>(x);
+    for (int i = 0; i < n; ++i) _mm256_storeu_ps(z + 8 * i, x[i]);
+  }
+}
+
+void to_slots(const Parity& X, const float* kt, float* z) {
+  const int64_t* order = X.order;
+  for (int64_t L = X.s; L >= 0; --L) {
+    const int64_t count = X.counts[L];
+    switch (L) {
+      case 3: orbits_forward<3>(kt, order, count, z); break;
+      case 2: orbits_forward<2>(kt, order, count, z); break;
+      case 1: orbits_forward<1>(kt, order, count, z); break;
+      default: orbits_forward<0>(kt, order, count, z); break;
+    }
+    order += count << L;
+    z += 8 * (count << L);
+  }
+}
+
+// band[cols[m0 + m]] = sum_j z[slots[j]] Phi_c[j, m0 + m] for MM coefficients of a class (J interleaved chains
+// over j: a class has only a few coefficients, and one chain per coefficient would wait on the FMA latency).
+template <int MM>
+inline void class_to_band(const ParityClass& C, int64_t m0, const float* z, float* band) {
+  constexpr int J = MM <= 2 ? 4 : MM <= 7 ? 2 : 1;
+  __m256 acc[J][MM];
+  for (int u = 0; u < J; ++u)
+    for (int m = 0; m < MM; ++m) acc[u][m] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + J <= C.n; j += J)
+    for (int u = 0; u < J; ++u) {
+      const __m256 zj = _mm256_loadu_ps(z + C.slots[j + u] * 8);
+      const float* f = C.phi + (j + u) * C.m + m0;
+      for (int m = 0; m < MM; ++m) acc[u][m] = _mm256_fmadd_ps(zj, _mm256_broadcast_ss(f + m), acc[u][m]);
+    }
+  for (; j < C.n; ++j) {
+    const __m256 zj = _mm256_loadu_ps(z + C.slots[j] * 8);
+    const float* f = C.phi + j * C.m + m0;
+    for (int m = 0; m < MM; ++m) acc[0][m] = _mm256_fmadd_ps(zj, _mm256_broadcast_ss(f + m), acc[0][m]);
+  }
+  for (int m = 0; m < MM; ++m) {
+    __m256 t = acc[0][m];
+    for (int u = 1; u < J; ++u) t = _mm256_add_ps(t, acc[u][m]);
+    _mm256_storeu_ps(band + C.cols[m0 + m] * 8, t);
+  }
+}
+
+// w[slots[j]] (+)= sum_m band[cols[m0 + m]] Phi_c[j, m0 + m], four slots at once.
+template <int MM>
+inline void class_from_band(const ParityClass& C, int64_t m0, const float* band, float* w, bool add) {
+  __m256 hv[MM];
+  for (int m = 0; m < MM; ++m) hv[m] = _mm256_loadu_ps(band + C.cols[m0 + m] * 8);
+  int64_t j = 0;
+  for (; j + 4 <= C.n; j += 4) {
+    __m256 acc[4];
+    for (int u = 0; u < 4; ++u) {
+      acc[u] = add ? _mm256_loadu_ps(w + C.slots[j + u] * 8) : _mm256_setzero_ps();
+      const float* f = C.phi + (j + u) * C.m + m0;
+      for (int m = 0; m < MM; ++m) acc[u] = _mm256_fmadd_ps(hv[m], _mm256_broadcast_ss(f + m), acc[u]);
+    }
+    for (int u = 0; u < 4; ++u) _mm256_storeu_ps(w + C.slots[j + u] * 8, acc[u]);
+  }
+  for (; j < C.n; ++j) {
+    __m256 acc = add ? _mm256_loadu_ps(w + C.slots[j] * 8) : _mm256_setzero_ps();
+    const float* f = C.phi + j * C.m + m0;
+    for (int m = 0; m < MM; ++m) acc = _mm256_fmadd_ps(hv[m], _mm256_broadcast_ss(f + m), acc);
+    _mm256_storeu_ps(w + C.slots[j] * 8, acc);
+  }
+}
+
+#define EQUIPROJ_BY_WIDTH(F, width, ...) \
+  switch (width) {                        \
+    case 1: F<1>(__VA_ARGS__); break;     \
+    case 2: F<2>(__VA_ARGS__); break;     \
+    case 3: F<3>(__VA_ARGS__); break;     \
+    case 4: F<4>(__VA_ARGS__); break;     \
+    case 5: F<5>(__VA_ARGS__); break;     \
+    case 6: F<6>(__VA_ARGS__); break;     \
+    case 7: F<7>(__VA_ARGS__); break;     \
+    default: F<8>(__VA_ARGS__); break;    \
+  }
+
+void slots_to_band(const Parity& X, const float* z, float* band) {
+  for (const ParityClass& C : X.classes)
+    for (int64_t m0 = 0; m0 < C.m; m0 += 8) EQUIPROJ_BY_WIDTH(class_to_band, std::min<int64_t>(8, C.m - m0), C, m0, z, band)
+}
+
+void band_to_slots(const Parity& X, const float* band, float* w) {
+  for (const ParityClass& C : X.classes) {
+    if (C.m == 0)
+      for (int64_t j = 0; j < C.n; ++j) _mm256_storeu_ps(w + C.slots[j] * 8, _mm256_setzero_ps());
+    for (int64_t m0 = 0; m0 < C.m; m0 += 8)
+      EQUIPROJ_BY_WIDTH(class_from_band, std::min<int64_t>(8, C.m - m0), C, m0, band, w, m0 > 0)
+  }
+}
+#undef EQUIPROJ_BY_WIDTH
+
+// rows[i, d0 .. d0 + 8) <- band[d0 .. d0 + 8, i] for the first nrows rows (rows Dp apart), and back.
+inline void band_to_row_major(const float* band, int64_t Dp, int64_t nrows, float* rows) {
+  for (int64_t d0 = 0; d0 < Dp; d0 += 8) {
+    __m256 v[8];
+    for (int j = 0; j < 8; ++j) v[j] = _mm256_loadu_ps(band + (d0 + j) * 8);
+    transpose8(v);
+    for (int64_t i = 0; i < nrows; ++i) _mm256_storeu_ps(rows + i * Dp + d0, v[i]);
+  }
+}
+
+inline void row_major_to_band(const float* rows, int64_t Dp, int64_t nrows, float* band) {
+  for (int64_t d0 = 0; d0 < Dp; d0 += 8) {
+    __m256 v[8];
+    for (int i = 0; i < 8; ++i) v[i] = i < nrows ? _mm256_loadu_ps(rows + i * Dp + d0) : _mm256_setzero_ps();
+    transpose8(v);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(band + (d0 + j) * 8, v[j]);
+  }
+}
+
+// Per orbit of 2^L slots: v = z 2^-L - w (the transform of the residual K - PK, divided by 2^L: ||K - PK||^2
+// = 2^L ||v||^2 on the orbit) squared into e0, e1 in float64; with grad, the gradient's transform cp2 v + cg2 w
+// taken back to the pixels (the same transform) into gt.
+template <int L>
+inline void orbits_back(const float* z, const float* w, const int64_t* order, int64_t count, bool grad, __m256 cp2,
+                        __m256 cg2, float* gt, __m256d& e0, __m256d& e1) {
+  constexpr int n = 1 << L;
+  const __m256 scale = _mm256_set1_ps(1.0f / n);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  for (int64_t o = 0; o < count; ++o, order += n, z += 8 * n, w += 8 * n) {
+    __m256 u[n];
+    for (int i = 0; i < n; ++i) {
+      const __m256 wi = _mm256_loadu_ps(w + 8 * i);
+      const __m256 v = _mm256_fmsub_ps(_mm256_loadu_ps(z + 8 * i), scale, wi);
+      const __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+      s0 = _mm256_fmadd_pd(v0, v0, s0);
+      s1 = _mm256_fmadd_pd(v1, v1, s1);
+      u[i] = _mm256_fmadd_ps(cp2, v, _mm256_mul_ps(cg2, wi));
+    }
+    if (grad) {
+      hadamard<L>(u);
+      for (int i = 0; i < n; ++i) _mm256_storeu_ps(gt + order[i] * 8, u[i]);
+    }
+  }
+  const __m256d weight = _mm256_set1_pd(double(n));
+  e0 = _mm256_fmadd_pd(s0, weight, e0);
+  e1 = _mm256_fmadd_pd(s1, weight, e1);
+}
+
+// The gradient's pixels gt (8 rows in the lanes) written into (write 1) or added to (write 2) the first nrows
+// rows; the last P mod 8 pixels through a scalar copy (no masked store: they are slow on some CPUs).
+inline void gradient_to_rows(const float* gt, int64_t P, float* const* row, int64_t nrows, int write) {
+  for (int64_t p0 = 0; p0 < P; p0 += 8) {
+    __m256 v[8];
+    for (int j = 0; j < 8; ++j) v[j] = _mm256_loadu_ps(gt + (p0 + j) * 8);
+    transpose8(v);
+    const int64_t np = std::min<int64_t>(8, P - p0);
+    for (int64_t i = 0; i < nrows; ++i) {
+      float* o = row[i] + p0;
+      if (np == 8) {
+        _mm256_storeu_ps(o, write == 2 ? _mm256_add_ps(_mm256_loadu_ps(o), v[i]) : v[i]);
+        continue;
+      }
+      alignas(32) float t[8];
+      _mm256_store_ps(t, v[i]);
+      for (int64_t q = 0; q < np; ++q) o[q] = write == 2 ? o[q] + t[q] : t[q];
+    }
+  }
+}
+
+// Scratch of the parity pass of one block (floats): z [groups, P, 8], kt and gt [Pp, 8], w [P, 8], the band in
+// the lanes [Dp, 8], a zero row [Pp].
+struct ParityScratch {
+  float *z, *kt, *gt, *w, *band, *zero;
+  static int64_t floats(const Blocks& G) {
+    const int64_t groups = (G.dout * G.din + 7) / 8;
+    return groups * G.P * 8 + 2 * G.Pp * 8 + G.P * 8 + G.Dp * 8 + G.Pp;
+  }
+  ParityScratch(const Blocks& G, float* at) : z(at), kt(nullptr), gt(nullptr), w(nullptr), band(nullptr), zero(nullptr) {
+    if (at == nullptr) return;
+    const int64_t groups = (G.dout * G.din + 7) / 8;
+    kt = z + groups * G.P * 8;
+    gt = kt + G.Pp * 8;
+    w = gt + G.Pp * 8;
+    band = w + G.P * 8;
+    zero = band + G.Dp * 8;
+    std::fill(band, zero + G.Pp, 0.0f);  // the band's padded coefficients and the zero row stay zero
+  }
+};
+
+// One block through the parity split: the pixels of 8 rows at a time to their orbits' transforms and the band
+// (a), the band projection as in maps_block (y', h), then per 8 rows the band back to the slots (w), the
+// residual's squares and the gradient. Returns ||K - PK||^2; eg = ||c||^2.
+double parity_block(const Blocks& G, const Parity& X, const Slots& S, const float* K, float* out, int write,
+                    float cp2, float cg2, const int64_t* off, bool mapped, double& eg, float* a, float* y,
+                    float* yp, float* h, float* c, const ParityScratch& W) {
+  const int64_t R = G.dout * G.din, P = G.P, Dp = G.Dp, groups = (R + 7) / 8;
+  const float* rows[8];
+  float* orow[8];
+  std::fill(W.band + G.D * 8, W.band + Dp * 8, 0.0f);  // the padded coefficients (the way back wrote h's)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t nr = std::min<int64_t>(8, R - 8 * g);
+    for (int64_t i = 0; i < 8; ++i) rows[i] = i < nr ? K + off[8 * g + i] : W.zero;
+    pixels_in_lanes(rows, P, W.kt);
+    float* z = W.z + g * P * 8;
+    to_slots(X, W.kt, z);
+    if (mapped) {
+      slots_to_band(X, z, W.band);
+      band_to_row_major(W.band, Dp, nr, a + 8 * g * Dp);
+    }
+  }
+  eg = 0;
+  if (mapped) {
+    rotate_to_y(G, a, y, a + R * Dp);
+    eg = maps_block(G, S, y, yp, c);
+    band_h(G, yp, h, h + R * Dp);
+  }
+  const __m256 c2p = _mm256_set1_ps(cp2), c2g = _mm256_set1_ps(cg2);
+  __m256d e0 = _mm256_setzero_pd(), e1 = _mm256_setzero_pd();
+  if (!mapped) std::fill(W.w, W.w + P * 8, 0.0f);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t nr = std::min<int64_t>(8, R - 8 * g);
+    if (mapped) {
+      row_major_to_band(h + 8 * g * Dp, Dp, nr, W.band);
+      band_to_slots(X, W.band, W.w);
+    }
+    const float* z = W.z + g * P * 8;
+    const float* w = W.w;
+    const int64_t* order = X.order;
+    for (int64_t L = X.s; L >= 0; --L) {
+      const int64_t count = X.counts[L];
+      switch (L) {
+        case 3: orbits_back<3>(z, w, order, count, write != 0, c2p, c2g, W.gt, e0, e1); break;
+        case 2: orbits_back<2>(z, w, order, count, write != 0, c2p, c2g, W.gt, e0, e1); break;
+        case 1: orbits_back<1>(z, w, order, count, write != 0, c2p, c2g, W.gt, e0, e1); break;
+        default: orbits_back<0>(z, w, order, count, write != 0, c2p, c2g, W.gt, e0, e1); break;
+      }
+      order += count << L;
+      z += 8 * (count << L);
+      w += 8 * (count << L);
+    }
+    if (write) {
+      for (int64_t i = 0; i < nr; ++i) orow[i] = out + off[8 * g + i];
+      gradient_to_rows(W.gt, P, orow, nr, write);
+    }
+  }
+  alignas(32) double t[4];
+  _mm256_store_pd(t, _mm256_add_pd(e0, e1));
+  return (t[0] + t[1]) + (t[2] + t[3]);
 }
 
 }  // namespace avx2
@@ -549,21 +878,90 @@ Slots slot_tables(const Blocks& G, const Tensor& K, const Tensor& slots, const T
   return Slots{slots.size(0), t, maps.data_ptr(), maps_t.data_ptr()};
 }
 
+Parity parity_tables(const Blocks& G, const Tensor& K, const Tensor& table, const Tensor& phi) {
+  Parity X;
+  if (table.numel() == 0) return X;
+  const char* op = "factorised_pass";
+  TORCH_CHECK(table.device().is_cpu() && phi.device().is_cpu() && table.scalar_type() == at::kLong &&
+                  table.is_contiguous() && phi.is_contiguous() && phi.scalar_type() == K.scalar_type(),
+              op, ": the parity tables must be a contiguous int64 table and Phi's classes in K's dtype, on the CPU");
+  const int64_t* t = table.data_ptr<int64_t>();
+  const int64_t len = table.numel();
+  int64_t at = 0;
+  auto next = [&]() {
+    TORCH_CHECK(at < len, op, ": the parity table ends early");
+    return t[at++];
+  };
+  X.s = next();
+  TORCH_CHECK(X.s >= 1 && X.s <= 3, op, ": 1 to 3 reflections in the parity table");
+  int64_t pixels = 0;
+  for (int64_t L = 0; L <= X.s; ++L) {
+    X.counts[L] = next();
+    TORCH_CHECK(X.counts[L] >= 0, op, ": negative orbit count");
+    pixels += X.counts[L] << L;
+  }
+  TORCH_CHECK(pixels == G.P, op, ": the orbits hold ", pixels, " pixels, the weight ", G.P);
+  TORCH_CHECK(at + G.P <= len, op, ": the parity table ends early");
+  X.order = t + at;
+  std::vector<char> seen(G.P, 0), slot_seen(G.P, 0), col_seen(G.D, 0);
+  for (int64_t i = 0; i < G.P; ++i) {
+    const int64_t p = t[at + i];
+    TORCH_CHECK(p >= 0 && p < G.P && !seen[p], op, ": the parity table's pixel order is not a permutation");
+    seen[p] = 1;
+  }
+  at += G.P;
+  const int64_t classes = next();
+  const bool f32 = K.scalar_type() == at::kFloat;
+  const float* f = f32 ? phi.data_ptr<float>() : nullptr;
+  int64_t entries = 0;
+  for (int64_t k = 0; k < classes; ++k) {
+    ParityClass C;
+    C.n = next();
+    C.m = next();
+    TORCH_CHECK(C.n >= 0 && C.m >= 0 && at + C.n + C.m <= len, op, ": a parity class runs past the table");
+    C.slots = t + at;
+    C.cols = t + at + C.n;
+    for (int64_t j = 0; j < C.n; ++j) {
+      TORCH_CHECK(C.slots[j] >= 0 && C.slots[j] < G.P && !slot_seen[C.slots[j]], op,
+                  ": the parity classes' slots must cover each pixel slot once");
+      slot_seen[C.slots[j]] = 1;
+    }
+    for (int64_t m = 0; m < C.m; ++m) {
+      TORCH_CHECK(C.cols[m] >= 0 && C.cols[m] < G.D && !col_seen[C.cols[m]], op,
+                  ": the parity classes' coefficients must cover each band coefficient once");
+      col_seen[C.cols[m]] = 1;
+    }
+    at += C.n + C.m;
+    C.phi = f ? f + entries : nullptr;
+    entries += C.n * C.m;
+    X.classes.push_back(C);
+  }
+  TORCH_CHECK(at == len, op, ": the parity table is longer than its classes");
+  TORCH_CHECK(std::all_of(slot_seen.begin(), slot_seen.end(), [](char c) { return c != 0; }) &&
+                  std::all_of(col_seen.begin(), col_seen.end(), [](char c) { return c != 0; }),
+              op, ": the parity classes must cover every pixel slot and every band coefficient");
+  TORCH_CHECK(phi.numel() == entries, op, ": Phi's classes hold ", phi.numel(), " entries, the table ", entries);
+  return X;
+}
+
 // factorised_pass(K [B, m, n, P], rows [m], cols [n], phi [P, Dp], phiT [D, Pp], q [d_out, d_out] or empty,
-//                 oo, co, d_out, oi, ci, d_in, slots [S, 3], maps, maps_t, lambda_perp [B] f64, lambda_G [B] f64,
-//                 out or None, write, plain) -> (E_perp [B] f64, E_G [B] f64)
+//                 oo, co, d_out, oi, ci, d_in, slots [S, 3], maps, maps_t, parity, phi_parity, lambda_perp [B] f64,
+//                 lambda_G [B] f64, out or None, write, plain) -> (E_perp [B] f64, E_G [B] f64)
 //   Per block: y = Q^T (K Phi), y' = sum_s U_s^T U_s y, PK = (Q y') Phi^T, R = K - PK; ||R||^2 and ||U y||^2
 //   summed per batch item (in block order: the same on any number of threads); out written (write = 1) or added
 //   to (write = 2) with 2 lambda_perp R + 2 lambda_G PK (out may be K). No slots: P K = 0. plain: the plain
-//   loops also for float32 (the tests compare both).
+//   loops also for float32 (the tests compare both). parity, phi_parity: Phi split by the grid's reflections
+//   (struct Parity; empty: none), which the float32 AVX2 kernels take for the two band products.
 std::tuple<Tensor, Tensor> factorised_pass(const Tensor& K, const Tensor& rows, const Tensor& cols, const Tensor& phi,
                                            const Tensor& phit, const Tensor& q, int64_t oo, int64_t co, int64_t dout,
                                            int64_t oi, int64_t ci, int64_t din, const Tensor& slots,
-                                           const Tensor& maps, const Tensor& maps_t, const Tensor& lambda_perp,
+                                           const Tensor& maps, const Tensor& maps_t, const Tensor& parity,
+                                           const Tensor& phi_parity, const Tensor& lambda_perp,
                                            const Tensor& lambda_G, const std::optional<Tensor>& out, int64_t write,
                                            bool plain) {
   const Blocks G = geometry(K, rows, cols, phi, phit, q, oo, co, dout, oi, ci, din, "factorised_pass");
   const Slots S = slot_tables(G, K, slots, maps, maps_t);
+  const Parity X = parity_tables(G, K, parity, phi_parity);
   const int64_t B = K.size(0), items = B * co * ci, R = dout * din;
   TORCH_CHECK(write >= 0 && write <= 2, "factorised_pass: write is 0, 1 or 2");
   TORCH_CHECK(lambda_perp.numel() == B && lambda_G.numel() == B && lambda_perp.scalar_type() == at::kDouble &&
@@ -593,6 +991,11 @@ std::tuple<Tensor, Tensor> factorised_pass(const Tensor& K, const Tensor& rows, 
     // a (and its rotation), y and y' (compact, 8 spare), h and y' padded, pk (two rows), c: in doubles
     std::vector<double> scratch(4 * R * G.Dp + 2 * (R * G.D + 8) + 2 * G.Pp + rmax + 16);
     std::vector<int64_t> off(R);
+#ifdef EQUIPROJ_BLOCKS_X86
+    const bool split = lanes && X.s > 0;
+    std::vector<float> lanes_scratch(split ? avx2::ParityScratch::floats(G) : 0);
+    const avx2::ParityScratch W(G, split ? lanes_scratch.data() : nullptr);
+#endif
     for (int64_t it = begin; it < end; ++it) {
       const int64_t item = it / (co * ci), u = (it / ci) % co, v = it % ci;
       const double cp2 = 2 * lpp[item], cg2 = 2 * lgp[item];
@@ -620,6 +1023,12 @@ std::tuple<Tensor, Tensor> factorised_pass(const Tensor& K, const Tensor& rows, 
       float* c = pk + 2 * G.Pp;
       float* o = write ? out->data_ptr<float>() : nullptr;
 #ifdef EQUIPROJ_BLOCKS_X86
+      if (split) {
+        row_offsets(G, item, u, v, off.data());
+        ep[it] = avx2::parity_block(G, X, S, K.data_ptr<float>(), o, int(write), float(cp2), float(cg2), off.data(),
+                                    mapped, eg[it], a, y, yp, h, c, W);
+        continue;
+      }
       if (lanes) {
         row_offsets(G, item, u, v, off.data());
         if (mapped) {
@@ -648,7 +1057,8 @@ std::tuple<Tensor, Tensor> factorised_pass(const Tensor& K, const Tensor& rows, 
 
 TORCH_LIBRARY_FRAGMENT(equiproj_cpu, m) {
   m.def("factorised_pass(Tensor K, Tensor rows, Tensor cols, Tensor phi, Tensor phiT, Tensor q, int oo, int co, "
-        "int d_out, int oi, int ci, int d_in, Tensor slots, Tensor maps, Tensor maps_t, Tensor lambda_perp, "
+        "int d_out, int oi, int ci, int d_in, Tensor slots, Tensor maps, Tensor maps_t, Tensor parity, "
+        "Tensor phi_parity, Tensor lambda_perp, "
         "Tensor lambda_G, Tensor(a!)? out, int write, bool plain) -> (Tensor, Tensor)",
         &factorised_pass);
 }

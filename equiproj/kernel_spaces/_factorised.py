@@ -45,15 +45,24 @@ import torch
 
 from .. import ops as _ops
 from .._caches import bytes_cached
+from ..grid import grid_permutation
 from ..groups import Rep
 from ..kernels.inputs import accumulation_dtype, autocast_off
 from ._pixel_plan import hom_basis
 from ._regular_band import _pad, kernel_available, regular_band
 
-__all__ = ["FactorisedPlan", "factorised_plan", "factorised_one"]
+__all__ = ["FactorisedPlan", "ParitySplit", "factorised_plan", "factorised_one", "parity_split"]
 
 #: the block kernels' plain loops also for float32 (the tests compare them with the AVX2 kernels)
 _PLAIN_BLOCKS = False
+
+#: the float32 block kernels take Phi's split by the grid's reflections (:func:`parity_split`) where it has one
+#: and the grid at least ``_SPLIT_MIN_PIXELS`` pixels. Below that the split's 8 x 8 transposes of the pixel rows
+#: (the last of them mostly padding) cost what it saves in the band products: measured on one thread, the split
+#: is 20 % slower at 9 pixels (O(2), k = 3), 7 % slower at 25 (SO(2), O(2), k = 5), even at 27 (SO(3), k = 3),
+#: 10 % faster at 49 (k = 7), 20 % at 81 (k = 9) and 15-28 % at 125 (SO(3), O(3), k = 5).
+_PARITY_BLOCKS = True
+_SPLIT_MIN_PIXELS = 40
 
 #: elements of the ``[rows, k^s]`` weight per chunk of the residual pass and the step (1 MiB of float32:
 #: on par with 256 KiB and 4 MiB, a fifth faster than 64 KiB on the 2-D band-limited rows)
@@ -208,6 +217,10 @@ class FactorisedPlan:
             Kb = Kb.contiguous()
         B = Kb.shape[0]
         phi, phiT, rows, cols = _block_tables_on(self, K.device, K.dtype)
+        if _PARITY_BLOCKS and P >= _SPLIT_MIN_PIXELS and K.dtype == torch.float32:
+            parity, phi_parity = _parity_tables_on(self.space, K.device, K.dtype)
+        else:
+            parity, phi_parity = torch.zeros(0, dtype=torch.int64), Kb.new_empty(0)
         write = 0 if lambda_perp is None else 1 if out is None else 2
         lp, lg = _per_item(lambda_perp, batch, B), _per_item(lambda_G, batch, B)
         target = None if write == 0 else torch.empty_like(Kb) if out is None else out.view(B, m, n, P)
@@ -216,8 +229,8 @@ class FactorisedPlan:
         for (oo, co, fo, _), (oi, ci, fi, _), slots, maps, maps_t in _pair_tables_on(self, K.device, K.dtype):
             q = _q_on(fo, K.device, K.dtype) if fo.Q is not None else Kb.new_empty(0)
             ep_, eg_ = torch.ops.equiproj_cpu.factorised_pass(Kb, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci,
-                                                              fi.dim, slots, maps, maps_t, lp, lg, target, write,
-                                                              _PLAIN_BLOCKS)
+                                                              fi.dim, slots, maps, maps_t, parity, phi_parity, lp,
+                                                              lg, target, write, _PLAIN_BLOCKS)
             e_perp += ep_
             e_g += eg_
         if not (energies or lambda_perp is None):
@@ -325,6 +338,129 @@ def _block_tables_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dt
     cols = plan._in_perm if plan._in_perm is not None else torch.arange(n)
     return phi, phiT, rows.to(device=device, dtype=torch.int64).contiguous(), cols.to(device=device,
                                                                                        dtype=torch.int64).contiguous()
+
+
+@bytes_cached("equiproj.kernel_spaces._factorised.parity_split")
+def parity_split(space) -> ParitySplit | None:
+    """The split of ``Phi`` by the grid's reflections (:class:`ParitySplit`), or ``None`` where ``space`` has
+    no square or cubic grid, or a column of ``Phi`` is neither even nor odd along some axis.
+
+    The reflections ``x_a -> -x_a`` of a centred grid commute; each of them maps a pixel orbit onto itself, so
+    the pixels fall into orbits of ``2^L`` pixels (``L`` the number of nonzero coordinates). A column of ``Phi``
+    that is even or odd along every axis has a parity class ``c`` (bit ``a`` set: odd along axis ``a``), and
+    its values on an orbit are its value on the orbit's first pixel times signs. Hence, with ``z`` the
+    unnormalised Walsh-Hadamard transform of the weight on each orbit (``z[o, i] = sum_i' (-1)^{i.i'}
+    k[pixel(o, i')]``, bit ``l`` of ``i`` the orbit's ``l``-th reflection),
+
+        a[d] = sum over the slots (o, i) of d's class of z[o, i] Phi[first pixel of o, d]
+
+    and back ``PK`` on an orbit is the same transform of ``w[o, i] = sum over d of the class h[d] Phi[first
+    pixel, d]``. Each class is a block of about ``k^s / 2^s`` slots by ``D / 2^s`` coefficients: the two band
+    products shrink about ``2^s``-fold, for a butterfly of ``L`` adds per pixel.
+    """
+    k, s = getattr(space, "kernel_size", None), getattr(space, "spatial_dims", None)
+    Phi = getattr(space, "sampled", None)
+    if not isinstance(k, int) or s not in (1, 2, 3) or Phi is None or Phi.shape[0] != k**s:
+        return None
+    Phi = Phi.to(torch.float64)
+    P, D = Phi.shape
+    reflections = []
+    for a in range(s):
+        g = torch.eye(s, dtype=torch.float64)
+        g[a, a] = -1
+        reflections.append(grid_permutation(g, (k,) * s).tolist())
+    tol = 1e-9 * float(Phi.abs().max())
+    column_class = [0] * D
+    for a, sigma in enumerate(reflections):
+        moved = Phi[sigma]
+        even = ((moved - Phi).abs() <= tol).all(0)
+        odd = ((moved + Phi).abs() <= tol).all(0)
+        if not bool((even | odd).all()):
+            return None
+        for d in range(D):
+            column_class[d] |= int(bool(odd[d]) and not bool(even[d])) << a
+    orbits, seen = [], set()
+    for p in range(P):
+        if p in seen:
+            continue
+        active = [a for a in range(s) if reflections[a][p] != p]
+        pixels = [p]
+        for a in active:
+            pixels += [reflections[a][q] for q in pixels]
+        seen.update(pixels)
+        orbits.append((active, pixels))
+    orbits.sort(key=lambda o: -len(o[1]))  # largest first: the pass runs each size with its own butterfly
+    order, slot_class, slot_first = [], [], []
+    for active, pixels in orbits:
+        for i in range(len(pixels)):
+            slot_class.append(sum(1 << a for l, a in enumerate(active) if i >> l & 1))
+            slot_first.append(pixels[0])
+        order += pixels
+    classes = []
+    for c in range(1 << s):
+        slots = [t for t in range(P) if slot_class[t] == c]
+        cols = [d for d in range(D) if column_class[d] == c]
+        if slots or cols:
+            classes.append((slots, cols, Phi[[slot_first[t] for t in slots]][:, cols]))
+    counts = [sum(1 for _, px in orbits if len(px) == 1 << L) for L in range(s + 1)]
+    split = ParitySplit(s, tuple(counts), tuple(order), tuple((tuple(a), tuple(b), F) for a, b, F in classes))
+    if not torch.allclose(split.dense_phi(), Phi, rtol=0, atol=1e-12 * float(Phi.abs().max())):
+        return None
+    return split
+
+
+class ParitySplit:
+    """``Phi`` split by the grid's reflections (:func:`parity_split`): ``reflections`` (``s``), ``orbit_counts``
+    (orbits of ``2^L`` pixels for ``L = 0 .. s``), ``order`` (the pixels orbit by orbit, largest orbits first,
+    pixel ``i`` of an orbit its first pixel moved by the reflections of ``i``'s bits), and ``classes``
+    (``(slots, columns, Phi_c [slots, columns])`` per parity class: slots are positions in ``order``)."""
+
+    def __init__(self, reflections, orbit_counts, order, classes):
+        self.reflections, self.orbit_counts, self.order, self.classes = reflections, orbit_counts, order, classes
+
+    def transform(self) -> torch.Tensor:
+        """``T [P slots, P pixels]`` (float64): ``z = T k``, the Walsh-Hadamard transform on each orbit."""
+        P = len(self.order)
+        T = torch.zeros(P, P, dtype=torch.float64)
+        t = 0
+        for L in reversed(range(self.reflections + 1)):
+            n = 1 << L
+            H = torch.ones(1, 1, dtype=torch.float64)
+            for _ in range(L):
+                H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+            for _ in range(self.orbit_counts[L]):
+                T[t: t + n, list(self.order[t: t + n])] = H
+                t += n
+        return T
+
+    def dense_phi(self) -> torch.Tensor:
+        """``Phi`` rebuilt from the classes, ``T^T Phi_blocks`` (the check that the split is exact)."""
+        P = len(self.order)
+        D = sum(len(cols) for _, cols, _ in self.classes)
+        blocks = torch.zeros(P, D, dtype=torch.float64)
+        for slots, cols, F in self.classes:
+            blocks[torch.tensor(slots, dtype=torch.long).view(-1, 1), torch.tensor(cols, dtype=torch.long)] = F
+        return self.transform().T @ blocks
+
+    def flops_per_pixel_row(self) -> int:
+        """Multiply-adds of one band product for one row of pixels (``k^s D`` without the split)."""
+        return sum(len(slots) * len(cols) for slots, cols, _ in self.classes)
+
+
+@torch.compiler.disable
+@bytes_cached("equiproj.kernel_spaces._factorised._parity_tables_on")
+def _parity_tables_on(space, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(table int64, Phi's classes)`` of :func:`parity_split` for ``factorised_pass``, both empty without a
+    split. ``table``: ``s``, the orbit counts (``s + 1``), the order (``P``), the number of classes, then per
+    class its slot count, column count, slots and columns; the classes' ``Phi_c`` row-major one after another."""
+    split = parity_split(space)
+    if split is None:
+        return torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=dtype, device=device)
+    table = [split.reflections, *split.orbit_counts, *split.order, len(split.classes)]
+    for slots, cols, _ in split.classes:
+        table += [len(slots), len(cols), *slots, *cols]
+    phis = _packed([F.reshape(-1) for _, _, F in split.classes], device, dtype)
+    return torch.tensor(table, dtype=torch.int64, device=device), phis
 
 
 def _fields(rep: Rep):

@@ -4,7 +4,8 @@ energies and the gradient), the CPU route of :meth:`FactorisedPlan.run` for floa
 
 Checked against the dense basis of V (``DenseKernelBasis``, QR of the spanning kernels) in float64 and
 against the torch route of the same plan (``FactorisedPlan._run``), on fresh seeded weights, with the
-AVX2 kernels and the plain loops, on 1 and 2 threads.
+AVX2 kernels (with and without the pixels split by the grid's reflections) and the plain loops, on 1 and 2
+threads.
 Tolerances:
   float64 energies and gradient vs the dense projection:          1e-10 relative (observed ~1e-14)
   float32 (AVX2 and plain loops) vs the dense projection:          2e-5 of max |K| on the gradient and
@@ -87,15 +88,27 @@ def _run(sp, ri, ro, K, *args, **kwargs):
     return plan.run(sp._pixels(K, ri, ro), *args, **kwargs)
 
 
-@pytest.fixture(params=[False, True], ids=["avx2", "plain"])
-def plain(request, monkeypatch):
-    monkeypatch.setattr(_factorised, "_PLAIN_BLOCKS", request.param)
+@pytest.fixture(params=["split", "rows", "plain"])
+def blocks_kernel(request, monkeypatch):
+    """The float32 kernels of the pass: AVX2 with the pixels split by the grid's reflections (8 rows in the
+    lanes; here on every grid, which the pass takes only from ``_SPLIT_MIN_PIXELS``), AVX2 without the split
+    (the band in the lanes), or the plain loops. float64 runs the plain loops whatever is chosen: a test skips
+    it but for "split"."""
+    monkeypatch.setattr(_factorised, "_PLAIN_BLOCKS", request.param == "plain")
+    monkeypatch.setattr(_factorised, "_PARITY_BLOCKS", request.param == "split")
+    monkeypatch.setattr(_factorised, "_SPLIT_MIN_PIXELS", 0)  # the split on every grid, the smallest included
     return request.param
+
+
+def skip_float64_twice(dtype, blocks_kernel):
+    if dtype == torch.float64 and blocks_kernel != "split":
+        pytest.skip("float64 always runs the plain loops")
 
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_energies_gradient_and_step_equal_the_dense_projection(name, dtype, plain):
+def test_energies_gradient_and_step_equal_the_dense_projection(name, dtype, blocks_kernel):
+    skip_float64_twice(dtype, blocks_kernel)
     sp, ri, ro, K64, gen = _layer(name, 1)
     K = K64.to(dtype)
     K64 = K.double()
@@ -132,7 +145,8 @@ def test_energies_gradient_and_step_equal_the_dense_projection(name, dtype, plai
 
 @pytest.mark.parametrize("name", ["SO2-bl-k5", "SO3-bl-k5", "SO2-permuted-k5", "SO2-uncovered-k3"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_the_same_numbers_as_the_torch_route_and_on_any_number_of_threads(name, dtype, plain):
+def test_the_same_numbers_as_the_torch_route_and_on_any_number_of_threads(name, dtype, blocks_kernel):
+    skip_float64_twice(dtype, blocks_kernel)
     sp, ri, ro, K, _ = _layer(name, 2)
     Kp = sp._pixels(K.to(dtype), ri, ro)
     plan = factorised_plan(sp, ri, ro)
@@ -175,6 +189,62 @@ def test_nearly_equivariant_weights_keep_their_small_energy(name):
                              torch.randn(K.shape, dtype=torch.float64, generator=gen))
 
 
+@pytest.mark.parametrize("name", ["SO2-bl-k5", "SO2-mixed-k7", "SO3-bl-k5"])
+def test_nearly_equivariant_float32_weights_with_each_kernel(name, blocks_kernel):
+    """float32 weights with E_perp / ||K||^2 ~ 1e-10: the residual is ~1e-5 of K, so the float32 rounding of
+    K - PK (a few ulps of K, in any of the kernels) leaves E_perp within 2e-3 (observed 1e-5 to 5e-4) of the
+    float64 energy of the same rounded weight, and the gradient within 2e-6 of max |K| (observed 2e-7 to 5e-7)."""
+    sp, ri, ro, K, gen = _layer(name, 3)
+    dense = _dense(name)
+    noise = torch.randn(K.shape, dtype=torch.float64, generator=gen)
+    noise = noise - dense.project(noise)
+    K0 = dense.project(K)
+    K = (K0 + noise * (1e-5 * float(K0.norm() / noise.norm()))).float()
+    K64 = K.double()
+    want = (K64 - dense.project(K64)).square().sum()
+    assert 1e-11 < float(want / K64.square().sum()) < 1e-9
+    e_perp, _, g = _run(sp, ri, ro, K, 1.0, 0.0)
+    assert rel(e_perp, want) < 2e-3
+    torch.testing.assert_close(g.reshape(K.shape).double(), 2 * (K64 - dense.project(K64)), rtol=0,
+                               atol=2e-6 * float(K64.abs().max()))
+
+
+def test_the_grid_reflections_split_phi_exactly():
+    """The split of Phi by the grid's reflections rebuilds Phi (T^T Phi_blocks, T the transform on the orbits)
+    to 1e-12 of its largest entry, its classes cover every pixel slot and band coefficient once, and the band
+    products shrink by about 2^s (the counts: the classes' slots times coefficients against k^s D)."""
+    for G, k, s, shrink in [(ep.SO2(), 3, 2, 3.0), (ep.SO2(), 5, 2, 3.5), (ep.O2(), 7, 2, 3.5),
+                            (ep.SO3(), 3, 3, 5.0), (ep.O3(), 5, 3, 6.0)]:
+        sp = default_kernel_space(G, k)
+        split = _factorised.parity_split(sp)
+        assert split is not None and split.reflections == s
+        Phi = sp.sampled
+        torch.testing.assert_close(split.dense_phi(), Phi, rtol=0, atol=1e-12 * float(Phi.abs().max()))
+        T = split.transform()
+        torch.testing.assert_close(T @ T.T, torch.diag((T != 0).sum(1).double()), rtol=0, atol=0)
+        slots = sorted(t for sl, _, _ in split.classes for t in sl)
+        cols = sorted(d for _, c, _ in split.classes for d in c)
+        assert slots == list(range(sp.num_pixels)) and cols == list(range(sp.dim))
+        assert sp.num_pixels * sp.dim >= shrink * split.flops_per_pixel_row()
+
+
+def test_no_split_where_phi_has_no_parity_or_no_grid():
+    class Space:  # a square grid whose basis mixes the parities of its columns
+        kernel_size, spatial_dims = 3, 2
+        sampled = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    assert _factorised.parity_split(Space()) is None
+
+    class Flat:  # no grid
+        sampled = torch.eye(4, dtype=torch.float64)
+
+    assert _factorised.parity_split(Flat()) is None
+    # a 3 x 3 grid: the centre, two orbits of 2 pixels on the axes, one of 4 on the diagonals
+    sp = default_kernel_space(ep.SO2(), 3)
+    split = _factorised.parity_split(sp)
+    assert len(split.classes) == 4 and split.orbit_counts == (1, 2, 1)
+
+
 def test_batched_and_non_contiguous_weights_with_per_item_lambdas():
     sp, ri, ro, _, gen = _layer("SO2-bl-k5", 4)
     base = torch.randn((3, ro.dim, ri.dim, 5, 5), dtype=torch.float64, generator=gen)
@@ -215,10 +285,12 @@ def test_the_kernel_refuses_what_it_cannot_address():
     (oo, co, fo, _), (oi, ci, fi, _), slots, maps, maps_t = _factorised._pair_tables_on(plan, Kp.device, Kp.dtype)[0]
     q = _factorised._q_on(fo, Kp.device, Kp.dtype)
     one = torch.ones(1, dtype=torch.float64)
+    no_split = torch.zeros(0, dtype=torch.int64)
 
     def run(K=Kp, rows=rows, co=co, slots=slots, maps=maps, lp=one, out=None, write=0):
         return torch.ops.equiproj_cpu.factorised_pass(K, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci, fi.dim,
-                                                      slots, maps, maps_t, lp, one, out, write, False)
+                                                      slots, maps, maps_t, no_split, K.new_empty(0), lp, one, out,
+                                                      write, False)
 
     ep_, eg_ = run()
     assert ep_.shape == eg_.shape == (1,)

@@ -36,7 +36,8 @@ from equiproj.kernel_spaces._factorised import blocks_available, factorised_plan
 from equiproj.testing import random_orthogonal
 from equiproj.testing import relative_error as rel
 # the pass on a layer (checking that it takes the block kernels) and the AVX2 / plain-loops fixture
-from test_factorised_blocks import _run as _plan_run, check_nearly_equivariant, plain  # noqa: F401 (plain: a fixture)
+from test_factorised_blocks import _run as _plan_run, blocks_kernel, check_nearly_equivariant  # noqa: F401 (a fixture)
+from test_factorised_blocks import skip_float64_twice
 
 pytestmark = pytest.mark.skipif(not blocks_available(), reason="the C++ extension equiproj._C is not built")
 
@@ -92,9 +93,8 @@ def _weight(sp, ri, ro, gen, batch=()):
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cases_against_the_dense_projection(name, dtype, plain):
-    if dtype == torch.float64 and plain:
-        pytest.skip("float64 always runs the plain loops")
+def test_cases_against_the_dense_projection(name, dtype, blocks_kernel):
+    skip_float64_twice(dtype, blocks_kernel)
     sp, ri, ro = _case(name)
     gen = torch.Generator().manual_seed(1)
     K = _weight(sp, ri, ro, gen).to(dtype)
@@ -199,7 +199,7 @@ def test_batched_non_contiguous_with_per_item_and_negative_lambdas():
 
 
 @pytest.mark.parametrize("scale", [1e16, 1e-17, 1e-21, 1e-150])  # 1e-21: squares subnormal in float32
-def test_huge_and_tiny_magnitudes(scale, plain):
+def test_huge_and_tiny_magnitudes(scale, blocks_kernel):
     sp, ri, ro = _case("O2-k7")
     gen = torch.Generator().manual_seed(5)
     K = _weight(sp, ri, ro, gen) * scale
@@ -381,14 +381,15 @@ def _direct(dtype=torch.float32):
     gen = torch.Generator().manual_seed(10)
     K = sp._pixels(_weight(sp, ri, ro, gen).to(dtype), ri, ro).unsqueeze(0).contiguous()
     phi, phiT, rows, cols = _factorised._block_tables_on(plan, K.device, K.dtype)
+    parity, phi_parity = _factorised._parity_tables_on(sp, K.device, K.dtype)
     pairs = _factorised._pair_tables_on(plan, K.device, K.dtype)
     pair = next(p for p in pairs if p[2].shape[0] and p[0][2].Q is not None)  # mapped, with a dense Q
     (oo, co, fo, _), (oi, ci, fi, _), slots, maps, maps_t = pair
     q = _factorised._q_on(fo, K.device, K.dtype)
     one = torch.ones(1, dtype=torch.float64)
     args = dict(K=K, rows=rows, cols=cols, phi=phi, phiT=phiT, q=q, oo=oo, co=co, d_out=fo.dim, oi=oi, ci=ci,
-                d_in=fi.dim, slots=slots, maps=maps, maps_t=maps_t, lambda_perp=one, lambda_G=one, out=None,
-                write=0, plain=False)
+                d_in=fi.dim, slots=slots, maps=maps, maps_t=maps_t, parity=parity, phi_parity=phi_parity,
+                lambda_perp=one, lambda_G=one, out=None, write=0, plain=False)
     return args
 
 
@@ -443,12 +444,32 @@ BAD = {  # name: (changes to the arguments, the message)
     "maps-long": (lambda a: dict(maps=torch.cat([a["maps"], a["maps"][:8]])), "padded U and U"),
     "maps_t-short": (lambda a: dict(maps_t=a["maps_t"][:-1]), "padded U and U"),
     "maps-dtype": (lambda a: dict(maps=a["maps"].double()), "padded U and U"),
+    "parity-reflections": (lambda a: dict(parity=_edited(a["parity"], 0, 4)), "1 to 3 reflections"),
+    "parity-orbit-counts": (lambda a: dict(parity=_edited(a["parity"], 1, a["parity"][1] + 1)), "orbits hold"),
+    "parity-order-repeated": (lambda a: dict(parity=_edited(a["parity"], 4, a["parity"][5])), "not a permutation"),
+    "parity-truncated": (lambda a: dict(parity=a["parity"][:-1].contiguous()), "runs past|ends early|cover"),
+    "parity-too-long": (lambda a: dict(parity=torch.cat([a["parity"], a["parity"][:1]])), "longer than"),
+    "parity-column-twice": (lambda a: dict(parity=_edited(a["parity"], -1, a["parity"][-2])), "each band coefficient"),
+    "parity-int32": (lambda a: dict(parity=a["parity"].int()), "contiguous int64"),
+    "phi_parity-short": (lambda a: dict(phi_parity=a["phi_parity"][:-1]), "Phi's classes hold"),
+    "phi_parity-dtype": (lambda a: dict(phi_parity=a["phi_parity"].double()), "K's dtype"),
     "lambda-count": (lambda a: dict(lambda_perp=torch.ones(2, dtype=torch.float64)), "one float64 lambda"),
     "write-3": (lambda a: dict(write=3, out=a["K"]), "write is 0, 1 or 2"),
     "write-without-out": (lambda a: dict(write=1), "out must be"),
     "out-dtype": (lambda a: dict(write=2, out=a["K"].double()), "out must be"),
     "out-shape": (lambda a: dict(write=1, out=a["K"][:, :-1].contiguous()), "out must be"),
 }
+
+
+def _edited(table, i, value):
+    t = table.clone()
+    t[i] = value
+    return t
+
+
+def test_the_direct_case_has_a_parity_split():
+    args = _direct()
+    assert args["parity"].numel() and args["parity"][0] == 2 and args["phi_parity"].numel()
 
 
 @pytest.mark.parametrize("name", list(BAD))
@@ -469,7 +490,8 @@ _NO_BAND_SCRIPT = textwrap.dedent("""
     try:
         torch.ops.equiproj_cpu.factorised_pass(K, ar, ar[:1], torch.zeros(25, 0), torch.zeros(0, 32), K.new_empty(0),
                                                0, 1, 2, 0, 1, 1, torch.tensor([[0, 2, 3]]), torch.zeros(0),
-                                               torch.zeros(0), one, one, None, 0, False)
+                                               torch.zeros(0), torch.zeros(0, dtype=torch.int64), torch.zeros(0),
+                                               one, one, None, 0, False)
     except RuntimeError:
         pass
 """)
@@ -495,7 +517,7 @@ _META_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("name", ["maps", "maps_t", "phi", "phiT", "q"])
+@pytest.mark.parametrize("name", ["maps", "maps_t", "phi", "phiT", "q", "phi_parity"])
 def test_tables_without_cpu_data_are_refused(name):
     here = os.path.dirname(os.path.abspath(__file__))
     res = subprocess.run([sys.executable, "-c", _META_SCRIPT.format(here=here, name=name)], capture_output=True,
@@ -503,7 +525,7 @@ def test_tables_without_cpu_data_are_refused(name):
     assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
 
 
-@pytest.mark.parametrize("name", ["rows", "cols", "slots", "lambda_perp", "K"])
+@pytest.mark.parametrize("name", ["rows", "cols", "slots", "lambda_perp", "K", "parity"])
 def test_index_tables_and_weights_without_cpu_data_are_refused(name):
     args = _direct()
     with pytest.raises(RuntimeError):
