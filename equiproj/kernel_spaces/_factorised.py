@@ -119,6 +119,18 @@ class FactorisedPlan:
         #: the closed form between regular fields (``RegularBand``), which :meth:`run` takes on the CPU
         self.regular = regular_band(space, rep_in, rep_out)
 
+    def split_flops_per_weight(self, K: torch.Tensor) -> float | None:
+        """:attr:`flops_per_weight` with the band products split by the grid's reflections, where
+        :meth:`run` takes the split for ``K`` (the C++ pass on float32, a grid of at least
+        ``_SPLIT_MIN_PIXELS`` pixels with a :func:`parity_split`); ``None`` elsewhere."""
+        if not (self.runs_blocks(K) and K.dtype == torch.float32 and _PARITY_BLOCKS
+                and self.space.num_pixels >= _SPLIT_MIN_PIXELS):
+            return None
+        split = parity_split(self.space)
+        if split is None:
+            return None
+        return self.flops_per_weight - 4 * self.space.dim + 4 * split.flops_per_pixel_row() / self.space.num_pixels
+
     def runs_closed_form(self, K: torch.Tensor) -> bool:
         """Whether :meth:`run` takes the closed form of regular fields for ``K`` (the CPU extension, any dtype)."""
         return self.regular is not None and K.device.type == "cpu" and kernel_available()
@@ -217,7 +229,7 @@ class FactorisedPlan:
             Kb = Kb.contiguous()
         B = Kb.shape[0]
         phi, phiT, rows, cols = _block_tables_on(self, K.device, K.dtype)
-        if _PARITY_BLOCKS and P >= _SPLIT_MIN_PIXELS and K.dtype == torch.float32:
+        if self.split_flops_per_weight(K) is not None:
             parity, phi_parity = _parity_tables_on(self.space, K.device, K.dtype)
         else:
             parity, phi_parity = torch.zeros(0, dtype=torch.int64), Kb.new_empty(0)

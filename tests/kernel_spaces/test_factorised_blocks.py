@@ -228,6 +228,24 @@ def test_the_grid_reflections_split_phi_exactly():
         assert sp.num_pixels * sp.dim >= shrink * split.flops_per_pixel_row()
 
 
+def test_the_pass_takes_the_split_from_forty_pixels_up_in_float32(monkeypatch):
+    calls = []
+    tables = _factorised._parity_tables_on
+    monkeypatch.setattr(_factorised, "_parity_tables_on", lambda *a: calls.append(a[0].num_pixels) or tables(*a))
+    for name, pixels, split in [("SO2-mixed-k7", 49, True), ("SO3-bl-k5", 125, True), ("SO2-bl-k5", 25, False)]:
+        sp, ri, ro, K, _ = _layer(name, 7)
+        plan = factorised_plan(sp, ri, ro)
+        Kp = sp._pixels(K.float(), ri, ro)
+        flops = plan.split_flops_per_weight(Kp)
+        assert (flops is not None) == split and plan.split_flops_per_weight(Kp.double()) is None
+        if split:
+            assert flops < plan.flops_per_weight
+        calls.clear()
+        plan.run(Kp, 1.0, 0.0)
+        plan.run(Kp.double(), 1.0, 0.0)
+        assert calls == ([pixels] if split else [])
+
+
 def test_no_split_where_phi_has_no_parity_or_no_grid():
     class Space:  # a square grid whose basis mixes the parities of its columns
         kernel_size, spatial_dims = 3, 2

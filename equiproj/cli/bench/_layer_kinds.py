@@ -84,8 +84,9 @@ def route_of(module: nn.Module, weight: torch.Tensor) -> tuple[str, float | None
     (linear layers, grid convolutions) the kinds of field pairs of its plan by their share of the
     weight (orbit closed forms, orbit tables or products, tiles with ``r`` basis matrices; "permuted"
     where the weight is gathered into the plan's order), for a kernel space the computation its fused
-    route takes (pixel tiles, the closed form of regular fields, the factorised transforms) with the
-    estimate its plan states. ``("-", None)`` where the declaration is of another kind."""
+    route takes (pixel tiles, the closed form of regular fields, the factorised transforms, with their
+    band products split by the grid's reflections where the pass takes the split) with the estimate
+    its plan states. ``("-", None)`` where the declaration is of another kind."""
     decl = declaration(module)
     sp = getattr(decl, "kernel_space", None)
     if sp is None:
@@ -99,7 +100,8 @@ def route_of(module: nn.Module, weight: torch.Tensor) -> tuple[str, float | None
     fp = factorised_plan(sp, decl.rep_in, decl.rep_out)
     if fp.regular is not None and weight.device.type == "cpu" and kernel_available():
         return "regular-field closed form", fp.regular.flops_per_weight
-    return "factorised", fp.flops_per_weight
+    split = fp.split_flops_per_weight(weight)
+    return ("factorised", fp.flops_per_weight) if split is None else ("factorised, split by reflections", split)
 
 
 #: seconds of timed rounds per row and thread count: a slow row takes fewer rounds (never under
