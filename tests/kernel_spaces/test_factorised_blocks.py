@@ -246,6 +246,32 @@ def test_the_pass_takes_the_split_from_forty_pixels_up_in_float32(monkeypatch):
         assert calls == ([pixels] if split else [])
 
 
+@pytest.mark.parametrize("name", ["SO2-bl-k5", "SO3-bl-k5", "O2-bl-k5"])
+def test_float32_tables_hold_no_rounding_residue(name):
+    """The maps and Phi in float32 keep no entry under 1e-14 of their largest (the float64 residue of exact
+    zeros, whose products with small weights are subnormal); in float64 they are the plan's own values."""
+    sp, ri, ro, _, _ = _layer(name, 8)
+    plan = factorised_plan(sp, ri, ro)
+    cpu = torch.device("cpu")
+    pairs32 = _factorised._pair_tables_on(plan, cpu, torch.float32)
+    pairs64 = _factorised._pair_tables_on(plan, cpu, torch.float64)
+    residue = 0
+    for (*_, maps32, maps_t32), (*_, maps64, maps_t64) in zip(pairs32, pairs64):
+        for t32, t64 in ((maps32, maps64), (maps_t32, maps_t64)):
+            if not t64.numel():
+                continue
+            tiny = (t64 != 0) & (t64.abs() <= 1e-14 * t64.abs().max())
+            residue += int(tiny.sum())
+            assert not (t32[tiny] != 0).any()
+            torch.testing.assert_close(t32.double(), t64.masked_fill(tiny, 0), rtol=2**-23, atol=0)
+    assert residue > 0  # the whitened maps do hold such residue: the test checks what it claims
+    phi32 = _factorised._block_tables_on(plan, cpu, torch.float32)[0]
+    phi64 = _factorised._block_tables_on(plan, cpu, torch.float64)[0]
+    assert torch.equal(phi64[:, : sp.dim], sp.sampled)
+    small = phi32[phi32 != 0].abs()
+    assert bool((small > 1e-14 * phi32.abs().max()).all())
+
+
 def test_no_split_where_phi_has_no_parity_or_no_grid():
     class Space:  # a square grid whose basis mixes the parities of its columns
         kernel_size, spatial_dims = 3, 2
