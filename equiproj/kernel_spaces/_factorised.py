@@ -602,8 +602,8 @@ def _slot_maps(plan: FactorisedPlan) -> list:
 @torch.compiler.disable
 @bytes_cached("equiproj.kernel_spaces._factorised._slot_maps_on")
 def _slot_maps_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dtype) -> list:
-    return [([(ob, db, U.to(device=device, dtype=dtype).contiguous()) for ob, db, U in slot_maps], empty)
-            for slot_maps, empty in _slot_maps(plan)]
+    return [([(ob, db, _narrowed(U, dtype).to(device=device, dtype=dtype).contiguous()) for ob, db, U in slot_maps],
+             empty) for slot_maps, empty in _slot_maps(plan)]
 
 
 @bytes_cached("equiproj.kernel_spaces._factorised.factorised_plan")
@@ -621,7 +621,7 @@ def _maps_on(plan: FactorisedPlan, device: torch.device, dtype: torch.dtype) -> 
 @torch.compiler.disable
 @bytes_cached("equiproj.kernel_spaces._factorised._sampled_on")
 def _sampled_on(space, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return space.sampled.to(device=device, dtype=dtype).contiguous()
+    return _narrowed(space.sampled, dtype).to(device=device, dtype=dtype).contiguous()
 
 
 def factorised_one(w, sp, ri, ro, lambda_perp, lambda_G, out, energies):
