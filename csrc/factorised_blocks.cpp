@@ -239,12 +239,13 @@ inline void rows_to_band(const float* const* k, int64_t P, const float* phi, flo
     for (int w = 0; w < NV; ++w) _mm256_storeu_ps(a + r * 8 * NV + 8 * w, acc[r][w]);
 }
 
+// a[r] for the block's rows r0 .. R.
 template <int NV>
-void to_band_rows(const Blocks& G, const float* K, const int64_t* off, float* a) {
+void to_band_rows(const Blocks& G, const float* K, const int64_t* off, float* a, int64_t r0) {
   constexpr int RB = NV <= 2 ? 4 : 2;
   const int64_t R = G.dout * G.din;
   const float* k[RB];
-  int64_t r = 0;
+  int64_t r = r0;
   for (; r + RB <= R; r += RB) {
     for (int i = 0; i < RB; ++i) k[i] = K + off[r + i];
     rows_to_band<RB, NV>(k, G.P, static_cast<const float*>(G.phi), a + r * 8 * NV);
@@ -308,13 +309,17 @@ void rotate_to_y(const Blocks& G, const float* a, float* y, float* rot) {
     for (int64_t d = 0; d < D; ++d) y[r * D + d] = src[r * Dp + d];
 }
 
-void to_band_block(const Blocks& G, const float* K, const int64_t* off, float* a, float* y, float* row) {
+void to_band_from(const Blocks& G, const float* K, const int64_t* off, float* a, int64_t r0) {
   switch (G.Dp / 8) {
-    case 1: to_band_rows<1>(G, K, off, a); break;
-    case 2: to_band_rows<2>(G, K, off, a); break;
-    case 3: to_band_rows<3>(G, K, off, a); break;
-    default: to_band_rows<4>(G, K, off, a); break;
+    case 1: to_band_rows<1>(G, K, off, a, r0); break;
+    case 2: to_band_rows<2>(G, K, off, a, r0); break;
+    case 3: to_band_rows<3>(G, K, off, a, r0); break;
+    default: to_band_rows<4>(G, K, off, a, r0); break;
   }
+}
+
+void to_band_block(const Blocks& G, const float* K, const int64_t* off, float* a, float* y, float* row) {
+  to_band_from(G, K, off, a, 0);
   rotate_to_y(G, a, y, row);
 }
 
@@ -467,20 +472,18 @@ void band_h(const Blocks& G, const float* y, float* h, float* yp) {
     rotate_rows(q, G.dout, 1, src, h, G.dout, G.din, Dp / 8);
 }
 
-double from_band_block(const Blocks& G, const float* K, const float* y, float* out, int write, float cp2,
-                       float cg2, const int64_t* off, float* h, float* yp, float* pk) {
+// PK = h Phi^T (zero without mapped) and the residual's squares and gradient of the block's rows r0 .. R, two
+// rows at a time.
+void rows_residual(const Blocks& G, const float* K, const float* h, bool mapped, float* out, int write, __m256 c2p,
+                   __m256 c2g, const int64_t* off, int64_t r0, float* pk, __m256d& e0, __m256d& e1, double& tail) {
   const int64_t R = G.dout * G.din, Dp = G.Dp;
-  if (y != nullptr) band_h(G, y, h, yp);
-  const __m256 c2p = _mm256_set1_ps(cp2), c2g = _mm256_set1_ps(cg2);
-  __m256d e0 = _mm256_setzero_pd(), e1 = _mm256_setzero_pd();
-  double tail = 0;
-  if (y == nullptr) std::fill(pk, pk + 2 * G.Pp, 0.0f);
+  if (!mapped) std::fill(pk, pk + 2 * G.Pp, 0.0f);
   const float* hs[2];
-  for (int64_t r = 0; r < R; r += 2) {
+  for (int64_t r = r0; r < R; r += 2) {
     const int rb = r + 1 < R ? 2 : 1;
     hs[0] = h + r * Dp;
     hs[1] = h + (r + rb - 1) * Dp;
-    if (y != nullptr) {
+    if (mapped) {
       if (rb == 2)
         rows_from_band<2>(G, hs, pk);
       else
@@ -491,9 +494,22 @@ double from_band_block(const Blocks& G, const float* K, const float* y, float* o
                    tail);
     }
   }
+}
+
+inline double sum_lanes(__m256d e0, __m256d e1) {
   alignas(32) double t[4];
   _mm256_store_pd(t, _mm256_add_pd(e0, e1));
-  return (t[0] + t[1]) + (t[2] + t[3]) + tail;
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+double from_band_block(const Blocks& G, const float* K, const float* y, float* out, int write, float cp2,
+                       float cg2, const int64_t* off, float* h, float* yp, float* pk) {
+  if (y != nullptr) band_h(G, y, h, yp);
+  __m256d e0 = _mm256_setzero_pd(), e1 = _mm256_setzero_pd();
+  double tail = 0;
+  rows_residual(G, K, h, y != nullptr, out, write, _mm256_set1_ps(cp2), _mm256_set1_ps(cg2), off, 0, pk, e0, e1,
+                tail);
+  return sum_lanes(e0, e1) + tail;
 }
 
 // ---- the parity split (struct Parity): the block's rows in the lanes, 8 rows per vector ------------------
@@ -515,6 +531,11 @@ inline void hadamard(__m256* x) {
 // kt[p, 0 .. 8) = pixel p of the 8 rows (a masked load for the last P mod 8 pixels: the row may end the tensor).
 inline void pixels_in_lanes(const float* const* row, int64_t P, float* kt) {
   for (int64_t p0 = 0; p0 < P; p0 += 8) {
+    if (P - p0 <= 3) {  // a few last pixels: a scalar copy costs less than a transpose of mostly padding
+      for (int64_t p = p0; p < P; ++p)
+        for (int i = 0; i < 8; ++i) kt[p * 8 + i] = row[i][p];
+      break;
+    }
     __m256 v[8];
     if (p0 + 8 <= P) {
       for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(row[i] + p0);
@@ -631,20 +652,20 @@ void band_to_slots(const Parity& X, const float* band, float* w) {
 }
 #undef EQUIPROJ_BY_WIDTH
 
-// rows[i, d0 .. d0 + 8) <- band[d0 .. d0 + 8, i] for the first nrows rows (rows Dp apart), and back.
-inline void band_to_row_major(const float* band, int64_t Dp, int64_t nrows, float* rows) {
+// rows[i, d0 .. d0 + 8) <- band[d0 .. d0 + 8, i] for the 8 rows (Dp apart), and back.
+inline void band_to_row_major(const float* band, int64_t Dp, float* rows) {
   for (int64_t d0 = 0; d0 < Dp; d0 += 8) {
     __m256 v[8];
     for (int j = 0; j < 8; ++j) v[j] = _mm256_loadu_ps(band + (d0 + j) * 8);
     transpose8(v);
-    for (int64_t i = 0; i < nrows; ++i) _mm256_storeu_ps(rows + i * Dp + d0, v[i]);
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(rows + i * Dp + d0, v[i]);
   }
 }
 
-inline void row_major_to_band(const float* rows, int64_t Dp, int64_t nrows, float* band) {
+inline void row_major_to_band(const float* rows, int64_t Dp, float* band) {
   for (int64_t d0 = 0; d0 < Dp; d0 += 8) {
     __m256 v[8];
-    for (int i = 0; i < 8; ++i) v[i] = i < nrows ? _mm256_loadu_ps(rows + i * Dp + d0) : _mm256_setzero_ps();
+    for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(rows + i * Dp + d0);
     transpose8(v);
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(band + (d0 + j) * 8, v[j]);
   }
@@ -679,15 +700,21 @@ inline void orbits_back(const float* z, const float* w, const int64_t* order, in
   e1 = _mm256_fmadd_pd(s1, weight, e1);
 }
 
-// The gradient's pixels gt (8 rows in the lanes) written into (write 1) or added to (write 2) the first nrows
-// rows; the last P mod 8 pixels through a scalar copy (no masked store: they are slow on some CPUs).
-inline void gradient_to_rows(const float* gt, int64_t P, float* const* row, int64_t nrows, int write) {
+// The gradient's pixels gt (8 rows in the lanes) written into (write 1) or added to (write 2) the 8 rows; the
+// last P mod 8 pixels through a scalar copy (no masked store: they are slow on some CPUs), without the
+// transpose where they are a few.
+inline void gradient_to_rows(const float* gt, int64_t P, float* const* row, int write) {
   for (int64_t p0 = 0; p0 < P; p0 += 8) {
+    const int64_t np = std::min<int64_t>(8, P - p0);
+    if (np <= 3) {
+      for (int64_t p = p0; p < P; ++p)
+        for (int i = 0; i < 8; ++i) row[i][p] = write == 2 ? row[i][p] + gt[p * 8 + i] : gt[p * 8 + i];
+      break;
+    }
     __m256 v[8];
     for (int j = 0; j < 8; ++j) v[j] = _mm256_loadu_ps(gt + (p0 + j) * 8);
     transpose8(v);
-    const int64_t np = std::min<int64_t>(8, P - p0);
-    for (int64_t i = 0; i < nrows; ++i) {
+    for (int i = 0; i < 8; ++i) {
       float* o = row[i] + p0;
       if (np == 8) {
         _mm256_storeu_ps(o, write == 2 ? _mm256_add_ps(_mm256_loadu_ps(o), v[i]) : v[i]);
@@ -701,22 +728,19 @@ inline void gradient_to_rows(const float* gt, int64_t P, float* const* row, int6
 }
 
 // Scratch of the parity pass of one block (floats): z [groups, P, 8], kt and gt [Pp, 8], w [P, 8], the band in
-// the lanes [Dp, 8], a zero row [Pp].
+// the lanes [Dp, 8].
 struct ParityScratch {
-  float *z, *kt, *gt, *w, *band, *zero;
+  float *z, *kt, *gt, *w, *band;
   static int64_t floats(const Blocks& G) {
-    const int64_t groups = (G.dout * G.din + 7) / 8;
-    return groups * G.P * 8 + 2 * G.Pp * 8 + G.P * 8 + G.Dp * 8 + G.Pp;
+    const int64_t groups = G.dout * G.din / 8;
+    return groups * G.P * 8 + 2 * G.Pp * 8 + G.P * 8 + G.Dp * 8;
   }
-  ParityScratch(const Blocks& G, float* at) : z(at), kt(nullptr), gt(nullptr), w(nullptr), band(nullptr), zero(nullptr) {
+  ParityScratch(const Blocks& G, float* at) : z(at), kt(nullptr), gt(nullptr), w(nullptr), band(nullptr) {
     if (at == nullptr) return;
-    const int64_t groups = (G.dout * G.din + 7) / 8;
-    kt = z + groups * G.P * 8;
+    kt = z + G.dout * G.din / 8 * G.P * 8;
     gt = kt + G.Pp * 8;
     w = gt + G.Pp * 8;
     band = w + G.P * 8;
-    zero = band + G.Dp * 8;
-    std::fill(band, zero + G.Pp, 0.0f);  // the band's padded coefficients and the zero row stay zero
   }
 };
 
@@ -725,24 +749,25 @@ struct ParityScratch {
 // residual's squares and the gradient. Returns ||K - PK||^2; eg = ||c||^2.
 double parity_block(const Blocks& G, const Parity& X, const Slots& S, const float* K, float* out, int write,
                     float cp2, float cg2, const int64_t* off, bool mapped, double& eg, float* a, float* y,
-                    float* yp, float* h, float* c, const ParityScratch& W) {
-  const int64_t R = G.dout * G.din, P = G.P, Dp = G.Dp, groups = (R + 7) / 8;
+                    float* yp, float* h, float* c, float* pk, const ParityScratch& W) {
+  // whole groups of 8 rows in the lanes; the last R mod 8 rows through the band-in-the-lanes row kernels
+  const int64_t R = G.dout * G.din, P = G.P, Dp = G.Dp, groups = R / 8, rest = 8 * groups;
   const float* rows[8];
   float* orow[8];
   std::fill(W.band + G.D * 8, W.band + Dp * 8, 0.0f);  // the padded coefficients (the way back wrote h's)
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t nr = std::min<int64_t>(8, R - 8 * g);
-    for (int64_t i = 0; i < 8; ++i) rows[i] = i < nr ? K + off[8 * g + i] : W.zero;
+    for (int64_t i = 0; i < 8; ++i) rows[i] = K + off[8 * g + i];
     pixels_in_lanes(rows, P, W.kt);
     float* z = W.z + g * P * 8;
     to_slots(X, W.kt, z);
     if (mapped) {
       slots_to_band(X, z, W.band);
-      band_to_row_major(W.band, Dp, nr, a + 8 * g * Dp);
+      band_to_row_major(W.band, Dp, a + 8 * g * Dp);
     }
   }
   eg = 0;
   if (mapped) {
+    to_band_from(G, K, off, a, rest);
     rotate_to_y(G, a, y, a + R * Dp);
     eg = maps_block(G, S, y, yp, c);
     band_h(G, yp, h, h + R * Dp);
@@ -751,9 +776,8 @@ double parity_block(const Blocks& G, const Parity& X, const Slots& S, const floa
   __m256d e0 = _mm256_setzero_pd(), e1 = _mm256_setzero_pd();
   if (!mapped) std::fill(W.w, W.w + P * 8, 0.0f);
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t nr = std::min<int64_t>(8, R - 8 * g);
     if (mapped) {
-      row_major_to_band(h + 8 * g * Dp, Dp, nr, W.band);
+      row_major_to_band(h + 8 * g * Dp, Dp, W.band);
       band_to_slots(X, W.band, W.w);
     }
     const float* z = W.z + g * P * 8;
@@ -772,13 +796,13 @@ double parity_block(const Blocks& G, const Parity& X, const Slots& S, const floa
       w += 8 * (count << L);
     }
     if (write) {
-      for (int64_t i = 0; i < nr; ++i) orow[i] = out + off[8 * g + i];
-      gradient_to_rows(W.gt, P, orow, nr, write);
+      for (int64_t i = 0; i < 8; ++i) orow[i] = out + off[8 * g + i];
+      gradient_to_rows(W.gt, P, orow, write);
     }
   }
-  alignas(32) double t[4];
-  _mm256_store_pd(t, _mm256_add_pd(e0, e1));
-  return (t[0] + t[1]) + (t[2] + t[3]);
+  double tail = 0;
+  rows_residual(G, K, h, mapped, out, write, c2p, c2g, off, rest, pk, e0, e1, tail);
+  return sum_lanes(e0, e1) + tail;
 }
 
 }  // namespace avx2
@@ -1004,7 +1028,7 @@ std::tuple<Tensor, Tensor> factorised_pass(const Tensor& K, const Tensor& rows, 
       if (split) {
         row_offsets(G, item, u, v, off.data());
         ep[it] = avx2::parity_block(G, X, S, K.data_ptr<float>(), o, int(write), float(cp2), float(cg2), off.data(),
-                                    mapped, eg[it], a, y, yp, h, c, W);
+                                    mapped, eg[it], a, y, yp, h, c, pk, W);
         continue;
       }
       if (lanes) {

@@ -57,12 +57,13 @@ __all__ = ["FactorisedPlan", "ParitySplit", "factorised_plan", "factorised_one",
 _PLAIN_BLOCKS = False
 
 #: the float32 block kernels take Phi's split by the grid's reflections (:func:`parity_split`) where it has one
-#: and the grid at least ``_SPLIT_MIN_PIXELS`` pixels. Below that the split's 8 x 8 transposes of the pixel rows
-#: (the last of them mostly padding) cost what it saves in the band products: measured on one thread, the split
-#: is 20 % slower at 9 pixels (O(2), k = 3), 7 % slower at 25 (SO(2), O(2), k = 5), even at 27 (SO(3), k = 3),
-#: 10 % faster at 49 (k = 7), 20 % at 81 (k = 9) and 15-28 % at 125 (SO(3), O(3), k = 5).
+#: and the kernel size is at least ``_SPLIT_MIN_KERNEL_SIZE``. On 3 x 3 (x 3) grids the split's 8 x 8 transposes
+#: of the pixel rows cost what it saves in the band products: measured on one build, the split against the
+#: band in the lanes, ``backward()`` was 9-11 % slower for O(2) at k = 3 and within 5 % either way for SO(3) at
+#: k = 3 (its ``decay_`` 8 % slower); 1-6 % faster at k = 5 in 2-D, 15-17 % at k = 7, about 25 % at k = 9 and
+#: 20-30 % for SO(3) and O(3) at k = 5, on one and on two threads.
 _PARITY_BLOCKS = True
-_SPLIT_MIN_PIXELS = 40
+_SPLIT_MIN_KERNEL_SIZE = 5
 
 #: elements of the ``[rows, k^s]`` weight per chunk of the residual pass and the step (1 MiB of float32:
 #: on par with 256 KiB and 4 MiB, a fifth faster than 64 KiB on the 2-D band-limited rows)
@@ -122,9 +123,9 @@ class FactorisedPlan:
     def split_flops_per_weight(self, K: torch.Tensor) -> float | None:
         """:attr:`flops_per_weight` with the band products split by the grid's reflections, where
         :meth:`run` takes the split for ``K`` (the C++ pass on float32, a grid of at least
-        ``_SPLIT_MIN_PIXELS`` pixels with a :func:`parity_split`); ``None`` elsewhere."""
+        ``_SPLIT_MIN_KERNEL_SIZE`` with a :func:`parity_split`); ``None`` elsewhere."""
         if not (self.runs_blocks(K) and K.dtype == torch.float32 and _PARITY_BLOCKS
-                and self.space.num_pixels >= _SPLIT_MIN_PIXELS):
+                and getattr(self.space, "kernel_size", 0) >= _SPLIT_MIN_KERNEL_SIZE):
             return None
         split = parity_split(self.space)
         if split is None:

@@ -91,12 +91,12 @@ def _run(sp, ri, ro, K, *args, **kwargs):
 @pytest.fixture(params=["split", "rows", "plain"])
 def blocks_kernel(request, monkeypatch):
     """The float32 kernels of the pass: AVX2 with the pixels split by the grid's reflections (8 rows in the
-    lanes; here on every grid, which the pass takes only from ``_SPLIT_MIN_PIXELS``), AVX2 without the split
+    lanes; here on every grid, which the pass takes only from ``_SPLIT_MIN_KERNEL_SIZE``), AVX2 without the split
     (the band in the lanes), or the plain loops. float64 runs the plain loops whatever is chosen: a test skips
     it but for "split"."""
     monkeypatch.setattr(_factorised, "_PLAIN_BLOCKS", request.param == "plain")
     monkeypatch.setattr(_factorised, "_PARITY_BLOCKS", request.param == "split")
-    monkeypatch.setattr(_factorised, "_SPLIT_MIN_PIXELS", 0)  # the split on every grid, the smallest included
+    monkeypatch.setattr(_factorised, "_SPLIT_MIN_KERNEL_SIZE", 0)  # the split on every grid, the smallest included
     return request.param
 
 
@@ -228,11 +228,12 @@ def test_the_grid_reflections_split_phi_exactly():
         assert sp.num_pixels * sp.dim >= shrink * split.flops_per_pixel_row()
 
 
-def test_the_pass_takes_the_split_from_forty_pixels_up_in_float32(monkeypatch):
+def test_the_pass_takes_the_split_from_kernel_size_five_up_in_float32(monkeypatch):
     calls = []
     tables = _factorised._parity_tables_on
     monkeypatch.setattr(_factorised, "_parity_tables_on", lambda *a: calls.append(a[0].num_pixels) or tables(*a))
-    for name, pixels, split in [("SO2-mixed-k7", 49, True), ("SO3-bl-k5", 125, True), ("SO2-bl-k5", 25, False)]:
+    for name, pixels, split in [("SO2-mixed-k7", 49, True), ("SO3-bl-k5", 125, True), ("SO2-bl-k5", 25, True),
+                                ("SO2-uncovered-k3", 9, False)]:
         sp, ri, ro, K, _ = _layer(name, 7)
         plan = factorised_plan(sp, ri, ro)
         Kp = sp._pixels(K.float(), ri, ro)
