@@ -58,10 +58,10 @@ _PLAIN_BLOCKS = False
 
 #: the float32 block kernels take Phi's split by the grid's reflections (:func:`parity_split`) where it has one
 #: and the kernel size is at least ``_SPLIT_MIN_KERNEL_SIZE``. On 3 x 3 (x 3) grids the split's 8 x 8 transposes
-#: of the pixel rows cost what it saves in the band products: measured on one build, the split against the
-#: band in the lanes, ``backward()`` was 9-11 % slower for O(2) at k = 3 and within 5 % either way for SO(3) at
-#: k = 3 (its ``decay_`` 8 % slower); 1-6 % faster at k = 5 in 2-D, 15-17 % at k = 7, about 25 % at k = 9 and
-#: 20-30 % for SO(3) and O(3) at k = 5, on one and on two threads.
+#: of the pixel rows cost about what it saves in the band products: measured on one build, the split against
+#: the band in the lanes, ``backward()`` for O(2) and SO(3) at k = 3 went from 11 % slower to 10 % faster from
+#: run to run; it was 2-7 % faster at k = 5 in 2-D, 14-18 % at k = 7, 20-24 % at k = 9 and 20-30 % for SO(3)
+#: and O(3) at k = 5, on one and on two threads.
 _PARITY_BLOCKS = True
 _SPLIT_MIN_KERNEL_SIZE = 5
 
