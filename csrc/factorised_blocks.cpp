@@ -297,6 +297,24 @@ inline void rotate_rows(const float* q, int64_t qr, int64_t qc, const float* src
 }
 
 // y[b', j, 0 .. D) = sum_b Q[b, b'] a[b, j, :] (a padded to Dp lanes, y not padded; rot: a block of scratch).
+// dst[r, 0 .. D) = src[r, 0 .. D) for R rows Dp apart in src, D apart in dst, in whole vectors: a row's last
+// vector runs into the next row, which overwrites it, and the last row's into dst's 8 spare floats.
+inline void compact_rows(const float* src, int64_t Dp, int64_t D, int64_t R, float* dst) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d0 = 0; d0 < Dp; d0 += 8) _mm256_storeu_ps(dst + r * D + d0, _mm256_loadu_ps(src + r * Dp + d0));
+}
+
+// dst[r, 0 .. Dp) = src[r, 0 .. D) and zeros, the reverse of compact_rows (src holds 8 spare floats).
+inline void padded_rows(const float* src, int64_t D, int64_t Dp, int64_t R, float* dst) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 tail = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(D - (Dp - 8))), lane));
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t d0 = 0;
+    for (; d0 + 8 < Dp; d0 += 8) _mm256_storeu_ps(dst + r * Dp + d0, _mm256_loadu_ps(src + r * D + d0));
+    _mm256_storeu_ps(dst + r * Dp + d0, _mm256_and_ps(tail, _mm256_loadu_ps(src + r * D + d0)));
+  }
+}
+
 void rotate_to_y(const Blocks& G, const float* a, float* y, float* rot) {
   const float* q = static_cast<const float*>(G.q);
   const int64_t R = G.dout * G.din, D = G.D, Dp = G.Dp;
@@ -305,8 +323,7 @@ void rotate_to_y(const Blocks& G, const float* a, float* y, float* rot) {
     rotate_rows(q, 1, G.dout, a, rot, G.dout, G.din, Dp / 8);
     src = rot;
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t d = 0; d < D; ++d) y[r * D + d] = src[r * Dp + d];
+  compact_rows(src, Dp, D, R, y);
 }
 
 void to_band_from(const Blocks& G, const float* K, const int64_t* off, float* a, int64_t r0) {
@@ -460,10 +477,7 @@ void band_h(const Blocks& G, const float* y, float* h, float* yp) {
   const int64_t D = G.D, Dp = G.Dp, R = G.dout * G.din;
   const float* src = y;
   if (D != Dp || q != nullptr) {
-    for (int64_t r = 0; r < R; ++r) {
-      std::copy(y + r * D, y + (r + 1) * D, yp + r * Dp);
-      std::fill(yp + r * Dp + D, yp + (r + 1) * Dp, 0.0f);
-    }
+    padded_rows(y, D, Dp, R, yp);
     src = yp;
   }
   if (q == nullptr)
