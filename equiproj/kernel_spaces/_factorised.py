@@ -40,6 +40,7 @@ three times slower on the CPU: the thin inner dimension ``D`` leaves the GEMM's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 
@@ -436,14 +437,17 @@ def parity_split(space) -> ParitySplit | None:
     return split
 
 
+@dataclass(frozen=True)
 class ParitySplit:
     """``Phi`` split by the grid's reflections (:func:`parity_split`): ``reflections`` (``s``), ``orbit_counts``
     (orbits of ``2^L`` pixels for ``L = 0 .. s``), ``order`` (the pixels orbit by orbit, largest orbits first,
     pixel ``i`` of an orbit its first pixel moved by the reflections of ``i``'s bits), and ``classes``
     (``(slots, columns, Phi_c [slots, columns])`` per parity class: slots are positions in ``order``)."""
 
-    def __init__(self, reflections, orbit_counts, order, classes):
-        self.reflections, self.orbit_counts, self.order, self.classes = reflections, orbit_counts, order, classes
+    reflections: int
+    orbit_counts: tuple
+    order: tuple
+    classes: tuple
 
     def transform(self) -> torch.Tensor:
         """``T [P slots, P pixels]`` (float64): ``z = T k``, the Walsh-Hadamard transform on each orbit."""
