@@ -121,14 +121,18 @@ class FactorisedPlan:
         #: the closed form between regular fields (``RegularBand``), which :meth:`run` takes on the CPU
         self.regular = regular_band(space, rep_in, rep_out)
 
-    def split_flops_per_weight(self, K: torch.Tensor) -> float | None:
-        """:attr:`flops_per_weight` with the band products split by the grid's reflections, where
-        :meth:`run` takes the split for ``K`` (the C++ pass on float32, a grid of at least
-        ``_SPLIT_MIN_KERNEL_SIZE`` with a :func:`parity_split`); ``None`` elsewhere."""
+    def split_for(self, K: torch.Tensor) -> ParitySplit | None:
+        """The :func:`parity_split` that :meth:`run` takes for ``K``: the C++ pass on float32 weights, a kernel
+        size of at least ``_SPLIT_MIN_KERNEL_SIZE`` and a grid whose ``Phi`` splits; ``None`` elsewhere."""
         if not (self.runs_blocks(K) and K.dtype == torch.float32 and _PARITY_BLOCKS
                 and getattr(self.space, "kernel_size", 0) >= _SPLIT_MIN_KERNEL_SIZE):
             return None
-        split = parity_split(self.space)
+        return parity_split(self.space)
+
+    def split_flops_per_weight(self, K: torch.Tensor) -> float | None:
+        """:attr:`flops_per_weight` with the band products split by the grid's reflections, where
+        :meth:`run` takes the split for ``K`` (:meth:`split_for`); ``None`` elsewhere."""
+        split = self.split_for(K)
         if split is None:
             return None
         return self.flops_per_weight - 4 * self.space.dim + 4 * split.flops_per_pixel_row() / self.space.num_pixels
@@ -231,7 +235,7 @@ class FactorisedPlan:
             Kb = Kb.contiguous()
         B = Kb.shape[0]
         phi, phiT, rows, cols = _block_tables_on(self, K.device, K.dtype)
-        if self.split_flops_per_weight(K) is not None:
+        if self.split_for(K) is not None:
             parity, phi_parity = _parity_tables_on(self.space, K.device, K.dtype)
         else:
             parity, phi_parity = torch.zeros(0, dtype=torch.int64), Kb.new_empty(0)
