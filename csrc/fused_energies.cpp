@@ -78,6 +78,7 @@ namespace base {
 #define EQUIPROJ_AVX2 1
 namespace avx2 {
 #include "simd4.h"
+#include "transpose8.h"
 #include "orbit_closed.h"
 #include "tile_kernels.h"
 }  // namespace avx2
@@ -141,7 +142,7 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
     s.coef.resize(std::max<int64_t>(p.form == kOrbitPoints ? p.di  // one mean row
                                     : p.form == kOrbitCyclic || p.form == kOrbitDihedral
                                         ? orbit_closed_scratch(p.ci, p.r, p.form == kOrbitDihedral)
-                                        : p.ci * p.r + p.di,
+                                        : p.ci * p.r + p.di + p.r / 8 + 1,  // + one byte per orbit
                                     4));
   if constexpr (std::is_same<X, float>::value)
     kernels().f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);

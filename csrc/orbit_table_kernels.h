@@ -233,13 +233,13 @@ inline void split_mean(acc_t m, float& hi, float& lo) {
   lo = static_cast<float>(m - acc_t(hi));
 }
 
-// E_G, and the sums of every group of w tiles in place of their split means.
-inline void split_orbit_means(const Pair& p, acc_t* S, acc_t& eg) {
+// E_G, and the sums of every group of w tiles from tile v0 in place of their split means.
+inline void split_orbit_means(const Pair& p, acc_t* S, int64_t v0, acc_t& eg) {
   const int64_t K = p.r, ci = p.ci;
   const bool product = p.form == kOrbitProduct;
   V4 e[4] = {zero4(), zero4(), zero4(), zero4()};
   acc_t e1 = 0;
-  for (int64_t v = 0, w = 0; v < ci; v += w) {
+  for (int64_t v = v0, w = 0; v < ci; v += w) {
     w = group_width(v, ci);
     acc_t* Sw = S + v * K;
     int64_t k = 0;
@@ -276,6 +276,103 @@ inline void split_orbit_means(const Pair& p, acc_t* S, acc_t& eg) {
     }
   }
   eg += hsum((e[0] + e[1]) + (e[2] + e[3])) + e1;
+}
+
+// ---- float32 weights, eight tiles in the lanes: pass 1 by differences from a pivot -----------------
+// The tiles of a row block in groups of eight (the rest as above): eight entries of each tile are
+// loaded as eight rows and transposed (transpose8.h), so that each float32 vector holds one entry of
+// the eight tiles. Each orbit is summed as its pivot (its first entry in the pass's order, rows in
+// order) plus the differences of its other entries from the pivot: y_e - y_pivot is exact where the
+// two are within a factor of two (Sterbenz), which holds in every orbit of a nearly equivariant weight,
+// so the float32 sum of the differences keeps the digits of the residual, as the float64 sums do, at
+// half their vector work per weight and with no conversions. The split mean of pass 2 is then m_hi =
+// the pivot, m_lo = (the sum of the differences) / n, the orbit sum n y_pivot + D (E_G) in float64.
+
+// Tiles of up to this many orbits (those of grid convolutions on irreps fields, of small fields) take the
+// pivot pass: measured 3-11 % faster on them, while tiles of 120 orbits (a 64-point field) ran 16 %
+// slower (their groups' pivots and sums, two lines per orbit, no longer stay in L1 across a row).
+constexpr int64_t kPivotMaxOrbits = 32;
+
+// The pivots of a row's orbits, marked in bit 0 of o4 (free: o4 = 4 o), and the entries of sign 0 in
+// bit 1: a signed table files them under orbit 0 (plan_types.h), where the other passes add their zeros,
+// but here a zero would enter as a difference from orbit 0's pivot. sg: the row's signs, or null;
+// seen: a byte per orbit, zero before the block's first row.
+// Returns whether the row has any mark.
+inline bool mark_pivots(int32_t* o4, int64_t di, const acc_t* sg, uint8_t* seen) {
+  bool marked = false;
+  for (int64_t j = 0; j < di; ++j) {
+    if (sg && sg[j] == 0) {
+      o4[j] |= 2;
+      marked = true;
+      continue;
+    }
+    uint8_t& s = seen[o4[j] >> 2];
+    marked |= s == 0;
+    o4[j] |= int32_t(s == 0);
+    s = 1;
+  }
+  return marked;
+}
+
+// one (signed) entry y of the eight tiles into its orbit: the pivots P and the difference sums D of a
+// group ([K][8] floats each; orbit o at 8 o = 2 (o4 & ~3))
+template <bool Marked>
+inline void pivot_add8(float* P, float* D, int32_t o4, __m256 y) {
+  if (Marked && (o4 & 2)) return;  // sign 0
+  const int64_t at = 2 * int64_t(o4 & ~3);
+  if (Marked && (o4 & 1)) {
+    _mm256_storeu_ps(P + at, y);
+    return;
+  }
+  _mm256_storeu_ps(D + at, _mm256_add_ps(_mm256_loadu_ps(D + at), _mm256_sub_ps(y, _mm256_loadu_ps(P + at))));
+}
+
+// One row of the tiles [0, v8), row xa; sgf: the row's signs as floats, or null.
+template <bool Marked>
+inline void pivot_row8(const Pair& p, const float* xa, acc_t* S, int64_t v8, const int32_t* o4, const float* sgf) {
+  const int64_t di = p.di, K = p.r, d8 = di - di % 8;
+  for (int64_t v = 0; v < v8; v += 8) {
+    const float* x0 = xa + v * di;
+    float* P = reinterpret_cast<float*>(S + v * K);
+    float* D = P + 8 * K;
+    int64_t j = 0;
+    for (; j < d8; j += 8) {
+      __m256 r[8];
+      for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(x0 + t * di + j);
+      if (sgf) {  // the signs of entries j .. j + 7, the same in every tile
+        const __m256 s = _mm256_loadu_ps(sgf + j);
+        for (int t = 0; t < 8; ++t) r[t] = _mm256_mul_ps(r[t], s);
+      }
+      transpose8(r);  // r[i]: entry j + i of the eight tiles
+      for (int i = 0; i < 8; ++i) pivot_add8<Marked>(P, D, o4[j + i], r[i]);
+    }
+    for (; j < di; ++j) {  // the entries past the last whole vector: entry j of the eight tiles
+      const __m256 y = _mm256_setr_ps(x0[j], x0[di + j], x0[2 * di + j], x0[3 * di + j], x0[4 * di + j],
+                                      x0[5 * di + j], x0[6 * di + j], x0[7 * di + j]);
+      pivot_add8<Marked>(P, D, o4[j], sgf ? _mm256_mul_ps(y, _mm256_set1_ps(sgf[j])) : y);
+    }
+  }
+}
+
+// Pass 1 over the tiles [0, v8) of every row (v8 a multiple of 8). The group of tiles v .. v + 7 keeps its
+// pivots, then its difference sums, in the bytes of the [K][4] float64 sums of tiles v .. v + 3 and of
+// v + 4 .. v + 7 (S + v K, zero on entry). seen: K bytes; sgf: d_in floats (a row's signs).
+inline void pivot_orbit_sums8(const Pair& p, int64_t dout, const float* const* x, acc_t* S, int64_t v8,
+                              int32_t* obuf, uint8_t* seen, float* sgf) {
+  const int64_t di = p.di, K = p.r;
+  for (int64_t k = 0; k < K; ++k) seen[k] = 0;
+  for (int64_t a = 0; a < dout; ++a) {
+    const acc_t* sg = p.sign ? p.sign + a * di : nullptr;
+    orbit_row(p, dout, a, obuf);  // into obuf
+    const bool marked = mark_pivots(obuf, di, sg, seen);
+    const int32_t* o4 = obuf;
+    if (sg)
+      for (int64_t j = 0; j < di; ++j) sgf[j] = static_cast<float>(sg[j]);
+    if (marked)
+      pivot_row8<true>(p, x[a], S, v8, o4, sg ? sgf : nullptr);
+    else  // no pivot and no sign 0 in the row: every entry a difference, no branch
+      pivot_row8<false>(p, x[a], S, v8, o4, sg ? sgf : nullptr);
+  }
 }
 
 // rows r0 .. r3 -> their transpose, within each 128-bit lane
@@ -335,6 +432,39 @@ inline void flush_lanes_f32(__m256* e8, int n, acc_t& e1) {
     e1 += hsum(V4{s});
     e8[l] = _mm256_setzero_ps();
   }
+}
+
+// E_G of the groups of eight, and their pivots and difference sums in place of the split means pass 2
+// reads from two groups of four: orbit k of tiles v .. v + 3 at float 8 k of S + v K (four m_hi, four
+// m_lo), of tiles v + 4 .. v + 7 at float 8 k of S + (v + 4) K. E_G = sum_k S_k^2 / n_k with the orbit
+// sums S_k = n_k y_pivot + D_k, in float32 lanes (a sum of squares: no cancellation), flushed into
+// float64 every kOrbitFlushVectors orbits.
+inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg) {
+  const int64_t K = p.r;
+  const bool product = p.form == kOrbitProduct;
+  __m256 e8[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  acc_t e1 = 0;
+  int n8 = 0;
+  for (int64_t v = 0; v < v8; v += 8) {
+    float* P = reinterpret_cast<float*>(S + v * K);
+    float* D = P + 8 * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t inv = product ? p.inv_size : p.inv[k];
+      const __m256 vinv = _mm256_set1_ps(static_cast<float>(inv));
+      const __m256 pk = _mm256_loadu_ps(P + 8 * k), dk = _mm256_loadu_ps(D + 8 * k);
+      const __m256 sum = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(acc_t(int64_t(1 / inv + 0.5)))), pk, dk);
+      e8[k & 1] = _mm256_fmadd_ps(_mm256_mul_ps(sum, sum), vinv, e8[k & 1]);
+      const __m256 lo = _mm256_mul_ps(dk, vinv);
+      _mm256_storeu_ps(P + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x20));
+      _mm256_storeu_ps(D + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x31));
+      if (++n8 >= kOrbitFlushVectors) {
+        flush_lanes_f32(e8, 2, e1);
+        n8 = 0;
+      }
+    }
+  }
+  flush_lanes_f32(e8, 2, e1);
+  eg += e1;
 }
 
 template <GradMode Mode>
@@ -475,20 +605,29 @@ template <typename X>
 constexpr bool kSplitOrbitMeans = sizeof(X) == sizeof(float);
 #endif
 
-// S: ci * K + di scratch entries: the orbit sums (then means) of every tile, a group of w tiles
-// starting at tile v (group_width) as the [K][w] block at S + v K; then room for the orbit row of a
-// product.
+// S: ci * K + di + K / 8 + 1 scratch entries: the orbit sums (then means) of every tile, a group of w
+// tiles starting at tile v (group_width) as the [K][w] block at S + v K (float32 groups of eight: the
+// pivot pass's two blocks); then room for the orbit row (and a row of signs), then a byte per orbit.
 template <typename X>
 void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* S,
                       acc_t& ep, acc_t& eg) {
   const int64_t di = p.di, K = p.r, ci = p.ci, d4 = di - di % 4;
   int32_t* obuf = reinterpret_cast<int32_t*>(S + ci * K);
   for (int64_t k = 0; k < ci * K; ++k) S[k] = 0;
-  // pass 1: the orbit sums of every tile
-  for (int64_t a = 0; a < dout; ++a) {
+  int64_t v8 = 0;  // float32 on AVX2: pass 1 of the tiles [0, v8) by differences from a pivot, eight at a time
+#ifdef EQUIPROJ_AVX2
+  if constexpr (kSplitOrbitMeans<X>) {
+    v8 = K <= kPivotMaxOrbits ? ci - ci % 8 : 0;
+    if (v8 > 0)  // the orbit row's d_in int32, then d_in floats of signs; then K bytes past the row
+      pivot_orbit_sums8(p, dout, x, S, v8, obuf, reinterpret_cast<uint8_t*>(S + ci * K + di),
+                        reinterpret_cast<float*>(obuf + di));
+  }
+#endif
+  // pass 1: the orbit sums of every other tile
+  for (int64_t a = 0; a < dout && v8 < ci; ++a) {
     const int32_t* o4 = orbit_row(p, dout, a, obuf);
     const acc_t* sg = p.sign ? p.sign + a * di : nullptr;
-    for (int64_t v = 0, w = 0; v < ci; v += w) {
+    for (int64_t v = v8, w = 0; v < ci; v += w) {
       w = group_width(v, ci);
       const X* x0 = x[a] + v * di;
       acc_t* Sw = S + v * K;  // [K][w]
@@ -526,7 +665,8 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
   // E_G = sum_k S_k^2 / n_k; S becomes the orbit means (float64, or split into float32 m_hi, m_lo)
 #ifdef EQUIPROJ_AVX2
   if constexpr (kSplitOrbitMeans<X>) {
-    split_orbit_means(p, S, eg);
+    pivot_orbit_means8(p, S, v8, eg);
+    split_orbit_means(p, S, v8, eg);
     table_orbit_residuals_f32<X>(p, dout, x, g, cp2, cg2, S, obuf, ep);
     return;
   }

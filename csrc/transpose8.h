@@ -1,5 +1,6 @@
 // The 8 x 8 transpose of float32 lanes in registers (AVX2): r[j] <- lane j of r[0 .. 8). Included by the AVX2
-// kernels that run eight rows or tiles in the lanes (regular_band.cpp, factorised_blocks.cpp) inside their
+// kernels that run eight rows or tiles in the lanes (regular_band.cpp, factorised_blocks.cpp, the orbit tables of
+// fused_energies.cpp) inside their
 // avx2,fma target region and their own namespace: no include guard, no includes.
 
 inline void transpose8(__m256* r) {

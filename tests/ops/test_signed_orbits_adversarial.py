@@ -249,6 +249,81 @@ def test_cpp_odd_copy_counts_threads_and_isas(isa, gen):
         torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
 
 
+def _pivot_cases():
+    """(name, rep_in, reference rep_in, rep_out) with eight input copies or more of one field pair type,
+    whose float32 orbit sums take the pivot pass in groups of eight tiles: signed tables (C4 and D4 irreps
+    on grids; entries of sign 0 among them), orbit tables (O regular, cube vertices) and orbit products
+    (C4 regular on a 2x2 grid, C2 regular on a 3x3 grid)."""
+    C4, D4, C2, O, Oh = Cyclic(4), Dihedral(4), Cyclic(2), Octahedral(), FullOctahedral()
+    verts = Rep.permutation(Oh, points=torch.tensor([[x, y, z] for x in (-1.0, 1.0) for y in (-1.0, 1.0)
+                                                     for z in (-1.0, 1.0)], dtype=F64))
+    out = []
+    for ci in (8, 11, 19):
+        c4, d4 = _irreps(C4, ci), _irreps(D4, ci)
+        out += [(f"C4-irreps-k3-{ci}", c4 @ kernel_rep(C4, (3, 3), orbits=False), c4 @ kernel_rep(C4, (3, 3)),
+                 _irreps(C4)),
+                (f"D4-irreps-k5-{ci}", d4 @ kernel_rep(D4, (5, 5), orbits=False), d4 @ kernel_rep(D4, (5, 5)),
+                 2 * D4.irrep((1, 1)) + D4.irrep((0, 2))),
+                (f"O-regular-{ci}", ci * O.regular(), ci * O.regular(), O.regular()),
+                (f"Oh-vertices-{ci}", ci * verts, ci * verts, 2 * verts),
+                (f"C4-regular-k2-{ci}", ci * C4.regular() @ kernel_rep(C4, (2, 2), orbits=False),
+                 ci * C4.regular() @ kernel_rep(C4, (2, 2)), C4.regular()),
+                (f"C2-regular-k3-{ci}", ci * C2.regular() @ kernel_rep(C2, (3, 3), orbits=False),
+                 ci * C2.regular() @ kernel_rep(C2, (3, 3)), 2 * C2.regular())]
+    return out
+
+
+@needs_cpp
+def test_cpp_pivot_pass_in_groups_of_eight_tiles(gen):
+    """float32 orbit sums of eight tiles at a time as differences from each orbit's first entry, then
+    the rest of the tiles in groups of 4, 2, 1 (8, 11 and 19 copies): random and nearly equivariant
+    weights (E_perp / ||W||^2 ~ 1e-10) against the float64 reference and against the float64 sums of
+    the baseline kernels, the same bits on one and two threads, and the gradient added into a buffer."""
+    threads = torch.get_num_threads()
+    try:
+        for name, rep_in, ref_in, rep_out in _pivot_cases():
+            forms = {f for f in _forms(rep_in, rep_out) if f is not None}
+            assert forms and forms <= {OrbitForm.SIGNED, OrbitForm.TABLE, OrbitForm.PRODUCT}, name
+            assert max(r.orbits for r in plan_for(rep_in, rep_out, "cpu").rows()) <= 32, name
+            W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+            Wn = nearly_equivariant(W, ref_in, rep_out, 1e-10, gen)
+            for X in (W.float(), Wn.float()):
+                rp, rg = reference.energies(X.double(), ref_in, rep_out)
+                PW = reference.project(X.double(), ref_in, rep_out)
+                want = 2 * (X.double() - PW) + 0.5 * PW
+                results = []
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    results.append(equiproj.energies_and_grad(X, rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25,
+                                                              backend="cpp"))
+                assert all(torch.equal(a, b) for a, b in zip(*results)), name
+                ep, eg, grad = results[0]
+                # E_perp keeps float32's digits of the residual: observed 1e-8 relative on both kinds
+                assert relative_error(ep, rp) < 1e-6 and relative_error(eg, rg) < 1e-6, (name, float(rp))
+                assert float((grad.double() - want).abs().max()) <= 4 * 2**-23 * float(want.abs().max()), name
+                previous = torch.ops.equiproj_cpu.set_isa("baseline")  # float64 orbit sums
+                try:
+                    bp, bg, bgrad = equiproj.energies_and_grad(X, rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25,
+                                                               backend="cpp")
+                finally:
+                    torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
+                assert relative_error(ep, bp) < 1e-6 and relative_error(eg, bg) < 1e-6, name
+                assert float((grad - bgrad).abs().max()) <= 4 * 2**-23 * float(want.abs().max()), name
+            # the gradient added into a buffer: one pass reads every tile before it writes
+            layer = nn.Linear(rep_in.dim, rep_out.dim, bias=False)
+            with torch.no_grad():
+                layer.weight.copy_(W)
+            equiproj.nn.declare(layer, rep_in, rep_out)
+            start = torch.randn(layer.weight.shape, generator=gen)
+            layer.weight.grad = start.clone()
+            equiproj.nn.ProjectionPenalty(layer, lambda_perp=0.5).backward()
+            PW = reference.project(layer.weight.detach().double(), ref_in, rep_out)
+            added = layer.weight.grad.double() - start.double()
+            assert float((added - (layer.weight.detach().double() - PW)).abs().max()) <= 1e-5, name
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_batched_and_strided_3d(backend, gen):
     O = Octahedral()
