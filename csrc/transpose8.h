@@ -1,7 +1,7 @@
 // The 8 x 8 transpose of float32 lanes in registers (AVX2): r[j] <- lane j of r[0 .. 8). Included by the AVX2
-// kernels that run eight rows or tiles in the lanes (regular_band.cpp, factorised_blocks.cpp, the orbit tables of
-// fused_energies.cpp) inside their
-// avx2,fma target region and their own namespace: no include guard, no includes.
+// kernels that run eight rows or tiles in the lanes (regular_band.cpp, factorised_blocks.cpp, the orbit
+// tables of fused_energies.cpp) inside their avx2,fma target region and their own namespace: no include
+// guard, no includes.
 
 inline void transpose8(__m256* r) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
