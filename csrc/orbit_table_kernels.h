@@ -284,9 +284,9 @@ inline void split_orbit_means(const Pair& p, acc_t* S, int64_t v0, acc_t& eg) {
 // the eight tiles. Each orbit is summed as its pivot (its first entry in the pass's order, rows in
 // order) plus the differences of its other entries from the pivot: y_e - y_pivot is exact where the
 // two are within a factor of two (Sterbenz), which holds in every orbit of a nearly equivariant weight,
-// so the float32 sum of the differences keeps the digits of the residual, as the float64 sums do, at
-// half their vector work per weight and with no conversions. The split mean of pass 2 is then m_hi =
-// the pivot, m_lo = (the sum of the differences) / n, the orbit sum n y_pivot + D (E_G) in float64.
+// so the float32 sum of the differences keeps the digits of the residual, as the float64 sums do, with
+// eight tiles per vector and no conversions. The split mean of pass 2 is then m_hi = the pivot, m_lo =
+// (the sum of the differences) / n (pivot_orbit_means8).
 
 // Tiles of up to this many orbits (those of grid convolutions on irreps fields, of small fields) take the
 // pivot pass: measured 3-11 % faster on them, while tiles of 120 orbits (a 64-point field) ran 16 %
@@ -296,8 +296,7 @@ constexpr int64_t kPivotMaxOrbits = 32;
 // The pivots of a row's orbits, marked in bit 0 of o4 (free: o4 = 4 o), and the entries of sign 0 in
 // bit 1: a signed table files them under orbit 0 (plan_types.h), where the other passes add their zeros,
 // but here a zero would enter as a difference from orbit 0's pivot. sg: the row's signs, or null;
-// seen: a byte per orbit, zero before the block's first row.
-// Returns whether the row has any mark.
+// seen: a byte per orbit, zero before the block's first row. Returns whether the row has any mark.
 inline bool mark_pivots(int32_t* o4, int64_t di, const acc_t* sg, uint8_t* seen) {
   bool marked = false;
   for (int64_t j = 0; j < di; ++j) {
