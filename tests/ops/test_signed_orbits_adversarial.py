@@ -22,7 +22,7 @@ from equiproj.grid import kernel_rep
 from equiproj.groups import Axial, FullTetrahedral, Tetrahedral
 from equiproj.groups._field import monomial_action
 from equiproj.ops import cpp_available
-from equiproj.testing import nearly_equivariant, relative_error
+from equiproj.testing import check_batched_strided_half, nearly_equivariant, relative_error
 
 F64 = torch.float64
 needs_cpp = pytest.mark.skipif(not cpp_available(), reason="the C++ extension is not built")
@@ -320,6 +320,8 @@ def test_cpp_pivot_pass_in_groups_of_eight_tiles(gen):
             PW = reference.project(layer.weight.detach().double(), ref_in, rep_out)
             added = layer.weight.grad.double() - start.double()
             assert float((added - (layer.weight.detach().double() - PW)).abs().max()) <= 1e-5, name
+            if name.endswith("-11"):  # batched, strided both ways, and float16 / bfloat16 weights
+                check_batched_strided_half(rep_in, rep_out, "cpp", gen, reference_rep_in=ref_in)
     finally:
         torch.set_num_threads(threads)
 
