@@ -288,10 +288,23 @@ inline void split_orbit_means(const Pair& p, acc_t* S, int64_t v0, acc_t& eg) {
 // eight tiles per vector and no conversions. The split mean of pass 2 is then m_hi = the pivot, m_lo =
 // (the sum of the differences) / n (pivot_orbit_means8).
 
-// Tiles of up to this many orbits (those of grid convolutions on irreps fields, of small fields) take the
-// pivot pass: measured 3-11 % faster on them, while tiles of 120 orbits (a 64-point field) ran 16 %
-// slower (their groups' pivots and sums, two lines per orbit, no longer stay in L1 across a row).
-constexpr int64_t kPivotMaxOrbits = 32;
+// Tiles of up to 32 orbits of up to 8 entries each (grid convolutions on irreps fields of C4 and D4, small
+// fields of groups of order <= 8) take the pivot pass: measured 3-12 % faster on them. Tiles of 120
+// orbits (a 64-point field) ran 16 % slower (their groups' pivots and sums, two lines per orbit, no longer
+// stay in L1 across a row); and the float32 sum of an orbit's differences rounds once per entry, so the
+// mean of a large orbit of a weight far from equivariant drifts by several ulps (O_h's orbits of 48: 5 ulps
+// of the gradient, against 0.3 with the float64 sums).
+constexpr int64_t kPivotMaxOrbits = 32, kPivotMaxOrbitSize = 8;
+
+// Whether a float32 pair takes the pivot pass.
+inline bool pivot_pass_fits(const Pair& p) {
+  if (p.r > kPivotMaxOrbits) return false;
+  for (int64_t k = 0; k < p.r; ++k) {
+    const acc_t inv = p.form == kOrbitProduct ? p.inv_size : p.inv[k];
+    if (inv * kPivotMaxOrbitSize < 1) return false;  // n_k = 1 / inv > 8
+  }
+  return true;
+}
 
 // The pivots of a row's orbits, marked in bit 0 of o4 (free: o4 = 4 o), and the entries of sign 0 in
 // bit 1: a signed table files them under orbit 0 (plan_types.h), where the other passes add their zeros,
@@ -435,35 +448,32 @@ inline void flush_lanes_f32(__m256* e8, int n, acc_t& e1) {
 
 // E_G of the groups of eight, and their pivots and difference sums in place of the split means pass 2
 // reads from two groups of four: orbit k of tiles v .. v + 3 at float 8 k of S + v K (four m_hi, four
-// m_lo), of tiles v + 4 .. v + 7 at float 8 k of S + (v + 4) K. E_G = sum_k S_k^2 / n_k with the orbit
-// sums S_k = n_k y_pivot + D_k, in float32 lanes (a sum of squares: no cancellation), flushed into
-// float64 every kOrbitFlushVectors orbits.
+// m_lo), of tiles v + 4 .. v + 7 at float 8 k of S + (v + 4) K. E_G = sum_k n_k m_k^2, the mean m_k =
+// y_pivot + D_k / n_k taken in float64 (no float32 overflow or subnormal square where the energy itself
+// is in range).
 inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg) {
   const int64_t K = p.r;
   const bool product = p.form == kOrbitProduct;
-  __m256 e8[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  acc_t e1 = 0;
-  int n8 = 0;
+  V4 e[2] = {zero4(), zero4()};
   for (int64_t v = 0; v < v8; v += 8) {
     float* P = reinterpret_cast<float*>(S + v * K);
     float* D = P + 8 * K;
     for (int64_t k = 0; k < K; ++k) {
       const acc_t inv = product ? p.inv_size : p.inv[k];
-      const __m256 vinv = _mm256_set1_ps(static_cast<float>(inv));
-      const __m256 pk = _mm256_loadu_ps(P + 8 * k), dk = _mm256_loadu_ps(D + 8 * k);
-      const __m256 sum = _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(acc_t(int64_t(1 / inv + 0.5)))), pk, dk);
-      e8[k & 1] = _mm256_fmadd_ps(_mm256_mul_ps(sum, sum), vinv, e8[k & 1]);
-      const __m256 lo = _mm256_mul_ps(dk, vinv);
+      const V4 n = splat(acc_t(int64_t(1 / inv + 0.5)));
+      const __m256 pk = _mm256_loadu_ps(P + 8 * k), lo = _mm256_mul_ps(_mm256_loadu_ps(D + 8 * k),
+                                                                      _mm256_set1_ps(static_cast<float>(inv)));
+      for (int h = 0; h < 2; ++h) {
+        const __m128 ph = h ? _mm256_extractf128_ps(pk, 1) : _mm256_castps256_ps128(pk);
+        const __m128 lh = h ? _mm256_extractf128_ps(lo, 1) : _mm256_castps256_ps128(lo);
+        const V4 m = V4{_mm256_cvtps_pd(ph)} + V4{_mm256_cvtps_pd(lh)};
+        e[h] = fmadd(m * m, n, e[h]);
+      }
       _mm256_storeu_ps(P + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x20));
       _mm256_storeu_ps(D + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x31));
-      if (++n8 >= kOrbitFlushVectors) {
-        flush_lanes_f32(e8, 2, e1);
-        n8 = 0;
-      }
     }
   }
-  flush_lanes_f32(e8, 2, e1);
-  eg += e1;
+  eg += hsum(e[0] + e[1]);
 }
 
 template <GradMode Mode>
@@ -616,7 +626,7 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
   int64_t v8 = 0;  // float32 on AVX2: pass 1 of the tiles [0, v8) by differences from a pivot, eight at a time
 #ifdef EQUIPROJ_AVX2
   if constexpr (kSplitOrbitMeans<X>) {
-    v8 = K <= kPivotMaxOrbits ? ci - ci % 8 : 0;
+    v8 = ci >= 8 && pivot_pass_fits(p) ? ci - ci % 8 : 0;
     if (v8 > 0)  // the orbit row's d_in int32, then d_in floats of signs; then K bytes past the row
       pivot_orbit_sums8(p, dout, x, S, v8, obuf, reinterpret_cast<uint8_t*>(S + ci * K + di),
                         reinterpret_cast<float*>(obuf + di));
