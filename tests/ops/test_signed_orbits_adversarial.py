@@ -332,8 +332,16 @@ def test_cpp_pivot_pass_in_groups_of_eight_tiles(gen):
             PW = reference.project(layer.weight.detach().double(), ref_in, rep_out)
             added = layer.weight.grad.double() - start.double()
             assert float((added - (layer.weight.detach().double() - PW)).abs().max()) <= 1e-5, name
-            if name.endswith("-11"):  # batched, strided both ways, and float16 / bfloat16 weights
+            if name.endswith("-11"):  # batched, strided and half-precision weights of these pairs (staged in
+                # float64, so through the float64 sums: the route around the pass)
                 check_batched_strided_half(rep_in, rep_out, "cpp", gen, reference_rep_in=ref_in)
+            # a batch of float32 weights, contiguous: each item as alone, bit for bit
+            B = torch.stack([W.float(), Wn.float()])
+            together = equiproj.energies_and_grad(B, rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25, backend="cpp")
+            for i in range(2):
+                alone = equiproj.energies_and_grad(B[i], rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25,
+                                                   backend="cpp")
+                assert all(torch.equal(t[i], a) for t, a in zip(together, alone)), name
     finally:
         torch.set_num_threads(threads)
 
