@@ -296,7 +296,6 @@ inline void rotate_rows(const float* q, int64_t qr, int64_t qc, const float* src
   }
 }
 
-// y[b', j, 0 .. D) = sum_b Q[b, b'] a[b, j, :] (a padded to Dp lanes, y not padded; rot: a block of scratch).
 // dst[r, 0 .. D) = src[r, 0 .. D) for R rows Dp apart in src, D apart in dst, in whole vectors: a row's last
 // vector runs into the next row, which overwrites it, and the last row's into dst's 8 spare floats.
 inline void compact_rows(const float* src, int64_t Dp, int64_t D, int64_t R, float* dst) {
@@ -315,6 +314,7 @@ inline void padded_rows(const float* src, int64_t D, int64_t Dp, int64_t R, floa
   }
 }
 
+// y[b', j, 0 .. D) = sum_b Q[b, b'] a[b, j, :] (a padded to Dp lanes, y not padded; rot: a block of scratch).
 void rotate_to_y(const Blocks& G, const float* a, float* y, float* rot) {
   const float* q = static_cast<const float*>(G.q);
   const int64_t R = G.dout * G.din, D = G.D, Dp = G.Dp;

@@ -172,6 +172,9 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
   e4 = e4 + ((e[0] + e[1]) + (e[2] + e[3]));
 }
 
+// 1 / n_k, the inverse size of orbit k (a product's orbits all have |G| entries).
+inline acc_t orbit_inv(const Pair& p, int64_t k) { return p.form == kOrbitProduct ? p.inv_size : p.inv[k]; }
+
 // E_G = sum_k S_k^2 / n_k, and each orbit sum in place of its mean (float64). A product's orbits all
 // have |G| entries: its ci K sums are one array; a table's group [K][w] takes the inverse size of each k.
 inline void orbit_means(const Pair& p, acc_t* S, acc_t& eg) {
@@ -236,7 +239,6 @@ inline void split_mean(acc_t m, float& hi, float& lo) {
 // E_G, and the sums of every group of w tiles from tile v0 in place of their split means.
 inline void split_orbit_means(const Pair& p, acc_t* S, int64_t v0, acc_t& eg) {
   const int64_t K = p.r, ci = p.ci;
-  const bool product = p.form == kOrbitProduct;
   V4 e[4] = {zero4(), zero4(), zero4(), zero4()};
   acc_t e1 = 0;
   for (int64_t v = v0, w = 0; v < ci; v += w) {
@@ -245,7 +247,7 @@ inline void split_orbit_means(const Pair& p, acc_t* S, int64_t v0, acc_t& eg) {
     int64_t k = 0;
     if (w == 4) {
       for (; k < K; ++k) {
-        const V4 inv = splat(product ? p.inv_size : p.inv[k]), s = load4(Sw + 4 * k), m = s * inv;
+        const V4 inv = splat(orbit_inv(p, k)), s = load4(Sw + 4 * k), m = s * inv;
         e[k & 3] = fmadd(s * s, inv, e[k & 3]);
         const __m128 hi = _mm256_cvtpd_ps(m.v);
         const __m128 lo = _mm256_cvtpd_ps(_mm256_sub_pd(m.v, _mm256_cvtps_pd(hi)));
@@ -253,7 +255,7 @@ inline void split_orbit_means(const Pair& p, acc_t* S, int64_t v0, acc_t& eg) {
       }
     } else if (w == 2) {
       for (; k + 2 <= K; k += 2) {  // two orbits: [s_k0 s_k1 s_k+1,0 s_k+1,1]
-        const acc_t i0 = product ? p.inv_size : p.inv[k], i1 = product ? p.inv_size : p.inv[k + 1];
+        const acc_t i0 = orbit_inv(p, k), i1 = orbit_inv(p, k + 1);
         const V4 inv = make4(i0, i0, i1, i1), s = load4(Sw + 2 * k), m = s * inv;
         e[k & 3] = fmadd(s * s, inv, e[k & 3]);
         const __m128d hi = _mm_castps_pd(_mm256_cvtpd_ps(m.v));
@@ -264,7 +266,7 @@ inline void split_orbit_means(const Pair& p, acc_t* S, int64_t v0, acc_t& eg) {
       }
     }
     for (; k < K; ++k) {  // w == 1, and an odd last orbit of a pair of tiles
-      const acc_t inv = product ? p.inv_size : p.inv[k];
+      const acc_t inv = orbit_inv(p, k);
       acc_t m[2];
       for (int64_t l = 0; l < w; ++l) {
         const acc_t s = Sw[w * k + l];
@@ -300,7 +302,7 @@ constexpr int64_t kPivotMaxOrbits = 32, kPivotMaxOrbitSize = 8;
 inline bool pivot_pass_fits(const Pair& p) {
   if (p.r > kPivotMaxOrbits) return false;
   for (int64_t k = 0; k < p.r; ++k) {
-    const acc_t inv = p.form == kOrbitProduct ? p.inv_size : p.inv[k];
+    const acc_t inv = orbit_inv(p, k);
     if (inv * kPivotMaxOrbitSize < 1) return false;  // n_k = 1 / inv > 8
   }
   return true;
@@ -453,13 +455,12 @@ inline void flush_lanes_f32(__m256* e8, int n, acc_t& e1) {
 // is in range).
 inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg) {
   const int64_t K = p.r;
-  const bool product = p.form == kOrbitProduct;
   V4 e[2] = {zero4(), zero4()};
   for (int64_t v = 0; v < v8; v += 8) {
     float* P = reinterpret_cast<float*>(S + v * K);
     float* D = P + 8 * K;
     for (int64_t k = 0; k < K; ++k) {
-      const acc_t inv = product ? p.inv_size : p.inv[k];
+      const acc_t inv = orbit_inv(p, k);
       const V4 n = splat(acc_t(int64_t(1 / inv + 0.5)));
       const __m256 pk = _mm256_loadu_ps(P + 8 * k), lo = _mm256_mul_ps(_mm256_loadu_ps(D + 8 * k),
                                                                       _mm256_set1_ps(static_cast<float>(inv)));
