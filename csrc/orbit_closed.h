@@ -42,12 +42,13 @@ inline void prefetch(const X* p) {
 #endif
 }
 
-// S[j] += x[j], j < len
+// S[j] += x[j], j < len; the entries ahead that are prefetched: those of pf (null: kPrefetch ahead in x)
 template <typename X>
-inline void orbit_sum_run(acc_t* S, const X* x, int64_t len) {
+inline void orbit_sum_run(acc_t* S, const X* x, int64_t len, const X* pf = nullptr) {
+  if (!pf) pf = x + kPrefetch;
   int64_t j = 0;
   for (; j + 8 <= len; j += 8) {
-    prefetch(x + j + kPrefetch);
+    prefetch(pf + j);
     const V4 s0 = load4(S + j) + load4(x + j), s1 = load4(S + j + 4) + load4(x + j + 4);
     store4(S + j, s0);
     store4(S + j + 4, s1);
@@ -61,12 +62,15 @@ inline void orbit_sum_run(acc_t* S, const X* x, int64_t len) {
 // float64 sums for four rows' entries instead of one per row; the first and last three entries of
 // the rows that the shifted vectors leave out are added one by one.
 template <typename X>
-inline void orbit_sum_run4(acc_t* S, const X* x0, const X* x1, const X* x2, const X* x3, int64_t len) {
+inline void orbit_sum_run4(acc_t* S, const X* x0, const X* x1, const X* x2, const X* x3, int64_t len,
+                           const X* const* pf = nullptr) {
   const X* xr[4] = {x0, x1, x2, x3};
+  const X* ahead[4];  // the entries that are prefetched: pf's rows (null: kPrefetch ahead in each row)
+  for (int q = 0; q < 4; ++q) ahead[q] = pf ? pf[q] : xr[q] + kPrefetch;
   int64_t j = 0;
   for (; j + 4 <= len - 3; j += 4) {
     if ((j & 15) == 0)
-      for (int q = 0; q < 4; ++q) prefetch(xr[q] + j + kPrefetch);
+      for (int q = 0; q < 4; ++q) prefetch(ahead[q] + j);
     store4(S + j, ((load4(S + j) + load4(x0 + j)) + (load4(x1 + j + 1) + load4(x2 + j + 2))) + load4(x3 + j + 3));
   }
   for (; j < len - 3; ++j) S[j] += ((acc_t(x0[j]) + acc_t(x1[j + 1])) + acc_t(x2[j + 2])) + acc_t(x3[j + 3]);
@@ -127,10 +131,11 @@ inline void flush_f32(__m256& e8, int& n8, acc_t& e1) {
 // in n8), the gradient cg x + dc R written to g or added to it (g may alias x: each vector is read
 // before it is written).
 inline void closed_residual_run_f32(const float* x, float* g, const float* hi, const float* lo, int64_t len,
-                                    __m256 cg, __m256 dc, bool accumulate, __m256& e8, int& n8, acc_t& e1) {
+                                    __m256 cg, __m256 dc, bool accumulate, __m256& e8, int& n8, acc_t& e1,
+                                    const float* pf) {
   int64_t j = 0;
   for (; j + 8 <= len; j += 8) {
-    if (g) prefetch(g + j + kPrefetch);
+    if (g) prefetch(pf + j);
     const __m256 t = _mm256_loadu_ps(x + j);
     const __m256 r = _mm256_sub_ps(_mm256_sub_ps(t, _mm256_loadu_ps(hi + j)), _mm256_loadu_ps(lo + j));
     e8 = _mm256_fmadd_ps(r, r, e8);
@@ -233,9 +238,11 @@ inline ClosedShape closed_shape(const Pair& p) {
 }
 
 // Pass 1 over tile rows a0 .. a1: the orbit sums added into the doubled arrays of `work`.
-// LC: the segment length L when it is a compile-time constant, else 0.
+// LC: the segment length L when it is a compile-time constant, else 0. by_rows: prefetch the same
+// entries of the rows ahead (a chunk of columns, whose rows end before kPrefetch entries) instead of
+// kPrefetch entries ahead in the row.
 template <typename X, int LC>
-void closed_sums(const Pair& p, int64_t a0, int64_t a1, const X* const* x, acc_t* work) {
+void closed_sums(const Pair& p, int64_t a0, int64_t a1, const X* const* x, acc_t* work, bool by_rows = false) {
   const ClosedShape c = closed_shape<LC>(p);
   const int64_t L = c.L, di = p.di, ci = p.ci;
   for (int64_t a = a0; a < a1;) {
@@ -246,8 +253,13 @@ void closed_sums(const Pair& p, int64_t a0, int64_t a1, const X* const* x, acc_t
         const ClosedSegment sg = closed_segment(c.dihedral, L, a, t);
         acc_t* D = work + sg.array * 2 * L + sg.offset;
         const X* xs[4] = {x[a] + t * L, x[a + 1] + t * L, x[a + 2] + t * L, x[a + 3] + t * L};
-        for (int64_t v = 0; v < ci; ++v)
-          orbit_sum_run4(D + v * c.tile_span, xs[0] + v * di, xs[1] + v * di, xs[2] + v * di, xs[3] + v * di, L);
+        const bool ahead = by_rows && a + 8 <= a1;
+        for (int64_t v = 0; v < ci; ++v) {
+          const X* pf[4];
+          for (int q = 0; q < 4 && ahead; ++q) pf[q] = x[a + 4 + q] + t * L + v * di;
+          orbit_sum_run4(D + v * c.tile_span, xs[0] + v * di, xs[1] + v * di, xs[2] + v * di, xs[3] + v * di, L,
+                         ahead ? pf : nullptr);
+        }
       }
       a += 4;
       continue;
@@ -256,7 +268,9 @@ void closed_sums(const Pair& p, int64_t a0, int64_t a1, const X* const* x, acc_t
       const ClosedSegment sg = closed_segment(c.dihedral, L, a, t);
       acc_t* D = work + sg.array * 2 * L + sg.offset;
       const X* xs = x[a] + t * L;
-      for (int64_t v = 0; v < ci; ++v) orbit_sum_run(D + v * c.tile_span, xs + v * di, L);
+      const bool ahead = by_rows && a + 1 < a1;
+      for (int64_t v = 0; v < ci; ++v)
+        orbit_sum_run(D + v * c.tile_span, xs + v * di, L, ahead ? x[a + 1] + t * L + v * di : nullptr);
     }
     ++a;
   }
@@ -270,10 +284,11 @@ void closed_prepare(const Pair& p, acc_t* work, acc_t& eg) {
   for (int64_t v = 0; v < p.ci; ++v) closed_means(work + v * c.tile_span, c.dihedral, c.L, p.inv_size, kSplitMeans<X>, S, eg);
 }
 
-// Pass 2 over tile rows a0 .. a1: E_perp and the gradient, from the means of closed_prepare.
+// Pass 2 over tile rows a0 .. a1: E_perp and the gradient, from the means of closed_prepare (by_rows:
+// as in closed_sums, for the gradient).
 template <typename X, int LC>
 void closed_residuals(const Pair& p, int64_t a0, int64_t a1, const X* const* x, X* const* g, acc_t cp2, acc_t cg2,
-                      const acc_t* work, acc_t& ep) {
+                      const acc_t* work, acc_t& ep, bool by_rows = false) {
   const ClosedShape c = closed_shape<LC>(p);
   const int64_t L = c.L, di = p.di, ci = p.ci;
   const bool acc = p.accumulate;
@@ -294,9 +309,11 @@ void closed_residuals(const Pair& p, int64_t a0, int64_t a1, const X* const* x, 
 #ifdef EQUIPROJ_AVX2
         if constexpr (kSplitMeans<X>) {
           const float* hi = reinterpret_cast<const float*>(M + v * c.tile_span) + sg.offset;
-          closed_residual_run_f32(reinterpret_cast<const float*>(xs + v * di),
-                                  gs ? reinterpret_cast<float*>(gs + v * di) : nullptr, hi, hi + 2 * L, L, cg8, dc8,
-                                  acc, e8, n8, e1);
+          float* gv = gs ? reinterpret_cast<float*>(gs + v * di) : nullptr;
+          const float* pf = by_rows && gv && a + 1 < a1 ? reinterpret_cast<const float*>(g[a + 1] + t * L + v * di)
+                                                         : gv + kPrefetch;
+          closed_residual_run_f32(reinterpret_cast<const float*>(xs + v * di), gv, hi, hi + 2 * L, L, cg8, dc8, acc, e8,
+                                  n8, e1, pf);
           continue;
         }
 #endif
@@ -314,7 +331,9 @@ void closed_residuals(const Pair& p, int64_t a0, int64_t a1, const X* const* x, 
 // each) runs them in chunks of copies of about kClosedChunkBytes, each chunk's two passes one after
 // the other, so that pass 2 finds the chunk's rows in L2: the 8 MB row block of 1 MB D256 tiles
 // (512 rows of 4096 columns) left the cache between its passes, and W was read twice from memory
-// (3.4-3.5x the floor, 2.4-2.7x in chunks; measured). Other blocks run whole, their rows long streams
+// (3.4-3.5x the floor, 2.4-2.7x in chunks; measured). A chunk's rows end after a tile row (2 KiB for D256),
+// so the passes prefetch the same entries of the rows ahead instead of kPrefetch entries ahead in the row,
+// which lay in the next chunk's columns (D256: 2.1x -> 1.6x, one and two threads). Other blocks run whole, their rows long streams
 // for the prefetchers: chunks of 256 KB slowed the 1-4 MB blocks of C64, C256 and D64, and one 4 MB
 // C1024 tile per chunk slowed C1024 (2.2-2.4x to 2.8x).
 constexpr int64_t kClosedBlockBytes = int64_t(4) << 20;
@@ -325,15 +344,15 @@ void orbit_closed_tiles(const Pair& p, int64_t dout, const X* const* x, X* const
                         acc_t& ep, acc_t& eg) {
   const int64_t per_copy = dout * p.di * int64_t(sizeof(X));
   const int64_t chunk = std::max<int64_t>(1, kClosedChunkBytes / per_copy);
-  const auto run = [&](const Pair& q, const X* const* xq, X* const* gq) {
+  const auto run = [&](const Pair& q, const X* const* xq, X* const* gq, bool by_rows) {
     const int64_t n = q.ci * closed_shape<LC>(q).tile_span;
     for (int64_t k = 0; k < n; ++k) work[k] = 0;
-    closed_sums<X, LC>(q, 0, dout, xq, work);
+    closed_sums<X, LC>(q, 0, dout, xq, work, by_rows);
     closed_prepare<X>(q, work, eg);
-    closed_residuals<X, LC>(q, 0, dout, xq, gq, cp2, cg2, work, ep);
+    closed_residuals<X, LC>(q, 0, dout, xq, gq, cp2, cg2, work, ep, by_rows);
   };
   if (per_copy * p.ci <= kClosedBlockBytes || per_copy > kClosedChunkBytes || chunk >= p.ci) {
-    run(p, x, g);
+    run(p, x, g, false);
     return;
   }
   std::vector<const X*> xs(dout);
@@ -345,7 +364,7 @@ void orbit_closed_tiles(const Pair& p, int64_t dout, const X* const* x, X* const
       xs[a] = x[a] + v0 * p.di;
       if (g) gs[a] = g[a] + v0 * p.di;
     }
-    run(q, xs.data(), g ? gs.data() : nullptr);
+    run(q, xs.data(), g ? gs.data() : nullptr, true);
   }
 }
 
