@@ -455,26 +455,38 @@ inline void flush_lanes_f32(__m256* e8, int n, acc_t& e1) {
 // is in range).
 inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg) {
   const int64_t K = p.r;
-  V4 e[2] = {zero4(), zero4()};
+  if (v8 == 0) return;  // no group of eight (and K may pass kPivotMaxOrbits)
+  acc_t sizes[kPivotMaxOrbits];  // n_k, and 1 / n_k in float32: once per pair, not once per group
+  float invs[kPivotMaxOrbits];
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t inv = orbit_inv(p, k);
+    sizes[k] = acc_t(int64_t(1 / inv + 0.5));
+    invs[k] = static_cast<float>(inv);
+  }
+  // E_G of orbit k of the eight tiles into e0 (tiles 0 .. 3), e1 (4 .. 7); and the split means stored
+  const auto orbit = [&](float* P, float* D, int64_t k, V4& e0, V4& e1) {
+    const V4 n = splat(sizes[k]);
+    const __m256 pk = _mm256_loadu_ps(P + 8 * k), lo = _mm256_mul_ps(_mm256_loadu_ps(D + 8 * k),
+                                                                    _mm256_set1_ps(invs[k]));
+    const V4 m0 = V4{_mm256_cvtps_pd(_mm256_castps256_ps128(pk))} + V4{_mm256_cvtps_pd(_mm256_castps256_ps128(lo))};
+    const V4 m1 = V4{_mm256_cvtps_pd(_mm256_extractf128_ps(pk, 1))} + V4{_mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1))};
+    e0 = fmadd(m0 * m0, n, e0);
+    e1 = fmadd(m1 * m1, n, e1);
+    _mm256_storeu_ps(P + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x20));
+    _mm256_storeu_ps(D + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x31));
+  };
+  V4 e0 = zero4(), e1 = zero4(), e2 = zero4(), e3 = zero4();  // orbits in pairs: no add chain across them
   for (int64_t v = 0; v < v8; v += 8) {
     float* P = reinterpret_cast<float*>(S + v * K);
     float* D = P + 8 * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t inv = orbit_inv(p, k);
-      const V4 n = splat(acc_t(int64_t(1 / inv + 0.5)));
-      const __m256 pk = _mm256_loadu_ps(P + 8 * k), lo = _mm256_mul_ps(_mm256_loadu_ps(D + 8 * k),
-                                                                      _mm256_set1_ps(static_cast<float>(inv)));
-      for (int h = 0; h < 2; ++h) {
-        const __m128 ph = h ? _mm256_extractf128_ps(pk, 1) : _mm256_castps256_ps128(pk);
-        const __m128 lh = h ? _mm256_extractf128_ps(lo, 1) : _mm256_castps256_ps128(lo);
-        const V4 m = V4{_mm256_cvtps_pd(ph)} + V4{_mm256_cvtps_pd(lh)};
-        e[h] = fmadd(m * m, n, e[h]);
-      }
-      _mm256_storeu_ps(P + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x20));
-      _mm256_storeu_ps(D + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x31));
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+      orbit(P, D, k, e0, e1);
+      orbit(P, D, k + 1, e2, e3);
     }
+    if (k < K) orbit(P, D, k, e0, e1);
   }
-  eg += hsum(e[0] + e[1]);
+  eg += hsum((e0 + e1) + (e2 + e3));
 }
 
 template <GradMode Mode>
