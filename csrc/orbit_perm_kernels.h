@@ -62,13 +62,16 @@ inline void points_sums_f32(const float* xr, const int32_t* s, int64_t di, acc_t
 
 // Pass 2 on the whole vectors of a float row: each entry's mean by one scalar load of the float64 mean
 // row (half the loads of a float32 split m_hi + m_lo), the residual, r^2 and the gradient in float64,
-// the gradient rounded to float once. Returns the entries done (a multiple of 8).
+// the gradient rounded to float once. Returns the entries done (a multiple of 8). pf: nf rows of the
+// next pass 1 (d_in entries each), prefetched alongside.
 template <GradMode Mode>
 inline int64_t points_residuals_f32(const float* xa, float* ga, const int32_t* hinv, const acc_t* m, int64_t di,
-                                    acc_t cp2, acc_t cg2, __m256d& e0, __m256d& e1) {
+                                    acc_t cp2, acc_t cg2, __m256d& e0, __m256d& e1, const float* const* pf, int nf) {
   const __m256d vcg = _mm256_set1_pd(cg2), vdc = _mm256_set1_pd(cp2 - cg2);
   int64_t b = 0;
   for (; b + 8 <= di; b += 8) {
+    if ((b & 15) == 0)
+      for (int f = 0; f < nf; ++f) _mm_prefetch(reinterpret_cast<const char*>(pf[f] + b), _MM_HINT_T0);
     const int32_t* h = hinv + b;
     const __m256 t = _mm256_loadu_ps(xa + b);
     const __m256d tl = _mm256_cvtps_pd(_mm256_castps256_ps128(t)), th = _mm256_cvtps_pd(_mm256_extractf128_ps(t, 1));
@@ -123,6 +126,10 @@ void points_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const*
       }
       sg += acc_t(r1 - r0) * mm;
 
+      // the rows pass 1 gathers next (the next tile of the orbit, or the next orbit's first), prefetched
+      // during pass 2: they are |G| rows in any order, which the prefetchers do not foresee
+      const int64_t on = v + 1 < ci ? o : o + 1, an = on < o1 ? t.rows[t.start[on]] : -1;
+      const int64_t coln = v + 1 < ci ? col + di : 0;
       // pass 2: row a = h a0 of the orbit, P(T)[a, b] = m[h^-1 b]
       for (int64_t q = r0; q < r1; ++q) {
         const int64_t a = t.rows[q];
@@ -135,12 +142,17 @@ void points_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const*
           const float* xf = reinterpret_cast<const float*>(xa);
           float* gf = reinterpret_cast<float*>(ga);
           __m256d e0 = _mm256_setzero_pd(), e1 = _mm256_setzero_pd();
+          const float* pf[9];  // the next gather rows e = q - r0, q - r0 + (r1 - r0), ... (at most eight)
+          int nf = 0;
+          for (int64_t e = q - r0; an >= 0 && e < ng && nf < 8; e += r1 - r0)
+            pf[nf++] = reinterpret_cast<const float*>(x[t.sig_out[e * dout + an]] + coln);
+          if (ga && q + 1 < r1) pf[nf++] = reinterpret_cast<const float*>(g[t.rows[q + 1]] + col);
           if (!ga)
-            b = points_residuals_f32<GradMode::kNone>(xf, gf, hinv, m, di, cp2, cg2, e0, e1);
+            b = points_residuals_f32<GradMode::kNone>(xf, gf, hinv, m, di, cp2, cg2, e0, e1, pf, nf);
           else if (add)
-            b = points_residuals_f32<GradMode::kAdd>(xf, gf, hinv, m, di, cp2, cg2, e0, e1);
+            b = points_residuals_f32<GradMode::kAdd>(xf, gf, hinv, m, di, cp2, cg2, e0, e1, pf, nf);
           else
-            b = points_residuals_f32<GradMode::kWrite>(xf, gf, hinv, m, di, cp2, cg2, e0, e1);
+            b = points_residuals_f32<GradMode::kWrite>(xf, gf, hinv, m, di, cp2, cg2, e0, e1, pf, nf);
           sp[1] += hsum(V4{_mm256_add_pd(e0, e1)});
         }
 #endif
