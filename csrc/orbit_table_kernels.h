@@ -97,12 +97,15 @@ inline const int32_t* orbit_row(const Pair& p, int64_t dout, int64_t a, int32_t*
 
 enum class GradMode { kNone, kWrite, kAdd };
 
-// The passes walk a block's rows one after the other (rows outer, groups of tiles inner); each group
-// prefetches its own length of entries kTableAhead ahead in that order (rows: x or g, n entries each),
-// past a row's end in the rows that follow, none past the last row. The hardware prefetchers restart at
-// each row, and a prefetch of the next group only was too close to hide the latency of L3 (the cube
-// faces' O/C4 pairs: 2.3x -> 1.7x the floor).
-constexpr int64_t kTableAhead = 1024;
+// Prefetching in the passes, which walk a block's rows one after the other (rows outer, groups of tiles
+// inner; each group's tiles are four interleaved streams of d_in entries, too short for the hardware
+// prefetchers). A group of more than kShortGroup entries prefetches the next group a line per step of its
+// loops. A shorter one would prefetch too close to hide the latency of L3 (the cube faces' groups are 24
+// entries, and the loops over whole vectors do not even run): it prefetches its own length kTableAhead
+// entries ahead at its start, past a row's end in the rows that follow, none past the last row (rows: x
+// or g, n entries each). Measured: the cube faces' O/C4 pairs 2.4x -> 1.7x the floor, O regular linear
+// 1.7x -> 1.5x; the same for every group slowed the 144-entry groups of C4 regular grids by 5-8 %.
+constexpr int64_t kShortGroup = 128, kTableAhead = 384;
 
 template <typename X>
 inline void prefetch_ahead(const X* const* rows, int64_t dout, int64_t n, int64_t a, int64_t e, int64_t len) {
@@ -111,6 +114,13 @@ inline void prefetch_ahead(const X* const* rows, int64_t dout, int64_t n, int64_
     if (++a >= dout) return;
   const X* q = rows[a] + at;
   for (int64_t l = 0; l < len; l += 64 / int64_t(sizeof(X))) __builtin_prefetch(q + l);
+}
+
+// The cache lines of four entries of the next group of tiles (one line of float, two of double).
+template <typename X>
+inline void prefetch_line(const X* p) {
+  __builtin_prefetch(p);
+  if constexpr (sizeof(X) == 8) __builtin_prefetch(p + 8);
 }
 
 // r = x - m for one row of four entries; E_perp and the gradient cg2 x + (cp2 - cg2) r
@@ -139,10 +149,18 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
       const X* x0 = x[a] + v * di;
       X* g0 = Mode == GradMode::kNone ? nullptr : g[a] + v * di;
       const acc_t* Mw = M + v * K;  // [K][w]
-      if (Mode == GradMode::kAdd) prefetch_ahead(g, dout, ci * di, a, v * di, w * di);
+      const bool short_group = w * di <= kShortGroup;
+      if (short_group) {
+        prefetch_ahead(x, dout, ci * di, a, v * di, w * di);
+        if (Mode == GradMode::kAdd) prefetch_ahead(g, dout, ci * di, a, v * di, w * di);
+      }
       int64_t j = 0;
       if (w == 4) {
         for (; j < d4; j += 4) {
+          if (!short_group) {  // a step walks 4 entries of each of 4 tiles: one line of the next group
+            prefetch_line<X>(x0 + 4 * di + 4 * j);
+            if (Mode == GradMode::kAdd) prefetch_line<X>(g0 + 4 * di + 4 * j);
+          }
           V4 m0 = load4(Mw + o4[j]), m1 = load4(Mw + o4[j + 1]), m2 = load4(Mw + o4[j + 2]), m3 = load4(Mw + o4[j + 3]);
           transpose4(m0, m1, m2, m3);  // m_l: the means of entries j .. j + 3 of tile l
           if (sg) {
@@ -354,7 +372,7 @@ inline void pivot_row8(const Pair& p, const float* const* x, int64_t dout, int64
   const int64_t di = p.di, K = p.r, d8 = di - di % 8;
   for (int64_t v = 0; v < v8; v += 8) {
     const float* x0 = x[a] + v * di;
-    prefetch_ahead(x, dout, p.ci * di, a, v * di, 8 * di);
+    if (8 * di <= kShortGroup) prefetch_ahead(x, dout, p.ci * di, a, v * di, 8 * di);
     float* P = reinterpret_cast<float*>(S + v * K);
     float* D = P + 8 * K;
     int64_t j = 0;
@@ -514,10 +532,22 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
       const float* x0 = x[a] + v * di;
       float* g0 = Mode == GradMode::kNone ? nullptr : g[a] + v * di;
       const acc_t* Md = S + v * K;  // orbit k: w m_hi, then w m_lo (floats) in the bytes of Md + w k
-      if (Mode == GradMode::kAdd) prefetch_ahead(g, dout, ci * di, a, v * di, w * di);
+      const bool short_group = w * di <= kShortGroup;
+      if (short_group) {
+        prefetch_ahead(x, dout, ci * di, a, v * di, w * di);
+        if (Mode == GradMode::kAdd) prefetch_ahead(g, dout, ci * di, a, v * di, w * di);
+      }
       int64_t j = 0;
       if (w == 4) {
         for (; j + 8 <= di; j += 8) {
+          if (!short_group) {  // a step walks 8 entries of each of 4 tiles: two lines of the next group
+            prefetch_line<float>(x0 + 4 * di + 4 * j);
+            prefetch_line<float>(x0 + 4 * di + 4 * j + 16);
+            if (Mode == GradMode::kAdd) {
+              prefetch_line<float>(g0 + 4 * di + 4 * j);
+              prefetch_line<float>(g0 + 4 * di + 4 * j + 16);
+            }
+          }
           __m256 h[4], l[4];  // row i: the quad of entry j + i (low lane) and of entry j + i + 4 (high lane)
           for (int i = 0; i < 4; ++i) {
             const float* lo_q = reinterpret_cast<const float*>(Md + o4[j + i]);
@@ -655,10 +685,12 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
       w = group_width(v, ci);
       const X* x0 = x[a] + v * di;
       acc_t* Sw = S + v * K;  // [K][w]
-      prefetch_ahead(x, dout, ci * di, a, v * di, w * di);
+      const bool short_group = w * di <= kShortGroup;
+      if (short_group) prefetch_ahead(x, dout, ci * di, a, v * di, w * di);
       int64_t j = 0;
       if (w == 4) {
         for (; j < d4; j += 4) {
+          if (!short_group) prefetch_line<X>(x0 + 4 * di + 4 * j);  // the next group, a line per step
           V4 r0 = load4(x0 + j), r1 = load4(x0 + di + j), r2 = load4(x0 + 2 * di + j), r3 = load4(x0 + 3 * di + j);
           transpose4(r0, r1, r2, r3);  // r_i: entry j + i of the four tiles
           if (sg) r0 = r0 * splat(sg[j]), r1 = r1 * splat(sg[j + 1]), r2 = r2 * splat(sg[j + 2]), r3 = r3 * splat(sg[j + 3]);
