@@ -310,8 +310,9 @@ void closed_residuals(const Pair& p, int64_t a0, int64_t a1, const X* const* x, 
         if constexpr (kSplitMeans<X>) {
           const float* hi = reinterpret_cast<const float*>(M + v * c.tile_span) + sg.offset;
           float* gv = gs ? reinterpret_cast<float*>(gs + v * di) : nullptr;
-          const float* pf = by_rows && gv && a + 1 < a1 ? reinterpret_cast<const float*>(g[a + 1] + t * L + v * di)
-                                                         : gv + kPrefetch;
+          const float* pf = !gv                      ? nullptr
+                            : by_rows && a + 1 < a1 ? reinterpret_cast<const float*>(g[a + 1] + t * L + v * di)
+                                                    : gv + kPrefetch;
           closed_residual_run_f32(reinterpret_cast<const float*>(xs + v * di), gv, hi, hi + 2 * L, L, cg8, dc8, acc, e8,
                                   n8, e1, pf);
           continue;
@@ -331,11 +332,11 @@ void closed_residuals(const Pair& p, int64_t a0, int64_t a1, const X* const* x, 
 // each) runs them in chunks of copies of about kClosedChunkBytes, each chunk's two passes one after
 // the other, so that pass 2 finds the chunk's rows in L2: the 8 MB row block of 1 MB D256 tiles
 // (512 rows of 4096 columns) left the cache between its passes, and W was read twice from memory
-// (3.4-3.5x the floor, 2.4-2.7x in chunks; measured). A chunk's rows end after a tile row (2 KiB for D256),
-// so the passes prefetch the same entries of the rows ahead instead of kPrefetch entries ahead in the row,
-// which lay in the next chunk's columns (D256: 2.1x -> 1.6x, one and two threads). Other blocks run whole, their rows long streams
-// for the prefetchers: chunks of 256 KB slowed the 1-4 MB blocks of C64, C256 and D64, and one 4 MB
-// C1024 tile per chunk slowed C1024 (2.2-2.4x to 2.8x).
+// (3.4-3.5x the floor, 2.4-2.7x in chunks; measured). A chunk's rows end after a tile row (2 KiB for
+// D256), so its passes prefetch the same entries of the rows ahead instead of kPrefetch entries ahead in
+// the row, which lay in the next chunk's columns (D256: 2.1x -> 1.6x, one and two threads). Other blocks
+// run whole, their rows long streams for the prefetchers: chunks of 256 KB slowed the 1-4 MB blocks of
+// C64, C256 and D64, and one 4 MB C1024 tile per chunk slowed C1024 (2.2-2.4x to 2.8x).
 constexpr int64_t kClosedBlockBytes = int64_t(4) << 20;
 constexpr int64_t kClosedChunkBytes = int64_t(1) << 20;
 
