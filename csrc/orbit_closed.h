@@ -80,10 +80,11 @@ inline void orbit_sum_run4(acc_t* S, const X* x0, const X* x1, const X* x2, cons
   }
 }
 
-// r = x[j] - M[j] in float64: E_perp and the gradient cg2 x + (cp2 - cg2) r, written or added
+// r = x[j] - M[j] in float64: E_perp and the gradient cg2 x + (cp2 - cg2) r, written or added; pf: the
+// entries of the gradient prefetched alongside (closed_residuals says which)
 template <typename X>
-inline void orbit_residual_run(const X* x, X* g, const acc_t* M, int64_t len, acc_t cp2, acc_t cg2, bool accumulate,
-                               V4& e4, acc_t& e1) {
+inline void orbit_residual_run(const X* x, X* g, const X* pf, const acc_t* M, int64_t len, acc_t cp2, acc_t cg2,
+                               bool accumulate, V4& e4, acc_t& e1) {
   const V4 a4 = splat(cg2), b4 = splat(cp2 - cg2);
   int64_t j = 0;
   if (!g) {
@@ -93,14 +94,14 @@ inline void orbit_residual_run(const X* x, X* g, const acc_t* M, int64_t len, ac
     }
   } else if (!accumulate) {
     for (; j + 4 <= len; j += 4) {
-      prefetch(g + j + kPrefetch);
+      prefetch(pf + j);
       const V4 t = load4(x + j), r = t - load4(M + j);
       e4 = fmadd(r, r, e4);
       store4(g + j, fmadd(b4, r, a4 * t));
     }
   } else {
     for (; j + 4 <= len; j += 4) {
-      prefetch(g + j + kPrefetch);
+      prefetch(pf + j);
       const V4 t = load4(x + j), r = t - load4(M + j);
       e4 = fmadd(r, r, e4);
       store4(g + j, load4(g + j) + fmadd(b4, r, a4 * t));
@@ -306,20 +307,17 @@ void closed_residuals(const Pair& p, int64_t a0, int64_t a1, const X* const* x, 
       const X* xs = x[a] + t * L;
       X* gs = g ? g[a] + t * L : nullptr;
       for (int64_t v = 0; v < ci; ++v) {
+        X* gv = gs ? gs + v * di : nullptr;
+        const X* pf = !gv ? nullptr : by_rows && a + 1 < a1 ? g[a + 1] + t * L + v * di : gv + kPrefetch;
 #ifdef EQUIPROJ_AVX2
         if constexpr (kSplitMeans<X>) {
           const float* hi = reinterpret_cast<const float*>(M + v * c.tile_span) + sg.offset;
-          float* gv = gs ? reinterpret_cast<float*>(gs + v * di) : nullptr;
-          const float* pf = !gv                      ? nullptr
-                            : by_rows && a + 1 < a1 ? reinterpret_cast<const float*>(g[a + 1] + t * L + v * di)
-                                                    : gv + kPrefetch;
-          closed_residual_run_f32(reinterpret_cast<const float*>(xs + v * di), gv, hi, hi + 2 * L, L, cg8, dc8, acc, e8,
-                                  n8, e1, pf);
+          closed_residual_run_f32(reinterpret_cast<const float*>(xs + v * di), reinterpret_cast<float*>(gv), hi,
+                                  hi + 2 * L, L, cg8, dc8, acc, e8, n8, e1, reinterpret_cast<const float*>(pf));
           continue;
         }
 #endif
-        orbit_residual_run(xs + v * di, gs ? gs + v * di : nullptr, M + v * c.tile_span + sg.offset, L, cp2, cg2, acc,
-                           e4, e1);
+        orbit_residual_run(xs + v * di, gv, pf, M + v * c.tile_span + sg.offset, L, cp2, cg2, acc, e4, e1);
       }
     }
 #ifdef EQUIPROJ_AVX2

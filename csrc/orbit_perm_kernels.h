@@ -126,10 +126,12 @@ void points_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const*
       }
       sg += acc_t(r1 - r0) * mm;
 
+#ifdef EQUIPROJ_AVX2
       // the rows pass 1 gathers next (the next tile of the orbit, or the next orbit's first), prefetched
       // during pass 2: they are |G| rows in any order, which the prefetchers do not foresee
-      const int64_t on = v + 1 < ci ? o : o + 1;
-      [[maybe_unused]] const int64_t an = on < o1 ? t.rows[t.start[on]] : -1, coln = v + 1 < ci ? col + di : 0;
+      const int64_t on = v + 1 < ci ? o : o + 1, an = on < o1 ? t.rows[t.start[on]] : -1;
+      const int64_t coln = v + 1 < ci ? col + di : 0;
+#endif
       // pass 2: row a = h a0 of the orbit, P(T)[a, b] = m[h^-1 b]
       for (int64_t q = r0; q < r1; ++q) {
         const int64_t a = t.rows[q];
