@@ -815,14 +815,14 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
   H.group_start.assign(1, 0);
   for (auto& G : H.groups) H.group_start.push_back(H.group_start.back() + G.co);
   H.blocks = H.group_start.back();
-  // orbit pairs, r = 0 pairs and the trace form of fields up to kMaxSmall add in place where the
-  // rows are read in place (process_item's direct path): their kernels read every entry before
-  // writing it, so the output may alias the weight
+  // orbit pairs, r = 0 pairs, tiles with a basis and the trace form of fields up to kMaxSmall add in
+  // place where the rows are read in place (process_item's direct path): their kernels read every
+  // entry before writing it, so the output may alias the weight. Only the trace form of larger fields
+  // (identity_pair_rt) writes, and is staged.
   H.groups_in_place = H.groups;
   for (auto& G : H.groups_in_place)
     for (auto& p : G.pairs)
-      p.accumulate = p.kind == Kind::kOrbit || p.kind == Kind::kZero || p.kind == Kind::kWhole ||
-                     (p.kind == Kind::kIdentity && G.d_out <= kMaxSmall);
+      p.accumulate = p.kind != Kind::kIdentity || G.d_out <= kMaxSmall;
 }
 
 // The host plan of one layer, from the cache or built (and checked) on a miss.

@@ -39,8 +39,8 @@ struct Pair {
   // a kOrbitSigned plan row runs as a kOrbitTable pair whose entries carry a sign: sign [d_out * d_in] is c(e)
   // = +-1, or 0 for an entry without an equivariant part (its orbit index is then 0, and its mean 0)
   const acc_t* sign = nullptr;
-  bool accumulate = false;  // add the gradient to g (which may alias x) instead of writing it (kOrbit, kZero,
-                            // kWhole, kIdentity with d <= kMaxSmall)
+  bool accumulate = false;  // add the gradient to g (which may alias x) instead of writing it (every kind but
+                            // kIdentity with d > kMaxSmall)
 };
 
 // All pairs of one output field, in column order; they tile [0, n).

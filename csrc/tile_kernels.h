@@ -9,10 +9,10 @@
 // several independent accumulators so that it is not bound by the add latency.
 
 // One tile at column offset o (runtime shape, any basis): used for the tiles left over by the
-// four-tile vector loops.
+// four-tile vector loops. add: the gradient is added to g (read after x, so g may alias x).
 template <typename X>
 inline void tile_scalar(const X* const* x, X* const* g, int64_t o, int64_t dout, int64_t di, int64_t r,
-                        const acc_t* A, acc_t cp2, acc_t cg2, acc_t& sp, acc_t& sg) {
+                        const acc_t* A, acc_t cp2, acc_t cg2, acc_t& sp, acc_t& sg, bool add) {
   acc_t coef[64];  // r <= 64 on this path (callers have d_out, d_in <= 5: r <= 25)
   for (int64_t k = 0; k < r; ++k) {
     acc_t c = 0;
@@ -27,7 +27,7 @@ inline void tile_scalar(const X* const* x, X* const* g, int64_t o, int64_t dout,
       acc_t rv = t;
       for (int64_t k = 0; k < r; ++k) rv -= coef[k] * A[(k * dout + a) * di + b];
       sp += rv * rv;
-      if (g) g[a][o + b] = static_cast<X>(cg2 * t + (cp2 - cg2) * rv);
+      if (g) g[a][o + b] = static_cast<X>(cg2 * t + (cp2 - cg2) * rv + (add ? acc_t(g[a][o + b]) : 0));
     }
 }
 
@@ -285,7 +285,7 @@ void identity_pair_rt(const X* const* x, X* const* g, int64_t d, int64_t ci, acc
 
 template <int D, typename X>
 void small_pair(const X* const* x, X* const* g, int64_t ci, int64_t r, const acc_t* A, acc_t cp2, acc_t cg2,
-                acc_t& ep, acc_t& eg) {
+                acc_t& ep, acc_t& eg, bool add) {
   constexpr int E = D * D;
   const V4 vcg = splat(cg2), vdc = splat(cp2 - cg2);
   V4 sp[4] = {zero4(), zero4(), zero4(), zero4()}, sg[2] = {zero4(), zero4()};
@@ -311,11 +311,14 @@ void small_pair(const X* const* x, X* const* g, int64_t ci, int64_t r, const acc
       for (int b = 0; b < D; ++b) {
         const int e = a * D + b;
         sp[e & 3] = fmadd(rv[e], rv[e], sp[e & 3]);
-        if (g) scatter4(g[a] + v * D + b, D, fmadd(vcg, t[e], vdc * rv[e]));
+        if (g) {
+          const V4 gv = fmadd(vcg, t[e], vdc * rv[e]);
+          scatter4(g[a] + v * D + b, D, add ? gather4(g[a] + v * D + b, D) + gv : gv);
+        }
       }
   }
   acc_t sp_tail = 0, sg_tail = 0;
-  for (; v < ci; ++v) tile_scalar<X>(x, g, v * D, D, D, r, A, cp2, cg2, sp_tail, sg_tail);
+  for (; v < ci; ++v) tile_scalar<X>(x, g, v * D, D, D, r, A, cp2, cg2, sp_tail, sg_tail, add);
   ep += hsum((sp[0] + sp[1]) + (sp[2] + sp[3])) + sp_tail;
   eg += hsum(sg[0] + sg[1]) + sg_tail;
 }
@@ -352,7 +355,7 @@ inline void coef_block(const X* const* x, int64_t dout, int64_t di, int64_t v0, 
 }
 
 // Residual and gradient of Q tiles starting at v0, tile row a, columns b0 .. b0 + 4 NB.
-template <int Q, int NB, typename X>
+template <int Q, int NB, bool Add, typename X>
 inline void residual_block(const X* const* x, X* const* g, int64_t dout, int64_t di, int64_t v0, int64_t a,
                            int64_t b0, int64_t r, int64_t rp, const acc_t* A, const acc_t* coef, V4 vcg, V4 vdc,
                            V4* sp) {
@@ -371,15 +374,21 @@ inline void residual_block(const X* const* x, X* const* g, int64_t dout, int64_t
   for (int q = 0; q < Q; ++q)
     for (int j = 0; j < NB; ++j) {
       sp[j] = fmadd(rv[q][j], rv[q][j], sp[j]);
-      if (g) store4(g[a] + (v0 + q) * di + b0 + 4 * j, fmadd(vcg, t[q][j], vdc * rv[q][j]));
+      if (g) {
+        X* gp = g[a] + (v0 + q) * di + b0 + 4 * j;
+        const V4 gv = fmadd(vcg, t[q][j], vdc * rv[q][j]);
+        store4(gp, Add ? load4(gp) + gv : gv);
+      }
     }
 }
 
 // Loop order: a block of the basis (At columns k0 .. k0 + 8, or A[:, a, b0 .. b0 + 8]) is applied to
-// every tile of the row block before the next block, so that it stays in cache for large fields.
-template <typename X>
-void generic_pair(const X* const* x, X* const* g, int64_t dout, int64_t di, int64_t ci, int64_t r, const acc_t* A,
-                  const acc_t* At, acc_t cp2, acc_t cg2, acc_t* coef, acc_t& ep, acc_t& eg) {
+// every tile of the row block before the next block, so that it stays in cache for large fields. Add:
+// the gradient is added to g; every tile is read (its coefficients) before any is written, and each
+// residual block reads its entries before it writes them, so g may alias x.
+template <bool Add, typename X>
+void generic_pair_impl(const X* const* x, X* const* g, int64_t dout, int64_t di, int64_t ci, int64_t r, const acc_t* A,
+                       const acc_t* At, acc_t cp2, acc_t cg2, acc_t* coef, acc_t& ep, acc_t& eg) {
   const int64_t rp = padded_rank(r), c4 = ci - ci % 4;
   for (int64_t k0 = 0; k0 < rp; k0 += 8) {
     if (k0 + 8 <= rp) {
@@ -403,13 +412,14 @@ void generic_pair(const X* const* x, X* const* g, int64_t dout, int64_t di, int6
     for (int64_t b0 = 0; b0 < d4; b0 += 8) {
       if (b0 + 8 <= d4) {
         for (int64_t v = 0; v < c4; v += 4)
-          residual_block<4, 2, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp);
-        for (int64_t v = c4; v < ci; ++v) residual_block<1, 2, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp);
+          residual_block<4, 2, Add, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp);
+        for (int64_t v = c4; v < ci; ++v)
+          residual_block<1, 2, Add, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp);
       } else {
         for (int64_t v = 0; v < c4; v += 4)
-          residual_block<4, 1, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp + 2);
+          residual_block<4, 1, Add, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp + 2);
         for (int64_t v = c4; v < ci; ++v)
-          residual_block<1, 1, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp + 2);
+          residual_block<1, 1, Add, X>(x, g, dout, di, v, a, b0, r, rp, A, coef, vcg, vdc, sp + 2);
       }
     }
     for (int64_t b = d4; b < di; ++b)  // columns past the last whole vector
@@ -418,11 +428,23 @@ void generic_pair(const X* const* x, X* const* g, int64_t dout, int64_t di, int6
         acc_t rv = t;
         for (int64_t k = 0; k < r; ++k) rv -= coef[v * rp + k] * A[(k * dout + a) * di + b];
         sp_tail += rv * rv;
-        if (g) g[a][v * di + b] = static_cast<X>(cg2 * t + (cp2 - cg2) * rv);
+        if (g) {
+          X& gv = g[a][v * di + b];
+          gv = static_cast<X>(cg2 * t + (cp2 - cg2) * rv + (Add ? acc_t(gv) : 0));
+        }
       }
   }
   ep += hsum((sp[0] + sp[1]) + sp[2]) + sp_tail;
   eg += hsum(sg4);
+}
+
+template <typename X>
+void generic_pair(const X* const* x, X* const* g, int64_t dout, int64_t di, int64_t ci, int64_t r, const acc_t* A,
+                  const acc_t* At, acc_t cp2, acc_t cg2, acc_t* coef, acc_t& ep, acc_t& eg, bool add) {
+  if (add && g)
+    generic_pair_impl<true, X>(x, g, dout, di, ci, r, A, At, cp2, cg2, coef, ep, eg);
+  else
+    generic_pair_impl<false, X>(x, g, dout, di, ci, r, A, At, cp2, cg2, coef, ep, eg);
 }
 
 // ---- orbit pairs: two permutation fields, P(T) = the mean of T over each orbit ---------------------
@@ -481,16 +503,16 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
     case Kind::kSmall:
 #ifdef EQUIPROJ_AVX2
       if (dout == p.di) switch (dout) {
-          case 2: small_pair<2, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg); return;
-          case 3: small_pair<3, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg); return;
-          case 4: small_pair<4, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg); return;
-          case 5: small_pair<5, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg); return;
+          case 2: small_pair<2, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg, p.accumulate); return;
+          case 3: small_pair<3, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg, p.accumulate); return;
+          case 4: small_pair<4, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg, p.accumulate); return;
+          case 5: small_pair<5, X>(x, g, p.ci, p.r, p.A, cp2, cg2, ep, eg, p.accumulate); return;
           default: break;
         }
 #endif
       [[fallthrough]];
     case Kind::kGeneric:
-      generic_pair<X>(x, g, dout, p.di, p.ci, p.r, p.A, p.At, cp2, cg2, coef, ep, eg);
+      generic_pair<X>(x, g, dout, p.di, p.ci, p.r, p.A, p.At, cp2, cg2, coef, ep, eg, p.accumulate);
       return;
     case Kind::kOrbit:
       if (p.form == kOrbitPoints)

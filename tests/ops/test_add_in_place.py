@@ -1,12 +1,13 @@
 """Gradients added in place by the C++ kernels that read the weight rows in place (float32/float64,
-unit column stride, no column permutation): r = 0 tiles, the trace form of fields up to dimension 5
-and orbit pairs add into the output directly (which may be the weight itself); the other kinds go
-through a staging buffer. Against the float64 reference, on both instruction sets."""
+unit column stride, no column permutation): r = 0 tiles, tiles with a basis (square tiles up to 5 x 5
+and any shape), the trace form of fields up to dimension 5 and orbit pairs add into the output
+directly (which may be the weight itself); the trace form of larger fields goes through a staging
+buffer. Against the float64 reference, on both instruction sets."""
 
 import pytest
 import torch
 
-from equiproj import O3, SO3, Dihedral, Rep, reference
+from equiproj import O3, SO3, Cyclic, Dihedral, Rep, reference
 from equiproj._plan import plan_for
 from equiproj.ops import cpp_available, fused_energies_and_grads
 from equiproj.testing import nearly_equivariant
@@ -32,7 +33,12 @@ def _reps():
     D = Dihedral(6)
     # the trace form on rows of over a thousand columns: the float32 kernel's chunks, last chunk and tail
     S = SO3()
+    # tiles with a basis: C5's 2 x 2 tiles of rank 2 (four tiles per vector, then two one by one);
+    # D5's 2 x 10 and 10 x 2 tiles (whole vectors of 8 and 4 columns, then the last two columns)
+    C, D5 = Cyclic(5), Dihedral(5)
     return [(ri, ro), (2 * D.regular() + D.standard(), D.regular() + 3 * D.trivial()),
+            (Rep.parse(C, "6x1 + 0"), Rep.parse(C, "3x1 + 2x0")),
+            (5 * D5.regular() + D5.standard(), 2 * D5.standard() + D5.regular()),
             (Rep.parse(S, "340x1 + 0"), Rep.parse(S, "3x1 + 0")), (Rep.parse(S, "201x2 + 0"), Rep.parse(S, "0 + 2x2"))]
 
 
