@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "plan_columns.h"
+#include "pixel_tiles.h"
 #include "plan_types.h"
 #include "work_cuts.h"
 
@@ -100,6 +101,10 @@ struct Kernels {
   const char* isa;
   ClosedChunkKernels<float> c32;
   ClosedChunkKernels<double> c64;
+  // the tiles of kGeneric pairs in eight float64 lanes (pixel_tiles.h), where the CPU has AVX-512: null, the
+  // four-lane generic_pair of tile_kernels.h
+  TilePairFn32 tiles32 = nullptr;
+  TilePairFn64 tiles64 = nullptr;
   const ClosedChunkKernels<float>& chunks(float*) const { return c32; }
   const ClosedChunkKernels<double>& chunks(double*) const { return c64; }
 };
@@ -116,11 +121,20 @@ bool has_avx2() {
 #endif
 }
 
-Kernels best_kernels() {
+// wide: the tiles of kGeneric pairs in the AVX-512 pair kernel of pixel tiles where the CPU has it
+Kernels best_kernels(bool wide) {
 #ifdef EQUIPROJ_X86
-  if (has_avx2())
-    return {&avx2::run_pair_float, &avx2::run_pair_double, "avx2", avx2::closed_chunk_kernels_float(),
-            avx2::closed_chunk_kernels_double()};
+  if (has_avx2()) {
+    Kernels k{&avx2::run_pair_float, &avx2::run_pair_double, "avx2", avx2::closed_chunk_kernels_float(),
+              avx2::closed_chunk_kernels_double()};
+    const TileKernels t = tile_kernels(false);
+    if (wide && std::string(t.isa) == "avx512") {
+      k.isa = "avx2+avx512";
+      k.tiles32 = t.f32;
+      k.tiles64 = t.f64;
+    }
+    return k;
+  }
 #endif
   return kBaseline;
 }
@@ -128,7 +142,7 @@ Kernels best_kernels() {
 std::atomic<const Kernels*> g_kernels{nullptr};
 
 const Kernels& kernels() {
-  static const Kernels best = best_kernels();
+  static const Kernels best = best_kernels(true);
   const Kernels* k = g_kernels.load(std::memory_order_acquire);
   return k ? *k : best;
 }
@@ -136,6 +150,15 @@ const Kernels& kernels() {
 template <typename X>
 inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, Scratch& s,
                      acc_t& ep, acc_t& eg) {
+  const Kernels& k = kernels();
+  if (p.kind == Kind::kGeneric && k.tiles32) {  // eight lanes: the rank's coefficients of one tile in registers
+    s.coef.resize(std::max<int64_t>(p.r, 4));
+    if constexpr (std::is_same<X, float>::value)
+      k.tiles32(x, g, p.accumulate && g, dout, p.di, p.ci, p.r, p.Ap, cp2, cg2, s.coef.data(), ep, eg);
+    else
+      k.tiles64(x, g, p.accumulate && g, dout, p.di, p.ci, p.r, p.Ap, cp2, cg2, s.coef.data(), ep, eg);
+    return;
+  }
   if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall)  // kSmall runs generic_pair on the baseline ISA
     s.coef.resize(std::max<int64_t>(p.ci * ((p.r + 3) / 4 * 4), 4));
   else if (p.kind == Kind::kOrbit)  // the orbit sums, then (tables, products) room for one orbit row
@@ -145,9 +168,9 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
                                         : p.ci * p.r + p.di + p.r / 8 + 1,  // + one byte per orbit
                                     4));
   if constexpr (std::is_same<X, float>::value)
-    kernels().f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
+    k.f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
   else
-    kernels().f64(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
+    k.f64(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
 }
 
 // ---- one row block of one matrix -------------------------------------------------------------------
@@ -376,7 +399,7 @@ class WeakTensorRef {
 // gradient to an output that aliases the weight), so that a call never writes to a shared plan.
 struct HostPlan {
   WeakTensorRef meta, basis;  // the caller's tensors, while they live (below)
-  std::vector<acc_t> basis_f64, basis_t;
+  std::vector<acc_t> basis_f64, basis_t, basis_pad;  // basis_pad: the kGeneric pairs' rows padded to 8 columns
   std::vector<int32_t> orbit;  // orbit indices of the kOrbitTable pairs, inverse factor tables of kOrbitProduct
   std::vector<acc_t> sign;  // the entries' signs of the kOrbitSigned pairs
   std::vector<OutGroup> groups, groups_in_place;
@@ -387,7 +410,8 @@ struct HostPlan {
   HostPlan& operator=(const HostPlan&) = delete;
   bool expired() const { return meta.expired() || basis.expired(); }
   size_t bytes() const {
-    size_t b = (basis_f64.size() + basis_t.size() + sign.size()) * sizeof(acc_t) + orbit.size() * sizeof(int32_t);
+    size_t b = (basis_f64.size() + basis_t.size() + basis_pad.size() + sign.size()) * sizeof(acc_t) +
+               orbit.size() * sizeof(int32_t);
     for (const auto& G : groups) b += 2 * G.pairs.size() * sizeof(Pair);
     return b;
   }
@@ -798,6 +822,13 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
         for (int64_t b = 0; b < din; ++b)
           for (int64_t k = 0; k < rp; ++k) H.basis_t.push_back(k < r ? A[(k * dout + a) * din + b] : 0.0);
     }
+    if (kind == Kind::kGeneric) {
+      // rows padded to whole vectors of eight (pixel_tiles.h); the offset is stored likewise
+      G.pairs.back().Ap = reinterpret_cast<const acc_t*>(static_cast<intptr_t>(H.basis_pad.size()));
+      const int64_t np = (din + 7) / 8 * 8;
+      for (int64_t e = 0; e < r * dout; ++e)
+        for (int64_t b = 0; b < np; ++b) H.basis_pad.push_back(b < din ? A[e * din + b] : 0.0);
+    }
   }
   TORCH_CHECK_VALUE(row_end == m, "fused_energies: layer ", layer, ": the plan covers ", row_end, " rows, W has ", m);
   for (auto& G : H.groups) {
@@ -806,6 +837,7 @@ void build_groups(HostPlan& H, int64_t m, int64_t n, const Tensor& meta_in, cons
                 " columns, W has ", n);
     for (auto& p : G.pairs) {
       if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall) p.At = H.basis_t.data() + reinterpret_cast<intptr_t>(p.At);
+      if (p.kind == Kind::kGeneric) p.Ap = H.basis_pad.data() + reinterpret_cast<intptr_t>(p.Ap);
       if (p.kind == Kind::kOrbit && (p.form == kOrbitTable || p.form == kOrbitProduct || p.form == kOrbitPoints))
         p.orbit = H.orbit.data() + reinterpret_cast<intptr_t>(p.orbit);
       if (p.sign) p.sign = H.sign.data() + (reinterpret_cast<intptr_t>(p.sign) - 1);
@@ -1409,13 +1441,15 @@ void clear_plan_caches() {
   perm_cache().clear();
 }
 
-// Test hook: run the baseline kernels ("baseline") or the best for this CPU ("best"); returns the
-// previous choice. Not for use while another call is running.
+// Test hook: run the baseline kernels ("baseline"), AVX2 without the AVX-512 tiles of kGeneric pairs
+// ("avx2", the best there is on a CPU without AVX2 or AVX-512) or the best for this CPU ("best"); returns
+// the previous choice (isa()). Not for use while another call is running.
 std::string set_isa(const std::string& which) {
-  TORCH_CHECK_VALUE(which == "baseline" || which == "best", "set_isa: expected 'baseline' or 'best', got '", which,
-                    "'");
+  TORCH_CHECK_VALUE(which == "baseline" || which == "avx2" || which == "best",
+                    "set_isa: expected 'baseline', 'avx2' or 'best', got '", which, "'");
+  static const Kernels narrow = best_kernels(false);
   const std::string previous = kernels().isa;
-  g_kernels.store(which == "baseline" ? &kBaseline : nullptr, std::memory_order_release);
+  g_kernels.store(which == "baseline" ? &kBaseline : which == "avx2" ? &narrow : nullptr, std::memory_order_release);
   return previous;
 }
 

@@ -35,6 +35,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "pixel_tiles.h"
 #include "work_cuts.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -199,11 +200,6 @@ inline double hsum8(V8 a) {  // the same pairing as the plain loop
 
 namespace {
 
-using PairFn32 = void (*)(const float* const*, float* const*, bool, int64_t, int64_t, int64_t, int64_t, const double*,
-                          double, double, double*, double&, double&);
-using PairFn64 = void (*)(const double* const*, double* const*, bool, int64_t, int64_t, int64_t, int64_t,
-                          const double*, double, double, double*, double&, double&);
-
 bool has_avx512() {
 #ifdef EQUIPROJ_TILES_X86
   __builtin_cpu_init();
@@ -213,11 +209,7 @@ bool has_avx512() {
 #endif
 }
 
-struct TileKernels {
-  PairFn32 f32;
-  PairFn64 f64;
-  const char* isa;
-};
+}  // namespace
 
 TileKernels tile_kernels(bool plain) {
 #ifdef EQUIPROJ_TILES_X86
@@ -226,6 +218,8 @@ TileKernels tile_kernels(bool plain) {
 #endif
   return {&tiles_plain::run_pair_f32, &tiles_plain::run_pair_f64, "plain"};
 }
+
+namespace {
 
 template <typename X>
 void run(const Call<X>& C, const std::vector<TilePair>& pairs, const std::vector<int64_t>& group_first,

@@ -25,6 +25,7 @@ struct Pair {
   Kind kind;
   const acc_t* A;   // [r, d_out, d_in]
   const acc_t* At;  // [d_out, d_in, r rounded up to 4] (kGeneric and kSmall), zero-padded
+  const acc_t* Ap = nullptr;  // [r, d_out, d_in rounded up to 8] (kGeneric), zero-padded: the eight-lane tiles
   // kOrbit: K = r orbits; form (plan_columns.h, OrbitForm); for kOrbitTable the orbit of each entry
   // [d_out * d_in] and the inverse orbit sizes [K], else every orbit has inverse size inv_size; for
   // kOrbitProduct (factor = d_2) orbit holds the orbit block of each column block [d_out, d_in / d_2],

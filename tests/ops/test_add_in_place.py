@@ -2,7 +2,8 @@
 unit column stride, no column permutation): r = 0 tiles, tiles with a basis (square tiles up to 5 x 5
 and any shape), the trace form of fields up to dimension 5 and orbit pairs add into the output
 directly (which may be the weight itself); the trace form of larger fields goes through a staging
-buffer. Against the float64 reference, on both instruction sets."""
+buffer. Against the float64 reference, on every instruction set (AVX2 with and without the AVX-512
+tiles, the baseline)."""
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.skipif(not cpp_available(), reason="the C++ extension i
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
 
-@pytest.fixture(params=["best", "baseline"])
+@pytest.fixture(params=["best", "avx2", "baseline"])
 def isa(request):
     previous = torch.ops.equiproj_cpu.set_isa(request.param)
     yield request.param

@@ -19,7 +19,7 @@ Kernel paths covered: r = 0 pairs, alone and joined with their neighbours; pairs
 tile (scalar to scalar), with their 1-row blocks run many at a time; A = I/sqrt(d) pairs with
 d = 3, 5 and 7 (runtime d), and d = 2, 3, 5 on rows of over a thousand columns (the float32 kernel's
 chunks and tails); square small tiles (complex type 2x2, d = 3, 4, 5 with r up to 9); the generic kernel (dense change of
-basis, regular reps, non-square field pairs); tile counts with and without a remainder of the
+basis, regular reps, non-square field pairs; four float64 lanes, and eight where the CPU has AVX-512); tile counts with and without a remainder of the
 four-tile loops; permutations; float64 staging (half types, strided and permuted columns).
 """
 
@@ -203,19 +203,25 @@ def test_nearly_equivariant(case, dtype, gen):
     _check(W, ep, eg, g, ri, ro, cp, cg, f"{case} {dtype} nearly equivariant", near=True)
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
 @pytest.mark.parametrize("case", ["so3_fields", "so2_complex", "small_general", "dense_basis", "scalar_rows"])
-def test_baseline_isa_matches_reference(case, gen):
-    """The kernels compiled for the baseline x86-64 ISA (used on CPUs without AVX2+FMA)."""
+def test_other_isas_match_reference(case, isa, gen):
+    """The kernels compiled for the baseline x86-64 ISA (used on CPUs without AVX2+FMA), and the AVX2
+    kernels without the AVX-512 tiles of pairs with a general basis (used on CPUs without AVX-512; the
+    baseline kernels where there is no AVX2 either): random and nearly equivariant weights."""
     ri, ro = CASES[case](gen)
     P = _plan(ri, ro)
-    previous = torch.ops.equiproj_cpu.set_isa("baseline")
+    previous = torch.ops.equiproj_cpu.set_isa(isa)
     try:
-        assert torch.ops.equiproj_cpu.isa() == "baseline"
+        assert torch.ops.equiproj_cpu.isa() in (isa, "baseline")
         for dtype in (torch.float32, torch.float64):
             W = torch.randn(2, ro.dim, ri.dim, generator=gen, dtype=torch.float64).to(dtype)
             cp, cg = torch.rand(2, generator=gen), torch.rand(2, generator=gen)
             (ep,), (eg,), (g,) = cpp([W], [P], [cp], [cg])
-            _check(W, ep, eg, g, ri, ro, cp, cg, f"{case} {dtype} baseline ISA")
+            _check(W, ep, eg, g, ri, ro, cp, cg, f"{case} {dtype} {isa}")
+            W = verify.nearly_equivariant(W.double(), ri, ro, 1e-10, gen).to(dtype)
+            (ep,), (eg,), (g,) = cpp([W], [P], [cp], [cg])
+            _check(W, ep, eg, g, ri, ro, cp, cg, f"{case} {dtype} {isa} nearly equivariant", near=True)
     finally:
         torch.ops.equiproj_cpu.set_isa("best" if previous != "baseline" else "baseline")
 
@@ -271,7 +277,7 @@ def test_openmp_is_active():
         assert torch.ops.equiproj_cpu.parallel_threads(16) == 2
     finally:
         torch.set_num_threads(old)
-    assert torch.ops.equiproj_cpu.isa() in ("avx2", "baseline")
+    assert torch.ops.equiproj_cpu.isa() in ("avx2+avx512", "avx2", "baseline")
 
 
 def test_empty_batch_and_zero_weights():
