@@ -1441,9 +1441,9 @@ void clear_plan_caches() {
   perm_cache().clear();
 }
 
-// Test hook: run the baseline kernels ("baseline"), AVX2 without the AVX-512 tiles of kGeneric pairs
-// ("avx2", the best there is on a CPU without AVX2 or AVX-512) or the best for this CPU ("best"); returns
-// the previous choice (isa()). Not for use while another call is running.
+// Test hook: run the baseline kernels ("baseline"), AVX2 with the kGeneric pairs in four lanes ("avx2":
+// what a CPU with AVX2 but not AVX-512 runs; the baseline on a CPU without AVX2) or the best for this CPU
+// ("best"); returns the previous choice (isa()). Not for use while another call is running.
 std::string set_isa(const std::string& which) {
   TORCH_CHECK_VALUE(which == "baseline" || which == "avx2" || which == "best",
                     "set_isa: expected 'baseline', 'avx2' or 'best', got '", which, "'");
