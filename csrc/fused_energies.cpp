@@ -1443,9 +1443,10 @@ void clear_plan_caches() {
 
 // Test hook: run the baseline kernels ("baseline"), AVX2 with the kGeneric pairs in four lanes ("avx2":
 // what a CPU with AVX2 but not AVX-512 runs; the baseline on a CPU without AVX2) or the best for this CPU
-// ("best"); returns the previous choice (isa()). Not for use while another call is running.
+// ("best", or "avx2+avx512", the name isa() gives it on a CPU with AVX-512); returns the previous choice as
+// isa() names it, which it accepts back. Not for use while another call is running.
 std::string set_isa(const std::string& which) {
-  TORCH_CHECK_VALUE(which == "baseline" || which == "avx2" || which == "best",
+  TORCH_CHECK_VALUE(which == "baseline" || which == "avx2" || which == "best" || which == "avx2+avx512",
                     "set_isa: expected 'baseline', 'avx2' or 'best', got '", which, "'");
   static const Kernels narrow = best_kernels(false);
   const std::string previous = kernels().isa;

@@ -414,7 +414,7 @@ def test_orbit_index_kernels_on_every_copy_count(isa, gen):
                 equiproj.ops.fused_energies_and_grads([Wf], [P], [-0.05], [0.0], outs=[Wf])
                 torch.testing.assert_close(Wf.double(), want, atol=1e-5, rtol=1e-5)
     finally:
-        torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
+        torch.ops.equiproj_cpu.set_isa(previous)
 
 
 @needs_cpp
@@ -452,7 +452,7 @@ def test_float32_grid_convolutions_on_both_isas_and_thread_counts(isa, check_pen
             check_penalty_step(m, W, ref_in, rep_out)
     finally:
         torch.set_num_threads(threads)
-        torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
+        torch.ops.equiproj_cpu.set_isa(previous)
 
 
 @needs_cpp

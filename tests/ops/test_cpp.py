@@ -223,7 +223,24 @@ def test_other_isas_match_reference(case, isa, gen):
             (ep,), (eg,), (g,) = cpp([W], [P], [cp], [cg])
             _check(W, ep, eg, g, ri, ro, cp, cg, f"{case} {dtype} {isa} nearly equivariant", near=True)
     finally:
-        torch.ops.equiproj_cpu.set_isa("best" if previous != "baseline" else "baseline")
+        torch.ops.equiproj_cpu.set_isa(previous)
+
+
+def test_set_isa_takes_back_what_it_returns():
+    """Each choice's name, as ``isa()`` gives it, restores that choice; unknown names are refused."""
+    first = torch.ops.equiproj_cpu.isa()
+    try:
+        for which in ("baseline", "avx2", "best"):
+            torch.ops.equiproj_cpu.set_isa(which)
+            name = torch.ops.equiproj_cpu.isa()
+            torch.ops.equiproj_cpu.set_isa("baseline" if which != "baseline" else "best")
+            torch.ops.equiproj_cpu.set_isa(name)
+            assert torch.ops.equiproj_cpu.isa() == name
+        with pytest.raises(ValueError, match="set_isa: expected"):
+            torch.ops.equiproj_cpu.set_isa("avx1024")
+    finally:
+        torch.ops.equiproj_cpu.set_isa(first)
+    assert torch.ops.equiproj_cpu.isa() == first
 
 
 def test_many_layers_in_one_call_equal_single_calls(gen):

@@ -27,7 +27,7 @@ GROUPS = [Cyclic(N) for N in (4, 6, 7, 8, 9, 12, 16, 17, 20, 24, 64)] + [Dihedra
 def isa(request):
     previous = torch.ops.equiproj_cpu.set_isa(request.param)
     yield request.param
-    torch.ops.equiproj_cpu.set_isa("best" if previous != "baseline" else "baseline")
+    torch.ops.equiproj_cpu.set_isa(previous)
 
 
 def _reps(G):

@@ -162,7 +162,7 @@ def test_cpp_kernel_on_both_isas_and_thread_counts(isa, gen):
             assert relative_error(results[0][0], rp) < 1e-5 and relative_error(results[0][1], rg) < 1e-5
     finally:
         torch.set_num_threads(threads)
-        torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
+        torch.ops.equiproj_cpu.set_isa(previous)
 
 
 @needs_cpp

@@ -189,7 +189,7 @@ def test_cpp_kernel_on_both_isas_and_thread_counts(isa, check_penalty_step, gen)
             check_penalty_step(m, W, ref_in, rep_out)
     finally:
         torch.set_num_threads(threads)
-        torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
+        torch.ops.equiproj_cpu.set_isa(previous)
 
 
 def test_triton_interpreter_matches_the_reference(check_triton):

@@ -246,7 +246,7 @@ def test_cpp_odd_copy_counts_threads_and_isas(isa, gen):
                 _check(X, rep_in, rep_out, ref_in, "cpp", tol)
     finally:
         torch.set_num_threads(threads)
-        torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
+        torch.ops.equiproj_cpu.set_isa(previous)
 
 
 def _pivot_cases():
@@ -310,7 +310,7 @@ def test_cpp_pivot_pass_in_groups_of_eight_tiles(gen):
                     bp, bg, bgrad = equiproj.energies_and_grad(X, rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25,
                                                                backend="cpp")
                 finally:
-                    torch.ops.equiproj_cpu.set_isa(previous if previous == "baseline" else "best")
+                    torch.ops.equiproj_cpu.set_isa(previous)
                 assert relative_error(ep, bp) < 1e-6 and relative_error(eg, bg) < 1e-6, name
                 assert float((grad - bgrad).abs().max()) <= 4 * 2**-23 * float(want.abs().max()), name
             # one orbit of entries of 3e18: its sum's square overflows float32, E_G (n m^2) does not
