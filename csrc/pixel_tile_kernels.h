@@ -10,7 +10,8 @@
 //
 // Q tiles at a time share every load of the basis (a 3-D pair's basis is too large for L1): the
 // coefficients of Q tiles are Q r accumulators in registers, the residual rows Q independent
-// chains. Q depends on r only, so the order of every sum is fixed by the plan.
+// chains. Q depends on r only (the tiles left over run in blocks of four, two, one), so the order of
+// every sum is fixed by the plan.
 
 template <typename X>
 inline V8 loadn(const X* p, int64_t cnt) {
@@ -129,6 +130,12 @@ void pair_tiles(const X* const* x, X* const* g, bool add, int64_t dout, int64_t 
   double sg = 0;
   int64_t v = 0;
   for (; v + Q <= ci; v += Q) tile_block<X, R, Q>(x, g, add, dout, n, np, v, A, vcg, vdc, sp, sg);
+  // the tiles left over in blocks of four and two where Q is larger (fields of few copies: a block of one
+  // tile is bound by the loads of the basis)
+  if constexpr (Q > 4)
+    for (; v + 4 <= ci; v += 4) tile_block<X, R, 4>(x, g, add, dout, n, np, v, A, vcg, vdc, sp, sg);
+  if constexpr (Q > 2)
+    for (; v + 2 <= ci; v += 2) tile_block<X, R, 2>(x, g, add, dout, n, np, v, A, vcg, vdc, sp, sg);
   for (; v < ci; ++v) tile_block<X, R, 1>(x, g, add, dout, n, np, v, A, vcg, vdc, sp, sg);
   ep += hsum8(sp);
   eg += sg;

@@ -226,6 +226,36 @@ def test_other_isas_match_reference(case, isa, gen):
         torch.ops.equiproj_cpu.set_isa(previous)
 
 
+@pytest.mark.parametrize("copies", [1, 3, 6, 7, 13])
+def test_generic_tiles_on_every_copy_count(copies, gen):
+    """Generic tiles of ranks 1 to 4 (the eight-lane kernel takes up to eight tiles per block and the
+    tiles left over in blocks of four, two and one) and of rank 7 (three per block), written and added,
+    random and nearly equivariant, against the reference."""
+    G = equiproj.SO2()
+
+    def field(spec):
+        r = Rep.parse(G, spec)
+        return r.change_basis(verify.random_orthogonal(r.dim, gen))
+
+    # one output field of over five dimensions against one input field: ranks 1, 2, 3, 4 and 7 (a frequency-0
+    # pair adds 1 to the rank, a pair of one frequency above 0 adds 2)
+    for out_spec, in_spec in (("0 + 1 + 3 + 4", "0 + 2"), ("1 + 2 + 3", "1"), ("0 + 1 + 2 + 3", "0 + 1"),
+                              ("2x0 + 1 + 2", "0 + 1"), ("3x0 + 2x1", "0 + 1")):
+        ri, ro = copies * field(in_spec), 2 * field(out_spec)
+        P = _plan(ri, ro)
+        for dtype in (torch.float32, torch.float64):
+            W = torch.randn(2, ro.dim, ri.dim, generator=gen, dtype=torch.float64)
+            cp, cg = torch.rand(2, generator=gen), torch.rand(2, generator=gen)
+            for near, Wd in ((False, W), (True, verify.nearly_equivariant(W, ri, ro, 1e-10, gen))):
+                Wt = Wd.to(dtype)
+                (ep,), (eg,), (g,) = cpp([Wt], [P], [cp], [cg])
+                _check(Wt, ep, eg, g, ri, ro, cp, cg, f"{out_spec} <- {copies} x ({in_spec}) {dtype}", near=near)
+                out = torch.randn(Wt.shape, generator=gen, dtype=torch.float64).to(dtype)
+                want = out.double() + _reference(Wt, ri, ro, cp, cg)[2]
+                ops.fused_energies_and_grads([Wt], [P], [cp], [cg], outs=[out])
+                assert float((out.double() - want).abs().max()) <= 4 * ULP[dtype] * float(want.abs().max())
+
+
 def test_set_isa_takes_back_what_it_returns():
     """Each choice's name, as ``isa()`` gives it, restores that choice; unknown names are refused."""
     first = torch.ops.equiproj_cpu.isa()
