@@ -120,6 +120,17 @@ inline void prefetch_ahead(const X* const* rows, int64_t dout, int64_t n, int64_
   for (int64_t l = 0; l < len; l += 64 / int64_t(sizeof(X))) __builtin_prefetch(q + l);
 }
 
+// A group of len entries at entry e of row a: where it is short, its own entries kTableAhead ahead in x
+// and (not null) in g are prefetched. Returns whether it is short (a longer one prefetches per step).
+template <typename X>
+inline bool prefetch_short_group(const X* const* x, const X* const* g, int64_t dout, int64_t n, int64_t a, int64_t e,
+                                 int64_t len) {
+  if (len > kShortGroup) return false;
+  prefetch_ahead(x, dout, n, a, e, len);
+  if (g) prefetch_ahead(g, dout, n, a, e, len);
+  return true;
+}
+
 // The cache lines of four entries of the next group of tiles (one line of float, two of double).
 template <typename X>
 inline void prefetch_line(const X* p) {
@@ -153,11 +164,8 @@ void table_orbit_residuals(const Pair& p, int64_t dout, const X* const* x, X* co
       const X* x0 = x[a] + v * di;
       X* g0 = Mode == GradMode::kNone ? nullptr : g[a] + v * di;
       const acc_t* Mw = M + v * K;  // [K][w]
-      const bool short_group = w * di <= kShortGroup;
-      if (short_group) {
-        prefetch_ahead(x, dout, ci * di, a, v * di, w * di);
-        if (Mode == GradMode::kAdd) prefetch_ahead(g, dout, ci * di, a, v * di, w * di);
-      }
+      const bool short_group =
+          prefetch_short_group<X>(x, Mode == GradMode::kAdd ? g : nullptr, dout, ci * di, a, v * di, w * di);
       int64_t j = 0;
       if (w == 4) {
         for (; j < d4; j += 4) {
@@ -379,7 +387,7 @@ inline void pivot_row8(const Pair& p, const float* const* x, int64_t dout, int64
   const int64_t di = p.di, K = p.r, d8 = di - di % 8;
   for (int64_t v = 0; v < v8; v += 8) {
     const float* x0 = x[a] + v * di;
-    if (8 * di <= kShortGroup) prefetch_ahead(x, dout, p.ci * di, a, v * di, 8 * di);
+    prefetch_short_group<float>(x, nullptr, dout, p.ci * di, a, v * di, 8 * di);
     float* P = reinterpret_cast<float*>(S + v * K);
     float* D = P + 8 * K;
     int64_t j = 0;
@@ -539,11 +547,8 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
       const float* x0 = x[a] + v * di;
       float* g0 = Mode == GradMode::kNone ? nullptr : g[a] + v * di;
       const acc_t* Md = S + v * K;  // orbit k: w m_hi, then w m_lo (floats) in the bytes of Md + w k
-      const bool short_group = w * di <= kShortGroup;
-      if (short_group) {
-        prefetch_ahead(x, dout, ci * di, a, v * di, w * di);
-        if (Mode == GradMode::kAdd) prefetch_ahead(g, dout, ci * di, a, v * di, w * di);
-      }
+      const bool short_group =
+          prefetch_short_group<float>(x, Mode == GradMode::kAdd ? g : nullptr, dout, ci * di, a, v * di, w * di);
       int64_t j = 0;
       if (w == 4) {
         for (; j + 8 <= di; j += 8) {
@@ -707,8 +712,7 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
       w = group_width(v, ci);
       const X* x0 = x[a] + v * di;
       acc_t* Sw = S + v * K;  // [K][w]
-      const bool short_group = w * di <= kShortGroup;
-      if (short_group) prefetch_ahead(x, dout, ci * di, a, v * di, w * di);
+      const bool short_group = prefetch_short_group<X>(x, nullptr, dout, ci * di, a, v * di, w * di);
       int64_t j = 0;
       if (w == 4) {
         for (; j < d4; j += 4) {
