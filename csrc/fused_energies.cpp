@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "plan_columns.h"
+#include "orbit_products.h"
 #include "pixel_tiles.h"
 #include "plan_types.h"
 #include "work_cuts.h"
@@ -105,6 +106,9 @@ struct Kernels {
   // four-lane generic_pair of tile_kernels.h
   TilePairFn32 tiles32 = nullptr;
   TilePairFn64 tiles64 = nullptr;
+  // float32 product orbit pairs with blocks of pixels in 16-lane registers (orbit_products.h), where the CPU
+  // has AVX-512: null, the tables' kernel
+  ProductPairFn32 products32 = nullptr;
   const ClosedChunkKernels<float>& chunks(float*) const { return c32; }
   const ClosedChunkKernels<double>& chunks(double*) const { return c64; }
 };
@@ -132,6 +136,7 @@ Kernels best_kernels(bool wide) {
       k.isa = "avx2+avx512";
       k.tiles32 = t.f32;
       k.tiles64 = t.f64;
+      k.products32 = product_pair_kernel();
     }
     return k;
   }
@@ -158,6 +163,13 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
     else
       k.tiles64(x, g, p.accumulate && g, dout, p.di, p.ci, p.r, p.Ap, cp2, cg2, s.coef.data(), ep, eg);
     return;
+  }
+  if constexpr (std::is_same<X, float>::value) {
+    if (p.kind == Kind::kOrbit && k.products32 && product_pair_fits(p)) {  // a block's pixels in one or two registers
+      s.coef.resize(std::max<int64_t>(product_pair_scratch(p, dout), 8));
+      k.products32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
+      return;
+    }
   }
   if (p.kind == Kind::kGeneric || p.kind == Kind::kSmall)  // kSmall runs generic_pair on the baseline ISA
     s.coef.resize(std::max<int64_t>(p.ci * ((p.r + 3) / 4 * 4), 4));

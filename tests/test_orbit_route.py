@@ -417,6 +417,64 @@ def test_orbit_index_kernels_on_every_copy_count(isa, gen):
         torch.ops.equiproj_cpu.set_isa(previous)
 
 
+def _product_block_cases(copies: int):
+    """(name, rep_in, rep_out) of product pairs whose kernels have 17 .. 32 pixels (5 x 5, 3 x 3 x 3): with
+    AVX-512, their column blocks run in two registers (csrc/orbit_products.cpp), with ``copies`` input
+    copies of a regular or a quotient field (the 3-D one up to three: its reference is slow), one or two
+    output copies."""
+    C4, D2, D4, O = Cyclic(4), Dihedral(2), Dihedral(4), Octahedral()
+    square = Rep.permutation(D4, points=_square_vertices())
+    cases = [("C4-k5", copies * C4.regular() @ kernel_rep(C4, (5, 5), orbits=False), 2 * C4.regular()),
+             ("D2-k5", copies * D2.regular() @ kernel_rep(D2, (5, 5), orbits=False), D2.regular()),
+             ("D4-quotient-k5", copies * square @ kernel_rep(D4, (5, 5), orbits=False), D4.regular())]
+    if copies <= 3:
+        cases.append(("O-k3x3x3", copies * O.regular() @ kernel_rep(O, (3, 3, 3), orbits=False), O.regular()))
+    return cases
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["best", "avx2"])
+def test_product_blocks_of_whole_kernels(isa, gen):
+    """Product pairs of 25 and 27 pixels, 1 .. 5 input copies, in float32 (the kernel whose column blocks
+    fill two registers where the CPU has AVX-512, the tables' kernel with ``avx2``): energies, the
+    gradient written, added into a tensor and into the weight itself, on random and on nearly equivariant
+    weights, against the float64 reference; one and two threads give the same bits."""
+    previous = torch.ops.equiproj_cpu.set_isa(isa)
+    threads = torch.get_num_threads()
+    try:
+        for copies in (1, 2, 3, 5):
+            for name, rep_in, rep_out in _product_block_cases(copies):
+                P = plan_for(rep_in, rep_out, "cpu")
+                assert {r.orbit_form for r in P.rows()} == {OrbitForm.PRODUCT}, name
+                W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+                for Wd in (W, nearly_equivariant(W, rep_in, rep_out, 1e-10, gen)):
+                    Wf = Wd.float()
+                    rp, rg = reference.energies(Wf.double(), rep_in, rep_out)
+                    PW = reference.project(Wf.double(), rep_in, rep_out)
+                    bits = []
+                    for n in (1, 2):
+                        torch.set_num_threads(n)
+                        ep, eg, fresh = equiproj.energies_and_grad(Wf, rep_in, rep_out, lambda_perp=1.0,
+                                                                   lambda_G=0.25, backend="cpp")
+                        assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-6, (name, copies, n)
+                        for grad, lp, lg in ((fresh, 1.0, 0.25), (torch.randn(Wf.shape, generator=gen), 0.5, 0.125)):
+                            want = 2 * lp * (Wf.double() - PW) + 2 * lg * PW
+                            if grad is not fresh:  # added into a tensor
+                                want += grad.double()
+                                equiproj.ops.fused_energies_and_grads([Wf], [P], [lp], [lg], outs=[grad])
+                            error = float((grad.double() - want).abs().max())
+                            assert error <= 1e-6 * float(want.abs().max()), (name, copies, n)
+                        Wi = Wf.clone()  # the decoupled step, added into the weight itself
+                        equiproj.ops.fused_energies_and_grads([Wi], [P], [-0.05], [0.0], outs=[Wi])
+                        step = Wf.double() - 0.1 * (Wf.double() - PW)
+                        assert float((Wi.double() - step).abs().max()) <= 1e-6 * float(step.abs().max())
+                        bits.append((ep, eg, fresh, Wi))
+                    assert all(torch.equal(a, b) for a, b in zip(*bits)), (name, copies)
+    finally:
+        torch.set_num_threads(threads)
+        torch.ops.equiproj_cpu.set_isa(previous)
+
+
 @needs_cpp
 @pytest.mark.parametrize("isa", ["best", "baseline"])
 def test_float32_grid_convolutions_on_both_isas_and_thread_counts(isa, check_penalty_step, gen):
