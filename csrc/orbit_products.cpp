@@ -2,7 +2,7 @@
 // an input field f_1 ⊗ pixels to a regular output field. G acts freely on the tile's rows, so every orbit
 // has |G| = d_out entries, one per row, and row a is a bijection onto the orbits: column (b, p) (column
 // block b of f_1, pixel p) belongs to orbit T1[a, b] d_2 + T2[a, p], T1[a, .] and T2[a, .] permutations
-// (docs/math.md §9). A row thus maps each column block, whole, onto one orbit block, its pixels permuted
+// (the plan's factor tables: the inverses of docs/math.md §9's T_1[a], T_2[a]). A row thus maps each column block, whole, onto one orbit block, its pixels permuted
 // by the same T2[a, .] for every block of the row. With a block's 17 .. 32 pixels in two 16-lane
 // registers, that permutation is two vpermt2ps, and the orbit sums and means are vector adds and loads
 // with no index per entry (the tables' kernel, orbit_table_kernels.h, forms and loads one orbit index per
