@@ -289,8 +289,8 @@ constexpr int64_t kChunkRows = 1024;
 
 bool splits(const Layer& L, const OutGroup& G, bool direct) {
   if (!direct || G.d_out < 2 * kChunkRows) return false;
-  for (const Pair& p : G.pairs)
-    if (p.kind != Kind::kOrbit || p.form == kOrbitTable || p.form == kOrbitPoints) return false;
+  for (const Pair& p : G.pairs)  // the closed forms only: the chunk kernels and their scratch are theirs
+    if (p.kind != Kind::kOrbit || (p.form != kOrbitCyclic && p.form != kOrbitDihedral)) return false;
   return true;
 }
 

@@ -476,6 +476,42 @@ def test_product_blocks_of_whole_kernels(isa, gen):
 
 
 @needs_cpp
+def test_product_pairs_of_2048_rows(gen):
+    """A product pair whose regular output field has 2048 rows, twice the row chunk of the closed forms
+    (whose chunk kernels do not apply to it), in float32 and float64 on every instruction set, against
+    the orbit means formed with torch ops from the plan's orbit of every entry (the reference would
+    average over 2048 elements)."""
+    G = Cyclic(2048)
+
+    def on_points(M):  # C_2048 turning M points of a circle
+        return Rep.permutation(G, action=lambda g: (G.index(g)[..., None] + torch.arange(M)) % M, size=M)
+
+    rep_in, rep_out = on_points(2) @ on_points(32), G.regular()
+    P = plan_for(rep_in, rep_out, "cpu")
+    (row,) = P.rows()
+    assert row.orbit_form == OrbitForm.PRODUCT and row.d_out == 2048 and P.identity_perm
+    o = P.orbit_index(row, "cpu")[0].reshape(-1).long()
+    W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
+    previous = torch.ops.equiproj_cpu.set_isa("best")
+    try:
+        for isa in ("best", "avx2", "baseline"):
+            torch.ops.equiproj_cpu.set_isa(isa)
+            for dtype, tol in ((torch.float32, 1e-5), (F64, 1e-12)):
+                Wd = W.to(dtype)
+                w = Wd.double().reshape(-1)
+                means = torch.zeros(row.orbits, dtype=F64).index_add_(0, o, w) / torch.bincount(o).double()
+                PW = means[o]
+                ep, eg, grad = equiproj.energies_and_grad(Wd, rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25,
+                                                         backend="cpp")
+                assert relative_error(ep, (w - PW).square().sum()) < tol, (isa, dtype)
+                assert relative_error(eg, PW.square().sum()) < tol, (isa, dtype)
+                want = (2 * (w - PW) + 0.5 * PW).reshape(W.shape)
+                assert float((grad.double() - want).abs().max()) <= tol * float(want.abs().max()), (isa, dtype)
+    finally:
+        torch.ops.equiproj_cpu.set_isa(previous)
+
+
+@needs_cpp
 @pytest.mark.parametrize("isa", ["best", "baseline"])
 def test_float32_grid_convolutions_on_both_isas_and_thread_counts(isa, check_penalty_step, gen):
     """Declared grid convolutions with four or more input copies in float32 (the weight read in place:
