@@ -19,26 +19,13 @@
 
 #include <cstdint>
 
+#include "avx512_region.h"
 #include "plan_columns.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define EQUIPROJ_PRODUCTS_X86 1
-#include <immintrin.h>
-#endif
 
 namespace equiproj_cpu {
 
-#ifdef EQUIPROJ_PRODUCTS_X86
-#ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx512f,avx512vl"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl")
-// GCC 12's AVX-512 headers leave the unused source of some masked conversions undefined on purpose
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#ifdef EQUIPROJ_AVX512_X86
+EQUIPROJ_AVX512_BEGIN
 namespace {
 namespace products_avx512 {
 
@@ -253,24 +240,12 @@ void run_pair(const Pair& p, int64_t dout, const float* const* x, float* const* 
 
 }  // namespace products_avx512
 }  // namespace
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
-
-namespace {
-bool has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-}
-}  // namespace
+EQUIPROJ_AVX512_END
 #endif
 
 ProductPairFn32 product_pair_kernel() {
-#ifdef EQUIPROJ_PRODUCTS_X86
-  static const bool avx512 = has_avx512();
+#ifdef EQUIPROJ_AVX512_X86
+  static const bool avx512 = cpu_has_avx512();
   if (avx512) return &products_avx512::run_pair;
 #endif
   return nullptr;

@@ -35,13 +35,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "avx512_region.h"
 #include "pixel_tiles.h"
 #include "work_cuts.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define EQUIPROJ_TILES_X86 1
-#include <immintrin.h>
-#endif
 
 namespace equiproj_cpu {
 namespace {
@@ -132,17 +129,8 @@ inline void hsum8x8(const V8* a, double* out) {
 }  // namespace tiles_plain
 }  // namespace
 
-#ifdef EQUIPROJ_TILES_X86
-#ifdef __clang__
-#pragma clang attribute push(__attribute__((target("avx512f,avx512vl"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl")
-// GCC 12's AVX-512 headers leave the unused source of some masked conversions undefined on purpose
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+#ifdef EQUIPROJ_AVX512_X86
+EQUIPROJ_AVX512_BEGIN
 namespace {
 namespace tiles_avx512 {
 struct V8 {
@@ -189,31 +177,12 @@ inline double hsum8(V8 a) {  // the same pairing as the plain loop
 #include "pixel_tile_kernels.h"
 }  // namespace tiles_avx512
 }  // namespace
-#ifdef __clang__
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+EQUIPROJ_AVX512_END
 #endif
-#endif
-
-
-namespace {
-
-bool has_avx512() {
-#ifdef EQUIPROJ_TILES_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
-
-}  // namespace
 
 TileKernels tile_kernels(bool plain) {
-#ifdef EQUIPROJ_TILES_X86
-  static const bool avx512 = has_avx512();
+#ifdef EQUIPROJ_AVX512_X86
+  static const bool avx512 = cpu_has_avx512();
   if (avx512 && !plain) return {&tiles_avx512::run_pair_f32, &tiles_avx512::run_pair_f64, "avx512"};
 #endif
   return {&tiles_plain::run_pair_f32, &tiles_plain::run_pair_f64, "plain"};
