@@ -106,8 +106,8 @@ struct Kernels {
   // four-lane generic_pair of tile_kernels.h
   TilePairFn32 tiles32 = nullptr;
   TilePairFn64 tiles64 = nullptr;
-  // float32 product orbit pairs with blocks of pixels in 16-lane registers (orbit_products.h), where the CPU
-  // has AVX-512: null, the tables' kernel
+  // float32 product orbit pairs with whole blocks of pixels in 16-lane registers (orbit_products.h), where
+  // the CPU has AVX-512: null, the tables' kernel
   ProductPairFn32 products32 = nullptr;
   const ClosedChunkKernels<float>& chunks(float*) const { return c32; }
   const ClosedChunkKernels<double>& chunks(double*) const { return c64; }
@@ -165,7 +165,7 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
     return;
   }
   if constexpr (std::is_same<X, float>::value) {
-    if (p.kind == Kind::kOrbit && k.products32 && product_pair_fits(p)) {  // a block's pixels in one or two registers
+    if (p.kind == Kind::kOrbit && k.products32 && product_pair_fits(p)) {  // whole blocks of pixels in two registers
       s.coef.resize(std::max<int64_t>(product_pair_scratch(p, dout), 8));
       k.products32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
       return;

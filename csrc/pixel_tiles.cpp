@@ -39,7 +39,6 @@
 #include "pixel_tiles.h"
 #include "work_cuts.h"
 
-
 namespace equiproj_cpu {
 namespace {
 
