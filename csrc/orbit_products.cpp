@@ -32,7 +32,7 @@ namespace products_avx512 {
 
 enum class Mode { kNone, kWrite, kAdd };
 
-constexpr int64_t kLanes = 2 * 16;  // a block's lanes: two registers, the orbit sums padded to as many
+constexpr int64_t kLanes = kProductLanes;  // a block's lanes: two registers (orbit_products.h)
 constexpr int kFlushBlocks = 16;    // blocks whose squares a float32 lane sums before they go to float64
 
 // Pass 2 prefetches the gradient this many entries ahead: a row of one field's tiles is a few KB, too

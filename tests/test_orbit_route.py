@@ -417,6 +417,15 @@ def test_orbit_index_kernels_on_every_copy_count(isa, gen):
         torch.ops.equiproj_cpu.set_isa(previous)
 
 
+def _float32_weights_and_references(W, rep_in, rep_out, gen):
+    """W and a nearly equivariant weight made from it (E_perp / ||W||^2 ~ 1e-10), each in float32 with its
+    float64 reference: ``(W_f32, E_perp, E_G, P(W_f32))``."""
+    for Wd in (W, nearly_equivariant(W, rep_in, rep_out, 1e-10, gen)):
+        Wf = Wd.float()
+        rp, rg = reference.energies(Wf.double(), rep_in, rep_out)
+        yield Wf, rp, rg, reference.project(Wf.double(), rep_in, rep_out)
+
+
 def _product_block_cases(copies: int):
     """(name, rep_in, rep_out) of product pairs whose kernels have 17 .. 32 pixels (5 x 5, 3 x 3 x 3): with
     AVX-512, their column blocks run in two registers (csrc/orbit_products.cpp), with ``copies`` input
@@ -447,10 +456,7 @@ def test_product_blocks_of_whole_kernels(isa, gen):
                 P = plan_for(rep_in, rep_out, "cpu")
                 assert {r.orbit_form for r in P.rows()} == {OrbitForm.PRODUCT}, name
                 W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
-                for Wd in (W, nearly_equivariant(W, rep_in, rep_out, 1e-10, gen)):
-                    Wf = Wd.float()
-                    rp, rg = reference.energies(Wf.double(), rep_in, rep_out)
-                    PW = reference.project(Wf.double(), rep_in, rep_out)
+                for Wf, rp, rg, PW in _float32_weights_and_references(W, rep_in, rep_out, gen):
                     bits = []
                     for n in (1, 2):
                         torch.set_num_threads(n)
@@ -529,10 +535,7 @@ def test_float32_grid_convolutions_on_both_isas_and_thread_counts(isa, check_pen
             decl = equiproj.nn.declaration(m)
             ref_in = rep_in @ kernel_rep(G, k)  # the same rep through the grid's orbits
             W = torch.randn(rep_out.dim, ref_in.dim, dtype=F64, generator=gen)
-            for Wd in (W, nearly_equivariant(W, ref_in, rep_out, 1e-10, gen)):
-                Wf = Wd.float()
-                rp, rg = reference.energies(Wf.double(), ref_in, rep_out)
-                PW = reference.project(Wf.double(), ref_in, rep_out)
+            for Wf, rp, rg, PW in _float32_weights_and_references(W, ref_in, rep_out, gen):
                 results = []
                 for n in (1, 2):
                     torch.set_num_threads(n)
