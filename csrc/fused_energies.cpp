@@ -50,6 +50,7 @@
 
 #include "plan_columns.h"
 #include "orbit_products.h"
+#include "orbit_tables.h"
 #include "pixel_tiles.h"
 #include "plan_types.h"
 #include "work_cuts.h"
@@ -97,7 +98,8 @@ namespace {
 using at::Tensor;
 
 struct Kernels {
-  void (*f32)(const Pair&, int64_t, const float* const*, float* const*, acc_t, acc_t, acc_t*, acc_t&, acc_t&);
+  void (*f32)(const Pair&, int64_t, const float* const*, float* const*, acc_t, acc_t, acc_t*, acc_t&, acc_t&,
+              PivotResidualsFn32);
   void (*f64)(const Pair&, int64_t, const double* const*, double* const*, acc_t, acc_t, acc_t*, acc_t&, acc_t&);
   const char* isa;
   ClosedChunkKernels<float> c32;
@@ -109,6 +111,9 @@ struct Kernels {
   // float32 product orbit pairs with whole blocks of pixels in 16-lane registers (orbit_products.h), where
   // the CPU has AVX-512: null, the tables' kernel
   ProductPairFn32 products32 = nullptr;
+  // pass 2 of float32 orbit tables of at most four orbits with the means in 16-lane registers (orbit_tables.h),
+  // where the CPU has AVX-512: null, the tables' eight-lane pass
+  PivotResidualsFn32 tables32 = nullptr;
   const ClosedChunkKernels<float>& chunks(float*) const { return c32; }
   const ClosedChunkKernels<double>& chunks(double*) const { return c64; }
 };
@@ -137,6 +142,7 @@ Kernels best_kernels(bool wide) {
       k.tiles32 = t.f32;
       k.tiles64 = t.f64;
       k.products32 = product_pair_kernel();
+      k.tables32 = pivot_residuals_kernel();
     }
     return k;
   }
@@ -177,10 +183,11 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
     s.coef.resize(std::max<int64_t>(p.form == kOrbitPoints ? p.di  // one mean row
                                     : p.form == kOrbitCyclic || p.form == kOrbitDihedral
                                         ? orbit_closed_scratch(p.ci, p.r, p.form == kOrbitDihedral)
-                                        : p.ci * p.r + p.di + p.r / 8 + 1,  // + one byte per orbit
+                                        : p.ci * p.r + p.di + p.r / 8 + 1  // + one byte per orbit
+                                              + (permuted_means_fit(p) ? permuted_means_scratch(p) / 2 + 8 : 0),
                                     4));
   if constexpr (std::is_same<X, float>::value)
-    k.f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
+    k.f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg, k.tables32);
   else
     k.f64(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg);
 }
@@ -341,7 +348,8 @@ void process_points_split(const Layer& L, int64_t b, const OutGroup& G, int64_t 
         q.orbit_begin = c * per;
         q.orbit_end = std::min(R, (c + 1) * per);
         if constexpr (std::is_same<X, float>::value)
-          kernels().f32(q, d, xr.data(), gbase ? gr.data() : nullptr, cp2, cg2, m.data(), e[2 * c], e[2 * c + 1]);
+          kernels().f32(q, d, xr.data(), gbase ? gr.data() : nullptr, cp2, cg2, m.data(), e[2 * c], e[2 * c + 1],
+                        nullptr);
         else
           kernels().f64(q, d, xr.data(), gbase ? gr.data() : nullptr, cp2, cg2, m.data(), e[2 * c], e[2 * c + 1]);
       }

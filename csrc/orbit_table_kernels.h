@@ -493,8 +493,9 @@ inline void flush_lanes_f32(__m256* e8, int n, acc_t& e1) {
 // reads from two groups of four: orbit k of tiles v .. v + 3 at float 8 k of S + v K (four m_hi, four
 // m_lo), of tiles v + 4 .. v + 7 at float 8 k of S + (v + 4) K. E_G = sum_k n_k m_k^2, the mean m_k =
 // y_pivot + D_k / n_k taken in float64 (no float32 overflow or subnormal square where the energy itself
-// is in range).
-inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg) {
+// is in range). With blocks, the group keeps its [K][8] layout instead, the pivots (m_hi) then D_k / n_k
+// (m_lo): the permuted means' pass 2 (orbit_tables.h) reads them there.
+inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg, bool blocks) {
   const int64_t K = p.r;
   if (v8 == 0) return;  // no group of eight (and K may pass kPivotMaxOrbits)
   acc_t sizes[kPivotMaxOrbits];  // n_k, and 1 / n_k in float32: once per pair, not once per group
@@ -513,6 +514,10 @@ inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg) {
     const V4 m1 = V4{_mm256_cvtps_pd(_mm256_extractf128_ps(pk, 1))} + V4{_mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1))};
     e0 = fmadd(m0 * m0, n, e0);
     e1 = fmadd(m1 * m1, n, e1);
+    if (blocks) {
+      _mm256_storeu_ps(D + 8 * k, lo);
+      return;
+    }
     _mm256_storeu_ps(P + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x20));
     _mm256_storeu_ps(D + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x31));
   };
@@ -532,7 +537,7 @@ inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg) {
 
 template <GradMode Mode>
 void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2, acc_t cg2,
-                           const acc_t* S, int32_t* obuf, acc_t& ep) {
+                           const acc_t* S, int32_t* obuf, int64_t v0, acc_t& ep) {
   const int64_t di = p.di, K = p.r, ci = p.ci;
   const float cps = static_cast<float>(cp2), cgs = static_cast<float>(cg2), cgps = static_cast<float>(cg2 - cp2);
   const SplitCoefs c{_mm256_set1_ps(cps), _mm256_set1_ps(cgs), _mm256_set1_ps(cgps)};
@@ -542,7 +547,7 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
   for (int64_t a = 0; a < dout; ++a) {
     const int32_t* o4 = orbit_row(p, dout, a, obuf);
     const acc_t* sg = p.sign ? p.sign + a * di : nullptr;
-    for (int64_t v = 0, w = 0; v < ci; v += w) {
+    for (int64_t v = v0, w = 0; v < ci; v += w) {
       w = group_width(v, ci);
       const float* x0 = x[a] + v * di;
       float* g0 = Mode == GradMode::kNone ? nullptr : g[a] + v * di;
@@ -673,13 +678,14 @@ void split_orbit_residuals(const Pair& p, int64_t dout, const float* const* x, f
 
 template <typename X>
 inline void table_orbit_residuals_f32(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2,
-                                      const acc_t* S, int32_t* obuf, acc_t& ep) {
+                                      const acc_t* S, int32_t* obuf, int64_t v0, acc_t& ep) {
+  if (v0 == p.ci) return;
   if (!g)
-    split_orbit_residuals<GradMode::kNone>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+    split_orbit_residuals<GradMode::kNone>(p, dout, x, g, cp2, cg2, S, obuf, v0, ep);
   else if (p.accumulate)
-    split_orbit_residuals<GradMode::kAdd>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+    split_orbit_residuals<GradMode::kAdd>(p, dout, x, g, cp2, cg2, S, obuf, v0, ep);
   else
-    split_orbit_residuals<GradMode::kWrite>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+    split_orbit_residuals<GradMode::kWrite>(p, dout, x, g, cp2, cg2, S, obuf, v0, ep);
 }
 
 template <typename X>
@@ -688,10 +694,12 @@ constexpr bool kSplitOrbitMeans = sizeof(X) == sizeof(float);
 
 // S: ci * K + di + K / 8 + 1 scratch entries: the orbit sums (then means) of every tile, a group of w
 // tiles starting at tile v (group_width) as the [K][w] block at S + v K (float32 groups of eight: the
-// pivot pass's two blocks); then room for the orbit row (and a row of signs), then a byte per orbit.
+// pivot pass's two blocks); then room for the orbit row (and a row of signs), then a byte per orbit; with
+// permuted (float32 pairs that fit: orbit_tables.h, which then runs pass 2 of the pivot pass's tiles), the
+// lane pattern past that.
 template <typename X>
 void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* S,
-                      acc_t& ep, acc_t& eg) {
+                      acc_t& ep, acc_t& eg, [[maybe_unused]] PivotResidualsFn32 permuted) {
   const int64_t di = p.di, K = p.r, ci = p.ci, d4 = di - di % 4;
   int32_t* obuf = reinterpret_cast<int32_t*>(S + ci * K);
   for (int64_t k = 0; k < ci * K; ++k) S[k] = 0;
@@ -754,9 +762,15 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
   // E_G = sum_k S_k^2 / n_k; S becomes the orbit means (float64, or split into float32 m_hi, m_lo)
 #ifdef EQUIPROJ_AVX2
   if constexpr (kSplitOrbitMeans<X>) {
-    pivot_orbit_means8(p, S, v8, eg);
+    const bool blocks = v8 > 0 && permuted && permuted_means_fit(p);
+    pivot_orbit_means8(p, S, v8, eg, blocks);
     split_orbit_means(p, S, v8, eg);
-    table_orbit_residuals_f32<X>(p, dout, x, g, cp2, cg2, S, obuf, ep);
+    if (blocks) {
+      const uintptr_t end = reinterpret_cast<uintptr_t>(S + ci * K + di + K / 8 + 1);
+      float* pattern = reinterpret_cast<float*>((end + 63) & ~uintptr_t(63));  // 64-byte aligned
+      permuted(p, dout, x, g, cp2, cg2, reinterpret_cast<const float*>(S), v8, pattern, ep);
+    }
+    table_orbit_residuals_f32<X>(p, dout, x, g, cp2, cg2, S, obuf, blocks ? v8 : 0, ep);
     return;
   }
 #endif

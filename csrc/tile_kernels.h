@@ -471,10 +471,11 @@ inline void orbit_residual_one(const X* x, X* g, acc_t m, acc_t cp2, acc_t cg2, 
 // ---- dispatch -------------------------------------------------------------------------------------
 
 // coef: ci * padded_rank(r) scratch (kSmall and kGeneric), ci * K orbit sums and one orbit row (kOrbit,
-// tables and products), orbit_closed_scratch (kOrbit, closed forms).
+// tables and products; and the lane pattern of permuted, orbit_tables.h, where it is given), orbit_closed_scratch
+// (kOrbit, closed forms).
 template <typename X>
 void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* coef,
-              acc_t& ep, acc_t& eg) {
+              acc_t& ep, acc_t& eg, PivotResidualsFn32 permuted) {
   switch (p.kind) {
     case Kind::kZero:
       zero_rows<X>(x, g, dout, p.ci * p.di, cp2, ep, p.accumulate);
@@ -518,7 +519,7 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
       if (p.form == kOrbitPoints)
         points_orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
       else if (p.form == kOrbitTable || p.form == kOrbitProduct)
-        table_orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
+        table_orbit_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg, permuted);
       else
         orbit_closed_pair<X>(p, dout, x, g, cp2, cg2, coef, ep, eg);
       return;
@@ -526,11 +527,11 @@ void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t
 }
 
 void run_pair_float(const Pair& p, int64_t dout, const float* const* x, float* const* g, acc_t cp2, acc_t cg2,
-                    acc_t* coef, acc_t& ep, acc_t& eg) {
-  run_pair<float>(p, dout, x, g, cp2, cg2, coef, ep, eg);
+                    acc_t* coef, acc_t& ep, acc_t& eg, PivotResidualsFn32 permuted) {
+  run_pair<float>(p, dout, x, g, cp2, cg2, coef, ep, eg, permuted);
 }
 
 void run_pair_double(const Pair& p, int64_t dout, const double* const* x, double* const* g, acc_t cp2, acc_t cg2,
                      acc_t* coef, acc_t& ep, acc_t& eg) {
-  run_pair<double>(p, dout, x, g, cp2, cg2, coef, ep, eg);
+  run_pair<double>(p, dout, x, g, cp2, cg2, coef, ep, eg, nullptr);
 }

@@ -517,6 +517,69 @@ def test_product_pairs_of_2048_rows(gen):
         torch.ops.equiproj_cpu.set_isa(previous)
 
 
+def _few_orbit_table_cases():
+    """(name, layer, weight_rep_in, reference rep_in, rep_out): 3 x 3 grid convolutions on irreps fields of C4
+    and D4 (signed orbit tables of 1 .. 4 orbits a tile, entries of sign 0 among them, and unsigned tables
+    of 3; C4's two-dimensional pair of 10 orbits stays on the eight-lane pass), with 8, 9 and 17 copies of
+    each input irrep (the pivot pass takes groups of eight tiles: none, one and one tile are left over) and
+    one or two copies of each output irrep."""
+    for G in (Cyclic(4), Dihedral(4)):
+        irreps = G.irreps()
+        for copies_in, copies_out in ((8, 1), (9, 2), (17, 1)):
+            rep_in = sum((copies_in * p for p in irreps[1:]), copies_in * irreps[0])
+            rep_out = sum((copies_out * p for p in irreps[1:]), copies_out * irreps[0])
+            m = equiproj.nn.declare(nn.Conv2d(rep_in.dim, rep_out.dim, 3, bias=False), rep_in, rep_out)
+            weight_rep_in = equiproj.nn.declaration(m).weight_rep_in
+            yield f"{G}-{copies_in}x{copies_out}", m, weight_rep_in, rep_in @ kernel_rep(G, (3, 3)), rep_out
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["best", "avx2"])
+def test_permuted_means_of_few_orbit_tables(isa, gen):
+    """Orbit tables of at most four orbits a tile in float32 (with AVX-512, pass 2 of the pivot pass's groups
+    of eight tiles reads each entry's mean from two registers, csrc/orbit_tables.cpp; the eight-lane pass
+    with ``avx2``): energies, the gradient written, added into a tensor and into the weight itself, on random
+    and on nearly equivariant weights, against the float64 reference; one and two threads give the same
+    bits, and the gradient has the bits of the eight-lane pass."""
+    previous = torch.ops.equiproj_cpu.set_isa(isa)
+    threads = torch.get_num_threads()
+    try:
+        for name, m, weight_rep_in, ref_in, rep_out in _few_orbit_table_cases():
+            P = plan_for(weight_rep_in, rep_out, "cpu")
+            few = [r for r in P.rows() if r.orbit_form in (OrbitForm.TABLE, OrbitForm.SIGNED) and 0 < r.orbits <= 4]
+            assert {r.orbit_form for r in few} == {OrbitForm.TABLE, OrbitForm.SIGNED}, name
+            assert min(r.in_copies for r in few) >= 8, name
+            W = torch.randn(rep_out.dim, ref_in.dim, dtype=F64, generator=gen)
+            for Wf, rp, rg, PW in _float32_weights_and_references(W, ref_in, rep_out, gen):
+                bits = []
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    ep, eg, fresh = equiproj.energies_and_grad(Wf, weight_rep_in, rep_out, lambda_perp=1.0,
+                                                               lambda_G=0.25, backend="cpp")
+                    assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-6, (name, n)
+                    for grad, lp, lg in ((fresh, 1.0, 0.25), (torch.randn(Wf.shape, generator=gen), 0.5, 0.125)):
+                        want = 2 * lp * (Wf.double() - PW) + 2 * lg * PW
+                        if grad is not fresh:  # added into a tensor
+                            want += grad.double()
+                            equiproj.ops.fused_energies_and_grads([Wf], [P], [lp], [lg], outs=[grad])
+                        error = float((grad.double() - want).abs().max())
+                        assert error <= 1e-6 * float(want.abs().max()), (name, n)
+                    Wi = Wf.clone()  # the decoupled step, added into the weight itself
+                    equiproj.ops.fused_energies_and_grads([Wi], [P], [-0.05], [0.0], outs=[Wi])
+                    step = Wf.double() - 0.1 * (Wf.double() - PW)
+                    assert float((Wi.double() - step).abs().max()) <= 1e-6 * float(step.abs().max()), (name, n)
+                    bits.append((ep, eg, fresh, Wi))
+                assert all(torch.equal(a, b) for a, b in zip(*bits)), name
+                torch.ops.equiproj_cpu.set_isa("avx2")
+                eight_lanes = equiproj.energies_and_grad(Wf, weight_rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25,
+                                                         backend="cpp")[2]
+                torch.ops.equiproj_cpu.set_isa(isa)
+                assert torch.equal(bits[0][2], eight_lanes), name
+    finally:
+        torch.set_num_threads(threads)
+        torch.ops.equiproj_cpu.set_isa(previous)
+
+
 @needs_cpp
 @pytest.mark.parametrize("isa", ["best", "baseline"])
 def test_float32_grid_convolutions_on_both_isas_and_thread_counts(isa, check_penalty_step, gen):

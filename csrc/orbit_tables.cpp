@@ -1,0 +1,163 @@
+// Pass 2 of the tables' kernel in AVX-512 float32 lanes for tiles of at most four orbits (orbit_tables.h).
+//
+// The pivot pass (orbit_table_kernels.h) leaves, for each group of eight tiles of a row block, the split
+// means of its K orbits as two [K][8] blocks: m_hi (the orbits' pivots) and m_lo (the mean differences
+// from them). With K <= 4 each block fills at most 32 floats, two 16-lane registers, and the mean of any
+// entry of the group is one vpermt2ps away. The eight tiles of a group are consecutive columns of each
+// row, so a row of the group is one contiguous span of 8 d_in entries, read in whole vectors with no
+// transpose: lane f = t d_in + j (tile t, entry j) takes mean 8 o(a, j) + t, times the entry's sign c(j)
+// (0 for an entry without an equivariant part: its mean is 0). That index and sign depend on the row only,
+// so each row builds its lane pattern once and every group of the row reuses it; a span of 8 d_in entries
+// is whole vectors plus, for odd d_in, 8 lanes, stored as one 256-bit store (no masked store: one would
+// hold up the next span's loads until it retires, as in orbit_products.cpp).
+//
+// The residual, E_perp and the gradient follow the eight-lane pass exactly: R = (T - m_hi) - m_lo, the
+// squares summed in float32 lanes and flushed to float64 every kFlushVectors vectors, the gradient
+// cp (T - m_hi) + cg m_hi + (cg - cp) m_lo, written, added, or added into the weight itself (g may alias
+// x: a span is read before it is written).
+
+#include "orbit_tables.h"
+
+#include <cstdint>
+
+#include "avx512_region.h"
+
+namespace equiproj_cpu {
+
+#ifdef EQUIPROJ_AVX512_X86
+EQUIPROJ_AVX512_BEGIN
+namespace {
+namespace tables_avx512 {
+
+enum class Mode { kNone, kWrite, kAdd };
+
+constexpr int kFlushVectors = 32;  // float32 vectors of squares summed per lane, at most, before float64
+
+inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+inline __m512d high_pd(__m512 v) {
+  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+// Row a's lane pattern over a group's span: idx[f] = 8 o(a, j) + t and sgn[f] = c(a, j) for f = t d_in + j;
+// lanes past the span read mean 0 times 0.
+void row_pattern(const Pair& p, int64_t a, int64_t lanes, int32_t* idx, float* sgn) {
+  const int64_t di = p.di;
+  const int32_t* o = p.orbit + a * di;
+  const double* c = p.sign ? p.sign + a * di : nullptr;
+  for (int64_t j = 0; j < di; ++j) {
+    idx[j] = static_cast<int32_t>(kPivotGroup) * o[j];
+    sgn[j] = c ? static_cast<float>(c[j]) : 1.0f;
+  }
+  for (int64_t t = 1; t < kPivotGroup; ++t)
+    for (int64_t j = 0; j < di; ++j) {
+      idx[t * di + j] = idx[j] + static_cast<int32_t>(t);
+      sgn[t * di + j] = sgn[j];
+    }
+  for (int64_t f = kPivotGroup * di; f < lanes; ++f) {
+    idx[f] = 0;
+    sgn[f] = 0.0f;
+  }
+}
+
+struct Coefs {
+  __m512 cp, cg, cgp;  // 2 lambda_perp, 2 lambda_G, their difference (it multiplies m_lo only)
+};
+
+// The means of one group: m_hi and m_lo of its K orbits x 8 tiles, each in two registers.
+struct GroupMeans {
+  __m512 hi0, hi1, lo0, lo1;
+};
+
+// 16 entries of a span (Tail: 8, whose lanes 8 .. 15 the pattern zeroes): the residual's squares into e,
+// the gradient into g.
+template <Mode M, bool Tail>
+inline void span_vector(const float* x, float* g, const int32_t* idx, const float* sgn, const GroupMeans& m,
+                        const Coefs& c, __m512& e) {
+  const __m512i at = _mm512_load_si512(idx);
+  const __m512 s = _mm512_load_ps(sgn);
+  const __m512 hi = _mm512_mul_ps(_mm512_permutex2var_ps(m.hi0, at, m.hi1), s);
+  const __m512 lo = _mm512_mul_ps(_mm512_permutex2var_ps(m.lo0, at, m.lo1), s);
+  const __m512 t = Tail ? _mm512_maskz_loadu_ps(0xFF, x) : _mm512_loadu_ps(x);
+  const __m512 d = _mm512_sub_ps(t, hi), r = _mm512_sub_ps(d, lo);
+  e = _mm512_fmadd_ps(r, r, e);
+  if constexpr (M != Mode::kNone) {
+    __m512 base = _mm512_fmadd_ps(c.cg, hi, _mm512_mul_ps(c.cgp, lo));
+    if constexpr (M == Mode::kAdd) base = _mm512_add_ps(base, Tail ? _mm512_maskz_loadu_ps(0xFF, g) : _mm512_loadu_ps(g));
+    const __m512 out = _mm512_fmadd_ps(c.cp, d, base);
+    if constexpr (Tail)
+      _mm256_storeu_ps(g, _mm512_castps512_ps256(out));
+    else
+      _mm512_storeu_ps(g, out);
+  }
+}
+
+template <Mode M>
+void residuals(const Pair& p, int64_t dout, const float* const* x, float* const* g, double cp2, double cg2,
+               const float* means, int64_t v8, float* pattern, double& ep) {
+  const int64_t di = p.di, K = p.r, span = kPivotGroup * di, whole = span / 16, lanes = (span + 15) / 16 * 16;
+  const bool tail = span % 16 != 0;  // 8 lanes: span is a multiple of 8
+  int32_t* idx = reinterpret_cast<int32_t*>(pattern);
+  float* sgn = pattern + lanes;
+  const int64_t used = kPivotGroup * K;  // the floats of a [K][8] block
+  const __mmask16 m0 = used >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << used) - 1u);
+  const __mmask16 m1 = used > 16 ? __mmask16((1u << (used - 16)) - 1u) : __mmask16(0);
+  const Coefs c{_mm512_set1_ps(static_cast<float>(cp2)), _mm512_set1_ps(static_cast<float>(cg2)),
+                _mm512_set1_ps(static_cast<float>(cg2 - cp2))};
+  __m512 e[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512d e64 = _mm512_setzero_pd();
+  int n = 0;  // vectors added into e since the last flush
+  const auto flush = [&]() {
+    for (int i = 0; i < 2; ++i) {
+      e64 = _mm512_add_pd(e64, _mm512_add_pd(low_pd(e[i]), high_pd(e[i])));
+      e[i] = _mm512_setzero_ps();
+    }
+    n = 0;
+  };
+  for (int64_t a = 0; a < dout; ++a) {
+    row_pattern(p, a, lanes, idx, sgn);
+    for (int64_t v = 0; v < v8; v += kPivotGroup) {
+      const float* hi = means + 2 * v * K;  // the group's [K][8] m_hi, then its [K][8] m_lo
+      const float* lo = hi + used;
+      const GroupMeans m{_mm512_maskz_loadu_ps(m0, hi), _mm512_maskz_loadu_ps(m1, hi + 16),
+                         _mm512_maskz_loadu_ps(m0, lo), _mm512_maskz_loadu_ps(m1, lo + 16)};
+      const float* x0 = x[a] + v * di;
+      float* g0 = M == Mode::kNone ? nullptr : g[a] + v * di;
+      if (n + whole + 1 > 2 * kFlushVectors) flush();
+      int64_t q = 0;
+      for (; q + 2 <= whole; q += 2) {  // two accumulators: no add chain across a span's vectors
+        span_vector<M, false>(x0 + 16 * q, g0 + 16 * q, idx + 16 * q, sgn + 16 * q, m, c, e[0]);
+        span_vector<M, false>(x0 + 16 * q + 16, g0 + 16 * q + 16, idx + 16 * q + 16, sgn + 16 * q + 16, m, c, e[1]);
+      }
+      if (q < whole) span_vector<M, false>(x0 + 16 * q, g0 + 16 * q, idx + 16 * q, sgn + 16 * q, m, c, e[0]);
+      if (tail) span_vector<M, true>(x0 + 16 * whole, g0 + 16 * whole, idx + 16 * whole, sgn + 16 * whole, m, c, e[1]);
+      n += static_cast<int>(whole + 1);
+    }
+  }
+  flush();
+  ep += _mm512_reduce_add_pd(e64);
+}
+
+void run(const Pair& p, int64_t dout, const float* const* x, float* const* g, double cp2, double cg2,
+         const float* means, int64_t v8, float* pattern, double& ep) {
+  if (!g)
+    residuals<Mode::kNone>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+  else if (p.accumulate)
+    residuals<Mode::kAdd>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+  else
+    residuals<Mode::kWrite>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+}
+
+}  // namespace tables_avx512
+}  // namespace
+EQUIPROJ_AVX512_END
+#endif
+
+PivotResidualsFn32 pivot_residuals_kernel() {
+#ifdef EQUIPROJ_AVX512_X86
+  static const bool avx512 = cpu_has_avx512();
+  if (avx512) return &tables_avx512::run;
+#endif
+  return nullptr;
+}
+
+}  // namespace equiproj_cpu

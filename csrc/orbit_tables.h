@@ -1,0 +1,35 @@
+// Pass 2 of the tables' kernel (orbit_table_kernels.h) in AVX-512 float32 lanes, for orbit tables of at
+// most four orbits per tile: the grid convolutions on irreps fields of C4 and D4 with 3 x 3 kernels, whose
+// tiles (one field of each side, every pixel) have 9 or 18 entries a row and 1 .. 4 orbits.
+#pragma once
+
+#include <cstdint>
+
+#include "plan_columns.h"
+#include "plan_types.h"
+
+namespace equiproj_cpu {
+
+// The pivot pass's group of tiles, and the lanes that hold a group's means: the K orbits of eight tiles,
+// [K][8] floats, in two 16-lane registers (K <= 4).
+constexpr int64_t kPivotGroup = 8;
+constexpr int64_t kPermutedMeansLanes = 32;
+
+// Pass 2 over the tiles [0, v8) of every row: means = the pivot pass's blocks ([K][8] m_hi, then [K][8] m_lo,
+// per group of eight tiles, at float 16 K per group); pattern: permuted_means_scratch(p) floats, 64-byte aligned.
+using PivotResidualsFn32 = void (*)(const Pair& p, int64_t dout, const float* const* x, float* const* g, double cp2,
+                                    double cg2, const float* means, int64_t v8, float* pattern, double& ep);
+
+// Whether pass 2 of a float32 table pair (that takes the pivot pass) can take the permuted means.
+inline bool permuted_means_fit(const Pair& p) {
+  return p.kind == Kind::kOrbit && p.form == kOrbitTable && p.r > 0 && kPivotGroup * p.r <= kPermutedMeansLanes;
+}
+
+// The floats of one row's lane pattern (an index and a sign per entry of a group of eight tiles, whole
+// vectors), plus 16 for the alignment.
+inline int64_t permuted_means_scratch(const Pair& p) { return 2 * ((kPivotGroup * p.di + 15) / 16 * 16) + 16; }
+
+// The AVX-512 pass where the CPU has AVX-512 F and VL, else null (the tables' eight-lane pass 2).
+PivotResidualsFn32 pivot_residuals_kernel();
+
+}  // namespace equiproj_cpu
