@@ -111,7 +111,7 @@ struct Kernels {
   // float32 product orbit pairs with whole blocks of pixels in 16-lane registers (orbit_products.h), where
   // the CPU has AVX-512: null, the tables' kernel
   ProductPairFn32 products32 = nullptr;
-  // pass 2 of float32 orbit tables of at most four orbits with the means in 16-lane registers (orbit_tables.h),
+  // pass 2 of float32 orbit tables of at most sixteen orbits with the means in 16-lane registers (orbit_tables.h),
   // where the CPU has AVX-512: null, the tables' eight-lane pass
   PivotResidualsFn32 tables32 = nullptr;
   const ClosedChunkKernels<float>& chunks(float*) const { return c32; }

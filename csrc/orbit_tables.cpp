@@ -1,9 +1,10 @@
-// Pass 2 of the tables' kernel in AVX-512 float32 lanes for tiles of at most four orbits (orbit_tables.h).
+// Pass 2 of the tables' kernel in AVX-512 float32 lanes for tiles of at most sixteen orbits (orbit_tables.h).
 //
 // The pivot pass (orbit_table_kernels.h) leaves, for each group of eight tiles of a row block, the split
 // means of its K orbits as two [K][8] blocks: m_hi (the orbits' pivots) and m_lo (the mean differences
-// from them). With K <= 4 each block fills at most 32 floats, two 16-lane registers, and the mean of any
-// entry of the group is one vpermt2ps away. The eight tiles of a group are consecutive columns of each
+// from them). With K <= 16 each block fills at most 128 floats, eight 16-lane registers, and the mean of any
+// entry of the group is one vpermt2ps away for K <= 4 (two registers), two and a blend for K <= 8, four
+// and three blends for K <= 16. The eight tiles of a group are consecutive columns of each
 // row, so a row of the group is one contiguous span of 8 d_in entries, read in whole vectors with no
 // transpose: lane f = t d_in + j (tile t, entry j) takes mean 8 o(a, j) + t, times the entry's sign c(j)
 // (0 for an entry without an equivariant part: its mean is 0). That index and sign depend on the row only,
@@ -31,7 +32,12 @@ namespace tables_avx512 {
 
 enum class Mode { kNone, kWrite, kAdd };
 
-constexpr int kFlushVectors = 32;  // float32 vectors of squares summed per lane, at most, before float64
+constexpr int kFlushVectors = 32;
+// Each vector prefetches its line of the weight (and of the gradient it adds to) this many entries ahead: a
+// row of a pair is a few KB, too short for the hardware prefetchers to reach a large layer's memory in time.
+// Measured (one thread, interleaved): 5 x 5 kernels on irreps of D4 2602 -> 2175 us at 384 entries, 2033 at 768
+// (float32 C4 k = 5 2913 -> 2714 -> 2571), no gain at 1536; 3 x 3 kernels within the spread.
+constexpr int64_t kAhead = 768;  // float32 vectors of squares summed per lane, at most, before float64
 
 inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
 inline __m512d high_pd(__m512 v) {
@@ -63,20 +69,45 @@ struct Coefs {
   __m512 cp, cg, cgp;  // 2 lambda_perp, 2 lambda_G, their difference (it multiplies m_lo only)
 };
 
-// The means of one group: m_hi and m_lo of its K orbits x 8 tiles, each in two registers.
+// The means of one group: m_hi and m_lo of its K orbits x 8 tiles, each in 2 R registers (R = 1, 2, 4: K <= 4,
+// 8, 16), zero past the 8 K floats of its block.
+template <int R>
 struct GroupMeans {
-  __m512 hi0, hi1, lo0, lo1;
+  __m512 hi[2 * R], lo[2 * R];
+
+  GroupMeans(const float* h, const float* l, int64_t used) {
+    for (int i = 0; i < 2 * R; ++i) {
+      const int64_t n = used - 16 * i;
+      const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : n > 0 ? __mmask16((1u << n) - 1u) : __mmask16(0);
+      hi[i] = _mm512_maskz_loadu_ps(m, h + 16 * i);
+      lo[i] = _mm512_maskz_loadu_ps(m, l + 16 * i);
+    }
+  }
 };
+
+// Entry at[l] of the 32 R floats in t, for each lane l: one vpermt2ps per 32 floats, then the bits of at
+// above the fifth choose between their results.
+template <int R>
+inline __m512 lookup(const __m512* t, __m512i at) {
+  if constexpr (R == 1) {
+    return _mm512_permutex2var_ps(t[0], at, t[1]);
+  } else {
+    const __m512 low = lookup<R / 2>(t, at), high = lookup<R / 2>(t + R, at);
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(at, _mm512_set1_epi32(32 * R / 2)), low, high);
+  }
+}
 
 // 16 entries of a span (Tail: 8, whose lanes 8 .. 15 the pattern zeroes): the residual's squares into e,
 // the gradient into g.
-template <Mode M, bool Tail>
-inline void span_vector(const float* x, float* g, const int32_t* idx, const float* sgn, const GroupMeans& m,
+template <Mode M, bool Tail, int R>
+inline void span_vector(const float* x, float* g, const int32_t* idx, const float* sgn, const GroupMeans<R>& m,
                         const Coefs& c, __m512& e) {
+  _mm_prefetch(reinterpret_cast<const char*>(x + kAhead), _MM_HINT_T0);
+  if constexpr (M == Mode::kAdd) _mm_prefetch(reinterpret_cast<const char*>(g + kAhead), _MM_HINT_T0);
   const __m512i at = _mm512_load_si512(idx);
   const __m512 s = _mm512_load_ps(sgn);
-  const __m512 hi = _mm512_mul_ps(_mm512_permutex2var_ps(m.hi0, at, m.hi1), s);
-  const __m512 lo = _mm512_mul_ps(_mm512_permutex2var_ps(m.lo0, at, m.lo1), s);
+  const __m512 hi = _mm512_mul_ps(lookup<R>(m.hi, at), s);
+  const __m512 lo = _mm512_mul_ps(lookup<R>(m.lo, at), s);
   const __m512 t = Tail ? _mm512_maskz_loadu_ps(0xFF, x) : _mm512_loadu_ps(x);
   const __m512 d = _mm512_sub_ps(t, hi), r = _mm512_sub_ps(d, lo);
   e = _mm512_fmadd_ps(r, r, e);
@@ -91,7 +122,7 @@ inline void span_vector(const float* x, float* g, const int32_t* idx, const floa
   }
 }
 
-template <Mode M>
+template <Mode M, int R>
 void residuals(const Pair& p, int64_t dout, const float* const* x, float* const* g, double cp2, double cg2,
                const float* means, int64_t v8, float* pattern, double& ep) {
   const int64_t di = p.di, K = p.r, span = kPivotGroup * di, whole = span / 16, lanes = (span + 15) / 16 * 16;
@@ -99,8 +130,6 @@ void residuals(const Pair& p, int64_t dout, const float* const* x, float* const*
   int32_t* idx = reinterpret_cast<int32_t*>(pattern);
   float* sgn = pattern + lanes;
   const int64_t used = kPivotGroup * K;  // the floats of a [K][8] block
-  const __mmask16 m0 = used >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << used) - 1u);
-  const __mmask16 m1 = used > 16 ? __mmask16((1u << (used - 16)) - 1u) : __mmask16(0);
   const Coefs c{_mm512_set1_ps(static_cast<float>(cp2)), _mm512_set1_ps(static_cast<float>(cg2)),
                 _mm512_set1_ps(static_cast<float>(cg2 - cp2))};
   __m512 e[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -118,18 +147,17 @@ void residuals(const Pair& p, int64_t dout, const float* const* x, float* const*
     for (int64_t v = 0; v < v8; v += kPivotGroup) {
       const float* hi = means + 2 * v * K;  // the group's [K][8] m_hi, then its [K][8] m_lo
       const float* lo = hi + used;
-      const GroupMeans m{_mm512_maskz_loadu_ps(m0, hi), _mm512_maskz_loadu_ps(m1, hi + 16),
-                         _mm512_maskz_loadu_ps(m0, lo), _mm512_maskz_loadu_ps(m1, lo + 16)};
+      const GroupMeans<R> m(hi, lo, used);
       const float* x0 = x[a] + v * di;
       float* g0 = M == Mode::kNone ? nullptr : g[a] + v * di;
       if (n + whole + 1 > 2 * kFlushVectors) flush();
       int64_t q = 0;
       for (; q + 2 <= whole; q += 2) {  // two accumulators: no add chain across a span's vectors
-        span_vector<M, false>(x0 + 16 * q, g0 + 16 * q, idx + 16 * q, sgn + 16 * q, m, c, e[0]);
-        span_vector<M, false>(x0 + 16 * q + 16, g0 + 16 * q + 16, idx + 16 * q + 16, sgn + 16 * q + 16, m, c, e[1]);
+        span_vector<M, false, R>(x0 + 16 * q, g0 + 16 * q, idx + 16 * q, sgn + 16 * q, m, c, e[0]);
+        span_vector<M, false, R>(x0 + 16 * q + 16, g0 + 16 * q + 16, idx + 16 * q + 16, sgn + 16 * q + 16, m, c, e[1]);
       }
-      if (q < whole) span_vector<M, false>(x0 + 16 * q, g0 + 16 * q, idx + 16 * q, sgn + 16 * q, m, c, e[0]);
-      if (tail) span_vector<M, true>(x0 + 16 * whole, g0 + 16 * whole, idx + 16 * whole, sgn + 16 * whole, m, c, e[1]);
+      if (q < whole) span_vector<M, false, R>(x0 + 16 * q, g0 + 16 * q, idx + 16 * q, sgn + 16 * q, m, c, e[0]);
+      if (tail) span_vector<M, true, R>(x0 + 16 * whole, g0 + 16 * whole, idx + 16 * whole, sgn + 16 * whole, m, c, e[1]);
       n += static_cast<int>(whole + 1);
     }
   }
@@ -137,14 +165,26 @@ void residuals(const Pair& p, int64_t dout, const float* const* x, float* const*
   ep += _mm512_reduce_add_pd(e64);
 }
 
+template <int R>
+void run_mode(const Pair& p, int64_t dout, const float* const* x, float* const* g, double cp2, double cg2,
+              const float* means, int64_t v8, float* pattern, double& ep) {
+  if (!g)
+    residuals<Mode::kNone, R>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+  else if (p.accumulate)
+    residuals<Mode::kAdd, R>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+  else
+    residuals<Mode::kWrite, R>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+}
+
 void run(const Pair& p, int64_t dout, const float* const* x, float* const* g, double cp2, double cg2,
          const float* means, int64_t v8, float* pattern, double& ep) {
-  if (!g)
-    residuals<Mode::kNone>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
-  else if (p.accumulate)
-    residuals<Mode::kAdd>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+  const int64_t used = kPivotGroup * p.r;
+  if (used <= 32)
+    run_mode<1>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+  else if (used <= 64)
+    run_mode<2>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
   else
-    residuals<Mode::kWrite>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+    run_mode<4>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
 }
 
 }  // namespace tables_avx512

@@ -1,6 +1,7 @@
 // Pass 2 of the tables' kernel (orbit_table_kernels.h) in AVX-512 float32 lanes, for orbit tables of at
-// most four orbits per tile: the grid convolutions on irreps fields of C4 and D4 with 3 x 3 kernels, whose
-// tiles (one field of each side, every pixel) have 9 or 18 entries a row and 1 .. 4 orbits.
+// most sixteen orbits per tile: the grid convolutions on irreps fields of C4 and D4, whose tiles (one field
+// of each side, every pixel) have 9 or 18 entries a row and 1 .. 10 orbits on 3 x 3 kernels, 25 or 50 and
+// 6 .. 26 on 5 x 5.
 #pragma once
 
 #include <cstdint>
@@ -10,10 +11,10 @@
 
 namespace equiproj_cpu {
 
-// The pivot pass's group of tiles, and the lanes that hold a group's means: the K orbits of eight tiles,
-// [K][8] floats, in two 16-lane registers (K <= 4).
+// The pivot pass's group of tiles, and the most lanes that hold a group's means: the K orbits of eight
+// tiles, [K][8] floats, in up to eight 16-lane registers (K <= 16).
 constexpr int64_t kPivotGroup = 8;
-constexpr int64_t kPermutedMeansLanes = 32;
+constexpr int64_t kPermutedMeansLanes = 128;
 
 // Pass 2 over the tiles [0, v8) of every row: means = the pivot pass's blocks ([K][8] m_hi, then [K][8] m_lo,
 // per group of eight tiles, at float 16 K per group); pattern: permuted_means_scratch(p) floats, 64-byte aligned.

@@ -518,37 +518,39 @@ def test_product_pairs_of_2048_rows(gen):
 
 
 def _few_orbit_table_cases():
-    """(name, layer, weight_rep_in, reference rep_in, rep_out): 3 x 3 grid convolutions on irreps fields of C4
-    and D4 (signed orbit tables of 1 .. 4 orbits a tile, entries of sign 0 among them, and unsigned tables
-    of 3; C4's two-dimensional pair of 10 orbits stays on the eight-lane pass), with 8, 9 and 17 copies of
-    each input irrep (the pivot pass takes groups of eight tiles: none, one and one tile are left over) and
-    one or two copies of each output irrep."""
+    """(name, weight_rep_in, reference rep_in, rep_out): grid convolutions on irreps fields of C4 and D4, with
+    signed orbit tables (entries of sign 0 among them) and unsigned ones: 3 x 3 kernels (1 .. 10 orbits a
+    tile: the means in two, four and eight registers) with 8, 9 and 17 copies of each input irrep (the pivot
+    pass takes groups of eight tiles: none, one and one tile are left over) and one or two copies of each
+    output irrep; and 5 x 5 kernels (6 .. 26 orbits: C4's tiles of 26 stay on the eight-lane pass) with 9."""
     for G in (Cyclic(4), Dihedral(4)):
         irreps = G.irreps()
-        for copies_in, copies_out in ((8, 1), (9, 2), (17, 1)):
+        for k, copies_in, copies_out in ((3, 8, 1), (3, 9, 2), (3, 17, 1), (5, 9, 1)):
             rep_in = sum((copies_in * p for p in irreps[1:]), copies_in * irreps[0])
             rep_out = sum((copies_out * p for p in irreps[1:]), copies_out * irreps[0])
-            m = equiproj.nn.declare(nn.Conv2d(rep_in.dim, rep_out.dim, 3, bias=False), rep_in, rep_out)
+            m = equiproj.nn.declare(nn.Conv2d(rep_in.dim, rep_out.dim, k, bias=False), rep_in, rep_out)
             weight_rep_in = equiproj.nn.declaration(m).weight_rep_in
-            yield f"{G}-{copies_in}x{copies_out}", m, weight_rep_in, rep_in @ kernel_rep(G, (3, 3)), rep_out
+            yield f"{G}-k{k}-{copies_in}x{copies_out}", weight_rep_in, rep_in @ kernel_rep(G, (k, k)), rep_out
 
 
 @needs_cpp
 @pytest.mark.parametrize("isa", ["best", "avx2"])
 def test_permuted_means_of_few_orbit_tables(isa, gen):
-    """Orbit tables of at most four orbits a tile in float32 (with AVX-512, pass 2 of the pivot pass's groups
-    of eight tiles reads each entry's mean from two registers, csrc/orbit_tables.cpp; the eight-lane pass
+    """Orbit tables of at most sixteen orbits a tile in float32 (with AVX-512, pass 2 of the pivot pass's
+    groups of eight tiles reads each entry's mean from registers, csrc/orbit_tables.cpp; the eight-lane pass
     with ``avx2``): energies, the gradient written, added into a tensor and into the weight itself, on random
     and on nearly equivariant weights, against the float64 reference; one and two threads give the same
     bits, and the gradient has the bits of the eight-lane pass."""
     previous = torch.ops.equiproj_cpu.set_isa(isa)
     threads = torch.get_num_threads()
     try:
-        for name, m, weight_rep_in, ref_in, rep_out in _few_orbit_table_cases():
+        registers = set()  # registers per table of means (8 K floats, 16 a register) that the cases reach
+        for name, weight_rep_in, ref_in, rep_out in _few_orbit_table_cases():
             P = plan_for(weight_rep_in, rep_out, "cpu")
-            few = [r for r in P.rows() if r.orbit_form in (OrbitForm.TABLE, OrbitForm.SIGNED) and 0 < r.orbits <= 4]
+            few = [r for r in P.rows() if r.orbit_form in (OrbitForm.TABLE, OrbitForm.SIGNED) and 0 < r.orbits <= 16]
             assert {r.orbit_form for r in few} == {OrbitForm.TABLE, OrbitForm.SIGNED}, name
             assert min(r.in_copies for r in few) >= 8, name
+            registers |= {min(n for n in (2, 4, 8) if 8 * r.orbits <= 16 * n) for r in few}
             W = torch.randn(rep_out.dim, ref_in.dim, dtype=F64, generator=gen)
             for Wf, rp, rg, PW in _float32_weights_and_references(W, ref_in, rep_out, gen):
                 bits = []
@@ -575,6 +577,7 @@ def test_permuted_means_of_few_orbit_tables(isa, gen):
                                                          backend="cpp")[2]
                 torch.ops.equiproj_cpu.set_isa(isa)
                 assert torch.equal(bits[0][2], eight_lanes), name
+        assert registers == {2, 4, 8}
     finally:
         torch.set_num_threads(threads)
         torch.ops.equiproj_cpu.set_isa(previous)
