@@ -493,9 +493,8 @@ inline void flush_lanes_f32(__m256* e8, int n, acc_t& e1) {
 // reads from two groups of four: orbit k of tiles v .. v + 3 at float 8 k of S + v K (four m_hi, four
 // m_lo), of tiles v + 4 .. v + 7 at float 8 k of S + (v + 4) K. E_G = sum_k n_k m_k^2, the mean m_k =
 // y_pivot + D_k / n_k taken in float64 (no float32 overflow or subnormal square where the energy itself
-// is in range). With blocks, the group keeps its [K][8] layout instead, the pivots (m_hi) then D_k / n_k
-// (m_lo): the permuted means' pass 2 (orbit_tables.h) reads them there.
-inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg, bool blocks) {
+// is in range).
+inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg) {
   const int64_t K = p.r;
   if (v8 == 0) return;  // no group of eight (and K may pass kPivotMaxOrbits)
   acc_t sizes[kPivotMaxOrbits];  // n_k, and 1 / n_k in float32: once per pair, not once per group
@@ -514,10 +513,6 @@ inline void pivot_orbit_means8(const Pair& p, acc_t* S, int64_t v8, acc_t& eg, b
     const V4 m1 = V4{_mm256_cvtps_pd(_mm256_extractf128_ps(pk, 1))} + V4{_mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1))};
     e0 = fmadd(m0 * m0, n, e0);
     e1 = fmadd(m1 * m1, n, e1);
-    if (blocks) {
-      _mm256_storeu_ps(D + 8 * k, lo);
-      return;
-    }
     _mm256_storeu_ps(P + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x20));
     _mm256_storeu_ps(D + 8 * k, _mm256_permute2f128_ps(pk, lo, 0x31));
   };
@@ -762,14 +757,15 @@ void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* 
   // E_G = sum_k S_k^2 / n_k; S becomes the orbit means (float64, or split into float32 m_hi, m_lo)
 #ifdef EQUIPROJ_AVX2
   if constexpr (kSplitOrbitMeans<X>) {
-    const bool blocks = v8 > 0 && permuted && permuted_means_fit(p);
-    pivot_orbit_means8(p, S, v8, eg, blocks);
-    split_orbit_means(p, S, v8, eg);
+    const bool blocks = v8 > 0 && permuted && permuted_means_fit(p);  // the groups' means and pass 2 there
     if (blocks) {
       const uintptr_t end = reinterpret_cast<uintptr_t>(S + ci * K + di + K / 8 + 1);
       float* pattern = reinterpret_cast<float*>((end + 63) & ~uintptr_t(63));  // 64-byte aligned
-      permuted(p, dout, x, g, cp2, cg2, reinterpret_cast<const float*>(S), v8, pattern, ep);
+      permuted(p, dout, x, g, cp2, cg2, reinterpret_cast<const float*>(S), v8, pattern, ep, eg);
+    } else {
+      pivot_orbit_means8(p, S, v8, eg);
     }
+    split_orbit_means(p, S, v8, eg);
     table_orbit_residuals_f32<X>(p, dout, x, g, cp2, cg2, S, obuf, blocks ? v8 : 0, ep);
     return;
   }

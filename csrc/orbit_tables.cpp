@@ -69,18 +69,50 @@ struct Coefs {
   __m512 cp, cg, cgp;  // 2 lambda_perp, 2 lambda_G, their difference (it multiplies m_lo only)
 };
 
-// The means of one group: m_hi and m_lo of its K orbits x 8 tiles, each in 2 R registers (R = 1, 2, 4: K <= 4,
-// 8, 16), zero past the 8 K floats of its block.
+// The orbits' sizes n_k and 1 / n_k on the lanes of a [K][8] block (slot s: orbit s / 8), zero past it up to
+// the block's whole registers (lanes: 32 R).
+struct OrbitLanes {
+  alignas(64) float inv[kPermutedMeansLanes];
+  alignas(64) double size[kPermutedMeansLanes];
+
+  OrbitLanes(const Pair& p, int64_t lanes) {
+    int64_t s = 0;
+    for (int64_t k = 0; k < p.r; ++k, s += kPivotGroup) {
+      _mm256_store_ps(inv + s, _mm256_set1_ps(static_cast<float>(p.inv[k])));
+      _mm512_store_pd(size + s, _mm512_set1_pd(double(int64_t(1 / p.inv[k] + 0.5))));
+    }
+    for (; s < lanes; s += kPivotGroup) {
+      _mm256_store_ps(inv + s, _mm256_setzero_ps());
+      _mm512_store_pd(size + s, _mm512_setzero_pd());
+    }
+  }
+};
+
+// The split means of one group, m_hi and m_lo of its K orbits x 8 tiles, each in 2 R registers (R = 1, 2, 4:
+// K <= 4, 8, 16), zero past the 8 K floats of its block: m_hi the pivots, m_lo the sums of the differences
+// from them times 1 / n_k, in float32 (as the eight-lane pass's means, pivot_orbit_means8).
 template <int R>
 struct GroupMeans {
   __m512 hi[2 * R], lo[2 * R];
 
-  GroupMeans(const float* h, const float* l, int64_t used) {
+  GroupMeans(const float* pivots, const float* differences, int64_t used, const OrbitLanes& o) {
     for (int i = 0; i < 2 * R; ++i) {
       const int64_t n = used - 16 * i;
       const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : n > 0 ? __mmask16((1u << n) - 1u) : __mmask16(0);
-      hi[i] = _mm512_maskz_loadu_ps(m, h + 16 * i);
-      lo[i] = _mm512_maskz_loadu_ps(m, l + 16 * i);
+      hi[i] = _mm512_maskz_loadu_ps(m, pivots + 16 * i);
+      lo[i] = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, differences + 16 * i), _mm512_load_ps(o.inv + 16 * i));
+    }
+  }
+
+  // E_G of the group's orbits into e: n_k m_k^2, the mean m_k = m_hi + m_lo taken in float64, for the eight
+  // lanes that hold any of the used slots.
+  void add_eg(const OrbitLanes& o, int64_t used, __m512d& e) const {
+    for (int i = 0; i < 2 * R && 16 * i < used; ++i) {
+      const __m512d m0 = _mm512_add_pd(low_pd(hi[i]), low_pd(lo[i]));
+      e = _mm512_fmadd_pd(_mm512_mul_pd(m0, m0), _mm512_load_pd(o.size + 16 * i), e);
+      if (16 * i + 8 >= used) break;
+      const __m512d m1 = _mm512_add_pd(high_pd(hi[i]), high_pd(lo[i]));
+      e = _mm512_fmadd_pd(_mm512_mul_pd(m1, m1), _mm512_load_pd(o.size + 16 * i + 8), e);
     }
   }
 };
@@ -124,7 +156,7 @@ inline void span_vector(const float* x, float* g, const int32_t* idx, const floa
 
 template <Mode M, int R>
 void residuals(const Pair& p, int64_t dout, const float* const* x, float* const* g, double cp2, double cg2,
-               const float* means, int64_t v8, float* pattern, double& ep) {
+               const float* sums, int64_t v8, float* pattern, double& ep, double& eg) {
   const int64_t di = p.di, K = p.r, span = kPivotGroup * di, whole = span / 16, lanes = (span + 15) / 16 * 16;
   const bool tail = span % 16 != 0;  // 8 lanes: span is a multiple of 8
   int32_t* idx = reinterpret_cast<int32_t*>(pattern);
@@ -133,7 +165,8 @@ void residuals(const Pair& p, int64_t dout, const float* const* x, float* const*
   const Coefs c{_mm512_set1_ps(static_cast<float>(cp2)), _mm512_set1_ps(static_cast<float>(cg2)),
                 _mm512_set1_ps(static_cast<float>(cg2 - cp2))};
   __m512 e[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  __m512d e64 = _mm512_setzero_pd();
+  __m512d e64 = _mm512_setzero_pd(), eg64 = _mm512_setzero_pd();
+  const OrbitLanes orbits(p, 32 * R);
   int n = 0;  // vectors added into e since the last flush
   const auto flush = [&]() {
     for (int i = 0; i < 2; ++i) {
@@ -145,9 +178,9 @@ void residuals(const Pair& p, int64_t dout, const float* const* x, float* const*
   for (int64_t a = 0; a < dout; ++a) {
     row_pattern(p, a, lanes, idx, sgn);
     for (int64_t v = 0; v < v8; v += kPivotGroup) {
-      const float* hi = means + 2 * v * K;  // the group's [K][8] m_hi, then its [K][8] m_lo
-      const float* lo = hi + used;
-      const GroupMeans<R> m(hi, lo, used);
+      const float* pivots = sums + 2 * v * K;  // the group's [K][8] pivots, then its [K][8] difference sums
+      const GroupMeans<R> m(pivots, pivots + used, used, orbits);
+      if (a == 0) m.add_eg(orbits, used, eg64);
       const float* x0 = x[a] + v * di;
       float* g0 = M == Mode::kNone ? nullptr : g[a] + v * di;
       if (n + whole + 1 > 2 * kFlushVectors) flush();
@@ -163,28 +196,29 @@ void residuals(const Pair& p, int64_t dout, const float* const* x, float* const*
   }
   flush();
   ep += _mm512_reduce_add_pd(e64);
+  eg += _mm512_reduce_add_pd(eg64);
 }
 
 template <int R>
 void run_mode(const Pair& p, int64_t dout, const float* const* x, float* const* g, double cp2, double cg2,
-              const float* means, int64_t v8, float* pattern, double& ep) {
+              const float* sums, int64_t v8, float* pattern, double& ep, double& eg) {
   if (!g)
-    residuals<Mode::kNone, R>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+    residuals<Mode::kNone, R>(p, dout, x, g, cp2, cg2, sums, v8, pattern, ep, eg);
   else if (p.accumulate)
-    residuals<Mode::kAdd, R>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+    residuals<Mode::kAdd, R>(p, dout, x, g, cp2, cg2, sums, v8, pattern, ep, eg);
   else
-    residuals<Mode::kWrite, R>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+    residuals<Mode::kWrite, R>(p, dout, x, g, cp2, cg2, sums, v8, pattern, ep, eg);
 }
 
 void run(const Pair& p, int64_t dout, const float* const* x, float* const* g, double cp2, double cg2,
-         const float* means, int64_t v8, float* pattern, double& ep) {
+         const float* sums, int64_t v8, float* pattern, double& ep, double& eg) {
   const int64_t used = kPivotGroup * p.r;
   if (used <= 32)
-    run_mode<1>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+    run_mode<1>(p, dout, x, g, cp2, cg2, sums, v8, pattern, ep, eg);
   else if (used <= 64)
-    run_mode<2>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+    run_mode<2>(p, dout, x, g, cp2, cg2, sums, v8, pattern, ep, eg);
   else
-    run_mode<4>(p, dout, x, g, cp2, cg2, means, v8, pattern, ep);
+    run_mode<4>(p, dout, x, g, cp2, cg2, sums, v8, pattern, ep, eg);
 }
 
 }  // namespace tables_avx512

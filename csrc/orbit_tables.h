@@ -16,10 +16,12 @@ namespace equiproj_cpu {
 constexpr int64_t kPivotGroup = 8;
 constexpr int64_t kPermutedMeansLanes = 128;
 
-// Pass 2 over the tiles [0, v8) of every row: means = the pivot pass's blocks ([K][8] m_hi, then [K][8] m_lo,
-// per group of eight tiles, at float 16 K per group); pattern: permuted_means_scratch(p) floats, 64-byte aligned.
+// The means (E_G into eg) and pass 2 (E_perp into ep, the gradient into g) of the tiles [0, v8) of every row:
+// sums = what the pivot pass leaves per group of eight tiles at float 16 K of the group ([K][8] pivots, then
+// [K][8] sums of the differences from them); pattern: permuted_means_scratch(p) floats, 64-byte aligned.
 using PivotResidualsFn32 = void (*)(const Pair& p, int64_t dout, const float* const* x, float* const* g, double cp2,
-                                    double cg2, const float* means, int64_t v8, float* pattern, double& ep);
+                                    double cg2, const float* sums, int64_t v8, float* pattern, double& ep,
+                                    double& eg);
 
 // Whether pass 2 of a float32 table pair (that takes the pivot pass) can take the permuted means.
 inline bool permuted_means_fit(const Pair& p) {
