@@ -44,24 +44,31 @@ inline __m512d high_pd(__m512 v) {
   return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+
 // Row a's lane pattern over a group's span: idx[f] = 8 o(a, j) + t and sgn[f] = c(a, j) for f = t d_in + j;
-// lanes past the span read mean 0 times 0.
+// lanes past the span read mean 0 times 0. Built 16 lanes at a time: a row's pattern is 8 d_in lanes against
+// the row's ci d_in entries of a call (1 in 8 to 1 in 12 for the grid convolutions' 64 and 96 copies).
 void row_pattern(const Pair& p, int64_t a, int64_t lanes, int32_t* idx, float* sgn) {
   const int64_t di = p.di;
   const int32_t* o = p.orbit + a * di;
   const double* c = p.sign ? p.sign + a * di : nullptr;
-  for (int64_t j = 0; j < di; ++j) {
-    idx[j] = static_cast<int32_t>(kPivotGroup) * o[j];
-    sgn[j] = c ? static_cast<float>(c[j]) : 1.0f;
+  for (int64_t f = 0; f < lanes; f += 16) {  // zero first: the span's stores below overwrite all but its tail
+    _mm512_store_si512(idx + f, _mm512_setzero_si512());
+    _mm512_store_ps(sgn + f, _mm512_setzero_ps());
   }
-  for (int64_t t = 1; t < kPivotGroup; ++t)
-    for (int64_t j = 0; j < di; ++j) {
-      idx[t * di + j] = idx[j] + static_cast<int32_t>(t);
-      sgn[t * di + j] = sgn[j];
+  for (int64_t j = 0; j < di; j += 16) {
+    const __mmask16 m = first_lanes(di - j);
+    const __m512i base = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, o + j), 3);  // 8 o(a, j)
+    __m512 sign = _mm512_set1_ps(1.0f);
+    if (c)
+      sign = _mm512_castpd_ps(_mm512_insertf64x4(
+          _mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(m), c + j)))),
+          _mm256_castps_pd(_mm512_cvtpd_ps(_mm512_maskz_loadu_pd(__mmask8(m >> 8), c + j + 8))), 1));
+    for (int64_t t = 0; t < kPivotGroup; ++t) {
+      _mm512_mask_storeu_epi32(idx + t * di + j, m, _mm512_add_epi32(base, _mm512_set1_epi32(int32_t(t))));
+      _mm512_mask_storeu_ps(sgn + t * di + j, m, sign);
     }
-  for (int64_t f = kPivotGroup * di; f < lanes; ++f) {
-    idx[f] = 0;
-    sgn[f] = 0.0f;
   }
 }
 
