@@ -184,7 +184,7 @@ inline void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g
                                     : p.form == kOrbitCyclic || p.form == kOrbitDihedral
                                         ? orbit_closed_scratch(p.ci, p.r, p.form == kOrbitDihedral)
                                         : p.ci * p.r + p.di + p.r / 8 + 1  // + one byte per orbit
-                                              + (permuted_means_fit(p) ? permuted_means_scratch(p) / 2 + 8 : 0),
+                                              + (permuted_means_fit(p) ? (permuted_means_scratch(p) + 1) / 2 : 0),
                                     4));
   if constexpr (std::is_same<X, float>::value)
     k.f32(p, dout, x, g, cp2, cg2, s.coef.data(), ep, eg, k.tables32);

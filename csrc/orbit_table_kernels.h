@@ -689,9 +689,9 @@ constexpr bool kSplitOrbitMeans = sizeof(X) == sizeof(float);
 
 // S: ci * K + di + K / 8 + 1 scratch entries: the orbit sums (then means) of every tile, a group of w
 // tiles starting at tile v (group_width) as the [K][w] block at S + v K (float32 groups of eight: the
-// pivot pass's two blocks); then room for the orbit row (and a row of signs), then a byte per orbit; with
-// permuted (float32 pairs that fit: orbit_tables.h, which then runs pass 2 of the pivot pass's tiles), the
-// lane pattern past that.
+// pivot pass's two blocks); then room for the orbit row (and a row of signs), then a byte per orbit; then,
+// where permuted is given (AVX-512, orbit_tables.h: the means and pass 2 of the pivot pass's groups, for the
+// float32 pairs it fits), the lane pattern.
 template <typename X>
 void table_orbit_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* S,
                       acc_t& ep, acc_t& eg, [[maybe_unused]] PivotResidualsFn32 permuted) {

@@ -32,12 +32,13 @@ namespace tables_avx512 {
 
 enum class Mode { kNone, kWrite, kAdd };
 
-constexpr int kFlushVectors = 32;
+constexpr int kFlushVectors = 32;  // float32 vectors of squares summed per lane, at most, before float64
+
 // Each vector prefetches its line of the weight (and of the gradient it adds to) this many entries ahead: a
 // row of a pair is a few KB, too short for the hardware prefetchers to reach a large layer's memory in time.
 // Measured (one thread, interleaved): 5 x 5 kernels on irreps of D4 2602 -> 2175 us at 384 entries, 2033 at 768
 // (float32 C4 k = 5 2913 -> 2714 -> 2571), no gain at 1536; 3 x 3 kernels within the spread.
-constexpr int64_t kAhead = 768;  // float32 vectors of squares summed per lane, at most, before float64
+constexpr int64_t kAhead = 768;
 
 inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
 inline __m512d high_pd(__m512 v) {

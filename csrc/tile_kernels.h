@@ -471,7 +471,7 @@ inline void orbit_residual_one(const X* x, X* g, acc_t m, acc_t cp2, acc_t cg2, 
 // ---- dispatch -------------------------------------------------------------------------------------
 
 // coef: ci * padded_rank(r) scratch (kSmall and kGeneric), ci * K orbit sums and one orbit row (kOrbit,
-// tables and products; and the lane pattern of permuted, orbit_tables.h, where it is given), orbit_closed_scratch
+// tables and products, then the lane pattern of permuted where it is given: orbit_tables.h), orbit_closed_scratch
 // (kOrbit, closed forms).
 template <typename X>
 void run_pair(const Pair& p, int64_t dout, const X* const* x, X* const* g, acc_t cp2, acc_t cg2, acc_t* coef,
