@@ -426,6 +426,32 @@ def _float32_weights_and_references(W, rep_in, rep_out, gen):
         yield Wf, rp, rg, reference.project(Wf.double(), rep_in, rep_out)
 
 
+def _check_float32_on_two_thread_counts(Wf, rep_in, rep_out, P, references, gen, name):
+    """The float32 weight ``Wf`` (plan ``P``) against its float64 ``references`` ``(E_perp, E_G, P(Wf))``:
+    energies, the gradient written, added into a tensor and added into the weight itself (the decoupled
+    step), on one and on two threads, which give the same bits. Returns the gradient written."""
+    rp, rg, PW = references
+    bits = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        ep, eg, fresh = equiproj.energies_and_grad(Wf, rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25, backend="cpp")
+        assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-6, (name, n)
+        for grad, lp, lg in ((fresh, 1.0, 0.25), (torch.randn(Wf.shape, generator=gen), 0.5, 0.125)):
+            want = 2 * lp * (Wf.double() - PW) + 2 * lg * PW
+            if grad is not fresh:  # added into a tensor
+                want += grad.double()
+                equiproj.ops.fused_energies_and_grads([Wf], [P], [lp], [lg], outs=[grad])
+            error = float((grad.double() - want).abs().max())
+            assert error <= 1e-6 * float(want.abs().max()), (name, n)
+        Wi = Wf.clone()  # the decoupled step, added into the weight itself
+        equiproj.ops.fused_energies_and_grads([Wi], [P], [-0.05], [0.0], outs=[Wi])
+        step = Wf.double() - 0.1 * (Wf.double() - PW)
+        assert float((Wi.double() - step).abs().max()) <= 1e-6 * float(step.abs().max()), (name, n)
+        bits.append((ep, eg, fresh, Wi))
+    assert all(torch.equal(a, b) for a, b in zip(*bits)), name
+    return bits[0][2]
+
+
 def _product_block_cases(copies: int):
     """(name, rep_in, rep_out) of product pairs whose kernels have 17 .. 32 pixels (5 x 5, 3 x 3 x 3): with
     AVX-512, their column blocks run in two registers (csrc/orbit_products.cpp), with ``copies`` input
@@ -456,26 +482,8 @@ def test_product_blocks_of_whole_kernels(isa, gen):
                 P = plan_for(rep_in, rep_out, "cpu")
                 assert {r.orbit_form for r in P.rows()} == {OrbitForm.PRODUCT}, name
                 W = torch.randn(rep_out.dim, rep_in.dim, dtype=F64, generator=gen)
-                for Wf, rp, rg, PW in _float32_weights_and_references(W, rep_in, rep_out, gen):
-                    bits = []
-                    for n in (1, 2):
-                        torch.set_num_threads(n)
-                        ep, eg, fresh = equiproj.energies_and_grad(Wf, rep_in, rep_out, lambda_perp=1.0,
-                                                                   lambda_G=0.25, backend="cpp")
-                        assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-6, (name, copies, n)
-                        for grad, lp, lg in ((fresh, 1.0, 0.25), (torch.randn(Wf.shape, generator=gen), 0.5, 0.125)):
-                            want = 2 * lp * (Wf.double() - PW) + 2 * lg * PW
-                            if grad is not fresh:  # added into a tensor
-                                want += grad.double()
-                                equiproj.ops.fused_energies_and_grads([Wf], [P], [lp], [lg], outs=[grad])
-                            error = float((grad.double() - want).abs().max())
-                            assert error <= 1e-6 * float(want.abs().max()), (name, copies, n)
-                        Wi = Wf.clone()  # the decoupled step, added into the weight itself
-                        equiproj.ops.fused_energies_and_grads([Wi], [P], [-0.05], [0.0], outs=[Wi])
-                        step = Wf.double() - 0.1 * (Wf.double() - PW)
-                        assert float((Wi.double() - step).abs().max()) <= 1e-6 * float(step.abs().max())
-                        bits.append((ep, eg, fresh, Wi))
-                    assert all(torch.equal(a, b) for a, b in zip(*bits)), (name, copies)
+                for Wf, *references in _float32_weights_and_references(W, rep_in, rep_out, gen):
+                    _check_float32_on_two_thread_counts(Wf, rep_in, rep_out, P, references, gen, (name, copies))
     finally:
         torch.set_num_threads(threads)
         torch.ops.equiproj_cpu.set_isa(previous)
@@ -552,31 +560,13 @@ def test_permuted_means_of_few_orbit_tables(isa, gen):
             assert min(r.in_copies for r in few) >= 8, name
             registers |= {min(n for n in (2, 4, 8) if 8 * r.orbits <= 16 * n) for r in few}
             W = torch.randn(rep_out.dim, ref_in.dim, dtype=F64, generator=gen)
-            for Wf, rp, rg, PW in _float32_weights_and_references(W, ref_in, rep_out, gen):
-                bits = []
-                for n in (1, 2):
-                    torch.set_num_threads(n)
-                    ep, eg, fresh = equiproj.energies_and_grad(Wf, weight_rep_in, rep_out, lambda_perp=1.0,
-                                                               lambda_G=0.25, backend="cpp")
-                    assert relative_error(ep, rp) < 1e-5 and relative_error(eg, rg) < 1e-6, (name, n)
-                    for grad, lp, lg in ((fresh, 1.0, 0.25), (torch.randn(Wf.shape, generator=gen), 0.5, 0.125)):
-                        want = 2 * lp * (Wf.double() - PW) + 2 * lg * PW
-                        if grad is not fresh:  # added into a tensor
-                            want += grad.double()
-                            equiproj.ops.fused_energies_and_grads([Wf], [P], [lp], [lg], outs=[grad])
-                        error = float((grad.double() - want).abs().max())
-                        assert error <= 1e-6 * float(want.abs().max()), (name, n)
-                    Wi = Wf.clone()  # the decoupled step, added into the weight itself
-                    equiproj.ops.fused_energies_and_grads([Wi], [P], [-0.05], [0.0], outs=[Wi])
-                    step = Wf.double() - 0.1 * (Wf.double() - PW)
-                    assert float((Wi.double() - step).abs().max()) <= 1e-6 * float(step.abs().max()), (name, n)
-                    bits.append((ep, eg, fresh, Wi))
-                assert all(torch.equal(a, b) for a, b in zip(*bits)), name
+            for Wf, *references in _float32_weights_and_references(W, ref_in, rep_out, gen):
+                grad = _check_float32_on_two_thread_counts(Wf, weight_rep_in, rep_out, P, references, gen, name)
                 torch.ops.equiproj_cpu.set_isa("avx2")
                 eight_lanes = equiproj.energies_and_grad(Wf, weight_rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25,
                                                          backend="cpp")[2]
                 torch.ops.equiproj_cpu.set_isa(isa)
-                assert torch.equal(bits[0][2], eight_lanes), name
+                assert torch.equal(grad, eight_lanes), name
         assert registers == {2, 4, 8}
     finally:
         torch.set_num_threads(threads)
