@@ -137,8 +137,8 @@ inline __m512 lookup(const __m512* t, __m512i at) {
   }
 }
 
-// 16 entries of a span (Tail: 8, whose lanes 8 .. 15 the pattern zeroes): the residual's squares into e,
-// the gradient into g.
+// 16 entries of a span (Tail: 8, whose lanes 8 .. 15 are zero, whatever the mean at their index 0): the
+// residual's squares into e, the gradient into g.
 template <Mode M, bool Tail, int R>
 inline void span_vector(const float* x, float* g, const int32_t* idx, const float* sgn, const GroupMeans<R>& m,
                         const Coefs& c, __m512& e) {
@@ -146,14 +146,16 @@ inline void span_vector(const float* x, float* g, const int32_t* idx, const floa
   if constexpr (M == Mode::kAdd) _mm_prefetch(reinterpret_cast<const char*>(g + kAhead), _MM_HINT_T0);
   const __m512i at = _mm512_load_si512(idx);
   const __m512 s = _mm512_load_ps(sgn);
-  const __m512 hi = _mm512_mul_ps(lookup<R>(m.hi, at), s);
-  const __m512 lo = _mm512_mul_ps(lookup<R>(m.lo, at), s);
-  const __m512 t = Tail ? _mm512_maskz_loadu_ps(0xFF, x) : _mm512_loadu_ps(x);
+  const __mmask16 lanes = Tail ? __mmask16(0xFF) : __mmask16(0xFFFF);
+  const __m512 hi = _mm512_maskz_mul_ps(lanes, lookup<R>(m.hi, at), s);
+  const __m512 lo = _mm512_maskz_mul_ps(lanes, lookup<R>(m.lo, at), s);
+  const __m512 t = _mm512_maskz_loadu_ps(lanes, x);
   const __m512 d = _mm512_sub_ps(t, hi), r = _mm512_sub_ps(d, lo);
   e = _mm512_fmadd_ps(r, r, e);
   if constexpr (M != Mode::kNone) {
-    __m512 base = _mm512_fmadd_ps(c.cg, hi, _mm512_mul_ps(c.cgp, lo));
-    if constexpr (M == Mode::kAdd) base = _mm512_add_ps(base, Tail ? _mm512_maskz_loadu_ps(0xFF, g) : _mm512_loadu_ps(g));
+    // + the old gradient, or + 0 (as the eight-lane pass: a -0 base becomes +0, so the bits match at cp = 0)
+    const __m512 old = M == Mode::kAdd ? _mm512_maskz_loadu_ps(lanes, g) : _mm512_setzero_ps();
+    const __m512 base = _mm512_add_ps(_mm512_fmadd_ps(c.cg, hi, _mm512_mul_ps(c.cgp, lo)), old);
     const __m512 out = _mm512_fmadd_ps(c.cp, d, base);
     if constexpr (Tail)
       _mm256_storeu_ps(g, _mm512_castps512_ps256(out));

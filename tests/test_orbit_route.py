@@ -548,7 +548,7 @@ def test_permuted_means_of_few_orbit_tables(isa, gen):
     groups of eight tiles reads each entry's mean from registers, csrc/orbit_tables.cpp; the eight-lane pass
     with ``avx2``): energies, the gradient written, added into a tensor and into the weight itself, on random
     and on nearly equivariant weights, against the float64 reference; one and two threads give the same
-    bits, and the gradient has the bits of the eight-lane pass."""
+    bits, and the gradient has the bits of the eight-lane pass (the sign of its zeros too)."""
     previous = torch.ops.equiproj_cpu.set_isa(isa)
     threads = torch.get_num_threads()
     try:
@@ -562,11 +562,15 @@ def test_permuted_means_of_few_orbit_tables(isa, gen):
             W = torch.randn(rep_out.dim, ref_in.dim, dtype=F64, generator=gen)
             for Wf, *references in _float32_weights_and_references(W, ref_in, rep_out, gen):
                 grad = _check_float32_on_two_thread_counts(Wf, weight_rep_in, rep_out, P, references, gen, name)
+                # the eight-lane pass's bits, the sign of zero included (lambda_perp = 0: the gradient's zeros)
+                grads = [grad, equiproj.energies_and_grad(Wf, weight_rep_in, rep_out, lambda_perp=0.0, lambda_G=1.0,
+                                                          backend="cpp")[2]]
                 torch.ops.equiproj_cpu.set_isa("avx2")
-                eight_lanes = equiproj.energies_and_grad(Wf, weight_rep_in, rep_out, lambda_perp=1.0, lambda_G=0.25,
-                                                         backend="cpp")[2]
+                eight_lanes = [equiproj.energies_and_grad(Wf, weight_rep_in, rep_out, lambda_perp=lp, lambda_G=lg,
+                                                          backend="cpp")[2] for lp, lg in ((1.0, 0.25), (0.0, 1.0))]
                 torch.ops.equiproj_cpu.set_isa(isa)
-                assert torch.equal(grad, eight_lanes), name
+                for got, want in zip(grads, eight_lanes):
+                    assert torch.equal(got.view(torch.int32), want.view(torch.int32)), name
         assert registers == {2, 4, 8}
     finally:
         torch.set_num_threads(threads)
