@@ -1,7 +1,7 @@
-// Pass 2 of the tables' kernel (orbit_table_kernels.h) in AVX-512 float32 lanes, for orbit tables of at
-// most sixteen orbits per tile: the grid convolutions on irreps fields of C4 and D4, whose tiles (one field
-// of each side, every pixel) have 9 or 18 entries a row and 1 .. 10 orbits on 3 x 3 kernels, 25 or 50 and
-// 6 .. 26 on 5 x 5.
+// The means and pass 2 of the tables' kernel (orbit_table_kernels.h) in AVX-512 float32 lanes, for orbit
+// tables of at most sixteen orbits per tile: the grid convolutions on irreps fields of C4 and D4, whose
+// tiles (one field of each side, every pixel) have 9 or 18 entries a row and 1 .. 10 orbits on 3 x 3
+// kernels, 25 or 50 and 6 .. 26 on 5 x 5.
 #pragma once
 
 #include <cstdint>
