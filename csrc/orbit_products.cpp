@@ -30,7 +30,7 @@ EQUIPROJ_AVX512_BEGIN
 namespace {
 namespace products_avx512 {
 
-enum class Mode { kNone, kWrite, kAdd };
+#include "avx512_split_lanes.h"
 
 constexpr int64_t kLanes = kProductLanes;  // a block's lanes: two registers (orbit_products.h)
 constexpr int kFlushBlocks = 16;    // blocks whose squares a float32 lane sums before they go to float64
@@ -89,11 +89,6 @@ inline void store_block(float* x, int64_t d2, const __m512* v) {
 inline void permute(const __m512* in, const __m512i* idx, __m512* out) {
   out[0] = _mm512_permutex2var_ps(in[0], idx[0], in[1]);
   out[1] = _mm512_permutex2var_ps(in[0], idx[1], in[1]);
-}
-
-inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
-inline __m512d high_pd(__m512 v) {
-  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
 // Row a's pixel permutation T2[a, .] as lane indices into pixel order (from[p] = T2[a, p]) or, with
@@ -177,9 +172,7 @@ void residuals(const Pair& p, int64_t dout, const float* const* x, float* const*
   const int64_t d2 = p.factor, di = p.di, d1 = di / d2, ci = p.ci;
   const int32_t* T1 = p.orbit;
   const int32_t* T2 = p.orbit + dout * d1;
-  // the gradient cp R + cg P(T) = cp D + cg m_hi + (cg - cp) m_lo with D = T - m_hi (split_grad8 of the
-  // tables' kernel: the large terms meet in one FMA)
-  const __m512 cp = _mm512_set1_ps(float(cp2)), cg = _mm512_set1_ps(float(cg2)), cgp = _mm512_set1_ps(float(cg2 - cp2));
+  const SplitCoefs c(cp2, cg2);
   __m512 e[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   __m512d e64 = _mm512_setzero_pd();
   int n = 0;
@@ -207,15 +200,13 @@ void residuals(const Pair& p, int64_t dout, const float* const* x, float* const*
         for (int i = 0; i < 2; ++i) {
           const __m512 d = _mm512_sub_ps(t[i], hi[i]), r = _mm512_sub_ps(d, lo[i]);
           e[i] = _mm512_fmadd_ps(r, r, e[i]);
-          if constexpr (M != Mode::kNone) {
-            const __m512 base = _mm512_fmadd_ps(cg, hi[i], _mm512_mul_ps(cgp, lo[i]));
-            out[i] = _mm512_fmadd_ps(cp, d, M == Mode::kAdd ? _mm512_add_ps(base, old[i]) : base);
-          }
+          if constexpr (M != Mode::kNone)
+            out[i] = split_gradient(d, hi[i], lo[i], M == Mode::kAdd ? old[i] : _mm512_setzero_ps(), c);
         }
         if constexpr (M != Mode::kNone) store_block(gv + b * d2, d2, out);
         if (++n == kFlushBlocks) {
           for (int i = 0; i < 2; ++i) {
-            e64 = _mm512_add_pd(e64, _mm512_add_pd(low_pd(e[i]), high_pd(e[i])));
+            e64 = _mm512_add_pd(e64, widened(e[i]));
             e[i] = _mm512_setzero_ps();
           }
           n = 0;
@@ -223,7 +214,7 @@ void residuals(const Pair& p, int64_t dout, const float* const* x, float* const*
       }
     }
   }
-  for (int i = 0; i < 2; ++i) e64 = _mm512_add_pd(e64, _mm512_add_pd(low_pd(e[i]), high_pd(e[i])));
+  for (int i = 0; i < 2; ++i) e64 = _mm512_add_pd(e64, widened(e[i]));
   ep += _mm512_reduce_add_pd(e64);
 }
 

@@ -32,7 +32,7 @@ EQUIPROJ_AVX512_BEGIN
 namespace {
 namespace tables_avx512 {
 
-enum class Mode { kNone, kWrite, kAdd };
+#include "avx512_split_lanes.h"
 
 constexpr int kFlushVectors = 32;  // float32 vectors of squares summed per lane, at most, before float64
 
@@ -41,11 +41,6 @@ constexpr int kFlushVectors = 32;  // float32 vectors of squares summed per lane
 // Measured (one thread, interleaved): 5 x 5 kernels on irreps of D4 2602 -> 2175 us at 384 entries, 2033 at 768
 // (float32 C4 k = 5 2913 -> 2714 -> 2571), no gain at 1536; 3 x 3 kernels within the spread.
 constexpr int64_t kAhead = 768;
-
-inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
-inline __m512d high_pd(__m512 v) {
-  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-}
 
 inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 
@@ -74,10 +69,6 @@ void row_pattern(const Pair& p, int64_t a, int64_t lanes, int32_t* idx, float* s
     }
   }
 }
-
-struct Coefs {
-  __m512 cp, cg, cgp;  // 2 lambda_perp, 2 lambda_G, their difference (it multiplies m_lo only)
-};
 
 // The orbits' sizes n_k and 1 / n_k on the lanes of a [K][8] block (slot s: orbit s / 8), zero past it up to
 // the block's whole registers (lanes: 32 R).
@@ -143,7 +134,7 @@ inline __m512 lookup(const __m512* t, __m512i at) {
 // residual's squares into e, the gradient into g.
 template <Mode M, bool Tail, int R>
 inline void span_vector(const float* x, float* g, const int32_t* idx, const float* sgn, const GroupMeans<R>& m,
-                        const Coefs& c, __m512& e) {
+                        const SplitCoefs& c, __m512& e) {
   _mm_prefetch(reinterpret_cast<const char*>(x + kAhead), _MM_HINT_T0);
   if constexpr (M == Mode::kAdd) _mm_prefetch(reinterpret_cast<const char*>(g + kAhead), _MM_HINT_T0);
   const __m512i at = _mm512_load_si512(idx);
@@ -155,10 +146,8 @@ inline void span_vector(const float* x, float* g, const int32_t* idx, const floa
   const __m512 d = _mm512_sub_ps(t, hi), r = _mm512_sub_ps(d, lo);
   e = _mm512_fmadd_ps(r, r, e);
   if constexpr (M != Mode::kNone) {
-    // + the old gradient, or + 0 (as the eight-lane pass: a -0 base becomes +0, so the bits match at cp = 0)
     const __m512 old = M == Mode::kAdd ? _mm512_maskz_loadu_ps(lanes, g) : _mm512_setzero_ps();
-    const __m512 base = _mm512_add_ps(_mm512_fmadd_ps(c.cg, hi, _mm512_mul_ps(c.cgp, lo)), old);
-    const __m512 out = _mm512_fmadd_ps(c.cp, d, base);
+    const __m512 out = split_gradient(d, hi, lo, old, c);
     if constexpr (Tail)
       _mm256_storeu_ps(g, _mm512_castps512_ps256(out));
     else
@@ -174,15 +163,14 @@ void residuals(const Pair& p, int64_t dout, const float* const* x, float* const*
   int32_t* idx = reinterpret_cast<int32_t*>(pattern);
   float* sgn = pattern + lanes;
   const int64_t used = kPivotGroup * K;  // the floats of a [K][8] block
-  const Coefs c{_mm512_set1_ps(static_cast<float>(cp2)), _mm512_set1_ps(static_cast<float>(cg2)),
-                _mm512_set1_ps(static_cast<float>(cg2 - cp2))};
+  const SplitCoefs c(cp2, cg2);
   __m512 e[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   __m512d e64 = _mm512_setzero_pd(), eg64 = _mm512_setzero_pd();
   const OrbitLanes orbits(p, 32 * R);
   int n = 0;  // vectors added into e since the last flush
   const auto flush = [&]() {
     for (int i = 0; i < 2; ++i) {
-      e64 = _mm512_add_pd(e64, _mm512_add_pd(low_pd(e[i]), high_pd(e[i])));
+      e64 = _mm512_add_pd(e64, widened(e[i]));
       e[i] = _mm512_setzero_ps();
     }
     n = 0;
