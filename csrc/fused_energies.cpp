@@ -111,8 +111,8 @@ struct Kernels {
   // float32 product orbit pairs with whole blocks of pixels in 16-lane registers (orbit_products.h), where
   // the CPU has AVX-512: null, the tables' kernel
   ProductPairFn32 products32 = nullptr;
-  // pass 2 of float32 orbit tables of at most sixteen orbits with the means in 16-lane registers (orbit_tables.h),
-  // where the CPU has AVX-512: null, the tables' eight-lane pass
+  // the means and pass 2 of float32 orbit tables of at most sixteen orbits, the means in 16-lane registers
+  // (orbit_tables.h), where the CPU has AVX-512: null, the tables' eight-lane passes
   PivotResidualsFn32 tables32 = nullptr;
   const ClosedChunkKernels<float>& chunks(float*) const { return c32; }
   const ClosedChunkKernels<double>& chunks(double*) const { return c64; }
