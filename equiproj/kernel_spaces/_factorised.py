@@ -224,6 +224,43 @@ class FactorisedPlan:
         return (K.device.type == "cpu" and K.dtype in (torch.float32, torch.float64) and self.space.dim <= 32
                 and blocks_available())
 
+    def runner(self, K: torch.Tensor):
+        """The C++ pass of :meth:`run` on ``K`` (``[B, m, n, P]``, contiguous, on the CPU) with its tables
+        bound, or ``None`` where :meth:`run` takes the torch transforms: ``run(lambda_perp, lambda_G, out,
+        write) -> (E_perp [B], E_G [B])`` (float64), the lambdas float64 ``[B]``, ``write`` 0 (energies
+        only, ``out`` ``None``), 1 (the gradient written into ``out``) or 2 (added into ``out``); ``out``
+        has K's shape and dtype and may be ``K`` itself. Bound once, a call is the ops' alone."""
+        if self.runs_closed_form(K):
+            return self.regular.runner(K)
+        if self.runs_blocks(K):
+            return self._blocks_runner(K)
+        return None
+
+    def _blocks_runner(self, Kb: torch.Tensor):
+        """:meth:`runner` through ``equiproj_cpu::factorised_pass``, one call per pair of field segments."""
+        B = Kb.shape[0]
+        phi, phiT, rows, cols = _block_tables_on(self, Kb.device, Kb.dtype)
+        if self.split_for(Kb) is not None:
+            parity, phi_parity = _parity_tables_on(self.space, Kb.device, Kb.dtype)
+        else:
+            parity, phi_parity = torch.zeros(0, dtype=torch.int64), Kb.new_empty(0)
+        pairs = [(_q_on(fo, Kb.device, Kb.dtype) if fo.Q is not None else Kb.new_empty(0), oo, co, fo.dim, oi, ci,
+                  fi.dim, slots, maps, maps_t)
+                 for (oo, co, fo, _), (oi, ci, fi, _), slots, maps, maps_t in _pair_tables_on(self, Kb.device, Kb.dtype)]
+        op = torch.ops.equiproj_cpu.factorised_pass
+
+        def run(lambda_perp, lambda_G, out, write):
+            if not pairs:
+                return torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+            e_perp = e_g = None
+            for q, oo, co, do, oi, ci, di, slots, maps, maps_t in pairs:
+                ep, eg = op(Kb, rows, cols, phi, phiT, q, oo, co, do, oi, ci, di, slots, maps, maps_t, parity,
+                            phi_parity, lambda_perp, lambda_G, out, write, _PLAIN_BLOCKS)
+                e_perp, e_g = (ep, eg) if e_perp is None else (e_perp.add_(ep), e_g.add_(eg))
+            return e_perp, e_g
+
+        return run
+
     def _run_blocks(self, K, lambda_perp, lambda_G, out, energies):
         """:meth:`run` through ``equiproj_cpu::factorised_pass``: per pair of field segments, one pass over
         the blocks of the weight, each read once and carried through the band, the output field's irreps, the
@@ -234,23 +271,10 @@ class FactorisedPlan:
         if not Kb.is_contiguous():
             Kb = Kb.contiguous()
         B = Kb.shape[0]
-        phi, phiT, rows, cols = _block_tables_on(self, K.device, K.dtype)
-        if self.split_for(K) is not None:
-            parity, phi_parity = _parity_tables_on(self.space, K.device, K.dtype)
-        else:
-            parity, phi_parity = torch.zeros(0, dtype=torch.int64), Kb.new_empty(0)
         write = 0 if lambda_perp is None else 1 if out is None else 2
         lp, lg = _per_item(lambda_perp, batch, B), _per_item(lambda_G, batch, B)
         target = None if write == 0 else torch.empty_like(Kb) if out is None else out.view(B, m, n, P)
-        e_perp = torch.zeros(B, dtype=torch.float64)
-        e_g = torch.zeros(B, dtype=torch.float64)
-        for (oo, co, fo, _), (oi, ci, fi, _), slots, maps, maps_t in _pair_tables_on(self, K.device, K.dtype):
-            q = _q_on(fo, K.device, K.dtype) if fo.Q is not None else Kb.new_empty(0)
-            ep_, eg_ = torch.ops.equiproj_cpu.factorised_pass(Kb, rows, cols, phi, phiT, q, oo, co, fo.dim, oi, ci,
-                                                              fi.dim, slots, maps, maps_t, parity, phi_parity, lp,
-                                                              lg, target, write, _PLAIN_BLOCKS)
-            e_perp += ep_
-            e_g += eg_
+        e_perp, e_g = self._blocks_runner(Kb)(lp, lg, target, write)
         if not (energies or lambda_perp is None):
             e_perp = e_g = None
         else:

@@ -342,6 +342,21 @@ def _per_item(c, batch, B: int) -> torch.Tensor:
                          f"{tuple(batch)} of its weight") from None
 
 
+def tile_runner(w, tables, spatial_dims: int):
+    """``equiproj_cpu::pixel_tile_pass`` on the weight ``w`` (``[..., m, n, k, ...]``) with its tables
+    bound: ``run(lambda_perp, lambda_G, out, write) -> (E_perp [B], E_G [B])``, the lambdas float64
+    ``[B]`` (``B`` the batch size), ``write`` 0 (energies only), 1 (the gradient written into ``out``) or
+    2 (added into ``out``); ``out`` is contiguous with w's elements and dtype, and may be ``w`` itself."""
+    batch = w.shape[: w.dim() - 2 - spatial_dims]
+    pairs, basis = tables.pairs, tables.basis
+    op = torch.ops.equiproj_cpu.pixel_tile_pass
+
+    def run(lambda_perp, lambda_G, out, write):
+        return op(w, pairs, basis, lambda_perp, lambda_G, out, write, False, batch)
+
+    return run
+
+
 def tile_pass(w, tables, spatial_dims: int, lambda_perp, lambda_G, out):
     """``(E_perp, E_G, grad)`` of one weight ``[..., m, n, k, ...]`` by ``equiproj_cpu::pixel_tile_pass``:
     one read of the weight and one write of the gradient (into a fresh tensor, or added into ``out``,
@@ -353,7 +368,7 @@ def tile_pass(w, tables, spatial_dims: int, lambda_perp, lambda_G, out):
         target, write = torch.empty_like(w), 1
     else:
         target, write = out, 2
-    ep, eg = torch.ops.equiproj_cpu.pixel_tile_pass(w, tables.pairs, tables.basis, lp, lg, target, write, False, batch)
+    ep, eg = tile_runner(w, tables, spatial_dims)(lp, lg, target, write)
     return ep, eg, target
 
 

@@ -83,6 +83,22 @@ class RegularBand:
             return self.rows, self.classes, self.reps, self.idx
         return self.rows, self.classes, self.reps, _NO_INDEX
 
+    def runner(self, K: torch.Tensor, plain: bool = False, lanes: bool = True):
+        """The kernel on ``K`` (``[B, m, n, P]``, contiguous, on the CPU) with its tables bound:
+        ``run(lambda_perp, lambda_G, out, write) -> (E_perp [B], E_G [B])`` (float64), the lambdas float64
+        ``[B]``, ``write`` 0 (energies only, ``out`` ``None``), 1 (the gradient written into ``out``) or 2
+        (added into ``out``); ``out`` has K's shape and dtype and may be ``K`` itself. Bound once, a call
+        is the op's alone (the penalty's prepared program calls it every step)."""
+        compute = torch.float64 if K.dtype == torch.float64 else torch.float32
+        mult, phi, phiT, minv = self.tables(compute)
+        classes = self._classes(lanes)
+        op = torch.ops.equiproj_cpu.regular_band_pass
+
+        def run(lambda_perp, lambda_G, out, write):
+            return op(K, mult, phi, phiT, minv, lambda_perp, lambda_G, out, write, plain, *classes)
+
+        return run
+
     def run(self, K: torch.Tensor, lambda_perp=None, lambda_G=None, out: torch.Tensor | None = None,
             plain: bool = False, lanes: bool = True):
         """``(E_perp [batch], E_G [batch], grad or out or None)`` of ``K`` ``[..., m, n, P]`` (CPU, any float
@@ -100,13 +116,11 @@ class RegularBand:
         Kc = K.reshape(B, m, n, P)
         if not Kc.is_contiguous():
             Kc = Kc.contiguous()
-        compute = torch.float64 if K.dtype == torch.float64 else torch.float32
-        mult, phi, phiT, minv = self.tables(compute)
+        run = self.runner(Kc, plain, lanes)
         energy_dtype = _ops.accumulation_dtype(K.dtype)
         if lambda_perp is None:
             z = torch.zeros(B, dtype=torch.float64)
-            ep, eg = torch.ops.equiproj_cpu.regular_band_pass(Kc, mult, phi, phiT, minv, z, z, None, 0, plain,
-                                                              *self._classes(lanes))
+            ep, eg = run(z, z, None, 0)
             return ep.view(batch).to(energy_dtype), eg.view(batch).to(energy_dtype), None
         lp, lg = _per_item(lambda_perp, batch, B), _per_item(lambda_G, batch, B)
         target, mode = None, 1
@@ -119,8 +133,7 @@ class RegularBand:
         fresh = target is None
         if fresh:
             target = torch.empty_like(Kc)
-        ep, eg = torch.ops.equiproj_cpu.regular_band_pass(Kc, mult, phi, phiT, minv, lp, lg, target, mode, plain,
-                                                          *self._classes(lanes))
+        ep, eg = run(lp, lg, target, mode)
         ep, eg = ep.view(batch).to(energy_dtype), eg.view(batch).to(energy_dtype)
         if out is None:
             return ep, eg, target.view(K.shape)

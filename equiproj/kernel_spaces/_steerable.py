@@ -48,6 +48,7 @@ from ..groups._field import tensor_field
 from ..kernels import torch_project
 from ._aligned import rotate_tiles
 from ._factorised import factorised_one as _factorised_one
+from ._passes import kernel_pass_runners
 from ._pixel_plan import PixelPlan, packed_on, pixel_plan, tile_kernel_tables, tile_pass
 
 __all__ = ["SteerableKernelSpace", "default_kernel_space", "kernel_energies_many", "kernel_energies_and_grads_many"]
@@ -133,6 +134,11 @@ class SteerableKernelSpace:
         """:func:`kernel_energies_and_grads_many`."""
         return kernel_energies_and_grads_many(weights, spaces, reps, lambda_perp=lambda_perp, lambda_G=lambda_G,
                                               outs=outs, energies=energies)
+
+    @staticmethod
+    def pass_runners(weights, spaces, reps):
+        """:func:`kernel_pass_runners`."""
+        return kernel_pass_runners(weights, spaces, reps)
 
     def __init__(self, group: Group, kernel_size: int, spatial_dims: int | None = None, *,
                  rings: Sequence[float] | None = None, sigma: float | Sequence[float] | None = None,
@@ -688,3 +694,4 @@ def kernel_energies_and_grads_many(weights, spaces, reps, *, lambda_perp, lambda
     if not energies:
         return None, None, grads
     return _stack(e_perp, weights), _stack(e_g, weights), grads
+

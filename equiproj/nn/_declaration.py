@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import grid as _grid
+from .. import ops
 from .. import translation as _translation
 from .._energy import energies as _energies
 from .._energy import energies_and_grads_many, energies_many, energy_breakdown
@@ -83,6 +84,14 @@ class Term:
             grads = torch.autograd.grad((lp * ep).sum() + (lg * eg).sum(), leaves, allow_unused=True)
         grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, leaves)]
         return ep.detach(), eg.detach(), added(grads, outs)
+
+    @classmethod
+    def pass_runners(cls, terms, backend: str) -> list | None:
+        """One prepared pass per term, or ``None`` (the default: the kind runs :meth:`one_pass`). A
+        runner ``run(lambda_perp, lambda_G, out, write) -> (E_perp [1], E_G [1])`` (float64) takes
+        float64 ``[1]`` lambdas and writes (``write=1``) or adds (``write=2``) the term's gradient into
+        ``out``, a contiguous tensor of the weight's shape and dtype that may be the weight itself."""
+        return None
 
 
 def added(grads, outs):
@@ -163,6 +172,13 @@ class KernelTerm(Term):
             return ep, eg, grads
         ep, eg, grads = many(weights, spaces, reps, lambda_perp=list(lambda_perp), lambda_G=list(lambda_G))
         return ep, eg, added(grads, outs)
+
+    @classmethod
+    def pass_runners(cls, terms, backend):
+        bind = getattr(type(terms[0].space), "pass_runners", None)  # spaces with C++ passes provide it
+        if bind is None or any(ops.backend_for(backend, t.weight).name != "cpp" for t in terms):
+            return None
+        return bind([t.weight.detach() for t in terms], [t.space for t in terms], [(t.rep_in, t.rep_out) for t in terms])
 
 
 class TranslationTerm(Term):

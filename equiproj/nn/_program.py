@@ -71,6 +71,11 @@ def as_value(value, dtype: torch.dtype) -> torch.Tensor:
     return torch.scalar_tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
 
 
+def _one_item(value: float) -> torch.Tensor:
+    """``[value]`` as the float64 one-element tensor a prepared pass takes for a coefficient."""
+    return torch.tensor([float(value)], dtype=torch.float64)
+
+
 def _shares_storage(weight: torch.Tensor, param: torch.Tensor) -> bool:
     return weight.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
 
@@ -78,15 +83,26 @@ def _shares_storage(weight: torch.Tensor, param: torch.Tensor) -> bool:
 class TermGroup:
     """Terms of one kind, computed through their kind's :meth:`Term.energies` and :meth:`Term.one_pass`."""
 
-    def __init__(self, terms: list[Term], owners: list[int]):
+    def __init__(self, terms: list[Term], owners: list[int], backend: str = "auto"):
         self.terms, self.owners = terms, owners
         self.kind = type(terms[0])
         self.params = [t.param for t in terms]
+        # the kind's passes prepared once (Term.pass_runners): a call runs them with no per-call
+        # checks, plan lookups or tensor lists (on small layers those cost more than the pass)
+        self._runners = self.kind.pass_runners(terms, backend)
+        if self._runners is not None:
+            self._run_weights = [t.weight.detach() for t in terms]
+            # the decoupled step writes each parameter through its weight form
+            self._run_inplace = all(v is not None for v in (inplace_view(t, t.param) for t in terms))
+            self._param_ids = frozenset(id(p) for p in self.params)
+            self._decay_lambdas: dict = {}
         self.set_lambdas([0.0] * len(terms), [0.0] * len(terms))
 
     def set_lambdas(self, lambda_perp: list[float], lambda_G: list[float]) -> None:
         self.lambda_perp, self.lambda_G = list(lambda_perp), list(lambda_G)
         self._weights = None
+        if self._runners is not None:
+            self._run_lambdas = [(_one_item(lp), _one_item(lg)) for lp, lg in zip(self.lambda_perp, self.lambda_G)]
 
     def lambda_tensors(self, dtype, device):
         if self._weights is None or self._weights[0].dtype != dtype or self._weights[0].device != device:
@@ -106,8 +122,12 @@ class TermGroup:
             total = total + (eg * lg).sum()
         return total.to(dtype)
 
-    def backward(self) -> torch.Tensor:
+    def backward(self) -> torch.Tensor | float:
         """Add ``lambda_perp dE_perp + lambda_G dE_G`` to the parameters' gradients; the penalty's value."""
+        if self._runners is not None and not torch._C._len_torch_dispatch_stack():
+            value = self._run_backward()
+            if value is not None:
+                return value
         trainable = [k for k, t in enumerate(self.terms) if t.param.requires_grad]
         outs = [None] * len(self.terms)
         for k in trainable:
@@ -119,8 +139,45 @@ class TermGroup:
         lp, lg = self.lambda_tensors(torch.float64, ep.device)
         return (ep.double() * lp).sum() + (eg.double() * lg).sum()
 
+    def _run_backward(self) -> float | None:
+        """:meth:`backward` through the prepared passes: the value (a float), or ``None`` with nothing
+        run where a parameter is frozen or its ``.grad`` is not a plain contiguous tensor of its
+        weight's dtype and size (the kind's :meth:`Term.one_pass` then handles it)."""
+        outs = []
+        for p, w in zip(self.params, self._run_weights):
+            if not p.requires_grad:
+                return None
+            g = p.grad
+            if g is not None and not (type(g) is torch.Tensor and g.dtype == w.dtype and g.is_contiguous()
+                                      and g.numel() == w.numel()):
+                return None
+            outs.append(g)
+        total, finite = 0.0, True
+        for run, p, w, g, (lp, lg), cp, cg in zip(self._runners, self.params, self._run_weights, outs,
+                                                  self._run_lambdas, self.lambda_perp, self.lambda_G):
+            if g is None:
+                g = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                ep, eg = run(lp, lg, g, 1)
+                p.grad = g
+            else:
+                ep, eg = run(lp, lg, g, 2)
+            e_perp, e_g = ep.item(), eg.item()
+            finite = finite and math.isfinite(e_perp) and math.isfinite(e_g)
+            total += cp * e_perp + cg * e_g
+        if not finite:
+            raise ValueError("the energy is not finite: the weight contains NaN or Inf")
+        return total
+
     def decay_(self, rate: float, rate_G: float) -> set:
         """The decoupled step on the terms whose parameter can be written in place; their parameter ids."""
+        if self._runners is not None and self._run_inplace and not torch._C._len_torch_dispatch_stack():
+            key = (rate, rate_G)
+            if key not in self._decay_lambdas:  # one entry: a schedule changes the rate every step at most
+                self._decay_lambdas = {key: (_one_item(-rate / 2), _one_item(-rate_G / 2))}
+            lp, lg = self._decay_lambdas[key]
+            for run, w in zip(self._runners, self._run_weights):
+                run(lp, lg, w, 2)
+            return self._param_ids
         views = [inplace_view(t, t.param) for t in self.terms]
         ks = [k for k, v in enumerate(views) if v is not None]
         if ks:
@@ -429,7 +486,7 @@ class PenaltyProgram:
                 g.decays = decays
                 out.append(g)
             return out
-        g = TermGroup(ts, owners)
+        g = TermGroup(ts, owners, backend)
         g.decays = decays
         return [g]
 
