@@ -19,13 +19,14 @@ __all__ = ["kernel_pass_runners"]
 def kernel_pass_runners(weights, spaces, reps) -> list | None:
     """The C++ pass of each layer with its tables bound, as
     :func:`~equiproj.kernel_spaces.kernel_energies_and_grads_many` takes it on the CPU (the pixel-tile
-    kernel, the closed form of regular fields or the factorised blocks): ``run(lambda_perp, lambda_G, out, write) -> (E_perp [1], E_G [1])`` (float64), the lambdas float64
-    ``[1]``, ``write`` 1 (the gradient ``2 lambda_perp (K - P K) + 2 lambda_G P K`` written into ``out``) or
-    2 (added into ``out``); ``out`` is contiguous with the weight's shape and dtype and may be the weight
-    itself (the decoupled step). Made once, a call is the op's alone: no checks, plans or tables looked
-    up again, which cost more than a small layer's pass (the penalty's prepared program calls them every
-    step). ``None`` unless every weight is an unbatched, contiguous float32 or float64 CPU tensor whose
-    layer has such a pass; the caller then takes
+    kernel, the closed form of regular fields or the factorised blocks): ``run(lambda_perp, lambda_G,
+    out, write) -> (E_perp [1], E_G [1])`` (float64), the lambdas float64 ``[1]``, ``write`` 0 (the
+    energies alone, ``out`` ``None``), 1 (the gradient ``2 lambda_perp (K - P K) + 2 lambda_G P K``
+    written into ``out``) or 2 (added into ``out``); ``out`` is contiguous with the weight's shape and
+    dtype and may be the weight itself (the decoupled step). Made once, a call is the op's alone: no
+    checks, plans or tables looked up again, which cost more than a small layer's pass (the penalty's
+    prepared program calls them every step). ``None`` unless every weight is an unbatched, contiguous
+    float32 or float64 CPU tensor whose layer has such a pass; the caller then takes
     :func:`~equiproj.kernel_spaces.kernel_energies_and_grads_many`."""
     runners = []
     for w, sp, (ri, ro) in zip(weights, spaces, reps, strict=True):
@@ -51,5 +52,5 @@ def kernel_pass_runners(weights, spaces, reps) -> list | None:
 def _viewing(run, shape):
     """``run`` with its ``out`` viewed as ``shape`` (the pass's ``[1, m, n, P]``)."""
     def call(lambda_perp, lambda_G, out, write):
-        return run(lambda_perp, lambda_G, out.view(shape), write)
+        return run(lambda_perp, lambda_G, None if out is None else out.view(shape), write)
     return call

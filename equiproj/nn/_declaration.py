@@ -89,8 +89,9 @@ class Term:
     def pass_runners(cls, terms, backend: str) -> list | None:
         """One prepared pass per term, or ``None`` (the default: the kind runs :meth:`one_pass`). A
         runner ``run(lambda_perp, lambda_G, out, write) -> (E_perp [1], E_G [1])`` (float64) takes
-        float64 ``[1]`` lambdas and writes (``write=1``) or adds (``write=2``) the term's gradient into
-        ``out``, a contiguous tensor of the weight's shape and dtype that may be the weight itself."""
+        float64 ``[1]`` lambdas and computes the energies alone (``write=0``, ``out=None``) or also
+        writes (``write=1``) or adds (``write=2``) the term's gradient into ``out``, a contiguous
+        tensor of the weight's shape and dtype that may be the weight itself."""
         return None
 
 

@@ -114,7 +114,17 @@ class TermGroup:
         return self.kind.energies(self.terms)
 
     def value(self, dtype: torch.dtype) -> torch.Tensor:
-        """``sum lambda_perp E_perp + lambda_G E_G`` of these terms, a differentiable scalar of ``dtype``."""
+        """``sum lambda_perp E_perp + lambda_G E_G`` of these terms, a differentiable scalar of ``dtype``.
+        Through the prepared passes: without grad mode the energies alone; with it (every parameter
+        trainable) the passes also write the gradient, which the backward hands over (as for the
+        fused matrices: no second pass over the weights)."""
+        if self._runners is not None and not torch._C._len_torch_dispatch_stack():
+            lambdas = (self._run_lambdas, self.lambda_perp, self.lambda_G)  # the forward's, for every backward
+            if not torch.is_grad_enabled():
+                return as_value(self._checked(*self._run_passes([None] * len(self.params), [0] * len(self.params),
+                                                                lambdas)), dtype)
+            if all(map(_requires_grad, self.params)):
+                return ops.prepared_penalty(lambda: self._run_fresh(lambdas), dtype, self.params)
         ep, eg = self.energies()
         lp, lg = self.lambda_tensors(ep.dtype, ep.device)
         total = (ep * lp).sum()
@@ -143,27 +153,44 @@ class TermGroup:
         """:meth:`backward` through the prepared passes: the value (a float), or ``None`` with nothing
         run where a parameter is frozen or its ``.grad`` is not a plain contiguous tensor of its
         weight's dtype and size (the kind's :meth:`Term.one_pass` then handles it)."""
-        outs = []
+        outs, writes = [], []
         for p, w in zip(self.params, self._run_weights):
             if not p.requires_grad:
                 return None
             g = p.grad
-            if g is not None and not (type(g) is torch.Tensor and g.dtype == w.dtype and g.is_contiguous()
-                                      and g.numel() == w.numel()):
-                return None
-            outs.append(g)
-        total, finite = 0.0, True
-        for run, p, w, g, (lp, lg), cp, cg in zip(self._runners, self.params, self._run_weights, outs,
-                                                  self._run_lambdas, self.lambda_perp, self.lambda_G):
             if g is None:
-                g = torch.empty(p.shape, dtype=p.dtype, device=p.device)
-                ep, eg = run(lp, lg, g, 1)
-                p.grad = g
+                outs.append(torch.empty(p.shape, dtype=p.dtype, device=p.device))
+                writes.append(1)
+            elif type(g) is torch.Tensor and g.dtype == w.dtype and g.is_contiguous() and g.numel() == w.numel():
+                outs.append(g)
+                writes.append(2)
             else:
-                ep, eg = run(lp, lg, g, 2)
+                return None
+        total, finite = self._run_passes(outs, writes, (self._run_lambdas, self.lambda_perp, self.lambda_G))
+        for p, g, write in zip(self.params, outs, writes):
+            if write == 1:
+                p.grad = g
+        return self._checked(total, finite)
+
+    def _run_fresh(self, lambdas) -> tuple[float, list]:
+        """The value and the gradients in new tensors shaped like the parameters, by the prepared passes."""
+        grads = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in self.params]
+        return self._checked(*self._run_passes(grads, [1] * len(grads), lambdas)), grads
+
+    def _run_passes(self, outs, writes, lambdas) -> tuple[float, bool]:
+        """Each prepared pass into its ``outs[k]`` (``writes[k]``: 0 energies only, 1 written, 2 added),
+        ``lambdas = (float64 [1] coefficient pairs, lambda_perp, lambda_G)``: the value ``sum lambda_perp
+        E_perp + lambda_G E_G`` (a float) and whether every energy is finite."""
+        total, finite = 0.0, True
+        for run, out, write, (lp, lg), cp, cg in zip(self._runners, outs, writes, *lambdas):
+            ep, eg = run(lp, lg, out, write)
             e_perp, e_g = ep.item(), eg.item()
             finite = finite and math.isfinite(e_perp) and math.isfinite(e_g)
             total += cp * e_perp + cg * e_g
+        return total, finite
+
+    @staticmethod
+    def _checked(total: float, finite: bool) -> float:
         if not finite:
             raise ValueError("the energy is not finite: the weight contains NaN or Inf")
         return total

@@ -94,18 +94,20 @@ def close(got, want, tol, what):
 
 
 def no_generic_route(monkeypatch):
-    """Fail if a kernel term goes through its kind's generic one-pass route."""
+    """Fail if a kernel term goes through its kind's generic routes (one pass, differentiable energies)."""
     def refuse(*args, **kwargs):
         raise AssertionError("the kernel terms took the generic route, not their prepared passes")
     monkeypatch.setattr(KernelTerm, "one_pass", classmethod(refuse))
+    monkeypatch.setattr(KernelTerm, "energies", classmethod(refuse))
 
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_prepared_passes_equal_the_reference(dtype, gen, monkeypatch):
-    """The three passes are the ones prepared; backward() into fresh and into existing ``.grad``, and
-    the decoupled step, against the reference, twice (the second time after the weights moved in place:
-    the runners read the new values)."""
+    """The three passes are the ones prepared; penalty() (its value without grad mode, and with it its
+    value and the gradient its backward hands over), backward() into fresh and into existing ``.grad``,
+    and the decoupled step, against the reference, twice (the second time after the weights moved in
+    place: the runners read the new values)."""
     model = steerable_model(gen).to(dtype)
     for name in ("tiles", "regular", "blocks"):  # the model covers every pass
         space, r_in, r_out = layer_space(model[name])
@@ -120,6 +122,14 @@ def test_prepared_passes_equal_the_reference(dtype, gen, monkeypatch):
         want = reference(model, monkeypatch, "decay", 0.3, 0.1)
         with monkeypatch.context() as mp:
             no_generic_route(mp)
+            with torch.no_grad():
+                close(pen(), value_ref, tol, "penalty() under no_grad")
+            model.zero_grad(set_to_none=True)
+            value = pen()
+            close(value, value_ref, tol, "penalty()")
+            value.backward()
+            for (n, p), g in zip(model.named_parameters(), grads_ref):
+                close(p.grad, g, tol, f"penalty().backward(): .grad of {n}")
             model.zero_grad(set_to_none=True)
             close(pen.backward(), value_ref, tol, "backward() value")
             assert all(g._runners is not None and len(g._runners) == 3 for g in kernel_groups(pen))
@@ -166,12 +176,18 @@ def test_nearly_equivariant_energy_through_the_prepared_pass(gen):
 @needs_cpp
 def test_what_the_prepared_passes_cannot_write_takes_the_generic_route(gen, monkeypatch):
     """A frozen parameter, a ``.grad`` that is not contiguous, and channels-last weights (not contiguous:
-    no runners are prepared) go through the kind's one-pass route, with the reference's results; a NaN
-    weight raises."""
+    no runners are prepared) go through the kind's generic routes, with the reference's results; a NaN
+    weight raises from the prepared passes (backward() and penalty())."""
     model = steerable_model(gen).float()
     pen = ProjectionPenalty(model, **LAMBDAS)
     _, grads_ref = reference(model, monkeypatch, "grads")
     model["regular"].weight.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    pen().backward()
+    assert model["regular"].weight.grad is None
+    for (n, p), g in zip(model.named_parameters(), grads_ref):
+        if p.requires_grad:
+            close(p.grad, g, 1e-5, f"{n} beside a frozen parameter, penalty().backward()")
     model.zero_grad(set_to_none=True)
     pen.backward()
     assert model["regular"].weight.grad is None
@@ -199,5 +215,6 @@ def test_what_the_prepared_passes_cannot_write_takes_the_generic_route(gen, monk
         model["regular"].weight[0, 0, 0, 0] = float("nan")
     model.zero_grad(set_to_none=True)
     no_generic_route(monkeypatch)
-    with pytest.raises(ValueError, match="not finite"):  # from the prepared passes
-        pen.backward()
+    for call in (pen.backward, pen):
+        with pytest.raises(ValueError, match="not finite"):  # from the prepared passes
+            call()
