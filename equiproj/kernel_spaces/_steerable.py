@@ -694,4 +694,3 @@ def kernel_energies_and_grads_many(weights, spaces, reps, *, lambda_perp, lambda
     if not energies:
         return None, None, grads
     return _stack(e_perp, weights), _stack(e_g, weights), grads
-
