@@ -1148,6 +1148,7 @@ class Prepared : public torch::CustomClassHolder {
       TORCH_CHECK_VALUE(P.device().is_cpu() && P.scalar_type() == st && P.numel() == W.numel() &&
                             P.unsafeGetTensorImpl()->unsafe_storage().data() == W.unsafeGetTensorImpl()->unsafe_storage().data(),
                         "Prepared: parameter ", i, " must hold the elements of weight ", i, " (a view of it, its dtype)");
+      param_layouts_.emplace_back(P.sizes().vec(), P.strides().vec());
       Layer& L = layers_[i];
       L.m = W.size(0);
       L.n = W.size(1);
@@ -1243,6 +1244,22 @@ class Prepared : public torch::CustomClassHolder {
     return perp ? lambda_perp_ : lambda_G_;
   }
 
+  // Whether every parameter still holds, in the dtype, sizes and strides it had, the storage its
+  // weight's view was made on (model.to(...) or a .data assignment replaces or re-lays it; the views
+  // would then read what is no longer the parameter).
+  bool bound() const {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const Tensor& P = params_[i];
+      const Tensor& W = weights_[i];
+      if (P.scalar_type() != W.scalar_type() ||
+          P.unsafeGetTensorImpl()->unsafe_storage().data() != W.unsafeGetTensorImpl()->unsafe_storage().data() ||
+          P.sizes() != c10::IntArrayRef(param_layouts_[i].first) ||
+          P.strides() != c10::IntArrayRef(param_layouts_[i].second))
+        return false;
+    }
+    return true;
+  }
+
   // The parameters' version counters (an in-place change bumps them).
   std::vector<int64_t> versions() const {
     std::vector<int64_t> v;
@@ -1268,6 +1285,7 @@ class Prepared : public torch::CustomClassHolder {
   }
 
  private:
+  std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>> param_layouts_;  // sizes, strides
   // Forward-mode AD: the kernels read the parameters' values only, so a value computed from dual
   // parameters would carry no tangent (read as zero): refused instead.
   void refuse_tangents() const {
@@ -1345,6 +1363,10 @@ class Prepared : public torch::CustomClassHolder {
 // A plain Node with C++ members rather than a torch::autograd::Function: the Function's saved_data
 // (IValues under string keys), saved variables and output wrapping cost more than the rest of the
 // node in a training step, where every call meets cold caches (docs/benchmarks.md).
+constexpr const char* kReplacedSincePenalty =
+    "a parameter of the penalty was replaced or laid out anew (model.to(...), a .data assignment) since "
+    "penalty() was called: call penalty() again";
+
 struct PenaltyBackward : torch::autograd::Node {
   PenaltyBackward(torch::autograd::edge_list&& next, c10::intrusive_ptr<Prepared> program,
                   std::vector<double> lambda_perp, std::vector<double> lambda_G, std::vector<Tensor> grads,
@@ -1380,6 +1402,7 @@ struct PenaltyBackward : torch::autograd::Node {
       TORCH_CHECK(program_->versions() == versions_,
                   "one of the variables needed for gradient computation has been modified by an inplace "
                   "operation: a weight of the penalty changed since penalty() was called; call penalty() again");
+      TORCH_CHECK(program_->bound(), kReplacedSincePenalty);
       grads = std::get<1>(program_->fresh_with(lambda_perp_, lambda_G_));
     }
     if (plain(g)) {

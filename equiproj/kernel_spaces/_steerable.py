@@ -135,9 +135,13 @@ class SteerableKernelSpace:
         return kernel_energies_and_grads_many(weights, spaces, reps, lambda_perp=lambda_perp, lambda_G=lambda_G,
                                               outs=outs, energies=energies)
 
-    @staticmethod
-    def pass_runners(weights, spaces, reps):
-        """:func:`kernel_pass_runners`."""
+    @classmethod
+    def pass_runners(cls, weights, spaces, reps):
+        """:func:`kernel_pass_runners`; ``None`` for a subclass that computes many layers its own way
+        (it overrides ``energies_many`` or ``energies_and_grads_many``): the penalty then calls those."""
+        if (cls.energies_many is not SteerableKernelSpace.energies_many
+                or cls.energies_and_grads_many is not SteerableKernelSpace.energies_and_grads_many):
+            return None
         return kernel_pass_runners(weights, spaces, reps)
 
     def __init__(self, group: Group, kernel_size: int, spatial_dims: int | None = None, *,

@@ -71,6 +71,10 @@ def as_value(value, dtype: torch.dtype) -> torch.Tensor:
     return torch.scalar_tensor(value, dtype=dtype) if isinstance(value, float) else value.to(dtype)
 
 
+def _layout(p: torch.Tensor) -> tuple:
+    return p.data_ptr(), p.dtype, p.shape, p.stride()
+
+
 def _one_item(value: float) -> torch.Tensor:
     """``[value]`` as the float64 one-element tensor a prepared pass takes for a coefficient."""
     return torch.tensor([float(value)], dtype=torch.float64)
@@ -92,6 +96,12 @@ class TermGroup:
         self._runners = self.kind.pass_runners(terms, backend)
         if self._runners is not None:
             self._run_weights = [t.weight.detach() for t in terms]
+            # what the passes were bound to: a `.data` assignment can keep the storage and change the
+            # strides, which PenaltyProgram.current() does not look at
+            self._run_layout = list(map(_layout, self.params))
+            # an energy or a value beyond the weights' dtype is not finite there (as on the general route)
+            self._run_limits = [torch.finfo(w.dtype).max for w in self._run_weights]
+            self._value_limit = min(self._run_limits)
             # the decoupled step writes each parameter through its weight form
             self._run_inplace = all(v is not None for v in (inplace_view(t, t.param) for t in terms))
             self._param_ids = frozenset(id(p) for p in self.params)
@@ -118,7 +128,7 @@ class TermGroup:
         Through the prepared passes: without grad mode the energies alone; with it (every parameter
         trainable) the passes also write the gradient, which the backward hands over (as for the
         fused matrices: no second pass over the weights)."""
-        if self._runners is not None and not torch._C._len_torch_dispatch_stack():
+        if self._runners is not None and self._passes_apply():
             lambdas = (self._run_lambdas, self.lambda_perp, self.lambda_G)  # the forward's, for every backward
             if not torch.is_grad_enabled():
                 return as_value(self._checked(*self._run_passes([None] * len(self.params), [0] * len(self.params),
@@ -134,7 +144,7 @@ class TermGroup:
 
     def backward(self) -> torch.Tensor | float:
         """Add ``lambda_perp dE_perp + lambda_G dE_G`` to the parameters' gradients; the penalty's value."""
-        if self._runners is not None and not torch._C._len_torch_dispatch_stack():
+        if self._runners is not None and self._passes_apply():
             value = self._run_backward()
             if value is not None:
                 return value
@@ -166,38 +176,50 @@ class TermGroup:
                 writes.append(2)
             else:
                 return None
-        total, finite = self._run_passes(outs, writes, (self._run_lambdas, self.lambda_perp, self.lambda_G))
+        value = self._checked(*self._run_passes(outs, writes, (self._run_lambdas, self.lambda_perp, self.lambda_G)))
         for p, g, write in zip(self.params, outs, writes):
             if write == 1:
                 p.grad = g
-        return self._checked(total, finite)
+        return value
 
     def _run_fresh(self, lambdas) -> tuple[float, list]:
-        """The value and the gradients in new tensors shaped like the parameters, by the prepared passes."""
+        """The value and the gradients in new tensors shaped like the parameters, by the prepared passes
+        (also for a second backward through a retained graph, which refuses parameters replaced since,
+        as the fused matrices' node does)."""
+        if list(map(_layout, self.params)) != self._run_layout:
+            raise RuntimeError("a parameter of the penalty was replaced or laid out anew (model.to(...), a .data "
+                               "assignment) since penalty() was called: call penalty() again")
         grads = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in self.params]
         return self._checked(*self._run_passes(grads, [1] * len(grads), lambdas)), grads
+
+    def _passes_apply(self) -> bool:
+        """Whether the prepared passes run now: no dispatch mode active (it sees the general route's ops),
+        and every parameter laid out as when they were bound."""
+        return not torch._C._len_torch_dispatch_stack() and list(map(_layout, self.params)) == self._run_layout
 
     def _run_passes(self, outs, writes, lambdas) -> tuple[float, bool]:
         """Each prepared pass into its ``outs[k]`` (``writes[k]``: 0 energies only, 1 written, 2 added),
         ``lambdas = (float64 [1] coefficient pairs, lambda_perp, lambda_G)``: the value ``sum lambda_perp
         E_perp + lambda_G E_G`` (a float) and whether every energy is finite."""
         total, finite = 0.0, True
-        for run, out, write, (lp, lg), cp, cg in zip(self._runners, outs, writes, *lambdas):
+        for run, out, write, (lp, lg), cp, cg, limit in zip(self._runners, outs, writes, *lambdas, self._run_limits):
             ep, eg = run(lp, lg, out, write)
             e_perp, e_g = ep.item(), eg.item()
-            finite = finite and math.isfinite(e_perp) and math.isfinite(e_g)
+            finite = finite and abs(e_perp) <= limit and abs(e_g) <= limit  # False for NaN
             total += cp * e_perp + cg * e_g
         return total, finite
 
-    @staticmethod
-    def _checked(total: float, finite: bool) -> float:
+    def _checked(self, total: float, finite: bool) -> float:
         if not finite:
             raise ValueError("the energy is not finite: the weight contains NaN or Inf")
+        if not abs(total) <= self._value_limit:
+            raise ValueError(f"the penalty's value ({total:.3g}) is beyond the range of the weights' dtype: make "
+                             "the lambdas or the weights smaller")
         return total
 
     def decay_(self, rate: float, rate_G: float) -> set:
         """The decoupled step on the terms whose parameter can be written in place; their parameter ids."""
-        if self._runners is not None and self._run_inplace and not torch._C._len_torch_dispatch_stack():
+        if self._runners is not None and self._run_inplace and self._passes_apply():
             key = (rate, rate_G)
             if key not in self._decay_lambdas:  # one entry: a schedule changes the rate every step at most
                 self._decay_lambdas = {key: (_one_item(-rate / 2), _one_item(-rate_G / 2))}

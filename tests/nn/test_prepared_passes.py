@@ -218,3 +218,93 @@ def test_what_the_prepared_passes_cannot_write_takes_the_generic_route(gen, monk
     for call in (pen.backward, pen):
         with pytest.raises(ValueError, match="not finite"):  # from the prepared passes
             call()
+
+
+@needs_cpp
+def test_energies_beyond_float32_raise_and_leave_no_gradient(gen):
+    """float32 weights whose energy overflows float32 (the passes sum in float64) raise as the general
+    route does, from backward() and penalty(), and a NaN weight sets no fresh ``.grad`` before raising;
+    a value beyond float32 from finite energies raises too."""
+    for poison in ("huge", "nan"):
+        model = steerable_model(gen).float()
+        pen = ProjectionPenalty(model, **LAMBDAS)
+        with torch.no_grad():
+            if poison == "huge":
+                model["regular"].weight.mul_(1e19)
+            else:
+                model["blocks"].weight[0, 0, 0, 0] = float("nan")
+        model.zero_grad(set_to_none=True)
+        for call in (pen.backward, pen, lambda: pen().backward()):
+            with pytest.raises(ValueError, match="not finite"):
+                call()
+            assert all(p.grad is None for p in model.parameters()), poison
+        with torch.no_grad(), pytest.raises(ValueError, match="not finite"):
+            pen()
+    model = steerable_model(gen).float()  # finite energies, a value beyond float32
+    pen = ProjectionPenalty(model, lambda_perp={"regular": 1e38, "default": 0.0})
+    with pytest.raises(ValueError, match="beyond the range"):
+        pen.backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@needs_cpp
+def test_parameters_relaid_on_their_storage_and_replaced_under_a_retained_graph(gen, monkeypatch):
+    """A ``.data`` assignment that keeps the storage but changes the strides (the program's check looks
+    at the storage) takes the general route, with the reference's results; a second backward through a
+    retained graph after ``model.double()`` or such an assignment is refused (by the passes' node and by
+    the fused matrices' alike), and a second backward with the parameters unchanged gives the first's
+    gradients."""
+    model = steerable_model(gen).float()
+    pen = ProjectionPenalty(model, **LAMBDAS)
+    model.zero_grad(set_to_none=True)
+    pen.backward()  # the program is built and its passes bound
+    w = model["regular"].weight
+    ptr = w.data_ptr()
+    w.data = w.data.transpose(2, 3)
+    assert w.data_ptr() == ptr and not w.is_contiguous()
+    value_ref, grads_ref = reference(model, monkeypatch, "grads")
+    model.zero_grad(set_to_none=True)
+    close(pen.backward(), value_ref, 1e-5, "backward() after a transposing .data assignment")
+    for (n, p), g in zip(model.named_parameters(), grads_ref):
+        close(p.grad, g, 1e-5, f".grad of {n} after a transposing .data assignment")
+
+    for change, names in (("double", ("tiles", "regular", "blocks")), ("kernel", ("regular",)),
+                          ("bias", ("tiles",))):
+        model = steerable_model(gen).float()
+        pen = ProjectionPenalty(model, **LAMBDAS)
+        value = pen()
+        model.zero_grad(set_to_none=True)
+        value.backward(retain_graph=True)
+        first = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        value.backward(retain_graph=True)  # unchanged: the passes again, the same gradients
+        for (n, p), g in zip(model.named_parameters(), first):
+            close(p.grad, g, 1e-6, f"second backward of {n}")
+        if change == "double":
+            model.double()
+        else:
+            p = model[names[0]].weight if change == "kernel" else model[names[0]].bias
+            p.data = p.data.flip(0) if change == "bias" else p.data.transpose(2, 3)
+        with pytest.raises(RuntimeError, match="replaced or laid out anew"):
+            value.backward()
+
+
+@needs_cpp
+def test_a_space_with_its_own_many_layer_route_keeps_it(gen):
+    """A subclass of the steerable space that overrides its many-layer entry point is called by the
+    penalty (no passes are prepared for it)."""
+    calls = []
+
+    class Counted(ep.SteerableKernelSpace):
+        @staticmethod
+        def energies_and_grads_many(weights, spaces, reps, **kwargs):
+            calls.append(len(weights))
+            return ep.SteerableKernelSpace.energies_and_grads_many(weights, spaces, reps, **kwargs)
+
+    so2 = ep.SO2()
+    r_in, r_out = ep.Rep.parse(so2, "2x0 + 1"), ep.Rep.parse(so2, "0 + 1 + 2")
+    model = nn.Sequential(declare(nn.Conv2d(r_in.dim, r_out.dim, 5, bias=False), r_in, r_out,
+                                  kernel_space=Counted(so2, 5)))
+    pen = ProjectionPenalty(model, lambda_perp=0.5)
+    pen.backward()
+    assert calls == [1] and all(g._runners is None for g in kernel_groups(pen))
