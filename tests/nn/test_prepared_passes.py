@@ -8,8 +8,6 @@ band coefficients, gradients by autograd). Tolerances, relative to the largest e
 compared: 1e-5 for float32, 1e-10 for float64.
 """
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -22,6 +20,7 @@ from equiproj.nn import ProjectionPenalty, declare
 from equiproj.nn._declaration import KernelTerm
 from equiproj.nn._declare import declaration
 from equiproj.testing import random_orthogonal
+from penalty_reference import close, reference_run
 
 needs_cpp = pytest.mark.skipif(not ops.cpp_available(), reason="needs the C++ extension")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -70,27 +69,7 @@ def kernel_groups(pen):
 
 
 def reference(model, monkeypatch, what, *args):
-    """``what`` of the float64 reference penalty of ``model``'s current values: ``"grads"`` gives
-    ``(value, [grad])``, ``"decay"`` the stepped parameters."""
-    ref = copy.deepcopy(model).double()
-    with torch.no_grad():
-        for p, q in zip(ref.parameters(), model.parameters()):
-            p.copy_(q.double())
-    with monkeypatch.context() as mp:
-        mp.setenv(ops.ENV_VAR, "reference")
-        pen = ProjectionPenalty(ref, **LAMBDAS)
-        if what == "grads":
-            value = pen()
-            value.backward()
-            return value.detach(), [p.grad for p in ref.parameters()]
-        pen.decay_(*args)
-        return [p.detach() for p in ref.parameters()]
-
-
-def close(got, want, tol, what):
-    got, want = torch.as_tensor(got).detach().double(), want.detach().double()
-    scale = float(want.abs().max()) or 1.0
-    assert float((got - want).abs().max()) <= tol * scale, what
+    return reference_run(model, monkeypatch, LAMBDAS, what, *args)
 
 
 def no_generic_route(monkeypatch):

@@ -21,6 +21,8 @@ from equiproj import translation as tr
 from equiproj.nn import ProjectionPenalty, declare, declare_translations
 from equiproj.nn import _program as program
 from equiproj.testing import nearly_equivariant
+from penalty_reference import close, reference_model
+from penalty_reference import reference_run as _reference_run
 
 needs_cpp = pytest.mark.skipif(not ops.cpp_available(), reason="needs the C++ extension")
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-2), torch.float64: (1e-10, 1e-10)}
@@ -69,34 +71,9 @@ def mixed_model(dtype, gen, steerable=True):
 LAMBDAS = dict(lambda_perp={"lin1": 0.7, "grid": 0.3, "default": 0.2}, lambda_G=0.05)
 
 
-def reference_model(model):
-    ref = copy.deepcopy(model).double()
-    with torch.no_grad():  # exactly the (rounded) values of the model under test
-        for p, q in zip(ref.parameters(), model.parameters()):
-            p.copy_(q.double())
-    return ref
-
-
 def reference_run(model, monkeypatch, what, *args):
-    """``what`` of a float64 reference penalty of ``model``'s current values."""
-    ref = reference_model(model)
-    with monkeypatch.context() as mp:
-        mp.setenv(ops.ENV_VAR, "reference")
-        pen = ProjectionPenalty(ref, **LAMBDAS)
-        if what == "value":
-            return pen().detach()
-        if what == "grads":
-            value = pen()
-            value.backward()
-            return value.detach(), [p.grad for p in ref.parameters()]
-        pen.decay_(*args)
-        return [p.detach() for p in ref.parameters()]
-
-
-def close(got, want, tol, what):
-    got, want = got.detach().double(), want.detach().double()
-    scale = float(want.abs().max()) or 1.0
-    assert float((got - want).abs().max()) <= tol * scale, what
+    """``what`` of a float64 reference penalty of ``model``'s current values (with :data:`LAMBDAS`)."""
+    return _reference_run(model, monkeypatch, LAMBDAS, what, *args)
 
 
 @needs_cpp
