@@ -12,9 +12,12 @@ the weighted value: no tensor list crosses the boundary per call. ``penalty()`` 
 gradient in its one call as well, into fresh buffers its autograd node hands over in the backward
 (on the CPU the prepared program's own C++ node, elsewhere :func:`equiproj.ops.prepared_penalty`).
 The coefficients are made once, in the dtype the device's kernel reads without a conversion, and
-what :meth:`PenaltyProgram.current` compares is kept as flat lists compared by C-level loops. The other kinds (kernel spaces, translations, matrices on the
-``"torch"`` or ``"reference"`` backend) take one :meth:`Term.one_pass` or :meth:`Term.energies` call
-per kind.
+what :meth:`PenaltyProgram.current` compares is kept as flat lists compared by C-level loops.
+Steerable kernel terms on the CPU are prepared as well: each layer's C++ pass bound once to its
+weight and tables (:meth:`Term.pass_runners`), which ``backward()``, ``decay_()`` and ``penalty()``
+call directly (``penalty()`` writing the gradient its autograd node hands over). The other kinds
+(translations, other kernel spaces, matrices on the ``"torch"`` or ``"reference"`` backend) take one
+:meth:`Term.one_pass` or :meth:`Term.energies` call per kind.
 
 The program holds views of the parameters. :meth:`PenaltyProgram.current` tells whether it still
 describes the model: the modules at the declared paths (each link of each path), the parameters
@@ -85,7 +88,8 @@ def _shares_storage(weight: torch.Tensor, param: torch.Tensor) -> bool:
 
 
 class TermGroup:
-    """Terms of one kind, computed through their kind's :meth:`Term.energies` and :meth:`Term.one_pass`."""
+    """Terms of one kind, computed through their kind's :meth:`Term.energies` and :meth:`Term.one_pass`,
+    or through the passes the kind prepares for them (:meth:`Term.pass_runners`) where those apply."""
 
     def __init__(self, terms: list[Term], owners: list[int], backend: str = "auto"):
         self.terms, self.owners = terms, owners
