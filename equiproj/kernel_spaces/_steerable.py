@@ -48,7 +48,7 @@ from ..groups._field import tensor_field
 from ..kernels import torch_project
 from ._aligned import rotate_tiles
 from ._factorised import factorised_one as _factorised_one
-from ._passes import kernel_pass_runners
+from ._passes import kernel_pass_runners, pass_energies
 from ._pixel_plan import PixelPlan, packed_on, pixel_plan, tile_kernel_tables, tile_pass
 
 __all__ = ["SteerableKernelSpace", "default_kernel_space", "kernel_energies_many", "kernel_energies_and_grads_many"]
@@ -137,12 +137,8 @@ class SteerableKernelSpace:
 
     @classmethod
     def pass_runners(cls, weights, spaces, reps):
-        """:func:`kernel_pass_runners`; ``None`` for a subclass that computes many layers its own way
-        (it overrides ``energies_many`` or ``energies_and_grads_many``): the penalty then calls those."""
-        if (cls.energies_many is not SteerableKernelSpace.energies_many
-                or cls.energies_and_grads_many is not SteerableKernelSpace.energies_and_grads_many):
-            return None
-        return kernel_pass_runners(weights, spaces, reps)
+        """:func:`kernel_pass_runners` (``None`` for a subclass with its own many-layer routes)."""
+        return kernel_pass_runners(weights, spaces, reps, space_type=cls)
 
     def __init__(self, group: Group, kernel_size: int, spatial_dims: int | None = None, *,
                  rings: Sequence[float] | None = None, sigma: float | Sequence[float] | None = None,
@@ -513,6 +509,10 @@ class _FusedRoute:
 
     @staticmethod
     def energies(weights, spaces, reps, dev):
+        if dev.type == "cpu" and not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()):
+            parts = pass_energies(weights, spaces, reps)  # the C++ passes: one read, one pass back
+            if parts is not None:
+                return parts
         plans, Xs = _plan_inputs(weights, spaces, reps, range(len(weights)))
         dt = torch.float64 if dev.type == "cpu" else torch.float32
         return _ops.fused_energies(Xs, [packed_on(p, dev, dt) for p in plans])
