@@ -4,7 +4,9 @@
 kernel, the closed form of regular fields or the factorised blocks) with everything but the
 coefficients and the output fixed. The penalty's program prepares them when it is built and calls
 them every step: the checks, plan lookups and coefficient tensors of the general entry point cost
-170-370 µs per call, more than a small layer's pass (docs/benchmarks.md)."""
+170-370 µs per call, more than a small layer's pass (docs/benchmarks.md). :func:`pass_energies` makes
+the differentiable energies of such layers from the same passes: the energies alone in the forward,
+one gradient pass in the backward."""
 
 from __future__ import annotations
 
