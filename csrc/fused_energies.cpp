@@ -1354,19 +1354,21 @@ class Prepared : public torch::CustomClassHolder {
   bool wide_ = false;
 };
 
+// The refusal of a second backward once a parameter no longer holds what the program's views read.
+constexpr const char* kReplacedSincePenalty =
+    "a parameter of the penalty was replaced or laid out anew (model.to(...), a .data assignment) since "
+    "penalty() was called: call penalty() again";
+
 // The autograd node of Prepared::penalty. The forward's run has the coefficients, so it writes the
 // gradient too; the backward hands those tensors over (autograd makes each the parameter's .grad
 // or adds into it), scaled in place by the incoming gradient where that is not 1. A second backward
 // through a retained graph (the tensors were given away) runs again with the forward's lambdas, on
 // the weights as they are: it refuses if one was changed in place since the forward (by its version
-// counter, which saved-tensor hooks that copy what is saved do not hide), or if the graph was freed.
+// counter, which saved-tensor hooks that copy what is saved do not hide), if a parameter was replaced
+// or laid out anew since (Prepared::bound), or if the graph was freed.
 // A plain Node with C++ members rather than a torch::autograd::Function: the Function's saved_data
 // (IValues under string keys), saved variables and output wrapping cost more than the rest of the
 // node in a training step, where every call meets cold caches (docs/benchmarks.md).
-constexpr const char* kReplacedSincePenalty =
-    "a parameter of the penalty was replaced or laid out anew (model.to(...), a .data assignment) since "
-    "penalty() was called: call penalty() again";
-
 struct PenaltyBackward : torch::autograd::Node {
   PenaltyBackward(torch::autograd::edge_list&& next, c10::intrusive_ptr<Prepared> program,
                   std::vector<double> lambda_perp, std::vector<double> lambda_G, std::vector<Tensor> grads,
