@@ -165,18 +165,18 @@ class TermGroup:
 
     def _run_backward(self) -> float | None:
         """:meth:`backward` through the prepared passes: the value (a float), or ``None`` with nothing
-        run where a parameter is frozen or its ``.grad`` is not a plain contiguous tensor of its
-        weight's dtype and size (the kind's :meth:`Term.one_pass` then handles it)."""
+        run where a parameter is frozen or its ``.grad`` is not a plain tensor that
+        :func:`inplace_view` can write through (the kind's :meth:`Term.one_pass` then handles it)."""
         outs, writes = [], []
-        for p, w in zip(self.params, self._run_weights):
+        for t, p in zip(self.terms, self.params):
             if not p.requires_grad:
                 return None
             g = p.grad
             if g is None:
                 outs.append(torch.empty(p.shape, dtype=p.dtype, device=p.device))
                 writes.append(1)
-            elif type(g) is torch.Tensor and g.dtype == w.dtype and g.is_contiguous() and g.numel() == w.numel():
-                outs.append(g)
+            elif type(g) is torch.Tensor and (view := inplace_view(t, g)) is not None:
+                outs.append(view)
                 writes.append(2)
             else:
                 return None
