@@ -1,18 +1,18 @@
 // The means and pass 2 of the tables' kernel in AVX-512 float32 lanes for tiles of at most sixteen orbits
 // (orbit_tables.h).
 //
-// The pivot pass (orbit_table_kernels.h) leaves, for each group of eight tiles of a row block, its K
-// orbits' pivots and the sums of the differences from them as two [K][8] blocks. This pass loads them and
-// forms the split means (m_hi = the pivots, m_lo = the difference sums times 1 / n_k, as the eight-lane
-// pass's means step does) and E_G in registers. With K <= 16 each block fills at most 128 floats, eight
-// 16-lane registers, and the mean of any entry of the group is one vpermt2ps away for K <= 4 (two
-// registers), two and a blend for K <= 8, four and three blends for K <= 16. The eight tiles of a group are consecutive columns of each
+// The pivot pass (orbit_table_kernels.h) leaves, for each group of eight tiles of a row block, its K orbits'
+// pivots and the sums of the differences from them as two [K][8] blocks. This pass loads them and forms the
+// split means (m_hi = the pivots, m_lo = the difference sums times 1 / n_k, as the eight-lane pass's means
+// step does) and E_G in registers. With K <= 16 each block fills at most 128 floats, eight 16-lane registers,
+// and the mean of any entry of the group is one vpermt2ps away for K <= 4 (two registers), two and a blend
+// for K <= 8, four and three blends for K <= 16. The eight tiles of a group are consecutive columns of each
 // row, so a row of the group is one contiguous span of 8 d_in entries, read in whole vectors with no
-// transpose: lane f = t d_in + j (tile t, entry j) takes mean 8 o(a, j) + t, times the entry's sign c(j)
-// (0 for an entry without an equivariant part: its mean is 0). That index and sign depend on the row only,
-// so each row builds its lane pattern once and every group of the row reuses it; a span of 8 d_in entries
-// is whole vectors plus, for odd d_in, 8 lanes, stored as one 256-bit store (no masked store: one would
-// hold up the next span's loads until it retires, as in orbit_products.cpp).
+// transpose: lane f = t d_in + j (tile t, entry j) takes mean 8 o(a, j) + t, times the entry's sign c(j) (0
+// for an entry without an equivariant part: its mean is 0). That index and sign depend on the row only, so
+// each row builds its lane pattern once and every group of the row reuses it; a span of 8 d_in entries is
+// whole vectors plus, for odd d_in, 8 lanes, stored as one 256-bit store (no masked store: one would hold up
+// the next span's loads until it retires, as in orbit_products.cpp).
 //
 // The residual, E_perp and the gradient follow the eight-lane pass exactly: R = (T - m_hi) - m_lo, the
 // squares summed in float32 lanes and flushed to float64 every kFlushVectors vectors, the gradient
